@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package that the build, the tests, the fuzzers and the clients need.
+# Idempotent; run as root on a fresh machine. Skips apt when everything is already present
+# (so repeated runs are fast and work without network).
+set -euo pipefail
+
+PACKAGES=(
+  # Build: Bazel 4.2.3 and the system libraries it wraps through pkg-config.
+  bazel-bootstrap pkg-config g++ clang lld libclang-rt-14-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
+  libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev libssl-dev
+  # Formatting / lint.
+  clang-format clang-tidy
+  # Python client.
+  python3 python3-grpcio python3-protobuf
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all ${#PACKAGES[@]} packages present"
+fi
