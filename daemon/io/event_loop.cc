@@ -1,0 +1,159 @@
+#include "daemon/io/event_loop.h"
+
+#include <pthread.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace kvmid {
+
+EventLoop::EventLoop()
+    : epoll_fd_(::epoll_create1(EPOLL_CLOEXEC)),
+      wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  if (!epoll_fd_ || !wake_fd_) {
+    spdlog::critical("event loop: epoll/eventfd: {}", std::strerror(errno));
+    std::abort();
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = wake_fd_.get();
+  ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev);
+}
+
+EventLoop::~EventLoop() { Stop(); }
+
+void EventLoop::Start(const char* name) {
+  thread_ = std::thread([this, name] {
+    loop_thread_id_ = std::this_thread::get_id();
+    pthread_setname_np(pthread_self(), name);
+    Loop();
+  });
+  // Watch()/RunAt() callers may check InLoopThread() right away.
+  while (loop_thread_id_.load() == std::thread::id()) std::this_thread::yield();
+}
+
+void EventLoop::Stop() {
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  Wake();
+  thread_.join();
+}
+
+void EventLoop::Watch(int fd, uint32_t events, FdCallback callback) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    spdlog::error("event loop: watch fd {}: {}", fd, std::strerror(errno));
+    return;
+  }
+  watched_[fd] = std::make_shared<FdCallback>(std::move(callback));
+}
+
+void EventLoop::Modify(int fd, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, fd, &ev);
+}
+
+void EventLoop::Unwatch(int fd) {
+  ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  watched_.erase(fd);
+}
+
+EventLoop::TimerId EventLoop::RunAt(Clock::time_point when, Task task) {
+  TimerId id = next_timer_id_++;
+  timers_.emplace(std::make_pair(when, id), std::move(task));
+  timer_index_.emplace(id, when);
+  return id;
+}
+
+void EventLoop::Cancel(TimerId id) {
+  auto it = timer_index_.find(id);
+  if (it == timer_index_.end()) return;
+  timers_.erase(std::make_pair(it->second, id));
+  timer_index_.erase(it);
+}
+
+void EventLoop::Post(Task task) {
+  {
+    std::lock_guard<std::mutex> lock(posted_mutex_);
+    posted_.push_back(std::move(task));
+  }
+  Wake();
+}
+
+void EventLoop::RunInLoop(Task task) {
+  if (InLoopThread()) {
+    task();
+  } else {
+    Post(std::move(task));
+  }
+}
+
+void EventLoop::Wake() {
+  uint64_t one = 1;
+  ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
+  (void)n;  // EAGAIN means a wake-up is already pending: good enough
+}
+
+void EventLoop::RunPosted() {
+  std::vector<Task> tasks;
+  {
+    std::lock_guard<std::mutex> lock(posted_mutex_);
+    tasks.swap(posted_);
+  }
+  for (Task& task : tasks) task();
+}
+
+int EventLoop::NextTimeoutMs() {
+  if (timers_.empty()) return -1;
+  auto delta = timers_.begin()->first.first - Clock::now();
+  if (delta <= Clock::duration::zero()) return 0;
+  // Round up so a timer never fires a little early and spins.
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(delta).count() + 1;
+  return ms > 60000 ? 60000 : static_cast<int>(ms);
+}
+
+void EventLoop::RunDueTimers() {
+  Clock::time_point now = Clock::now();
+  while (!timers_.empty() && timers_.begin()->first.first <= now) {
+    auto node = timers_.extract(timers_.begin());
+    timer_index_.erase(node.key().second);
+    node.mapped()();
+  }
+}
+
+void EventLoop::Loop() {
+  constexpr int kMaxEvents = 64;
+  epoll_event events[kMaxEvents];
+  while (!stopping_) {
+    int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, NextTimeoutMs());
+    if (n < 0 && errno != EINTR) {
+      spdlog::critical("event loop: epoll_wait: {}", std::strerror(errno));
+      std::abort();
+    }
+    for (int i = 0; i < n; ++i) {
+      int fd = events[i].data.fd;
+      if (fd == wake_fd_.get()) {
+        uint64_t count;
+        while (::read(wake_fd_.get(), &count, sizeof(count)) > 0) {
+        }
+        continue;
+      }
+      auto it = watched_.find(fd);
+      if (it == watched_.end()) continue;  // unwatched by an earlier callback in this batch
+      std::shared_ptr<FdCallback> callback = it->second;  // keeps it alive if it unwatches itself
+      (*callback)(events[i].events);
+    }
+    RunPosted();
+    RunDueTimers();
+  }
+  RunPosted();  // tasks posted during shutdown still run (they release resources)
+}
+
+}  // namespace kvmid

@@ -1,0 +1,84 @@
+// One epoll loop thread: owns a set of sockets, a timer queue and a queue of posted tasks.
+// Guests are spread over a few loops (not a thread per guest, never a thread per vCPU); all of
+// one guest's socket I/O happens on its loop, so the hot event path needs no lock and no wakeup.
+#ifndef KVMID_DAEMON_IO_EVENT_LOOP_H_
+#define KVMID_DAEMON_IO_EVENT_LOOP_H_
+
+#include <sys/epoll.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kernel/transport/unique_fd.h"
+
+namespace kvmid {
+
+using Clock = std::chrono::steady_clock;
+
+class EventLoop {
+ public:
+  using FdCallback = std::function<void(uint32_t epoll_events)>;
+  using Task = std::function<void()>;
+  using TimerId = uint64_t;
+
+  EventLoop();
+  ~EventLoop();
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  // Starts the loop on its own thread (named `name`); Stop() ends it and joins.
+  void Start(const char* name);
+  void Stop();
+
+  // Loop thread only. The callback runs on the loop thread; Unwatch before closing the fd.
+  void Watch(int fd, uint32_t events, FdCallback callback);
+  void Modify(int fd, uint32_t events);
+  void Unwatch(int fd);
+
+  // Loop thread only. Runs `task` once at `when`; Cancel is a no-op for a timer that already ran.
+  TimerId RunAt(Clock::time_point when, Task task);
+  void Cancel(TimerId id);
+
+  // Any thread. Runs `task` on the loop thread, in posting order.
+  void Post(Task task);
+  // Runs now if called on the loop thread, else posts.
+  void RunInLoop(Task task);
+
+  bool InLoopThread() const { return std::this_thread::get_id() == loop_thread_id_.load(); }
+
+ private:
+  void Loop();
+  void Wake();
+  void RunPosted();
+  int NextTimeoutMs();
+  void RunDueTimers();
+
+  kvmi::UniqueFd epoll_fd_;
+  kvmi::UniqueFd wake_fd_;  // eventfd: Post() and Stop() wake epoll_wait
+  std::thread thread_;
+  std::atomic<std::thread::id> loop_thread_id_{};
+  std::atomic<bool> stopping_{false};
+
+  // shared_ptr: a callback may Unwatch (destroy) itself while it runs.
+  std::unordered_map<int, std::shared_ptr<FdCallback>> watched_;  // loop thread only
+
+  std::map<std::pair<Clock::time_point, TimerId>, Task> timers_;  // loop thread only
+  std::unordered_map<TimerId, Clock::time_point> timer_index_;
+  TimerId next_timer_id_ = 1;
+
+  std::mutex posted_mutex_;
+  std::vector<Task> posted_;
+};
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_IO_EVENT_LOOP_H_

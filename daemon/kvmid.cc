@@ -1,0 +1,185 @@
+#include "daemon/kvmid.h"
+
+#include <grp.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "kernel/transport/socket.h"
+
+namespace kvmid {
+
+std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
+                                                                         std::string* error) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    *error = "cannot read cookie file " + path + ": " + std::strerror(errno);
+    return std::nullopt;
+  }
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  std::string secret = buffer.str();
+  while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r')) secret.pop_back();
+  if (secret.empty()) {
+    *error = "cookie file " + path + " is empty";
+    return std::nullopt;
+  }
+  return kvmi::CookieHash(kvmi::ByteView(secret));
+}
+
+Daemon::Daemon(DaemonConfig config) : config_(std::move(config)) {
+  pipeline_ = std::make_unique<VerdictPipeline>(&policies_, config_.verdicts);
+  registry_ = std::make_unique<Registry>(pipeline_.get());
+}
+
+Daemon::~Daemon() { Shutdown(std::chrono::milliseconds(0)); }
+
+std::string Daemon::Start() {
+  if (config_.io_threads < 1 || config_.io_threads > 64) return "io_threads must be 1..64";
+  AcceptorOptions options;
+  options.handshake_timeout = config_.handshake_timeout;
+  options.allowed_uids = config_.allowed_uids;
+  options.allowed_cids = config_.allowed_cids;
+  if (!config_.cookie_file.empty()) {
+    std::string error;
+    options.cookie_hash = LoadCookieHash(config_.cookie_file, &error);
+    if (!options.cookie_hash) return error;
+  }
+
+  std::vector<std::pair<kvmi::UniqueFd, std::string>> listeners;
+  if (!config_.unix_socket.empty()) {
+    std::string dir = config_.unix_socket.substr(0, config_.unix_socket.rfind('/'));
+    if (!dir.empty()) ::mkdir(dir.c_str(), 0750);  // /run/kvmid on a fresh host
+    std::string error;
+    kvmi::UniqueFd fd = kvmi::ListenUnix(config_.unix_socket, &error);
+    if (!fd) return "cannot listen on " + config_.unix_socket + ": " + error;
+    if (::chmod(config_.unix_socket.c_str(), config_.unix_socket_mode) != 0) {
+      return "chmod " + config_.unix_socket + ": " + std::strerror(errno);
+    }
+    if (!config_.unix_socket_group.empty()) {
+      group* g = ::getgrnam(config_.unix_socket_group.c_str());
+      if (g == nullptr) return "unknown group " + config_.unix_socket_group;
+      if (::chown(config_.unix_socket.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
+        return "chown " + config_.unix_socket + ": " + std::strerror(errno);
+      }
+    }
+    listeners.emplace_back(std::move(fd), "unix");
+  }
+  if (config_.vsock_port) {
+    std::string error;
+    kvmi::UniqueFd fd = kvmi::ListenVsock(*config_.vsock_port, &error);
+    if (!fd)
+      return "cannot listen on vsock port " + std::to_string(*config_.vsock_port) + ": " + error;
+    listeners.emplace_back(std::move(fd), "vsock");
+  }
+  if (listeners.empty()) return "no listener configured (unix socket or vsock port)";
+
+  for (int i = 0; i < config_.io_threads; ++i) {
+    loops_.push_back(std::make_unique<EventLoop>());
+    loops_.back()->Start(("kvmid-io-" + std::to_string(i)).c_str());
+  }
+  for (auto& [fd, transport] : listeners) {
+    acceptors_.push_back(std::make_unique<Acceptor>(
+        loops_[0].get(), std::move(fd), transport, options,
+        [this](AcceptedGuest guest) { OnGuestConnected(std::move(guest)); }));
+    Acceptor* acceptor = acceptors_.back().get();
+    loops_[0]->RunInLoop([acceptor] { acceptor->Start(); });
+  }
+  started_ = true;
+  spdlog::info("kvmid listening on {}{}", config_.unix_socket,
+               config_.vsock_port ? " and vsock port " + std::to_string(*config_.vsock_port) : "");
+  return "";
+}
+
+void Daemon::OnGuestConnected(AcceptedGuest accepted) {
+  EventLoop* loop = loops_[next_loop_++ % loops_.size()].get();
+  GuestSession::Options options;
+  options.command_timeout = config_.command_timeout;
+  // The session's listener is its Guest, known only after the registry lookup; a forwarding
+  // listener bridges the two steps.
+  struct Bridge : GuestSession::Listener {
+    std::shared_ptr<Guest> guest;
+    void OnEvent(const std::shared_ptr<GuestSession>& s, const kvmi::Event& e) override {
+      guest->OnEvent(s, e);
+    }
+    void OnClosed(const std::shared_ptr<GuestSession>& s, const std::string& reason) override {
+      if (guest) guest->OnClosed(s, reason);
+      delete this;  // one bridge per session, gone with it
+    }
+  };
+  auto* bridge = new Bridge;
+  auto session = std::make_shared<GuestSession>(loop, std::move(accepted.fd), accepted.identity,
+                                                bridge, options);
+  std::vector<uint8_t> early = std::move(accepted.early_bytes);
+  std::shared_ptr<Guest> guest = registry_->Attach(session);
+  if (!guest) {
+    loop->RunInLoop([session] { session->Close("duplicate guest"); });
+    return;
+  }
+  bridge->guest = guest;
+  loop->RunInLoop(
+      [session, early = std::move(early)]() mutable { session->Start(std::move(early)); });
+}
+
+std::string Daemon::ApplyPolicy(std::shared_ptr<Rule> rule) {
+  std::string error = policies_.Apply(std::move(rule));
+  if (error.empty()) RearmAllGuests();
+  return error;
+}
+
+bool Daemon::RemovePolicy(const std::string& name) {
+  bool removed = policies_.Remove(name);
+  if (removed) RearmAllGuests();
+  return removed;
+}
+
+void Daemon::RearmAllGuests() {
+  for (const auto& guest : registry_->List()) {
+    if (guest->state() == GuestState::kHooked) pipeline_->ArmPolicies(guest);
+  }
+}
+
+void Daemon::Shutdown(std::chrono::milliseconds grace) {
+  if (!started_ || shut_down_) return;
+  shut_down_ = true;
+  for (auto& acceptor : acceptors_) {
+    Acceptor* a = acceptor.get();
+    loops_[0]->RunInLoop([a] { a->Stop(); });
+  }
+  // Unhook every live guest: disarm, then close. Wait for all of them, at most `grace`; the
+  // wait state is shared so that late completions after the grace period touch nothing freed.
+  struct Wait {
+    std::mutex mutex;
+    std::condition_variable cv;
+    size_t remaining = 0;
+  };
+  auto wait = std::make_shared<Wait>();
+  for (const auto& guest : registry_->List()) {
+    if (!guest->session()) continue;
+    {
+      std::lock_guard<std::mutex> lock(wait->mutex);
+      ++wait->remaining;
+    }
+    guest->Unhook("kvmid is shutting down", [wait] {
+      std::lock_guard<std::mutex> lock(wait->mutex);
+      if (--wait->remaining == 0) wait->cv.notify_all();
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(wait->mutex);
+    wait->cv.wait_for(lock, grace, [&] { return wait->remaining == 0; });
+  }
+  for (const auto& guest : registry_->List()) {
+    if (auto session = guest->session()) session->Close("kvmid stopped");
+  }
+  for (auto& loop : loops_) loop->Stop();
+  if (!config_.unix_socket.empty()) ::unlink(config_.unix_socket.c_str());
+}
+
+}  // namespace kvmid

@@ -1,0 +1,83 @@
+// kvmid's core: listeners, I/O loops, the guest registry, policies and the verdict pipeline,
+// started in order and torn down in reverse. This is the internal C++ API the gRPC surface
+// calls; nothing here knows about gRPC.
+#ifndef KVMID_DAEMON_KVMID_H_
+#define KVMID_DAEMON_KVMID_H_
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "daemon/io/event_loop.h"
+#include "daemon/registry/registry.h"
+#include "daemon/transport/acceptor.h"
+#include "daemon/verdict/pipeline.h"
+#include "daemon/verdict/policy.h"
+
+namespace kvmid {
+
+struct DaemonConfig {
+  // QEMU connects here (chardev socket path). Empty = no UNIX listener.
+  std::string unix_socket = "/run/kvmid/kvmi.sock";
+  uint32_t unix_socket_mode = 0660;
+  std::string unix_socket_group;  // empty = keep the daemon's group
+  std::optional<uint32_t> vsock_port;
+  // Shared secret; its SHA-1 is sent as cookie_hash (kvmi-v7 QEMU checks it).
+  std::string cookie_file;
+  std::vector<uid_t> allowed_uids;
+  std::vector<uint32_t> allowed_cids;
+  int io_threads = 2;
+  std::chrono::milliseconds handshake_timeout{5000};
+  std::chrono::milliseconds command_timeout{10000};
+  VerdictPipeline::Options verdicts;
+};
+
+class Daemon {
+ public:
+  explicit Daemon(DaemonConfig config);
+  ~Daemon();
+
+  // Opens the listeners and starts the loops. Returns an error sentence, or "" on success.
+  std::string Start();
+  // Unhooks every guest (releases hooks, answers what is pending), waits at most `grace`,
+  // closes everything. Idempotent.
+  void Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(3000));
+
+  Registry& registry() { return *registry_; }
+  PolicySet& policies() { return policies_; }
+  VerdictPipeline& pipeline() { return *pipeline_; }
+
+  // Policy changes take effect on every guest now (arming follows) and on later guests.
+  std::string ApplyPolicy(std::shared_ptr<Rule> rule);
+  bool RemovePolicy(const std::string& name);
+
+  // Where the UNIX listener is (for tests that use a temporary path).
+  const std::string& unix_socket() const { return config_.unix_socket; }
+
+ private:
+  void OnGuestConnected(AcceptedGuest guest);
+  void RearmAllGuests();
+
+  DaemonConfig config_;
+  PolicySet policies_;
+  std::unique_ptr<VerdictPipeline> pipeline_;
+  std::unique_ptr<Registry> registry_;
+  std::vector<std::unique_ptr<EventLoop>> loops_;
+  std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::atomic<size_t> next_loop_{0};
+  bool started_ = false;
+  bool shut_down_ = false;
+};
+
+// Reads the shared secret (trailing newline stripped) and returns SHA-1 of it, or an error.
+std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
+                                                                         std::string* error);
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_KVMID_H_

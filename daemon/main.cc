@@ -1,0 +1,203 @@
+// kvmid: owns the KVMI sockets of the guests on this host and answers their events.
+//
+//   kvmid --socket=/run/kvmid/kvmi.sock --cookie_file=/etc/kvmid/cookie --baseline=enforce
+//
+// SIGTERM/SIGINT: answer what is pending, restore every guest, close, exit 0.
+#include <absl/flags/flag.h>
+#include <absl/flags/parse.h>
+#include <absl/flags/usage.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_split.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "daemon/event_log.h"
+#include "daemon/kvmid.h"
+
+ABSL_FLAG(std::string, socket, "/run/kvmid/kvmi.sock",
+          "UNIX socket QEMU connects to (chardev socket path); empty = none");
+ABSL_FLAG(std::string, socket_mode, "0660", "permissions of the UNIX socket (octal)");
+ABSL_FLAG(std::string, socket_group, "", "group owning the UNIX socket (e.g. kvm)");
+ABSL_FLAG(int, vsock_port, -1, "AF_VSOCK port to listen on; -1 = none");
+ABSL_FLAG(std::string, cookie_file, "",
+          "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
+ABSL_FLAG(std::string, allowed_uids, "",
+          "comma-separated uids allowed to connect on the UNIX socket (SO_PEERCRED); empty = any");
+ABSL_FLAG(int, io_threads, 2, "I/O threads serving guest sockets (1..64)");
+ABSL_FLAG(int, handshake_timeout_ms, 5000, "a QEMU that has not finished its handshake is dropped");
+ABSL_FLAG(int, command_timeout_ms, 10000, "a command with no reply by then fails with a timeout");
+ABSL_FLAG(int, deadline_ms, 1000,
+          "how long a handler may take to answer a blocking event before the fallback");
+ABSL_FLAG(std::string, fallback, "continue",
+          "fallback action when a handler misses its deadline: continue or crash");
+ABSL_FLAG(std::string, baseline, "off",
+          "ready-made protections (CR0.WP, CR4.SMEP/SMAP, LSTAR, SYSENTER_EIP locked after "
+          "boot): off, monitor or enforce");
+ABSL_FLAG(std::vector<std::string>, protect, {},
+          "page protections NAME:GPA_FIRST-GPA_LAST:ALLOWED[:ACTION][:monitor], e.g. "
+          "ktext:0x1000000-0x1ffffff:rx:retry (ALLOWED from r, w, x; ACTION continue, retry or "
+          "crash)");
+ABSL_FLAG(std::string, log_events, "blocked",
+          "which events to log live: none, blocked (decided by a policy or fallback) or all");
+ABSL_FLAG(int, log_events_per_second, 20, "at most this many live event lines per second");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+
+namespace {
+
+[[noreturn]] void Die(const std::string& message) {
+  std::fprintf(stderr, "kvmid: %s\n", message.c_str());
+  std::exit(2);
+}
+
+bool ParseU64(const std::string& text, uint64_t* out) {
+  if (text.rfind("0x", 0) == 0 || text.rfind("0X", 0) == 0) {
+    return absl::SimpleHexAtoi(text.substr(2), out);
+  }
+  return absl::SimpleAtoi(text, out);
+}
+
+std::shared_ptr<kvmid::Rule> ParseProtect(const std::string& spec) {
+  std::vector<std::string> parts = absl::StrSplit(spec, ':');
+  if (parts.size() < 3 || parts.size() > 5) {
+    Die("--protect=" + spec + ": expected NAME:GPA_FIRST-GPA_LAST:ALLOWED[:ACTION][:monitor]");
+  }
+  std::vector<std::string> range = absl::StrSplit(parts[1], '-');
+  uint64_t first = 0, last = 0;
+  if (range.size() != 2 || !ParseU64(range[0], &first) || !ParseU64(range[1], &last) ||
+      first > last) {
+    Die("--protect=" + spec + ": GPA range must be FIRST-LAST with FIRST <= LAST");
+  }
+  uint8_t allowed = 0;
+  for (char c : parts[2]) {
+    if (c == 'r')
+      allowed |= KVMI_PAGE_ACCESS_R;
+    else if (c == 'w')
+      allowed |= KVMI_PAGE_ACCESS_W;
+    else if (c == 'x')
+      allowed |= KVMI_PAGE_ACCESS_X;
+    else if (c != '-')
+      Die("--protect=" + spec + ": ALLOWED takes r, w, x (or - for none)");
+  }
+  kvmid::RuleAction action = kvmid::RuleAction::kRetry;
+  if (parts.size() >= 4 && !kvmid::ParseRuleAction(parts[3], &action)) {
+    Die("--protect=" + spec + ": ACTION must be continue, retry or crash");
+  }
+  kvmid::RuleMode mode = kvmid::RuleMode::kEnforce;
+  if (parts.size() == 5) {
+    if (parts[4] != "monitor") Die("--protect=" + spec + ": the last field may only be 'monitor'");
+    mode = kvmid::RuleMode::kMonitor;
+  }
+  return kvmid::ProtectPagesRule(parts[0], first, last, allowed, action, mode);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kvmid: KVM introspection (KVMI v6) daemon. QEMU connects to --socket; kvmid answers "
+      "each guest's events with in-daemon policies, registered handlers or a fallback.");
+  absl::ParseCommandLine(argc, argv);
+
+  spdlog::level::level_enum level = spdlog::level::from_str(absl::GetFlag(FLAGS_log_level));
+  if (level == spdlog::level::off && absl::GetFlag(FLAGS_log_level) != "off") {
+    Die("--log_level must be trace, debug, info, warn, error or off");
+  }
+  spdlog::set_level(level);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+
+  kvmid::DaemonConfig config;
+  config.unix_socket = absl::GetFlag(FLAGS_socket);
+  uint64_t mode = 0;
+  if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_socket_mode), &mode, 8) ||
+      mode > 0777) {
+    Die("--socket_mode must be an octal mode such as 0660");
+  }
+  config.unix_socket_mode = static_cast<uint32_t>(mode);
+  config.unix_socket_group = absl::GetFlag(FLAGS_socket_group);
+  int vsock_port = absl::GetFlag(FLAGS_vsock_port);
+  if (vsock_port >= 0) config.vsock_port = static_cast<uint32_t>(vsock_port);
+  config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
+  std::vector<std::string> uids =
+      absl::StrSplit(absl::GetFlag(FLAGS_allowed_uids), ',', absl::SkipEmpty());
+  for (const std::string& uid : uids) {
+    uint32_t value;
+    if (!absl::SimpleAtoi(uid, &value)) Die("--allowed_uids: '" + uid + "' is not a uid");
+    config.allowed_uids.push_back(value);
+  }
+  config.io_threads = absl::GetFlag(FLAGS_io_threads);
+  int handshake_ms = absl::GetFlag(FLAGS_handshake_timeout_ms);
+  int command_ms = absl::GetFlag(FLAGS_command_timeout_ms);
+  int deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
+  if (handshake_ms <= 0 || command_ms <= 0 || deadline_ms <= 0) {
+    Die("--handshake_timeout_ms, --command_timeout_ms and --deadline_ms must be positive");
+  }
+  config.handshake_timeout = std::chrono::milliseconds(handshake_ms);
+  config.command_timeout = std::chrono::milliseconds(command_ms);
+  uint8_t fallback;
+  std::string fallback_text = absl::GetFlag(FLAGS_fallback);
+  if (fallback_text == "continue") {
+    fallback = KVMI_EVENT_ACTION_CONTINUE;
+  } else if (fallback_text == "crash") {
+    fallback = KVMI_EVENT_ACTION_CRASH;
+  } else {
+    Die("--fallback must be continue or crash");
+  }
+  for (kvmid::EventDeadline& d : config.verdicts.deadlines) {
+    d.deadline = std::chrono::milliseconds(deadline_ms);
+    d.fallback_action = fallback;
+  }
+
+  std::vector<std::shared_ptr<kvmid::Rule>> rules;
+  std::string baseline = absl::GetFlag(FLAGS_baseline);
+  if (baseline != "off") {
+    if (baseline != "monitor" && baseline != "enforce") {
+      Die("--baseline must be off, monitor or enforce");
+    }
+    auto rule_mode = baseline == "enforce" ? kvmid::RuleMode::kEnforce : kvmid::RuleMode::kMonitor;
+    rules.push_back(kvmid::ForbidClearCr0WpRule("cr0-wp", rule_mode));
+    rules.push_back(kvmid::ForbidClearCr4SmepSmapRule("cr4-smep-smap", rule_mode));
+    rules.push_back(kvmid::LockMsrAfterBootRule("lstar-locked", 0xC0000082, rule_mode));
+    rules.push_back(kvmid::LockMsrAfterBootRule("sysenter-eip-locked", 0x176, rule_mode));
+  }
+  for (const std::string& spec : absl::GetFlag(FLAGS_protect)) rules.push_back(ParseProtect(spec));
+
+  kvmid::EventLogOptions log_options;
+  std::string log_events = absl::GetFlag(FLAGS_log_events);
+  if (!kvmid::ParseEventLogMode(log_events, &log_options.mode)) {
+    Die("--log_events must be none, blocked or all");
+  }
+  log_options.max_lines_per_second = absl::GetFlag(FLAGS_log_events_per_second);
+
+  // Signals are taken synchronously by the main thread; every other thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  kvmid::Daemon daemon(config);
+  for (auto& rule : rules) {
+    std::string error = daemon.ApplyPolicy(rule);
+    if (!error.empty()) Die(error);
+  }
+  kvmid::EventLog event_log(&daemon.pipeline(), log_options);
+  std::string error = daemon.Start();
+  if (!error.empty()) Die(error);
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  spdlog::info("kvmid: {} received; restoring guests and exiting", strsignal(signal_number));
+  event_log.Stop();
+  daemon.Shutdown();
+  event_log.PrintSummary();
+  return 0;
+}

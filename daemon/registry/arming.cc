@@ -1,0 +1,74 @@
+#include "daemon/registry/arming.h"
+
+#include <algorithm>
+
+namespace kvmid {
+
+void Arming::MergeFrom(const Arming& other) {
+  vcpu_events.insert(other.vcpu_events.begin(), other.vcpu_events.end());
+  vm_events.insert(other.vm_events.begin(), other.vm_events.end());
+  crs.insert(other.crs.begin(), other.crs.end());
+  msrs.insert(other.msrs.begin(), other.msrs.end());
+  for (const auto& [gfn, access] : other.page_access) {
+    auto [it, inserted] = page_access.emplace(gfn, access);
+    if (!inserted) it->second &= access;
+  }
+}
+
+namespace {
+
+template <typename T>
+void DiffSets(const std::set<T>& applied, const std::set<T>& wanted,
+              std::vector<std::pair<T, bool>>* out) {
+  for (const T& x : wanted) {
+    if (applied.count(x) == 0) out->emplace_back(x, true);
+  }
+  for (const T& x : applied) {
+    if (wanted.count(x) == 0) out->emplace_back(x, false);
+  }
+}
+
+}  // namespace
+
+ArmingDelta Diff(const Arming& applied, const Arming& wanted) {
+  constexpr uint8_t kAll = 7;  // KVMI_PAGE_ACCESS_R | W | X
+  ArmingDelta delta;
+  DiffSets(applied.vcpu_events, wanted.vcpu_events, &delta.vcpu_events);
+  DiffSets(applied.vm_events, wanted.vm_events, &delta.vm_events);
+  DiffSets(applied.crs, wanted.crs, &delta.crs);
+  DiffSets(applied.msrs, wanted.msrs, &delta.msrs);
+  for (const auto& [gfn, access] : wanted.page_access) {
+    auto it = applied.page_access.find(gfn);
+    if (it == applied.page_access.end() || it->second != access) {
+      delta.page_access.emplace_back(gfn, access);
+    }
+  }
+  for (const auto& [gfn, access] : applied.page_access) {
+    if (wanted.page_access.count(gfn) == 0) delta.page_access.emplace_back(gfn, kAll);
+  }
+  return delta;
+}
+
+void Leases::Set(const OwnerId& owner, Arming arming) {
+  if (arming.empty()) {
+    leases_.erase(owner);
+  } else {
+    leases_[owner] = std::move(arming);
+  }
+}
+
+void Leases::Add(const OwnerId& owner, const Arming& arming) { leases_[owner].MergeFrom(arming); }
+
+bool Leases::Release(const OwnerId& owner) { return leases_.erase(owner) > 0; }
+
+Arming Leases::Effective() const {
+  constexpr uint8_t kAll = 7;  // rwx: no restriction, the kernel forgets such a page
+  Arming all;
+  for (const auto& [owner, arming] : leases_) all.MergeFrom(arming);
+  for (auto it = all.page_access.begin(); it != all.page_access.end();) {
+    it = it->second == kAll ? all.page_access.erase(it) : std::next(it);
+  }
+  return all;
+}
+
+}  // namespace kvmid

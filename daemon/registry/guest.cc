@@ -1,0 +1,448 @@
+#include "daemon/registry/guest.h"
+
+#include <spdlog/spdlog.h>
+
+#include "kernel/abi/protocol.h"
+
+namespace kvmid {
+namespace {
+
+// QEMU issues the COMMAND/EVENT allow ioctls only after handing the socket to the kernel, so a
+// command that arrives first is refused with -KVM_EPERM (§9 "Race"). Probe again for a while.
+constexpr int kMaxProbeAttempts = 40;
+constexpr auto kProbeRetryDelay = std::chrono::milliseconds(50);
+constexpr size_t kMaxArmErrors = 16;
+
+const OwnerId kDaemonOwner = "daemon";
+
+}  // namespace
+
+const char* GuestStateName(GuestState state) {
+  switch (state) {
+    case GuestState::kHandshaking:
+      return "handshaking";
+    case GuestState::kHooked:
+      return "hooked";
+    case GuestState::kUnhooking:
+      return "unhooking";
+    case GuestState::kGone:
+      return "gone";
+  }
+  return "?";
+}
+
+Guest::Guest(std::string key, GuestIdentity identity, GuestEventRouter* router)
+    : key_(std::move(key)), router_(router), identity_(std::move(identity)) {}
+
+std::string Guest::log_name() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return "vm " + (identity_.name.empty() ? std::string("(unnamed)") : identity_.name) + " " +
+         kvmi::UuidToString(identity_.uuid);
+}
+
+bool Guest::Attach(const std::shared_ptr<GuestSession>& session) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (session_ && !session_->closed()) return false;
+    session_ = session;
+    identity_ = session->identity();  // name/start time may change across a migration
+    state_ = GuestState::kHandshaking;
+    applied_ = Arming();  // the kernel forgot everything when the previous session ended
+    connections_++;
+  }
+  Probe(session, 1);
+  return true;
+}
+
+std::shared_ptr<GuestSession> Guest::session() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return session_;
+}
+
+GuestState Guest::state() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return state_;
+}
+
+uint32_t Guest::vcpu_count() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return vcpu_count_;
+}
+
+bool Guest::EventAllowed(uint8_t event) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return (allowed_events_ & (1u << event)) != 0;
+}
+
+GuestSnapshot Guest::Snapshot() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  GuestSnapshot s;
+  s.identity = identity_;
+  s.key = key_;
+  s.state = state_;
+  s.kvmi_version = kvmi_version_;
+  s.vcpu_count = vcpu_count_;
+  s.allowed_commands = allowed_commands_;
+  s.allowed_events = allowed_events_;
+  s.connections = connections_;
+  s.events = events_.load();
+  s.fallbacks = fallbacks_.load();
+  s.leases = leases_.by_owner();
+  s.applied = applied_;
+  s.arm_errors = arm_errors_;
+  return s;
+}
+
+void Guest::Probe(const std::shared_ptr<GuestSession>& session, int attempt) {
+  struct ProbeState {
+    size_t remaining = 0;
+    bool transport_failed = false;
+    std::string failure;
+    uint32_t version = 0;
+    int32_t guest_info_err = 0;
+    uint32_t vcpu_count = 0;
+    uint32_t allowed_commands = 0;
+    uint16_t allowed_events = 0;
+  };
+  auto state = std::make_shared<ProbeState>();
+  auto self = shared_from_this();
+  auto finish = [self, session, state, attempt] {
+    if (--state->remaining > 0) return;
+    if (state->transport_failed) {
+      session->Close("probe failed: " + state->failure);
+      return;
+    }
+    if (state->version < KVMI_VERSION) {
+      spdlog::warn("{}: KVMI version {} is not supported", session->log_name(), state->version);
+      session->Close("unsupported KVMI version");
+      return;
+    }
+    if (state->guest_info_err == -KVM_EPERM && attempt < kMaxProbeAttempts) {
+      session->loop()->RunAt(Clock::now() + kProbeRetryDelay,
+                             [self, session, attempt] { self->Probe(session, attempt + 1); });
+      return;
+    }
+    if (state->guest_info_err != 0) {
+      spdlog::warn("{}: GET_GUEST_INFO answered {}", session->log_name(),
+                   kvmi::ErrorName(state->guest_info_err));
+      session->Close("the host does not allow GET_GUEST_INFO");
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      if (self->session_ != session) return;  // superseded meanwhile
+      self->kvmi_version_ = state->version;
+      self->vcpu_count_ = state->vcpu_count;
+      self->allowed_commands_ = state->allowed_commands;
+      self->allowed_events_ = state->allowed_events;
+      self->state_ = GuestState::kHooked;
+    }
+    spdlog::info("{}: hooked: KVMI v{}, {} vCPUs, {} commands and {} events allowed",
+                 session->log_name(), state->version, state->vcpu_count,
+                 __builtin_popcount(state->allowed_commands),
+                 __builtin_popcount(state->allowed_events));
+    self->FinishProbe(session);
+  };
+  auto transport = [state](const CommandResult& r) {
+    if (r.status == CommandResult::Status::kOk || r.status == CommandResult::Status::kKvmiError) {
+      return true;
+    }
+    if (!state->transport_failed) {
+      state->transport_failed = true;
+      state->failure = r.ToString();
+    }
+    return false;
+  };
+
+  state->remaining = 2 + (KVMI_NEXT_AVAILABLE_COMMAND - KVMI_FIRST_COMMAND) + KVMI_NUM_EVENTS;
+  // All pipelined in one go; replies come back in request order for VM commands (§7.4).
+  session->Send(kvmi::GetVersionRequest{}, [state, finish, transport](CommandResult r) {
+    kvmi::GetVersionReply reply;
+    if (transport(r) && r.ok() && kvmi::DecodeReplyData(kvmi::ByteView(r.data), &reply).ok()) {
+      state->version = reply.version;
+    }
+    finish();
+  });
+  session->Send(kvmi::GetGuestInfoRequest{}, [state, finish, transport](CommandResult r) {
+    if (transport(r)) {
+      kvmi::GuestInfoReply reply;
+      if (r.ok() && kvmi::DecodeReplyData(kvmi::ByteView(r.data), &reply).ok()) {
+        state->vcpu_count = reply.vcpu_count;
+      } else {
+        state->guest_info_err = r.ok() ? -KVM_EINVAL : r.err;
+      }
+    }
+    finish();
+  });
+  for (uint16_t id = KVMI_FIRST_COMMAND; id < KVMI_NEXT_AVAILABLE_COMMAND; ++id) {
+    kvmi::CheckCommandRequest request;
+    request.id = id;
+    session->Send(request, [state, finish, transport, id](CommandResult r) {
+      if (transport(r) && r.ok()) state->allowed_commands |= 1u << id;
+      finish();
+    });
+  }
+  for (uint8_t id = 0; id < KVMI_NUM_EVENTS; ++id) {
+    kvmi::CheckEventRequest request;
+    request.id = id;
+    session->Send(request, [state, finish, transport, id](CommandResult r) {
+      if (transport(r) && r.ok()) state->allowed_events |= static_cast<uint16_t>(1u << id);
+      finish();
+    });
+  }
+}
+
+void Guest::FinishProbe(const std::shared_ptr<GuestSession>& session) {
+  // The daemon itself wants to know about new vCPUs (to arm them) and about UNHOOK requests
+  // (to let QEMU migrate or snapshot promptly).
+  Arming own;
+  if (EventAllowed(KVMI_EVENT_CREATE_VCPU)) own.vm_events.insert(KVMI_EVENT_CREATE_VCPU);
+  if (EventAllowed(KVMI_EVENT_UNHOOK)) own.vm_events.insert(KVMI_EVENT_UNHOOK);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leases_.Set(kDaemonOwner, own);
+  }
+  router_->GuestHooked(shared_from_this());
+  ApplyArming();
+}
+
+void Guest::SetLease(const OwnerId& owner, Arming arming) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leases_.Set(owner, std::move(arming));
+  }
+  ApplyArming();
+}
+
+void Guest::AddLease(const OwnerId& owner, const Arming& arming) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leases_.Add(owner, arming);
+  }
+  ApplyArming();
+}
+
+void Guest::ReleaseLease(const OwnerId& owner) {
+  bool had;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    had = leases_.Release(owner);
+  }
+  if (had) ApplyArming();
+}
+
+void Guest::RecordArmError(const std::string& what) {
+  spdlog::warn("{}: arming: {}", log_name(), what);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (arm_errors_.size() >= kMaxArmErrors) arm_errors_.erase(arm_errors_.begin());
+  arm_errors_.push_back(what);
+}
+
+void Guest::ApplyArming() {
+  std::shared_ptr<GuestSession> session = this->session();
+  if (!session) return;
+  auto self = shared_from_this();
+  // Computed and sent on the session's loop thread, so two changes can never reach the wire in
+  // the opposite order from the one they were decided in.
+  session->loop()->RunInLoop([self, session] {
+    ArmingDelta delta;
+    uint32_t vcpus;
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      if (self->session_ != session || self->state_ != GuestState::kHooked) return;
+      Arming wanted = self->leases_.Effective();
+      delta = Diff(self->applied_, wanted);
+      self->applied_ = std::move(wanted);
+      vcpus = self->vcpu_count_;
+    }
+    if (delta.empty()) return;
+    auto check = [self](std::string what) {
+      return [self, what = std::move(what)](CommandResult r) {
+        if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
+      };
+    };
+    for (auto [event, enable] : delta.vm_events) {
+      kvmi::ControlVmEventsRequest request;
+      request.event_id = event;
+      request.enable = enable;
+      session->Send(request, check(std::string("CONTROL_VM_EVENTS ") + kvmi::EventName(event)));
+    }
+    for (uint16_t vcpu = 0; vcpu < vcpus; ++vcpu) {
+      for (auto [event, enable] : delta.vcpu_events) {
+        kvmi::ControlEventsRequest request;
+        request.vcpu = vcpu;
+        request.event_id = event;
+        request.enable = enable;
+        session->Send(request, check(std::string("CONTROL_EVENTS ") + kvmi::EventName(event) +
+                                     " vCPU " + std::to_string(vcpu)));
+      }
+      for (auto [cr, enable] : delta.crs) {
+        kvmi::ControlCrRequest request;
+        request.vcpu = vcpu;
+        request.cr = cr;
+        request.enable = enable;
+        session->Send(request, check("CONTROL_CR " + std::to_string(cr)));
+      }
+      for (auto [msr, enable] : delta.msrs) {
+        kvmi::ControlMsrRequest request;
+        request.vcpu = vcpu;
+        request.msr = msr;
+        request.enable = enable;
+        session->Send(request, check("CONTROL_MSR " + std::to_string(msr)));
+      }
+    }
+    if (!delta.page_access.empty()) {
+      std::vector<kvmi::PageAccess> entries;
+      entries.reserve(delta.page_access.size());
+      for (auto [gfn, access] : delta.page_access) {
+        kvmi::PageAccess entry;
+        entry.gpa = gfn * KVMI_PAGE_SIZE;
+        entry.access = access;
+        entries.push_back(entry);
+      }
+      session->SetPageAccess(std::move(entries),
+                             [self](std::vector<CommandResult> per_message, std::vector<int32_t>) {
+                               for (const CommandResult& r : per_message) {
+                                 if (!r.ok())
+                                   self->RecordArmError("SET_PAGE_ACCESS: " + r.ToString());
+                               }
+                             });
+    }
+  });
+}
+
+void Guest::ArmNewVcpu(uint16_t vcpu) {
+  std::shared_ptr<GuestSession> session;
+  Arming applied;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (vcpu >= vcpu_count_) vcpu_count_ = vcpu + 1u;
+    session = session_;
+    applied = applied_;
+  }
+  if (!session) return;
+  auto self = shared_from_this();
+  auto check = [self](std::string what) {
+    return [self, what = std::move(what)](CommandResult r) {
+      if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
+    };
+  };
+  for (uint8_t event : applied.vcpu_events) {
+    kvmi::ControlEventsRequest request;
+    request.vcpu = vcpu;
+    request.event_id = event;
+    request.enable = true;
+    session->Send(request, check("CONTROL_EVENTS (new vCPU " + std::to_string(vcpu) + ")"));
+  }
+  for (uint32_t cr : applied.crs) {
+    kvmi::ControlCrRequest request;
+    request.vcpu = vcpu;
+    request.cr = cr;
+    request.enable = true;
+    session->Send(request, check("CONTROL_CR (new vCPU)"));
+  }
+  for (uint32_t msr : applied.msrs) {
+    kvmi::ControlMsrRequest request;
+    request.vcpu = vcpu;
+    request.msr = msr;
+    request.enable = true;
+    session->Send(request, check("CONTROL_MSR (new vCPU)"));
+  }
+}
+
+void Guest::Unhook(const std::string& why, std::function<void()> done) {
+  std::shared_ptr<GuestSession> session;
+  Arming applied;
+  uint32_t vcpus;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    session = session_;
+    if (!session || session->closed()) {
+      if (done) session ? session->loop()->Post(done) : done();
+      return;
+    }
+    state_ = GuestState::kUnhooking;
+    applied = std::move(applied_);
+    applied_ = Arming();
+    vcpus = vcpu_count_;
+  }
+  spdlog::info("{}: unhooking: {}", session->log_name(), why);
+  // Disarm everything we armed, then close once the host has acknowledged all of it: the
+  // kernel would restore page access at session end anyway, but intercepts left enabled would
+  // cost the guest exits until then. Leases stay, to re-arm if the guest comes back.
+  ArmingDelta delta = Diff(applied, Arming());
+  auto remaining = std::make_shared<size_t>(1);
+  auto finish = [session, remaining, why, done] {
+    if (--*remaining > 0) return;
+    session->Close("unhooked: " + why);
+    if (done) done();
+  };
+  auto count = [remaining, finish](CommandResult) { finish(); };
+  for (auto [event, enable] : delta.vm_events) {
+    ++*remaining;
+    kvmi::ControlVmEventsRequest request;
+    request.event_id = event;
+    request.enable = false;
+    session->Send(request, count);
+  }
+  for (uint16_t vcpu = 0; vcpu < vcpus; ++vcpu) {
+    for (auto [event, enable] : delta.vcpu_events) {
+      ++*remaining;
+      kvmi::ControlEventsRequest request;
+      request.vcpu = vcpu;
+      request.event_id = event;
+      request.enable = false;
+      session->Send(request, count);
+    }
+    for (auto [cr, enable] : delta.crs) {
+      ++*remaining;
+      kvmi::ControlCrRequest request;
+      request.vcpu = vcpu;
+      request.cr = cr;
+      request.enable = false;
+      session->Send(request, count);
+    }
+    for (auto [msr, enable] : delta.msrs) {
+      ++*remaining;
+      kvmi::ControlMsrRequest request;
+      request.vcpu = vcpu;
+      request.msr = msr;
+      request.enable = false;
+      session->Send(request, count);
+    }
+  }
+  if (!delta.page_access.empty()) {
+    ++*remaining;
+    std::vector<kvmi::PageAccess> entries;
+    for (auto [gfn, access] : delta.page_access) {
+      kvmi::PageAccess entry;
+      entry.gpa = gfn * KVMI_PAGE_SIZE;
+      entry.access = KVMI_PAGE_ACCESS_RWX;
+      entries.push_back(entry);
+    }
+    session->SetPageAccess(std::move(entries), [finish](std::vector<CommandResult>,
+                                                        std::vector<int32_t>) { finish(); });
+  }
+  session->loop()->RunInLoop(finish);  // drops the initial count
+}
+
+void Guest::OnEvent(const std::shared_ptr<GuestSession>& session, const kvmi::Event& event) {
+  events_++;
+  if (event.id() == KVMI_EVENT_CREATE_VCPU) ArmNewVcpu(event.vcpu());
+  router_->RouteEvent(shared_from_this(), session, event);
+  if (event.id() == KVMI_EVENT_UNHOOK) Unhook("the host sent KVMI_EVENT_UNHOOK");
+}
+
+void Guest::OnClosed(const std::shared_ptr<GuestSession>& session, const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (session_ == session) {
+      session_.reset();
+      state_ = GuestState::kGone;
+      applied_ = Arming();
+    }
+  }
+  router_->SessionEnded(shared_from_this(), session);
+}
+
+}  // namespace kvmid

@@ -1,0 +1,63 @@
+#include "daemon/registry/registry.h"
+
+#include <spdlog/spdlog.h>
+
+namespace kvmid {
+
+std::string Registry::KeyFor(const GuestIdentity& identity) {
+  bool zero_uuid = true;
+  for (uint8_t b : identity.uuid) zero_uuid = zero_uuid && b == 0;
+  if (!zero_uuid) return kvmi::UuidToString(identity.uuid);
+  if (!identity.name.empty()) return "name:" + identity.name;
+  std::lock_guard<std::mutex> lock(mutex_);
+  return "anonymous:" + std::to_string(++anonymous_);
+}
+
+std::shared_ptr<Guest> Registry::Attach(const std::shared_ptr<GuestSession>& session) {
+  std::string key = KeyFor(session->identity());
+  std::shared_ptr<Guest> guest;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = guests_.find(key);
+    if (it == guests_.end()) {
+      it = guests_.emplace(key, std::make_shared<Guest>(key, session->identity(), router_)).first;
+    }
+    guest = it->second;
+  }
+  if (!guest->Attach(session)) {
+    duplicate_rejections_++;
+    spdlog::error("{}: a second live connection ({}) claims this guest; refused",
+                  session->log_name(), session->identity().transport);
+    return nullptr;
+  }
+  return guest;
+}
+
+std::shared_ptr<Guest> Registry::Find(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = guests_.find(key);
+  return it == guests_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Guest> Registry::Lookup(const std::string& uuid_or_name) const {
+  if (auto guest = Find(uuid_or_name)) return guest;
+  kvmi::Uuid uuid;
+  if (kvmi::ParseUuid(uuid_or_name, &uuid)) {
+    if (auto guest = Find(kvmi::UuidToString(uuid))) return guest;  // case-insensitive input
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [key, guest] : guests_) {
+    if (guest->Snapshot().identity.name == uuid_or_name) return guest;
+  }
+  return nullptr;
+}
+
+std::vector<std::shared_ptr<Guest>> Registry::List() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::shared_ptr<Guest>> out;
+  out.reserve(guests_.size());
+  for (const auto& [key, guest] : guests_) out.push_back(guest);
+  return out;
+}
+
+}  // namespace kvmid

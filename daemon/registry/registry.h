@@ -1,0 +1,48 @@
+// All guests the daemon has seen, by UUID. A reconnecting guest gets its Guest object (and its
+// leases) back; a second live connection claiming a UUID that is already hooked is refused and
+// reported, never merged.
+#ifndef KVMID_DAEMON_REGISTRY_REGISTRY_H_
+#define KVMID_DAEMON_REGISTRY_REGISTRY_H_
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "daemon/registry/guest.h"
+
+namespace kvmid {
+
+class Registry {
+ public:
+  explicit Registry(GuestEventRouter* router) : router_(router) {}
+
+  // The registry key of a guest: its UUID; for QEMU without -uuid (all-zero UUID, as v6 QEMU
+  // sends by default) the name, and for a guest with neither a fresh anonymous key (such a
+  // guest cannot be recognised when it reconnects).
+  std::string KeyFor(const GuestIdentity& identity);
+
+  // Finds or creates the guest for `session` and attaches it. Null if another live session holds
+  // the key (the caller closes `session`).
+  std::shared_ptr<Guest> Attach(const std::shared_ptr<GuestSession>& session);
+
+  std::shared_ptr<Guest> Find(const std::string& key) const;
+  // By UUID text, name or key: what a user types.
+  std::shared_ptr<Guest> Lookup(const std::string& uuid_or_name) const;
+  std::vector<std::shared_ptr<Guest>> List() const;
+
+  uint64_t duplicate_rejections() const { return duplicate_rejections_.load(); }
+
+ private:
+  GuestEventRouter* router_;
+  mutable std::mutex mutex_;
+  std::map<std::string, std::shared_ptr<Guest>> guests_;
+  uint64_t anonymous_ = 0;
+  std::atomic<uint64_t> duplicate_rejections_{0};
+};
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_REGISTRY_REGISTRY_H_

@@ -1,0 +1,474 @@
+#include "daemon/session/guest_session.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "kernel/abi/protocol.h"
+
+namespace kvmid {
+namespace {
+
+constexpr auto kSweepPeriod = std::chrono::milliseconds(100);
+
+CommandResult Failed(CommandResult::Status status, std::string message) {
+  CommandResult r;
+  r.status = status;
+  r.message = std::move(message);
+  return r;
+}
+
+// Patches the seq of the message that starts at `offset` in `buffer`.
+void PatchSeq(std::vector<uint8_t>* buffer, size_t offset, uint32_t seq) {
+  std::memcpy(buffer->data() + offset + offsetof(kvmi_msg_hdr, seq), &seq, sizeof(seq));
+}
+
+kvmi_msg_hdr HeaderAt(const std::vector<uint8_t>& buffer, size_t offset) {
+  kvmi_msg_hdr hdr;
+  std::memcpy(&hdr, buffer.data() + offset, sizeof(hdr));
+  return hdr;
+}
+
+}  // namespace
+
+std::string CommandResult::ToString() const {
+  switch (status) {
+    case Status::kOk:
+      return "ok";
+    case Status::kKvmiError:
+      return std::string("kvmi error ") + kvmi::ErrorName(err) + " (" + std::to_string(err) + ")";
+    case Status::kInvalid:
+      return "invalid: " + message;
+    case Status::kClosed:
+      return "session closed" + (message.empty() ? "" : ": " + message);
+    case Status::kTimeout:
+      return "timed out";
+    case Status::kProtocolError:
+      return "protocol error: " + message;
+  }
+  return "unknown";
+}
+
+GuestSession::GuestSession(EventLoop* loop, kvmi::UniqueFd fd, GuestIdentity identity,
+                           Listener* listener, Options options)
+    : loop_(loop),
+      fd_(std::move(fd)),
+      identity_(std::move(identity)),
+      listener_(listener),
+      options_(options),
+      framer_(kvmi::kMaxReplyPayload) {
+  log_name_ = "vm " + (identity_.name.empty() ? std::string("(unnamed)") : identity_.name) + " " +
+              kvmi::UuidToString(identity_.uuid);
+}
+
+GuestSession::~GuestSession() = default;
+
+void GuestSession::Start(std::vector<uint8_t> early_bytes) {
+  started_ = true;
+  auto self = shared_from_this();
+  loop_->Watch(fd_.get(), EPOLLIN | EPOLLRDHUP,
+               [self](uint32_t events) { self->OnReadable(events); });
+  sweep_timer_ = loop_->RunAt(Clock::now() + kSweepPeriod, [self] { self->SweepTimeouts(); });
+  if (!early_bytes.empty()) {
+    framer_.Append(kvmi::ByteView(early_bytes));
+    ProcessFrames();
+  }
+}
+
+void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback done) {
+  if (message.size() < kvmi::kHdrSize ||
+      message.size() - kvmi::kHdrSize > kvmi::kMaxCommandPayload) {
+    // Never put on the wire what the v6 kernel would CLOSE the session for.
+    CommandResult r = Failed(CommandResult::Status::kInvalid,
+                             "message payload " + std::to_string(message.size()) +
+                                 " bytes exceeds KVMI_MSG_SIZE (4088)");
+    loop_->RunInLoop([done = std::move(done), r = std::move(r)]() mutable { done(std::move(r)); });
+    return;
+  }
+  auto self = shared_from_this();
+  loop_->RunInLoop([self, message = std::move(message), done = std::move(done)]() mutable {
+    if (self->closed_) {
+      done(Failed(CommandResult::Status::kClosed, ""));
+      return;
+    }
+    uint32_t seq = self->NextSeq();
+    PatchSeq(&message, 0, seq);
+    kvmi_msg_hdr hdr = HeaderAt(message, 0);
+    self->pending_.emplace(
+        seq,
+        PendingCommand{hdr.id, Clock::now() + self->options_.command_timeout, std::move(done)});
+    self->counters_.commands++;
+    self->QueueWrite(message.data(), message.size());
+    self->FlushWrites();
+  });
+}
+
+void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
+                                std::vector<std::vector<uint8_t>> batched,
+                                std::function<void(bool)> done) {
+  auto self = shared_from_this();
+  loop_->RunInLoop([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+    auto it = self->pending_events_.find(reply.vcpu);
+    if (self->closed_ || it == self->pending_events_.end() || it->second.seq != reply.seq) {
+      if (done) done(false);  // answered already (e.g. by the fallback), or gone
+      return;
+    }
+    self->pending_events_.erase(it);
+    std::vector<uint8_t> wire;
+    if (batched.empty()) {
+      kvmi::EncodeEventReply(reply, &wire);
+    } else {
+      // One write: CMD_RESPONSE(off, now) + commands + event reply + CMD_RESPONSE(on, now).
+      // Only the closing command is answered; its callback surfaces a dropped-batch failure.
+      kvmi::BatchBuilder batch(&wire, self->NextSeq());
+      for (std::vector<uint8_t>& message : batched) {
+        if (message.size() < kvmi::kHdrSize) continue;
+        PatchSeq(&message, 0, self->NextSeq());
+        batch.AddEncoded(kvmi::ByteView(message));
+      }
+      std::vector<uint8_t> event_reply;
+      kvmi::EncodeEventReply(reply, &event_reply);
+      batch.AddEncoded(kvmi::ByteView(event_reply));
+      uint32_t close_seq = self->NextSeq();
+      batch.Close(close_seq);
+      std::string name = self->log_name_;
+      self->pending_.emplace(
+          close_seq,
+          PendingCommand{KVMI_CONTROL_CMD_RESPONSE, Clock::now() + self->options_.command_timeout,
+                         [name](CommandResult r) {
+                           if (!r.ok())
+                             spdlog::warn("{}: batched event reply: {}", name, r.ToString());
+                         }});
+    }
+    self->counters_.event_replies++;
+    self->QueueWrite(wire.data(), wire.size());
+    self->FlushWrites();
+    if (done) done(true);
+  });
+}
+
+void GuestSession::Close(const std::string& reason) {
+  auto self = shared_from_this();
+  loop_->RunInLoop([self, reason] { self->CloseInLoop(reason); });
+}
+
+void GuestSession::CloseInLoop(const std::string& reason) {
+  if (closed_.exchange(true)) return;
+  spdlog::info("{}: session closed: {}", log_name_, reason);
+  if (started_) loop_->Unwatch(fd_.get());
+  loop_->Cancel(sweep_timer_);
+  ::shutdown(fd_.get(), SHUT_RDWR);
+  fd_.Reset();
+  auto pending = std::move(pending_);
+  pending_.clear();
+  pending_events_.clear();
+  for (auto& [seq, command] : pending) {
+    command.done(Failed(CommandResult::Status::kClosed, reason));
+  }
+  listener_->OnClosed(shared_from_this(), reason);
+}
+
+void GuestSession::QueueWrite(const uint8_t* data, size_t size) {
+  out_.insert(out_.end(), data, data + size);
+}
+
+void GuestSession::FlushWrites() {
+  while (out_sent_ < out_.size()) {
+    ssize_t n = ::send(fd_.get(), out_.data() + out_sent_, out_.size() - out_sent_,
+                       MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      out_sent_ += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!want_write_) {
+        want_write_ = true;
+        loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+      }
+      return;
+    }
+    CloseInLoop(std::string("write failed: ") + std::strerror(errno));
+    return;
+  }
+  out_.clear();
+  out_sent_ = 0;
+  if (want_write_) {
+    want_write_ = false;
+    loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP);
+  }
+}
+
+void GuestSession::OnReadable(uint32_t epoll_events) {
+  if (closed_) return;
+  if ((epoll_events & EPOLLOUT) != 0) FlushWrites();
+  // Drain the socket (level-triggered epoll, but fewer wake-ups this way), then frame.
+  while (!closed_) {
+    uint8_t* tail = framer_.WritableTail(16 * 1024);
+    ssize_t n = ::recv(fd_.get(), tail, framer_.writable_size(), MSG_DONTWAIT);
+    if (n > 0) {
+      framer_.Commit(static_cast<size_t>(n));
+      if (static_cast<size_t>(n) < 16 * 1024) break;
+      continue;
+    }
+    if (n == 0) {
+      ProcessFrames();  // what arrived before the close still counts
+      CloseInLoop("peer closed the connection");
+      return;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    CloseInLoop(std::string("read failed: ") + std::strerror(errno));
+    return;
+  }
+  ProcessFrames();
+}
+
+void GuestSession::ProcessFrames() {
+  kvmi::Frame frame;
+  kvmi::DecodeStatus status;
+  while (!closed_) {
+    auto result = framer_.Next(&frame, &status);
+    if (result == kvmi::MessageFramer::Result::kNeedMore) break;
+    if (result == kvmi::MessageFramer::Result::kError) {
+      spdlog::warn("{}: malformed stream from the host: {}", log_name_, status.ToString());
+      CloseInLoop("protocol error: " + status.ToString());
+      return;
+    }
+    OnMessage(frame);
+  }
+}
+
+void GuestSession::OnMessage(const kvmi::Frame& frame) {
+  if (frame.hdr.id == KVMI_EVENT) {
+    OnEventMessage(frame);
+  } else {
+    OnReply(frame);
+  }
+}
+
+void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
+  kvmi::Event event;
+  kvmi::DecodeStatus status = kvmi::DecodeEvent(frame.hdr, frame.payload, &event);
+  if (!status.ok()) {
+    spdlog::warn("{}: malformed event (seq {}): {}", log_name_, frame.hdr.seq, status.ToString());
+    CloseInLoop("protocol error: event: " + status.ToString());
+    return;
+  }
+  counters_.events++;
+  const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
+  if (info->has_reply) {
+    // §7.3: at most one outstanding event per vCPU. A second one means the peer is not a v6
+    // kernel we understand; answering either would be guesswork.
+    auto [it, inserted] =
+        pending_events_.emplace(event.vcpu(), PendingEvent{event.seq, event.id()});
+    if (!inserted) {
+      spdlog::warn("{}: vCPU {} sent {} (seq {}) while {} (seq {}) is unanswered", log_name_,
+                   event.vcpu(), kvmi::EventName(event.id()), event.seq,
+                   kvmi::EventName(it->second.event), it->second.seq);
+      CloseInLoop("protocol error: two outstanding events on one vCPU");
+      return;
+    }
+  }
+  listener_->OnEvent(shared_from_this(), event);
+}
+
+void GuestSession::OnReply(const kvmi::Frame& frame) {
+  auto it = pending_.find(frame.hdr.seq);
+  if (it == pending_.end()) {
+    if (frame.hdr.id == KVMI_EVENT_REPLY) {
+      // The kernel answers an event reply only when it rejected it (bad vCPU index, §6).
+      spdlog::warn("{}: the host rejected an event reply (seq {})", log_name_, frame.hdr.seq);
+    } else {
+      // Most likely the late reply of a command that already timed out.
+      spdlog::debug("{}: reply {} seq {} matches no request", log_name_,
+                    kvmi::CommandName(frame.hdr.id), frame.hdr.seq);
+    }
+    return;
+  }
+  if (it->second.id != frame.hdr.id) {
+    spdlog::warn("{}: reply seq {} has id {}, request was {}", log_name_, frame.hdr.seq,
+                 frame.hdr.id, kvmi::CommandName(it->second.id));
+    CloseInLoop("protocol error: reply id does not match its request");
+    return;
+  }
+  PendingCommand command = std::move(it->second);
+  pending_.erase(it);
+  kvmi::Reply reply;
+  kvmi::DecodeStatus status = kvmi::DecodeReply(frame.hdr, frame.payload, &reply);
+  if (!status.ok()) {
+    CommandResult r = Failed(CommandResult::Status::kProtocolError, status.ToString());
+    command.done(std::move(r));
+    CloseInLoop("protocol error: reply: " + status.ToString());
+    return;
+  }
+  CommandResult result;
+  if (reply.err != 0) {
+    result.status = CommandResult::Status::kKvmiError;
+    result.err = reply.err;
+    counters_.command_errors++;
+  } else {
+    result.data = reply.data.ToVector();
+  }
+  command.done(std::move(result));
+}
+
+void GuestSession::SweepTimeouts() {
+  if (closed_) return;
+  Clock::time_point now = Clock::now();
+  std::vector<CommandCallback> expired;
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (it->second.deadline <= now) {
+      spdlog::warn("{}: {} (seq {}) got no reply in time", log_name_,
+                   kvmi::CommandName(it->second.id), it->first);
+      expired.push_back(std::move(it->second.done));
+      it = pending_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (CommandCallback& done : expired) done(Failed(CommandResult::Status::kTimeout, ""));
+  auto self = shared_from_this();
+  sweep_timer_ = loop_->RunAt(now + kSweepPeriod, [self] { self->SweepTimeouts(); });
+}
+
+// ---- splitting helpers ------------------------------------------------------------------------
+
+namespace {
+
+// Joins the results of N pipelined pieces; the first failure wins.
+struct Gather {
+  size_t remaining;
+  CommandResult first_failure;
+  bool failed = false;
+  std::vector<std::vector<uint8_t>> pieces;
+};
+
+}  // namespace
+
+void GuestSession::ReadPhysical(uint64_t gpa, uint64_t size, ReadCallback done) {
+  if (size == 0 || size > (64ull << 20) || gpa + size < gpa) {
+    loop_->RunInLoop([done = std::move(done)] {
+      done(Failed(CommandResult::Status::kInvalid, "size must be 1..64 MiB without wrapping"));
+    });
+    return;
+  }
+  // READ_PHYSICAL may not cross a 4 KiB page (the kernel CLOSEs): one message per page piece.
+  std::vector<std::pair<uint64_t, uint64_t>> pieces;
+  for (uint64_t at = gpa, left = size; left > 0;) {
+    uint64_t in_page = KVMI_PAGE_SIZE - (at % KVMI_PAGE_SIZE);
+    uint64_t n = std::min(left, in_page);
+    pieces.emplace_back(at, n);
+    at += n;
+    left -= n;
+  }
+  auto gather = std::make_shared<Gather>();
+  gather->remaining = pieces.size();
+  gather->pieces.resize(pieces.size());
+  auto shared_done = std::make_shared<ReadCallback>(std::move(done));
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    kvmi::ReadPhysicalRequest request;
+    request.gpa = pieces[i].first;
+    request.size = pieces[i].second;
+    uint64_t expected = request.size;
+    Send(request, [gather, shared_done, i, expected](CommandResult r) {
+      if (r.ok() && r.data.size() != expected) {
+        r = Failed(CommandResult::Status::kProtocolError, "short READ_PHYSICAL reply");
+      }
+      if (!r.ok() && !gather->failed) {
+        gather->failed = true;
+        gather->first_failure = std::move(r);
+      } else if (r.ok()) {
+        gather->pieces[i] = std::move(r.data);
+      }
+      if (--gather->remaining > 0) return;
+      if (gather->failed) {
+        (*shared_done)(std::move(gather->first_failure));
+        return;
+      }
+      CommandResult all;
+      for (auto& piece : gather->pieces)
+        all.data.insert(all.data.end(), piece.begin(), piece.end());
+      (*shared_done)(std::move(all));
+    });
+  }
+}
+
+void GuestSession::WritePhysical(uint64_t gpa, std::vector<uint8_t> data, CommandCallback done) {
+  if (data.empty() || data.size() > (64ull << 20) || gpa + data.size() < gpa) {
+    loop_->RunInLoop([done = std::move(done)] {
+      done(Failed(CommandResult::Status::kInvalid, "size must be 1..64 MiB without wrapping"));
+    });
+    return;
+  }
+  // Per message: within one page and at most 4072 data bytes (4088 - 16).
+  std::vector<std::pair<uint64_t, size_t>> pieces;  // gpa, offset into data
+  std::vector<size_t> lengths;
+  for (size_t offset = 0; offset < data.size();) {
+    uint64_t at = gpa + offset;
+    size_t n = std::min<size_t>({data.size() - offset,
+                                 static_cast<size_t>(KVMI_PAGE_SIZE - (at % KVMI_PAGE_SIZE)),
+                                 kvmi::kMaxWritePhysicalData});
+    pieces.emplace_back(at, offset);
+    lengths.push_back(n);
+    offset += n;
+  }
+  auto gather = std::make_shared<Gather>();
+  gather->remaining = pieces.size();
+  auto shared_done = std::make_shared<CommandCallback>(std::move(done));
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    kvmi::WritePhysicalRequest request;
+    request.gpa = pieces[i].first;
+    request.size = lengths[i];
+    request.data = kvmi::ByteView(data.data() + pieces[i].second, lengths[i]);
+    Send(request, [gather, shared_done](CommandResult r) {
+      if (!r.ok() && !gather->failed) {
+        gather->failed = true;
+        gather->first_failure = std::move(r);
+      }
+      if (--gather->remaining > 0) return;
+      (*shared_done)(gather->failed ? std::move(gather->first_failure) : CommandResult{});
+    });
+  }
+}
+
+void GuestSession::SetPageAccess(std::vector<kvmi::PageAccess> entries, PageAccessCallback done) {
+  if (entries.empty()) {
+    loop_->RunInLoop([done = std::move(done)] { done({}, {}); });
+    return;
+  }
+  size_t messages =
+      (entries.size() + kvmi::kMaxSetPageAccessEntries - 1) / kvmi::kMaxSetPageAccessEntries;
+  struct State {
+    size_t remaining;
+    std::vector<CommandResult> per_message;
+    std::vector<int32_t> per_entry;
+    PageAccessCallback done;
+  };
+  auto state = std::make_shared<State>();
+  state->remaining = messages;
+  state->per_message.resize(messages);
+  state->per_entry.resize(entries.size());
+  state->done = std::move(done);
+  for (size_t m = 0; m < messages; ++m) {
+    size_t first = m * kvmi::kMaxSetPageAccessEntries;
+    size_t last = std::min(entries.size(), first + kvmi::kMaxSetPageAccessEntries);
+    kvmi::SetPageAccessRequest request;
+    request.entries.assign(entries.begin() + first, entries.begin() + last);
+    Send(request, [state, m, first, last](CommandResult r) {
+      int32_t err = r.status == CommandResult::Status::kKvmiError ? r.err
+                    : r.ok()                                      ? 0
+                                                                  : -KVM_EINVAL;
+      for (size_t i = first; i < last; ++i) state->per_entry[i] = err;
+      state->per_message[m] = std::move(r);
+      if (--state->remaining > 0) return;
+      state->done(std::move(state->per_message), std::move(state->per_entry));
+    });
+  }
+}
+
+}  // namespace kvmid

@@ -1,0 +1,169 @@
+// One guest's KVMI session, tool side: reads whole messages off the socket, matches command
+// replies to their requests, hands events to a Listener, and writes event replies. Commands are
+// pipelined (any number in flight; matched by seq, and the reply id must echo the request id).
+//
+// Threading: everything touching the socket runs on the session's EventLoop. Public methods
+// may be called from any thread; callbacks run on the loop thread.
+#ifndef KVMID_DAEMON_SESSION_GUEST_SESSION_H_
+#define KVMID_DAEMON_SESSION_GUEST_SESSION_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "daemon/io/event_loop.h"
+#include "kernel/abi/events.h"
+#include "kernel/abi/framing.h"
+#include "kernel/abi/handshake.h"
+#include "kernel/abi/messages.h"
+#include "kernel/transport/unique_fd.h"
+
+namespace kvmid {
+
+// Who the guest is, from the handshake.
+struct GuestIdentity {
+  kvmi::Uuid uuid{};
+  std::string name;
+  int64_t start_time = 0;
+  std::string transport;  // "unix" or "vsock:<cid>"
+};
+
+struct CommandResult {
+  enum class Status : uint8_t {
+    kOk,             // err == 0, data is the reply data
+    kKvmiError,      // the kernel answered err < 0 (name: kvmi::ErrorName(err))
+    kInvalid,        // refused before it reached the guest (too large, bad argument)
+    kClosed,         // the session ended before the reply
+    kTimeout,        // no reply within the command timeout
+    kProtocolError,  // the reply was malformed (the session is closed)
+  };
+  Status status = Status::kOk;
+  int32_t err = 0;
+  std::vector<uint8_t> data;
+  std::string message;  // human-readable detail for kInvalid/kProtocolError
+
+  bool ok() const { return status == Status::kOk; }
+  std::string ToString() const;
+};
+using CommandCallback = std::function<void(CommandResult)>;
+
+class GuestSession : public std::enable_shared_from_this<GuestSession> {
+ public:
+  class Listener {
+   public:
+    virtual ~Listener() = default;
+    // A decoded, validated event. Blocking events must eventually get ReplyToEvent (or the
+    // session must close); the session itself never answers for the listener.
+    virtual void OnEvent(const std::shared_ptr<GuestSession>& session,
+                         const kvmi::Event& event) = 0;
+    // Called once, on the loop thread, after the socket is closed.
+    virtual void OnClosed(const std::shared_ptr<GuestSession>& session,
+                          const std::string& reason) = 0;
+  };
+
+  struct Options {
+    std::chrono::milliseconds command_timeout{10000};
+  };
+
+  GuestSession(EventLoop* loop, kvmi::UniqueFd fd, GuestIdentity identity, Listener* listener,
+               Options options);
+  ~GuestSession();
+
+  // Loop thread: begins reading. Bytes already read during the handshake are fed first.
+  void Start(std::vector<uint8_t> early_bytes = {});
+
+  // Any thread. Sends one command; `done` runs on the loop thread with the reply.
+  template <typename Request>
+  void Send(const Request& request, CommandCallback done) {
+    std::vector<uint8_t> message;
+    kvmi::EncodeCommand(request, 0, &message);  // seq patched on the loop thread
+    SendEncoded(std::move(message), std::move(done));
+  }
+  // Same, for an already encoded message (any seq; it is replaced).
+  void SendEncoded(std::vector<uint8_t> message, CommandCallback done);
+
+  // Convenience for the v6 limits (§1): split into per-page / per-message pieces, pipelined.
+  using ReadCallback = std::function<void(CommandResult result)>;  // result.data = the bytes
+  void ReadPhysical(uint64_t gpa, uint64_t size, ReadCallback done);
+  void WritePhysical(uint64_t gpa, std::vector<uint8_t> data, CommandCallback done);
+  // Per-entry results in order (err per entry is the err of the message carrying it).
+  using PageAccessCallback = std::function<void(std::vector<CommandResult> per_message,
+                                                std::vector<int32_t> per_entry_err)>;
+  void SetPageAccess(std::vector<kvmi::PageAccess> entries, PageAccessCallback done);
+
+  // Any thread. Answers the pending event of reply.vcpu if its seq is still pending; commands in
+  // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside
+  // CONTROL_CMD_RESPONSE brackets (§5.2). Returns via `done(true)` if this reply was the one
+  // sent, `done(false)` if the event was already answered or the session is gone.
+  void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
+                    std::function<void(bool sent)> done = nullptr);
+
+  // Any thread. Ends the session (pending commands fail with kClosed).
+  void Close(const std::string& reason);
+
+  const GuestIdentity& identity() const { return identity_; }
+  EventLoop* loop() const { return loop_; }
+  bool closed() const { return closed_.load(); }
+  // Log prefix: "vm <name> <uuid>".
+  const std::string& log_name() const { return log_name_; }
+
+  struct Counters {
+    std::atomic<uint64_t> events{0};
+    std::atomic<uint64_t> event_replies{0};
+    std::atomic<uint64_t> commands{0};
+    std::atomic<uint64_t> command_errors{0};
+  };
+  const Counters& counters() const { return counters_; }
+
+ private:
+  struct PendingCommand {
+    uint16_t id;
+    Clock::time_point deadline;
+    CommandCallback done;
+  };
+  struct PendingEvent {
+    uint32_t seq;
+    uint8_t event;
+  };
+
+  void OnReadable(uint32_t epoll_events);
+  void ProcessFrames();
+  void OnMessage(const kvmi::Frame& frame);
+  void OnReply(const kvmi::Frame& frame);
+  void OnEventMessage(const kvmi::Frame& frame);
+  void QueueWrite(const uint8_t* data, size_t size);
+  void FlushWrites();
+  void SweepTimeouts();
+  void CloseInLoop(const std::string& reason);
+  uint32_t NextSeq() { return next_seq_++; }
+
+  EventLoop* loop_;
+  kvmi::UniqueFd fd_;
+  GuestIdentity identity_;
+  std::string log_name_;
+  Listener* listener_;
+  Options options_;
+
+  // Loop-thread state.
+  kvmi::MessageFramer framer_;
+  std::vector<uint8_t> out_;
+  size_t out_sent_ = 0;
+  bool want_write_ = false;
+  uint32_t next_seq_ = 1;
+  std::unordered_map<uint32_t, PendingCommand> pending_;
+  std::unordered_map<uint16_t, PendingEvent> pending_events_;  // by vCPU
+  EventLoop::TimerId sweep_timer_ = 0;
+  bool started_ = false;
+
+  std::atomic<bool> closed_{false};
+  Counters counters_;
+};
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_SESSION_GUEST_SESSION_H_

@@ -1,0 +1,321 @@
+#include "daemon/session/guest_session.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <future>
+#include <mutex>
+
+#include "daemon/testing/scripted_host.h"
+#include "kernel/abi/protocol.h"
+
+namespace kvmid {
+namespace {
+
+using testing::ReceivedMessage;
+using testing::ScriptedHost;
+
+class RecordingListener : public GuestSession::Listener {
+ public:
+  void OnEvent(const std::shared_ptr<GuestSession>&, const kvmi::Event& event) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.push_back(event);
+    cv_.notify_all();
+  }
+  void OnClosed(const std::shared_ptr<GuestSession>&, const std::string& reason) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_reason_ = reason;
+    closed_ = true;
+    cv_.notify_all();
+  }
+  std::optional<kvmi::Event> WaitEvent() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!cv_.wait_for(lock, std::chrono::seconds(5), [&] { return !events_.empty(); })) {
+      return std::nullopt;
+    }
+    kvmi::Event e = events_.front();
+    events_.erase(events_.begin());
+    return e;
+  }
+  std::string WaitClosed() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait_for(lock, std::chrono::seconds(5), [&] { return closed_; });
+    return closed_ ? closed_reason_ : "<not closed>";
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<kvmi::Event> events_;
+  bool closed_ = false;
+  std::string closed_reason_;
+};
+
+class GuestSessionTest : public ::testing::Test {
+ protected:
+  void SetUp() override { loop_.Start("test-loop"); }
+  void TearDown() override {
+    if (session_) session_->Close("test over");
+    listener_.WaitClosed();
+    loop_.Stop();
+  }
+
+  void StartSession(std::chrono::milliseconds command_timeout = std::chrono::seconds(5)) {
+    GuestIdentity identity;
+    identity.name = "unit";
+    GuestSession::Options options;
+    options.command_timeout = command_timeout;
+    session_ =
+        std::make_shared<GuestSession>(&loop_, host_.Connect(), identity, &listener_, options);
+    auto session = session_;
+    loop_.RunInLoop([session] { session->Start(); });
+  }
+
+  template <typename Request>
+  std::future<CommandResult> Send(const Request& request) {
+    auto promise = std::make_shared<std::promise<CommandResult>>();
+    session_->Send(request, [promise](CommandResult r) { promise->set_value(std::move(r)); });
+    return promise->get_future();
+  }
+
+  static CommandResult Get(std::future<CommandResult>& f) {
+    if (f.wait_for(std::chrono::seconds(5)) != std::future_status::ready) {
+      CommandResult r;
+      r.status = CommandResult::Status::kInvalid;
+      r.message = "test: no completion";
+      return r;
+    }
+    return f.get();
+  }
+
+  EventLoop loop_;
+  ScriptedHost host_;
+  RecordingListener listener_;
+  std::shared_ptr<GuestSession> session_;
+};
+
+TEST_F(GuestSessionTest, PipelinedRepliesAreMatchedBySeqWhateverTheirOrder) {
+  host_.set_responder([](const ReceivedMessage&) { return std::nullopt; });  // answer by hand
+  StartSession();
+  kvmi::CheckCommandRequest a, b;
+  a.id = KVMI_GET_REGISTERS;
+  b.id = KVMI_SET_REGISTERS;
+  auto fa = Send(a);
+  auto fb = Send(b);
+  auto ma = host_.WaitForId(KVMI_CHECK_COMMAND);
+  auto mb = host_.WaitForId(KVMI_CHECK_COMMAND);
+  ASSERT_TRUE(ma && mb);
+  EXPECT_NE(ma->hdr.seq, mb->hdr.seq);
+  // Answer the second first, with different results, to prove the matching.
+  std::vector<uint8_t> reply;
+  kvmi::EncodeReply(KVMI_CHECK_COMMAND, mb->hdr.seq, -KVM_EPERM, {}, &reply);
+  kvmi::EncodeReply(KVMI_CHECK_COMMAND, ma->hdr.seq, 0, {}, &reply);
+  host_.SendRaw(reply);
+  CommandResult ra = Get(fa), rb = Get(fb);
+  EXPECT_TRUE(ra.ok()) << ra.ToString();
+  EXPECT_EQ(rb.status, CommandResult::Status::kKvmiError);
+  EXPECT_EQ(rb.err, -KVM_EPERM);
+}
+
+TEST_F(GuestSessionTest, ReplyWithTheWrongIdClosesTheSession) {
+  host_.set_responder([](const ReceivedMessage& m) {
+    std::vector<uint8_t> out;
+    kvmi::EncodeReply(KVMI_GET_GUEST_INFO, m.hdr.seq, 0, {}, &out);  // id does not echo
+    return std::optional<std::vector<uint8_t>>(out);
+  });
+  StartSession();
+  auto f = Send(kvmi::GetVersionRequest{});
+  CommandResult r = Get(f);
+  EXPECT_EQ(r.status, CommandResult::Status::kClosed);
+  EXPECT_THAT(listener_.WaitClosed(), ::testing::HasSubstr("reply id does not match"));
+}
+
+TEST_F(GuestSessionTest, OversizedHeaderFromTheHostClosesTheSession) {
+  StartSession();
+  kvmi_msg_hdr hdr{KVMI_EVENT, static_cast<uint16_t>(kvmi::kMaxReplyPayload + 1), 1};
+  std::vector<uint8_t> bytes(sizeof(hdr));
+  std::memcpy(bytes.data(), &hdr, sizeof(hdr));
+  host_.SendRaw(bytes);
+  EXPECT_THAT(listener_.WaitClosed(), ::testing::HasSubstr("payload too large"));
+}
+
+TEST_F(GuestSessionTest, MalformedEventClosesTheSessionAndFailsPendingCommands) {
+  host_.set_responder([](const ReceivedMessage&) { return std::nullopt; });
+  StartSession();
+  auto pending = Send(kvmi::GetVersionRequest{});
+  ASSERT_TRUE(host_.WaitForId(KVMI_GET_VERSION));
+  kvmi::Event event = testing::MakeTestEvent(KVMI_EVENT_CR, 0, 1);
+  std::vector<uint8_t> wire;
+  kvmi::EncodeEvent(event, &wire);
+  wire.pop_back();  // kvmi_event_cr one byte short...
+  wire[2] -= 1;     // ...and hdr.size says so: the event-specific part is truncated
+  host_.SendRaw(wire);
+  EXPECT_THAT(listener_.WaitClosed(), ::testing::HasSubstr("event"));
+  EXPECT_EQ(Get(pending).status, CommandResult::Status::kClosed);
+}
+
+TEST_F(GuestSessionTest, EventReachesTheListenerAndTheReplyBytesMatchTheAbi) {
+  StartSession();
+  kvmi::Event event = testing::MakeTestEvent(KVMI_EVENT_CR, 2, 5);
+  event.specific.cr.cr = 4;
+  event.specific.cr.old_value = 0x3000;
+  event.specific.cr.new_value = 0x1000;
+  host_.SendEvent(event);
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->specific.cr.new_value, 0x1000u);
+  kvmi::EventReply reply = kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE);
+  reply.specific.cr.new_val = 0x3000;
+  std::promise<bool> sent;
+  session_->ReplyToEvent(reply, {}, [&](bool s) { sent.set_value(s); });
+  EXPECT_TRUE(sent.get_future().get());
+  auto m = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(m);
+  // §12: "00 00 18 00 05 00 00 00 | 02 00 .. | 00 01 .. | V" with action CONTINUE, event CR.
+  EXPECT_EQ(m->hdr.size, 24);
+  EXPECT_EQ(m->hdr.seq, 5u);
+  std::vector<uint8_t> expected = {2, 0, 0, 0, 0,    0,    0, 0, 0, 1, 0, 0,
+                                   0, 0, 0, 0, 0x00, 0x30, 0, 0, 0, 0, 0, 0};
+  EXPECT_EQ(m->payload, expected);
+}
+
+TEST_F(GuestSessionTest, OnlyTheFirstReplyToAnEventIsSent) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 0, 9));
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  std::promise<bool> first, second;
+  kvmi::EventReply reply = kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE);
+  session_->ReplyToEvent(reply, {}, [&](bool s) { first.set_value(s); });
+  session_->ReplyToEvent(reply, {}, [&](bool s) { second.set_value(s); });
+  EXPECT_TRUE(first.get_future().get());
+  EXPECT_FALSE(second.get_future().get());
+  ASSERT_TRUE(host_.WaitForId(KVMI_EVENT_REPLY));
+  EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, std::chrono::milliseconds(200)));
+}
+
+TEST_F(GuestSessionTest, ASecondOutstandingEventOnOneVcpuIsAProtocolError) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 1, 1));
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_HYPERCALL, 1, 2));
+  EXPECT_THAT(listener_.WaitClosed(), ::testing::HasSubstr("two outstanding events"));
+}
+
+TEST_F(GuestSessionTest, BatchedReplyGoesOutInCmdResponseBrackets) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 3));
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  kvmi::SetRegistersRequest set;
+  set.vcpu = 0;
+  set.regs.rip = 0x1234;
+  std::vector<std::vector<uint8_t>> batched(1);
+  kvmi::EncodeCommand(set, 0, &batched[0]);
+  session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_RETRY), std::move(batched));
+  std::vector<uint16_t> ids;
+  for (int i = 0; i < 4; ++i) {
+    auto m = host_.WaitFor([](const ReceivedMessage&) { return true; });
+    ASSERT_TRUE(m);
+    ids.push_back(m->hdr.id);
+    if (m->hdr.id == KVMI_CONTROL_CMD_RESPONSE) {
+      kvmi::ControlCmdResponseRequest r;
+      ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &r).ok());
+      EXPECT_EQ(r.enable, i != 0);
+      EXPECT_TRUE(r.now);
+    }
+  }
+  EXPECT_THAT(ids, ::testing::ElementsAre(KVMI_CONTROL_CMD_RESPONSE, KVMI_SET_REGISTERS,
+                                          KVMI_EVENT_REPLY, KVMI_CONTROL_CMD_RESPONSE));
+}
+
+TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {
+  StartSession();
+  auto promise = std::make_shared<std::promise<CommandResult>>();
+  constexpr uint64_t kGpa = 0x1ff0, kSize = 10000;
+  session_->ReadPhysical(kGpa, kSize, [promise](CommandResult r) { promise->set_value(r); });
+  auto future = promise->get_future();
+  CommandResult r = Get(future);
+  ASSERT_TRUE(r.ok()) << r.ToString();
+  ASSERT_EQ(r.data.size(), kSize);
+  for (uint64_t i = 0; i < kSize; ++i) {
+    ASSERT_EQ(r.data[i], static_cast<uint8_t>(kGpa + i)) << "byte " << i;
+  }
+  // 0x1ff0..0x2000, then two full pages, then the rest: 4 messages, none crossing a page.
+  for (int i = 0; i < 4; ++i) {
+    auto m = host_.WaitForId(KVMI_READ_PHYSICAL);
+    ASSERT_TRUE(m);
+    kvmi::ReadPhysicalRequest req;
+    ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &req).ok());
+    EXPECT_LE(req.gpa % 4096 + req.size, 4096u);
+  }
+  EXPECT_FALSE(host_.WaitForId(KVMI_READ_PHYSICAL, std::chrono::milliseconds(100)));
+}
+
+TEST_F(GuestSessionTest, WritePhysicalRespectsTheMessageSizeLimit) {
+  StartSession();
+  std::vector<uint8_t> data(9000, 0xab);
+  auto promise = std::make_shared<std::promise<CommandResult>>();
+  session_->WritePhysical(0, data, [promise](CommandResult r) { promise->set_value(r); });
+  auto future = promise->get_future();
+  ASSERT_TRUE(Get(future).ok());
+  uint64_t total = 0;
+  std::vector<uint64_t> sizes;
+  while (auto m = host_.WaitForId(KVMI_WRITE_PHYSICAL, std::chrono::milliseconds(200))) {
+    EXPECT_LE(m->hdr.size, kvmi::kMaxCommandPayload);
+    kvmi::WritePhysicalRequest req;
+    ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &req).ok());
+    EXPECT_LE(req.gpa % 4096 + req.size, 4096u);
+    sizes.push_back(req.size);
+    total += req.size;
+  }
+  EXPECT_EQ(total, 9000u);
+  EXPECT_THAT(sizes, ::testing::ElementsAre(4072, 24, 4072, 24, 808));
+}
+
+TEST_F(GuestSessionTest, SetPageAccessIsSplitIntoMessagesOf255Entries) {
+  StartSession();
+  std::vector<kvmi::PageAccess> entries(600);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    entries[i].gpa = i * 4096;
+    entries[i].access = KVMI_PAGE_ACCESS_R;
+  }
+  std::promise<std::vector<int32_t>> per_entry;
+  session_->SetPageAccess(entries,
+                          [&](std::vector<CommandResult> messages, std::vector<int32_t> errs) {
+                            EXPECT_EQ(messages.size(), 3u);
+                            per_entry.set_value(errs);
+                          });
+  auto errs = per_entry.get_future().get();
+  EXPECT_EQ(errs.size(), 600u);
+  std::vector<size_t> counts;
+  for (int i = 0; i < 3; ++i) {
+    auto m = host_.WaitForId(KVMI_SET_PAGE_ACCESS);
+    ASSERT_TRUE(m);
+    kvmi::SetPageAccessRequest req;
+    ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &req).ok());
+    counts.push_back(req.entries.size());
+  }
+  EXPECT_THAT(counts, ::testing::ElementsAre(255, 255, 90));
+}
+
+TEST_F(GuestSessionTest, ACommandTooLargeForTheKernelNeverLeaves) {
+  StartSession();
+  kvmi::GetPageAccessRequest huge;
+  huge.gpas.resize(600);  // 8 + 600 * 8 > 4088
+  auto f = Send(huge);
+  CommandResult r = Get(f);
+  EXPECT_EQ(r.status, CommandResult::Status::kInvalid);
+  EXPECT_THAT(r.message, ::testing::HasSubstr("4088"));
+  EXPECT_FALSE(host_.WaitForId(KVMI_GET_PAGE_ACCESS, std::chrono::milliseconds(100)));
+}
+
+TEST_F(GuestSessionTest, UnansweredCommandTimesOut) {
+  host_.set_responder([](const ReceivedMessage&) { return std::nullopt; });
+  StartSession(std::chrono::milliseconds(150));
+  auto f = Send(kvmi::GetGuestInfoRequest{});
+  EXPECT_EQ(Get(f).status, CommandResult::Status::kTimeout);
+}
+
+}  // namespace
+}  // namespace kvmid

@@ -1,0 +1,291 @@
+#include "daemon/verdict/pipeline.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "kernel/abi/messages.h"
+#include "kernel/abi/protocol.h"
+
+namespace kvmid {
+
+struct VerdictPromise::State {
+  VerdictPipeline* pipeline = nullptr;
+  std::shared_ptr<Guest> guest;
+  std::shared_ptr<GuestSession> session;
+  kvmi::Event event;
+  uint64_t event_id = 0;
+  Clock::time_point received;
+  std::vector<std::string> monitor_hits;
+  std::string handler_id;
+  uint8_t fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+  std::atomic<bool> answered{false};
+  EventLoop::TimerId timer = 0;  // loop thread only
+};
+
+namespace {
+
+Verdict FallbackVerdict(uint8_t action, const char* why) {
+  Verdict v;
+  v.action = action;
+  v.decided_by = std::string("fallback:") + why;
+  return v;
+}
+
+}  // namespace
+
+// ---- VerdictPromise ---------------------------------------------------------------------------
+
+VerdictPromise& VerdictPromise::operator=(VerdictPromise&& other) noexcept {
+  if (this != &other) {
+    VerdictPromise dying(std::move(*this));  // an unanswered promise falls back
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+VerdictPromise::~VerdictPromise() {
+  if (!state_ || state_->answered.exchange(true)) return;
+  auto state = state_;
+  state->session->loop()->RunInLoop([state] {
+    state->pipeline->stats_.fallback_handler_gone++;
+    state->pipeline->Deliver(state, FallbackVerdict(state->fallback_action, "handler gone"),
+                             "handler gone");
+  });
+}
+
+bool VerdictPromise::Answer(Verdict verdict) {
+  if (!state_ || state_->answered.exchange(true)) return false;
+  auto state = std::move(state_);
+  state->session->loop()->RunInLoop([state, verdict = std::move(verdict)]() mutable {
+    state->pipeline->stats_.by_handler++;
+    state->pipeline->Deliver(state, std::move(verdict), nullptr);
+  });
+  return true;
+}
+
+// ---- Registration -----------------------------------------------------------------------------
+
+VerdictPipeline::Registration::Registration(Registration&& other) noexcept
+    : pipeline_(std::exchange(other.pipeline_, nullptr)), id_(std::exchange(other.id_, 0)) {}
+
+VerdictPipeline::Registration& VerdictPipeline::Registration::operator=(
+    Registration&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    pipeline_ = std::exchange(other.pipeline_, nullptr);
+    id_ = std::exchange(other.id_, 0);
+  }
+  return *this;
+}
+
+VerdictPipeline::Registration::~Registration() { Reset(); }
+
+void VerdictPipeline::Registration::Reset() {
+  if (pipeline_ != nullptr) pipeline_->Unregister(id_);
+  pipeline_ = nullptr;
+}
+
+// ---- VerdictPipeline --------------------------------------------------------------------------
+
+VerdictPipeline::VerdictPipeline(PolicySet* policies, Options options)
+    : policies_(policies), options_(options) {}
+
+VerdictPipeline::~VerdictPipeline() = default;
+
+VerdictPipeline::Registration VerdictPipeline::RegisterHandler(
+    std::shared_ptr<VerdictHandler> handler, HandlerClaim claim) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t id = next_handler_id_++;
+  handlers_.push_back(std::make_shared<HandlerEntry>(HandlerEntry{id, std::move(handler), claim}));
+  return Registration(this, id);
+}
+
+void VerdictPipeline::Unregister(uint64_t id) {
+  std::shared_ptr<HandlerEntry> gone;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = std::find_if(handlers_.begin(), handlers_.end(),
+                           [id](const auto& h) { return h->id == id; });
+    if (it == handlers_.end()) return;
+    gone = std::move(*it);
+    handlers_.erase(it);
+  }
+  // `gone` is released outside the lock; promises it still holds fall back as they die.
+}
+
+uint64_t VerdictPipeline::AddObserver(EventObserver observer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
+  uint64_t id = next_observer_id_++;
+  next->emplace_back(id, std::move(observer));
+  observers_ = std::move(next);
+  return id;
+}
+
+void VerdictPipeline::RemoveObserver(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
+  next->erase(
+      std::remove_if(next->begin(), next->end(), [id](const auto& o) { return o.first == id; }),
+      next->end());
+  observers_ = std::move(next);
+}
+
+void VerdictPipeline::SetGuestLabels(const std::string& guest_name,
+                                     std::map<std::string, std::string> labels) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  labels_by_name_[guest_name] = std::move(labels);
+}
+
+GuestView VerdictPipeline::ViewOf(const Guest& guest) const {
+  GuestSnapshot snapshot = guest.Snapshot();
+  GuestView view;
+  view.uuid = snapshot.identity.uuid;
+  view.name = snapshot.identity.name;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = labels_by_name_.find(view.name);
+  if (it != labels_by_name_.end()) view.labels = it->second;
+  return view;
+}
+
+std::shared_ptr<VerdictPipeline::HandlerEntry> VerdictPipeline::FindHandler(const Guest& guest,
+                                                                            uint8_t event) const {
+  kvmi::Uuid uuid = guest.Snapshot().identity.uuid;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& entry : handlers_) {
+    const HandlerClaim& claim = entry->claim;
+    if (!claim.events.empty() && claim.events.count(event) == 0) continue;
+    if (!claim.guests.empty() &&
+        std::find(claim.guests.begin(), claim.guests.end(), uuid) == claim.guests.end()) {
+      continue;
+    }
+    return entry;
+  }
+  return nullptr;
+}
+
+void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
+                                 const std::shared_ptr<GuestSession>& session,
+                                 const kvmi::Event& event) {
+  stats_.events++;
+  auto state = std::make_shared<VerdictPromise::State>();
+  state->pipeline = this;
+  state->guest = guest;
+  state->session = session;
+  state->event = event;
+  state->event_id = next_event_id_++;
+  state->received = Clock::now();
+  const EventDeadline& defaults = options_.deadlines[event.id()];
+  state->fallback_action = defaults.fallback_action;
+
+  const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
+  if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it
+    state->answered = true;
+    ObservedEvent observed{guest, event, Verdict::Continue("none"), {}, state->event_id, {}};
+    Notify(observed);
+    return;
+  }
+  if (event.id() == KVMI_EVENT_CREATE_VCPU || event.id() == KVMI_EVENT_PAUSE_VCPU) {
+    // The daemon's own business (it armed the new vCPU / asked for the pause).
+    state->answered = true;
+    Deliver(state, Verdict::Continue("daemon"), nullptr);
+    return;
+  }
+
+  PolicyDecision decision = policies_->Evaluate(ViewOf(*guest), event);
+  for (const auto& rule : decision.monitoring) state->monitor_hits.push_back(rule->name);
+  if (decision.enforcing) {
+    stats_.by_policy++;
+    state->answered = true;
+    Deliver(state, decision.enforcing->ToVerdict(), nullptr);
+    return;
+  }
+
+  std::shared_ptr<HandlerEntry> entry = FindHandler(*guest, event.id());
+  if (!entry) {
+    // No handler claims it: the event type's default action, at once. Not a missed deadline,
+    // so counted apart from the fallbacks.
+    stats_.fallback_no_handler++;
+    state->answered = true;
+    Deliver(state, FallbackVerdict(defaults.fallback_action, "no handler"), nullptr);
+    return;
+  }
+  auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
+  if (entry->claim.fallback_action) state->fallback_action = *entry->claim.fallback_action;
+  state->handler_id = entry->handler->id();
+  EventContext ctx{guest, event, state->received + deadline, state->event_id};
+  state->timer = session->loop()->RunAt(ctx.deadline, [state] {
+    if (state->answered.exchange(true)) return;
+    state->pipeline->stats_.fallback_deadline++;
+    state->pipeline->Deliver(state, FallbackVerdict(state->fallback_action, "deadline"),
+                             "deadline");
+  });
+  entry->handler->OnBlockingEvent(ctx, VerdictPromise(state));
+}
+
+void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
+                              const char* fallback_reason) {
+  if (state->timer != 0) {
+    state->session->loop()->Cancel(state->timer);
+    state->timer = 0;
+  }
+  if (fallback_reason != nullptr) {
+    stats_.fallbacks++;
+    state->guest->CountFallback();
+    spdlog::warn("{}: {} on vCPU {} (seq {}): handler {} {}; answering {}",
+                 state->session->log_name(), kvmi::EventName(state->event.id()),
+                 state->event.vcpu(), state->event.seq, state->handler_id, fallback_reason,
+                 kvmi::ActionName(verdict.action));
+  }
+  std::vector<std::vector<uint8_t>> batched;
+  if (verdict.registers) {
+    kvmi::SetRegistersRequest set_registers;
+    set_registers.vcpu = state->event.vcpu();
+    set_registers.regs = *verdict.registers;
+    batched.emplace_back();
+    kvmi::EncodeCommand(set_registers, 0, &batched.back());
+  }
+  kvmi::EventReply reply = MakeReply(state->event, verdict);
+  auto observed = std::make_shared<ObservedEvent>();
+  observed->guest = state->guest;
+  observed->event = state->event;
+  observed->verdict = std::move(verdict);
+  observed->monitor_hits = state->monitor_hits;
+  observed->event_id = state->event_id;
+  VerdictPipeline* self = this;
+  Clock::time_point received = state->received;
+  state->session->ReplyToEvent(reply, std::move(batched), [self, observed, received](bool sent) {
+    if (!sent) return;
+    observed->latency = Clock::now() - received;
+    self->Notify(*observed);
+  });
+}
+
+void VerdictPipeline::Notify(const ObservedEvent& observed) {
+  std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    observers = observers_;
+  }
+  for (const auto& [id, observer] : *observers) observer(observed);
+}
+
+void VerdictPipeline::SessionEnded(const std::shared_ptr<Guest>& guest,
+                                   const std::shared_ptr<GuestSession>& session) {
+  // Pending promises of this session stay valid objects; their replies are dropped by the
+  // closed session, and the kernel has already let the vCPUs continue (§7.6).
+}
+
+void VerdictPipeline::GuestHooked(const std::shared_ptr<Guest>& guest) { ArmPolicies(guest); }
+
+void VerdictPipeline::ArmPolicies(const std::shared_ptr<Guest>& guest) {
+  std::map<std::string, Arming> wanted = policies_->ArmsFor(ViewOf(*guest));
+  GuestSnapshot snapshot = guest->Snapshot();
+  for (const auto& [owner, arming] : snapshot.leases) {
+    if (owner.rfind("policy:", 0) == 0 && wanted.count(owner) == 0) guest->ReleaseLease(owner);
+  }
+  for (auto& [owner, arming] : wanted) guest->SetLease(owner, std::move(arming));
+}
+
+}  // namespace kvmid

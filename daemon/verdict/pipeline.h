@@ -1,0 +1,176 @@
+// The verdict pipeline: every blocking event is answered by, in order,
+//   1. an in-daemon policy rule that enforces on it (no network hop), else
+//   2. the registered handler that claims the guest and event type, within its deadline, else
+//   3. the fallback action for that event type -- when no handler claims it, when the handler
+//      misses its deadline, or the moment the handler goes away.
+// No guest ever waits forever. Every fallback is counted and logged with the guest and event.
+// Observers get a copy of every event with its verdict, off the hot path.
+#ifndef KVMID_DAEMON_VERDICT_PIPELINE_H_
+#define KVMID_DAEMON_VERDICT_PIPELINE_H_
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "daemon/registry/guest.h"
+#include "daemon/session/guest_session.h"
+#include "daemon/verdict/policy.h"
+#include "daemon/verdict/verdict.h"
+#include "kernel/abi/events.h"
+
+namespace kvmid {
+
+// What a handler is given for one blocking event.
+struct EventContext {
+  std::shared_ptr<Guest> guest;
+  kvmi::Event event;
+  Clock::time_point deadline;
+  uint64_t event_id = 0;  // daemon-wide unique id of this event (for replies over the network)
+};
+
+// Answers one event exactly once. Destroying an unanswered promise answers with the fallback at
+// once: a handler that goes away (client died, stream ended) never leaves a vCPU waiting for
+// the deadline.
+class VerdictPromise {
+ public:
+  VerdictPromise() = default;
+  VerdictPromise(VerdictPromise&&) noexcept = default;
+  VerdictPromise& operator=(VerdictPromise&&) noexcept;
+  VerdictPromise(const VerdictPromise&) = delete;
+  VerdictPromise& operator=(const VerdictPromise&) = delete;
+  ~VerdictPromise();
+
+  // Any thread. False if the event was already answered (deadline passed, session gone).
+  bool Answer(Verdict verdict);
+  bool valid() const { return state_ != nullptr; }
+
+  struct State;  // shared with the pipeline's deadline timer
+
+ private:
+  friend class VerdictPipeline;
+  explicit VerdictPromise(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  std::shared_ptr<State> state_;
+};
+
+class VerdictHandler {
+ public:
+  virtual ~VerdictHandler() = default;
+  virtual std::string id() const = 0;
+  // Called on the guest's loop thread; must not block. Keep the promise and answer it from any
+  // thread before ctx.deadline.
+  virtual void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) = 0;
+};
+
+struct HandlerClaim {
+  std::set<uint8_t> events;                // event ids; empty = every blocking event
+  std::vector<kvmi::Uuid> guests;          // empty = every guest
+  std::chrono::milliseconds deadline{0};   // 0 = the event type's default
+  std::optional<uint8_t> fallback_action;  // unset = the event type's default
+};
+
+// What observers see.
+struct ObservedEvent {
+  std::shared_ptr<Guest> guest;
+  kvmi::Event event;
+  Verdict verdict;  // decided_by tells who (monitor rules listed in `monitor_hits`)
+  std::vector<std::string> monitor_hits;
+  uint64_t event_id = 0;
+  std::chrono::nanoseconds latency{0};  // event received -> reply written
+};
+using EventObserver = std::function<void(const ObservedEvent&)>;
+
+class VerdictPipeline : public GuestEventRouter {
+ public:
+  struct Options {
+    std::array<EventDeadline, KVMI_NUM_EVENTS> deadlines{};  // per event id
+  };
+  VerdictPipeline(PolicySet* policies, Options options);
+  ~VerdictPipeline() override;
+
+  // A handler registration lives as long as the returned object (move-only lease).
+  class Registration {
+   public:
+    Registration() = default;
+    Registration(Registration&& other) noexcept;
+    Registration& operator=(Registration&& other) noexcept;
+    ~Registration();
+    void Reset();
+
+   private:
+    friend class VerdictPipeline;
+    Registration(VerdictPipeline* pipeline, uint64_t id) : pipeline_(pipeline), id_(id) {}
+    VerdictPipeline* pipeline_ = nullptr;
+    uint64_t id_ = 0;
+  };
+  Registration RegisterHandler(std::shared_ptr<VerdictHandler> handler, HandlerClaim claim);
+
+  // Observers: called on the guest's loop thread after the reply went out; must be quick (copy
+  // and hand off). Returns an id for RemoveObserver.
+  uint64_t AddObserver(EventObserver observer);
+  void RemoveObserver(uint64_t id);
+
+  // Guest labels (from configuration), used by policy guest selectors.
+  void SetGuestLabels(const std::string& guest_name, std::map<std::string, std::string> labels);
+  GuestView ViewOf(const Guest& guest) const;
+
+  struct Stats {
+    std::atomic<uint64_t> events{0};
+    std::atomic<uint64_t> by_policy{0};
+    std::atomic<uint64_t> by_handler{0};
+    std::atomic<uint64_t> fallbacks{0};
+    std::atomic<uint64_t> fallback_no_handler{0};
+    std::atomic<uint64_t> fallback_deadline{0};
+    std::atomic<uint64_t> fallback_handler_gone{0};
+  };
+  const Stats& stats() const { return stats_; }
+  const EventDeadline& deadline_for(uint8_t event) const { return options_.deadlines[event]; }
+
+  // GuestEventRouter
+  void RouteEvent(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
+                  const kvmi::Event& event) override;
+  void SessionEnded(const std::shared_ptr<Guest>& guest,
+                    const std::shared_ptr<GuestSession>& session) override;
+  void GuestHooked(const std::shared_ptr<Guest>& guest) override;
+
+  // Arms (as leases) what every policy needs on `guest`; call after policy changes too.
+  void ArmPolicies(const std::shared_ptr<Guest>& guest);
+
+ private:
+  friend class VerdictPromise;
+  struct HandlerEntry {
+    uint64_t id;
+    std::shared_ptr<VerdictHandler> handler;
+    HandlerClaim claim;
+  };
+
+  void Unregister(uint64_t id);
+  std::shared_ptr<HandlerEntry> FindHandler(const Guest& guest, uint8_t event) const;
+  // Sends the reply if the event is still pending; notifies observers. Loop thread.
+  void Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
+               const char* fallback_reason);
+  void Notify(const ObservedEvent& observed);
+
+  PolicySet* policies_;
+  Options options_;
+  Stats stats_;
+  std::atomic<uint64_t> next_event_id_{1};
+
+  mutable std::mutex mutex_;  // guards the three tables below (never held across I/O)
+  uint64_t next_handler_id_ = 1;
+  std::vector<std::shared_ptr<HandlerEntry>> handlers_;
+  uint64_t next_observer_id_ = 1;
+  std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers_ =
+      std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>();
+  std::map<std::string, std::map<std::string, std::string>> labels_by_name_;
+};
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_VERDICT_PIPELINE_H_

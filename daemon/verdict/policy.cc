@@ -1,0 +1,260 @@
+#include "daemon/verdict/policy.h"
+
+#include <algorithm>
+
+namespace kvmid {
+namespace {
+
+bool NameMatches(const std::string& pattern, const std::string& name) {
+  if (!pattern.empty() && pattern.back() == '*') {
+    return name.compare(0, pattern.size() - 1, pattern, 0, pattern.size() - 1) == 0;
+  }
+  return pattern == name;
+}
+
+constexpr uint64_t kCr0Wp = 1ull << 16;
+constexpr uint64_t kCr4Smep = 1ull << 20;
+constexpr uint64_t kCr4Smap = 1ull << 21;
+
+}  // namespace
+
+bool RuleMatch::MatchesGuest(const GuestView& guest) const {
+  if (!uuids.empty() && std::find(uuids.begin(), uuids.end(), guest.uuid) == uuids.end()) {
+    return false;
+  }
+  if (!names.empty() && std::none_of(names.begin(), names.end(), [&](const std::string& p) {
+        return NameMatches(p, guest.name);
+      })) {
+    return false;
+  }
+  for (const auto& [key, value] : labels) {
+    auto it = guest.labels.find(key);
+    if (it == guest.labels.end() || it->second != value) return false;
+  }
+  return true;
+}
+
+bool RuleMatch::MatchesEvent(const kvmi::Event& event) const {
+  if (!events.empty() && events.count(event.id()) == 0) return false;
+  if (!vcpus.empty() && vcpus.count(event.vcpu()) == 0) return false;
+  switch (event.id()) {
+    case KVMI_EVENT_CR: {
+      const kvmi_event_cr& cr_event = event.specific.cr;
+      if (cr && *cr != cr_event.cr) return false;
+      uint64_t cleared = cr_event.old_value & ~cr_event.new_value;
+      uint64_t set = ~cr_event.old_value & cr_event.new_value;
+      if (cr_bits_cleared != 0 || cr_bits_set != 0) {
+        bool hit = (cleared & cr_bits_cleared) != 0 || (set & cr_bits_set) != 0;
+        if (!hit) return false;
+      }
+      return true;
+    }
+    case KVMI_EVENT_MSR: {
+      const kvmi_event_msr& msr_event = event.specific.msr;
+      if (msr && *msr != msr_event.msr) return false;
+      if (msr_after_boot_only && msr_event.old_value == 0) return false;
+      return true;
+    }
+    case KVMI_EVENT_PF: {
+      const kvmi_event_pf& pf = event.specific.pf;
+      if (gpa_first && pf.gpa < *gpa_first) return false;
+      if (gpa_last && pf.gpa > *gpa_last) return false;
+      if (access != 0 && (pf.access & access) == 0) return false;
+      return true;
+    }
+    default:
+      // Detail selectors apply to their own event kinds only: a rule with a CR selector does
+      // not match a PF event.
+      return !cr && !msr && !gpa_first && !gpa_last && access == 0;
+  }
+}
+
+const char* RuleActionName(RuleAction action) {
+  switch (action) {
+    case RuleAction::kContinue:
+      return "continue";
+    case RuleAction::kRetry:
+      return "retry";
+    case RuleAction::kCrash:
+      return "crash";
+    case RuleAction::kKeepOld:
+      return "keep_old";
+  }
+  return "?";
+}
+
+bool ParseRuleAction(const std::string& text, RuleAction* action) {
+  for (RuleAction a :
+       {RuleAction::kContinue, RuleAction::kRetry, RuleAction::kCrash, RuleAction::kKeepOld}) {
+    if (text == RuleActionName(a)) {
+      *action = a;
+      return true;
+    }
+  }
+  return false;
+}
+
+Verdict Rule::ToVerdict() const {
+  Verdict v;
+  v.decided_by = "policy:" + name;
+  switch (action) {
+    case RuleAction::kContinue:
+      v.action = KVMI_EVENT_ACTION_CONTINUE;
+      break;
+    case RuleAction::kRetry:
+      v.action = KVMI_EVENT_ACTION_RETRY;
+      break;
+    case RuleAction::kCrash:
+      v.action = KVMI_EVENT_ACTION_CRASH;
+      break;
+    case RuleAction::kKeepOld:
+      // CR/MSR: CONTINUE writing the old value back, so the guest's write has no effect and the
+      // guest goes on (RETRY or an unknown action would make the write fault, §3.2).
+      v.action = KVMI_EVENT_ACTION_CONTINUE;
+      v.keep_old = true;
+      break;
+  }
+  return v;
+}
+
+std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
+  if (rule->name.empty()) return "rule.name is empty";
+  if (rule->match.gpa_first && rule->match.gpa_last &&
+      *rule->match.gpa_first > *rule->match.gpa_last) {
+    return "rule " + rule->name + ": gpa_first is above gpa_last";
+  }
+  if (rule->action == RuleAction::kKeepOld && !rule->match.events.empty()) {
+    for (uint8_t e : rule->match.events) {
+      if (e != KVMI_EVENT_CR && e != KVMI_EVENT_MSR) {
+        return "rule " + rule->name + ": keep_old applies to CR and MSR events only";
+      }
+    }
+  }
+  constexpr size_t kMaxProtectedPages = 1u << 20;  // 4 GiB of guest memory
+  if (rule->arms.page_access.size() > kMaxProtectedPages) {
+    return "rule " + rule->name + ": protects more than 4 GiB of pages";
+  }
+  for (uint8_t e : rule->match.events) {
+    if (e >= KVMI_NUM_EVENTS || e == KVMI_EVENT_UNHOOK) {
+      return "rule " + rule->name + ": event " + std::to_string(e) + " cannot be answered";
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  auto it = std::find_if(next->begin(), next->end(),
+                         [&](const auto& r) { return r->name == rule->name; });
+  if (it != next->end()) {
+    *it = std::move(rule);
+  } else {
+    next->push_back(std::move(rule));
+  }
+  rules_ = std::move(next);
+  return "";
+}
+
+bool PolicySet::Remove(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  auto it =
+      std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; });
+  if (it == next->end()) return false;
+  next->erase(it, next->end());
+  rules_ = std::move(next);
+  return true;
+}
+
+PolicySet::Snapshot PolicySet::rules() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return rules_;
+}
+
+PolicyDecision PolicySet::Evaluate(const GuestView& guest, const kvmi::Event& event) const {
+  PolicyDecision decision;
+  Snapshot snapshot = rules();
+  for (const auto& rule : *snapshot) {
+    if (!rule->match.MatchesEvent(event) || !rule->match.MatchesGuest(guest)) continue;
+    rule->hits++;
+    if (rule->mode == RuleMode::kMonitor) {
+      decision.monitoring.push_back(rule);
+    } else if (!decision.enforcing) {
+      rule->enforced++;
+      decision.enforcing = rule;
+    }
+  }
+  return decision;
+}
+
+std::map<std::string, Arming> PolicySet::ArmsFor(const GuestView& guest) const {
+  std::map<std::string, Arming> arms;
+  Snapshot snapshot = rules();
+  for (const auto& rule : *snapshot) {
+    if (rule->match.MatchesGuest(guest) && !rule->arms.empty()) {
+      arms["policy:" + rule->name] = rule->arms;
+    }
+  }
+  return arms;
+}
+
+// ---- templates ------------------------------------------------------------------------------
+
+std::shared_ptr<Rule> ProtectPagesRule(std::string name, uint64_t gpa_first, uint64_t gpa_last,
+                                       uint8_t allowed, RuleAction action, RuleMode mode) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = std::move(name);
+  rule->description = "pages keep only the access they are allowed";
+  rule->match.events = {KVMI_EVENT_PF};
+  rule->match.gpa_first = gpa_first;
+  rule->match.gpa_last = gpa_last;
+  rule->match.access = static_cast<uint8_t>(~allowed & KVMI_PAGE_ACCESS_RWX);
+  rule->action = action;
+  rule->mode = mode;
+  rule->arms.vcpu_events = {KVMI_EVENT_PF};
+  for (uint64_t gfn = gpa_first / KVMI_PAGE_SIZE; gfn <= gpa_last / KVMI_PAGE_SIZE; ++gfn) {
+    rule->arms.page_access[gfn] = allowed;
+  }
+  return rule;
+}
+
+std::shared_ptr<Rule> ForbidClearCr0WpRule(std::string name, RuleMode mode) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = std::move(name);
+  rule->description = "CR0.WP may not be cleared";
+  rule->match.events = {KVMI_EVENT_CR};
+  rule->match.cr = 0;
+  rule->match.cr_bits_cleared = kCr0Wp;
+  rule->action = RuleAction::kKeepOld;
+  rule->mode = mode;
+  rule->arms.vcpu_events = {KVMI_EVENT_CR};
+  rule->arms.crs = {0};
+  return rule;
+}
+
+std::shared_ptr<Rule> ForbidClearCr4SmepSmapRule(std::string name, RuleMode mode) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = std::move(name);
+  rule->description = "CR4.SMEP and CR4.SMAP may not be cleared";
+  rule->match.events = {KVMI_EVENT_CR};
+  rule->match.cr = 4;
+  rule->match.cr_bits_cleared = kCr4Smep | kCr4Smap;
+  rule->action = RuleAction::kKeepOld;
+  rule->mode = mode;
+  rule->arms.vcpu_events = {KVMI_EVENT_CR};
+  rule->arms.crs = {4};
+  return rule;
+}
+
+std::shared_ptr<Rule> LockMsrAfterBootRule(std::string name, uint32_t msr, RuleMode mode) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = std::move(name);
+  rule->description = "the MSR may be set at boot, never changed afterwards";
+  rule->match.events = {KVMI_EVENT_MSR};
+  rule->match.msr = msr;
+  rule->match.msr_after_boot_only = true;
+  rule->action = RuleAction::kKeepOld;
+  rule->mode = mode;
+  rule->arms.vcpu_events = {KVMI_EVENT_MSR};
+  rule->arms.msrs = {msr};
+  return rule;
+}
+
+}  // namespace kvmid

@@ -1,0 +1,120 @@
+// Declarative in-daemon rules: the fast path that answers a blocking event with no network hop.
+// A rule matches on the guest, the event and its details, and acts (continue / retry / crash /
+// keep the old value) in enforce mode, or only counts and reports in monitor mode. A rule also
+// says which intercepts it needs; the daemon arms them on every matching guest, including guests
+// that connect later, as a lease owned by "policy:<name>".
+#ifndef KVMID_DAEMON_VERDICT_POLICY_H_
+#define KVMID_DAEMON_VERDICT_POLICY_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "daemon/registry/arming.h"
+#include "daemon/verdict/verdict.h"
+#include "kernel/abi/events.h"
+#include "kernel/abi/handshake.h"
+
+namespace kvmid {
+
+// What a rule needs to know about the guest an event came from.
+struct GuestView {
+  kvmi::Uuid uuid{};
+  std::string name;
+  std::map<std::string, std::string> labels;
+};
+
+struct RuleMatch {
+  // Guest selectors; each empty one matches every guest. Names accept a trailing '*'.
+  std::vector<kvmi::Uuid> uuids;
+  std::vector<std::string> names;
+  std::map<std::string, std::string> labels;  // all must be present with these values
+  std::set<uint8_t> events;                   // KVMI_EVENT_*; empty = any blocking event
+  std::set<uint16_t> vcpus;                   // empty = any
+  // CR events.
+  std::optional<uint32_t> cr;
+  uint64_t cr_bits_cleared = 0;  // match when any of these bits goes 1 -> 0
+  uint64_t cr_bits_set = 0;      // match when any of these bits goes 0 -> 1
+  // MSR events.
+  std::optional<uint32_t> msr;
+  bool msr_after_boot_only = false;  // match only once the MSR holds a non-zero value
+  // PF events: the page range [gpa_first, gpa_last] and the attempted access bits.
+  std::optional<uint64_t> gpa_first;
+  std::optional<uint64_t> gpa_last;
+  uint8_t access = 0;  // KVMI_PAGE_ACCESS_*; 0 = any
+
+  bool MatchesGuest(const GuestView& guest) const;
+  bool MatchesEvent(const kvmi::Event& event) const;
+};
+
+enum class RuleAction : uint8_t { kContinue, kRetry, kCrash, kKeepOld };
+enum class RuleMode : uint8_t { kEnforce, kMonitor };
+
+const char* RuleActionName(RuleAction action);
+bool ParseRuleAction(const std::string& text, RuleAction* action);
+
+struct Rule {
+  std::string name;
+  std::string description;
+  RuleMatch match;
+  RuleAction action = RuleAction::kContinue;
+  RuleMode mode = RuleMode::kEnforce;
+  // Intercepts the rule needs on each matching guest (derived by the templates below; a
+  // hand-written rule may add more).
+  Arming arms;
+
+  // Hit counters (a rule is shared, immutable but for these).
+  mutable std::atomic<uint64_t> hits{0};
+  mutable std::atomic<uint64_t> enforced{0};
+
+  Verdict ToVerdict() const;
+};
+
+// The outcome of evaluating the rules for one event.
+struct PolicyDecision {
+  std::shared_ptr<const Rule> enforcing;                // first enforce rule that matched
+  std::vector<std::shared_ptr<const Rule>> monitoring;  // monitor rules that matched
+};
+
+// The rule set. Readers take a snapshot (one shared_ptr copy under a short lock); writers
+// replace the snapshot, so evaluation never blocks on a policy change.
+class PolicySet {
+ public:
+  using Snapshot = std::shared_ptr<const std::vector<std::shared_ptr<const Rule>>>;
+
+  // Adds or replaces (by name). Returns an error text for an invalid rule, else "".
+  std::string Apply(std::shared_ptr<Rule> rule);
+  bool Remove(const std::string& name);
+  Snapshot rules() const;
+
+  PolicyDecision Evaluate(const GuestView& guest, const kvmi::Event& event) const;
+  // The union of what every rule matching `guest` needs armed.
+  std::map<std::string, Arming> ArmsFor(const GuestView& guest) const;
+
+ private:
+  mutable std::mutex mutex_;
+  Snapshot rules_ = std::make_shared<std::vector<std::shared_ptr<const Rule>>>();
+};
+
+// ---- Ready-made rules (what users expect to find) -------------------------------------------
+
+// Pages in [gpa_first, gpa_last] keep only `allowed` (e.g. R|X for kernel text: read-only;
+// R|W for an IDT: non-executable); an attempt at anything else is answered with `action`.
+std::shared_ptr<Rule> ProtectPagesRule(std::string name, uint64_t gpa_first, uint64_t gpa_last,
+                                       uint8_t allowed, RuleAction action, RuleMode mode);
+// CR0.WP (bit 16) may not be cleared.
+std::shared_ptr<Rule> ForbidClearCr0WpRule(std::string name, RuleMode mode);
+// CR4.SMEP (bit 20) / CR4.SMAP (bit 21) may not be cleared.
+std::shared_ptr<Rule> ForbidClearCr4SmepSmapRule(std::string name, RuleMode mode);
+// The MSR (LSTAR 0xC0000082, SYSENTER_EIP 0x176, ...) may be set once at boot, never changed.
+std::shared_ptr<Rule> LockMsrAfterBootRule(std::string name, uint32_t msr, RuleMode mode);
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_VERDICT_POLICY_H_
