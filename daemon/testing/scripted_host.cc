@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "kernel/abi/protocol.h"
+#include "kernel/transport/socket.h"
 
 namespace kvmid::testing {
 
@@ -15,6 +16,11 @@ kvmi::UniqueFd ScriptedHost::Connect() {
   fd_.Reset(fds[0]);
   reader_ = std::thread([this] { ReadLoop(); });
   return kvmi::UniqueFd(fds[1]);
+}
+
+void ScriptedHost::Adopt(kvmi::UniqueFd fd) {
+  fd_ = std::move(fd);
+  reader_ = std::thread([this] { ReadLoop(); });
 }
 
 ScriptedHost::~ScriptedHost() {
@@ -146,6 +152,25 @@ kvmi::Event MakeTestEvent(uint8_t id, uint16_t vcpu, uint32_t seq) {
   e.common.event = id;
   e.common.arch.mode = id == KVMI_EVENT_UNHOOK ? 0 : 8;
   return e;
+}
+
+}  // namespace kvmid::testing
+
+namespace kvmid::testing {
+
+kvmi::UniqueFd ConnectAsQemu(const std::string& path, const kvmi::QemuHello& hello,
+                             kvmi::IntrospectorHello* answer) {
+  std::string error;
+  kvmi::UniqueFd fd = kvmi::ConnectUnix(path, &error);
+  if (!fd) return fd;
+  std::vector<uint8_t> wire;
+  kvmi::EncodeQemuHello(hello, &wire);
+  auto deadline = kvmi::Clock::now() + std::chrono::seconds(5);
+  if (!kvmi::WriteAll(fd.get(), wire.data(), wire.size(), deadline).ok()) return {};
+  std::vector<uint8_t> reply(kvmi::kIntrospectorHelloSize);
+  if (!kvmi::ReadExact(fd.get(), reply.data(), reply.size(), deadline).ok()) return {};
+  if (!kvmi::DecodeIntrospectorHello(kvmi::ByteView(reply), answer).ok()) return {};
+  return fd;
 }
 
 }  // namespace kvmid::testing

@@ -11,11 +11,13 @@
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
+#include "kernel/abi/handshake.h"
 #include "kernel/abi/messages.h"
 #include "kernel/transport/unique_fd.h"
 
@@ -34,6 +36,8 @@ class ScriptedHost {
 
   // Returns the daemon's end of a fresh socketpair.
   kvmi::UniqueFd Connect();
+  // Serves an already connected socket (e.g. one that went through the QEMU handshake).
+  void Adopt(kvmi::UniqueFd fd);
   ~ScriptedHost();
 
   void set_vcpus(uint32_t vcpus) { vcpus_ = vcpus; }
@@ -71,6 +75,11 @@ class ScriptedHost {
   bool closed_ = false;
   std::mutex write_mutex_;
 };
+
+// Connects to the daemon's UNIX socket and runs QEMU's side of the §9 handshake. Returns the
+// connected socket (invalid on failure) and the daemon's answer.
+kvmi::UniqueFd ConnectAsQemu(const std::string& path, const kvmi::QemuHello& hello,
+                             kvmi::IntrospectorHello* answer);
 
 // A minimal valid event of kind `id` on `vcpu`, in 64-bit mode.
 kvmi::Event MakeTestEvent(uint8_t id, uint16_t vcpu, uint32_t seq);

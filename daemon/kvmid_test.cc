@@ -1,0 +1,381 @@
+// The daemon core over real UNIX sockets: QEMU-side handshakes, probing, arming, policies,
+// handlers with deadlines and fallbacks, reconnects, UNHOOK and shutdown. The host is scripted
+// (daemon/testing); tests/e2e runs the same daemon against the host-side model.
+#include "daemon/kvmid.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <future>
+
+#include "daemon/testing/scripted_host.h"
+#include "kernel/abi/protocol.h"
+#include "kernel/transport/socket.h"
+
+namespace kvmid {
+namespace {
+
+using testing::ConnectAsQemu;
+using testing::MakeTestEvent;
+using testing::ReceivedMessage;
+using testing::ScriptedHost;
+
+// Polls a condition that has no notification of its own (registry state), with a deadline.
+template <typename Pred>
+bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+  auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return pred();
+}
+
+kvmi::QemuHello Hello(uint8_t id, const std::string& name) {
+  kvmi::QemuHello hello;
+  hello.uuid[15] = id;
+  hello.name = name;
+  hello.start_time = 1700000000;
+  return hello;
+}
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char dir_template[] = "/tmp/kvmid-test-XXXXXX";
+    dir_ = mkdtemp(dir_template);
+    std::ofstream(dir_ + "/cookie") << "s3cret\n";
+    config_.unix_socket = dir_ + "/kvmi.sock";
+    config_.cookie_file = dir_ + "/cookie";
+    config_.handshake_timeout = std::chrono::milliseconds(300);
+    config_.command_timeout = std::chrono::seconds(5);
+    for (auto& d : config_.verdicts.deadlines) d.deadline = std::chrono::milliseconds(200);
+  }
+  void TearDown() override {
+    hosts_.clear();
+    daemon_.reset();
+    ::unlink((dir_ + "/cookie").c_str());
+    ::rmdir(dir_.c_str());
+  }
+
+  void StartDaemon() {
+    daemon_ = std::make_unique<Daemon>(config_);
+    ASSERT_EQ(daemon_->Start(), "");
+  }
+
+  // A guest that completed the handshake and is served by a scripted host.
+  ScriptedHost* Connect(uint8_t id, const std::string& name, uint32_t vcpus = 2,
+                        ScriptedHost::Responder responder = nullptr) {
+    auto host = std::make_unique<ScriptedHost>();
+    host->set_vcpus(vcpus);
+    if (responder) host->set_responder(std::move(responder));
+    kvmi::IntrospectorHello answer;
+    kvmi::UniqueFd fd = ConnectAsQemu(config_.unix_socket, Hello(id, name), &answer);
+    if (!fd) return nullptr;
+    last_answer_ = answer;
+    host->Adopt(std::move(fd));
+    hosts_.push_back(std::move(host));
+    return hosts_.back().get();
+  }
+
+  std::shared_ptr<Guest> WaitHooked(const std::string& name) {
+    std::shared_ptr<Guest> guest;
+    WaitUntil([&] {
+      guest = daemon_->registry().Lookup(name);
+      return guest && guest->state() == GuestState::kHooked;
+    });
+    return guest && guest->state() == GuestState::kHooked ? guest : nullptr;
+  }
+
+  // The reply the host got for event `seq`.
+  std::optional<kvmi::EventReply> WaitEventReply(ScriptedHost* host, uint32_t seq,
+                                                 uint8_t event_id) {
+    auto m = host->WaitFor([seq](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+    });
+    if (!m) return std::nullopt;
+    kvmi::EventReply reply;
+    if (!kvmi::DecodeEventReply(kvmi::ByteView(m->payload), event_id, &reply).ok()) {
+      return std::nullopt;
+    }
+    reply.seq = m->hdr.seq;
+    return reply;
+  }
+
+  std::string dir_;
+  DaemonConfig config_;
+  std::unique_ptr<Daemon> daemon_;
+  std::vector<std::unique_ptr<ScriptedHost>> hosts_;
+  kvmi::IntrospectorHello last_answer_;
+};
+
+TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
+  StartDaemon();
+  ScriptedHost* host = Connect(1, "web-1", 4);
+  ASSERT_NE(host, nullptr);
+  EXPECT_EQ(last_answer_.struct_size, kvmi::kIntrospectorHelloSize);
+  EXPECT_EQ(last_answer_.cookie_hash, kvmi::CookieHash(kvmi::ByteView(std::string("s3cret"))));
+  auto guest = WaitHooked("web-1");
+  ASSERT_NE(guest, nullptr);
+  GuestSnapshot s = guest->Snapshot();
+  EXPECT_EQ(s.vcpu_count, 4u);
+  EXPECT_EQ(s.kvmi_version, 1u);
+  EXPECT_EQ(s.identity.start_time, 1700000000);
+  EXPECT_EQ(__builtin_popcount(s.allowed_commands), 26);
+  EXPECT_EQ(__builtin_popcount(s.allowed_events), 12);
+  // The daemon follows new vCPUs and UNHOOK requests on its own.
+  EXPECT_THAT(s.applied.vm_events,
+              ::testing::UnorderedElementsAre(KVMI_EVENT_CREATE_VCPU, KVMI_EVENT_UNHOOK));
+  EXPECT_TRUE(host->WaitForId(KVMI_CONTROL_VM_EVENTS));
+}
+
+TEST_F(DaemonTest, AStalledHandshakeDelaysNobodyAndIsDropped) {
+  StartDaemon();
+  std::string error;
+  kvmi::UniqueFd stalled = kvmi::ConnectUnix(config_.unix_socket, &error);
+  ASSERT_TRUE(stalled) << error;
+  ASSERT_NE(Connect(2, "quick"), nullptr);
+  EXPECT_NE(WaitHooked("quick"), nullptr);
+  // The stalled connection is closed after the 300 ms handshake timeout.
+  uint8_t byte;
+  auto result = kvmi::ReadExact(stalled.get(), &byte, 1, Clock::now() + std::chrono::seconds(5));
+  EXPECT_EQ(result.kind, kvmi::IoResult::kClosed);
+}
+
+TEST_F(DaemonTest, GarbageHandshakeIsRejected) {
+  StartDaemon();
+  std::string error;
+  kvmi::UniqueFd fd = kvmi::ConnectUnix(config_.unix_socket, &error);
+  ASSERT_TRUE(fd);
+  uint32_t bogus_size = 5;  // below the smallest qemu2introspector
+  ASSERT_TRUE(kvmi::WriteAll(fd.get(), &bogus_size, 4).ok());
+  uint8_t byte;
+  EXPECT_EQ(kvmi::ReadExact(fd.get(), &byte, 1, Clock::now() + std::chrono::seconds(5)).kind,
+            kvmi::IoResult::kClosed);
+  EXPECT_TRUE(daemon_->registry().List().empty());
+}
+
+TEST_F(DaemonTest, ProbeRetriesWhileQemuHasNotAllowedCommandsYet) {
+  StartDaemon();
+  auto refusals = std::make_shared<std::atomic<int>>(3);
+  auto defaults = std::make_shared<ScriptedHost>();  // only for its DefaultReply
+  auto responder = [defaults, refusals](const ReceivedMessage& m) {
+    if (m.hdr.id == KVMI_GET_GUEST_INFO && refusals->fetch_sub(1) > 0) {
+      std::vector<uint8_t> out;
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, -KVM_EPERM, {}, &out);
+      return std::optional<std::vector<uint8_t>>(out);
+    }
+    return std::optional<std::vector<uint8_t>>(defaults->DefaultReply(m));
+  };
+  ScriptedHost* host = Connect(3, "racy", 2, responder);
+  ASSERT_NE(host, nullptr);
+  EXPECT_NE(WaitHooked("racy"), nullptr);
+  EXPECT_LE(refusals->load(), 0);
+}
+
+TEST_F(DaemonTest, TwoLiveConnectionsClaimingOneUuidAreRefusedNotMerged) {
+  StartDaemon();
+  ScriptedHost* first = Connect(4, "twin");
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(WaitHooked("twin"), nullptr);
+  ScriptedHost* second = Connect(4, "twin");
+  ASSERT_NE(second, nullptr);
+  EXPECT_TRUE(second->WaitClosed());
+  EXPECT_EQ(daemon_->registry().duplicate_rejections(), 1u);
+  EXPECT_EQ(daemon_->registry().Lookup("twin")->state(), GuestState::kHooked);
+}
+
+TEST_F(DaemonTest, PolicyIsArmedOnConnectEnforcedAndReArmedAfterAReconnect) {
+  StartDaemon();
+  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  ScriptedHost* host = Connect(5, "guarded", 2);
+  ASSERT_NE(host, nullptr);
+  ASSERT_NE(WaitHooked("guarded"), nullptr);
+  auto is_cr0_armed = [](const ReceivedMessage& m) {
+    if (m.hdr.id != KVMI_CONTROL_CR) return false;
+    kvmi::ControlCrRequest r;
+    return kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.cr == 0 && r.enable;
+  };
+  EXPECT_TRUE(host->WaitFor(is_cr0_armed));
+  EXPECT_TRUE(host->WaitFor(is_cr0_armed));  // both vCPUs
+
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_CR, 1, 7);
+  event.specific.cr.cr = 0;
+  event.specific.cr.old_value = 0x80010033;  // PG|WP|...
+  event.specific.cr.new_value = 0x80000033;  // WP cleared
+  host->SendEvent(event);
+  auto reply = WaitEventReply(host, 7, KVMI_EVENT_CR);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
+  EXPECT_EQ(reply->specific.cr.new_val, 0x80010033u);
+
+  // QEMU reconnects (reconnect=N): same UUID, fresh kernel state; the daemon re-arms.
+  host->Close();
+  ASSERT_TRUE(WaitUntil(
+      [&] { return daemon_->registry().Lookup("guarded")->state() == GuestState::kGone; }));
+  ScriptedHost* again = Connect(5, "guarded", 2);
+  ASSERT_NE(again, nullptr);
+  ASSERT_NE(WaitHooked("guarded"), nullptr);
+  EXPECT_TRUE(again->WaitFor(is_cr0_armed));
+  EXPECT_EQ(daemon_->registry().Lookup("guarded")->Snapshot().connections, 2u);
+}
+
+class TestHandler : public VerdictHandler {
+ public:
+  std::string id() const override { return "test"; }
+  void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
+    std::lock_guard<std::mutex> lock(mutex);
+    contexts.push_back(ctx);
+    promises.push_back(std::move(promise));
+    cv.notify_all();
+  }
+  bool WaitCount(size_t n) {
+    std::unique_lock<std::mutex> lock(mutex);
+    return cv.wait_for(lock, std::chrono::seconds(5), [&] { return promises.size() >= n; });
+  }
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<EventContext> contexts;
+  std::vector<VerdictPromise> promises;
+};
+
+TEST_F(DaemonTest, HandlerVerdictIsSentWithItsRegistersInOneBatch) {
+  StartDaemon();
+  auto handler = std::make_shared<TestHandler>();
+  auto registration = daemon_->pipeline().RegisterHandler(
+      handler, HandlerClaim{{KVMI_EVENT_BREAKPOINT}, {}, std::chrono::seconds(5), {}});
+  ScriptedHost* host = Connect(6, "debugged");
+  ASSERT_NE(WaitHooked("debugged"), nullptr);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 11));
+  ASSERT_TRUE(handler->WaitCount(1));
+  Verdict verdict;
+  verdict.action = KVMI_EVENT_ACTION_RETRY;
+  verdict.registers = kvm_regs{};
+  verdict.registers->rip = 0xffffffff81000001;
+  verdict.decided_by = "handler:test";
+  EXPECT_TRUE(handler->promises[0].Answer(verdict));
+  EXPECT_FALSE(handler->promises[0].Answer(verdict));  // exactly once
+  auto set = host->WaitForId(KVMI_SET_REGISTERS);
+  ASSERT_TRUE(set);
+  kvmi::SetRegistersRequest regs;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(set->payload), &regs).ok());
+  EXPECT_EQ(regs.regs.rip, 0xffffffff81000001u);
+  auto reply = WaitEventReply(host, 11, KVMI_EVENT_BREAKPOINT);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_RETRY);
+  EXPECT_EQ(daemon_->pipeline().stats().by_handler.load(), 1u);
+}
+
+TEST_F(DaemonTest, AHandlerThatMissesItsDeadlineGetsTheFallback) {
+  StartDaemon();
+  auto handler = std::make_shared<TestHandler>();
+  HandlerClaim claim;
+  claim.events = {KVMI_EVENT_MSR};
+  claim.deadline = std::chrono::milliseconds(100);
+  claim.fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+  auto registration = daemon_->pipeline().RegisterHandler(handler, claim);
+  ScriptedHost* host = Connect(7, "slow");
+  ASSERT_NE(WaitHooked("slow"), nullptr);
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_MSR, 0, 21);
+  event.specific.msr.msr = 0x176;
+  event.specific.msr.new_value = 0x1234;
+  auto sent = Clock::now();
+  host->SendEvent(event);
+  auto reply = WaitEventReply(host, 21, KVMI_EVENT_MSR);
+  ASSERT_TRUE(reply);
+  EXPECT_GE(Clock::now() - sent, std::chrono::milliseconds(100));
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
+  EXPECT_EQ(reply->specific.msr.new_val, 0x1234u);  // CONTINUE keeps the guest's value
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 1u);
+  EXPECT_FALSE(handler->promises.at(0).Answer(Verdict::Continue("late")));
+  EXPECT_EQ(daemon_->registry().Lookup("slow")->Snapshot().fallbacks, 1u);
+}
+
+TEST_F(DaemonTest, AHandlerThatGoesAwayReleasesItsEventsAtOnce) {
+  StartDaemon();
+  auto handler = std::make_shared<TestHandler>();
+  HandlerClaim claim;
+  claim.deadline = std::chrono::seconds(30);  // far away: only the handler going away helps
+  auto registration = daemon_->pipeline().RegisterHandler(handler, claim);
+  ScriptedHost* host = Connect(8, "orphan");
+  ASSERT_NE(WaitHooked("orphan"), nullptr);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_HYPERCALL, 1, 31));
+  ASSERT_TRUE(handler->WaitCount(1));
+  auto sent = Clock::now();
+  registration.Reset();
+  handler->promises.clear();  // the client's stream is gone: its promises die
+  auto reply = WaitEventReply(host, 31, KVMI_EVENT_HYPERCALL);
+  ASSERT_TRUE(reply);
+  EXPECT_LT(Clock::now() - sent, std::chrono::seconds(5));
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_handler_gone.load(), 1u);
+}
+
+TEST_F(DaemonTest, ReleasingALeaseRestoresTheGuest) {
+  StartDaemon();
+  ScriptedHost* host = Connect(9, "leased");
+  auto guest = WaitHooked("leased");
+  ASSERT_NE(guest, nullptr);
+  Arming arming;
+  arming.vcpu_events = {KVMI_EVENT_PF};
+  arming.page_access = {{0x10, KVMI_PAGE_ACCESS_R}};
+  guest->SetLease("client:42", arming);
+  auto page_set = [](uint8_t access) {
+    return [access](const ReceivedMessage& m) {
+      kvmi::SetPageAccessRequest r;
+      return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+             kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
+             r.entries[0].gpa == 0x10000 && r.entries[0].access == access;
+    };
+  };
+  EXPECT_TRUE(host->WaitFor(page_set(KVMI_PAGE_ACCESS_R)));
+  guest->ReleaseLease("client:42");
+  EXPECT_TRUE(host->WaitFor(page_set(KVMI_PAGE_ACCESS_RWX)));
+  EXPECT_TRUE(guest->Snapshot().applied.page_access.empty());
+}
+
+TEST_F(DaemonTest, UnhookEventReleasesHooksAndClosesPromptly) {
+  StartDaemon();
+  ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", 0xC0000082, RuleMode::kEnforce)),
+            "");
+  ScriptedHost* host = Connect(10, "migrating", 1);
+  ASSERT_NE(WaitHooked("migrating"), nullptr);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_UNHOOK, 0, 40));
+  auto disarm_msr = host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::ControlMsrRequest r;
+    return m.hdr.id == KVMI_CONTROL_MSR &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && !r.enable;
+  });
+  EXPECT_TRUE(disarm_msr);
+  EXPECT_TRUE(host->WaitClosed());
+  EXPECT_TRUE(WaitUntil(
+      [&] { return daemon_->registry().Lookup("migrating")->state() == GuestState::kGone; }));
+  // No reply is ever sent for UNHOOK (§6.1).
+  EXPECT_FALSE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 40; },
+      std::chrono::milliseconds(50)));
+}
+
+TEST_F(DaemonTest, ShutdownDisarmsEveryGuestAndCloses) {
+  StartDaemon();
+  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)), "");
+  ScriptedHost* a = Connect(11, "a", 1);
+  ScriptedHost* b = Connect(12, "b", 1);
+  ASSERT_NE(WaitHooked("a"), nullptr);
+  ASSERT_NE(WaitHooked("b"), nullptr);
+  daemon_->Shutdown();
+  for (ScriptedHost* host : {a, b}) {
+    EXPECT_TRUE(host->WaitFor([](const ReceivedMessage& m) {
+      kvmi::ControlCrRequest r;
+      return m.hdr.id == KVMI_CONTROL_CR &&
+             kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.cr == 4 && !r.enable;
+    }));
+    EXPECT_TRUE(host->WaitClosed());
+  }
+  EXPECT_NE(::access(config_.unix_socket.c_str(), F_OK), 0);
+}
+
+}  // namespace
+}  // namespace kvmid
