@@ -377,5 +377,64 @@ TEST_F(DaemonTest, ShutdownDisarmsEveryGuestAndCloses) {
   EXPECT_NE(::access(config_.unix_socket.c_str(), F_OK), 0);
 }
 
+TEST_F(DaemonTest, APausedVcpuStaysPausedUntilResumedOrItsOwnerGoesAway) {
+  StartDaemon();
+  ScriptedHost* host = Connect(13, "paused", 2);
+  auto guest = WaitHooked("paused");
+  ASSERT_NE(guest, nullptr);
+  std::promise<CommandResult> paused;
+  guest->Pause("client:1", 1, [&](CommandResult r) { paused.set_value(std::move(r)); });
+  auto request = host->WaitForId(KVMI_PAUSE_VCPU);
+  ASSERT_TRUE(request);
+  kvmi::PauseVcpuRequest decoded;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(request->payload), &decoded).ok());
+  EXPECT_EQ(decoded.vcpu, 1);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 50));  // the vCPU stopped
+  auto paused_future = paused.get_future();
+  ASSERT_EQ(paused_future.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_TRUE(paused_future.get().ok());
+  EXPECT_EQ(guest->Snapshot().paused_vcpus.at(1), "client:1");
+  // Held: no reply until resumed.
+  EXPECT_FALSE(host->WaitFor([](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY; },
+                             std::chrono::milliseconds(300)));
+  EXPECT_FALSE(guest->Resume("client:2", 1));  // not the owner
+  EXPECT_TRUE(guest->Resume("client:1", 1));
+  auto reply = WaitEventReply(host, 50, KVMI_EVENT_PAUSE_VCPU);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
+
+  // Paused again, then the owner disappears: the vCPU is let go at once.
+  guest->Pause("client:1", 0, [](CommandResult) {});
+  ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 0, 51));
+  ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().paused_vcpus.count(0) == 1; }));
+  guest->ReleaseOwner("client:1");
+  EXPECT_TRUE(WaitEventReply(host, 51, KVMI_EVENT_PAUSE_VCPU));
+  EXPECT_TRUE(guest->Snapshot().paused_vcpus.empty());
+}
+
+TEST_F(DaemonTest, AForgottenPauseEndsAtThePauseDeadline) {
+  config_.verdicts.max_pause = std::chrono::milliseconds(150);
+  StartDaemon();
+  ScriptedHost* host = Connect(14, "forgotten", 1);
+  auto guest = WaitHooked("forgotten");
+  ASSERT_NE(guest, nullptr);
+  guest->Pause("client:9", 0, [](CommandResult) {});
+  ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 0, 60));
+  auto reply = WaitEventReply(host, 60, KVMI_EVENT_PAUSE_VCPU);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
+}
+
+TEST_F(DaemonTest, APauseEventNobodyAskedForIsAnsweredAtOnce) {
+  StartDaemon();
+  ScriptedHost* host = Connect(15, "stray", 1);
+  ASSERT_NE(WaitHooked("stray"), nullptr);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 0, 70));
+  EXPECT_TRUE(WaitEventReply(host, 70, KVMI_EVENT_PAUSE_VCPU));
+  EXPECT_EQ(daemon_->pipeline().stats().fallbacks.load(), 0u);
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -15,13 +15,18 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
 
+ABSL_FLAG(std::string, config, "",
+          "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
+          "given on the command line override it");
 ABSL_FLAG(std::string, socket, "/run/kvmid/kvmi.sock",
           "UNIX socket QEMU connects to (chardev socket path); empty = none");
 ABSL_FLAG(std::string, socket_mode, "0660", "permissions of the UNIX socket (octal)");
@@ -51,6 +56,26 @@ ABSL_FLAG(int, log_events_per_second, 20, "at most this many live event lines pe
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 
 namespace {
+
+// Flags the user typed (names only). Only those override the configuration file. (This absl
+// release keeps CommandLineFlag::IsSpecifiedOnCommandLine private.)
+std::set<std::string>& GivenFlags() {
+  static std::set<std::string> given;
+  return given;
+}
+
+void RecordGivenFlags(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--") break;
+    if (arg.rfind("--", 0) != 0) continue;
+    std::string name = arg.substr(2, arg.find('=') - 2);
+    GivenFlags().insert(name);
+    if (name.rfind("no", 0) == 0) GivenFlags().insert(name.substr(2));
+  }
+}
+
+bool Given(const char* name) { return GivenFlags().count(name) > 0; }
 
 [[noreturn]] void Die(const std::string& message) {
   std::fprintf(stderr, "kvmid: %s\n", message.c_str());
@@ -104,6 +129,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "kvmid: KVM introspection (KVMI v6) daemon. QEMU connects to --socket; kvmid answers "
       "each guest's events with in-daemon policies, registered handlers or a fallback.");
+  RecordGivenFlags(argc, argv);
   absl::ParseCommandLine(argc, argv);
 
   spdlog::level::level_enum level = spdlog::level::from_str(absl::GetFlag(FLAGS_log_level));
@@ -113,49 +139,75 @@ int main(int argc, char** argv) {
   spdlog::set_level(level);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
 
-  kvmid::DaemonConfig config;
-  config.unix_socket = absl::GetFlag(FLAGS_socket);
-  uint64_t mode = 0;
-  if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_socket_mode), &mode, 8) ||
-      mode > 0777) {
-    Die("--socket_mode must be an octal mode such as 0660");
+  kvmid::LoadedConfig loaded;
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    std::string error = kvmid::LoadConfigFile(absl::GetFlag(FLAGS_config), &loaded);
+    if (!error.empty()) Die(error);
   }
-  config.unix_socket_mode = static_cast<uint32_t>(mode);
-  config.unix_socket_group = absl::GetFlag(FLAGS_socket_group);
-  int vsock_port = absl::GetFlag(FLAGS_vsock_port);
-  if (vsock_port >= 0) config.vsock_port = static_cast<uint32_t>(vsock_port);
-  config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
-  std::vector<std::string> uids =
-      absl::StrSplit(absl::GetFlag(FLAGS_allowed_uids), ',', absl::SkipEmpty());
-  for (const std::string& uid : uids) {
-    uint32_t value;
-    if (!absl::SimpleAtoi(uid, &value)) Die("--allowed_uids: '" + uid + "' is not a uid");
-    config.allowed_uids.push_back(value);
+  kvmid::DaemonConfig& config = loaded.daemon;
+  if (Given("socket") || absl::GetFlag(FLAGS_config).empty()) {
+    config.unix_socket = absl::GetFlag(FLAGS_socket);
   }
-  config.io_threads = absl::GetFlag(FLAGS_io_threads);
-  int handshake_ms = absl::GetFlag(FLAGS_handshake_timeout_ms);
-  int command_ms = absl::GetFlag(FLAGS_command_timeout_ms);
-  int deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
-  if (handshake_ms <= 0 || command_ms <= 0 || deadline_ms <= 0) {
-    Die("--handshake_timeout_ms, --command_timeout_ms and --deadline_ms must be positive");
+  if (Given("socket_mode")) {
+    uint64_t mode = 0;
+    if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_socket_mode), &mode, 8) ||
+        mode > 0777) {
+      Die("--socket_mode must be an octal mode such as 0660");
+    }
+    config.unix_socket_mode = static_cast<uint32_t>(mode);
   }
-  config.handshake_timeout = std::chrono::milliseconds(handshake_ms);
-  config.command_timeout = std::chrono::milliseconds(command_ms);
-  uint8_t fallback;
-  std::string fallback_text = absl::GetFlag(FLAGS_fallback);
-  if (fallback_text == "continue") {
-    fallback = KVMI_EVENT_ACTION_CONTINUE;
-  } else if (fallback_text == "crash") {
-    fallback = KVMI_EVENT_ACTION_CRASH;
-  } else {
-    Die("--fallback must be continue or crash");
+  if (Given("socket_group")) config.unix_socket_group = absl::GetFlag(FLAGS_socket_group);
+  if (Given("vsock_port")) {
+    int vsock_port = absl::GetFlag(FLAGS_vsock_port);
+    if (vsock_port > 0xffff) Die("--vsock_port must be -1 or a port number");
+    if (vsock_port >= 0) {
+      config.vsock_port = static_cast<uint32_t>(vsock_port);
+    } else {
+      config.vsock_port.reset();
+    }
   }
-  for (kvmid::EventDeadline& d : config.verdicts.deadlines) {
-    d.deadline = std::chrono::milliseconds(deadline_ms);
-    d.fallback_action = fallback;
+  if (Given("cookie_file")) config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
+  if (Given("allowed_uids")) {
+    config.allowed_uids.clear();
+    std::vector<std::string> uids =
+        absl::StrSplit(absl::GetFlag(FLAGS_allowed_uids), ',', absl::SkipEmpty());
+    for (const std::string& uid : uids) {
+      uint32_t value;
+      if (!absl::SimpleAtoi(uid, &value)) Die("--allowed_uids: '" + uid + "' is not a uid");
+      config.allowed_uids.push_back(value);
+    }
+  }
+  if (Given("io_threads")) config.io_threads = absl::GetFlag(FLAGS_io_threads);
+  auto positive_ms = [](const char* name, int value) {
+    if (value <= 0) Die(std::string("--") + name + " must be positive");
+    return std::chrono::milliseconds(value);
+  };
+  if (Given("handshake_timeout_ms")) {
+    config.handshake_timeout =
+        positive_ms("handshake_timeout_ms", absl::GetFlag(FLAGS_handshake_timeout_ms));
+  }
+  if (Given("command_timeout_ms")) {
+    config.command_timeout =
+        positive_ms("command_timeout_ms", absl::GetFlag(FLAGS_command_timeout_ms));
+  }
+  if (Given("deadline_ms")) {
+    auto deadline = positive_ms("deadline_ms", absl::GetFlag(FLAGS_deadline_ms));
+    for (kvmid::EventDeadline& d : config.verdicts.deadlines) d.deadline = deadline;
+  }
+  if (Given("fallback")) {
+    std::string fallback_text = absl::GetFlag(FLAGS_fallback);
+    uint8_t fallback;
+    if (fallback_text == "continue") {
+      fallback = KVMI_EVENT_ACTION_CONTINUE;
+    } else if (fallback_text == "crash") {
+      fallback = KVMI_EVENT_ACTION_CRASH;
+    } else {
+      Die("--fallback must be continue or crash");
+    }
+    for (kvmid::EventDeadline& d : config.verdicts.deadlines) d.fallback_action = fallback;
   }
 
-  std::vector<std::shared_ptr<kvmid::Rule>> rules;
+  std::vector<std::shared_ptr<kvmid::Rule>> rules = loaded.rules;
   std::string baseline = absl::GetFlag(FLAGS_baseline);
   if (baseline != "off") {
     if (baseline != "monitor" && baseline != "enforce") {
@@ -185,6 +237,9 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   kvmid::Daemon daemon(config);
+  for (const auto& [name, labels] : loaded.guest_labels) {
+    daemon.pipeline().SetGuestLabels(name, labels);
+  }
   for (auto& rule : rules) {
     std::string error = daemon.ApplyPolicy(rule);
     if (!error.empty()) Die(error);

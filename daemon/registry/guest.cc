@@ -90,6 +90,7 @@ GuestSnapshot Guest::Snapshot() const {
   s.leases = leases_.by_owner();
   s.applied = applied_;
   s.arm_errors = arm_errors_;
+  for (const auto& [vcpu, hold] : held_) s.paused_vcpus[vcpu] = hold.owner;
   return s;
 }
 
@@ -426,6 +427,98 @@ void Guest::Unhook(const std::string& why, std::function<void()> done) {
   session->loop()->RunInLoop(finish);  // drops the initial count
 }
 
+void Guest::Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused) {
+  std::shared_ptr<GuestSession> session = this->session();
+  if (!session || state() != GuestState::kHooked) {
+    CommandResult r;
+    r.status = CommandResult::Status::kClosed;
+    r.message = "the guest is not hooked";
+    paused(std::move(r));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pause_requests_[vcpu].push_back(PauseRequest{owner, paused});
+  }
+  kvmi::PauseVcpuRequest request;
+  request.vcpu = vcpu;
+  auto self = shared_from_this();
+  session->Send(request, [self, vcpu, owner](CommandResult r) {
+    if (r.ok()) return;  // `paused` runs when the event arrives
+    std::function<void(CommandResult)> paused;
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      auto& queue = self->pause_requests_[vcpu];
+      for (auto it = queue.begin(); it != queue.end(); ++it) {
+        if (it->owner == owner) {
+          paused = std::move(it->paused);
+          queue.erase(it);
+          break;
+        }
+      }
+    }
+    if (paused) paused(std::move(r));
+  });
+}
+
+bool Guest::HasPauseRequest(uint16_t vcpu) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pause_requests_.find(vcpu);
+  return it != pause_requests_.end() && !it->second.empty();
+}
+
+bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) {
+  std::function<void(CommandResult)> paused;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = pause_requests_.find(vcpu);
+    if (it == pause_requests_.end() || it->second.empty()) return false;
+    PauseRequest request = std::move(it->second.front());
+    it->second.pop_front();
+    if (held_.count(vcpu) != 0) {
+      // One vCPU has at most one outstanding event, so a held pause means this one is a later
+      // pause of the same vCPU: it has nothing to hold; report it paused as well.
+      paused = std::move(request.paused);
+    } else {
+      held_[vcpu] = Hold{request.owner, std::move(hold)};
+      paused = std::move(request.paused);
+    }
+  }
+  if (paused) paused(CommandResult{});
+  return true;
+}
+
+bool Guest::Resume(const OwnerId& owner, uint16_t vcpu) {
+  std::unique_ptr<HeldEvent> event;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = held_.find(vcpu);
+    if (it == held_.end() || it->second.owner != owner) return false;
+    event = std::move(it->second.event);
+    held_.erase(it);
+  }
+  event->Release("resume:" + owner);
+  return true;
+}
+
+void Guest::ReleaseOwner(const OwnerId& owner) {
+  std::vector<std::unique_ptr<HeldEvent>> released;
+  std::vector<std::function<void(CommandResult)>> cancelled;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = held_.begin(); it != held_.end();) {
+      if (it->second.owner == owner) {
+        released.push_back(std::move(it->second.event));
+        it = held_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& event : released) event->Release("owner gone:" + owner);
+  ReleaseLease(owner);
+}
+
 void Guest::OnEvent(const std::shared_ptr<GuestSession>& session, const kvmi::Event& event) {
   events_++;
   if (event.id() == KVMI_EVENT_CREATE_VCPU) ArmNewVcpu(event.vcpu());
@@ -434,14 +527,27 @@ void Guest::OnEvent(const std::shared_ptr<GuestSession>& session, const kvmi::Ev
 }
 
 void Guest::OnClosed(const std::shared_ptr<GuestSession>& session, const std::string& reason) {
+  std::map<uint16_t, Hold> held;
+  std::map<uint16_t, std::deque<PauseRequest>> requests;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (session_ == session) {
       session_.reset();
       state_ = GuestState::kGone;
       applied_ = Arming();
+      held.swap(held_);  // the kernel let those vCPUs go (§7.6)
+      requests.swap(pause_requests_);
     }
   }
+  for (auto& [vcpu, queue] : requests) {
+    for (auto& request : queue) {
+      CommandResult r;
+      r.status = CommandResult::Status::kClosed;
+      r.message = reason;
+      if (request.paused) request.paused(r);
+    }
+  }
+  held.clear();
   router_->SessionEnded(shared_from_this(), session);
 }
 

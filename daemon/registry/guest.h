@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -45,6 +47,15 @@ class GuestEventRouter {
   virtual void GuestHooked(const std::shared_ptr<Guest>& guest) = 0;
 };
 
+// A blocking event the daemon holds on purpose (a vCPU paused for a client). Destroying it
+// without Release lets the vCPU go as well, with the pipeline's fallback: a hold never outlives
+// its owner.
+class HeldEvent {
+ public:
+  virtual ~HeldEvent() = default;
+  virtual void Release(const std::string& by) = 0;
+};
+
 struct GuestSnapshot {
   GuestIdentity identity;
   std::string key;
@@ -58,7 +69,8 @@ struct GuestSnapshot {
   uint64_t fallbacks = 0;
   std::map<OwnerId, Arming> leases;
   Arming applied;
-  std::vector<std::string> arm_errors;  // recent failures arming this guest
+  std::vector<std::string> arm_errors;       // recent failures arming this guest
+  std::map<uint16_t, OwnerId> paused_vcpus;  // vCPUs held paused, and for whom
 };
 
 class Guest : public GuestSession::Listener, public std::enable_shared_from_this<Guest> {
@@ -81,6 +93,19 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void SetLease(const OwnerId& owner, Arming arming);
   void AddLease(const OwnerId& owner, const Arming& arming);
   void ReleaseLease(const OwnerId& owner);
+
+  // Pauses a vCPU for `owner` (KVMI_PAUSE_VCPU). `paused` runs once the vCPU has stopped (its
+  // PAUSE_VCPU event is held), or with the failure. The vCPU stays paused until Resume, until the
+  // owner is released, or until the pause deadline of the verdict pipeline.
+  void Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused);
+  // False if `owner` has no pause on that vCPU.
+  bool Resume(const OwnerId& owner, uint16_t vcpu);
+  // Everything `owner` holds: its leases and its paused vCPUs (a client went away).
+  void ReleaseOwner(const OwnerId& owner);
+  // Pipeline: the PAUSE_VCPU event of `vcpu` arrived. Takes the hold if someone asked for this
+  // pause (true), else the caller answers CONTINUE at once (false).
+  bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold);
+  bool HasPauseRequest(uint16_t vcpu) const;
 
   // Releases every hook and closes the session promptly (UNHOOK, shutdown).
   void Unhook(const std::string& why, std::function<void()> done = nullptr);
@@ -115,6 +140,16 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   Leases leases_;
   Arming applied_;
   std::vector<std::string> arm_errors_;
+  struct PauseRequest {
+    OwnerId owner;
+    std::function<void(CommandResult)> paused;
+  };
+  std::map<uint16_t, std::deque<PauseRequest>> pause_requests_;  // asked, event not yet here
+  struct Hold {
+    OwnerId owner;
+    std::unique_ptr<HeldEvent> event;
+  };
+  std::map<uint16_t, Hold> held_;  // paused now
 
   std::atomic<uint64_t> events_{0};
   std::atomic<uint64_t> fallbacks_{0};

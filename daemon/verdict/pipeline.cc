@@ -186,7 +186,34 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     Notify(observed);
     return;
   }
-  if (event.id() == KVMI_EVENT_CREATE_VCPU || event.id() == KVMI_EVENT_PAUSE_VCPU) {
+  if (event.id() == KVMI_EVENT_PAUSE_VCPU) {
+    // Held while the client that asked for the pause wants it, but never past the pause
+    // deadline: a forgotten pause must not freeze a vCPU for good.
+    class PausedVcpu : public HeldEvent {
+     public:
+      explicit PausedVcpu(VerdictPromise promise) : promise_(std::move(promise)) {}
+      void Release(const std::string& by) override { promise_.Answer(Verdict::Continue(by)); }
+
+     private:
+      VerdictPromise promise_;
+    };
+    if (!guest->HasPauseRequest(event.vcpu())) {  // not ours (e.g. asked before a restart)
+      state->answered = true;
+      Deliver(state, Verdict::Continue("daemon"), nullptr);
+      return;
+    }
+    state->handler_id = "pause";
+    state->timer = session->loop()->RunAt(state->received + options_.max_pause, [state] {
+      if (state->answered.exchange(true)) return;
+      state->pipeline->stats_.fallback_deadline++;
+      state->pipeline->Deliver(state, FallbackVerdict(KVMI_EVENT_ACTION_CONTINUE, "pause deadline"),
+                               "pause deadline");
+    });
+    // If the request vanished meanwhile, the hold dies unanswered and the vCPU continues.
+    guest->HoldPause(event.vcpu(), std::make_unique<PausedVcpu>(VerdictPromise(state)));
+    return;
+  }
+  if (event.id() == KVMI_EVENT_CREATE_VCPU) {
     // The daemon's own business (it armed the new vCPU / asked for the pause).
     state->answered = true;
     Deliver(state, Verdict::Continue("daemon"), nullptr);

@@ -90,6 +90,8 @@ class VerdictPipeline : public GuestEventRouter {
  public:
   struct Options {
     std::array<EventDeadline, KVMI_NUM_EVENTS> deadlines{};  // per event id
+    // The longest a vCPU stays paused for a client before kvmid lets it go.
+    std::chrono::milliseconds max_pause{60000};
   };
   VerdictPipeline(PolicySet* policies, Options options);
   ~VerdictPipeline() override;

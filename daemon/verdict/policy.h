@@ -68,6 +68,9 @@ struct Rule {
   // Intercepts the rule needs on each matching guest (derived by the templates below; a
   // hand-written rule may add more).
   Arming arms;
+  // The serialized kvmi.v1.Policy this rule was made from (empty for rules built in code), so
+  // that listing gives back exactly what was applied.
+  std::string origin;
 
   // Hit counters (a rule is shared, immutable but for these).
   mutable std::atomic<uint64_t> hits{0};

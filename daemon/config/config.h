@@ -1,0 +1,30 @@
+// kvmid's configuration file (daemon/config/kvmid_config.proto, protobuf text format): read,
+// validated field by field, and turned into the daemon's settings and rules.
+#ifndef KVMID_DAEMON_CONFIG_CONFIG_H_
+#define KVMID_DAEMON_CONFIG_CONFIG_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/config/kvmid_config.pb.h"
+#include "daemon/kvmid.h"
+#include "daemon/verdict/policy.h"
+
+namespace kvmid {
+
+struct LoadedConfig {
+  DaemonConfig daemon;
+  std::vector<std::shared_ptr<Rule>> rules;
+  std::map<std::string, std::map<std::string, std::string>> guest_labels;
+};
+
+// Parses `text` (the file's content; `origin` names it in errors) on top of the defaults.
+// Returns "" or an error such as "kvmid.conf:7:12: ..." / "policies[1] (ktext): ...".
+std::string ParseConfig(const std::string& text, const std::string& origin, LoadedConfig* out);
+std::string LoadConfigFile(const std::string& path, LoadedConfig* out);
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_CONFIG_CONFIG_H_

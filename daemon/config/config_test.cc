@@ -1,0 +1,108 @@
+#include "daemon/config/config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "daemon/config/policy_convert.h"
+
+namespace kvmid {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ConfigTest, FullExampleParses) {
+  const char* text = R"(
+    # Hypervisor node defaults.
+    listen { unix_socket: "/tmp/k.sock" socket_mode: 0600 vsock_port: 5555 allowed_uids: [64055] }
+    cookie_file: "/etc/kvmid/cookie"
+    io_threads: 4
+    verdicts {
+      default_deadline_ms: 250
+      default_fallback: ACTION_CONTINUE
+      per_event { event: EVENT_PF deadline_ms: 50 fallback: ACTION_CRASH }
+    }
+    guest_labels { name: "web-1" labels { key: "tier" value: "prod" } }
+    policies {
+      name: "kernel-text"
+      protect_pages { gpa_first: 0x1000000 gpa_last: 0x1ffffff allowed: "rx" }
+    }
+    policies { name: "wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } mode: MODE_MONITOR }
+    policies { name: "lstar" lock_msr { msr: 0xc0000082 } guests { labels { key: "tier" value: "prod" } } }
+    policies {
+      name: "no-int3"
+      match { events: [EVENT_BREAKPOINT] vcpus: [0] }
+      action: ACTION_CRASH
+    }
+  )";
+  LoadedConfig c;
+  ASSERT_EQ(ParseConfig(text, "kvmid.conf", &c), "");
+  EXPECT_EQ(c.daemon.unix_socket, "/tmp/k.sock");
+  EXPECT_EQ(c.daemon.unix_socket_mode, 0600u);
+  EXPECT_EQ(c.daemon.vsock_port, 5555u);
+  EXPECT_THAT(c.daemon.allowed_uids, ::testing::ElementsAre(64055u));
+  EXPECT_EQ(c.daemon.io_threads, 4);
+  EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_CR].deadline.count(), 250);
+  EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_PF].deadline.count(), 50);
+  EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_PF].fallback_action, KVMI_EVENT_ACTION_CRASH);
+  EXPECT_EQ(c.guest_labels["web-1"]["tier"], "prod");
+  ASSERT_EQ(c.rules.size(), 4u);
+  EXPECT_EQ(c.rules[0]->arms.page_access.size(), 4096u);
+  EXPECT_EQ(c.rules[0]->action, RuleAction::kRetry);
+  EXPECT_EQ(c.rules[1]->mode, RuleMode::kMonitor);
+  EXPECT_EQ(c.rules[1]->action, RuleAction::kKeepOld);
+  EXPECT_EQ(c.rules[2]->match.labels.at("tier"), "prod");
+  EXPECT_THAT(c.rules[3]->arms.vcpu_events, ::testing::ElementsAre(KVMI_EVENT_BREAKPOINT));
+  EXPECT_EQ(c.rules[3]->action, RuleAction::kCrash);
+  // Listing gives back what was applied.
+  EXPECT_EQ(RuleToPolicy(*c.rules[0]).protect_pages().allowed(), "rx");
+}
+
+TEST(ConfigTest, SyntaxErrorsNameTheLine) {
+  LoadedConfig c;
+  EXPECT_THAT(ParseConfig("io_threads: 2\nbogus_field: 1\n", "k.conf", &c), HasSubstr("k.conf:2:"));
+}
+
+TEST(ConfigTest, BadPoliciesNameTheirFieldAndIndex) {
+  LoadedConfig c;
+  EXPECT_THAT(
+      ParseConfig(
+          R"(policies { name: "p" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } })",
+          "k.conf", &c),
+      HasSubstr("policies[0] (p): protect_pages.allowed"));
+  EXPECT_THAT(ParseConfig(R"(policies { name: "p" })", "k.conf", &c), HasSubstr("rule: one of"));
+  EXPECT_THAT(ParseConfig(R"(policies { name: "m" lock_msr { msr: 0x40000000 } })", "k.conf", &c),
+              HasSubstr("lock_msr.msr"));
+  EXPECT_THAT(
+      ParseConfig(R"(policies { name: "c" forbid_cr_bits_clear { cr: 2 bits: 1 } })", "k.conf", &c),
+      HasSubstr("forbid_cr_bits_clear.cr"));
+  EXPECT_THAT(
+      ParseConfig(R"(policies { name: "u" lock_msr { msr: 0x176 } guests { uuids: "nope" } })",
+                  "k.conf", &c),
+      HasSubstr("guests.uuids[0]"));
+  LoadedConfig twice;
+  EXPECT_THAT(ParseConfig(R"(policies { name: "a" lock_msr { msr: 0x176 } }
+                             policies { name: "a" lock_msr { msr: 0x175 } })",
+                          "k.conf", &twice),
+              HasSubstr("used twice"));
+}
+
+TEST(ConfigTest, FallbacksMayOnlyContinueOrCrash) {
+  LoadedConfig c;
+  EXPECT_THAT(ParseConfig("verdicts { default_fallback: ACTION_RETRY }", "k.conf", &c),
+              HasSubstr("ACTION_CONTINUE or ACTION_CRASH"));
+}
+
+TEST(PolicyConvertTest, EventTypesAreKvmiIdsPlusOne) {
+  EXPECT_EQ(ToEventType(KVMI_EVENT_CR), kvmi::v1::EVENT_CR);
+  uint8_t id;
+  ASSERT_TRUE(FromEventType(kvmi::v1::EVENT_SINGLESTEP, &id));
+  EXPECT_EQ(id, KVMI_EVENT_SINGLESTEP);
+  EXPECT_FALSE(FromEventType(kvmi::v1::EVENT_TYPE_UNSPECIFIED, &id));
+  for (uint8_t e = 0; e < KVMI_NUM_EVENTS; ++e) {
+    ASSERT_TRUE(FromEventType(ToEventType(e), &id));
+    EXPECT_EQ(id, e);
+  }
+}
+
+}  // namespace
+}  // namespace kvmid
