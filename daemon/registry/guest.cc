@@ -46,12 +46,18 @@ bool Guest::Attach(const std::shared_ptr<GuestSession>& session) {
     if (session_ && !session_->closed()) return false;
     session_ = session;
     identity_ = session->identity();  // name/start time may change across a migration
+    std::atomic_store(&view_, std::shared_ptr<const GuestView>());
     state_ = GuestState::kHandshaking;
     applied_ = Arming();  // the kernel forgot everything when the previous session ended
     connections_++;
   }
   Probe(session, 1);
   return true;
+}
+
+GuestIdentity Guest::identity() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return identity_;
 }
 
 std::shared_ptr<GuestSession> Guest::session() const {

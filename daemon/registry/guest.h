@@ -47,6 +47,15 @@ class GuestEventRouter {
   virtual void GuestHooked(const std::shared_ptr<Guest>& guest) = 0;
 };
 
+// What policies and handlers need to know about a guest, cached on the guest so that the event
+// path reads one pointer instead of copying the guest's state.
+struct GuestView {
+  kvmi::Uuid uuid{};
+  std::string name;
+  std::map<std::string, std::string> labels;
+  uint64_t generation = 0;  // of the label table it was built from
+};
+
 // A blocking event the daemon holds on purpose (a vCPU paused for a client). Destroying it
 // without Release lets the vCPU go as well, with the pipeline's fallback: a hold never outlives
 // its owner.
@@ -85,6 +94,10 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   GuestState state() const;
   GuestSnapshot Snapshot() const;
   const std::string& key() const { return key_; }
+  GuestIdentity identity() const;
+  // Null until built (and after the identity changed).
+  std::shared_ptr<const GuestView> cached_view() const { return std::atomic_load(&view_); }
+  void set_cached_view(std::shared_ptr<const GuestView> view) { std::atomic_store(&view_, view); }
   std::string log_name() const;
   uint32_t vcpu_count() const;
   bool EventAllowed(uint8_t event) const;
@@ -151,6 +164,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   };
   std::map<uint16_t, Hold> held_;  // paused now
 
+  std::shared_ptr<const GuestView> view_;  // atomic_load/atomic_store only
   std::atomic<uint64_t> events_{0};
   std::atomic<uint64_t> fallbacks_{0};
 };

@@ -110,8 +110,21 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
                                 std::vector<std::vector<uint8_t>> batched,
                                 std::function<void(bool)> done) {
+  if (loop_->InLoopThread()) {  // the hot path: a policy answered on the loop thread
+    ReplyToEventInLoop(reply, std::move(batched), done);
+    return;
+  }
   auto self = shared_from_this();
-  loop_->RunInLoop([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+  loop_->Post([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+    self->ReplyToEventInLoop(reply, std::move(batched), done);
+  });
+}
+
+void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
+                                      std::vector<std::vector<uint8_t>> batched,
+                                      const std::function<void(bool)>& done) {
+  auto* self = this;
+  {
     auto it = self->pending_events_.find(reply.vcpu);
     if (self->closed_ || it == self->pending_events_.end() || it->second.seq != reply.seq) {
       if (done) done(false);  // answered already (e.g. by the fallback), or gone
@@ -148,7 +161,7 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
     self->QueueWrite(wire.data(), wire.size());
     self->FlushWrites();
     if (done) done(true);
-  });
+  }
 }
 
 void GuestSession::Close(const std::string& reason) {

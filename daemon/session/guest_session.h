@@ -133,6 +133,8 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   void OnReadable(uint32_t epoll_events);
   void ProcessFrames();
+  void ReplyToEventInLoop(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
+                          const std::function<void(bool)>& done);
   void OnMessage(const kvmi::Frame& frame);
   void OnReply(const kvmi::Frame& frame);
   void OnEventMessage(const kvmi::Frame& frame);

@@ -119,7 +119,9 @@ uint64_t VerdictPipeline::AddObserver(EventObserver observer) {
   auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
   uint64_t id = next_observer_id_++;
   next->emplace_back(id, std::move(observer));
-  observers_ = std::move(next);
+  std::atomic_store(
+      &observers_,
+      std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>>(std::move(next)));
   return id;
 }
 
@@ -136,22 +138,30 @@ void VerdictPipeline::SetGuestLabels(const std::string& guest_name,
                                      std::map<std::string, std::string> labels) {
   std::lock_guard<std::mutex> lock(mutex_);
   labels_by_name_[guest_name] = std::move(labels);
+  labels_generation_++;  // every cached view is stale now
 }
 
-GuestView VerdictPipeline::ViewOf(const Guest& guest) const {
-  GuestSnapshot snapshot = guest.Snapshot();
-  GuestView view;
-  view.uuid = snapshot.identity.uuid;
-  view.name = snapshot.identity.name;
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = labels_by_name_.find(view.name);
-  if (it != labels_by_name_.end()) view.labels = it->second;
+std::shared_ptr<const GuestView> VerdictPipeline::ViewOf(const Guest& guest) const {
+  uint64_t generation = labels_generation_.load();
+  std::shared_ptr<const GuestView> cached = guest.cached_view();
+  if (cached && cached->generation == generation) return cached;
+  GuestIdentity identity = guest.identity();
+  auto view = std::make_shared<GuestView>();
+  view->uuid = identity.uuid;
+  view->name = identity.name;
+  view->generation = generation;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = labels_by_name_.find(view->name);
+    if (it != labels_by_name_.end()) view->labels = it->second;
+  }
+  const_cast<Guest&>(guest).set_cached_view(view);
   return view;
 }
 
-std::shared_ptr<VerdictPipeline::HandlerEntry> VerdictPipeline::FindHandler(const Guest& guest,
+std::shared_ptr<VerdictPipeline::HandlerEntry> VerdictPipeline::FindHandler(const GuestView& guest,
                                                                             uint8_t event) const {
-  kvmi::Uuid uuid = guest.Snapshot().identity.uuid;
+  const kvmi::Uuid& uuid = guest.uuid;
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& entry : handlers_) {
     const HandlerClaim& claim = entry->claim;
@@ -169,23 +179,48 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
                                  const std::shared_ptr<GuestSession>& session,
                                  const kvmi::Event& event) {
   stats_.events++;
+  const Clock::time_point received = Clock::now();
+  const uint64_t event_id = next_event_id_++;
+  const EventDeadline& defaults = options_.deadlines[event.id()];
+
+  const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
+  if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it
+    if (HasObservers()) {
+      Notify(ObservedEvent{guest, event, Verdict::Continue("none"), {}, event_id, {}});
+    }
+    return;
+  }
+  if (event.id() == KVMI_EVENT_CREATE_VCPU ||
+      (event.id() == KVMI_EVENT_PAUSE_VCPU && !guest->HasPauseRequest(event.vcpu()))) {
+    // The daemon's own business: it armed the new vCPU; a pause nobody asked for (e.g. asked
+    // before a restart) has nothing to hold.
+    static const Verdict kDaemonContinue = Verdict::Continue("daemon");
+    Reply(guest, session, event, kDaemonContinue, {}, event_id, received);
+    return;
+  }
+
+  // The fast path: policies decide on the loop thread, nothing allocated unless someone
+  // observes.
+  std::shared_ptr<const GuestView> view = ViewOf(*guest);
+  PolicyDecision decision = policies_->Evaluate(*view, event);
+  std::vector<std::string> monitor_hits;
+  for (const auto& rule : decision.monitoring) monitor_hits.push_back(rule->name);
+  if (decision.enforcing) {
+    stats_.by_policy++;
+    Reply(guest, session, event, decision.enforcing->verdict, monitor_hits, event_id, received);
+    return;
+  }
+
   auto state = std::make_shared<VerdictPromise::State>();
   state->pipeline = this;
   state->guest = guest;
   state->session = session;
   state->event = event;
-  state->event_id = next_event_id_++;
-  state->received = Clock::now();
-  const EventDeadline& defaults = options_.deadlines[event.id()];
+  state->event_id = event_id;
+  state->received = received;
+  state->monitor_hits = std::move(monitor_hits);
   state->fallback_action = defaults.fallback_action;
 
-  const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
-  if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it
-    state->answered = true;
-    ObservedEvent observed{guest, event, Verdict::Continue("none"), {}, state->event_id, {}};
-    Notify(observed);
-    return;
-  }
   if (event.id() == KVMI_EVENT_PAUSE_VCPU) {
     // Held while the client that asked for the pause wants it, but never past the pause
     // deadline: a forgotten pause must not freeze a vCPU for good.
@@ -197,13 +232,9 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
      private:
       VerdictPromise promise_;
     };
-    if (!guest->HasPauseRequest(event.vcpu())) {  // not ours (e.g. asked before a restart)
-      state->answered = true;
-      Deliver(state, Verdict::Continue("daemon"), nullptr);
-      return;
-    }
     state->handler_id = "pause";
-    state->timer = session->loop()->RunAt(state->received + options_.max_pause, [state] {
+    state->fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+    state->timer = session->loop()->RunAt(received + options_.max_pause, [state] {
       if (state->answered.exchange(true)) return;
       state->pipeline->stats_.fallback_deadline++;
       state->pipeline->Deliver(state, FallbackVerdict(KVMI_EVENT_ACTION_CONTINUE, "pause deadline"),
@@ -213,23 +244,8 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     guest->HoldPause(event.vcpu(), std::make_unique<PausedVcpu>(VerdictPromise(state)));
     return;
   }
-  if (event.id() == KVMI_EVENT_CREATE_VCPU) {
-    // The daemon's own business (it armed the new vCPU / asked for the pause).
-    state->answered = true;
-    Deliver(state, Verdict::Continue("daemon"), nullptr);
-    return;
-  }
 
-  PolicyDecision decision = policies_->Evaluate(ViewOf(*guest), event);
-  for (const auto& rule : decision.monitoring) state->monitor_hits.push_back(rule->name);
-  if (decision.enforcing) {
-    stats_.by_policy++;
-    state->answered = true;
-    Deliver(state, decision.enforcing->ToVerdict(), nullptr);
-    return;
-  }
-
-  std::shared_ptr<HandlerEntry> entry = FindHandler(*guest, event.id());
+  std::shared_ptr<HandlerEntry> entry = FindHandler(*view, event.id());
   if (!entry) {
     // No handler claims it: the event type's default action, at once. Not a missed deadline,
     // so counted apart from the fallbacks.
@@ -241,7 +257,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
   if (entry->claim.fallback_action) state->fallback_action = *entry->claim.fallback_action;
   state->handler_id = entry->handler->id();
-  EventContext ctx{guest, event, state->received + deadline, state->event_id};
+  EventContext ctx{guest, event, received + deadline, event_id};
   state->timer = session->loop()->RunAt(ctx.deadline, [state] {
     if (state->answered.exchange(true)) return;
     state->pipeline->stats_.fallback_deadline++;
@@ -265,36 +281,45 @@ void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& stat
                  state->event.vcpu(), state->event.seq, state->handler_id, fallback_reason,
                  kvmi::ActionName(verdict.action));
   }
+  Reply(state->guest, state->session, state->event, verdict, state->monitor_hits, state->event_id,
+        state->received);
+}
+
+void VerdictPipeline::Reply(const std::shared_ptr<Guest>& guest,
+                            const std::shared_ptr<GuestSession>& session, const kvmi::Event& event,
+                            const Verdict& verdict, const std::vector<std::string>& monitor_hits,
+                            uint64_t event_id, Clock::time_point received) {
   std::vector<std::vector<uint8_t>> batched;
   if (verdict.registers) {
     kvmi::SetRegistersRequest set_registers;
-    set_registers.vcpu = state->event.vcpu();
+    set_registers.vcpu = event.vcpu();
     set_registers.regs = *verdict.registers;
     batched.emplace_back();
     kvmi::EncodeCommand(set_registers, 0, &batched.back());
   }
-  kvmi::EventReply reply = MakeReply(state->event, verdict);
+  kvmi::EventReply reply = MakeReply(event, verdict);
+  if (!HasObservers()) {
+    session->ReplyToEvent(reply, std::move(batched));
+    return;
+  }
   auto observed = std::make_shared<ObservedEvent>();
-  observed->guest = state->guest;
-  observed->event = state->event;
-  observed->verdict = std::move(verdict);
-  observed->monitor_hits = state->monitor_hits;
-  observed->event_id = state->event_id;
+  observed->guest = guest;
+  observed->event = event;
+  observed->verdict = verdict;
+  observed->monitor_hits = monitor_hits;
+  observed->event_id = event_id;
   VerdictPipeline* self = this;
-  Clock::time_point received = state->received;
-  state->session->ReplyToEvent(reply, std::move(batched), [self, observed, received](bool sent) {
+  session->ReplyToEvent(reply, std::move(batched), [self, observed, received](bool sent) {
     if (!sent) return;
     observed->latency = Clock::now() - received;
     self->Notify(*observed);
   });
 }
 
+bool VerdictPipeline::HasObservers() const { return !std::atomic_load(&observers_)->empty(); }
+
 void VerdictPipeline::Notify(const ObservedEvent& observed) {
-  std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    observers = observers_;
-  }
+  auto observers = std::atomic_load(&observers_);
   for (const auto& [id, observer] : *observers) observer(observed);
 }
 
@@ -307,7 +332,7 @@ void VerdictPipeline::SessionEnded(const std::shared_ptr<Guest>& guest,
 void VerdictPipeline::GuestHooked(const std::shared_ptr<Guest>& guest) { ArmPolicies(guest); }
 
 void VerdictPipeline::ArmPolicies(const std::shared_ptr<Guest>& guest) {
-  std::map<std::string, Arming> wanted = policies_->ArmsFor(ViewOf(*guest));
+  std::map<std::string, Arming> wanted = policies_->ArmsFor(*ViewOf(*guest));
   GuestSnapshot snapshot = guest->Snapshot();
   for (const auto& [owner, arming] : snapshot.leases) {
     if (owner.rfind("policy:", 0) == 0 && wanted.count(owner) == 0) guest->ReleaseLease(owner);

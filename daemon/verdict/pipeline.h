@@ -120,7 +120,7 @@ class VerdictPipeline : public GuestEventRouter {
 
   // Guest labels (from configuration), used by policy guest selectors.
   void SetGuestLabels(const std::string& guest_name, std::map<std::string, std::string> labels);
-  GuestView ViewOf(const Guest& guest) const;
+  std::shared_ptr<const GuestView> ViewOf(const Guest& guest) const;
 
   struct Stats {
     std::atomic<uint64_t> events{0};
@@ -153,11 +153,17 @@ class VerdictPipeline : public GuestEventRouter {
   };
 
   void Unregister(uint64_t id);
-  std::shared_ptr<HandlerEntry> FindHandler(const Guest& guest, uint8_t event) const;
+  std::shared_ptr<HandlerEntry> FindHandler(const GuestView& guest, uint8_t event) const;
   // Sends the reply if the event is still pending; notifies observers. Loop thread.
   void Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
                const char* fallback_reason);
   void Notify(const ObservedEvent& observed);
+  bool HasObservers() const;
+  // Encodes and sends the reply (with batched SET_REGISTERS); observers get a copy.
+  void Reply(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
+             const kvmi::Event& event, const Verdict& verdict,
+             const std::vector<std::string>& monitor_hits, uint64_t event_id,
+             Clock::time_point received);
 
   PolicySet* policies_;
   Options options_;
@@ -168,9 +174,11 @@ class VerdictPipeline : public GuestEventRouter {
   uint64_t next_handler_id_ = 1;
   std::vector<std::shared_ptr<HandlerEntry>> handlers_;
   uint64_t next_observer_id_ = 1;
+  // Read with std::atomic_load on every event; replaced whole under mutex_.
   std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers_ =
       std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>();
   std::map<std::string, std::map<std::string, std::string>> labels_by_name_;
+  std::atomic<uint64_t> labels_generation_{1};
 };
 
 }  // namespace kvmid

@@ -139,6 +139,7 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
       return "rule " + rule->name + ": event " + std::to_string(e) + " cannot be answered";
     }
   }
+  rule->verdict = rule->ToVerdict();
   std::lock_guard<std::mutex> lock(mutex_);
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   auto it = std::find_if(next->begin(), next->end(),
@@ -148,7 +149,7 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
   } else {
     next->push_back(std::move(rule));
   }
-  rules_ = std::move(next);
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
   return "";
 }
 
@@ -159,14 +160,11 @@ bool PolicySet::Remove(const std::string& name) {
       std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; });
   if (it == next->end()) return false;
   next->erase(it, next->end());
-  rules_ = std::move(next);
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
   return true;
 }
 
-PolicySet::Snapshot PolicySet::rules() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return rules_;
-}
+PolicySet::Snapshot PolicySet::rules() const { return std::atomic_load(&rules_); }
 
 PolicyDecision PolicySet::Evaluate(const GuestView& guest, const kvmi::Event& event) const {
   PolicyDecision decision;

@@ -17,18 +17,12 @@
 #include <vector>
 
 #include "daemon/registry/arming.h"
+#include "daemon/registry/guest.h"
 #include "daemon/verdict/verdict.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/handshake.h"
 
 namespace kvmid {
-
-// What a rule needs to know about the guest an event came from.
-struct GuestView {
-  kvmi::Uuid uuid{};
-  std::string name;
-  std::map<std::string, std::string> labels;
-};
 
 struct RuleMatch {
   // Guest selectors; each empty one matches every guest. Names accept a trailing '*'.
@@ -77,6 +71,8 @@ struct Rule {
   mutable std::atomic<uint64_t> enforced{0};
 
   Verdict ToVerdict() const;
+  // ToVerdict(), computed once when the rule is applied (the event path copies nothing).
+  Verdict verdict;
 };
 
 // The outcome of evaluating the rules for one event.
@@ -85,8 +81,8 @@ struct PolicyDecision {
   std::vector<std::shared_ptr<const Rule>> monitoring;  // monitor rules that matched
 };
 
-// The rule set. Readers take a snapshot (one shared_ptr copy under a short lock); writers
-// replace the snapshot, so evaluation never blocks on a policy change.
+// The rule set. Readers take a snapshot (an atomic shared_ptr load); writers replace the
+// snapshot under a mutex, so evaluation never blocks on a policy change.
 class PolicySet {
  public:
   using Snapshot = std::shared_ptr<const std::vector<std::shared_ptr<const Rule>>>;

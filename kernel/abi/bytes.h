@@ -62,7 +62,8 @@ class ByteReader {
     static_assert(std::is_trivially_copyable_v<T>, "wire types must be trivially copyable");
     std::memset(out, 0, sizeof(T));
     size_t n = remaining() < sizeof(T) ? remaining() : sizeof(T);
-    std::memcpy(out, in_.data() + pos_, n);
+    // An empty view may have a null data(); memcpy from null is undefined even for 0 bytes.
+    if (n != 0) std::memcpy(out, in_.data() + pos_, n);
     pos_ += n;
   }
   bool ReadBytes(size_t n, ByteView* out) {

@@ -119,6 +119,11 @@ void EncodeEventReply(const EventReply& reply, std::vector<uint8_t>* out) {
 }
 
 DecodeStatus DecodeEventReply(ByteView payload, uint8_t pending_event, EventReply* reply) {
+  // R is only defined for an event that is answered: an unknown id or UNHOOK (never replied,
+  // §6.1) as the pending event is the caller's mistake, not a zero-length R.
+  const EventInfo* pending = FindEvent(pending_event);
+  if (pending == nullptr) return S::Fail(CodecError::kUnknownEventId, "pending event");
+  if (!pending->has_reply) return S::Fail(CodecError::kUnexpectedMessage, "reply to UNHOOK");
   ByteReader in(payload);
   kvmi_vcpu_hdr vcpu;
   if (!in.Read(&vcpu)) return S::Fail(CodecError::kTruncated, "kvmi_vcpu_hdr");
@@ -130,7 +135,7 @@ DecodeStatus DecodeEventReply(ByteView payload, uint8_t pending_event, EventRepl
   if (common.padding1 != 0 || common.padding2 != 0) {
     return S::Fail(CodecError::kNonZeroPadding, "kvmi_event_reply.padding");
   }
-  size_t expected = ReplySize(pending_event);
+  size_t expected = pending->reply_size;
   if (in.remaining() > expected) {
     return S::Fail(CodecError::kTrailingBytes, "event reply specific data");
   }

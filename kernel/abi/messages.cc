@@ -45,9 +45,13 @@ void WriteVcpuHdr(ByteWriter& out, uint16_t vcpu) {
 }
 
 // A variable-length part: `count` items of `item_size` bytes must be present (the kernel answers
-// -KVM_EINVAL when hdr.size is smaller); more is trailing garbage for a strict reader.
+// -KVM_EINVAL when hdr.size is smaller); more is trailing garbage for a strict reader. A count
+// that could not fit one message (KVMI_MSG_SIZE after the fixed part already read) is rejected
+// on its own, so the decoder does not depend on the framer having enforced the limit.
 S CheckVariablePart(const ByteReader& in, size_t count, size_t item_size, SizeRule rule,
                     const char* field) {
+  size_t max_count = (kMaxCommandPayload - in.position()) / item_size;
+  if (count > max_count) return S::Fail(CodecError::kCountTooLarge, field);
   size_t needed = count * item_size;  // count <= 65535, item_size <= 16: no overflow
   if (in.remaining() < needed) return S::Fail(CodecError::kCountMismatch, field);
   if (rule == SizeRule::kExact && in.remaining() != needed) {
@@ -359,6 +363,9 @@ DecodeStatus DecodePayload(ByteView payload, WritePhysicalRequest* r, SizeRule r
   KVMI_RETURN_IF_ERROR(ReadFixed(in, &wire, rule, "kvmi_write_physical"));
   r->gpa = wire.gpa;
   r->size = wire.size;
+  if (wire.size > kMaxWritePhysicalData) {
+    return S::Fail(CodecError::kCountTooLarge, "kvmi_write_physical.size");
+  }
   if (wire.size > in.remaining()) {
     return S::Fail(CodecError::kCountMismatch, "kvmi_write_physical.size");
   }
@@ -630,6 +637,10 @@ DecodeStatus DecodeReplyData(ByteView data, size_t expected_msrs, RegistersReply
   }
   if (wire.mode != 2 && wire.mode != 4 && wire.mode != 8) {
     return S::Fail(CodecError::kBadValue, "kvmi_get_registers_reply.mode");
+  }
+  // The kernel answers -KVM_ENOMEM instead of a reply above 4096 bytes (§5.12).
+  if (expected_msrs > kMaxGetRegistersMsrs) {
+    return S::Fail(CodecError::kCountTooLarge, "kvmi_get_registers_reply.msrs.nmsrs");
   }
   if (wire.msrs.nmsrs != expected_msrs) {
     return S::Fail(CodecError::kCountMismatch, "kvmi_get_registers_reply.msrs.nmsrs");

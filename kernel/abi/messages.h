@@ -298,7 +298,7 @@ DecodeStatus DecodeEmptyReplyData(ByteView data);
 
 // ---- CONTROL_CMD_RESPONSE batching (§5.2) --------------------------------------------------------
 
-// Builds CMD_RESPONSE(enable=0, now=1), the caller's messages, CMD_RESPONSE(enable=1, now=0) in
+// Builds CMD_RESPONSE(enable=0, now=1), the caller's messages, CMD_RESPONSE(enable=1, now=1) in
 // one buffer, for one write: only the closing CMD_RESPONSE is answered (with `close_seq`).
 class BatchBuilder {
  public:

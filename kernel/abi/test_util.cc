@@ -29,7 +29,8 @@ Bytes FromHex(const std::string& text) {
       std::fprintf(stderr, "FromHex: bad character '%c' in \"%s\"\n", c, text.c_str());
       std::abort();
     }
-    int nibble = std::isdigit(static_cast<unsigned char>(c)) ? c - '0' : (std::tolower(c) - 'a' + 10);
+    int nibble =
+        std::isdigit(static_cast<unsigned char>(c)) ? c - '0' : (std::tolower(c) - 'a' + 10);
     if (high < 0) {
       high = nibble;
     } else {
@@ -60,7 +61,7 @@ Bytes Message(uint16_t id, uint16_t size, uint32_t seq, const Bytes& payload) {
 
 kvm_regs SampleRegs() {
   kvm_regs regs{};
-  uint64_t* fields = &regs.rax;  // kvm_regs is 18 consecutive u64 (§4.3)
+  __u64* fields = &regs.rax;  // kvm_regs is 18 consecutive u64 (§4.3)
   for (int i = 0; i < 18; ++i) fields[i] = 0x1111111100000000ull * (i + 1) + i;
   regs.rflags = 0x246;
   return regs;
@@ -126,8 +127,8 @@ Event SampleEvent(uint8_t id, uint16_t vcpu, uint32_t seq) {
       event.specific.breakpoint = kvmi_event_breakpoint{0x1000cc, 1, {0, 0, 0, 0, 0, 0, 0}};
       break;
     case KVMI_EVENT_PF:
-      event.specific.pf = kvmi_event_pf{0xffffc90000001234ull, 0x7f001234, KVMI_PAGE_ACCESS_W, 0,
-                                        0, 0};
+      event.specific.pf =
+          kvmi_event_pf{0xffffc90000001234ull, 0x7f001234, KVMI_PAGE_ACCESS_W, 0, 0, 0};
       break;
     case KVMI_EVENT_TRAP:
       event.specific.trap = kvmi_event_trap{14, KVMI_TRAP_TYPE_HARD_EXCEPTION, 2, 0, 0xdead000};
@@ -212,21 +213,23 @@ std::vector<NamedMessage> AllValidMessages() {
   AddRequest("inject_exception", InjectExceptionRequest{1, 14, true, 2, 0xdead000}, seq++, &out);
   AddRequest("get_page_access", GetPageAccessRequest{0, {0x1000, 0x2000}}, seq++, &out);
   AddRequest("set_page_access",
-             SetPageAccessRequest{0, {{0x1000, KVMI_PAGE_ACCESS_R, true},
-                                      {0x3000, KVMI_PAGE_ACCESS_RWX, true}}},
+             SetPageAccessRequest{
+                 0, {{0x1000, KVMI_PAGE_ACCESS_R, true}, {0x3000, KVMI_PAGE_ACCESS_RWX, true}}},
              seq++, &out);
   AddRequest("get_map_token", GetMapTokenRequest{}, seq++, &out);
   AddRequest("get_mtrr_type", GetMtrrTypeRequest{1, 0xfee00000}, seq++, &out);
   AddRequest("control_spp", ControlSppRequest{true}, seq++, &out);
   AddRequest("get_page_write_bitmap", GetPageWriteBitmapRequest{0, {0x1000}}, seq++, &out);
-  AddRequest("set_page_write_bitmap", SetPageWriteBitmapRequest{0, {{0x1000, 0xffff0000u}}},
-             seq++, &out);
+  AddRequest("set_page_write_bitmap", SetPageWriteBitmapRequest{0, {{0x1000, 0xffff0000u}}}, seq++,
+             &out);
   AddRequest("control_cmd_response", ControlCmdResponseRequest{false, true}, seq++, &out);
 
   AddReply("get_version", KVMI_GET_VERSION, GetVersionReply{KVMI_VERSION}, 1, &out);
   AddReply("get_guest_info", KVMI_GET_GUEST_INFO, GuestInfoReply{4}, 4, &out);
   AddReply("get_vcpu_info", KVMI_GET_VCPU_INFO, VcpuInfoReply{2400000000ull}, 5, &out);
-  RegistersReply registers{8, SampleRegs(), SampleSregs(),
+  RegistersReply registers{8,
+                           SampleRegs(),
+                           SampleSregs(),
                            {kvm_msr_entry{0xc0000080u, 0, 0xd01}, kvm_msr_entry{0x174, 0, 0x10},
                             kvm_msr_entry{0x175, 0, 0x2000}}};
   AddReply("get_registers", KVMI_GET_REGISTERS, registers, 11, &out);
@@ -242,8 +245,8 @@ std::vector<NamedMessage> AllValidMessages() {
   for (int i = 0; i < 4; ++i) token.token.token[i] = 0x0123456789abcdefull * (i + 1);
   AddReply("get_map_token", KVMI_GET_MAP_TOKEN, token, 20, &out);
   AddReply("get_mtrr_type", KVMI_GET_MTRR_TYPE, MtrrTypeReply{6}, 21, &out);
-  AddReply("get_page_write_bitmap", KVMI_GET_PAGE_WRITE_BITMAP, PageWriteBitmapReply{{0xffff}},
-           23, &out);
+  AddReply("get_page_write_bitmap", KVMI_GET_PAGE_WRITE_BITMAP, PageWriteBitmapReply{{0xffff}}, 23,
+           &out);
   NamedMessage ok{"reply_control_events_ok", {}};
   EncodeReply(KVMI_CONTROL_EVENTS, 8, 0, ByteView(), &ok.wire);
   out.push_back(std::move(ok));

@@ -20,6 +20,7 @@ namespace kvmi {
 
 // gtest prints a failed EXPECT on DecodeStatus as "truncated: kvmi_event_pf", not raw bytes.
 inline void PrintTo(const DecodeStatus& status, std::ostream* os) { *os << status.ToString(); }
+inline void PrintTo(CodecError error, std::ostream* os) { *os << CodecErrorName(error); }
 
 namespace testing {
 

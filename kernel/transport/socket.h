@@ -33,9 +33,9 @@ struct IoResult {
 struct Endpoint {
   enum class Family : uint8_t { kUnix, kVsock };
   Family family = Family::kUnix;
-  std::string path;    // kUnix
-  uint32_t cid = 0;    // kVsock
-  uint32_t port = 0;   // kVsock
+  std::string path;   // kUnix
+  uint32_t cid = 0;   // kVsock
+  uint32_t port = 0;  // kVsock
 
   std::string ToString() const;
 };
@@ -57,7 +57,8 @@ IoResult Accept(int listen_fd, Clock::time_point deadline, UniqueFd* out);
 
 // Reads exactly n bytes. kClosed if the peer closed first (even after a partial read).
 IoResult ReadExact(int fd, void* buf, size_t n, Clock::time_point deadline = kNoDeadline);
-// Reads at most n (> 0) bytes, waiting for at least one; *got is the count.
+// Reads at most n (> 0) bytes, waiting for at least one; *got is the count. With kNoDeadline
+// on a blocking socket this is a plain blocking recv().
 IoResult ReadSome(int fd, void* buf, size_t n, size_t* got,
                   Clock::time_point deadline = kNoDeadline);
 // Writes all n bytes (MSG_NOSIGNAL: a dead peer is kClosed, never SIGPIPE).

@@ -1,0 +1,284 @@
+#include "kernel/transport/socket.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/vm_sockets.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+
+namespace kvmi {
+namespace {
+
+// Milliseconds for poll() until the deadline: -1 = forever, 0 = already passed.
+int PollTimeoutMs(Clock::time_point deadline) {
+  if (deadline == kNoDeadline) return -1;
+  auto now = Clock::now();
+  if (now >= deadline) return 0;
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1;
+  return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
+
+// Waits for `events` on fd. kOk when ready (including POLLHUP/POLLERR: the following I/O call
+// reports the precise outcome).
+IoResult WaitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int rc = ::poll(&p, 1, PollTimeoutMs(deadline));
+    if (rc > 0) {
+      if (p.revents & POLLNVAL) return {IoResult::kError, EBADF};
+      return IoResult::Ok();
+    }
+    if (rc == 0) return {IoResult::kTimeout, 0};
+    if (errno != EINTR) return {IoResult::kError, errno};
+  }
+}
+
+bool FillUnixAddress(const std::string& path, sockaddr_un* addr, std::string* error) {
+  std::memset(addr, 0, sizeof(*addr));
+  addr->sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr->sun_path)) {
+    *error = "unix socket path must be 1.." + std::to_string(sizeof(addr->sun_path) - 1) +
+             " bytes long: '" + path + "'";
+    return false;
+  }
+  std::memcpy(addr->sun_path, path.data(), path.size());
+  return true;
+}
+
+std::string ErrnoText(const char* what, int err) {
+  return std::string(what) + ": " + std::strerror(err);
+}
+
+UniqueFd NewSocket(int family, std::string* error) {
+  UniqueFd fd(::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    int err = errno;
+    if (family == AF_VSOCK && (err == EAFNOSUPPORT || err == EINVAL || err == ENODEV)) {
+      *error = "AF_VSOCK is not available on this machine (load the vsock modules)";
+    } else {
+      *error = ErrnoText("socket", err);
+    }
+  }
+  return fd;
+}
+
+bool ParseU32(const std::string& text, uint32_t* out) {
+  if (text.empty() || text.size() > 10) return false;
+  uint64_t v = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (v > UINT32_MAX) return false;
+  *out = static_cast<uint32_t>(v);
+  return true;
+}
+
+}  // namespace
+
+std::string IoResult::ToString() const {
+  switch (kind) {
+    case kOk:
+      return "ok";
+    case kTimeout:
+      return "timed out";
+    case kClosed:
+      return "peer closed the connection";
+    case kError:
+      return std::strerror(error);
+  }
+  return "?";
+}
+
+std::string Endpoint::ToString() const {
+  if (family == Family::kUnix) return "unix:" + path;
+  return "vsock:" + std::to_string(cid) + ":" + std::to_string(port);
+}
+
+std::optional<Endpoint> ParseEndpoint(const std::string& text, std::string* error) {
+  Endpoint ep;
+  if (text.rfind("unix:", 0) == 0) {
+    ep.family = Endpoint::Family::kUnix;
+    ep.path = text.substr(5);
+    sockaddr_un addr;
+    if (!FillUnixAddress(ep.path, &addr, error)) return std::nullopt;
+    return ep;
+  }
+  if (text.rfind("vsock:", 0) == 0) {
+    std::string rest = text.substr(6);
+    size_t colon = rest.find(':');
+    if (colon == std::string::npos || !ParseU32(rest.substr(0, colon), &ep.cid) ||
+        !ParseU32(rest.substr(colon + 1), &ep.port)) {
+      *error = "vsock endpoint must be vsock:CID:PORT with decimal numbers, got '" + text + "'";
+      return std::nullopt;
+    }
+    ep.family = Endpoint::Family::kVsock;
+    return ep;
+  }
+  *error = "endpoint must start with 'unix:' or 'vsock:', got '" + text + "'";
+  return std::nullopt;
+}
+
+UniqueFd ConnectEndpoint(const Endpoint& endpoint, std::string* error) {
+  if (endpoint.family == Endpoint::Family::kUnix) return ConnectUnix(endpoint.path, error);
+  return ConnectVsock(endpoint.cid, endpoint.port, error);
+}
+
+UniqueFd ListenEndpoint(const Endpoint& endpoint, std::string* error) {
+  if (endpoint.family == Endpoint::Family::kUnix) return ListenUnix(endpoint.path, error);
+  return ListenVsock(endpoint.port, error);
+}
+
+UniqueFd ConnectUnix(const std::string& path, std::string* error) {
+  sockaddr_un addr;
+  if (!FillUnixAddress(path, &addr, error)) return UniqueFd();
+  UniqueFd fd = NewSocket(AF_UNIX, error);
+  if (!fd) return fd;
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    *error = ErrnoText(("connect unix:" + path).c_str(), errno);
+    return UniqueFd();
+  }
+  return fd;
+}
+
+UniqueFd ConnectVsock(uint32_t cid, uint32_t port, std::string* error) {
+  UniqueFd fd = NewSocket(AF_VSOCK, error);
+  if (!fd) return fd;
+  sockaddr_vm addr;
+  std::memset(&addr, 0, sizeof(addr));
+  addr.svm_family = AF_VSOCK;
+  addr.svm_cid = cid;
+  addr.svm_port = port;
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    *error = ErrnoText(
+        ("connect vsock:" + std::to_string(cid) + ":" + std::to_string(port)).c_str(), errno);
+    return UniqueFd();
+  }
+  return fd;
+}
+
+UniqueFd ListenUnix(const std::string& path, std::string* error) {
+  sockaddr_un addr;
+  if (!FillUnixAddress(path, &addr, error)) return UniqueFd();
+  UniqueFd fd = NewSocket(AF_UNIX, error);
+  if (!fd) return fd;
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    *error = ErrnoText(("bind unix:" + path).c_str(), errno);
+    return UniqueFd();
+  }
+  if (::listen(fd.get(), SOMAXCONN) != 0) {
+    *error = ErrnoText("listen", errno);
+    return UniqueFd();
+  }
+  return fd;
+}
+
+UniqueFd ListenVsock(uint32_t port, std::string* error) {
+  UniqueFd fd = NewSocket(AF_VSOCK, error);
+  if (!fd) return fd;
+  sockaddr_vm addr;
+  std::memset(&addr, 0, sizeof(addr));
+  addr.svm_family = AF_VSOCK;
+  addr.svm_cid = VMADDR_CID_ANY;
+  addr.svm_port = port;
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    *error = ErrnoText(("bind vsock port " + std::to_string(port)).c_str(), errno);
+    return UniqueFd();
+  }
+  if (::listen(fd.get(), SOMAXCONN) != 0) {
+    *error = ErrnoText("listen", errno);
+    return UniqueFd();
+  }
+  return fd;
+}
+
+IoResult Accept(int listen_fd, Clock::time_point deadline, UniqueFd* out) {
+  for (;;) {
+    IoResult ready = WaitFor(listen_fd, POLLIN, deadline);
+    if (!ready.ok()) return ready;
+    int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      out->Reset(fd);
+      return IoResult::Ok();
+    }
+    if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) {
+      continue;
+    }
+    return {IoResult::kError, errno};
+  }
+}
+
+IoResult ReadSome(int fd, void* buf, size_t n, size_t* got, Clock::time_point deadline) {
+  *got = 0;
+  // Without a deadline a blocking recv() is one syscall per read instead of recv+poll+recv (the
+  // host model's receive loop lives here); shutdown(SHUT_RDWR) still wakes it.
+  const int flags = deadline == kNoDeadline ? 0 : MSG_DONTWAIT;
+  for (;;) {
+    ssize_t rc = ::recv(fd, buf, n, flags);
+    if (rc > 0) {
+      *got = static_cast<size_t>(rc);
+      return IoResult::Ok();
+    }
+    if (rc == 0) return {IoResult::kClosed, 0};
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      if (errno == ECONNRESET || errno == EPIPE) return {IoResult::kClosed, errno};
+      return {IoResult::kError, errno};
+    }
+    IoResult ready = WaitFor(fd, POLLIN, deadline);
+    if (!ready.ok()) return ready;
+  }
+}
+
+IoResult ReadExact(int fd, void* buf, size_t n, Clock::time_point deadline) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    size_t got = 0;
+    IoResult r = ReadSome(fd, p, n, &got, deadline);
+    if (!r.ok()) return r;
+    p += got;
+    n -= got;
+  }
+  return IoResult::Ok();
+}
+
+IoResult WriteAll(int fd, const void* buf, size_t n, Clock::time_point deadline) {
+  const auto* p = static_cast<const uint8_t*>(buf);
+  while (n > 0) {
+    ssize_t rc = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (rc > 0) {
+      p += rc;
+      n -= static_cast<size_t>(rc);
+      continue;
+    }
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      IoResult ready = WaitFor(fd, POLLOUT, deadline);
+      if (!ready.ok()) return ready;
+      continue;
+    }
+    if (rc < 0 && (errno == EPIPE || errno == ECONNRESET)) return {IoResult::kClosed, errno};
+    return {IoResult::kError, rc < 0 ? errno : EIO};
+  }
+  return IoResult::Ok();
+}
+
+IoResult WaitReadable(int fd, Clock::time_point deadline) { return WaitFor(fd, POLLIN, deadline); }
+
+}  // namespace kvmi

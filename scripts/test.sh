@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# README command (2): installs what is missing, then runs every test and prints, as its last line,
+# `N passed, N failed` (`, N skipped` when some were). Steps, each counted in test cases:
+#   unit  bazel test //...                               (gtest cases; fuzz targets replay corpus)
+#   asan  bazel test --config=asan //...                  (the same cases under ASan + UBSan)
+#   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
+#   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
+# Exit status is non-zero if any case failed or any step could not run. Works as root (no sudo
+# needed) or as a user with sudo; needs no standard input.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+work="$(mktemp -d /tmp/kvmid-test.XXXXXX)"
+counts=()
+# Bazel's progress display is for terminals; CI logs get plain lines.
+flags=(--color=no)
+[ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
+
+summary() {
+  python3 scripts/count_results.py "${counts[@]}"
+}
+
+echo "== setup"
+if ! as_root bash scripts/setup.sh </dev/null; then
+  echo "setup failed: cannot install the packages the build needs"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+# bazel test exit codes: 0 all passed, 3 some test failed (counted from the XML), 4 no tests
+# matched (fine for an opt-in tag); anything else means the step itself broke.
+run_bazel_test() {  # label, bazel args...
+  local label="$1"
+  shift
+  echo "== $label: bazel test $*"
+  local start=$SECONDS
+  bazel test "${flags[@]}" --keep_going --build_event_json_file="$work/$label.json" "$@"
+  local rc=$?
+  echo "== $label: exit $rc after $((SECONDS - start)) s"
+  counts+=(--label "$label")
+  case "$rc" in
+    0 | 3) counts+=(--bep "$work/$label.json") ;;
+    4) ;;
+    *) counts+=(--bep "$work/$label.json" --failed-step "bazel test exited $rc") ;;
+  esac
+}
+
+run_bazel_test unit //...
+run_bazel_test asan --config=asan //...
+run_bazel_test tsan --config=tsan --test_tag_filters=tsan //...
+
+echo "== fuzz"
+fuzz_start=$SECONDS
+KVMID_FUZZ_RESULTS="$work/fuzz" KVMID_FUZZ_OUT="$work/fuzz-out" bash scripts/fuzz.sh
+echo "== fuzz: $((SECONDS - fuzz_start)) s"
+counts+=(--label fuzz)
+found=0
+for xml in "$work"/fuzz/*.xml; do
+  [ -e "$xml" ] || continue
+  counts+=(--junit "$xml")
+  found=1
+done
+[ "$found" -eq 1 ] || counts+=(--failed-step "fuzz run produced no results")
+
+echo "== results (logs: bazel-testlogs*/, $work)"
+summary

@@ -1,0 +1,306 @@
+// The event path, measured: simulated guest vCPU exits (CR3 writes) -> KVMI event -> a tool's
+// verdict -> reply -> the vCPU resumes. Two tools answer, in the same run on the same machine:
+//   direct-loop  the least work any tool can do: one epoll thread that reads each event and writes
+//                CONTINUE (decoded and encoded with the project's codec, nothing else);
+//   kvmid        the real daemon core, one I/O thread, the event answered by an in-daemon policy.
+// Closed loop: each guest has one vCPU that writes CR3 as fast as its events are answered, so
+// throughput = guests / round trip. Prints a table (docs/PERFORMANCE.md has the figures).
+//
+//   bazel run -c opt //tests/bench:event_path_bench -- --guests=1,16,256 --seconds=3
+#include <absl/flags/flag.h>
+#include <absl/flags/parse.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_split.h>
+#include <spdlog/spdlog.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "daemon/kvmid.h"
+#include "kernel/abi/events.h"
+#include "kernel/abi/framing.h"
+#include "kernel/abi/handshake.h"
+#include "kernel/abi/messages.h"
+#include "kernel/sim/fleet.h"
+#include "kernel/transport/socket.h"
+
+ABSL_FLAG(std::string, guests, "1,16,256", "guest counts to measure (one vCPU each)");
+ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
+ABSL_FLAG(double, warmup_seconds, 0.5, "run before the window opens");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---- the direct-loop responder -------------------------------------------------------------
+
+class DirectLoopResponder {
+ public:
+  explicit DirectLoopResponder(std::string path) : path_(std::move(path)) {}
+  ~DirectLoopResponder() { Stop(); }
+
+  bool Start() {
+    std::string error;
+    listen_ = kvmi::ListenUnix(path_, &error);
+    if (!listen_) {
+      std::fprintf(stderr, "direct loop: %s\n", error.c_str());
+      return false;
+    }
+    epoll_ = kvmi::UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = listen_.get();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listen_.get(), &ev);
+    thread_ = std::thread([this] { Loop(); });
+    return true;
+  }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    ::unlink(path_.c_str());
+  }
+
+ private:
+  struct Conn {
+    kvmi::UniqueFd fd;
+    kvmi::MessageFramer framer{kvmi::kMaxReplyPayload};
+    std::vector<uint8_t> out;
+  };
+
+  // Handshake and arming are done blocking, before the guest joins the loop: only the event
+  // path is measured.
+  void Admit(kvmi::UniqueFd fd) {
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    std::vector<uint8_t> hello(kvmi::kQemuHelloSize);
+    if (!kvmi::ReadExact(fd.get(), hello.data(), hello.size(), deadline).ok()) return;
+    std::vector<uint8_t> answer;
+    kvmi::EncodeIntrospectorHello(kvmi::IntrospectorHello{}, &answer);
+    if (!kvmi::WriteAll(fd.get(), answer.data(), answer.size(), deadline).ok()) return;
+    auto conn = std::make_unique<Conn>();
+    kvmi::MessageFramer& framer = conn->framer;  // bytes read past the last reply stay in it
+    uint32_t seq = 1;
+    auto call = [&](auto request) -> int32_t {
+      std::vector<uint8_t> wire;
+      kvmi::EncodeCommand(request, seq, &wire);
+      kvmi::WriteAll(fd.get(), wire.data(), wire.size(), deadline);
+      while (true) {
+        kvmi::Frame frame;
+        kvmi::DecodeStatus status;
+        if (framer.Next(&frame, &status) == kvmi::MessageFramer::Result::kMessage) {
+          kvmi::Reply reply;
+          if (frame.hdr.seq == seq && kvmi::DecodeReply(frame.hdr, frame.payload, &reply).ok()) {
+            ++seq;
+            return reply.err;
+          }
+          continue;
+        }
+        size_t got = 0;
+        uint8_t* tail = framer.WritableTail(4096);
+        if (!kvmi::ReadSome(fd.get(), tail, framer.writable_size(), &got, deadline).ok()) {
+          return INT32_MIN;
+        }
+        framer.Commit(got);
+      }
+    };
+    kvmi::ControlEventsRequest events;
+    events.event_id = KVMI_EVENT_CR;
+    events.enable = true;
+    // QEMU allows commands only after it hooked the fd (§9 race): retry while -KVM_EPERM.
+    while (call(events) == -KVM_EPERM) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    kvmi::ControlCrRequest cr;
+    cr.cr = 3;
+    cr.enable = true;
+    call(cr);
+    int raw = fd.get();
+    conn->fd = std::move(fd);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = raw;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, raw, &ev);
+    Conn& admitted = *conn;
+    conns_[raw] = std::move(conn);
+    Answer(admitted);  // an event may already be buffered behind the last reply
+  }
+
+  void Answer(Conn& c) {
+    kvmi::Frame frame;
+    kvmi::DecodeStatus status;
+    c.out.clear();
+    while (c.framer.Next(&frame, &status) == kvmi::MessageFramer::Result::kMessage) {
+      if (frame.hdr.id != KVMI_EVENT) continue;
+      kvmi::Event event;
+      if (!kvmi::DecodeEvent(frame.hdr, frame.payload, &event).ok()) continue;
+      kvmi::EncodeEventReply(kvmi::MakeEventReply(event, KVMI_EVENT_ACTION_CONTINUE), &c.out);
+    }
+    if (!c.out.empty()) ::send(c.fd.get(), c.out.data(), c.out.size(), MSG_NOSIGNAL);
+  }
+
+  void Serve(Conn& c) {
+    uint8_t* tail = c.framer.WritableTail(16384);
+    ssize_t n = ::recv(c.fd.get(), tail, c.framer.writable_size(), MSG_DONTWAIT);
+    if (n <= 0) {
+      if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+        ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
+        conns_.erase(c.fd.get());
+      }
+      return;
+    }
+    c.framer.Commit(static_cast<size_t>(n));
+    Answer(c);
+  }
+
+  void Loop() {
+    epoll_event events[64];
+    while (!stop_) {
+      int n = ::epoll_wait(epoll_.get(), events, 64, 50);
+      for (int i = 0; i < n; ++i) {
+        if (events[i].data.fd == listen_.get()) {
+          kvmi::UniqueFd accepted;
+          if (kvmi::Accept(listen_.get(), Clock::now(), &accepted).ok()) {
+            Admit(std::move(accepted));
+          }
+          continue;
+        }
+        auto it = conns_.find(events[i].data.fd);
+        if (it != conns_.end()) Serve(*it->second);
+      }
+    }
+  }
+
+  std::string path_;
+  kvmi::UniqueFd listen_;
+  kvmi::UniqueFd epoll_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::map<int, std::unique_ptr<Conn>> conns_;
+};
+
+// ---- one measurement -------------------------------------------------------------------------
+
+struct Row {
+  std::string tool;
+  uint32_t guests = 0;
+  double events_per_second = 0;
+  double mean_us = 0;
+  uint64_t p50_us = 0;
+  uint64_t p99_us = 0;
+};
+
+uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
+  kvmi::host::EngineStats stats;
+  fleet.AggregateStats(&stats);
+  return stats.events_sent[KVMI_EVENT_CR].load();
+}
+
+Row Measure(const std::string& tool, const std::string& socket, uint32_t guests) {
+  kvmi::sim::FleetConfig config;
+  config.vms = guests;
+  config.guest.vcpus = 1;
+  config.connector.endpoint.family = kvmi::Endpoint::Family::kUnix;
+  config.connector.endpoint.path = socket;
+  config.connector.reconnect_seconds = 0.05;
+  kvmi::sim::Scenario cr3_only;
+  cr3_only.name = "cr3";
+  cr3_only.weights[static_cast<size_t>(kvmi::sim::OpKind::kWriteCr3)] = 1;
+  cr3_only.ops_per_second = 0;  // as fast as the tool answers
+  config.workload = cr3_only;
+  kvmi::sim::Fleet fleet(config);
+  fleet.Start();
+  auto ready_deadline = Clock::now() + std::chrono::seconds(60);
+  // Every guest hooked and producing events.
+  while (Clock::now() < ready_deadline && fleet.hooked_count() < guests) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_warmup_seconds)));
+  uint64_t before = CrEvents(fleet);
+  auto start = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
+  uint64_t after = CrEvents(fleet);
+  double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  kvmi::host::EngineStats stats;
+  fleet.AggregateStats(&stats);
+  fleet.Stop();
+  Row row;
+  row.tool = tool;
+  row.guests = guests;
+  row.events_per_second = static_cast<double>(after - before) / elapsed;
+  // Closed loop with one vCPU per guest: mean round trip = guests / throughput.
+  row.mean_us = row.events_per_second > 0 ? guests * 1e6 / row.events_per_second : 0;
+  row.p50_us = stats.round_trip.PercentileMicros(0.50);
+  row.p99_us = stats.round_trip.PercentileMicros(0.99);
+  return row;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  spdlog::set_level(spdlog::level::err);
+  std::vector<uint32_t> counts;
+  std::vector<std::string> parts = absl::StrSplit(absl::GetFlag(FLAGS_guests), ',');
+  for (const std::string& part : parts) {
+    uint32_t n;
+    if (!absl::SimpleAtoi(part, &n) || n == 0 || n > 1000) {
+      std::fprintf(stderr, "--guests: '%s' is not a count in 1..1000\n", part.c_str());
+      return 2;
+    }
+    counts.push_back(n);
+  }
+  char dir_template[] = "/tmp/kvmid-bench-XXXXXX";
+  std::string dir = mkdtemp(dir_template);
+
+  std::vector<Row> rows;
+  for (uint32_t guests : counts) {
+    {
+      DirectLoopResponder direct(dir + "/direct.sock");
+      if (!direct.Start()) return 1;
+      rows.push_back(Measure("direct-loop", dir + "/direct.sock", guests));
+    }
+    {
+      kvmid::DaemonConfig config;
+      config.unix_socket = dir + "/kvmid.sock";
+      config.io_threads = 1;  // same thread budget as the direct loop
+      kvmid::Daemon daemon(config);
+      auto allow_cr3 = std::make_shared<kvmid::Rule>();
+      allow_cr3->name = "allow-cr3";
+      allow_cr3->match.events = {KVMI_EVENT_CR};
+      allow_cr3->match.cr = 3;
+      allow_cr3->action = kvmid::RuleAction::kContinue;
+      allow_cr3->arms.vcpu_events = {KVMI_EVENT_CR};
+      allow_cr3->arms.crs = {3};
+      daemon.ApplyPolicy(allow_cr3);
+      std::string error = daemon.Start();
+      if (!error.empty()) {
+        std::fprintf(stderr, "kvmid: %s\n", error.c_str());
+        return 1;
+      }
+      rows.push_back(Measure("kvmid policy", config.unix_socket, guests));
+      daemon.Shutdown(std::chrono::milliseconds(0));
+    }
+  }
+  ::rmdir(dir.c_str());
+
+  std::printf(
+      "\n| guests | tool | events/s | mean RTT (us) | p50 (us) | p99 (us) | mean vs direct |\n");
+  std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    const Row& direct = rows[i - i % 2];
+    std::printf("| %u | %s | %.0f | %.1f | %llu | %llu | %.2fx |\n", r.guests, r.tool.c_str(),
+                r.events_per_second, r.mean_us, static_cast<unsigned long long>(r.p50_us),
+                static_cast<unsigned long long>(r.p99_us),
+                direct.mean_us > 0 ? r.mean_us / direct.mean_us : 0.0);
+  }
+  std::printf(
+      "\n(p50/p99: the simulator's log-linear histogram, bucket upper bounds, ~19%% wide; "
+      "the ratio column compares mean round trips)\n");
+  return 0;
+}
