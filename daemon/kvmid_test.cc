@@ -436,5 +436,70 @@ TEST_F(DaemonTest, APauseEventNobodyAskedForIsAnsweredAtOnce) {
   EXPECT_EQ(daemon_->pipeline().stats().fallbacks.load(), 0u);
 }
 
+TEST_F(DaemonTest, HostileGuestsAreDroppedWhileTheOthersRunOn) {
+  StartDaemon();
+  ScriptedHost* good = Connect(20, "good", 1);
+  ScriptedHost* oversized = Connect(21, "oversized", 1);
+  ScriptedHost* truncated = Connect(22, "truncated", 1);
+  ScriptedHost* wrong_seq = Connect(23, "wrong-seq", 1);
+  ScriptedHost* garbage = Connect(24, "garbage", 1);
+  for (const char* name : {"good", "oversized", "truncated", "wrong-seq", "garbage"}) {
+    ASSERT_NE(WaitHooked(name), nullptr) << name;
+  }
+  // A header announcing more than any kernel message can hold.
+  kvmi_msg_hdr huge{KVMI_EVENT, 0xffff, 1};
+  std::vector<uint8_t> bytes(sizeof(huge));
+  std::memcpy(bytes.data(), &huge, sizeof(huge));
+  oversized->SendRaw(bytes);
+  // Half an event, then the connection ends.
+  std::vector<uint8_t> half;
+  kvmi::EncodeEvent(MakeTestEvent(KVMI_EVENT_CR, 0, 1), &half);
+  half.resize(half.size() / 2);
+  truncated->SendRaw(half);
+  truncated->Close();
+  // A reply to a command that was never sent.
+  std::vector<uint8_t> reply;
+  kvmi::EncodeReply(KVMI_GET_VERSION, 0x7fffffff, 0, {}, &reply);
+  wrong_seq->SendRaw(reply);
+  // Random bytes that happen to look like an event of an unknown type.
+  kvmi::Event bogus = MakeTestEvent(KVMI_EVENT_CR, 0, 1);
+  std::vector<uint8_t> wire;
+  kvmi::EncodeEvent(bogus, &wire);
+  wire[kvmi::kHdrSize + offsetof(kvmi_event, event)] = 200;
+  garbage->SendRaw(wire);
+
+  for (ScriptedHost* hostile : {oversized, wrong_seq, garbage}) EXPECT_TRUE(hostile->WaitClosed());
+  for (const char* name : {"oversized", "truncated", "wrong-seq", "garbage"}) {
+    EXPECT_TRUE(WaitUntil([&] {
+      return daemon_->registry().Lookup(name)->state() == GuestState::kGone;
+    })) << name;
+  }
+  // The good guest never noticed.
+  EXPECT_EQ(daemon_->registry().Lookup("good")->state(), GuestState::kHooked);
+  good->SendEvent(MakeTestEvent(KVMI_EVENT_HYPERCALL, 0, 5));
+  EXPECT_TRUE(WaitEventReply(good, 5, KVMI_EVENT_HYPERCALL));
+}
+
+TEST_F(DaemonTest, AGuestThatDisconnectsMidCommandFailsItCleanly) {
+  StartDaemon();
+  ScriptedHost* host = nullptr;
+  auto defaults = std::make_shared<ScriptedHost>();
+  host = Connect(25, "leaving", 1, [defaults](const ReceivedMessage& m) {
+    if (m.hdr.id == KVMI_READ_PHYSICAL) return std::optional<std::vector<uint8_t>>();  // hangs
+    return std::optional<std::vector<uint8_t>>(defaults->DefaultReply(m));
+  });
+  auto guest = WaitHooked("leaving");
+  ASSERT_NE(guest, nullptr);
+  std::promise<CommandResult> read;
+  guest->session()->ReadPhysical(0x1000, 64, [&](CommandResult r) { read.set_value(r); });
+  ASSERT_TRUE(host->WaitForId(KVMI_READ_PHYSICAL));
+  host->Close();  // QEMU died with the command in flight
+  auto future = read.get_future();
+  ASSERT_EQ(future.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  CommandResult r = future.get();
+  EXPECT_EQ(r.status, CommandResult::Status::kClosed);
+  EXPECT_THAT(r.ToString(), ::testing::HasSubstr("closed"));
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -1,6 +1,6 @@
 // kvmid: owns the KVMI sockets of the guests on this host and answers their events.
 //
-//   kvmid --socket=/run/kvmid/kvmi.sock --cookie_file=/etc/kvmid/cookie --baseline=enforce
+//   kvmid --kvmi_socket=/run/kvmid/kvmi.sock --cookie_file=/etc/kvmid/cookie --baseline=enforce
 //
 // SIGTERM/SIGINT: answer what is pending, restore every guest, close, exit 0.
 #include <absl/flags/flag.h>
@@ -27,11 +27,11 @@
 ABSL_FLAG(std::string, config, "",
           "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
           "given on the command line override it");
-ABSL_FLAG(std::string, socket, "/run/kvmid/kvmi.sock",
+ABSL_FLAG(std::string, kvmi_socket, "/run/kvmid/kvmi.sock",
           "UNIX socket QEMU connects to (chardev socket path); empty = none");
-ABSL_FLAG(std::string, socket_mode, "0660", "permissions of the UNIX socket (octal)");
-ABSL_FLAG(std::string, socket_group, "", "group owning the UNIX socket (e.g. kvm)");
-ABSL_FLAG(int, vsock_port, -1, "AF_VSOCK port to listen on; -1 = none");
+ABSL_FLAG(std::string, kvmi_socket_mode, "0660", "permissions of the UNIX socket (octal)");
+ABSL_FLAG(std::string, kvmi_socket_group, "", "group owning the UNIX socket (e.g. kvm)");
+ABSL_FLAG(int, kvmi_vsock_port, -1, "AF_VSOCK port to listen on; -1 = none");
 ABSL_FLAG(std::string, cookie_file, "",
           "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
 ABSL_FLAG(std::string, allowed_uids, "",
@@ -127,7 +127,7 @@ std::shared_ptr<kvmid::Rule> ParseProtect(const std::string& spec) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvmid: KVM introspection (KVMI v6) daemon. QEMU connects to --socket; kvmid answers "
+      "kvmid: KVM introspection (KVMI v6) daemon. QEMU connects to --kvmi_socket; kvmid answers "
       "each guest's events with in-daemon policies, registered handlers or a fallback.");
   RecordGivenFlags(argc, argv);
   absl::ParseCommandLine(argc, argv);
@@ -145,21 +145,22 @@ int main(int argc, char** argv) {
     if (!error.empty()) Die(error);
   }
   kvmid::DaemonConfig& config = loaded.daemon;
-  if (Given("socket") || absl::GetFlag(FLAGS_config).empty()) {
-    config.unix_socket = absl::GetFlag(FLAGS_socket);
+  if (Given("kvmi_socket") || absl::GetFlag(FLAGS_config).empty()) {
+    config.unix_socket = absl::GetFlag(FLAGS_kvmi_socket);
   }
-  if (Given("socket_mode")) {
+  if (Given("kvmi_socket_mode")) {
     uint64_t mode = 0;
-    if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_socket_mode), &mode, 8) ||
+    if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_kvmi_socket_mode), &mode,
+                                                    8) ||
         mode > 0777) {
-      Die("--socket_mode must be an octal mode such as 0660");
+      Die("--kvmi_socket_mode must be an octal mode such as 0660");
     }
     config.unix_socket_mode = static_cast<uint32_t>(mode);
   }
-  if (Given("socket_group")) config.unix_socket_group = absl::GetFlag(FLAGS_socket_group);
-  if (Given("vsock_port")) {
-    int vsock_port = absl::GetFlag(FLAGS_vsock_port);
-    if (vsock_port > 0xffff) Die("--vsock_port must be -1 or a port number");
+  if (Given("kvmi_socket_group")) config.unix_socket_group = absl::GetFlag(FLAGS_kvmi_socket_group);
+  if (Given("kvmi_vsock_port")) {
+    int vsock_port = absl::GetFlag(FLAGS_kvmi_vsock_port);
+    if (vsock_port > 0xffff) Die("--kvmi_vsock_port must be -1 or a port number");
     if (vsock_port >= 0) {
       config.vsock_port = static_cast<uint32_t>(vsock_port);
     } else {

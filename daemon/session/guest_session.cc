@@ -291,16 +291,25 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
 }
 
 void GuestSession::OnReply(const kvmi::Frame& frame) {
+  if (frame.hdr.id == KVMI_EVENT_REPLY) {
+    // The kernel answers an event reply only when it rejected it (bad vCPU index, §6); its seq
+    // is the event's, not one of ours.
+    spdlog::warn("{}: the host rejected an event reply (seq {})", log_name_, frame.hdr.seq);
+    return;
+  }
   auto it = pending_.find(frame.hdr.seq);
   if (it == pending_.end()) {
-    if (frame.hdr.id == KVMI_EVENT_REPLY) {
-      // The kernel answers an event reply only when it rejected it (bad vCPU index, §6).
-      spdlog::warn("{}: the host rejected an event reply (seq {})", log_name_, frame.hdr.seq);
-    } else {
-      // Most likely the late reply of a command that already timed out.
-      spdlog::debug("{}: reply {} seq {} matches no request", log_name_,
-                    kvmi::CommandName(frame.hdr.id), frame.hdr.seq);
+    if (frame.hdr.seq == 0 || frame.hdr.seq >= next_seq_) {
+      // A seq this session never used: the kernel only ever echoes ours (§1), so the peer is not
+      // a KVMI host that stays in step with us.
+      spdlog::warn("{}: reply {} carries seq {}, never sent", log_name_,
+                   kvmi::CommandName(frame.hdr.id), frame.hdr.seq);
+      CloseInLoop("protocol error: reply with a seq that was never sent");
+      return;
     }
+    // The late reply of a command that already timed out.
+    spdlog::debug("{}: late reply {} seq {}", log_name_, kvmi::CommandName(frame.hdr.id),
+                  frame.hdr.seq);
     return;
   }
   if (it->second.id != frame.hdr.id) {

@@ -11,6 +11,7 @@
 
 #include <fstream>
 #include <future>
+#include <set>
 #include <thread>
 
 #include "daemon/kvmid.h"
@@ -248,6 +249,170 @@ TEST_F(DaemonFleetTest, UnhookFromTheHostReleasesHooksAndLetsTheVmGo) {
   EXPECT_LT(Clock::now() - start, std::chrono::seconds(2));  // kvmid closed promptly
   EXPECT_TRUE(WaitUntil(
       [&] { return daemon_->registry().Lookup(vm.config().name)->state() == GuestState::kGone; }));
+}
+
+TEST_F(DaemonFleetTest, TwoHundredGuestsWithFourVcpusHookConcurrently) {
+  config_.io_threads = 2;
+  // 1,000 simulator threads share two cores with the daemon (and, under sanitizers, run many
+  // times slower): the handshake deadline is for hostile peers, not for a loaded test machine.
+  config_.handshake_timeout = std::chrono::seconds(60);
+  StartDaemon();
+  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  auto start = Clock::now();
+  StartFleet(200, 4);
+  ASSERT_TRUE(AllHooked(200)) << daemon_->registry().List().size() << " guests known";
+  // Every guest armed on all four vCPUs (policy lease applied).
+  EXPECT_TRUE(WaitUntil([&] {
+    for (const auto& g : daemon_->registry().List()) {
+      GuestSnapshot s = g->Snapshot();
+      if (s.vcpu_count != 4 || s.applied.crs.count(0) == 0) return false;
+    }
+    return true;
+  }));
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(60));
+  EXPECT_EQ(fleet_->handshake_failures(), 0u);
+  EXPECT_EQ(daemon_->registry().duplicate_rejections(), 0u);
+}
+
+// Records every blocking event it is given and answers per event type.
+class RecordingHandler : public VerdictHandler {
+ public:
+  using Answer = std::function<void(const EventContext&, VerdictPromise)>;
+  explicit RecordingHandler(Answer answer) : answer_(std::move(answer)) {}
+  std::string id() const override { return "recording"; }
+  void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      events_.push_back(ctx.event);
+    }
+    cv_.notify_all();
+    answer_(ctx, std::move(promise));
+  }
+  std::optional<kvmi::Event> WaitFor(uint8_t id) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    std::optional<kvmi::Event> found;
+    cv_.wait_for(lock, std::chrono::seconds(10), [&] {
+      for (const auto& e : events_) {
+        if (e.id() == id) found = e;
+      }
+      return found.has_value();
+    });
+    return found;
+  }
+
+ private:
+  Answer answer_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<kvmi::Event> events_;
+};
+
+TEST_F(DaemonFleetTest, EveryEventTypeReachesTheDaemonWithItsFields) {
+  StartDaemon();
+  std::mutex observed_mutex;
+  std::set<uint8_t> observed;
+  daemon_->pipeline().AddObserver([&](const ObservedEvent& o) {
+    std::lock_guard<std::mutex> lock(observed_mutex);
+    observed.insert(o.event.id());
+  });
+  std::shared_ptr<Guest> guest;
+  auto handler =
+      std::make_shared<RecordingHandler>([&](const EventContext& ctx, VerdictPromise promise) {
+        auto shared = std::make_shared<VerdictPromise>(std::move(promise));
+        Verdict verdict = Verdict::Continue("handler:recording");
+        if (ctx.event.id() == KVMI_EVENT_PF) {
+          // Let the write through by single-stepping it (the restriction stays).
+          verdict.action = KVMI_EVENT_ACTION_RETRY;
+          verdict.pf = kvmi_event_pf_reply{};
+          verdict.pf->singlestep = 1;
+        }
+        if (ctx.event.id() == KVMI_EVENT_BREAKPOINT) {
+          // Inject #UD while the guest is about to get its #BP back: the collision is a TRAP.
+          kvmi::InjectExceptionRequest inject;
+          inject.vcpu = ctx.event.vcpu();
+          inject.nr = 6;
+          ctx.guest->session()->Send(inject,
+                                     [shared, verdict](CommandResult) { shared->Answer(verdict); });
+          return;
+        }
+        shared->Answer(verdict);
+      });
+  auto registration = daemon_->pipeline().RegisterHandler(handler, HandlerClaim{});
+  StartFleet(1, 1);
+  ASSERT_TRUE(AllHooked(1));
+  auto& vm = fleet_->vm(0);
+  guest = daemon_->registry().Lookup(vm.config().name);
+  Arming arming;
+  arming.vcpu_events = {KVMI_EVENT_CR,         KVMI_EVENT_MSR,        KVMI_EVENT_XSETBV,
+                        KVMI_EVENT_BREAKPOINT, KVMI_EVENT_HYPERCALL,  KVMI_EVENT_PF,
+                        KVMI_EVENT_TRAP,       KVMI_EVENT_DESCRIPTOR, KVMI_EVENT_SINGLESTEP};
+  arming.crs = {3};
+  arming.msrs = {0x176};
+  arming.page_access = {{0x200, KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X}};
+  guest->SetLease("client:e2e", arming);
+  ASSERT_TRUE(Armed(vm.config().name, "client:e2e"));
+  ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().applied.page_access.size() == 1; }));
+
+  using kvmi::sim::Op;
+  using kvmi::sim::OpKind;
+  Run(vm, 0, Op{OpKind::kWriteCr3, 0, 0x7000, true});
+  auto cr = handler->WaitFor(KVMI_EVENT_CR);
+  ASSERT_TRUE(cr);
+  EXPECT_EQ(cr->specific.cr.cr, 3);
+  EXPECT_EQ(cr->specific.cr.new_value, 0x7000u);
+  EXPECT_EQ(cr->common.arch.mode, 8);
+
+  Run(vm, 0, Op{OpKind::kWriteMsr, 0x176, 0xffffffff81234000, true});
+  auto msr = handler->WaitFor(KVMI_EVENT_MSR);
+  ASSERT_TRUE(msr);
+  EXPECT_EQ(msr->specific.msr.msr, 0x176u);
+  EXPECT_EQ(msr->specific.msr.new_value, 0xffffffff81234000u);
+  EXPECT_EQ(vm.guest().Snapshot(0).msrs.at(0x176), 0xffffffff81234000u);
+
+  Run(vm, 0, Op{OpKind::kXsetbv});
+  EXPECT_TRUE(handler->WaitFor(KVMI_EVENT_XSETBV));
+  Run(vm, 0, Op{OpKind::kHypercall});
+  EXPECT_TRUE(handler->WaitFor(KVMI_EVENT_HYPERCALL));
+  Run(vm, 0, Op{OpKind::kDescriptor, 2 /* LGDT */, 0xdef000, true});
+  auto desc = handler->WaitFor(KVMI_EVENT_DESCRIPTOR);
+  ASSERT_TRUE(desc);
+  EXPECT_EQ(desc->specific.descriptor.descriptor, KVMI_DESC_GDTR);
+  EXPECT_EQ(desc->specific.descriptor.write, 1);
+
+  kvmi::sim::OpResult write = Run(vm, 0, Op{OpKind::kWrite, 0, 0x1122334455667788, true, 0x200010});
+  auto pf = handler->WaitFor(KVMI_EVENT_PF);
+  ASSERT_TRUE(pf);
+  EXPECT_EQ(pf->specific.pf.gpa, 0x200010u);
+  EXPECT_EQ(pf->specific.pf.access, KVMI_PAGE_ACCESS_W);
+  EXPECT_TRUE(handler->WaitFor(KVMI_EVENT_SINGLESTEP));
+  EXPECT_TRUE(write.single_stepped);
+  uint64_t written = 0;
+  vm.guest().ReadPhysical(0x200010, &written, sizeof(written));
+  EXPECT_EQ(written, 0x1122334455667788u);
+
+  Run(vm, 0, Op{OpKind::kInt3});
+  auto bp = handler->WaitFor(KVMI_EVENT_BREAKPOINT);
+  ASSERT_TRUE(bp);
+  EXPECT_EQ(bp->specific.breakpoint.insn_len, 1);
+  auto trap = handler->WaitFor(KVMI_EVENT_TRAP);
+  ASSERT_TRUE(trap);
+  EXPECT_EQ(trap->specific.trap.vector, 3u);
+
+  // The daemon's own events: a hot-added vCPU, a pause, and UNHOOK.
+  ASSERT_GE(vm.AddVcpu(true), 1);
+  EXPECT_TRUE(WaitUntil([&] { return guest->vcpu_count() == 2; }));
+  std::promise<CommandResult> paused;
+  guest->Pause("client:e2e", 0, [&](CommandResult r) { paused.set_value(r); });
+  auto paused_future = paused.get_future();
+  ASSERT_EQ(paused_future.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_TRUE(paused_future.get().ok());
+  EXPECT_TRUE(guest->Resume("client:e2e", 0));
+  vm.Detach(std::chrono::seconds(5));
+  EXPECT_TRUE(WaitUntil([&] {
+    std::lock_guard<std::mutex> lock(observed_mutex);
+    return observed.size() == KVMI_NUM_EVENTS;
+  })) << "observed "
+      << observed.size() << " of " << KVMI_NUM_EVENTS << " event types";
 }
 
 }  // namespace
