@@ -140,6 +140,8 @@ void EventLog::OnEvent(const ObservedEvent& o) {
     by_handler_++;
   } else if (by.rfind("fallback:", 0) == 0) {
     by_fallback_++;
+  } else if (by == "default") {
+    by_default_++;
   } else {
     other_++;
   }
@@ -187,9 +189,11 @@ void EventLog::PrintSummary() const {
     if (by_event_[id] == 0) continue;
     per_event += std::string(" ") + ShortEventName(id) + "=" + std::to_string(by_event_[id]);
   }
-  spdlog::info("summary: events{} | policy {} handler {} fallback {} | p50 <={}us p99 <={}us",
-               per_event.empty() ? " none" : per_event, by_policy_.load(), by_handler_.load(),
-               by_fallback_.load(), Percentile(latency_us_, 0.5), Percentile(latency_us_, 0.99));
+  spdlog::info(
+      "summary: events{} | policy {} handler {} fallback {} default {} | p50 <={}us p99 <={}us",
+      per_event.empty() ? " none" : per_event, by_policy_.load(), by_handler_.load(),
+      by_fallback_.load(), by_default_.load(), Percentile(latency_us_, 0.5),
+      Percentile(latency_us_, 0.99));
 }
 
 }  // namespace kvmid

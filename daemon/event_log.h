@@ -43,7 +43,7 @@ class EventLog {
   uint64_t observer_id_;
 
   std::array<std::atomic<uint64_t>, KVMI_NUM_EVENTS> by_event_{};
-  std::atomic<uint64_t> by_policy_{0}, by_handler_{0}, by_fallback_{0}, other_{0};
+  std::atomic<uint64_t> by_policy_{0}, by_handler_{0}, by_fallback_{0}, by_default_{0}, other_{0};
   // Latency histogram, power-of-two microsecond buckets.
   std::array<std::atomic<uint64_t>, 32> latency_us_{};
   std::atomic<int64_t> window_start_s_{0};

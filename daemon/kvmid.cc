@@ -24,8 +24,9 @@ std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const s
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
+  // The file's exact bytes, as QEMU's `-object secret,file=` reads them (a trailing newline is
+  // part of the secret: write it with printf, not echo).
   std::string secret = buffer.str();
-  while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r')) secret.pop_back();
   if (secret.empty()) {
     *error = "cookie file " + path + " is empty";
     return std::nullopt;
@@ -101,30 +102,18 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
   EventLoop* loop = loops_[next_loop_++ % loops_.size()].get();
   GuestSession::Options options;
   options.command_timeout = config_.command_timeout;
-  // The session's listener is its Guest, known only after the registry lookup; a forwarding
-  // listener bridges the two steps.
-  struct Bridge : GuestSession::Listener {
-    std::shared_ptr<Guest> guest;
-    void OnEvent(const std::shared_ptr<GuestSession>& s, const kvmi::Event& e) override {
-      guest->OnEvent(s, e);
-    }
-    void OnClosed(const std::shared_ptr<GuestSession>& s, const std::string& reason) override {
-      if (guest) guest->OnClosed(s, reason);
-      delete this;  // one bridge per session, gone with it
-    }
-  };
-  auto* bridge = new Bridge;
+  // The guest object outlives its sessions (the registry keeps it), so it can be the session's
+  // listener from the first byte on.
+  std::shared_ptr<Guest> guest = registry_->FindOrCreate(accepted.identity);
   auto session = std::make_shared<GuestSession>(loop, std::move(accepted.fd), accepted.identity,
-                                                bridge, options);
-  std::vector<uint8_t> early = std::move(accepted.early_bytes);
-  std::shared_ptr<Guest> guest = registry_->Attach(session);
-  if (!guest) {
-    loop->RunInLoop([session] { session->Close("duplicate guest"); });
+                                                guest.get(), options);
+  if (!registry_->Attach(guest, session)) {
+    session->Close("another live connection holds this guest");
     return;
   }
-  bridge->guest = guest;
-  loop->RunInLoop(
-      [session, early = std::move(early)]() mutable { session->Start(std::move(early)); });
+  loop->RunInLoop([session, early = std::move(accepted.early_bytes)]() mutable {
+    session->Start(std::move(early));
+  });
 }
 
 std::string Daemon::ApplyPolicy(std::shared_ptr<Rule> rule) {

@@ -74,7 +74,7 @@ class Daemon {
   bool shut_down_ = false;
 };
 
-// Reads the shared secret (trailing newline stripped) and returns SHA-1 of it, or an error.
+// Reads the shared secret (the file's exact bytes) and returns SHA-1 of it, or an error.
 std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
                                                                          std::string* error);
 

@@ -117,7 +117,8 @@ TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
   ScriptedHost* host = Connect(1, "web-1", 4);
   ASSERT_NE(host, nullptr);
   EXPECT_EQ(last_answer_.struct_size, kvmi::kIntrospectorHelloSize);
-  EXPECT_EQ(last_answer_.cookie_hash, kvmi::CookieHash(kvmi::ByteView(std::string("s3cret"))));
+  EXPECT_EQ(last_answer_.cookie_hash,
+            kvmi::CookieHash(kvmi::ByteView(std::string("s3cret\n"))));  // exact bytes
   auto guest = WaitHooked("web-1");
   ASSERT_NE(guest, nullptr);
   GuestSnapshot s = guest->Snapshot();

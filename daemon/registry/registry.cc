@@ -13,24 +13,23 @@ std::string Registry::KeyFor(const GuestIdentity& identity) {
   return "anonymous:" + std::to_string(++anonymous_);
 }
 
-std::shared_ptr<Guest> Registry::Attach(const std::shared_ptr<GuestSession>& session) {
-  std::string key = KeyFor(session->identity());
-  std::shared_ptr<Guest> guest;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = guests_.find(key);
-    if (it == guests_.end()) {
-      it = guests_.emplace(key, std::make_shared<Guest>(key, session->identity(), router_)).first;
-    }
-    guest = it->second;
+std::shared_ptr<Guest> Registry::FindOrCreate(const GuestIdentity& identity) {
+  std::string key = KeyFor(identity);
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = guests_.find(key);
+  if (it == guests_.end()) {
+    it = guests_.emplace(key, std::make_shared<Guest>(key, identity, router_)).first;
   }
-  if (!guest->Attach(session)) {
-    duplicate_rejections_++;
-    spdlog::error("{}: a second live connection ({}) claims this guest; refused",
-                  session->log_name(), session->identity().transport);
-    return nullptr;
-  }
-  return guest;
+  return it->second;
+}
+
+bool Registry::Attach(const std::shared_ptr<Guest>& guest,
+                      const std::shared_ptr<GuestSession>& session) {
+  if (guest->Attach(session)) return true;
+  duplicate_rejections_++;
+  spdlog::error("{}: a second live connection ({}) claims this guest; refused", session->log_name(),
+                session->identity().transport);
+  return false;
 }
 
 std::shared_ptr<Guest> Registry::Find(const std::string& key) const {

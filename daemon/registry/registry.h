@@ -24,9 +24,11 @@ class Registry {
   // guest cannot be recognised when it reconnects).
   std::string KeyFor(const GuestIdentity& identity);
 
-  // Finds or creates the guest for `session` and attaches it. Null if another live session holds
-  // the key (the caller closes `session`).
-  std::shared_ptr<Guest> Attach(const std::shared_ptr<GuestSession>& session);
+  // The guest a new connection belongs to (created on first sight).
+  std::shared_ptr<Guest> FindOrCreate(const GuestIdentity& identity);
+  // Attaches `session` to `guest`. False if another live session holds it (the caller closes
+  // `session`); the refusal is counted and logged.
+  bool Attach(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session);
 
   std::shared_ptr<Guest> Find(const std::string& key) const;
   // By UUID text, name or key: what a user types.

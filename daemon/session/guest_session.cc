@@ -68,6 +68,7 @@ GuestSession::GuestSession(EventLoop* loop, kvmi::UniqueFd fd, GuestIdentity ide
 GuestSession::~GuestSession() = default;
 
 void GuestSession::Start(std::vector<uint8_t> early_bytes) {
+  if (closed_) return;  // closed before it started (e.g. the first write failed)
   started_ = true;
   auto self = shared_from_this();
   loop_->Watch(fd_.get(), EPOLLIN | EPOLLRDHUP,

@@ -251,7 +251,10 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     // so counted apart from the fallbacks.
     stats_.fallback_no_handler++;
     state->answered = true;
-    Deliver(state, FallbackVerdict(defaults.fallback_action, "no handler"), nullptr);
+    Verdict by_default;
+    by_default.action = defaults.fallback_action;
+    by_default.decided_by = "default";
+    Deliver(state, std::move(by_default), nullptr);
     return;
   }
   auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;

@@ -1,8 +1,9 @@
 // The verdict pipeline: every blocking event is answered by, in order,
 //   1. an in-daemon policy rule that enforces on it (no network hop), else
 //   2. the registered handler that claims the guest and event type, within its deadline, else
-//   3. the fallback action for that event type -- when no handler claims it, when the handler
-//      misses its deadline, or the moment the handler goes away.
+//   3. the event type's fallback action -- at once when no handler claims the event (counted as
+//      "default", not as a fallback), or when the handler misses its deadline, or the moment the
+//      handler goes away.
 // No guest ever waits forever. Every fallback is counted and logged with the guest and event.
 // Observers get a copy of every event with its verdict, off the hot path.
 #ifndef KVMID_DAEMON_VERDICT_PIPELINE_H_
