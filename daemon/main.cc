@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/api/introspection_service.h"
 #include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
@@ -32,6 +33,10 @@ ABSL_FLAG(std::string, kvmi_socket, "/run/kvmid/kvmi.sock",
 ABSL_FLAG(std::string, kvmi_socket_mode, "0660", "permissions of the UNIX socket (octal)");
 ABSL_FLAG(std::string, kvmi_socket_group, "", "group owning the UNIX socket (e.g. kvm)");
 ABSL_FLAG(int, kvmi_vsock_port, -1, "AF_VSOCK port to listen on; -1 = none");
+ABSL_FLAG(std::string, api_socket, "/run/kvmid/api.sock",
+          "UNIX socket of the gRPC API (kvmi.v1.Introspection, reflection, health); empty = none");
+ABSL_FLAG(std::string, api_tcp, "",
+          "HOST:PORT for the gRPC API over TCP (e.g. 127.0.0.1:50051); empty = none");
 ABSL_FLAG(std::string, cookie_file, "",
           "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
 ABSL_FLAG(std::string, allowed_uids, "",
@@ -167,6 +172,11 @@ int main(int argc, char** argv) {
       config.vsock_port.reset();
     }
   }
+  if (Given("api_socket")) loaded.api_socket = absl::GetFlag(FLAGS_api_socket);
+  if (Given("api_tcp")) loaded.api_tcp = absl::GetFlag(FLAGS_api_tcp);
+  if (!loaded.api_tcp.empty() && loaded.api_tcp.find(':') == std::string::npos) {
+    Die("--api_tcp must be HOST:PORT, e.g. 127.0.0.1:50051");
+  }
   if (Given("cookie_file")) config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
   if (Given("allowed_uids")) {
     config.allowed_uids.clear();
@@ -248,11 +258,20 @@ int main(int argc, char** argv) {
   kvmid::EventLog event_log(&daemon.pipeline(), log_options);
   std::string error = daemon.Start();
   if (!error.empty()) Die(error);
+  kvmid::ApiServer api(&daemon);
+  if (!loaded.api_socket.empty() || !loaded.api_tcp.empty()) {
+    error = api.Start(loaded.api_socket, loaded.api_tcp);
+    if (!error.empty()) {
+      daemon.Shutdown();
+      Die(error);
+    }
+  }
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   spdlog::info("kvmid: {} received; restoring guests and exiting", strsignal(signal_number));
   event_log.Stop();
+  api.Shutdown();
   daemon.Shutdown();
   event_log.PrintSummary();
   return 0;

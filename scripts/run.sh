@@ -32,7 +32,7 @@ trap cleanup EXIT
 
 echo "== kvmid: $vms simulated guests x $vcpus vCPUs for ${seconds}s (socket $work/kvmi.sock)"
 "$bin/daemon/kvmid" --config=daemon/config/examples/demo.textproto \
-  --kvmi_socket="$work/kvmi.sock" --cookie_file="$work/cookie" \
+  --kvmi_socket="$work/kvmi.sock" --cookie_file="$work/cookie" --api_socket="$work/api.sock" \
   --log_events=all --log_events_per_second=8 &
 kvmid_pid=$!
 for _ in $(seq 100); do [ -S "$work/kvmi.sock" ] && break; sleep 0.05; done

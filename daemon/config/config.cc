@@ -69,6 +69,8 @@ std::string ParseConfig(const std::string& text, const std::string& origin, Load
     if (l.has_vsock_port()) d.vsock_port = l.vsock_port();
     d.allowed_uids.assign(l.allowed_uids().begin(), l.allowed_uids().end());
     d.allowed_cids.assign(l.allowed_cids().begin(), l.allowed_cids().end());
+    if (!l.api_socket().empty()) out->api_socket = l.api_socket();
+    out->api_tcp = l.api_tcp();
   }
   if (!file.cookie_file().empty()) d.cookie_file = file.cookie_file();
   if (file.io_threads() != 0) {

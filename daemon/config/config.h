@@ -16,6 +16,8 @@ namespace kvmid {
 
 struct LoadedConfig {
   DaemonConfig daemon;
+  std::string api_socket = "/run/kvmid/api.sock";
+  std::string api_tcp;
   std::vector<std::shared_ptr<Rule>> rules;
   std::map<std::string, std::map<std::string, std::string>> guest_labels;
 };

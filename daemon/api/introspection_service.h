@@ -1,0 +1,67 @@
+// The gRPC surface of kvmid: a thin adapter from kvmi.v1.Introspection to the daemon's internal
+// API (registry, policies, verdict pipeline). No business logic lives here: requests are
+// validated, translated, and answered with the status codes the proto documents.
+#ifndef KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
+#define KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/kvmid.h"
+#include "proto/kvmi/v1/introspection.grpc.pb.h"
+
+namespace kvmid {
+
+class IntrospectionService final : public kvmi::v1::Introspection::Service {
+ public:
+  explicit IntrospectionService(Daemon* daemon) : daemon_(daemon) {}
+
+  grpc::Status ListVMs(grpc::ServerContext* context, const kvmi::v1::ListVMsRequest* request,
+                       kvmi::v1::ListVMsResponse* response) override;
+  grpc::Status GetVM(grpc::ServerContext* context, const kvmi::v1::GetVMRequest* request,
+                     kvmi::v1::VM* response) override;
+  grpc::Status StreamEvents(grpc::ServerContext* context,
+                            const kvmi::v1::StreamEventsRequest* request,
+                            grpc::ServerWriter<kvmi::v1::EventMessage>* writer) override;
+  grpc::Status ApplyPolicy(grpc::ServerContext* context,
+                           const kvmi::v1::ApplyPolicyRequest* request,
+                           kvmi::v1::ApplyPolicyResponse* response) override;
+  grpc::Status ListPolicies(grpc::ServerContext* context,
+                            const kvmi::v1::ListPoliciesRequest* request,
+                            kvmi::v1::ListPoliciesResponse* response) override;
+  grpc::Status DeletePolicy(grpc::ServerContext* context,
+                            const kvmi::v1::DeletePolicyRequest* request,
+                            kvmi::v1::DeletePolicyResponse* response) override;
+
+ private:
+  Daemon* daemon_;
+};
+
+// Server lifecycle: reflection and grpc.health.v1 on; UNIX socket and/or TCP.
+class ApiServer {
+ public:
+  explicit ApiServer(Daemon* daemon);
+  ~ApiServer();
+  // `unix_socket` / `tcp` may be empty (not both). Returns "" or an error naming the address.
+  std::string Start(const std::string& unix_socket, const std::string& tcp);
+  void Shutdown();
+  int tcp_port() const { return tcp_port_; }
+
+ private:
+  std::unique_ptr<IntrospectionService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string unix_socket_;
+  int tcp_port_ = 0;
+};
+
+// Conversions, exposed for tests.
+kvmi::v1::VM ToProto(const GuestSnapshot& snapshot,
+                     const std::map<std::string, std::string>& labels);
+kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers);
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
