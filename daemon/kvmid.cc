@@ -37,6 +37,44 @@ std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const s
 Daemon::Daemon(DaemonConfig config) : config_(std::move(config)) {
   pipeline_ = std::make_unique<VerdictPipeline>(&policies_, config_.verdicts);
   registry_ = std::make_unique<Registry>(pipeline_.get());
+  pipeline_->set_on_guest_hooked([this](const std::shared_ptr<Guest>& guest) {
+    std::lock_guard<std::mutex> lock(clients_mutex_);
+    for (const auto& [owner, client] : client_arming_) {
+      if (Selects(client.vms, *guest)) guest->SetLease(owner, client.arming);
+    }
+  });
+}
+
+bool Daemon::Selects(const std::vector<std::string>& vms, const Guest& guest) {
+  if (vms.empty()) return true;
+  GuestIdentity identity = guest.identity();
+  std::string uuid = kvmi::UuidToString(identity.uuid);
+  for (const std::string& vm : vms) {
+    kvmi::Uuid parsed;
+    if (vm == identity.name || vm == guest.key() ||
+        (kvmi::ParseUuid(vm, &parsed) && kvmi::UuidToString(parsed) == uuid)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void Daemon::SetClientArming(const OwnerId& owner, std::vector<std::string> vms, Arming arming) {
+  {
+    std::lock_guard<std::mutex> lock(clients_mutex_);
+    client_arming_[owner] = ClientArming{vms, arming};
+  }
+  for (const auto& guest : registry_->List()) {
+    if (Selects(vms, *guest)) guest->SetLease(owner, arming);
+  }
+}
+
+void Daemon::ReleaseOwner(const OwnerId& owner) {
+  {
+    std::lock_guard<std::mutex> lock(clients_mutex_);
+    client_arming_.erase(owner);
+  }
+  for (const auto& guest : registry_->List()) guest->ReleaseOwner(owner);
 }
 
 Daemon::~Daemon() { Shutdown(std::chrono::milliseconds(0)); }

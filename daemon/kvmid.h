@@ -8,6 +8,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -56,6 +58,14 @@ class Daemon {
   std::string ApplyPolicy(std::shared_ptr<Rule> rule);
   bool RemovePolicy(const std::string& name);
 
+  // Arms `arming` as a lease of `owner` on every guest that `vms` selects (UUIDs or names; empty =
+  // every guest), now and on guests that connect later.
+  void SetClientArming(const OwnerId& owner, std::vector<std::string> vms, Arming arming);
+  // Everything `owner` holds, on every guest: leases, paused vCPUs, future arming.
+  void ReleaseOwner(const OwnerId& owner);
+  // True if `vms` (UUIDs or names; empty = all) selects `guest`.
+  static bool Selects(const std::vector<std::string>& vms, const Guest& guest);
+
   // Where the UNIX listener is (for tests that use a temporary path).
   const std::string& unix_socket() const { return config_.unix_socket; }
 
@@ -70,6 +80,12 @@ class Daemon {
   std::vector<std::unique_ptr<EventLoop>> loops_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
   std::atomic<size_t> next_loop_{0};
+  struct ClientArming {
+    std::vector<std::string> vms;
+    Arming arming;
+  };
+  std::mutex clients_mutex_;
+  std::map<OwnerId, ClientArming> client_arming_;
   bool started_ = false;
   bool shut_down_ = false;
 };

@@ -332,7 +332,10 @@ void VerdictPipeline::SessionEnded(const std::shared_ptr<Guest>& guest,
   // closed session, and the kernel has already let the vCPUs continue (§7.6).
 }
 
-void VerdictPipeline::GuestHooked(const std::shared_ptr<Guest>& guest) { ArmPolicies(guest); }
+void VerdictPipeline::GuestHooked(const std::shared_ptr<Guest>& guest) {
+  ArmPolicies(guest);
+  if (on_guest_hooked_) on_guest_hooked_(guest);
+}
 
 void VerdictPipeline::ArmPolicies(const std::shared_ptr<Guest>& guest) {
   std::map<std::string, Arming> wanted = policies_->ArmsFor(*ViewOf(*guest));

@@ -144,6 +144,11 @@ class VerdictPipeline : public GuestEventRouter {
 
   // Arms (as leases) what every policy needs on `guest`; call after policy changes too.
   void ArmPolicies(const std::shared_ptr<Guest>& guest);
+  // Also called when a guest is hooked (after the policies are armed): the daemon arms what
+  // clients asked for. Set before guests connect.
+  void set_on_guest_hooked(std::function<void(const std::shared_ptr<Guest>&)> hook) {
+    on_guest_hooked_ = std::move(hook);
+  }
 
  private:
   friend class VerdictPromise;
@@ -168,6 +173,7 @@ class VerdictPipeline : public GuestEventRouter {
 
   PolicySet* policies_;
   Options options_;
+  std::function<void(const std::shared_ptr<Guest>&)> on_guest_hooked_;
   Stats stats_;
   std::atomic<uint64_t> next_event_id_{1};
 

@@ -335,11 +335,19 @@ VmIntrospection::Verdict VmIntrospection::Dispatch(const kvmi_msg_hdr& hdr, Byte
   }
   if (vcpu >= backend_->VcpuCount()) return Reply(hdr, -KVM_EINVAL, {});
   if (!backend_->VcpuInitialized(vcpu)) return Reply(hdr, -KVM_EAGAIN, {});
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!SessionLive()) return Verdict::kClose;
-  VcpuState* s = Vcpu(vcpu);
-  s->jobs.push_back(Job{hdr, payload.ToVector()});
-  s->cv.notify_all();  // the kick
+  // Copy the payload before taking mu_: the vCPUs of this VM contend for it.
+  Job job{hdr, payload.ToVector()};
+  VcpuState* s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!SessionLive()) return Verdict::kClose;
+    s = Vcpu(vcpu);
+    s->jobs.push_back(std::move(job));
+  }
+  // The kick, after unlocking: a vCPU woken while we still held mu_ would run at once (wake-up
+  // preemption on a busy core), block on mu_ and cost two more context switches. Only the vCPU's
+  // own thread waits on its cv, and VcpuState is never freed, so this is safe without mu_.
+  s->cv.notify_one();
   return Verdict::kContinue;
 }
 
@@ -777,7 +785,9 @@ std::optional<EventReply> VmIntrospection::SendEventAndWait(uint16_t vcpu, Event
   s->regs_after_reply.reset();
   lock.unlock();
 
-  std::vector<uint8_t> message;
+  // Only this vCPU's thread encodes into its buffer: no allocation per event once it has grown.
+  std::vector<uint8_t>& message = s->event_message;
+  message.clear();
   EncodeEvent(*event, &message);
   auto sent_at = Clock::now();
   if (!Send(message)) {

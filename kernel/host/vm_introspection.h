@@ -188,6 +188,7 @@ class VmIntrospection {
     Clock::time_point sent_at;
     std::optional<kvm_regs> regs_after_reply;     // SET_REGISTERS during an event
     std::optional<ToolException> tool_exception;  // INJECT_EXCEPTION
+    std::vector<uint8_t> event_message;           // vCPU thread only: reused encode buffer
   };
 
   // Receive side.
