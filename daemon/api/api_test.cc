@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <future>
 #include <thread>
 
 #include "daemon/api/introspection_service.h"
@@ -318,6 +319,227 @@ TEST_F(ApiTest, TheApiIsAlsoServedOverTcp) {
   grpc::ClientContext ctx;
   kvmi::v1::ListVMsResponse list;
   EXPECT_TRUE(tcp->ListVMs(&ctx, {}, &list).ok());
+}
+
+// A host that answers GET_REGISTERS with recognisable values and fails reads at 0xbad000.
+ScriptedHost::Responder RichResponder() {
+  auto defaults = std::make_shared<ScriptedHost>();
+  return [defaults](const ReceivedMessage& m) {
+    std::vector<uint8_t> out;
+    if (m.hdr.id == KVMI_GET_REGISTERS) {
+      kvmi::GetRegistersRequest request;
+      kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
+      kvmi::RegistersReply reply;
+      reply.mode = 8;
+      reply.regs.rip = 0xffffffff81001234;
+      reply.sregs.cr3 = 0x1000 * (request.vcpu + 1);
+      for (uint32_t index : request.msrs)
+        reply.msrs.push_back(kvm_msr_entry{index, 0, index + 1ull});
+      std::vector<uint8_t> data;
+      kvmi::ByteWriter w(&data);
+      kvmi::EncodeReplyData(reply, w);
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
+      return std::optional<std::vector<uint8_t>>(out);
+    }
+    if (m.hdr.id == KVMI_READ_PHYSICAL) {
+      kvmi::ReadPhysicalRequest request;
+      kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
+      if (request.gpa == 0xbad000) {
+        kvmi::EncodeReply(m.hdr.id, m.hdr.seq, -KVM_EINVAL, {}, &out);
+        return std::optional<std::vector<uint8_t>>(out);
+      }
+    }
+    return std::optional<std::vector<uint8_t>>(defaults->DefaultReply(m));
+  };
+}
+
+TEST_F(ApiTest, ControlRpcsReadRegistersAndMemoryAndReportErrorsByName) {
+  ScriptedHost* host = Connect(7, "ctl");
+  host->set_responder(RichResponder());
+  grpc::ClientContext regs_ctx;
+  kvmi::v1::GetRegistersRequest regs_request;
+  regs_request.set_vm("ctl");
+  regs_request.set_vcpu(1);
+  regs_request.add_msrs(0xC0000082);
+  kvmi::v1::GetRegistersResponse regs;
+  ASSERT_TRUE(stub_->GetRegisters(&regs_ctx, regs_request, &regs).ok());
+  EXPECT_EQ(regs.mode(), 8u);
+  EXPECT_EQ(regs.registers().rip(), 0xffffffff81001234u);
+  EXPECT_EQ(regs.registers().cr3(), 0x2000u);
+  ASSERT_EQ(regs.msrs_size(), 1);
+  EXPECT_EQ(regs.msrs(0).value(), 0xC0000083u);
+
+  grpc::ClientContext bad_vcpu_ctx;
+  regs_request.set_vcpu(9);
+  grpc::Status bad_vcpu = stub_->GetRegisters(&bad_vcpu_ctx, regs_request, &regs);
+  EXPECT_EQ(bad_vcpu.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_vcpu.error_message(), HasSubstr("vcpu"));
+
+  // 10 000 bytes across pages, reassembled in order.
+  grpc::ClientContext read_ctx;
+  kvmi::v1::ReadPhysicalRequest read;
+  read.set_vm("ctl");
+  read.set_gpa(0x1ff0);
+  read.set_size(10000);
+  kvmi::v1::ReadPhysicalResponse data;
+  ASSERT_TRUE(stub_->ReadPhysical(&read_ctx, read, &data).ok());
+  ASSERT_EQ(data.data().size(), 10000u);
+  EXPECT_EQ(static_cast<uint8_t>(data.data()[5000]), static_cast<uint8_t>(0x1ff0 + 5000));
+
+  grpc::ClientContext einval_ctx;
+  read.set_gpa(0xbad000);
+  read.set_size(16);
+  grpc::Status einval = stub_->ReadPhysical(&einval_ctx, read, &data);
+  EXPECT_EQ(einval.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(einval.error_message(), HasSubstr("KVM_EINVAL"));
+
+  grpc::ClientContext zero_ctx;
+  read.set_size(0);
+  EXPECT_EQ(stub_->ReadPhysical(&zero_ctx, read, &data).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
+  grpc::ClientContext write_ctx;
+  kvmi::v1::WritePhysicalRequest write;
+  write.set_vm("ctl");
+  write.set_gpa(0x3000);
+  write.set_data(std::string(5000, 'x'));
+  kvmi::v1::WritePhysicalResponse written;
+  ASSERT_TRUE(stub_->WritePhysical(&write_ctx, write, &written).ok());
+  EXPECT_TRUE(host->WaitForId(KVMI_WRITE_PHYSICAL));
+
+  grpc::ClientContext missing_ctx;
+  read.set_vm("nope");
+  read.set_size(1);
+  EXPECT_EQ(stub_->ReadPhysical(&missing_ctx, read, &data).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ApiTest, PauseHoldsTheVcpuUntilResume) {
+  ScriptedHost* host = Connect(8, "pausable");
+  auto paused = std::async(std::launch::async, [&] {
+    grpc::ClientContext ctx;
+    kvmi::v1::PauseVCPURequest request;
+    request.set_vm("pausable");
+    request.set_vcpu(1);
+    kvmi::v1::PauseVCPUResponse response;
+    grpc::Status s = stub_->PauseVCPU(&ctx, request, &response);
+    return s.ok() && response.paused_size() == 1;
+  });
+  ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 77));
+  EXPECT_TRUE(paused.get());
+  grpc::ClientContext get_ctx;
+  kvmi::v1::GetVMRequest get;
+  get.set_vm("pausable");
+  kvmi::v1::VM vm;
+  ASSERT_TRUE(stub_->GetVM(&get_ctx, get, &vm).ok());
+  EXPECT_EQ(vm.state(), kvmi::v1::VM_STATE_HOOKED);  // one of two vCPUs paused
+  EXPECT_FALSE(host->WaitFor([](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY; },
+                             std::chrono::milliseconds(200)));
+  grpc::ClientContext resume_ctx;
+  kvmi::v1::ResumeVCPURequest resume;
+  resume.set_vm("pausable");
+  kvmi::v1::ResumeVCPUResponse resumed;
+  ASSERT_TRUE(stub_->ResumeVCPU(&resume_ctx, resume, &resumed).ok());
+  EXPECT_THAT(resumed.resumed(), ::testing::ElementsAre(1u));
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 77; }));
+  grpc::ClientContext again_ctx;
+  resume.set_vcpu(1);
+  EXPECT_EQ(stub_->ResumeVCPU(&again_ctx, resume, &resumed).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
+  ScriptedHost* host = Connect(9, "attached");
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("debugger");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->set_deadline_ms(5000);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  EXPECT_THAT(response.claimed().owner(), HasSubstr("client:debugger#"));
+  auto armed = [](bool enable) {
+    return [enable](const ReceivedMessage& m) {
+      kvmi::ControlEventsRequest r;
+      return m.hdr.id == KVMI_CONTROL_EVENTS &&
+             kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() &&
+             r.event_id == KVMI_EVENT_BREAKPOINT && r.enable == enable;
+    };
+  };
+  EXPECT_TRUE(host->WaitFor(armed(true)));
+
+  kvmi::Event bp = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 3);
+  bp.common.arch.regs.rip = 0x401000;
+  bp.specific.breakpoint.gpa = 0x401000;
+  bp.specific.breakpoint.insn_len = 1;
+  host->SendEvent(bp);
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  EXPECT_EQ(response.event().type(), kvmi::v1::EVENT_BREAKPOINT);
+  EXPECT_EQ(response.event().breakpoint().gpa(), 0x401000u);
+  EXPECT_EQ(response.event().registers().rip(), 0x401000u);
+  uint64_t id = response.event().id();
+
+  // Nothing invalid reaches the guest: KEEP_OLD is not a breakpoint action.
+  kvmi::v1::AttachRequest wrong;
+  wrong.mutable_verdict()->set_event_id(id);
+  wrong.mutable_verdict()->set_action(kvmi::v1::ACTION_KEEP_OLD);
+  ASSERT_TRUE(stream->Write(wrong));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_error());
+  EXPECT_THAT(response.error().message(), HasSubstr("KEEP_OLD"));
+
+  // Skip the INT3 (RIP + 1) and retry: SET_REGISTERS and the reply go out together.
+  kvmi::v1::AttachRequest verdict;
+  verdict.mutable_verdict()->set_event_id(id);
+  verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_RETRY);
+  verdict.mutable_verdict()->mutable_set_registers()->set_rip(0x401001);
+  ASSERT_TRUE(stream->Write(verdict));
+  auto set = host->WaitForId(KVMI_SET_REGISTERS);
+  ASSERT_TRUE(set);
+  kvmi::SetRegistersRequest regs;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(set->payload), &regs).ok());
+  EXPECT_EQ(regs.regs.rip, 0x401001u);
+  auto reply = host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 3; });
+  ASSERT_TRUE(reply);
+  kvmi::EventReply decoded;
+  ASSERT_TRUE(
+      kvmi::DecodeEventReply(kvmi::ByteView(reply->payload), KVMI_EVENT_BREAKPOINT, &decoded).ok());
+  EXPECT_EQ(decoded.action, KVMI_EVENT_ACTION_RETRY);
+
+  // The client dies holding an event: the guest is answered at once (not after 5 s), and the
+  // breakpoint interception it armed is disarmed.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 1, 4));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  auto died = Clock::now();
+  ctx.TryCancel();
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 4; }));
+  EXPECT_LT(Clock::now() - died, std::chrono::seconds(3));
+  EXPECT_TRUE(host->WaitFor(armed(false)));
+  EXPECT_GE(daemon_->pipeline().stats().fallback_handler_gone.load(), 1u);
+}
+
+TEST_F(ApiTest, AttachRejectsABadClaim) {
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("x");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_UNHOOK);  // never answered: not claimable
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.events[0]"));
 }
 
 }  // namespace

@@ -6,10 +6,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <thread>
 
 #include "daemon/config/policy_convert.h"
 #include "kernel/abi/protocol.h"
@@ -350,6 +355,470 @@ Status IntrospectionService::DeletePolicy(grpc::ServerContext*,
     return Status(StatusCode::NOT_FOUND, "no policy '" + request->name() + "'");
   }
   spdlog::info("policy {} deleted through the API", request->name());
+  return Status::OK;
+}
+
+// ---- verdicts, statuses ------------------------------------------------------------------------
+
+std::string FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out) {
+  const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
+  *out = Verdict();
+  switch (in.action()) {
+    case kvmi::v1::ACTION_CONTINUE:
+      out->action = KVMI_EVENT_ACTION_CONTINUE;
+      break;
+    case kvmi::v1::ACTION_RETRY:
+      out->action = KVMI_EVENT_ACTION_RETRY;
+      break;
+    case kvmi::v1::ACTION_CRASH:
+      out->action = KVMI_EVENT_ACTION_CRASH;
+      break;
+    case kvmi::v1::ACTION_KEEP_OLD:
+      if (event.id() != KVMI_EVENT_CR && event.id() != KVMI_EVENT_MSR) {
+        return "action: ACTION_KEEP_OLD applies to CR and MSR events only";
+      }
+      out->action = KVMI_EVENT_ACTION_CONTINUE;
+      out->keep_old = true;
+      break;
+    default:
+      return "action: required (CONTINUE, RETRY, CRASH or KEEP_OLD)";
+  }
+  // Nothing the event cannot take reaches the guest: RETRY on a CR write would make it #GP.
+  if ((info->allowed_actions & (1u << out->action)) == 0) {
+    return std::string("action: ") + kvmi::ActionName(out->action) + " is not an action of " +
+           kvmi::EventName(event.id());
+  }
+  if (in.has_new_value()) {
+    if (event.id() != KVMI_EVENT_CR && event.id() != KVMI_EVENT_MSR) {
+      return "new_value: only CR and MSR events take a new value";
+    }
+    if (out->keep_old) return "new_value: conflicts with ACTION_KEEP_OLD";
+    out->new_value = in.new_value();
+  }
+  if (in.has_pf()) {
+    if (event.id() != KVMI_EVENT_PF) return "pf: only PF events take PF reply data";
+    if (in.pf().ctx_data().size() > KVMI_CTX_DATA_SIZE) return "pf.ctx_data: at most 256 bytes";
+    kvmi_event_pf_reply pf{};
+    pf.ctx_addr = in.pf().ctx_addr();
+    pf.ctx_size = static_cast<uint32_t>(in.pf().ctx_data().size());
+    std::memcpy(pf.ctx_data, in.pf().ctx_data().data(), in.pf().ctx_data().size());
+    pf.singlestep = in.pf().singlestep() ? 1 : 0;
+    pf.rep_complete = in.pf().rep_complete() ? 1 : 0;
+    out->pf = pf;
+  }
+  if (in.has_set_registers()) {
+    const kvmi::v1::Registers& r = in.set_registers();
+    kvm_regs regs{};
+    regs.rax = r.rax(), regs.rbx = r.rbx(), regs.rcx = r.rcx(), regs.rdx = r.rdx();
+    regs.rsi = r.rsi(), regs.rdi = r.rdi(), regs.rsp = r.rsp(), regs.rbp = r.rbp();
+    regs.r8 = r.r8(), regs.r9 = r.r9(), regs.r10 = r.r10(), regs.r11 = r.r11();
+    regs.r12 = r.r12(), regs.r13 = r.r13(), regs.r14 = r.r14(), regs.r15 = r.r15();
+    regs.rip = r.rip(), regs.rflags = r.rflags();
+    out->registers = regs;
+  }
+  return "";
+}
+
+Status ToStatus(const CommandResult& r, const std::string& what) {
+  switch (r.status) {
+    case CommandResult::Status::kOk:
+      return Status::OK;
+    case CommandResult::Status::kKvmiError: {
+      StatusCode code = StatusCode::UNKNOWN;
+      switch (-r.err) {
+        case KVM_EINVAL:
+          code = StatusCode::INVALID_ARGUMENT;
+          break;
+        case KVM_EPERM:
+          code = StatusCode::PERMISSION_DENIED;
+          break;
+        case KVM_ENOENT:
+          code = StatusCode::NOT_FOUND;
+          break;
+        case KVM_EAGAIN:
+        case KVM_EBUSY:
+          code = StatusCode::UNAVAILABLE;
+          break;
+        case KVM_EOPNOTSUPP:
+          code = StatusCode::UNIMPLEMENTED;
+          break;
+        case KVM_ENOMEM:
+          code = StatusCode::RESOURCE_EXHAUSTED;
+          break;
+        default:
+          break;
+      }
+      return Status(code, what + ": the host answered " + kvmi::ErrorName(r.err));
+    }
+    case CommandResult::Status::kInvalid:
+      return Status(StatusCode::INVALID_ARGUMENT, what + ": " + r.message);
+    case CommandResult::Status::kClosed:
+      return Status(StatusCode::UNAVAILABLE, what + ": the guest is gone (" + r.message + ")");
+    case CommandResult::Status::kTimeout:
+      return Status(StatusCode::DEADLINE_EXCEEDED, what + ": the guest did not answer in time");
+    case CommandResult::Status::kProtocolError:
+      return Status(StatusCode::INTERNAL, what + ": " + r.message);
+  }
+  return Status(StatusCode::UNKNOWN, what);
+}
+
+namespace {
+
+// Waits for an asynchronous command on the RPC thread, within the client's deadline.
+template <typename T>
+class Waiter {
+ public:
+  std::function<void(T)> callback() {
+    auto state = state_;
+    return [state](T value) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->value = std::move(value);
+      state->cv.notify_all();
+    };
+  }
+  // False if the call was cancelled or its deadline passed first.
+  bool Wait(grpc::ServerContext* context, T* out) {
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    while (!state_->value) {
+      if (context->IsCancelled()) return false;
+      state_->cv.wait_for(lock, std::chrono::milliseconds(50));
+    }
+    *out = std::move(*state_->value);
+    return true;
+  }
+
+ private:
+  struct State {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::optional<T> value;
+  };
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+};
+
+// A remote handler behind one Attach stream.
+class StreamHandler : public VerdictHandler {
+ public:
+  explicit StreamHandler(std::string id) : id_(std::move(id)) {}
+  std::string id() const override { return id_; }
+
+  void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closed_) return;  // the promise dies here: fallback at once
+    pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
+    outbox_.push_back(kvmi::v1::AttachResponse());
+    ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}};
+    *outbox_.back().mutable_event() = ToProto(observed, /*include_registers=*/true);
+    outbox_.back().mutable_event()->clear_action();
+    outbox_.back().mutable_event()->clear_decided_by();
+    cv_.notify_all();
+  }
+
+  // A verdict from the client; errors go back on the stream.
+  void Answer(const kvmi::v1::Verdict& verdict) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = pending_.find(verdict.event_id());
+    std::string error;
+    if (it == pending_.end()) {
+      error = "event " + std::to_string(verdict.event_id()) +
+              " is not pending (answered, past its deadline, or never sent)";
+    } else {
+      Verdict v;
+      error = FromProto(verdict, it->second.ctx.event, &v);
+      if (error.empty()) {
+        v.decided_by = "handler:" + id_;
+        if (!it->second.promise.Answer(std::move(v))) error = "event already answered (deadline)";
+        pending_.erase(it);
+      }
+    }
+    if (!error.empty()) {
+      outbox_.push_back(kvmi::v1::AttachResponse());
+      outbox_.back().mutable_error()->set_event_id(verdict.event_id());
+      outbox_.back().mutable_error()->set_message(error);
+      cv_.notify_all();
+    }
+  }
+
+  std::deque<kvmi::v1::AttachResponse> Take(std::chrono::milliseconds wait) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait_for(lock, wait, [&] { return !outbox_.empty(); });
+    std::deque<kvmi::v1::AttachResponse> out;
+    out.swap(outbox_);
+    // Promises of events whose deadline passed are dead weight now.
+    auto now = Clock::now();
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      it = it->second.ctx.deadline < now - std::chrono::seconds(1) ? pending_.erase(it)
+                                                                   : std::next(it);
+    }
+    return out;
+  }
+
+  // The stream is over: every unanswered event falls back now.
+  void Close() {
+    std::map<uint64_t, Pending> dying;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      closed_ = true;
+      dying.swap(pending_);
+    }
+  }
+
+ private:
+  struct Pending {
+    EventContext ctx;
+    VerdictPromise promise;
+  };
+  const std::string id_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+  std::map<uint64_t, Pending> pending_;
+  std::deque<kvmi::v1::AttachResponse> outbox_;
+};
+
+bool ValidHandlerId(const std::string& id) {
+  if (id.empty() || id.size() > 64) return false;
+  for (char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Status IntrospectionService::FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest) {
+  if (vm.empty()) return Invalid("vm", "a UUID or name is required");
+  *guest = daemon_->registry().Lookup(vm);
+  if (!*guest) return Status(StatusCode::NOT_FOUND, "no guest '" + vm + "'");
+  if ((*guest)->state() != GuestState::kHooked || !(*guest)->session()) {
+    return Status(StatusCode::UNAVAILABLE,
+                  "guest '" + vm + "' is " + GuestStateName((*guest)->state()));
+  }
+  return Status::OK;
+}
+
+Status IntrospectionService::Attach(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<kvmi::v1::AttachResponse, kvmi::v1::AttachRequest>* stream) {
+  kvmi::v1::AttachRequest first;
+  if (!stream->Read(&first)) return Status::OK;
+  if (!first.has_claim()) return Invalid("claim", "the first message must be a Claim");
+  const kvmi::v1::Claim& claim = first.claim();
+  if (!ValidHandlerId(claim.handler_id())) {
+    return Invalid("claim.handler_id", "1-64 characters from [A-Za-z0-9._-]");
+  }
+  HandlerClaim handler_claim;
+  handler_claim.vms.assign(claim.vms().begin(), claim.vms().end());
+  for (int i = 0; i < claim.events_size(); ++i) {
+    uint8_t id;
+    if (!FromEventType(claim.events(i), &id) || !kvmi::FindEvent(id)->has_reply) {
+      return Invalid("claim.events[" + std::to_string(i) + "]", "not a blocking event type");
+    }
+    handler_claim.events.insert(id);
+  }
+  if (claim.deadline_ms() > 60000) return Invalid("claim.deadline_ms", "at most 60000");
+  handler_claim.deadline = std::chrono::milliseconds(claim.deadline_ms());
+  switch (claim.fallback()) {
+    case kvmi::v1::ACTION_UNSPECIFIED:
+      break;
+    case kvmi::v1::ACTION_CONTINUE:
+      handler_claim.fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+      break;
+    case kvmi::v1::ACTION_CRASH:
+      handler_claim.fallback_action = KVMI_EVENT_ACTION_CRASH;
+      break;
+    default:
+      return Invalid("claim.fallback", "CONTINUE or CRASH");
+  }
+  Arming arming;
+  for (int i = 0; i < claim.arm_events_size(); ++i) {
+    uint8_t id;
+    if (!FromEventType(claim.arm_events(i), &id) || kvmi::FindEvent(id)->vm_event ||
+        id == KVMI_EVENT_PAUSE_VCPU) {
+      return Invalid("claim.arm_events[" + std::to_string(i) + "]",
+                     "not an event enabled per vCPU");
+    }
+    arming.vcpu_events.insert(id);
+  }
+  for (uint32_t cr : claim.arm_crs()) {
+    if (cr != 0 && cr != 3 && cr != 4) return Invalid("claim.arm_crs", "0, 3 or 4");
+    arming.crs.insert(cr);
+  }
+  for (uint32_t msr : claim.arm_msrs()) {
+    bool low = msr <= KVMI_MSR_LOW_LAST;
+    bool high = msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST;
+    if (!low && !high) return Invalid("claim.arm_msrs", "0-0x1fff or 0xc0000000-0xc0001fff");
+    arming.msrs.insert(msr);
+  }
+
+  const OwnerId owner = "client:" + claim.handler_id() + "#" + std::to_string(next_stream_++);
+  auto handler = std::make_shared<StreamHandler>(claim.handler_id());
+  VerdictPipeline::Registration registration =
+      daemon_->pipeline().RegisterHandler(handler, handler_claim);
+  daemon_->SetClientArming(owner, handler_claim.vms, arming);
+  spdlog::info(
+      "{} attached: {} event types, {} guests selected", owner, handler_claim.events.size(),
+      handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
+  kvmi::v1::AttachResponse claimed;
+  claimed.mutable_claimed()->set_owner(owner);
+  bool open = stream->Write(claimed);
+
+  std::atomic<bool> reading{true};
+  std::thread reader([&] {
+    kvmi::v1::AttachRequest request;
+    while (stream->Read(&request)) {
+      if (request.has_verdict()) handler->Answer(request.verdict());
+    }
+    reading = false;
+  });
+  while (open && reading && !context->IsCancelled()) {
+    for (kvmi::v1::AttachResponse& response : handler->Take(std::chrono::milliseconds(100))) {
+      if (!(open = stream->Write(response))) break;
+    }
+  }
+  // The client is gone (or the stream broke): its events fall back now, its arming goes.
+  registration.Reset();
+  handler->Close();
+  daemon_->ReleaseOwner(owner);
+  context->TryCancel();  // unblocks the reader if the client is still half-open
+  reader.join();
+  spdlog::info("{} detached", owner);
+  return Status::OK;
+}
+
+Status IntrospectionService::GetRegisters(grpc::ServerContext* context,
+                                          const kvmi::v1::GetRegistersRequest* request,
+                                          kvmi::v1::GetRegistersResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->vcpu() >= guest->vcpu_count()) {
+    return Invalid("vcpu", std::to_string(request->vcpu()) + " is not below the guest's " +
+                               std::to_string(guest->vcpu_count()) + " vCPUs");
+  }
+  if (static_cast<size_t>(request->msrs_size()) > kvmi::kMaxGetRegistersMsrs) {
+    return Invalid("msrs", "at most 226 MSRs fit one reply");
+  }
+  kvmi::GetRegistersRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  command.msrs.assign(request->msrs().begin(), request->msrs().end());
+  Waiter<CommandResult> waiter;
+  guest->session()->Send(command, waiter.callback());
+  CommandResult result;
+  if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  if (!result.ok()) return ToStatus(result, "GetRegisters");
+  kvmi::RegistersReply reply;
+  kvmi::DecodeStatus decoded =
+      kvmi::DecodeReplyData(kvmi::ByteView(result.data), command.msrs.size(), &reply);
+  if (!decoded.ok())
+    return Status(StatusCode::INTERNAL, "GetRegisters reply: " + decoded.ToString());
+  response->set_mode(reply.mode);
+  kvmi::Event as_event;  // reuse the event converter for the register block
+  as_event.common.arch.regs = reply.regs;
+  as_event.common.arch.sregs = reply.sregs;
+  ObservedEvent observed{guest, as_event, Verdict(), {}, 0, {}};
+  *response->mutable_registers() = ToProto(observed, true).registers();
+  for (const kvm_msr_entry& e : reply.msrs) {
+    kvmi::v1::MsrValue* msr = response->add_msrs();
+    msr->set_index(e.index);
+    msr->set_value(e.data);
+  }
+  return Status::OK;
+}
+
+constexpr uint64_t kMaxApiTransfer = 16ull << 20;
+
+Status IntrospectionService::ReadPhysical(grpc::ServerContext* context,
+                                          const kvmi::v1::ReadPhysicalRequest* request,
+                                          kvmi::v1::ReadPhysicalResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->size() == 0 || request->size() > kMaxApiTransfer) {
+    return Invalid("size", "1 .. 16 MiB");
+  }
+  if (request->gpa() + request->size() < request->gpa()) return Invalid("gpa", "range wraps");
+  Waiter<CommandResult> waiter;
+  guest->session()->ReadPhysical(request->gpa(), request->size(), waiter.callback());
+  CommandResult result;
+  if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  if (!result.ok()) return ToStatus(result, "ReadPhysical");
+  response->set_data(result.data.data(), result.data.size());
+  return Status::OK;
+}
+
+Status IntrospectionService::WritePhysical(grpc::ServerContext* context,
+                                           const kvmi::v1::WritePhysicalRequest* request,
+                                           kvmi::v1::WritePhysicalResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->data().empty() || request->data().size() > kMaxApiTransfer) {
+    return Invalid("data", "1 byte .. 16 MiB");
+  }
+  if (request->gpa() + request->data().size() < request->gpa()) {
+    return Invalid("gpa", "range wraps");
+  }
+  Waiter<CommandResult> waiter;
+  guest->session()->WritePhysical(
+      request->gpa(), std::vector<uint8_t>(request->data().begin(), request->data().end()),
+      waiter.callback());
+  CommandResult result;
+  if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  return ToStatus(result, "WritePhysical");
+}
+
+// Pauses taken through the unary API belong to one owner: any client may resume them.
+const char* const kApiPauseOwner = "api";
+
+Status IntrospectionService::PauseVCPU(grpc::ServerContext* context,
+                                       const kvmi::v1::PauseVCPURequest* request,
+                                       kvmi::v1::PauseVCPUResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  uint32_t count = guest->vcpu_count();
+  std::vector<uint16_t> vcpus;
+  if (request->has_vcpu()) {
+    if (request->vcpu() >= count) {
+      return Invalid("vcpu", std::to_string(request->vcpu()) + " is not below the guest's " +
+                                 std::to_string(count) + " vCPUs");
+    }
+    vcpus.push_back(static_cast<uint16_t>(request->vcpu()));
+  } else {
+    for (uint32_t v = 0; v < count; ++v) vcpus.push_back(static_cast<uint16_t>(v));
+  }
+  std::vector<Waiter<CommandResult>> waiters(vcpus.size());
+  for (size_t i = 0; i < vcpus.size(); ++i) {
+    guest->Pause(kApiPauseOwner, vcpus[i], waiters[i].callback());
+  }
+  for (size_t i = 0; i < vcpus.size(); ++i) {
+    CommandResult result;
+    if (!waiters[i].Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+    if (!result.ok()) return ToStatus(result, "PauseVCPU " + std::to_string(vcpus[i]));
+    response->add_paused(vcpus[i]);
+  }
+  return Status::OK;
+}
+
+Status IntrospectionService::ResumeVCPU(grpc::ServerContext*,
+                                        const kvmi::v1::ResumeVCPURequest* request,
+                                        kvmi::v1::ResumeVCPUResponse* response) {
+  if (request->vm().empty()) return Invalid("vm", "a UUID or name is required");
+  std::shared_ptr<Guest> guest = daemon_->registry().Lookup(request->vm());
+  if (!guest) return Status(StatusCode::NOT_FOUND, "no guest '" + request->vm() + "'");
+  GuestSnapshot snapshot = guest->Snapshot();
+  for (const auto& [vcpu, owner] : snapshot.paused_vcpus) {
+    if (owner != kApiPauseOwner) continue;
+    if (request->has_vcpu() && vcpu != request->vcpu()) continue;
+    if (guest->Resume(kApiPauseOwner, vcpu)) response->add_resumed(vcpu);
+  }
+  if (request->has_vcpu() && response->resumed_size() == 0) {
+    return Status(StatusCode::FAILED_PRECONDITION,
+                  "vCPU " + std::to_string(request->vcpu()) + " is not paused by the API");
+  }
   return Status::OK;
 }
 

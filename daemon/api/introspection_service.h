@@ -6,6 +6,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,9 +36,29 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
   grpc::Status DeletePolicy(grpc::ServerContext* context,
                             const kvmi::v1::DeletePolicyRequest* request,
                             kvmi::v1::DeletePolicyResponse* response) override;
+  grpc::Status Attach(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<kvmi::v1::AttachResponse, kvmi::v1::AttachRequest>* stream) override;
+  grpc::Status GetRegisters(grpc::ServerContext* context,
+                            const kvmi::v1::GetRegistersRequest* request,
+                            kvmi::v1::GetRegistersResponse* response) override;
+  grpc::Status ReadPhysical(grpc::ServerContext* context,
+                            const kvmi::v1::ReadPhysicalRequest* request,
+                            kvmi::v1::ReadPhysicalResponse* response) override;
+  grpc::Status WritePhysical(grpc::ServerContext* context,
+                             const kvmi::v1::WritePhysicalRequest* request,
+                             kvmi::v1::WritePhysicalResponse* response) override;
+  grpc::Status PauseVCPU(grpc::ServerContext* context, const kvmi::v1::PauseVCPURequest* request,
+                         kvmi::v1::PauseVCPUResponse* response) override;
+  grpc::Status ResumeVCPU(grpc::ServerContext* context, const kvmi::v1::ResumeVCPURequest* request,
+                          kvmi::v1::ResumeVCPUResponse* response) override;
 
  private:
+  // The guest a request names, or the status to return.
+  grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest);
+
   Daemon* daemon_;
+  std::atomic<uint64_t> next_stream_{1};
 };
 
 // Server lifecycle: reflection and grpc.health.v1 on; UNIX socket and/or TCP.
@@ -61,6 +82,10 @@ class ApiServer {
 kvmi::v1::VM ToProto(const GuestSnapshot& snapshot,
                      const std::map<std::string, std::string>& labels);
 kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers);
+// A client's verdict for `event`, checked against what the event accepts; "" or the error.
+std::string FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out);
+// A command result as a gRPC status; KVMI errors keep their name ("KVM_EPERM").
+grpc::Status ToStatus(const CommandResult& result, const std::string& what);
 
 }  // namespace kvmid
 

@@ -170,6 +170,13 @@ std::shared_ptr<VerdictPipeline::HandlerEntry> VerdictPipeline::FindHandler(cons
         std::find(claim.guests.begin(), claim.guests.end(), uuid) == claim.guests.end()) {
       continue;
     }
+    if (!claim.vms.empty()) {
+      std::string uuid_text = kvmi::UuidToString(uuid);
+      bool named = std::any_of(claim.vms.begin(), claim.vms.end(), [&](const std::string& vm) {
+        return vm == guest.name || vm == uuid_text;
+      });
+      if (!named) continue;
+    }
     return entry;
   }
   return nullptr;

@@ -71,7 +71,8 @@ class VerdictHandler {
 
 struct HandlerClaim {
   std::set<uint8_t> events;                // event ids; empty = every blocking event
-  std::vector<kvmi::Uuid> guests;          // empty = every guest
+  std::vector<kvmi::Uuid> guests;          // empty = every guest (see also `vms`)
+  std::vector<std::string> vms;            // UUID text or names; empty = every guest
   std::chrono::milliseconds deadline{0};   // 0 = the event type's default
   std::optional<uint8_t> fallback_action;  // unset = the event type's default
 };
