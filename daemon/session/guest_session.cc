@@ -126,16 +126,22 @@ void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
                                       const std::function<void(bool)>& done) {
   auto* self = this;
   {
-    auto it = self->pending_events_.find(reply.vcpu);
-    if (self->closed_ || it == self->pending_events_.end() || it->second.seq != reply.seq) {
+    if (closed_ || reply.vcpu >= pending_events_.size() || !pending_events_[reply.vcpu].waiting ||
+        pending_events_[reply.vcpu].seq != reply.seq) {
       if (done) done(false);  // answered already (e.g. by the fallback), or gone
       return;
     }
-    self->pending_events_.erase(it);
-    std::vector<uint8_t> wire;
+    pending_events_[reply.vcpu].waiting = false;
     if (batched.empty()) {
-      kvmi::EncodeEventReply(reply, &wire);
-    } else {
+      // The common case: encoded straight into the outgoing buffer.
+      kvmi::EncodeEventReply(reply, &out_);
+      counters_.event_replies++;
+      FlushWrites();
+      if (done) done(true);
+      return;
+    }
+    std::vector<uint8_t> wire;
+    {
       // One write: CMD_RESPONSE(off, now) + commands + event reply + CMD_RESPONSE(on, now).
       // Only the closing command is answered; its callback surfaces a dropped-batch failure.
       kvmi::BatchBuilder batch(&wire, self->NextSeq());
@@ -278,15 +284,16 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
   if (info->has_reply) {
     // §7.3: at most one outstanding event per vCPU. A second one means the peer is not a v6
     // kernel we understand; answering either would be guesswork.
-    auto [it, inserted] =
-        pending_events_.emplace(event.vcpu(), PendingEvent{event.seq, event.id()});
-    if (!inserted) {
+    if (event.vcpu() >= pending_events_.size()) pending_events_.resize(event.vcpu() + 1u);
+    PendingEvent& pending = pending_events_[event.vcpu()];
+    if (pending.waiting) {
       spdlog::warn("{}: vCPU {} sent {} (seq {}) while {} (seq {}) is unanswered", log_name_,
                    event.vcpu(), kvmi::EventName(event.id()), event.seq,
-                   kvmi::EventName(it->second.event), it->second.seq);
+                   kvmi::EventName(pending.event), pending.seq);
       CloseInLoop("protocol error: two outstanding events on one vCPU");
       return;
     }
+    pending = PendingEvent{true, event.seq, event.id()};
   }
   listener_->OnEvent(shared_from_this(), event);
 }

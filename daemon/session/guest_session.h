@@ -127,8 +127,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
     CommandCallback done;
   };
   struct PendingEvent {
-    uint32_t seq;
-    uint8_t event;
+    bool waiting = false;
+    uint32_t seq = 0;
+    uint8_t event = 0;
   };
 
   void OnReadable(uint32_t epoll_events);
@@ -158,7 +159,8 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   bool want_write_ = false;
   uint32_t next_seq_ = 1;
   std::unordered_map<uint32_t, PendingCommand> pending_;
-  std::unordered_map<uint16_t, PendingEvent> pending_events_;  // by vCPU
+  // Indexed by vCPU (grown on demand): the event path allocates nothing to track it.
+  std::vector<PendingEvent> pending_events_;
   EventLoop::TimerId sweep_timer_ = 0;
   bool started_ = false;
 

@@ -119,6 +119,7 @@ uint64_t VerdictPipeline::AddObserver(EventObserver observer) {
   auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
   uint64_t id = next_observer_id_++;
   next->emplace_back(id, std::move(observer));
+  observer_count_ = next->size();
   std::atomic_store(
       &observers_,
       std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>>(std::move(next)));
@@ -131,7 +132,10 @@ void VerdictPipeline::RemoveObserver(uint64_t id) {
   next->erase(
       std::remove_if(next->begin(), next->end(), [id](const auto& o) { return o.first == id; }),
       next->end());
-  observers_ = std::move(next);
+  observer_count_ = next->size();
+  std::atomic_store(
+      &observers_,
+      std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>>(std::move(next)));
 }
 
 void VerdictPipeline::SetGuestLabels(const std::string& guest_name,

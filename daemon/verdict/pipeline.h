@@ -182,6 +182,7 @@ class VerdictPipeline : public GuestEventRouter {
   uint64_t next_handler_id_ = 1;
   std::vector<std::shared_ptr<HandlerEntry>> handlers_;
   uint64_t next_observer_id_ = 1;
+  std::atomic<size_t> observer_count_{0};  // the event path's cheap "anyone listening?"
   // Read with std::atomic_load on every event; replaced whole under mutex_.
   std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers_ =
       std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>();
