@@ -12,6 +12,7 @@
 #include <future>
 
 #include "daemon/testing/scripted_host.h"
+#include "daemon/testing/wait.h"
 #include "kernel/abi/protocol.h"
 #include "kernel/transport/socket.h"
 
@@ -23,16 +24,7 @@ using testing::MakeTestEvent;
 using testing::ReceivedMessage;
 using testing::ScriptedHost;
 
-// Polls a condition that has no notification of its own (registry state), with a deadline.
-template <typename Pred>
-bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
-  auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 kvmi::QemuHello Hello(uint8_t id, const std::string& name) {
   kvmi::QemuHello hello;

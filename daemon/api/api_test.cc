@@ -13,6 +13,7 @@
 
 #include "daemon/api/introspection_service.h"
 #include "daemon/testing/scripted_host.h"
+#include "daemon/testing/wait.h"
 #include "kernel/abi/protocol.h"
 #include "src/proto/grpc/reflection/v1alpha/reflection.grpc.pb.h"
 
@@ -25,15 +26,7 @@ using testing::MakeTestEvent;
 using testing::ReceivedMessage;
 using testing::ScriptedHost;
 
-template <typename Pred>
-bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
-  auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 class ApiTest : public ::testing::Test {
  protected:

@@ -15,6 +15,79 @@ constexpr size_t kMaxArmErrors = 16;
 
 const OwnerId kDaemonOwner = "daemon";
 
+using DeltaCallback = std::function<void(const std::string& what, const CommandResult& result)>;
+
+// How many completions SendDelta reports for the same arguments.
+size_t DeltaCompletions(const ArmingDelta& delta, bool vm_wide, uint32_t vcpus) {
+  size_t n = static_cast<size_t>(vcpus) *
+             (delta.vcpu_events.size() + delta.crs.size() + delta.msrs.size());
+  if (vm_wide) {
+    n += delta.vm_events.size();
+    n += (delta.page_access.size() + kvmi::kMaxSetPageAccessEntries - 1) /
+         kvmi::kMaxSetPageAccessEntries;
+  }
+  return n;
+}
+
+// Sends the commands that carry out `delta`: VM-wide ones when `vm_wide`, per-vCPU ones for
+// vCPUs [first_vcpu, end_vcpu). `done` runs once per command (per message for page access):
+// DeltaCompletions(delta, vm_wide, end_vcpu - first_vcpu) times.
+void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& delta, bool vm_wide,
+               uint32_t first_vcpu, uint32_t end_vcpu, const DeltaCallback& done) {
+  auto callback = [&done](std::string what) {
+    return [done, what = std::move(what)](CommandResult r) { done(what, r); };
+  };
+  if (vm_wide) {
+    for (auto [event, enable] : delta.vm_events) {
+      kvmi::ControlVmEventsRequest request;
+      request.event_id = event;
+      request.enable = enable;
+      session->Send(request, callback(std::string("CONTROL_VM_EVENTS ") + kvmi::EventName(event)));
+    }
+  }
+  for (uint32_t v = first_vcpu; v < end_vcpu; ++v) {
+    uint16_t vcpu = static_cast<uint16_t>(v);
+    for (auto [event, enable] : delta.vcpu_events) {
+      kvmi::ControlEventsRequest request;
+      request.vcpu = vcpu;
+      request.event_id = event;
+      request.enable = enable;
+      session->Send(request, callback(std::string("CONTROL_EVENTS ") + kvmi::EventName(event) +
+                                      " vCPU " + std::to_string(vcpu)));
+    }
+    for (auto [cr, enable] : delta.crs) {
+      kvmi::ControlCrRequest request;
+      request.vcpu = vcpu;
+      request.cr = cr;
+      request.enable = enable;
+      session->Send(request,
+                    callback("CONTROL_CR " + std::to_string(cr) + " vCPU " + std::to_string(vcpu)));
+    }
+    for (auto [msr, enable] : delta.msrs) {
+      kvmi::ControlMsrRequest request;
+      request.vcpu = vcpu;
+      request.msr = msr;
+      request.enable = enable;
+      session->Send(request, callback("CONTROL_MSR " + std::to_string(msr) + " vCPU " +
+                                      std::to_string(vcpu)));
+    }
+  }
+  if (vm_wide && !delta.page_access.empty()) {
+    std::vector<kvmi::PageAccess> entries;
+    entries.reserve(delta.page_access.size());
+    for (auto [gfn, access] : delta.page_access) {
+      kvmi::PageAccess entry;
+      entry.gpa = gfn * KVMI_PAGE_SIZE;
+      entry.access = access;
+      entries.push_back(entry);
+    }
+    session->SetPageAccess(std::move(entries),
+                           [done](std::vector<CommandResult> per_message, std::vector<int32_t>) {
+                             for (const CommandResult& r : per_message) done("SET_PAGE_ACCESS", r);
+                           });
+  }
+}
+
 }  // namespace
 
 const char* GuestStateName(GuestState state) {
@@ -263,98 +336,29 @@ void Guest::ApplyArming() {
       vcpus = self->vcpu_count_;
     }
     if (delta.empty()) return;
-    auto check = [self](std::string what) {
-      return [self, what = std::move(what)](CommandResult r) {
-        if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
-      };
-    };
-    for (auto [event, enable] : delta.vm_events) {
-      kvmi::ControlVmEventsRequest request;
-      request.event_id = event;
-      request.enable = enable;
-      session->Send(request, check(std::string("CONTROL_VM_EVENTS ") + kvmi::EventName(event)));
-    }
-    for (uint16_t vcpu = 0; vcpu < vcpus; ++vcpu) {
-      for (auto [event, enable] : delta.vcpu_events) {
-        kvmi::ControlEventsRequest request;
-        request.vcpu = vcpu;
-        request.event_id = event;
-        request.enable = enable;
-        session->Send(request, check(std::string("CONTROL_EVENTS ") + kvmi::EventName(event) +
-                                     " vCPU " + std::to_string(vcpu)));
-      }
-      for (auto [cr, enable] : delta.crs) {
-        kvmi::ControlCrRequest request;
-        request.vcpu = vcpu;
-        request.cr = cr;
-        request.enable = enable;
-        session->Send(request, check("CONTROL_CR " + std::to_string(cr)));
-      }
-      for (auto [msr, enable] : delta.msrs) {
-        kvmi::ControlMsrRequest request;
-        request.vcpu = vcpu;
-        request.msr = msr;
-        request.enable = enable;
-        session->Send(request, check("CONTROL_MSR " + std::to_string(msr)));
-      }
-    }
-    if (!delta.page_access.empty()) {
-      std::vector<kvmi::PageAccess> entries;
-      entries.reserve(delta.page_access.size());
-      for (auto [gfn, access] : delta.page_access) {
-        kvmi::PageAccess entry;
-        entry.gpa = gfn * KVMI_PAGE_SIZE;
-        entry.access = access;
-        entries.push_back(entry);
-      }
-      session->SetPageAccess(std::move(entries),
-                             [self](std::vector<CommandResult> per_message, std::vector<int32_t>) {
-                               for (const CommandResult& r : per_message) {
-                                 if (!r.ok())
-                                   self->RecordArmError("SET_PAGE_ACCESS: " + r.ToString());
-                               }
-                             });
-    }
+    SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
+              [self](const std::string& what, const CommandResult& r) {
+                if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
+              });
   });
 }
 
 void Guest::ArmNewVcpu(uint16_t vcpu) {
   std::shared_ptr<GuestSession> session;
-  Arming applied;
+  ArmingDelta delta;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (vcpu >= vcpu_count_) vcpu_count_ = vcpu + 1u;
     session = session_;
-    applied = applied_;
+    // The new vCPU gets what every other vCPU already has.
+    delta = Diff(Arming(), applied_);
   }
   if (!session) return;
   auto self = shared_from_this();
-  auto check = [self](std::string what) {
-    return [self, what = std::move(what)](CommandResult r) {
-      if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
-    };
-  };
-  for (uint8_t event : applied.vcpu_events) {
-    kvmi::ControlEventsRequest request;
-    request.vcpu = vcpu;
-    request.event_id = event;
-    request.enable = true;
-    session->Send(request, check("CONTROL_EVENTS (new vCPU " + std::to_string(vcpu) + ")"));
-  }
-  for (uint32_t cr : applied.crs) {
-    kvmi::ControlCrRequest request;
-    request.vcpu = vcpu;
-    request.cr = cr;
-    request.enable = true;
-    session->Send(request, check("CONTROL_CR (new vCPU)"));
-  }
-  for (uint32_t msr : applied.msrs) {
-    kvmi::ControlMsrRequest request;
-    request.vcpu = vcpu;
-    request.msr = msr;
-    request.enable = true;
-    session->Send(request, check("CONTROL_MSR (new vCPU)"));
-  }
+  SendDelta(session, delta, /*vm_wide=*/false, vcpu, vcpu + 1u,
+            [self](const std::string& what, const CommandResult& r) {
+              if (!r.ok()) self->RecordArmError(what + " (new vCPU): " + r.ToString());
+            });
 }
 
 void Guest::Unhook(const std::string& why, std::function<void()> done) {
@@ -378,58 +382,16 @@ void Guest::Unhook(const std::string& why, std::function<void()> done) {
   // kernel would restore page access at session end anyway, but intercepts left enabled would
   // cost the guest exits until then. Leases stay, to re-arm if the guest comes back.
   ArmingDelta delta = Diff(applied, Arming());
-  auto remaining = std::make_shared<size_t>(1);
+  auto remaining = std::make_shared<std::atomic<size_t>>(1);
   auto finish = [session, remaining, why, done] {
     if (--*remaining > 0) return;
     session->Close("unhooked: " + why);
     if (done) done();
   };
-  auto count = [remaining, finish](CommandResult) { finish(); };
-  for (auto [event, enable] : delta.vm_events) {
-    ++*remaining;
-    kvmi::ControlVmEventsRequest request;
-    request.event_id = event;
-    request.enable = false;
-    session->Send(request, count);
-  }
-  for (uint16_t vcpu = 0; vcpu < vcpus; ++vcpu) {
-    for (auto [event, enable] : delta.vcpu_events) {
-      ++*remaining;
-      kvmi::ControlEventsRequest request;
-      request.vcpu = vcpu;
-      request.event_id = event;
-      request.enable = false;
-      session->Send(request, count);
-    }
-    for (auto [cr, enable] : delta.crs) {
-      ++*remaining;
-      kvmi::ControlCrRequest request;
-      request.vcpu = vcpu;
-      request.cr = cr;
-      request.enable = false;
-      session->Send(request, count);
-    }
-    for (auto [msr, enable] : delta.msrs) {
-      ++*remaining;
-      kvmi::ControlMsrRequest request;
-      request.vcpu = vcpu;
-      request.msr = msr;
-      request.enable = false;
-      session->Send(request, count);
-    }
-  }
-  if (!delta.page_access.empty()) {
-    ++*remaining;
-    std::vector<kvmi::PageAccess> entries;
-    for (auto [gfn, access] : delta.page_access) {
-      kvmi::PageAccess entry;
-      entry.gpa = gfn * KVMI_PAGE_SIZE;
-      entry.access = KVMI_PAGE_ACCESS_RWX;
-      entries.push_back(entry);
-    }
-    session->SetPageAccess(std::move(entries), [finish](std::vector<CommandResult>,
-                                                        std::vector<int32_t>) { finish(); });
-  }
+  // Counted before anything is sent: a reply may come back before SendDelta returns.
+  *remaining += DeltaCompletions(delta, /*vm_wide=*/true, vcpus);
+  SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
+            [finish](const std::string&, const CommandResult&) { finish(); });
   session->loop()->RunInLoop(finish);  // drops the initial count
 }
 

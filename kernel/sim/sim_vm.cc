@@ -1,5 +1,6 @@
 #include "kernel/sim/sim_vm.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -80,6 +81,10 @@ SimVm::~SimVm() { Stop(); }
 
 void SimVm::Start() {
   if (started_.exchange(true)) return;
+  // Create spdlog's registry here, before the threads that log: its lazy first use from several
+  // threads at once happens inside Debian's uninstrumented libspdlog, which TSan cannot see
+  // synchronise.
+  spdlog::default_logger_raw();
   for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) StartVcpu(static_cast<uint16_t>(i));
   if (!config_.connector.endpoint.path.empty() ||
       config_.connector.endpoint.family == Endpoint::Family::kVsock) {

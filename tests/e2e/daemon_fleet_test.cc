@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "daemon/kvmid.h"
+#include "daemon/testing/wait.h"
 #include "kernel/sim/fleet.h"
 
 namespace kvmid {
@@ -23,15 +24,7 @@ namespace {
 constexpr uint32_t kMsrLstar = 0xC0000082;
 constexpr uint64_t kCr0Wp = 1ull << 16;
 
-template <typename Pred>
-bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
-  auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 class DaemonFleetTest : public ::testing::Test {
  protected:

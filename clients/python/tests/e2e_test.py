@@ -1,0 +1,492 @@
+"""End to end: the real kvmid and kvmi-sim guests (Bazel data deps), every RPC kvmid serves,
+called from Python through kvmi_client and through kvmictl, and both examples.
+
+Outside Bazel: KVMID_BIN=... KVMI_SIM_BIN=... /usr/bin/python3 tests/junit_runner.py
+tests/e2e_test.py (from clients/python after gen_protos.sh); the defaults are the runfiles
+paths, then bazel-out/k8-opt/bin.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLIENT_DIR = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(CLIENT_DIR))  # the runfiles root under Bazel
+KVMICTL = os.path.join(CLIENT_DIR, "kvmictl")
+EXAMPLES = os.path.join(CLIENT_DIR, "examples")
+CONFIG = os.path.join(HERE, "testdata", "kvmid_test.textproto")
+sys.path.insert(0, CLIENT_DIR)
+
+import grpc  # noqa: E402
+
+import kvmi_client as kc  # noqa: E402
+
+VMS, VCPUS = 3, 2
+DATA = (0x200000, 0x20FFFF)  # watched by the config's data-watch policy; the sims write there
+LSTAR = 0xC0000082
+
+
+def binary(env, relative):
+    for path in (os.environ.get(env), os.path.join(REPO, relative),
+                 os.path.join(REPO, "bazel-out/k8-opt/bin", relative)):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise unittest.SkipTest("no %s binary (set %s)" % (relative, env))
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
+
+
+def take(stream, n, timeout=10.0):
+    """The first n events of a stream (drop notices skipped), or fail after `timeout`."""
+    timer = threading.Timer(timeout, stream.cancel)
+    timer.daemon = True
+    timer.start()
+    events = []
+    try:
+        for item in stream:
+            if isinstance(item, kc.Dropped):
+                continue
+            events.append(item)
+            if len(events) >= n:
+                break
+    finally:
+        timer.cancel()
+        stream.cancel()
+    if len(events) < n:
+        raise AssertionError("got %d of %d events in %gs" % (len(events), n, timeout))
+    return events
+
+
+class Fleet:
+    """kvmid + kvmi-sim in a short /tmp directory (UNIX socket paths are limited to 108 bytes,
+    Bazel's TEST_TMPDIR is longer than that)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="kvmipy-", dir="/tmp")
+        self.api = os.path.join(self.dir, "api.sock")
+        self.target = "unix:" + self.api
+        self.procs = []
+        kvmi_sock = os.path.join(self.dir, "kvmi.sock")
+        cookie = os.path.join(self.dir, "cookie")
+        with open(cookie, "w") as f:
+            f.write("e2e-cookie")
+        logs = os.environ.get("TEST_UNDECLARED_OUTPUTS_DIR", self.dir)
+        self.kvmid_log = open(os.path.join(logs, "kvmid.log"), "w")
+        self.sim_log = open(os.path.join(logs, "kvmi-sim.log"), "w")
+        self.kvmid = self._start([
+            binary("KVMID_BIN", "daemon/kvmid"), "--config=" + CONFIG,
+            "--kvmi_socket=" + kvmi_sock, "--cookie_file=" + cookie, "--api_socket=" + self.api,
+            "--log_events=none"], self.kvmid_log)
+        wait_for(lambda: os.path.exists(kvmi_sock) and os.path.exists(self.api), 10,
+                 "kvmid's sockets")
+        self.sim = self._start([
+            binary("KVMI_SIM_BIN", "kernel/sim/kvmi-sim"), "--connect=unix:" + kvmi_sock,
+            "--cookie_file=" + cookie, "--vms=%d" % VMS, "--vcpus=%d" % VCPUS,
+            "--scenario=mixed", "--rate=100", "--duration=0"], self.sim_log)
+
+    def _start(self, argv, log):
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in reversed(self.procs):  # guests first, then the daemon
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.kvmid_log.close()
+        self.sim_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class E2ETest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.fleet = Fleet()
+        try:
+            cls.client = kc.Client(cls.fleet.target, timeout=10)
+
+            def hooked():
+                vms = cls.client.list_vms()
+                return len([v for v in vms if v.state == kc.pb.VM_STATE_HOOKED]) == VMS and vms
+            cls.vms = sorted(wait_for(hooked, 20, "%d hooked guests" % VMS), key=lambda v: v.name)
+        except BaseException:
+            cls.fleet.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.fleet.stop()
+
+    def ctl(self, *args, stdin=None, timeout=30):
+        env = dict(os.environ, KVMID_TARGET=self.fleet.target)
+        return subprocess.run([KVMICTL] + list(args), input=stdin, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+
+    def assertCtlOk(self, result):
+        self.assertEqual(result.returncode, 0, "kvmictl failed: %s" % result.stderr)
+        return result.stdout
+
+    def assertCtlFails(self, result, code, *texts):
+        self.assertEqual(result.returncode, code, "stdout: %s\nstderr: %s"
+                         % (result.stdout, result.stderr))
+        for text in texts:
+            self.assertIn(text, result.stderr)
+
+    def name(self, i):
+        return self.vms[i].name
+
+    def control_rpcs(self):
+        """Skips the calling test if this kvmid does not serve the control RPCs yet."""
+        try:
+            self.client.get_registers(self.name(0), 0)
+        except kc.KvmiError as e:
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:
+                self.skipTest("kvmid does not serve control RPCs yet")
+            raise
+
+    # ---- guests -------------------------------------------------------------------------------
+
+    def test_list_vms_shows_identity_state_and_leases(self):
+        self.assertEqual([v.name for v in self.vms],
+                         ["sim-vm-%04d" % i for i in range(VMS)])
+        for vm in self.vms:
+            self.assertEqual(vm.vcpu_count, VCPUS)
+            self.assertEqual(vm.transport, "unix")
+            self.assertEqual(len(vm.uuid), 36)
+            self.assertIn("KVMI_GET_REGISTERS", vm.allowed_commands)
+            owners = {lease.owner for lease in vm.leases}
+            self.assertTrue({"policy:lstar-locked", "policy:data-watch"} <= owners, owners)
+        self.assertEqual(dict(self.vms[0].labels), {"tier": "prod"})
+
+    def test_get_vm_by_name_and_uuid_and_errors(self):
+        by_name = self.client.get_vm(self.name(1))
+        by_uuid = self.client.get_vm(by_name.uuid)
+        self.assertEqual(by_uuid.name, self.name(1))
+        self.assertEqual(by_uuid.state, kc.pb.VM_STATE_HOOKED)
+        with self.assertRaises(kc.NotFound) as cm:
+            self.client.get_vm("no-such-vm")
+        self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
+        self.assertIn("no-such-vm", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.get_vm("")
+        self.assertTrue(cm.exception.message.startswith("vm:"), cm.exception.message)
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def test_stream_filters_by_vm_type_and_msr(self):
+        vm = self.name(1)
+        events = take(self.client.events(
+            allow=kc.event_filter(vms=[vm], events=["msr"], msrs=[LSTAR])), 3)
+        for e in events:
+            self.assertEqual((e.vm_name, e.type, e.msr.msr), (vm, kc.policy_pb.EVENT_MSR, LSTAR))
+            self.assertEqual(e.action, kc.policy_pb.ACTION_KEEP_OLD)
+            self.assertTrue(e.kept_old_value)
+            self.assertEqual(e.decided_by, "policy:lstar-locked")
+        self.assertEqual(len({e.id for e in events}), 3)
+
+    def test_stream_pf_range_access_and_deny(self):
+        first, last = DATA[0], DATA[0] + 0x7FFF
+        events = take(self.client.events(
+            allow=kc.event_filter(events=["pf", "msr"], gpa=(first, last), access="w"),
+            deny=kc.event_filter(vms=[self.name(0)])), 4)
+        for e in events:
+            self.assertEqual(e.type, kc.policy_pb.EVENT_PF)  # gpa/access only match PF events
+            self.assertTrue(first <= e.pf.gpa <= last, hex(e.pf.gpa))
+            self.assertEqual(e.pf.access, "w")
+            self.assertNotEqual(e.vm_name, self.name(0))
+            self.assertIn("data-watch", e.monitor_hits)
+
+    def test_stream_with_registers(self):
+        events = take(self.client.events(allow=kc.event_filter(events=["cr"], crs=[0]),
+                                         registers=True), 2)
+        for e in events:
+            self.assertEqual(e.cr.cr, 0)
+            self.assertTrue(e.HasField("registers"))
+            self.assertNotEqual(e.registers.rip, 0)
+            self.assertNotEqual(e.registers.cr4, 0)
+        without = take(self.client.events(allow=kc.event_filter(events=["cr"])), 1)
+        self.assertFalse(without[0].HasField("registers"))
+
+    def test_stream_rejects_bad_filters_naming_the_field(self):
+        cases = [
+            ({"allow": kc.event_filter(gpa=(0x2000, 0x1000))}, "allow.gpa_first"),
+            ({"deny": kc.event_filter(access="q")}, "deny.access"),
+            ({"allow": kc.event_filter(vcpus=[70000])}, "allow.vcpus"),
+            ({"max_queue": 100000}, "max_queue"),
+        ]
+        for kwargs, field in cases:
+            with self.subTest(field=field):
+                with self.assertRaises(kc.InvalidArgument) as cm:
+                    next(iter(self.client.events(**kwargs)))
+                self.assertTrue(cm.exception.message.startswith(field + ":"),
+                                cm.exception.message)
+
+    def test_slow_reader_gets_drop_notices(self):
+        stream = self.client.events(max_queue=2)
+        time.sleep(2.0)  # the guests keep running; kvmid counts what this stream misses
+        notices = []
+        deadline = time.monotonic() + 15
+        with stream:
+            for item in stream:
+                if isinstance(item, kc.Dropped):
+                    notices.append(item)
+                    if len(notices) >= 2:
+                        break
+                if time.monotonic() > deadline:
+                    break
+        self.assertTrue(notices, "no DropNotice for a 2-event queue read late")
+        self.assertGreater(notices[0].dropped, 0)
+        self.assertEqual(stream.dropped_total, notices[-1].dropped_total)
+        self.assertGreaterEqual(notices[-1].dropped_total, sum(n.dropped for n in notices))
+
+        raising = self.client.events(max_queue=2, drops="raise")
+        time.sleep(1.0)
+        with self.assertRaises(kc.EventsDropped) as cm:
+            with raising:
+                for _ in raising:
+                    pass
+        self.assertGreater(cm.exception.dropped, 0)
+
+    # ---- policies -----------------------------------------------------------------------------
+
+    def test_policies_apply_list_replace_delete(self):
+        name = "py-e2e-watch"
+        policy = {"name": name, "description": "e2e", "mode": "MODE_MONITOR",
+                  "action": "ACTION_CONTINUE", "guests": {"names": [self.name(2)]},
+                  "protectPages": {"gpaFirst": str(DATA[0]), "gpaLast": str(DATA[1]),
+                                   "allowed": "r"}}
+        self.assertFalse(self.client.apply_policy(policy))
+        try:
+            def hits():
+                for s in self.client.policies():
+                    if s.policy.name == name and s.counters.hits > 0:
+                        return s
+            status = wait_for(hits, 10, "hits on " + name)
+            self.assertEqual(status.policy.protect_pages.allowed, "r")
+            self.assertEqual(status.counters.enforced, 0)  # monitor mode never decides
+            self.assertEqual(list(status.policy.guests.names), [self.name(2)])
+            lease = "policy:" + name
+            self.assertIn(lease, {l.owner for l in self.client.get_vm(self.name(2)).leases})
+            self.assertNotIn(lease, {l.owner for l in self.client.get_vm(self.name(1)).leases})
+            self.assertTrue(self.client.apply_policy(kc.parse_policy(
+                'name: "%s" mode: MODE_MONITOR action: ACTION_CONTINUE '
+                'protect_pages { gpa_first: 0x200000 gpa_last: 0x200fff allowed: "r" }' % name)))
+        finally:
+            self.client.delete_policy(name)
+        self.assertNotIn(name, [s.policy.name for s in self.client.policies()])
+        with self.assertRaises(kc.NotFound) as cm:
+            self.client.delete_policy(name)
+        self.assertIn(name, cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.delete_policy("")
+        self.assertTrue(cm.exception.message.startswith("name:"), cm.exception.message)
+
+    def test_apply_rejects_bad_policies_naming_the_field(self):
+        bad = kc.protect_pages_policy("py-bad", 0x1000, 0x1FFF, allowed="q")
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.apply_policy(bad)
+        self.assertIn("policy.protect_pages.allowed", cm.exception.message)
+        self.assertNotIn("py-bad", [s.policy.name for s in self.client.policies()])
+
+    def test_configured_policies_count_hits(self):
+        def counters():
+            return {s.policy.name: s.counters for s in self.client.policies()}
+        before = counters()["lstar-locked"]
+        wait_for(lambda: counters()["lstar-locked"].enforced > before.enforced, 10,
+                 "lstar-locked to enforce again")
+        self.assertEqual(set(counters()) >= {"cr0-wp", "lstar-locked", "sysenter-eip-locked",
+                                             "data-watch"}, True)
+
+    # ---- control ------------------------------------------------------------------------------
+
+    def test_registers_memory_and_pause(self):
+        self.control_rpcs()
+        vm = self.name(0)
+        regs = self.client.get_registers(vm, 1, msrs=[LSTAR])
+        self.assertEqual(regs.mode, 8)
+        self.assertNotEqual(regs.registers.rip, 0)
+        self.assertEqual([m.index for m in regs.msrs], [LSTAR])
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.get_registers(vm, VCPUS + 5)
+        self.assertIn("vcpu", cm.exception.message)
+        data = self.client.read_physical(vm, DATA[0], 5000)
+        self.assertEqual(len(data), 5000)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.read_physical(vm, DATA[0], 0)
+        self.assertIn("size", cm.exception.message)
+        with self.assertRaises(kc.NotFound):
+            self.client.read_physical("no-such-vm", DATA[0], 16)
+        scratch = 0x300000  # outside the sims' working sets
+        self.client.write_physical(vm, scratch, b"kvmid-python")
+        self.assertEqual(self.client.read_physical(vm, scratch, 12), b"kvmid-python")
+        self.assertEqual(self.client.pause(vm, 1), [1])
+        self.assertEqual(self.client.resume(vm), [1])
+        with self.assertRaises(kc.FailedPrecondition):
+            self.client.resume(vm, 1)
+
+    # ---- kvmictl ------------------------------------------------------------------------------
+
+    def test_kvmictl_guests(self):
+        out = self.assertCtlOk(self.ctl("vms"))
+        self.assertTrue(out.startswith("NAME"))
+        for vm in self.vms:
+            self.assertIn(vm.name, out)
+            self.assertIn(vm.uuid, out)
+        self.assertIn("HOOKED", out)
+        lines = self.assertCtlOk(self.ctl("vms", "--json")).splitlines()
+        self.assertEqual(sorted(json.loads(l)["name"] for l in lines),
+                         [vm.name for vm in self.vms])
+        out = self.assertCtlOk(self.ctl("vm", self.name(0)))
+        self.assertIn("state:         HOOKED", out)
+        self.assertIn("policy:lstar-locked", out)
+        self.assertIn("tier=prod", out)
+        self.assertCtlFails(self.ctl("vm", "no-such-vm"), 1, "NOT_FOUND", "no-such-vm")
+        self.assertCtlFails(self.ctl("vm", ""), 1, "INVALID_ARGUMENT", "vm:")
+
+    def test_kvmictl_events(self):
+        vm = self.name(2)
+        out = self.assertCtlOk(self.ctl("events", "--vm", vm, "--type", "msr", "--msr",
+                                        "0xc0000082,0x176", "--count", "3", "--json"))
+        lines = [json.loads(l) for l in out.splitlines()]
+        events = [l["event"] for l in lines if "event" in l]
+        self.assertEqual(len(events), 3, out)
+        for e in events:
+            self.assertEqual((e["vm_name"], e["type"]), (vm, "EVENT_MSR"))
+            self.assertIn(e["msr"]["msr"], (LSTAR, 0x176))
+        out = self.assertCtlOk(self.ctl("events", "--type", "pf", "--gpa", "0x200000-0x20ffff",
+                                        "--access", "w", "--count", "2"))
+        rows = out.splitlines()
+        self.assertTrue(rows[0].startswith("ID"), out)
+        self.assertEqual(len([r for r in rows[1:] if " PF " in r and " w gpa 0x20" in r]), 2, out)
+        out = self.assertCtlOk(self.ctl("events", "--type", "cr", "--cr", "0", "--count", "1",
+                                        "--registers"))
+        self.assertIn("cr4    0x", out)
+        # --duration ends a stream that matches nothing.
+        start = time.monotonic()
+        out = self.assertCtlOk(self.ctl("events", "--vm", "no-such-vm", "--duration", "1"))
+        self.assertLess(time.monotonic() - start, 10)
+        self.assertCtlFails(self.ctl("events", "--max-queue", "100000"), 1, "INVALID_ARGUMENT",
+                            "max_queue")
+        out = self.assertCtlOk(self.ctl("events", "--max-queue", "1", "--count", "1"))
+        self.assertIn("ID", out)
+
+    def test_kvmictl_policies_apply_delete(self):
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            text = os.path.join(d, "p.textproto")
+            with open(text, "w") as f:
+                f.write('# a comment\nname: "ctl-msr"\nlock_msr { msr: 0x176 }\n'
+                        'guests { names: ["%s"] }\n' % self.name(1))
+            as_json = os.path.join(d, "p.json")
+            with open(as_json, "w") as f:
+                json.dump({"name": "ctl-cr4", "forbidCrBitsClear": {"cr": 4, "bits": "1048576"},
+                           "mode": "MODE_MONITOR"}, f)
+            bad = os.path.join(d, "bad.json")
+            with open(bad, "w") as f:
+                json.dump({"name": "ctl-bad", "forbidCrBitsClear": {"cr": 7, "bits": "1"}}, f)
+            try:
+                self.assertIn("policy ctl-msr applied", self.assertCtlOk(self.ctl("apply", text)))
+                self.assertIn("policy ctl-msr replaced",
+                              self.assertCtlOk(self.ctl("apply", text)))
+                self.assertIn("policy ctl-cr4 applied",
+                              self.assertCtlOk(self.ctl("apply", as_json)))
+                out = self.assertCtlOk(self.ctl("policies"))
+                self.assertRegex(out, r"ctl-msr\s+ENFORCE\s+lock_msr")
+                self.assertRegex(out, r"ctl-cr4\s+MONITOR\s+forbid_cr_bits_clear")
+                self.assertRegex(out, r"lstar-locked\s+ENFORCE\s+lock_msr\s+default\s+[1-9]")
+                listed = [json.loads(l) for l in
+                          self.assertCtlOk(self.ctl("policies", "--json")).splitlines()]
+                self.assertIn("ctl-msr", [p["policy"]["name"] for p in listed])
+                self.assertCtlFails(self.ctl("apply", bad), 1, "INVALID_ARGUMENT",
+                                    "policy.forbid_cr_bits_clear")
+            finally:
+                self.ctl("delete", "ctl-cr4")
+                self.assertIn("deleted", self.assertCtlOk(self.ctl("delete", "ctl-msr")))
+        self.assertCtlFails(self.ctl("delete", "ctl-msr"), 1, "NOT_FOUND", "ctl-msr")
+        self.assertNotIn("ctl-msr", self.assertCtlOk(self.ctl("policies")))
+
+    def test_kvmictl_control(self):
+        self.control_rpcs()
+        vm = self.name(1)
+        out = self.assertCtlOk(self.ctl("regs", vm, "0", "--msr", "0xc0000082"))
+        self.assertRegex(out, r"rip\s+0xffff")
+        self.assertIn("msr 0xc0000082", out)
+        self.assertCtlFails(self.ctl("regs", vm, "9"), 1, "INVALID_ARGUMENT", "vcpu")
+        self.assertCtlFails(self.ctl("regs", "no-such-vm", "0"), 1, "NOT_FOUND")
+        out = self.assertCtlOk(self.ctl("read", vm, "0x200000", "40"))
+        self.assertEqual(len(out.splitlines()), 3)
+        self.assertTrue(out.startswith("0000000000200000  "), out)
+        self.assertIn("paused vCPU 0, 1", self.assertCtlOk(self.ctl("pause", vm)))
+        self.assertIn("resumed vCPU 0, 1", self.assertCtlOk(self.ctl("resume", vm)))
+        self.assertCtlFails(self.ctl("resume", vm, "--vcpu", "0"), 1, "FAILED_PRECONDITION")
+
+    def test_kvmictl_protect(self):
+        out = self.assertCtlOk(self.ctl("protect", self.name(2), "0x204000+0x2000", "--allow",
+                                        "r", "--monitor", "--name", "ctl-protect"))
+        self.assertIn("0x204000-0x205fff", out)
+        try:
+            status = [s for s in self.client.policies() if s.policy.name == "ctl-protect"][0]
+            self.assertEqual(status.policy.mode, kc.policy_pb.MODE_MONITOR)
+            self.assertEqual((status.policy.protect_pages.gpa_first,
+                              status.policy.protect_pages.gpa_last), (0x204000, 0x205FFF))
+        finally:
+            self.client.delete_policy("ctl-protect")
+        self.assertCtlFails(self.ctl("protect", self.name(2), "0x204000", "--allow", "z"), 2,
+                            "not made of r, w, x")
+
+    # ---- examples -----------------------------------------------------------------------------
+
+    def example(self, script, *args):
+        env = dict(os.environ, KVMID_TARGET=self.fleet.target)
+        return subprocess.run(["/usr/bin/python3", os.path.join(EXAMPLES, script)] + list(args),
+                              capture_output=True, text=True, timeout=30, env=env)
+
+    def test_example_trace_cr3(self):
+        r = self.example("trace_cr3.py", "--duration", "2", "--vm", self.name(0), "--vm",
+                         self.name(1), "--policy-name", "e2e-cr3")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"%s\s+vCPU 0\s+cr3 0x" % self.name(0))
+        summary = r.stdout[r.stdout.index("CR3 writes per vCPU"):]
+        vcpus = [l for l in summary.splitlines() if l.startswith("sim-vm-")]
+        self.assertEqual(sorted({l.split()[0] for l in vcpus}), [self.name(0), self.name(1)])
+        self.assertRegex(r.stdout, r"total: [1-9]\d* CR3 writes")
+        self.assertNotIn("e2e-cr3", [s.policy.name for s in self.client.policies()])
+
+    def test_example_lock_kernel_text(self):
+        r = self.example("lock_kernel_text.py", self.name(1), "--gpa", "0x200000-0x20ffff",
+                         "--monitor", "--duration", "2", "--name", "e2e-lock", "--remove")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("applied e2e-lock", r.stdout)
+        self.assertRegex(r.stdout, r"VIOLATION %s vCPU \d rip 0x[0-9a-f]+ w gpa 0x20" %
+                         self.name(1))
+        self.assertRegex(r.stdout, r"policy e2e-lock: [1-9]\d* hits")
+        self.assertRegex(r.stdout, r"total: [1-9]\d* violations")
+        self.assertNotIn("e2e-lock", [s.policy.name for s in self.client.policies()])
+        r = self.example("lock_kernel_text.py", "no-such-vm", "--duration", "1")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("NOT_FOUND", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,216 @@
+"""kvmi_client and kvmictl without a daemon: parsing, filters, policy files, formatting, exit
+codes of local failures. Runs from clients/python's parent with the generated stubs on the path
+(tests/run_python_test.sh)."""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLIENT_DIR = os.path.dirname(HERE)
+KVMICTL = os.path.join(CLIENT_DIR, "kvmictl")
+sys.path.insert(0, CLIENT_DIR)
+
+import kvmi_client as kc  # noqa: E402
+
+
+def load_kvmictl():
+    loader = importlib.machinery.SourceFileLoader("kvmictl", KVMICTL)
+    spec = importlib.util.spec_from_loader("kvmictl", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+ctl = load_kvmictl()
+
+
+def run_ctl(*args, stdin=None):
+    return subprocess.run([KVMICTL] + list(args), input=stdin, capture_output=True, text=True,
+                          timeout=30)
+
+
+class ParsingTest(unittest.TestCase):
+    def test_ranges_are_inclusive_and_accept_sizes(self):
+        self.assertEqual(kc.parse_range("0x1000-0x1fff"), (0x1000, 0x1fff))
+        self.assertEqual(kc.parse_range("0x1000+0x1000"), (0x1000, 0x1fff))
+        self.assertEqual(kc.parse_range("4096"), (4096, 4096))
+        with self.assertRaisesRegex(ValueError, "above its last"):
+            kc.parse_range("0x2000-0x1000")
+        with self.assertRaisesRegex(ValueError, "not a number"):
+            kc.parse_range("0xzz-0x1")
+        with self.assertRaisesRegex(ValueError, "positive"):
+            kc.parse_range("0x1000+0")
+
+    def test_event_types_by_name_or_number(self):
+        self.assertEqual(kc.event_type("cr"), kc.policy_pb.EVENT_CR)
+        self.assertEqual(kc.event_type("EVENT_PF"), kc.policy_pb.EVENT_PF)
+        self.assertEqual(kc.event_type("create-vcpu"), kc.policy_pb.EVENT_CREATE_VCPU)
+        self.assertEqual(kc.event_type("3"), kc.policy_pb.EVENT_MSR)
+        with self.assertRaisesRegex(ValueError, "one of: UNHOOK, CR"):
+            kc.event_type("syscall")
+        self.assertEqual(kc.event_type_name(kc.policy_pb.EVENT_MSR), "MSR")
+        self.assertEqual(kc.action_name(kc.policy_pb.ACTION_KEEP_OLD), "KEEP_OLD")
+        self.assertEqual(kc.state_name(kc.pb.VM_STATE_HOOKED), "HOOKED")
+        self.assertEqual(kc.event_type_name(99), "99")  # newer server, older stubs
+
+    def test_event_filter_fields(self):
+        f = kc.event_filter(vms=["a"], events=["msr", "cr"], vcpus=[1], crs=["0x4"],
+                            msrs=["0xc0000082"], gpa="0x200000-0x20ffff", access="w")
+        self.assertEqual(list(f.vms), ["a"])
+        self.assertEqual(list(f.events), [kc.policy_pb.EVENT_MSR, kc.policy_pb.EVENT_CR])
+        self.assertEqual(list(f.crs), [4])
+        self.assertEqual(list(f.msrs), [0xC0000082])
+        self.assertTrue(f.HasField("gpa_first") and f.HasField("gpa_last"))
+        self.assertEqual((f.gpa_first, f.gpa_last), (0x200000, 0x20FFFF))
+        empty = kc.event_filter()
+        self.assertFalse(empty.HasField("gpa_first"))
+
+    def test_policy_from_text_json_and_wrapped_request(self):
+        text = 'name: "k" protect_pages { gpa_first: 0x1000 gpa_last: 0x1fff allowed: "rx" }'
+        p = kc.parse_policy(text)
+        self.assertEqual((p.name, p.protect_pages.gpa_last, p.protect_pages.allowed),
+                         ("k", 0x1FFF, "rx"))
+        wrapped = kc.parse_policy("policy { %s }" % text)
+        self.assertEqual(wrapped, p)
+        as_json = kc.parse_policy(json.dumps({"name": "k", "protectPages": {
+            "gpaFirst": "4096", "gpaLast": "8191", "allowed": "rx"}}))
+        self.assertEqual(as_json, p)
+        self.assertEqual(kc.parse_policy(json.dumps({"policy": {"name": "m", "lockMsr": {
+            "msr": 376}}})).lock_msr.msr, 0x178)
+        with self.assertRaisesRegex(ValueError, "no_such_field"):
+            kc.parse_policy('name: "x" no_such_field: 1')
+        with self.assertRaises(ValueError):
+            kc.parse_policy('{"name": "x", "mode": "MODE_SIDEWAYS"}')
+
+    def test_protect_pages_policy_selects_by_uuid_or_name(self):
+        p = kc.protect_pages_policy("p", 0x1000, 0x1FFF, "rx",
+                                    vms=["71152709-d279-479e-b9e5-e41c6d4758bf", "web-*"],
+                                    monitor=True)
+        self.assertEqual(list(p.guests.uuids), ["71152709-d279-479e-b9e5-e41c6d4758bf"])
+        self.assertEqual(list(p.guests.names), ["web-*"])
+        self.assertEqual(p.mode, kc.policy_pb.MODE_MONITOR)
+        self.assertEqual(p.WhichOneof("rule"), "protect_pages")
+
+
+class ErrorTest(unittest.TestCase):
+    def test_rpc_errors_keep_code_and_message(self):
+        class FakeRpcError(grpc.RpcError):
+            def code(self):
+                return grpc.StatusCode.NOT_FOUND
+
+            def details(self):
+                return "no guest 'x'"
+        e = kc._wrap(FakeRpcError())
+        self.assertIsInstance(e, kc.NotFound)
+        self.assertEqual(e.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(str(e), "NOT_FOUND: no guest 'x'")
+
+    def test_drop_modes(self):
+        class FakeCall:
+            def __init__(self, messages):
+                self.messages = iter(messages)
+
+            def __next__(self):
+                return next(self.messages)
+
+            def cancel(self):
+                pass
+
+            def cancelled(self):
+                return False
+
+        def messages():
+            event = kc.pb.EventMessage()
+            event.event.id = 7
+            notice = kc.pb.EventMessage()
+            notice.dropped.dropped = 3
+            notice.dropped.dropped_total = 5
+            return [event, notice, event]
+
+        items = list(kc.EventStream(FakeCall(messages()), "yield"))
+        self.assertEqual(items[1], kc.Dropped(3, 5))
+        ignored = kc.EventStream(FakeCall(messages()), "ignore")
+        self.assertEqual([i.id for i in ignored], [7, 7])
+        self.assertEqual(ignored.dropped_total, 5)
+        raising = kc.EventStream(FakeCall(messages()), "raise")
+        next(raising)
+        with self.assertRaises(kc.EventsDropped) as cm:
+            next(raising)
+        self.assertEqual((cm.exception.dropped, cm.exception.dropped_total), (3, 5))
+
+
+class KvmictlTest(unittest.TestCase):
+    def test_event_flags_build_the_filter(self):
+        args = ctl.make_parser().parse_args(
+            ["events", "--vm", "a,b", "--vm", "c", "--type", "cr", "--cr", "0,4", "--msr",
+             "0x176", "--gpa", "0x1000+0x1000", "--access", "w", "--not-type", "pf"])
+        allow = ctl.build_filter(ctl._flatten(args.vm), ctl._flatten(args.type),
+                                 ctl._flatten(args.vcpu), ctl._flatten(args.cr),
+                                 ctl._flatten(args.msr), args.gpa, args.access)
+        self.assertEqual(list(allow.vms), ["a", "b", "c"])
+        self.assertEqual(list(allow.crs), [0, 4])
+        self.assertEqual((allow.gpa_first, allow.gpa_last), (0x1000, 0x1FFF))
+        self.assertEqual(allow.access, "w")
+        self.assertEqual(list(ctl._flatten(args.deny_type)), [kc.policy_pb.EVENT_PF])
+        self.assertIsNone(ctl.build_filter([], [], [], [], [], None, None))
+
+    def test_formatting(self):
+        self.assertEqual(ctl.table([["a", 1]], ["NAME", "N"]), "NAME  N\na     1")
+        dump = ctl.hexdump(b"ABC\x00" * 5, 0x1000)
+        self.assertIn("0000000000001000  41 42 43 00", dump)
+        self.assertIn("|ABC.ABC.ABC.ABC.|", dump)
+        e = kc.pb.Event(vm_name="vm", vcpu=1, type=kc.policy_pb.EVENT_MSR,
+                        action=kc.policy_pb.ACTION_KEEP_OLD, kept_old_value=True,
+                        decided_by="policy:lstar")
+        e.msr.msr = 0xC0000082
+        row = ctl.event_row(e)
+        self.assertIn("msr 0xc0000082", row)
+        self.assertIn("KEEP_OLD (old value kept)", row)
+
+    def test_help_and_usage_errors(self):
+        r = run_ctl("--help")
+        self.assertEqual(r.returncode, 0)
+        for command in ("vms", "vm", "events", "policies", "apply", "delete"):
+            self.assertIn(command, r.stdout)
+        r = run_ctl("events", "--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--gpa RANGE", r.stdout)
+        r = run_ctl("events", "--type", "syscall")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("unknown event type 'syscall'", r.stderr)
+        r = run_ctl("events", "--access", "q")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("not made of r, w, x", r.stderr)
+        self.assertEqual(run_ctl().returncode, 2)
+
+    def test_bad_policy_files_exit_1_before_any_call(self):
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "/nonexistent.textproto")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("cannot read /nonexistent.textproto", r.stderr)
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "-",
+                    stdin='name: "x" protect_pages { bogus: 1 }')
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("is not a Policy", r.stderr)
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "-",
+                    stdin='lock_msr { msr: 0x176 }')
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("has no name", r.stderr)
+
+    def test_unreachable_daemon_exits_2_with_a_hint(self):
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            r = run_ctl("--target", "unix:%s/api.sock" % d, "vms")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("cannot connect to kvmid", r.stderr)
+        self.assertIn("hint:", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
