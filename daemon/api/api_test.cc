@@ -334,6 +334,23 @@ ScriptedHost::Responder RichResponder() {
       kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
       return std::optional<std::vector<uint8_t>>(out);
     }
+    if (m.hdr.id == KVMI_GET_CPUID || m.hdr.id == KVMI_GET_XSAVE ||
+        m.hdr.id == KVMI_GET_MTRR_TYPE) {
+      std::vector<uint8_t> data;
+      kvmi::ByteWriter w(&data);
+      if (m.hdr.id == KVMI_GET_CPUID) {
+        kvmi::GetCpuidRequest request;
+        kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
+        kvmi::EncodeReplyData(
+            kvmi::CpuidReply{request.function, 0x756e6547, 0x6c65746e, 0x49656e69}, w);
+      } else if (m.hdr.id == KVMI_GET_XSAVE) {
+        kvmi::EncodeReplyData(kvmi::XsaveReply{std::vector<uint8_t>(4096, 0x5a)}, w);
+      } else {
+        kvmi::EncodeReplyData(kvmi::MtrrTypeReply{6}, w);
+      }
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
+      return std::optional<std::vector<uint8_t>>(out);
+    }
     if (m.hdr.id == KVMI_READ_PHYSICAL) {
       kvmi::ReadPhysicalRequest request;
       kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
@@ -533,6 +550,84 @@ TEST_F(ApiTest, AttachRejectsABadClaim) {
   grpc::Status s = stream->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("claim.events[0]"));
+}
+
+TEST_F(ApiTest, CpuidXsaveMtrrAndExceptionInjection) {
+  ScriptedHost* host = Connect(10, "cpu");
+  host->set_responder(RichResponder());
+  grpc::ClientContext cpuid_ctx;
+  kvmi::v1::GetCPUIDRequest cpuid;
+  cpuid.set_vm("cpu");
+  cpuid.set_vcpu(1);
+  cpuid.set_function(0);
+  kvmi::v1::GetCPUIDResponse leaf;
+  ASSERT_TRUE(stub_->GetCPUID(&cpuid_ctx, cpuid, &leaf).ok());
+  EXPECT_EQ(leaf.ebx(), 0x756e6547u);  // "Genu"
+
+  grpc::ClientContext xsave_ctx;
+  kvmi::v1::GetXSAVERequest xsave;
+  xsave.set_vm("cpu");
+  kvmi::v1::GetXSAVEResponse region;
+  ASSERT_TRUE(stub_->GetXSAVE(&xsave_ctx, xsave, &region).ok());
+  EXPECT_EQ(region.region().size(), 4096u);
+
+  grpc::ClientContext mtrr_ctx;
+  kvmi::v1::GetMTRRTypeRequest mtrr;
+  mtrr.set_vm("cpu");
+  mtrr.set_gpa(0x100000);
+  kvmi::v1::GetMTRRTypeResponse type;
+  ASSERT_TRUE(stub_->GetMTRRType(&mtrr_ctx, mtrr, &type).ok());
+  EXPECT_EQ(type.type(), 6u);
+
+  grpc::ClientContext inject_ctx;
+  kvmi::v1::InjectExceptionRequest inject;
+  inject.set_vm("cpu");
+  inject.set_vcpu(0);
+  inject.set_vector(14);
+  inject.set_error_code(2);
+  inject.set_address(0xdead000);
+  kvmi::v1::InjectExceptionResponse injected;
+  ASSERT_TRUE(stub_->InjectException(&inject_ctx, inject, &injected).ok());
+  auto m = host->WaitForId(KVMI_INJECT_EXCEPTION);
+  ASSERT_TRUE(m);
+  kvmi::InjectExceptionRequest sent;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &sent).ok());
+  EXPECT_EQ(sent.nr, 14);
+  EXPECT_TRUE(sent.has_error);
+  EXPECT_EQ(sent.address, 0xdead000u);
+
+  grpc::ClientContext bad_ctx;
+  inject.set_vector(40);
+  grpc::Status bad = stub_->InjectException(&bad_ctx, inject, &injected);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.error_message(), HasSubstr("vector"));
+}
+
+TEST_F(ApiTest, WatchVmsSendsTheCurrentGuestsThenEveryChange) {
+  ASSERT_NE(Connect(11, "first"), nullptr);
+  grpc::ClientContext ctx;
+  auto reader = stub_->WatchVMs(&ctx, {});
+  kvmi::v1::VMChange change;
+  ASSERT_TRUE(reader->Read(&change));
+  EXPECT_EQ(change.kind(), kvmi::v1::VMChange::KIND_EXISTING);
+  EXPECT_EQ(change.vm().name(), "first");
+  ScriptedHost* second = Connect(12, "second");
+  ASSERT_NE(second, nullptr);
+  auto next_state_of = [&](const std::string& name, kvmi::v1::VMState state) {
+    while (reader->Read(&change)) {
+      if (change.kind() == kvmi::v1::VMChange::KIND_CHANGED && change.vm().name() == name &&
+          change.vm().state() == state) {
+        return true;
+      }
+    }
+    return false;
+  };
+  EXPECT_TRUE(next_state_of("second", kvmi::v1::VM_STATE_HOOKED));
+  second->Close();
+  EXPECT_TRUE(next_state_of("second", kvmi::v1::VM_STATE_GONE));
+  ctx.TryCancel();
+  while (reader->Read(&change)) {
+  }
 }
 
 }  // namespace

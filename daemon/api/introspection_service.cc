@@ -822,6 +822,153 @@ Status IntrospectionService::ResumeVCPU(grpc::ServerContext*,
   return Status::OK;
 }
 
+Status IntrospectionService::FindVcpu(const std::string& vm, uint32_t vcpu,
+                                      std::shared_ptr<Guest>* guest) {
+  Status s = FindGuest(vm, guest);
+  if (!s.ok()) return s;
+  uint32_t count = (*guest)->vcpu_count();
+  if (vcpu >= count) {
+    return Invalid("vcpu", std::to_string(vcpu) + " is not below the guest's " +
+                               std::to_string(count) + " vCPUs");
+  }
+  return Status::OK;
+}
+
+template <typename Request>
+Status IntrospectionService::Call(grpc::ServerContext* context, Guest& guest,
+                                  const Request& request, const char* what,
+                                  std::vector<uint8_t>* data) {
+  std::shared_ptr<GuestSession> session = guest.session();
+  if (!session) return Status(StatusCode::UNAVAILABLE, std::string(what) + ": the guest is gone");
+  Waiter<CommandResult> waiter;
+  session->Send(request, waiter.callback());
+  CommandResult result;
+  if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  if (!result.ok()) return ToStatus(result, what);
+  *data = std::move(result.data);
+  return Status::OK;
+}
+
+Status IntrospectionService::GetCPUID(grpc::ServerContext* context,
+                                      const kvmi::v1::GetCPUIDRequest* request,
+                                      kvmi::v1::GetCPUIDResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
+  if (!s.ok()) return s;
+  kvmi::GetCpuidRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  command.function = request->function();
+  command.index = request->index();
+  std::vector<uint8_t> data;
+  if (!(s = Call(context, *guest, command, "GetCPUID", &data)).ok()) return s;
+  kvmi::CpuidReply reply;
+  kvmi::DecodeStatus decoded = kvmi::DecodeReplyData(kvmi::ByteView(data), &reply);
+  if (!decoded.ok()) return Status(StatusCode::INTERNAL, "GetCPUID reply: " + decoded.ToString());
+  response->set_eax(reply.eax);
+  response->set_ebx(reply.ebx);
+  response->set_ecx(reply.ecx);
+  response->set_edx(reply.edx);
+  return Status::OK;
+}
+
+Status IntrospectionService::GetXSAVE(grpc::ServerContext* context,
+                                      const kvmi::v1::GetXSAVERequest* request,
+                                      kvmi::v1::GetXSAVEResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
+  if (!s.ok()) return s;
+  kvmi::GetXsaveRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  std::vector<uint8_t> data;
+  if (!(s = Call(context, *guest, command, "GetXSAVE", &data)).ok()) return s;
+  kvmi::XsaveReply reply;
+  kvmi::DecodeStatus decoded = kvmi::DecodeReplyData(kvmi::ByteView(data), &reply);
+  if (!decoded.ok()) return Status(StatusCode::INTERNAL, "GetXSAVE reply: " + decoded.ToString());
+  response->set_region(reply.region.data(), reply.region.size());
+  return Status::OK;
+}
+
+Status IntrospectionService::GetMTRRType(grpc::ServerContext* context,
+                                         const kvmi::v1::GetMTRRTypeRequest* request,
+                                         kvmi::v1::GetMTRRTypeResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
+  if (!s.ok()) return s;
+  kvmi::GetMtrrTypeRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  command.gpa = request->gpa();
+  std::vector<uint8_t> data;
+  if (!(s = Call(context, *guest, command, "GetMTRRType", &data)).ok()) return s;
+  kvmi::MtrrTypeReply reply;
+  kvmi::DecodeStatus decoded = kvmi::DecodeReplyData(kvmi::ByteView(data), &reply);
+  if (!decoded.ok()) {
+    return Status(StatusCode::INTERNAL, "GetMTRRType reply: " + decoded.ToString());
+  }
+  response->set_type(reply.type);
+  return Status::OK;
+}
+
+Status IntrospectionService::InjectException(grpc::ServerContext* context,
+                                             const kvmi::v1::InjectExceptionRequest* request,
+                                             kvmi::v1::InjectExceptionResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
+  if (!s.ok()) return s;
+  // The v6 kernel does not check the vector (§5.18); anything but an exception vector would
+  // reach the guest as garbage, so it is refused here.
+  if (request->vector() > 31) return Invalid("vector", "an exception vector is 0..31");
+  kvmi::InjectExceptionRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  command.nr = static_cast<uint8_t>(request->vector());
+  command.has_error = request->has_error_code();
+  command.error_code = request->error_code();
+  command.address = request->address();
+  std::vector<uint8_t> data;
+  return Call(context, *guest, command, "InjectException", &data);
+}
+
+Status IntrospectionService::WatchVMs(grpc::ServerContext* context,
+                                      const kvmi::v1::WatchVMsRequest*,
+                                      grpc::ServerWriter<kvmi::v1::VMChange>* writer) {
+  struct Changes {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::deque<std::shared_ptr<Guest>> guests;
+  };
+  auto changes = std::make_shared<Changes>();
+  uint64_t watcher =
+      daemon_->registry().AddStateWatcher([changes](const std::shared_ptr<Guest>& g) {
+        std::lock_guard<std::mutex> lock(changes->mutex);
+        if (changes->guests.size() < 65536)
+          changes->guests.push_back(g);  // bounded: a stuck reader
+        changes->cv.notify_one();
+      });
+  bool open = true;
+  for (const auto& guest : daemon_->registry().List()) {
+    kvmi::v1::VMChange change;
+    change.set_kind(kvmi::v1::VMChange::KIND_EXISTING);
+    *change.mutable_vm() = ToProto(guest->Snapshot(), daemon_->pipeline().ViewOf(*guest)->labels);
+    if (!(open = writer->Write(change))) break;
+  }
+  while (open && !context->IsCancelled()) {
+    std::deque<std::shared_ptr<Guest>> batch;
+    {
+      std::unique_lock<std::mutex> lock(changes->mutex);
+      changes->cv.wait_for(lock, std::chrono::milliseconds(200),
+                           [&] { return !changes->guests.empty(); });
+      batch.swap(changes->guests);
+    }
+    for (const auto& guest : batch) {
+      kvmi::v1::VMChange change;
+      change.set_kind(kvmi::v1::VMChange::KIND_CHANGED);
+      *change.mutable_vm() = ToProto(guest->Snapshot(), daemon_->pipeline().ViewOf(*guest)->labels);
+      if (!(open = writer->Write(change))) break;
+    }
+  }
+  daemon_->registry().RemoveStateWatcher(watcher);
+  return Status::OK;
+}
+
 // ---- ApiServer --------------------------------------------------------------------------------
 
 ApiServer::ApiServer(Daemon* daemon) : service_(std::make_unique<IntrospectionService>(daemon)) {}

@@ -52,10 +52,28 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
                          kvmi::v1::PauseVCPUResponse* response) override;
   grpc::Status ResumeVCPU(grpc::ServerContext* context, const kvmi::v1::ResumeVCPURequest* request,
                           kvmi::v1::ResumeVCPUResponse* response) override;
+  grpc::Status GetCPUID(grpc::ServerContext* context, const kvmi::v1::GetCPUIDRequest* request,
+                        kvmi::v1::GetCPUIDResponse* response) override;
+  grpc::Status GetXSAVE(grpc::ServerContext* context, const kvmi::v1::GetXSAVERequest* request,
+                        kvmi::v1::GetXSAVEResponse* response) override;
+  grpc::Status GetMTRRType(grpc::ServerContext* context,
+                           const kvmi::v1::GetMTRRTypeRequest* request,
+                           kvmi::v1::GetMTRRTypeResponse* response) override;
+  grpc::Status InjectException(grpc::ServerContext* context,
+                               const kvmi::v1::InjectExceptionRequest* request,
+                               kvmi::v1::InjectExceptionResponse* response) override;
+  grpc::Status WatchVMs(grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request,
+                        grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
 
  private:
   // The guest a request names, or the status to return.
   grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest);
+  // FindGuest plus a vCPU index check.
+  grpc::Status FindVcpu(const std::string& vm, uint32_t vcpu, std::shared_ptr<Guest>* guest);
+  // Sends one vCPU command and waits for its reply data (within the call's deadline).
+  template <typename Request>
+  grpc::Status Call(grpc::ServerContext* context, Guest& guest, const Request& request,
+                    const char* what, std::vector<uint8_t>* data);
 
   Daemon* daemon_;
   std::atomic<uint64_t> next_stream_{1};

@@ -104,8 +104,16 @@ const char* GuestStateName(GuestState state) {
   return "?";
 }
 
-Guest::Guest(std::string key, GuestIdentity identity, GuestEventRouter* router)
-    : key_(std::move(key)), router_(router), identity_(std::move(identity)) {}
+Guest::Guest(std::string key, GuestIdentity identity, GuestEventRouter* router,
+             GuestStateListener* state_listener)
+    : key_(std::move(key)),
+      router_(router),
+      state_listener_(state_listener),
+      identity_(std::move(identity)) {}
+
+void Guest::NotifyStateChanged() {
+  if (state_listener_ != nullptr) state_listener_->GuestStateChanged(shared_from_this());
+}
 
 std::string Guest::log_name() const {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -124,6 +132,7 @@ bool Guest::Attach(const std::shared_ptr<GuestSession>& session) {
     applied_ = Arming();  // the kernel forgot everything when the previous session ended
     connections_++;
   }
+  NotifyStateChanged();
   Probe(session, 1);
   return true;
 }
@@ -221,6 +230,7 @@ void Guest::Probe(const std::shared_ptr<GuestSession>& session, int attempt) {
                  session->log_name(), state->version, state->vcpu_count,
                  __builtin_popcount(state->allowed_commands),
                  __builtin_popcount(state->allowed_events));
+    self->NotifyStateChanged();
     self->FinishProbe(session);
   };
   auto transport = [state](const CommandResult& r) {
@@ -377,6 +387,7 @@ void Guest::Unhook(const std::string& why, std::function<void()> done) {
     applied_ = Arming();
     vcpus = vcpu_count_;
   }
+  NotifyStateChanged();
   spdlog::info("{}: unhooking: {}", session->log_name(), why);
   // Disarm everything we armed, then close once the host has acknowledged all of it: the
   // kernel would restore page access at session end anyway, but intercepts left enabled would
@@ -497,9 +508,11 @@ void Guest::OnEvent(const std::shared_ptr<GuestSession>& session, const kvmi::Ev
 void Guest::OnClosed(const std::shared_ptr<GuestSession>& session, const std::string& reason) {
   std::map<uint16_t, Hold> held;
   std::map<uint16_t, std::deque<PauseRequest>> requests;
+  bool gone = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (session_ == session) {
+      gone = true;
       session_.reset();
       state_ = GuestState::kGone;
       applied_ = Arming();
@@ -516,6 +529,7 @@ void Guest::OnClosed(const std::shared_ptr<GuestSession>& session, const std::st
     }
   }
   held.clear();
+  if (gone) NotifyStateChanged();
   router_->SessionEnded(shared_from_this(), session);
 }
 

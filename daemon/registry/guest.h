@@ -82,9 +82,18 @@ struct GuestSnapshot {
   std::map<uint16_t, OwnerId> paused_vcpus;  // vCPUs held paused, and for whom
 };
 
+// Told about every lifecycle change of a guest (the registry, for WatchVMs).
+class GuestStateListener {
+ public:
+  virtual ~GuestStateListener() = default;
+  // Any thread, no guest lock held. Must be quick.
+  virtual void GuestStateChanged(const std::shared_ptr<Guest>& guest) = 0;
+};
+
 class Guest : public GuestSession::Listener, public std::enable_shared_from_this<Guest> {
  public:
-  Guest(std::string key, GuestIdentity identity, GuestEventRouter* router);
+  Guest(std::string key, GuestIdentity identity, GuestEventRouter* router,
+        GuestStateListener* state_listener = nullptr);
 
   // A new connection for this guest. False (and the session is left alone) if another live
   // session already holds it: two live connections claiming one UUID is an error.
@@ -138,8 +147,11 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void ArmNewVcpu(uint16_t vcpu);
   void RecordArmError(const std::string& what);
 
+  void NotifyStateChanged();
+
   const std::string key_;
   GuestEventRouter* router_;
+  GuestStateListener* state_listener_;
 
   mutable std::mutex mutex_;
   GuestIdentity identity_;

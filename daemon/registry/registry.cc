@@ -18,7 +18,7 @@ std::shared_ptr<Guest> Registry::FindOrCreate(const GuestIdentity& identity) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = guests_.find(key);
   if (it == guests_.end()) {
-    it = guests_.emplace(key, std::make_shared<Guest>(key, identity, router_)).first;
+    it = guests_.emplace(key, std::make_shared<Guest>(key, identity, router_, this)).first;
   }
   return it->second;
 }
@@ -57,6 +57,27 @@ std::vector<std::shared_ptr<Guest>> Registry::List() const {
   out.reserve(guests_.size());
   for (const auto& [key, guest] : guests_) out.push_back(guest);
   return out;
+}
+
+}  // namespace kvmid
+
+namespace kvmid {
+
+uint64_t Registry::AddStateWatcher(StateWatcher watcher) {
+  std::lock_guard<std::mutex> lock(watchers_mutex_);
+  uint64_t id = next_watcher_++;
+  watchers_.emplace(id, std::move(watcher));
+  return id;
+}
+
+void Registry::RemoveStateWatcher(uint64_t id) {
+  std::lock_guard<std::mutex> lock(watchers_mutex_);
+  watchers_.erase(id);
+}
+
+void Registry::GuestStateChanged(const std::shared_ptr<Guest>& guest) {
+  std::lock_guard<std::mutex> lock(watchers_mutex_);  // watchers only queue: never long
+  for (const auto& [id, watcher] : watchers_) watcher(guest);
 }
 
 }  // namespace kvmid

@@ -5,6 +5,7 @@
 #define KVMID_DAEMON_REGISTRY_REGISTRY_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -15,9 +16,15 @@
 
 namespace kvmid {
 
-class Registry {
+class Registry : public GuestStateListener {
  public:
   explicit Registry(GuestEventRouter* router) : router_(router) {}
+
+  // Watchers see every lifecycle change of every guest (on the thread that made it).
+  using StateWatcher = std::function<void(const std::shared_ptr<Guest>&)>;
+  uint64_t AddStateWatcher(StateWatcher watcher);
+  void RemoveStateWatcher(uint64_t id);
+  void GuestStateChanged(const std::shared_ptr<Guest>& guest) override;
 
   // The registry key of a guest: its UUID; for QEMU without -uuid (all-zero UUID, as v6 QEMU
   // sends by default) the name, and for a guest with neither a fresh anonymous key (such a
@@ -43,6 +50,9 @@ class Registry {
   std::map<std::string, std::shared_ptr<Guest>> guests_;
   uint64_t anonymous_ = 0;
   std::atomic<uint64_t> duplicate_rejections_{0};
+  std::mutex watchers_mutex_;
+  uint64_t next_watcher_ = 1;
+  std::map<uint64_t, StateWatcher> watchers_;
 };
 
 }  // namespace kvmid
