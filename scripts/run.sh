@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # README command (1): installs what is missing, builds, and runs the main job on its embedded
 # default: kvmid (daemon/config/examples/demo.textproto: CR0.WP / SMEP / LSTAR / SYSENTER_EIP
-# locked, a data region watched) and a fleet of simulated guests (kvmi-sim) that connect to it
-# through QEMU's handshake and run a mixed workload. kvmid prints the live events it decides
-# (rate-limited) and a stats line every 5 s; both print a summary at the end.
+# locked, a data region watched) with a fleet of simulated guests (kvmi-sim) that connect to it
+# through QEMU's handshake and run a mixed workload; the live event stream is shown through
+# kvmid's gRPC API with kvmictl, then kvmid is stopped (SIGTERM: guests restored) and both print
+# a summary.
 #
 #   KVMID_DEMO_SECONDS=60 KVMID_DEMO_VMS=20 KVMID_DEMO_VCPUS=2 bash scripts/run.sh
 set -euo pipefail
@@ -21,26 +22,49 @@ else
 fi
 bazel build --color=no --noshow_progress -c opt //daemon:kvmid //kernel/sim:kvmi-sim
 bin="$(bazel info -c opt bazel-bin 2>/dev/null)"
+bash clients/python/gen_protos.sh  # kvmictl's stubs (git-ignored)
+kvmictl() { /usr/bin/python3 clients/python/kvmictl --target "unix:$work/api.sock" "$@"; }
 
 work="$(mktemp -d /tmp/kvmid-demo.XXXXXX)"
 head -c 32 /dev/urandom | base64 | tr -d "\n" >"$work/cookie"
 cleanup() {
+  [ -n "${sim_pid:-}" ] && kill "$sim_pid" 2>/dev/null && wait "$sim_pid" 2>/dev/null
   [ -n "${kvmid_pid:-}" ] && kill "$kvmid_pid" 2>/dev/null && wait "$kvmid_pid" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-echo "== kvmid: $vms simulated guests x $vcpus vCPUs for ${seconds}s (socket $work/kvmi.sock)"
+echo "== kvmid: $vms simulated guests x $vcpus vCPUs for ${seconds}s"
 "$bin/daemon/kvmid" --config=daemon/config/examples/demo.textproto \
-  --kvmi_socket="$work/kvmi.sock" --cookie_file="$work/cookie" --api_socket="$work/api.sock" \
-  --log_events=all --log_events_per_second=8 &
+  --kvmi_socket="$work/kvmi.sock" --api_socket="$work/api.sock" --cookie_file="$work/cookie" \
+  --log_events=none >"$work/kvmid.log" 2>&1 &
 kvmid_pid=$!
-for _ in $(seq 100); do [ -S "$work/kvmi.sock" ] && break; sleep 0.05; done
+for _ in $(seq 200); do [ -S "$work/api.sock" ] && break; sleep 0.05; done
 
 "$bin/kernel/sim/kvmi-sim" --connect="unix:$work/kvmi.sock" --cookie_file="$work/cookie" \
-  --vms="$vms" --vcpus="$vcpus" --scenario=mixed --rate="$rate" --duration="$seconds" \
-  --log_level=warn
+  --vms="$vms" --vcpus="$vcpus" --scenario=mixed --rate="$rate" --duration="$((seconds + 3))" \
+  --log_level=warn >"$work/sim.log" 2>&1 &
+sim_pid=$!
+for _ in $(seq 200); do
+  [ "$(grep -c ': hooked: KVMI' "$work/kvmid.log" || true)" -ge "$vms" ] && break
+  sleep 0.05
+done
+
+echo "== kvmictl vms"
+kvmictl vms
+echo "== kvmictl policies"
+kvmictl policies
+echo "== kvmictl events (live, ${seconds}s; blocked writes show the old value kept)"
+kvmictl events --duration "$seconds" | awk 'NR <= 40 || /KEEP_OLD/ && ++kept <= 20'
+echo "== kvmictl policies (hit counters after the run)"
+kvmictl policies
+
 echo "== stopping kvmid (SIGTERM: restore every guest, exit 0)"
 kill -TERM "$kvmid_pid"
 wait "$kvmid_pid"
 kvmid_pid=""
+grep -E "unhooking|summary" "$work/kvmid.log" | tail -n 4
+wait "$sim_pid" || true
+sim_pid=""
+echo "== kvmi-sim summary"
+cat "$work/sim.log"
