@@ -38,7 +38,7 @@ class ApiTest : public ::testing::Test {
     daemon_ = std::make_unique<Daemon>(config);
     ASSERT_EQ(daemon_->Start(), "");
     daemon_->pipeline().SetGuestLabels("web-1", {{"tier", "prod"}});
-    api_ = std::make_unique<ApiServer>(daemon_.get());
+    api_ = std::make_unique<ApiServer>(daemon_.get(), /*history=*/4);
     ASSERT_EQ(api_->Start(dir_ + "/api.sock", "127.0.0.1:0"), "");
     channel_ =
         grpc::CreateChannel("unix:" + dir_ + "/api.sock", grpc::InsecureChannelCredentials());
@@ -182,8 +182,9 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   request.mutable_allow()->add_events(kvmi::v1::EVENT_MSR);
   request.set_include_registers(true);
   auto reader = stub_->StreamEvents(&ctx, request);
-  // The stream is registered once the server runs the call: wait for the observer.
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // The stream is registered once the server runs the call: wait for its observer (the event
+  // history is the first).
+  ASSERT_TRUE(WaitUntil([&] { return daemon_->pipeline().observer_count() == 2; }));
   kvmi::Event other = MakeTestEvent(KVMI_EVENT_MSR, 0, 1);  // db-1: filtered out
   db->SendEvent(other);
   kvmi::Event wanted = MakeTestEvent(KVMI_EVENT_MSR, 1, 1);
@@ -234,7 +235,7 @@ TEST_F(ApiTest, ASlowReaderGetsDropNoticesWhileTheGuestRunsAtFullSpeed) {
   request.set_max_queue(4);
   request.set_include_registers(true);  // ~250 bytes an event
   auto reader = slow->StreamEvents(&ctx, request);
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(WaitUntil([&] { return daemon_->pipeline().observer_count() == 2; }));
   // Events answered at once by the daemon while nobody reads the stream: more than HTTP/2's
   // window can hold, so the stream's own queue overflows.
   constexpr uint32_t kEvents = 3000;
@@ -627,6 +628,40 @@ TEST_F(ApiTest, WatchVmsSendsTheCurrentGuestsThenEveryChange) {
   EXPECT_TRUE(next_state_of("second", kvmi::v1::VM_STATE_GONE));
   ctx.TryCancel();
   while (reader->Read(&change)) {
+  }
+}
+
+TEST_F(ApiTest, AReconnectingReaderResumesAfterItsCursorAndIsToldWhatIsGone) {
+  ScriptedHost* host = Connect(13, "resumable");
+  // Six events while nobody streams; kvmid remembers the last four (ids 3..6).
+  for (uint32_t seq = 1; seq <= 6; ++seq) {
+    host->SendEvent(MakeTestEvent(KVMI_EVENT_XSETBV, 0, seq));
+    ASSERT_TRUE(host->WaitFor([seq](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+    }));
+  }
+  // Observers run just after each reply is written: wait for the last one to be remembered.
+  ASSERT_TRUE(WaitUntil([&] { return api_->history().latest_id() == 6; }));
+  grpc::ClientContext ctx;
+  kvmi::v1::StreamEventsRequest request;
+  request.set_resume_after(1);  // the reader had seen event 1
+  auto reader = stub_->StreamEvents(&ctx, request);
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_dropped());
+  EXPECT_EQ(message.dropped().dropped(), 1u);  // event 2 is gone
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 4 && reader->Read(&message); ++i) {
+    ASSERT_TRUE(message.has_event());
+    ids.push_back(message.event().id());
+  }
+  EXPECT_THAT(ids, ::testing::ElementsAre(3u, 4u, 5u, 6u));
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_XSETBV, 0, 7));  // then live, without duplicates
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_event());
+  EXPECT_EQ(message.event().id(), 7u);
+  ctx.TryCancel();
+  while (reader->Read(&message)) {
   }
 }
 

@@ -15,6 +15,7 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <unordered_set>
 
 #include "daemon/config/policy_convert.h"
 #include "kernel/abi/protocol.h"
@@ -297,18 +298,36 @@ Status IntrospectionService::StreamEvents(grpc::ServerContext* context,
   });
   uint64_t dropped_total = 0;
   bool open = true;
+  auto write_drops = [&](uint64_t dropped) {
+    dropped_total += dropped;
+    kvmi::v1::EventMessage notice;
+    notice.mutable_dropped()->set_dropped(dropped);
+    notice.mutable_dropped()->set_dropped_total(dropped_total);
+    return writer->Write(notice);
+  };
+  // Resuming: the live observer is already queueing, so nothing falls between the replay and the
+  // live part; what both saw is sent once.
+  std::unordered_set<uint64_t> replayed;
+  if (request->resume_after() != 0 && history_ != nullptr) {
+    std::vector<ObservedEvent> past;
+    uint64_t lost = history_->Replay(request->resume_after(), &past);
+    if (lost > 0) open = write_drops(lost);
+    for (const ObservedEvent& o : past) {
+      if (!open) break;
+      if (!allow.Matches(o) || deny.Matches(o)) continue;
+      replayed.insert(o.event_id);
+      kvmi::v1::EventMessage message;
+      *message.mutable_event() = ToProto(o, request->include_registers());
+      open = writer->Write(message);
+    }
+  }
   while (open && !context->IsCancelled()) {
     uint64_t dropped = 0;
     std::deque<ObservedEvent> batch = queue->Take(std::chrono::milliseconds(200), &dropped);
-    if (dropped > 0) {
-      dropped_total += dropped;
-      kvmi::v1::EventMessage notice;
-      notice.mutable_dropped()->set_dropped(dropped);
-      notice.mutable_dropped()->set_dropped_total(dropped_total);
-      open = writer->Write(notice);
-    }
+    if (dropped > 0) open = write_drops(dropped);
     for (const ObservedEvent& o : batch) {
       if (!open) break;
+      if (!replayed.empty() && replayed.erase(o.event_id) > 0) continue;
       kvmi::v1::EventMessage message;
       *message.mutable_event() = ToProto(o, request->include_registers());
       open = writer->Write(message);
@@ -971,7 +990,9 @@ Status IntrospectionService::WatchVMs(grpc::ServerContext* context,
 
 // ---- ApiServer --------------------------------------------------------------------------------
 
-ApiServer::ApiServer(Daemon* daemon) : service_(std::make_unique<IntrospectionService>(daemon)) {}
+ApiServer::ApiServer(Daemon* daemon, size_t history)
+    : history_(std::make_unique<EventHistory>(&daemon->pipeline(), history)),
+      service_(std::make_unique<IntrospectionService>(daemon, history_.get())) {}
 
 ApiServer::~ApiServer() { Shutdown(); }
 

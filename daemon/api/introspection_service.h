@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "daemon/api/event_history.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.grpc.pb.h"
 
@@ -18,7 +19,9 @@ namespace kvmid {
 
 class IntrospectionService final : public kvmi::v1::Introspection::Service {
  public:
-  explicit IntrospectionService(Daemon* daemon) : daemon_(daemon) {}
+  // `history` (may be null) lets StreamEvents resume after a cursor.
+  IntrospectionService(Daemon* daemon, const EventHistory* history)
+      : daemon_(daemon), history_(history) {}
 
   grpc::Status ListVMs(grpc::ServerContext* context, const kvmi::v1::ListVMsRequest* request,
                        kvmi::v1::ListVMsResponse* response) override;
@@ -76,20 +79,24 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
                     const char* what, std::vector<uint8_t>* data);
 
   Daemon* daemon_;
+  const EventHistory* history_;
   std::atomic<uint64_t> next_stream_{1};
 };
 
 // Server lifecycle: reflection and grpc.health.v1 on; UNIX socket and/or TCP.
 class ApiServer {
  public:
-  explicit ApiServer(Daemon* daemon);
+  // `history` recent events are remembered for StreamEvents' resume cursor.
+  explicit ApiServer(Daemon* daemon, size_t history = 8192);
   ~ApiServer();
   // `unix_socket` / `tcp` may be empty (not both). Returns "" or an error naming the address.
   std::string Start(const std::string& unix_socket, const std::string& tcp);
   void Shutdown();
   int tcp_port() const { return tcp_port_; }
+  const EventHistory& history() const { return *history_; }
 
  private:
+  std::unique_ptr<EventHistory> history_;
   std::unique_ptr<IntrospectionService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::string unix_socket_;

@@ -119,6 +119,7 @@ class VerdictPipeline : public GuestEventRouter {
   // and hand off). Returns an id for RemoveObserver.
   uint64_t AddObserver(EventObserver observer);
   void RemoveObserver(uint64_t id);
+  size_t observer_count() const { return observer_count_.load(); }
 
   // Guest labels (from configuration), used by policy guest selectors.
   void SetGuestLabels(const std::string& guest_name, std::map<std::string, std::string> labels);
