@@ -13,7 +13,16 @@ PACKAGES=(
   clang-format clang-tidy
   # Python client.
   python3 python3-grpcio python3-protobuf
+  # Go client (clients/go: GOPATH mode, stubs generated at build time).
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+  protoc-gen-go protoc-gen-go-grpc
 )
+
+# buf (its `buf curl` is the grpcurl of clients/buf_curl and the README): from npm, which ships
+# the binary. Pinned; installed under /opt/kvmid-tools. Node.js/npm come from Debian when absent.
+BUF_VERSION=1.75.0
+BUF_PREFIX=/opt/kvmid-tools
+command -v npm >/dev/null || PACKAGES+=(nodejs npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -29,4 +38,12 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   echo "setup: all ${#PACKAGES[@]} packages present"
+fi
+
+if [ "$("$BUF_PREFIX/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  echo "setup: installing @bufbuild/buf@$BUF_VERSION under $BUF_PREFIX"
+  npm install --prefix "$BUF_PREFIX" --no-audit --no-fund --loglevel=error "@bufbuild/buf@$BUF_VERSION"
+  "$BUF_PREFIX/node_modules/.bin/buf" --version
+else
+  echo "setup: buf $BUF_VERSION present"
 fi

@@ -179,6 +179,7 @@ GuestSnapshot Guest::Snapshot() const {
   s.applied = applied_;
   s.arm_errors = arm_errors_;
   for (const auto& [vcpu, hold] : held_) s.paused_vcpus[vcpu] = hold.owner;
+  s.arming_in_flight = arming_in_flight_.load();
   return s;
 }
 
@@ -346,8 +347,12 @@ void Guest::ApplyArming() {
       vcpus = self->vcpu_count_;
     }
     if (delta.empty()) return;
+    // Counted before sending: "applied" above is what was decided, this says when the host
+    // has acknowledged it.
+    self->arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/true, vcpus);
     SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
               [self](const std::string& what, const CommandResult& r) {
+                self->arming_in_flight_--;
                 if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
               });
   });
@@ -365,8 +370,10 @@ void Guest::ArmNewVcpu(uint16_t vcpu) {
   }
   if (!session) return;
   auto self = shared_from_this();
+  arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/false, 1);
   SendDelta(session, delta, /*vm_wide=*/false, vcpu, vcpu + 1u,
             [self](const std::string& what, const CommandResult& r) {
+              self->arming_in_flight_--;
               if (!r.ok()) self->RecordArmError(what + " (new vCPU): " + r.ToString());
             });
 }

@@ -80,6 +80,7 @@ struct GuestSnapshot {
   Arming applied;
   std::vector<std::string> arm_errors;       // recent failures arming this guest
   std::map<uint16_t, OwnerId> paused_vcpus;  // vCPUs held paused, and for whom
+  uint64_t arming_in_flight = 0;             // arming commands sent and not yet answered
 };
 
 // Told about every lifecycle change of a guest (the registry, for WatchVMs).
@@ -177,6 +178,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   std::map<uint16_t, Hold> held_;  // paused now
 
   std::shared_ptr<const GuestView> view_;  // atomic_load/atomic_store only
+  std::atomic<uint64_t> arming_in_flight_{0};
   std::atomic<uint64_t> events_{0};
   std::atomic<uint64_t> fallbacks_{0};
 };

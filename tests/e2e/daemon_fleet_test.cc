@@ -82,7 +82,7 @@ class DaemonFleetTest : public ::testing::Test {
       for (uint8_t e : lease->second.vcpu_events) {
         if (s.applied.vcpu_events.count(e) == 0) return false;
       }
-      return true;
+      return s.arming_in_flight == 0;  // and the host has acknowledged it
     });
   }
 
@@ -344,7 +344,10 @@ TEST_F(DaemonFleetTest, EveryEventTypeReachesTheDaemonWithItsFields) {
   arming.page_access = {{0x200, KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X}};
   guest->SetLease("client:e2e", arming);
   ASSERT_TRUE(Armed(vm.config().name, "client:e2e"));
-  ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().applied.page_access.size() == 1; }));
+  ASSERT_TRUE(WaitUntil([&] {
+    GuestSnapshot s = guest->Snapshot();
+    return s.applied.page_access.size() == 1 && s.arming_in_flight == 0;
+  }));
 
   using kvmi::sim::Op;
   using kvmi::sim::OpKind;

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# End-to-end test of the Go example client (clients/go/kvmi-client): builds it offline with
+# clients/go/build.sh, then runs it against a real kvmid and simulated guests (kvmi-sim) over the
+# unix socket and TCP loopback. One JUnit testcase per check, in $XML_OUTPUT_FILE.
+#
+#   bazel test //clients/go:go_client_test
+#   bash clients/go/go_client_test.sh     # outside Bazel: KVMID_BIN / KVMI_SIM_BIN (default bazel-bin)
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+HARNESS_SUITE=go_client
+# shellcheck source=../testing/harness.sh
+source "$here/../testing/harness.sh"
+if ! harness_init; then fail setup "harness_init failed"; finish; fi
+
+goout="${TEST_TMPDIR:-$work}/go-out"
+export GOCACHE="$goout/.gocache"
+client="$goout/kvmi-client"
+
+build() { bash "$here/build.sh" "$goout" && [ -x "$client" ]; }
+check build build
+if [ ! -x "$client" ]; then finish; fi
+
+# kvmid "demo": the README's demo policies (CR0.WP, SMEP/SMAP, LSTAR, ... locked).
+write_demo_config "$work/demo.textproto"
+if start_kvmid demo --config="$work/demo.textproto"; then
+  start_sim demo 2
+else
+  fail kvmid_demo_start "kvmid did not start" "$work/demo/kvmid.log"
+  finish
+fi
+
+lines() { grep -c "$1" "$2" || true; }
+
+list_vms_unix() {
+  "$client" --addr="unix://$demo_api" --list_only --wait_vms=2 --timeout=20s >"$work/list.txt" || return 1
+  cat "$work/list.txt"
+  grep -q '^vms: 2 (2 hooked)$' "$work/list.txt" &&
+    grep -q '^vm [0-9a-f-]\{36\} name=sim-vm-0000 state=VM_STATE_HOOKED vcpus=2 ' "$work/list.txt" &&
+    grep -q '^vm [0-9a-f-]\{36\} name=sim-vm-0001 state=VM_STATE_HOOKED vcpus=2 ' "$work/list.txt"
+}
+check list_vms_unix list_vms_unix
+
+# 12 CR/MSR events through a type filter, over TCP: only those types, with verdicts by the policies.
+stream_filter_tcp() {
+  "$client" --addr="127.0.0.1:$demo_port" --events=MSR,CR --count=12 --timeout=30s >"$work/f.txt" || return 1
+  cat "$work/f.txt"
+  local ev
+  ev=$(lines '^event id=' "$work/f.txt")
+  [ "$ev" -eq 12 ] || { echo "expected 12 events, got $ev"; return 1; }
+  [ "$(grep '^event id=' "$work/f.txt" | grep -cv ' type=EVENT_\(MSR\|CR\) ')" -eq 0 ] ||
+    { echo "an event outside the filter"; return 1; }
+  grep -q '^done: 12 events$' "$work/f.txt" &&
+    grep -Eq ' vm=sim-vm-000[01] vcpu=[01] type=EVENT_(CR rip=0x[0-9a-f]+ cr[034]|MSR rip=0x[0-9a-f]+ msr=0x)' "$work/f.txt" &&
+    grep -q '=> ACTION_KEEP_OLD (old value kept) by policy:' "$work/f.txt"
+}
+check stream_events_filter_tcp stream_filter_tcp
+
+# A guest filter over the unix socket (unix:PATH form), with registers attached.
+stream_vm_unix() {
+  "$client" --addr="unix:$demo_api" --vms=sim-vm-0001 --registers --count=6 --timeout=30s >"$work/v.txt" || return 1
+  cat "$work/v.txt"
+  [ "$(lines '^event id=' "$work/v.txt")" -eq 6 ] &&
+    [ "$(grep '^event id=' "$work/v.txt" | grep -cv ' vm=sim-vm-0001 ')" -eq 0 ] &&
+    [ "$(grep '^event id=' "$work/v.txt" | grep -cv ' regs{rax=0x[0-9a-f]* rsp=0x[0-9a-f]* cr3=0x[1-9a-f]')" -eq 0 ]
+}
+check stream_events_vm_filter_unix stream_vm_unix
+
+# Errors are reported with a non-zero exit: an unknown event type, a server that is not there.
+bad_flags() {
+  ! "$client" --addr="unix:$demo_api" --events=NOPE --timeout=5s &&
+    ! "$client" --addr="unix:$work/nothing.sock" --timeout=3s
+}
+check errors_reported bad_flags
+
+# kvmid "bare": no policies, so the handler decides. The client claims MSR events, arms LSTAR and
+# SYSENTER_EIP, and answers KEEP_OLD for LSTAR writes, CONTINUE for the rest; an observer stream
+# must see LSTAR writes decided by the handler with the old value kept.
+if start_kvmid bare --deadline_ms=2000 --fallback=continue; then
+  start_sim bare 2
+  attach_keep_old() {
+    "$client" --addr="unix:$bare_api" --wait_vms=2 --list_only --timeout=20s || return 1
+    "$client" --addr="unix:$bare_api" --events=MSR --msrs=0xc0000082 --count=2 --timeout=40s \
+      >"$work/obs.txt" 2>&1 &
+    local observer=$!
+    # The observer prints its "streaming" line once its RPC is under way (deadline 10 s).
+    wait_until 10 grep -q '^streaming events' "$work/obs.txt"
+    local rc=0
+    "$client" --addr="127.0.0.1:$bare_port" --attach --handler_id=go-test --events=MSR \
+      --arm_msrs=0xc0000082,0x176 --count=16 --timeout=40s >"$work/att.txt" 2>&1 || rc=$?
+    wait "$observer"
+    echo "== attach"; cat "$work/att.txt"; echo "== observer"; cat "$work/obs.txt"
+    if [ "$rc" -eq 3 ]; then echo "kvmid does not implement Attach"; return 77; fi
+    [ "$rc" -eq 0 ] || return 1
+    grep -q '^claimed: owner=client:go-test' "$work/att.txt" &&
+      grep -q '^verdict ACTION_KEEP_OLD for event id=[0-9]* vm=sim-vm-000[01] .* type=EVENT_MSR .* msr=0xc0000082 .*(LSTAR write refused)$' "$work/att.txt" &&
+      grep -q '^verdict ACTION_CONTINUE for event id=[0-9]* .* msr=0x176 ' "$work/att.txt" &&
+      grep -q '^done: 16 verdicts$' "$work/att.txt" &&
+      grep -q '^event id=[0-9]* .* msr=0xc0000082 .* => ACTION_KEEP_OLD (old value kept) by handler:go-test$' "$work/obs.txt"
+  }
+  check attach_keep_old_lstar attach_keep_old
+else
+  fail attach_keep_old_lstar "kvmid (no policies) did not start" "$work/bare/kvmid.log"
+fi
+
+finish

@@ -1,0 +1,376 @@
+// kvmi-client: an example Go client of kvmid's API (kvmi.v1.Introspection).
+//
+// It connects to kvmid (unix:///run/kvmid/api.sock, unix:/path, or host:port), lists the
+// guests, then either
+//   - streams events (StreamEvents, observe-only) through a filter and prints them, or
+//   - with --attach, becomes a remote handler (Attach): it claims blocking events and answers
+//     each with a verdict: KEEP_OLD for writes to LSTAR (the syscall entry), CONTINUE otherwise.
+//
+// Build (GOPATH mode, Debian's Go packages, stubs generated from proto/kvmi/v1):
+//
+//	bash clients/go/build.sh OUT_DIR
+//	OUT_DIR/kvmi-client --addr=unix:///run/kvmid/api.sock --events=EVENT_MSR,EVENT_CR --count=20
+//
+// Exit status: 0 when --count events (or verdicts) were printed, or the stream/time limit ended
+// normally; 1 on an RPC error; 2 on bad flags; 3 with --attach when kvmid does not implement it.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	kvmiv1 "kvmid/clients/go/kvmi/v1"
+)
+
+const msrLSTAR = 0xC0000082
+
+var (
+	addr      = flag.String("addr", "unix:///run/kvmid/api.sock", "kvmid API: unix:///PATH, unix:PATH or HOST:PORT")
+	listOnly  = flag.Bool("list_only", false, "list the guests and exit")
+	waitVMs   = flag.Int("wait_vms", 0, "before streaming, poll ListVMs until at least this many guests are hooked")
+	vms       = flag.String("vms", "", "comma-separated guest UUIDs or names (empty: every guest)")
+	events    = flag.String("events", "", "comma-separated event types, e.g. EVENT_MSR,CR,PF (empty: every type)")
+	vcpus     = flag.String("vcpus", "", "comma-separated vCPU indexes (empty: every vCPU)")
+	msrs      = flag.String("msrs", "", "comma-separated MSR indexes for MSR events, e.g. 0xc0000082")
+	regs      = flag.Bool("registers", false, "include the vCPU registers with each event")
+	count     = flag.Int("count", 0, "stop after this many events (0: no limit)")
+	timeout   = flag.Duration("timeout", 0, "stop after this long (0: no limit)")
+	attach    = flag.Bool("attach", false, "answer verdicts through Attach instead of observing with StreamEvents")
+	handlerID = flag.String("handler_id", "go-example", "with --attach: the handler id (Event.decided_by = handler:ID)")
+	deadline  = flag.Uint("deadline_ms", 0, "with --attach: how long kvmid waits for each verdict (0: its default)")
+	armMsrs   = flag.String("arm_msrs", "", "with --attach: MSRs to arm (CONTROL_MSR) for the claimed guests")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "kvmi-client:", err)
+		if s, ok := status.FromError(err); ok && s.Code() == codes.Unimplemented && *attach {
+			os.Exit(3)
+		}
+		os.Exit(1)
+	}
+}
+
+// dial understands unix:///abs/path and unix:path itself (gRPC-Go 1.33 has no unix resolver).
+func dial(ctx context.Context, target string) (*grpc.ClientConn, error) {
+	opts := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock()}
+	path := ""
+	switch {
+	case strings.HasPrefix(target, "unix://"):
+		path = strings.TrimPrefix(target, "unix://")
+	case strings.HasPrefix(target, "unix:"):
+		path = strings.TrimPrefix(target, "unix:")
+	}
+	if path != "" {
+		opts = append(opts, grpc.WithAuthority("localhost"),
+			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			}))
+		target = "passthrough:///" + path
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return grpc.DialContext(dctx, target, opts...)
+}
+
+func run() error {
+	eventTypes, err := parseEventTypes(*events)
+	if err != nil {
+		return err
+	}
+	vcpuList, err := parseUints(*vcpus)
+	if err != nil {
+		return fmt.Errorf("--vcpus: %v", err)
+	}
+	msrList, err := parseUints(*msrs)
+	if err != nil {
+		return fmt.Errorf("--msrs: %v", err)
+	}
+	armList, err := parseUints(*armMsrs)
+	if err != nil {
+		return fmt.Errorf("--arm_msrs: %v", err)
+	}
+
+	ctx := context.Background()
+	if *timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		defer cancel()
+	}
+	conn, err := dial(ctx, *addr)
+	if err != nil {
+		return fmt.Errorf("connect %s: %v", *addr, err)
+	}
+	defer conn.Close()
+	client := kvmiv1.NewIntrospectionClient(conn)
+
+	if err := listVMs(ctx, client); err != nil {
+		return err
+	}
+	if *listOnly {
+		return nil
+	}
+	if *attach {
+		return runAttach(ctx, client, eventTypes, armList)
+	}
+	return streamEvents(ctx, client, eventTypes, vcpuList, msrList)
+}
+
+func listVMs(ctx context.Context, client kvmiv1.IntrospectionClient) error {
+	for {
+		resp, err := client.ListVMs(ctx, &kvmiv1.ListVMsRequest{})
+		if err != nil {
+			return fmt.Errorf("ListVMs: %v", err)
+		}
+		hooked := 0
+		for _, vm := range resp.GetVms() {
+			if vm.GetState() == kvmiv1.VMState_VM_STATE_HOOKED {
+				hooked++
+			}
+		}
+		if hooked >= *waitVMs {
+			fmt.Printf("vms: %d (%d hooked)\n", len(resp.GetVms()), hooked)
+			for _, vm := range resp.GetVms() {
+				fmt.Printf("vm %s name=%s state=%s vcpus=%d kvmi_version=%d events=%d transport=%s\n",
+					vm.GetUuid(), vm.GetName(), vm.GetState(), vm.GetVcpuCount(), vm.GetKvmiVersion(),
+					vm.GetEvents(), vm.GetTransport())
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %d hooked guests (have %d): %v", *waitVMs, hooked, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types []kvmiv1.EventType,
+	vcpuList, msrList []uint32) error {
+	req := &kvmiv1.StreamEventsRequest{
+		Allow: &kvmiv1.EventFilter{
+			Vms:    splitList(*vms),
+			Events: types,
+			Vcpus:  vcpuList,
+			Msrs:   msrList,
+		},
+		IncludeRegisters: *regs,
+	}
+	stream, err := client.StreamEvents(ctx, req)
+	if err != nil {
+		return fmt.Errorf("StreamEvents: %v", err)
+	}
+	fmt.Printf("streaming events (filter: vms=%v events=%v vcpus=%v msrs=%v)\n",
+		req.Allow.Vms, req.Allow.Events, req.Allow.Vcpus, req.Allow.Msrs)
+	printed := 0
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			fmt.Printf("stream ended after %d events\n", printed)
+			return nil
+		}
+		if err != nil {
+			if ctx.Err() != nil { // our own --timeout
+				fmt.Printf("time limit reached after %d events\n", printed)
+				return nil
+			}
+			return fmt.Errorf("StreamEvents: %v", err)
+		}
+		switch m := msg.GetMessage().(type) {
+		case *kvmiv1.EventMessage_Event:
+			fmt.Println(formatEvent(m.Event))
+			printed++
+			if *count > 0 && printed >= *count {
+				fmt.Printf("done: %d events\n", printed)
+				return nil
+			}
+		case *kvmiv1.EventMessage_Dropped:
+			fmt.Printf("dropped %d events (%d in total)\n", m.Dropped.GetDropped(), m.Dropped.GetDroppedTotal())
+		}
+	}
+}
+
+// decide is the example handler's policy: writes to LSTAR keep their old value (a rootkit
+// hooking the syscall entry gets nowhere), everything else goes on.
+func decide(ev *kvmiv1.Event) (kvmiv1.Action, string) {
+	if ev.GetType() == kvmiv1.EventType_EVENT_MSR && ev.GetMsr().GetMsr() == msrLSTAR {
+		return kvmiv1.Action_ACTION_KEEP_OLD, "LSTAR write refused"
+	}
+	return kvmiv1.Action_ACTION_CONTINUE, ""
+}
+
+func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []kvmiv1.EventType,
+	armList []uint32) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := client.Attach(ctx)
+	if err != nil {
+		return fmt.Errorf("Attach: %v", err)
+	}
+	claim := &kvmiv1.Claim{
+		HandlerId:  *handlerID,
+		Vms:        splitList(*vms),
+		Events:     types,
+		DeadlineMs: uint32(*deadline),
+		Fallback:   kvmiv1.Action_ACTION_CONTINUE,
+		ArmMsrs:    armList,
+	}
+	if len(armList) > 0 {
+		claim.ArmEvents = []kvmiv1.EventType{kvmiv1.EventType_EVENT_MSR}
+	}
+	if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Claim{Claim: claim}}); err != nil {
+		return fmt.Errorf("Attach: sending the claim: %v", streamError(stream, err))
+	}
+	answered := 0
+	for {
+		resp, err := stream.Recv()
+		if err == io.EOF {
+			fmt.Printf("attach stream ended after %d verdicts\n", answered)
+			return nil
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				fmt.Printf("time limit reached after %d verdicts\n", answered)
+				return nil
+			}
+			return fmt.Errorf("Attach: %v", err)
+		}
+		switch m := resp.GetMessage().(type) {
+		case *kvmiv1.AttachResponse_Claimed:
+			fmt.Printf("claimed: owner=%s\n", m.Claimed.GetOwner())
+		case *kvmiv1.AttachResponse_Error:
+			fmt.Printf("verdict error: event %d: %s\n", m.Error.GetEventId(), m.Error.GetMessage())
+		case *kvmiv1.AttachResponse_Event:
+			ev := m.Event
+			action, why := decide(ev)
+			verdict := &kvmiv1.Verdict{EventId: ev.GetId(), Action: action}
+			if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Verdict{Verdict: verdict}}); err != nil {
+				return fmt.Errorf("Attach: sending a verdict: %v", streamError(stream, err))
+			}
+			answered++
+			line := fmt.Sprintf("verdict %s for %s", action, formatEvent(ev))
+			if why != "" {
+				line += " (" + why + ")"
+			}
+			fmt.Println(line)
+			if *count > 0 && answered >= *count {
+				fmt.Printf("done: %d verdicts\n", answered)
+				return detach(stream, cancel)
+			}
+		}
+	}
+}
+
+// detach half-closes the stream and waits (at most 2 s) for kvmid to end it, so that the verdicts
+// already sent are used rather than cut off by a cancelled stream. Events that arrive meanwhile are
+// left to kvmid, which answers them with the claim's fallback.
+func detach(stream kvmiv1.Introspection_AttachClient, cancel context.CancelFunc) error {
+	if err := stream.CloseSend(); err != nil {
+		return err
+	}
+	timer := time.AfterFunc(2*time.Second, cancel)
+	defer timer.Stop()
+	for {
+		if _, err := stream.Recv(); err != nil {
+			return nil
+		}
+	}
+}
+
+// streamError: a failed Send reports io.EOF; the real status comes from Recv.
+func streamError(stream kvmiv1.Introspection_AttachClient, err error) error {
+	if err == io.EOF {
+		if _, rerr := stream.Recv(); rerr != nil {
+			return rerr
+		}
+	}
+	return err
+}
+
+func formatEvent(ev *kvmiv1.Event) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "event id=%d vm=%s vcpu=%d type=%s rip=%#x", ev.GetId(), ev.GetVmName(),
+		ev.GetVcpu(), ev.GetType(), ev.GetRip())
+	switch d := ev.GetDetail().(type) {
+	case *kvmiv1.Event_Cr:
+		fmt.Fprintf(&b, " cr%d %#x->%#x", d.Cr.GetCr(), d.Cr.GetOldValue(), d.Cr.GetNewValue())
+	case *kvmiv1.Event_Msr:
+		fmt.Fprintf(&b, " msr=%#x %#x->%#x", d.Msr.GetMsr(), d.Msr.GetOldValue(), d.Msr.GetNewValue())
+	case *kvmiv1.Event_Pf:
+		fmt.Fprintf(&b, " pf gpa=%#x gva=%#x access=%s", d.Pf.GetGpa(), d.Pf.GetGva(), d.Pf.GetAccess())
+	case *kvmiv1.Event_Breakpoint:
+		fmt.Fprintf(&b, " breakpoint gpa=%#x", d.Breakpoint.GetGpa())
+	case *kvmiv1.Event_Trap:
+		fmt.Fprintf(&b, " trap vector=%d", d.Trap.GetVector())
+	case *kvmiv1.Event_DescriptorTable:
+		fmt.Fprintf(&b, " descriptor table=%d write=%v", d.DescriptorTable.GetTable(), d.DescriptorTable.GetWrite())
+	}
+	if ev.GetAction() != kvmiv1.Action_ACTION_UNSPECIFIED {
+		fmt.Fprintf(&b, " => %s", ev.GetAction())
+		if ev.GetKeptOldValue() {
+			b.WriteString(" (old value kept)")
+		}
+		if ev.GetDecidedBy() != "" {
+			fmt.Fprintf(&b, " by %s", ev.GetDecidedBy())
+		}
+	}
+	if len(ev.GetMonitorHits()) > 0 {
+		fmt.Fprintf(&b, " monitor=%s", strings.Join(ev.GetMonitorHits(), ","))
+	}
+	if r := ev.GetRegisters(); r != nil {
+		fmt.Fprintf(&b, " regs{rax=%#x rsp=%#x cr3=%#x}", r.GetRax(), r.GetRsp(), r.GetCr3())
+	}
+	return b.String()
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, part := range strings.Split(s, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			out = append(out, part)
+		}
+	}
+	return out
+}
+
+func parseUints(s string) ([]uint32, error) {
+	var out []uint32
+	for _, part := range splitList(s) {
+		v, err := strconv.ParseUint(part, 0, 32)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, uint32(v))
+	}
+	return out, nil
+}
+
+// parseEventTypes accepts EVENT_MSR, MSR or msr.
+func parseEventTypes(s string) ([]kvmiv1.EventType, error) {
+	var out []kvmiv1.EventType
+	for _, part := range splitList(s) {
+		name := strings.ToUpper(part)
+		if !strings.HasPrefix(name, "EVENT_") {
+			name = "EVENT_" + name
+		}
+		v, ok := kvmiv1.EventType_value[name]
+		if !ok || v == 0 {
+			return nil, fmt.Errorf("--events: unknown event type %q", part)
+		}
+		out = append(out, kvmiv1.EventType(v))
+	}
+	return out, nil
+}
