@@ -352,6 +352,23 @@ ScriptedHost::Responder RichResponder() {
       kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
       return std::optional<std::vector<uint8_t>>(out);
     }
+    if (m.hdr.id == KVMI_GET_PAGE_ACCESS) {
+      kvmi::GetPageAccessRequest request;
+      kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
+      std::vector<uint8_t> data(request.gpas.size(), KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X);
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
+      return std::optional<std::vector<uint8_t>>(out);
+    }
+    if (m.hdr.id == KVMI_SET_PAGE_ACCESS) {
+      kvmi::SetPageAccessRequest request;
+      kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
+      for (const kvmi::PageAccess& e : request.entries) {
+        if (e.gpa == 0xbad000) {  // the v6 kernel reports the (last) failing entry's error
+          kvmi::EncodeReply(m.hdr.id, m.hdr.seq, -KVM_EINVAL, {}, &out);
+          return std::optional<std::vector<uint8_t>>(out);
+        }
+      }
+    }
     if (m.hdr.id == KVMI_READ_PHYSICAL) {
       kvmi::ReadPhysicalRequest request;
       kvmi::DecodePayload(kvmi::ByteView(m.payload), &request);
@@ -663,6 +680,89 @@ TEST_F(ApiTest, AReconnectingReaderResumesAfterItsCursorAndIsToldWhatIsGone) {
   ctx.TryCancel();
   while (reader->Read(&message)) {
   }
+}
+
+uint32_t RestrictedPages(kvmi::v1::Introspection::Stub* stub, const std::string& vm) {
+  grpc::ClientContext ctx;
+  kvmi::v1::GetVMRequest get;
+  get.set_vm(vm);
+  kvmi::v1::VM out;
+  if (!stub->GetVM(&ctx, get, &out).ok()) return UINT32_MAX;
+  for (const auto& lease : out.leases()) {
+    if (lease.owner() == "api") return lease.restricted_pages();
+  }
+  return 0;
+}
+
+TEST_F(ApiTest, PageAccessIsBatchedReportedPerPageAndRolledBackOnRequest) {
+  ScriptedHost* host = Connect(14, "pages");
+  host->set_responder(RichResponder());
+  // 600 pages read-only: three SET_PAGE_ACCESS messages of at most 255 entries.
+  kvmi::v1::SetPageAccessRequest set;
+  set.set_vm("pages");
+  for (uint64_t i = 0; i < 600; ++i) {
+    kvmi::v1::PageRights* page = set.add_pages();
+    page->set_gpa(0x100000 + i * 4096);
+    page->set_access("r");
+  }
+  grpc::ClientContext set_ctx;
+  kvmi::v1::SetPageAccessResponse result;
+  ASSERT_TRUE(stub_->SetPageAccess(&set_ctx, set, &result).ok());
+  ASSERT_EQ(result.results_size(), 600);
+  for (const auto& r : result.results()) EXPECT_EQ(r.error(), "") << r.gpa();
+  EXPECT_FALSE(result.rolled_back());
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(host->WaitForId(KVMI_SET_PAGE_ACCESS));
+  EXPECT_EQ(RestrictedPages(stub_.get(), "pages"), 600u);
+
+  grpc::ClientContext get_ctx;
+  kvmi::v1::GetPageAccessRequest get;
+  get.set_vm("pages");
+  for (uint64_t i = 0; i < 520; ++i) get.add_gpas(0x100000 + i * 4096);  // two messages
+  kvmi::v1::GetPageAccessResponse rights;
+  ASSERT_TRUE(stub_->GetPageAccess(&get_ctx, get, &rights).ok());
+  ASSERT_EQ(rights.pages_size(), 520);
+  EXPECT_EQ(rights.pages(519).access(), "rx");
+
+  // All or nothing: 300 more pages, the last of which the host refuses. The first message
+  // (255 pages) was applied, so it is undone; the call leaves nothing behind.
+  kvmi::v1::SetPageAccessRequest risky;
+  risky.set_vm("pages");
+  risky.set_all_or_nothing(true);
+  for (uint64_t i = 0; i < 299; ++i) {
+    kvmi::v1::PageRights* page = risky.add_pages();
+    page->set_gpa(0x800000 + i * 4096);
+    page->set_access("rx");
+  }
+  risky.add_pages()->set_gpa(0xbad000);
+  risky.mutable_pages(299)->set_access("rx");
+  grpc::ClientContext risky_ctx;
+  ASSERT_TRUE(stub_->SetPageAccess(&risky_ctx, risky, &result).ok());
+  EXPECT_TRUE(result.rolled_back());
+  EXPECT_EQ(result.results(299).error(), "KVM_EINVAL");
+  EXPECT_EQ(result.results(0).error(), "");
+  auto undo = host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::SetPageAccessRequest r;
+    return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 255 &&
+           r.entries[0].gpa == 0x800000 && r.entries[0].access == KVMI_PAGE_ACCESS_RWX;
+  });
+  EXPECT_TRUE(undo) << "the applied half was restored";
+  EXPECT_EQ(RestrictedPages(stub_.get(), "pages"), 600u);
+
+  // Without all_or_nothing the good pages stay; the refused message's pages report the error.
+  risky.set_all_or_nothing(false);
+  grpc::ClientContext partial_ctx;
+  ASSERT_TRUE(stub_->SetPageAccess(&partial_ctx, risky, &result).ok());
+  EXPECT_FALSE(result.rolled_back());
+  EXPECT_EQ(result.results(0).error(), "");
+  EXPECT_EQ(result.results(299).error(), "KVM_EINVAL");
+  EXPECT_EQ(RestrictedPages(stub_.get(), "pages"), 600u + 255u);
+
+  grpc::ClientContext bad_ctx;
+  set.mutable_pages(3)->set_access("rq");
+  grpc::Status bad = stub_->SetPageAccess(&bad_ctx, set, &result);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.error_message(), HasSubstr("pages[3].access"));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <condition_variable>
 #include <cstring>
@@ -944,6 +945,91 @@ Status IntrospectionService::InjectException(grpc::ServerContext* context,
   command.address = request->address();
   std::vector<uint8_t> data;
   return Call(context, *guest, command, "InjectException", &data);
+}
+
+constexpr int kMaxPagesPerCall = 65536;
+// Pages set through the unary API belong to this lease (restore them with "rwx").
+const char* const kApiPagesOwner = "api";
+
+Status IntrospectionService::GetPageAccess(grpc::ServerContext* context,
+                                           const kvmi::v1::GetPageAccessRequest* request,
+                                           kvmi::v1::GetPageAccessResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->gpas_size() == 0 || request->gpas_size() > kMaxPagesPerCall) {
+    return Invalid("gpas", "1 .. 65536 addresses");
+  }
+  // At most 510 addresses fit one GET_PAGE_ACCESS: pipelined pieces, answered in order.
+  std::vector<Waiter<CommandResult>> waiters;
+  std::vector<size_t> counts;
+  for (int first = 0; first < request->gpas_size();
+       first += static_cast<int>(kvmi::kMaxGetPageAccessGpas)) {
+    int last =
+        std::min(request->gpas_size(), first + static_cast<int>(kvmi::kMaxGetPageAccessGpas));
+    kvmi::GetPageAccessRequest command;
+    command.gpas.assign(request->gpas().begin() + first, request->gpas().begin() + last);
+    counts.push_back(command.gpas.size());
+    waiters.emplace_back();
+    guest->session()->Send(command, waiters.back().callback());
+  }
+  int index = 0;
+  for (size_t i = 0; i < waiters.size(); ++i) {
+    CommandResult result;
+    if (!waiters[i].Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+    if (!result.ok()) return ToStatus(result, "GetPageAccess");
+    kvmi::PageAccessReply reply;
+    kvmi::DecodeStatus decoded =
+        kvmi::DecodeReplyData(kvmi::ByteView(result.data), counts[i], &reply);
+    if (!decoded.ok()) {
+      return Status(StatusCode::INTERNAL, "GetPageAccess reply: " + decoded.ToString());
+    }
+    for (uint8_t access : reply.access) {
+      kvmi::v1::PageRights* page = response->add_pages();
+      page->set_gpa(request->gpas(index++));
+      page->set_access(AccessLetters(access));
+    }
+  }
+  return Status::OK;
+}
+
+Status IntrospectionService::SetPageAccess(grpc::ServerContext* context,
+                                           const kvmi::v1::SetPageAccessRequest* request,
+                                           kvmi::v1::SetPageAccessResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->pages_size() == 0 || request->pages_size() > kMaxPagesPerCall) {
+    return Invalid("pages", "1 .. 65536 pages");
+  }
+  std::vector<std::pair<uint64_t, uint8_t>> pages;
+  for (int i = 0; i < request->pages_size(); ++i) {
+    uint8_t access;
+    if (!ParseAccess(request->pages(i).access(), &access)) {
+      return Invalid("pages[" + std::to_string(i) + "].access",
+                     "'" + request->pages(i).access() + "' is not made of r, w, x");
+    }
+    pages.emplace_back(request->pages(i).gpa() / KVMI_PAGE_SIZE, access);
+  }
+  struct Outcome {
+    std::vector<int32_t> errors;
+    bool rolled_back = false;
+  };
+  Waiter<Outcome> waiter;
+  auto callback = waiter.callback();
+  guest->SetPages(kApiPagesOwner, std::move(pages), request->all_or_nothing(),
+                  [callback](std::vector<int32_t> errors, bool rolled_back) {
+                    callback(Outcome{std::move(errors), rolled_back});
+                  });
+  Outcome outcome;
+  if (!waiter.Wait(context, &outcome)) return Status(StatusCode::CANCELLED, "cancelled");
+  for (int i = 0; i < request->pages_size(); ++i) {
+    kvmi::v1::PageResult* result = response->add_results();
+    result->set_gpa(request->pages(i).gpa());
+    if (outcome.errors[i] != 0) result->set_error(kvmi::ErrorName(outcome.errors[i]));
+  }
+  response->set_rolled_back(outcome.rolled_back);
+  return Status::OK;
 }
 
 Status IntrospectionService::WatchVMs(grpc::ServerContext* context,

@@ -65,6 +65,12 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
   grpc::Status InjectException(grpc::ServerContext* context,
                                const kvmi::v1::InjectExceptionRequest* request,
                                kvmi::v1::InjectExceptionResponse* response) override;
+  grpc::Status GetPageAccess(grpc::ServerContext* context,
+                             const kvmi::v1::GetPageAccessRequest* request,
+                             kvmi::v1::GetPageAccessResponse* response) override;
+  grpc::Status SetPageAccess(grpc::ServerContext* context,
+                             const kvmi::v1::SetPageAccessRequest* request,
+                             kvmi::v1::SetPageAccessResponse* response) override;
   grpc::Status WatchVMs(grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request,
                         grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
 

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <optional>
+
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -355,6 +357,139 @@ void Guest::ApplyArming() {
                 self->arming_in_flight_--;
                 if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
               });
+  });
+}
+
+void Guest::SetPages(const OwnerId& owner, std::vector<std::pair<uint64_t, uint8_t>> pages,
+                     bool all_or_nothing, PagesCallback done) {
+  constexpr uint8_t kAll = KVMI_PAGE_ACCESS_RWX;
+  std::shared_ptr<GuestSession> session = this->session();
+  if (!session) {
+    done(std::vector<int32_t>(pages.size(), -KVM_EAGAIN), false);
+    return;
+  }
+  auto self = shared_from_this();
+  // On the loop thread, like ApplyArming: the two never interleave on the wire.
+  session->loop()->RunInLoop([self, session, owner, pages = std::move(pages), all_or_nothing,
+                              done = std::move(done)]() mutable {
+    struct Change {
+      uint64_t gfn;
+      uint8_t before;  // effective rights before the call
+      uint8_t after;
+    };
+    std::map<uint64_t, std::optional<uint8_t>> old_lease;  // the owner's entries before
+    std::vector<Change> changes;
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      Arming lease;
+      auto it = self->leases_.by_owner().find(owner);
+      if (it != self->leases_.by_owner().end()) lease = it->second;
+      for (const auto& [gfn, access] : pages) {
+        if (old_lease.count(gfn) == 0) {
+          auto entry = lease.page_access.find(gfn);
+          old_lease[gfn] = entry == lease.page_access.end() ? std::nullopt
+                                                            : std::optional<uint8_t>(entry->second);
+        }
+        if (access == kAll) {
+          lease.page_access.erase(gfn);
+        } else {
+          lease.page_access[gfn] = access;
+        }
+      }
+      self->leases_.Set(owner, lease);
+      Arming wanted = self->leases_.Effective();
+      for (const auto& [gfn, previous] : old_lease) {
+        auto a = self->applied_.page_access.find(gfn);
+        uint8_t before = a == self->applied_.page_access.end() ? kAll : a->second;
+        auto w = wanted.page_access.find(gfn);
+        uint8_t after = w == wanted.page_access.end() ? kAll : w->second;
+        if (before == after) continue;
+        changes.push_back(Change{gfn, before, after});
+        if (after == kAll) {
+          self->applied_.page_access.erase(gfn);
+        } else {
+          self->applied_.page_access[gfn] = after;
+        }
+      }
+    }
+    if (changes.empty()) {
+      done(std::vector<int32_t>(pages.size(), 0), false);
+      return;
+    }
+    std::vector<kvmi::PageAccess> entries;
+    for (const Change& c : changes) {
+      kvmi::PageAccess e;
+      e.gpa = c.gfn * KVMI_PAGE_SIZE;
+      e.access = c.after;
+      entries.push_back(e);
+    }
+    session->SetPageAccess(
+        std::move(entries), [self, session, owner, pages, all_or_nothing, changes, old_lease, done](
+                                std::vector<CommandResult>, std::vector<int32_t> per_entry) {
+          std::map<uint64_t, int32_t> error_of;  // gfn -> error
+          bool failed = false;
+          for (size_t i = 0; i < changes.size(); ++i) {
+            error_of[changes[i].gfn] = per_entry[i];
+            failed = failed || per_entry[i] != 0;
+          }
+          std::vector<int32_t> errors;
+          for (const auto& [gfn, access] : pages) {
+            auto e = error_of.find(gfn);
+            errors.push_back(e == error_of.end() ? 0 : e->second);
+          }
+          if (!failed) {
+            done(std::move(errors), false);
+            return;
+          }
+          // Undo: everything of the call (all_or_nothing) or only the pages that failed.
+          std::vector<kvmi::PageAccess> undo;
+          {
+            std::lock_guard<std::mutex> lock(self->mutex_);
+            Arming lease;
+            auto it = self->leases_.by_owner().find(owner);
+            if (it != self->leases_.by_owner().end()) lease = it->second;
+            for (const auto& [gfn, previous] : old_lease) {
+              auto e = error_of.find(gfn);
+              bool page_failed = e != error_of.end() && e->second != 0;
+              if (!all_or_nothing && !page_failed) continue;
+              if (previous) {
+                lease.page_access[gfn] = *previous;
+              } else {
+                lease.page_access.erase(gfn);
+              }
+            }
+            self->leases_.Set(owner, lease);
+            for (const Change& c : changes) {
+              bool page_failed = error_of[c.gfn] != 0;
+              if (!all_or_nothing && !page_failed) continue;
+              if (c.before == kAll) {
+                self->applied_.page_access.erase(c.gfn);
+              } else {
+                self->applied_.page_access[c.gfn] = c.before;
+              }
+              // A failed page never changed on the host; a page that did change goes back.
+              if (!page_failed) {
+                kvmi::PageAccess back;
+                back.gpa = c.gfn * KVMI_PAGE_SIZE;
+                back.access = c.before;
+                undo.push_back(back);
+              }
+            }
+          }
+          if (undo.empty()) {
+            done(std::move(errors), all_or_nothing);
+            return;
+          }
+          session->SetPageAccess(
+              std::move(undo),
+              [self, errors, done](std::vector<CommandResult> r, std::vector<int32_t>) mutable {
+                for (const CommandResult& result : r) {
+                  if (!result.ok())
+                    self->RecordArmError("SET_PAGE_ACCESS rollback: " + result.ToString());
+                }
+                done(std::move(errors), true);
+              });
+        });
   });
 }
 

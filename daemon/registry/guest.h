@@ -130,6 +130,14 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold);
   bool HasPauseRequest(uint16_t vcpu) const;
 
+  // Sets the rights `owner` wants on pages (gfn -> KVMI_PAGE_ACCESS_* bits; rwx = none) and
+  // applies the effective result now. `done` gets one error per page (the v6 kernel reports one
+  // error per message: every page of a failed message carries it) and whether the call was
+  // rolled back (all_or_nothing and a failure: host and lease are as before the call).
+  using PagesCallback = std::function<void(std::vector<int32_t> errors, bool rolled_back)>;
+  void SetPages(const OwnerId& owner, std::vector<std::pair<uint64_t, uint8_t>> pages,
+                bool all_or_nothing, PagesCallback done);
+
   // Releases every hook and closes the session promptly (UNHOOK, shutdown).
   void Unhook(const std::string& why, std::function<void()> done = nullptr);
 
