@@ -765,5 +765,343 @@ TEST_F(ApiTest, PageAccessIsBatchedReportedPerPageAndRolledBackOnRequest) {
   EXPECT_THAT(bad.error_message(), HasSubstr("pages[3].access"));
 }
 
+// CONTROL_* commands of one kind the host received, as (vcpu, id, enable) triples.
+struct Control {
+  uint16_t vcpu;
+  uint32_t what;
+  bool enable;
+  bool operator==(const Control& o) const {
+    return vcpu == o.vcpu && what == o.what && enable == o.enable;
+  }
+};
+std::ostream& operator<<(std::ostream& os, const Control& c) {
+  return os << "{vcpu " << c.vcpu << ", " << c.what << (c.enable ? " on}" : " off}");
+}
+std::vector<Control> TakeControls(ScriptedHost* host, uint16_t id, size_t count) {
+  std::vector<Control> out;
+  while (out.size() < count) {
+    auto m = host->WaitForId(id);
+    if (!m) break;
+    if (id == KVMI_CONTROL_EVENTS) {
+      kvmi::ControlEventsRequest r;
+      EXPECT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &r).ok());
+      out.push_back({r.vcpu, r.event_id, r.enable});
+    } else if (id == KVMI_CONTROL_CR) {
+      kvmi::ControlCrRequest r;
+      EXPECT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &r).ok());
+      out.push_back({r.vcpu, r.cr, r.enable});
+    } else if (id == KVMI_CONTROL_MSR) {
+      kvmi::ControlMsrRequest r;
+      EXPECT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &r).ok());
+      out.push_back({r.vcpu, r.msr, r.enable});
+    } else if (id == KVMI_CONTROL_VM_EVENTS) {
+      kvmi::ControlVmEventsRequest r;
+      EXPECT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &r).ok());
+      out.push_back({0, r.event_id, r.enable});
+    }
+  }
+  return out;
+}
+
+TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
+  ScriptedHost* host = Connect(12, "controlled");
+  using ::testing::UnorderedElementsAre;
+  // CR3 writes on vCPU 1 only.
+  grpc::ClientContext one_ctx;
+  kvmi::v1::ControlEventsRequest one;
+  one.set_vm("controlled");
+  one.set_vcpu(1);
+  one.set_enable(true);
+  one.add_events(kvmi::v1::EVENT_CR);
+  one.add_crs(3);
+  kvmi::v1::ControlEventsResponse response;
+  ASSERT_TRUE(stub_->ControlEvents(&one_ctx, one, &response).ok());
+  EXPECT_EQ(response.lease().owner(), "api");
+  ASSERT_EQ(response.lease().vcpu_only_size(), 1);
+  EXPECT_EQ(response.lease().vcpu_only(0).vcpu(), 1u);
+  EXPECT_THAT(response.arm_errors(), ::testing::IsEmpty());
+  // Acknowledged before the answer: the commands are already at the host, for vCPU 1 alone.
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_EVENTS, 1),
+              UnorderedElementsAre(Control{1, KVMI_EVENT_CR, true}));
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_CR, 1), UnorderedElementsAre(Control{1, 3, true}));
+  EXPECT_FALSE(host->WaitForId(KVMI_CONTROL_EVENTS, std::chrono::milliseconds(100)));
+
+  // LSTAR writes and UNHOOK on every vCPU.
+  grpc::ClientContext all_ctx;
+  kvmi::v1::ControlEventsRequest all;
+  all.set_vm("controlled");
+  all.set_enable(true);
+  all.add_events(kvmi::v1::EVENT_MSR);
+  all.add_events(kvmi::v1::EVENT_UNHOOK);
+  all.add_msrs(0xC0000082);
+  ASSERT_TRUE(stub_->ControlEvents(&all_ctx, all, &response).ok());
+  EXPECT_THAT(
+      TakeControls(host, KVMI_CONTROL_EVENTS, 2),
+      UnorderedElementsAre(Control{0, KVMI_EVENT_MSR, true}, Control{1, KVMI_EVENT_MSR, true}));
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_MSR, 2),
+              UnorderedElementsAre(Control{0, 0xC0000082, true}, Control{1, 0xC0000082, true}));
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_VM_EVENTS, 1),
+              UnorderedElementsAre(Control{0, KVMI_EVENT_UNHOOK, true}));
+
+  grpc::ClientContext get_ctx;
+  kvmi::v1::GetVMRequest get;
+  get.set_vm("controlled");
+  kvmi::v1::VM vm;
+  ASSERT_TRUE(stub_->GetVM(&get_ctx, get, &vm).ok());
+  const kvmi::v1::Lease* api_lease = nullptr;
+  for (const auto& lease : vm.leases()) {
+    if (lease.owner() == "api") api_lease = &lease;
+  }
+  ASSERT_NE(api_lease, nullptr);
+  EXPECT_THAT(api_lease->vcpu_events(), ::testing::ElementsAre(kvmi::v1::EVENT_MSR));
+  EXPECT_THAT(api_lease->vm_events(), ::testing::ElementsAre(kvmi::v1::EVENT_UNHOOK));
+
+  // Off for every vCPU: vCPU 1's own CR selection goes too.
+  grpc::ClientContext off_ctx;
+  kvmi::v1::ControlEventsRequest off;
+  off.set_vm("controlled");
+  off.set_enable(false);
+  off.add_events(kvmi::v1::EVENT_CR);
+  off.add_crs(3);
+  ASSERT_TRUE(stub_->ControlEvents(&off_ctx, off, &response).ok());
+  EXPECT_EQ(response.lease().vcpu_only_size(), 0);
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_EVENTS, 1),
+              UnorderedElementsAre(Control{1, KVMI_EVENT_CR, false}));
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_CR, 1), UnorderedElementsAre(Control{1, 3, false}));
+
+  // Errors name the field; nothing reaches the guest.
+  auto refused = [&](kvmi::v1::ControlEventsRequest request) {
+    grpc::ClientContext ctx;
+    kvmi::v1::ControlEventsResponse ignored;
+    return stub_->ControlEvents(&ctx, request, &ignored);
+  };
+  kvmi::v1::ControlEventsRequest bad = one;
+  bad.set_vcpu(5);
+  EXPECT_EQ(refused(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad = one;
+  bad.add_crs(2);
+  EXPECT_THAT(refused(bad).error_message(), HasSubstr("crs[1]"));
+  bad = one;
+  bad.add_events(kvmi::v1::EVENT_UNHOOK);
+  EXPECT_THAT(refused(bad).error_message(), HasSubstr("VM event"));
+  bad = all;
+  bad.add_events(kvmi::v1::EVENT_PAUSE_VCPU);
+  EXPECT_EQ(refused(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad = all;
+  bad.add_msrs(0x40000000);
+  EXPECT_THAT(refused(bad).error_message(), HasSubstr("msrs[1]"));
+  bad.Clear();
+  bad.set_vm("controlled");
+  EXPECT_EQ(refused(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad = all;
+  bad.set_vm("nobody");
+  EXPECT_EQ(refused(bad).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_FALSE(host->WaitForId(KVMI_CONTROL_EVENTS, std::chrono::milliseconds(100)));
+}
+
+TEST_F(ApiTest, SetRegistersNeedsAPendingEventAndGoesOutBeforeTheVerdict) {
+  ScriptedHost* host = Connect(13, "regs");
+  kvmi::v1::SetRegistersRequest set;
+  set.set_vm("regs");
+  set.set_vcpu(0);
+  set.mutable_registers()->set_rip(0x401001);
+  set.mutable_registers()->set_rax(42);
+  kvmi::v1::SetRegistersResponse ignored;
+  {
+    grpc::ClientContext ctx;
+    grpc::Status idle = stub_->SetRegisters(&ctx, set, &ignored);
+    EXPECT_EQ(idle.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(idle.error_message(), HasSubstr("no event pending"));
+  }
+  {
+    grpc::ClientContext ctx;
+    kvmi::v1::SetRegistersRequest empty;
+    empty.set_vm("regs");
+    EXPECT_THAT(stub_->SetRegisters(&ctx, empty, &ignored).error_message(), HasSubstr("registers"));
+  }
+  EXPECT_FALSE(host->WaitForId(KVMI_SET_REGISTERS, std::chrono::milliseconds(100)));
+
+  // A handler holds a breakpoint; meanwhile the registers are set through the unary RPC.
+  grpc::ClientContext attach_ctx;
+  auto stream = stub_->Attach(&attach_ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("setter");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->set_deadline_ms(5000);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 21));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->SetRegisters(&ctx, set, &ignored).ok());
+  }
+  auto sent = host->WaitForId(KVMI_SET_REGISTERS);
+  ASSERT_TRUE(sent);
+  kvmi::SetRegistersRequest regs;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(sent->payload), &regs).ok());
+  EXPECT_EQ(regs.vcpu, 0u);
+  EXPECT_EQ(regs.regs.rip, 0x401001u);
+  EXPECT_EQ(regs.regs.rax, 42u);
+  kvmi::v1::AttachRequest verdict;
+  verdict.mutable_verdict()->set_event_id(response.event().id());
+  verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_RETRY);
+  ASSERT_TRUE(stream->Write(verdict));
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 21; }));
+  attach_ctx.TryCancel();
+}
+
+TEST_F(ApiTest, SubPageProtectionCommandsReachTheHostAndAreChecked) {
+  ScriptedHost* host = Connect(14, "spp");
+  grpc::ClientContext on_ctx;
+  kvmi::v1::ControlSPPRequest on;
+  on.set_vm("spp");
+  kvmi::v1::ControlSPPResponse on_response;
+  ASSERT_TRUE(stub_->ControlSPP(&on_ctx, on, &on_response).ok());
+  auto control = host->WaitForId(KVMI_CONTROL_SPP);
+  ASSERT_TRUE(control);
+  kvmi::ControlSppRequest decoded_control;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(control->payload), &decoded_control).ok());
+  EXPECT_TRUE(decoded_control.enable);
+
+  grpc::ClientContext set_ctx;
+  kvmi::v1::SetPageWriteBitmapRequest set;
+  set.set_vm("spp");
+  auto* page = set.add_pages();
+  page->set_gpa(0x5000);
+  page->set_bitmap(0x0000ffff);
+  kvmi::v1::SetPageWriteBitmapResponse set_response;
+  ASSERT_TRUE(stub_->SetPageWriteBitmap(&set_ctx, set, &set_response).ok());
+  auto sent = host->WaitForId(KVMI_SET_PAGE_WRITE_BITMAP);
+  ASSERT_TRUE(sent);
+  kvmi::SetPageWriteBitmapRequest decoded_set;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(sent->payload), &decoded_set).ok());
+  ASSERT_EQ(decoded_set.entries.size(), 1u);
+  EXPECT_EQ(decoded_set.entries[0].gpa, 0x5000u);
+  EXPECT_EQ(decoded_set.entries[0].bitmap, 0x0000ffffu);
+
+  grpc::ClientContext get_ctx;
+  kvmi::v1::GetPageWriteBitmapRequest get;
+  get.set_vm("spp");
+  get.add_gpas(0x5000);
+  get.add_gpas(0x6000);
+  kvmi::v1::GetPageWriteBitmapResponse bitmaps;
+  ASSERT_TRUE(stub_->GetPageWriteBitmap(&get_ctx, get, &bitmaps).ok());
+  ASSERT_EQ(bitmaps.pages_size(), 2);
+  EXPECT_EQ(bitmaps.pages(1).gpa(), 0x6000u);
+  EXPECT_EQ(bitmaps.pages(1).bitmap(), 2u);
+
+  grpc::ClientContext empty_ctx;
+  get.clear_gpas();
+  EXPECT_EQ(stub_->GetPageWriteBitmap(&empty_ctx, get, &bitmaps).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  grpc::ClientContext many_ctx;
+  for (int i = 0; i < 256; ++i) set.add_pages()->set_gpa(0x1000 * i);
+  EXPECT_EQ(stub_->SetPageWriteBitmap(&many_ctx, set, &set_response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  grpc::ClientContext missing_ctx;
+  on.set_vm("nobody");
+  EXPECT_EQ(stub_->ControlSPP(&missing_ctx, on, &on_response).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ApiTest, UnhookVmReleasesTheHooksAndClosesTheSession) {
+  ScriptedHost* host = Connect(15, "leaving");
+  grpc::ClientContext arm_ctx;
+  kvmi::v1::ControlEventsRequest arm;
+  arm.set_vm("leaving");
+  arm.set_enable(true);
+  arm.add_events(kvmi::v1::EVENT_BREAKPOINT);
+  kvmi::v1::ControlEventsResponse armed;
+  ASSERT_TRUE(stub_->ControlEvents(&arm_ctx, arm, &armed).ok());
+  TakeControls(host, KVMI_CONTROL_EVENTS, 2);
+
+  grpc::ClientContext ctx;
+  kvmi::v1::UnhookVMRequest unhook;
+  unhook.set_vm("leaving");
+  kvmi::v1::UnhookVMResponse response;
+  ASSERT_TRUE(stub_->UnhookVM(&ctx, unhook, &response).ok());
+  // What kvmid armed is disarmed before the session closes.
+  EXPECT_THAT(TakeControls(host, KVMI_CONTROL_EVENTS, 2),
+              ::testing::UnorderedElementsAre(Control{0, KVMI_EVENT_BREAKPOINT, false},
+                                              Control{1, KVMI_EVENT_BREAKPOINT, false}));
+  EXPECT_TRUE(host->WaitClosed());
+  grpc::ClientContext again_ctx;
+  EXPECT_EQ(stub_->UnhookVM(&again_ctx, unhook, &response).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
+  ScriptedHost* host = Connect(16, "inline");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("inline");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_PF);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+
+  kvmi::v1::AttachRequest regs;
+  regs.mutable_command()->set_id(100);
+  regs.mutable_command()->mutable_get_registers()->set_vm("inline");
+  regs.mutable_command()->mutable_get_registers()->set_vcpu(1);
+  ASSERT_TRUE(stream->Write(regs));
+  kvmi::v1::AttachRequest pages;
+  pages.mutable_command()->set_id(101);
+  auto* set = pages.mutable_command()->mutable_set_page_access();
+  set->set_vm("inline");
+  auto* page = set->add_pages();
+  page->set_gpa(0x7000);
+  page->set_access("r");
+  ASSERT_TRUE(stream->Write(pages));
+  kvmi::v1::AttachRequest bad;
+  bad.mutable_command()->set_id(102);
+  bad.mutable_command()->mutable_read_physical()->set_vm("nobody");
+  bad.mutable_command()->mutable_read_physical()->set_size(1);
+  ASSERT_TRUE(stream->Write(bad));
+  kvmi::v1::AttachRequest empty;
+  empty.mutable_command()->set_id(103);
+  ASSERT_TRUE(stream->Write(empty));
+
+  // Results come in the order sent, each with its id.
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_command_result());
+  EXPECT_EQ(response.command_result().id(), 100u);
+  EXPECT_EQ(response.command_result().code(), 0);
+  EXPECT_EQ(response.command_result().get_registers().registers().cr3(), 0x2000u);
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 101u);
+  EXPECT_EQ(response.command_result().code(), 0);
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 102u);
+  EXPECT_EQ(response.command_result().code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(response.command_result().message(), HasSubstr("nobody"));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 103u);
+  EXPECT_EQ(response.command_result().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+
+  auto restricted = host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::SetPageAccessRequest r;
+    return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
+           r.entries[0].gpa == 0x7000 && r.entries[0].access == KVMI_PAGE_ACCESS_R;
+  });
+  EXPECT_TRUE(restricted);
+  // The page restriction belongs to the stream: it ends, the page is restored.
+  ctx.TryCancel();
+  EXPECT_TRUE(host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::SetPageAccessRequest r;
+    return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
+           r.entries[0].gpa == 0x7000 && r.entries[0].access == KVMI_PAGE_ACCESS_RWX;
+  }));
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -159,6 +159,27 @@ kvmi::v1::Action ActionOf(const Verdict& v) {
 
 }  // namespace
 
+kvmi::v1::VcpuLease ToProto(uint16_t vcpu, const VcpuArming& arming) {
+  kvmi::v1::VcpuLease out;
+  out.set_vcpu(vcpu);
+  for (uint8_t e : arming.events) out.add_events(ToEventType(e));
+  for (uint32_t cr : arming.crs) out.add_crs(cr);
+  for (uint32_t msr : arming.msrs) out.add_msrs(msr);
+  return out;
+}
+
+kvmi::v1::Lease ToProto(const OwnerId& owner, const Arming& arming) {
+  kvmi::v1::Lease lease;
+  lease.set_owner(owner);
+  for (uint8_t e : arming.vcpu_events) lease.add_vcpu_events(ToEventType(e));
+  for (uint8_t e : arming.vm_events) lease.add_vm_events(ToEventType(e));
+  for (uint32_t cr : arming.crs) lease.add_crs(cr);
+  for (uint32_t msr : arming.msrs) lease.add_msrs(msr);
+  lease.set_restricted_pages(static_cast<uint32_t>(arming.page_access.size()));
+  for (const auto& [vcpu, own] : arming.vcpu_only) *lease.add_vcpu_only() = ToProto(vcpu, own);
+  return lease;
+}
+
 kvmi::v1::VM ToProto(const GuestSnapshot& s, const std::map<std::string, std::string>& labels) {
   kvmi::v1::VM vm;
   bool zero = true;
@@ -179,15 +200,7 @@ kvmi::v1::VM ToProto(const GuestSnapshot& s, const std::map<std::string, std::st
   vm.set_connections(s.connections);
   vm.set_events(s.events);
   vm.set_fallbacks(s.fallbacks);
-  for (const auto& [owner, arming] : s.leases) {
-    kvmi::v1::Lease* lease = vm.add_leases();
-    lease->set_owner(owner);
-    for (uint8_t e : arming.vcpu_events) lease->add_vcpu_events(ToEventType(e));
-    for (uint8_t e : arming.vm_events) lease->add_vm_events(ToEventType(e));
-    for (uint32_t cr : arming.crs) lease->add_crs(cr);
-    for (uint32_t msr : arming.msrs) lease->add_msrs(msr);
-    lease->set_restricted_pages(static_cast<uint32_t>(arming.page_access.size()));
-  }
+  for (const auto& [owner, arming] : s.leases) *vm.add_leases() = ToProto(owner, arming);
   vm.mutable_labels()->insert(labels.begin(), labels.end());
   for (const std::string& e : s.arm_errors) vm.add_arm_errors(e);
   return vm;
@@ -380,6 +393,16 @@ Status IntrospectionService::DeletePolicy(grpc::ServerContext*,
 
 // ---- verdicts, statuses ------------------------------------------------------------------------
 
+kvm_regs RegistersFromProto(const kvmi::v1::Registers& r) {
+  kvm_regs regs{};
+  regs.rax = r.rax(), regs.rbx = r.rbx(), regs.rcx = r.rcx(), regs.rdx = r.rdx();
+  regs.rsi = r.rsi(), regs.rdi = r.rdi(), regs.rsp = r.rsp(), regs.rbp = r.rbp();
+  regs.r8 = r.r8(), regs.r9 = r.r9(), regs.r10 = r.r10(), regs.r11 = r.r11();
+  regs.r12 = r.r12(), regs.r13 = r.r13(), regs.r14 = r.r14(), regs.r15 = r.r15();
+  regs.rip = r.rip(), regs.rflags = r.rflags();
+  return regs;
+}
+
 std::string FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out) {
   const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
   *out = Verdict();
@@ -426,16 +449,7 @@ std::string FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Ver
     pf.rep_complete = in.pf().rep_complete() ? 1 : 0;
     out->pf = pf;
   }
-  if (in.has_set_registers()) {
-    const kvmi::v1::Registers& r = in.set_registers();
-    kvm_regs regs{};
-    regs.rax = r.rax(), regs.rbx = r.rbx(), regs.rcx = r.rcx(), regs.rdx = r.rdx();
-    regs.rsi = r.rsi(), regs.rdi = r.rdi(), regs.rsp = r.rsp(), regs.rbp = r.rbp();
-    regs.r8 = r.r8(), regs.r9 = r.r9(), regs.r10 = r.r10(), regs.r11 = r.r11();
-    regs.r12 = r.r12(), regs.r13 = r.r13(), regs.r14 = r.r14(), regs.r15 = r.r15();
-    regs.rip = r.rip(), regs.rflags = r.rflags();
-    out->registers = regs;
-  }
+  if (in.has_set_registers()) out->registers = RegistersFromProto(in.set_registers());
   return "";
 }
 
@@ -559,6 +573,13 @@ class StreamHandler : public VerdictHandler {
     }
   }
 
+  // Queues any message for the client (results of inline commands).
+  void Push(kvmi::v1::AttachResponse response) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    outbox_.push_back(std::move(response));
+    cv_.notify_all();
+  }
+
   std::deque<kvmi::v1::AttachResponse> Take(std::chrono::milliseconds wait) {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait_for(lock, wait, [&] { return !outbox_.empty(); });
@@ -595,6 +616,58 @@ class StreamHandler : public VerdictHandler {
   std::map<uint64_t, Pending> pending_;
   std::deque<kvmi::v1::AttachResponse> outbox_;
 };
+
+// What CONTROL_CR and CONTROL_MSR accept (the v6 kernel answers -KVM_EINVAL to the rest).
+constexpr const char* kControllableCrs = "0, 3 or 4";
+bool ControllableCr(uint32_t cr) { return cr == 0 || cr == 3 || cr == 4; }
+constexpr const char* kControllableMsrs = "0-0x1fff or 0xc0000000-0xc0001fff";
+bool ControllableMsr(uint32_t msr) {
+  return msr <= KVMI_MSR_LOW_LAST || (msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST);
+}
+
+// Inline commands of one Attach stream, run in order on their own thread so that a slow command
+// never delays the verdicts read on the same stream.
+class CommandQueue {
+ public:
+  static constexpr size_t kMaxQueued = 256;
+  // False if the queue is full (the caller answers RESOURCE_EXHAUSTED).
+  bool Push(kvmi::v1::Command command) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (queue_.size() >= kMaxQueued) return false;
+    queue_.push_back(std::move(command));
+    cv_.notify_one();
+    return true;
+  }
+  // Blocks; nullopt once closed.
+  std::optional<kvmi::v1::Command> Pop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
+    if (closed_) return std::nullopt;
+    kvmi::v1::Command command = std::move(queue_.front());
+    queue_.pop_front();
+    return command;
+  }
+  void Close() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<kvmi::v1::Command> queue_;
+  bool closed_ = false;
+};
+
+kvmi::v1::AttachResponse CommandResultMessage(uint64_t id, const Status& status) {
+  kvmi::v1::AttachResponse response;
+  kvmi::v1::CommandResult* result = response.mutable_command_result();
+  result->set_id(id);
+  result->set_code(static_cast<int32_t>(status.error_code()));
+  result->set_message(status.error_message());
+  return response;
+}
 
 bool ValidHandlerId(const std::string& id) {
   if (id.empty() || id.size() > 64) return false;
@@ -663,13 +736,11 @@ Status IntrospectionService::Attach(
     arming.vcpu_events.insert(id);
   }
   for (uint32_t cr : claim.arm_crs()) {
-    if (cr != 0 && cr != 3 && cr != 4) return Invalid("claim.arm_crs", "0, 3 or 4");
+    if (!ControllableCr(cr)) return Invalid("claim.arm_crs", kControllableCrs);
     arming.crs.insert(cr);
   }
   for (uint32_t msr : claim.arm_msrs()) {
-    bool low = msr <= KVMI_MSR_LOW_LAST;
-    bool high = msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST;
-    if (!low && !high) return Invalid("claim.arm_msrs", "0-0x1fff or 0xc0000000-0xc0001fff");
+    if (!ControllableMsr(msr)) return Invalid("claim.arm_msrs", kControllableMsrs);
     arming.msrs.insert(msr);
   }
 
@@ -685,11 +756,30 @@ Status IntrospectionService::Attach(
   claimed.mutable_claimed()->set_owner(owner);
   bool open = stream->Write(claimed);
 
+  CommandQueue commands;
+  std::thread command_runner([&] {
+    while (std::optional<kvmi::v1::Command> command = commands.Pop()) {
+      handler->Push(RunCommand(context, owner, *command));
+    }
+  });
   std::atomic<bool> reading{true};
   std::thread reader([&] {
     kvmi::v1::AttachRequest request;
     while (stream->Read(&request)) {
-      if (request.has_verdict()) handler->Answer(request.verdict());
+      if (request.has_verdict()) {
+        handler->Answer(request.verdict());
+      } else if (request.has_command()) {
+        const uint64_t id = request.command().id();
+        if (!commands.Push(std::move(*request.mutable_command()))) {
+          handler->Push(CommandResultMessage(
+              id, Status(StatusCode::RESOURCE_EXHAUSTED,
+                         "more than " + std::to_string(CommandQueue::kMaxQueued) +
+                             " commands waiting on this stream")));
+        }
+      } else if (request.has_claim()) {
+        handler->Push(CommandResultMessage(
+            0, Invalid("claim", "a stream claims once, in its first message")));
+      }
     }
     reading = false;
   });
@@ -704,8 +794,69 @@ Status IntrospectionService::Attach(
   daemon_->ReleaseOwner(owner);
   context->TryCancel();  // unblocks the reader if the client is still half-open
   reader.join();
+  commands.Close();
+  command_runner.join();
+  // A command that was running when the stream ended may have armed or paused for the owner.
+  daemon_->ReleaseOwner(owner);
   spdlog::info("{} detached", owner);
   return Status::OK;
+}
+
+kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContext* context,
+                                                          const OwnerId& owner,
+                                                          const kvmi::v1::Command& command) {
+  kvmi::v1::AttachResponse response;
+  kvmi::v1::CommandResult* result = response.mutable_command_result();
+  Status status;
+  using R = kvmi::v1::Command;
+  switch (command.request_case()) {
+    case R::kGetRegisters:
+      status = GetRegisters(context, &command.get_registers(), result->mutable_get_registers());
+      break;
+    case R::kSetRegisters:
+      status = SetRegisters(context, &command.set_registers(), result->mutable_set_registers());
+      break;
+    case R::kReadPhysical:
+      status = ReadPhysical(context, &command.read_physical(), result->mutable_read_physical());
+      break;
+    case R::kWritePhysical:
+      status = WritePhysical(context, &command.write_physical(), result->mutable_write_physical());
+      break;
+    case R::kGetPageAccess:
+      status =
+          GetPageAccess(context, &command.get_page_access(), result->mutable_get_page_access());
+      break;
+    case R::kSetPageAccess:
+      status = SetPagesFor(owner, context, &command.set_page_access(),
+                           result->mutable_set_page_access());
+      break;
+    case R::kPauseVcpu:
+      status = PauseFor(owner, context, &command.pause_vcpu(), result->mutable_pause_vcpu());
+      break;
+    case R::kResumeVcpu:
+      status = ResumeFor(owner, context, &command.resume_vcpu(), result->mutable_resume_vcpu());
+      break;
+    case R::kInjectException:
+      status =
+          InjectException(context, &command.inject_exception(), result->mutable_inject_exception());
+      break;
+    case R::kControlEvents:
+      status = ControlEventsFor(owner, context, &command.control_events(),
+                                result->mutable_control_events());
+      break;
+    case R::kGetCpuid:
+      status = GetCPUID(context, &command.get_cpuid(), result->mutable_get_cpuid());
+      break;
+    case R::kGetMtrrType:
+      status = GetMTRRType(context, &command.get_mtrr_type(), result->mutable_get_mtrr_type());
+      break;
+    case R::REQUEST_NOT_SET:
+      status = Invalid("command.request", "no command given");
+      break;
+  }
+  if (!status.ok()) return CommandResultMessage(command.id(), status);
+  result->set_id(command.id());
+  return response;
 }
 
 Status IntrospectionService::GetRegisters(grpc::ServerContext* context,
@@ -791,11 +942,37 @@ Status IntrospectionService::WritePhysical(grpc::ServerContext* context,
 }
 
 // Pauses taken through the unary API belong to one owner: any client may resume them.
-const char* const kApiPauseOwner = "api";
+// What the unary control RPCs pause, restrict or arm belongs to this lease owner; an Attach
+// stream's inline commands use the stream's owner instead (released when the stream ends).
+const char* const kApiOwner = "api";
 
 Status IntrospectionService::PauseVCPU(grpc::ServerContext* context,
                                        const kvmi::v1::PauseVCPURequest* request,
                                        kvmi::v1::PauseVCPUResponse* response) {
+  return PauseFor(kApiOwner, context, request, response);
+}
+
+Status IntrospectionService::ResumeVCPU(grpc::ServerContext* context,
+                                        const kvmi::v1::ResumeVCPURequest* request,
+                                        kvmi::v1::ResumeVCPUResponse* response) {
+  return ResumeFor(kApiOwner, context, request, response);
+}
+
+Status IntrospectionService::SetPageAccess(grpc::ServerContext* context,
+                                           const kvmi::v1::SetPageAccessRequest* request,
+                                           kvmi::v1::SetPageAccessResponse* response) {
+  return SetPagesFor(kApiOwner, context, request, response);
+}
+
+Status IntrospectionService::ControlEvents(grpc::ServerContext* context,
+                                           const kvmi::v1::ControlEventsRequest* request,
+                                           kvmi::v1::ControlEventsResponse* response) {
+  return ControlEventsFor(kApiOwner, context, request, response);
+}
+
+Status IntrospectionService::PauseFor(const OwnerId& owner, grpc::ServerContext* context,
+                                      const kvmi::v1::PauseVCPURequest* request,
+                                      kvmi::v1::PauseVCPUResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -812,7 +989,7 @@ Status IntrospectionService::PauseVCPU(grpc::ServerContext* context,
   }
   std::vector<Waiter<CommandResult>> waiters(vcpus.size());
   for (size_t i = 0; i < vcpus.size(); ++i) {
-    guest->Pause(kApiPauseOwner, vcpus[i], waiters[i].callback());
+    guest->Pause(owner, vcpus[i], waiters[i].callback());
   }
   for (size_t i = 0; i < vcpus.size(); ++i) {
     CommandResult result;
@@ -823,21 +1000,21 @@ Status IntrospectionService::PauseVCPU(grpc::ServerContext* context,
   return Status::OK;
 }
 
-Status IntrospectionService::ResumeVCPU(grpc::ServerContext*,
-                                        const kvmi::v1::ResumeVCPURequest* request,
-                                        kvmi::v1::ResumeVCPUResponse* response) {
+Status IntrospectionService::ResumeFor(const OwnerId& owner, grpc::ServerContext*,
+                                       const kvmi::v1::ResumeVCPURequest* request,
+                                       kvmi::v1::ResumeVCPUResponse* response) {
   if (request->vm().empty()) return Invalid("vm", "a UUID or name is required");
   std::shared_ptr<Guest> guest = daemon_->registry().Lookup(request->vm());
   if (!guest) return Status(StatusCode::NOT_FOUND, "no guest '" + request->vm() + "'");
   GuestSnapshot snapshot = guest->Snapshot();
-  for (const auto& [vcpu, owner] : snapshot.paused_vcpus) {
-    if (owner != kApiPauseOwner) continue;
+  for (const auto& [vcpu, holder] : snapshot.paused_vcpus) {
+    if (holder != owner) continue;
     if (request->has_vcpu() && vcpu != request->vcpu()) continue;
-    if (guest->Resume(kApiPauseOwner, vcpu)) response->add_resumed(vcpu);
+    if (guest->Resume(owner, vcpu)) response->add_resumed(vcpu);
   }
   if (request->has_vcpu() && response->resumed_size() == 0) {
     return Status(StatusCode::FAILED_PRECONDITION,
-                  "vCPU " + std::to_string(request->vcpu()) + " is not paused by the API");
+                  "vCPU " + std::to_string(request->vcpu()) + " is not paused by " + owner);
   }
   return Status::OK;
 }
@@ -948,8 +1125,6 @@ Status IntrospectionService::InjectException(grpc::ServerContext* context,
 }
 
 constexpr int kMaxPagesPerCall = 65536;
-// Pages set through the unary API belong to this lease (restore them with "rwx").
-const char* const kApiPagesOwner = "api";
 
 Status IntrospectionService::GetPageAccess(grpc::ServerContext* context,
                                            const kvmi::v1::GetPageAccessRequest* request,
@@ -993,9 +1168,10 @@ Status IntrospectionService::GetPageAccess(grpc::ServerContext* context,
   return Status::OK;
 }
 
-Status IntrospectionService::SetPageAccess(grpc::ServerContext* context,
-                                           const kvmi::v1::SetPageAccessRequest* request,
-                                           kvmi::v1::SetPageAccessResponse* response) {
+// Pages set through the API belong to the caller's lease (restore them with "rwx").
+Status IntrospectionService::SetPagesFor(const OwnerId& owner, grpc::ServerContext* context,
+                                         const kvmi::v1::SetPageAccessRequest* request,
+                                         kvmi::v1::SetPageAccessResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -1017,7 +1193,7 @@ Status IntrospectionService::SetPageAccess(grpc::ServerContext* context,
   };
   Waiter<Outcome> waiter;
   auto callback = waiter.callback();
-  guest->SetPages(kApiPagesOwner, std::move(pages), request->all_or_nothing(),
+  guest->SetPages(owner, std::move(pages), request->all_or_nothing(),
                   [callback](std::vector<int32_t> errors, bool rolled_back) {
                     callback(Outcome{std::move(errors), rolled_back});
                   });
@@ -1029,6 +1205,201 @@ Status IntrospectionService::SetPageAccess(grpc::ServerContext* context,
     if (outcome.errors[i] != 0) result->set_error(kvmi::ErrorName(outcome.errors[i]));
   }
   response->set_rolled_back(outcome.rolled_back);
+  return Status::OK;
+}
+
+Status IntrospectionService::SetRegisters(grpc::ServerContext* context,
+                                          const kvmi::v1::SetRegistersRequest* request,
+                                          kvmi::v1::SetRegistersResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
+  if (!s.ok()) return s;
+  if (!request->has_registers()) return Invalid("registers", "required");
+  // The v6 kernel stores SET_REGISTERS only while the vCPU waits for an event reply and silently
+  // drops it otherwise (§5.13): say so instead of pretending it worked.
+  Waiter<bool> waiting;
+  guest->session()->IsVcpuWaiting(static_cast<uint16_t>(request->vcpu()), waiting.callback());
+  bool is_waiting = false;
+  if (!waiting.Wait(context, &is_waiting)) return Status(StatusCode::CANCELLED, "cancelled");
+  if (!is_waiting) {
+    return Status(StatusCode::FAILED_PRECONDITION,
+                  "vCPU " + std::to_string(request->vcpu()) +
+                      " has no event pending; registers can only be set while it waits for a "
+                      "verdict (pause it first)");
+  }
+  kvmi::SetRegistersRequest command;
+  command.vcpu = static_cast<uint16_t>(request->vcpu());
+  command.regs = RegistersFromProto(request->registers());
+  std::vector<uint8_t> data;
+  return Call(context, *guest, command, "SetRegisters", &data);
+}
+
+Status IntrospectionService::ControlSPP(grpc::ServerContext* context,
+                                        const kvmi::v1::ControlSPPRequest* request,
+                                        kvmi::v1::ControlSPPResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  kvmi::ControlSppRequest command;
+  command.enable = true;
+  std::vector<uint8_t> data;
+  return Call(context, *guest, command, "ControlSPP", &data);
+}
+
+Status IntrospectionService::GetPageWriteBitmap(grpc::ServerContext* context,
+                                                const kvmi::v1::GetPageWriteBitmapRequest* request,
+                                                kvmi::v1::GetPageWriteBitmapResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->gpas_size() == 0 ||
+      static_cast<size_t>(request->gpas_size()) > kvmi::kMaxGetPageAccessGpas) {
+    return Invalid("gpas", "1 .. 510 addresses");
+  }
+  kvmi::GetPageWriteBitmapRequest command;
+  command.gpas.assign(request->gpas().begin(), request->gpas().end());
+  std::vector<uint8_t> data;
+  if (!(s = Call(context, *guest, command, "GetPageWriteBitmap", &data)).ok()) return s;
+  kvmi::PageWriteBitmapReply reply;
+  kvmi::DecodeStatus decoded =
+      kvmi::DecodeReplyData(kvmi::ByteView(data), command.gpas.size(), &reply);
+  if (!decoded.ok()) {
+    return Status(StatusCode::INTERNAL, "GetPageWriteBitmap reply: " + decoded.ToString());
+  }
+  for (size_t i = 0; i < reply.bitmaps.size(); ++i) {
+    kvmi::v1::PageWriteBitmap* page = response->add_pages();
+    page->set_gpa(command.gpas[i]);
+    page->set_bitmap(reply.bitmaps[i]);
+  }
+  return Status::OK;
+}
+
+Status IntrospectionService::SetPageWriteBitmap(grpc::ServerContext* context,
+                                                const kvmi::v1::SetPageWriteBitmapRequest* request,
+                                                kvmi::v1::SetPageWriteBitmapResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->pages_size() == 0 ||
+      static_cast<size_t>(request->pages_size()) > kvmi::kMaxSetPageAccessEntries) {
+    return Invalid("pages", "1 .. 255 pages");
+  }
+  kvmi::SetPageWriteBitmapRequest command;
+  for (const auto& page : request->pages()) command.entries.push_back({page.gpa(), page.bitmap()});
+  std::vector<uint8_t> data;
+  return Call(context, *guest, command, "SetPageWriteBitmap", &data);
+}
+
+Status IntrospectionService::UnhookVM(grpc::ServerContext* context,
+                                      const kvmi::v1::UnhookVMRequest* request,
+                                      kvmi::v1::UnhookVMResponse*) {
+  std::shared_ptr<Guest> guest;
+  Status s = FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  Waiter<bool> unhooked;
+  auto callback = unhooked.callback();
+  guest->Unhook("requested through the API", [callback] { callback(true); });
+  bool done = false;
+  if (!unhooked.Wait(context, &done)) return Status(StatusCode::CANCELLED, "cancelled");
+  return Status::OK;
+}
+
+Status IntrospectionService::ControlEventsFor(const OwnerId& owner, grpc::ServerContext* context,
+                                              const kvmi::v1::ControlEventsRequest* request,
+                                              kvmi::v1::ControlEventsResponse* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = request->has_vcpu() ? FindVcpu(request->vm(), request->vcpu(), &guest)
+                                 : FindGuest(request->vm(), &guest);
+  if (!s.ok()) return s;
+  if (request->events_size() == 0 && request->crs_size() == 0 && request->msrs_size() == 0) {
+    return Invalid("events", "name at least one event, CR or MSR");
+  }
+  VcpuArming change;
+  std::set<uint8_t> vm_events;
+  for (int i = 0; i < request->events_size(); ++i) {
+    const std::string field = "events[" + std::to_string(i) + "]";
+    uint8_t id;
+    if (!FromEventType(request->events(i), &id) || id == KVMI_EVENT_PAUSE_VCPU) {
+      return Invalid(field, "not an event that can be enabled (PAUSE_VCPU is always on)");
+    }
+    if (!guest->EventAllowed(id)) {
+      return Status(StatusCode::PERMISSION_DENIED,
+                    field + ": the host does not allow " + kvmi::EventName(id) + " for this guest");
+    }
+    if (kvmi::FindEvent(id)->vm_event) {
+      if (request->has_vcpu()) return Invalid(field, "a VM event cannot be set for one vCPU");
+      vm_events.insert(id);
+    } else {
+      change.events.insert(id);
+    }
+  }
+  for (int i = 0; i < request->crs_size(); ++i) {
+    if (!ControllableCr(request->crs(i))) {
+      return Invalid("crs[" + std::to_string(i) + "]", kControllableCrs);
+    }
+    change.crs.insert(request->crs(i));
+  }
+  for (int i = 0; i < request->msrs_size(); ++i) {
+    if (!ControllableMsr(request->msrs(i))) {
+      return Invalid("msrs[" + std::to_string(i) + "]", kControllableMsrs);
+    }
+    change.msrs.insert(request->msrs(i));
+  }
+
+  const std::vector<std::string> errors_before = guest->Snapshot().arm_errors;
+  const bool enable = request->enable();
+  const std::optional<uint16_t> vcpu =
+      request->has_vcpu() ? std::optional<uint16_t>(static_cast<uint16_t>(request->vcpu()))
+                          : std::nullopt;
+  Arming lease = guest->UpdateLease(owner, [&](Arming* arming) {
+    auto apply = [enable](const auto& what, auto* into) {
+      for (const auto& x : what) {
+        if (enable) {
+          into->insert(x);
+        } else {
+          into->erase(x);
+        }
+      }
+    };
+    apply(vm_events, &arming->vm_events);
+    if (!vcpu) {
+      apply(change.events, &arming->vcpu_events);
+      apply(change.crs, &arming->crs);
+      apply(change.msrs, &arming->msrs);
+      // "every vCPU" off also turns off what this owner had on single vCPUs.
+      if (!enable) {
+        for (auto& [unused, own] : arming->vcpu_only) {
+          apply(change.events, &own.events);
+          apply(change.crs, &own.crs);
+          apply(change.msrs, &own.msrs);
+        }
+      }
+    } else {
+      VcpuArming& own = arming->vcpu_only[*vcpu];
+      apply(change.events, &own.events);
+      apply(change.crs, &own.crs);
+      apply(change.msrs, &own.msrs);
+    }
+    for (auto it = arming->vcpu_only.begin(); it != arming->vcpu_only.end();) {
+      it = it->second.empty() ? arming->vcpu_only.erase(it) : std::next(it);
+    }
+  });
+  *response->mutable_lease() = ToProto(owner, lease);
+
+  // Answer once the host has acknowledged what this (and any earlier) change sent.
+  while (guest->Snapshot().arming_in_flight > 0) {
+    if (context->IsCancelled()) return Status(StatusCode::CANCELLED, "cancelled");
+    if (guest->state() != GuestState::kHooked) {
+      return Status(StatusCode::UNAVAILABLE, "guest '" + request->vm() + "' went away");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::vector<std::string> errors_after = guest->Snapshot().arm_errors;
+  for (const std::string& e : errors_after) {
+    if (std::find(errors_before.begin(), errors_before.end(), e) == errors_before.end()) {
+      response->add_arm_errors(e);
+    }
+  }
   return Status::OK;
 }
 

@@ -71,6 +71,22 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
   grpc::Status SetPageAccess(grpc::ServerContext* context,
                              const kvmi::v1::SetPageAccessRequest* request,
                              kvmi::v1::SetPageAccessResponse* response) override;
+  grpc::Status SetRegisters(grpc::ServerContext* context,
+                            const kvmi::v1::SetRegistersRequest* request,
+                            kvmi::v1::SetRegistersResponse* response) override;
+  grpc::Status ControlSPP(grpc::ServerContext* context, const kvmi::v1::ControlSPPRequest* request,
+                          kvmi::v1::ControlSPPResponse* response) override;
+  grpc::Status GetPageWriteBitmap(grpc::ServerContext* context,
+                                  const kvmi::v1::GetPageWriteBitmapRequest* request,
+                                  kvmi::v1::GetPageWriteBitmapResponse* response) override;
+  grpc::Status SetPageWriteBitmap(grpc::ServerContext* context,
+                                  const kvmi::v1::SetPageWriteBitmapRequest* request,
+                                  kvmi::v1::SetPageWriteBitmapResponse* response) override;
+  grpc::Status ControlEvents(grpc::ServerContext* context,
+                             const kvmi::v1::ControlEventsRequest* request,
+                             kvmi::v1::ControlEventsResponse* response) override;
+  grpc::Status UnhookVM(grpc::ServerContext* context, const kvmi::v1::UnhookVMRequest* request,
+                        kvmi::v1::UnhookVMResponse* response) override;
   grpc::Status WatchVMs(grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request,
                         grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
 
@@ -79,6 +95,23 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
   grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest);
   // FindGuest plus a vCPU index check.
   grpc::Status FindVcpu(const std::string& vm, uint32_t vcpu, std::shared_ptr<Guest>* guest);
+  // The RPCs that pause, restrict or arm something, for `owner`: the API's own lease for unary
+  // calls, the stream's for an Attach stream's inline commands.
+  grpc::Status PauseFor(const OwnerId& owner, grpc::ServerContext* context,
+                        const kvmi::v1::PauseVCPURequest* request,
+                        kvmi::v1::PauseVCPUResponse* response);
+  grpc::Status ResumeFor(const OwnerId& owner, grpc::ServerContext* context,
+                         const kvmi::v1::ResumeVCPURequest* request,
+                         kvmi::v1::ResumeVCPUResponse* response);
+  grpc::Status SetPagesFor(const OwnerId& owner, grpc::ServerContext* context,
+                           const kvmi::v1::SetPageAccessRequest* request,
+                           kvmi::v1::SetPageAccessResponse* response);
+  grpc::Status ControlEventsFor(const OwnerId& owner, grpc::ServerContext* context,
+                                const kvmi::v1::ControlEventsRequest* request,
+                                kvmi::v1::ControlEventsResponse* response);
+  // One inline command of an Attach stream, answered as the unary RPC would be.
+  kvmi::v1::AttachResponse RunCommand(grpc::ServerContext* context, const OwnerId& owner,
+                                      const kvmi::v1::Command& command);
   // Sends one vCPU command and waits for its reply data (within the call's deadline).
   template <typename Request>
   grpc::Status Call(grpc::ServerContext* context, Guest& guest, const Request& request,
@@ -113,6 +146,9 @@ class ApiServer {
 kvmi::v1::VM ToProto(const GuestSnapshot& snapshot,
                      const std::map<std::string, std::string>& labels);
 kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers);
+kvmi::v1::Lease ToProto(const OwnerId& owner, const Arming& arming);
+// The general registers of a Registers message (control-register fields are not settable).
+kvm_regs RegistersFromProto(const kvmi::v1::Registers& registers);
 // A client's verdict for `event`, checked against what the event accepts; "" or the error.
 std::string FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out);
 // A command result as a gRPC status; KVMI errors keep their name ("KVM_EPERM").

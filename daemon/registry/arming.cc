@@ -4,6 +4,19 @@
 
 namespace kvmid {
 
+void VcpuArming::MergeFrom(const VcpuArming& other) {
+  events.insert(other.events.begin(), other.events.end());
+  crs.insert(other.crs.begin(), other.crs.end());
+  msrs.insert(other.msrs.begin(), other.msrs.end());
+}
+
+VcpuArming Arming::ForVcpu(uint16_t vcpu) const {
+  VcpuArming all{vcpu_events, crs, msrs};
+  auto own = vcpu_only.find(vcpu);
+  if (own != vcpu_only.end()) all.MergeFrom(own->second);
+  return all;
+}
+
 void Arming::MergeFrom(const Arming& other) {
   vcpu_events.insert(other.vcpu_events.begin(), other.vcpu_events.end());
   vm_events.insert(other.vm_events.begin(), other.vm_events.end());
@@ -13,6 +26,7 @@ void Arming::MergeFrom(const Arming& other) {
     auto [it, inserted] = page_access.emplace(gfn, access);
     if (!inserted) it->second &= access;
   }
+  for (const auto& [vcpu, own] : other.vcpu_only) vcpu_only[vcpu].MergeFrom(own);
 }
 
 namespace {
@@ -46,7 +60,25 @@ ArmingDelta Diff(const Arming& applied, const Arming& wanted) {
   for (const auto& [gfn, access] : applied.page_access) {
     if (wanted.page_access.count(gfn) == 0) delta.page_access.emplace_back(gfn, kAll);
   }
+  // A vCPU with its own selection on either side: its whole state before and after decides.
+  std::set<uint16_t> own;
+  for (const auto& [vcpu, unused] : applied.vcpu_only) own.insert(vcpu);
+  for (const auto& [vcpu, unused] : wanted.vcpu_only) own.insert(vcpu);
+  for (uint16_t vcpu : own) {
+    VcpuArming before = applied.ForVcpu(vcpu);
+    VcpuArming after = wanted.ForVcpu(vcpu);
+    VcpuArmingDelta& d = delta.vcpu_only[vcpu];
+    DiffSets(before.events, after.events, &d.events);
+    DiffSets(before.crs, after.crs, &d.crs);
+    DiffSets(before.msrs, after.msrs, &d.msrs);
+  }
   return delta;
+}
+
+VcpuArmingDelta ArmingDelta::ForVcpu(uint16_t vcpu) const {
+  auto own = vcpu_only.find(vcpu);
+  if (own != vcpu_only.end()) return own->second;
+  return VcpuArmingDelta{vcpu_events, crs, msrs};
 }
 
 void Leases::Set(const OwnerId& owner, Arming arming) {

@@ -16,19 +16,44 @@ namespace kvmid {
 
 using OwnerId = std::string;  // "policy:<name>", "client:<id>", "daemon"
 
+// Intercepts of one vCPU (CONTROL_EVENTS, CONTROL_CR, CONTROL_MSR for that vCPU only).
+struct VcpuArming {
+  std::set<uint8_t> events;
+  std::set<uint32_t> crs;
+  std::set<uint32_t> msrs;
+
+  bool empty() const { return events.empty() && crs.empty() && msrs.empty(); }
+  void MergeFrom(const VcpuArming& other);
+};
+
 struct Arming {
   std::set<uint8_t> vcpu_events;            // KVMI_EVENT_* enabled on every vCPU (CONTROL_EVENTS)
   std::set<uint8_t> vm_events;              // UNHOOK / CREATE_VCPU (CONTROL_VM_EVENTS)
   std::set<uint32_t> crs;                   // CONTROL_CR
   std::set<uint32_t> msrs;                  // CONTROL_MSR
   std::map<uint64_t, uint8_t> page_access;  // gfn -> allowed KVMI_PAGE_ACCESS_* (absent = rwx)
+  // What single vCPUs get on top of the above (a vCPU that does not exist yet gets it when it
+  // appears). Never holds an empty VcpuArming.
+  std::map<uint16_t, VcpuArming> vcpu_only;
 
   bool empty() const {
     return vcpu_events.empty() && vm_events.empty() && crs.empty() && msrs.empty() &&
-           page_access.empty();
+           page_access.empty() && vcpu_only.empty();
   }
   // Union of intercepts, intersection of page rights.
   void MergeFrom(const Arming& other);
+  // Everything `vcpu` has armed: the intercepts of every vCPU plus its own.
+  VcpuArming ForVcpu(uint16_t vcpu) const;
+};
+
+// CONTROL_EVENTS / CONTROL_CR / CONTROL_MSR changes for one vCPU (or for every vCPU alike).
+struct VcpuArmingDelta {
+  std::vector<std::pair<uint8_t, bool>> events;  // event, enable
+  std::vector<std::pair<uint32_t, bool>> crs;
+  std::vector<std::pair<uint32_t, bool>> msrs;
+
+  bool empty() const { return events.empty() && crs.empty() && msrs.empty(); }
+  size_t size() const { return events.size() + crs.size() + msrs.size(); }
 };
 
 // The commands that take a guest from `applied` to `wanted`.
@@ -38,11 +63,22 @@ struct ArmingDelta {
   std::vector<std::pair<uint32_t, bool>> crs;
   std::vector<std::pair<uint32_t, bool>> msrs;
   std::vector<std::pair<uint64_t, uint8_t>> page_access;  // gfn, access (7 = restore)
+  // vCPUs with their own selection (before or after): what they need instead of the lists
+  // above, which are for every other vCPU. An empty entry means "nothing for this vCPU".
+  std::map<uint16_t, VcpuArmingDelta> vcpu_only;
 
   bool empty() const {
-    return vcpu_events.empty() && vm_events.empty() && crs.empty() && msrs.empty() &&
-           page_access.empty();
+    if (!vcpu_events.empty() || !vm_events.empty() || !crs.empty() || !msrs.empty() ||
+        !page_access.empty()) {
+      return false;
+    }
+    for (const auto& [vcpu, delta] : vcpu_only) {
+      if (!delta.empty()) return false;
+    }
+    return true;
   }
+  // The per-vCPU commands `vcpu` needs.
+  VcpuArmingDelta ForVcpu(uint16_t vcpu) const;
 };
 ArmingDelta Diff(const Arming& applied, const Arming& wanted);
 

@@ -66,5 +66,52 @@ TEST(ArmingDiffTest, DisarmingEverythingRestoresEveryPage) {
   EXPECT_THAT(delta.vcpu_events, IsEmpty());
 }
 
+TEST(ArmingDiffTest, AVcpuOnlySelectionReachesThatVcpuAlone) {
+  Arming applied;
+  applied.vcpu_events = {1};
+  Arming wanted = applied;
+  wanted.vcpu_only[2].events = {6};
+  wanted.vcpu_only[2].msrs = {0xC0000082};
+  ArmingDelta delta = Diff(applied, wanted);
+  EXPECT_FALSE(delta.empty());
+  // Every other vCPU: nothing to do.
+  EXPECT_TRUE(delta.ForVcpu(0).empty());
+  EXPECT_TRUE(delta.ForVcpu(3).empty());
+  VcpuArmingDelta two = delta.ForVcpu(2);
+  EXPECT_THAT(two.events, UnorderedElementsAre(Pair(6, true)));
+  EXPECT_THAT(two.msrs, UnorderedElementsAre(Pair(0xC0000082, true)));
+  EXPECT_THAT(wanted.ForVcpu(2).events, UnorderedElementsAre(1, 6));
+  EXPECT_THAT(wanted.ForVcpu(0).events, UnorderedElementsAre(1));
+}
+
+TEST(ArmingDiffTest, DisablingForEveryVcpuKeepsWhatOneVcpuStillHasOnItsOwn) {
+  Arming applied;
+  applied.vcpu_events = {6};
+  applied.vcpu_only[1].events = {6};
+  Arming wanted;
+  wanted.vcpu_only[1].events = {6};
+  ArmingDelta delta = Diff(applied, wanted);
+  EXPECT_THAT(delta.ForVcpu(0).events, UnorderedElementsAre(Pair(6, false)));
+  EXPECT_TRUE(delta.ForVcpu(1).empty());  // still wanted there: no disable, no re-enable
+  EXPECT_THAT(Diff(wanted, Arming()).ForVcpu(1).events, UnorderedElementsAre(Pair(6, false)));
+  EXPECT_TRUE(Diff(wanted, Arming()).ForVcpu(0).empty());
+}
+
+TEST(LeasesTest, VcpuOnlySelectionsOfTwoOwnersAreUnited) {
+  Leases leases;
+  Arming a;
+  a.vcpu_only[0].crs = {3};
+  Arming b;
+  b.vcpu_only[0].crs = {4};
+  b.vcpu_only[1].events = {2};
+  leases.Set("a", a);
+  leases.Set("b", b);
+  Arming all = leases.Effective();
+  EXPECT_THAT(all.vcpu_only[0].crs, UnorderedElementsAre(3, 4));
+  EXPECT_THAT(all.vcpu_only[1].events, UnorderedElementsAre(2));
+  leases.Release("b");
+  EXPECT_EQ(leases.Effective().vcpu_only.count(1), 0u);
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -20,9 +20,12 @@ const OwnerId kDaemonOwner = "daemon";
 using DeltaCallback = std::function<void(const std::string& what, const CommandResult& result)>;
 
 // How many completions SendDelta reports for the same arguments.
-size_t DeltaCompletions(const ArmingDelta& delta, bool vm_wide, uint32_t vcpus) {
-  size_t n = static_cast<size_t>(vcpus) *
-             (delta.vcpu_events.size() + delta.crs.size() + delta.msrs.size());
+size_t DeltaCompletions(const ArmingDelta& delta, bool vm_wide, uint32_t first_vcpu,
+                        uint32_t end_vcpu) {
+  size_t n = 0;
+  for (uint32_t v = first_vcpu; v < end_vcpu; ++v) {
+    n += delta.ForVcpu(static_cast<uint16_t>(v)).size();
+  }
   if (vm_wide) {
     n += delta.vm_events.size();
     n += (delta.page_access.size() + kvmi::kMaxSetPageAccessEntries - 1) /
@@ -33,7 +36,7 @@ size_t DeltaCompletions(const ArmingDelta& delta, bool vm_wide, uint32_t vcpus) 
 
 // Sends the commands that carry out `delta`: VM-wide ones when `vm_wide`, per-vCPU ones for
 // vCPUs [first_vcpu, end_vcpu). `done` runs once per command (per message for page access):
-// DeltaCompletions(delta, vm_wide, end_vcpu - first_vcpu) times.
+// DeltaCompletions(delta, vm_wide, first_vcpu, end_vcpu) times.
 void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& delta, bool vm_wide,
                uint32_t first_vcpu, uint32_t end_vcpu, const DeltaCallback& done) {
   auto callback = [&done](std::string what) {
@@ -49,7 +52,8 @@ void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& 
   }
   for (uint32_t v = first_vcpu; v < end_vcpu; ++v) {
     uint16_t vcpu = static_cast<uint16_t>(v);
-    for (auto [event, enable] : delta.vcpu_events) {
+    const VcpuArmingDelta vcpu_delta = delta.ForVcpu(vcpu);
+    for (auto [event, enable] : vcpu_delta.events) {
       kvmi::ControlEventsRequest request;
       request.vcpu = vcpu;
       request.event_id = event;
@@ -57,7 +61,7 @@ void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& 
       session->Send(request, callback(std::string("CONTROL_EVENTS ") + kvmi::EventName(event) +
                                       " vCPU " + std::to_string(vcpu)));
     }
-    for (auto [cr, enable] : delta.crs) {
+    for (auto [cr, enable] : vcpu_delta.crs) {
       kvmi::ControlCrRequest request;
       request.vcpu = vcpu;
       request.cr = cr;
@@ -65,7 +69,7 @@ void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& 
       session->Send(request,
                     callback("CONTROL_CR " + std::to_string(cr) + " vCPU " + std::to_string(vcpu)));
     }
-    for (auto [msr, enable] : delta.msrs) {
+    for (auto [msr, enable] : vcpu_delta.msrs) {
       kvmi::ControlMsrRequest request;
       request.vcpu = vcpu;
       request.msr = msr;
@@ -315,6 +319,19 @@ void Guest::AddLease(const OwnerId& owner, const Arming& arming) {
   ApplyArming();
 }
 
+Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change) {
+  Arming lease;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = leases_.by_owner().find(owner);
+    if (it != leases_.by_owner().end()) lease = it->second;
+    change(&lease);
+    leases_.Set(owner, lease);
+  }
+  ApplyArming();
+  return lease;
+}
+
 void Guest::ReleaseLease(const OwnerId& owner) {
   bool had;
   {
@@ -351,7 +368,7 @@ void Guest::ApplyArming() {
     if (delta.empty()) return;
     // Counted before sending: "applied" above is what was decided, this says when the host
     // has acknowledged it.
-    self->arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/true, vcpus);
+    self->arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
     SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
               [self](const std::string& what, const CommandResult& r) {
                 self->arming_in_flight_--;
@@ -505,7 +522,7 @@ void Guest::ArmNewVcpu(uint16_t vcpu) {
   }
   if (!session) return;
   auto self = shared_from_this();
-  arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/false, 1);
+  arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/false, vcpu, vcpu + 1u);
   SendDelta(session, delta, /*vm_wide=*/false, vcpu, vcpu + 1u,
             [self](const std::string& what, const CommandResult& r) {
               self->arming_in_flight_--;
@@ -542,7 +559,7 @@ void Guest::Unhook(const std::string& why, std::function<void()> done) {
     if (done) done();
   };
   // Counted before anything is sent: a reply may come back before SendDelta returns.
-  *remaining += DeltaCompletions(delta, /*vm_wide=*/true, vcpus);
+  *remaining += DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
   SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
             [finish](const std::string&, const CommandResult&) { finish(); });
   session->loop()->RunInLoop(finish);  // drops the initial count

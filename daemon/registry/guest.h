@@ -116,6 +116,9 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void SetLease(const OwnerId& owner, Arming arming);
   void AddLease(const OwnerId& owner, const Arming& arming);
   void ReleaseLease(const OwnerId& owner);
+  // Changes the owner's lease in place (read, `change`, write back under one lock) and applies
+  // the result; returns the lease after the change.
+  Arming UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change);
 
   // Pauses a vCPU for `owner` (KVMI_PAUSE_VCPU). `paused` runs once the vCPU has stopped (its
   // PAUSE_VCPU event is held), or with the failure. The vCPU stays paused until Resume, until the

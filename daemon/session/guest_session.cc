@@ -171,6 +171,14 @@ void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
   }
 }
 
+void GuestSession::IsVcpuWaiting(uint16_t vcpu, std::function<void(bool)> answer) {
+  auto self = shared_from_this();
+  loop_->RunInLoop([self, vcpu, answer = std::move(answer)] {
+    answer(!self->closed_ && vcpu < self->pending_events_.size() &&
+           self->pending_events_[vcpu].waiting);
+  });
+}
+
 void GuestSession::Close(const std::string& reason) {
   auto self = shared_from_this();
   loop_->RunInLoop([self, reason] { self->CloseInLoop(reason); });

@@ -103,6 +103,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 
+  // Any thread. True if `vcpu` waits for an event reply right now (answered on the loop).
+  void IsVcpuWaiting(uint16_t vcpu, std::function<void(bool)> answer);
+
   // Any thread. Ends the session (pending commands fail with kClosed).
   void Close(const std::string& reason);
 

@@ -71,6 +71,15 @@ std::vector<uint8_t> ScriptedHost::DefaultReply(const ReceivedMessage& m) const 
       for (uint64_t i = 0; i < r.size; ++i) data.push_back(static_cast<uint8_t>(r.gpa + i));
       break;
     }
+    case KVMI_GET_PAGE_WRITE_BITMAP: {
+      kvmi::GetPageWriteBitmapRequest r;
+      kvmi::DecodePayload(kvmi::ByteView(m.payload), &r);
+      // Page n of the request: bitmap n + 1 (order is checkable).
+      kvmi::PageWriteBitmapReply reply;
+      for (size_t i = 0; i < r.gpas.size(); ++i) reply.bitmaps.push_back(i + 1);
+      kvmi::EncodeReplyData(reply, w);
+      break;
+    }
     default:
       break;
   }
