@@ -41,7 +41,7 @@ __all__ = [
     "Client", "KvmiError", "NotFound", "InvalidArgument", "FailedPrecondition", "Unavailable",
     "Unreachable", "EventsDropped", "Dropped", "event_filter", "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
-    "mode_name", "parse_range", "parse_int", "pb", "policy_pb",
+    "mode_name", "parse_range", "parse_int", "pb", "policy_pb", "Handler", "CommandFailed",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -296,6 +296,163 @@ class EventStream:
         return False
 
 
+class CommandFailed(KvmiError):
+    """An inline command of an Attach stream failed (same code and message as the unary RPC)."""
+
+
+class Handler:
+    """One Attach stream: a remote verdict handler (see Client.attach).
+
+    Iterate it for blocking events (kvmi.v1.Event); answer each with answer() before its
+    deadline. command() runs a control command inline on the same stream and waits for its
+    result. What the stream arms, restricts or pauses is released when it is closed (close(),
+    leaving a `with` block, or the process dying)."""
+
+    _DONE = object()
+
+    def __init__(self, stub, claim):
+        import queue
+        self._outgoing = queue.Queue()
+        self._events = queue.Queue()
+        self._results = {}
+        self._results_cv = threading.Condition()
+        self._next_id = 1
+        self._closed = False
+        self.owner = None
+        self.errors = []  # VerdictError messages kvmid sent back (bad verdicts)
+        self._outgoing.put(pb.AttachRequest(claim=claim))
+        self._call = stub.Attach(self._requests())
+        first = self._next_response()
+        if first is None or not first.HasField("claimed"):
+            raise KvmiError(grpc.StatusCode.UNKNOWN, "Attach: no Claimed answer")
+        self.owner = first.claimed.owner
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _requests(self):
+        while True:
+            item = self._outgoing.get()
+            if item is self._DONE:
+                return
+            yield item
+
+    def _next_response(self):
+        try:
+            return next(self._call)
+        except StopIteration:
+            return None
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return None
+            raise _wrap(e) from None
+
+    def _read(self):
+        error = None
+        try:
+            while True:
+                message = self._next_response()
+                if message is None:
+                    break
+                which = message.WhichOneof("message")
+                if which == "event":
+                    self._events.put(message.event)
+                elif which == "error":
+                    self.errors.append(message.error)
+                elif which == "command_result":
+                    with self._results_cv:
+                        self._results[message.command_result.id] = message.command_result
+                        self._results_cv.notify_all()
+        except KvmiError as e:
+            error = e
+        self._events.put(error if error is not None else self._DONE)
+        with self._results_cv:
+            self._closed = True
+            self._results_cv.notify_all()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._events.get()
+        if item is self._DONE or isinstance(item, KvmiError):
+            self._events.put(item)  # later calls end too
+            if isinstance(item, KvmiError):
+                raise item
+            raise StopIteration
+        return item
+
+    def next_event(self, timeout=None):
+        """The next blocking event, or None after `timeout` seconds."""
+        import queue
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is self._DONE or isinstance(item, KvmiError):
+            self._events.put(item)  # later calls end too
+            if isinstance(item, KvmiError):
+                raise item
+            return None
+        return item
+
+    def answer(self, event, action="continue", new_value=None, set_registers=None, pf=None):
+        """Verdict for `event` (an Event or its id): action "continue", "retry", "crash" or
+        "keep_old"; new_value for CR/MSR; set_registers a kvmi.v1.Registers; pf a
+        kvmi.v1.PfReply."""
+        event_id = event if isinstance(event, int) else event.id
+        name = str(action).upper()
+        if not name.startswith("ACTION_"):
+            name = "ACTION_" + name
+        verdict = pb.Verdict(event_id=event_id, action=policy_pb.Action.Value(name))
+        if new_value is not None:
+            verdict.new_value = new_value
+        if set_registers is not None:
+            verdict.set_registers.CopyFrom(set_registers)
+        if pf is not None:
+            verdict.pf.CopyFrom(pf)
+        self._outgoing.put(pb.AttachRequest(verdict=verdict))
+
+    def command(self, timeout=10.0, **request):
+        """Runs one inline command and returns its response message, e.g.
+        command(get_registers=pb.GetRegistersRequest(vm="x", vcpu=0)). Raises CommandFailed."""
+        if len(request) != 1:
+            raise ValueError("name exactly one command")
+        (field, value), = request.items()
+        with self._results_cv:
+            command_id = self._next_id
+            self._next_id += 1
+        command = pb.Command(id=command_id, **{field: value})
+        self._outgoing.put(pb.AttachRequest(command=command))
+        with self._results_cv:
+            if not self._results_cv.wait_for(
+                    lambda: command_id in self._results or self._closed, timeout):
+                raise KvmiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "inline command %s: no result in %gs" % (field, timeout))
+            result = self._results.pop(command_id, None)
+        if result is None:
+            raise KvmiError(grpc.StatusCode.CANCELLED, "the Attach stream ended")
+        if result.code != 0:
+            raise CommandFailed(_STATUS_BY_VALUE.get(result.code, grpc.StatusCode.UNKNOWN),
+                                result.message)
+        return getattr(result, field)
+
+    def close(self):
+        """Ends the stream: kvmid falls back on unanswered events and releases what it armed."""
+        self._closed = True
+        self._outgoing.put(self._DONE)
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
 # ---- the client --------------------------------------------------------------------------------
 
 class Client:
@@ -413,3 +570,98 @@ class Client:
         if vcpu is not None:
             request.vcpu = vcpu
         return list(self._unary("ResumeVCPU", request).resumed)
+
+    def get_cpuid(self, vm, vcpu, function, index=0):
+        """CPUID leaf as the guest sees it: kvmi.v1.GetCPUIDResponse (eax, ebx, ecx, edx)."""
+        return self._unary("GetCPUID", pb.GetCPUIDRequest(vm=vm, vcpu=vcpu, function=function,
+                                                          index=index))
+
+    def get_xsave(self, vm, vcpu):
+        """The vCPU's XSAVE area, as bytes."""
+        return self._unary("GetXSAVE", pb.GetXSAVERequest(vm=vm, vcpu=vcpu)).region
+
+    def get_mtrr_type(self, vm, vcpu, gpa):
+        """The memory type of `gpa` (0 UC, 1 WC, 4 WT, 5 WP, 6 WB)."""
+        return self._unary("GetMTRRType", pb.GetMTRRTypeRequest(vm=vm, vcpu=vcpu, gpa=gpa)).type
+
+    def inject_exception(self, vm, vcpu, vector, error_code=None, address=0):
+        request = pb.InjectExceptionRequest(vm=vm, vcpu=vcpu, vector=vector, address=address)
+        if error_code is not None:
+            request.error_code = error_code
+        self._unary("InjectException", request)
+
+    def get_page_access(self, vm, gpas):
+        """{gpa: "rwx" letters} for each address's page."""
+        response = self._unary("GetPageAccess", pb.GetPageAccessRequest(vm=vm, gpas=list(gpas)))
+        return {page.gpa: page.access for page in response.pages}
+
+    def set_page_access(self, vm, pages, all_or_nothing=False):
+        """Sets page rights for the API's lease: `pages` maps gpa -> letters ("r", "rx", "rwx" to
+        restore). Returns ({gpa: error name or ""}, rolled_back)."""
+        request = pb.SetPageAccessRequest(vm=vm, all_or_nothing=all_or_nothing)
+        for gpa, access in dict(pages).items():
+            request.pages.add(gpa=gpa, access=access)
+        response = self._unary("SetPageAccess", request)
+        return {r.gpa: r.error for r in response.results}, response.rolled_back
+
+    def set_registers(self, vm, vcpu, registers):
+        """Sets general registers (kvmi.v1.Registers or a dict) of a vCPU that waits for a
+        verdict; FailedPrecondition when it waits for none."""
+        if isinstance(registers, dict):
+            registers = pb.Registers(**registers)
+        self._unary("SetRegisters", pb.SetRegistersRequest(vm=vm, vcpu=vcpu, registers=registers))
+
+    def control_events(self, vm, events=(), crs=(), msrs=(), enable=True, vcpu=None):
+        """Arms (or disarms) events, CR and MSR write exits for the API's lease, on one vCPU or
+        all. Returns the kvmi.v1.ControlEventsResponse (the lease, any arming errors)."""
+        request = pb.ControlEventsRequest(vm=vm, enable=enable,
+                                          events=[event_type(e) for e in events],
+                                          crs=[parse_int(c) for c in crs],
+                                          msrs=[parse_int(m) for m in msrs])
+        if vcpu is not None:
+            request.vcpu = vcpu
+        return self._unary("ControlEvents", request)
+
+    def control_spp(self, vm):
+        """Turns on sub-page write protection (Intel SPP) for the guest."""
+        self._unary("ControlSPP", pb.ControlSPPRequest(vm=vm))
+
+    def get_page_write_bitmap(self, vm, gpas):
+        """{gpa: 32-bit bitmap of writable 128-byte sub-pages}."""
+        response = self._unary("GetPageWriteBitmap",
+                               pb.GetPageWriteBitmapRequest(vm=vm, gpas=list(gpas)))
+        return {page.gpa: page.bitmap for page in response.pages}
+
+    def set_page_write_bitmap(self, vm, bitmaps):
+        """`bitmaps` maps gpa -> 32-bit bitmap of writable sub-pages."""
+        request = pb.SetPageWriteBitmapRequest(vm=vm)
+        for gpa, bitmap in dict(bitmaps).items():
+            request.pages.add(gpa=gpa, bitmap=bitmap)
+        self._unary("SetPageWriteBitmap", request)
+
+    def unhook(self, vm):
+        """Releases kvmid's hooks on the guest and closes its session (QEMU may reconnect)."""
+        self._unary("UnhookVM", pb.UnhookVMRequest(vm=vm))
+
+    def watch_vms(self):
+        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel it with
+        .cancel()."""
+        self._connect()
+        return self._stub.WatchVMs(pb.WatchVMsRequest())
+
+    def attach(self, handler_id, vms=(), events=(), deadline_ms=0, fallback=None, arm_events=(),
+               arm_crs=(), arm_msrs=()):
+        """Opens an Attach stream as a verdict handler; returns a Handler. `events` are the
+        blocking event types it answers; arm_* what kvmid enables for it (released with it)."""
+        claim = pb.Claim(handler_id=handler_id, vms=list(vms),
+                         events=[event_type(e) for e in events], deadline_ms=deadline_ms,
+                         arm_events=[event_type(e) for e in arm_events],
+                         arm_crs=[parse_int(c) for c in arm_crs],
+                         arm_msrs=[parse_int(m) for m in arm_msrs])
+        if fallback is not None:
+            claim.fallback = policy_pb.Action.Value("ACTION_" + str(fallback).upper())
+        self._connect()
+        try:
+            return Handler(self._stub, claim)
+        except grpc.RpcError as e:
+            raise _wrap(e) from None

@@ -157,15 +157,6 @@ class E2ETest(unittest.TestCase):
     def name(self, i):
         return self.vms[i].name
 
-    def control_rpcs(self):
-        """Skips the calling test if this kvmid does not serve the control RPCs yet."""
-        try:
-            self.client.get_registers(self.name(0), 0)
-        except kc.KvmiError as e:
-            if e.code == grpc.StatusCode.UNIMPLEMENTED:
-                self.skipTest("kvmid does not serve control RPCs yet")
-            raise
-
     # ---- guests -------------------------------------------------------------------------------
 
     def test_list_vms_shows_identity_state_and_leases(self):
@@ -322,7 +313,6 @@ class E2ETest(unittest.TestCase):
     # ---- control ------------------------------------------------------------------------------
 
     def test_registers_memory_and_pause(self):
-        self.control_rpcs()
         vm = self.name(0)
         regs = self.client.get_registers(vm, 1, msrs=[LSTAR])
         self.assertEqual(regs.mode, 8)
@@ -345,6 +335,211 @@ class E2ETest(unittest.TestCase):
         self.assertEqual(self.client.resume(vm), [1])
         with self.assertRaises(kc.FailedPrecondition):
             self.client.resume(vm, 1)
+
+    def test_cpuid_xsave_mtrr_and_exception_injection(self):
+        vm = self.name(0)
+        leaf0 = self.client.get_cpuid(vm, 0, 0)
+        vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+        self.assertEqual(vendor, b"GenuineIntel")
+        self.assertEqual(len(self.client.get_xsave(vm, 1)), 4096)
+        self.assertIn(self.client.get_mtrr_type(vm, 0, DATA[0]), (0, 1, 4, 5, 6))
+        self.client.inject_exception(vm, 1, 3)  # #BP
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.inject_exception(vm, 1, 40)
+        self.assertIn("vector", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument):
+            self.client.get_xsave(vm, VCPUS)
+        with self.assertRaises(kc.NotFound):
+            self.client.get_cpuid("no-such-vm", 0, 0)
+
+    def test_page_access_get_set_and_restore(self):
+        vm = self.name(1)
+        pages = {0x310000: "r", 0x311000: "rx"}
+        errors, rolled_back = self.client.set_page_access(vm, pages)
+        self.assertEqual(errors, {0x310000: "", 0x311000: ""})
+        self.assertFalse(rolled_back)
+        self.assertEqual(self.client.get_page_access(vm, [0x310000, 0x311000, 0x312000]),
+                         {0x310000: "r", 0x311000: "rx", 0x312000: "rwx"})
+        api = [l for l in self.client.get_vm(vm).leases if l.owner == "api"]
+        self.assertEqual(api[0].restricted_pages, 2)
+        self.client.set_page_access(vm, {0x310000: "rwx", 0x311000: "rwx"})
+        self.assertEqual(self.client.get_page_access(vm, [0x310000, 0x311000]),
+                         {0x310000: "rwx", 0x311000: "rwx"})
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.set_page_access(vm, {0x310000: "q"})
+        self.assertIn("pages[0].access", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument):
+            self.client.get_page_access(vm, [])
+
+    def test_control_events_on_one_vcpu_and_on_all(self):
+        vm = self.name(2)
+        response = self.client.control_events(vm, events=["breakpoint"], vcpu=1)
+        self.assertEqual([(v.vcpu, list(v.events)) for v in response.lease.vcpu_only],
+                         [(1, [kc.policy_pb.EVENT_BREAKPOINT])])
+        self.assertEqual(list(response.arm_errors), [])
+        response = self.client.control_events(vm, events=["cr"], crs=[3])
+        self.assertIn(kc.policy_pb.EVENT_CR, response.lease.vcpu_events)
+        api = [l for l in self.client.get_vm(vm).leases if l.owner == "api"][0]
+        self.assertEqual(list(api.crs), [3])
+        self.assertEqual(len(api.vcpu_only), 1)
+        response = self.client.control_events(vm, events=["breakpoint", "cr"], crs=[3],
+                                              enable=False)
+        self.assertEqual(len(response.lease.vcpu_only), 0)
+        self.assertEqual(list(response.lease.vcpu_events), [])
+        self.assertNotIn("api", [l.owner for l in self.client.get_vm(vm).leases])
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.control_events(vm, events=["unhook"], vcpu=0)
+        self.assertIn("VM event", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.control_events(vm, crs=[8])
+        self.assertIn("crs[0]", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument):
+            self.client.control_events(vm, events=["msr"], vcpu=VCPUS)
+
+    def test_set_registers_only_while_an_event_waits(self):
+        vm = self.name(0)
+        with self.assertRaises(kc.FailedPrecondition) as cm:
+            self.client.set_registers(vm, 0, {"rax": 1})
+        self.assertIn("no event pending", cm.exception.message)
+        self.assertEqual(self.client.pause(vm, 0), [0])  # a paused vCPU waits for its verdict
+        try:
+            regs = self.client.get_registers(vm, 0).registers
+            self.client.set_registers(vm, 0, {"rip": regs.rip, "rax": 0x6b766d6964,
+                                              "rsp": regs.rsp, "rflags": regs.rflags})
+        finally:
+            self.assertEqual(self.client.resume(vm, 0), [0])
+        with self.assertRaises(kc.InvalidArgument):
+            self.client.set_registers(vm, VCPUS, {"rax": 1})
+
+    def test_sub_page_protection_control_and_write_bitmaps(self):
+        vm = self.name(1)
+        # Before CONTROL_SPP the host refuses bitmap commands; the KVMI error comes by name.
+        with self.assertRaises(kc.KvmiError) as cm:
+            self.client.get_page_write_bitmap(vm, [DATA[0]])
+        self.assertEqual(cm.exception.code, grpc.StatusCode.UNIMPLEMENTED)
+        self.assertIn("KVM_EOPNOTSUPP", cm.exception.message)
+        self.client.control_spp(vm)
+        page = 0x330000  # outside the sims' working set
+        self.assertEqual(self.client.get_page_write_bitmap(vm, [page]), {page: 0})
+        self.client.set_page_write_bitmap(vm, {page: 0x0000FFFF})
+        self.assertEqual(self.client.get_page_write_bitmap(vm, [page, page + 0x1000]),
+                         {page: 0x0000FFFF, page + 0x1000: 0})
+        self.client.set_page_write_bitmap(vm, {page: 0xFFFFFFFF})  # fully writable again
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.get_page_write_bitmap(vm, [])
+        self.assertIn("gpas", cm.exception.message)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.set_page_write_bitmap(vm, {0x1000 * i: 0 for i in range(256)})
+        self.assertIn("pages", cm.exception.message)
+        with self.assertRaises(kc.NotFound):
+            self.client.control_spp("no-such-vm")
+
+    def test_unhook_is_watched_and_the_guest_comes_back_rearmed(self):
+        vm = self.vms[2]
+        watch = self.client.watch_vms()
+        timer = threading.Timer(20, watch.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            existing = []
+            for change in watch:
+                existing.append(change.vm.name)
+                if len(existing) == VMS:
+                    break
+            self.assertEqual(sorted(existing), [v.name for v in self.vms])
+            self.client.unhook(vm.name)
+            states = []
+            for change in watch:
+                if change.vm.name != vm.name:
+                    continue
+                states.append(kc.state_name(change.vm.state))
+                if states[-1] == "HOOKED" and "GONE" in states:
+                    break
+            self.assertIn("GONE", states)
+            self.assertEqual(states[-1], "HOOKED")
+        finally:
+            timer.cancel()
+            watch.cancel()
+        again = self.client.get_vm(vm.uuid)
+        self.assertEqual(again.connections, vm.connections + 1)
+        self.assertIn("policy:lstar-locked", [l.owner for l in again.leases])
+        with self.assertRaises(kc.NotFound):
+            self.client.unhook("no-such-vm")
+
+    def test_attach_answers_pf_and_the_guest_sees_the_effect(self):
+        vm = self.name(1)
+        with self.client.attach("py-pf", vms=[vm], events=["pf"], deadline_ms=3000,
+                                fallback="continue") as handler:
+            self.assertTrue(handler.owner.startswith("client:py-pf#"))
+            regs = handler.command(get_registers=kc.pb.GetRegistersRequest(vm=vm, vcpu=0))
+            self.assertEqual(regs.mode, 8)
+            retried = None   # (vcpu, gpa, value before) of the write answered RETRY
+            deadline = time.monotonic() + 20
+            outcome = None
+            while time.monotonic() < deadline and outcome is None:
+                event = handler.next_event(timeout=5)
+                self.assertIsNotNone(event, "no PF event reached the handler")
+                self.assertEqual(event.type, kc.policy_pb.EVENT_PF)
+                gpa = event.pf.gpa
+                is_write = "w" in event.pf.access
+                if retried is None and is_write:
+                    before = handler.command(read_physical=kc.pb.ReadPhysicalRequest(
+                        vm=vm, gpa=gpa, size=8)).data
+                    retried = (event.vcpu, gpa, before)
+                    handler.answer(event, "retry")
+                elif retried is not None and (event.vcpu, gpa) == retried[:2]:
+                    # RETRY re-executed the write: it faults again, and memory is unchanged.
+                    now = handler.command(read_physical=kc.pb.ReadPhysicalRequest(
+                        vm=vm, gpa=gpa, size=8)).data
+                    self.assertEqual(now, retried[2])
+                    handler.answer(event, "continue")
+                    outcome = "continued"
+                else:
+                    handler.answer(event, "continue")
+            self.assertEqual(outcome, "continued", "the retried write never came back")
+            # CONTINUE performed the (random 8-byte) write.
+            wait_for(lambda: self.client.read_physical(vm, retried[1], 8) != retried[2], 5,
+                     "the continued write to land")
+            with self.assertRaises(kc.CommandFailed) as cm:
+                handler.command(read_physical=kc.pb.ReadPhysicalRequest(vm="no-such-vm", size=1))
+            self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
+            handler.answer(123456789, "continue")  # never sent: reported back, not applied
+            wait_for(lambda: handler.errors, 5, "the VerdictError")
+            self.assertIn("not pending", handler.errors[0].message)
+        with self.assertRaises(kc.InvalidArgument):
+            self.client.attach("bad id!", events=["pf"])
+
+    def test_a_killed_handler_releases_its_lease_and_the_guest_falls_back(self):
+        vm = self.name(0)
+        script = (
+            "import sys, time; sys.path.insert(0, %r)\n"
+            "import kvmi_client as kc\n"
+            "c = kc.Client(%r)\n"
+            "h = c.attach('doomed', vms=[%r], events=['pf'], deadline_ms=1000)\n"
+            "h.command(set_page_access=kc.pb.SetPageAccessRequest(vm=%r, pages=["
+            "kc.pb.PageRights(gpa=0x320000, access='r')]))\n"
+            "print('ready', h.owner, flush=True)\n"
+            "time.sleep(60)\n" % (CLIENT_DIR, self.fleet.target, vm, vm))
+        proc = subprocess.Popen(["/usr/bin/python3", "-c", script], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            line = proc.stdout.readline().split()
+            self.assertEqual(line[0], "ready", line)
+            owner = line[1]
+            self.assertIn(owner, [l.owner for l in self.client.get_vm(vm).leases])
+            self.assertEqual(self.client.get_page_access(vm, [0x320000]), {0x320000: "r"})
+            fallbacks = self.client.get_vm(vm).fallbacks
+            time.sleep(1.5)  # the data-watch PFs it claimed wait on it, unanswered
+        finally:
+            proc.kill()
+            proc.wait()
+        wait_for(lambda: owner not in [l.owner for l in self.client.get_vm(vm).leases], 5,
+                 "the killed handler's lease to go")
+        self.assertEqual(self.client.get_page_access(vm, [0x320000]), {0x320000: "rwx"})
+        # Its PF events were answered by the fallback (not left waiting), and the guest runs on.
+        self.assertGreater(self.client.get_vm(vm).fallbacks, fallbacks)
+        before = self.client.get_vm(vm).events
+        wait_for(lambda: self.client.get_vm(vm).events > before + 10, 10, "more events")
 
     # ---- kvmictl ------------------------------------------------------------------------------
 
@@ -427,7 +622,6 @@ class E2ETest(unittest.TestCase):
         self.assertNotIn("ctl-msr", self.assertCtlOk(self.ctl("policies")))
 
     def test_kvmictl_control(self):
-        self.control_rpcs()
         vm = self.name(1)
         out = self.assertCtlOk(self.ctl("regs", vm, "0", "--msr", "0xc0000082"))
         self.assertRegex(out, r"rip\s+0xffff")
@@ -440,6 +634,24 @@ class E2ETest(unittest.TestCase):
         self.assertIn("paused vCPU 0, 1", self.assertCtlOk(self.ctl("pause", vm)))
         self.assertIn("resumed vCPU 0, 1", self.assertCtlOk(self.ctl("resume", vm)))
         self.assertCtlFails(self.ctl("resume", vm, "--vcpu", "0"), 1, "FAILED_PRECONDITION")
+
+    def test_kvmictl_watch_arm_disarm(self):
+        out = self.assertCtlOk(self.ctl("watch", "--count", str(VMS)))
+        self.assertEqual(len(out.splitlines()), VMS, out)
+        for vm in self.vms:
+            self.assertRegex(out, r"now\s+%s\s+%s\s+HOOKED" % (vm.name, vm.uuid))
+        vm = self.name(0)
+        out = self.assertCtlOk(self.ctl("arm", vm, "--event", "cr,msr", "--cr", "4",
+                                        "--msr", "0x175", "--vcpu", "1"))
+        self.assertIn("armed on vCPU 1", out)
+        self.assertIn("vCPU 1 only: events cr,msr, crs 4, msrs 0x175", out)
+        out = self.assertCtlOk(self.ctl("disarm", vm, "--event", "cr,msr", "--cr", "4",
+                                        "--msr", "0x175"))
+        self.assertIn("disarmed on every vCPU", out)
+        self.assertNotIn("vCPU 1 only", out)
+        self.assertCtlFails(self.ctl("arm", vm, "--cr", "5"), 1, "INVALID_ARGUMENT", "crs[0]")
+        self.assertCtlFails(self.ctl("arm", vm, "--event", "nonsense"), 2, "unknown event type")
+        self.assertCtlFails(self.ctl("unhook", "no-such-vm"), 1, "NOT_FOUND")
 
     def test_kvmictl_protect(self):
         out = self.assertCtlOk(self.ctl("protect", self.name(2), "0x204000+0x2000", "--allow",
