@@ -511,7 +511,7 @@ class Waiter {
     };
   }
   // False if the call was cancelled or its deadline passed first.
-  bool Wait(grpc::ServerContext* context, T* out) {
+  bool Wait(grpc::ServerContextBase* context, T* out) {
     std::unique_lock<std::mutex> lock(state_->mutex);
     while (!state_->value) {
       if (context->IsCancelled()) return false;
@@ -530,78 +530,141 @@ class Waiter {
   std::shared_ptr<State> state_ = std::make_shared<State>();
 };
 
-// A remote handler behind one Attach stream.
+// What one Attach stream sends to its client: a queue drained by one write at a time. Messages
+// are queued from any thread (the guest's loop thread for events, gRPC's for verdict errors, the
+// command runner for results); whoever finds no write in flight starts the next one, so an event
+// goes on the wire from the loop thread with no hand-off.
+class AttachOutbox {
+ public:
+  using StartWrite = std::function<void(const kvmi::v1::AttachResponse*)>;
+  using Finish = std::function<void()>;
+  AttachOutbox(StartWrite start_write, Finish finish)
+      : start_write_(std::move(start_write)), finish_(std::move(finish)) {}
+
+  void Send(kvmi::v1::AttachResponse message) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (closed_) return;
+      queue_.push_back(std::move(message));
+      if (writing_) return;
+      writing_ = true;
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    start_write_(&current_);
+  }
+
+  // The write of current_ completed.
+  void OnWriteDone(bool ok) {
+    bool finish = false;
+    bool next = false;  // this thread keeps the write token and sends current_
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!ok) closed_ = true;  // the stream is broken: nothing more goes out
+      if (!closed_ && !queue_.empty()) {
+        current_ = std::move(queue_.front());
+        queue_.pop_front();
+        next = true;
+      } else {
+        writing_ = false;
+        queue_.clear();
+        finish = finish_requested_ && !finished_;
+        if (finish) finished_ = true;
+      }
+    }
+    if (finish) {
+      finish_();
+    } else if (next) {
+      start_write_(&current_);
+    }
+  }
+
+  // No more messages; the stream is finished once the write in flight (if any) completes.
+  void RequestFinish() {
+    bool finish = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      closed_ = true;
+      finish_requested_ = true;
+      finish = !writing_ && !finished_;
+      if (finish) finished_ = true;
+    }
+    if (finish) finish_();
+  }
+
+ private:
+  const StartWrite start_write_;
+  const Finish finish_;
+  std::mutex mutex_;
+  std::deque<kvmi::v1::AttachResponse> queue_;
+  kvmi::v1::AttachResponse current_;  // owned by the write in flight
+  bool writing_ = false;
+  bool closed_ = false;
+  bool finish_requested_ = false;
+  bool finished_ = false;
+};
+
+// A remote handler behind one Attach stream: keeps the promises of the events it sent.
 class StreamHandler : public VerdictHandler {
  public:
-  explicit StreamHandler(std::string id) : id_(std::move(id)) {}
+  StreamHandler(std::string id, std::shared_ptr<AttachOutbox> outbox)
+      : id_(std::move(id)), outbox_(std::move(outbox)) {}
   std::string id() const override { return id_; }
 
   void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (closed_) return;  // the promise dies here: fallback at once
-    pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
-    outbox_.push_back(kvmi::v1::AttachResponse());
+    kvmi::v1::AttachResponse message;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (closed_) return;  // the promise dies here: fallback at once
+      // Promises of events whose deadline passed long ago are dead weight.
+      auto stale = Clock::now() - std::chrono::seconds(1);
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        it = it->second.ctx.deadline < stale ? pending_.erase(it) : std::next(it);
+      }
+      pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
+    }
     ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}};
-    *outbox_.back().mutable_event() = ToProto(observed, /*include_registers=*/true);
-    outbox_.back().mutable_event()->clear_action();
-    outbox_.back().mutable_event()->clear_decided_by();
-    cv_.notify_all();
+    *message.mutable_event() = ToProto(observed, /*include_registers=*/true);
+    message.mutable_event()->clear_action();
+    message.mutable_event()->clear_decided_by();
+    outbox_->Send(std::move(message));
   }
 
   // A verdict from the client; errors go back on the stream.
   void Answer(const kvmi::v1::Verdict& verdict) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = pending_.find(verdict.event_id());
     std::string error;
-    if (it == pending_.end()) {
-      error = "event " + std::to_string(verdict.event_id()) +
-              " is not pending (answered, past its deadline, or never sent)";
-    } else {
-      Verdict v;
-      error = FromProto(verdict, it->second.ctx.event, &v);
-      if (error.empty()) {
-        v.decided_by = "handler:" + id_;
-        if (!it->second.promise.Answer(std::move(v))) error = "event already answered (deadline)";
-        pending_.erase(it);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = pending_.find(verdict.event_id());
+      if (it == pending_.end()) {
+        error = "event " + std::to_string(verdict.event_id()) +
+                " is not pending (answered, past its deadline, or never sent)";
+      } else {
+        Verdict v;
+        error = FromProto(verdict, it->second.ctx.event, &v);
+        if (error.empty()) {
+          v.decided_by = "handler:" + id_;
+          if (!it->second.promise.Answer(std::move(v))) {
+            error = "event already answered (deadline)";
+          }
+          pending_.erase(it);
+        }
       }
     }
     if (!error.empty()) {
-      outbox_.push_back(kvmi::v1::AttachResponse());
-      outbox_.back().mutable_error()->set_event_id(verdict.event_id());
-      outbox_.back().mutable_error()->set_message(error);
-      cv_.notify_all();
+      kvmi::v1::AttachResponse message;
+      message.mutable_error()->set_event_id(verdict.event_id());
+      message.mutable_error()->set_message(error);
+      outbox_->Send(std::move(message));
     }
-  }
-
-  // Queues any message for the client (results of inline commands).
-  void Push(kvmi::v1::AttachResponse response) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    outbox_.push_back(std::move(response));
-    cv_.notify_all();
-  }
-
-  std::deque<kvmi::v1::AttachResponse> Take(std::chrono::milliseconds wait) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait_for(lock, wait, [&] { return !outbox_.empty(); });
-    std::deque<kvmi::v1::AttachResponse> out;
-    out.swap(outbox_);
-    // Promises of events whose deadline passed are dead weight now.
-    auto now = Clock::now();
-    for (auto it = pending_.begin(); it != pending_.end();) {
-      it = it->second.ctx.deadline < now - std::chrono::seconds(1) ? pending_.erase(it)
-                                                                   : std::next(it);
-    }
-    return out;
   }
 
   // The stream is over: every unanswered event falls back now.
   void Close() {
     std::map<uint64_t, Pending> dying;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      closed_ = true;
-      dying.swap(pending_);
-    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+    dying.swap(pending_);
   }
 
  private:
@@ -610,11 +673,10 @@ class StreamHandler : public VerdictHandler {
     VerdictPromise promise;
   };
   const std::string id_;
+  const std::shared_ptr<AttachOutbox> outbox_;
   std::mutex mutex_;
-  std::condition_variable cv_;
   bool closed_ = false;
   std::map<uint64_t, Pending> pending_;
-  std::deque<kvmi::v1::AttachResponse> outbox_;
 };
 
 // What CONTROL_CR and CONTROL_MSR accept (the v6 kernel answers -KVM_EINVAL to the rest).
@@ -624,41 +686,6 @@ constexpr const char* kControllableMsrs = "0-0x1fff or 0xc0000000-0xc0001fff";
 bool ControllableMsr(uint32_t msr) {
   return msr <= KVMI_MSR_LOW_LAST || (msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST);
 }
-
-// Inline commands of one Attach stream, run in order on their own thread so that a slow command
-// never delays the verdicts read on the same stream.
-class CommandQueue {
- public:
-  static constexpr size_t kMaxQueued = 256;
-  // False if the queue is full (the caller answers RESOURCE_EXHAUSTED).
-  bool Push(kvmi::v1::Command command) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (queue_.size() >= kMaxQueued) return false;
-    queue_.push_back(std::move(command));
-    cv_.notify_one();
-    return true;
-  }
-  // Blocks; nullopt once closed.
-  std::optional<kvmi::v1::Command> Pop() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
-    if (closed_) return std::nullopt;
-    kvmi::v1::Command command = std::move(queue_.front());
-    queue_.pop_front();
-    return command;
-  }
-  void Close() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    closed_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::deque<kvmi::v1::Command> queue_;
-  bool closed_ = false;
-};
 
 kvmi::v1::AttachResponse CommandResultMessage(uint64_t id, const Status& status) {
   kvmi::v1::AttachResponse response;
@@ -692,40 +719,33 @@ Status IntrospectionService::FindGuest(const std::string& vm, std::shared_ptr<Gu
   return Status::OK;
 }
 
-Status IntrospectionService::Attach(
-    grpc::ServerContext* context,
-    grpc::ServerReaderWriter<kvmi::v1::AttachResponse, kvmi::v1::AttachRequest>* stream) {
-  kvmi::v1::AttachRequest first;
-  if (!stream->Read(&first)) return Status::OK;
-  if (!first.has_claim()) return Invalid("claim", "the first message must be a Claim");
-  const kvmi::v1::Claim& claim = first.claim();
+Status IntrospectionService::ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim,
+                                        Arming* arming) {
   if (!ValidHandlerId(claim.handler_id())) {
     return Invalid("claim.handler_id", "1-64 characters from [A-Za-z0-9._-]");
   }
-  HandlerClaim handler_claim;
-  handler_claim.vms.assign(claim.vms().begin(), claim.vms().end());
+  handler_claim->vms.assign(claim.vms().begin(), claim.vms().end());
   for (int i = 0; i < claim.events_size(); ++i) {
     uint8_t id;
     if (!FromEventType(claim.events(i), &id) || !kvmi::FindEvent(id)->has_reply) {
       return Invalid("claim.events[" + std::to_string(i) + "]", "not a blocking event type");
     }
-    handler_claim.events.insert(id);
+    handler_claim->events.insert(id);
   }
   if (claim.deadline_ms() > 60000) return Invalid("claim.deadline_ms", "at most 60000");
-  handler_claim.deadline = std::chrono::milliseconds(claim.deadline_ms());
+  handler_claim->deadline = std::chrono::milliseconds(claim.deadline_ms());
   switch (claim.fallback()) {
     case kvmi::v1::ACTION_UNSPECIFIED:
       break;
     case kvmi::v1::ACTION_CONTINUE:
-      handler_claim.fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+      handler_claim->fallback_action = KVMI_EVENT_ACTION_CONTINUE;
       break;
     case kvmi::v1::ACTION_CRASH:
-      handler_claim.fallback_action = KVMI_EVENT_ACTION_CRASH;
+      handler_claim->fallback_action = KVMI_EVENT_ACTION_CRASH;
       break;
     default:
       return Invalid("claim.fallback", "CONTINUE or CRASH");
   }
-  Arming arming;
   for (int i = 0; i < claim.arm_events_size(); ++i) {
     uint8_t id;
     if (!FromEventType(claim.arm_events(i), &id) || kvmi::FindEvent(id)->vm_event ||
@@ -733,76 +753,156 @@ Status IntrospectionService::Attach(
       return Invalid("claim.arm_events[" + std::to_string(i) + "]",
                      "not an event enabled per vCPU");
     }
-    arming.vcpu_events.insert(id);
+    arming->vcpu_events.insert(id);
   }
   for (uint32_t cr : claim.arm_crs()) {
     if (!ControllableCr(cr)) return Invalid("claim.arm_crs", kControllableCrs);
-    arming.crs.insert(cr);
+    arming->crs.insert(cr);
   }
   for (uint32_t msr : claim.arm_msrs()) {
     if (!ControllableMsr(msr)) return Invalid("claim.arm_msrs", kControllableMsrs);
-    arming.msrs.insert(msr);
+    arming->msrs.insert(msr);
   }
-
-  const OwnerId owner = "client:" + claim.handler_id() + "#" + std::to_string(next_stream_++);
-  auto handler = std::make_shared<StreamHandler>(claim.handler_id());
-  VerdictPipeline::Registration registration =
-      daemon_->pipeline().RegisterHandler(handler, handler_claim);
-  daemon_->SetClientArming(owner, handler_claim.vms, arming);
-  spdlog::info(
-      "{} attached: {} event types, {} guests selected", owner, handler_claim.events.size(),
-      handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
-  kvmi::v1::AttachResponse claimed;
-  claimed.mutable_claimed()->set_owner(owner);
-  bool open = stream->Write(claimed);
-
-  CommandQueue commands;
-  std::thread command_runner([&] {
-    while (std::optional<kvmi::v1::Command> command = commands.Pop()) {
-      handler->Push(RunCommand(context, owner, *command));
-    }
-  });
-  std::atomic<bool> reading{true};
-  std::thread reader([&] {
-    kvmi::v1::AttachRequest request;
-    while (stream->Read(&request)) {
-      if (request.has_verdict()) {
-        handler->Answer(request.verdict());
-      } else if (request.has_command()) {
-        const uint64_t id = request.command().id();
-        if (!commands.Push(std::move(*request.mutable_command()))) {
-          handler->Push(CommandResultMessage(
-              id, Status(StatusCode::RESOURCE_EXHAUSTED,
-                         "more than " + std::to_string(CommandQueue::kMaxQueued) +
-                             " commands waiting on this stream")));
-        }
-      } else if (request.has_claim()) {
-        handler->Push(CommandResultMessage(
-            0, Invalid("claim", "a stream claims once, in its first message")));
-      }
-    }
-    reading = false;
-  });
-  while (open && reading && !context->IsCancelled()) {
-    for (kvmi::v1::AttachResponse& response : handler->Take(std::chrono::milliseconds(100))) {
-      if (!(open = stream->Write(response))) break;
-    }
-  }
-  // The client is gone (or the stream broke): its events fall back now, its arming goes.
-  registration.Reset();
-  handler->Close();
-  daemon_->ReleaseOwner(owner);
-  context->TryCancel();  // unblocks the reader if the client is still half-open
-  reader.join();
-  commands.Close();
-  command_runner.join();
-  // A command that was running when the stream ended may have armed or paused for the owner.
-  daemon_->ReleaseOwner(owner);
-  spdlog::info("{} detached", owner);
   return Status::OK;
 }
 
-kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContext* context,
+// One Attach stream on gRPC's callback API: events are written from the guest's loop thread and
+// verdicts applied from gRPC's read callback, so a remote verdict costs no thread hand-offs
+// inside kvmid beyond the loop's own wake-up. Inline commands block (they wait for the guest),
+// so they run on a thread of their own, started with the first command.
+class AttachReactor final
+    : public grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse> {
+ public:
+  AttachReactor(IntrospectionService* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context) {
+    outbox_ = std::make_shared<AttachOutbox>(
+        [this](const kvmi::v1::AttachResponse* message) { StartWrite(message); },
+        [this] { Finish(finish_status_); });
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side, or the stream broke
+      outbox_->RequestFinish();
+      return;
+    }
+    if (!handler_) {
+      if (!request_.has_claim()) {
+        return Fail(Invalid("claim", "the first message must be a Claim"));
+      }
+      Status s = Claim(request_.claim());
+      if (!s.ok()) return Fail(s);
+    } else if (request_.has_verdict()) {
+      handler_->Answer(request_.verdict());
+    } else if (request_.has_command()) {
+      QueueCommand(std::move(*request_.mutable_command()));
+    } else if (request_.has_claim()) {
+      outbox_->Send(
+          CommandResultMessage(0, Invalid("claim", "a stream claims once, in its first message")));
+    }
+    StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
+
+  void OnCancel() override { outbox_->RequestFinish(); }
+
+  void OnDone() override {
+    // The client is gone (or the stream broke): its events fall back now, its arming goes.
+    registration_.Reset();
+    if (handler_) handler_->Close();
+    if (!owner_.empty()) service_->daemon_->ReleaseOwner(owner_);
+    if (command_runner_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(commands_mutex_);
+        commands_closed_ = true;
+      }
+      commands_cv_.notify_all();
+      command_runner_.join();
+      // A command that was running when the stream ended may have armed or paused for it.
+      service_->daemon_->ReleaseOwner(owner_);
+    }
+    if (!owner_.empty()) spdlog::info("{} detached", owner_);
+    delete this;
+  }
+
+ private:
+  static constexpr size_t kMaxQueuedCommands = 256;
+
+  Status Claim(const kvmi::v1::Claim& claim) {
+    HandlerClaim handler_claim;
+    Arming arming;
+    Status s = IntrospectionService::ParseClaim(claim, &handler_claim, &arming);
+    if (!s.ok()) return s;
+    owner_ = "client:" + claim.handler_id() + "#" + std::to_string(service_->next_stream_++);
+    handler_ = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
+    registration_ = service_->daemon_->pipeline().RegisterHandler(handler_, handler_claim);
+    service_->daemon_->SetClientArming(owner_, handler_claim.vms, arming);
+    spdlog::info(
+        "{} attached: {} event types, {} guests selected", owner_, handler_claim.events.size(),
+        handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
+    kvmi::v1::AttachResponse claimed;
+    claimed.mutable_claimed()->set_owner(owner_);
+    outbox_->Send(std::move(claimed));
+    return Status::OK;
+  }
+
+  void Fail(const Status& status) {
+    finish_status_ = status;  // read by the outbox's finish callback, after this
+    outbox_->RequestFinish();
+  }
+
+  void QueueCommand(kvmi::v1::Command command) {
+    {
+      std::lock_guard<std::mutex> lock(commands_mutex_);
+      if (commands_.size() < kMaxQueuedCommands) {
+        commands_.push_back(std::move(command));
+        if (!command_runner_.joinable()) command_runner_ = std::thread([this] { RunCommands(); });
+        commands_cv_.notify_one();
+        return;
+      }
+    }
+    outbox_->Send(CommandResultMessage(
+        command.id(),
+        Status(StatusCode::RESOURCE_EXHAUSTED, "more than " + std::to_string(kMaxQueuedCommands) +
+                                                   " commands waiting on this stream")));
+  }
+
+  void RunCommands() {
+    while (true) {
+      kvmi::v1::Command command;
+      {
+        std::unique_lock<std::mutex> lock(commands_mutex_);
+        commands_cv_.wait(lock, [&] { return commands_closed_ || !commands_.empty(); });
+        if (commands_closed_) return;
+        command = std::move(commands_.front());
+        commands_.pop_front();
+      }
+      outbox_->Send(service_->RunCommand(context_, owner_, command));
+    }
+  }
+
+  IntrospectionService* const service_;
+  grpc::CallbackServerContext* const context_;
+  kvmi::v1::AttachRequest request_;  // the read in flight (one at a time)
+  Status finish_status_;
+  std::shared_ptr<AttachOutbox> outbox_;
+  std::shared_ptr<StreamHandler> handler_;  // set by the claim (gRPC's read callbacks only)
+  VerdictPipeline::Registration registration_;
+  OwnerId owner_;
+  std::mutex commands_mutex_;
+  std::condition_variable commands_cv_;
+  std::deque<kvmi::v1::Command> commands_;
+  bool commands_closed_ = false;
+  std::thread command_runner_;
+};
+
+grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>*
+IntrospectionService::Attach(grpc::CallbackServerContext* context) {
+  return new AttachReactor(this, context);
+}
+
+kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContextBase* context,
                                                           const OwnerId& owner,
                                                           const kvmi::v1::Command& command) {
   kvmi::v1::AttachResponse response;
@@ -811,20 +911,21 @@ kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContext* c
   using R = kvmi::v1::Command;
   switch (command.request_case()) {
     case R::kGetRegisters:
-      status = GetRegisters(context, &command.get_registers(), result->mutable_get_registers());
+      status = GetRegistersImpl(context, &command.get_registers(), result->mutable_get_registers());
       break;
     case R::kSetRegisters:
-      status = SetRegisters(context, &command.set_registers(), result->mutable_set_registers());
+      status = SetRegistersImpl(context, &command.set_registers(), result->mutable_set_registers());
       break;
     case R::kReadPhysical:
-      status = ReadPhysical(context, &command.read_physical(), result->mutable_read_physical());
+      status = ReadPhysicalImpl(context, &command.read_physical(), result->mutable_read_physical());
       break;
     case R::kWritePhysical:
-      status = WritePhysical(context, &command.write_physical(), result->mutable_write_physical());
+      status =
+          WritePhysicalImpl(context, &command.write_physical(), result->mutable_write_physical());
       break;
     case R::kGetPageAccess:
       status =
-          GetPageAccess(context, &command.get_page_access(), result->mutable_get_page_access());
+          GetPageAccessImpl(context, &command.get_page_access(), result->mutable_get_page_access());
       break;
     case R::kSetPageAccess:
       status = SetPagesFor(owner, context, &command.set_page_access(),
@@ -837,18 +938,18 @@ kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContext* c
       status = ResumeFor(owner, context, &command.resume_vcpu(), result->mutable_resume_vcpu());
       break;
     case R::kInjectException:
-      status =
-          InjectException(context, &command.inject_exception(), result->mutable_inject_exception());
+      status = InjectExceptionImpl(context, &command.inject_exception(),
+                                   result->mutable_inject_exception());
       break;
     case R::kControlEvents:
       status = ControlEventsFor(owner, context, &command.control_events(),
                                 result->mutable_control_events());
       break;
     case R::kGetCpuid:
-      status = GetCPUID(context, &command.get_cpuid(), result->mutable_get_cpuid());
+      status = GetCPUIDImpl(context, &command.get_cpuid(), result->mutable_get_cpuid());
       break;
     case R::kGetMtrrType:
-      status = GetMTRRType(context, &command.get_mtrr_type(), result->mutable_get_mtrr_type());
+      status = GetMTRRTypeImpl(context, &command.get_mtrr_type(), result->mutable_get_mtrr_type());
       break;
     case R::REQUEST_NOT_SET:
       status = Invalid("command.request", "no command given");
@@ -862,6 +963,12 @@ kvmi::v1::AttachResponse IntrospectionService::RunCommand(grpc::ServerContext* c
 Status IntrospectionService::GetRegisters(grpc::ServerContext* context,
                                           const kvmi::v1::GetRegistersRequest* request,
                                           kvmi::v1::GetRegistersResponse* response) {
+  return GetRegistersImpl(context, request, response);
+}
+
+Status IntrospectionService::GetRegistersImpl(grpc::ServerContextBase* context,
+                                              const kvmi::v1::GetRegistersRequest* request,
+                                              kvmi::v1::GetRegistersResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -904,6 +1011,12 @@ constexpr uint64_t kMaxApiTransfer = 16ull << 20;
 Status IntrospectionService::ReadPhysical(grpc::ServerContext* context,
                                           const kvmi::v1::ReadPhysicalRequest* request,
                                           kvmi::v1::ReadPhysicalResponse* response) {
+  return ReadPhysicalImpl(context, request, response);
+}
+
+Status IntrospectionService::ReadPhysicalImpl(grpc::ServerContextBase* context,
+                                              const kvmi::v1::ReadPhysicalRequest* request,
+                                              kvmi::v1::ReadPhysicalResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -922,7 +1035,13 @@ Status IntrospectionService::ReadPhysical(grpc::ServerContext* context,
 
 Status IntrospectionService::WritePhysical(grpc::ServerContext* context,
                                            const kvmi::v1::WritePhysicalRequest* request,
-                                           kvmi::v1::WritePhysicalResponse*) {
+                                           kvmi::v1::WritePhysicalResponse* response) {
+  return WritePhysicalImpl(context, request, response);
+}
+
+Status IntrospectionService::WritePhysicalImpl(grpc::ServerContextBase* context,
+                                               const kvmi::v1::WritePhysicalRequest* request,
+                                               kvmi::v1::WritePhysicalResponse*) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -970,7 +1089,7 @@ Status IntrospectionService::ControlEvents(grpc::ServerContext* context,
   return ControlEventsFor(kApiOwner, context, request, response);
 }
 
-Status IntrospectionService::PauseFor(const OwnerId& owner, grpc::ServerContext* context,
+Status IntrospectionService::PauseFor(const OwnerId& owner, grpc::ServerContextBase* context,
                                       const kvmi::v1::PauseVCPURequest* request,
                                       kvmi::v1::PauseVCPUResponse* response) {
   std::shared_ptr<Guest> guest;
@@ -1000,7 +1119,7 @@ Status IntrospectionService::PauseFor(const OwnerId& owner, grpc::ServerContext*
   return Status::OK;
 }
 
-Status IntrospectionService::ResumeFor(const OwnerId& owner, grpc::ServerContext*,
+Status IntrospectionService::ResumeFor(const OwnerId& owner, grpc::ServerContextBase*,
                                        const kvmi::v1::ResumeVCPURequest* request,
                                        kvmi::v1::ResumeVCPUResponse* response) {
   if (request->vm().empty()) return Invalid("vm", "a UUID or name is required");
@@ -1032,7 +1151,7 @@ Status IntrospectionService::FindVcpu(const std::string& vm, uint32_t vcpu,
 }
 
 template <typename Request>
-Status IntrospectionService::Call(grpc::ServerContext* context, Guest& guest,
+Status IntrospectionService::Call(grpc::ServerContextBase* context, Guest& guest,
                                   const Request& request, const char* what,
                                   std::vector<uint8_t>* data) {
   std::shared_ptr<GuestSession> session = guest.session();
@@ -1049,6 +1168,12 @@ Status IntrospectionService::Call(grpc::ServerContext* context, Guest& guest,
 Status IntrospectionService::GetCPUID(grpc::ServerContext* context,
                                       const kvmi::v1::GetCPUIDRequest* request,
                                       kvmi::v1::GetCPUIDResponse* response) {
+  return GetCPUIDImpl(context, request, response);
+}
+
+Status IntrospectionService::GetCPUIDImpl(grpc::ServerContextBase* context,
+                                          const kvmi::v1::GetCPUIDRequest* request,
+                                          kvmi::v1::GetCPUIDResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
   if (!s.ok()) return s;
@@ -1088,6 +1213,12 @@ Status IntrospectionService::GetXSAVE(grpc::ServerContext* context,
 Status IntrospectionService::GetMTRRType(grpc::ServerContext* context,
                                          const kvmi::v1::GetMTRRTypeRequest* request,
                                          kvmi::v1::GetMTRRTypeResponse* response) {
+  return GetMTRRTypeImpl(context, request, response);
+}
+
+Status IntrospectionService::GetMTRRTypeImpl(grpc::ServerContextBase* context,
+                                             const kvmi::v1::GetMTRRTypeRequest* request,
+                                             kvmi::v1::GetMTRRTypeResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
   if (!s.ok()) return s;
@@ -1107,7 +1238,13 @@ Status IntrospectionService::GetMTRRType(grpc::ServerContext* context,
 
 Status IntrospectionService::InjectException(grpc::ServerContext* context,
                                              const kvmi::v1::InjectExceptionRequest* request,
-                                             kvmi::v1::InjectExceptionResponse*) {
+                                             kvmi::v1::InjectExceptionResponse* response) {
+  return InjectExceptionImpl(context, request, response);
+}
+
+Status IntrospectionService::InjectExceptionImpl(grpc::ServerContextBase* context,
+                                                 const kvmi::v1::InjectExceptionRequest* request,
+                                                 kvmi::v1::InjectExceptionResponse*) {
   std::shared_ptr<Guest> guest;
   Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
   if (!s.ok()) return s;
@@ -1129,6 +1266,12 @@ constexpr int kMaxPagesPerCall = 65536;
 Status IntrospectionService::GetPageAccess(grpc::ServerContext* context,
                                            const kvmi::v1::GetPageAccessRequest* request,
                                            kvmi::v1::GetPageAccessResponse* response) {
+  return GetPageAccessImpl(context, request, response);
+}
+
+Status IntrospectionService::GetPageAccessImpl(grpc::ServerContextBase* context,
+                                               const kvmi::v1::GetPageAccessRequest* request,
+                                               kvmi::v1::GetPageAccessResponse* response) {
   std::shared_ptr<Guest> guest;
   Status s = FindGuest(request->vm(), &guest);
   if (!s.ok()) return s;
@@ -1169,7 +1312,7 @@ Status IntrospectionService::GetPageAccess(grpc::ServerContext* context,
 }
 
 // Pages set through the API belong to the caller's lease (restore them with "rwx").
-Status IntrospectionService::SetPagesFor(const OwnerId& owner, grpc::ServerContext* context,
+Status IntrospectionService::SetPagesFor(const OwnerId& owner, grpc::ServerContextBase* context,
                                          const kvmi::v1::SetPageAccessRequest* request,
                                          kvmi::v1::SetPageAccessResponse* response) {
   std::shared_ptr<Guest> guest;
@@ -1210,7 +1353,13 @@ Status IntrospectionService::SetPagesFor(const OwnerId& owner, grpc::ServerConte
 
 Status IntrospectionService::SetRegisters(grpc::ServerContext* context,
                                           const kvmi::v1::SetRegistersRequest* request,
-                                          kvmi::v1::SetRegistersResponse*) {
+                                          kvmi::v1::SetRegistersResponse* response) {
+  return SetRegistersImpl(context, request, response);
+}
+
+Status IntrospectionService::SetRegistersImpl(grpc::ServerContextBase* context,
+                                              const kvmi::v1::SetRegistersRequest* request,
+                                              kvmi::v1::SetRegistersResponse*) {
   std::shared_ptr<Guest> guest;
   Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
   if (!s.ok()) return s;
@@ -1304,7 +1453,8 @@ Status IntrospectionService::UnhookVM(grpc::ServerContext* context,
   return Status::OK;
 }
 
-Status IntrospectionService::ControlEventsFor(const OwnerId& owner, grpc::ServerContext* context,
+Status IntrospectionService::ControlEventsFor(const OwnerId& owner,
+                                              grpc::ServerContextBase* context,
                                               const kvmi::v1::ControlEventsRequest* request,
                                               kvmi::v1::ControlEventsResponse* response) {
   std::shared_ptr<Guest> guest;

@@ -17,7 +17,12 @@
 
 namespace kvmid {
 
-class IntrospectionService final : public kvmi::v1::Introspection::Service {
+class AttachReactor;
+
+// Attach runs on gRPC's callback API (events written from the guest's loop thread, verdicts
+// applied from gRPC's read callback); every other method is synchronous.
+class IntrospectionService final
+    : public kvmi::v1::Introspection::WithCallbackMethod_Attach<kvmi::v1::Introspection::Service> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor.
   IntrospectionService(Daemon* daemon, const EventHistory* history)
@@ -39,9 +44,8 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
   grpc::Status DeletePolicy(grpc::ServerContext* context,
                             const kvmi::v1::DeletePolicyRequest* request,
                             kvmi::v1::DeletePolicyResponse* response) override;
-  grpc::Status Attach(
-      grpc::ServerContext* context,
-      grpc::ServerReaderWriter<kvmi::v1::AttachResponse, kvmi::v1::AttachRequest>* stream) override;
+  grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>* Attach(
+      grpc::CallbackServerContext* context) override;
   grpc::Status GetRegisters(grpc::ServerContext* context,
                             const kvmi::v1::GetRegistersRequest* request,
                             kvmi::v1::GetRegistersResponse* response) override;
@@ -91,30 +95,59 @@ class IntrospectionService final : public kvmi::v1::Introspection::Service {
                         grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
 
  private:
+  friend class AttachReactor;
+  // A Claim as the pipeline's HandlerClaim and the arming it asks for, or INVALID_ARGUMENT.
+  static grpc::Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim,
+                                 Arming* arming);
+  // The unary methods that an Attach stream's inline commands run too (any server context).
+  grpc::Status GetRegistersImpl(grpc::ServerContextBase* context,
+                                const kvmi::v1::GetRegistersRequest* request,
+                                kvmi::v1::GetRegistersResponse* response);
+  grpc::Status SetRegistersImpl(grpc::ServerContextBase* context,
+                                const kvmi::v1::SetRegistersRequest* request,
+                                kvmi::v1::SetRegistersResponse* response);
+  grpc::Status ReadPhysicalImpl(grpc::ServerContextBase* context,
+                                const kvmi::v1::ReadPhysicalRequest* request,
+                                kvmi::v1::ReadPhysicalResponse* response);
+  grpc::Status WritePhysicalImpl(grpc::ServerContextBase* context,
+                                 const kvmi::v1::WritePhysicalRequest* request,
+                                 kvmi::v1::WritePhysicalResponse* response);
+  grpc::Status GetPageAccessImpl(grpc::ServerContextBase* context,
+                                 const kvmi::v1::GetPageAccessRequest* request,
+                                 kvmi::v1::GetPageAccessResponse* response);
+  grpc::Status InjectExceptionImpl(grpc::ServerContextBase* context,
+                                   const kvmi::v1::InjectExceptionRequest* request,
+                                   kvmi::v1::InjectExceptionResponse* response);
+  grpc::Status GetCPUIDImpl(grpc::ServerContextBase* context,
+                            const kvmi::v1::GetCPUIDRequest* request,
+                            kvmi::v1::GetCPUIDResponse* response);
+  grpc::Status GetMTRRTypeImpl(grpc::ServerContextBase* context,
+                               const kvmi::v1::GetMTRRTypeRequest* request,
+                               kvmi::v1::GetMTRRTypeResponse* response);
   // The guest a request names, or the status to return.
   grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest);
   // FindGuest plus a vCPU index check.
   grpc::Status FindVcpu(const std::string& vm, uint32_t vcpu, std::shared_ptr<Guest>* guest);
   // The RPCs that pause, restrict or arm something, for `owner`: the API's own lease for unary
   // calls, the stream's for an Attach stream's inline commands.
-  grpc::Status PauseFor(const OwnerId& owner, grpc::ServerContext* context,
+  grpc::Status PauseFor(const OwnerId& owner, grpc::ServerContextBase* context,
                         const kvmi::v1::PauseVCPURequest* request,
                         kvmi::v1::PauseVCPUResponse* response);
-  grpc::Status ResumeFor(const OwnerId& owner, grpc::ServerContext* context,
+  grpc::Status ResumeFor(const OwnerId& owner, grpc::ServerContextBase* context,
                          const kvmi::v1::ResumeVCPURequest* request,
                          kvmi::v1::ResumeVCPUResponse* response);
-  grpc::Status SetPagesFor(const OwnerId& owner, grpc::ServerContext* context,
+  grpc::Status SetPagesFor(const OwnerId& owner, grpc::ServerContextBase* context,
                            const kvmi::v1::SetPageAccessRequest* request,
                            kvmi::v1::SetPageAccessResponse* response);
-  grpc::Status ControlEventsFor(const OwnerId& owner, grpc::ServerContext* context,
+  grpc::Status ControlEventsFor(const OwnerId& owner, grpc::ServerContextBase* context,
                                 const kvmi::v1::ControlEventsRequest* request,
                                 kvmi::v1::ControlEventsResponse* response);
   // One inline command of an Attach stream, answered as the unary RPC would be.
-  kvmi::v1::AttachResponse RunCommand(grpc::ServerContext* context, const OwnerId& owner,
+  kvmi::v1::AttachResponse RunCommand(grpc::ServerContextBase* context, const OwnerId& owner,
                                       const kvmi::v1::Command& command);
   // Sends one vCPU command and waits for its reply data (within the call's deadline).
   template <typename Request>
-  grpc::Status Call(grpc::ServerContext* context, Guest& guest, const Request& request,
+  grpc::Status Call(grpc::ServerContextBase* context, Guest& guest, const Request& request,
                     const char* what, std::vector<uint8_t>* data);
 
   Daemon* daemon_;
