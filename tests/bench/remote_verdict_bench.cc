@@ -2,7 +2,9 @@
 //   echo         a client sends a message the size of an event and waits for it to come back
 //                (gRPC's own cost: the floor for any remote verdict);
 //   remote       a simulated guest vCPU writes CR3 -> KVMI event -> kvmid -> Attach stream ->
-//                a C++ handler answers CONTINUE -> kvmid -> KVMI reply -> the vCPU resumes.
+//                a C++ handler answers CONTINUE -> kvmid -> KVMI reply -> the vCPU resumes;
+//   local        the same guest answered by an in-daemon policy (no remote hop): what the KVMI
+//                part of the remote row costs, so "remote - local" is the remote hop alone.
 // Each over the UNIX socket and over TCP loopback. One vCPU, closed loop, so throughput is
 // 1 / round trip. Prints a table (docs/PERFORMANCE.md).
 //
@@ -107,10 +109,13 @@ void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<
   canceller.join();
 }
 
-Row MeasureRemote(const std::string& name, const std::string& kvmi_socket,
-                  const std::string& api_target, double seconds) {
-  std::atomic<bool> stop{false}, ready{false};
-  std::thread handler(RunHandler, api_target, &stop, &ready);
+// One guest, one vCPU writing CR3 in a closed loop against kvmid at `kvmi_socket`; empty
+// `api_target`: answered by kvmid's policy, else by a remote handler on that API endpoint.
+Row MeasureGuest(const std::string& name, const std::string& kvmi_socket,
+                 const std::string& api_target, double seconds) {
+  std::atomic<bool> stop{false}, ready{api_target.empty()};
+  std::thread handler;
+  if (!api_target.empty()) handler = std::thread(RunHandler, api_target, &stop, &ready);
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
   config.vms = 1;
@@ -141,7 +146,7 @@ Row MeasureRemote(const std::string& name, const std::string& kvmi_socket,
   fleet.AggregateStats(&stats);
   fleet.Stop();
   stop = true;
-  handler.join();
+  if (handler.joinable()) handler.join();
   double rate = (after - before) / elapsed;
   Row row{name, rate, 0, 0};
   row.p50_us = static_cast<double>(stats.round_trip.PercentileMicros(0.5));
@@ -173,6 +178,24 @@ int main(int argc, char** argv) {
     server->Shutdown();
     ::unlink((dir + "/echo.sock").c_str());
   }
+  Row local;
+  {
+    kvmid::DaemonConfig config;
+    config.unix_socket = dir + "/kvmi-local.sock";
+    config.io_threads = 1;
+    kvmid::Daemon daemon(config);
+    auto allow_cr3 = std::make_shared<kvmid::Rule>();
+    allow_cr3->name = "allow-cr3";
+    allow_cr3->match.events = {KVMI_EVENT_CR};
+    allow_cr3->match.cr = 3;
+    allow_cr3->action = kvmid::RuleAction::kContinue;
+    allow_cr3->arms.vcpu_events = {KVMI_EVENT_CR};
+    allow_cr3->arms.crs = {3};
+    daemon.ApplyPolicy(allow_cr3);
+    if (!daemon.Start().empty()) return 1;
+    local = MeasureGuest("local policy verdict (no remote hop)", config.unix_socket, "", seconds);
+    daemon.Shutdown(std::chrono::milliseconds(0));
+  }
   {
     kvmid::DaemonConfig config;
     config.unix_socket = dir + "/kvmi.sock";
@@ -181,22 +204,31 @@ int main(int argc, char** argv) {
     if (!daemon.Start().empty()) return 1;
     kvmid::ApiServer api(&daemon);
     if (!api.Start(dir + "/api.sock", "127.0.0.1:0").empty()) return 1;
-    rows.push_back(MeasureRemote("remote verdict (Attach), unix", config.unix_socket,
-                                 "unix:" + dir + "/api.sock", seconds));
-    rows.push_back(MeasureRemote("remote verdict (Attach), tcp", config.unix_socket,
-                                 "127.0.0.1:" + std::to_string(api.tcp_port()), seconds));
+    rows.push_back(MeasureGuest("remote verdict (Attach), unix", config.unix_socket,
+                                "unix:" + dir + "/api.sock", seconds));
+    rows.push_back(MeasureGuest("remote verdict (Attach), tcp", config.unix_socket,
+                                "127.0.0.1:" + std::to_string(api.tcp_port()), seconds));
     api.Shutdown();
     daemon.Shutdown(std::chrono::milliseconds(0));
   }
   ::rmdir(dir.c_str());
 
-  std::printf("\n| path | round trips/s | p50 (us) | p99 (us) | p50 vs echo |\n");
-  std::printf("|---|---:|---:|---:|---:|\n");
+  // "hop" = remote p50 - local p50: what the gRPC hop adds to the guest's wait, the part the
+  // bare echo is the floor for.
+  std::printf(
+      "\n| path | round trips/s | p50 (us) | p99 (us) | p50 vs echo | hop p50 (us) | hop vs echo "
+      "|\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| %s | %.0f | %.0f | %.0f | | | |\n", local.what.c_str(), local.per_second,
+              local.p50_us, local.p99_us);
   for (size_t i = 0; i < rows.size(); ++i) {
     const Row& r = rows[i];
     const Row& echo = rows[i % 2];  // unix rows pair with unix echo, tcp with tcp
-    std::printf("| %s | %.0f | %.0f | %.0f | %.2fx |\n", r.what.c_str(), r.per_second, r.p50_us,
-                r.p99_us, echo.p50_us > 0 ? r.p50_us / echo.p50_us : 0.0);
+    bool remote = i >= 2;
+    double hop = remote ? r.p50_us - local.p50_us : r.p50_us;
+    std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.0f | %.2fx |\n", r.what.c_str(),
+                r.per_second, r.p50_us, r.p99_us, echo.p50_us > 0 ? r.p50_us / echo.p50_us : 0.0,
+                hop, echo.p50_us > 0 ? hop / echo.p50_us : 0.0);
   }
   std::printf(
       "\n(echo: exact per-message timings; remote: the simulator's histogram, bucket upper "
