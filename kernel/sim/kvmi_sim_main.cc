@@ -1,7 +1,7 @@
 // kvmi-sim: a fleet of simulated guests whose host side speaks KVMI v6 to an introspection tool,
 // as QEMU (kvmi-v6) + the v6 kernel would. Prints a summary at exit.
 //
-//   kvmi-sim --connect=unix:/run/kvmid.sock --vms=200 --vcpus=4 --scenario=mixed --rate=100 \
+//   kvmi-sim --connect=unix:/run/kvmid.sock --vms=200 --vcpus=4 --scenario=mixed --rate=100
 //            --duration=60 [--cookie_file=PATH] [--scenario_file=PATH] [--reconnect=1]
 #include <sys/resource.h>
 #include <sys/time.h>
