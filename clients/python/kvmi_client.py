@@ -315,6 +315,7 @@ class Handler:
         self._outgoing = queue.Queue()
         self._events = queue.Queue()
         self._results = {}
+        self._abandoned = set()  # command ids whose caller stopped waiting
         self._results_cv = threading.Condition()
         self._next_id = 1
         self._closed = False
@@ -322,9 +323,15 @@ class Handler:
         self.errors = []  # VerdictError messages kvmid sent back (bad verdicts)
         self._outgoing.put(pb.AttachRequest(claim=claim))
         self._call = stub.Attach(self._requests())
-        first = self._next_response()
-        if first is None or not first.HasField("claimed"):
-            raise KvmiError(grpc.StatusCode.UNKNOWN, "Attach: no Claimed answer")
+        try:
+            first = self._next_response()
+            if first is None or not first.HasField("claimed"):
+                raise KvmiError(grpc.StatusCode.UNKNOWN, "Attach: no Claimed answer")
+        except BaseException:
+            self._closed = True
+            self._outgoing.put(self._DONE)  # ends the request thread gRPC runs for us
+            self._call.cancel()
+            raise
         self.owner = first.claimed.owner
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -347,7 +354,7 @@ class Handler:
             raise _wrap(e) from None
 
     def _read(self):
-        error = None
+        end = self._DONE
         try:
             while True:
                 message = self._next_response()
@@ -360,14 +367,26 @@ class Handler:
                     self.errors.append(message.error)
                 elif which == "command_result":
                     with self._results_cv:
-                        self._results[message.command_result.id] = message.command_result
+                        result = message.command_result
+                        if result.id in self._abandoned:  # its caller timed out
+                            self._abandoned.discard(result.id)
+                        else:
+                            self._results[result.id] = result
                         self._results_cv.notify_all()
         except KvmiError as e:
-            error = e
-        self._events.put(error if error is not None else self._DONE)
-        with self._results_cv:
-            self._closed = True
-            self._results_cv.notify_all()
+            end = e
+        except Exception as e:  # never leave iterators and command() waiting
+            end = KvmiError(grpc.StatusCode.INTERNAL, "Attach stream reader: %r" % e)
+        finally:
+            self._events.put(end)
+            with self._results_cv:
+                self._closed = True
+                self._results_cv.notify_all()
+
+    @property
+    def ended(self):
+        """True once the stream is over (closed, cancelled, or ended by kvmid)."""
+        return self._closed
 
     def __iter__(self):
         return self
@@ -382,7 +401,8 @@ class Handler:
         return item
 
     def next_event(self, timeout=None):
-        """The next blocking event, or None after `timeout` seconds."""
+        """The next blocking event; None after `timeout` seconds or once the stream has ended
+        (check .ended to tell them apart)."""
         import queue
         try:
             item = self._events.get(timeout=timeout)
@@ -426,6 +446,7 @@ class Handler:
         with self._results_cv:
             if not self._results_cv.wait_for(
                     lambda: command_id in self._results or self._closed, timeout):
+                self._abandoned.add(command_id)
                 raise KvmiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 "inline command %s: no result in %gs" % (field, timeout))
             result = self._results.pop(command_id, None)
@@ -436,11 +457,15 @@ class Handler:
                                 result.message)
         return getattr(result, field)
 
-    def close(self):
-        """Ends the stream: kvmid falls back on unanswered events and releases what it armed."""
-        self._closed = True
+    def close(self, timeout=5.0):
+        """Ends the stream: what was sent (verdicts, commands) is delivered first (half-close),
+        then kvmid falls back on unanswered events and releases what the stream armed,
+        restricted or paused. After `timeout` seconds the stream is cancelled instead."""
         self._outgoing.put(self._DONE)
+        self._reader.join(timeout)
+        self._closed = True
         self._call.cancel()
+        self._reader.join(1.0)
 
     def __enter__(self):
         return self

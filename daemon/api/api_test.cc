@@ -1103,5 +1103,66 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
   }));
 }
 
+TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
+  ScriptedHost* host = Connect(17, "halfclosed");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("drain");
+  ASSERT_TRUE(stream->Write(claim));
+  for (uint64_t id = 1; id <= 3; ++id) {
+    kvmi::v1::AttachRequest regs;
+    regs.mutable_command()->set_id(id);
+    regs.mutable_command()->mutable_get_registers()->set_vm("halfclosed");
+    ASSERT_TRUE(stream->Write(regs));
+  }
+  ASSERT_TRUE(stream->WritesDone());
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_TRUE(response.has_claimed());
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(stream->Read(&response));
+    ASSERT_TRUE(response.has_command_result());
+    EXPECT_EQ(response.command_result().id(), id);
+    EXPECT_EQ(response.command_result().code(), 0);
+  }
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ApiTest, APauseWhoseStreamEndsBeforeTheVcpuStopsDoesNotHoldIt) {
+  ScriptedHost* host = Connect(18, "unpaused");
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("pauser");
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  kvmi::v1::AttachRequest pause;
+  pause.mutable_command()->set_id(1);
+  pause.mutable_command()->mutable_pause_vcpu()->set_vm("unpaused");
+  pause.mutable_command()->mutable_pause_vcpu()->set_vcpu(1);
+  ASSERT_TRUE(stream->Write(pause));
+  ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
+  // The client goes away while the vCPU is still on its way to stop.
+  ctx.TryCancel();
+  EXPECT_TRUE(WaitUntil([&] {
+    auto guest = daemon_->registry().Lookup("unpaused");
+    for (const auto& [owner, unused] : guest->Snapshot().leases) {
+      if (owner.rfind("client:pauser", 0) == 0) return false;
+    }
+    return true;
+  }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Its PAUSE_VCPU event arrives now: nobody holds it, the vCPU is let go at once.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 91));
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 91; },
+      std::chrono::milliseconds(2000)));
+  EXPECT_TRUE(daemon_->registry().Lookup("unpaused")->Snapshot().paused_vcpus.empty());
+}
+
 }  // namespace
 }  // namespace kvmid

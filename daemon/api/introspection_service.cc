@@ -490,6 +490,11 @@ Status ToStatus(const CommandResult& r, const std::string& what) {
       return Status(StatusCode::UNAVAILABLE, what + ": the guest is gone (" + r.message + ")");
     case CommandResult::Status::kTimeout:
       return Status(StatusCode::DEADLINE_EXCEEDED, what + ": the guest did not answer in time");
+    case CommandResult::Status::kNotWaiting:
+      return Status(
+          StatusCode::FAILED_PRECONDITION,
+          what + ": " + r.message +
+              "; registers can only be set while it waits for a verdict (pause it first)");
     case CommandResult::Status::kProtocolError:
       return Status(StatusCode::INTERNAL, what + ": " + r.message);
   }
@@ -537,7 +542,12 @@ class Waiter {
 class AttachOutbox {
  public:
   using StartWrite = std::function<void(const kvmi::v1::AttachResponse*)>;
-  using Finish = std::function<void()>;
+  using Finish = std::function<void(const Status&)>;
+  // Above this backlog the stream stops reading requests (and the command runner waits) until
+  // the client has taken some: a client that never reads cannot grow kvmid's memory.
+  static constexpr size_t kMaxBacklogMessages = 1024;
+  static constexpr size_t kMaxBacklogBytes = 64u << 20;
+
   AttachOutbox(StartWrite start_write, Finish finish)
       : start_write_(std::move(start_write)), finish_(std::move(finish)) {}
 
@@ -545,63 +555,103 @@ class AttachOutbox {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (closed_) return;
+      backlog_bytes_ += message.ByteSizeLong();
       queue_.push_back(std::move(message));
       if (writing_) return;
       writing_ = true;
-      current_ = std::move(queue_.front());
-      queue_.pop_front();
+      TakeNextLocked();
     }
     start_write_(&current_);
   }
 
   // The write of current_ completed.
   void OnWriteDone(bool ok) {
-    bool finish = false;
     bool next = false;  // this thread keeps the write token and sends current_
+    bool finish = false;
+    Status status;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (!ok) closed_ = true;  // the stream is broken: nothing more goes out
-      if (!closed_ && !queue_.empty()) {
-        current_ = std::move(queue_.front());
-        queue_.pop_front();
+      if (!ok) Close();  // the stream is broken: nothing more goes out
+      if (!queue_.empty()) {
+        TakeNextLocked();
         next = true;
       } else {
         writing_ = false;
-        queue_.clear();
-        finish = finish_requested_ && !finished_;
-        if (finish) finished_ = true;
+        finish = FinishDueLocked(&status);
       }
+      room_cv_.notify_all();
     }
     if (finish) {
-      finish_();
+      finish_(status);
     } else if (next) {
       start_write_(&current_);
     }
   }
 
-  // No more messages; the stream is finished once the write in flight (if any) completes.
-  void RequestFinish() {
+  // Ends the stream with `status`. drain: what is queued still goes out first (the client
+  // half-closed and waits for its results); else it is dropped (cancelled, or a failure).
+  void RequestFinish(const Status& status, bool drain) {
     bool finish = false;
+    Status final_status;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      closed_ = true;
+      if (!finish_requested_) finish_status_ = status;
       finish_requested_ = true;
-      finish = !writing_ && !finished_;
-      if (finish) finished_ = true;
+      if (!drain) Close();
+      finish = !writing_ && FinishDueLocked(&final_status);
+      room_cv_.notify_all();
     }
-    if (finish) finish_();
+    if (finish) finish_(final_status);
+  }
+
+  bool Congested() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return CongestedLocked();
+  }
+
+  // Blocks while the backlog is over its limit; false if the stream ended meanwhile.
+  bool WaitForRoom() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    room_cv_.wait(lock, [&] { return closed_ || !CongestedLocked(); });
+    return !closed_;
   }
 
  private:
+  void Close() {
+    closed_ = true;
+    queue_.clear();
+    backlog_bytes_ = 0;
+  }
+  void TakeNextLocked() {
+    current_ = std::move(queue_.front());
+    queue_.pop_front();
+    size_t size = current_.ByteSizeLong();
+    backlog_bytes_ -= std::min(backlog_bytes_, size);
+  }
+  bool CongestedLocked() const {
+    return queue_.size() >= kMaxBacklogMessages || backlog_bytes_ >= kMaxBacklogBytes;
+  }
+  // mutex_ held, no write in flight: true once (Finish is called exactly once).
+  bool FinishDueLocked(Status* status) {
+    if (!finish_requested_ || finished_ || !queue_.empty()) return false;
+    finished_ = true;
+    closed_ = true;
+    *status = finish_status_;
+    return true;
+  }
+
   const StartWrite start_write_;
   const Finish finish_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
+  std::condition_variable room_cv_;
   std::deque<kvmi::v1::AttachResponse> queue_;
+  size_t backlog_bytes_ = 0;
   kvmi::v1::AttachResponse current_;  // owned by the write in flight
   bool writing_ = false;
   bool closed_ = false;
   bool finish_requested_ = false;
   bool finished_ = false;
+  Status finish_status_;
 };
 
 // A remote handler behind one Attach stream: keeps the promises of the events it sent.
@@ -659,12 +709,15 @@ class StreamHandler : public VerdictHandler {
     }
   }
 
-  // The stream is over: every unanswered event falls back now.
+  // The stream is over: every unanswered event falls back now (the promises die outside the
+  // lock, their fallback runs on the guests' loops).
   void Close() {
     std::map<uint64_t, Pending> dying;
-    std::lock_guard<std::mutex> lock(mutex_);
-    closed_ = true;
-    dying.swap(pending_);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      closed_ = true;
+      dying.swap(pending_);
+    }
   }
 
  private:
@@ -708,14 +761,19 @@ bool ValidHandlerId(const std::string& id) {
 
 }  // namespace
 
-Status IntrospectionService::FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest) {
+Status IntrospectionService::FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest,
+                                       std::shared_ptr<GuestSession>* session) {
   if (vm.empty()) return Invalid("vm", "a UUID or name is required");
   *guest = daemon_->registry().Lookup(vm);
   if (!*guest) return Status(StatusCode::NOT_FOUND, "no guest '" + vm + "'");
-  if ((*guest)->state() != GuestState::kHooked || !(*guest)->session()) {
+  // Kept by the caller: a session that closes later fails its commands (kClosed) instead of
+  // vanishing under the call.
+  std::shared_ptr<GuestSession> live = (*guest)->session();
+  if ((*guest)->state() != GuestState::kHooked || !live) {
     return Status(StatusCode::UNAVAILABLE,
                   "guest '" + vm + "' is " + GuestStateName((*guest)->state()));
   }
+  if (session != nullptr) *session = std::move(live);
   return Status::OK;
 }
 
@@ -769,7 +827,11 @@ Status IntrospectionService::ParseClaim(const kvmi::v1::Claim& claim, HandlerCla
 // One Attach stream on gRPC's callback API: events are written from the guest's loop thread and
 // verdicts applied from gRPC's read callback, so a remote verdict costs no thread hand-offs
 // inside kvmid beyond the loop's own wake-up. Inline commands block (they wait for the guest),
-// so they run on a thread of their own, started with the first command.
+// so they run in order on a thread of their own, started with the first command.
+//
+// Ending: a client that half-closes gets the results of the commands it sent, then OK; a
+// cancelled or broken stream drops what is queued and runs no further command. Either way the
+// handler stops at once (its events fall back) and OnDone releases everything the stream owned.
 class AttachReactor final
     : public grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse> {
  public:
@@ -777,19 +839,19 @@ class AttachReactor final
       : service_(service), context_(context) {
     outbox_ = std::make_shared<AttachOutbox>(
         [this](const kvmi::v1::AttachResponse* message) { StartWrite(message); },
-        [this] { Finish(finish_status_); });
+        [this](const Status& status) { Finish(status); });
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {  // the client closed its side, or the stream broke
-      outbox_->RequestFinish();
+    if (!ok) {  // the client half-closed (or the stream broke: OnCancel follows)
+      StopHandler();
+      FinishAfterCommands();
       return;
     }
+    if (stopping_) return;
     if (!handler_) {
-      if (!request_.has_claim()) {
-        return Fail(Invalid("claim", "the first message must be a Claim"));
-      }
+      if (!request_.has_claim()) return Fail(Invalid("claim", "the first message must be a Claim"));
       Status s = Claim(request_.claim());
       if (!s.ok()) return Fail(s);
     } else if (request_.has_verdict()) {
@@ -797,29 +859,33 @@ class AttachReactor final
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {
-      outbox_->Send(
-          CommandResultMessage(0, Invalid("claim", "a stream claims once, in its first message")));
+      return Fail(Invalid("claim", "a stream claims once, in its first message"));
     }
-    StartRead(&request_);
+    ReadMore();
   }
 
-  void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
+  void OnWriteDone(bool ok) override {
+    outbox_->OnWriteDone(ok);
+    if (!ok) {  // the stream broke: end it as if cancelled
+      Stop(Status::CANCELLED);
+      return;
+    }
+    // Reads paused on a full backlog resume once the client took some of it.
+    if (!stopping_ && read_paused_ && !outbox_->Congested() && read_paused_.exchange(false)) {
+      StartRead(&request_);
+    }
+  }
 
-  void OnCancel() override { outbox_->RequestFinish(); }
+  void OnCancel() override { Stop(Status::CANCELLED); }
 
   void OnDone() override {
-    // The client is gone (or the stream broke): its events fall back now, its arming goes.
-    registration_.Reset();
-    if (handler_) handler_->Close();
+    StopHandler();
     if (!owner_.empty()) service_->daemon_->ReleaseOwner(owner_);
+    StopCommands();
     if (command_runner_.joinable()) {
-      {
-        std::lock_guard<std::mutex> lock(commands_mutex_);
-        commands_closed_ = true;
-      }
-      commands_cv_.notify_all();
+      // Bounded: the command in progress ends with its guest reply or kvmid's command timeout.
       command_runner_.join();
-      // A command that was running when the stream ended may have armed or paused for it.
+      // It may have armed, restricted or paused for the stream after the release above.
       service_->daemon_->ReleaseOwner(owner_);
     }
     if (!owner_.empty()) spdlog::info("{} detached", owner_);
@@ -835,21 +901,50 @@ class AttachReactor final
     Status s = IntrospectionService::ParseClaim(claim, &handler_claim, &arming);
     if (!s.ok()) return s;
     owner_ = "client:" + claim.handler_id() + "#" + std::to_string(service_->next_stream_++);
-    handler_ = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
-    registration_ = service_->daemon_->pipeline().RegisterHandler(handler_, handler_claim);
+    // Claimed goes first: the outbox keeps order, and events may follow at once.
+    kvmi::v1::AttachResponse claimed;
+    claimed.mutable_claimed()->set_owner(owner_);
+    outbox_->Send(std::move(claimed));
+    {
+      std::lock_guard<std::mutex> lock(handler_mutex_);
+      handler_ = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
+      registration_ = service_->daemon_->pipeline().RegisterHandler(handler_, handler_claim);
+    }
     service_->daemon_->SetClientArming(owner_, handler_claim.vms, arming);
     spdlog::info(
         "{} attached: {} event types, {} guests selected", owner_, handler_claim.events.size(),
         handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
-    kvmi::v1::AttachResponse claimed;
-    claimed.mutable_claimed()->set_owner(owner_);
-    outbox_->Send(std::move(claimed));
     return Status::OK;
   }
 
-  void Fail(const Status& status) {
-    finish_status_ = status;  // read by the outbox's finish callback, after this
-    outbox_->RequestFinish();
+  void ReadMore() {
+    if (outbox_->Congested()) {
+      read_paused_ = true;
+      // The backlog may have drained between the check and the flag: re-check.
+      if (outbox_->Congested() || !read_paused_.exchange(false)) return;
+    }
+    StartRead(&request_);
+  }
+
+  void Fail(const Status& status) { Stop(status); }
+
+  // Ends the stream now: no more events or commands, what is queued is dropped.
+  void Stop(const Status& status) {
+    stopping_ = true;
+    StopHandler();
+    StopCommands();
+    outbox_->RequestFinish(status, /*drain=*/false);
+  }
+
+  // No more events for this stream: unanswered ones fall back now.
+  void StopHandler() {
+    std::shared_ptr<StreamHandler> handler;
+    {
+      std::lock_guard<std::mutex> lock(handler_mutex_);
+      registration_.Reset();
+      handler = handler_;
+    }
+    if (handler) handler->Close();
   }
 
   void QueueCommand(kvmi::v1::Command command) {
@@ -868,16 +963,44 @@ class AttachReactor final
                                                    " commands waiting on this stream")));
   }
 
+  // Half-close: finish once every command read so far has its result queued.
+  void FinishAfterCommands() {
+    {
+      std::lock_guard<std::mutex> lock(commands_mutex_);
+      if (command_runner_.joinable()) {
+        finish_when_idle_ = true;
+        commands_cv_.notify_all();
+        return;
+      }
+    }
+    outbox_->RequestFinish(Status::OK, /*drain=*/true);
+  }
+
+  void StopCommands() {
+    std::lock_guard<std::mutex> lock(commands_mutex_);
+    commands_stopped_ = true;
+    commands_.clear();
+    commands_cv_.notify_all();
+  }
+
   void RunCommands() {
     while (true) {
       kvmi::v1::Command command;
       {
         std::unique_lock<std::mutex> lock(commands_mutex_);
-        commands_cv_.wait(lock, [&] { return commands_closed_ || !commands_.empty(); });
-        if (commands_closed_) return;
+        commands_cv_.wait(
+            lock, [&] { return commands_stopped_ || finish_when_idle_ || !commands_.empty(); });
+        if (commands_stopped_) return;
+        if (commands_.empty()) {  // half-closed and every command answered
+          lock.unlock();
+          outbox_->RequestFinish(Status::OK, /*drain=*/true);
+          return;
+        }
         command = std::move(commands_.front());
         commands_.pop_front();
       }
+      // A client that does not read its results holds the next command back.
+      if (!outbox_->WaitForRoom()) return;
       outbox_->Send(service_->RunCommand(context_, owner_, command));
     }
   }
@@ -885,15 +1008,18 @@ class AttachReactor final
   IntrospectionService* const service_;
   grpc::CallbackServerContext* const context_;
   kvmi::v1::AttachRequest request_;  // the read in flight (one at a time)
-  Status finish_status_;
   std::shared_ptr<AttachOutbox> outbox_;
-  std::shared_ptr<StreamHandler> handler_;  // set by the claim (gRPC's read callbacks only)
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> read_paused_{false};
+  std::mutex handler_mutex_;                // handler_ and registration_ (reads vs OnCancel)
+  std::shared_ptr<StreamHandler> handler_;  // set by the claim
   VerdictPipeline::Registration registration_;
-  OwnerId owner_;
+  OwnerId owner_;  // set by the claim, before any command can run
   std::mutex commands_mutex_;
   std::condition_variable commands_cv_;
   std::deque<kvmi::v1::Command> commands_;
-  bool commands_closed_ = false;
+  bool commands_stopped_ = false;
+  bool finish_when_idle_ = false;
   std::thread command_runner_;
 };
 
@@ -970,7 +1096,8 @@ Status IntrospectionService::GetRegistersImpl(grpc::ServerContextBase* context,
                                               const kvmi::v1::GetRegistersRequest* request,
                                               kvmi::v1::GetRegistersResponse* response) {
   std::shared_ptr<Guest> guest;
-  Status s = FindGuest(request->vm(), &guest);
+  std::shared_ptr<GuestSession> session;
+  Status s = FindGuest(request->vm(), &guest, &session);
   if (!s.ok()) return s;
   if (request->vcpu() >= guest->vcpu_count()) {
     return Invalid("vcpu", std::to_string(request->vcpu()) + " is not below the guest's " +
@@ -983,7 +1110,7 @@ Status IntrospectionService::GetRegistersImpl(grpc::ServerContextBase* context,
   command.vcpu = static_cast<uint16_t>(request->vcpu());
   command.msrs.assign(request->msrs().begin(), request->msrs().end());
   Waiter<CommandResult> waiter;
-  guest->session()->Send(command, waiter.callback());
+  session->Send(command, waiter.callback());
   CommandResult result;
   if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
   if (!result.ok()) return ToStatus(result, "GetRegisters");
@@ -1018,14 +1145,15 @@ Status IntrospectionService::ReadPhysicalImpl(grpc::ServerContextBase* context,
                                               const kvmi::v1::ReadPhysicalRequest* request,
                                               kvmi::v1::ReadPhysicalResponse* response) {
   std::shared_ptr<Guest> guest;
-  Status s = FindGuest(request->vm(), &guest);
+  std::shared_ptr<GuestSession> session;
+  Status s = FindGuest(request->vm(), &guest, &session);
   if (!s.ok()) return s;
   if (request->size() == 0 || request->size() > kMaxApiTransfer) {
     return Invalid("size", "1 .. 16 MiB");
   }
   if (request->gpa() + request->size() < request->gpa()) return Invalid("gpa", "range wraps");
   Waiter<CommandResult> waiter;
-  guest->session()->ReadPhysical(request->gpa(), request->size(), waiter.callback());
+  session->ReadPhysical(request->gpa(), request->size(), waiter.callback());
   CommandResult result;
   if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
   if (!result.ok()) return ToStatus(result, "ReadPhysical");
@@ -1043,7 +1171,8 @@ Status IntrospectionService::WritePhysicalImpl(grpc::ServerContextBase* context,
                                                const kvmi::v1::WritePhysicalRequest* request,
                                                kvmi::v1::WritePhysicalResponse*) {
   std::shared_ptr<Guest> guest;
-  Status s = FindGuest(request->vm(), &guest);
+  std::shared_ptr<GuestSession> session;
+  Status s = FindGuest(request->vm(), &guest, &session);
   if (!s.ok()) return s;
   if (request->data().empty() || request->data().size() > kMaxApiTransfer) {
     return Invalid("data", "1 byte .. 16 MiB");
@@ -1052,9 +1181,9 @@ Status IntrospectionService::WritePhysicalImpl(grpc::ServerContextBase* context,
     return Invalid("gpa", "range wraps");
   }
   Waiter<CommandResult> waiter;
-  guest->session()->WritePhysical(
-      request->gpa(), std::vector<uint8_t>(request->data().begin(), request->data().end()),
-      waiter.callback());
+  session->WritePhysical(request->gpa(),
+                         std::vector<uint8_t>(request->data().begin(), request->data().end()),
+                         waiter.callback());
   CommandResult result;
   if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
   return ToStatus(result, "WritePhysical");
@@ -1278,6 +1407,8 @@ Status IntrospectionService::GetPageAccessImpl(grpc::ServerContextBase* context,
   if (request->gpas_size() == 0 || request->gpas_size() > kMaxPagesPerCall) {
     return Invalid("gpas", "1 .. 65536 addresses");
   }
+  std::shared_ptr<GuestSession> session = guest->session();
+  if (!session) return Status(StatusCode::UNAVAILABLE, "GetPageAccess: the guest is gone");
   // At most 510 addresses fit one GET_PAGE_ACCESS: pipelined pieces, answered in order.
   std::vector<Waiter<CommandResult>> waiters;
   std::vector<size_t> counts;
@@ -1289,7 +1420,7 @@ Status IntrospectionService::GetPageAccessImpl(grpc::ServerContextBase* context,
     command.gpas.assign(request->gpas().begin() + first, request->gpas().begin() + last);
     counts.push_back(command.gpas.size());
     waiters.emplace_back();
-    guest->session()->Send(command, waiters.back().callback());
+    session->Send(command, waiters.back().callback());
   }
   int index = 0;
   for (size_t i = 0; i < waiters.size(); ++i) {
@@ -1364,23 +1495,18 @@ Status IntrospectionService::SetRegistersImpl(grpc::ServerContextBase* context,
   Status s = FindVcpu(request->vm(), request->vcpu(), &guest);
   if (!s.ok()) return s;
   if (!request->has_registers()) return Invalid("registers", "required");
-  // The v6 kernel stores SET_REGISTERS only while the vCPU waits for an event reply and silently
-  // drops it otherwise (§5.13): say so instead of pretending it worked.
-  Waiter<bool> waiting;
-  guest->session()->IsVcpuWaiting(static_cast<uint16_t>(request->vcpu()), waiting.callback());
-  bool is_waiting = false;
-  if (!waiting.Wait(context, &is_waiting)) return Status(StatusCode::CANCELLED, "cancelled");
-  if (!is_waiting) {
-    return Status(StatusCode::FAILED_PRECONDITION,
-                  "vCPU " + std::to_string(request->vcpu()) +
-                      " has no event pending; registers can only be set while it waits for a "
-                      "verdict (pause it first)");
-  }
   kvmi::SetRegistersRequest command;
   command.vcpu = static_cast<uint16_t>(request->vcpu());
   command.regs = RegistersFromProto(request->registers());
-  std::vector<uint8_t> data;
-  return Call(context, *guest, command, "SetRegisters", &data);
+  // The v6 kernel keeps SET_REGISTERS only while the vCPU waits for an event reply and silently
+  // drops it otherwise (§5.13): the session sends it only then, and says so otherwise.
+  std::shared_ptr<GuestSession> session = guest->session();
+  if (!session) return Status(StatusCode::UNAVAILABLE, "SetRegisters: the guest is gone");
+  Waiter<CommandResult> waiter;
+  session->SendWhileVcpuWaits(command.vcpu, command, waiter.callback());
+  CommandResult result;
+  if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  return ToStatus(result, "SetRegisters");
 }
 
 Status IntrospectionService::ControlSPP(grpc::ServerContext* context,
@@ -1496,12 +1622,12 @@ Status IntrospectionService::ControlEventsFor(const OwnerId& owner,
     change.msrs.insert(request->msrs(i));
   }
 
-  const std::vector<std::string> errors_before = guest->Snapshot().arm_errors;
   const bool enable = request->enable();
   const std::optional<uint16_t> vcpu =
       request->has_vcpu() ? std::optional<uint16_t>(static_cast<uint16_t>(request->vcpu()))
                           : std::nullopt;
-  Arming lease = guest->UpdateLease(owner, [&](Arming* arming) {
+  Waiter<std::vector<std::string>> armed;
+  auto change_lease = [&](Arming* arming) {
     auto apply = [enable](const auto& what, auto* into) {
       for (const auto& x : what) {
         if (enable) {
@@ -1533,23 +1659,14 @@ Status IntrospectionService::ControlEventsFor(const OwnerId& owner,
     for (auto it = arming->vcpu_only.begin(); it != arming->vcpu_only.end();) {
       it = it->second.empty() ? arming->vcpu_only.erase(it) : std::next(it);
     }
-  });
+  };
+  Arming lease = guest->UpdateLease(owner, change_lease, armed.callback());
   *response->mutable_lease() = ToProto(owner, lease);
-
-  // Answer once the host has acknowledged what this (and any earlier) change sent.
-  while (guest->Snapshot().arming_in_flight > 0) {
-    if (context->IsCancelled()) return Status(StatusCode::CANCELLED, "cancelled");
-    if (guest->state() != GuestState::kHooked) {
-      return Status(StatusCode::UNAVAILABLE, "guest '" + request->vm() + "' went away");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  std::vector<std::string> errors_after = guest->Snapshot().arm_errors;
-  for (const std::string& e : errors_after) {
-    if (std::find(errors_before.begin(), errors_before.end(), e) == errors_before.end()) {
-      response->add_arm_errors(e);
-    }
-  }
+  // Answer once the host has acknowledged what this change sent (bounded by kvmid's command
+  // timeout), with the commands it refused.
+  std::vector<std::string> errors;
+  if (!armed.Wait(context, &errors)) return Status(StatusCode::CANCELLED, "cancelled");
+  for (std::string& e : errors) response->add_arm_errors(std::move(e));
   return Status::OK;
 }
 

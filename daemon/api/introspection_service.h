@@ -125,7 +125,8 @@ class IntrospectionService final
                                const kvmi::v1::GetMTRRTypeRequest* request,
                                kvmi::v1::GetMTRRTypeResponse* response);
   // The guest a request names, or the status to return.
-  grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest);
+  grpc::Status FindGuest(const std::string& vm, std::shared_ptr<Guest>* guest,
+                         std::shared_ptr<GuestSession>* session = nullptr);
   // FindGuest plus a vCPU index check.
   grpc::Status FindVcpu(const std::string& vm, uint32_t vcpu, std::shared_ptr<Guest>* guest);
   // The RPCs that pause, restrict or arm something, for `owner`: the API's own lease for unary

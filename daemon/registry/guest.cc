@@ -319,7 +319,8 @@ void Guest::AddLease(const OwnerId& owner, const Arming& arming) {
   ApplyArming();
 }
 
-Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change) {
+Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change,
+                          ArmedCallback armed) {
   Arming lease;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -328,7 +329,7 @@ Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*
     change(&lease);
     leases_.Set(owner, lease);
   }
-  ApplyArming();
+  ApplyArming(std::move(armed));
   return lease;
 }
 
@@ -348,31 +349,55 @@ void Guest::RecordArmError(const std::string& what) {
   arm_errors_.push_back(what);
 }
 
-void Guest::ApplyArming() {
+void Guest::ApplyArming(ArmedCallback armed) {
   std::shared_ptr<GuestSession> session = this->session();
-  if (!session) return;
+  if (!session) {
+    // Armed when the guest (re)connects; nothing to acknowledge now.
+    if (armed) armed({"the guest is not connected (armed when it reconnects)"});
+    return;
+  }
   auto self = shared_from_this();
   // Computed and sent on the session's loop thread, so two changes can never reach the wire in
   // the opposite order from the one they were decided in.
-  session->loop()->RunInLoop([self, session] {
+  session->loop()->RunInLoop([self, session, armed = std::move(armed)] {
     ArmingDelta delta;
     uint32_t vcpus;
+    bool live;
     {
       std::lock_guard<std::mutex> lock(self->mutex_);
-      if (self->session_ != session || self->state_ != GuestState::kHooked) return;
-      Arming wanted = self->leases_.Effective();
-      delta = Diff(self->applied_, wanted);
-      self->applied_ = std::move(wanted);
-      vcpus = self->vcpu_count_;
+      live = self->session_ == session && self->state_ == GuestState::kHooked;
+      if (live) {
+        Arming wanted = self->leases_.Effective();
+        delta = Diff(self->applied_, wanted);
+        self->applied_ = std::move(wanted);
+        vcpus = self->vcpu_count_;
+      }
     }
-    if (delta.empty()) return;
+    if (!live) {
+      if (armed) armed({"the guest is not hooked (armed when it is)"});
+      return;
+    }
+    if (delta.empty()) {
+      if (armed) armed({});
+      return;
+    }
     // Counted before sending: "applied" above is what was decided, this says when the host
-    // has acknowledged it.
-    self->arming_in_flight_ += DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
+    // has acknowledged it. Completions run on this loop thread, one per command.
+    const size_t commands = DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
+    self->arming_in_flight_ += commands;
+    struct Progress {
+      size_t remaining;
+      std::vector<std::string> errors;
+    };
+    auto progress = std::make_shared<Progress>(Progress{commands, {}});
     SendDelta(session, delta, /*vm_wide=*/true, 0, vcpus,
-              [self](const std::string& what, const CommandResult& r) {
+              [self, progress, armed](const std::string& what, const CommandResult& r) {
                 self->arming_in_flight_--;
-                if (!r.ok()) self->RecordArmError(what + ": " + r.ToString());
+                if (!r.ok()) {
+                  self->RecordArmError(what + ": " + r.ToString());
+                  progress->errors.push_back(what + ": " + r.ToString());
+                }
+                if (--progress->remaining == 0 && armed) armed(std::move(progress->errors));
               });
   });
 }
@@ -613,6 +638,8 @@ bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) {
     if (it == pause_requests_.end() || it->second.empty()) return false;
     PauseRequest request = std::move(it->second.front());
     it->second.pop_front();
+    // Its owner went away before the vCPU stopped: nobody holds it, it continues at once.
+    if (request.owner.empty()) return false;
     if (held_.count(vcpu) != 0) {
       // One vCPU has at most one outstanding event, so a held pause means this one is a later
       // pause of the same vCPU: it has nothing to hold; report it paused as well.
@@ -652,8 +679,24 @@ void Guest::ReleaseOwner(const OwnerId& owner) {
         ++it;
       }
     }
+    // Pauses asked for and not yet in effect: each PAUSE_VCPU command still brings its event
+    // (the queue stays in step with the host), but no one holds the vCPU when it comes.
+    for (auto& [vcpu, queue] : pause_requests_) {
+      for (PauseRequest& request : queue) {
+        if (request.owner != owner) continue;
+        request.owner.clear();
+        if (request.paused) cancelled.push_back(std::move(request.paused));
+        request.paused = nullptr;
+      }
+    }
   }
   for (auto& event : released) event->Release("owner gone:" + owner);
+  for (auto& paused : cancelled) {
+    CommandResult result;
+    result.status = CommandResult::Status::kClosed;
+    result.message = "the pause's owner went away";
+    paused(std::move(result));
+  }
   ReleaseLease(owner);
 }
 

@@ -116,9 +116,13 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void SetLease(const OwnerId& owner, Arming arming);
   void AddLease(const OwnerId& owner, const Arming& arming);
   void ReleaseLease(const OwnerId& owner);
+  // Runs once the host answered every command one arming change sent (at once if it sent none),
+  // with the failures among them.
+  using ArmedCallback = std::function<void(std::vector<std::string> errors)>;
   // Changes the owner's lease in place (read, `change`, write back under one lock) and applies
-  // the result; returns the lease after the change.
-  Arming UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change);
+  // the result; returns the lease after the change. `armed` (optional): see ArmedCallback.
+  Arming UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change,
+                     ArmedCallback armed = nullptr);
 
   // Pauses a vCPU for `owner` (KVMI_PAUSE_VCPU). `paused` runs once the vCPU has stopped (its
   // PAUSE_VCPU event is held), or with the failure. The vCPU stays paused until Resume, until the
@@ -155,7 +159,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void FinishProbe(const std::shared_ptr<GuestSession>& session);
   // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
   // sending.
-  void ApplyArming();
+  void ApplyArming(ArmedCallback armed = nullptr);
   void ArmNewVcpu(uint16_t vcpu);
   void RecordArmError(const std::string& what);
 

@@ -49,6 +49,8 @@ std::string CommandResult::ToString() const {
       return "timed out";
     case Status::kProtocolError:
       return "protocol error: " + message;
+    case Status::kNotWaiting:
+      return "not sent: " + message;
   }
   return "unknown";
 }
@@ -80,7 +82,8 @@ void GuestSession::Start(std::vector<uint8_t> early_bytes) {
   }
 }
 
-void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback done) {
+void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback done,
+                               std::optional<uint16_t> only_while_waiting) {
   if (message.size() < kvmi::kHdrSize ||
       message.size() - kvmi::kHdrSize > kvmi::kMaxCommandPayload) {
     // Never put on the wire what the v6 kernel would CLOSE the session for.
@@ -91,21 +94,30 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
     return;
   }
   auto self = shared_from_this();
-  loop_->RunInLoop([self, message = std::move(message), done = std::move(done)]() mutable {
-    if (self->closed_) {
-      done(Failed(CommandResult::Status::kClosed, ""));
-      return;
-    }
-    uint32_t seq = self->NextSeq();
-    PatchSeq(&message, 0, seq);
-    kvmi_msg_hdr hdr = HeaderAt(message, 0);
-    self->pending_.emplace(
-        seq,
-        PendingCommand{hdr.id, Clock::now() + self->options_.command_timeout, std::move(done)});
-    self->counters_.commands++;
-    self->QueueWrite(message.data(), message.size());
-    self->FlushWrites();
-  });
+  loop_->RunInLoop(
+      [self, message = std::move(message), done = std::move(done), only_while_waiting]() mutable {
+        if (self->closed_) {
+          done(Failed(CommandResult::Status::kClosed, ""));
+          return;
+        }
+        if (only_while_waiting) {
+          uint16_t vcpu = *only_while_waiting;
+          if (vcpu >= self->pending_events_.size() || !self->pending_events_[vcpu].waiting) {
+            done(Failed(CommandResult::Status::kNotWaiting,
+                        "vCPU " + std::to_string(vcpu) + " has no event pending"));
+            return;
+          }
+        }
+        uint32_t seq = self->NextSeq();
+        PatchSeq(&message, 0, seq);
+        kvmi_msg_hdr hdr = HeaderAt(message, 0);
+        self->pending_.emplace(
+            seq,
+            PendingCommand{hdr.id, Clock::now() + self->options_.command_timeout, std::move(done)});
+        self->counters_.commands++;
+        self->QueueWrite(message.data(), message.size());
+        self->FlushWrites();
+      });
 }
 
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
@@ -169,14 +181,6 @@ void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
     self->FlushWrites();
     if (done) done(true);
   }
-}
-
-void GuestSession::IsVcpuWaiting(uint16_t vcpu, std::function<void(bool)> answer) {
-  auto self = shared_from_this();
-  loop_->RunInLoop([self, vcpu, answer = std::move(answer)] {
-    answer(!self->closed_ && vcpu < self->pending_events_.size() &&
-           self->pending_events_[vcpu].waiting);
-  });
 }
 
 void GuestSession::Close(const std::string& reason) {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -41,6 +42,7 @@ struct CommandResult {
     kClosed,         // the session ended before the reply
     kTimeout,        // no reply within the command timeout
     kProtocolError,  // the reply was malformed (the session is closed)
+    kNotWaiting,     // sent only while the vCPU waits for an event reply, and it did not
   };
   Status status = Status::kOk;
   int32_t err = 0;
@@ -84,8 +86,18 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
     kvmi::EncodeCommand(request, 0, &message);  // seq patched on the loop thread
     SendEncoded(std::move(message), std::move(done));
   }
-  // Same, for an already encoded message (any seq; it is replaced).
-  void SendEncoded(std::vector<uint8_t> message, CommandCallback done);
+  // Same, for an already encoded message (any seq; it is replaced). With `only_while_waiting`,
+  // the command goes out only if that vCPU waits for an event reply when the loop sends it (else
+  // `done` gets kNotWaiting): the v6 kernel silently drops SET_REGISTERS outside an event
+  // (§5.13), and a check made from another thread first would race with the event's reply.
+  void SendEncoded(std::vector<uint8_t> message, CommandCallback done,
+                   std::optional<uint16_t> only_while_waiting = std::nullopt);
+  template <typename Request>
+  void SendWhileVcpuWaits(uint16_t vcpu, const Request& request, CommandCallback done) {
+    std::vector<uint8_t> message;
+    kvmi::EncodeCommand(request, 0, &message);
+    SendEncoded(std::move(message), std::move(done), vcpu);
+  }
 
   // Convenience for the v6 limits (§1): split into per-page / per-message pieces, pipelined.
   using ReadCallback = std::function<void(CommandResult result)>;  // result.data = the bytes
@@ -102,9 +114,6 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // sent, `done(false)` if the event was already answered or the session is gone.
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
-
-  // Any thread. True if `vcpu` waits for an event reply right now (answered on the loop).
-  void IsVcpuWaiting(uint16_t vcpu, std::function<void(bool)> answer);
 
   // Any thread. Ends the session (pending commands fail with kClosed).
   void Close(const std::string& reason);
