@@ -126,9 +126,14 @@ class E2ETest(unittest.TestCase):
         try:
             cls.client = kc.Client(cls.fleet.target, timeout=10)
 
+            policies = {"policy:lstar-locked", "policy:data-watch"}
+
             def hooked():
+                # Hooked, and armed by the configured policies (leases follow the hook).
                 vms = cls.client.list_vms()
-                return len([v for v in vms if v.state == kc.pb.VM_STATE_HOOKED]) == VMS and vms
+                ready = [v for v in vms if v.state == kc.pb.VM_STATE_HOOKED
+                         and policies <= {lease.owner for lease in v.leases}]
+                return len(ready) == VMS and vms
             cls.vms = sorted(wait_for(hooked, 20, "%d hooked guests" % VMS), key=lambda v: v.name)
         except BaseException:
             cls.fleet.stop()
