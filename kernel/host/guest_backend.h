@@ -65,6 +65,13 @@ class GuestBackend {
   // Intel sub-page protection: whether the hardware has it.
   virtual bool SppSupported() const { return false; }
 
+  // ---- leaving guest mode ----
+  // The engine queued work for this vCPU (a command, PAUSE_VCPU, CREATE_VCPU) and it must reach
+  // RunJobs soon. A vCPU inside KVM_RUN has to be forced out (immediate_exit + a signal); the
+  // simulator's vCPUs wait on the engine's condition variable and need nothing. Any thread, may be
+  // called with the engine's locks held: must not call back into the engine.
+  virtual void KickVcpu(uint16_t vcpu) {}
+
   // ---- actions ----
   // KVMI_EVENT_ACTION_CRASH: the kernel sends SIGTERM to every vCPU thread. Called on the vCPU
   // thread that received the reply.
