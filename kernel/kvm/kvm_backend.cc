@@ -324,6 +324,7 @@ void KvmBackend::ApplyMsrFilter() {
     spdlog::warn("only {} MSRs can be intercepted; the rest are not", KVM_MSR_FILTER_MAX_RANGES);
     msrs.resize(KVM_MSR_FILTER_MAX_RANGES);
   }
+  spdlog::debug("MSR write filter: {} MSRs", msrs.size());
   if (kvmid_set_msr_write_filter(vm_fd_.get(), msrs.data(), static_cast<uint32_t>(msrs.size())) <
       0) {
     spdlog::error("KVM_X86_SET_MSR_FILTER: {}", std::strerror(errno));

@@ -264,6 +264,13 @@ static void run_process(uint64_t pid) {
   write_cr3(kernel_cr3);
 }
 
+/* A system call from the kernel itself (ring 0, so syscall_entry returns with a jump). */
+static uint64_t kernel_syscall(uint64_t nr) {
+  process_cs = 0x08;
+  __asm__ volatile("syscall" : "+a"(nr) : : "rcx", "r11", "memory");
+  return nr;
+}
+
 /* ---- integrity ---- */
 static uint64_t ktext_checksum(void) {
   uint64_t sum = 0xcbf29ce484222325ull; /* FNV-1a */
@@ -278,37 +285,34 @@ static uint64_t ktext_checksum(void) {
 uint64_t rootkit_hooked_syscalls;
 static uint64_t expected_lstar;
 
+static void report(uint64_t round, const char* what, uint64_t where, const char* outcome) {
+  puts_serial("rootkit: attempt ");
+  put_dec(round);
+  puts_serial(what);
+  put_hex(where);
+  puts_serial(outcome);
+}
+
+/* Each attack is observed and undone before anything is printed: while nothing intercepts them,
+ * no instruction between an attack and its undo exits to the VMM, so a tool that hooks the guest
+ * later never finds (and locks in) a half-done attack. */
 static void rootkit_attempt(uint64_t round) {
-  /* 1. Hook the syscall entry. */
+  /* 1. Hook the syscall entry and make one system call through whatever LSTAR now says. */
   uint64_t hooked_before = rootkit_hooked_syscalls;
   wrmsr(MSR_LSTAR, (uint64_t)rootkit_syscall_hook);
   uint64_t lstar = rdmsr(MSR_LSTAR);
-  run_process(0); /* its system calls go through the hook if the hijack worked */
-  puts_serial("rootkit: attempt ");
-  put_dec(round);
-  puts_serial(" lstar <- ");
-  put_hex((uint64_t)rootkit_syscall_hook);
-  puts_serial(lstar == (uint64_t)rootkit_syscall_hook ? ": HIJACKED" : ": blocked");
-  puts_serial(" (lstar=");
-  put_hex(lstar);
-  puts_serial(", syscalls through the hook: ");
-  put_dec(rootkit_hooked_syscalls - hooked_before);
-  puts_serial(")\n");
+  kernel_syscall(39);
+  uint64_t hooked = rootkit_hooked_syscalls - hooked_before;
+  if (lstar != expected_lstar) wrmsr(MSR_LSTAR, expected_lstar);
 
   /* 2. Patch kernel text: sys_getpid becomes "mov $0x1337, %eax; ret". */
   volatile uint64_t* target = (volatile uint64_t*)(uintptr_t)sys_getpid;
   uint64_t original = *target;
   uint64_t patched = (original & ~0xffffffffffffull) | 0xc300001337b8ull;
   *target = patched;
-  uint64_t now = *target;
-  puts_serial("rootkit: attempt ");
-  put_dec(round);
-  puts_serial(" ktext patch at ");
-  put_hex((uint64_t)target);
-  puts_serial(now == patched ? ": PATCHED" : ": blocked");
-  puts_serial(" (getpid=");
-  put_hex(sys_getpid());
-  puts_serial(")\n");
+  uint64_t text_now = *target;
+  uint64_t getpid = sys_getpid();
+  if (text_now != original) *target = original;
 
   /* 3. Redirect the #BP gate of the IDT to the syscall hook. */
   volatile uint64_t* gate = (volatile uint64_t*)&idt[3];
@@ -317,17 +321,23 @@ static void rootkit_attempt(uint64_t round) {
   if (gate_evil == gate_before) gate_evil ^= 0x10;
   *gate = gate_evil;
   uint64_t gate_now = *gate;
-  puts_serial("rootkit: attempt ");
-  put_dec(round);
-  puts_serial(" idt write at ");
-  put_hex((uint64_t)gate);
-  puts_serial(gate_now == gate_evil ? ": OVERWRITTEN" : ": blocked");
-  puts_serial("\n");
-
-  /* A monitored (not blocked) attack is undone, so every round is a fresh attempt. */
   if (gate_now != gate_before) *gate = gate_before;
-  if (now != original) *target = original;
-  if (rdmsr(MSR_LSTAR) != expected_lstar) wrmsr(MSR_LSTAR, expected_lstar);
+
+  report(round, " lstar <- ", (uint64_t)rootkit_syscall_hook,
+         lstar == (uint64_t)rootkit_syscall_hook ? ": HIJACKED" : ": blocked");
+  puts_serial(" (lstar=");
+  put_hex(lstar);
+  puts_serial(", syscalls through the hook: ");
+  put_dec(hooked);
+  puts_serial(")\n");
+  report(round, " ktext patch at ", (uint64_t)target,
+         text_now == patched ? ": PATCHED" : ": blocked");
+  puts_serial(" (getpid=");
+  put_hex(getpid);
+  puts_serial(")\n");
+  report(round, " idt write at ", (uint64_t)gate,
+         gate_now == gate_evil ? ": OVERWRITTEN" : ": blocked");
+  puts_serial("\n");
 }
 
 /* r15 is reserved (-ffixed-r15) and holds this value from boot on: whenever the vCPU is paused,
@@ -375,6 +385,8 @@ void kmain(uint32_t cmdline_gpa) {
   put_hex(r15);
   puts_serial(" ktext_sum=");
   put_hex(ktext_sum);
+  puts_serial(" cr3=");
+  put_hex(read_cr3());
   puts_serial(" star=");
   put_hex(rdmsr(MSR_STAR));
   puts_serial(" efer=");
