@@ -313,7 +313,12 @@ void KvmVmm::HandleMmio(uint16_t vcpu) {
       }
     }
   }
-  if (outcome.kind == host::PageFaultOutcome::kSingleStep) engine_->OnSingleStep(vcpu);
+  if (outcome.kind == host::PageFaultOutcome::kSingleStep) {
+    // RETRY + singlestep: the access was allowed for this one instruction, which KVM retires at
+    // the next entry; with guest-debug single-step on, KVM exits right after it (HandleDebug
+    // reports SINGLESTEP then).
+    if (backend_->SetSingleStep(vcpu, true) < 0) engine_->OnSingleStep(vcpu);
+  }
 }
 
 void KvmVmm::HandleWrmsr(uint16_t vcpu) {

@@ -34,7 +34,8 @@ ABSL_FLAG(double, reconnect, 1,
 ABSL_FLAG(double, duration, 10, "Seconds to run (0 = until SIGINT/SIGTERM)");
 ABSL_FLAG(std::string, guest_args, "",
           "The guest's command line: 'rootkit' (attack LSTAR, kernel text, IDT every round), "
-          "'int3' (a breakpoint every round), 'period_ms=N' (pause between rounds)");
+          "'int3=N' (an INT3 every round from round N on), 'period_ms=N' (pause between rounds), "
+          "'ring3' (processes in ring 3)");
 ABSL_FLAG(std::string, name, "kvm-vm", "VM name sent in the handshake");
 ABSL_FLAG(std::string, uuid, "", "VM UUID sent in the handshake (default: random)");
 ABSL_FLAG(int64_t, memory_mib, 32, "Guest RAM in MiB (even, 4..4096)");

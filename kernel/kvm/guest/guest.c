@@ -396,12 +396,18 @@ void kmain(uint32_t cmdline_gpa) {
   outb(GUEST_PORT_BOOTED, 1);
   const int rootkit = cmdline_has("rootkit", 0);
   ring3 = cmdline_has("ring3", 0);
+  uint64_t int3_from = 0; /* "int3=N": an INT3 in every round from round N on */
+  cmdline_has("int3", &int3_from);
   uint64_t period_ms = 100;
   cmdline_has("period_ms", &period_ms);
   for (uint64_t round = 1;; ++round) {
     for (uint64_t pid = 0; pid < PROCESSES; ++pid) run_process(pid);
     if (rootkit) rootkit_attempt(round);
-    if (cmdline_has("int3", 0)) __asm__ volatile("int3");
+    if (int3_from && round >= int3_from) {
+      puts_serial("int3: executing\n");
+      __asm__ volatile(".globl int3_site\nint3_site: int3");
+      puts_serial("int3: done\n");
+    }
     puts_serial("round ");
     put_dec(round);
     puts_serial(": syscalls=");
@@ -411,6 +417,8 @@ void kmain(uint32_t cmdline_gpa) {
     puts_serial(" ktext_sum=");
     put_hex(ktext_checksum());
     puts_serial(ktext_checksum() == ktext_sum ? " (unchanged)" : " (CHANGED)");
+    puts_serial(" marker0=");
+    put_hex(*(volatile uint64_t*)&marker[0]);
     puts_serial(" gp_on_wrmsr=");
     put_dec(gp_faults_on_wrmsr);
     puts_serial("\n");
