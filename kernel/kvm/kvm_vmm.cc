@@ -16,21 +16,6 @@ constexpr size_t kMaxConsoleLine = 4096;
 constexpr uint8_t kBreakpointVector = 3;
 constexpr uint8_t kDebugVector = 1;
 
-kvm_segment FlatSegment(uint16_t selector, uint8_t type) {
-  kvm_segment s{};
-  s.base = 0;
-  s.limit = 0xffffffff;
-  s.selector = selector;
-  s.type = type;
-  s.present = 1;
-  s.dpl = 0;
-  s.db = 1;
-  s.s = 1;
-  s.l = 0;
-  s.g = 1;
-  return s;
-}
-
 }  // namespace
 
 std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
@@ -84,8 +69,8 @@ KvmVmm::~KvmVmm() { Stop(); }
 void KvmVmm::SetBootState(uint16_t vcpu) {
   kvm_sregs sregs;
   backend_->GetSregs(vcpu, &sregs);
-  sregs.cs = FlatSegment(0x08, 0xb);  // execute/read, accessed
-  sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = FlatSegment(0x10, 0x3);
+  sregs.cs = host::FlatSegment(0x08, 0xb, false);  // 32-bit execute/read, accessed
+  sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = host::FlatSegment(0x10, 0x3, false);
   sregs.cr0 = 0x11;  // PE | ET: protected mode, paging off (the guest turns it on)
   sregs.cr3 = 0;
   sregs.cr4 = 0;

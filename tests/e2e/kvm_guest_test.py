@@ -15,6 +15,7 @@ import time
 import unittest
 
 import kvmi_client as kc
+from tests.test_support import wait_for
 
 KVMID = "daemon/kvmid"
 VMM = "kernel/kvm/kvmi-vmm"
@@ -33,16 +34,6 @@ def kvm_unusable_reason():
         return None
     except OSError as e:
         return "/dev/kvm cannot be opened (%s): the real-guest tests need KVM" % e.strerror
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 class Console:

@@ -28,6 +28,7 @@ sys.path.insert(0, CLIENT_DIR)
 import grpc  # noqa: E402
 
 import kvmi_client as kc  # noqa: E402
+from tests.test_support import wait_for  # noqa: E402
 
 VMS, VCPUS = 3, 2
 DATA = (0x200000, 0x20FFFF)  # watched by the config's data-watch policy; the sims write there
@@ -40,16 +41,6 @@ def binary(env, relative):
         if path and os.access(path, os.X_OK):
             return path
     raise unittest.SkipTest("no %s binary (set %s)" % (relative, env))
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 def take(stream, n, timeout=10.0):

@@ -400,6 +400,22 @@ void kmain(uint32_t cmdline_gpa) {
   cmdline_has("int3", &int3_from);
   uint64_t period_ms = 100;
   cmdline_has("period_ms", &period_ms);
+  uint64_t bench = 0; /* "bench=N": batches of N LSTAR hijack attempts, timed, nothing else */
+  if (cmdline_has("bench", &bench) && bench) {
+    for (;;) {
+      uint64_t start = rdtsc();
+      for (uint64_t i = 0; i < bench; ++i) {
+        wrmsr(MSR_LSTAR, (uint64_t)rootkit_syscall_hook);
+        if (rdmsr(MSR_LSTAR) != expected_lstar) wrmsr(MSR_LSTAR, expected_lstar);
+      }
+      uint64_t cycles = rdtsc() - start;
+      puts_serial("bench: ");
+      put_dec(bench);
+      puts_serial(" attempts in ");
+      put_dec(cycles);
+      puts_serial(" cycles\n");
+    }
+  }
   for (uint64_t round = 1;; ++round) {
     for (uint64_t pid = 0; pid < PROCESSES; ++pid) run_process(pid);
     if (rootkit) rootkit_attempt(round);

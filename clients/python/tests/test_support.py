@@ -1,0 +1,15 @@
+"""Helpers shared by the Python end-to-end tests (clients/python/tests, tests/e2e)."""
+
+import time
+
+
+def wait_for(predicate, timeout, what):
+    """Polls `predicate` until it returns something truthy (returned) or `timeout` seconds pass
+    (AssertionError naming `what`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
