@@ -261,7 +261,7 @@ void KvmVmm::HandleMmio(uint16_t vcpu) {
   const uint64_t gpa = run->mmio.phys_addr;
   const uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
   const bool is_write = run->mmio.is_write != 0;
-  if (!backend_->IsGuestPhysical(gpa) || !backend_->IsGuestPhysical(gpa + len - 1)) {
+  if (len == 0 || !backend_->IsGuestPhysical(gpa) || !backend_->IsGuestPhysical(gpa + len - 1)) {
     if (!is_write) std::memset(run->mmio.data, 0xff, len);  // no devices: open bus
     return;
   }
