@@ -355,11 +355,6 @@ bool KvmBackend::SetSlot(int id, uint64_t first_gfn, uint64_t end_gfn, SlotMode 
 void KvmBackend::OnPageAccessChanged(uint64_t gfn, uint8_t access) {
   if ((gfn << kPageShift) >= memory_bytes_) return;
   std::unique_lock<std::mutex> lock(slot_mu_);
-  if (access == KVMI_PAGE_ACCESS_RWX) {
-    restricted_.erase(gfn);
-  } else {
-    restricted_[gfn] = access;
-  }
   SlotMode mode = ModeFor(access);
   // The run containing gfn and its neighbours are rebuilt: [gfn] gets `mode`, and runs of the
   // same mode merge, so protecting a contiguous range costs few slots.
@@ -387,6 +382,12 @@ void KvmBackend::OnPageAccessChanged(uint64_t gfn, uint8_t access) {
   }
   added[new_first] = Slot{new_end, mode, -1};
 
+  RewriteSlotsLocked(lock, removed, added);
+}
+
+void KvmBackend::RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
+                                    const std::map<uint64_t, Slot>& removed,
+                                    std::map<uint64_t, Slot> added) {
   // Every vCPU out of KVM_RUN while slots come and go: a vCPU fetching instructions from a range
   // that is momentarily without a slot would stop with an emulation failure.
   slots_changing_ = true;

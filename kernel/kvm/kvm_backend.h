@@ -113,8 +113,10 @@ class KvmBackend : public host::GuestBackend {
   KvmBackend() = default;
   bool Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error);
   static SlotMode ModeFor(uint8_t access);
-  // Replaces the slots covering [first_gfn, end_gfn) with `wanted` runs, all vCPUs out of KVM_RUN.
-  void RewriteSlots(std::map<uint64_t, Slot> removed, std::map<uint64_t, Slot> added);
+  // Deletes the `removed` slots and creates the `added` runs (ids assigned here) with every vCPU
+  // held outside KVM_RUN. `lock` holds slot_mu_; it is released while the vCPUs are kicked.
+  void RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
+                          const std::map<uint64_t, Slot>& removed, std::map<uint64_t, Slot> added);
   bool SetSlot(int id, uint64_t first_gfn, uint64_t end_gfn, SlotMode mode);
   void ApplyMsrFilter();  // msr_mu_ held
   int ApplyGuestDebug(uint16_t vcpu);
@@ -134,7 +136,6 @@ class KvmBackend : public host::GuestBackend {
   std::vector<int> free_slot_ids_;
   bool slots_changing_ = false;
   uint32_t in_guest_ = 0;
-  std::map<uint64_t, uint8_t> restricted_;  // gfn -> access (not RWX)
 
   std::mutex msr_mu_;
   std::map<uint32_t, std::set<uint16_t>> msr_interceptors_;  // msr -> vCPUs that intercept it
