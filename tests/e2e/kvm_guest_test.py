@@ -268,6 +268,7 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
     def test_registers_msrs_memory_and_pause(self):
         rig = Rig(self, ENFORCE, "period_ms=20")
         rig.wait_armed()
+        rig.console.wait(r"^round \d+: ")  # every process has printed its CR3
         vm = rig.client.get_vm(VM_NAME)
         self.assertEqual(vm.vcpu_count, 1)
         # Events stock KVM cannot produce for user space are not offered (CHECK_EVENT -EPERM).
@@ -304,6 +305,31 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
         self.assertEqual(regs.registers.r15, rig.layout["r15"])
         self.assertEqual(rig.client.resume(VM_NAME, 0), [0])
         rig.console.wait(r"^round \d+: ", paused_at, timeout=5)
+
+
+class VmmFlagsAndShutdown(unittest.TestCase):
+    def test_bad_flags_are_refused_before_touching_kvm(self):
+        for flag, needle in (("--memory_mib=3", "--memory_mib"),
+                             ("--guest_args=a\x01b", "--guest_args"),
+                             ("--connect=tcp:1.2.3.4:5", "--connect"),
+                             ("--reconnect=-1", "--reconnect"),
+                             ("--name=", "--name")):
+            result = subprocess.run([VMM, flag, "--duration=1"], capture_output=True, text=True,
+                                    timeout=10)
+            self.assertEqual(result.returncode, 2, (flag, result.stderr))
+            self.assertIn(needle, result.stderr)
+
+    def test_sigterm_stops_the_guest_and_restores_it(self):
+        rig = Rig(self, ENFORCE, "rootkit period_ms=50")
+        rig.wait_armed()
+        rig.vmm.send_signal(signal.SIGTERM)
+        self.assertEqual(rig.vmm.wait(timeout=10), 0)
+        rig.vmm_log.seek(0)
+        summary = rig.vmm_log.read()
+        self.assertRegex(summary, r"kvmi-vmm summary: .* sessions 1\b")
+        self.assertNotIn("guest stopped", summary)
+        wait_for(lambda: rig.client.get_vm(VM_NAME).state == kc.pb.VM_STATE_GONE, 10,
+                 "kvmid to see the guest gone")
 
 
 class KillingKvmidLeavesTheGuestRunningUnrestricted(unittest.TestCase):
