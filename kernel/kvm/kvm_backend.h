@@ -7,6 +7,8 @@
 //     read-only slot (writes exit as KVM_EXIT_MMIO), a page without R has no slot (every access
 //     exits as MMIO);
 //   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise.
+// A vCPU inside KVM_RUN is forced out with immediate_exit and SIGUSR1 (its process-wide handler,
+// installed by Create, does nothing).
 // What stock KVM cannot give user space (CR writes, XSETBV, descriptor-table exiting, the KVMI
 // hypercall) has no knob here; kvmi-vmm disallows those events instead (docs/KVM.md).
 #ifndef KVMID_KERNEL_KVM_KVM_BACKEND_H_

@@ -102,6 +102,7 @@ void KvmVmm::StartConnector() {
 
 void KvmVmm::Stop() {
   if (stop_.exchange(true)) return;
+  if (!connector_) return;  // Create failed half-way: nothing runs yet
   {
     std::lock_guard<std::mutex> lock(connector_mu_);
     connector_->Stop();
