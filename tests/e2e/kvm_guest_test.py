@@ -7,6 +7,7 @@ Skipped (with the reason) where /dev/kvm cannot be opened."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -15,7 +16,7 @@ import time
 import unittest
 
 import kvmi_client as kc
-from tests.test_support import wait_for
+from tests.test_support import stop_process, wait_for
 
 KVMID = "daemon/kvmid"
 VMM = "kernel/kvm/kvmi-vmm"
@@ -174,15 +175,10 @@ class Rig:
         if self.stream is not None:
             self.stream.cancel()
         for proc in (self.vmm, self.kvmid):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         if self.vmm is not None and self.vmm.stdout:
             self.vmm.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def in_ktext(address):
