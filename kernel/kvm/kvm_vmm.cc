@@ -15,6 +15,8 @@ constexpr uint32_t kMaxSleepMs = 10000;
 constexpr size_t kMaxConsoleLine = 4096;
 constexpr uint8_t kBreakpointVector = 3;
 constexpr uint8_t kDebugVector = 1;
+// How long Stop() waits for the tool to let go after KVMI_EVENT_UNHOOK.
+constexpr std::chrono::milliseconds kUnhookGrace{2000};
 
 }  // namespace
 
@@ -101,6 +103,11 @@ void KvmVmm::StartConnector() {
 }
 
 void KvmVmm::Stop() {
+  // As QEMU at VM shutdown: KVM_INTROSPECTION_UNHOOK first, while the vCPU still runs the
+  // commands with which the tool disarms, then the session ends whatever the tool did.
+  if (connector_ && !stop_.load() && engine_->hooked()) {
+    connector_->Detach(kUnhookGrace);
+  }
   if (stop_.exchange(true)) return;
   if (!connector_) return;  // Create failed half-way: nothing runs yet
   {

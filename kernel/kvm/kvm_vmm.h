@@ -61,7 +61,9 @@ class KvmVmm {
 
   // Starts the vCPU and the connector.
   void Start();
-  // Ends the session (restoring the guest), stops the vCPU and the connector. Idempotent.
+  // Asks the tool to unhook (KVMI_EVENT_UNHOOK, if it enabled it) and waits a little for it to
+  // let go, then ends the session (restoring the guest), stops the vCPU and the connector.
+  // Idempotent.
   void Stop();
   // True once the guest halted, shut down (triple fault) or was crashed by the tool.
   bool guest_stopped() const { return guest_stopped_.load(std::memory_order_acquire); }

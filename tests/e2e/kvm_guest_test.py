@@ -115,7 +115,7 @@ class Rig:
         self.kvmid = subprocess.Popen(
             [KVMID, "--config=" + self.config, "--kvmi_socket=" + self.kvmi_socket,
              "--api_socket=" + self.api_socket, "--cookie_file=" + self.cookie,
-             "--log_events=none"],
+             "--log_events=none", "--log_level=info"],
             stdout=self.kvmid_log, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.api_socket) and os.path.exists(self.kvmi_socket),
                  10, "kvmid's sockets")
@@ -326,6 +326,10 @@ class VmmFlagsAndShutdown(unittest.TestCase):
         self.assertNotIn("guest stopped", summary)
         wait_for(lambda: rig.client.get_vm(VM_NAME).state == kc.pb.VM_STATE_GONE, 10,
                  "kvmid to see the guest gone")
+        # kvmi-vmm asked kvmid to unhook (KVMI_EVENT_UNHOOK) before going away, as QEMU does.
+        rig.kvmid_log.flush()
+        rig.kvmid_log.seek(0)
+        self.assertIn("unhooking: the host sent KVMI_EVENT_UNHOOK", rig.kvmid_log.read())
 
 
 class KillingKvmidLeavesTheGuestRunningUnrestricted(unittest.TestCase):
