@@ -26,6 +26,12 @@ void IgnoreKick(int) {}
 
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
 
+// The supported CPUID table as one vCPU sees it: its APIC id in leaves 1 and 0xb.
+void SetApicId(uint32_t function, uint32_t vcpu, uint32_t* ebx, uint32_t* edx) {
+  if (function == 1) *ebx = (*ebx & 0x00ffffff) | (vcpu << 24);
+  if (function == 0xb) *edx = vcpu;
+}
+
 }  // namespace
 
 std::unique_ptr<KvmBackend> KvmBackend::Create(uint64_t memory_bytes, uint32_t vcpus,
@@ -132,12 +138,8 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
     }
     v->run = static_cast<kvm_run*>(run);
     v->run_size = static_cast<size_t>(run_size);
-    // Each vCPU's APIC id in leaf 1 and 0xb; the rest as the host supports it.
     std::vector<kvm_cpuid_entry2> cpuid = cpuid_;
-    for (kvm_cpuid_entry2& e : cpuid) {
-      if (e.function == 1) e.ebx = (e.ebx & 0x00ffffff) | (i << 24);
-      if (e.function == 0xb) e.edx = i;
-    }
+    for (kvm_cpuid_entry2& e : cpuid) SetApicId(e.function, i, &e.ebx, &e.edx);
     if (kvmid_set_cpuid(v->fd.get(), cpuid.data(), static_cast<uint32_t>(cpuid.size())) < 0) {
       *error = Errno("KVM_SET_CPUID2");
       return false;
@@ -192,13 +194,12 @@ bool KvmBackend::SetMsr(uint16_t vcpu, uint32_t index, uint64_t value) {
 
 std::optional<host::CpuidLeaf> KvmBackend::GetCpuid(uint16_t vcpu, uint32_t function,
                                                     uint32_t index) {
-  // KVM_GET_CPUID2 would give the vCPU's table; it is the supported table with the APIC id set.
+  // The table given to KVM_SET_CPUID2 (KVM_GET_CPUID2 would return the same).
   for (const kvm_cpuid_entry2& e : cpuid_) {
     bool indexed = (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX) != 0;
     if (e.function != function || (indexed && e.index != index)) continue;
     host::CpuidLeaf leaf{e.eax, e.ebx, e.ecx, e.edx};
-    if (function == 1) leaf.ebx = (leaf.ebx & 0x00ffffff) | (uint32_t{vcpu} << 24);
-    if (function == 0xb) leaf.edx = vcpu;
+    SetApicId(function, vcpu, &leaf.ebx, &leaf.edx);
     return leaf;
   }
   return std::nullopt;
