@@ -17,6 +17,22 @@
 
 namespace kvmi::host {
 
+// A flat (base 0, 4 GiB, present, DPL 0) code or data segment as KVM describes it, for a
+// backend's initial vCPU state: `type` as in the descriptor, `code64` for a long-mode code segment.
+inline kvm_segment FlatSegment(uint16_t selector, uint8_t type, bool code64) {
+  kvm_segment s{};
+  s.base = 0;
+  s.limit = 0xffffffff;
+  s.selector = selector;
+  s.type = type;
+  s.present = 1;
+  s.s = 1;
+  s.l = code64 ? 1 : 0;
+  s.db = code64 ? 0 : 1;
+  s.g = 1;
+  return s;
+}
+
 struct CpuidLeaf {
   uint32_t eax = 0, ebx = 0, ecx = 0, edx = 0;
 };
@@ -64,6 +80,13 @@ class GuestBackend {
   virtual void OnPageAccessChanged(uint64_t gfn, uint8_t access) {}
   // Intel sub-page protection: whether the hardware has it.
   virtual bool SppSupported() const { return false; }
+
+  // ---- leaving guest mode ----
+  // The engine queued work for this vCPU (a command, PAUSE_VCPU, CREATE_VCPU) and it must reach
+  // RunJobs soon. A vCPU inside KVM_RUN has to be forced out (immediate_exit + a signal); the
+  // simulator's vCPUs wait on the engine's condition variable and need nothing. Any thread, may be
+  // called with the engine's locks held: must not call back into the engine.
+  virtual void KickVcpu(uint16_t vcpu) {}
 
   // ---- actions ----
   // KVMI_EVENT_ACTION_CRASH: the kernel sends SIGTERM to every vCPU thread. Called on the vCPU

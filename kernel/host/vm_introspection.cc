@@ -124,6 +124,7 @@ std::string VmIntrospection::RunSession(UniqueFd socket, const std::function<voi
       s->create_vcpu_job = true;
       s->kicked = true;
       s->cv.notify_all();
+      backend_->KickVcpu(static_cast<uint16_t>(i));
     }
   }
   stats_.sessions.fetch_add(1, std::memory_order_relaxed);
@@ -348,6 +349,7 @@ VmIntrospection::Verdict VmIntrospection::Dispatch(const kvmi_msg_hdr& hdr, Byte
   // preemption on a busy core), block on mu_ and cost two more context switches. Only the vCPU's
   // own thread waits on its cv, and VcpuState is never freed, so this is safe without mu_.
   s->cv.notify_one();
+  backend_->KickVcpu(vcpu);
   return Verdict::kContinue;
 }
 
@@ -525,9 +527,11 @@ VmIntrospection::Verdict VmIntrospection::HandlePauseVcpu(const kvmi_msg_hdr& hd
     } else {
       ++s->pause_requests;
       // wait == 1 means "kick and wait for the IPI acknowledgement"; simulated vCPUs take the
-      // kick through their condition variable at once, so there is nothing to wait for.
+      // kick through their condition variable at once, a real vCPU is forced out of KVM_RUN
+      // (KickVcpu), so there is nothing to wait for.
       s->kicked = true;
       s->cv.notify_all();
+      backend_->KickVcpu(req.vcpu);
     }
   }
   return Reply(hdr, err, {});
@@ -678,6 +682,7 @@ void VmIntrospection::Kick(uint16_t vcpu) {
   VcpuState* s = Vcpu(vcpu);
   s->kicked = true;
   s->cv.notify_all();
+  backend_->KickVcpu(vcpu);
 }
 
 void VmIntrospection::WaitForWork(uint16_t vcpu, Clock::time_point deadline) {

@@ -3,23 +3,8 @@
 #include <cstring>
 
 namespace kvmi::sim {
-namespace {
 
-kvm_segment Segment(uint16_t selector, uint8_t type, bool code64) {
-  kvm_segment s{};
-  s.base = 0;
-  s.limit = 0xffffffff;
-  s.selector = selector;
-  s.type = type;
-  s.present = 1;
-  s.s = 1;
-  s.l = code64 ? 1 : 0;
-  s.db = code64 ? 0 : 1;
-  s.g = 1;
-  return s;
-}
-
-}  // namespace
+using host::FlatSegment;
 
 SimGuest::SimGuest(const GuestConfig& config) : config_(config) {
   // A plausible Intel CPUID table: leaf 0 (vendor), 1 (features), 7, 0xd (XSAVE), 0x80000000+.
@@ -49,12 +34,12 @@ void SimGuest::InitVcpu(VcpuState* s, uint32_t index) {
   r.rip = kTextGva + (index * 0x100) % kTextSize;
   r.rflags = 0x202;
   kvm_sregs& sr = s->sregs;
-  sr.cs = Segment(0x10, 0xb, true);
-  sr.ds = sr.es = sr.fs = sr.gs = sr.ss = Segment(0x18, 0x3, false);
+  sr.cs = FlatSegment(0x10, 0xb, true);
+  sr.ds = sr.es = sr.fs = sr.gs = sr.ss = FlatSegment(0x18, 0x3, false);
   sr.gs.base = 0xffff88807fc00000ull + index * 0x40000;
-  sr.tr = Segment(0x40, 0xb, false);
+  sr.tr = FlatSegment(0x40, 0xb, false);
   sr.tr.s = 0;
-  sr.ldt = Segment(0, 0x2, false);
+  sr.ldt = FlatSegment(0, 0x2, false);
   sr.ldt.s = 0;
   sr.ldt.unusable = 1;
   sr.gdt.base = 0xfffffe0000001000ull + index * 0x10000;

@@ -21,8 +21,6 @@ constexpr int64_t kKvmEnosys = -KVM_ENOSYS;
 // What the guest "sees" as process page-table roots: CR3 cycles through 16 of them.
 uint64_t ProcessCr3(uint32_t slot) { return 0x1000000 + (uint64_t{slot % 16} << 12); }
 
-const int64_t kProcessStartTime = static_cast<int64_t>(std::time(nullptr));
-
 uint8_t DescriptorOf(DescInsn insn) {
   switch (insn) {
     case DescInsn::kLidt:
@@ -68,12 +66,14 @@ SimVm::SimVm(VmConfig config) : config_(std::move(config)) {
   options.vm_name = config_.name;
   engine_ = std::make_unique<host::VmIntrospection>(guest_.get(), options);
   for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) runners_[i] = std::make_unique<VcpuRunner>();
+  connector_ = std::make_unique<host::QemuConnector>(
+      engine_.get(), config_.connector, host::GuestIdentity{config_.name, config_.uuid},
+      [this] { return guest_->crashed(); });
   // CRASH: the kernel SIGTERMs every vCPU thread, QEMU dies and the socket closes.
   guest_->set_on_crash([this] {
     engine_->EndSession("guest crashed (CRASH action)");
     for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) engine_->Kick(static_cast<uint16_t>(i));
-    std::lock_guard<std::mutex> lock(state_mu_);
-    state_cv_.notify_all();
+    connector_->WakeWaiters();
   });
 }
 
@@ -86,31 +86,12 @@ void SimVm::Start() {
   // synchronise.
   spdlog::default_logger_raw();
   for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) StartVcpu(static_cast<uint16_t>(i));
-  if (!config_.connector.endpoint.path.empty() ||
-      config_.connector.endpoint.family == Endpoint::Family::kVsock) {
-    connector_ = std::thread([this] { ConnectorLoop(); });
-  }
+  connector_->Start();
 }
 
 void SimVm::Stop() {
   if (stop_.exchange(true)) return;
-  // The connector may be between a handshake and the hook: keep ending sessions and shutting
-  // the handshake socket until its thread has finished.
-  if (connector_.joinable()) {
-    for (;;) {
-      engine_->EndSession("simulator stopping");
-      {
-        std::unique_lock<std::mutex> lock(state_mu_);
-        if (handshake_fd_ >= 0) ::shutdown(handshake_fd_, SHUT_RDWR);
-        state_cv_.notify_all();
-        if (state_cv_.wait_for(lock, std::chrono::milliseconds(20),
-                               [&] { return connector_done_; })) {
-          break;
-        }
-      }
-    }
-    connector_.join();
-  }
+  connector_->Stop();
   engine_->EndSession("simulator stopping");
   for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) {
     if (runners_[i] && runners_[i]->thread.joinable()) {
@@ -487,140 +468,6 @@ bool SimVm::MemoryAccess(uint16_t vcpu, const Op& op, uint8_t access, OpResult* 
   return true;
 }
 
-// ---- the QEMU side
-// -------------------------------------------------------------------------------
-
-UniqueFd SimVm::ConnectAndHandshake(std::string* error) {
-  const ConnectorConfig& c = config_.connector;
-  UniqueFd fd = ConnectEndpoint(c.endpoint, error);
-  if (!fd) return fd;
-  {
-    std::lock_guard<std::mutex> lock(state_mu_);
-    if (stopping()) return UniqueFd();
-    handshake_fd_ = fd.get();
-  }
-  struct ClearHandshakeFd {
-    SimVm* vm;
-    ~ClearHandshakeFd() {
-      std::lock_guard<std::mutex> lock(vm->state_mu_);
-      vm->handshake_fd_ = -1;
-    }
-  } clear{this};
-
-  QemuHello hello;
-  if (c.fill_identity) {
-    // A deliberate improvement over v6 QEMU, which sends zeros here (kvmi-v7 fills them).
-    hello.uuid = config_.uuid;
-    hello.name = config_.name.substr(0, 63);
-    hello.start_time = kProcessStartTime;
-  }
-  std::vector<uint8_t> bytes;
-  EncodeQemuHello(hello, &bytes);
-  auto deadline = Clock::now() + c.handshake_timeout;
-  IoResult io = WriteAll(fd.get(), bytes.data(), bytes.size(), deadline);
-  if (!io.ok()) {
-    *error = "sending qemu2introspector: " + io.ToString();
-    return UniqueFd();
-  }
-  uint8_t answer[kIntrospectorHelloSize];
-  io = ReadExact(fd.get(), answer, sizeof(answer), deadline);
-  if (!io.ok()) {
-    *error = "reading introspector2qemu: " + io.ToString();
-    return UniqueFd();
-  }
-  IntrospectorHello reply;
-  DecodeStatus status = DecodeIntrospectorHello(ByteView(answer, sizeof(answer)), &reply);
-  if (!status.ok()) {
-    *error = "bad introspector2qemu: " + status.ToString();
-    return UniqueFd();
-  }
-  if (c.cookie) {
-    auto expected = CookieHash(ByteView(*c.cookie));
-    if (reply.cookie_hash != expected) {
-      *error = "tool refused: cookie_hash is not SHA-1 of our cookie";
-      return UniqueFd();
-    }
-  }
-  return fd;
-}
-
-void SimVm::SleepInterruptibly(std::chrono::milliseconds duration) {
-  std::unique_lock<std::mutex> lock(state_mu_);
-  state_cv_.wait_for(lock, duration, [&] { return stopping(); });
-}
-
-void SimVm::ConnectorLoop() {
-  const ConnectorConfig& c = config_.connector;
-  uint64_t consecutive_failures = 0;
-  while (!stopping() && !detached_.load() && !guest_->crashed()) {
-    std::string error;
-    UniqueFd fd = ConnectAndHandshake(&error);
-    if (fd && !stopping()) {
-      consecutive_failures = 0;
-      {
-        std::lock_guard<std::mutex> lock(state_mu_);
-        ++sessions_started_;
-        state_cv_.notify_all();
-      }
-      std::string reason = engine_->RunSession(std::move(fd), [this, &c] {
-        // QEMU right after KVM_INTROSPECTION_HOOK: the COMMAND and EVENT ioctls.
-        for (int32_t id : c.allowed_commands) engine_->SetCommandAllowed(id, true);
-        for (int32_t id : c.allowed_events) engine_->SetEventAllowed(id, true);
-        if (stopping()) engine_->EndSession("simulator stopping");
-      });
-      std::lock_guard<std::mutex> lock(state_mu_);
-      ++sessions_ended_;
-      last_end_reason_ = reason;
-      state_cv_.notify_all();
-    } else if (!stopping()) {
-      handshake_failures_.fetch_add(1, std::memory_order_relaxed);
-      // A tool that is not up yet is normal for a reconnecting client: log the first failure.
-      if (consecutive_failures++ == 0) spdlog::warn("[{}] {}", config_.name, error);
-    }
-    if (stopping() || detached_.load() || guest_->crashed() || c.reconnect_seconds <= 0) break;
-    SleepInterruptibly(
-        std::chrono::milliseconds(static_cast<int64_t>(c.reconnect_seconds * 1000.0)));
-  }
-  std::lock_guard<std::mutex> lock(state_mu_);
-  connector_done_ = true;
-  state_cv_.notify_all();
-}
-
-int SimVm::Detach(std::chrono::milliseconds grace) {
-  detached_.store(true);
-  int rc = engine_->RequestUnhook();
-  if (rc == 0) engine_->WaitUnhooked(Clock::now() + grace);
-  engine_->EndSession("detached by the VM (KVM_INTROSPECTION_UNHOOK)");
-  {
-    std::lock_guard<std::mutex> lock(state_mu_);
-    state_cv_.notify_all();
-  }
-  return rc;
-}
-
-bool SimVm::WaitHooked(Clock::time_point deadline) {
-  std::unique_lock<std::mutex> lock(state_mu_);
-  return state_cv_.wait_until(lock, deadline, [&] { return sessions_started_ > sessions_ended_; });
-}
-
-bool SimVm::WaitSessionsEnded(uint64_t count, Clock::time_point deadline) {
-  std::unique_lock<std::mutex> lock(state_mu_);
-  return state_cv_.wait_until(lock, deadline, [&] { return sessions_ended_ >= count; });
-}
-
-uint64_t SimVm::sessions_started() const {
-  std::lock_guard<std::mutex> lock(state_mu_);
-  return sessions_started_;
-}
-
-uint64_t SimVm::sessions_ended() const {
-  std::lock_guard<std::mutex> lock(state_mu_);
-  return sessions_ended_;
-}
-
-std::string SimVm::last_end_reason() const {
-  std::lock_guard<std::mutex> lock(state_mu_);
-  return last_end_reason_;
-}
+int SimVm::Detach(std::chrono::milliseconds grace) { return connector_->Detach(grace); }
 
 }  // namespace kvmi::sim

@@ -1,7 +1,5 @@
 // One simulated VM: a SimGuest, its KVMI engine, one thread per vCPU running guest operations,
-// and a QEMU-like connector thread that connects to the tool, runs the kvmi-v6 handshake, hooks
-// the engine (whose receive loop then runs on that thread) and reconnects after `reconnect`
-// seconds when the tool goes away (QEMU's `reconnect=N`).
+// and QEMU's side of the channel (host::QemuConnector: handshake, hook, reconnect).
 #ifndef KVMID_KERNEL_SIM_SIM_VM_H_
 #define KVMID_KERNEL_SIM_SIM_VM_H_
 
@@ -18,6 +16,7 @@
 #include <vector>
 
 #include "kernel/abi/handshake.h"
+#include "kernel/host/qemu_connector.h"
 #include "kernel/host/vm_introspection.h"
 #include "kernel/sim/sim_guest.h"
 #include "kernel/sim/workload.h"
@@ -25,19 +24,7 @@
 
 namespace kvmi::sim {
 
-struct ConnectorConfig {
-  Endpoint endpoint;
-  // Seconds before reconnecting after the tool went away or refused us; 0 = never reconnect.
-  double reconnect_seconds = 1.0;
-  // Fill uuid, name and start_time in qemu2introspector (v6 QEMU leaves name/start_time zero).
-  bool fill_identity = true;
-  // When set, refuse a tool whose cookie_hash is not SHA-1(cookie) (kvmi-v7 QEMU behaviour).
-  std::optional<std::string> cookie;
-  // KVM_INTROSPECTION_COMMAND / _EVENT calls QEMU makes after HOOK ({-1} = allow all, as v6).
-  std::vector<int32_t> allowed_commands = {host::kAllIds};
-  std::vector<int32_t> allowed_events = {host::kAllIds};
-  std::chrono::milliseconds handshake_timeout{30000};
-};
+using ConnectorConfig = host::ConnectorConfig;
 
 struct VmConfig {
   std::string name = "vm";
@@ -80,14 +67,16 @@ class SimVm {
   int Detach(std::chrono::milliseconds grace);
 
   // Blocks until a session is hooked (or the deadline); true if hooked.
-  bool WaitHooked(Clock::time_point deadline);
+  bool WaitHooked(Clock::time_point deadline) { return connector_->WaitHooked(deadline); }
   // Blocks until `count` sessions have ended.
-  bool WaitSessionsEnded(uint64_t count, Clock::time_point deadline);
-  uint64_t sessions_started() const;
-  uint64_t sessions_ended() const;
-  std::string last_end_reason() const;
+  bool WaitSessionsEnded(uint64_t count, Clock::time_point deadline) {
+    return connector_->WaitSessionsEnded(count, deadline);
+  }
+  uint64_t sessions_started() const { return connector_->sessions_started(); }
+  uint64_t sessions_ended() const { return connector_->sessions_ended(); }
+  std::string last_end_reason() const { return connector_->last_end_reason(); }
   // Handshakes refused (cookie mismatch, bad answer) and failed connects.
-  uint64_t handshake_failures() const { return handshake_failures_.load(); }
+  uint64_t handshake_failures() const { return connector_->handshake_failures(); }
 
   SimGuest& guest() { return *guest_; }
   host::VmIntrospection& engine() { return *engine_; }
@@ -118,10 +107,6 @@ class SimVm {
   // One attempt; returns true when done, false when the guest must re-execute (RETRY).
   bool ExecuteOnce(uint16_t vcpu, const Op& op, OpResult* result);
   bool MemoryAccess(uint16_t vcpu, const Op& op, uint8_t access, OpResult* result);
-  void ConnectorLoop();
-  // Returns the socket after a successful handshake, or an invalid fd.
-  UniqueFd ConnectAndHandshake(std::string* error);
-  void SleepInterruptibly(std::chrono::milliseconds duration);
   VcpuRunner& runner(uint16_t vcpu) { return *runners_[vcpu]; }
   bool stopping() const { return stop_.load(std::memory_order_acquire); }
 
@@ -129,20 +114,10 @@ class SimVm {
   std::unique_ptr<SimGuest> guest_;
   std::unique_ptr<host::VmIntrospection> engine_;
   std::unique_ptr<VcpuRunner> runners_[SimGuest::kMaxVcpus];
-  std::thread connector_;
+  std::unique_ptr<host::QemuConnector> connector_;
   std::atomic<bool> stop_{false};
-  std::atomic<bool> detached_{false};
   std::atomic<bool> started_{false};
   std::atomic<uint64_t> ops_executed_{0};
-  std::atomic<uint64_t> handshake_failures_{0};
-
-  mutable std::mutex state_mu_;
-  std::condition_variable state_cv_;
-  uint64_t sessions_started_ = 0;
-  uint64_t sessions_ended_ = 0;
-  std::string last_end_reason_;
-  int handshake_fd_ = -1;  // shut down by Stop() to interrupt a handshake
-  bool connector_done_ = false;
 };
 
 }  // namespace kvmi::sim

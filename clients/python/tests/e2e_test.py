@@ -9,7 +9,6 @@ paths, then bazel-out/k8-opt/bin.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ sys.path.insert(0, CLIENT_DIR)
 import grpc  # noqa: E402
 
 import kvmi_client as kc  # noqa: E402
+from tests.test_support import stop_process, wait_for  # noqa: E402
 
 VMS, VCPUS = 3, 2
 DATA = (0x200000, 0x20FFFF)  # watched by the config's data-watch policy; the sims write there
@@ -40,16 +40,6 @@ def binary(env, relative):
         if path and os.access(path, os.X_OK):
             return path
     raise unittest.SkipTest("no %s binary (set %s)" % (relative, env))
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 def take(stream, n, timeout=10.0):
@@ -107,13 +97,7 @@ class Fleet:
 
     def stop(self):
         for proc in reversed(self.procs):  # guests first, then the daemon
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.kvmid_log.close()
         self.sim_log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,114 @@
+// kvmi-vmm's VM: a KvmBackend, the KVMI engine on it, one thread per vCPU running KVM_RUN and
+// handling its exits (console and sleep ports, MMIO exits of restricted pages, WRMSR exits of
+// filtered MSRs, guest-debug exits), and QEMU's side of the introspection channel
+// (host::QemuConnector, shared with the simulator). The guest is a flat image entered in 32-bit
+// protected mode at GUEST_LOAD_GPA with its command line at GUEST_CMDLINE_GPA (guest/layout.h).
+#ifndef KVMID_KERNEL_KVM_KVM_VMM_H_
+#define KVMID_KERNEL_KVM_KVM_VMM_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernel/host/qemu_connector.h"
+#include "kernel/host/vm_introspection.h"
+#include "kernel/kvm/kvm_backend.h"
+
+namespace kvmi::kvm {
+
+// The events stock KVM lets a user-space VMM produce. The others (CR, XSETBV, DESCRIPTOR,
+// HYPERCALL) are never allowed for this guest: CHECK_EVENT answers -KVM_EPERM (docs/KVM.md).
+inline const std::vector<int32_t> kRealEvents = {
+    KVMI_EVENT_UNHOOK, KVMI_EVENT_MSR,         KVMI_EVENT_BREAKPOINT, KVMI_EVENT_PF,
+    KVMI_EVENT_TRAP,   KVMI_EVENT_CREATE_VCPU, KVMI_EVENT_PAUSE_VCPU, KVMI_EVENT_SINGLESTEP,
+};
+
+struct VmmConfig {
+  std::string name = "kvm-vm";
+  Uuid uuid{};
+  uint64_t memory_bytes = 32ull << 20;
+  std::vector<uint8_t> image;  // flat binary, loaded at GUEST_LOAD_GPA
+  std::string cmdline;
+  host::ConnectorConfig connector;  // allowed_events is narrowed to kRealEvents
+  // Connect once the guest reports its kernel set up (GUEST_PORT_BOOTED) rather than at start.
+  bool hook_after_boot = true;
+  // One console line (without the newline), from the vCPU thread that printed it.
+  std::function<void(const std::string&)> on_console_line;
+};
+
+// Exit counters (any thread).
+struct VmmStats {
+  std::atomic<uint64_t> exits{0};
+  std::atomic<uint64_t> io_exits{0};
+  std::atomic<uint64_t> mmio_exits{0};
+  std::atomic<uint64_t> msr_exits{0};
+  std::atomic<uint64_t> debug_exits{0};
+  std::atomic<uint64_t> kicks{0};  // KVM_RUN interrupted (-EINTR)
+};
+
+class KvmVmm {
+ public:
+  static std::unique_ptr<KvmVmm> Create(VmmConfig config, std::string* error);
+  ~KvmVmm();
+  KvmVmm(const KvmVmm&) = delete;
+  KvmVmm& operator=(const KvmVmm&) = delete;
+
+  // Starts the vCPU and the connector.
+  void Start();
+  // Asks the tool to unhook (KVMI_EVENT_UNHOOK, if it enabled it) and waits a little for it to
+  // let go, then ends the session (restoring the guest), stops the vCPU and the connector.
+  // Idempotent.
+  void Stop();
+  // True once the guest halted, shut down (triple fault) or was crashed by the tool.
+  bool guest_stopped() const { return guest_stopped_.load(std::memory_order_acquire); }
+  std::string stop_reason() const;
+
+  KvmBackend& backend() { return *backend_; }
+  host::VmIntrospection& engine() { return *engine_; }
+  host::QemuConnector& connector() { return *connector_; }
+  const VmmStats& stats() const { return stats_; }
+
+ private:
+  explicit KvmVmm(VmmConfig config);
+  void VcpuLoop(uint16_t vcpu);
+  void SetBootState(uint16_t vcpu);
+  // Before KVM_RUN: queued jobs, then the tool's exception (or TRAP if the guest is busy).
+  void EnterGuest(uint16_t vcpu);
+  void HandleIo(uint16_t vcpu);
+  void HandleMmio(uint16_t vcpu);
+  void HandleWrmsr(uint16_t vcpu);
+  void HandleDebug(uint16_t vcpu);
+  // The guest virtual address of a kernel access to gpa, when the identity map the guest uses
+  // for its kernel translates it back (KVM's exits carry no linear address); 0 otherwise.
+  uint64_t GvaForGpa(uint16_t vcpu, uint64_t gpa);
+  // Serves commands while the guest sleeps (sleep port) or is halted, until `deadline`.
+  void Idle(uint16_t vcpu, host::Clock::time_point deadline);
+  void StopGuest(const std::string& reason);
+  void StartConnector();
+  bool stopping() const { return stop_.load(std::memory_order_acquire); }
+
+  VmmConfig config_;
+  std::unique_ptr<KvmBackend> backend_;
+  std::unique_ptr<host::VmIntrospection> engine_;
+  std::unique_ptr<host::QemuConnector> connector_;
+  std::vector<std::thread> vcpu_threads_;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> started_{false};
+  std::atomic<bool> guest_stopped_{false};
+  std::mutex connector_mu_;  // StartConnector (a vCPU thread) against Stop
+  bool connector_started_ = false;
+  mutable std::mutex reason_mu_;
+  std::string stop_reason_;
+  std::string console_line_;  // vCPU 0's thread only
+  VmmStats stats_;
+};
+
+}  // namespace kvmi::kvm
+
+#endif  // KVMID_KERNEL_KVM_KVM_VMM_H_
