@@ -31,6 +31,7 @@
 #include "kernel/abi/messages.h"
 #include "kernel/sim/fleet.h"
 #include "kernel/transport/socket.h"
+#include "tests/bench/bench_policies.h"
 
 ABSL_FLAG(std::string, guests, "1,16,256", "guest counts to measure (one vCPU each)");
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
@@ -269,14 +270,7 @@ int main(int argc, char** argv) {
       config.unix_socket = dir + "/kvmid.sock";
       config.io_threads = 1;  // same thread budget as the direct loop
       kvmid::Daemon daemon(config);
-      auto allow_cr3 = std::make_shared<kvmid::Rule>();
-      allow_cr3->name = "allow-cr3";
-      allow_cr3->match.events = {KVMI_EVENT_CR};
-      allow_cr3->match.cr = 3;
-      allow_cr3->action = kvmid::RuleAction::kContinue;
-      allow_cr3->arms.vcpu_events = {KVMI_EVENT_CR};
-      allow_cr3->arms.crs = {3};
-      daemon.ApplyPolicy(allow_cr3);
+      daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
       std::string error = daemon.Start();
       if (!error.empty()) {
         std::fprintf(stderr, "kvmid: %s\n", error.c_str());

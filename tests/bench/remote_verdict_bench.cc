@@ -24,6 +24,7 @@
 #include "daemon/api/introspection_service.h"
 #include "daemon/kvmid.h"
 #include "kernel/sim/fleet.h"
+#include "tests/bench/bench_policies.h"
 #include "tests/bench/echo.grpc.pb.h"
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
@@ -184,14 +185,7 @@ int main(int argc, char** argv) {
     config.unix_socket = dir + "/kvmi-local.sock";
     config.io_threads = 1;
     kvmid::Daemon daemon(config);
-    auto allow_cr3 = std::make_shared<kvmid::Rule>();
-    allow_cr3->name = "allow-cr3";
-    allow_cr3->match.events = {KVMI_EVENT_CR};
-    allow_cr3->match.cr = 3;
-    allow_cr3->action = kvmid::RuleAction::kContinue;
-    allow_cr3->arms.vcpu_events = {KVMI_EVENT_CR};
-    allow_cr3->arms.crs = {3};
-    daemon.ApplyPolicy(allow_cr3);
+    daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
     if (!daemon.Start().empty()) return 1;
     local = MeasureGuest("local policy verdict (no remote hop)", config.unix_socket, "", seconds);
     daemon.Shutdown(std::chrono::milliseconds(0));
