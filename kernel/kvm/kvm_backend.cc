@@ -287,6 +287,15 @@ bool KvmBackend::InjectException(uint16_t vcpu, uint8_t vector, bool has_error, 
   return ioctl(vcpus_[vcpu]->fd.get(), KVM_SET_VCPU_EVENTS, &events) == 0;
 }
 
+bool KvmBackend::ClearException(uint16_t vcpu) {
+  kvm_vcpu_events events{};
+  if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return false;
+  if (!events.exception.injected && !events.exception.pending) return true;
+  events.exception = {};
+  events.flags = 0;
+  return ioctl(vcpus_[vcpu]->fd.get(), KVM_SET_VCPU_EVENTS, &events) == 0;
+}
+
 bool KvmBackend::PendingInjection(uint16_t vcpu, uint32_t* vector) {
   kvm_vcpu_events events{};
   if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return false;

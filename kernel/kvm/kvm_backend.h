@@ -6,7 +6,8 @@
 //   * page access: RAM is a set of memslots split at restricted pages; a page without W is a
 //     read-only slot (writes exit as KVM_EXIT_MMIO), a page without R has no slot (every access
 //     exits as MMIO);
-//   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise.
+//   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise (where KVM cannot
+//     deliver an INT3 at all, the VMM catches it at the emulation failure, docs/KVM.md).
 // A vCPU inside KVM_RUN is forced out with immediate_exit and SIGUSR1 (its process-wide handler,
 // installed by Create, does nothing).
 // What stock KVM cannot give user space (CR writes, XSETBV, descriptor-table exiting, the KVMI
@@ -97,6 +98,8 @@ class KvmBackend : public host::GuestBackend {
   // KVM_SET_VCPU_EVENTS: an exception delivered at the next entry.
   bool InjectException(uint16_t vcpu, uint8_t vector, bool has_error, uint32_t error_code,
                        uint64_t cr2);
+  // Drops an exception KVM has pending or injected for the next entry (KVM_SET_VCPU_EVENTS).
+  bool ClearException(uint16_t vcpu);
   // Whether an exception or interrupt is pending/injected already (KVM_GET_VCPU_EVENTS).
   bool PendingInjection(uint16_t vcpu, uint32_t* vector);
   bool crashed() const { return crashed_.load(std::memory_order_acquire); }

@@ -15,6 +15,7 @@ constexpr uint32_t kMaxSleepMs = 10000;
 constexpr size_t kMaxConsoleLine = 4096;
 constexpr uint8_t kBreakpointVector = 3;
 constexpr uint8_t kDebugVector = 1;
+constexpr uint8_t kInt3Opcode = 0xcc;
 // How long Stop() waits for the tool to let go after KVMI_EVENT_UNHOOK.
 constexpr std::chrono::milliseconds kUnhookGrace{2000};
 
@@ -207,6 +208,10 @@ void KvmVmm::VcpuLoop(uint16_t vcpu) {
         stats_.kicks.fetch_add(1, std::memory_order_relaxed);
         break;
       case KVM_EXIT_INTERNAL_ERROR: {
+        if (v.run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
+            HandleUnemulatedInt3(vcpu)) {
+          break;
+        }
         kvm_regs regs;
         backend_->GetRegs(vcpu, &regs);
         char where[64];
@@ -328,6 +333,36 @@ void KvmVmm::HandleWrmsr(uint16_t vcpu) {
   // The write is performed by the VMM (host-initiated writes are not filtered); a refusal or a
   // value KVM rejects becomes the guest's #GP.
   run->msr.error = outcome.allowed && backend_->SetMsr(vcpu, index, outcome.value) ? 0 : 1;
+}
+
+bool KvmVmm::HandleUnemulatedInt3(uint16_t vcpu) {
+  kvm_regs regs;
+  kvm_sregs sregs;
+  backend_->GetRegs(vcpu, &regs);
+  backend_->GetSregs(vcpu, &sregs);
+  uint64_t gpa = 0;
+  uint8_t opcode = 0;
+  if (!backend_->Translate(vcpu, sregs.cs.base + regs.rip, &gpa) ||
+      !backend_->ReadPhysical(gpa, &opcode, 1) || opcode != kInt3Opcode) {
+    return false;
+  }
+  stats_.breakpoint_exits.fetch_add(1, std::memory_order_relaxed);
+  // KVM gives up on the INT3 at its RIP before anything is delivered: the same point at which
+  // an intercepted #BP (KVM_EXIT_DEBUG) stops, so the tool sees RIP at the INT3. A #UD KVM may
+  // have queued with the failure is not the guest's: it goes.
+  backend_->ClearException(vcpu);
+  if (engine_->OnBreakpoint(vcpu, gpa, 1) == host::BreakpointOutcome::kRetry) {
+    return true;  // re-executed at RIP (the tool removed its INT3 or moved RIP)
+  }
+  // What the CPU would have done: #BP is a trap, delivered with RIP past the INT3. RIP is read
+  // again because the tool may have set the registers while the vCPU waited for its reply.
+  backend_->GetRegs(vcpu, &regs);
+  regs.rip += 1;
+  backend_->SetRegs(vcpu, regs);
+  if (!backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+    StopGuest(std::string("KVM_SET_VCPU_EVENTS (#BP): ") + std::strerror(errno));
+  }
+  return true;
 }
 
 void KvmVmm::HandleDebug(uint16_t vcpu) {

@@ -49,7 +49,8 @@ struct VmmStats {
   std::atomic<uint64_t> mmio_exits{0};
   std::atomic<uint64_t> msr_exits{0};
   std::atomic<uint64_t> debug_exits{0};
-  std::atomic<uint64_t> kicks{0};  // KVM_RUN interrupted (-EINTR)
+  std::atomic<uint64_t> breakpoint_exits{0};  // INT3s KVM could not emulate
+  std::atomic<uint64_t> kicks{0};             // KVM_RUN interrupted (-EINTR)
 };
 
 class KvmVmm {
@@ -84,6 +85,12 @@ class KvmVmm {
   void HandleMmio(uint16_t vcpu);
   void HandleWrmsr(uint16_t vcpu);
   void HandleDebug(uint16_t vcpu);
+  // KVM_EXIT_INTERNAL_ERROR (emulation failure): hosts whose KVM sends a guest's INT3 to its
+  // instruction emulator, which cannot deliver software interrupts in protected mode (PVM,
+  // docs/KVM.md), stop the vCPU at the INT3 instead of exiting with KVM_EXIT_DEBUG. If RIP is at
+  // an INT3, this is the BREAKPOINT point: the event, then the guest's #BP (delivered by the VMM,
+  // as KVM could not) unless the tool answers RETRY. False if RIP is not at an INT3.
+  bool HandleUnemulatedInt3(uint16_t vcpu);
   // The guest virtual address of a kernel access to gpa, when the identity map the guest uses
   // for its kernel translates it back (KVM's exits carry no linear address); 0 otherwise.
   uint64_t GvaForGpa(uint16_t vcpu, uint64_t gpa);

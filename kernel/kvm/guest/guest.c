@@ -53,6 +53,8 @@ static __attribute__((noinline)) void wrmsr(uint32_t msr, uint64_t value) {
                    : "memory");
 }
 extern char wrmsr_site[];
+/* The INT3 that "int3=N" executes every round (kmain). */
+extern char int3_site[];
 static inline uint64_t rdtsc(void) {
   uint32_t lo, hi;
   __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
@@ -379,6 +381,8 @@ void kmain(uint32_t cmdline_gpa) {
   put_hex(rdmsr(MSR_LSTAR));
   puts_serial(" marker=");
   put_hex((uint64_t)marker);
+  puts_serial(" int3_site=");
+  put_hex((uint64_t)int3_site);
   puts_serial(" marker0=");
   put_hex(marker[0]);
   puts_serial(" r15=");
