@@ -296,18 +296,34 @@ bool KvmBackend::ClearException(uint16_t vcpu) {
   return ioctl(vcpus_[vcpu]->fd.get(), KVM_SET_VCPU_EVENTS, &events) == 0;
 }
 
-bool KvmBackend::PendingInjection(uint16_t vcpu, uint32_t* vector) {
+std::optional<host::GuestInjection> KvmBackend::PendingInjection(uint16_t vcpu) {
   kvm_vcpu_events events{};
-  if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return false;
+  if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return std::nullopt;
+  host::GuestInjection injection;
   if (events.exception.injected || events.exception.pending) {
-    *vector = events.exception.nr;
-    return true;
+    injection.vector = events.exception.nr;
+    // #BP and #OF come from INT3 / INTO: software exceptions, as VMX and KVMI classify them.
+    injection.type = injection.vector == 3 || injection.vector == 4 ? KVMI_TRAP_TYPE_SOFT_EXCEPTION
+                                                                    : KVMI_TRAP_TYPE_HARD_EXCEPTION;
+    if (events.exception.has_error_code) injection.error_code = events.exception.error_code;
+    if (injection.vector == 14) {
+      kvm_sregs sregs;
+      GetSregs(vcpu, &sregs);
+      injection.cr2 = sregs.cr2;
+    }
+    return injection;
+  }
+  if (events.nmi.injected) {
+    injection.vector = 2;
+    injection.type = KVMI_TRAP_TYPE_NMI;
+    return injection;
   }
   if (events.interrupt.injected) {
-    *vector = events.interrupt.nr;
-    return true;
+    injection.vector = events.interrupt.nr;
+    injection.type = events.interrupt.soft ? KVMI_TRAP_TYPE_SOFT_INTR : KVMI_TRAP_TYPE_EXT_INTR;
+    return injection;
   }
-  return false;
+  return std::nullopt;
 }
 
 // ---- MSR writes

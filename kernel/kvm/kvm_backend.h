@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "kernel/host/guest_backend.h"
+#include "kernel/host/vm_introspection.h"
 #include "kernel/transport/unique_fd.h"
 
 namespace kvmi::kvm {
@@ -44,6 +45,9 @@ struct KvmVcpu {
   std::atomic<bool> initialized{false};
   bool single_step = false;  // vCPU thread only
   bool sw_breakpoints = false;
+  // The VMM injected #BP for the next entry (vCPU thread only). KVM_GET_VCPU_EVENTS never shows
+  // an injected software exception (KVM expects to see its instruction again), so TRAP needs this.
+  bool breakpoint_injected = false;
 };
 
 class KvmBackend : public host::GuestBackend {
@@ -100,8 +104,9 @@ class KvmBackend : public host::GuestBackend {
                        uint64_t cr2);
   // Drops an exception KVM has pending or injected for the next entry (KVM_SET_VCPU_EVENTS).
   bool ClearException(uint16_t vcpu);
-  // Whether an exception or interrupt is pending/injected already (KVM_GET_VCPU_EVENTS).
-  bool PendingInjection(uint16_t vcpu, uint32_t* vector);
+  // The exception, NMI or interrupt KVM injects at the next entry (KVM_GET_VCPU_EVENTS), as the
+  // TRAP event describes it; nullopt if none.
+  std::optional<host::GuestInjection> PendingInjection(uint16_t vcpu);
   bool crashed() const { return crashed_.load(std::memory_order_acquire); }
   void set_on_crash(std::function<void()> on_crash) { on_crash_ = std::move(on_crash); }
   // Memslots in use (tests: restrictions split RAM, restoring merges it back).

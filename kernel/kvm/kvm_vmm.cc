@@ -147,11 +147,12 @@ void KvmVmm::Idle(uint16_t vcpu, host::Clock::time_point deadline) {
 
 void KvmVmm::EnterGuest(uint16_t vcpu) {
   engine_->RunJobs(vcpu);
-  std::optional<host::GuestInjection> busy;
-  uint32_t vector = 0;
-  if (backend_->PendingInjection(vcpu, &vector)) {
-    busy = host::GuestInjection{vector, KVMI_TRAP_TYPE_HARD_EXCEPTION, 0, 0};
+  std::optional<host::GuestInjection> busy = backend_->PendingInjection(vcpu);
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  if (!busy && v.breakpoint_injected) {
+    busy = host::GuestInjection{kBreakpointVector, KVMI_TRAP_TYPE_SOFT_EXCEPTION, 0, 0};
   }
+  v.breakpoint_injected = false;  // delivered by this entry
   if (std::optional<host::ToolException> e = engine_->TakeToolException(vcpu, busy)) {
     if (!backend_->InjectException(vcpu, e->vector, e->has_error || e->vector == 14, e->error_code,
                                    e->address)) {
@@ -359,7 +360,9 @@ bool KvmVmm::HandleUnemulatedInt3(uint16_t vcpu) {
   backend_->GetRegs(vcpu, &regs);
   regs.rip += 1;
   backend_->SetRegs(vcpu, regs);
-  if (!backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+  if (backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+    backend_->vcpu(vcpu).breakpoint_injected = true;
+  } else {
     StopGuest(std::string("KVM_SET_VCPU_EVENTS (#BP): ") + std::strerror(errno));
   }
   return true;
@@ -375,7 +378,9 @@ void KvmVmm::HandleDebug(uint16_t vcpu) {
     if (outcome == host::BreakpointOutcome::kReinject) {
       // The guest gets its own #BP: injected as a soft exception with the INT3's length, so its
       // handler sees RIP after the INT3.
-      backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0);
+      if (backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+        backend_->vcpu(vcpu).breakpoint_injected = true;
+      }
     }
     return;
   }

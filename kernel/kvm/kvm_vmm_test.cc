@@ -393,6 +393,49 @@ TEST_F(KvmVmmTest, BreakpointEventContinueReinjectsRetryReexecutes) {
   EXPECT_TRUE(tool_->ExpectSilence(100ms));
 }
 
+// INJECT_EXCEPTION while the vCPU already has an exception to deliver (the guest's #BP, after a
+// BREAKPOINT answered CONTINUE): the tool's #GP is dropped and TRAP describes the #BP.
+TEST_F(KvmVmmTest, InjectWhileTheGuestHasAnExceptionPendingSendsTrap) {
+  Start("int3=1 period_ms=20");
+  const uint64_t site = layout_["int3_site"];
+  Enable(KVMI_EVENT_BREAKPOINT);
+  Enable(KVMI_EVENT_TRAP);
+  Event breakpoint = WaitEventOf(KVMI_EVENT_BREAKPOINT);
+  ASSERT_EQ(breakpoint.common.arch.regs.rip, site);
+  size_t from = LineCount();
+  InjectExceptionRequest inject;
+  inject.nr = 13;
+  inject.has_error = true;
+  inject.error_code = 0x2a;
+  ASSERT_EQ(Call(inject), 0);
+  Reply(breakpoint, KVMI_EVENT_ACTION_CONTINUE);
+
+  Event trap = WaitEventOf(KVMI_EVENT_TRAP);
+  EXPECT_EQ(trap.specific.trap.vector, 3u);
+  EXPECT_EQ(trap.specific.trap.type, static_cast<uint32_t>(KVMI_TRAP_TYPE_SOFT_EXCEPTION));
+  EXPECT_EQ(trap.specific.trap.error_code, 0u);
+  EXPECT_EQ(trap.common.arch.regs.rip, site + 1);  // #BP is a trap: delivered past the INT3
+  Reply(trap, KVMI_EVENT_ACTION_CONTINUE);
+
+  // The guest got its #BP and never the tool's #GP.
+  char trap_line[64];
+  std::snprintf(trap_line, sizeof(trap_line), "^trap: #BP at rip=%#llx$",
+                static_cast<unsigned long long>(site));
+  WaitLine(trap_line, from);
+  size_t round = WaitLine("^round ", from).first;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = from; i <= round; ++i) {
+      EXPECT_EQ(lines_[i].find("unexpected vector"), std::string::npos) << lines_[i];
+    }
+  }
+  EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
+  // The request was dropped, not deferred: the next BREAKPOINT brings no #GP either.
+  Reply(WaitEventOf(KVMI_EVENT_BREAKPOINT), KVMI_EVENT_ACTION_CONTINUE);
+  WaitLine("^round ", round + 1);
+  EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
+}
+
 TEST_F(KvmVmmTest, InjectedExceptionReachesTheGuest) {
   Start("period_ms=10");
   InjectExceptionRequest inject;
