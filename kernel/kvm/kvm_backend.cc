@@ -46,8 +46,8 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
     *error = "guest memory must be a multiple of 2 MiB, at most 4 GiB";
     return false;
   }
-  if (vcpus == 0 || vcpus > 64) {
-    *error = "1..64 vCPUs";
+  if (vcpus == 0 || vcpus > kMaxVcpus) {
+    *error = "1.." + std::to_string(kMaxVcpus) + " vCPUs";
     return false;
   }
   kvm_fd_ = UniqueFd(::open("/dev/kvm", O_RDWR | O_CLOEXEC));
@@ -114,8 +114,8 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
   }
   cpuid_.resize(static_cast<size_t>(entries));
 
-  int run_size = ioctl(kvm_fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
-  if (run_size <= 0) {
+  run_size_ = ioctl(kvm_fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
+  if (run_size_ <= 0) {
     *error = Errno("KVM_GET_VCPU_MMAP_SIZE");
     return false;
   }
@@ -124,42 +124,55 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
   sigemptyset(&action.sa_mask);
   sigaction(kKickSignal, &action, nullptr);
   for (uint32_t i = 0; i < vcpus; ++i) {
-    auto v = std::make_unique<KvmVcpu>();
-    v->fd = UniqueFd(ioctl(vm_fd_.get(), KVM_CREATE_VCPU, i));
-    if (!v->fd) {
-      *error = Errno("KVM_CREATE_VCPU");
-      return false;
-    }
-    void* run = mmap(nullptr, static_cast<size_t>(run_size), PROT_READ | PROT_WRITE, MAP_SHARED,
-                     v->fd.get(), 0);
-    if (run == MAP_FAILED) {
-      *error = Errno("mmap kvm_run");
-      return false;
-    }
-    v->run = static_cast<kvm_run*>(run);
-    v->run_size = static_cast<size_t>(run_size);
-    std::vector<kvm_cpuid_entry2> cpuid = cpuid_;
-    for (kvm_cpuid_entry2& e : cpuid) SetApicId(e.function, i, &e.ebx, &e.edx);
-    if (kvmid_set_cpuid(v->fd.get(), cpuid.data(), static_cast<uint32_t>(cpuid.size())) < 0) {
-      *error = Errno("KVM_SET_CPUID2");
-      return false;
-    }
-    vcpus_.push_back(std::move(v));
+    if (AddVcpu(error) < 0) return false;
   }
   return true;
 }
 
+int KvmBackend::AddVcpu(std::string* error) {
+  std::lock_guard<std::mutex> lock(add_mu_);
+  const uint32_t index = vcpu_count_.load(std::memory_order_relaxed);
+  if (index >= kMaxVcpus) {
+    *error = "at most " + std::to_string(kMaxVcpus) + " vCPUs";
+    return -1;
+  }
+  auto v = std::make_unique<KvmVcpu>();
+  v->fd = UniqueFd(ioctl(vm_fd_.get(), KVM_CREATE_VCPU, index));
+  if (!v->fd) {
+    *error = Errno("KVM_CREATE_VCPU");
+    return -1;
+  }
+  void* run = mmap(nullptr, static_cast<size_t>(run_size_), PROT_READ | PROT_WRITE, MAP_SHARED,
+                   v->fd.get(), 0);
+  if (run == MAP_FAILED) {
+    *error = Errno("mmap kvm_run");
+    return -1;
+  }
+  v->run = static_cast<kvm_run*>(run);
+  v->run_size = static_cast<size_t>(run_size_);
+  std::vector<kvm_cpuid_entry2> cpuid = cpuid_;
+  for (kvm_cpuid_entry2& e : cpuid) SetApicId(e.function, index, &e.ebx, &e.edx);
+  if (kvmid_set_cpuid(v->fd.get(), cpuid.data(), static_cast<uint32_t>(cpuid.size())) < 0) {
+    *error = Errno("KVM_SET_CPUID2");
+    munmap(v->run, v->run_size);
+    return -1;
+  }
+  vcpus_[index] = std::move(v);
+  vcpu_count_.store(index + 1, std::memory_order_release);
+  return static_cast<int>(index);
+}
+
 KvmBackend::~KvmBackend() {
   for (auto& v : vcpus_) {
-    if (v->run) munmap(v->run, v->run_size);
+    if (v && v->run) munmap(v->run, v->run_size);
+    v.reset();
   }
-  vcpus_.clear();
   vm_fd_.Reset();
   if (memory_) munmap(memory_, memory_bytes_);
 }
 
 bool KvmBackend::VcpuInitialized(uint16_t vcpu) const {
-  return vcpu < vcpus_.size() && vcpus_[vcpu]->initialized.load(std::memory_order_acquire);
+  return vcpu < VcpuCount() && vcpus_[vcpu]->initialized.load(std::memory_order_acquire);
 }
 
 void KvmBackend::GetRegs(uint16_t vcpu, kvm_regs* regs) {
@@ -418,12 +431,12 @@ void KvmBackend::RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
   // that is momentarily without a slot would stop with an emulation failure.
   slots_changing_ = true;
   lock.unlock();
-  for (uint32_t i = 0; i < vcpus_.size(); ++i) KickVcpu(static_cast<uint16_t>(i));
+  for (uint32_t i = 0; i < VcpuCount(); ++i) KickVcpu(static_cast<uint16_t>(i));
   lock.lock();
   slot_cv_.wait(lock, [&] {
     if (in_guest_ == 0) return true;
     // A vCPU that entered before seeing the flag may have missed the kick.
-    for (uint32_t i = 0; i < vcpus_.size(); ++i) KickVcpu(static_cast<uint16_t>(i));
+    for (uint32_t i = 0; i < VcpuCount(); ++i) KickVcpu(static_cast<uint16_t>(i));
     return false;
   });
   for (const auto& [start, slot] : removed) {
@@ -467,7 +480,7 @@ size_t KvmBackend::memslot_count() const {
 // ----------------------------------------------------------------------------------------
 
 void KvmBackend::KickVcpu(uint16_t vcpu) {
-  if (vcpu >= vcpus_.size()) return;
+  if (vcpu >= VcpuCount()) return;
   KvmVcpu& v = *vcpus_[vcpu];
   // immediate_exit makes the next KVM_RUN return at once; the signal interrupts a running one.
   __atomic_store_n(&v.run->immediate_exit, 1, __ATOMIC_SEQ_CST);

@@ -18,6 +18,7 @@
 #include <linux/kvm.h>
 #include <pthread.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -52,6 +53,7 @@ struct KvmVcpu {
 
 class KvmBackend : public host::GuestBackend {
  public:
+  static constexpr uint32_t kMaxVcpus = 64;
   // Opens /dev/kvm and creates the VM with `memory_bytes` of RAM (a multiple of 2 MiB) and
   // `vcpus` vCPUs. Returns nullptr and sets *error when KVM is missing or lacks a capability.
   static std::unique_ptr<KvmBackend> Create(uint64_t memory_bytes, uint32_t vcpus,
@@ -61,7 +63,7 @@ class KvmBackend : public host::GuestBackend {
   KvmBackend& operator=(const KvmBackend&) = delete;
 
   // ---- GuestBackend ----
-  uint32_t VcpuCount() const override { return static_cast<uint32_t>(vcpus_.size()); }
+  uint32_t VcpuCount() const override { return vcpu_count_.load(std::memory_order_acquire); }
   bool VcpuInitialized(uint16_t vcpu) const override;
   void GetRegs(uint16_t vcpu, kvm_regs* regs) override;
   void SetRegs(uint16_t vcpu, const kvm_regs& regs) override;
@@ -87,6 +89,9 @@ class KvmBackend : public host::GuestBackend {
   uint8_t* memory() { return memory_; }
   uint64_t memory_bytes() const { return memory_bytes_; }
   KvmVcpu& vcpu(uint16_t index) { return *vcpus_[index]; }
+  // KVM_CREATE_VCPU at run time (hot-add): the new vCPU's index, or -1 with *error set. It stays
+  // uninitialised (commands refused) until its thread calls MarkRunning.
+  int AddVcpu(std::string* error);
   // The vCPU's thread is about to enter the guest for the first time: it leaves
   // KVM_MP_STATE_UNINITIALIZED, so commands (and event replies) to it are accepted.
   void MarkRunning(uint16_t vcpu);
@@ -135,7 +140,12 @@ class KvmBackend : public host::GuestBackend {
   UniqueFd vm_fd_;
   uint8_t* memory_ = nullptr;
   uint64_t memory_bytes_ = 0;
-  std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
+  // Fixed capacity so that vCPUs can be added while others run: entries below vcpu_count_ are
+  // set before the count is published and never change.
+  std::array<std::unique_ptr<KvmVcpu>, kMaxVcpus> vcpus_;
+  std::atomic<uint32_t> vcpu_count_{0};
+  std::mutex add_mu_;
+  int run_size_ = 0;
   std::vector<kvm_cpuid_entry2> cpuid_;
 
   // Memslots: start gfn -> slot, covering all of RAM. Changed only with every vCPU outside

@@ -30,9 +30,13 @@ std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
     *error = "the guest command line is longer than " + std::to_string(GUEST_CMDLINE_MAX - 1);
     return nullptr;
   }
+  const uint32_t max_vcpus = config.vcpus + (config.hotplug_vcpu_after_ms >= 0 ? 1 : 0);
+  if (config.vcpus == 0 || max_vcpus > GUEST_MAX_VCPUS) {
+    *error = "the guest runs 1.." + std::to_string(GUEST_MAX_VCPUS) + " vCPUs, hot-added included";
+    return nullptr;
+  }
   std::unique_ptr<KvmVmm> vmm(new KvmVmm(std::move(config)));
-  // One vCPU: the guest kernel is uniprocessor (no APs are started).
-  vmm->backend_ = KvmBackend::Create(vmm->config_.memory_bytes, 1, error);
+  vmm->backend_ = KvmBackend::Create(vmm->config_.memory_bytes, vmm->config_.vcpus, error);
   if (!vmm->backend_) return nullptr;
   std::memcpy(vmm->backend_->memory() + GUEST_LOAD_GPA, vmm->config_.image.data(),
               vmm->config_.image.size());
@@ -59,13 +63,12 @@ std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
     raw->StopGuest("crashed by the introspection tool");
     raw->connector_->WakeWaiters();
   });
-  for (uint32_t i = 0; i < vmm->backend_->VcpuCount(); ++i) {
-    vmm->SetBootState(static_cast<uint16_t>(i));
-  }
+  vmm->SetBootState(0);  // the APs get their state when the kernel is up
   return vmm;
 }
 
-KvmVmm::KvmVmm(VmmConfig config) : config_(std::move(config)) {}
+KvmVmm::KvmVmm(VmmConfig config)
+    : config_(std::move(config)), console_lines_(KvmBackend::kMaxVcpus) {}
 
 KvmVmm::~KvmVmm() { Stop(); }
 
@@ -91,9 +94,72 @@ void KvmVmm::Start() {
   if (started_.exchange(true)) return;
   spdlog::default_logger_raw();  // create the registry before the threads that log
   for (uint32_t i = 0; i < backend_->VcpuCount(); ++i) {
-    vcpu_threads_.emplace_back([this, i] { VcpuLoop(static_cast<uint16_t>(i)); });
+    StartVcpuThread(static_cast<uint16_t>(i), false);
+  }
+  if (config_.hotplug_vcpu_after_ms >= 0) {
+    std::chrono::milliseconds delay(config_.hotplug_vcpu_after_ms);
+    hotplug_thread_ = std::thread([this, delay] { HotplugAfter(delay); });
   }
   if (!config_.hook_after_boot) StartConnector();
+}
+
+void KvmVmm::StartVcpuThread(uint16_t vcpu, bool hot_added) {
+  std::lock_guard<std::mutex> lock(threads_mu_);
+  if (stopping()) return;
+  vcpu_threads_.emplace_back([this, vcpu, hot_added] { VcpuLoop(vcpu, hot_added); });
+}
+
+void KvmVmm::HotplugAfter(std::chrono::milliseconds delay) {
+  {
+    std::unique_lock<std::mutex> lock(ap_mu_);
+    if (ap_cv_.wait_for(lock, delay, [this] { return stopping(); })) return;
+  }
+  std::string error;
+  int index = backend_->AddVcpu(&error);
+  if (index < 0) {
+    spdlog::error("[{}] vCPU hot-add: {}", config_.name, error);
+    return;
+  }
+  spdlog::info("[{}] vCPU {} hot-added", config_.name, index);
+  StartVcpuThread(static_cast<uint16_t>(index), true);
+}
+
+bool KvmVmm::WaitAndSetApState(uint16_t vcpu) {
+  ApBoot boot;
+  {
+    std::unique_lock<std::mutex> lock(ap_mu_);
+    ap_cv_.wait(lock, [this] { return ap_boot_.has_value() || stopping(); });
+    if (!ap_boot_) return false;
+    boot = *ap_boot_;
+  }
+  // As an OS's trampoline would leave it: the kernel's mode, tables and segments. The AP keeps
+  // its own APIC base (KVM's BSP flag is vCPU 0's).
+  kvm_sregs sregs;
+  backend_->GetSregs(vcpu, &sregs);
+  sregs.cs = boot.sregs.cs;
+  sregs.ds = boot.sregs.ds;
+  sregs.es = boot.sregs.es;
+  sregs.fs = boot.sregs.fs;
+  sregs.gs = boot.sregs.gs;
+  sregs.ss = boot.sregs.ss;
+  sregs.tr = boot.sregs.tr;
+  sregs.ldt = boot.sregs.ldt;
+  sregs.gdt = boot.sregs.gdt;
+  sregs.idt = boot.sregs.idt;
+  sregs.cr0 = boot.sregs.cr0;
+  sregs.cr3 = boot.sregs.cr3;
+  sregs.cr4 = boot.sregs.cr4;
+  sregs.efer = boot.sregs.efer;
+  backend_->SetSregs(vcpu, sregs);
+  kvm_regs regs{};
+  regs.rip = boot.entry;
+  // The top of its stack, minus a return address slot: the ABI's alignment at a function entry.
+  regs.rsp = boot.stacks + uint64_t{vcpu} * GUEST_AP_STACK_SIZE - 8;
+  regs.rdi = vcpu;
+  regs.r15 = boot.r15;  // reserved in the guest for the boot marker (-ffixed-r15)
+  regs.rflags = 0x2;
+  backend_->SetRegs(vcpu, regs);
+  return true;
 }
 
 void KvmVmm::StartConnector() {
@@ -112,6 +178,11 @@ void KvmVmm::Stop() {
   if (stop_.exchange(true)) return;
   if (!connector_) return;  // Create failed half-way: nothing runs yet
   {
+    std::lock_guard<std::mutex> lock(ap_mu_);  // waiters check stopping() under it
+  }
+  ap_cv_.notify_all();
+  if (hotplug_thread_.joinable()) hotplug_thread_.join();
+  {
     std::lock_guard<std::mutex> lock(connector_mu_);
     connector_->Stop();
   }
@@ -119,6 +190,7 @@ void KvmVmm::Stop() {
   for (uint32_t i = 0; i < backend_->VcpuCount(); ++i) {
     engine_->Kick(static_cast<uint16_t>(i));  // also KickVcpu: out of KVM_RUN
   }
+  std::lock_guard<std::mutex> lock(threads_mu_);  // StartVcpuThread adds none once stopping
   for (std::thread& t : vcpu_threads_) {
     if (t.joinable()) t.join();
   }
@@ -162,9 +234,11 @@ void KvmVmm::EnterGuest(uint16_t vcpu) {
   }
 }
 
-void KvmVmm::VcpuLoop(uint16_t vcpu) {
+void KvmVmm::VcpuLoop(uint16_t vcpu, bool hot_added) {
   KvmVcpu& v = backend_->vcpu(vcpu);
+  if (vcpu > 0 && !WaitAndSetApState(vcpu)) return;
   backend_->MarkRunning(vcpu);
+  if (hot_added) engine_->OnVcpuFirstRun(vcpu);
   while (!stopping()) {
     if (guest_stopped()) {
       // Halted for good (no interrupts in this machine): keep serving the tool.
@@ -246,16 +320,31 @@ void KvmVmm::HandleIo(uint16_t vcpu) {
     return;
   }
   if (run->io.port == GUEST_PORT_SERIAL) {
+    std::string& console_line = console_lines_[vcpu];
     for (size_t i = 0; i < bytes; ++i) {
       char c = static_cast<char>(data[i]);
-      if (c == '\n' || console_line_.size() >= kMaxConsoleLine) {
-        if (config_.on_console_line) config_.on_console_line(console_line_);
-        console_line_.clear();
+      if (c == '\n' || console_line.size() >= kMaxConsoleLine) {
+        if (config_.on_console_line) config_.on_console_line(console_line);
+        console_line.clear();
         if (c == '\n') continue;
       }
-      if (c != '\r') console_line_ += c;
+      if (c != '\r') console_line += c;
     }
   } else if (run->io.port == GUEST_PORT_BOOTED) {
+    if (vcpu == 0) {
+      ApBoot boot;
+      kvm_regs regs;
+      backend_->GetRegs(vcpu, &regs);
+      backend_->GetSregs(vcpu, &boot.sregs);
+      boot.entry = regs.rdi;
+      boot.stacks = regs.rsi;
+      boot.r15 = regs.r15;
+      {
+        std::lock_guard<std::mutex> lock(ap_mu_);
+        ap_boot_ = boot;
+      }
+      ap_cv_.notify_all();
+    }
     StartConnector();
   } else if (run->io.port == GUEST_PORT_SLEEP_MS && run->io.size == 4) {
     uint32_t ms;

@@ -49,12 +49,14 @@ class KvmVmmTest : public ::testing::Test {
   }
 
   // Boots the guest with `args`, accepts its connection and waits for the layout line.
-  void Start(const std::string& args) {
+  void Start(const std::string& args, uint32_t vcpus = 1, int64_t hotplug_vcpu_after_ms = -1) {
     ASSERT_TRUE(listener_.ok());
     VmmConfig config;
     config.name = "kvm-test";
     config.image = GuestImage();
     config.cmdline = args;
+    config.vcpus = vcpus;
+    config.hotplug_vcpu_after_ms = hotplug_vcpu_after_ms;
     config.connector.endpoint = listener_.endpoint();
     config.connector.reconnect_seconds = 0;
     config.on_console_line = [this](const std::string& line) {
@@ -433,6 +435,86 @@ TEST_F(KvmVmmTest, InjectWhileTheGuestHasAnExceptionPendingSendsTrap) {
   // The request was dropped, not deferred: the next BREAKPOINT brings no #GP either.
   Reply(WaitEventOf(KVMI_EVENT_BREAKPOINT), KVMI_EVENT_ACTION_CONTINUE);
   WaitLine("^round ", round + 1);
+  EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
+}
+
+uint32_t GuestVcpuCount(ToolConnection* tool) {
+  auto reply = tool->Call(GetGuestInfoRequest{});
+  GuestInfoReply info;
+  if (ToolConnection::ErrorOf(reply) != 0 ||
+      !DecodeReplyData(ToolConnection::DataOf(*reply), &info).ok()) {
+    return 0;
+  }
+  return info.vcpu_count;
+}
+
+// Two vCPUs at start (the second an AP the VMM starts on the kernel's tables), a third hot-added
+// later: per-vCPU commands and events address each, and the hot-added one is announced.
+TEST_F(KvmVmmTest, SecondVcpuAndAHotAddedOneAreIntrospectedOnTheirOwn) {
+  Start("period_ms=20", /*vcpus=*/2, /*hotplug_vcpu_after_ms=*/2500);
+  EXPECT_EQ(GuestVcpuCount(tool_.get()), 2u);
+  EXPECT_EQ(Call(GetVcpuInfoRequest{2}), -KVM_EINVAL);  // not created yet
+  WaitLine("^ap 1: tick 2$");
+  // Enabled once vCPUs 0 and 1 are past their hook-time CREATE_VCPU jobs (a race the kernel has
+  // too: those events would be sent if the tool enabled the event before), well before the
+  // hot-add.
+  ASSERT_EQ(Call(ControlVmEventsRequest{KVMI_EVENT_CREATE_VCPU, true}), 0);
+
+  // vCPU 1's registers are its own (its stack, ap_main), with the kernel's page tables.
+  GetRegistersRequest get;
+  get.vcpu = 1;
+  auto reply = tool_->Call(get);
+  ASSERT_EQ(ToolConnection::ErrorOf(reply), 0);
+  RegistersReply ap;
+  ASSERT_TRUE(DecodeReplyData(ToolConnection::DataOf(*reply), 0, &ap).ok());
+  get.vcpu = 0;
+  reply = tool_->Call(get);
+  ASSERT_EQ(ToolConnection::ErrorOf(reply), 0);
+  RegistersReply bsp;
+  ASSERT_TRUE(DecodeReplyData(ToolConnection::DataOf(*reply), 0, &bsp).ok());
+  EXPECT_EQ(ap.mode, 8u);
+  EXPECT_TRUE(InKernelText(ap.regs.rip)) << std::hex << ap.regs.rip;
+  EXPECT_EQ(ap.regs.r15, layout_["r15"]);
+  EXPECT_EQ(ap.sregs.cr3, layout_["cr3"]);
+  EXPECT_NE(ap.regs.rsp >> 12, bsp.regs.rsp >> 12);
+
+  // PAUSE_VCPU on vCPU 1 stops its ticks, not vCPU 0's rounds.
+  Enable(KVMI_EVENT_PAUSE_VCPU);  // vCPU 0 (Enable's default) ...
+  ControlEventsRequest enable1;
+  enable1.vcpu = 1;
+  enable1.event_id = KVMI_EVENT_PAUSE_VCPU;
+  enable1.enable = true;
+  ASSERT_EQ(Call(enable1), 0);  // ... and vCPU 1
+  ASSERT_EQ(Call(PauseVcpuRequest{1, false}), 0);
+  Event paused = WaitEventOf(KVMI_EVENT_PAUSE_VCPU);
+  EXPECT_EQ(paused.vcpu(), 1);
+  EXPECT_EQ(paused.common.arch.regs.r15, layout_["r15"]);
+  size_t from = LineCount();
+  WaitLine("^round ", from);
+  size_t round = WaitLine("^round ", WaitLine("^round ", from).first + 1).first;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = from; i <= round; ++i) {
+      EXPECT_EQ(lines_[i].find("ap 1: tick"), std::string::npos) << "vCPU 1 ran while paused";
+    }
+  }
+  Reply(paused, KVMI_EVENT_ACTION_CONTINUE);
+  WaitLine("^ap 1: tick ", round);
+
+  // The hot-added vCPU: CREATE_VCPU when it first runs, then it is a vCPU like the others.
+  Event created = WaitEventOf(KVMI_EVENT_CREATE_VCPU);
+  EXPECT_EQ(created.vcpu(), 2);
+  Reply(created, KVMI_EVENT_ACTION_CONTINUE);
+  EXPECT_EQ(GuestVcpuCount(tool_.get()), 3u);
+  WaitLine("^ap 2: tick 1$");
+  EXPECT_EQ(Call(GetVcpuInfoRequest{2}), 0);
+  get.vcpu = 2;
+  reply = tool_->Call(get);
+  ASSERT_EQ(ToolConnection::ErrorOf(reply), 0);
+  RegistersReply hot;
+  ASSERT_TRUE(DecodeReplyData(ToolConnection::DataOf(*reply), 0, &hot).ok());
+  EXPECT_EQ(hot.sregs.cr3, layout_["cr3"]);
+  EXPECT_EQ(hot.regs.r15, layout_["r15"]);
   EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
 }
 
