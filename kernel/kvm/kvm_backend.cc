@@ -373,10 +373,11 @@ void KvmBackend::ApplyMsrFilter() {
 // ---- page access: memslots
 // ------------------------------------------------------------------------
 
-KvmBackend::SlotMode KvmBackend::ModeFor(uint8_t access) {
-  // Execute-only restrictions cannot be expressed with memslots (an instruction fetch from a page
-  // without a slot is an emulation failure): X is not enforced, see docs/KVM.md.
+KvmBackend::SlotMode KvmBackend::ModeFor(uint8_t access) const {
+  // Without execute enforcement, X is ignored: an instruction fetch from a page without a slot
+  // is an emulation failure, which only the VMM's fetch handling turns into a PF event.
   if ((access & KVMI_PAGE_ACCESS_R) == 0) return SlotMode::kUnmapped;
+  if (enforce_execute_ && (access & KVMI_PAGE_ACCESS_X) == 0) return SlotMode::kUnmapped;
   if ((access & KVMI_PAGE_ACCESS_W) == 0) return SlotMode::kReadOnly;
   return SlotMode::kReadWrite;
 }

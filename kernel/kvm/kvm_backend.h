@@ -46,6 +46,10 @@ struct KvmVcpu {
   std::atomic<bool> initialized{false};
   bool single_step = false;  // vCPU thread only
   bool sw_breakpoints = false;
+  // An instruction fetched from an execute-restricted page runs as one single step with the page
+  // mapped (vCPU thread only): its gfn (~0: none), and whether SINGLESTEP is owed to the tool.
+  uint64_t exec_step_gfn = ~uint64_t{0};
+  bool exec_step_event = false;
   // The VMM injected #BP for the next entry (vCPU thread only). KVM_GET_VCPU_EVENTS never shows
   // an injected software exception (KVM expects to see its instruction again), so TRAP needs this.
   bool breakpoint_injected = false;
@@ -114,6 +118,12 @@ class KvmBackend : public host::GuestBackend {
   std::optional<host::GuestInjection> PendingInjection(uint16_t vcpu);
   bool crashed() const { return crashed_.load(std::memory_order_acquire); }
   void set_on_crash(std::function<void()> on_crash) { on_crash_ = std::move(on_crash); }
+  // Execute restrictions: a page without X gets no memslot, so that fetches from it stop the vCPU
+  // (an emulation failure the VMM turns into a PF event). Off by default: KVM itself cannot read
+  // a page without a slot either, so page tables, GDT, IDT or TSS restricted without X would
+  // crash the guest (docs/KVM.md). Set before any restriction.
+  void set_enforce_execute(bool enforce) { enforce_execute_ = enforce; }
+  bool enforce_execute() const { return enforce_execute_; }
   // Memslots in use (tests: restrictions split RAM, restoring merges it back).
   size_t memslot_count() const;
 
@@ -127,7 +137,7 @@ class KvmBackend : public host::GuestBackend {
 
   KvmBackend() = default;
   bool Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error);
-  static SlotMode ModeFor(uint8_t access);
+  SlotMode ModeFor(uint8_t access) const;
   // Deletes the `removed` slots and creates the `added` runs (ids assigned here) with every vCPU
   // held outside KVM_RUN. `lock` holds slot_mu_; it is released while the vCPUs are kicked.
   void RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
@@ -160,6 +170,7 @@ class KvmBackend : public host::GuestBackend {
   std::mutex msr_mu_;
   std::map<uint32_t, std::set<uint16_t>> msr_interceptors_;  // msr -> vCPUs that intercept it
 
+  bool enforce_execute_ = false;
   std::atomic<bool> crashed_{false};
   std::function<void()> on_crash_;
 };

@@ -38,6 +38,7 @@ std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
   std::unique_ptr<KvmVmm> vmm(new KvmVmm(std::move(config)));
   vmm->backend_ = KvmBackend::Create(vmm->config_.memory_bytes, vmm->config_.vcpus, error);
   if (!vmm->backend_) return nullptr;
+  vmm->backend_->set_enforce_execute(vmm->config_.enforce_execute);
   std::memcpy(vmm->backend_->memory() + GUEST_LOAD_GPA, vmm->config_.image.data(),
               vmm->config_.image.size());
   std::memcpy(vmm->backend_->memory() + GUEST_CMDLINE_GPA, vmm->config_.cmdline.c_str(),
@@ -283,8 +284,9 @@ void KvmVmm::VcpuLoop(uint16_t vcpu, bool hot_added) {
         stats_.kicks.fetch_add(1, std::memory_order_relaxed);
         break;
       case KVM_EXIT_INTERNAL_ERROR: {
+        // The fetch first: an INT3 on a non-executable page is a restricted fetch.
         if (v.run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
-            HandleUnemulatedInt3(vcpu)) {
+            (HandleFetchFromRestrictedPage(vcpu) || HandleUnemulatedInt3(vcpu))) {
           break;
         }
         kvm_regs regs;
@@ -457,6 +459,37 @@ bool KvmVmm::HandleUnemulatedInt3(uint16_t vcpu) {
   return true;
 }
 
+bool KvmVmm::HandleFetchFromRestrictedPage(uint16_t vcpu) {
+  if (!backend_->enforce_execute()) return false;
+  kvm_regs regs;
+  kvm_sregs sregs;
+  backend_->GetRegs(vcpu, &regs);
+  backend_->GetSregs(vcpu, &sregs);
+  const uint64_t gva = sregs.cs.base + regs.rip;
+  uint64_t gpa = 0;
+  if (!backend_->Translate(vcpu, gva, &gpa) || !backend_->IsGuestPhysical(gpa) ||
+      engine_->AccessAllowed(gpa, KVMI_PAGE_ACCESS_X)) {
+    return false;
+  }
+  stats_.fetch_faults.fetch_add(1, std::memory_order_relaxed);
+  backend_->ClearException(vcpu);  // KVM's #UD for the failed emulation is not the guest's
+  host::PageFaultOutcome outcome = engine_->OnPageFault(vcpu, gpa, gva, KVMI_PAGE_ACCESS_X);
+  if (outcome.kind == host::PageFaultOutcome::kRetry) return true;  // fetched again at RIP
+  // The instruction runs once with the page mapped (readable, and writable only if the tool
+  // allows writes), then HandleDebug puts the restriction back. Other vCPUs could fetch from
+  // the page meanwhile: the relaxation is VM-wide, as memslots are.
+  const uint64_t gfn = gpa >> 12;
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  v.exec_step_gfn = gfn;
+  v.exec_step_event = outcome.kind == host::PageFaultOutcome::kSingleStep;
+  backend_->OnPageAccessChanged(
+      gfn, engine_->AllowedAccess(gpa) | KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X);
+  if (backend_->SetSingleStep(vcpu, true) < 0) {
+    StopGuest(std::string("KVM_SET_GUEST_DEBUG (single step): ") + std::strerror(errno));
+  }
+  return true;
+}
+
 void KvmVmm::HandleDebug(uint16_t vcpu) {
   stats_.debug_exits.fetch_add(1, std::memory_order_relaxed);
   kvm_run* run = backend_->vcpu(vcpu).run;
@@ -473,9 +506,18 @@ void KvmVmm::HandleDebug(uint16_t vcpu) {
     }
     return;
   }
-  if (run->debug.arch.exception == kDebugVector && backend_->vcpu(vcpu).single_step) {
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  if (run->debug.arch.exception == kDebugVector && v.single_step) {
     backend_->SetSingleStep(vcpu, false);
-    engine_->OnSingleStep(vcpu);
+    bool step_event = true;
+    if (v.exec_step_gfn != ~uint64_t{0}) {
+      // The fetched instruction retired: the page gets the mode the tool's access asks for now.
+      const uint64_t gpa = v.exec_step_gfn << 12;
+      v.exec_step_gfn = ~uint64_t{0};
+      step_event = v.exec_step_event;
+      backend_->OnPageAccessChanged(gpa >> 12, engine_->AllowedAccess(gpa));
+    }
+    if (step_event) engine_->OnSingleStep(vcpu);
   }
 }
 

@@ -47,6 +47,8 @@ struct VmmConfig {
   // If >= 0: one more vCPU is created (KVM_CREATE_VCPU) and started this long after Start, as a
   // CPU hot-add; the engine sends CREATE_VCPU for it when it first runs.
   int64_t hotplug_vcpu_after_ms = -1;
+  // Enforce execute restrictions (KvmBackend::set_enforce_execute; docs/KVM.md for the cost).
+  bool enforce_execute = false;
   // One console line (without the newline), from the vCPU thread that printed it.
   std::function<void(const std::string&)> on_console_line;
 };
@@ -59,6 +61,7 @@ struct VmmStats {
   std::atomic<uint64_t> msr_exits{0};
   std::atomic<uint64_t> debug_exits{0};
   std::atomic<uint64_t> breakpoint_exits{0};  // INT3s KVM could not emulate
+  std::atomic<uint64_t> fetch_faults{0};      // fetches from execute-restricted pages
   std::atomic<uint64_t> kicks{0};             // KVM_RUN interrupted (-EINTR)
 };
 
@@ -105,6 +108,11 @@ class KvmVmm {
   // an INT3, this is the BREAKPOINT point: the event, then the guest's #BP (delivered by the VMM,
   // as KVM could not) unless the tool answers RETRY. False if RIP is not at an INT3.
   bool HandleUnemulatedInt3(uint16_t vcpu);
+  // Also at an emulation failure: with execute enforcement, a fetch from a page the tool made
+  // non-executable (it has no memslot). PF (access X, GPA and GVA of RIP); RETRY re-enters at
+  // RIP, CONTINUE runs that one instruction with the page mapped (single step), RETRY +
+  // singlestep likewise and then SINGLESTEP. False if RIP is not in such a page.
+  bool HandleFetchFromRestrictedPage(uint16_t vcpu);
   // The guest virtual address of a kernel access to gpa, when the identity map the guest uses
   // for its kernel translates it back (KVM's exits carry no linear address); 0 otherwise.
   uint64_t GvaForGpa(uint16_t vcpu, uint64_t gpa);

@@ -49,7 +49,8 @@ class KvmVmmTest : public ::testing::Test {
   }
 
   // Boots the guest with `args`, accepts its connection and waits for the layout line.
-  void Start(const std::string& args, uint32_t vcpus = 1, int64_t hotplug_vcpu_after_ms = -1) {
+  void Start(const std::string& args, uint32_t vcpus = 1, int64_t hotplug_vcpu_after_ms = -1,
+             bool enforce_execute = false) {
     ASSERT_TRUE(listener_.ok());
     VmmConfig config;
     config.name = "kvm-test";
@@ -57,6 +58,7 @@ class KvmVmmTest : public ::testing::Test {
     config.cmdline = args;
     config.vcpus = vcpus;
     config.hotplug_vcpu_after_ms = hotplug_vcpu_after_ms;
+    config.enforce_execute = enforce_execute;
     config.connector.endpoint = listener_.endpoint();
     config.connector.reconnect_seconds = 0;
     config.on_console_line = [this](const std::string& line) {
@@ -435,6 +437,53 @@ TEST_F(KvmVmmTest, InjectWhileTheGuestHasAnExceptionPendingSendsTrap) {
   // The request was dropped, not deferred: the next BREAKPOINT brings no #GP either.
   Reply(WaitEventOf(KVMI_EVENT_BREAKPOINT), KVMI_EVENT_ACTION_CONTINUE);
   WaitLine("^round ", round + 1);
+  EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
+}
+
+// With execute enforcement, the first kernel text page (the syscall entry, LSTAR, and more)
+// restricted to RW: each instruction fetched from it is a PF with access X, until lifted.
+TEST_F(KvmVmmTest, FetchFromNonExecutablePageRetryContinueSingleStep) {
+  Start("period_ms=20", 1, -1, /*enforce_execute=*/true);
+  const uint64_t page = layout_["lstar"] & ~0xfffull;
+  Enable(KVMI_EVENT_PF);
+  Enable(KVMI_EVENT_SINGLESTEP);
+  Restrict(page, KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_W);
+
+  // The next fetch from the page (the syscall entry or other kernel code there), at RIP.
+  Event event = WaitEventOf(KVMI_EVENT_PF);
+  const uint64_t first = event.common.arch.regs.rip;
+  EXPECT_EQ(first & ~0xfffull, page);
+  EXPECT_EQ(event.specific.pf.access, KVMI_PAGE_ACCESS_X);
+  EXPECT_EQ(event.specific.pf.gpa, first);
+  EXPECT_EQ(event.specific.pf.gva, first);  // identity-mapped kernel
+  // RETRY: nothing executed; the same fetch faults again.
+  Reply(event, KVMI_EVENT_ACTION_RETRY);
+  event = WaitEventOf(KVMI_EVENT_PF);
+  EXPECT_EQ(event.common.arch.regs.rip, first);
+  // CONTINUE: that one instruction runs; the next fetch from the page faults in turn.
+  Reply(event, KVMI_EVENT_ACTION_CONTINUE);
+  event = WaitEventOf(KVMI_EVENT_PF);
+  const uint64_t second = event.common.arch.regs.rip;
+  EXPECT_NE(second, first);
+  EXPECT_EQ(second & ~0xfffull, page);
+  EXPECT_EQ(event.specific.pf.gpa, second);
+  // RETRY + singlestep: it runs, then SINGLESTEP past it.
+  EventReply step = MakeEventReply(event, KVMI_EVENT_ACTION_RETRY);
+  step.specific.pf.singlestep = 1;
+  ASSERT_TRUE(tool_->ReplyEvent(step));
+  Event stepped = WaitEventOf(KVMI_EVENT_SINGLESTEP);
+  EXPECT_NE(stepped.common.arch.regs.rip, second);
+  Reply(stepped, KVMI_EVENT_ACTION_CONTINUE);
+  event = WaitEventOf(KVMI_EVENT_PF);
+  EXPECT_EQ(event.specific.pf.access, KVMI_PAGE_ACCESS_X);
+
+  // Lifted while the vCPU waits: the page gets its slot back, and the guest runs on silently.
+  Restrict(page, KVMI_PAGE_ACCESS_RWX);
+  Reply(event, KVMI_EVENT_ACTION_CONTINUE);
+  size_t from = LineCount();
+  WaitLine("^round ", WaitLine("^round ", from).first + 1);
+  EXPECT_EQ(vmm_->backend().memslot_count(), 1u);
+  EXPECT_TRUE(tool_->ExpectSilence(100ms));
   EXPECT_FALSE(vmm_->guest_stopped()) << vmm_->stop_reason();
 }
 

@@ -41,6 +41,9 @@ ABSL_FLAG(std::string, name, "kvm-vm", "VM name sent in the handshake");
 ABSL_FLAG(int64_t, vcpus, 1,
           "vCPUs at start (1..8, hot-added included): vCPU 0 runs the kernel, the others tick on "
           "the console (\"ap N: tick K\")");
+ABSL_FLAG(bool, enforce_execute, false,
+          "Enforce the tool's execute restrictions (a page without X loses its memslot, so KVM "
+          "cannot read it either: never restrict page tables, GDT, IDT or TSS without X)");
 ABSL_FLAG(int64_t, hotplug_vcpu_after_ms, -1,
           "If >= 0: create and start one more vCPU this many milliseconds after start (CPU "
           "hot-add; the tool gets CREATE_VCPU for it)");
@@ -122,6 +125,7 @@ int main(int argc, char** argv) {
   if (hotplug_ms > 3600 * 1000) return Fail(2, "--hotplug_vcpu_after_ms: at most an hour");
   config.vcpus = static_cast<uint32_t>(vcpus);
   config.hotplug_vcpu_after_ms = hotplug_ms;
+  config.enforce_execute = absl::GetFlag(FLAGS_enforce_execute);
   config.cmdline = absl::GetFlag(FLAGS_guest_args);
   for (char c : config.cmdline) {
     if (c < 0x20 || c > 0x7e) return Fail(2, "--guest_args: printable ASCII only");
