@@ -5,7 +5,8 @@
 //     KVM_CAP_X86_USER_SPACE_MSR (KVM_MSR_EXIT_REASON_FILTER) the denied WRMSR exits to us;
 //   * page access: RAM is a set of memslots split at restricted pages; a page without W is a
 //     read-only slot (writes exit as KVM_EXIT_MMIO), a page without R has no slot (every access
-//     exits as MMIO);
+//     exits as MMIO); with execute enforcement a page without X has no slot either (fetches
+//     stop the vCPU, which the VMM reports as PF);
 //   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise (where KVM cannot
 //     deliver an INT3 at all, the VMM catches it at the emulation failure, docs/KVM.md).
 // A vCPU inside KVM_RUN is forced out with immediate_exit and SIGUSR1 (its process-wide handler,
