@@ -165,13 +165,15 @@ int main(int argc, char** argv) {
   double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const kvm::VmmStats& s = vmm->stats();
   std::fprintf(stderr,
-               "kvmi-vmm summary: %.1f s, exits %llu (io %llu, mmio %llu, msr %llu, debug %llu), "
-               "kicks %llu, sessions %llu%s%s\n",
+               "kvmi-vmm summary: %.1f s, exits %llu (io %llu, mmio %llu, msr %llu, debug %llu, "
+               "int3 %llu, fetch %llu), kicks %llu, sessions %llu%s%s\n",
                wall, static_cast<unsigned long long>(s.exits.load()),
                static_cast<unsigned long long>(s.io_exits.load()),
                static_cast<unsigned long long>(s.mmio_exits.load()),
                static_cast<unsigned long long>(s.msr_exits.load()),
                static_cast<unsigned long long>(s.debug_exits.load()),
+               static_cast<unsigned long long>(s.breakpoint_exits.load()),
+               static_cast<unsigned long long>(s.fetch_faults.load()),
                static_cast<unsigned long long>(s.kicks.load()),
                static_cast<unsigned long long>(vmm->connector().sessions_started()),
                guest_stopped ? ", guest stopped: " : "",
