@@ -46,8 +46,8 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
     *error = "guest memory must be a multiple of 2 MiB, at most 4 GiB";
     return false;
   }
-  if (vcpus == 0 || vcpus > 64) {
-    *error = "1..64 vCPUs";
+  if (vcpus == 0 || vcpus > kMaxVcpus) {
+    *error = "1.." + std::to_string(kMaxVcpus) + " vCPUs";
     return false;
   }
   kvm_fd_ = UniqueFd(::open("/dev/kvm", O_RDWR | O_CLOEXEC));
@@ -114,8 +114,8 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
   }
   cpuid_.resize(static_cast<size_t>(entries));
 
-  int run_size = ioctl(kvm_fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
-  if (run_size <= 0) {
+  run_size_ = ioctl(kvm_fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
+  if (run_size_ <= 0) {
     *error = Errno("KVM_GET_VCPU_MMAP_SIZE");
     return false;
   }
@@ -124,42 +124,55 @@ bool KvmBackend::Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error)
   sigemptyset(&action.sa_mask);
   sigaction(kKickSignal, &action, nullptr);
   for (uint32_t i = 0; i < vcpus; ++i) {
-    auto v = std::make_unique<KvmVcpu>();
-    v->fd = UniqueFd(ioctl(vm_fd_.get(), KVM_CREATE_VCPU, i));
-    if (!v->fd) {
-      *error = Errno("KVM_CREATE_VCPU");
-      return false;
-    }
-    void* run = mmap(nullptr, static_cast<size_t>(run_size), PROT_READ | PROT_WRITE, MAP_SHARED,
-                     v->fd.get(), 0);
-    if (run == MAP_FAILED) {
-      *error = Errno("mmap kvm_run");
-      return false;
-    }
-    v->run = static_cast<kvm_run*>(run);
-    v->run_size = static_cast<size_t>(run_size);
-    std::vector<kvm_cpuid_entry2> cpuid = cpuid_;
-    for (kvm_cpuid_entry2& e : cpuid) SetApicId(e.function, i, &e.ebx, &e.edx);
-    if (kvmid_set_cpuid(v->fd.get(), cpuid.data(), static_cast<uint32_t>(cpuid.size())) < 0) {
-      *error = Errno("KVM_SET_CPUID2");
-      return false;
-    }
-    vcpus_.push_back(std::move(v));
+    if (AddVcpu(error) < 0) return false;
   }
   return true;
 }
 
+int KvmBackend::AddVcpu(std::string* error) {
+  std::lock_guard<std::mutex> lock(add_mu_);
+  const uint32_t index = vcpu_count_.load(std::memory_order_relaxed);
+  if (index >= kMaxVcpus) {
+    *error = "at most " + std::to_string(kMaxVcpus) + " vCPUs";
+    return -1;
+  }
+  auto v = std::make_unique<KvmVcpu>();
+  v->fd = UniqueFd(ioctl(vm_fd_.get(), KVM_CREATE_VCPU, index));
+  if (!v->fd) {
+    *error = Errno("KVM_CREATE_VCPU");
+    return -1;
+  }
+  void* run = mmap(nullptr, static_cast<size_t>(run_size_), PROT_READ | PROT_WRITE, MAP_SHARED,
+                   v->fd.get(), 0);
+  if (run == MAP_FAILED) {
+    *error = Errno("mmap kvm_run");
+    return -1;
+  }
+  v->run = static_cast<kvm_run*>(run);
+  v->run_size = static_cast<size_t>(run_size_);
+  std::vector<kvm_cpuid_entry2> cpuid = cpuid_;
+  for (kvm_cpuid_entry2& e : cpuid) SetApicId(e.function, index, &e.ebx, &e.edx);
+  if (kvmid_set_cpuid(v->fd.get(), cpuid.data(), static_cast<uint32_t>(cpuid.size())) < 0) {
+    *error = Errno("KVM_SET_CPUID2");
+    munmap(v->run, v->run_size);
+    return -1;
+  }
+  vcpus_[index] = std::move(v);
+  vcpu_count_.store(index + 1, std::memory_order_release);
+  return static_cast<int>(index);
+}
+
 KvmBackend::~KvmBackend() {
   for (auto& v : vcpus_) {
-    if (v->run) munmap(v->run, v->run_size);
+    if (v && v->run) munmap(v->run, v->run_size);
+    v.reset();
   }
-  vcpus_.clear();
   vm_fd_.Reset();
   if (memory_) munmap(memory_, memory_bytes_);
 }
 
 bool KvmBackend::VcpuInitialized(uint16_t vcpu) const {
-  return vcpu < vcpus_.size() && vcpus_[vcpu]->initialized.load(std::memory_order_acquire);
+  return vcpu < VcpuCount() && vcpus_[vcpu]->initialized.load(std::memory_order_acquire);
 }
 
 void KvmBackend::GetRegs(uint16_t vcpu, kvm_regs* regs) {
@@ -287,18 +300,43 @@ bool KvmBackend::InjectException(uint16_t vcpu, uint8_t vector, bool has_error, 
   return ioctl(vcpus_[vcpu]->fd.get(), KVM_SET_VCPU_EVENTS, &events) == 0;
 }
 
-bool KvmBackend::PendingInjection(uint16_t vcpu, uint32_t* vector) {
+bool KvmBackend::ClearException(uint16_t vcpu) {
   kvm_vcpu_events events{};
   if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return false;
+  if (!events.exception.injected && !events.exception.pending) return true;
+  events.exception = {};
+  events.flags = 0;
+  return ioctl(vcpus_[vcpu]->fd.get(), KVM_SET_VCPU_EVENTS, &events) == 0;
+}
+
+std::optional<host::GuestInjection> KvmBackend::PendingInjection(uint16_t vcpu) {
+  kvm_vcpu_events events{};
+  if (ioctl(vcpus_[vcpu]->fd.get(), KVM_GET_VCPU_EVENTS, &events) < 0) return std::nullopt;
+  host::GuestInjection injection;
   if (events.exception.injected || events.exception.pending) {
-    *vector = events.exception.nr;
-    return true;
+    injection.vector = events.exception.nr;
+    // #BP and #OF come from INT3 / INTO: software exceptions, as VMX and KVMI classify them.
+    injection.type = injection.vector == 3 || injection.vector == 4 ? KVMI_TRAP_TYPE_SOFT_EXCEPTION
+                                                                    : KVMI_TRAP_TYPE_HARD_EXCEPTION;
+    if (events.exception.has_error_code) injection.error_code = events.exception.error_code;
+    if (injection.vector == 14) {
+      kvm_sregs sregs;
+      GetSregs(vcpu, &sregs);
+      injection.cr2 = sregs.cr2;
+    }
+    return injection;
+  }
+  if (events.nmi.injected) {
+    injection.vector = 2;
+    injection.type = KVMI_TRAP_TYPE_NMI;
+    return injection;
   }
   if (events.interrupt.injected) {
-    *vector = events.interrupt.nr;
-    return true;
+    injection.vector = events.interrupt.nr;
+    injection.type = events.interrupt.soft ? KVMI_TRAP_TYPE_SOFT_INTR : KVMI_TRAP_TYPE_EXT_INTR;
+    return injection;
   }
-  return false;
+  return std::nullopt;
 }
 
 // ---- MSR writes
@@ -335,10 +373,11 @@ void KvmBackend::ApplyMsrFilter() {
 // ---- page access: memslots
 // ------------------------------------------------------------------------
 
-KvmBackend::SlotMode KvmBackend::ModeFor(uint8_t access) {
-  // Execute-only restrictions cannot be expressed with memslots (an instruction fetch from a page
-  // without a slot is an emulation failure): X is not enforced, see docs/KVM.md.
+KvmBackend::SlotMode KvmBackend::ModeFor(uint8_t access) const {
+  // Without execute enforcement, X is ignored: an instruction fetch from a page without a slot
+  // is an emulation failure, which only the VMM's fetch handling turns into a PF event.
   if ((access & KVMI_PAGE_ACCESS_R) == 0) return SlotMode::kUnmapped;
+  if (enforce_execute_ && (access & KVMI_PAGE_ACCESS_X) == 0) return SlotMode::kUnmapped;
   if ((access & KVMI_PAGE_ACCESS_W) == 0) return SlotMode::kReadOnly;
   return SlotMode::kReadWrite;
 }
@@ -393,12 +432,12 @@ void KvmBackend::RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
   // that is momentarily without a slot would stop with an emulation failure.
   slots_changing_ = true;
   lock.unlock();
-  for (uint32_t i = 0; i < vcpus_.size(); ++i) KickVcpu(static_cast<uint16_t>(i));
+  for (uint32_t i = 0; i < VcpuCount(); ++i) KickVcpu(static_cast<uint16_t>(i));
   lock.lock();
   slot_cv_.wait(lock, [&] {
     if (in_guest_ == 0) return true;
     // A vCPU that entered before seeing the flag may have missed the kick.
-    for (uint32_t i = 0; i < vcpus_.size(); ++i) KickVcpu(static_cast<uint16_t>(i));
+    for (uint32_t i = 0; i < VcpuCount(); ++i) KickVcpu(static_cast<uint16_t>(i));
     return false;
   });
   for (const auto& [start, slot] : removed) {
@@ -442,7 +481,7 @@ size_t KvmBackend::memslot_count() const {
 // ----------------------------------------------------------------------------------------
 
 void KvmBackend::KickVcpu(uint16_t vcpu) {
-  if (vcpu >= vcpus_.size()) return;
+  if (vcpu >= VcpuCount()) return;
   KvmVcpu& v = *vcpus_[vcpu];
   // immediate_exit makes the next KVM_RUN return at once; the signal interrupts a running one.
   __atomic_store_n(&v.run->immediate_exit, 1, __ATOMIC_SEQ_CST);

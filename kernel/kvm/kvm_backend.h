@@ -5,8 +5,10 @@
 //     KVM_CAP_X86_USER_SPACE_MSR (KVM_MSR_EXIT_REASON_FILTER) the denied WRMSR exits to us;
 //   * page access: RAM is a set of memslots split at restricted pages; a page without W is a
 //     read-only slot (writes exit as KVM_EXIT_MMIO), a page without R has no slot (every access
-//     exits as MMIO);
-//   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise.
+//     exits as MMIO); with execute enforcement a page without X has no slot either (fetches
+//     stop the vCPU, which the VMM reports as PF);
+//   * breakpoints: KVM_SET_GUEST_DEBUG (USE_SW_BP), single-step likewise (where KVM cannot
+//     deliver an INT3 at all, the VMM catches it at the emulation failure, docs/KVM.md).
 // A vCPU inside KVM_RUN is forced out with immediate_exit and SIGUSR1 (its process-wide handler,
 // installed by Create, does nothing).
 // What stock KVM cannot give user space (CR writes, XSETBV, descriptor-table exiting, the KVMI
@@ -17,6 +19,7 @@
 #include <linux/kvm.h>
 #include <pthread.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "kernel/host/guest_backend.h"
+#include "kernel/host/vm_introspection.h"
 #include "kernel/transport/unique_fd.h"
 
 namespace kvmi::kvm {
@@ -43,10 +47,18 @@ struct KvmVcpu {
   std::atomic<bool> initialized{false};
   bool single_step = false;  // vCPU thread only
   bool sw_breakpoints = false;
+  // An instruction fetched from an execute-restricted page runs as one single step with the page
+  // mapped (vCPU thread only): its gfn (~0: none), and whether SINGLESTEP is owed to the tool.
+  uint64_t exec_step_gfn = ~uint64_t{0};
+  bool exec_step_event = false;
+  // The VMM injected #BP for the next entry (vCPU thread only). KVM_GET_VCPU_EVENTS never shows
+  // an injected software exception (KVM expects to see its instruction again), so TRAP needs this.
+  bool breakpoint_injected = false;
 };
 
 class KvmBackend : public host::GuestBackend {
  public:
+  static constexpr uint32_t kMaxVcpus = 64;
   // Opens /dev/kvm and creates the VM with `memory_bytes` of RAM (a multiple of 2 MiB) and
   // `vcpus` vCPUs. Returns nullptr and sets *error when KVM is missing or lacks a capability.
   static std::unique_ptr<KvmBackend> Create(uint64_t memory_bytes, uint32_t vcpus,
@@ -56,7 +68,7 @@ class KvmBackend : public host::GuestBackend {
   KvmBackend& operator=(const KvmBackend&) = delete;
 
   // ---- GuestBackend ----
-  uint32_t VcpuCount() const override { return static_cast<uint32_t>(vcpus_.size()); }
+  uint32_t VcpuCount() const override { return vcpu_count_.load(std::memory_order_acquire); }
   bool VcpuInitialized(uint16_t vcpu) const override;
   void GetRegs(uint16_t vcpu, kvm_regs* regs) override;
   void SetRegs(uint16_t vcpu, const kvm_regs& regs) override;
@@ -82,6 +94,9 @@ class KvmBackend : public host::GuestBackend {
   uint8_t* memory() { return memory_; }
   uint64_t memory_bytes() const { return memory_bytes_; }
   KvmVcpu& vcpu(uint16_t index) { return *vcpus_[index]; }
+  // KVM_CREATE_VCPU at run time (hot-add): the new vCPU's index, or -1 with *error set. It stays
+  // uninitialised (commands refused) until its thread calls MarkRunning.
+  int AddVcpu(std::string* error);
   // The vCPU's thread is about to enter the guest for the first time: it leaves
   // KVM_MP_STATE_UNINITIALIZED, so commands (and event replies) to it are accepted.
   void MarkRunning(uint16_t vcpu);
@@ -97,10 +112,19 @@ class KvmBackend : public host::GuestBackend {
   // KVM_SET_VCPU_EVENTS: an exception delivered at the next entry.
   bool InjectException(uint16_t vcpu, uint8_t vector, bool has_error, uint32_t error_code,
                        uint64_t cr2);
-  // Whether an exception or interrupt is pending/injected already (KVM_GET_VCPU_EVENTS).
-  bool PendingInjection(uint16_t vcpu, uint32_t* vector);
+  // Drops an exception KVM has pending or injected for the next entry (KVM_SET_VCPU_EVENTS).
+  bool ClearException(uint16_t vcpu);
+  // The exception, NMI or interrupt KVM injects at the next entry (KVM_GET_VCPU_EVENTS), as the
+  // TRAP event describes it; nullopt if none.
+  std::optional<host::GuestInjection> PendingInjection(uint16_t vcpu);
   bool crashed() const { return crashed_.load(std::memory_order_acquire); }
   void set_on_crash(std::function<void()> on_crash) { on_crash_ = std::move(on_crash); }
+  // Execute restrictions: a page without X gets no memslot, so that fetches from it stop the vCPU
+  // (an emulation failure the VMM turns into a PF event). Off by default: KVM itself cannot read
+  // a page without a slot either, so page tables, GDT, IDT or TSS restricted without X would
+  // crash the guest (docs/KVM.md). Set before any restriction.
+  void set_enforce_execute(bool enforce) { enforce_execute_ = enforce; }
+  bool enforce_execute() const { return enforce_execute_; }
   // Memslots in use (tests: restrictions split RAM, restoring merges it back).
   size_t memslot_count() const;
 
@@ -114,7 +138,7 @@ class KvmBackend : public host::GuestBackend {
 
   KvmBackend() = default;
   bool Init(uint64_t memory_bytes, uint32_t vcpus, std::string* error);
-  static SlotMode ModeFor(uint8_t access);
+  SlotMode ModeFor(uint8_t access) const;
   // Deletes the `removed` slots and creates the `added` runs (ids assigned here) with every vCPU
   // held outside KVM_RUN. `lock` holds slot_mu_; it is released while the vCPUs are kicked.
   void RewriteSlotsLocked(std::unique_lock<std::mutex>& lock,
@@ -127,7 +151,12 @@ class KvmBackend : public host::GuestBackend {
   UniqueFd vm_fd_;
   uint8_t* memory_ = nullptr;
   uint64_t memory_bytes_ = 0;
-  std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
+  // Fixed capacity so that vCPUs can be added while others run: entries below vcpu_count_ are
+  // set before the count is published and never change.
+  std::array<std::unique_ptr<KvmVcpu>, kMaxVcpus> vcpus_;
+  std::atomic<uint32_t> vcpu_count_{0};
+  std::mutex add_mu_;
+  int run_size_ = 0;
   std::vector<kvm_cpuid_entry2> cpuid_;
 
   // Memslots: start gfn -> slot, covering all of RAM. Changed only with every vCPU outside
@@ -142,6 +171,7 @@ class KvmBackend : public host::GuestBackend {
   std::mutex msr_mu_;
   std::map<uint32_t, std::set<uint16_t>> msr_interceptors_;  // msr -> vCPUs that intercept it
 
+  bool enforce_execute_ = false;
   std::atomic<bool> crashed_{false};
   std::function<void()> on_crash_;
 };

@@ -15,6 +15,7 @@ constexpr uint32_t kMaxSleepMs = 10000;
 constexpr size_t kMaxConsoleLine = 4096;
 constexpr uint8_t kBreakpointVector = 3;
 constexpr uint8_t kDebugVector = 1;
+constexpr uint8_t kInt3Opcode = 0xcc;
 // How long Stop() waits for the tool to let go after KVMI_EVENT_UNHOOK.
 constexpr std::chrono::milliseconds kUnhookGrace{2000};
 
@@ -29,10 +30,15 @@ std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
     *error = "the guest command line is longer than " + std::to_string(GUEST_CMDLINE_MAX - 1);
     return nullptr;
   }
+  const uint32_t max_vcpus = config.vcpus + (config.hotplug_vcpu_after_ms >= 0 ? 1 : 0);
+  if (config.vcpus == 0 || max_vcpus > GUEST_MAX_VCPUS) {
+    *error = "the guest runs 1.." + std::to_string(GUEST_MAX_VCPUS) + " vCPUs, hot-added included";
+    return nullptr;
+  }
   std::unique_ptr<KvmVmm> vmm(new KvmVmm(std::move(config)));
-  // One vCPU: the guest kernel is uniprocessor (no APs are started).
-  vmm->backend_ = KvmBackend::Create(vmm->config_.memory_bytes, 1, error);
+  vmm->backend_ = KvmBackend::Create(vmm->config_.memory_bytes, vmm->config_.vcpus, error);
   if (!vmm->backend_) return nullptr;
+  vmm->backend_->set_enforce_execute(vmm->config_.enforce_execute);
   std::memcpy(vmm->backend_->memory() + GUEST_LOAD_GPA, vmm->config_.image.data(),
               vmm->config_.image.size());
   std::memcpy(vmm->backend_->memory() + GUEST_CMDLINE_GPA, vmm->config_.cmdline.c_str(),
@@ -58,13 +64,12 @@ std::unique_ptr<KvmVmm> KvmVmm::Create(VmmConfig config, std::string* error) {
     raw->StopGuest("crashed by the introspection tool");
     raw->connector_->WakeWaiters();
   });
-  for (uint32_t i = 0; i < vmm->backend_->VcpuCount(); ++i) {
-    vmm->SetBootState(static_cast<uint16_t>(i));
-  }
+  vmm->SetBootState(0);  // the APs get their state when the kernel is up
   return vmm;
 }
 
-KvmVmm::KvmVmm(VmmConfig config) : config_(std::move(config)) {}
+KvmVmm::KvmVmm(VmmConfig config)
+    : config_(std::move(config)), console_lines_(KvmBackend::kMaxVcpus) {}
 
 KvmVmm::~KvmVmm() { Stop(); }
 
@@ -90,9 +95,72 @@ void KvmVmm::Start() {
   if (started_.exchange(true)) return;
   spdlog::default_logger_raw();  // create the registry before the threads that log
   for (uint32_t i = 0; i < backend_->VcpuCount(); ++i) {
-    vcpu_threads_.emplace_back([this, i] { VcpuLoop(static_cast<uint16_t>(i)); });
+    StartVcpuThread(static_cast<uint16_t>(i), false);
+  }
+  if (config_.hotplug_vcpu_after_ms >= 0) {
+    std::chrono::milliseconds delay(config_.hotplug_vcpu_after_ms);
+    hotplug_thread_ = std::thread([this, delay] { HotplugAfter(delay); });
   }
   if (!config_.hook_after_boot) StartConnector();
+}
+
+void KvmVmm::StartVcpuThread(uint16_t vcpu, bool hot_added) {
+  std::lock_guard<std::mutex> lock(threads_mu_);
+  if (stopping()) return;
+  vcpu_threads_.emplace_back([this, vcpu, hot_added] { VcpuLoop(vcpu, hot_added); });
+}
+
+void KvmVmm::HotplugAfter(std::chrono::milliseconds delay) {
+  {
+    std::unique_lock<std::mutex> lock(ap_mu_);
+    if (ap_cv_.wait_for(lock, delay, [this] { return stopping(); })) return;
+  }
+  std::string error;
+  int index = backend_->AddVcpu(&error);
+  if (index < 0) {
+    spdlog::error("[{}] vCPU hot-add: {}", config_.name, error);
+    return;
+  }
+  spdlog::info("[{}] vCPU {} hot-added", config_.name, index);
+  StartVcpuThread(static_cast<uint16_t>(index), true);
+}
+
+bool KvmVmm::WaitAndSetApState(uint16_t vcpu) {
+  ApBoot boot;
+  {
+    std::unique_lock<std::mutex> lock(ap_mu_);
+    ap_cv_.wait(lock, [this] { return ap_boot_.has_value() || stopping(); });
+    if (!ap_boot_) return false;
+    boot = *ap_boot_;
+  }
+  // As an OS's trampoline would leave it: the kernel's mode, tables and segments. The AP keeps
+  // its own APIC base (KVM's BSP flag is vCPU 0's).
+  kvm_sregs sregs;
+  backend_->GetSregs(vcpu, &sregs);
+  sregs.cs = boot.sregs.cs;
+  sregs.ds = boot.sregs.ds;
+  sregs.es = boot.sregs.es;
+  sregs.fs = boot.sregs.fs;
+  sregs.gs = boot.sregs.gs;
+  sregs.ss = boot.sregs.ss;
+  sregs.tr = boot.sregs.tr;
+  sregs.ldt = boot.sregs.ldt;
+  sregs.gdt = boot.sregs.gdt;
+  sregs.idt = boot.sregs.idt;
+  sregs.cr0 = boot.sregs.cr0;
+  sregs.cr3 = boot.sregs.cr3;
+  sregs.cr4 = boot.sregs.cr4;
+  sregs.efer = boot.sregs.efer;
+  backend_->SetSregs(vcpu, sregs);
+  kvm_regs regs{};
+  regs.rip = boot.entry;
+  // The top of its stack, minus a return address slot: the ABI's alignment at a function entry.
+  regs.rsp = boot.stacks + uint64_t{vcpu} * GUEST_AP_STACK_SIZE - 8;
+  regs.rdi = vcpu;
+  regs.r15 = boot.r15;  // reserved in the guest for the boot marker (-ffixed-r15)
+  regs.rflags = 0x2;
+  backend_->SetRegs(vcpu, regs);
+  return true;
 }
 
 void KvmVmm::StartConnector() {
@@ -111,6 +179,11 @@ void KvmVmm::Stop() {
   if (stop_.exchange(true)) return;
   if (!connector_) return;  // Create failed half-way: nothing runs yet
   {
+    std::lock_guard<std::mutex> lock(ap_mu_);  // waiters check stopping() under it
+  }
+  ap_cv_.notify_all();
+  if (hotplug_thread_.joinable()) hotplug_thread_.join();
+  {
     std::lock_guard<std::mutex> lock(connector_mu_);
     connector_->Stop();
   }
@@ -118,6 +191,7 @@ void KvmVmm::Stop() {
   for (uint32_t i = 0; i < backend_->VcpuCount(); ++i) {
     engine_->Kick(static_cast<uint16_t>(i));  // also KickVcpu: out of KVM_RUN
   }
+  std::lock_guard<std::mutex> lock(threads_mu_);  // StartVcpuThread adds none once stopping
   for (std::thread& t : vcpu_threads_) {
     if (t.joinable()) t.join();
   }
@@ -146,11 +220,12 @@ void KvmVmm::Idle(uint16_t vcpu, host::Clock::time_point deadline) {
 
 void KvmVmm::EnterGuest(uint16_t vcpu) {
   engine_->RunJobs(vcpu);
-  std::optional<host::GuestInjection> busy;
-  uint32_t vector = 0;
-  if (backend_->PendingInjection(vcpu, &vector)) {
-    busy = host::GuestInjection{vector, KVMI_TRAP_TYPE_HARD_EXCEPTION, 0, 0};
+  std::optional<host::GuestInjection> busy = backend_->PendingInjection(vcpu);
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  if (!busy && v.breakpoint_injected) {
+    busy = host::GuestInjection{kBreakpointVector, KVMI_TRAP_TYPE_SOFT_EXCEPTION, 0, 0};
   }
+  v.breakpoint_injected = false;  // delivered by this entry
   if (std::optional<host::ToolException> e = engine_->TakeToolException(vcpu, busy)) {
     if (!backend_->InjectException(vcpu, e->vector, e->has_error || e->vector == 14, e->error_code,
                                    e->address)) {
@@ -160,9 +235,11 @@ void KvmVmm::EnterGuest(uint16_t vcpu) {
   }
 }
 
-void KvmVmm::VcpuLoop(uint16_t vcpu) {
+void KvmVmm::VcpuLoop(uint16_t vcpu, bool hot_added) {
   KvmVcpu& v = backend_->vcpu(vcpu);
+  if (vcpu > 0 && !WaitAndSetApState(vcpu)) return;
   backend_->MarkRunning(vcpu);
+  if (hot_added) engine_->OnVcpuFirstRun(vcpu);
   while (!stopping()) {
     if (guest_stopped()) {
       // Halted for good (no interrupts in this machine): keep serving the tool.
@@ -207,6 +284,11 @@ void KvmVmm::VcpuLoop(uint16_t vcpu) {
         stats_.kicks.fetch_add(1, std::memory_order_relaxed);
         break;
       case KVM_EXIT_INTERNAL_ERROR: {
+        // The fetch first: an INT3 on a non-executable page is a restricted fetch.
+        if (v.run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
+            (HandleFetchFromRestrictedPage(vcpu) || HandleUnemulatedInt3(vcpu))) {
+          break;
+        }
         kvm_regs regs;
         backend_->GetRegs(vcpu, &regs);
         char where[64];
@@ -240,16 +322,31 @@ void KvmVmm::HandleIo(uint16_t vcpu) {
     return;
   }
   if (run->io.port == GUEST_PORT_SERIAL) {
+    std::string& console_line = console_lines_[vcpu];
     for (size_t i = 0; i < bytes; ++i) {
       char c = static_cast<char>(data[i]);
-      if (c == '\n' || console_line_.size() >= kMaxConsoleLine) {
-        if (config_.on_console_line) config_.on_console_line(console_line_);
-        console_line_.clear();
+      if (c == '\n' || console_line.size() >= kMaxConsoleLine) {
+        if (config_.on_console_line) config_.on_console_line(console_line);
+        console_line.clear();
         if (c == '\n') continue;
       }
-      if (c != '\r') console_line_ += c;
+      if (c != '\r') console_line += c;
     }
   } else if (run->io.port == GUEST_PORT_BOOTED) {
+    if (vcpu == 0) {
+      ApBoot boot;
+      kvm_regs regs;
+      backend_->GetRegs(vcpu, &regs);
+      backend_->GetSregs(vcpu, &boot.sregs);
+      boot.entry = regs.rdi;
+      boot.stacks = regs.rsi;
+      boot.r15 = regs.r15;
+      {
+        std::lock_guard<std::mutex> lock(ap_mu_);
+        ap_boot_ = boot;
+      }
+      ap_cv_.notify_all();
+    }
     StartConnector();
   } else if (run->io.port == GUEST_PORT_SLEEP_MS && run->io.size == 4) {
     uint32_t ms;
@@ -330,6 +427,69 @@ void KvmVmm::HandleWrmsr(uint16_t vcpu) {
   run->msr.error = outcome.allowed && backend_->SetMsr(vcpu, index, outcome.value) ? 0 : 1;
 }
 
+bool KvmVmm::HandleUnemulatedInt3(uint16_t vcpu) {
+  kvm_regs regs;
+  kvm_sregs sregs;
+  backend_->GetRegs(vcpu, &regs);
+  backend_->GetSregs(vcpu, &sregs);
+  uint64_t gpa = 0;
+  uint8_t opcode = 0;
+  if (!backend_->Translate(vcpu, sregs.cs.base + regs.rip, &gpa) ||
+      !backend_->ReadPhysical(gpa, &opcode, 1) || opcode != kInt3Opcode) {
+    return false;
+  }
+  stats_.breakpoint_exits.fetch_add(1, std::memory_order_relaxed);
+  // KVM gives up on the INT3 at its RIP before anything is delivered: the same point at which
+  // an intercepted #BP (KVM_EXIT_DEBUG) stops, so the tool sees RIP at the INT3. A #UD KVM may
+  // have queued with the failure is not the guest's: it goes.
+  backend_->ClearException(vcpu);
+  if (engine_->OnBreakpoint(vcpu, gpa, 1) == host::BreakpointOutcome::kRetry) {
+    return true;  // re-executed at RIP (the tool removed its INT3 or moved RIP)
+  }
+  // What the CPU would have done: #BP is a trap, delivered with RIP past the INT3. RIP is read
+  // again because the tool may have set the registers while the vCPU waited for its reply.
+  backend_->GetRegs(vcpu, &regs);
+  regs.rip += 1;
+  backend_->SetRegs(vcpu, regs);
+  if (backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+    backend_->vcpu(vcpu).breakpoint_injected = true;
+  } else {
+    StopGuest(std::string("KVM_SET_VCPU_EVENTS (#BP): ") + std::strerror(errno));
+  }
+  return true;
+}
+
+bool KvmVmm::HandleFetchFromRestrictedPage(uint16_t vcpu) {
+  if (!backend_->enforce_execute()) return false;
+  kvm_regs regs;
+  kvm_sregs sregs;
+  backend_->GetRegs(vcpu, &regs);
+  backend_->GetSregs(vcpu, &sregs);
+  const uint64_t gva = sregs.cs.base + regs.rip;
+  uint64_t gpa = 0;
+  if (!backend_->Translate(vcpu, gva, &gpa) || !backend_->IsGuestPhysical(gpa) ||
+      engine_->AccessAllowed(gpa, KVMI_PAGE_ACCESS_X)) {
+    return false;
+  }
+  stats_.fetch_faults.fetch_add(1, std::memory_order_relaxed);
+  backend_->ClearException(vcpu);  // KVM's #UD for the failed emulation is not the guest's
+  host::PageFaultOutcome outcome = engine_->OnPageFault(vcpu, gpa, gva, KVMI_PAGE_ACCESS_X);
+  if (outcome.kind == host::PageFaultOutcome::kRetry) return true;  // fetched again at RIP
+  // The instruction runs once with the page mapped (readable, and writable only if the tool
+  // allows writes), then HandleDebug puts the restriction back. Other vCPUs could fetch from
+  // the page meanwhile: the relaxation is VM-wide, as memslots are.
+  const uint64_t gfn = gpa >> 12;
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  v.exec_step_gfn = gfn;
+  v.exec_step_event = outcome.kind == host::PageFaultOutcome::kSingleStep;
+  backend_->OnPageAccessChanged(
+      gfn, engine_->AllowedAccess(gpa) | KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X);
+  if (backend_->SetSingleStep(vcpu, true) < 0) {
+    StopGuest(std::string("KVM_SET_GUEST_DEBUG (single step): ") + std::strerror(errno));
+  }
+  return true;
+}
+
 void KvmVmm::HandleDebug(uint16_t vcpu) {
   stats_.debug_exits.fetch_add(1, std::memory_order_relaxed);
   kvm_run* run = backend_->vcpu(vcpu).run;
@@ -340,13 +500,24 @@ void KvmVmm::HandleDebug(uint16_t vcpu) {
     if (outcome == host::BreakpointOutcome::kReinject) {
       // The guest gets its own #BP: injected as a soft exception with the INT3's length, so its
       // handler sees RIP after the INT3.
-      backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0);
+      if (backend_->InjectException(vcpu, kBreakpointVector, false, 0, 0)) {
+        backend_->vcpu(vcpu).breakpoint_injected = true;
+      }
     }
     return;
   }
-  if (run->debug.arch.exception == kDebugVector && backend_->vcpu(vcpu).single_step) {
+  KvmVcpu& v = backend_->vcpu(vcpu);
+  if (run->debug.arch.exception == kDebugVector && v.single_step) {
     backend_->SetSingleStep(vcpu, false);
-    engine_->OnSingleStep(vcpu);
+    bool step_event = true;
+    if (v.exec_step_gfn != ~uint64_t{0}) {
+      // The fetched instruction retired: the page gets the mode the tool's access asks for now.
+      const uint64_t gpa = v.exec_step_gfn << 12;
+      v.exec_step_gfn = ~uint64_t{0};
+      step_event = v.exec_step_event;
+      backend_->OnPageAccessChanged(gpa >> 12, engine_->AllowedAccess(gpa));
+    }
+    if (step_event) engine_->OnSingleStep(vcpu);
   }
 }
 

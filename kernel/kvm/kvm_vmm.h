@@ -8,10 +8,13 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,6 +41,14 @@ struct VmmConfig {
   host::ConnectorConfig connector;  // allowed_events is narrowed to kRealEvents
   // Connect once the guest reports its kernel set up (GUEST_PORT_BOOTED) rather than at start.
   bool hook_after_boot = true;
+  // vCPUs at start (1..GUEST_MAX_VCPUS). vCPU 0 boots the kernel; the others are application
+  // processors the VMM starts once the kernel reports itself set up (guest/layout.h).
+  uint32_t vcpus = 1;
+  // If >= 0: one more vCPU is created (KVM_CREATE_VCPU) and started this long after Start, as a
+  // CPU hot-add; the engine sends CREATE_VCPU for it when it first runs.
+  int64_t hotplug_vcpu_after_ms = -1;
+  // Enforce execute restrictions (KvmBackend::set_enforce_execute; docs/KVM.md for the cost).
+  bool enforce_execute = false;
   // One console line (without the newline), from the vCPU thread that printed it.
   std::function<void(const std::string&)> on_console_line;
 };
@@ -49,7 +60,9 @@ struct VmmStats {
   std::atomic<uint64_t> mmio_exits{0};
   std::atomic<uint64_t> msr_exits{0};
   std::atomic<uint64_t> debug_exits{0};
-  std::atomic<uint64_t> kicks{0};  // KVM_RUN interrupted (-EINTR)
+  std::atomic<uint64_t> breakpoint_exits{0};  // INT3s KVM could not emulate
+  std::atomic<uint64_t> fetch_faults{0};      // fetches from execute-restricted pages
+  std::atomic<uint64_t> kicks{0};             // KVM_RUN interrupted (-EINTR)
 };
 
 class KvmVmm {
@@ -76,14 +89,30 @@ class KvmVmm {
 
  private:
   explicit KvmVmm(VmmConfig config);
-  void VcpuLoop(uint16_t vcpu);
+  void VcpuLoop(uint16_t vcpu, bool hot_added);
   void SetBootState(uint16_t vcpu);
+  // An application processor: waits until the kernel reported where APs start (or the VMM
+  // stops), then enters there. False if the VMM stopped first.
+  bool WaitAndSetApState(uint16_t vcpu);
+  void StartVcpuThread(uint16_t vcpu, bool hot_added);
+  void HotplugAfter(std::chrono::milliseconds delay);
   // Before KVM_RUN: queued jobs, then the tool's exception (or TRAP if the guest is busy).
   void EnterGuest(uint16_t vcpu);
   void HandleIo(uint16_t vcpu);
   void HandleMmio(uint16_t vcpu);
   void HandleWrmsr(uint16_t vcpu);
   void HandleDebug(uint16_t vcpu);
+  // KVM_EXIT_INTERNAL_ERROR (emulation failure): hosts whose KVM sends a guest's INT3 to its
+  // instruction emulator, which cannot deliver software interrupts in protected mode (PVM,
+  // docs/KVM.md), stop the vCPU at the INT3 instead of exiting with KVM_EXIT_DEBUG. If RIP is at
+  // an INT3, this is the BREAKPOINT point: the event, then the guest's #BP (delivered by the VMM,
+  // as KVM could not) unless the tool answers RETRY. False if RIP is not at an INT3.
+  bool HandleUnemulatedInt3(uint16_t vcpu);
+  // Also at an emulation failure: with execute enforcement, a fetch from a page the tool made
+  // non-executable (it has no memslot). PF (access X, GPA and GVA of RIP); RETRY re-enters at
+  // RIP, CONTINUE runs that one instruction with the page mapped (single step), RETRY +
+  // singlestep likewise and then SINGLESTEP. False if RIP is not in such a page.
+  bool HandleFetchFromRestrictedPage(uint16_t vcpu);
   // The guest virtual address of a kernel access to gpa, when the identity map the guest uses
   // for its kernel translates it back (KVM's exits carry no linear address); 0 otherwise.
   uint64_t GvaForGpa(uint16_t vcpu, uint64_t gpa);
@@ -97,7 +126,19 @@ class KvmVmm {
   std::unique_ptr<KvmBackend> backend_;
   std::unique_ptr<host::VmIntrospection> engine_;
   std::unique_ptr<host::QemuConnector> connector_;
+  std::mutex threads_mu_;  // vcpu_threads_: Start and the hot-add thread against Stop
   std::vector<std::thread> vcpu_threads_;
+  std::thread hotplug_thread_;
+  // Where APs start, from vCPU 0's registers at GUEST_PORT_BOOTED.
+  struct ApBoot {
+    uint64_t entry = 0;
+    uint64_t stacks = 0;
+    uint64_t r15 = 0;
+    kvm_sregs sregs{};
+  };
+  std::mutex ap_mu_;
+  std::condition_variable ap_cv_;  // ap_boot_ set, or stopping (also wakes the hot-add thread)
+  std::optional<ApBoot> ap_boot_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> started_{false};
   std::atomic<bool> guest_stopped_{false};
@@ -105,7 +146,8 @@ class KvmVmm {
   bool connector_started_ = false;
   mutable std::mutex reason_mu_;
   std::string stop_reason_;
-  std::string console_line_;  // vCPU 0's thread only
+  // Per vCPU, each used by its vCPU's thread only (sized for the most vCPUs there can be).
+  std::vector<std::string> console_lines_;
   VmmStats stats_;
 };
 

@@ -21,6 +21,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "kernel/kvm/guest/layout.h"
 #include "kernel/kvm/guest_image.h"
 #include "kernel/kvm/kvm_vmm.h"
 #include "spdlog/spdlog.h"
@@ -37,6 +38,15 @@ ABSL_FLAG(std::string, guest_args, "",
           "'int3=N' (an INT3 every round from round N on), 'period_ms=N' (pause between rounds), "
           "'ring3' (processes in ring 3)");
 ABSL_FLAG(std::string, name, "kvm-vm", "VM name sent in the handshake");
+ABSL_FLAG(int64_t, vcpus, 1,
+          "vCPUs at start (1..8, hot-added included): vCPU 0 runs the kernel, the others tick on "
+          "the console (\"ap N: tick K\")");
+ABSL_FLAG(bool, enforce_execute, false,
+          "Enforce the tool's execute restrictions (a page without X loses its memslot, so KVM "
+          "cannot read it either: never restrict page tables, GDT, IDT or TSS without X)");
+ABSL_FLAG(int64_t, hotplug_vcpu_after_ms, -1,
+          "If >= 0: create and start one more vCPU this many milliseconds after start (CPU "
+          "hot-add; the tool gets CREATE_VCPU for it)");
 ABSL_FLAG(std::string, uuid, "", "VM UUID sent in the handshake (default: random)");
 ABSL_FLAG(int64_t, memory_mib, 32, "Guest RAM in MiB (even, 4..4096)");
 ABSL_FLAG(std::string, console_prefix, "[guest] ", "Prefix of each console line on stdout");
@@ -107,6 +117,15 @@ int main(int argc, char** argv) {
   } else if (!ParseUuid(absl::GetFlag(FLAGS_uuid), &config.uuid)) {
     return Fail(2, "--uuid: not a UUID");
   }
+  const int64_t vcpus = absl::GetFlag(FLAGS_vcpus);
+  const int64_t hotplug_ms = absl::GetFlag(FLAGS_hotplug_vcpu_after_ms);
+  if (vcpus < 1 || vcpus + (hotplug_ms >= 0 ? 1 : 0) > GUEST_MAX_VCPUS) {
+    return Fail(2, "--vcpus: 1.." + std::to_string(GUEST_MAX_VCPUS) + ", hot-added vCPU included");
+  }
+  if (hotplug_ms > 3600 * 1000) return Fail(2, "--hotplug_vcpu_after_ms: at most an hour");
+  config.vcpus = static_cast<uint32_t>(vcpus);
+  config.hotplug_vcpu_after_ms = hotplug_ms;
+  config.enforce_execute = absl::GetFlag(FLAGS_enforce_execute);
   config.cmdline = absl::GetFlag(FLAGS_guest_args);
   for (char c : config.cmdline) {
     if (c < 0x20 || c > 0x7e) return Fail(2, "--guest_args: printable ASCII only");
@@ -146,13 +165,15 @@ int main(int argc, char** argv) {
   double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const kvm::VmmStats& s = vmm->stats();
   std::fprintf(stderr,
-               "kvmi-vmm summary: %.1f s, exits %llu (io %llu, mmio %llu, msr %llu, debug %llu), "
-               "kicks %llu, sessions %llu%s%s\n",
+               "kvmi-vmm summary: %.1f s, exits %llu (io %llu, mmio %llu, msr %llu, debug %llu, "
+               "int3 %llu, fetch %llu), kicks %llu, sessions %llu%s%s\n",
                wall, static_cast<unsigned long long>(s.exits.load()),
                static_cast<unsigned long long>(s.io_exits.load()),
                static_cast<unsigned long long>(s.mmio_exits.load()),
                static_cast<unsigned long long>(s.msr_exits.load()),
                static_cast<unsigned long long>(s.debug_exits.load()),
+               static_cast<unsigned long long>(s.breakpoint_exits.load()),
+               static_cast<unsigned long long>(s.fetch_faults.load()),
                static_cast<unsigned long long>(s.kicks.load()),
                static_cast<unsigned long long>(vmm->connector().sessions_started()),
                guest_stopped ? ", guest stopped: " : "",

@@ -309,7 +309,10 @@ class VmmFlagsAndShutdown(unittest.TestCase):
                              ("--guest_args=a\x01b", "--guest_args"),
                              ("--connect=tcp:1.2.3.4:5", "--connect"),
                              ("--reconnect=-1", "--reconnect"),
-                             ("--name=", "--name")):
+                             ("--name=", "--name"),
+                             ("--vcpus=0", "--vcpus"),
+                             ("--vcpus=9", "--vcpus"),
+                             ("--hotplug_vcpu_after_ms=99999999", "--hotplug_vcpu_after_ms")):
             result = subprocess.run([VMM, flag, "--duration=1"], capture_output=True, text=True,
                                     timeout=10)
             self.assertEqual(result.returncode, 2, (flag, result.stderr))

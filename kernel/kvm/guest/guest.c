@@ -53,6 +53,8 @@ static __attribute__((noinline)) void wrmsr(uint32_t msr, uint64_t value) {
                    : "memory");
 }
 extern char wrmsr_site[];
+/* The INT3 that "int3=N" executes every round (kmain). */
+extern char int3_site[];
 static inline uint64_t rdtsc(void) {
   uint32_t lo, hi;
   __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
@@ -347,6 +349,26 @@ static uint64_t boot_r15(void) { return 0x6b766d6900000000ull | (rdtsc() & 0xfff
 /* A page of guest memory whose content the tests read through kvmid. */
 static uint64_t marker[512] __attribute__((aligned(4096)));
 
+/* ---- application processors ---- */
+static uint8_t ap_stacks[GUEST_MAX_VCPUS - 1][GUEST_AP_STACK_SIZE] __attribute__((aligned(16)));
+static uint64_t ap_period_ms = 100;
+
+/* An AP (started by the VMM, see layout.h) reports itself, then ticks every period: something
+ * per-vCPU for the tool to pause and inspect. It touches no shared kernel state. */
+static void ap_main(uint64_t cpu) {
+  puts_serial("ap ");
+  put_dec(cpu);
+  puts_serial(": up\n");
+  for (uint64_t tick = 1;; ++tick) {
+    sleep_ms((uint32_t)ap_period_ms);
+    puts_serial("ap ");
+    put_dec(cpu);
+    puts_serial(": tick ");
+    put_dec(tick);
+    puts_serial("\n");
+  }
+}
+
 void kmain(uint32_t cmdline_gpa) {
   cmdline = (const char*)(uintptr_t)cmdline_gpa;
   uint64_t r15 = boot_r15();
@@ -379,6 +401,8 @@ void kmain(uint32_t cmdline_gpa) {
   put_hex(rdmsr(MSR_LSTAR));
   puts_serial(" marker=");
   put_hex((uint64_t)marker);
+  puts_serial(" int3_site=");
+  put_hex((uint64_t)int3_site);
   puts_serial(" marker0=");
   put_hex(marker[0]);
   puts_serial(" r15=");
@@ -393,13 +417,16 @@ void kmain(uint32_t cmdline_gpa) {
   put_hex(rdmsr(0xc0000080));
   puts_serial("\n");
 
-  outb(GUEST_PORT_BOOTED, 1);
+  uint64_t period_ms = 100;
+  cmdline_has("period_ms", &period_ms);
+  ap_period_ms = period_ms;
+  __asm__ volatile("outb %%al, %%dx" ::"a"(1), "d"(GUEST_PORT_BOOTED), "D"(ap_main),
+                   "S"(ap_stacks)
+                   : "memory");
   const int rootkit = cmdline_has("rootkit", 0);
   ring3 = cmdline_has("ring3", 0);
   uint64_t int3_from = 0; /* "int3=N": an INT3 in every round from round N on */
   cmdline_has("int3", &int3_from);
-  uint64_t period_ms = 100;
-  cmdline_has("period_ms", &period_ms);
   uint64_t bench = 0; /* "bench=N": batches of N LSTAR hijack attempts, timed, nothing else */
   if (cmdline_has("bench", &bench) && bench) {
     for (;;) {

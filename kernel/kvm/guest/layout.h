@@ -24,5 +24,11 @@
  * introspection tool only then (unless told otherwise), so the tool's protections, which it arms
  * as soon as it hooks, apply to the running kernel and not to its initialisation. */
 #define GUEST_PORT_BOOTED 0x511
+/* At that OUTB, RDI is the entry of the application processors (vCPUs 1..GUEST_MAX_VCPUS-1) and
+ * RSI the base of their stacks, GUEST_AP_STACK_SIZE bytes each, vCPU i's ending at
+ * RSI + i * GUEST_AP_STACK_SIZE. kvmi-vmm starts each AP there in 64-bit mode with the kernel's
+ * page tables, GDT, IDT and TSS (as the BSP has them at that OUTB), its index in RDI. */
+#define GUEST_MAX_VCPUS 8
+#define GUEST_AP_STACK_SIZE 8192
 
 #endif /* KVMID_KERNEL_KVM_GUEST_LAYOUT_H_ */
