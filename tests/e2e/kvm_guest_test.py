@@ -81,7 +81,7 @@ class Console:
 class Rig:
     """kvmid + kvmi-vmm in a short /tmp directory (UNIX socket paths are limited to 108 bytes)."""
 
-    def __init__(self, test, config, guest_args):
+    def __init__(self, test, config, guest_args, vmm_flags=()):
         reason = kvm_unusable_reason()
         if reason:
             raise unittest.SkipTest(reason)
@@ -104,7 +104,7 @@ class Rig:
         self.vmm = subprocess.Popen(
             [VMM, "--connect=unix:" + self.kvmi_socket, "--cookie_file=" + self.cookie,
              "--name=" + VM_NAME, "--duration=55", "--reconnect=0.1",
-             "--guest_args=" + guest_args],
+             "--guest_args=" + guest_args] + list(vmm_flags),
             stdout=subprocess.PIPE, stderr=self.vmm_log, text=True)
         self.console = Console(self.vmm.stdout)
         _, m = self.console.wait(r"^layout: ")
@@ -301,6 +301,37 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
         self.assertEqual(regs.registers.r15, rig.layout["r15"])
         self.assertEqual(rig.client.resume(VM_NAME, 0), [0])
         rig.console.wait(r"^round \d+: ", paused_at, timeout=5)
+
+
+class BreakpointAndHotAddedVcpuThroughKvmid(unittest.TestCase):
+    def test_int3_goes_to_an_attached_handler_and_a_hot_added_vcpu_is_armed(self):
+        rig = Rig(self, MONITOR, "int3=2 period_ms=50",
+                  vmm_flags=["--vcpus=2", "--hotplug_vcpu_after_ms=1500"])
+        rig.collect_events()
+        site = rig.layout["int3_site"]
+        with rig.client.attach("e2e-bp", vms=[VM_NAME], events=["breakpoint"],
+                               arm_events=["breakpoint"], deadline_ms=5000) as handler:
+            event = handler.next_event(timeout=20)
+            self.assertIsNotNone(event, "no BREAKPOINT reached the handler")
+            self.assertEqual(event.type, kc.policy_pb.EVENT_BREAKPOINT)
+            self.assertEqual(event.vcpu, 0)
+            self.assertEqual(event.breakpoint.gpa, site)  # identity-mapped kernel
+            self.assertEqual(event.breakpoint.insn_len, 1)
+            self.assertEqual(event.registers.rip, site)
+            start = rig.console.count()
+            handler.answer(event, "continue")  # CONTINUE: the guest gets its own #BP
+            rig.console.wait(r"^trap: #BP at rip=0x%x$" % site, start)
+        # The vCPU the VMM adds while the guest runs: kvmid hears CREATE_VCPU, counts it, and
+        # arms it like the others (here: the monitor policies' MSR exits) without an error; its
+        # state is the real vCPU's (started by the VMM in long mode on the kernel's tables).
+        wait_for(lambda: rig.find_events(
+            lambda e: e.type == kc.policy_pb.EVENT_CREATE_VCPU and e.vcpu == 2), 20,
+            "CREATE_VCPU for the hot-added vCPU 2")
+        wait_for(lambda: rig.client.get_vm(VM_NAME).vcpu_count == 3, 10, "3 vCPUs in kvmid")
+        regs = rig.client.get_registers(VM_NAME, 2)
+        self.assertEqual(regs.mode, 8)
+        self.assertEqual(regs.registers.cr3, rig.layout["cr3"])
+        self.assertEqual(list(rig.client.get_vm(VM_NAME).arm_errors), [])
 
 
 class VmmFlagsAndShutdown(unittest.TestCase):
