@@ -73,6 +73,19 @@ class DaemonTest : public ::testing::Test {
     return hosts_.back().get();
   }
 
+  // Hooked, and what it should have armed is acknowledged by the host: only then is there
+  // something for unhook or shutdown to disarm (before, the arming is simply never sent).
+  std::shared_ptr<Guest> WaitArmed(const std::string& name,
+                                   const std::function<bool(const GuestSnapshot&)>& armed) {
+    std::shared_ptr<Guest> guest = WaitHooked(name);
+    if (!guest) return nullptr;
+    bool ok = WaitUntil([&] {
+      GuestSnapshot s = guest->Snapshot();
+      return armed(s) && s.arming_in_flight == 0;
+    });
+    return ok ? guest : nullptr;
+  }
+
   std::shared_ptr<Guest> WaitHooked(const std::string& name) {
     std::shared_ptr<Guest> guest;
     WaitUntil([&] {
@@ -334,7 +347,9 @@ TEST_F(DaemonTest, UnhookEventReleasesHooksAndClosesPromptly) {
   ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", 0xC0000082, RuleMode::kEnforce)),
             "");
   ScriptedHost* host = Connect(10, "migrating", 1);
-  ASSERT_NE(WaitHooked("migrating"), nullptr);
+  ASSERT_NE(WaitArmed("migrating",
+                      [](const GuestSnapshot& s) { return s.applied.msrs.count(0xC0000082) > 0; }),
+            nullptr);
   host->SendEvent(MakeTestEvent(KVMI_EVENT_UNHOOK, 0, 40));
   auto disarm_msr = host->WaitFor([](const ReceivedMessage& m) {
     kvmi::ControlMsrRequest r;
@@ -356,8 +371,9 @@ TEST_F(DaemonTest, ShutdownDisarmsEveryGuestAndCloses) {
   ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)), "");
   ScriptedHost* a = Connect(11, "a", 1);
   ScriptedHost* b = Connect(12, "b", 1);
-  ASSERT_NE(WaitHooked("a"), nullptr);
-  ASSERT_NE(WaitHooked("b"), nullptr);
+  auto cr4_armed = [](const GuestSnapshot& s) { return s.applied.crs.count(4) > 0; };
+  ASSERT_NE(WaitArmed("a", cr4_armed), nullptr);
+  ASSERT_NE(WaitArmed("b", cr4_armed), nullptr);
   daemon_->Shutdown();
   for (ScriptedHost* host : {a, b}) {
     EXPECT_TRUE(host->WaitFor([](const ReceivedMessage& m) {
