@@ -481,6 +481,8 @@ TEST_F(ApiTest, PauseHoldsTheVcpuUntilResume) {
 TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
   ScriptedHost* host = Connect(9, "attached");
   grpc::ClientContext ctx;
+  // Attach streams carry a deadline: a hang becomes a failure, not a test timeout.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("debugger");
@@ -558,6 +560,7 @@ TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
 
 TEST_F(ApiTest, AttachRejectsABadClaim) {
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("x");
@@ -923,6 +926,7 @@ TEST_F(ApiTest, SetRegistersNeedsAPendingEventAndGoesOutBeforeTheVerdict) {
 
   // A handler holds a breakpoint; meanwhile the registers are set through the unary RPC.
   grpc::ClientContext attach_ctx;
+  attach_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&attach_ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("setter");
@@ -1038,6 +1042,7 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
   ScriptedHost* host = Connect(16, "inline");
   host->set_responder(RichResponder());
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("inline");
@@ -1107,6 +1112,7 @@ TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
   ScriptedHost* host = Connect(17, "halfclosed");
   host->set_responder(RichResponder());
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("drain");
@@ -1134,6 +1140,7 @@ TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
 TEST_F(ApiTest, APauseWhoseStreamEndsBeforeTheVcpuStopsDoesNotHoldIt) {
   ScriptedHost* host = Connect(18, "unpaused");
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("pauser");

@@ -557,7 +557,20 @@ class AttachOutbox {
       if (closed_) return;
       backlog_bytes_ += message.ByteSizeLong();
       queue_.push_back(std::move(message));
-      if (writing_) return;
+      if (writing_ || held_) return;
+      writing_ = true;
+      TakeNextLocked();
+    }
+    start_write_(&current_);
+  }
+
+  // Until this is called nothing is written, only queued: the stream's first message (Claimed)
+  // must not reach the client before the handler it announces is registered.
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      held_ = false;
+      if (writing_ || closed_ || queue_.empty()) return;
       writing_ = true;
       TakeNextLocked();
     }
@@ -648,6 +661,7 @@ class AttachOutbox {
   size_t backlog_bytes_ = 0;
   kvmi::v1::AttachResponse current_;  // owned by the write in flight
   bool writing_ = false;
+  bool held_ = true;  // see Release()
   bool closed_ = false;
   bool finish_requested_ = false;
   bool finished_ = false;
@@ -901,7 +915,9 @@ class AttachReactor final
     Status s = IntrospectionService::ParseClaim(claim, &handler_claim, &arming);
     if (!s.ok()) return s;
     owner_ = "client:" + claim.handler_id() + "#" + std::to_string(service_->next_stream_++);
-    // Claimed goes first: the outbox keeps order, and events may follow at once.
+    // Claimed is queued first (events of the new registration queue behind it) and written once
+    // the handler is registered and its arming requested: a client that has read Claimed gets
+    // every event it claimed from then on.
     kvmi::v1::AttachResponse claimed;
     claimed.mutable_claimed()->set_owner(owner_);
     outbox_->Send(std::move(claimed));
@@ -911,6 +927,7 @@ class AttachReactor final
       registration_ = service_->daemon_->pipeline().RegisterHandler(handler_, handler_claim);
     }
     service_->daemon_->SetClientArming(owner_, handler_claim.vms, arming);
+    outbox_->Release();
     spdlog::info(
         "{} attached: {} event types, {} guests selected", owner_, handler_claim.events.size(),
         handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
