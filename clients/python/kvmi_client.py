@@ -391,29 +391,29 @@ class Handler:
     def __iter__(self):
         return self
 
-    def __next__(self):
-        item = self._events.get()
+    def _event_or_end(self, item):
+        """An event, or None at the end of the stream (raising the error that ended it)."""
         if item is self._DONE or isinstance(item, KvmiError):
             self._events.put(item)  # later calls end too
             if isinstance(item, KvmiError):
                 raise item
-            raise StopIteration
+            return None
         return item
+
+    def __next__(self):
+        event = self._event_or_end(self._events.get())
+        if event is None:
+            raise StopIteration
+        return event
 
     def next_event(self, timeout=None):
         """The next blocking event; None after `timeout` seconds or once the stream has ended
         (check .ended to tell them apart)."""
         import queue
         try:
-            item = self._events.get(timeout=timeout)
+            return self._event_or_end(self._events.get(timeout=timeout))
         except queue.Empty:
             return None
-        if item is self._DONE or isinstance(item, KvmiError):
-            self._events.put(item)  # later calls end too
-            if isinstance(item, KvmiError):
-                raise item
-            return None
-        return item
 
     def answer(self, event, action="continue", new_value=None, set_registers=None, pf=None):
         """Verdict for `event` (an Event or its id): action "continue", "retry", "crash" or

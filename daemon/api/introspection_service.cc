@@ -491,10 +491,7 @@ Status ToStatus(const CommandResult& r, const std::string& what) {
     case CommandResult::Status::kTimeout:
       return Status(StatusCode::DEADLINE_EXCEEDED, what + ": the guest did not answer in time");
     case CommandResult::Status::kNotWaiting:
-      return Status(
-          StatusCode::FAILED_PRECONDITION,
-          what + ": " + r.message +
-              "; registers can only be set while it waits for a verdict (pause it first)");
+      return Status(StatusCode::FAILED_PRECONDITION, what + ": " + r.message);
     case CommandResult::Status::kProtocolError:
       return Status(StatusCode::INTERNAL, what + ": " + r.message);
   }
@@ -1523,6 +1520,9 @@ Status IntrospectionService::SetRegistersImpl(grpc::ServerContextBase* context,
   session->SendWhileVcpuWaits(command.vcpu, command, waiter.callback());
   CommandResult result;
   if (!waiter.Wait(context, &result)) return Status(StatusCode::CANCELLED, "cancelled");
+  if (result.status == CommandResult::Status::kNotWaiting) {
+    result.message += "; registers can only be set while it waits for a verdict (pause it first)";
+  }
   return ToStatus(result, "SetRegisters");
 }
 
