@@ -342,6 +342,41 @@ TEST_F(DaemonTest, ReleasingALeaseRestoresTheGuest) {
   EXPECT_TRUE(guest->Snapshot().applied.page_access.empty());
 }
 
+// A lease change counts as in flight from the moment it is made (not only once its commands are
+// on the wire) until the host answered every command it turned into: a client that waits for
+// zero knows its hooks are in effect.
+TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
+  config_.command_timeout = std::chrono::milliseconds(500);
+  StartDaemon();
+  std::atomic<bool> answer_msr{false};
+  ScriptedHost* host = nullptr;
+  host = Connect(10, "slow-host", 2,
+                 [&](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
+                   if (m.hdr.id == KVMI_CONTROL_MSR && !answer_msr)
+                     return std::nullopt;  // left unanswered
+                   return host->DefaultReply(m);
+                 });
+  ASSERT_NE(host, nullptr);
+  auto guest = WaitArmed("slow-host", [](const GuestSnapshot&) { return true; });
+  ASSERT_NE(guest, nullptr);
+
+  Arming arming;
+  arming.msrs = {0xc0000082};
+  guest->SetLease("client:1", arming);
+  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // decided, maybe not even sent yet
+  ASSERT_TRUE(host->WaitForId(KVMI_CONTROL_MSR));
+  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // sent, not answered
+  // The host never answers: the command times out, the count drops, the failure is reported.
+  ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
+  EXPECT_THAT(guest->Snapshot().arm_errors, ::testing::Not(::testing::IsEmpty()));
+
+  answer_msr = true;
+  guest->ReleaseLease("client:1");
+  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);
+  ASSERT_TRUE(host->WaitForId(KVMI_CONTROL_MSR));
+  ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
+}
+
 TEST_F(DaemonTest, UnhookEventReleasesHooksAndClosesPromptly) {
   StartDaemon();
   ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", 0xC0000082, RuleMode::kEnforce)),

@@ -203,6 +203,7 @@ kvmi::v1::VM ToProto(const GuestSnapshot& s, const std::map<std::string, std::st
   for (const auto& [owner, arming] : s.leases) *vm.add_leases() = ToProto(owner, arming);
   vm.mutable_labels()->insert(labels.begin(), labels.end());
   for (const std::string& e : s.arm_errors) vm.add_arm_errors(e);
+  vm.set_arming_in_flight(s.arming_in_flight);
   return vm;
 }
 

@@ -9,7 +9,9 @@ kvmi::v1::EventType ToEventType(uint8_t kvmi_event) {
 }
 
 bool FromEventType(kvmi::v1::EventType type, uint8_t* kvmi_event) {
-  if (type <= kvmi::v1::EVENT_TYPE_UNSPECIFIED || type > KVMI_NUM_EVENTS) return false;
+  if (type <= kvmi::v1::EVENT_TYPE_UNSPECIFIED || static_cast<int>(type) > KVMI_NUM_EVENTS) {
+    return false;
+  }
   *kvmi_event = static_cast<uint8_t>(type - 1);
   return true;
 }

@@ -298,6 +298,7 @@ void Guest::FinishProbe(const std::shared_ptr<GuestSession>& session) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     leases_.Set(kDaemonOwner, own);
+    arming_in_flight_++;  // this decision, until ApplyArming has sent it
   }
   router_->GuestHooked(shared_from_this());
   ApplyArming();
@@ -307,6 +308,7 @@ void Guest::SetLease(const OwnerId& owner, Arming arming) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     leases_.Set(owner, std::move(arming));
+    arming_in_flight_++;  // this decision, until ApplyArming has sent it
   }
   ApplyArming();
 }
@@ -315,6 +317,7 @@ void Guest::AddLease(const OwnerId& owner, const Arming& arming) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     leases_.Add(owner, arming);
+    arming_in_flight_++;  // this decision, until ApplyArming has sent it
   }
   ApplyArming();
 }
@@ -328,6 +331,7 @@ Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*
     if (it != leases_.by_owner().end()) lease = it->second;
     change(&lease);
     leases_.Set(owner, lease);
+    arming_in_flight_++;  // this decision, until ApplyArming has sent it
   }
   ApplyArming(std::move(armed));
   return lease;
@@ -338,6 +342,7 @@ void Guest::ReleaseLease(const OwnerId& owner) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     had = leases_.Release(owner);
+    if (had) arming_in_flight_++;  // this decision, until ApplyArming has sent it
   }
   if (had) ApplyArming();
 }
@@ -352,6 +357,7 @@ void Guest::RecordArmError(const std::string& what) {
 void Guest::ApplyArming(ArmedCallback armed) {
   std::shared_ptr<GuestSession> session = this->session();
   if (!session) {
+    arming_in_flight_--;  // the caller's decision: nothing to send
     // Armed when the guest (re)connects; nothing to acknowledge now.
     if (armed) armed({"the guest is not connected (armed when it reconnects)"});
     return;
@@ -360,6 +366,12 @@ void Guest::ApplyArming(ArmedCallback armed) {
   // Computed and sent on the session's loop thread, so two changes can never reach the wire in
   // the opposite order from the one they were decided in.
   session->loop()->RunInLoop([self, session, armed = std::move(armed)] {
+    // The caller's decision is replaced by the commands it turns into (if any), so the count
+    // never drops to zero between a lease change and the host's acknowledgement of it.
+    struct DecisionDone {
+      Guest* guest;
+      ~DecisionDone() { guest->arming_in_flight_--; }
+    } decision_done{self.get()};
     ArmingDelta delta;
     uint32_t vcpus;
     bool live;

@@ -80,7 +80,9 @@ struct GuestSnapshot {
   Arming applied;
   std::vector<std::string> arm_errors;       // recent failures arming this guest
   std::map<uint16_t, OwnerId> paused_vcpus;  // vCPUs held paused, and for whom
-  uint64_t arming_in_flight = 0;             // arming commands sent and not yet answered
+  // Lease changes not yet sent, plus arming commands sent and not yet answered: 0 means what
+  // the leases say is in effect on the host (or failed, see arm_errors).
+  uint64_t arming_in_flight = 0;
 };
 
 // Told about every lifecycle change of a guest (the registry, for WatchVMs).
@@ -158,7 +160,8 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void Probe(const std::shared_ptr<GuestSession>& session, int attempt);
   void FinishProbe(const std::shared_ptr<GuestSession>& session);
   // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
-  // sending.
+  // sending. Consumes one count of arming_in_flight_ that the caller took, under mutex_, with
+  // its lease change (so a snapshot never shows a changed lease with nothing in flight).
   void ApplyArming(ArmedCallback armed = nullptr);
   void ArmNewVcpu(uint16_t vcpu);
   void RecordArmError(const std::string& what);

@@ -151,7 +151,7 @@ class Rig:
                 return False
             pages = sum(lease.restricted_pages for lease in vm.leases)
             msrs = {m for lease in vm.leases for m in lease.msrs}
-            return pages >= PROTECTED_PAGES and LSTAR in msrs
+            return pages >= PROTECTED_PAGES and LSTAR in msrs and vm.arming_in_flight == 0
 
         wait_for(armed, 20, "kvmid's policies armed on the guest")
 
