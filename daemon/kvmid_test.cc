@@ -124,7 +124,7 @@ TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
   EXPECT_EQ(last_answer_.struct_size, kvmi::kIntrospectorHelloSize);
   EXPECT_EQ(last_answer_.cookie_hash,
             kvmi::CookieHash(kvmi::ByteView(std::string("s3cret\n"))));  // exact bytes
-  auto guest = WaitHooked("web-1");
+  auto guest = WaitArmed("web-1", [](const GuestSnapshot&) { return true; });
   ASSERT_NE(guest, nullptr);
   GuestSnapshot s = guest->Snapshot();
   EXPECT_EQ(s.vcpu_count, 4u);
@@ -348,14 +348,15 @@ TEST_F(DaemonTest, ReleasingALeaseRestoresTheGuest) {
 TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
   config_.command_timeout = std::chrono::milliseconds(500);
   StartDaemon();
-  std::atomic<bool> answer_msr{false};
-  ScriptedHost* host = nullptr;
-  host = Connect(10, "slow-host", 2,
-                 [&](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
-                   if (m.hdr.id == KVMI_CONTROL_MSR && !answer_msr)
-                     return std::nullopt;  // left unanswered
-                   return host->DefaultReply(m);
-                 });
+  // Shared with the host's reader thread, which may outlive this body until TearDown.
+  auto answer_msr = std::make_shared<std::atomic<bool>>(false);
+  auto answers = std::make_shared<ScriptedHost>();  // only its default replies (never connected)
+  ScriptedHost* host = Connect(10, "slow-host", 2, [answer_msr, answers](const ReceivedMessage& m) {
+    if (m.hdr.id == KVMI_CONTROL_MSR && !*answer_msr) {
+      return std::optional<std::vector<uint8_t>>();  // left unanswered
+    }
+    return std::optional<std::vector<uint8_t>>(answers->DefaultReply(m));
+  });
   ASSERT_NE(host, nullptr);
   auto guest = WaitArmed("slow-host", [](const GuestSnapshot&) { return true; });
   ASSERT_NE(guest, nullptr);
@@ -370,7 +371,7 @@ TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
   EXPECT_THAT(guest->Snapshot().arm_errors, ::testing::Not(::testing::IsEmpty()));
 
-  answer_msr = true;
+  *answer_msr = true;
   guest->ReleaseLease("client:1");
   EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);
   ASSERT_TRUE(host->WaitForId(KVMI_CONTROL_MSR));

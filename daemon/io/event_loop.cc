@@ -87,6 +87,11 @@ void EventLoop::Post(Task task) {
   Wake();
 }
 
+void EventLoop::PostQuietly(Task task) {
+  std::lock_guard<std::mutex> lock(posted_mutex_);
+  posted_.push_back(std::move(task));
+}
+
 void EventLoop::RunInLoop(Task task) {
   if (InLoopThread()) {
     task();

@@ -50,6 +50,9 @@ class EventLoop {
 
   // Any thread. Runs `task` on the loop thread, in posting order.
   void Post(Task task);
+  // Any thread. Like Post, but without waking the loop: `task` runs at its next wake-up (I/O, a
+  // timer or a Post), still in posting order. For housekeeping nobody waits for.
+  void PostQuietly(Task task);
   // Runs now if called on the loop thread, else posts.
   void RunInLoop(Task task);
 

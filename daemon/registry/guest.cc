@@ -232,13 +232,21 @@ void Guest::Probe(const std::shared_ptr<GuestSession>& session, int attempt) {
       self->allowed_commands_ = state->allowed_commands;
       self->allowed_events_ = state->allowed_events;
       self->state_ = GuestState::kHooked;
+      // Hooked and the daemon's own lease decided in one step: whoever sees kHooked also sees
+      // that lease, in flight until the host acknowledges it (FinishProbe sends it).
+      Arming own;
+      for (uint8_t event : {KVMI_EVENT_CREATE_VCPU, KVMI_EVENT_UNHOOK}) {
+        if ((state->allowed_events & (1u << event)) != 0) own.vm_events.insert(event);
+      }
+      self->leases_.Set(kDaemonOwner, own);
+      self->arming_in_flight_++;
     }
     spdlog::info("{}: hooked: KVMI v{}, {} vCPUs, {} commands and {} events allowed",
                  session->log_name(), state->version, state->vcpu_count,
                  __builtin_popcount(state->allowed_commands),
                  __builtin_popcount(state->allowed_events));
     self->NotifyStateChanged();
-    self->FinishProbe(session);
+    self->FinishProbe();
   };
   auto transport = [state](const CommandResult& r) {
     if (r.status == CommandResult::Status::kOk || r.status == CommandResult::Status::kKvmiError) {
@@ -289,17 +297,10 @@ void Guest::Probe(const std::shared_ptr<GuestSession>& session, int attempt) {
   }
 }
 
-void Guest::FinishProbe(const std::shared_ptr<GuestSession>& session) {
-  // The daemon itself wants to know about new vCPUs (to arm them) and about UNHOOK requests
-  // (to let QEMU migrate or snapshot promptly).
-  Arming own;
-  if (EventAllowed(KVMI_EVENT_CREATE_VCPU)) own.vm_events.insert(KVMI_EVENT_CREATE_VCPU);
-  if (EventAllowed(KVMI_EVENT_UNHOOK)) own.vm_events.insert(KVMI_EVENT_UNHOOK);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    leases_.Set(kDaemonOwner, own);
-    arming_in_flight_++;  // this decision, until ApplyArming has sent it
-  }
+// The daemon itself wants to know about new vCPUs (to arm them) and about UNHOOK requests (to
+// let QEMU migrate or snapshot promptly): that lease was set with the hooked state, and is sent
+// here with whatever the policies add.
+void Guest::FinishProbe() {
   router_->GuestHooked(shared_from_this());
   ApplyArming();
 }

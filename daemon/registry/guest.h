@@ -158,7 +158,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
 
  private:
   void Probe(const std::shared_ptr<GuestSession>& session, int attempt);
-  void FinishProbe(const std::shared_ptr<GuestSession>& session);
+  void FinishProbe();
   // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
   // sending. Consumes one count of arming_in_flight_ that the caller took, under mutex_, with
   // its lease change (so a snapshot never shows a changed lease with nothing in flight).

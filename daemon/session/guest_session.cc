@@ -94,20 +94,23 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
     return;
   }
   auto self = shared_from_this();
-  loop_->RunInLoop(
-      [self, message = std::move(message), done = std::move(done), only_while_waiting]() mutable {
-        if (self->closed_) {
-          done(Failed(CommandResult::Status::kClosed, ""));
-          return;
-        }
-        if (only_while_waiting) {
-          uint16_t vcpu = *only_while_waiting;
-          if (vcpu >= self->pending_events_.size() || !self->pending_events_[vcpu].waiting) {
-            done(Failed(CommandResult::Status::kNotWaiting,
-                        "vCPU " + std::to_string(vcpu) + " has no event pending"));
-            return;
-          }
-        }
+  loop_->RunInLoop([self, message = std::move(message), done = std::move(done),
+                    only_while_waiting]() mutable {
+    if (self->closed_) {
+      done(Failed(CommandResult::Status::kClosed, ""));
+      return;
+    }
+    bool waiting = true;
+    std::string failure;
+    {
+      // Checked and written under one lock: a reply written meanwhile from another thread
+      // cannot slip in between (the vCPU would have left the event).
+      std::lock_guard<std::mutex> lock(self->write_mu_);
+      if (only_while_waiting) {
+        uint16_t vcpu = *only_while_waiting;
+        waiting = vcpu < self->pending_events_.size() && self->pending_events_[vcpu].waiting;
+      }
+      if (waiting) {
         uint32_t seq = self->NextSeq();
         PatchSeq(&message, 0, seq);
         kvmi_msg_hdr hdr = HeaderAt(message, 0);
@@ -115,9 +118,17 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
             seq,
             PendingCommand{hdr.id, Clock::now() + self->options_.command_timeout, std::move(done)});
         self->counters_.commands++;
-        self->QueueWrite(message.data(), message.size());
-        self->FlushWrites();
-      });
+        self->out_.insert(self->out_.end(), message.begin(), message.end());
+        failure = self->FlushWritesLocked();
+      }
+    }
+    if (!waiting) {
+      done(Failed(CommandResult::Status::kNotWaiting,
+                  "vCPU " + std::to_string(*only_while_waiting) + " has no event pending"));
+      return;
+    }
+    if (!failure.empty()) self->CloseInLoop(failure);
+  });
 }
 
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
@@ -127,6 +138,24 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
     ReplyToEventInLoop(reply, std::move(batched), done);
     return;
   }
+  if (batched.empty()) {
+    // A remote verdict, on the thread that received it: written now, no loop wake-up.
+    bool sent;
+    std::string failure;
+    {
+      std::lock_guard<std::mutex> lock(write_mu_);
+      sent = TakePendingEventLocked(reply);
+      if (sent) {
+        kvmi::EncodeEventReply(reply, &out_);
+        counters_.event_replies++;
+        failure = FlushWritesLocked();
+      }
+    }
+    if (!failure.empty()) Close(failure);
+    if (done) done(sent);
+    return;
+  }
+  // Batched commands take seqs and pending-command entries, which belong to the loop.
   auto self = shared_from_this();
   loop_->Post([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
     self->ReplyToEventInLoop(reply, std::move(batched), done);
@@ -136,51 +165,55 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
 void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
                                       std::vector<std::vector<uint8_t>> batched,
                                       const std::function<void(bool)>& done) {
-  auto* self = this;
+  bool sent;
+  std::string failure;
   {
-    if (closed_ || reply.vcpu >= pending_events_.size() || !pending_events_[reply.vcpu].waiting ||
-        pending_events_[reply.vcpu].seq != reply.seq) {
-      if (done) done(false);  // answered already (e.g. by the fallback), or gone
-      return;
-    }
-    pending_events_[reply.vcpu].waiting = false;
-    if (batched.empty()) {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    sent = TakePendingEventLocked(reply);
+    if (sent && batched.empty()) {
       // The common case: encoded straight into the outgoing buffer.
       kvmi::EncodeEventReply(reply, &out_);
-      counters_.event_replies++;
-      FlushWrites();
-      if (done) done(true);
-      return;
-    }
-    std::vector<uint8_t> wire;
-    {
+    } else if (sent) {
       // One write: CMD_RESPONSE(off, now) + commands + event reply + CMD_RESPONSE(on, now).
       // Only the closing command is answered; its callback surfaces a dropped-batch failure.
-      kvmi::BatchBuilder batch(&wire, self->NextSeq());
+      std::vector<uint8_t> wire;
+      kvmi::BatchBuilder batch(&wire, NextSeq());
       for (std::vector<uint8_t>& message : batched) {
         if (message.size() < kvmi::kHdrSize) continue;
-        PatchSeq(&message, 0, self->NextSeq());
+        PatchSeq(&message, 0, NextSeq());
         batch.AddEncoded(kvmi::ByteView(message));
       }
       std::vector<uint8_t> event_reply;
       kvmi::EncodeEventReply(reply, &event_reply);
       batch.AddEncoded(kvmi::ByteView(event_reply));
-      uint32_t close_seq = self->NextSeq();
+      uint32_t close_seq = NextSeq();
       batch.Close(close_seq);
-      std::string name = self->log_name_;
-      self->pending_.emplace(
+      std::string name = log_name_;
+      pending_.emplace(
           close_seq,
-          PendingCommand{KVMI_CONTROL_CMD_RESPONSE, Clock::now() + self->options_.command_timeout,
+          PendingCommand{KVMI_CONTROL_CMD_RESPONSE, Clock::now() + options_.command_timeout,
                          [name](CommandResult r) {
-                           if (!r.ok())
+                           if (!r.ok()) {
                              spdlog::warn("{}: batched event reply: {}", name, r.ToString());
+                           }
                          }});
+      out_.insert(out_.end(), wire.begin(), wire.end());
     }
-    self->counters_.event_replies++;
-    self->QueueWrite(wire.data(), wire.size());
-    self->FlushWrites();
-    if (done) done(true);
+    if (sent) {
+      counters_.event_replies++;
+      failure = FlushWritesLocked();
+    }
   }
+  if (!failure.empty()) CloseInLoop(failure);
+  if (done) done(sent);  // false: answered already (e.g. by the fallback), or gone
+}
+
+bool GuestSession::TakePendingEventLocked(const kvmi::EventReply& reply) {
+  if (closed_ || reply.vcpu >= pending_events_.size()) return false;
+  PendingEvent& pending = pending_events_[reply.vcpu];
+  if (!pending.waiting || pending.seq != reply.seq) return false;
+  pending.waiting = false;
+  return true;
 }
 
 void GuestSession::Close(const std::string& reason) {
@@ -193,22 +226,32 @@ void GuestSession::CloseInLoop(const std::string& reason) {
   spdlog::info("{}: session closed: {}", log_name_, reason);
   if (started_) loop_->Unwatch(fd_.get());
   loop_->Cancel(sweep_timer_);
-  ::shutdown(fd_.get(), SHUT_RDWR);
-  fd_.Reset();
+  {
+    std::lock_guard<std::mutex> lock(write_mu_);  // no writer holds the descriptor now
+    ::shutdown(fd_.get(), SHUT_RDWR);
+    fd_.Reset();
+    pending_events_.clear();
+  }
   auto pending = std::move(pending_);
   pending_.clear();
-  pending_events_.clear();
   for (auto& [seq, command] : pending) {
     command.done(Failed(CommandResult::Status::kClosed, reason));
   }
   listener_->OnClosed(shared_from_this(), reason);
 }
 
-void GuestSession::QueueWrite(const uint8_t* data, size_t size) {
-  out_.insert(out_.end(), data, data + size);
+void GuestSession::FlushWrites() {
+  std::string failure;
+  {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    flush_posted_ = false;
+    if (closed_) return;
+    failure = FlushWritesLocked();
+  }
+  if (!failure.empty()) CloseInLoop(failure);
 }
 
-void GuestSession::FlushWrites() {
+std::string GuestSession::FlushWritesLocked() {
   while (out_sent_ < out_.size()) {
     ssize_t n = ::send(fd_.get(), out_.data() + out_sent_, out_.size() - out_sent_,
                        MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -218,21 +261,28 @@ void GuestSession::FlushWrites() {
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (!want_write_) {
-        want_write_ = true;
-        loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+      // The socket is full: the loop finishes the write when it drains (EPOLLOUT).
+      if (loop_->InLoopThread()) {
+        if (!want_write_) {
+          want_write_ = true;
+          loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+        }
+      } else if (!flush_posted_) {
+        flush_posted_ = true;
+        auto self = shared_from_this();
+        loop_->Post([self] { self->FlushWrites(); });
       }
-      return;
+      return "";
     }
-    CloseInLoop(std::string("write failed: ") + std::strerror(errno));
-    return;
+    return std::string("write failed: ") + std::strerror(errno);
   }
   out_.clear();
   out_sent_ = 0;
-  if (want_write_) {
+  if (want_write_ && loop_->InLoopThread()) {
     want_write_ = false;
     loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP);
   }
+  return "";
 }
 
 void GuestSession::OnReadable(uint32_t epoll_events) {
@@ -296,16 +346,24 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
   if (info->has_reply) {
     // §7.3: at most one outstanding event per vCPU. A second one means the peer is not a v6
     // kernel we understand; answering either would be guesswork.
-    if (event.vcpu() >= pending_events_.size()) pending_events_.resize(event.vcpu() + 1u);
-    PendingEvent& pending = pending_events_[event.vcpu()];
-    if (pending.waiting) {
+    PendingEvent unanswered;
+    {
+      std::lock_guard<std::mutex> lock(write_mu_);
+      if (event.vcpu() >= pending_events_.size()) pending_events_.resize(event.vcpu() + 1u);
+      PendingEvent& pending = pending_events_[event.vcpu()];
+      if (pending.waiting) {
+        unanswered = pending;
+      } else {
+        pending = PendingEvent{true, event.seq, event.id()};
+      }
+    }
+    if (unanswered.waiting) {
       spdlog::warn("{}: vCPU {} sent {} (seq {}) while {} (seq {}) is unanswered", log_name_,
                    event.vcpu(), kvmi::EventName(event.id()), event.seq,
-                   kvmi::EventName(pending.event), pending.seq);
+                   kvmi::EventName(unanswered.event), unanswered.seq);
       CloseInLoop("protocol error: two outstanding events on one vCPU");
       return;
     }
-    pending = PendingEvent{true, event.seq, event.id()};
   }
   listener_->OnEvent(shared_from_this(), event);
 }

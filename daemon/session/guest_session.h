@@ -2,8 +2,11 @@
 // replies to their requests, hands events to a Listener, and writes event replies. Commands are
 // pipelined (any number in flight; matched by seq, and the reply id must echo the request id).
 //
-// Threading: everything touching the socket runs on the session's EventLoop. Public methods
-// may be called from any thread; callbacks run on the loop thread.
+// Threading: the session runs on its EventLoop: reading, commands, timeouts, closing. Public
+// methods may be called from any thread; callbacks run on the loop thread, except ReplyToEvent's
+// `done`. One exception to "the loop writes": a plain event reply from another thread (a remote
+// verdict arriving on a gRPC thread) is written by that thread, under write_mu_, because a
+// hand-off to the loop would add a thread wake-up to every remote verdict.
 #ifndef KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 #define KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 
@@ -12,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -111,7 +115,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // Any thread. Answers the pending event of reply.vcpu if its seq is still pending; commands in
   // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside
   // CONTROL_CMD_RESPONSE brackets (§5.2). Returns via `done(true)` if this reply was the one
-  // sent, `done(false)` if the event was already answered or the session is gone.
+  // sent, `done(false)` if the event was already answered or the session is gone. Without
+  // `batched` the reply is written from the calling thread and `done` runs there; with it, both
+  // happen on the loop thread.
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 
@@ -148,11 +154,16 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   void ProcessFrames();
   void ReplyToEventInLoop(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                           const std::function<void(bool)>& done);
+  // Any thread, write_mu_ held: true (and the vCPU no longer waits) if `reply` answers the event
+  // its vCPU waits for.
+  bool TakePendingEventLocked(const kvmi::EventReply& reply);
+  // write_mu_ held: writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a
+  // failed write returns its reason (the caller closes the session, outside the lock).
+  std::string FlushWritesLocked();
   void OnMessage(const kvmi::Frame& frame);
   void OnReply(const kvmi::Frame& frame);
   void OnEventMessage(const kvmi::Frame& frame);
-  void QueueWrite(const uint8_t* data, size_t size);
-  void FlushWrites();
+  void FlushWrites();  // loop thread
   void SweepTimeouts();
   void CloseInLoop(const std::string& reason);
   uint32_t NextSeq() { return next_seq_++; }
@@ -166,16 +177,20 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   // Loop-thread state.
   kvmi::MessageFramer framer_;
-  std::vector<uint8_t> out_;
-  size_t out_sent_ = 0;
-  bool want_write_ = false;
   uint32_t next_seq_ = 1;
   std::unordered_map<uint32_t, PendingCommand> pending_;
-  // Indexed by vCPU (grown on demand): the event path allocates nothing to track it.
-  std::vector<PendingEvent> pending_events_;
   EventLoop::TimerId sweep_timer_ = 0;
   bool started_ = false;
 
+  // The write side: any thread (see the threading note above). The socket itself is closed
+  // under this lock too, so a writer never sees a recycled descriptor.
+  std::mutex write_mu_;
+  std::vector<uint8_t> out_;
+  size_t out_sent_ = 0;
+  bool want_write_ = false;    // EPOLLOUT requested (the loop changes it)
+  bool flush_posted_ = false;  // a writer off the loop asked the loop to finish a write
+  // Indexed by vCPU (grown on demand): the event path allocates nothing to track it.
+  std::vector<PendingEvent> pending_events_;
   std::atomic<bool> closed_{false};
   Counters counters_;
 };

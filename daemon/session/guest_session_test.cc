@@ -6,6 +6,8 @@
 #include <condition_variable>
 #include <future>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "daemon/testing/scripted_host.h"
 #include "kernel/abi/protocol.h"
@@ -193,6 +195,50 @@ TEST_F(GuestSessionTest, OnlyTheFirstReplyToAnEventIsSent) {
   EXPECT_FALSE(second.get_future().get());
   ASSERT_TRUE(host_.WaitForId(KVMI_EVENT_REPLY));
   EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, std::chrono::milliseconds(200)));
+}
+
+// Remote verdicts are written by the threads that received them, while the loop writes
+// commands: every message must reach the host whole, each reply exactly once.
+TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWhole) {
+  StartSession();
+  constexpr uint16_t kVcpus = 8;
+  constexpr int kRounds = 20;
+  constexpr int kCommandsPerRound = 10;
+  std::atomic<int> sent{0};
+  std::vector<std::future<CommandResult>> commands;
+  for (int round = 0; round < kRounds; ++round) {
+    std::vector<kvmi::Event> events;
+    for (uint16_t vcpu = 0; vcpu < kVcpus; ++vcpu) {
+      host_.SendEvent(
+          testing::MakeTestEvent(KVMI_EVENT_HYPERCALL, vcpu, round * kVcpus + vcpu + 1));
+    }
+    for (uint16_t i = 0; i < kVcpus; ++i) {
+      auto got = listener_.WaitEvent();
+      ASSERT_TRUE(got);
+      events.push_back(*got);
+    }
+    std::vector<std::thread> repliers;
+    for (const kvmi::Event& event : events) {
+      repliers.emplace_back([&, event] {
+        kvmi::EventReply reply = kvmi::MakeEventReply(event, KVMI_EVENT_ACTION_CONTINUE);
+        session_->ReplyToEvent(reply, {}, [&](bool ok) { sent += ok ? 1 : 0; });
+        session_->ReplyToEvent(reply, {}, [&](bool ok) { sent += ok ? 100000 : 0; });  // dropped
+      });
+    }
+    kvmi::GetVersionRequest version;
+    for (int i = 0; i < kCommandsPerRound; ++i) commands.push_back(Send(version));
+    for (std::thread& t : repliers) t.join();
+  }
+  EXPECT_EQ(sent.load(), kRounds * kVcpus);
+  for (auto& f : commands) EXPECT_TRUE(Get(f).ok());
+  std::set<uint32_t> replied;
+  for (int i = 0; i < kRounds * kVcpus; ++i) {
+    auto m = host_.WaitForId(KVMI_EVENT_REPLY);
+    ASSERT_TRUE(m) << "reply " << i;
+    EXPECT_TRUE(replied.insert(m->hdr.seq).second) << "seq " << m->hdr.seq << " twice";
+  }
+  EXPECT_EQ(replied.size(), static_cast<size_t>(kRounds * kVcpus));
+  EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, std::chrono::milliseconds(100)));
 }
 
 TEST_F(GuestSessionTest, ASecondOutstandingEventOnOneVcpuIsAProtocolError) {

@@ -57,10 +57,10 @@ VerdictPromise::~VerdictPromise() {
 bool VerdictPromise::Answer(Verdict verdict) {
   if (!state_ || state_->answered.exchange(true)) return false;
   auto state = std::move(state_);
-  state->session->loop()->RunInLoop([state, verdict = std::move(verdict)]() mutable {
-    state->pipeline->stats_.by_handler++;
-    state->pipeline->Deliver(state, std::move(verdict), nullptr);
-  });
+  // Delivered from the answering thread: a remote verdict is written to the guest by the gRPC
+  // thread that received it (GuestSession::ReplyToEvent), with no hand-off to the loop.
+  state->pipeline->stats_.by_handler++;
+  state->pipeline->Deliver(state, std::move(verdict), nullptr);
   return true;
 }
 
@@ -283,9 +283,19 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
 
 void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
                               const char* fallback_reason) {
-  if (state->timer != 0) {
-    state->session->loop()->Cancel(state->timer);
-    state->timer = 0;
+  EventLoop* loop = state->session->loop();
+  auto cancel_deadline = [state, loop] {  // the timer is loop business
+    if (state->timer != 0) {
+      loop->Cancel(state->timer);
+      state->timer = 0;
+    }
+  };
+  if (loop->InLoopThread()) {
+    cancel_deadline();
+  } else {
+    // Nobody waits for this: it can ride on the loop's next wake-up. A deadline firing first
+    // finds the event answered and does nothing.
+    loop->PostQuietly(std::move(cancel_deadline));
   }
   if (fallback_reason != nullptr) {
     stats_.fallbacks++;

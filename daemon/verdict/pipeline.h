@@ -162,7 +162,8 @@ class VerdictPipeline : public GuestEventRouter {
 
   void Unregister(uint64_t id);
   std::shared_ptr<HandlerEntry> FindHandler(const GuestView& guest, uint8_t event) const;
-  // Sends the reply if the event is still pending; notifies observers. Loop thread.
+  // Sends the reply if the event is still pending; notifies observers. Any thread (the caller
+  // won the promise's `answered` flag).
   void Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
                const char* fallback_reason);
   void Notify(const ObservedEvent& observed);

@@ -20,7 +20,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "daemon/api/introspection_service.h"
@@ -41,6 +43,17 @@ struct Row {
   double p50_us = 0;
   double p99_us = 0;
   double verdict_p50_us = 0;  // inside kvmid: event received -> reply written (observer)
+  // The two halves of a remote verdict (p50): kvmid received the event -> the handler read it,
+  // and the handler began writing its verdict -> kvmid wrote the reply to the guest.
+  double out_p50_us = 0;
+  double back_p50_us = 0;
+};
+
+// When the handler read each event and when it started writing its verdict (same process and
+// clock as kvmid in this bench), by event id.
+struct HandlerTimes {
+  std::mutex mutex;
+  std::unordered_map<uint64_t, std::pair<Clock::time_point, Clock::time_point>> by_event;
 };
 
 double Percentile(std::vector<double> v, double q) {
@@ -85,7 +98,8 @@ Row MeasureEcho(const std::string& name, const std::string& target, double secon
 }
 
 // The remote handler: answers every event CONTINUE as soon as it arrives.
-void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<bool>* ready) {
+void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<bool>* ready,
+                HandlerTimes* times) {
   auto stub = kvmi::v1::Introspection::NewStub(
       grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
@@ -106,8 +120,13 @@ void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<
   kvmi::v1::AttachRequest verdict;
   while (stream->Read(&response)) {
     if (!response.has_event()) continue;
+    Clock::time_point read = Clock::now();
     verdict.mutable_verdict()->set_event_id(response.event().id());
     verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
+    {
+      std::lock_guard<std::mutex> lock(times->mutex);
+      times->by_event[response.event().id()] = {read, Clock::now()};
+    }
     if (!stream->Write(verdict)) break;
   }
   canceller.join();
@@ -120,16 +139,34 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
-  std::vector<double> latencies;
+  std::vector<double> latencies, outs, backs;
   std::atomic<bool> measuring{false};
+  HandlerTimes times;
   uint64_t observer = daemon->pipeline().AddObserver([&](const kvmid::ObservedEvent& observed) {
     if (!measuring) return;
+    Clock::time_point written = Clock::now();
+    auto micros = [](Clock::duration d) {
+      return std::chrono::duration<double, std::micro>(d).count();
+    };
+    std::optional<std::pair<Clock::time_point, Clock::time_point>> handled;
+    {
+      std::lock_guard<std::mutex> lock(times.mutex);
+      auto it = times.by_event.find(observed.event_id);
+      if (it != times.by_event.end()) {
+        handled = it->second;
+        times.by_event.erase(it);
+      }
+    }
     std::lock_guard<std::mutex> lock(latencies_mutex);
-    latencies.push_back(std::chrono::duration<double, std::micro>(observed.latency).count());
+    latencies.push_back(micros(observed.latency));
+    if (handled) {
+      outs.push_back(micros(handled->first - (written - observed.latency)));
+      backs.push_back(micros(written - handled->second));
+    }
   });
   std::atomic<bool> stop{false}, ready{api_target.empty()};
   std::thread handler;
-  if (!api_target.empty()) handler = std::thread(RunHandler, api_target, &stop, &ready);
+  if (!api_target.empty()) handler = std::thread(RunHandler, api_target, &stop, &ready, &times);
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
   config.vms = 1;
@@ -170,6 +207,8 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   daemon->pipeline().RemoveObserver(observer);
   std::lock_guard<std::mutex> lock(latencies_mutex);
   row.verdict_p50_us = Percentile(latencies, 0.5);
+  row.out_p50_us = Percentile(outs, 0.5);
+  row.back_p50_us = Percentile(backs, 0.5);
   return row;
 }
 
@@ -232,18 +271,24 @@ int main(int argc, char** argv) {
   // gRPC round trip to the handler plus kvmid's dispatch, the part a bare echo is the floor for.
   std::printf(
       "\n| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
-      "kvmid p50 (us) | verdict vs echo |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
-  std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | |\n", local.what.c_str(), local.per_second,
+      "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 (us) "
+      "|\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(), local.per_second,
               local.p50_us, local.p99_us, local.verdict_p50_us);
   for (size_t i = 0; i < rows.size(); ++i) {
     const Row& r = rows[i];
     const Row& echo = rows[i % 2];  // unix rows pair with unix echo, tcp with tcp
     bool remote = i >= 2;
     double verdict = remote ? r.verdict_p50_us : r.p50_us;
-    std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx |\n", r.what.c_str(),
-                r.per_second, r.p50_us, r.p99_us, echo.p50_us > 0 ? r.p50_us / echo.p50_us : 0.0,
-                verdict, echo.p50_us > 0 ? verdict / echo.p50_us : 0.0);
+    std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx |", r.what.c_str(), r.per_second,
+                r.p50_us, r.p99_us, echo.p50_us > 0 ? r.p50_us / echo.p50_us : 0.0, verdict,
+                echo.p50_us > 0 ? verdict / echo.p50_us : 0.0);
+    if (remote) {
+      std::printf(" %.1f | %.1f |\n", r.out_p50_us, r.back_p50_us);
+    } else {
+      std::printf(" | |\n");
+    }
   }
 
   std::printf(
