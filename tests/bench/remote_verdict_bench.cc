@@ -10,7 +10,7 @@
 // Each over the UNIX socket and over TCP loopback. One vCPU, closed loop, so throughput is
 // 1 / round trip. Prints a table (docs/PERFORMANCE.md).
 //
-//   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3
+//   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3 --rounds=3
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
 #include <grpcpp/grpcpp.h>
@@ -31,7 +31,8 @@
 #include "tests/bench/bench_policies.h"
 #include "tests/bench/echo.grpc.pb.h"
 
-ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
+ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
+ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
 
 namespace {
 
@@ -220,79 +221,100 @@ int main(int argc, char** argv) {
   double seconds = absl::GetFlag(FLAGS_seconds);
   char dir_template[] = "/tmp/kvmid-rbench-XXXXXX";
   std::string dir = mkdtemp(dir_template);
-  std::vector<Row> rows;
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
 
-  {
-    EchoService echo;
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("unix:" + dir + "/echo.sock", grpc::InsecureServerCredentials());
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&echo);
-    auto server = builder.BuildAndStart();
-    rows.push_back(MeasureEcho("bare gRPC bidi echo, unix", "unix:" + dir + "/echo.sock", seconds));
-    rows.push_back(
-        MeasureEcho("bare gRPC bidi echo, tcp", "127.0.0.1:" + std::to_string(port), seconds));
-    server->Shutdown();
-    ::unlink((dir + "/echo.sock").c_str());
-  }
-  Row local;
-  {
-    kvmid::DaemonConfig config;
-    config.unix_socket = dir + "/kvmi-local.sock";
-    config.io_threads = 1;
-    kvmid::Daemon daemon(config);
-    daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
-    if (!daemon.Start().empty()) return 1;
-    local = MeasureGuest(&daemon, "local policy verdict (no remote hop)", config.unix_socket, "",
-                         seconds);
-    daemon.Shutdown(std::chrono::milliseconds(0));
-  }
-  {
-    kvmid::DaemonConfig config;
-    config.unix_socket = dir + "/kvmi.sock";
-    config.io_threads = 1;
-    kvmid::Daemon daemon(config);
-    if (!daemon.Start().empty()) return 1;
-    kvmid::ApiServer api(&daemon);
-    if (!api.Start(dir + "/api.sock", "127.0.0.1:0").empty()) return 1;
-    rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
-                                "unix:" + dir + "/api.sock", seconds));
-    rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp", config.unix_socket,
-                                "127.0.0.1:" + std::to_string(api.tcp_port()), seconds));
-    api.Shutdown();
-    daemon.Shutdown(std::chrono::milliseconds(0));
+  // Each round measures every row once, so a remote row is compared with the echo measured
+  // seconds before it (this host's speed drifts). Only the server being measured is up: gRPC's
+  // pollers are process-wide, and an idle server's threads would poll for the measured one.
+  std::vector<double> verdict_ratio[2], guest_ratio[2];  // per round; [0] unix, [1] tcp
+  for (int round = 1; round <= rounds; ++round) {
+    std::vector<Row> rows;
+    {
+      EchoService echo;
+      grpc::ServerBuilder builder;
+      int port = 0;
+      builder.AddListeningPort("unix:" + dir + "/echo.sock", grpc::InsecureServerCredentials());
+      builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+      builder.RegisterService(&echo);
+      auto server = builder.BuildAndStart();
+      rows.push_back(
+          MeasureEcho("bare gRPC bidi echo, unix", "unix:" + dir + "/echo.sock", seconds));
+      rows.push_back(
+          MeasureEcho("bare gRPC bidi echo, tcp", "127.0.0.1:" + std::to_string(port), seconds));
+      server->Shutdown();
+      ::unlink((dir + "/echo.sock").c_str());
+    }
+    Row local;
+    {
+      kvmid::DaemonConfig config;
+      config.unix_socket = dir + "/kvmi-local.sock";
+      config.io_threads = 1;
+      kvmid::Daemon daemon(config);
+      daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
+      if (!daemon.Start().empty()) return 1;
+      local = MeasureGuest(&daemon, "local policy verdict (no remote hop)", config.unix_socket, "",
+                           seconds);
+      daemon.Shutdown(std::chrono::milliseconds(0));
+    }
+    {
+      kvmid::DaemonConfig config;
+      config.unix_socket = dir + "/kvmi.sock";
+      config.io_threads = 1;
+      kvmid::Daemon daemon(config);
+      if (!daemon.Start().empty()) return 1;
+      kvmid::ApiServer api(&daemon);
+      if (!api.Start(dir + "/api.sock", "127.0.0.1:0").empty()) return 1;
+      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
+                                  "unix:" + dir + "/api.sock", seconds));
+      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp", config.unix_socket,
+                                  "127.0.0.1:" + std::to_string(api.tcp_port()), seconds));
+      api.Shutdown();
+      daemon.Shutdown(std::chrono::milliseconds(0));
+    }
+
+    // Two views of each row: the guest's round trip (p50/p99, the simulator's histogram: KVMI
+    // event out -> reply in, which includes the simulator's and kvmid's loop wake-ups), and
+    // kvmid's own verdict time (event received -> reply written, exact): for a remote verdict
+    // that is the gRPC round trip to the handler plus kvmid's dispatch, the part a bare echo is
+    // the floor for.
+    std::printf("\nround %d of %d\n", round, rounds);
+    std::printf(
+        "| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
+        "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 "
+        "(us) |\n");
+    std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(),
+                local.per_second, local.p50_us, local.p99_us, local.verdict_p50_us);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      const Row& echo_row = rows[i % 2];  // unix rows pair with unix echo, tcp with tcp
+      bool remote = i >= 2;
+      double verdict = remote ? r.verdict_p50_us : r.p50_us;
+      double guest_vs_echo = echo_row.p50_us > 0 ? r.p50_us / echo_row.p50_us : 0.0;
+      double verdict_vs_echo = echo_row.p50_us > 0 ? verdict / echo_row.p50_us : 0.0;
+      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx |", r.what.c_str(),
+                  r.per_second, r.p50_us, r.p99_us, guest_vs_echo, verdict, verdict_vs_echo);
+      if (remote) {
+        std::printf(" %.1f | %.1f |\n", r.out_p50_us, r.back_p50_us);
+        verdict_ratio[i % 2].push_back(verdict_vs_echo);
+        guest_ratio[i % 2].push_back(guest_vs_echo);
+      } else {
+        std::printf(" | |\n");
+      }
+    }
+    std::fflush(stdout);
   }
   ::rmdir(dir.c_str());
 
-  // Two views of each row: the guest's round trip (p50/p99, the simulator's histogram: KVMI
-  // event out -> reply in, which includes the simulator's and kvmid's loop wake-ups), and kvmid's
-  // own verdict time (event received -> reply written, exact): for a remote verdict that is the
-  // gRPC round trip to the handler plus kvmid's dispatch, the part a bare echo is the floor for.
   std::printf(
-      "\n| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
-      "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 (us) "
-      "|\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(), local.per_second,
-              local.p50_us, local.p99_us, local.verdict_p50_us);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const Row& r = rows[i];
-    const Row& echo = rows[i % 2];  // unix rows pair with unix echo, tcp with tcp
-    bool remote = i >= 2;
-    double verdict = remote ? r.verdict_p50_us : r.p50_us;
-    std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx |", r.what.c_str(), r.per_second,
-                r.p50_us, r.p99_us, echo.p50_us > 0 ? r.p50_us / echo.p50_us : 0.0, verdict,
-                echo.p50_us > 0 ? verdict / echo.p50_us : 0.0);
-    if (remote) {
-      std::printf(" %.1f | %.1f |\n", r.out_p50_us, r.back_p50_us);
-    } else {
-      std::printf(" | |\n");
-    }
-  }
-
-  std::printf(
-      "\n(echo: exact per-message timings; remote: the simulator's histogram, bucket upper "
+      "\n(echo: exact per-message timings; guest: the simulator's histogram, bucket upper "
       "bounds ~19%% wide)\n");
+  std::printf("\nmedian over %d rounds | verdict in kvmid vs echo | guest p50 vs echo |\n", rounds);
+  std::printf("|---|---:|---:|\n");
+  const char* transports[2] = {"unix", "tcp"};
+  for (int t = 0; t < 2; ++t) {
+    std::printf("| remote verdict, %s | %.2fx | %.2fx |\n", transports[t],
+                Percentile(verdict_ratio[t], 0.5), Percentile(guest_ratio[t], 0.5));
+  }
   return 0;
 }

@@ -1,0 +1,169 @@
+// How fast gRPC's three C++ server APIs answer one bidirectional-stream message on this host,
+// with the same synchronous client: the sync API (a thread blocked in Read), the callback API
+// (reactions; what kvmid's Attach uses) and the async API (a thread polling its completion
+// queue). Run twice: alone, and with the synchronous health and reflection services registered
+// (as in kvmid), whose poller threads share gRPC's process-wide epoll set. Explains the design
+// notes on Attach in docs/PERFORMANCE.md.
+//
+//   bazel run -c opt //tests/bench:grpc_flavors_bench -- --seconds=3
+#include <absl/flags/flag.h>
+#include <absl/flags/parse.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+#include <vector>
+
+#include "tests/bench/echo.grpc.pb.h"
+
+ABSL_FLAG(double, seconds, 3.0, "measurement window per server");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using kvmid::bench::Echo;
+using kvmid::bench::EchoMessage;
+
+class SyncEcho final : public Echo::Service {
+  grpc::Status Chat(grpc::ServerContext*,
+                    grpc::ServerReaderWriter<EchoMessage, EchoMessage>* stream) override {
+    EchoMessage m;
+    while (stream->Read(&m)) {
+      if (!stream->Write(m)) break;
+    }
+    return grpc::Status::OK;
+  }
+};
+
+class CallbackEcho final : public Echo::CallbackService {
+  class Reactor : public grpc::ServerBidiReactor<EchoMessage, EchoMessage> {
+   public:
+    Reactor() { StartRead(&message_); }
+    void OnReadDone(bool ok) override { ok ? StartWrite(&message_) : Finish(grpc::Status::OK); }
+    void OnWriteDone(bool ok) override { ok ? StartRead(&message_) : Finish(grpc::Status::OK); }
+    void OnDone() override { delete this; }
+
+   private:
+    EchoMessage message_;
+  };
+  grpc::ServerBidiReactor<EchoMessage, EchoMessage>* Chat(grpc::CallbackServerContext*) override {
+    return new Reactor;
+  }
+};
+
+// One stream at a time, served by one thread polling the queue: accept, then read/write turns.
+void ServeAsync(Echo::AsyncService* service, grpc::ServerCompletionQueue* cq) {
+  enum Tag : intptr_t { kAccepted = 1, kRead, kWritten, kFinished };
+  grpc::ServerContext context;
+  grpc::ServerAsyncReaderWriter<EchoMessage, EchoMessage> stream(&context);
+  EchoMessage message;
+  service->RequestChat(&context, &stream, cq, cq, reinterpret_cast<void*>(kAccepted));
+  void* tag;
+  bool ok;
+  while (cq->Next(&tag, &ok)) {
+    switch (reinterpret_cast<intptr_t>(tag)) {
+      case kAccepted:
+      case kWritten:
+        if (ok) stream.Read(&message, reinterpret_cast<void*>(kRead));
+        break;
+      case kRead:
+        if (ok) {
+          stream.Write(message, reinterpret_cast<void*>(kWritten));
+        } else {
+          stream.Finish(grpc::Status::OK, reinterpret_cast<void*>(kFinished));
+        }
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+double MeasureP50(const std::string& target, double seconds) {
+  auto stub = Echo::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  auto stream = stub->Chat(&context);
+  EchoMessage m;
+  m.set_payload(std::string(320, 'e'));  // about an Event with registers, as in the verdict bench
+  for (int warm = 0; warm < 200; ++warm) {
+    stream->Write(m);
+    stream->Read(&m);
+  }
+  std::vector<double> rtts;
+  auto end = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < end) {
+    auto t0 = Clock::now();
+    if (!stream->Write(m) || !stream->Read(&m)) break;
+    rtts.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  stream->WritesDone();
+  stream->Finish();
+  if (rtts.empty()) return 0;
+  std::sort(rtts.begin(), rtts.end());
+  return rtts[rtts.size() / 2];
+}
+
+enum class Flavor { kSync, kCallback, kAsync };
+
+double Measure(Flavor flavor, const std::string& socket, double seconds) {
+  SyncEcho sync_service;
+  CallbackEcho callback_service;
+  Echo::AsyncService async_service;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("unix:" + socket, grpc::InsecureServerCredentials());
+  std::unique_ptr<grpc::ServerCompletionQueue> cq;
+  switch (flavor) {
+    case Flavor::kSync:
+      builder.RegisterService(&sync_service);
+      break;
+    case Flavor::kCallback:
+      builder.RegisterService(&callback_service);
+      break;
+    case Flavor::kAsync:
+      builder.RegisterService(&async_service);
+      cq = builder.AddCompletionQueue();
+      break;
+  }
+  auto server = builder.BuildAndStart();
+  std::thread async_thread;
+  if (cq) async_thread = std::thread(ServeAsync, &async_service, cq.get());
+  double p50 = MeasureP50("unix:" + socket, seconds);
+  server->Shutdown();
+  if (cq) {
+    cq->Shutdown();
+    async_thread.join();
+  }
+  ::unlink(socket.c_str());
+  return p50;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  double seconds = absl::GetFlag(FLAGS_seconds);
+  char dir_template[] = "/tmp/kvmid-flavors-XXXXXX";
+  std::string dir = mkdtemp(dir_template);
+  std::string socket = dir + "/echo.sock";
+  double alone[3], beside_sync[3];
+  for (int f = 0; f < 3; ++f) alone[f] = Measure(static_cast<Flavor>(f), socket, seconds);
+  // From here on every server built in this process also serves health and reflection.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  for (int f = 0; f < 3; ++f) beside_sync[f] = Measure(static_cast<Flavor>(f), socket, seconds);
+  ::rmdir(dir.c_str());
+
+  const char* names[3] = {"sync (thread blocked in Read)", "callback (reactor)",
+                          "async (own completion-queue thread)"};
+  std::printf(
+      "\n| server API, echo over unix | p50 alone (us) | p50 with health+reflection (us) |\n");
+  std::printf("|---|---:|---:|\n");
+  for (int f = 0; f < 3; ++f) {
+    std::printf("| %s | %.1f | %.1f |\n", names[f], alone[f], beside_sync[f]);
+  }
+  return 0;
+}
