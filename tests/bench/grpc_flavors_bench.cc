@@ -19,12 +19,12 @@
 #include <vector>
 
 #include "tests/bench/echo.grpc.pb.h"
+#include "tests/bench/echo_client.h"
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per server");
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using kvmid::bench::Echo;
 using kvmid::bench::EchoMessage;
 
@@ -84,24 +84,7 @@ void ServeAsync(Echo::AsyncService* service, grpc::ServerCompletionQueue* cq) {
 }
 
 double MeasureP50(const std::string& target, double seconds) {
-  auto stub = Echo::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext context;
-  auto stream = stub->Chat(&context);
-  EchoMessage m;
-  m.set_payload(std::string(320, 'e'));  // about an Event with registers, as in the verdict bench
-  for (int warm = 0; warm < 200; ++warm) {
-    stream->Write(m);
-    stream->Read(&m);
-  }
-  std::vector<double> rtts;
-  auto end = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < end) {
-    auto t0 = Clock::now();
-    if (!stream->Write(m) || !stream->Read(&m)) break;
-    rtts.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-  }
-  stream->WritesDone();
-  stream->Finish();
+  std::vector<double> rtts = kvmid::bench::EchoRoundTrips(target, seconds);
   if (rtts.empty()) return 0;
   std::sort(rtts.begin(), rtts.end());
   return rtts[rtts.size() / 2];

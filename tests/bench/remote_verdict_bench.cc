@@ -30,6 +30,7 @@
 #include "kernel/sim/fleet.h"
 #include "tests/bench/bench_policies.h"
 #include "tests/bench/echo.grpc.pb.h"
+#include "tests/bench/echo_client.h"
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
@@ -76,25 +77,7 @@ class EchoService final : public kvmid::bench::Echo::Service {
 };
 
 Row MeasureEcho(const std::string& name, const std::string& target, double seconds) {
-  auto stub =
-      kvmid::bench::Echo::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  auto stream = stub->Chat(&ctx);
-  kvmid::bench::EchoMessage m;
-  m.set_payload(std::string(320, 'e'));  // about an Event with registers
-  std::vector<double> rtts;
-  auto end = Clock::now() + std::chrono::duration<double>(seconds);
-  for (int warm = 0; warm < 200; ++warm) {
-    stream->Write(m);
-    stream->Read(&m);
-  }
-  while (Clock::now() < end) {
-    auto t0 = Clock::now();
-    if (!stream->Write(m) || !stream->Read(&m)) break;
-    rtts.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-  }
-  stream->WritesDone();
-  stream->Finish();
+  std::vector<double> rtts = kvmid::bench::EchoRoundTrips(target, seconds);
   return Row{name, rtts.size() / seconds, Percentile(rtts, 0.5), Percentile(rtts, 0.99)};
 }
 
