@@ -275,6 +275,54 @@ TEST_F(DaemonTest, HandlerVerdictIsSentWithItsRegistersInOneBatch) {
   EXPECT_EQ(daemon_->pipeline().stats().by_handler.load(), 1u);
 }
 
+// A remote verdict is written by the thread that answers it, and observed there before the
+// vCPU's next event can be: a slow observer holds the guest's next event back rather than let
+// observers see the two out of order. The deadline timer left behind does nothing when it fires.
+TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFallenBackOn) {
+  StartDaemon();
+  auto handler = std::make_shared<TestHandler>();
+  HandlerClaim claim;
+  claim.events = {KVMI_EVENT_BREAKPOINT};
+  claim.deadline = std::chrono::milliseconds(300);
+  auto registration = daemon_->pipeline().RegisterHandler(handler, claim);
+  std::mutex observed_mutex;
+  std::vector<std::pair<uint32_t, std::string>> observed;  // (seq, decided_by)
+  uint64_t observer = daemon_->pipeline().AddObserver([&](const ObservedEvent& o) {
+    if (o.event.id() == KVMI_EVENT_BREAKPOINT) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // a slow observer
+    }
+    std::lock_guard<std::mutex> lock(observed_mutex);
+    observed.emplace_back(o.event.seq, o.verdict.decided_by);
+  });
+  ScriptedHost* host = Connect(12, "remote");
+  ASSERT_NE(WaitHooked("remote"), nullptr);
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 31));
+  ASSERT_TRUE(handler->WaitCount(1));
+  std::thread answering([&] { handler->promises[0].Answer(Verdict::Continue("handler:test")); });
+  auto reply = WaitEventReply(host, 31, KVMI_EVENT_BREAKPOINT);
+  ASSERT_TRUE(reply);
+  // The vCPU goes on at once and traps again; nobody claims XSETBV: answered on the loop.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_XSETBV, 0, 32));
+  ASSERT_TRUE(WaitEventReply(host, 32, KVMI_EVENT_XSETBV));
+  answering.join();
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard<std::mutex> lock(observed_mutex);
+    return observed.size() >= 2;
+  }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // past the deadline
+  daemon_->pipeline().RemoveObserver(observer);
+  {
+    std::lock_guard<std::mutex> lock(observed_mutex);
+    ASSERT_EQ(observed.size(), 2u);
+    EXPECT_EQ(observed[0], std::make_pair(31u, std::string("handler:test")));
+    EXPECT_EQ(observed[1].first, 32u);
+  }
+  EXPECT_FALSE(host->WaitFor([](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY; },
+                             std::chrono::milliseconds(100)));
+  EXPECT_EQ(daemon_->pipeline().stats().by_handler.load(), 1u);
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
+}
+
 TEST_F(DaemonTest, AHandlerThatMissesItsDeadlineGetsTheFallback) {
   StartDaemon();
   auto handler = std::make_shared<TestHandler>();
@@ -346,7 +394,7 @@ TEST_F(DaemonTest, ReleasingALeaseRestoresTheGuest) {
 // on the wire) until the host answered every command it turned into: a client that waits for
 // zero knows its hooks are in effect.
 TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
-  config_.command_timeout = std::chrono::milliseconds(500);
+  config_.command_timeout = std::chrono::seconds(2);  // long enough to look at it in flight
   StartDaemon();
   // Shared with the host's reader thread, which may outlive this body until TearDown.
   auto answer_msr = std::make_shared<std::atomic<bool>>(false);
@@ -360,21 +408,28 @@ TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
   ASSERT_NE(host, nullptr);
   auto guest = WaitArmed("slow-host", [](const GuestSnapshot&) { return true; });
   ASSERT_NE(guest, nullptr);
+  auto control_msr = [](bool enable) {
+    return [enable](const ReceivedMessage& m) {
+      kvmi::ControlMsrRequest r;
+      return m.hdr.id == KVMI_CONTROL_MSR &&
+             kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.enable == enable;
+    };
+  };
 
   Arming arming;
   arming.msrs = {0xc0000082};
   guest->SetLease("client:1", arming);
   EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // decided, maybe not even sent yet
-  ASSERT_TRUE(host->WaitForId(KVMI_CONTROL_MSR));
+  for (int vcpu = 0; vcpu < 2; ++vcpu) ASSERT_TRUE(host->WaitFor(control_msr(true)));
   EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // sent, not answered
-  // The host never answers: the command times out, the count drops, the failure is reported.
+  // The host never answers: the commands time out, the count drops, the failure is reported.
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
   EXPECT_THAT(guest->Snapshot().arm_errors, ::testing::Not(::testing::IsEmpty()));
 
   *answer_msr = true;
   guest->ReleaseLease("client:1");
   EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);
-  ASSERT_TRUE(host->WaitForId(KVMI_CONTROL_MSR));
+  for (int vcpu = 0; vcpu < 2; ++vcpu) ASSERT_TRUE(host->WaitFor(control_msr(false)));
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
 }
 

@@ -695,6 +695,8 @@ class StreamHandler : public VerdictHandler {
   // A verdict from the client; errors go back on the stream.
   void Answer(const kvmi::v1::Verdict& verdict) {
     std::string error;
+    VerdictPromise promise;
+    Verdict v;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = pending_.find(verdict.event_id());
@@ -702,16 +704,18 @@ class StreamHandler : public VerdictHandler {
         error = "event " + std::to_string(verdict.event_id()) +
                 " is not pending (answered, past its deadline, or never sent)";
       } else {
-        Verdict v;
         error = FromProto(verdict, it->second.ctx.event, &v);
         if (error.empty()) {
-          v.decided_by = "handler:" + id_;
-          if (!it->second.promise.Answer(std::move(v))) {
-            error = "event already answered (deadline)";
-          }
+          promise = std::move(it->second.promise);
           pending_.erase(it);
         }
       }
+    }
+    // Outside the lock: answering writes the reply and runs the observers, and the guest's loop
+    // must not wait for that to hand this stream its next event.
+    if (promise.valid()) {
+      v.decided_by = "handler:" + id_;
+      if (!promise.Answer(std::move(v))) error = "event already answered (deadline)";
     }
     if (!error.empty()) {
       kvmi::v1::AttachResponse message;

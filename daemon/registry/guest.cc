@@ -367,12 +367,6 @@ void Guest::ApplyArming(ArmedCallback armed) {
   // Computed and sent on the session's loop thread, so two changes can never reach the wire in
   // the opposite order from the one they were decided in.
   session->loop()->RunInLoop([self, session, armed = std::move(armed)] {
-    // The caller's decision is replaced by the commands it turns into (if any), so the count
-    // never drops to zero between a lease change and the host's acknowledgement of it.
-    struct DecisionDone {
-      Guest* guest;
-      ~DecisionDone() { guest->arming_in_flight_--; }
-    } decision_done{self.get()};
     ArmingDelta delta;
     uint32_t vcpus;
     bool live;
@@ -386,11 +380,16 @@ void Guest::ApplyArming(ArmedCallback armed) {
         vcpus = self->vcpu_count_;
       }
     }
+    // The caller's decision (one count) is replaced by the commands it turns into, if any, so
+    // the count never drops to zero between a lease change and the host's acknowledgement; it
+    // is settled before `armed` runs, so whoever `armed` wakes sees it.
     if (!live) {
+      self->arming_in_flight_--;
       if (armed) armed({"the guest is not hooked (armed when it is)"});
       return;
     }
     if (delta.empty()) {
+      self->arming_in_flight_--;
       if (armed) armed({});
       return;
     }
@@ -398,6 +397,7 @@ void Guest::ApplyArming(ArmedCallback armed) {
     // has acknowledged it. Completions run on this loop thread, one per command.
     const size_t commands = DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
     self->arming_in_flight_ += commands;
+    self->arming_in_flight_--;
     struct Progress {
       size_t remaining;
       std::vector<std::string> errors;
@@ -424,6 +424,12 @@ void Guest::SetPages(const OwnerId& owner, std::vector<std::pair<uint64_t, uint8
     return;
   }
   auto self = shared_from_this();
+  // In flight, like a lease change, until every path below has answered (rollback included).
+  arming_in_flight_++;
+  done = [self, done = std::move(done)](std::vector<int32_t> errors, bool rolled_back) {
+    self->arming_in_flight_--;
+    done(std::move(errors), rolled_back);
+  };
   // On the loop thread, like ApplyArming: the two never interleave on the wire.
   session->loop()->RunInLoop([self, session, owner, pages = std::move(pages), all_or_nothing,
                               done = std::move(done)]() mutable {

@@ -139,20 +139,21 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
     return;
   }
   if (batched.empty()) {
-    // A remote verdict, on the thread that received it: written now, no loop wake-up.
-    bool sent;
+    // A remote verdict, on the thread that received it: written now, no loop wake-up. `done`
+    // (observers) runs before the lock is let go: the vCPU's next event, which the loop must
+    // register under this lock, cannot be observed before this one.
     std::string failure;
     {
       std::lock_guard<std::mutex> lock(write_mu_);
-      sent = TakePendingEventLocked(reply);
+      bool sent = TakePendingEventLocked(reply);
       if (sent) {
         kvmi::EncodeEventReply(reply, &out_);
         counters_.event_replies++;
         failure = FlushWritesLocked();
       }
+      if (done) done(sent);
     }
     if (!failure.empty()) Close(failure);
-    if (done) done(sent);
     return;
   }
   // Batched commands take seqs and pending-command entries, which belong to the loop.

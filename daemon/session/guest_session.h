@@ -116,8 +116,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside
   // CONTROL_CMD_RESPONSE brackets (§5.2). Returns via `done(true)` if this reply was the one
   // sent, `done(false)` if the event was already answered or the session is gone. Without
-  // `batched` the reply is written from the calling thread and `done` runs there; with it, both
-  // happen on the loop thread.
+  // `batched` the reply is written from the calling thread and `done` runs there, before the
+  // vCPU's next event can be taken in (so observers see one vCPU's events in order; `done` must
+  // not call back into this session); with it, both happen on the loop thread.
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 

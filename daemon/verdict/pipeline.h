@@ -115,8 +115,11 @@ class VerdictPipeline : public GuestEventRouter {
   };
   Registration RegisterHandler(std::shared_ptr<VerdictHandler> handler, HandlerClaim claim);
 
-  // Observers: called on the guest's loop thread after the reply went out; must be quick (copy
-  // and hand off). Returns an id for RemoveObserver.
+  // Observers: called after the reply went out, on the guest's loop thread, or for a verdict
+  // answered elsewhere (a remote handler) on the answering thread while the guest's session
+  // holds its write lock; either way one vCPU's events are observed in order. Must be quick
+  // (copy and hand off) and must not call into guest sessions. Returns an id for
+  // RemoveObserver.
   uint64_t AddObserver(EventObserver observer);
   void RemoveObserver(uint64_t id);
   size_t observer_count() const { return observer_count_.load(); }
