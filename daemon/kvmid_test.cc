@@ -283,7 +283,7 @@ TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFalle
   auto handler = std::make_shared<TestHandler>();
   HandlerClaim claim;
   claim.events = {KVMI_EVENT_BREAKPOINT};
-  claim.deadline = std::chrono::milliseconds(300);
+  claim.deadline = std::chrono::seconds(1);  // far enough to be answered first under load
   auto registration = daemon_->pipeline().RegisterHandler(handler, claim);
   std::mutex observed_mutex;
   std::vector<std::pair<uint32_t, std::string>> observed;  // (seq, decided_by)
@@ -296,6 +296,7 @@ TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFalle
   });
   ScriptedHost* host = Connect(12, "remote");
   ASSERT_NE(WaitHooked("remote"), nullptr);
+  const auto sent = Clock::now();
   host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 31));
   ASSERT_TRUE(handler->WaitCount(1));
   std::thread answering([&] { handler->promises[0].Answer(Verdict::Continue("handler:test")); });
@@ -309,7 +310,7 @@ TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFalle
     std::lock_guard<std::mutex> lock(observed_mutex);
     return observed.size() >= 2;
   }));
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // past the deadline
+  std::this_thread::sleep_until(sent + claim.deadline + std::chrono::milliseconds(200));
   daemon_->pipeline().RemoveObserver(observer);
   {
     std::lock_guard<std::mutex> lock(observed_mutex);
