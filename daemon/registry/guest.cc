@@ -305,47 +305,49 @@ void Guest::FinishProbe() {
   ApplyArming();
 }
 
-void Guest::SetLease(const OwnerId& owner, Arming arming) {
+void Guest::ChangeLeases(const std::function<bool(Leases*)>& change, ArmedCallback armed) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    leases_.Set(owner, std::move(arming));
-    arming_in_flight_++;  // this decision, until ApplyArming has sent it
+    if (!change(&leases_)) {
+      if (armed) armed({});
+      return;
+    }
+    arming_in_flight_++;  // this decision, until ApplyArming has turned it into commands
   }
-  ApplyArming();
+  ApplyArming(std::move(armed));
+}
+
+void Guest::SetLease(const OwnerId& owner, Arming arming) {
+  ChangeLeases([&](Leases* leases) {
+    leases->Set(owner, std::move(arming));
+    return true;
+  });
 }
 
 void Guest::AddLease(const OwnerId& owner, const Arming& arming) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    leases_.Add(owner, arming);
-    arming_in_flight_++;  // this decision, until ApplyArming has sent it
-  }
-  ApplyArming();
+  ChangeLeases([&](Leases* leases) {
+    leases->Add(owner, arming);
+    return true;
+  });
 }
 
 Arming Guest::UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change,
                           ArmedCallback armed) {
   Arming lease;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = leases_.by_owner().find(owner);
-    if (it != leases_.by_owner().end()) lease = it->second;
-    change(&lease);
-    leases_.Set(owner, lease);
-    arming_in_flight_++;  // this decision, until ApplyArming has sent it
-  }
-  ApplyArming(std::move(armed));
+  ChangeLeases(
+      [&](Leases* leases) {
+        auto it = leases->by_owner().find(owner);
+        if (it != leases->by_owner().end()) lease = it->second;
+        change(&lease);
+        leases->Set(owner, lease);
+        return true;
+      },
+      std::move(armed));
   return lease;
 }
 
 void Guest::ReleaseLease(const OwnerId& owner) {
-  bool had;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    had = leases_.Release(owner);
-    if (had) arming_in_flight_++;  // this decision, until ApplyArming has sent it
-  }
-  if (had) ApplyArming();
+  ChangeLeases([&](Leases* leases) { return leases->Release(owner); });
 }
 
 void Guest::RecordArmError(const std::string& what) {
@@ -388,16 +390,15 @@ void Guest::ApplyArming(ArmedCallback armed) {
       if (armed) armed({"the guest is not hooked (armed when it is)"});
       return;
     }
-    if (delta.empty()) {
-      self->arming_in_flight_--;
-      if (armed) armed({});
-      return;
-    }
     // Counted before sending: "applied" above is what was decided, this says when the host
     // has acknowledged it. Completions run on this loop thread, one per command.
     const size_t commands = DeltaCompletions(delta, /*vm_wide=*/true, 0, vcpus);
     self->arming_in_flight_ += commands;
-    self->arming_in_flight_--;
+    self->arming_in_flight_--;  // the caller's count, replaced by the commands
+    if (commands == 0) {        // nothing changed (or per-vCPU changes and no vCPU yet)
+      if (armed) armed({});
+      return;
+    }
     struct Progress {
       size_t remaining;
       std::vector<std::string> errors;

@@ -159,6 +159,9 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
  private:
   void Probe(const std::shared_ptr<GuestSession>& session, int attempt);
   void FinishProbe();
+  // Runs `change` on the leases under mutex_; if it changed them (returns true), counts the
+  // decision as arming in flight and applies it. Every lease change goes through here.
+  void ChangeLeases(const std::function<bool(Leases*)>& change, ArmedCallback armed = nullptr);
   // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
   // sending. Consumes one count of arming_in_flight_ that the caller took, under mutex_, with
   // its lease change (so a snapshot never shows a changed lease with nothing in flight).

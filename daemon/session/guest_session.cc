@@ -134,47 +134,41 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
                                 std::vector<std::vector<uint8_t>> batched,
                                 std::function<void(bool)> done) {
-  if (loop_->InLoopThread()) {  // the hot path: a policy answered on the loop thread
-    ReplyToEventInLoop(reply, std::move(batched), done);
+  if (!batched.empty()) {
+    // Batched commands take seqs and pending-command entries, which belong to the loop.
+    auto self = shared_from_this();
+    loop_->RunInLoop([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+      self->ReplyWithBatchInLoop(reply, std::move(batched), done);
+    });
     return;
   }
-  if (batched.empty()) {
-    // A remote verdict, on the thread that received it: written now, no loop wake-up. `done`
-    // (observers) runs before the lock is let go: the vCPU's next event, which the loop must
-    // register under this lock, cannot be observed before this one.
-    std::string failure;
-    {
-      std::lock_guard<std::mutex> lock(write_mu_);
-      bool sent = TakePendingEventLocked(reply);
-      if (sent) {
-        kvmi::EncodeEventReply(reply, &out_);
-        counters_.event_replies++;
-        failure = FlushWritesLocked();
-      }
-      if (done) done(sent);
+  // The hot path, from any thread: a policy's verdict on the loop, a remote verdict on the thread
+  // that received it (no loop wake-up). `done` (observers) runs before the lock is let go: the
+  // vCPU's next event, which the loop must register under this lock, cannot be observed before
+  // this one.
+  std::string failure;
+  {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    bool sent = TakePendingEventLocked(reply);
+    if (sent) {
+      kvmi::EncodeEventReply(reply, &out_);  // straight into the outgoing buffer
+      counters_.event_replies++;
+      failure = FlushWritesLocked();
     }
-    if (!failure.empty()) Close(failure);
-    return;
+    if (done) done(sent);
   }
-  // Batched commands take seqs and pending-command entries, which belong to the loop.
-  auto self = shared_from_this();
-  loop_->Post([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
-    self->ReplyToEventInLoop(reply, std::move(batched), done);
-  });
+  if (!failure.empty()) Close(failure);  // inline on the loop thread, else posted
 }
 
-void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
-                                      std::vector<std::vector<uint8_t>> batched,
-                                      const std::function<void(bool)>& done) {
+void GuestSession::ReplyWithBatchInLoop(const kvmi::EventReply& reply,
+                                        std::vector<std::vector<uint8_t>> batched,
+                                        const std::function<void(bool)>& done) {
   bool sent;
   std::string failure;
   {
     std::lock_guard<std::mutex> lock(write_mu_);
     sent = TakePendingEventLocked(reply);
-    if (sent && batched.empty()) {
-      // The common case: encoded straight into the outgoing buffer.
-      kvmi::EncodeEventReply(reply, &out_);
-    } else if (sent) {
+    if (sent) {
       // One write: CMD_RESPONSE(off, now) + commands + event reply + CMD_RESPONSE(on, now).
       // Only the closing command is answered; its callback surfaces a dropped-batch failure.
       std::vector<uint8_t> wire;
@@ -199,8 +193,6 @@ void GuestSession::ReplyToEventInLoop(const kvmi::EventReply& reply,
                            }
                          }});
       out_.insert(out_.end(), wire.begin(), wire.end());
-    }
-    if (sent) {
       counters_.event_replies++;
       failure = FlushWritesLocked();
     }

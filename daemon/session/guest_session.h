@@ -153,8 +153,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   void OnReadable(uint32_t epoll_events);
   void ProcessFrames();
-  void ReplyToEventInLoop(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
-                          const std::function<void(bool)>& done);
+  void ReplyWithBatchInLoop(const kvmi::EventReply& reply,
+                            std::vector<std::vector<uint8_t>> batched,
+                            const std::function<void(bool)>& done);
   // Any thread, write_mu_ held: true (and the vCPU no longer waits) if `reply` answers the event
   // its vCPU waits for.
   bool TakePendingEventLocked(const kvmi::EventReply& reply);
