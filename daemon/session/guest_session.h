@@ -53,6 +53,25 @@ struct CommandResult {
   std::vector<uint8_t> data;
   std::string message;  // human-readable detail for kInvalid/kProtocolError
 
+  // One factory per outcome; nothing else builds a CommandResult field by field.
+  static CommandResult Ok(std::vector<uint8_t> data = {}) {
+    return {Status::kOk, 0, std::move(data), {}};
+  }
+  static CommandResult KvmiError(int32_t err) { return {Status::kKvmiError, err, {}, {}}; }
+  static CommandResult Invalid(std::string message) {
+    return {Status::kInvalid, 0, {}, std::move(message)};
+  }
+  static CommandResult Closed(std::string message = {}) {
+    return {Status::kClosed, 0, {}, std::move(message)};
+  }
+  static CommandResult Timeout() { return {Status::kTimeout, 0, {}, {}}; }
+  static CommandResult ProtocolError(std::string message) {
+    return {Status::kProtocolError, 0, {}, std::move(message)};
+  }
+  static CommandResult NotWaiting(std::string message) {
+    return {Status::kNotWaiting, 0, {}, std::move(message)};
+  }
+
   bool ok() const { return status == Status::kOk; }
   std::string ToString() const;
 };
