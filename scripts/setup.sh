@@ -16,6 +16,9 @@ PACKAGES=(
   # Go client (clients/go: GOPATH mode, stubs generated at build time).
   golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
   protoc-gen-go protoc-gen-go-grpc
+  # Deployment tests (tests/deploy): the OCI image built offline and run, the sidecar pod played,
+  # the systemd unit verified and its sandbox checked against a trace of kvmid.
+  podman buildah runc catatonit python3-yaml strace
 )
 
 # buf (its `buf curl` is the grpcurl of clients/buf_curl and the README): from npm, which ships

@@ -2,7 +2,8 @@
 # README command (2): installs what is missing, then runs every test and prints, as its last line,
 # `N passed, N failed` (`, N skipped` when some were). Steps, each counted in test cases:
 #   unit  bazel test //...                               (gtest cases; fuzz targets replay corpus)
-#   asan  bazel test --config=asan //...                  (the same cases under ASan + UBSan)
+#   asan  bazel test --config=asan //...                  (the same cases under ASan + UBSan;
+#         tests tagged no-asan, e.g. tests/deploy's containers, are left out)
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
 # Exit status is non-zero if any case failed or any step could not run. Works as root (no sudo
@@ -50,7 +51,7 @@ run_bazel_test() {  # label, bazel args...
 }
 
 run_bazel_test unit //...
-run_bazel_test asan --config=asan //...
+run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...
 run_bazel_test tsan --config=tsan --test_tag_filters=tsan //...
 
 echo "== fuzz"
