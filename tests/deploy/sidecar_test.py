@@ -51,6 +51,8 @@ class SidecarTest(unittest.TestCase):
         cls.sims = []
         cls.played = None
         cls.addClassCleanup(cls._cleanup)
+        # A pod of this name left by an interrupted run would make `kube play` fail.
+        cls.podman.podman("pod", "rm", "--force", "--ignore", POD, check=False, timeout=90)
         for script, binary, tag in (
                 ("deploy/container/build-image.sh", "daemon/kvmid", cls.kvmid_tag),
                 ("deploy/container/build-analysis-image.sh", "tests/deploy/kvmi-client",
