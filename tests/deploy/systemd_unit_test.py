@@ -77,13 +77,16 @@ class SystemdUnitTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if shutil.which("systemd-analyze") is None:
-            raise unittest.SkipTest("systemd-analyze not installed (package systemd)")
         with open(ds.path(UNIT)) as f:
             cls.text = f.read()
         cls.settings = unit_settings(cls.text)
         cls.work = ds.short_tmpdir("kvd-unit.")
         cls.addClassCleanup(shutil.rmtree, cls.work, True)
+
+    def setUp(self):
+        # Skipped per test, not per class: junit_runner counts a run of 0 tests as a failure.
+        if shutil.which("systemd-analyze") is None:
+            self.skipTest("systemd-analyze not installed (package systemd)")
 
     def values(self, key):
         return [v for k, v in self.settings if k == key]
