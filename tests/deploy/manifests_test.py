@@ -70,8 +70,9 @@ class ManifestsTest(unittest.TestCase):
         ds_ = self.docs["DaemonSet"]
         self.assertEqual(ds_["apiVersion"], "apps/v1")
         tmpl = ds_["spec"]["template"]
-        self.assertEqual(ds_["spec"]["selector"]["matchLabels"].items() - 
-                         tmpl["metadata"]["labels"].items(), set())
+        selector = ds_["spec"]["selector"]["matchLabels"].items()
+        self.assertEqual(selector - tmpl["metadata"]["labels"].items(), set(),
+                         "the selector does not match the pod template's labels")
         spec = tmpl["spec"]
         self.assertTrue(spec["nodeSelector"])
         self.assertTrue(any(t.get("effect") == "NoSchedule" for t in spec["tolerations"]))

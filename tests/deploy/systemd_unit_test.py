@@ -45,10 +45,14 @@ def unit_settings(text):
     return out
 
 
-def expand_filter(group_or_call, cache={}):
+_GROUPS = {}  # @group -> its system calls (systemd-analyze is asked once per group)
+
+
+def expand_filter(group_or_call):
     """The system calls of a @group (recursively) or a single call, per systemd-analyze."""
     if not group_or_call.startswith("@"):
         return {group_or_call}
+    cache = _GROUPS
     if group_or_call not in cache:
         out = ds.run(["systemd-analyze", "syscall-filter", group_or_call]).stdout
         calls = set()
@@ -108,7 +112,7 @@ class SystemdUnitTest(unittest.TestCase):
 
     def test_security_exposure(self):
         out = ds.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                      os.path.join(ds.path(UNIT))], check=False)
+                      ds.path(UNIT)], check=False)
         print(out.stdout, file=sys.stderr)
         m = re.search(r"Overall exposure level for kvmid\.service: (\d+\.\d+)", out.stdout)
         self.assertIsNotNone(m, out.stdout[-2000:])
