@@ -1,0 +1,254 @@
+#include "daemon/security/limits.h"
+
+#include <absl/strings/str_cat.h>
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/message.h>
+
+#include <utility>
+
+namespace kvmid {
+namespace security {
+namespace {
+
+constexpr uint64_t kKiB = 1024, kMiB = 1024 * 1024, kGiB = 1024 * kMiB;
+
+constexpr LimitInfo kLimits[] = {
+    {Limit::kStreamQueueBudgetBytes, "stream_queue_budget_bytes",
+     &Limits::stream_queue_budget_bytes, kMiB, 16 * kGiB, "bytes",
+     "events buffered by every StreamEvents/WatchVMs stream together; a stream that would "
+     "exceed it drops events (DropNotice), a new stream is refused"},
+    {Limit::kStreamsPerIdentity, "streams_per_identity", &Limits::streams_per_identity, 1, 100000,
+     "streams", "concurrent StreamEvents, WatchVMs and Attach streams of one caller identity"},
+    {Limit::kMaxPolicies, "max_policies", &Limits::max_policies, 1, 65536, "policies",
+     "policies held at once (configuration file and ApplyPolicy)"},
+    {Limit::kMaxPolicyBytes, "max_policy_bytes", &Limits::max_policy_bytes, 256, kMiB, "bytes",
+     "one policy, serialized, description included"},
+    {Limit::kMaxPolicyDescriptionBytes, "max_policy_description_bytes",
+     &Limits::max_policy_description_bytes, 1, kMiB, "bytes", "one policy's description"},
+    {Limit::kMaxPolicyNameBytes, "max_policy_name_bytes", &Limits::max_policy_name_bytes, 1, 1024,
+     "bytes", "one policy's name"},
+    {Limit::kListPoliciesPageSize, "list_policies_page_size", &Limits::list_policies_page_size, 1,
+     100000, "policies", "policies in one ListPolicies response"},
+    {Limit::kListPoliciesMaxBytes, "list_policies_max_bytes", &Limits::list_policies_max_bytes,
+     64 * kKiB, kClientDefaultMaxMessageBytes - 64 * kKiB, "bytes",
+     "bytes of one ListPolicies response (below a client's default 4 MiB)"},
+    {Limit::kMaxAttachDeadlineMs, "max_attach_deadline_ms", &Limits::max_attach_deadline_ms, 1,
+     60000, "ms", "the largest Claim.deadline_ms: how long one silent handler can hold a vCPU"},
+    {Limit::kMaxHeldEventsPerHandler, "max_held_events_per_handler",
+     &Limits::max_held_events_per_handler, 1, 65536, "events",
+     "events one Attach handler holds unanswered at once; past it, events get the fallback"},
+    {Limit::kHandshakeSlotsPerPeer, "handshake_slots_per_peer", &Limits::handshake_slots_per_peer,
+     1, 256, "handshakes", "concurrent KVMI handshakes of one peer (UNIX uid or vsock CID)"},
+};
+
+constexpr bool TableInEnumOrder() {
+  for (size_t i = 0; i < sizeof(kLimits) / sizeof(kLimits[0]); ++i) {
+    if (static_cast<size_t>(kLimits[i].limit) != i) return false;
+  }
+  return true;
+}
+static_assert(TableInEnumOrder(), "kLimits must list the limits in the order of enum Limit");
+static_assert(sizeof(kLimits) / sizeof(kLimits[0]) ==
+                  static_cast<size_t>(Limit::kHandshakeSlotsPerPeer) + 1,
+              "kLimits must list every limit");
+
+}  // namespace
+
+uint64_t Limits::Get(Limit limit) const { return this->*(InfoOf(limit).member); }
+
+absl::Span<const LimitInfo> LimitTable() { return kLimits; }
+
+const LimitInfo& InfoOf(Limit limit) { return kLimits[static_cast<size_t>(limit)]; }
+
+std::string KnobOf(Limit limit) { return absl::StrCat("limits.", InfoOf(limit).name); }
+
+absl::Status ValidateLimits(const Limits& limits) {
+  for (const LimitInfo& info : kLimits) {
+    const uint64_t v = limits.*(info.member);
+    if (v < info.min) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("limits.", info.name, ": ", v, " is below the minimum ", info.min));
+    }
+    if (v > info.max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("limits.", info.name, ": ", v, " is above the maximum ", info.max));
+    }
+  }
+  if (limits.max_policy_bytes + kListPoliciesEntryOverheadBytes > limits.list_policies_max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("limits.max_policy_bytes: ", limits.max_policy_bytes,
+                     " does not fit one ListPolicies response (limits.list_policies_max_bytes = ",
+                     limits.list_policies_max_bytes, ")"));
+  }
+  if (limits.max_policy_description_bytes > limits.max_policy_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("limits.max_policy_description_bytes: ", limits.max_policy_description_bytes,
+                     " is above limits.max_policy_bytes = ", limits.max_policy_bytes));
+  }
+  if (limits.max_policy_name_bytes > limits.max_policy_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("limits.max_policy_name_bytes: ", limits.max_policy_name_bytes,
+                     " is above limits.max_policy_bytes = ", limits.max_policy_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Limits> LimitsFromConfig(const config::KvmidConfig& config) {
+  Limits limits;
+  const config::Limits& section = config.limits();
+  const google::protobuf::Descriptor* d = section.GetDescriptor();
+  const google::protobuf::Reflection* r = section.GetReflection();
+  for (const LimitInfo& info : kLimits) {
+    const google::protobuf::FieldDescriptor* f = d->FindFieldByName(info.name);
+    if (f == nullptr) {
+      return absl::InternalError(absl::StrCat("limits.", info.name, ": not in the schema"));
+    }
+    uint64_t v;
+    switch (f->cpp_type()) {
+      case google::protobuf::FieldDescriptor::CPPTYPE_UINT32:
+        v = r->GetUInt32(section, f);
+        break;
+      case google::protobuf::FieldDescriptor::CPPTYPE_UINT64:
+        v = r->GetUInt64(section, f);
+        break;
+      default:
+        return absl::InternalError(absl::StrCat("limits.", info.name, ": not an unsigned field"));
+    }
+    if (v != 0) limits.*(info.member) = v;  // 0: the default
+  }
+  absl::Status s = ValidateLimits(limits);
+  if (!s.ok()) return s;
+  return limits;
+}
+
+absl::Status Exhausted(Limit limit, uint64_t value, absl::string_view what) {
+  const LimitInfo& info = InfoOf(limit);
+  return absl::ResourceExhaustedError(absl::StrCat(what, ": over the limit ", info.name, " = ",
+                                                   value, " ", info.unit, " (", KnobOf(limit),
+                                                   ")"));
+}
+
+absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
+                               size_t count_without_it) {
+  if (policy.name().size() > limits.max_policy_name_bytes) {
+    return Exhausted(Limit::kMaxPolicyNameBytes, limits,
+                     absl::StrCat("policy.name is ", policy.name().size(), " bytes"));
+  }
+  if (policy.description().size() > limits.max_policy_description_bytes) {
+    return Exhausted(Limit::kMaxPolicyDescriptionBytes, limits,
+                     absl::StrCat("policy.description is ", policy.description().size(), " bytes"));
+  }
+  const size_t bytes = policy.ByteSizeLong();
+  if (bytes > limits.max_policy_bytes) {
+    return Exhausted(Limit::kMaxPolicyBytes, limits,
+                     absl::StrCat("policy ", policy.name(), " is ", bytes, " bytes serialized"));
+  }
+  if (count_without_it >= limits.max_policies) {
+    return Exhausted(Limit::kMaxPolicies, limits,
+                     absl::StrCat("policy ", policy.name(), ": ", count_without_it,
+                                  " policies are applied already (delete one first)"));
+  }
+  return absl::OkStatus();
+}
+
+size_t PolicyPageEnd(absl::Span<const size_t> sizes, size_t start, const Limits& limits) {
+  if (start >= sizes.size()) return sizes.size();
+  size_t end = start;
+  uint64_t bytes = 0;
+  while (end < sizes.size() && end - start < limits.list_policies_page_size) {
+    const uint64_t next = bytes + sizes[end] + kListPoliciesEntryOverheadBytes;
+    if (next > limits.list_policies_max_bytes && end > start) break;
+    bytes = next;
+    ++end;
+  }
+  return end;
+}
+
+// ---- KeyedSlots ----
+
+struct KeyedSlots::Slot::State {
+  explicit State(Limit l, uint64_t m) : limit(l), max(m) {}
+  const Limit limit;
+  Mutex mu;
+  uint64_t max ABSL_GUARDED_BY(mu);
+  std::map<std::string, uint64_t, std::less<>> in_use ABSL_GUARDED_BY(mu);
+};
+
+KeyedSlots::KeyedSlots(Limit limit, uint64_t max_per_key)
+    : state_(std::make_shared<Slot::State>(limit, max_per_key)) {}
+
+KeyedSlots::Slot::Slot(std::shared_ptr<State> state, std::string key)
+    : state_(std::move(state)), key_(std::move(key)) {}
+
+KeyedSlots::Slot::Slot(Slot&& other) noexcept
+    : state_(std::move(other.state_)), key_(std::move(other.key_)) {
+  other.state_ = nullptr;
+}
+
+KeyedSlots::Slot& KeyedSlots::Slot::operator=(Slot&& other) noexcept {
+  if (this != &other) {
+    Release();
+    state_ = std::move(other.state_);
+    key_ = std::move(other.key_);
+    other.state_ = nullptr;
+  }
+  return *this;
+}
+
+KeyedSlots::Slot::~Slot() { Release(); }
+
+void KeyedSlots::Slot::Release() {
+  if (state_ == nullptr) return;
+  {
+    MutexLock lock(&state_->mu);
+    auto it = state_->in_use.find(key_);
+    if (it != state_->in_use.end() && --it->second == 0) state_->in_use.erase(it);
+  }
+  state_ = nullptr;
+}
+
+absl::StatusOr<KeyedSlots::Slot> KeyedSlots::Acquire(absl::string_view key,
+                                                     absl::string_view key_description) {
+  MutexLock lock(&state_->mu);
+  auto it = state_->in_use.find(key);
+  const uint64_t held = it == state_->in_use.end() ? 0 : it->second;
+  if (held >= state_->max) {
+    return Exhausted(state_->limit, state_->max,
+                     absl::StrCat(key_description, " ", key, " holds ", held));
+  }
+  if (it == state_->in_use.end()) it = state_->in_use.emplace(std::string(key), 0).first;
+  ++it->second;
+  return Slot(state_, std::string(key));
+}
+
+uint64_t KeyedSlots::InUse(absl::string_view key) const {
+  MutexLock lock(&state_->mu);
+  auto it = state_->in_use.find(key);
+  return it == state_->in_use.end() ? 0 : it->second;
+}
+
+void KeyedSlots::SetMax(uint64_t max_per_key) {
+  MutexLock lock(&state_->mu);
+  state_->max = max_per_key;
+}
+
+// ---- ByteBudget ----
+
+bool ByteBudget::TryCharge(uint64_t bytes) {
+  const uint64_t budget = budget_.load(std::memory_order_relaxed);
+  uint64_t used = used_.load(std::memory_order_relaxed);
+  do {
+    if (bytes > budget || used > budget - bytes) return false;
+  } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
+  return true;
+}
+
+void ByteBudget::Release(uint64_t bytes) { used_.fetch_sub(bytes, std::memory_order_relaxed); }
+
+absl::Status ByteBudget::ExhaustedStatus(absl::string_view what) const {
+  return Exhausted(Limit::kStreamQueueBudgetBytes, budget(),
+                   absl::StrCat(what, ": stream queues hold ", used(), " bytes"));
+}
+
+}  // namespace security
+}  // namespace kvmid

@@ -1,0 +1,165 @@
+// kvmid's resource limits in one place: each with its default, its configuration knob
+// (`limits { ... }` in kvmid_config.proto) and the RESOURCE_EXHAUSTED status that names it when
+// a call is refused (docs/SECURITY.md "Limits", checked against this table by a test).
+//
+// Integration:
+//   Limits limits = *LimitsFromConfig(config);                      // at load and reload
+//   ApplyPolicy:   CheckPolicyLimits(policy, limits, count_without_same_name)
+//   ListPolicies:  PolicyPageEnd(sizes, start, limits)
+//   streams:       KeyedSlots per identity (Limit::kStreamsPerIdentity), ByteBudget for queues
+//   KVMI accept:   KeyedSlots per uid/CID (Limit::kHandshakeSlotsPerPeer)
+//   Attach:        Claim.deadline_ms > max_attach_deadline_ms -> Exhausted(...)
+// None of these is on a guest's event path except ByteBudget::TryCharge (one atomic).
+#ifndef KVMID_DAEMON_SECURITY_LIMITS_H_
+#define KVMID_DAEMON_SECURITY_LIMITS_H_
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+#include <absl/types/span.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "daemon/base/mutex.h"
+#include "daemon/config/kvmid_config.pb.h"
+#include "proto/kvmi/v1/policy.pb.h"
+
+namespace kvmid {
+namespace security {
+
+// The largest message a client accepts by default (gRPC's default receive limit).
+inline constexpr uint64_t kClientDefaultMaxMessageBytes = 4u << 20;
+// What a ListPolicies response adds per policy on top of the policy (PolicyStatus framing and
+// its counters: name + three varints), bounded generously.
+inline constexpr uint64_t kListPoliciesEntryOverheadBytes = 64;
+
+enum class Limit : uint8_t {
+  kStreamQueueBudgetBytes,
+  kStreamsPerIdentity,
+  kMaxPolicies,
+  kMaxPolicyBytes,
+  kMaxPolicyDescriptionBytes,
+  kMaxPolicyNameBytes,
+  kListPoliciesPageSize,
+  kListPoliciesMaxBytes,
+  kMaxAttachDeadlineMs,
+  kMaxHeldEventsPerHandler,
+  kHandshakeSlotsPerPeer,
+};
+
+struct Limits {
+  uint64_t stream_queue_budget_bytes = 128u << 20;  // every stream queue together
+  uint64_t streams_per_identity = 64;               // StreamEvents + WatchVMs + Attach
+  uint64_t max_policies = 1024;
+  uint64_t max_policy_bytes = 64u << 10;  // one policy, serialized, description included
+  uint64_t max_policy_description_bytes = 4u << 10;
+  uint64_t max_policy_name_bytes = 128;
+  uint64_t list_policies_page_size = 256;
+  uint64_t list_policies_max_bytes = 3u << 20;
+  uint64_t max_attach_deadline_ms = 5000;
+  uint64_t max_held_events_per_handler = 128;
+  uint64_t handshake_slots_per_peer = 16;
+
+  uint64_t Get(Limit limit) const;
+};
+
+struct LimitInfo {
+  Limit limit;
+  const char* name;  // the field in `limits { }` and in kvmid_config.proto's Limits
+  uint64_t Limits::*member;
+  uint64_t min;  // accepted range of the knob
+  uint64_t max;
+  const char* unit;  // "bytes", "streams", "ms", ...
+  const char* what;  // one line for docs/SECURITY.md
+};
+absl::Span<const LimitInfo> LimitTable();
+const LimitInfo& InfoOf(Limit limit);
+// "limits.max_policies".
+std::string KnobOf(Limit limit);
+
+// The configuration's `limits` section on top of the defaults; errors name the field
+// ("limits.max_attach_deadline_ms: 600000 is above the maximum 60000").
+absl::StatusOr<Limits> LimitsFromConfig(const config::KvmidConfig& config);
+absl::Status ValidateLimits(const Limits& limits);
+
+// RESOURCE_EXHAUSTED naming the limit, its value and its knob:
+//   "policy description: 5000 bytes, over the limit max_policy_description_bytes = 4096
+//    (limits.max_policy_description_bytes)".
+absl::Status Exhausted(Limit limit, uint64_t value, absl::string_view what);
+inline absl::Status Exhausted(Limit limit, const Limits& limits, absl::string_view what) {
+  return Exhausted(limit, limits.Get(limit), what);
+}
+
+// ApplyPolicy (and policies from the configuration file): name, description and serialized size
+// bounds, and the count. `count_without_it`: the policies kvmid holds, not counting one of the
+// same name (a replacement does not add one).
+absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
+                               size_t count_without_it);
+
+// ListPolicies paging: given the serialized sizes of the policies in list order, the end of the
+// page that starts at `start`: at most list_policies_page_size policies and
+// list_policies_max_bytes bytes (kListPoliciesEntryOverheadBytes counted per policy), at least
+// one policy when start < sizes.size().
+size_t PolicyPageEnd(absl::Span<const size_t> sizes, size_t start, const Limits& limits);
+
+// Concurrent holders per key (streams per identity, handshakes per peer). Thread-safe; a Slot
+// releases its place when destroyed and may outlive the KeyedSlots.
+class KeyedSlots {
+ public:
+  KeyedSlots(Limit limit, uint64_t max_per_key);
+
+  class Slot {
+   public:
+    Slot() = default;
+    Slot(Slot&& other) noexcept;
+    Slot& operator=(Slot&& other) noexcept;
+    ~Slot();
+    bool held() const { return state_ != nullptr; }
+    void Release();
+
+   private:
+    friend class KeyedSlots;
+    struct State;
+    Slot(std::shared_ptr<State> state, std::string key);
+    std::shared_ptr<State> state_;
+    std::string key_;
+  };
+
+  // A place for `key`, or RESOURCE_EXHAUSTED naming the limit and the key (`key_description`
+  // says what the key is in the message: "identity", "peer").
+  absl::StatusOr<Slot> Acquire(absl::string_view key, absl::string_view key_description);
+  uint64_t InUse(absl::string_view key) const;
+  // For a reload: the new maximum applies to the next Acquire (held slots stay).
+  void SetMax(uint64_t max_per_key);
+
+ private:
+  std::shared_ptr<Slot::State> state_;
+};
+
+// A shared byte budget (stream queues): TryCharge before buffering, Release when the bytes go.
+class ByteBudget {
+ public:
+  explicit ByteBudget(uint64_t budget) : budget_(budget) {}
+  // True when `bytes` fit (and charges them); lock-free.
+  bool TryCharge(uint64_t bytes);
+  void Release(uint64_t bytes);
+  uint64_t used() const { return used_.load(std::memory_order_relaxed); }
+  uint64_t budget() const { return budget_.load(std::memory_order_relaxed); }
+  void SetBudget(uint64_t budget) { budget_.store(budget, std::memory_order_relaxed); }
+  // RESOURCE_EXHAUSTED naming stream_queue_budget_bytes, for a refused stream.
+  absl::Status ExhaustedStatus(absl::string_view what) const;
+
+ private:
+  std::atomic<uint64_t> budget_;
+  std::atomic<uint64_t> used_{0};
+};
+
+}  // namespace security
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_SECURITY_LIMITS_H_
