@@ -33,19 +33,12 @@ TEST_F(ApiTest, ReflectionAndHealthAreOn) {
   grpc::Slice nothing("");
   empty_request = grpc::ByteBuffer(&nothing, 1);
   grpc::ByteBuffer reply;
-  grpc::Status status;
-  std::mutex mutex;
-  std::condition_variable cv;
-  bool done = false;
+  std::promise<grpc::Status> answered;
   generic.UnaryCall(&health_ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                    &empty_request, &reply, [&](grpc::Status s) {
-                      std::lock_guard<std::mutex> lock(mutex);
-                      status = s;
-                      done = true;
-                      cv.notify_all();
-                    });
-  std::unique_lock<std::mutex> lock(mutex);
-  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(5), [&] { return done; }));
+                    &empty_request, &reply, [&](grpc::Status s) { answered.set_value(s); });
+  std::future<grpc::Status> answer = answered.get_future();
+  ASSERT_EQ(answer.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  grpc::Status status = answer.get();
   ASSERT_TRUE(status.ok()) << status.error_message();
   std::vector<grpc::Slice> slices;
   ASSERT_TRUE(reply.Dump(&slices).ok());
