@@ -20,7 +20,7 @@
 #include <thread>
 #include <vector>
 
-#include "daemon/api/introspection_service.h"
+#include "daemon/api/server.h"
 #include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
@@ -260,7 +260,7 @@ int main(int argc, char** argv) {
   if (!error.empty()) Die(error);
   kvmid::ApiServer api(&daemon);
   if (!loaded.api_socket.empty() || !loaded.api_tcp.empty()) {
-    error = api.Start(loaded.api_socket, loaded.api_tcp);
+    error = std::string(api.Start(loaded.api_socket, loaded.api_tcp).message());
     if (!error.empty()) {
       daemon.Shutdown();
       Die(error);

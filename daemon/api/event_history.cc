@@ -13,7 +13,7 @@ EventHistory::EventHistory(VerdictPipeline* pipeline, size_t capacity)
 EventHistory::~EventHistory() { pipeline_->RemoveObserver(observer_); }
 
 void EventHistory::Record(const ObservedEvent& observed) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mu_);
   ring_[next_] = observed;
   next_ = (next_ + 1) % ring_.size();
   size_ = std::min(size_ + 1, ring_.size());
@@ -21,7 +21,7 @@ void EventHistory::Record(const ObservedEvent& observed) {
 }
 
 uint64_t EventHistory::latest_id() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mu_);
   return latest_id_;
 }
 
@@ -29,7 +29,7 @@ uint64_t EventHistory::Replay(uint64_t after, std::vector<ObservedEvent>* out) c
   uint64_t oldest = UINT64_MAX;
   size_t remembered;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mu_);
     remembered = size_;
     size_t first = (next_ + ring_.size() - size_) % ring_.size();
     for (size_t i = 0; i < size_; ++i) {

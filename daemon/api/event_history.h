@@ -4,11 +4,13 @@
 #ifndef KVMID_DAEMON_API_EVENT_HISTORY_H_
 #define KVMID_DAEMON_API_EVENT_HISTORY_H_
 
+#include <absl/base/thread_annotations.h>
+
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "daemon/verdict/pipeline.h"
 
 namespace kvmid {
@@ -31,11 +33,11 @@ class EventHistory {
 
   VerdictPipeline* pipeline_;
   uint64_t observer_;
-  mutable std::mutex mutex_;
-  std::vector<ObservedEvent> ring_;
-  size_t next_ = 0;  // slot the next event goes to
-  size_t size_ = 0;  // slots in use
-  uint64_t latest_id_ = 0;
+  mutable Mutex mu_;
+  std::vector<ObservedEvent> ring_ ABSL_GUARDED_BY(mu_);
+  size_t next_ ABSL_GUARDED_BY(mu_) = 0;  // slot the next event goes to
+  size_t size_ ABSL_GUARDED_BY(mu_) = 0;  // slots in use
+  uint64_t latest_id_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvmid

@@ -32,6 +32,44 @@ void Arming::MergeFrom(const Arming& other) {
 namespace {
 
 template <typename T>
+void Switch(const std::set<T>& what, bool enable, std::set<T>* into) {
+  for (const T& x : what) {
+    if (enable) {
+      into->insert(x);
+    } else {
+      into->erase(x);
+    }
+  }
+}
+
+void Switch(const VcpuArming& what, bool enable, VcpuArming* into) {
+  Switch(what.events, enable, &into->events);
+  Switch(what.crs, enable, &into->crs);
+  Switch(what.msrs, enable, &into->msrs);
+}
+
+}  // namespace
+
+void Arming::Apply(const ArmingEdit& edit) {
+  Switch(edit.vm_events, edit.enable, &vm_events);
+  if (edit.vcpu) {
+    Switch(edit.intercepts, edit.enable, &vcpu_only[*edit.vcpu]);
+  } else {
+    Switch(edit.intercepts.events, edit.enable, &vcpu_events);
+    Switch(edit.intercepts.crs, edit.enable, &crs);
+    Switch(edit.intercepts.msrs, edit.enable, &msrs);
+    if (!edit.enable) {
+      for (auto& [vcpu, own] : vcpu_only) Switch(edit.intercepts, false, &own);
+    }
+  }
+  for (auto it = vcpu_only.begin(); it != vcpu_only.end();) {
+    it = it->second.empty() ? vcpu_only.erase(it) : std::next(it);
+  }
+}
+
+namespace {
+
+template <typename T>
 void DiffSets(const std::set<T>& applied, const std::set<T>& wanted,
               std::vector<std::pair<T, bool>>* out) {
   for (const T& x : wanted) {

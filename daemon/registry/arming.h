@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -24,6 +25,15 @@ struct VcpuArming {
 
   bool empty() const { return events.empty() && crs.empty() && msrs.empty(); }
   void MergeFrom(const VcpuArming& other);
+};
+
+// One CONTROL_EVENTS-style change to an owner's lease: turns intercepts on or off, for every
+// vCPU alike or for one vCPU.
+struct ArmingEdit {
+  bool enable = true;
+  std::optional<uint16_t> vcpu;  // unset: every vCPU
+  std::set<uint8_t> vm_events;   // UNHOOK / CREATE_VCPU; only without `vcpu`
+  VcpuArming intercepts;         // per-vCPU events, CRs, MSRs
 };
 
 struct Arming {
@@ -44,6 +54,10 @@ struct Arming {
   void MergeFrom(const Arming& other);
   // Everything `vcpu` has armed: the intercepts of every vCPU plus its own.
   VcpuArming ForVcpu(uint16_t vcpu) const;
+  // Applies `edit` to this lease. Turning something off for every vCPU also turns it off where
+  // this lease had it on single vCPUs; a vCPU left with nothing of its own is dropped from
+  // vcpu_only. Page rights are not touched.
+  void Apply(const ArmingEdit& edit);
 };
 
 // CONTROL_EVENTS / CONTROL_CR / CONTROL_MSR changes for one vCPU (or for every vCPU alike).

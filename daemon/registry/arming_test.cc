@@ -113,5 +113,68 @@ TEST(LeasesTest, VcpuOnlySelectionsOfTwoOwnersAreUnited) {
   EXPECT_EQ(leases.Effective().vcpu_only.count(1), 0u);
 }
 
+ArmingEdit Edit(bool enable, std::optional<uint16_t> vcpu, VcpuArming intercepts,
+                std::set<uint8_t> vm_events = {}) {
+  ArmingEdit edit;
+  edit.enable = enable;
+  edit.vcpu = vcpu;
+  edit.intercepts = std::move(intercepts);
+  edit.vm_events = std::move(vm_events);
+  return edit;
+}
+
+TEST(ArmingEditTest, EnablingForEveryVcpuAddsToTheSharedSetsAndVmEvents) {
+  Arming lease;
+  lease.vcpu_events = {2};
+  lease.Apply(Edit(true, std::nullopt, VcpuArming{{6}, {3}, {0xc0000080}}, {0}));
+  EXPECT_THAT(lease.vcpu_events, UnorderedElementsAre(2, 6));
+  EXPECT_THAT(lease.crs, UnorderedElementsAre(3));
+  EXPECT_THAT(lease.msrs, UnorderedElementsAre(0xc0000080u));
+  EXPECT_THAT(lease.vm_events, UnorderedElementsAre(0));
+  EXPECT_THAT(lease.vcpu_only, IsEmpty());
+}
+
+TEST(ArmingEditTest, OneVcpuGetsItsOwnSelectionAndLosesItWhenEmpty) {
+  Arming lease;
+  lease.Apply(Edit(true, uint16_t{1}, VcpuArming{{6}, {4}, {}}));
+  EXPECT_THAT(lease.vcpu_events, IsEmpty());
+  ASSERT_EQ(lease.vcpu_only.count(1), 1u);
+  EXPECT_THAT(lease.vcpu_only[1].events, UnorderedElementsAre(6));
+  EXPECT_THAT(lease.vcpu_only[1].crs, UnorderedElementsAre(4));
+  lease.Apply(Edit(false, uint16_t{1}, VcpuArming{{6}, {}, {}}));
+  EXPECT_THAT(lease.vcpu_only[1].crs, UnorderedElementsAre(4));
+  lease.Apply(Edit(false, uint16_t{1}, VcpuArming{{}, {4}, {}}));
+  EXPECT_EQ(lease.vcpu_only.count(1), 0u);  // never an empty VcpuArming
+  EXPECT_TRUE(lease.empty());
+}
+
+TEST(ArmingEditTest, DisablingForEveryVcpuAlsoDisablesItOnSingleVcpus) {
+  Arming lease;
+  lease.vcpu_events = {6};
+  lease.crs = {3};
+  lease.vcpu_only[0].events = {6, 2};
+  lease.vcpu_only[1].crs = {3};
+  lease.Apply(Edit(false, std::nullopt, VcpuArming{{6}, {3}, {}}));
+  EXPECT_THAT(lease.vcpu_events, IsEmpty());
+  EXPECT_THAT(lease.crs, IsEmpty());
+  ASSERT_EQ(lease.vcpu_only.count(0), 1u);
+  EXPECT_THAT(lease.vcpu_only[0].events, UnorderedElementsAre(2));
+  EXPECT_EQ(lease.vcpu_only.count(1), 0u);
+}
+
+TEST(ArmingEditTest, EnablingForOneVcpuLeavesTheOthersAndPagesAlone) {
+  Arming lease;
+  lease.vcpu_events = {2};
+  lease.page_access[0x10] = 1;
+  lease.Apply(Edit(true, uint16_t{3}, VcpuArming{{}, {}, {0x10}}));
+  EXPECT_THAT(lease.vcpu_events, UnorderedElementsAre(2));
+  EXPECT_THAT(lease.vcpu_only[3].msrs, UnorderedElementsAre(0x10u));
+  EXPECT_THAT(lease.page_access, UnorderedElementsAre(Pair(0x10u, 1)));
+  // Disabling what was never enabled changes nothing.
+  lease.Apply(Edit(false, std::nullopt, VcpuArming{{9}, {0}, {}}, {1}));
+  EXPECT_THAT(lease.vcpu_events, UnorderedElementsAre(2));
+  EXPECT_THAT(lease.vcpu_only[3].msrs, UnorderedElementsAre(0x10u));
+}
+
 }  // namespace
 }  // namespace kvmid

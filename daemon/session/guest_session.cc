@@ -564,4 +564,54 @@ void GuestSession::SetPageAccess(std::vector<kvmi::PageAccess> entries, PageAcce
   }
 }
 
+void GuestSession::GetPageAccess(std::vector<uint64_t> gpas, GetPageAccessCallback done) {
+  if (gpas.empty()) {
+    loop_->RunInLoop([done = std::move(done)] {
+      done(CommandResult::Invalid("GET_PAGE_ACCESS needs at least one address"), {});
+    });
+    return;
+  }
+  constexpr size_t kPiece = kvmi::kMaxGetPageAccessGpas;
+  struct State {
+    size_t remaining;
+    std::vector<uint8_t> access;           // one per GPA, filled piece by piece
+    std::optional<CommandResult> failure;  // the first piece that failed, in piece order
+    size_t failed_piece = SIZE_MAX;
+    GetPageAccessCallback done;
+  };
+  auto state = std::make_shared<State>();
+  const size_t pieces = (gpas.size() + kPiece - 1) / kPiece;
+  state->remaining = pieces;
+  state->access.resize(gpas.size());
+  state->done = std::move(done);
+  // Every reply callback runs on the loop thread: `state` needs no lock.
+  for (size_t p = 0; p < pieces; ++p) {
+    const size_t first = p * kPiece;
+    const size_t last = std::min(gpas.size(), first + kPiece);
+    kvmi::GetPageAccessRequest request;
+    request.gpas.assign(gpas.begin() + first, gpas.begin() + last);
+    Send(request, [state, p, first, count = last - first](CommandResult r) {
+      if (r.ok()) {
+        kvmi::PageAccessReply reply;
+        kvmi::DecodeStatus decoded = kvmi::DecodeReplyData(kvmi::ByteView(r.data), count, &reply);
+        if (decoded.ok()) {
+          std::copy(reply.access.begin(), reply.access.end(), state->access.begin() + first);
+        } else {
+          r = CommandResult::ProtocolError("GET_PAGE_ACCESS reply: " + decoded.ToString());
+        }
+      }
+      if (!r.ok() && p < state->failed_piece) {
+        state->failed_piece = p;
+        state->failure = std::move(r);
+      }
+      if (--state->remaining > 0) return;
+      if (state->failure) {
+        state->done(std::move(*state->failure), {});
+      } else {
+        state->done(CommandResult::Ok(), std::move(state->access));
+      }
+    });
+  }
+}
+
 }  // namespace kvmid

@@ -130,6 +130,12 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   using PageAccessCallback = std::function<void(std::vector<CommandResult> per_message,
                                                 std::vector<int32_t> per_entry_err)>;
   void SetPageAccess(std::vector<kvmi::PageAccess> entries, PageAccessCallback done);
+  // GET_PAGE_ACCESS for any number of GPAs: pieces of at most kvmi::kMaxGetPageAccessGpas (what
+  // fits one message), pipelined. `done` runs once, on the loop thread: Ok with one access mask
+  // per GPA in request order, or the first failing piece's result (and no masks).
+  using GetPageAccessCallback =
+      std::function<void(CommandResult result, std::vector<uint8_t> access)>;
+  void GetPageAccess(std::vector<uint64_t> gpas, GetPageAccessCallback done);
 
   // Any thread. Answers the pending event of reply.vcpu if its seq is still pending; commands in
   // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside

@@ -345,6 +345,88 @@ TEST_F(GuestSessionTest, SetPageAccessIsSplitIntoMessagesOf255Entries) {
   EXPECT_THAT(counts, ::testing::ElementsAre(255, 255, 90));
 }
 
+// Answers GET_PAGE_ACCESS with an access mask derived from each GPA (its page number's low
+// bits), so that a piece answered out of place shows; a GPA of `fail_gpa` fails its message.
+ScriptedHost::Responder PageAccessResponder(ScriptedHost* host, uint64_t fail_gpa = 1) {
+  return [host, fail_gpa](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
+    if (m.hdr.id != KVMI_GET_PAGE_ACCESS) return host->DefaultReply(m);
+    kvmi::GetPageAccessRequest request;
+    if (!kvmi::DecodePayload(kvmi::ByteView(m.payload), &request).ok()) return std::nullopt;
+    std::vector<uint8_t> out;
+    std::vector<uint8_t> data;
+    for (uint64_t gpa : request.gpas) {
+      if (gpa == fail_gpa) {
+        kvmi::EncodeReply(m.hdr.id, m.hdr.seq, -KVM_EINVAL, {}, &out);
+        return out;
+      }
+      data.push_back(static_cast<uint8_t>((gpa >> 12) & 7));
+    }
+    kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
+    return out;
+  };
+}
+
+struct PageAccessOutcome {
+  CommandResult result;
+  std::vector<uint8_t> access;
+};
+
+TEST_F(GuestSessionTest, GetPageAccessIsPipelinedInPiecesThatFitAMessageAndAnsweredInOrder) {
+  host_.set_responder(PageAccessResponder(&host_));
+  StartSession();
+  constexpr size_t kCount = 2 * kvmi::kMaxGetPageAccessGpas + 7;  // three messages
+  std::vector<uint64_t> gpas(kCount);
+  for (size_t i = 0; i < kCount; ++i) gpas[i] = (kCount - i) * 4096;  // descending
+  std::promise<PageAccessOutcome> promise;
+  session_->GetPageAccess(gpas, [&](CommandResult r, std::vector<uint8_t> access) {
+    promise.set_value({std::move(r), std::move(access)});
+  });
+  auto future = promise.get_future();
+  ASSERT_EQ(future.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  PageAccessOutcome outcome = future.get();
+  ASSERT_TRUE(outcome.result.ok()) << outcome.result.ToString();
+  ASSERT_EQ(outcome.access.size(), kCount);
+  for (size_t i = 0; i < kCount; ++i) {
+    ASSERT_EQ(outcome.access[i], static_cast<uint8_t>((kCount - i) & 7)) << "gpa " << i;
+  }
+  std::vector<size_t> counts;
+  for (int i = 0; i < 3; ++i) {
+    auto m = host_.WaitForId(KVMI_GET_PAGE_ACCESS);
+    ASSERT_TRUE(m);
+    EXPECT_LE(m->hdr.size, kvmi::kMaxCommandPayload);
+    kvmi::GetPageAccessRequest req;
+    ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(m->payload), &req).ok());
+    counts.push_back(req.gpas.size());
+  }
+  EXPECT_THAT(counts,
+              ::testing::ElementsAre(kvmi::kMaxGetPageAccessGpas, kvmi::kMaxGetPageAccessGpas, 7u));
+  EXPECT_FALSE(host_.WaitForId(KVMI_GET_PAGE_ACCESS, std::chrono::milliseconds(100)));
+}
+
+TEST_F(GuestSessionTest, GetPageAccessReportsTheFailingPieceAndNoMasks) {
+  constexpr uint64_t kBad = 0xbad000;
+  host_.set_responder(PageAccessResponder(&host_, kBad));
+  StartSession();
+  std::vector<uint64_t> gpas(kvmi::kMaxGetPageAccessGpas + 1, 0x1000);
+  gpas.back() = kBad;  // the second piece fails
+  std::promise<PageAccessOutcome> promise;
+  session_->GetPageAccess(gpas, [&](CommandResult r, std::vector<uint8_t> access) {
+    promise.set_value({std::move(r), std::move(access)});
+  });
+  auto future = promise.get_future();
+  ASSERT_EQ(future.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  PageAccessOutcome outcome = future.get();
+  EXPECT_EQ(outcome.result.status, CommandResult::Status::kKvmiError);
+  EXPECT_EQ(outcome.result.err, -KVM_EINVAL);
+  EXPECT_TRUE(outcome.access.empty());
+
+  std::promise<PageAccessOutcome> none;
+  session_->GetPageAccess({}, [&](CommandResult r, std::vector<uint8_t> access) {
+    none.set_value({std::move(r), std::move(access)});
+  });
+  EXPECT_EQ(none.get_future().get().result.status, CommandResult::Status::kInvalid);
+}
+
 TEST_F(GuestSessionTest, ACommandTooLargeForTheKernelNeverLeaves) {
   StartSession();
   kvmi::GetPageAccessRequest huge;

@@ -33,6 +33,16 @@ inline constexpr size_t kMaxGetRegistersRequestMsrs =
     (kMaxCommandPayload - kVcpuHdrSize - sizeof(kvmi_get_registers)) / sizeof(uint32_t);  // 1018
 inline constexpr size_t kMaxReadPhysical = KVMI_PAGE_SIZE;
 
+// What CONTROL_CR and CONTROL_MSR accept (§5.9, §5.10): the v6 kernel answers -KVM_EINVAL to any
+// other register. One rule for the host-side model and for kvmid's checks before sending; the
+// texts name the accepted values in error messages.
+inline constexpr bool IsControllableCr(uint32_t cr) { return cr == 0 || cr == 3 || cr == 4; }
+inline constexpr const char* kControllableCrs = "0, 3 or 4";
+inline constexpr bool IsControllableMsr(uint32_t msr) {
+  return msr <= KVMI_MSR_LOW_LAST || (msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST);
+}
+inline constexpr const char* kControllableMsrs = "0-0x1fff or 0xc0000000-0xc0001fff";
+
 // Which kernel thread executes a command (§2 "Thread").
 enum class CommandScope : uint8_t {
   kVm,           // receive thread, replied at once

@@ -142,6 +142,19 @@ TEST(Limits, DerivedMaximaOfSection1) {
   EXPECT_EQ(kEventCommonSize + 24 + kHdrSize, 576u);  // largest event on the wire
 }
 
+TEST(ControlRules, CrsAndMsrsTheV6KernelAccepts) {
+  for (uint32_t cr : {0u, 3u, 4u}) EXPECT_TRUE(IsControllableCr(cr)) << cr;
+  for (uint32_t cr : {1u, 2u, 5u, 8u, 0xffffffffu}) EXPECT_FALSE(IsControllableCr(cr)) << cr;
+  for (uint32_t msr : {0u, 0x1fffu, 0xc0000000u, 0xc0000080u, 0xc0001fffu}) {
+    EXPECT_TRUE(IsControllableMsr(msr)) << std::hex << msr;
+  }
+  for (uint32_t msr : {0x2000u, 0xbfffffffu, 0xc0002000u, 0xffffffffu}) {
+    EXPECT_FALSE(IsControllableMsr(msr)) << std::hex << msr;
+  }
+  EXPECT_STREQ(kControllableCrs, "0, 3 or 4");
+  EXPECT_STREQ(kControllableMsrs, "0-0x1fff or 0xc0000000-0xc0001fff");
+}
+
 TEST(Names, ActionsAndErrors) {
   EXPECT_STREQ(ActionName(KVMI_EVENT_ACTION_CONTINUE), "KVMI_EVENT_ACTION_CONTINUE");
   EXPECT_STREQ(ActionName(KVMI_EVENT_ACTION_RETRY), "KVMI_EVENT_ACTION_RETRY");

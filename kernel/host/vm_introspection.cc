@@ -34,11 +34,6 @@ constexpr uint32_t kSppAllWritable = 0xffffffffu;
 // GET_MAP_TOKEN tokens expire after ~3 s when unused (§3.3).
 constexpr auto kMapTokenLifetime = std::chrono::seconds(3);
 
-bool IsValidControlCr(uint32_t cr) { return cr == 0 || cr == 3 || cr == 4; }
-bool IsValidControlMsr(uint32_t msr) {
-  return msr <= KVMI_MSR_LOW_LAST || (msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST);
-}
-
 }  // namespace
 
 VmIntrospection::VmIntrospection(GuestBackend* backend, EngineOptions options)
@@ -926,7 +921,7 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
     }
     case KVMI_CONTROL_CR: {
       ControlCrRequest req;
-      if (!DecodePayload(payload, &req, kRule).ok() || !IsValidControlCr(req.cr)) {
+      if (!DecodePayload(payload, &req, kRule).ok() || !kvmi::IsControllableCr(req.cr)) {
         return Reply(hdr, -KVM_EINVAL, {});
       }
       {
@@ -938,7 +933,7 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
     }
     case KVMI_CONTROL_MSR: {
       ControlMsrRequest req;
-      if (!DecodePayload(payload, &req, kRule).ok() || !IsValidControlMsr(req.msr)) {
+      if (!DecodePayload(payload, &req, kRule).ok() || !kvmi::IsControllableMsr(req.msr)) {
         return Reply(hdr, -KVM_EINVAL, {});
       }
       {

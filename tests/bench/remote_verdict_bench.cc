@@ -25,7 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "daemon/api/introspection_service.h"
+#include "daemon/api/server.h"
 #include "daemon/kvmid.h"
 #include "kernel/sim/fleet.h"
 #include "tests/bench/bench_policies.h"
@@ -246,7 +246,7 @@ int main(int argc, char** argv) {
       kvmid::Daemon daemon(config);
       if (!daemon.Start().empty()) return 1;
       kvmid::ApiServer api(&daemon);
-      if (!api.Start(dir + "/api.sock", "127.0.0.1:0").empty()) return 1;
+      if (!api.Start(dir + "/api.sock", "127.0.0.1:0").ok()) return 1;
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
                                   "unix:" + dir + "/api.sock", seconds));
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp", config.unix_socket,

@@ -1,0 +1,331 @@
+#include "daemon/api/attach.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cctype>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "daemon/api/attach_outbox.h"
+#include "daemon/api/convert.h"
+#include "daemon/api/guest_commands.h"
+#include "daemon/api/limits.h"
+#include "daemon/base/mutex.h"
+#include "daemon/config/policy_convert.h"
+#include "kernel/abi/protocol.h"
+
+namespace kvmid::api {
+
+using grpc::Status;
+using grpc::StatusCode;
+
+namespace {
+
+bool ValidHandlerId(const std::string& id) {
+  if (id.empty() || id.size() > kMaxHandlerIdLength) return false;
+  for (char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim, Arming* arming) {
+  if (!ValidHandlerId(claim.handler_id())) {
+    return InvalidArgument("claim.handler_id", "1-" + std::to_string(kMaxHandlerIdLength) +
+                                                   " characters from [A-Za-z0-9._-]");
+  }
+  handler_claim->vms.assign(claim.vms().begin(), claim.vms().end());
+  for (int i = 0; i < claim.events_size(); ++i) {
+    uint8_t id;
+    if (!FromEventType(claim.events(i), &id) || !kvmi::FindEvent(id)->has_reply) {
+      return InvalidArgument("claim.events[" + std::to_string(i) + "]",
+                             "not a blocking event type");
+    }
+    handler_claim->events.insert(id);
+  }
+  if (claim.deadline_ms() > kMaxClaimDeadlineMs) {
+    return InvalidArgument("claim.deadline_ms", "at most " + std::to_string(kMaxClaimDeadlineMs));
+  }
+  handler_claim->deadline = std::chrono::milliseconds(claim.deadline_ms());
+  switch (claim.fallback()) {
+    case kvmi::v1::ACTION_UNSPECIFIED:
+      break;
+    case kvmi::v1::ACTION_CONTINUE:
+      handler_claim->fallback_action = KVMI_EVENT_ACTION_CONTINUE;
+      break;
+    case kvmi::v1::ACTION_CRASH:
+      handler_claim->fallback_action = KVMI_EVENT_ACTION_CRASH;
+      break;
+    default:
+      return InvalidArgument("claim.fallback", "CONTINUE or CRASH");
+  }
+  for (int i = 0; i < claim.arm_events_size(); ++i) {
+    uint8_t id;
+    if (!FromEventType(claim.arm_events(i), &id) || kvmi::FindEvent(id)->vm_event ||
+        id == KVMI_EVENT_PAUSE_VCPU) {
+      return InvalidArgument("claim.arm_events[" + std::to_string(i) + "]",
+                             "not an event enabled per vCPU");
+    }
+    arming->vcpu_events.insert(id);
+  }
+  for (uint32_t cr : claim.arm_crs()) {
+    if (!kvmi::IsControllableCr(cr))
+      return InvalidArgument("claim.arm_crs", kvmi::kControllableCrs);
+    arming->crs.insert(cr);
+  }
+  for (uint32_t msr : claim.arm_msrs()) {
+    if (!kvmi::IsControllableMsr(msr)) {
+      return InvalidArgument("claim.arm_msrs", kvmi::kControllableMsrs);
+    }
+    arming->msrs.insert(msr);
+  }
+  return Status::OK;
+}
+
+namespace {
+
+// One Attach stream. Inline commands block (they wait for the guest), so they run in order on a
+// thread of their own, started with the first command.
+//
+// Ending: a client that half-closes gets the results of the commands it sent, then OK; a
+// cancelled or broken stream drops what is queued and runs no further command. Either way the
+// handler stops at once (its events fall back) and OnDone releases everything the stream owned.
+class AttachReactor final : public AttachStream {
+ public:
+  AttachReactor(Daemon* daemon, grpc::CallbackServerContext* context,
+                std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command)
+      : daemon_(daemon),
+        context_(context),
+        next_stream_(next_stream),
+        run_command_(std::move(run_command)) {
+    outbox_ = std::make_shared<AttachOutbox>(
+        [this](const kvmi::v1::AttachResponse* message) { StartWrite(message); },
+        [this](const Status& status) { Finish(status); });
+  }
+
+  void Begin(const Status& admitted) {
+    if (!admitted.ok()) {
+      stopping_ = true;
+      outbox_->RequestFinish(admitted, /*drain=*/false);
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed (or the stream broke: OnCancel follows)
+      StopHandler();
+      FinishAfterCommands();
+      return;
+    }
+    if (stopping_) return;
+    if (reader_handler_ == nullptr) {
+      if (!request_.has_claim()) {
+        return Stop(InvalidArgument("claim", "the first message must be a Claim"));
+      }
+      Status s = Claim(request_.claim());
+      if (!s.ok()) return Stop(s);
+    } else if (request_.has_verdict()) {
+      reader_handler_->Answer(request_.verdict());
+    } else if (request_.has_command()) {
+      QueueCommand(std::move(*request_.mutable_command()));
+    } else if (request_.has_claim()) {
+      return Stop(InvalidArgument("claim", "a stream claims once, in its first message"));
+    }
+    ReadMore();
+  }
+
+  void OnWriteDone(bool ok) override {
+    outbox_->OnWriteDone(ok);
+    if (!ok) {  // the stream broke: end it as if cancelled
+      Stop(Status::CANCELLED);
+      return;
+    }
+    // Reads paused on a full backlog resume once the client took some of it.
+    if (!stopping_ && read_paused_ && !outbox_->Congested() && read_paused_.exchange(false)) {
+      StartRead(&request_);
+    }
+  }
+
+  void OnCancel() override { Stop(Status::CANCELLED); }
+
+  void OnDone() override {
+    StopHandler();
+    if (!owner_.empty()) daemon_->ReleaseOwner(owner_);
+    StopCommands();
+    std::thread runner;
+    {
+      MutexLock lock(&commands_mu_);
+      runner = std::move(command_runner_);
+    }
+    if (runner.joinable()) {
+      // Bounded: the command in progress ends with its guest reply or kvmid's command timeout.
+      runner.join();
+      // It may have armed, restricted or paused for the stream after the release above.
+      daemon_->ReleaseOwner(owner_);
+    }
+    if (!owner_.empty()) spdlog::info("{} detached", owner_);
+    delete this;
+  }
+
+ private:
+  Status Claim(const kvmi::v1::Claim& claim) {
+    HandlerClaim handler_claim;
+    Arming arming;
+    Status s = ParseClaim(claim, &handler_claim, &arming);
+    if (!s.ok()) return s;
+    owner_ = "client:" + claim.handler_id() + "#" + std::to_string((*next_stream_)++);
+    // Claimed is queued first (events of the new registration queue behind it) and written once
+    // the handler is registered and its arming requested: a client that has read Claimed gets
+    // every event it claimed from then on.
+    kvmi::v1::AttachResponse claimed;
+    claimed.mutable_claimed()->set_owner(owner_);
+    outbox_->Send(std::move(claimed));
+    auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
+    reader_handler_ = handler.get();
+    {
+      MutexLock lock(&handler_mu_);
+      handler_ = handler;
+      registration_ = daemon_->pipeline().RegisterHandler(handler, handler_claim);
+    }
+    daemon_->SetClientArming(owner_, handler_claim.vms, arming);
+    outbox_->Release();
+    spdlog::info(
+        "{} attached: {} event types, {} guests selected", owner_, handler_claim.events.size(),
+        handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
+    return Status::OK;
+  }
+
+  void ReadMore() {
+    if (outbox_->Congested()) {
+      read_paused_ = true;
+      // The backlog may have drained between the check and the flag: re-check.
+      if (outbox_->Congested() || !read_paused_.exchange(false)) return;
+    }
+    StartRead(&request_);
+  }
+
+  // Ends the stream now: no more events or commands, what is queued is dropped.
+  void Stop(const Status& status) {
+    stopping_ = true;
+    StopHandler();
+    StopCommands();
+    outbox_->RequestFinish(status, /*drain=*/false);
+  }
+
+  // No more events for this stream: unanswered ones fall back now.
+  void StopHandler() {
+    std::shared_ptr<StreamHandler> handler;
+    {
+      MutexLock lock(&handler_mu_);
+      registration_.Reset();
+      handler = handler_;
+    }
+    if (handler) handler->Close();
+  }
+
+  void QueueCommand(kvmi::v1::Command command) {
+    {
+      MutexLock lock(&commands_mu_);
+      if (commands_.size() < kMaxQueuedCommands) {
+        commands_.push_back(std::move(command));
+        if (!command_runner_.joinable()) command_runner_ = std::thread([this] { RunCommands(); });
+        commands_cv_.Signal();
+        return;
+      }
+    }
+    outbox_->Send(CommandResultMessage(
+        command.id(),
+        Status(StatusCode::RESOURCE_EXHAUSTED, "more than " + std::to_string(kMaxQueuedCommands) +
+                                                   " commands waiting on this stream")));
+  }
+
+  // Half-close: finish once every command read so far has its result queued.
+  void FinishAfterCommands() {
+    {
+      MutexLock lock(&commands_mu_);
+      if (command_runner_.joinable()) {
+        finish_when_idle_ = true;
+        commands_cv_.SignalAll();
+        return;
+      }
+    }
+    outbox_->RequestFinish(Status::OK, /*drain=*/true);
+  }
+
+  void StopCommands() {
+    MutexLock lock(&commands_mu_);
+    commands_stopped_ = true;
+    commands_.clear();
+    commands_cv_.SignalAll();
+  }
+
+  // The command thread: until stopped, or half-closed with nothing left.
+  void RunCommands() {
+    while (true) {
+      kvmi::v1::Command command;
+      {
+        MutexLock lock(&commands_mu_);
+        while (!commands_stopped_ && !finish_when_idle_ && commands_.empty()) {
+          commands_cv_.Wait(&commands_mu_);
+        }
+        if (commands_stopped_) return;
+        if (commands_.empty()) {  // half-closed and every command answered
+          MutexUnlock unlock(&commands_mu_);
+          outbox_->RequestFinish(Status::OK, /*drain=*/true);
+          return;
+        }
+        command = std::move(commands_.front());
+        commands_.pop_front();
+      }
+      // A client that does not read its results holds the next command back.
+      if (!outbox_->WaitForRoom()) return;
+      outbox_->Send(run_command_(context_, owner_, command));
+    }
+  }
+
+  Daemon* const daemon_;
+  grpc::CallbackServerContext* const context_;
+  std::atomic<uint64_t>* const next_stream_;
+  const AttachCommandRunner run_command_;
+  kvmi::v1::AttachRequest request_;  // the read in flight (one at a time)
+  std::shared_ptr<AttachOutbox> outbox_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> read_paused_{false};
+  // Set by the claim, before any command can run; then read-only (the command thread and OnDone
+  // read it after the claim's read callback).
+  OwnerId owner_;
+  // The claim's handler as the read callbacks see it: reads are serialised by gRPC (one at a
+  // time) and only they set it, so they use it without a lock.
+  StreamHandler* reader_handler_ = nullptr;
+  // The same handler and its registration for StopHandler, which may run on another thread
+  // (OnCancel, OnDone) while a read callback claims.
+  Mutex handler_mu_;
+  std::shared_ptr<StreamHandler> handler_ ABSL_GUARDED_BY(handler_mu_);
+  VerdictPipeline::Registration registration_ ABSL_GUARDED_BY(handler_mu_);
+  Mutex commands_mu_;
+  CondVar commands_cv_;
+  std::deque<kvmi::v1::Command> commands_ ABSL_GUARDED_BY(commands_mu_);
+  bool commands_stopped_ ABSL_GUARDED_BY(commands_mu_) = false;
+  bool finish_when_idle_ ABSL_GUARDED_BY(commands_mu_) = false;
+  std::thread command_runner_ ABSL_GUARDED_BY(commands_mu_);
+};
+
+}  // namespace
+
+AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
+                          std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
+                          const Status& admitted) {
+  auto* reactor = new AttachReactor(daemon, context, next_stream, std::move(run_command));
+  reactor->Begin(admitted);
+  return reactor;
+}
+
+}  // namespace kvmid::api

@@ -1,0 +1,39 @@
+// The Attach stream: a client claims blocking events as a remote handler, answers them with
+// verdicts, and may run control commands inline (owned by the stream, released when it ends).
+// Runs on gRPC's callback API: events are written from the guest's loop thread and verdicts
+// applied from gRPC's read callback, so a remote verdict costs no thread hand-off inside kvmid
+// beyond the loop's own wake-up.
+#ifndef KVMID_DAEMON_API_ATTACH_H_
+#define KVMID_DAEMON_API_ATTACH_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+#include "daemon/kvmid.h"
+#include "proto/kvmi/v1/introspection.pb.h"
+
+namespace kvmid::api {
+
+// A Claim as the pipeline's HandlerClaim and the arming it asks for, or INVALID_ARGUMENT naming
+// the field.
+grpc::Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim, Arming* arming);
+
+// Runs one inline command for the stream's owner (blocking: it waits for the guest), answered
+// as the unary RPC would be.
+using AttachCommandRunner = std::function<kvmi::v1::AttachResponse(
+    grpc::ServerContextBase* context, const OwnerId& owner, const kvmi::v1::Command& command)>;
+
+using AttachStream = grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
+
+// A new stream on `context` (it deletes itself when gRPC is done with it). Owners are numbered
+// from `next_stream`. A stream whose `admitted` is not OK ends with it at once.
+AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
+                          std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
+                          const grpc::Status& admitted);
+
+}  // namespace kvmid::api
+
+#endif  // KVMID_DAEMON_API_ATTACH_H_

@@ -1,0 +1,169 @@
+#include "daemon/api/attach_outbox.h"
+
+#include <algorithm>
+#include <iterator>
+#include <utility>
+
+#include "daemon/api/convert.h"
+
+namespace kvmid::api {
+
+using grpc::Status;
+
+void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
+  {
+    MutexLock lock(&mu_);
+    if (closed_) return;
+    backlog_bytes_ += message.ByteSizeLong();
+    queue_.push_back(std::move(message));
+    if (writing_ || held_) return;
+    writing_ = true;
+    TakeNextLocked();
+  }
+  start_write_(&current_);
+}
+
+void AttachOutbox::Release() {
+  {
+    MutexLock lock(&mu_);
+    held_ = false;
+    if (writing_ || closed_ || queue_.empty()) return;
+    writing_ = true;
+    TakeNextLocked();
+  }
+  start_write_(&current_);
+}
+
+void AttachOutbox::OnWriteDone(bool ok) {
+  bool next = false;  // this thread keeps the write token and sends current_
+  bool finish = false;
+  Status status;
+  {
+    MutexLock lock(&mu_);
+    if (!ok) CloseLocked();  // the stream is broken: nothing more goes out
+    if (!queue_.empty()) {
+      TakeNextLocked();
+      next = true;
+    } else {
+      writing_ = false;
+      finish = FinishDueLocked(&status);
+    }
+    room_cv_.SignalAll();
+  }
+  if (finish) {
+    finish_(status);
+  } else if (next) {
+    start_write_(&current_);
+  }
+}
+
+void AttachOutbox::RequestFinish(const Status& status, bool drain) {
+  bool finish = false;
+  Status final_status;
+  {
+    MutexLock lock(&mu_);
+    if (!finish_requested_) finish_status_ = status;
+    finish_requested_ = true;
+    if (!drain) CloseLocked();
+    finish = !writing_ && FinishDueLocked(&final_status);
+    room_cv_.SignalAll();
+  }
+  if (finish) finish_(final_status);
+}
+
+bool AttachOutbox::Congested() const {
+  MutexLock lock(&mu_);
+  return CongestedLocked();
+}
+
+bool AttachOutbox::WaitForRoom() {
+  MutexLock lock(&mu_);
+  while (!closed_ && CongestedLocked()) room_cv_.Wait(&mu_);
+  return !closed_;
+}
+
+void AttachOutbox::CloseLocked() {
+  closed_ = true;
+  queue_.clear();
+  backlog_bytes_ = 0;
+}
+
+void AttachOutbox::TakeNextLocked() {
+  current_ = std::move(queue_.front());
+  queue_.pop_front();
+  size_t size = current_.ByteSizeLong();
+  backlog_bytes_ -= std::min(backlog_bytes_, size);
+}
+
+bool AttachOutbox::CongestedLocked() const {
+  return queue_.size() >= kMaxBacklogMessages || backlog_bytes_ >= kMaxBacklogBytes;
+}
+
+bool AttachOutbox::FinishDueLocked(Status* status) {
+  if (!finish_requested_ || finished_ || !queue_.empty()) return false;
+  finished_ = true;
+  closed_ = true;
+  *status = finish_status_;
+  return true;
+}
+
+void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) {
+  {
+    MutexLock lock(&mu_);
+    if (closed_) return;  // the promise dies here: fallback at once
+    // Promises of events whose deadline passed long ago are dead weight.
+    auto stale = Clock::now() - kStalePromiseAge;
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      it = it->second.ctx.deadline < stale ? pending_.erase(it) : std::next(it);
+    }
+    pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
+  }
+  ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}};
+  kvmi::v1::AttachResponse message;
+  *message.mutable_event() = ToProto(observed, /*include_registers=*/true);
+  message.mutable_event()->clear_action();
+  message.mutable_event()->clear_decided_by();
+  outbox_->Send(std::move(message));
+}
+
+void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
+  std::string error;
+  VerdictPromise promise;
+  Verdict v;
+  {
+    MutexLock lock(&mu_);
+    auto it = pending_.find(verdict.event_id());
+    if (it == pending_.end()) {
+      error = "event " + std::to_string(verdict.event_id()) +
+              " is not pending (answered, past its deadline, or never sent)";
+    } else if (absl::Status s = FromProto(verdict, it->second.ctx.event, &v); !s.ok()) {
+      error = std::string(s.message());
+    } else {
+      promise = std::move(it->second.promise);
+      pending_.erase(it);
+    }
+  }
+  // Outside the lock: answering writes the reply and runs the observers, and the guest's loop
+  // must not wait for that to hand this stream its next event.
+  if (promise.valid()) {
+    v.decided_by = "handler:" + id_;
+    if (!promise.Answer(std::move(v))) error = "event already answered (deadline)";
+  }
+  if (!error.empty()) {
+    kvmi::v1::AttachResponse message;
+    message.mutable_error()->set_event_id(verdict.event_id());
+    message.mutable_error()->set_message(error);
+    outbox_->Send(std::move(message));
+  }
+}
+
+void StreamHandler::Close() {
+  std::map<uint64_t, Pending> dying;
+  {
+    MutexLock lock(&mu_);
+    closed_ = true;
+    dying.swap(pending_);
+  }
+}
+
+}  // namespace kvmid::api

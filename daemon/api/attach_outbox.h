@@ -1,0 +1,107 @@
+// The two halves of an Attach stream that do not need gRPC's reactor, so that they can be tested
+// alone: AttachOutbox (what the stream sends, one write at a time, bounded) and StreamHandler
+// (the remote verdict handler that keeps the promises of the events it sent).
+#ifndef KVMID_DAEMON_API_ATTACH_OUTBOX_H_
+#define KVMID_DAEMON_API_ATTACH_OUTBOX_H_
+
+#include <absl/base/thread_annotations.h>
+#include <grpcpp/grpcpp.h>
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "daemon/api/limits.h"
+#include "daemon/base/mutex.h"
+#include "daemon/kvmid.h"
+#include "proto/kvmi/v1/introspection.pb.h"
+
+namespace kvmid::api {
+
+// What one Attach stream sends to its client: a queue drained by one write at a time. Messages
+// are queued from any thread (the guest's loop thread for events, gRPC's for verdict errors, the
+// command runner for results); whoever finds no write in flight starts the next one, so an event
+// goes on the wire from the loop thread with no hand-off.
+class AttachOutbox {
+ public:
+  // Starts the write of one message (it stays valid until OnWriteDone); ends the stream.
+  using StartWrite = std::function<void(const kvmi::v1::AttachResponse*)>;
+  using Finish = std::function<void(const grpc::Status&)>;
+  // Above this backlog the stream stops reading requests (and the command runner waits) until
+  // the client has taken some: a client that never reads cannot grow kvmid's memory.
+  static constexpr size_t kMaxBacklogMessages = api::kMaxBacklogMessages;
+  static constexpr size_t kMaxBacklogBytes = api::kMaxBacklogBytes;
+
+  AttachOutbox(StartWrite start_write, Finish finish)
+      : start_write_(std::move(start_write)), finish_(std::move(finish)) {}
+
+  void Send(kvmi::v1::AttachResponse message);
+  // Until this is called nothing is written, only queued: the stream's first message (Claimed)
+  // must not reach the client before the handler it announces is registered.
+  void Release();
+  // The write StartWrite began completed (ok: it reached the stream).
+  void OnWriteDone(bool ok);
+  // Ends the stream with `status`, calling Finish exactly once. drain: what is queued still goes
+  // out first (the client half-closed and waits for its results); else it is dropped
+  // (cancelled, or a failure).
+  void RequestFinish(const grpc::Status& status, bool drain);
+  bool Congested() const;
+  // Blocks while the backlog is over its limit; false if the stream ended meanwhile.
+  bool WaitForRoom();
+
+ private:
+  void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TakeNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool CongestedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // No write in flight: true once (Finish is called exactly once).
+  bool FinishDueLocked(grpc::Status* status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const StartWrite start_write_;
+  const Finish finish_;
+  mutable Mutex mu_;
+  CondVar room_cv_;
+  std::deque<kvmi::v1::AttachResponse> queue_ ABSL_GUARDED_BY(mu_);
+  size_t backlog_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // The message being written. Filled under mu_ by whoever takes the write token (writing_) and
+  // read by gRPC until OnWriteDone: only the token holder touches it.
+  kvmi::v1::AttachResponse current_;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;  // the write token
+  bool held_ ABSL_GUARDED_BY(mu_) = true;      // see Release()
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status finish_status_ ABSL_GUARDED_BY(mu_);
+};
+
+// A remote handler behind one Attach stream: sends each blocking event it is given to the client
+// and keeps its promise until the client's verdict (or the stream's end) answers it.
+class StreamHandler : public VerdictHandler {
+ public:
+  StreamHandler(std::string id, std::shared_ptr<AttachOutbox> outbox)
+      : id_(std::move(id)), outbox_(std::move(outbox)) {}
+  std::string id() const override { return id_; }
+
+  void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override;
+  // A verdict from the client; errors go back on the stream.
+  void Answer(const kvmi::v1::Verdict& verdict);
+  // The stream is over: every unanswered event falls back now (the promises die outside the
+  // lock, their fallback runs on the guests' loops), and later events are refused at once.
+  void Close();
+
+ private:
+  struct Pending {
+    EventContext ctx;
+    VerdictPromise promise;
+  };
+  const std::string id_;
+  const std::shared_ptr<AttachOutbox> outbox_;
+  Mutex mu_;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvmid::api
+
+#endif  // KVMID_DAEMON_API_ATTACH_OUTBOX_H_

@@ -1,0 +1,239 @@
+// The Attach stream through a real server: claims, remote verdicts, inline commands owned by the
+// stream, half-close and cancellation.
+#include "daemon/api/api_test_fixture.h"
+
+namespace kvmid {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
+  ScriptedHost* host = Connect(9, "attached");
+  grpc::ClientContext ctx;
+  // Attach streams carry a deadline: a hang becomes a failure, not a test timeout.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("debugger");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->set_deadline_ms(5000);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  EXPECT_THAT(response.claimed().owner(), HasSubstr("client:debugger#"));
+  auto armed = [](bool enable) {
+    return [enable](const ReceivedMessage& m) {
+      kvmi::ControlEventsRequest r;
+      return m.hdr.id == KVMI_CONTROL_EVENTS &&
+             kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() &&
+             r.event_id == KVMI_EVENT_BREAKPOINT && r.enable == enable;
+    };
+  };
+  EXPECT_TRUE(host->WaitFor(armed(true)));
+
+  kvmi::Event bp = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 3);
+  bp.common.arch.regs.rip = 0x401000;
+  bp.specific.breakpoint.gpa = 0x401000;
+  bp.specific.breakpoint.insn_len = 1;
+  host->SendEvent(bp);
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  EXPECT_EQ(response.event().type(), kvmi::v1::EVENT_BREAKPOINT);
+  EXPECT_EQ(response.event().breakpoint().gpa(), 0x401000u);
+  EXPECT_EQ(response.event().registers().rip(), 0x401000u);
+  uint64_t id = response.event().id();
+
+  // Nothing invalid reaches the guest: KEEP_OLD is not a breakpoint action.
+  kvmi::v1::AttachRequest wrong;
+  wrong.mutable_verdict()->set_event_id(id);
+  wrong.mutable_verdict()->set_action(kvmi::v1::ACTION_KEEP_OLD);
+  ASSERT_TRUE(stream->Write(wrong));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_error());
+  EXPECT_THAT(response.error().message(), HasSubstr("KEEP_OLD"));
+
+  // Skip the INT3 (RIP + 1) and retry: SET_REGISTERS and the reply go out together.
+  kvmi::v1::AttachRequest verdict;
+  verdict.mutable_verdict()->set_event_id(id);
+  verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_RETRY);
+  verdict.mutable_verdict()->mutable_set_registers()->set_rip(0x401001);
+  ASSERT_TRUE(stream->Write(verdict));
+  auto set = host->WaitForId(KVMI_SET_REGISTERS);
+  ASSERT_TRUE(set);
+  kvmi::SetRegistersRequest regs;
+  ASSERT_TRUE(kvmi::DecodePayload(kvmi::ByteView(set->payload), &regs).ok());
+  EXPECT_EQ(regs.regs.rip, 0x401001u);
+  auto reply = host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 3; });
+  ASSERT_TRUE(reply);
+  kvmi::EventReply decoded;
+  ASSERT_TRUE(
+      kvmi::DecodeEventReply(kvmi::ByteView(reply->payload), KVMI_EVENT_BREAKPOINT, &decoded).ok());
+  EXPECT_EQ(decoded.action, KVMI_EVENT_ACTION_RETRY);
+
+  // The client dies holding an event: the guest is answered at once (not after 5 s), and the
+  // breakpoint interception it armed is disarmed.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 1, 4));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  auto died = Clock::now();
+  ctx.TryCancel();
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 4; }));
+  EXPECT_LT(Clock::now() - died, std::chrono::seconds(3));
+  EXPECT_TRUE(host->WaitFor(armed(false)));
+  EXPECT_GE(daemon_->pipeline().stats().fallback_handler_gone.load(), 1u);
+}
+
+TEST_F(ApiTest, AttachRejectsABadClaim) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("x");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_UNHOOK);  // never answered: not claimable
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.events[0]"));
+}
+
+TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
+  ScriptedHost* host = Connect(16, "inline");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("inline");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_PF);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+
+  kvmi::v1::AttachRequest regs;
+  regs.mutable_command()->set_id(100);
+  regs.mutable_command()->mutable_get_registers()->set_vm("inline");
+  regs.mutable_command()->mutable_get_registers()->set_vcpu(1);
+  ASSERT_TRUE(stream->Write(regs));
+  kvmi::v1::AttachRequest pages;
+  pages.mutable_command()->set_id(101);
+  auto* set = pages.mutable_command()->mutable_set_page_access();
+  set->set_vm("inline");
+  auto* page = set->add_pages();
+  page->set_gpa(0x7000);
+  page->set_access("r");
+  ASSERT_TRUE(stream->Write(pages));
+  kvmi::v1::AttachRequest bad;
+  bad.mutable_command()->set_id(102);
+  bad.mutable_command()->mutable_read_physical()->set_vm("nobody");
+  bad.mutable_command()->mutable_read_physical()->set_size(1);
+  ASSERT_TRUE(stream->Write(bad));
+  kvmi::v1::AttachRequest empty;
+  empty.mutable_command()->set_id(103);
+  ASSERT_TRUE(stream->Write(empty));
+
+  // Results come in the order sent, each with its id.
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_command_result());
+  EXPECT_EQ(response.command_result().id(), 100u);
+  EXPECT_EQ(response.command_result().code(), 0);
+  EXPECT_EQ(response.command_result().get_registers().registers().cr3(), 0x2000u);
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 101u);
+  EXPECT_EQ(response.command_result().code(), 0);
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 102u);
+  EXPECT_EQ(response.command_result().code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(response.command_result().message(), HasSubstr("nobody"));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.command_result().id(), 103u);
+  EXPECT_EQ(response.command_result().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+
+  auto restricted = host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::SetPageAccessRequest r;
+    return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
+           r.entries[0].gpa == 0x7000 && r.entries[0].access == KVMI_PAGE_ACCESS_R;
+  });
+  EXPECT_TRUE(restricted);
+  // The page restriction belongs to the stream: it ends, the page is restored.
+  ctx.TryCancel();
+  EXPECT_TRUE(host->WaitFor([](const ReceivedMessage& m) {
+    kvmi::SetPageAccessRequest r;
+    return m.hdr.id == KVMI_SET_PAGE_ACCESS &&
+           kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
+           r.entries[0].gpa == 0x7000 && r.entries[0].access == KVMI_PAGE_ACCESS_RWX;
+  }));
+}
+
+TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
+  ScriptedHost* host = Connect(17, "halfclosed");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("drain");
+  ASSERT_TRUE(stream->Write(claim));
+  for (uint64_t id = 1; id <= 3; ++id) {
+    kvmi::v1::AttachRequest regs;
+    regs.mutable_command()->set_id(id);
+    regs.mutable_command()->mutable_get_registers()->set_vm("halfclosed");
+    ASSERT_TRUE(stream->Write(regs));
+  }
+  ASSERT_TRUE(stream->WritesDone());
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_TRUE(response.has_claimed());
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(stream->Read(&response));
+    ASSERT_TRUE(response.has_command_result());
+    EXPECT_EQ(response.command_result().id(), id);
+    EXPECT_EQ(response.command_result().code(), 0);
+  }
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ApiTest, APauseWhoseStreamEndsBeforeTheVcpuStopsDoesNotHoldIt) {
+  ScriptedHost* host = Connect(18, "unpaused");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("pauser");
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  kvmi::v1::AttachRequest pause;
+  pause.mutable_command()->set_id(1);
+  pause.mutable_command()->mutable_pause_vcpu()->set_vm("unpaused");
+  pause.mutable_command()->mutable_pause_vcpu()->set_vcpu(1);
+  ASSERT_TRUE(stream->Write(pause));
+  ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
+  // The client goes away while the vCPU is still on its way to stop.
+  ctx.TryCancel();
+  EXPECT_TRUE(WaitUntil([&] {
+    auto guest = daemon_->registry().Lookup("unpaused");
+    for (const auto& [owner, unused] : guest->Snapshot().leases) {
+      if (owner.rfind("client:pauser", 0) == 0) return false;
+    }
+    return true;
+  }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Its PAUSE_VCPU event arrives now: nobody holds it, the vCPU is let go at once.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 91));
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 91; },
+      std::chrono::milliseconds(2000)));
+  EXPECT_TRUE(daemon_->registry().Lookup("unpaused")->Snapshot().paused_vcpus.empty());
+}
+
+}  // namespace
+}  // namespace kvmid

@@ -1,0 +1,42 @@
+// Conversions between kvmi.v1 messages and kvmid's internal types, and the ONE place where an
+// internal outcome (CommandResult, absl::Status) becomes a grpc::Status. Nothing here talks to a
+// guest or keeps state.
+#ifndef KVMID_DAEMON_API_CONVERT_H_
+#define KVMID_DAEMON_API_CONVERT_H_
+
+#include <absl/status/status.h>
+#include <grpcpp/grpcpp.h>
+
+#include <map>
+#include <string>
+
+#include "daemon/kvmid.h"
+#include "proto/kvmi/v1/introspection.pb.h"
+
+namespace kvmid {
+
+kvmi::v1::VM ToProto(const GuestSnapshot& snapshot,
+                     const std::map<std::string, std::string>& labels);
+kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers);
+kvmi::v1::Lease ToProto(const OwnerId& owner, const Arming& arming);
+kvmi::v1::VcpuLease ToProto(uint16_t vcpu, const VcpuArming& arming);
+// The register block of an event or a GET_REGISTERS reply.
+kvmi::v1::Registers RegistersToProto(const kvm_regs& regs, const kvm_sregs& sregs);
+// The general registers of a Registers message (control-register fields are not settable).
+kvm_regs RegistersFromProto(const kvmi::v1::Registers& registers);
+// A client's verdict for `event`, checked against what the event accepts; INVALID_ARGUMENT
+// naming the field otherwise.
+absl::Status FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out);
+
+// INVALID_ARGUMENT "<field>: <why>".
+grpc::Status InvalidArgument(const std::string& field, const std::string& why);
+// The status of a call whose client went away (or whose deadline passed) while it waited.
+grpc::Status Cancelled();
+// A command result as a gRPC status; KVMI errors keep their name ("KVM_EPERM").
+grpc::Status ToStatus(const CommandResult& result, const std::string& what);
+// An internal status as a gRPC status (same code, same message).
+grpc::Status ToStatus(const absl::Status& status);
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_API_CONVERT_H_

@@ -1,0 +1,127 @@
+// The conversions and the one mapping of internal outcomes to gRPC statuses.
+#include "daemon/api/convert.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace kvmid {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+TEST(ToStatusTest, CommandResultsMapToTheCodesTheProtoDocuments) {
+  EXPECT_TRUE(ToStatus(CommandResult::Ok(), "X").ok());
+  grpc::Status eperm = ToStatus(CommandResult::KvmiError(-KVM_EPERM), "ReadPhysical");
+  EXPECT_EQ(eperm.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(eperm.error_message(), "ReadPhysical: the host answered KVM_EPERM");
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_EINVAL), "X").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_ENOENT), "X").error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_EAGAIN), "X").error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_EBUSY), "X").error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_EOPNOTSUPP), "X").error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-KVM_ENOMEM), "X").error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(ToStatus(CommandResult::KvmiError(-12345), "X").error_code(),
+            grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(ToStatus(CommandResult::Invalid("too big"), "X").error_message(), "X: too big");
+  grpc::Status closed = ToStatus(CommandResult::Closed("eof"), "X");
+  EXPECT_EQ(closed.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(closed.error_message(), HasSubstr("gone (eof)"));
+  EXPECT_EQ(ToStatus(CommandResult::Timeout(), "X").error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(ToStatus(CommandResult::NotWaiting("idle"), "X").error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(ToStatus(CommandResult::ProtocolError("short"), "X").error_code(),
+            grpc::StatusCode::INTERNAL);
+}
+
+TEST(ToStatusTest, AbslStatusesKeepTheirCodeAndMessage) {
+  EXPECT_TRUE(ToStatus(absl::OkStatus()).ok());
+  grpc::Status s = ToStatus(absl::NotFoundError("no guest 'x'"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(s.error_message(), "no guest 'x'");
+  EXPECT_EQ(ToStatus(absl::DeadlineExceededError("late")).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(InvalidArgument("vcpu", "too big").error_message(), "vcpu: too big");
+  EXPECT_EQ(Cancelled().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+kvmi::Event EventOf(uint8_t id) {
+  kvmi::Event e;
+  e.common.event = id;
+  return e;
+}
+
+TEST(FromProtoTest, AVerdictIsCheckedAgainstWhatTheEventAccepts) {
+  Verdict v;
+  kvmi::v1::Verdict in;
+  in.set_action(kvmi::v1::ACTION_CONTINUE);
+  in.set_new_value(0x80050033);
+  ASSERT_TRUE(FromProto(in, EventOf(KVMI_EVENT_CR), &v).ok());
+  EXPECT_EQ(v.action, KVMI_EVENT_ACTION_CONTINUE);
+  EXPECT_EQ(v.new_value.value_or(0), 0x80050033u);
+
+  in.set_action(kvmi::v1::ACTION_KEEP_OLD);
+  absl::Status conflict = FromProto(in, EventOf(KVMI_EVENT_CR), &v);
+  EXPECT_EQ(conflict.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(conflict.message(), HasSubstr("new_value"));
+  in.clear_new_value();
+  ASSERT_TRUE(FromProto(in, EventOf(KVMI_EVENT_MSR), &v).ok());
+  EXPECT_TRUE(v.keep_old);
+  EXPECT_THAT(FromProto(in, EventOf(KVMI_EVENT_PF), &v).message(), HasSubstr("KEEP_OLD"));
+
+  in.set_action(kvmi::v1::ACTION_RETRY);  // a CR write retried would #GP the guest
+  EXPECT_THAT(FromProto(in, EventOf(KVMI_EVENT_CR), &v).message(), HasSubstr("not an action"));
+  in.set_action(kvmi::v1::ACTION_UNSPECIFIED);
+  EXPECT_THAT(FromProto(in, EventOf(KVMI_EVENT_PF), &v).message(), HasSubstr("required"));
+
+  in.set_action(kvmi::v1::ACTION_RETRY);
+  in.mutable_pf()->set_ctx_data(std::string(KVMI_CTX_DATA_SIZE + 1, 'x'));
+  EXPECT_THAT(FromProto(in, EventOf(KVMI_EVENT_PF), &v).message(), HasSubstr("pf.ctx_data"));
+  in.mutable_pf()->set_ctx_data("ab");
+  in.mutable_pf()->set_singlestep(true);
+  ASSERT_TRUE(FromProto(in, EventOf(KVMI_EVENT_PF), &v).ok());
+  ASSERT_TRUE(v.pf.has_value());
+  EXPECT_EQ(v.pf->ctx_size, 2u);
+  EXPECT_EQ(v.pf->singlestep, 1);
+  in.set_action(kvmi::v1::ACTION_CONTINUE);
+  EXPECT_THAT(FromProto(in, EventOf(KVMI_EVENT_BREAKPOINT), &v).message(), HasSubstr("pf:"));
+}
+
+TEST(ConvertTest, RegistersGoBothWaysAndALeaseListsWhatItArms) {
+  kvmi::v1::Registers in;
+  in.set_rax(1), in.set_r15(15), in.set_rip(0xffff), in.set_rflags(2), in.set_cr3(0x1000);
+  kvm_regs regs = RegistersFromProto(in);
+  EXPECT_EQ(regs.rax, 1u);
+  EXPECT_EQ(regs.r15, 15u);
+  EXPECT_EQ(regs.rip, 0xffffu);
+  kvm_sregs sregs{};
+  sregs.cr3 = 0x2000;
+  kvmi::v1::Registers out = RegistersToProto(regs, sregs);
+  EXPECT_EQ(out.rax(), 1u);
+  EXPECT_EQ(out.rflags(), 2u);
+  EXPECT_EQ(out.cr3(), 0x2000u);  // control registers come from sregs, never from the request
+
+  Arming arming;
+  arming.vcpu_events = {KVMI_EVENT_CR};
+  arming.crs = {3};
+  arming.page_access = {{1, 0}, {2, 0}};
+  arming.vcpu_only[1].msrs = {0xc0000080};
+  kvmi::v1::Lease lease = ToProto("api", arming);
+  EXPECT_EQ(lease.owner(), "api");
+  EXPECT_THAT(lease.vcpu_events(), ElementsAre(kvmi::v1::EVENT_CR));
+  EXPECT_THAT(lease.crs(), ElementsAre(3u));
+  EXPECT_EQ(lease.restricted_pages(), 2u);
+  ASSERT_EQ(lease.vcpu_only_size(), 1);
+  EXPECT_EQ(lease.vcpu_only(0).vcpu(), 1u);
+  EXPECT_THAT(lease.vcpu_only(0).msrs(), ElementsAre(0xc0000080u));
+}
+
+}  // namespace
+}  // namespace kvmid

@@ -1,0 +1,70 @@
+#include "daemon/api/inventory.h"
+
+#include <spdlog/spdlog.h>
+
+#include <memory>
+#include <string>
+
+#include "daemon/api/convert.h"
+#include "daemon/config/policy_convert.h"
+
+namespace kvmid::api {
+
+using grpc::Status;
+using grpc::StatusCode;
+
+kvmi::v1::VM Inventory::Describe(const Guest& guest) {
+  return ToProto(guest.Snapshot(), daemon_->pipeline().ViewOf(guest)->labels);
+}
+
+Status Inventory::ListVMs(const kvmi::v1::ListVMsRequest&, kvmi::v1::ListVMsResponse* response) {
+  for (const auto& guest : daemon_->registry().List()) *response->add_vms() = Describe(*guest);
+  return Status::OK;
+}
+
+Status Inventory::GetVM(const kvmi::v1::GetVMRequest& request, kvmi::v1::VM* response) {
+  std::shared_ptr<Guest> guest;
+  Status s = guests_.Lookup(request.vm(), &guest);
+  if (!s.ok()) return s;
+  *response = Describe(*guest);
+  return Status::OK;
+}
+
+Status Inventory::ApplyPolicy(const kvmi::v1::ApplyPolicyRequest& request,
+                              kvmi::v1::ApplyPolicyResponse* response) {
+  if (!request.has_policy()) return InvalidArgument("policy", "required");
+  std::shared_ptr<Rule> rule;
+  std::string error = PolicyToRule(request.policy(), &rule);
+  if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy." + error);
+  bool existed = false;
+  for (const auto& r : *daemon_->policies().rules()) existed = existed || r->name == rule->name;
+  error = daemon_->ApplyPolicy(rule);
+  if (!error.empty()) return InvalidArgument("policy", error);
+  response->set_replaced(existed);
+  spdlog::info("policy {} {} through the API", rule->name, existed ? "replaced" : "applied");
+  return Status::OK;
+}
+
+Status Inventory::ListPolicies(const kvmi::v1::ListPoliciesRequest&,
+                               kvmi::v1::ListPoliciesResponse* response) {
+  for (const auto& rule : *daemon_->policies().rules()) {
+    kvmi::v1::PolicyStatus* status = response->add_policies();
+    *status->mutable_policy() = RuleToPolicy(*rule);
+    status->mutable_counters()->set_name(rule->name);
+    status->mutable_counters()->set_hits(rule->hits.load());
+    status->mutable_counters()->set_enforced(rule->enforced.load());
+  }
+  return Status::OK;
+}
+
+Status Inventory::DeletePolicy(const kvmi::v1::DeletePolicyRequest& request,
+                               kvmi::v1::DeletePolicyResponse*) {
+  if (request.name().empty()) return InvalidArgument("name", "required");
+  if (!daemon_->RemovePolicy(request.name())) {
+    return Status(StatusCode::NOT_FOUND, "no policy '" + request.name() + "'");
+  }
+  spdlog::info("policy {} deleted through the API", request.name());
+  return Status::OK;
+}
+
+}  // namespace kvmid::api

@@ -1,0 +1,44 @@
+// The API's own limits, named once; error messages are built from them. The per-message limits
+// of the v6 ABI (510 GPAs, 226 MSRs, 255 pages) live in kernel/abi/protocol.h.
+#ifndef KVMID_DAEMON_API_LIMITS_H_
+#define KVMID_DAEMON_API_LIMITS_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+
+namespace kvmid::api {
+
+// ReadPhysical / WritePhysical: bytes per call.
+inline constexpr uint64_t kMaxTransferBytes = uint64_t{16} << 20;
+// GetPageAccess / SetPageAccess: pages per call (the session splits them into messages).
+inline constexpr int kMaxPagesPerCall = 65536;
+// InjectException: the v6 kernel does not check the vector (§5.18); only exception vectors pass.
+inline constexpr uint32_t kMaxExceptionVector = 31;
+
+// StreamEvents: events buffered per call (default and maximum of max_queue).
+inline constexpr uint32_t kDefaultStreamQueue = 1024;
+inline constexpr uint32_t kMaxStreamQueue = 65536;
+// WatchVMs: guest changes buffered per call for a reader that does not keep up.
+inline constexpr size_t kMaxWatchBacklog = 65536;
+// How often a server-streaming call looks at its cancellation while idle.
+inline constexpr std::chrono::milliseconds kStreamPoll{200};
+// How often a unary call waiting for the guest looks at its cancellation.
+inline constexpr std::chrono::milliseconds kWaitPoll{50};
+
+// Attach: a claim's handler id, its verdict deadline, the inline commands waiting per stream,
+// and the backlog of messages to the client above which the stream stops reading.
+inline constexpr size_t kMaxHandlerIdLength = 64;
+inline constexpr uint32_t kMaxClaimDeadlineMs = 60000;
+inline constexpr size_t kMaxQueuedCommands = 256;
+inline constexpr size_t kMaxBacklogMessages = 1024;
+inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
+// Promises of events whose deadline passed this long ago are dropped from a stream's table.
+inline constexpr std::chrono::seconds kStalePromiseAge{1};
+
+// Server shutdown: streams end within kStreamPoll; this is how long they get.
+inline constexpr std::chrono::seconds kShutdownGrace{1};
+
+}  // namespace kvmid::api
+
+#endif  // KVMID_DAEMON_API_LIMITS_H_

@@ -1,0 +1,49 @@
+// The API server's assembly: kvmi.v1.Introspection plus gRPC reflection and grpc.health.v1, on a
+// UNIX socket and/or TCP, with the event history StreamEvents resumes from. Listeners and their
+// credentials are set up in one place each (AddListeners, ListenerCredentials).
+#ifndef KVMID_DAEMON_API_SERVER_H_
+#define KVMID_DAEMON_API_SERVER_H_
+
+#include <absl/status/status.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "daemon/api/event_history.h"
+#include "daemon/api/introspection_service.h"
+#include "daemon/kvmid.h"
+
+namespace kvmid {
+
+class ApiServer {
+ public:
+  // The last `history` events are remembered for StreamEvents' resume cursor.
+  explicit ApiServer(Daemon* daemon, size_t history = 8192);
+  ~ApiServer();
+  ApiServer(const ApiServer&) = delete;
+  ApiServer& operator=(const ApiServer&) = delete;
+
+  // `unix_socket` / `tcp` may be empty (not both). The error names the address it could not use.
+  absl::Status Start(const std::string& unix_socket, const std::string& tcp);
+  void Shutdown();
+  int tcp_port() const { return tcp_port_; }
+  const EventHistory& history() const { return *history_; }
+
+ private:
+  // What every listener uses to authenticate (plaintext today).
+  std::shared_ptr<grpc::ServerCredentials> ListenerCredentials() const;
+  void AddListeners(grpc::ServerBuilder* builder, const std::string& unix_socket,
+                    const std::string& tcp);
+
+  std::unique_ptr<EventHistory> history_;
+  std::unique_ptr<IntrospectionService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string unix_socket_;
+  int tcp_port_ = 0;
+};
+
+}  // namespace kvmid
+
+#endif  // KVMID_DAEMON_API_SERVER_H_

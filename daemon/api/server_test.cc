@@ -1,0 +1,73 @@
+// The server assembly: reflection and health are on, TCP as well as UNIX, and Start's errors.
+#include <grpcpp/generic/generic_stub.h>
+
+#include "daemon/api/api_test_fixture.h"
+#include "src/proto/grpc/reflection/v1alpha/reflection.grpc.pb.h"
+
+namespace kvmid {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST_F(ApiTest, ReflectionAndHealthAreOn) {
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(channel_);
+  grpc::ClientContext ctx;
+  auto stream = reflection->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest request;
+  request.set_list_services("");
+  ASSERT_TRUE(stream->Write(request));
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  std::vector<std::string> services;
+  for (const auto& s : response.list_services_response().service()) services.push_back(s.name());
+  EXPECT_THAT(services,
+              ::testing::IsSupersetOf({"kvmi.v1.Introspection", "grpc.health.v1.Health"}));
+  stream->WritesDone();
+  stream->Finish();
+
+  // grpc.health.v1.Health/Check with an empty request: SERVING is field 1 = 1 (bytes 08 01).
+  grpc::GenericStub generic(channel_);
+  grpc::ClientContext health_ctx;
+  grpc::CompletionQueue cq;
+  grpc::ByteBuffer empty_request;
+  grpc::Slice nothing("");
+  empty_request = grpc::ByteBuffer(&nothing, 1);
+  grpc::ByteBuffer reply;
+  std::promise<grpc::Status> answered;
+  generic.UnaryCall(&health_ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
+                    &empty_request, &reply, [&](grpc::Status s) { answered.set_value(s); });
+  std::future<grpc::Status> answer = answered.get_future();
+  ASSERT_EQ(answer.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  grpc::Status status = answer.get();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(reply.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& s : slices)
+    bytes += std::string(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));
+}
+
+TEST_F(ApiTest, TheApiIsAlsoServedOverTcp) {
+  ASSERT_GT(api_->tcp_port(), 0);
+  auto tcp = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(api_->tcp_port()), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  kvmi::v1::ListVMsResponse list;
+  EXPECT_TRUE(tcp->ListVMs(&ctx, {}, &list).ok());
+}
+
+TEST_F(ApiTest, StartNamesWhatItCannotServe) {
+  ApiServer second(daemon_.get());
+  absl::Status none = second.Start("", "");
+  EXPECT_EQ(none.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(none.message()), HasSubstr("api_socket or api_tcp"));
+  // A socket path nobody can create.
+  const std::string unusable = "/proc/kvmid-no-such-dir/api.sock";
+  absl::Status bad = second.Start(unusable, "");
+  EXPECT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.message()), HasSubstr(unusable));
+}
+
+}  // namespace
+}  // namespace kvmid
