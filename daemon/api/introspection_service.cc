@@ -19,6 +19,7 @@
 #include <unordered_set>
 
 #include "daemon/config/policy_convert.h"
+#include "daemon/export/node_name.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -260,6 +261,12 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers) {
   out.set_decided_by(o.verdict.decided_by);
   for (const std::string& rule : o.monitor_hits) out.add_monitor_hits(rule);
   out.set_latency_ns(static_cast<uint64_t>(o.latency.count()));
+  if (o.time.time_since_epoch().count() != 0) {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.time.time_since_epoch());
+    out.mutable_time()->set_seconds(ns.count() / 1000000000);
+    out.mutable_time()->set_nanos(static_cast<int32_t>(ns.count() % 1000000000));
+  }
+  out.set_node(NodeName());
   if (include_registers) {
     const kvm_regs& r = e.common.arch.regs;
     const kvm_sregs& sr = e.common.arch.sregs;
@@ -361,8 +368,13 @@ Status IntrospectionService::ApplyPolicy(grpc::ServerContext*,
   if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy." + error);
   bool existed = false;
   for (const auto& r : *daemon_->policies().rules()) existed = existed || r->name == rule->name;
-  error = daemon_->ApplyPolicy(rule);
-  if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy: " + error);
+  rule->origin = request->policy().SerializeAsString();  // persisted as the client sent it
+  absl::Status applied = daemon_->ApplyApiPolicy(rule);
+  if (!applied.ok()) {
+    return Status(static_cast<StatusCode>(applied.code()),
+                  (applied.code() == absl::StatusCode::kInvalidArgument ? "policy: " : "") +
+                      std::string(applied.message()));
+  }
   response->set_replaced(existed);
   spdlog::info("policy {} {} through the API", rule->name, existed ? "replaced" : "applied");
   return Status::OK;
@@ -385,8 +397,9 @@ Status IntrospectionService::DeletePolicy(grpc::ServerContext*,
                                           const kvmi::v1::DeletePolicyRequest* request,
                                           kvmi::v1::DeletePolicyResponse*) {
   if (request->name().empty()) return Invalid("name", "required");
-  if (!daemon_->RemovePolicy(request->name())) {
-    return Status(StatusCode::NOT_FOUND, "no policy '" + request->name() + "'");
+  absl::Status removed = daemon_->RemoveApiPolicy(request->name());
+  if (!removed.ok()) {
+    return Status(static_cast<StatusCode>(removed.code()), std::string(removed.message()));
   }
   spdlog::info("policy {} deleted through the API", request->name());
   return Status::OK;
@@ -685,7 +698,7 @@ class StreamHandler : public VerdictHandler {
       }
       pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
     }
-    ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}};
+    ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}, ctx.time};
     *message.mutable_event() = ToProto(observed, /*include_registers=*/true);
     message.mutable_event()->clear_action();
     message.mutable_event()->clear_decided_by();
