@@ -1155,7 +1155,7 @@ Status IntrospectionService::GetRegistersImpl(grpc::ServerContextBase* context,
   kvmi::Event as_event;  // reuse the event converter for the register block
   as_event.common.arch.regs = reply.regs;
   as_event.common.arch.sregs = reply.sregs;
-  ObservedEvent observed{guest, as_event, Verdict(), {}, 0, {}};
+  ObservedEvent observed{guest, as_event, Verdict(), {}, 0, {}, {}};
   *response->mutable_registers() = ToProto(observed, true).registers();
   for (const kvm_msr_entry& e : reply.msrs) {
     kvmi::v1::MsrValue* msr = response->add_msrs();
