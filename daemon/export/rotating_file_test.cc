@@ -81,7 +81,9 @@ TEST_F(RotatingFileTest, StaysWithinMaxFilesTimesMaxBytes) {
   int expected = -1;
   while (std::getline(lines, line)) {
     int n = std::stoi(line.substr(5));
-    if (expected >= 0) EXPECT_EQ(n, expected) << "records in order, none lost between files";
+    if (expected >= 0) {
+      EXPECT_EQ(n, expected) << "records in order, none lost between files";
+    }
     expected = n + 1;
     EXPECT_EQ(line.back(), '}');
   }
