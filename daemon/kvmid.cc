@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -164,6 +165,73 @@ bool Daemon::RemovePolicy(const std::string& name) {
   bool removed = policies_.Remove(name);
   if (removed) RearmAllGuests();
   return removed;
+}
+
+absl::Status Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule) {
+  MutexLock lock(&api_policies_mutex_);
+  {
+    // Validated apart first (the rule is not shared yet): a rule that cannot be applied is never
+    // persisted.
+    PolicySet scratch;
+    std::string error = scratch.Apply(rule);
+    if (!error.empty()) return absl::InvalidArgumentError(error);
+  }
+  std::vector<std::shared_ptr<const Rule>> next = api_policies_;
+  auto it =
+      std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == rule->name; });
+  if (it != next.end()) {
+    *it = rule;
+  } else {
+    next.push_back(rule);
+  }
+  if (persister_) {
+    absl::Status persisted = persister_(next);
+    if (!persisted.ok()) {
+      return absl::Status(persisted.code(), "policy " + rule->name +
+                                                " not applied: it could not be persisted: " +
+                                                std::string(persisted.message()));
+    }
+  }
+  std::string error = policies_.Apply(std::move(rule));
+  if (!error.empty()) return absl::InternalError(error);  // validated above: not expected
+  api_policies_ = std::move(next);
+  RearmAllGuests();
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::RemoveApiPolicy(const std::string& name) {
+  MutexLock lock(&api_policies_mutex_);
+  const auto rules = policies_.rules();
+  if (std::none_of(rules->begin(), rules->end(), [&](const auto& r) { return r->name == name; })) {
+    return absl::NotFoundError("no policy '" + name + "'");
+  }
+  std::vector<std::shared_ptr<const Rule>> next = api_policies_;
+  auto it = std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == name; });
+  if (it != next.end()) {
+    next.erase(it);
+    if (persister_) {
+      absl::Status persisted = persister_(next);
+      if (!persisted.ok()) {
+        return absl::Status(persisted.code(), "policy " + name +
+                                                  " not deleted: it could not be persisted: " +
+                                                  std::string(persisted.message()));
+      }
+    }
+  }
+  policies_.Remove(name);
+  api_policies_ = std::move(next);
+  RearmAllGuests();
+  return absl::OkStatus();
+}
+
+void Daemon::set_policy_persister(PolicyPersister persister) {
+  MutexLock lock(&api_policies_mutex_);
+  persister_ = std::move(persister);
+}
+
+std::vector<std::shared_ptr<const Rule>> Daemon::api_policies() const {
+  MutexLock lock(&api_policies_mutex_);
+  return api_policies_;
 }
 
 void Daemon::RearmAllGuests() {

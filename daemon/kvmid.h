@@ -4,17 +4,21 @@
 #ifndef KVMID_DAEMON_KVMID_H_
 #define KVMID_DAEMON_KVMID_H_
 
+#include <absl/base/thread_annotations.h>
+#include <absl/status/status.h>
 #include <sys/types.h>
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "daemon/io/event_loop.h"
 #include "daemon/registry/registry.h"
 #include "daemon/transport/acceptor.h"
@@ -54,9 +58,25 @@ class Daemon {
   PolicySet& policies() { return policies_; }
   VerdictPipeline& pipeline() { return *pipeline_; }
 
-  // Policy changes take effect on every guest now (arming follows) and on later guests.
+  // Policy changes take effect on every guest now (arming follows) and on later guests. These
+  // two are for policies whose source is the configuration (file, flags, code): not persisted.
   std::string ApplyPolicy(std::shared_ptr<Rule> rule);
   bool RemovePolicy(const std::string& name);
+
+  // Policies applied through the API ("API-owned"). Each change is handed to the persister (if
+  // set) BEFORE it takes effect: when persisting fails, nothing changed and the error is
+  // returned (the client is told; its policy is not in effect). Replacing a configured policy
+  // by name makes it API-owned; removing a configured policy is not persisted (the config
+  // brings it back at the next start). Errors: InvalidArgument (bad rule), NotFound, or the
+  // persister's status.
+  absl::Status ApplyApiPolicy(std::shared_ptr<Rule> rule);
+  absl::Status RemoveApiPolicy(const std::string& name);
+  // Gets every API-owned policy, in application order, after each change (daemon/state). Set
+  // after restoring the saved ones (those are applied with ApplyApiPolicy before it is set).
+  using PolicyPersister =
+      std::function<absl::Status(const std::vector<std::shared_ptr<const Rule>>& api_policies)>;
+  void set_policy_persister(PolicyPersister persister);
+  std::vector<std::shared_ptr<const Rule>> api_policies() const;
 
   // Arms `arming` as a lease of `owner` on every guest that `vms` selects (UUIDs or names; empty =
   // every guest), now and on guests that connect later.
@@ -86,6 +106,9 @@ class Daemon {
   };
   std::mutex clients_mutex_;
   std::map<OwnerId, ClientArming> client_arming_;
+  mutable Mutex api_policies_mutex_;  // held across persisting: API changes are serialized
+  std::vector<std::shared_ptr<const Rule>> api_policies_ ABSL_GUARDED_BY(api_policies_mutex_);
+  PolicyPersister persister_ ABSL_GUARDED_BY(api_policies_mutex_);
   bool started_ = false;
   bool shut_down_ = false;
 };

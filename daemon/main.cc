@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <set>
 #include <string>
 #include <thread>
@@ -23,7 +24,11 @@
 #include "daemon/api/server.h"
 #include "daemon/config/config.h"
 #include "daemon/event_log.h"
+#include "daemon/export/exporter.h"
+#include "daemon/export/node_name.h"
+#include "daemon/export/rotating_file.h"
 #include "daemon/kvmid.h"
+#include "daemon/state/policy_store.h"
 
 ABSL_FLAG(std::string, config, "",
           "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
@@ -59,6 +64,24 @@ ABSL_FLAG(std::string, log_events, "blocked",
           "which events to log live: none, blocked (decided by a policy or fallback) or all");
 ABSL_FLAG(int, log_events_per_second, 20, "at most this many live event lines per second");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(std::string, state_dir, "/var/lib/kvmid",
+          "where policies applied through the API are kept across restarts (created on the "
+          "first change); empty = not persisted");
+ABSL_FLAG(std::string, state_recover, "fail",
+          "what start-up does with a state file it cannot read: fail (stop with the error) or "
+          "quarantine (move it aside to <file>.corrupt-<time>, start with no API policies)");
+ABSL_FLAG(std::string, export_file, "",
+          "write every event, verdict and guest state change as JSON lines to this file, "
+          "rotated by size (for Fluent Bit, Vector, Filebeat); empty = no export");
+ABSL_FLAG(uint64_t, export_max_bytes, 100ull << 20, "rotate the export file at this size");
+ABSL_FLAG(uint32_t, export_max_files, 5,
+          "export files kept, the live one included: disk use stays within "
+          "export_max_files * export_max_bytes");
+ABSL_FLAG(uint64_t, export_queue, kvmid::kDefaultExportQueue,
+          "records waiting for the export writer; beyond that they are dropped and counted");
+ABSL_FLAG(std::string, node_name, "",
+          "node name stamped on every event (API, export); empty = $NODE_NAME, else the host "
+          "name");
 
 namespace {
 
@@ -239,6 +262,29 @@ int main(int argc, char** argv) {
   }
   log_options.max_lines_per_second = absl::GetFlag(FLAGS_log_events_per_second);
 
+  if (!absl::GetFlag(FLAGS_node_name).empty()) {
+    absl::Status node = kvmid::SetNodeName(absl::GetFlag(FLAGS_node_name));
+    if (!node.ok()) Die("--node_name: " + std::string(node.message()));
+  }
+  absl::StatusOr<kvmid::StateRecovery> recovery =
+      kvmid::ParseStateRecovery(absl::GetFlag(FLAGS_state_recover));
+  if (!recovery.ok()) Die(std::string(recovery.status().message()));
+  std::unique_ptr<kvmid::Exporter> exporter;
+  if (!absl::GetFlag(FLAGS_export_file).empty()) {
+    uint64_t queue = absl::GetFlag(FLAGS_export_queue);
+    if (queue < 1 || queue > kvmid::kMaxExportQueue) {
+      Die("--export_queue must be 1.." + std::to_string(kvmid::kMaxExportQueue));
+    }
+    auto file = kvmid::RotatingFile::Open({absl::GetFlag(FLAGS_export_file),
+                                           absl::GetFlag(FLAGS_export_max_bytes),
+                                           absl::GetFlag(FLAGS_export_max_files)});
+    if (!file.ok()) Die(std::string(file.status().message()));
+    kvmid::Exporter::Options export_options;
+    export_options.queue_capacity = queue;
+    export_options.node = kvmid::NodeName();
+    exporter = std::make_unique<kvmid::Exporter>(std::move(*file), export_options);
+  }
+
   // Signals are taken synchronously by the main thread; every other thread inherits the mask.
   sigset_t signals;
   sigemptyset(&signals);
@@ -255,9 +301,20 @@ int main(int argc, char** argv) {
     std::string error = daemon.ApplyPolicy(rule);
     if (!error.empty()) Die(error);
   }
+  // API policies saved by an earlier run, before any guest can connect (and be armed).
+  std::unique_ptr<kvmid::PolicyStore> state;
+  if (!absl::GetFlag(FLAGS_state_dir).empty()) {
+    state = std::make_unique<kvmid::PolicyStore>(absl::GetFlag(FLAGS_state_dir));
+    absl::Status restored = kvmid::RestorePolicies(&daemon, state.get(), *recovery);
+    if (!restored.ok()) Die(std::string(restored.message()));
+  }
+  if (exporter) exporter->Attach(&daemon.pipeline(), &daemon.registry());
   kvmid::EventLog event_log(&daemon.pipeline(), log_options);
   std::string error = daemon.Start();
   if (!error.empty()) Die(error);
+  spdlog::info("kvmid: node {}; API policies {}; export {}", kvmid::NodeName(),
+               state ? "kept in " + state->path() : std::string("not persisted (--state_dir=)"),
+               exporter ? absl::GetFlag(FLAGS_export_file) : std::string("off"));
   kvmid::ApiServer api(&daemon);
   if (!loaded.api_socket.empty() || !loaded.api_tcp.empty()) {
     error = std::string(api.Start(loaded.api_socket, loaded.api_tcp).message());
@@ -273,6 +330,11 @@ int main(int argc, char** argv) {
   event_log.Stop();
   api.Shutdown();
   daemon.Shutdown();
+  if (exporter) {
+    exporter->Stop();  // after the daemon: the guests' last state changes are exported too
+    spdlog::info("export: {} records written, {} dropped, {} lost to write errors",
+                 exporter->written(), exporter->dropped(), exporter->write_errors());
+  }
   event_log.PrintSummary();
   return 0;
 }

@@ -124,6 +124,14 @@ def action_name(value):
     return _enum_name(policy_pb.Action, "ACTION_", value)
 
 
+def event_time(event):
+    """When kvmid received the event, as RFC 3339 in UTC with microseconds
+    ("2026-12-05T08:11:50.123456Z"), or "" if the event carries no time (an older kvmid)."""
+    if not event.HasField("time"):
+        return ""
+    return event.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def state_name(value):
     """VM_STATE_HOOKED -> "HOOKED"."""
     return _enum_name(pb.VMState, "VM_STATE_", value)

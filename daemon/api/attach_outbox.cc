@@ -118,7 +118,7 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
     }
     pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
   }
-  ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}};
+  ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}, ctx.time};
   kvmi::v1::AttachResponse message;
   *message.mutable_event() = ToProto(observed, /*include_registers=*/true);
   message.mutable_event()->clear_action();

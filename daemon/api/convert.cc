@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "daemon/config/policy_convert.h"
+#include "daemon/export/node_name.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -173,6 +174,12 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers) {
   out.set_decided_by(o.verdict.decided_by);
   for (const std::string& rule : o.monitor_hits) out.add_monitor_hits(rule);
   out.set_latency_ns(static_cast<uint64_t>(o.latency.count()));
+  if (o.time.time_since_epoch().count() != 0) {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.time.time_since_epoch());
+    out.mutable_time()->set_seconds(ns.count() / 1000000000);
+    out.mutable_time()->set_nanos(static_cast<int32_t>(ns.count() % 1000000000));
+  }
+  out.set_node(NodeName());
   if (include_registers) {
     *out.mutable_registers() = RegistersToProto(e.common.arch.regs, e.common.arch.sregs);
   }

@@ -38,8 +38,14 @@ Status Inventory::ApplyPolicy(const kvmi::v1::ApplyPolicyRequest& request,
   if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy." + error);
   bool existed = false;
   for (const auto& r : *daemon_->policies().rules()) existed = existed || r->name == rule->name;
-  error = daemon_->ApplyPolicy(rule);
-  if (!error.empty()) return InvalidArgument("policy", error);
+  rule->origin = request.policy().SerializeAsString();  // persisted as the client sent it
+  absl::Status applied = daemon_->ApplyApiPolicy(rule);
+  if (!applied.ok()) {
+    if (applied.code() == absl::StatusCode::kInvalidArgument) {
+      return InvalidArgument("policy", std::string(applied.message()));
+    }
+    return ToStatus(applied);
+  }
   response->set_replaced(existed);
   spdlog::info("policy {} {} through the API", rule->name, existed ? "replaced" : "applied");
   return Status::OK;
@@ -60,9 +66,8 @@ Status Inventory::ListPolicies(const kvmi::v1::ListPoliciesRequest&,
 Status Inventory::DeletePolicy(const kvmi::v1::DeletePolicyRequest& request,
                                kvmi::v1::DeletePolicyResponse*) {
   if (request.name().empty()) return InvalidArgument("name", "required");
-  if (!daemon_->RemovePolicy(request.name())) {
-    return Status(StatusCode::NOT_FOUND, "no policy '" + request.name() + "'");
-  }
+  absl::Status removed = daemon_->RemoveApiPolicy(request.name());
+  if (!removed.ok()) return ToStatus(removed);
   spdlog::info("policy {} deleted through the API", request.name());
   return Status::OK;
 }

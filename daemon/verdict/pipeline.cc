@@ -16,6 +16,7 @@ struct VerdictPromise::State {
   kvmi::Event event;
   uint64_t event_id = 0;
   Clock::time_point received;
+  std::chrono::system_clock::time_point arrived;
   std::vector<std::string> monitor_hits;
   std::string handler_id;
   uint8_t fallback_action = KVMI_EVENT_ACTION_CONTINUE;
@@ -191,13 +192,14 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
                                  const kvmi::Event& event) {
   stats_.events++;
   const Clock::time_point received = Clock::now();
+  const std::chrono::system_clock::time_point arrived = std::chrono::system_clock::now();
   const uint64_t event_id = next_event_id_++;
   const EventDeadline& defaults = options_.deadlines[event.id()];
 
   const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
   if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it
     if (HasObservers()) {
-      Notify(ObservedEvent{guest, event, Verdict::Continue("none"), {}, event_id, {}});
+      Notify(ObservedEvent{guest, event, Verdict::Continue("none"), {}, event_id, {}, arrived});
     }
     return;
   }
@@ -206,7 +208,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     // The daemon's own business: it armed the new vCPU; a pause nobody asked for (e.g. asked
     // before a restart) has nothing to hold.
     static const Verdict kDaemonContinue = Verdict::Continue("daemon");
-    Reply(guest, session, event, kDaemonContinue, {}, event_id, received);
+    Reply(guest, session, event, kDaemonContinue, {}, event_id, received, arrived);
     return;
   }
 
@@ -218,7 +220,8 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   for (const auto& rule : decision.monitoring) monitor_hits.push_back(rule->name);
   if (decision.enforcing) {
     stats_.by_policy++;
-    Reply(guest, session, event, decision.enforcing->verdict, monitor_hits, event_id, received);
+    Reply(guest, session, event, decision.enforcing->verdict, monitor_hits, event_id, received,
+          arrived);
     return;
   }
 
@@ -229,6 +232,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   state->event = event;
   state->event_id = event_id;
   state->received = received;
+  state->arrived = arrived;
   state->monitor_hits = std::move(monitor_hits);
   state->fallback_action = defaults.fallback_action;
 
@@ -271,7 +275,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
   if (entry->claim.fallback_action) state->fallback_action = *entry->claim.fallback_action;
   state->handler_id = entry->handler->id();
-  EventContext ctx{guest, event, received + deadline, event_id};
+  EventContext ctx{guest, event, received + deadline, event_id, arrived};
   state->timer = session->loop()->RunAt(ctx.deadline, [state] {
     if (state->answered.exchange(true)) return;
     state->pipeline->stats_.fallback_deadline++;
@@ -306,13 +310,14 @@ void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& stat
                  kvmi::ActionName(verdict.action));
   }
   Reply(state->guest, state->session, state->event, verdict, state->monitor_hits, state->event_id,
-        state->received);
+        state->received, state->arrived);
 }
 
 void VerdictPipeline::Reply(const std::shared_ptr<Guest>& guest,
                             const std::shared_ptr<GuestSession>& session, const kvmi::Event& event,
                             const Verdict& verdict, const std::vector<std::string>& monitor_hits,
-                            uint64_t event_id, Clock::time_point received) {
+                            uint64_t event_id, Clock::time_point received,
+                            std::chrono::system_clock::time_point arrived) {
   std::vector<std::vector<uint8_t>> batched;
   if (verdict.registers) {
     kvmi::SetRegistersRequest set_registers;
@@ -332,6 +337,7 @@ void VerdictPipeline::Reply(const std::shared_ptr<Guest>& guest,
   observed->verdict = verdict;
   observed->monitor_hits = monitor_hits;
   observed->event_id = event_id;
+  observed->time = arrived;
   VerdictPipeline* self = this;
   session->ReplyToEvent(reply, std::move(batched), [self, observed, received](bool sent) {
     if (!sent) return;

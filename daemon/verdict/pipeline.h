@@ -34,6 +34,7 @@ struct EventContext {
   kvmi::Event event;
   Clock::time_point deadline;
   uint64_t event_id = 0;  // daemon-wide unique id of this event (for replies over the network)
+  std::chrono::system_clock::time_point time;  // wall clock when the event arrived
 };
 
 // Answers one event exactly once. Destroying an unanswered promise answers with the fallback at
@@ -85,6 +86,9 @@ struct ObservedEvent {
   std::vector<std::string> monitor_hits;
   uint64_t event_id = 0;
   std::chrono::nanoseconds latency{0};  // event received -> reply written
+  // Wall clock (CLOCK_REALTIME, a vDSO read) when the event arrived: for timestamps, not for
+  // measuring (`latency` is from the monotonic clock).
+  std::chrono::system_clock::time_point time;
 };
 using EventObserver = std::function<void(const ObservedEvent&)>;
 
@@ -175,7 +179,7 @@ class VerdictPipeline : public GuestEventRouter {
   void Reply(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
              const kvmi::Event& event, const Verdict& verdict,
              const std::vector<std::string>& monitor_hits, uint64_t event_id,
-             Clock::time_point received);
+             Clock::time_point received, std::chrono::system_clock::time_point arrived);
 
   PolicySet* policies_;
   Options options_;

@@ -82,6 +82,7 @@ class Fleet:
         self.kvmid = self._start([
             binary("KVMID_BIN", "daemon/kvmid"), "--config=" + CONFIG,
             "--kvmi_socket=" + kvmi_sock, "--cookie_file=" + cookie, "--api_socket=" + self.api,
+            "--state_dir=" + os.path.join(self.dir, "state"), "--node_name=e2e-node",
             "--log_events=none"], self.kvmid_log)
         wait_for(lambda: os.path.exists(kvmi_sock) and os.path.exists(self.api), 10,
                  "kvmid's sockets")
@@ -179,8 +180,13 @@ class E2ETest(unittest.TestCase):
         vm = self.name(1)
         events = take(self.client.events(
             allow=kc.event_filter(vms=[vm], events=["msr"], msrs=[LSTAR])), 3)
+        now = time.time()
         for e in events:
             self.assertEqual((e.vm_name, e.type, e.msr.msr), (vm, kc.policy_pb.EVENT_MSR, LSTAR))
+            # Stamped on arrival with the wall clock, and with the node.
+            self.assertEqual(e.node, "e2e-node")
+            self.assertTrue(e.HasField("time"))
+            self.assertLess(abs(e.time.ToNanoseconds() / 1e9 - now), 30)
             self.assertEqual(e.action, kc.policy_pb.ACTION_KEEP_OLD)
             self.assertTrue(e.kept_old_value)
             self.assertEqual(e.decided_by, "policy:lstar-locked")
@@ -558,11 +564,16 @@ class E2ETest(unittest.TestCase):
         self.assertEqual(len(events), 3, out)
         for e in events:
             self.assertEqual((e["vm_name"], e["type"]), (vm, "EVENT_MSR"))
+            self.assertEqual(e["node"], "e2e-node")
+            self.assertRegex(e["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
             self.assertIn(e["msr"]["msr"], (LSTAR, 0x176))
         out = self.assertCtlOk(self.ctl("events", "--type", "pf", "--gpa", "0x200000-0x20ffff",
                                         "--access", "w", "--count", "2"))
         rows = out.splitlines()
-        self.assertTrue(rows[0].startswith("ID"), out)
+        self.assertTrue(rows[0].startswith("TIME"), out)
+        self.assertTrue(rows[0].endswith("NODE"), out)
+        for row in [r for r in rows[1:] if " PF " in r]:
+            self.assertRegex(row, r"^\d{4}-\d\d-\d\dT\S+Z .* e2e-node$")
         self.assertEqual(len([r for r in rows[1:] if " PF " in r and " w gpa 0x20" in r]), 2, out)
         out = self.assertCtlOk(self.ctl("events", "--type", "cr", "--cr", "0", "--count", "1",
                                         "--registers"))

@@ -174,6 +174,15 @@ class KvmictlTest(unittest.TestCase):
         row = ctl.event_row(e)
         self.assertIn("msr 0xc0000082", row)
         self.assertIn("KEEP_OLD (old value kept)", row)
+        self.assertTrue(row.startswith("- "), row)  # no time: an older kvmid
+        e.time.FromJsonString("2026-12-05T08:11:50.123456789Z")
+        e.node = "hv-7"
+        row = ctl.event_row(e)
+        self.assertTrue(row.startswith("2026-12-05T08:11:50.123456Z "), row)
+        self.assertTrue(row.endswith(" hv-7"), row)
+        as_json = json.loads(ctl.to_json(e))
+        self.assertEqual(as_json["time"], "2026-12-05T08:11:50.123456789Z")
+        self.assertEqual(as_json["node"], "hv-7")
 
     def test_help_and_usage_errors(self):
         r = run_ctl("--help")
