@@ -1,9 +1,11 @@
 // One guest, identified by its UUID, across connections: its identity, lifecycle state, what
-// the host allows (probed with CHECK_COMMAND/CHECK_EVENT), what the daemon armed on it and for
-// whom, and its current KVMI session. A guest that reconnects (QEMU's reconnect=N) gets this
-// object back and everything armed is armed again on the new session.
-#ifndef KVMID_DAEMON_REGISTRY_GUEST_H_
-#define KVMID_DAEMON_REGISTRY_GUEST_H_
+// the host allows (probed with CHECK_COMMAND/CHECK_EVENT: probe.h), what the daemon armed on it
+// and for whom, and its current KVMI session. A guest that reconnects (QEMU's reconnect=N) gets
+// this object back and everything armed is armed again on the new session. Its events go to the
+// verdict pipeline (Guest::OnEvent, the hot path); page-access changes are their own objects
+// (page_access_change.h). The registry (daemon/registry) finds guests by UUID.
+#ifndef KVMID_DAEMON_GUEST_GUEST_H_
+#define KVMID_DAEMON_GUEST_GUEST_H_
 
 #include <array>
 #include <atomic>
@@ -13,10 +15,12 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "daemon/base/mutex.h"
+#include "daemon/guest/page_access_change.h"
+#include "daemon/guest/probe.h"
 #include "daemon/registry/arming.h"
 #include "daemon/session/guest_session.h"
 
@@ -157,46 +161,59 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   void OnClosed(const std::shared_ptr<GuestSession>& session, const std::string& reason) override;
 
  private:
-  void Probe(const std::shared_ptr<GuestSession>& session, int attempt);
-  void FinishProbe();
-  // Runs `change` on the leases under mutex_; if it changed them (returns true), counts the
-  // decision as arming in flight and applies it. Every lease change goes through here.
-  void ChangeLeases(const std::function<bool(Leases*)>& change, ArmedCallback armed = nullptr);
-  // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
-  // sending. Consumes one count of arming_in_flight_ that the caller took, under mutex_, with
-  // its lease change (so a snapshot never shows a changed lease with nothing in flight).
-  void ApplyArming(ArmedCallback armed = nullptr);
-  void ArmNewVcpu(uint16_t vcpu);
-  void RecordArmError(const std::string& what);
-
-  void NotifyStateChanged();
-
-  const std::string key_;
-  GuestEventRouter* router_;
-  GuestStateListener* state_listener_;
-
-  mutable std::mutex mutex_;
-  GuestIdentity identity_;
-  GuestState state_ = GuestState::kHandshaking;
-  std::shared_ptr<GuestSession> session_;
-  uint32_t kvmi_version_ = 0;
-  uint32_t vcpu_count_ = 0;
-  uint32_t allowed_commands_ = 0;
-  uint16_t allowed_events_ = 0;
-  uint64_t connections_ = 0;
-  Leases leases_;
-  Arming applied_;
-  std::vector<std::string> arm_errors_;
   struct PauseRequest {
     OwnerId owner;
     std::function<void(CommandResult)> paused;
   };
-  std::map<uint16_t, std::deque<PauseRequest>> pause_requests_;  // asked, event not yet here
   struct Hold {
     OwnerId owner;
     std::unique_ptr<HeldEvent> event;
   };
-  std::map<uint16_t, Hold> held_;  // paused now
+
+  // Probing is done (loop thread of `session`): hooks the guest, or closes the session.
+  void OnProbed(const std::shared_ptr<GuestSession>& session,
+                absl::StatusOr<HostCapabilities> probed);
+  // Runs `change` on the leases under mutex_; if it changed them (returns true), counts the
+  // decision as arming in flight and applies it. Every lease change goes through here.
+  void ChangeLeases(const std::function<bool(Leases*)>& change, ArmedCallback armed = nullptr)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  // Sends what takes the guest from applied_ to the leases' union. Never holds mutex_ while
+  // sending. Consumes one count of arming_in_flight_ that the caller took, under mutex_, with
+  // its lease change (so a snapshot never shows a changed lease with nothing in flight).
+  void ApplyArming(ArmedCallback armed = nullptr) ABSL_LOCKS_EXCLUDED(mutex_);
+  void ApplyArmingInLoop(const std::shared_ptr<GuestSession>& session, const ArmedCallback& armed)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  // SetPages' steps after the call was counted in flight (loop thread of `session`).
+  void SetPagesInLoop(const std::shared_ptr<GuestSession>& session,
+                      const std::shared_ptr<PageAccessChange>& change, const PagesCallback& done)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  void OnPagesAnswered(const std::shared_ptr<GuestSession>& session,
+                       const std::shared_ptr<PageAccessChange>& change, const PagesCallback& done)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  void OnPauseFailed(const OwnerId& owner, uint16_t vcpu, CommandResult result)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  void ArmNewVcpu(uint16_t vcpu) ABSL_LOCKS_EXCLUDED(mutex_);
+  void RecordArmError(const std::string& what) ABSL_LOCKS_EXCLUDED(mutex_);
+  std::string LogNameLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+
+  void NotifyStateChanged();
+
+  const std::string key_;
+  GuestEventRouter* const router_;
+  GuestStateListener* const state_listener_;
+
+  mutable Mutex mutex_;
+  GuestIdentity identity_ ABSL_GUARDED_BY(mutex_);
+  GuestState state_ ABSL_GUARDED_BY(mutex_) = GuestState::kHandshaking;
+  std::shared_ptr<GuestSession> session_ ABSL_GUARDED_BY(mutex_);
+  HostCapabilities host_ ABSL_GUARDED_BY(mutex_);  // vcpu_count grows with CREATE_VCPU
+  uint64_t connections_ ABSL_GUARDED_BY(mutex_) = 0;
+  Leases leases_ ABSL_GUARDED_BY(mutex_);
+  Arming applied_ ABSL_GUARDED_BY(mutex_);
+  std::vector<std::string> arm_errors_ ABSL_GUARDED_BY(mutex_);
+  // Pauses asked for whose event is not here yet, and vCPUs paused now.
+  std::map<uint16_t, std::deque<PauseRequest>> pause_requests_ ABSL_GUARDED_BY(mutex_);
+  std::map<uint16_t, Hold> held_ ABSL_GUARDED_BY(mutex_);
 
   std::shared_ptr<const GuestView> view_;  // atomic_load/atomic_store only
   std::atomic<uint64_t> arming_in_flight_{0};
@@ -206,4 +223,4 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
 
 }  // namespace kvmid
 
-#endif  // KVMID_DAEMON_REGISTRY_GUEST_H_
+#endif  // KVMID_DAEMON_GUEST_GUEST_H_
