@@ -104,44 +104,45 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
 
   // A new connection for this guest. False (and the session is left alone) if another live
   // session already holds it: two live connections claiming one UUID is an error.
-  bool Attach(const std::shared_ptr<GuestSession>& session);
+  bool Attach(const std::shared_ptr<GuestSession>& session) ABSL_LOCKS_EXCLUDED(mutex_);
 
-  std::shared_ptr<GuestSession> session() const;
-  GuestState state() const;
-  GuestSnapshot Snapshot() const;
+  std::shared_ptr<GuestSession> session() const ABSL_LOCKS_EXCLUDED(mutex_);
+  GuestState state() const ABSL_LOCKS_EXCLUDED(mutex_);
+  GuestSnapshot Snapshot() const ABSL_LOCKS_EXCLUDED(mutex_);
   const std::string& key() const { return key_; }
-  GuestIdentity identity() const;
+  GuestIdentity identity() const ABSL_LOCKS_EXCLUDED(mutex_);
   // Null until built (and after the identity changed).
   std::shared_ptr<const GuestView> cached_view() const { return std::atomic_load(&view_); }
   void set_cached_view(std::shared_ptr<const GuestView> view) { std::atomic_store(&view_, view); }
-  std::string log_name() const;
-  uint32_t vcpu_count() const;
-  bool EventAllowed(uint8_t event) const;
+  std::string log_name() const ABSL_LOCKS_EXCLUDED(mutex_);
+  uint32_t vcpu_count() const ABSL_LOCKS_EXCLUDED(mutex_);
+  bool EventAllowed(uint8_t event) const ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Leases (any thread): arming follows the union of all leases.
-  void SetLease(const OwnerId& owner, Arming arming);
-  void AddLease(const OwnerId& owner, const Arming& arming);
-  void ReleaseLease(const OwnerId& owner);
+  void SetLease(const OwnerId& owner, Arming arming) ABSL_LOCKS_EXCLUDED(mutex_);
+  void AddLease(const OwnerId& owner, const Arming& arming) ABSL_LOCKS_EXCLUDED(mutex_);
+  void ReleaseLease(const OwnerId& owner) ABSL_LOCKS_EXCLUDED(mutex_);
   // Runs once the host answered every command one arming change sent (at once if it sent none),
   // with the failures among them.
   using ArmedCallback = std::function<void(std::vector<std::string> errors)>;
   // Changes the owner's lease in place (read, `change`, write back under one lock) and applies
   // the result; returns the lease after the change. `armed` (optional): see ArmedCallback.
   Arming UpdateLease(const OwnerId& owner, const std::function<void(Arming*)>& change,
-                     ArmedCallback armed = nullptr);
+                     ArmedCallback armed = nullptr) ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Pauses a vCPU for `owner` (KVMI_PAUSE_VCPU). `paused` runs once the vCPU has stopped (its
   // PAUSE_VCPU event is held), or with the failure. The vCPU stays paused until Resume, until the
   // owner is released, or until the pause deadline of the verdict pipeline.
-  void Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused);
+  void Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused)
+      ABSL_LOCKS_EXCLUDED(mutex_);
   // False if `owner` has no pause on that vCPU.
-  bool Resume(const OwnerId& owner, uint16_t vcpu);
+  bool Resume(const OwnerId& owner, uint16_t vcpu) ABSL_LOCKS_EXCLUDED(mutex_);
   // Everything `owner` holds: its leases and its paused vCPUs (a client went away).
-  void ReleaseOwner(const OwnerId& owner);
+  void ReleaseOwner(const OwnerId& owner) ABSL_LOCKS_EXCLUDED(mutex_);
   // Pipeline: the PAUSE_VCPU event of `vcpu` arrived. Takes the hold if someone asked for this
   // pause (true), else the caller answers CONTINUE at once (false).
-  bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold);
-  bool HasPauseRequest(uint16_t vcpu) const;
+  bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) ABSL_LOCKS_EXCLUDED(mutex_);
+  bool HasPauseRequest(uint16_t vcpu) const ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Sets the rights `owner` wants on pages (gfn -> KVMI_PAGE_ACCESS_* bits; rwx = none) and
   // applies the effective result now. `done` gets one error per page (the v6 kernel reports one
@@ -149,10 +150,11 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   // rolled back (all_or_nothing and a failure: host and lease are as before the call).
   using PagesCallback = std::function<void(std::vector<int32_t> errors, bool rolled_back)>;
   void SetPages(const OwnerId& owner, std::vector<std::pair<uint64_t, uint8_t>> pages,
-                bool all_or_nothing, PagesCallback done);
+                bool all_or_nothing, PagesCallback done) ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Releases every hook and closes the session promptly (UNHOOK, shutdown).
-  void Unhook(const std::string& why, std::function<void()> done = nullptr);
+  void Unhook(const std::string& why, std::function<void()> done = nullptr)
+      ABSL_LOCKS_EXCLUDED(mutex_);
 
   void CountFallback() { fallbacks_++; }
 

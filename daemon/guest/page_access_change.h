@@ -42,7 +42,8 @@ class PageAccessChange {
   const std::vector<kvmi::PageAccess>& entries() const { return entries_; }
 
   // Step 2, loop thread: sends entries() (which must not be empty) and records the host's
-  // answer; `answered` runs on the loop thread once every message is answered.
+  // answer; `answered` runs on the loop thread once every message is answered. This object
+  // must live until then (Guest::SetPages keeps it in `answered`).
   void Send(const std::shared_ptr<GuestSession>& session, std::function<void()> answered);
   // Or, for tests and callers that sent themselves: the host's error per entry of entries().
   void RecordAnswer(const std::vector<int32_t>& per_entry);

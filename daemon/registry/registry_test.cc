@@ -117,30 +117,41 @@ TEST_F(RegistryTest, AReconnectGetsTheSameGuestAndASecondLiveConnectionIsRefused
   EXPECT_EQ(registry_.List().size(), 1u);
 }
 
+// Records the states a watcher was told about.
+class StateRecorder {
+ public:
+  Registry::StateWatcher watcher() {
+    return [this](const std::shared_ptr<Guest>& guest) {
+      MutexLock lock(&mu_);
+      states_.push_back(guest->state());
+    };
+  }
+  std::vector<GuestState> states() {
+    MutexLock lock(&mu_);
+    return states_;
+  }
+
+ private:
+  Mutex mu_;
+  std::vector<GuestState> states_ ABSL_GUARDED_BY(mu_);
+};
+
 TEST_F(RegistryTest, WatchersSeeEveryStateChangeUntilRemoved) {
-  Mutex mu;
-  std::vector<GuestState> seen;  // guarded by mu (a local: no annotation possible)
-  uint64_t id = registry_.AddStateWatcher([&](const std::shared_ptr<Guest>& guest) {
-    MutexLock lock(&mu);
-    seen.push_back(guest->state());
-  });
-  auto count = [&] {
-    MutexLock lock(&mu);
-    return seen.size();
-  };
+  StateRecorder removed, kept;
+  uint64_t id = registry_.AddStateWatcher(removed.watcher());
+  registry_.AddStateWatcher(kept.watcher());
   GuestIdentity identity = Identity(0xab, "web-1");
   std::shared_ptr<Guest> guest = registry_.FindOrCreate(identity);
   ScriptedHost host;
   ASSERT_TRUE(registry_.Attach(guest, Connect(&host, guest, identity)));
-  ASSERT_TRUE(WaitUntil([&] { return count() == 2; }));  // handshaking, hooked
-  {
-    MutexLock lock(&mu);
-    EXPECT_THAT(seen, Contains(GuestState::kHooked));
-  }
+  ASSERT_TRUE(WaitUntil([&] { return removed.states().size() == 2; }));
+  EXPECT_THAT(removed.states(), Contains(GuestState::kHooked));  // handshaking, hooked
   registry_.RemoveStateWatcher(id);
   host.Close();
-  ASSERT_TRUE(WaitUntil([&] { return guest->state() == GuestState::kGone; }));
-  EXPECT_EQ(count(), 2u);
+  // The watcher still registered sees the guest go; the removed one does not.
+  ASSERT_TRUE(WaitUntil([&] { return kept.states().size() == 3; }));
+  EXPECT_EQ(kept.states().back(), GuestState::kGone);
+  EXPECT_EQ(removed.states().size(), 2u);
 }
 
 TEST_F(RegistryTest, SnapshotsOfListedGuestsShowTheirState) {
