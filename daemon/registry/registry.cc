@@ -9,13 +9,13 @@ std::string Registry::KeyFor(const GuestIdentity& identity) {
   for (uint8_t b : identity.uuid) zero_uuid = zero_uuid && b == 0;
   if (!zero_uuid) return kvmi::UuidToString(identity.uuid);
   if (!identity.name.empty()) return "name:" + identity.name;
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   return "anonymous:" + std::to_string(++anonymous_);
 }
 
 std::shared_ptr<Guest> Registry::FindOrCreate(const GuestIdentity& identity) {
   std::string key = KeyFor(identity);
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   auto it = guests_.find(key);
   if (it == guests_.end()) {
     it = guests_.emplace(key, std::make_shared<Guest>(key, identity, router_, this)).first;
@@ -33,7 +33,7 @@ bool Registry::Attach(const std::shared_ptr<Guest>& guest,
 }
 
 std::shared_ptr<Guest> Registry::Find(const std::string& key) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   auto it = guests_.find(key);
   return it == guests_.end() ? nullptr : it->second;
 }
@@ -44,7 +44,7 @@ std::shared_ptr<Guest> Registry::Lookup(const std::string& uuid_or_name) const {
   if (kvmi::ParseUuid(uuid_or_name, &uuid)) {
     if (auto guest = Find(kvmi::UuidToString(uuid))) return guest;  // case-insensitive input
   }
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   for (const auto& [key, guest] : guests_) {
     if (guest->Snapshot().identity.name == uuid_or_name) return guest;
   }
@@ -52,7 +52,7 @@ std::shared_ptr<Guest> Registry::Lookup(const std::string& uuid_or_name) const {
 }
 
 std::vector<std::shared_ptr<Guest>> Registry::List() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   std::vector<std::shared_ptr<Guest>> out;
   out.reserve(guests_.size());
   for (const auto& [key, guest] : guests_) out.push_back(guest);
@@ -64,19 +64,19 @@ std::vector<std::shared_ptr<Guest>> Registry::List() const {
 namespace kvmid {
 
 uint64_t Registry::AddStateWatcher(StateWatcher watcher) {
-  std::lock_guard<std::mutex> lock(watchers_mutex_);
+  MutexLock lock(&watchers_mutex_);
   uint64_t id = next_watcher_++;
   watchers_.emplace(id, std::move(watcher));
   return id;
 }
 
 void Registry::RemoveStateWatcher(uint64_t id) {
-  std::lock_guard<std::mutex> lock(watchers_mutex_);
+  MutexLock lock(&watchers_mutex_);
   watchers_.erase(id);
 }
 
 void Registry::GuestStateChanged(const std::shared_ptr<Guest>& guest) {
-  std::lock_guard<std::mutex> lock(watchers_mutex_);  // watchers only queue: never long
+  MutexLock lock(&watchers_mutex_);  // watchers only queue: never long
   for (const auto& [id, watcher] : watchers_) watcher(guest);
 }
 

@@ -8,11 +8,11 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-#include "daemon/registry/guest.h"
+#include "daemon/base/mutex.h"
+#include "daemon/guest/guest.h"
 
 namespace kvmid {
 
@@ -45,14 +45,15 @@ class Registry : public GuestStateListener {
   uint64_t duplicate_rejections() const { return duplicate_rejections_.load(); }
 
  private:
-  GuestEventRouter* router_;
-  mutable std::mutex mutex_;
-  std::map<std::string, std::shared_ptr<Guest>> guests_;
-  uint64_t anonymous_ = 0;
+  GuestEventRouter* const router_;
+  mutable Mutex mutex_;
+  std::map<std::string, std::shared_ptr<Guest>> guests_ ABSL_GUARDED_BY(mutex_);
+  uint64_t anonymous_ ABSL_GUARDED_BY(mutex_) = 0;
   std::atomic<uint64_t> duplicate_rejections_{0};
-  std::mutex watchers_mutex_;
-  uint64_t next_watcher_ = 1;
-  std::map<uint64_t, StateWatcher> watchers_;
+  // Never held with mutex_ (watchers are called from any thread a guest changes state on).
+  Mutex watchers_mutex_;
+  uint64_t next_watcher_ ABSL_GUARDED_BY(watchers_mutex_) = 1;
+  std::map<uint64_t, StateWatcher> watchers_ ABSL_GUARDED_BY(watchers_mutex_);
 };
 
 }  // namespace kvmid

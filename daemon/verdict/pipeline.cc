@@ -96,7 +96,7 @@ VerdictPipeline::~VerdictPipeline() = default;
 
 VerdictPipeline::Registration VerdictPipeline::RegisterHandler(
     std::shared_ptr<VerdictHandler> handler, HandlerClaim claim) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   uint64_t id = next_handler_id_++;
   handlers_.push_back(std::make_shared<HandlerEntry>(HandlerEntry{id, std::move(handler), claim}));
   return Registration(this, id);
@@ -105,7 +105,7 @@ VerdictPipeline::Registration VerdictPipeline::RegisterHandler(
 void VerdictPipeline::Unregister(uint64_t id) {
   std::shared_ptr<HandlerEntry> gone;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mutex_);
     auto it = std::find_if(handlers_.begin(), handlers_.end(),
                            [id](const auto& h) { return h->id == id; });
     if (it == handlers_.end()) return;
@@ -116,7 +116,7 @@ void VerdictPipeline::Unregister(uint64_t id) {
 }
 
 uint64_t VerdictPipeline::AddObserver(EventObserver observer) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
   uint64_t id = next_observer_id_++;
   next->emplace_back(id, std::move(observer));
@@ -128,7 +128,7 @@ uint64_t VerdictPipeline::AddObserver(EventObserver observer) {
 }
 
 void VerdictPipeline::RemoveObserver(uint64_t id) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   auto next = std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>(*observers_);
   next->erase(
       std::remove_if(next->begin(), next->end(), [id](const auto& o) { return o.first == id; }),
@@ -141,7 +141,7 @@ void VerdictPipeline::RemoveObserver(uint64_t id) {
 
 void VerdictPipeline::SetGuestLabels(const std::string& guest_name,
                                      std::map<std::string, std::string> labels) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   labels_by_name_[guest_name] = std::move(labels);
   labels_generation_++;  // every cached view is stale now
 }
@@ -156,7 +156,7 @@ std::shared_ptr<const GuestView> VerdictPipeline::ViewOf(const Guest& guest) con
   view->name = identity.name;
   view->generation = generation;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mutex_);
     auto it = labels_by_name_.find(view->name);
     if (it != labels_by_name_.end()) view->labels = it->second;
   }
@@ -167,7 +167,7 @@ std::shared_ptr<const GuestView> VerdictPipeline::ViewOf(const Guest& guest) con
 std::shared_ptr<VerdictPipeline::HandlerEntry> VerdictPipeline::FindHandler(const GuestView& guest,
                                                                             uint8_t event) const {
   const kvmi::Uuid& uuid = guest.uuid;
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   for (const auto& entry : handlers_) {
     const HandlerClaim& claim = entry->claim;
     if (!claim.events.empty() && claim.events.count(event) == 0) continue;

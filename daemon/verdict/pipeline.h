@@ -15,12 +15,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
 
-#include "daemon/registry/guest.h"
+#include "daemon/base/mutex.h"
+#include "daemon/guest/guest.h"
 #include "daemon/session/guest_session.h"
 #include "daemon/verdict/policy.h"
 #include "daemon/verdict/verdict.h"
@@ -187,15 +187,16 @@ class VerdictPipeline : public GuestEventRouter {
   Stats stats_;
   std::atomic<uint64_t> next_event_id_{1};
 
-  mutable std::mutex mutex_;  // guards the three tables below (never held across I/O)
-  uint64_t next_handler_id_ = 1;
-  std::vector<std::shared_ptr<HandlerEntry>> handlers_;
-  uint64_t next_observer_id_ = 1;
+  mutable Mutex mutex_;  // never held across I/O or a call out
+  uint64_t next_handler_id_ ABSL_GUARDED_BY(mutex_) = 1;
+  std::vector<std::shared_ptr<HandlerEntry>> handlers_ ABSL_GUARDED_BY(mutex_);
+  uint64_t next_observer_id_ ABSL_GUARDED_BY(mutex_) = 1;
   std::atomic<size_t> observer_count_{0};  // the event path's cheap "anyone listening?"
-  // Read with std::atomic_load on every event; replaced whole under mutex_.
+  // Read with std::atomic_load on every event, without the lock; replaced whole (atomic_store)
+  // by writers, who hold mutex_ so that two changes never lose one another.
   std::shared_ptr<const std::vector<std::pair<uint64_t, EventObserver>>> observers_ =
       std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>();
-  std::map<std::string, std::map<std::string, std::string>> labels_by_name_;
+  std::map<std::string, std::map<std::string, std::string>> labels_by_name_ ABSL_GUARDED_BY(mutex_);
   std::atomic<uint64_t> labels_generation_{1};
 };
 

@@ -140,7 +140,7 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
     }
   }
   rule->verdict = rule->ToVerdict();
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&writers_mutex_);
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   auto it = std::find_if(next->begin(), next->end(),
                          [&](const auto& r) { return r->name == rule->name; });
@@ -154,7 +154,7 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
 }
 
 bool PolicySet::Remove(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&writers_mutex_);
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   auto it =
       std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; });

@@ -10,14 +10,14 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "daemon/base/mutex.h"
+#include "daemon/guest/guest.h"
 #include "daemon/registry/arming.h"
-#include "daemon/registry/guest.h"
 #include "daemon/verdict/verdict.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/handshake.h"
@@ -97,7 +97,8 @@ class PolicySet {
   std::map<std::string, Arming> ArmsFor(const GuestView& guest) const;
 
  private:
-  mutable std::mutex mutex_;
+  // Serializes writers; readers load rules_ with std::atomic_load and take no lock.
+  Mutex writers_mutex_;
   Snapshot rules_ = std::make_shared<std::vector<std::shared_ptr<const Rule>>>();
 };
 

@@ -1,0 +1,319 @@
+#include "daemon/verdict/pipeline.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <future>
+
+#include "daemon/base/mutex.h"
+#include "daemon/testing/scripted_host.h"
+#include "daemon/testing/wait.h"
+#include "kernel/abi/protocol.h"
+
+namespace kvmid {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::IsEmpty;
+using testing::MakeTestEvent;
+using testing::ReceivedMessage;
+using testing::ScriptedHost;
+using testing::WaitUntil;
+
+constexpr uint64_t kPeWp = (1u << 0) | (1u << 16);  // CR0.PE | CR0.WP
+
+kvmi::Event Cr0Event(uint32_t seq, uint64_t old_value, uint64_t new_value) {
+  kvmi::Event e = MakeTestEvent(KVMI_EVENT_CR, 0, seq);
+  e.specific.cr.cr = 0;
+  e.specific.cr.old_value = old_value;
+  e.specific.cr.new_value = new_value;
+  return e;
+}
+
+// A handler whose behaviour the test picks: answer at once, keep the promise, or drop it.
+class TestHandler : public VerdictHandler {
+ public:
+  enum class Mode { kAnswer, kKeep, kDrop };
+  explicit TestHandler(Mode mode, uint8_t action = KVMI_EVENT_ACTION_CONTINUE)
+      : mode_(mode), action_(action) {}
+  std::string id() const override { return "test"; }
+  void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
+    {
+      MutexLock lock(&mu_);
+      calls_++;
+      deadline_ = ctx.deadline;
+    }
+    switch (mode_) {
+      case Mode::kAnswer: {
+        Verdict v;
+        v.action = action_;
+        v.decided_by = "handler:test";
+        promise.Answer(std::move(v));
+        break;
+      }
+      case Mode::kKeep: {
+        MutexLock lock(&mu_);
+        kept_.push_back(std::move(promise));
+        break;
+      }
+      case Mode::kDrop:
+        break;  // the promise dies unanswered
+    }
+  }
+  int calls() {
+    MutexLock lock(&mu_);
+    return calls_;
+  }
+  // Answers the first kept promise; false if the event was answered already.
+  bool AnswerKept() {
+    VerdictPromise promise;
+    {
+      MutexLock lock(&mu_);
+      if (kept_.empty()) return false;
+      promise = std::move(kept_.front());
+      kept_.erase(kept_.begin());
+    }
+    return promise.Answer(Verdict::Continue("late"));
+  }
+
+ private:
+  const Mode mode_;
+  const uint8_t action_;
+  Mutex mu_;
+  int calls_ ABSL_GUARDED_BY(mu_) = 0;
+  Clock::time_point deadline_ ABSL_GUARDED_BY(mu_);
+  std::vector<VerdictPromise> kept_ ABSL_GUARDED_BY(mu_);
+};
+
+class Observed {
+ public:
+  EventObserver observer() {
+    return [this](const ObservedEvent& e) {
+      MutexLock lock(&mu_);
+      events_.push_back(e);
+    };
+  }
+  std::vector<ObservedEvent> events() {
+    MutexLock lock(&mu_);
+    return events_;
+  }
+
+ private:
+  Mutex mu_;
+  std::vector<ObservedEvent> events_ ABSL_GUARDED_BY(mu_);
+};
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  PipelineTest() {
+    VerdictPipeline::Options options;
+    for (auto& d : options.deadlines) {
+      d.deadline = std::chrono::milliseconds(100);
+      d.fallback_action = KVMI_EVENT_ACTION_CRASH;
+    }
+    pipeline_ = std::make_unique<VerdictPipeline>(&policies_, options);
+    identity_.uuid[0] = 7;
+    identity_.name = "vm-under-test";
+    guest_ = std::make_shared<Guest>("key", identity_, pipeline_.get());
+  }
+  void SetUp() override { loop_.Start("pipeline-test"); }
+  void TearDown() override {
+    if (session_) {
+      session_->Close("test over");
+      EXPECT_TRUE(WaitUntil([&] { return guest_->state() == GuestState::kGone; }));
+    }
+    loop_.Stop();
+  }
+
+  void Hook() {
+    GuestSession::Options options;
+    session_ =
+        std::make_shared<GuestSession>(&loop_, host_.Connect(), identity_, guest_.get(), options);
+    auto session = session_;
+    loop_.RunInLoop([session] { session->Start(); });
+    ASSERT_TRUE(guest_->Attach(session_));
+    ASSERT_TRUE(WaitUntil([&] {
+      GuestSnapshot s = guest_->Snapshot();
+      return s.state == GuestState::kHooked && s.arming_in_flight == 0;
+    }));
+  }
+  // The host's reply to the event it sent with `seq`.
+  std::optional<kvmi::EventReply> ReplyTo(const kvmi::Event& event) {
+    auto m = host_.WaitFor([&](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == event.seq;
+    });
+    if (!m) return std::nullopt;
+    kvmi::EventReply reply;
+    if (!kvmi::DecodeEventReply(kvmi::ByteView(m->payload), event.id(), &reply).ok()) {
+      return std::nullopt;
+    }
+    return reply;
+  }
+
+  EventLoop loop_;
+  ScriptedHost host_;
+  PolicySet policies_;
+  std::unique_ptr<VerdictPipeline> pipeline_;
+  GuestIdentity identity_;
+  std::shared_ptr<Guest> guest_;
+  std::shared_ptr<GuestSession> session_;
+};
+
+TEST_F(PipelineTest, AnEnforcingPolicyAnswersWithoutAskingAHandler) {
+  ASSERT_EQ(policies_.Apply(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  Observed observed;
+  pipeline_->AddObserver(observed.observer());
+  Hook();
+  // The policy's intercept was armed as its lease when the guest was hooked.
+  EXPECT_EQ(guest_->Snapshot().leases.count("policy:wp"), 1u);
+  kvmi::Event event = Cr0Event(21, kPeWp, 1);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
+  EXPECT_EQ(reply->specific.cr.new_val, kPeWp);  // the old value is kept
+  EXPECT_EQ(handler->calls(), 0);
+  EXPECT_EQ(pipeline_->stats().by_policy.load(), 1u);
+  ASSERT_TRUE(WaitUntil([&] { return observed.events().size() == 1; }));
+  EXPECT_EQ(observed.events()[0].verdict.decided_by, "policy:wp");
+}
+
+TEST_F(PipelineTest, AHandlerAnsweringInTimeDecides) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer, KVMI_EVENT_ACTION_RETRY);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  Hook();
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 1, 22);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_RETRY);
+  EXPECT_EQ(handler->calls(), 1);
+  EXPECT_EQ(pipeline_->stats().by_handler.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().fallbacks.load(), 0u);
+}
+
+TEST_F(PipelineTest, AHandlerPastItsDeadlineGetsTheFallback) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kKeep);
+  HandlerClaim claim;
+  claim.deadline = std::chrono::milliseconds(50);
+  claim.fallback_action = KVMI_EVENT_ACTION_RETRY;
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  Hook();
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 23);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_RETRY);  // the claim's fallback
+  EXPECT_EQ(pipeline_->stats().fallback_deadline.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().fallbacks.load(), 1u);
+  EXPECT_EQ(guest_->Snapshot().fallbacks, 1u);
+  EXPECT_FALSE(handler->AnswerKept());  // too late: answered already
+  EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, std::chrono::milliseconds(100)));
+}
+
+TEST_F(PipelineTest, AHandlerThatGoesAwayLetsTheVcpuGoAtOnce) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kDrop);
+  HandlerClaim claim;
+  claim.deadline = std::chrono::seconds(30);  // never reached: the drop answers
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  Hook();
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 24);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CRASH);  // the event type's fallback
+  EXPECT_EQ(pipeline_->stats().fallback_handler_gone.load(), 1u);
+}
+
+TEST_F(PipelineTest, WithNoHandlerTheDefaultActionAnswersAtOnce) {
+  // A handler for another guest only.
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  HandlerClaim claim;
+  claim.vms = {"some-other-vm"};
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  Observed observed;
+  pipeline_->AddObserver(observed.observer());
+  Hook();
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 25);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CRASH);
+  EXPECT_EQ(handler->calls(), 0);
+  EXPECT_EQ(pipeline_->stats().fallback_no_handler.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().fallbacks.load(), 0u);  // a default is not a missed deadline
+  ASSERT_TRUE(WaitUntil([&] { return observed.events().size() == 1; }));
+  EXPECT_EQ(observed.events()[0].verdict.decided_by, "default");
+}
+
+TEST_F(PipelineTest, MonitorRulesAreReportedWithTheVerdictOfWhoeverDecides) {
+  ASSERT_EQ(policies_.Apply(ForbidClearCr0WpRule("wp-watch", RuleMode::kMonitor)), "");
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer, KVMI_EVENT_ACTION_RETRY);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  Observed observed;
+  pipeline_->AddObserver(observed.observer());
+  Hook();
+  kvmi::Event event = Cr0Event(26, kPeWp, 1);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_RETRY);  // monitor mode does not decide
+  ASSERT_TRUE(WaitUntil([&] { return observed.events().size() == 1; }));
+  ObservedEvent seen = observed.events()[0];
+  EXPECT_THAT(seen.monitor_hits, ElementsAre("wp-watch"));
+  EXPECT_EQ(seen.verdict.decided_by, "handler:test");
+  EXPECT_EQ(seen.event.seq, 26u);
+  EXPECT_EQ(seen.guest, guest_);
+}
+
+TEST_F(PipelineTest, ObserversSeeEveryEventUntilRemoved) {
+  Observed first, second;
+  uint64_t first_id = pipeline_->AddObserver(first.observer());
+  pipeline_->AddObserver(second.observer());
+  EXPECT_EQ(pipeline_->observer_count(), 2u);
+  Hook();
+  kvmi::Event a = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 27);
+  host_.SendEvent(a);
+  ASSERT_TRUE(ReplyTo(a));
+  ASSERT_TRUE(WaitUntil([&] { return first.events().size() == 1 && second.events().size() == 1; }));
+  pipeline_->RemoveObserver(first_id);
+  EXPECT_EQ(pipeline_->observer_count(), 1u);
+  kvmi::Event b = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 28);
+  host_.SendEvent(b);
+  ASSERT_TRUE(ReplyTo(b));
+  ASSERT_TRUE(WaitUntil([&] { return second.events().size() == 2; }));
+  EXPECT_EQ(first.events().size(), 1u);
+}
+
+TEST_F(PipelineTest, AnUnregisteredHandlerIsNoLongerAsked) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer, KVMI_EVENT_ACTION_RETRY);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  registration.Reset();
+  Hook();
+  kvmi::Event event = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 29);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CRASH);
+  EXPECT_EQ(handler->calls(), 0);
+}
+
+TEST_F(PipelineTest, GuestLabelsReachPolicySelectors) {
+  auto rule = ForbidClearCr0WpRule("wp-prod", RuleMode::kEnforce);
+  rule->match.labels = {{"tier", "prod"}};
+  ASSERT_EQ(policies_.Apply(rule), "");
+  pipeline_->SetGuestLabels("vm-under-test", {{"tier", "prod"}});
+  Hook();
+  EXPECT_EQ(pipeline_->ViewOf(*guest_)->labels.at("tier"), "prod");
+  kvmi::Event event = Cr0Event(30, kPeWp, 1);
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->specific.cr.new_val, kPeWp);
+  EXPECT_EQ(pipeline_->stats().by_policy.load(), 1u);
+}
+
+}  // namespace
+}  // namespace kvmid
