@@ -4,17 +4,20 @@
 #ifndef KVMID_DAEMON_KVMID_H_
 #define KVMID_DAEMON_KVMID_H_
 
+#include <absl/base/thread_annotations.h>
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
 #include <sys/types.h>
 
 #include <chrono>
 #include <cstdint>
 #include <map>
-#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "daemon/io/event_loop.h"
 #include "daemon/registry/registry.h"
 #include "daemon/transport/acceptor.h"
@@ -22,6 +25,12 @@
 #include "daemon/verdict/policy.h"
 
 namespace kvmid {
+
+// The daemon's limits; checks and their error messages use these.
+inline constexpr int kMaxIoThreads = 64;
+inline constexpr uint32_t kMaxSocketMode = 0777;
+// "0660" for a permission mode (error messages, logs).
+std::string OctalMode(uint32_t mode);
 
 struct DaemonConfig {
   // QEMU connects here (chardev socket path). Empty = no UNIX listener.
@@ -44,8 +53,8 @@ class Daemon {
   explicit Daemon(DaemonConfig config);
   ~Daemon();
 
-  // Opens the listeners and starts the loops. Returns an error sentence, or "" on success.
-  std::string Start();
+  // Opens the listeners and starts the loops. The error's message is a sentence for the operator.
+  absl::Status Start();
   // Unhooks every guest (releases hooks, answers what is pending), waits at most `grace`,
   // closes everything. Idempotent.
   void Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(3000));
@@ -55,7 +64,7 @@ class Daemon {
   VerdictPipeline& pipeline() { return *pipeline_; }
 
   // Policy changes take effect on every guest now (arming follows) and on later guests.
-  std::string ApplyPolicy(std::shared_ptr<Rule> rule);
+  absl::Status ApplyPolicy(std::shared_ptr<Rule> rule);
   bool RemovePolicy(const std::string& name);
 
   // Arms `arming` as a lease of `owner` on every guest that `vms` selects (UUIDs or names; empty =
@@ -84,15 +93,14 @@ class Daemon {
     std::vector<std::string> vms;
     Arming arming;
   };
-  std::mutex clients_mutex_;
-  std::map<OwnerId, ClientArming> client_arming_;
+  Mutex clients_mutex_;
+  std::map<OwnerId, ClientArming> client_arming_ ABSL_GUARDED_BY(clients_mutex_);
   bool started_ = false;
   bool shut_down_ = false;
 };
 
-// Reads the shared secret (the file's exact bytes) and returns SHA-1 of it, or an error.
-std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
-                                                                         std::string* error);
+// Reads the shared secret (the file's exact bytes) and returns SHA-1 of it.
+absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path);
 
 }  // namespace kvmid
 

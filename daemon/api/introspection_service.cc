@@ -356,13 +356,18 @@ Status IntrospectionService::ApplyPolicy(grpc::ServerContext*,
                                          const kvmi::v1::ApplyPolicyRequest* request,
                                          kvmi::v1::ApplyPolicyResponse* response) {
   if (!request->has_policy()) return Invalid("policy", "required");
-  std::shared_ptr<Rule> rule;
-  std::string error = PolicyToRule(request->policy(), &rule);
-  if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy." + error);
+  absl::StatusOr<std::shared_ptr<Rule>> converted = PolicyToRule(request->policy());
+  if (!converted.ok()) {
+    return Status(StatusCode::INVALID_ARGUMENT,
+                  "policy." + std::string(converted.status().message()));
+  }
+  std::shared_ptr<Rule> rule = *std::move(converted);
   bool existed = false;
   for (const auto& r : *daemon_->policies().rules()) existed = existed || r->name == rule->name;
-  error = daemon_->ApplyPolicy(rule);
-  if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy: " + error);
+  absl::Status applied = daemon_->ApplyPolicy(rule);
+  if (!applied.ok()) {
+    return Status(StatusCode::INVALID_ARGUMENT, "policy: " + std::string(applied.message()));
+  }
   response->set_replaced(existed);
   spdlog::info("policy {} {} through the API", rule->name, existed ? "replaced" : "applied");
   return Status::OK;

@@ -130,9 +130,9 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
       }
     }
   }
-  constexpr size_t kMaxProtectedPages = 1u << 20;  // 4 GiB of guest memory
   if (rule->arms.page_access.size() > kMaxProtectedPages) {
-    return "rule " + rule->name + ": protects more than 4 GiB of pages";
+    return "rule " + rule->name + ": protects more than " + std::to_string(kMaxProtectedPages) +
+           " pages";
   }
   for (uint8_t e : rule->match.events) {
     if (e >= KVMI_NUM_EVENTS || e == KVMI_EVENT_UNHOOK) {

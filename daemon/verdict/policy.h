@@ -24,6 +24,9 @@
 
 namespace kvmid {
 
+// The most pages one rule may protect: 4 GiB of guest memory.
+inline constexpr size_t kMaxProtectedPages = size_t{1} << 20;
+
 struct RuleMatch {
   // Guest selectors; each empty one matches every guest. Names accept a trailing '*'.
   std::vector<kvmi::Uuid> uuids;
