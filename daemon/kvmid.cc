@@ -162,6 +162,37 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
   });
 }
 
+absl::Status Daemon::Reload(const LoadedConfig& config) {
+  MutexLock lock(&reload_mutex_);
+  std::set<std::string> names;
+  for (const auto& rule : config.rules) names.insert(rule->name);
+  std::set<std::string> removed;
+  for (const std::string& name : configured_policies_) {
+    if (names.count(name) == 0) removed.insert(name);
+  }
+  std::string error = policies_.Replace(removed, config.rules);
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  configured_policies_ = std::move(names);
+  pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
+  pipeline_->ReplaceGuestLabels(config.guest_labels);
+  RearmAllGuests();
+  const DaemonConfig& next = config.daemon;
+  if (started_ &&
+      (next.unix_socket != config_.unix_socket || next.vsock_port != config_.vsock_port ||
+       next.io_threads != config_.io_threads || next.cookie_file != config_.cookie_file ||
+       next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
+    spdlog::warn(
+        "reload: listener settings (sockets, io_threads, cookie, allowed peers) changed; "
+        "they take effect at the next restart");
+  }
+  return absl::OkStatus();
+}
+
+std::set<std::string> Daemon::configured_policies() const {
+  MutexLock lock(&reload_mutex_);
+  return configured_policies_;
+}
+
 absl::Status Daemon::ApplyPolicy(std::shared_ptr<Rule> rule) {
   std::string error = policies_.Apply(std::move(rule));
   if (!error.empty()) return absl::InvalidArgumentError(error);

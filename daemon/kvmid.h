@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,16 @@ struct DaemonConfig {
   VerdictPipeline::Options verdicts;
 };
 
+// A whole configuration: the file's settings (and, once merged, the flags'), as start-up and a
+// reload use it.
+struct LoadedConfig {
+  DaemonConfig daemon;
+  std::string api_socket = "/run/kvmid/api.sock";
+  std::string api_tcp;
+  std::vector<std::shared_ptr<Rule>> rules;  // the configured policies
+  std::map<std::string, std::map<std::string, std::string>> guest_labels;
+};
+
 class Daemon {
  public:
   explicit Daemon(DaemonConfig config);
@@ -62,6 +73,16 @@ class Daemon {
   Registry& registry() { return *registry_; }
   PolicySet& policies() { return policies_; }
   VerdictPipeline& pipeline() { return *pipeline_; }
+
+  // Applies a configuration, at start and on SIGHUP, without touching a guest's connection, in
+  // one step: the configured policies (config.rules) replace the previously configured ones as a
+  // set, while policies applied through the API stay; deadlines and fallbacks apply to the next
+  // events; guest labels are replaced. If a policy is invalid nothing changes (InvalidArgument).
+  // Listener settings (sockets, threads, cookie, timeouts) need a restart: a change is logged,
+  // not applied.
+  absl::Status Reload(const LoadedConfig& config);
+  // Names of the configured policies (the last Reload's).
+  std::set<std::string> configured_policies() const;
 
   // Policy changes take effect on every guest now (arming follows) and on later guests.
   absl::Status ApplyPolicy(std::shared_ptr<Rule> rule);
@@ -93,6 +114,8 @@ class Daemon {
     std::vector<std::string> vms;
     Arming arming;
   };
+  mutable Mutex reload_mutex_;  // one reload at a time
+  std::set<std::string> configured_policies_ ABSL_GUARDED_BY(reload_mutex_);
   Mutex clients_mutex_;
   std::map<OwnerId, ClientArming> client_arming_ ABSL_GUARDED_BY(clients_mutex_);
   bool started_ = false;

@@ -10,6 +10,7 @@
 
 #include <fstream>
 #include <future>
+#include <set>
 
 #include "daemon/testing/scripted_host.h"
 #include "daemon/testing/wait.h"
@@ -227,6 +228,69 @@ TEST_F(DaemonTest, PolicyIsArmedOnConnectEnforcedAndReArmedAfterAReconnect) {
   ASSERT_NE(WaitHooked("guarded"), nullptr);
   EXPECT_TRUE(again->WaitFor(is_cr0_armed));
   EXPECT_EQ(daemon_->registry().Lookup("guarded")->Snapshot().connections, 2u);
+}
+
+// SIGHUP's work: the configured policies change as a set, the API's stay, deadlines, fallbacks
+// and labels follow, and the guest keeps its connection. A bad configuration changes nothing.
+TEST_F(DaemonTest, ReloadReplacesConfiguredPoliciesKeepsTheApisAndTheGuest) {
+  StartDaemon();
+  auto names = [this] {
+    std::set<std::string> out;
+    for (const auto& rule : *daemon_->policies().rules()) out.insert(rule->name);
+    return out;
+  };
+  auto armed_cr = [](uint32_t cr) {
+    return [cr](const ReceivedMessage& m) {
+      if (m.hdr.id != KVMI_CONTROL_CR) return false;
+      kvmi::ControlCrRequest r;
+      return kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.cr == cr && r.enable;
+    };
+  };
+  LoadedConfig first;
+  first.daemon = config_;
+  first.rules = {ForbidClearCr0WpRule("wp", RuleMode::kEnforce)};
+  first.guest_labels["reloaded"] = {{"tier", "dev"}};
+  ASSERT_TRUE(daemon_->Reload(first).ok());
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("api-lstar", 0xC0000082, RuleMode::kEnforce)).ok());
+  ScriptedHost* host = Connect(20, "reloaded", 1);
+  ASSERT_NE(host, nullptr);
+  std::shared_ptr<Guest> guest = WaitHooked("reloaded");
+  ASSERT_NE(guest, nullptr);
+  EXPECT_TRUE(host->WaitFor(armed_cr(0)));
+  std::shared_ptr<GuestSession> session = guest->session();
+  ASSERT_NE(session, nullptr);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "dev");
+
+  LoadedConfig second = first;
+  second.rules = {ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)};
+  second.guest_labels = {{"reloaded", {{"tier", "prod"}}}};
+  for (EventDeadline& d : second.daemon.verdicts.deadlines) {
+    d = EventDeadline{std::chrono::milliseconds(777), KVMI_EVENT_ACTION_CRASH};
+  }
+  ASSERT_TRUE(daemon_->Reload(second).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"api-lstar", "smep"}));
+  EXPECT_EQ(daemon_->configured_policies(), (std::set<std::string>{"smep"}));
+  EXPECT_TRUE(host->WaitFor(armed_cr(4)));  // the new policy is armed on the live guest
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).deadline.count(), 777);
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).fallback_action,
+            KVMI_EVENT_ACTION_CRASH);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "prod");
+  EXPECT_EQ(guest->session(), session);  // same connection, never dropped
+  EXPECT_FALSE(session->closed());
+  EXPECT_EQ(guest->state(), GuestState::kHooked);
+
+  // One valid and one invalid policy: refused as a whole, nothing changes.
+  LoadedConfig bad = first;
+  bad.rules = {ForbidClearCr0WpRule("wp2", RuleMode::kEnforce), std::make_shared<Rule>()};
+  for (EventDeadline& d : bad.daemon.verdicts.deadlines) d.deadline = std::chrono::seconds(9);
+  absl::Status refused = daemon_->Reload(bad);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("name"));
+  EXPECT_EQ(names(), (std::set<std::string>{"api-lstar", "smep"}));
+  EXPECT_EQ(daemon_->configured_policies(), (std::set<std::string>{"smep"}));
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).deadline.count(), 777);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "prod");
 }
 
 class TestHandler : public VerdictHandler {

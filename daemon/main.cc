@@ -4,6 +4,8 @@
 //
 // Start-up is the list of steps below; whatever started is torn down in reverse, on a failed
 // start as on SIGTERM/SIGINT (answer what is pending, restore every guest, close, exit 0).
+// SIGHUP reloads the configuration (Daemon::Reload); a second kvmid on the same socket directory
+// is refused (InstanceLock).
 #include <absl/flags/parse.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
@@ -18,6 +20,7 @@
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
 #include "daemon/startup/flags.h"
+#include "daemon/startup/instance_lock.h"
 #include "daemon/startup/steps.h"
 
 namespace {
@@ -26,6 +29,7 @@ namespace {
 struct Process {
   kvmid::Settings settings;
   sigset_t signals;
+  std::optional<kvmid::InstanceLock> lock;
   std::unique_ptr<kvmid::Daemon> daemon;
   std::unique_ptr<kvmid::EventLog> event_log;
   std::unique_ptr<kvmid::ApiServer> api;
@@ -42,21 +46,52 @@ absl::Status BlockSignals(sigset_t* signals) {
   sigemptyset(signals);
   sigaddset(signals, SIGTERM);
   sigaddset(signals, SIGINT);
+  sigaddset(signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
   return absl::OkStatus();
 }
 
+// The configuration the daemon applies: the file's settings with the flags' policies.
+kvmid::LoadedConfig Configured(const kvmid::Settings& settings) {
+  kvmid::LoadedConfig config = settings.config;
+  config.rules = settings.rules;
+  return config;
+}
+
 absl::Status CreateDaemon(Process* p) {
   p->daemon = std::make_unique<kvmid::Daemon>(p->settings.config.daemon);
-  for (const auto& [name, labels] : p->settings.config.guest_labels) {
-    p->daemon->pipeline().SetGuestLabels(name, labels);
-  }
-  for (const auto& rule : p->settings.rules) {
-    absl::Status applied = p->daemon->ApplyPolicy(rule);
-    if (!applied.ok()) return applied;
-  }
+  return p->daemon->Reload(Configured(p->settings));
+}
+
+// One kvmid per socket directory: a second one stops here, before it touches any socket.
+absl::Status LockInstance(Process* p) {
+  const kvmid::LoadedConfig& c = p->settings.config;
+  const std::string& socket = !c.daemon.unix_socket.empty() ? c.daemon.unix_socket : c.api_socket;
+  if (socket.empty()) return absl::OkStatus();  // vsock and TCP only: their bind() decides
+  absl::StatusOr<kvmid::InstanceLock> lock =
+      kvmid::InstanceLock::Acquire(kvmid::LockPathFor(socket));
+  if (!lock.ok()) return lock.status();
+  p->lock.emplace(*std::move(lock));
   return absl::OkStatus();
+}
+
+// SIGHUP: the file is read again and the flags go over it, as at start. A configuration that
+// does not load or apply is refused, and the running one stays.
+void ReloadConfiguration(Process* p) {
+  absl::StatusOr<kvmid::Settings> settings = kvmid::SettingsFromFlags();
+  absl::Status status =
+      settings.ok() ? p->daemon->Reload(Configured(*settings)) : settings.status();
+  if (!status.ok()) {
+    spdlog::error("SIGHUP: new configuration refused, the running one stays: {}",
+                  std::string(status.message()));
+    return;
+  }
+  spdlog::set_level(settings->log_level);
+  spdlog::info("SIGHUP: configuration reloaded from {} ({} configured policies)",
+               settings->config_path.empty() ? "flags" : settings->config_path,
+               settings->rules.size());
+  p->settings = *std::move(settings);
 }
 
 absl::Status StartApi(Process* p) {
@@ -65,13 +100,20 @@ absl::Status StartApi(Process* p) {
   p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get());
   std::string error = p->api->Start(c.api_socket, c.api_tcp);
   if (!error.empty()) return absl::UnavailableError(error);
+  if (!c.api_tcp.empty()) {
+    spdlog::info("API over TCP: {} bound port {}", c.api_tcp, p->api->tcp_port());
+  }
   return absl::OkStatus();
 }
 
-int WaitForStopSignal(const sigset_t& signals) {
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-  return signal_number;
+// Serves SIGHUP (reload) until SIGTERM or SIGINT; returns that one.
+int ServeUntilStopped(Process* p) {
+  for (;;) {
+    int signal_number = 0;
+    if (sigwait(&p->signals, &signal_number) != 0) continue;
+    if (signal_number != SIGHUP) return signal_number;
+    ReloadConfiguration(p);
+  }
 }
 
 }  // namespace
@@ -97,6 +139,8 @@ int main(int argc, char** argv) {
   steps.Add("signals", [&] { return BlockSignals(&p.signals); });
   steps.Add("policies", [&] { return CreateDaemon(&p); });
   steps.Add(
+      "instance lock", [&] { return LockInstance(&p); }, [&] { p.lock.reset(); });
+  steps.Add(
       "event log",
       [&] {
         p.event_log =
@@ -117,7 +161,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvmid: %s\n", std::string(started.message()).c_str());
     return 2;
   }
-  int signal_number = WaitForStopSignal(p.signals);
+  int signal_number = ServeUntilStopped(&p);
   spdlog::info("kvmid: {} received; restoring guests and exiting", strsignal(signal_number));
   steps.Teardown();
   p.event_log->PrintSummary();

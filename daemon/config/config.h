@@ -16,13 +16,7 @@
 
 namespace kvmid {
 
-struct LoadedConfig {
-  DaemonConfig daemon;
-  std::string api_socket = "/run/kvmid/api.sock";
-  std::string api_tcp;
-  std::vector<std::shared_ptr<Rule>> rules;
-  std::map<std::string, std::map<std::string, std::string>> guest_labels;
-};
+// LoadedConfig (what a file gives) is declared in daemon/kvmid.h: Daemon::Reload takes it.
 
 // Parses `text` (the file's content; `origin` names it in errors) on top of the defaults.
 // InvalidArgument names the place: "kvmid.conf:7:12: ..." / "kvmid.conf: policies[1] (ktext): ...".
