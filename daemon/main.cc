@@ -21,6 +21,7 @@
 #include "daemon/kvmid.h"
 #include "daemon/startup/flags.h"
 #include "daemon/startup/instance_lock.h"
+#include "daemon/startup/json_log.h"
 #include "daemon/startup/steps.h"
 
 namespace {
@@ -37,7 +38,11 @@ struct Process {
 
 absl::Status SetUpLogging(const kvmid::Settings& settings) {
   spdlog::set_level(settings.log_level);
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+  if (settings.log_format == kvmid::LogFormat::kJson) {
+    spdlog::set_formatter(kvmid::JsonLogFormatter());
+  } else {
+    spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+  }
   return absl::OkStatus();
 }
 

@@ -45,6 +45,9 @@ KVMID_FLAG(std::string, log_events, "blocked",
            "which events to log live: none, blocked (decided by a policy or fallback) or all");
 KVMID_FLAG(int, log_events_per_second, 20, "at most this many live event lines per second");
 KVMID_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or off");
+KVMID_FLAG(std::string, log_format, "text",
+           "text, or json: one JSON object per line (time, level, msg; vm_name and vm_uuid on "
+           "lines about a guest)");
 
 namespace kvmid {
 namespace {
@@ -173,6 +176,15 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
   s.log_level = spdlog::level::from_str(level_text);
   if (s.log_level == spdlog::level::off && level_text != "off") {
     return FlagError("log_level", "must be trace, debug, info, warn, error or off");
+  }
+
+  const std::string format = absl::GetFlag(FLAGS_log_format);
+  if (format == "text") {
+    s.log_format = LogFormat::kText;
+  } else if (format == "json") {
+    s.log_format = LogFormat::kJson;
+  } else {
+    return FlagError("log_format", "must be text or json");
   }
 
   if (given("kvmi_socket") || !have_file) d.unix_socket = absl::GetFlag(FLAGS_kvmi_socket);

@@ -34,6 +34,9 @@ bool FlagGiven(absl::string_view name);
 #define KVMID_FLAG(Type, name, default_value, help) \
   ABSL_FLAG(Type, name, default_value, help).OnUpdate([] { ::kvmid::MarkFlagGiven(#name); })
 
+// The log line format of --log_format.
+enum class LogFormat : uint8_t { kText, kJson };
+
 // Everything start-up needs, after the file and the flags are merged.
 struct Settings {
   std::string config_path;  // empty: no --config
@@ -42,6 +45,7 @@ struct Settings {
   std::vector<std::shared_ptr<Rule>> rules;
   EventLogOptions event_log;
   spdlog::level::level_enum log_level = spdlog::level::info;
+  LogFormat log_format = LogFormat::kText;
 };
 
 // Merges the flags Abseil set over `file` (the parsed --config, or the defaults when there is

@@ -121,6 +121,7 @@ TEST(FlagsOverlayTest, BadValuesNameTheirFlagAndLimit) {
            {"--protect=k:0-0x100000000:r", "more than 1048576 pages"},
            {"--log_events=some", "--log_events must be none, blocked or all"},
            {"--log_level=loud", "--log_level must be"},
+           {"--log_format=xml", "--log_format must be text or json"},
        }) {
     absl::FlagSaver saver;
     Parse({c.arg});

@@ -3,6 +3,7 @@ one is refused and touches nothing; a killed one's stale sockets are replaced), 
 reloads the configuration without dropping a guest (an invalid one is refused, the old one
 stays)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -175,6 +176,28 @@ class SighupReload(unittest.TestCase):
         stop_process(kvmid)
         self.assertEqual(kvmid.returncode, 0)
         self.assertNotIn("session closed: peer", node.log_text(kvmid))
+
+
+class JsonLogs(unittest.TestCase):
+    def test_every_line_is_json_and_guest_lines_carry_uuid_and_name(self):
+        node = Node(self)
+        kvmid = node.start_kvmid("--log_format=json")
+        node.start_guests()
+        node.wait_hooked(node.client())
+        stop_process(kvmid)
+        self.assertEqual(kvmid.returncode, 0)
+        lines = [json.loads(line) for line in node.log_text(kvmid).splitlines() if line]
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertEqual(set(line) - {"vm_name", "vm_uuid"}, {"time", "level", "msg"}, line)
+        about_guests = [line for line in lines if "vm_uuid" in line]
+        names = {line["vm_name"] for line in about_guests}
+        self.assertEqual(names, {"sim-vm-%04d" % i for i in range(VMS)})
+        for line in about_guests:
+            self.assertRegex(line["vm_uuid"], r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                             r"[0-9a-f]{4}-[0-9a-f]{12}$")
+            self.assertIn(line["vm_uuid"], line["msg"])
+        self.assertTrue(any("hooked" in line["msg"] for line in about_guests))
 
 
 if __name__ == "__main__":
