@@ -120,11 +120,11 @@ EventLog::~EventLog() { Stop(); }
 
 void EventLog::Stop() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mutex_);
     if (stopping_) return;
     stopping_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   if (stats_thread_.joinable()) stats_thread_.join();
   pipeline_->RemoveObserver(observer_id_);
 }
@@ -167,9 +167,12 @@ void EventLog::OnEvent(const ObservedEvent& o) {
 }
 
 void EventLog::StatsLoop() {
-  std::unique_lock<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   uint64_t last_total = 0;
-  while (!cv_.wait_for(lock, options_.stats_period, [this] { return stopping_; })) {
+  auto next = Clock::now() + options_.stats_period;
+  while (!stopping_) {
+    if (cv_.WaitUntil(&mutex_, next) || stopping_) continue;  // woken early: check again
+    next += options_.stats_period;
     const auto& s = pipeline_->stats();
     uint64_t total = s.events.load();
     if (total == last_total) continue;

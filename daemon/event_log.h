@@ -5,12 +5,11 @@
 
 #include <array>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <thread>
 
+#include "daemon/base/mutex.h"
 #include "daemon/verdict/pipeline.h"
 
 namespace kvmid {
@@ -50,9 +49,9 @@ class EventLog {
   std::atomic<int> lines_in_window_{0};
   std::atomic<uint64_t> suppressed_{0};
 
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool stopping_ = false;
+  Mutex mutex_;
+  CondVar cv_;
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
   std::thread stats_thread_;
 };
 

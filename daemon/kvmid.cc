@@ -7,7 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -16,22 +16,21 @@
 
 namespace kvmid {
 
-std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
-                                                                         std::string* error) {
+std::string OctalMode(uint32_t mode) {
+  char text[16];
+  std::snprintf(text, sizeof(text), "0%o", mode);
+  return text;
+}
+
+absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    *error = "cannot read cookie file " + path + ": " + std::strerror(errno);
-    return std::nullopt;
-  }
+  if (!in) return absl::ErrnoToStatus(errno, "cannot read cookie file " + path);
   std::stringstream buffer;
   buffer << in.rdbuf();
   // The file's exact bytes, as QEMU's `-object secret,file=` reads them (a trailing newline is
   // part of the secret: write it with printf, not echo).
   std::string secret = buffer.str();
-  if (secret.empty()) {
-    *error = "cookie file " + path + " is empty";
-    return std::nullopt;
-  }
+  if (secret.empty()) return absl::InvalidArgumentError("cookie file " + path + " is empty");
   return kvmi::CookieHash(kvmi::ByteView(secret));
 }
 
@@ -39,7 +38,7 @@ Daemon::Daemon(DaemonConfig config) : config_(std::move(config)) {
   pipeline_ = std::make_unique<VerdictPipeline>(&policies_, config_.verdicts);
   registry_ = std::make_unique<Registry>(pipeline_.get());
   pipeline_->set_on_guest_hooked([this](const std::shared_ptr<Guest>& guest) {
-    std::lock_guard<std::mutex> lock(clients_mutex_);
+    MutexLock lock(&clients_mutex_);
     for (const auto& [owner, client] : client_arming_) {
       if (Selects(client.vms, *guest)) guest->SetLease(owner, client.arming);
     }
@@ -62,7 +61,7 @@ bool Daemon::Selects(const std::vector<std::string>& vms, const Guest& guest) {
 
 void Daemon::SetClientArming(const OwnerId& owner, std::vector<std::string> vms, Arming arming) {
   {
-    std::lock_guard<std::mutex> lock(clients_mutex_);
+    MutexLock lock(&clients_mutex_);
     client_arming_[owner] = ClientArming{vms, arming};
   }
   for (const auto& guest : registry_->List()) {
@@ -72,7 +71,7 @@ void Daemon::SetClientArming(const OwnerId& owner, std::vector<std::string> vms,
 
 void Daemon::ReleaseOwner(const OwnerId& owner) {
   {
-    std::lock_guard<std::mutex> lock(clients_mutex_);
+    MutexLock lock(&clients_mutex_);
     client_arming_.erase(owner);
   }
   for (const auto& guest : registry_->List()) guest->ReleaseOwner(owner);
@@ -80,45 +79,54 @@ void Daemon::ReleaseOwner(const OwnerId& owner) {
 
 Daemon::~Daemon() { Shutdown(std::chrono::milliseconds(0)); }
 
-std::string Daemon::Start() {
-  if (config_.io_threads < 1 || config_.io_threads > 64) return "io_threads must be 1..64";
+absl::Status Daemon::Start() {
+  if (config_.io_threads < 1 || config_.io_threads > kMaxIoThreads) {
+    return absl::InvalidArgumentError("io_threads must be 1.." + std::to_string(kMaxIoThreads));
+  }
   AcceptorOptions options;
   options.handshake_timeout = config_.handshake_timeout;
   options.allowed_uids = config_.allowed_uids;
   options.allowed_cids = config_.allowed_cids;
   if (!config_.cookie_file.empty()) {
-    std::string error;
-    options.cookie_hash = LoadCookieHash(config_.cookie_file, &error);
-    if (!options.cookie_hash) return error;
+    absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> hash =
+        LoadCookieHash(config_.cookie_file);
+    if (!hash.ok()) return hash.status();
+    options.cookie_hash = *hash;
   }
 
   std::vector<std::pair<kvmi::UniqueFd, std::string>> listeners;
   if (!config_.unix_socket.empty()) {
     std::string dir = config_.unix_socket.substr(0, config_.unix_socket.rfind('/'));
     if (!dir.empty()) ::mkdir(dir.c_str(), 0750);  // /run/kvmid on a fresh host
-    std::string error;
-    kvmi::UniqueFd fd = kvmi::ListenUnix(config_.unix_socket, &error);
-    if (!fd) return "cannot listen on " + config_.unix_socket + ": " + error;
+    absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenUnix(config_.unix_socket);
+    if (!fd.ok()) {
+      return absl::Status(fd.status().code(), "cannot listen on " + config_.unix_socket + ": " +
+                                                  std::string(fd.status().message()));
+    }
     if (::chmod(config_.unix_socket.c_str(), config_.unix_socket_mode) != 0) {
-      return "chmod " + config_.unix_socket + ": " + std::strerror(errno);
+      return absl::ErrnoToStatus(errno, "chmod " + config_.unix_socket);
     }
     if (!config_.unix_socket_group.empty()) {
       group* g = ::getgrnam(config_.unix_socket_group.c_str());
-      if (g == nullptr) return "unknown group " + config_.unix_socket_group;
+      if (g == nullptr) return absl::NotFoundError("unknown group " + config_.unix_socket_group);
       if (::chown(config_.unix_socket.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
-        return "chown " + config_.unix_socket + ": " + std::strerror(errno);
+        return absl::ErrnoToStatus(errno, "chown " + config_.unix_socket);
       }
     }
-    listeners.emplace_back(std::move(fd), "unix");
+    listeners.emplace_back(*std::move(fd), "unix");
   }
   if (config_.vsock_port) {
-    std::string error;
-    kvmi::UniqueFd fd = kvmi::ListenVsock(*config_.vsock_port, &error);
-    if (!fd)
-      return "cannot listen on vsock port " + std::to_string(*config_.vsock_port) + ": " + error;
-    listeners.emplace_back(std::move(fd), "vsock");
+    absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenVsock(*config_.vsock_port);
+    if (!fd.ok()) {
+      return absl::Status(fd.status().code(), "cannot listen on vsock port " +
+                                                  std::to_string(*config_.vsock_port) + ": " +
+                                                  std::string(fd.status().message()));
+    }
+    listeners.emplace_back(*std::move(fd), "vsock");
   }
-  if (listeners.empty()) return "no listener configured (unix socket or vsock port)";
+  if (listeners.empty()) {
+    return absl::InvalidArgumentError("no listener configured (unix socket or vsock port)");
+  }
 
   for (int i = 0; i < config_.io_threads; ++i) {
     loops_.push_back(std::make_unique<EventLoop>());
@@ -134,7 +142,7 @@ std::string Daemon::Start() {
   started_ = true;
   spdlog::info("kvmid listening on {}{}", config_.unix_socket,
                config_.vsock_port ? " and vsock port " + std::to_string(*config_.vsock_port) : "");
-  return "";
+  return absl::OkStatus();
 }
 
 void Daemon::OnGuestConnected(AcceptedGuest accepted) {
@@ -155,10 +163,42 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
   });
 }
 
-std::string Daemon::ApplyPolicy(std::shared_ptr<Rule> rule) {
+absl::Status Daemon::Reload(const LoadedConfig& config) {
+  MutexLock lock(&reload_mutex_);
+  std::set<std::string> names;
+  for (const auto& rule : config.rules) names.insert(rule->name);
+  std::set<std::string> removed;
+  for (const std::string& name : configured_policies_) {
+    if (names.count(name) == 0) removed.insert(name);
+  }
+  std::string error = policies_.Replace(removed, config.rules);
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  configured_policies_ = std::move(names);
+  pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
+  pipeline_->ReplaceGuestLabels(config.guest_labels);
+  RearmAllGuests();
+  const DaemonConfig& next = config.daemon;
+  if (started_ &&
+      (next.unix_socket != config_.unix_socket || next.vsock_port != config_.vsock_port ||
+       next.io_threads != config_.io_threads || next.cookie_file != config_.cookie_file ||
+       next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
+    spdlog::warn(
+        "reload: listener settings (sockets, io_threads, cookie, allowed peers) changed; "
+        "they take effect at the next restart");
+  }
+  return absl::OkStatus();
+}
+
+std::set<std::string> Daemon::configured_policies() const {
+  MutexLock lock(&reload_mutex_);
+  return configured_policies_;
+}
+
+absl::Status Daemon::ApplyPolicy(std::shared_ptr<Rule> rule) {
   std::string error = policies_.Apply(std::move(rule));
-  if (error.empty()) RearmAllGuests();
-  return error;
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  RearmAllGuests();
+  return absl::OkStatus();
 }
 
 bool Daemon::RemovePolicy(const std::string& name) {
@@ -250,25 +290,28 @@ void Daemon::Shutdown(std::chrono::milliseconds grace) {
   // Unhook every live guest: disarm, then close. Wait for all of them, at most `grace`; the
   // wait state is shared so that late completions after the grace period touch nothing freed.
   struct Wait {
-    std::mutex mutex;
-    std::condition_variable cv;
-    size_t remaining = 0;
+    Mutex mutex;
+    CondVar cv;
+    size_t remaining ABSL_GUARDED_BY(mutex) = 0;
   };
   auto wait = std::make_shared<Wait>();
   for (const auto& guest : registry_->List()) {
     if (!guest->session()) continue;
     {
-      std::lock_guard<std::mutex> lock(wait->mutex);
+      MutexLock lock(&wait->mutex);
       ++wait->remaining;
     }
     guest->Unhook("kvmid is shutting down", [wait] {
-      std::lock_guard<std::mutex> lock(wait->mutex);
-      if (--wait->remaining == 0) wait->cv.notify_all();
+      MutexLock lock(&wait->mutex);
+      if (--wait->remaining == 0) wait->cv.SignalAll();
     });
   }
   {
-    std::unique_lock<std::mutex> lock(wait->mutex);
-    wait->cv.wait_for(lock, grace, [&] { return wait->remaining == 0; });
+    MutexLock lock(&wait->mutex);
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    while (wait->remaining > 0) {
+      if (!wait->cv.WaitUntil(&wait->mutex, deadline)) break;
+    }
   }
   for (const auto& guest : registry_->List()) {
     if (auto session = guest->session()) session->Close("kvmid stopped");

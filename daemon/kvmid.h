@@ -6,6 +6,7 @@
 
 #include <absl/base/thread_annotations.h>
 #include <absl/status/status.h>
+#include <absl/status/statusor.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,6 +28,12 @@
 #include "daemon/verdict/policy.h"
 
 namespace kvmid {
+
+// The daemon's limits; checks and their error messages use these.
+inline constexpr int kMaxIoThreads = 64;
+inline constexpr uint32_t kMaxSocketMode = 0777;
+// "0660" for a permission mode (error messages, logs).
+std::string OctalMode(uint32_t mode);
 
 struct DaemonConfig {
   // QEMU connects here (chardev socket path). Empty = no UNIX listener.
@@ -43,13 +51,23 @@ struct DaemonConfig {
   VerdictPipeline::Options verdicts;
 };
 
+// A whole configuration: the file's settings (and, once merged, the flags'), as start-up and a
+// reload use it.
+struct LoadedConfig {
+  DaemonConfig daemon;
+  std::string api_socket = "/run/kvmid/api.sock";
+  std::string api_tcp;
+  std::vector<std::shared_ptr<Rule>> rules;  // the configured policies
+  std::map<std::string, std::map<std::string, std::string>> guest_labels;
+};
+
 class Daemon {
  public:
   explicit Daemon(DaemonConfig config);
   ~Daemon();
 
-  // Opens the listeners and starts the loops. Returns an error sentence, or "" on success.
-  std::string Start();
+  // Opens the listeners and starts the loops. The error's message is a sentence for the operator.
+  absl::Status Start();
   // Unhooks every guest (releases hooks, answers what is pending), waits at most `grace`,
   // closes everything. Idempotent.
   void Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(3000));
@@ -58,9 +76,19 @@ class Daemon {
   PolicySet& policies() { return policies_; }
   VerdictPipeline& pipeline() { return *pipeline_; }
 
+  // Applies a configuration, at start and on SIGHUP, without touching a guest's connection, in
+  // one step: the configured policies (config.rules) replace the previously configured ones as a
+  // set, while policies applied through the API stay; deadlines and fallbacks apply to the next
+  // events; guest labels are replaced. If a policy is invalid nothing changes (InvalidArgument).
+  // Listener settings (sockets, threads, cookie, timeouts) need a restart: a change is logged,
+  // not applied.
+  absl::Status Reload(const LoadedConfig& config);
+  // Names of the configured policies (the last Reload's).
+  std::set<std::string> configured_policies() const;
+
   // Policy changes take effect on every guest now (arming follows) and on later guests. These
   // two are for policies whose source is the configuration (file, flags, code): not persisted.
-  std::string ApplyPolicy(std::shared_ptr<Rule> rule);
+  absl::Status ApplyPolicy(std::shared_ptr<Rule> rule);
   bool RemovePolicy(const std::string& name);
 
   // Policies applied through the API ("API-owned"). Each change is handed to the persister (if
@@ -104,8 +132,10 @@ class Daemon {
     std::vector<std::string> vms;
     Arming arming;
   };
-  std::mutex clients_mutex_;
-  std::map<OwnerId, ClientArming> client_arming_;
+  mutable Mutex reload_mutex_;  // one reload at a time
+  std::set<std::string> configured_policies_ ABSL_GUARDED_BY(reload_mutex_);
+  Mutex clients_mutex_;
+  std::map<OwnerId, ClientArming> client_arming_ ABSL_GUARDED_BY(clients_mutex_);
   mutable Mutex api_policies_mutex_;  // held across persisting: API changes are serialized
   std::vector<std::shared_ptr<const Rule>> api_policies_ ABSL_GUARDED_BY(api_policies_mutex_);
   PolicyPersister persister_ ABSL_GUARDED_BY(api_policies_mutex_);
@@ -113,9 +143,8 @@ class Daemon {
   bool shut_down_ = false;
 };
 
-// Reads the shared secret (the file's exact bytes) and returns SHA-1 of it, or an error.
-std::optional<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path,
-                                                                         std::string* error);
+// Reads the shared secret (the file's exact bytes) and returns SHA-1 of it.
+absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path);
 
 }  // namespace kvmid
 

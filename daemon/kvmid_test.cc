@@ -10,6 +10,7 @@
 
 #include <fstream>
 #include <future>
+#include <set>
 
 #include "daemon/testing/scripted_host.h"
 #include "daemon/testing/wait.h"
@@ -55,7 +56,7 @@ class DaemonTest : public ::testing::Test {
 
   void StartDaemon() {
     daemon_ = std::make_unique<Daemon>(config_);
-    ASSERT_EQ(daemon_->Start(), "");
+    ASSERT_TRUE(daemon_->Start().ok());
   }
 
   // A guest that completed the handshake and is served by a scripted host.
@@ -140,9 +141,9 @@ TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
 
 TEST_F(DaemonTest, AStalledHandshakeDelaysNobodyAndIsDropped) {
   StartDaemon();
-  std::string error;
-  kvmi::UniqueFd stalled = kvmi::ConnectUnix(config_.unix_socket, &error);
-  ASSERT_TRUE(stalled) << error;
+  auto connected = kvmi::ConnectUnix(config_.unix_socket);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  kvmi::UniqueFd stalled = std::move(*connected);
   ASSERT_NE(Connect(2, "quick"), nullptr);
   EXPECT_NE(WaitHooked("quick"), nullptr);
   // The stalled connection is closed after the 300 ms handshake timeout.
@@ -153,9 +154,9 @@ TEST_F(DaemonTest, AStalledHandshakeDelaysNobodyAndIsDropped) {
 
 TEST_F(DaemonTest, GarbageHandshakeIsRejected) {
   StartDaemon();
-  std::string error;
-  kvmi::UniqueFd fd = kvmi::ConnectUnix(config_.unix_socket, &error);
-  ASSERT_TRUE(fd);
+  auto connected = kvmi::ConnectUnix(config_.unix_socket);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  kvmi::UniqueFd fd = std::move(*connected);
   uint32_t bogus_size = 5;  // below the smallest qemu2introspector
   ASSERT_TRUE(kvmi::WriteAll(fd.get(), &bogus_size, 4).ok());
   uint8_t byte;
@@ -196,7 +197,7 @@ TEST_F(DaemonTest, TwoLiveConnectionsClaimingOneUuidAreRefusedNotMerged) {
 
 TEST_F(DaemonTest, PolicyIsArmedOnConnectEnforcedAndReArmedAfterAReconnect) {
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)).ok());
   ScriptedHost* host = Connect(5, "guarded", 2);
   ASSERT_NE(host, nullptr);
   ASSERT_NE(WaitHooked("guarded"), nullptr);
@@ -229,21 +230,89 @@ TEST_F(DaemonTest, PolicyIsArmedOnConnectEnforcedAndReArmedAfterAReconnect) {
   EXPECT_EQ(daemon_->registry().Lookup("guarded")->Snapshot().connections, 2u);
 }
 
+// SIGHUP's work: the configured policies change as a set, the API's stay, deadlines, fallbacks
+// and labels follow, and the guest keeps its connection. A bad configuration changes nothing.
+TEST_F(DaemonTest, ReloadReplacesConfiguredPoliciesKeepsTheApisAndTheGuest) {
+  StartDaemon();
+  auto names = [this] {
+    std::set<std::string> out;
+    for (const auto& rule : *daemon_->policies().rules()) out.insert(rule->name);
+    return out;
+  };
+  auto armed_cr = [](uint32_t cr) {
+    return [cr](const ReceivedMessage& m) {
+      if (m.hdr.id != KVMI_CONTROL_CR) return false;
+      kvmi::ControlCrRequest r;
+      return kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.cr == cr && r.enable;
+    };
+  };
+  LoadedConfig first;
+  first.daemon = config_;
+  first.rules = {ForbidClearCr0WpRule("wp", RuleMode::kEnforce)};
+  first.guest_labels["reloaded"] = {{"tier", "dev"}};
+  ASSERT_TRUE(daemon_->Reload(first).ok());
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("api-lstar", 0xC0000082, RuleMode::kEnforce)).ok());
+  ScriptedHost* host = Connect(20, "reloaded", 1);
+  ASSERT_NE(host, nullptr);
+  std::shared_ptr<Guest> guest = WaitHooked("reloaded");
+  ASSERT_NE(guest, nullptr);
+  EXPECT_TRUE(host->WaitFor(armed_cr(0)));
+  std::shared_ptr<GuestSession> session = guest->session();
+  ASSERT_NE(session, nullptr);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "dev");
+
+  LoadedConfig second = first;
+  second.rules = {ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)};
+  second.guest_labels = {{"reloaded", {{"tier", "prod"}}}};
+  for (EventDeadline& d : second.daemon.verdicts.deadlines) {
+    d = EventDeadline{std::chrono::milliseconds(777), KVMI_EVENT_ACTION_CRASH};
+  }
+  ASSERT_TRUE(daemon_->Reload(second).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"api-lstar", "smep"}));
+  EXPECT_EQ(daemon_->configured_policies(), (std::set<std::string>{"smep"}));
+  EXPECT_TRUE(host->WaitFor(armed_cr(4)));  // the new policy is armed on the live guest
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).deadline.count(), 777);
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).fallback_action,
+            KVMI_EVENT_ACTION_CRASH);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "prod");
+  EXPECT_EQ(guest->session(), session);  // same connection, never dropped
+  EXPECT_FALSE(session->closed());
+  EXPECT_EQ(guest->state(), GuestState::kHooked);
+
+  // One valid and one invalid policy: refused as a whole, nothing changes.
+  LoadedConfig bad = first;
+  bad.rules = {ForbidClearCr0WpRule("wp2", RuleMode::kEnforce), std::make_shared<Rule>()};
+  for (EventDeadline& d : bad.daemon.verdicts.deadlines) d.deadline = std::chrono::seconds(9);
+  absl::Status refused = daemon_->Reload(bad);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("name"));
+  EXPECT_EQ(names(), (std::set<std::string>{"api-lstar", "smep"}));
+  EXPECT_EQ(daemon_->configured_policies(), (std::set<std::string>{"smep"}));
+  EXPECT_EQ(daemon_->pipeline().deadline_for(KVMI_EVENT_PF).deadline.count(), 777);
+  EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "prod");
+}
+
 class TestHandler : public VerdictHandler {
  public:
   std::string id() const override { return "test"; }
   void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override {
-    std::lock_guard<std::mutex> lock(mutex);
+    MutexLock lock(&mutex);
     contexts.push_back(ctx);
     promises.push_back(std::move(promise));
-    cv.notify_all();
+    cv.SignalAll();
   }
   bool WaitCount(size_t n) {
-    std::unique_lock<std::mutex> lock(mutex);
-    return cv.wait_for(lock, std::chrono::seconds(5), [&] { return promises.size() >= n; });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    MutexLock lock(&mutex);
+    while (promises.size() < n) {
+      if (!cv.WaitUntil(&mutex, deadline)) return promises.size() >= n;
+    }
+    return true;
   }
-  std::mutex mutex;
-  std::condition_variable cv;
+  Mutex mutex;
+  CondVar cv;
+  // Appended under `mutex`; the tests read them once WaitCount said they are there.
   std::vector<EventContext> contexts;
   std::vector<VerdictPromise> promises;
 };
@@ -285,13 +354,13 @@ TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFalle
   claim.events = {KVMI_EVENT_BREAKPOINT};
   claim.deadline = std::chrono::seconds(1);  // far enough to be answered first under load
   auto registration = daemon_->pipeline().RegisterHandler(handler, claim);
-  std::mutex observed_mutex;
+  Mutex observed_mutex;
   std::vector<std::pair<uint32_t, std::string>> observed;  // (seq, decided_by)
   uint64_t observer = daemon_->pipeline().AddObserver([&](const ObservedEvent& o) {
     if (o.event.id() == KVMI_EVENT_BREAKPOINT) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));  // a slow observer
     }
-    std::lock_guard<std::mutex> lock(observed_mutex);
+    MutexLock lock(&observed_mutex);
     observed.emplace_back(o.event.seq, o.verdict.decided_by);
   });
   ScriptedHost* host = Connect(12, "remote");
@@ -307,13 +376,13 @@ TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFalle
   ASSERT_TRUE(WaitEventReply(host, 32, KVMI_EVENT_XSETBV));
   answering.join();
   ASSERT_TRUE(WaitUntil([&] {
-    std::lock_guard<std::mutex> lock(observed_mutex);
+    MutexLock lock(&observed_mutex);
     return observed.size() >= 2;
   }));
   std::this_thread::sleep_until(sent + claim.deadline + std::chrono::milliseconds(200));
   daemon_->pipeline().RemoveObserver(observer);
   {
-    std::lock_guard<std::mutex> lock(observed_mutex);
+    MutexLock lock(&observed_mutex);
     ASSERT_EQ(observed.size(), 2u);
     EXPECT_EQ(observed[0], std::make_pair(31u, std::string("handler:test")));
     EXPECT_EQ(observed[1].first, 32u);
@@ -436,8 +505,8 @@ TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
 
 TEST_F(DaemonTest, UnhookEventReleasesHooksAndClosesPromptly) {
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", 0xC0000082, RuleMode::kEnforce)),
-            "");
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", 0xC0000082, RuleMode::kEnforce)).ok());
   ScriptedHost* host = Connect(10, "migrating", 1);
   ASSERT_NE(WaitArmed("migrating",
                       [](const GuestSnapshot& s) { return s.applied.msrs.count(0xC0000082) > 0; }),
@@ -460,7 +529,7 @@ TEST_F(DaemonTest, UnhookEventReleasesHooksAndClosesPromptly) {
 
 TEST_F(DaemonTest, ShutdownDisarmsEveryGuestAndCloses) {
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)).ok());
   ScriptedHost* a = Connect(11, "a", 1);
   ScriptedHost* b = Connect(12, "b", 1);
   auto cr4_armed = [](const GuestSnapshot& s) { return s.applied.crs.count(4) > 0; };

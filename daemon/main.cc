@@ -2,339 +2,231 @@
 //
 //   kvmid --kvmi_socket=/run/kvmid/kvmi.sock --cookie_file=/etc/kvmid/cookie --baseline=enforce
 //
-// SIGTERM/SIGINT: answer what is pending, restore every guest, close, exit 0.
-#include <absl/flags/flag.h>
+// Start-up is the list of steps below; whatever started is torn down in reverse, on a failed
+// start as on SIGTERM/SIGINT (answer what is pending, restore every guest, close, exit 0).
+// SIGHUP reloads the configuration (Daemon::Reload); a second kvmid on the same socket directory
+// is refused (InstanceLock).
 #include <absl/flags/parse.h>
-#include <absl/flags/usage.h>
-#include <absl/strings/numbers.h>
-#include <absl/strings/str_split.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
-#include <atomic>
-#include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
-#include <set>
+#include <optional>
 #include <string>
-#include <thread>
-#include <vector>
 
+#include "common/program.h"
 #include "daemon/api/server.h"
-#include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/export/exporter.h"
 #include "daemon/export/node_name.h"
 #include "daemon/export/rotating_file.h"
 #include "daemon/kvmid.h"
+#include "daemon/startup/flags.h"
+#include "daemon/startup/instance_lock.h"
+#include "daemon/startup/json_log.h"
+#include "daemon/startup/steps.h"
 #include "daemon/state/policy_store.h"
-
-ABSL_FLAG(std::string, config, "",
-          "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
-          "given on the command line override it");
-ABSL_FLAG(std::string, kvmi_socket, "/run/kvmid/kvmi.sock",
-          "UNIX socket QEMU connects to (chardev socket path); empty = none");
-ABSL_FLAG(std::string, kvmi_socket_mode, "0660", "permissions of the UNIX socket (octal)");
-ABSL_FLAG(std::string, kvmi_socket_group, "", "group owning the UNIX socket (e.g. kvm)");
-ABSL_FLAG(int, kvmi_vsock_port, -1, "AF_VSOCK port to listen on; -1 = none");
-ABSL_FLAG(std::string, api_socket, "/run/kvmid/api.sock",
-          "UNIX socket of the gRPC API (kvmi.v1.Introspection, reflection, health); empty = none");
-ABSL_FLAG(std::string, api_tcp, "",
-          "HOST:PORT for the gRPC API over TCP (e.g. 127.0.0.1:50051); empty = none");
-ABSL_FLAG(std::string, cookie_file, "",
-          "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
-ABSL_FLAG(std::string, allowed_uids, "",
-          "comma-separated uids allowed to connect on the UNIX socket (SO_PEERCRED); empty = any");
-ABSL_FLAG(int, io_threads, 2, "I/O threads serving guest sockets (1..64)");
-ABSL_FLAG(int, handshake_timeout_ms, 5000, "a QEMU that has not finished its handshake is dropped");
-ABSL_FLAG(int, command_timeout_ms, 10000, "a command with no reply by then fails with a timeout");
-ABSL_FLAG(int, deadline_ms, 1000,
-          "how long a handler may take to answer a blocking event before the fallback");
-ABSL_FLAG(std::string, fallback, "continue",
-          "fallback action when a handler misses its deadline: continue or crash");
-ABSL_FLAG(std::string, baseline, "off",
-          "ready-made protections (CR0.WP, CR4.SMEP/SMAP, LSTAR, SYSENTER_EIP locked after "
-          "boot): off, monitor or enforce");
-ABSL_FLAG(std::vector<std::string>, protect, {},
-          "page protections NAME:GPA_FIRST-GPA_LAST:ALLOWED[:ACTION][:monitor], e.g. "
-          "ktext:0x1000000-0x1ffffff:rx:retry (ALLOWED from r, w, x; ACTION continue, retry or "
-          "crash)");
-ABSL_FLAG(std::string, log_events, "blocked",
-          "which events to log live: none, blocked (decided by a policy or fallback) or all");
-ABSL_FLAG(int, log_events_per_second, 20, "at most this many live event lines per second");
-ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
-ABSL_FLAG(std::string, state_dir, "/var/lib/kvmid",
-          "where policies applied through the API are kept across restarts (created on the "
-          "first change); empty = not persisted");
-ABSL_FLAG(std::string, state_recover, "fail",
-          "what start-up does with a state file it cannot read: fail (stop with the error) or "
-          "quarantine (move it aside to <file>.corrupt-<time>, start with no API policies)");
-ABSL_FLAG(std::string, export_file, "",
-          "write every event, verdict and guest state change as JSON lines to this file, "
-          "rotated by size (for Fluent Bit, Vector, Filebeat); empty = no export");
-ABSL_FLAG(uint64_t, export_max_bytes, 100ull << 20, "rotate the export file at this size");
-ABSL_FLAG(uint32_t, export_max_files, 5,
-          "export files kept, the live one included: disk use stays within "
-          "export_max_files * export_max_bytes");
-ABSL_FLAG(uint64_t, export_queue, kvmid::kDefaultExportQueue,
-          "records waiting for the export writer; beyond that they are dropped and counted");
-ABSL_FLAG(std::string, node_name, "",
-          "node name stamped on every event (API, export); empty = $NODE_NAME, else the host "
-          "name");
 
 namespace {
 
-// Flags the user typed (names only). Only those override the configuration file. (This absl
-// release keeps CommandLineFlag::IsSpecifiedOnCommandLine private.)
-std::set<std::string>& GivenFlags() {
-  static std::set<std::string> given;
-  return given;
+// What the steps build, torn down by the steps.
+struct Process {
+  kvmid::Settings settings;
+  sigset_t signals;
+  std::optional<kvmid::InstanceLock> lock;
+  std::unique_ptr<kvmid::Daemon> daemon;
+  std::unique_ptr<kvmid::PolicyStore> state;
+  std::unique_ptr<kvmid::Exporter> exporter;
+  std::unique_ptr<kvmid::EventLog> event_log;
+  std::unique_ptr<kvmid::ApiServer> api;
+};
+
+absl::Status SetUpLogging(const kvmid::Settings& settings) {
+  spdlog::set_level(settings.log_level);
+  if (settings.log_format == kvmid::LogFormat::kJson) {
+    spdlog::set_formatter(kvmid::JsonLogFormatter());
+  } else {
+    spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+  }
+  return absl::OkStatus();
 }
 
-void RecordGivenFlags(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--") break;
-    if (arg.rfind("--", 0) != 0) continue;
-    std::string name = arg.substr(2, arg.find('=') - 2);
-    GivenFlags().insert(name);
-    if (name.rfind("no", 0) == 0) GivenFlags().insert(name.substr(2));
-  }
+// Signals are taken synchronously by the main thread; every other thread inherits the mask.
+absl::Status BlockSignals(sigset_t* signals) {
+  sigemptyset(signals);
+  sigaddset(signals, SIGTERM);
+  sigaddset(signals, SIGINT);
+  sigaddset(signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  return absl::OkStatus();
 }
 
-bool Given(const char* name) { return GivenFlags().count(name) > 0; }
-
-[[noreturn]] void Die(const std::string& message) {
-  std::fprintf(stderr, "kvmid: %s\n", message.c_str());
-  std::exit(2);
+// The configuration the daemon applies: the file's settings with the flags' policies.
+kvmid::LoadedConfig Configured(const kvmid::Settings& settings) {
+  kvmid::LoadedConfig config = settings.config;
+  config.rules = settings.rules;
+  return config;
 }
 
-bool ParseU64(const std::string& text, uint64_t* out) {
-  if (text.rfind("0x", 0) == 0 || text.rfind("0X", 0) == 0) {
-    return absl::SimpleHexAtoi(text.substr(2), out);
-  }
-  return absl::SimpleAtoi(text, out);
+absl::Status CreateDaemon(Process* p) {
+  p->daemon = std::make_unique<kvmid::Daemon>(p->settings.config.daemon);
+  return p->daemon->Reload(Configured(p->settings));
 }
 
-std::shared_ptr<kvmid::Rule> ParseProtect(const std::string& spec) {
-  std::vector<std::string> parts = absl::StrSplit(spec, ':');
-  if (parts.size() < 3 || parts.size() > 5) {
-    Die("--protect=" + spec + ": expected NAME:GPA_FIRST-GPA_LAST:ALLOWED[:ACTION][:monitor]");
+// One kvmid per socket directory: a second one stops here, before it touches any socket.
+absl::Status LockInstance(Process* p) {
+  const kvmid::LoadedConfig& c = p->settings.config;
+  const std::string& socket = !c.daemon.unix_socket.empty() ? c.daemon.unix_socket : c.api_socket;
+  if (socket.empty()) return absl::OkStatus();  // vsock and TCP only: their bind() decides
+  absl::StatusOr<kvmid::InstanceLock> lock =
+      kvmid::InstanceLock::Acquire(kvmid::LockPathFor(socket));
+  if (!lock.ok()) return lock.status();
+  p->lock.emplace(*std::move(lock));
+  return absl::OkStatus();
+}
+
+// SIGHUP: the file is read again and the flags go over it, as at start. A configuration that
+// does not load or apply is refused, and the running one stays.
+void ReloadConfiguration(Process* p) {
+  absl::StatusOr<kvmid::Settings> settings = kvmid::SettingsFromFlags();
+  absl::Status status =
+      settings.ok() ? p->daemon->Reload(Configured(*settings)) : settings.status();
+  if (!status.ok()) {
+    spdlog::error("SIGHUP: new configuration refused, the running one stays: {}",
+                  std::string(status.message()));
+    return;
   }
-  std::vector<std::string> range = absl::StrSplit(parts[1], '-');
-  uint64_t first = 0, last = 0;
-  if (range.size() != 2 || !ParseU64(range[0], &first) || !ParseU64(range[1], &last) ||
-      first > last) {
-    Die("--protect=" + spec + ": GPA range must be FIRST-LAST with FIRST <= LAST");
+  spdlog::set_level(settings->log_level);
+  spdlog::info("SIGHUP: configuration reloaded from {} ({} configured policies)",
+               settings->config_path.empty() ? "flags" : settings->config_path,
+               settings->rules.size());
+  p->settings = *std::move(settings);
+}
+
+absl::Status SetNodeName(const kvmid::Settings& settings) {
+  if (settings.node_name.empty()) return absl::OkStatus();
+  absl::Status node = kvmid::SetNodeName(settings.node_name);
+  if (!node.ok()) return absl::InvalidArgumentError("--node_name: " + std::string(node.message()));
+  return absl::OkStatus();
+}
+
+// API policies saved by an earlier run, before any guest can connect (and be armed).
+absl::Status RestoreSavedPolicies(Process* p) {
+  absl::StatusOr<kvmid::StateRecovery> recovery =
+      kvmid::ParseStateRecovery(p->settings.state_recover);
+  if (!recovery.ok()) return recovery.status();
+  if (p->settings.state_dir.empty()) {
+    spdlog::info("API policies are not persisted (--state_dir is empty)");
+    return absl::OkStatus();
   }
-  uint8_t allowed = 0;
-  for (char c : parts[2]) {
-    if (c == 'r')
-      allowed |= KVMI_PAGE_ACCESS_R;
-    else if (c == 'w')
-      allowed |= KVMI_PAGE_ACCESS_W;
-    else if (c == 'x')
-      allowed |= KVMI_PAGE_ACCESS_X;
-    else if (c != '-')
-      Die("--protect=" + spec + ": ALLOWED takes r, w, x (or - for none)");
+  p->state = std::make_unique<kvmid::PolicyStore>(p->settings.state_dir);
+  absl::Status restored = kvmid::RestorePolicies(p->daemon.get(), p->state.get(), *recovery);
+  if (restored.ok()) spdlog::info("API policies kept in {}", p->state->path());
+  return restored;
+}
+
+absl::Status StartExport(Process* p) {
+  const kvmid::Settings& s = p->settings;
+  if (s.export_file.empty()) return absl::OkStatus();
+  if (s.export_queue < 1 || s.export_queue > kvmid::kMaxExportQueue) {
+    return absl::InvalidArgumentError("--export_queue must be 1.." +
+                                      std::to_string(kvmid::kMaxExportQueue));
   }
-  kvmid::RuleAction action = kvmid::RuleAction::kRetry;
-  if (parts.size() >= 4 && !kvmid::ParseRuleAction(parts[3], &action)) {
-    Die("--protect=" + spec + ": ACTION must be continue, retry or crash");
+  auto file = kvmid::RotatingFile::Open({s.export_file, s.export_max_bytes, s.export_max_files});
+  if (!file.ok()) return file.status();
+  kvmid::Exporter::Options options;
+  options.queue_capacity = s.export_queue;
+  options.node = kvmid::NodeName();
+  p->exporter = std::make_unique<kvmid::Exporter>(std::move(*file), options);
+  p->exporter->Attach(&p->daemon->pipeline(), &p->daemon->registry());
+  spdlog::info("export: events, verdicts and guest changes to {}", s.export_file);
+  return absl::OkStatus();
+}
+
+// After the daemon's shutdown (the steps' reverse order): the guests' last changes are exported.
+void StopExport(Process* p) {
+  if (!p->exporter) return;
+  p->exporter->Stop();
+  spdlog::info("export: {} records written, {} dropped, {} lost to write errors",
+               p->exporter->written(), p->exporter->dropped(), p->exporter->write_errors());
+}
+
+absl::Status StartApi(Process* p) {
+  const kvmid::LoadedConfig& c = p->settings.config;
+  if (c.api_socket.empty() && c.api_tcp.empty()) return absl::OkStatus();
+  p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get());
+  absl::Status started = p->api->Start(c.api_socket, c.api_tcp);
+  if (!started.ok()) return started;
+  if (!c.api_tcp.empty()) {
+    spdlog::info("API over TCP: {} bound port {}", c.api_tcp, p->api->tcp_port());
   }
-  kvmid::RuleMode mode = kvmid::RuleMode::kEnforce;
-  if (parts.size() == 5) {
-    if (parts[4] != "monitor") Die("--protect=" + spec + ": the last field may only be 'monitor'");
-    mode = kvmid::RuleMode::kMonitor;
+  return absl::OkStatus();
+}
+
+// Serves SIGHUP (reload) until SIGTERM or SIGINT; returns that one.
+int ServeUntilStopped(Process* p) {
+  for (;;) {
+    int signal_number = 0;
+    if (sigwait(&p->signals, &signal_number) != 0) continue;
+    if (signal_number != SIGHUP) return signal_number;
+    ReloadConfiguration(p);
   }
-  return kvmid::ProtectPagesRule(parts[0], first, last, allowed, action, mode);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  kvmid::SetUpProgram(
+      "kvmid",
       "kvmid: KVM introspection (KVMI v6) daemon. QEMU connects to --kvmi_socket; kvmid answers "
-      "each guest's events with in-daemon policies, registered handlers or a fallback.");
-  RecordGivenFlags(argc, argv);
+      "each guest's events with in-daemon policies, registered handlers or a fallback.",
+      {"daemon/"});
+  kvmid::ForgetGivenFlags();
   absl::ParseCommandLine(argc, argv);
 
-  spdlog::level::level_enum level = spdlog::level::from_str(absl::GetFlag(FLAGS_log_level));
-  if (level == spdlog::level::off && absl::GetFlag(FLAGS_log_level) != "off") {
-    Die("--log_level must be trace, debug, info, warn, error or off");
-  }
-  spdlog::set_level(level);
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+  Process p;
+  kvmid::Steps steps;
+  steps.Add("configuration", [&] {
+    absl::StatusOr<kvmid::Settings> settings = kvmid::SettingsFromFlags();
+    if (!settings.ok()) return settings.status();
+    p.settings = *std::move(settings);
+    return absl::OkStatus();
+  });
+  steps.Add("logging", [&] { return SetUpLogging(p.settings); });
+  steps.Add("signals", [&] { return BlockSignals(&p.signals); });
+  steps.Add("node name", [&] { return SetNodeName(p.settings); });
+  steps.Add("policies", [&] { return CreateDaemon(&p); });
+  steps.Add(
+      "instance lock", [&] { return LockInstance(&p); }, [&] { p.lock.reset(); });
+  steps.Add("saved policies", [&] { return RestoreSavedPolicies(&p); });
+  steps.Add(
+      "export", [&] { return StartExport(&p); }, [&] { StopExport(&p); });
+  steps.Add(
+      "event log",
+      [&] {
+        p.event_log =
+            std::make_unique<kvmid::EventLog>(&p.daemon->pipeline(), p.settings.event_log);
+        return absl::OkStatus();
+      },
+      [&] { p.event_log->Stop(); });
+  steps.Add(
+      "guest listeners", [&] { return p.daemon->Start(); }, [&] { p.daemon->Shutdown(); });
+  steps.Add(
+      "api", [&] { return StartApi(&p); },
+      [&] {
+        if (p.api) p.api->Shutdown();
+      });
 
-  kvmid::LoadedConfig loaded;
-  if (!absl::GetFlag(FLAGS_config).empty()) {
-    std::string error = kvmid::LoadConfigFile(absl::GetFlag(FLAGS_config), &loaded);
-    if (!error.empty()) Die(error);
+  absl::Status started = steps.Run();
+  if (!started.ok()) {
+    std::fprintf(stderr, "kvmid: %s\n", std::string(started.message()).c_str());
+    return 2;
   }
-  kvmid::DaemonConfig& config = loaded.daemon;
-  if (Given("kvmi_socket") || absl::GetFlag(FLAGS_config).empty()) {
-    config.unix_socket = absl::GetFlag(FLAGS_kvmi_socket);
-  }
-  if (Given("kvmi_socket_mode")) {
-    uint64_t mode = 0;
-    if (!absl::numbers_internal::safe_strtou64_base(absl::GetFlag(FLAGS_kvmi_socket_mode), &mode,
-                                                    8) ||
-        mode > 0777) {
-      Die("--kvmi_socket_mode must be an octal mode such as 0660");
-    }
-    config.unix_socket_mode = static_cast<uint32_t>(mode);
-  }
-  if (Given("kvmi_socket_group")) config.unix_socket_group = absl::GetFlag(FLAGS_kvmi_socket_group);
-  if (Given("kvmi_vsock_port")) {
-    int vsock_port = absl::GetFlag(FLAGS_kvmi_vsock_port);
-    if (vsock_port > 0xffff) Die("--kvmi_vsock_port must be -1 or a port number");
-    if (vsock_port >= 0) {
-      config.vsock_port = static_cast<uint32_t>(vsock_port);
-    } else {
-      config.vsock_port.reset();
-    }
-  }
-  if (Given("api_socket")) loaded.api_socket = absl::GetFlag(FLAGS_api_socket);
-  if (Given("api_tcp")) loaded.api_tcp = absl::GetFlag(FLAGS_api_tcp);
-  if (!loaded.api_tcp.empty() && loaded.api_tcp.find(':') == std::string::npos) {
-    Die("--api_tcp must be HOST:PORT, e.g. 127.0.0.1:50051");
-  }
-  if (Given("cookie_file")) config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
-  if (Given("allowed_uids")) {
-    config.allowed_uids.clear();
-    std::vector<std::string> uids =
-        absl::StrSplit(absl::GetFlag(FLAGS_allowed_uids), ',', absl::SkipEmpty());
-    for (const std::string& uid : uids) {
-      uint32_t value;
-      if (!absl::SimpleAtoi(uid, &value)) Die("--allowed_uids: '" + uid + "' is not a uid");
-      config.allowed_uids.push_back(value);
-    }
-  }
-  if (Given("io_threads")) config.io_threads = absl::GetFlag(FLAGS_io_threads);
-  auto positive_ms = [](const char* name, int value) {
-    if (value <= 0) Die(std::string("--") + name + " must be positive");
-    return std::chrono::milliseconds(value);
-  };
-  if (Given("handshake_timeout_ms")) {
-    config.handshake_timeout =
-        positive_ms("handshake_timeout_ms", absl::GetFlag(FLAGS_handshake_timeout_ms));
-  }
-  if (Given("command_timeout_ms")) {
-    config.command_timeout =
-        positive_ms("command_timeout_ms", absl::GetFlag(FLAGS_command_timeout_ms));
-  }
-  if (Given("deadline_ms")) {
-    auto deadline = positive_ms("deadline_ms", absl::GetFlag(FLAGS_deadline_ms));
-    for (kvmid::EventDeadline& d : config.verdicts.deadlines) d.deadline = deadline;
-  }
-  if (Given("fallback")) {
-    std::string fallback_text = absl::GetFlag(FLAGS_fallback);
-    uint8_t fallback;
-    if (fallback_text == "continue") {
-      fallback = KVMI_EVENT_ACTION_CONTINUE;
-    } else if (fallback_text == "crash") {
-      fallback = KVMI_EVENT_ACTION_CRASH;
-    } else {
-      Die("--fallback must be continue or crash");
-    }
-    for (kvmid::EventDeadline& d : config.verdicts.deadlines) d.fallback_action = fallback;
-  }
-
-  std::vector<std::shared_ptr<kvmid::Rule>> rules = loaded.rules;
-  std::string baseline = absl::GetFlag(FLAGS_baseline);
-  if (baseline != "off") {
-    if (baseline != "monitor" && baseline != "enforce") {
-      Die("--baseline must be off, monitor or enforce");
-    }
-    auto rule_mode = baseline == "enforce" ? kvmid::RuleMode::kEnforce : kvmid::RuleMode::kMonitor;
-    rules.push_back(kvmid::ForbidClearCr0WpRule("cr0-wp", rule_mode));
-    rules.push_back(kvmid::ForbidClearCr4SmepSmapRule("cr4-smep-smap", rule_mode));
-    rules.push_back(kvmid::LockMsrAfterBootRule("lstar-locked", 0xC0000082, rule_mode));
-    rules.push_back(kvmid::LockMsrAfterBootRule("sysenter-eip-locked", 0x176, rule_mode));
-  }
-  for (const std::string& spec : absl::GetFlag(FLAGS_protect)) rules.push_back(ParseProtect(spec));
-
-  kvmid::EventLogOptions log_options;
-  std::string log_events = absl::GetFlag(FLAGS_log_events);
-  if (!kvmid::ParseEventLogMode(log_events, &log_options.mode)) {
-    Die("--log_events must be none, blocked or all");
-  }
-  log_options.max_lines_per_second = absl::GetFlag(FLAGS_log_events_per_second);
-
-  if (!absl::GetFlag(FLAGS_node_name).empty()) {
-    absl::Status node = kvmid::SetNodeName(absl::GetFlag(FLAGS_node_name));
-    if (!node.ok()) Die("--node_name: " + std::string(node.message()));
-  }
-  absl::StatusOr<kvmid::StateRecovery> recovery =
-      kvmid::ParseStateRecovery(absl::GetFlag(FLAGS_state_recover));
-  if (!recovery.ok()) Die(std::string(recovery.status().message()));
-  std::unique_ptr<kvmid::Exporter> exporter;
-  if (!absl::GetFlag(FLAGS_export_file).empty()) {
-    uint64_t queue = absl::GetFlag(FLAGS_export_queue);
-    if (queue < 1 || queue > kvmid::kMaxExportQueue) {
-      Die("--export_queue must be 1.." + std::to_string(kvmid::kMaxExportQueue));
-    }
-    auto file = kvmid::RotatingFile::Open({absl::GetFlag(FLAGS_export_file),
-                                           absl::GetFlag(FLAGS_export_max_bytes),
-                                           absl::GetFlag(FLAGS_export_max_files)});
-    if (!file.ok()) Die(std::string(file.status().message()));
-    kvmid::Exporter::Options export_options;
-    export_options.queue_capacity = queue;
-    export_options.node = kvmid::NodeName();
-    exporter = std::make_unique<kvmid::Exporter>(std::move(*file), export_options);
-  }
-
-  // Signals are taken synchronously by the main thread; every other thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  signal(SIGPIPE, SIG_IGN);
-
-  kvmid::Daemon daemon(config);
-  for (const auto& [name, labels] : loaded.guest_labels) {
-    daemon.pipeline().SetGuestLabels(name, labels);
-  }
-  for (auto& rule : rules) {
-    std::string error = daemon.ApplyPolicy(rule);
-    if (!error.empty()) Die(error);
-  }
-  // API policies saved by an earlier run, before any guest can connect (and be armed).
-  std::unique_ptr<kvmid::PolicyStore> state;
-  if (!absl::GetFlag(FLAGS_state_dir).empty()) {
-    state = std::make_unique<kvmid::PolicyStore>(absl::GetFlag(FLAGS_state_dir));
-    absl::Status restored = kvmid::RestorePolicies(&daemon, state.get(), *recovery);
-    if (!restored.ok()) Die(std::string(restored.message()));
-  }
-  if (exporter) exporter->Attach(&daemon.pipeline(), &daemon.registry());
-  kvmid::EventLog event_log(&daemon.pipeline(), log_options);
-  std::string error = daemon.Start();
-  if (!error.empty()) Die(error);
-  spdlog::info("kvmid: node {}; API policies {}; export {}", kvmid::NodeName(),
-               state ? "kept in " + state->path() : std::string("not persisted (--state_dir=)"),
-               exporter ? absl::GetFlag(FLAGS_export_file) : std::string("off"));
-  kvmid::ApiServer api(&daemon);
-  if (!loaded.api_socket.empty() || !loaded.api_tcp.empty()) {
-    error = std::string(api.Start(loaded.api_socket, loaded.api_tcp).message());
-    if (!error.empty()) {
-      daemon.Shutdown();
-      Die(error);
-    }
-  }
-
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  int signal_number = ServeUntilStopped(&p);
   spdlog::info("kvmid: {} received; restoring guests and exiting", strsignal(signal_number));
-  event_log.Stop();
-  api.Shutdown();
-  daemon.Shutdown();
-  if (exporter) {
-    exporter->Stop();  // after the daemon: the guests' last state changes are exported too
-    spdlog::info("export: {} records written, {} dropped, {} lost to write errors",
-                 exporter->written(), exporter->dropped(), exporter->write_errors());
-  }
-  event_log.PrintSummary();
+  steps.Teardown();
+  p.event_log->PrintSummary();
   return 0;
 }

@@ -38,7 +38,7 @@ class ApiTest : public ::testing::Test {
     DaemonConfig config;
     config.unix_socket = dir_ + "/kvmi.sock";
     daemon_ = std::make_unique<Daemon>(config);
-    ASSERT_EQ(daemon_->Start(), "");
+    ASSERT_TRUE(daemon_->Start().ok());
     daemon_->pipeline().SetGuestLabels("web-1", {{"tier", "prod"}});
     api_ = std::make_unique<ApiServer>(daemon_.get(), /*history=*/4);
     ASSERT_TRUE(api_->Start(dir_ + "/api.sock", "127.0.0.1:0").ok());

@@ -33,9 +33,12 @@ Status Inventory::GetVM(const kvmi::v1::GetVMRequest& request, kvmi::v1::VM* res
 Status Inventory::ApplyPolicy(const kvmi::v1::ApplyPolicyRequest& request,
                               kvmi::v1::ApplyPolicyResponse* response) {
   if (!request.has_policy()) return InvalidArgument("policy", "required");
-  std::shared_ptr<Rule> rule;
-  std::string error = PolicyToRule(request.policy(), &rule);
-  if (!error.empty()) return Status(StatusCode::INVALID_ARGUMENT, "policy." + error);
+  absl::StatusOr<std::shared_ptr<Rule>> converted = PolicyToRule(request.policy());
+  if (!converted.ok()) {
+    return Status(StatusCode::INVALID_ARGUMENT,
+                  "policy." + std::string(converted.status().message()));
+  }
+  std::shared_ptr<Rule> rule = *std::move(converted);
   bool existed = false;
   for (const auto& r : *daemon_->policies().rules()) existed = existed || r->name == rule->name;
   rule->origin = request.policy().SerializeAsString();  // persisted as the client sent it

@@ -31,50 +31,61 @@ class ErrorCollector : public google::protobuf::io::ErrorCollector {
   std::string first_;
 };
 
-std::string FallbackAction(kvmi::v1::Action action, const std::string& field, uint8_t* out) {
+absl::Status FallbackAction(kvmi::v1::Action action, const std::string& field, uint8_t* out) {
   switch (action) {
     case kvmi::v1::ACTION_UNSPECIFIED:
     case kvmi::v1::ACTION_CONTINUE:
       *out = KVMI_EVENT_ACTION_CONTINUE;
-      return "";
+      return absl::OkStatus();
     case kvmi::v1::ACTION_CRASH:
       *out = KVMI_EVENT_ACTION_CRASH;
-      return "";
+      return absl::OkStatus();
     default:
       // RETRY as a blind fallback would re-run a faulting access forever; KEEP_OLD is not an
       // action of every event.
-      return field + ": a fallback must be ACTION_CONTINUE or ACTION_CRASH";
+      return absl::InvalidArgumentError(field +
+                                        ": a fallback must be ACTION_CONTINUE or ACTION_CRASH");
   }
 }
 
 }  // namespace
 
-std::string ParseConfig(const std::string& text, const std::string& origin, LoadedConfig* out) {
+absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::string& origin) {
   config::KvmidConfig file;
   google::protobuf::TextFormat::Parser parser;
   ErrorCollector errors(origin);
   parser.RecordErrorsTo(&errors);
   if (!parser.ParseFromString(text, &file)) {
-    return errors.first().empty() ? origin + ": cannot parse" : errors.first();
+    return absl::InvalidArgumentError(errors.first().empty() ? origin + ": cannot parse"
+                                                             : errors.first());
   }
-  DaemonConfig& d = out->daemon;
+  auto invalid = [&origin](const std::string& what) {
+    return absl::InvalidArgumentError(origin + ": " + what);
+  };
+  LoadedConfig out;
+  DaemonConfig& d = out.daemon;
   if (file.has_listen()) {
     const auto& l = file.listen();
     if (!l.unix_socket().empty()) d.unix_socket = l.unix_socket();
     if (l.socket_mode() != 0) {
-      if (l.socket_mode() > 0777) return origin + ": listen.socket_mode: not a permission mode";
+      if (l.socket_mode() > kMaxSocketMode) {
+        return invalid("listen.socket_mode: not a permission mode (at most " +
+                       OctalMode(kMaxSocketMode) + ")");
+      }
       d.unix_socket_mode = l.socket_mode();
     }
     d.unix_socket_group = l.socket_group();
     if (l.has_vsock_port()) d.vsock_port = l.vsock_port();
     d.allowed_uids.assign(l.allowed_uids().begin(), l.allowed_uids().end());
     d.allowed_cids.assign(l.allowed_cids().begin(), l.allowed_cids().end());
-    if (!l.api_socket().empty()) out->api_socket = l.api_socket();
-    out->api_tcp = l.api_tcp();
+    if (!l.api_socket().empty()) out.api_socket = l.api_socket();
+    out.api_tcp = l.api_tcp();
   }
   if (!file.cookie_file().empty()) d.cookie_file = file.cookie_file();
   if (file.io_threads() != 0) {
-    if (file.io_threads() > 64) return origin + ": io_threads: at most 64";
+    if (file.io_threads() > static_cast<uint32_t>(kMaxIoThreads)) {
+      return invalid("io_threads: at most " + std::to_string(kMaxIoThreads));
+    }
     d.io_threads = static_cast<int>(file.io_threads());
   }
   if (file.handshake_timeout_ms() != 0) {
@@ -86,9 +97,9 @@ std::string ParseConfig(const std::string& text, const std::string& origin, Load
   if (file.has_verdicts()) {
     const auto& v = file.verdicts();
     uint8_t fallback;
-    std::string error =
+    absl::Status status =
         FallbackAction(v.default_fallback(), "verdicts.default_fallback", &fallback);
-    if (!error.empty()) return origin + ": " + error;
+    if (!status.ok()) return invalid(std::string(status.message()));
     for (EventDeadline& deadline : d.verdicts.deadlines) {
       if (v.default_deadline_ms() != 0) {
         deadline.deadline = std::chrono::milliseconds(v.default_deadline_ms());
@@ -99,40 +110,39 @@ std::string ParseConfig(const std::string& text, const std::string& origin, Load
       const auto& e = v.per_event(i);
       std::string field = "verdicts.per_event[" + std::to_string(i) + "]";
       uint8_t id;
-      if (!FromEventType(e.event(), &id)) return origin + ": " + field + ".event: required";
+      if (!FromEventType(e.event(), &id)) return invalid(field + ".event: required");
       if (e.deadline_ms() != 0) {
         d.verdicts.deadlines[id].deadline = std::chrono::milliseconds(e.deadline_ms());
       }
       if (e.fallback() != kvmi::v1::ACTION_UNSPECIFIED) {
-        error = FallbackAction(e.fallback(), field + ".fallback",
-                               &d.verdicts.deadlines[id].fallback_action);
-        if (!error.empty()) return origin + ": " + error;
+        status = FallbackAction(e.fallback(), field + ".fallback",
+                                &d.verdicts.deadlines[id].fallback_action);
+        if (!status.ok()) return invalid(std::string(status.message()));
       }
     }
   }
   for (const auto& g : file.guest_labels()) {
-    if (g.name().empty()) return origin + ": guest_labels.name: required";
-    out->guest_labels[g.name()].insert(g.labels().begin(), g.labels().end());
+    if (g.name().empty()) return invalid("guest_labels.name: required");
+    out.guest_labels[g.name()].insert(g.labels().begin(), g.labels().end());
   }
   std::set<std::string> names;
   for (int i = 0; i < file.policies_size(); ++i) {
-    std::shared_ptr<Rule> rule;
-    std::string error = PolicyToRule(file.policies(i), &rule);
-    std::string where = origin + ": policies[" + std::to_string(i) + "]";
+    std::string where = "policies[" + std::to_string(i) + "]";
     if (!file.policies(i).name().empty()) where += " (" + file.policies(i).name() + ")";
-    if (!error.empty()) return where + ": " + error;
-    if (!names.insert(rule->name).second) return where + ": name: used twice";
-    out->rules.push_back(std::move(rule));
+    absl::StatusOr<std::shared_ptr<Rule>> rule = PolicyToRule(file.policies(i));
+    if (!rule.ok()) return invalid(where + ": " + std::string(rule.status().message()));
+    if (!names.insert((*rule)->name).second) return invalid(where + ": name: used twice");
+    out.rules.push_back(*std::move(rule));
   }
-  return "";
+  return out;
 }
 
-std::string LoadConfigFile(const std::string& path, LoadedConfig* out) {
+absl::StatusOr<LoadedConfig> LoadConfigFile(const std::string& path) {
   std::ifstream in(path);
-  if (!in) return "cannot read " + path + ": " + std::strerror(errno);
+  if (!in) return absl::ErrnoToStatus(errno, "cannot read " + path);
   std::stringstream buffer;
   buffer << in.rdbuf();
-  return ParseConfig(buffer.str(), path, out);
+  return ParseConfig(buffer.str(), path);
 }
 
 }  // namespace kvmid

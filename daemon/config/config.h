@@ -3,6 +3,8 @@
 #ifndef KVMID_DAEMON_CONFIG_CONFIG_H_
 #define KVMID_DAEMON_CONFIG_CONFIG_H_
 
+#include <absl/status/statusor.h>
+
 #include <map>
 #include <memory>
 #include <string>
@@ -14,18 +16,13 @@
 
 namespace kvmid {
 
-struct LoadedConfig {
-  DaemonConfig daemon;
-  std::string api_socket = "/run/kvmid/api.sock";
-  std::string api_tcp;
-  std::vector<std::shared_ptr<Rule>> rules;
-  std::map<std::string, std::map<std::string, std::string>> guest_labels;
-};
+// LoadedConfig (what a file gives) is declared in daemon/kvmid.h: Daemon::Reload takes it.
 
 // Parses `text` (the file's content; `origin` names it in errors) on top of the defaults.
-// Returns "" or an error such as "kvmid.conf:7:12: ..." / "policies[1] (ktext): ...".
-std::string ParseConfig(const std::string& text, const std::string& origin, LoadedConfig* out);
-std::string LoadConfigFile(const std::string& path, LoadedConfig* out);
+// InvalidArgument names the place: "kvmid.conf:7:12: ..." / "kvmid.conf: policies[1] (ktext): ...".
+absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::string& origin);
+// Reads and parses the file (an unreadable file is the errno's status, naming the path).
+absl::StatusOr<LoadedConfig> LoadConfigFile(const std::string& path);
 
 }  // namespace kvmid
 

@@ -10,6 +10,14 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// The error's message for `text`, or "ok" when it parses.
+std::string ErrorOf(const std::string& text) {
+  absl::StatusOr<LoadedConfig> parsed = ParseConfig(text, "k.conf");
+  if (parsed.ok()) return "ok";
+  EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(parsed.status().message());
+}
+
 TEST(ConfigTest, FullExampleParses) {
   const char* text = R"(
     # Hypervisor node defaults.
@@ -34,8 +42,9 @@ TEST(ConfigTest, FullExampleParses) {
       action: ACTION_CRASH
     }
   )";
-  LoadedConfig c;
-  ASSERT_EQ(ParseConfig(text, "kvmid.conf", &c), "");
+  absl::StatusOr<LoadedConfig> parsed = ParseConfig(text, "kvmid.conf");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  LoadedConfig& c = *parsed;
   EXPECT_EQ(c.daemon.unix_socket, "/tmp/k.sock");
   EXPECT_EQ(c.daemon.unix_socket_mode, 0600u);
   EXPECT_EQ(c.daemon.vsock_port, 5555u);
@@ -58,38 +67,45 @@ TEST(ConfigTest, FullExampleParses) {
 }
 
 TEST(ConfigTest, SyntaxErrorsNameTheLine) {
-  LoadedConfig c;
-  EXPECT_THAT(ParseConfig("io_threads: 2\nbogus_field: 1\n", "k.conf", &c), HasSubstr("k.conf:2:"));
+  EXPECT_THAT(ErrorOf("io_threads: 2\nbogus_field: 1\n"), HasSubstr("k.conf:2:"));
 }
 
 TEST(ConfigTest, BadPoliciesNameTheirFieldAndIndex) {
-  LoadedConfig c;
   EXPECT_THAT(
-      ParseConfig(
-          R"(policies { name: "p" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } })",
-          "k.conf", &c),
+      ErrorOf(
+          R"(policies { name: "p" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } })"),
       HasSubstr("policies[0] (p): protect_pages.allowed"));
-  EXPECT_THAT(ParseConfig(R"(policies { name: "p" })", "k.conf", &c), HasSubstr("rule: one of"));
-  EXPECT_THAT(ParseConfig(R"(policies { name: "m" lock_msr { msr: 0x40000000 } })", "k.conf", &c),
+  EXPECT_THAT(ErrorOf(R"(policies { name: "p" })"), HasSubstr("rule: one of"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "m" lock_msr { msr: 0x40000000 } })"),
               HasSubstr("lock_msr.msr"));
-  EXPECT_THAT(
-      ParseConfig(R"(policies { name: "c" forbid_cr_bits_clear { cr: 2 bits: 1 } })", "k.conf", &c),
-      HasSubstr("forbid_cr_bits_clear.cr"));
-  EXPECT_THAT(
-      ParseConfig(R"(policies { name: "u" lock_msr { msr: 0x176 } guests { uuids: "nope" } })",
-                  "k.conf", &c),
-      HasSubstr("guests.uuids[0]"));
-  LoadedConfig twice;
-  EXPECT_THAT(ParseConfig(R"(policies { name: "a" lock_msr { msr: 0x176 } }
-                             policies { name: "a" lock_msr { msr: 0x175 } })",
-                          "k.conf", &twice),
+  EXPECT_THAT(ErrorOf(R"(policies { name: "c" forbid_cr_bits_clear { cr: 2 bits: 1 } })"),
+              HasSubstr("forbid_cr_bits_clear.cr"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "u" lock_msr { msr: 0x176 } guests { uuids: "nope" } })"),
+              HasSubstr("guests.uuids[0]"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "a" lock_msr { msr: 0x176 } }
+                             policies { name: "a" lock_msr { msr: 0x175 } })"),
               HasSubstr("used twice"));
 }
 
 TEST(ConfigTest, FallbacksMayOnlyContinueOrCrash) {
-  LoadedConfig c;
-  EXPECT_THAT(ParseConfig("verdicts { default_fallback: ACTION_RETRY }", "k.conf", &c),
+  EXPECT_THAT(ErrorOf("verdicts { default_fallback: ACTION_RETRY }"),
               HasSubstr("ACTION_CONTINUE or ACTION_CRASH"));
+}
+
+TEST(ConfigTest, LimitsComeFromTheirConstants) {
+  EXPECT_THAT(ErrorOf("io_threads: 65"), HasSubstr("at most " + std::to_string(kMaxIoThreads)));
+  EXPECT_EQ(ErrorOf("io_threads: 64"), "ok");
+  EXPECT_THAT(ErrorOf("listen { socket_mode: 01777 }"), HasSubstr("at most 0777"));
+  EXPECT_THAT(
+      ErrorOf(
+          R"(policies { name: "big" protect_pages { gpa_first: 0 gpa_last: 0x100000000 allowed: "r" } })"),
+      HasSubstr("more than 4 GiB"));
+}
+
+TEST(ConfigTest, AnUnreadableFileNamesItsPath) {
+  absl::StatusOr<LoadedConfig> loaded = LoadConfigFile("/nonexistent/kvmid.textproto");
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(loaded.status().message()), HasSubstr("/nonexistent/kvmid.textproto"));
 }
 
 TEST(PolicyConvertTest, EventTypesAreKvmiIdsPlusOne) {

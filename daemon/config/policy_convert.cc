@@ -43,25 +43,25 @@ std::string AccessLetters(uint8_t access) {
 
 namespace {
 
-std::string ConvertAction(kvmi::v1::Action action, RuleAction fallback, RuleAction* out) {
+absl::Status ConvertAction(kvmi::v1::Action action, RuleAction fallback, RuleAction* out) {
   switch (action) {
     case kvmi::v1::ACTION_UNSPECIFIED:
       *out = fallback;
-      return "";
+      return absl::OkStatus();
     case kvmi::v1::ACTION_CONTINUE:
       *out = RuleAction::kContinue;
-      return "";
+      return absl::OkStatus();
     case kvmi::v1::ACTION_RETRY:
       *out = RuleAction::kRetry;
-      return "";
+      return absl::OkStatus();
     case kvmi::v1::ACTION_CRASH:
       *out = RuleAction::kCrash;
-      return "";
+      return absl::OkStatus();
     case kvmi::v1::ACTION_KEEP_OLD:
       *out = RuleAction::kKeepOld;
-      return "";
+      return absl::OkStatus();
     default:
-      return "action: unknown value " + std::to_string(action);
+      return absl::InvalidArgumentError("action: unknown value " + std::to_string(action));
   }
 }
 
@@ -81,7 +81,7 @@ kvmi::v1::Action ToProtoAction(RuleAction action) {
 
 }  // namespace
 
-std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* out) {
+absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& policy) {
   RuleMode mode;
   switch (policy.mode()) {
     case kvmi::v1::MODE_UNSPECIFIED:
@@ -92,24 +92,29 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
       mode = RuleMode::kMonitor;
       break;
     default:
-      return "mode: unknown value " + std::to_string(policy.mode());
+      return absl::InvalidArgumentError("mode: unknown value " + std::to_string(policy.mode()));
   }
-  if (policy.name().empty()) return "name: must not be empty";
+  if (policy.name().empty()) return absl::InvalidArgumentError("name: must not be empty");
   std::shared_ptr<Rule> rule;
   RuleAction action;
-  std::string error;
+  absl::Status error;
   switch (policy.rule_case()) {
     case kvmi::v1::Policy::kProtectPages: {
       const auto& p = policy.protect_pages();
       uint8_t allowed;
       if (!ParseAccess(p.allowed(), &allowed)) {
-        return "protect_pages.allowed: '" + p.allowed() + "' is not made of r, w, x";
+        return absl::InvalidArgumentError("protect_pages.allowed: '" + p.allowed() +
+                                          "' is not made of r, w, x");
       }
-      if (p.gpa_first() > p.gpa_last()) return "protect_pages: gpa_first is above gpa_last";
-      if (allowed == KVMI_PAGE_ACCESS_RWX) return "protect_pages.allowed: rwx protects nothing";
-      if ((error = ConvertAction(policy.action(), RuleAction::kRetry, &action)) != "") return error;
-      if ((p.gpa_last() - p.gpa_first()) / KVMI_PAGE_SIZE >= (1u << 20)) {
-        return "protect_pages: the range covers more than 4 GiB";
+      if (p.gpa_first() > p.gpa_last())
+        return absl::InvalidArgumentError("protect_pages: gpa_first is above gpa_last");
+      if (allowed == KVMI_PAGE_ACCESS_RWX)
+        return absl::InvalidArgumentError("protect_pages.allowed: rwx protects nothing");
+      if (!(error = ConvertAction(policy.action(), RuleAction::kRetry, &action)).ok()) return error;
+      if ((p.gpa_last() - p.gpa_first()) / KVMI_PAGE_SIZE >= kMaxProtectedPages) {
+        return absl::InvalidArgumentError(
+            "protect_pages: the range covers more than " +
+            std::to_string(kMaxProtectedPages * KVMI_PAGE_SIZE >> 30) + " GiB");
       }
       rule = ProtectPagesRule(policy.name(), p.gpa_first(), p.gpa_last(), allowed, action, mode);
       break;
@@ -117,9 +122,10 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
     case kvmi::v1::Policy::kForbidCrBitsClear: {
       const auto& p = policy.forbid_cr_bits_clear();
       if (p.cr() != 0 && p.cr() != 3 && p.cr() != 4)
-        return "forbid_cr_bits_clear.cr: must be 0, 3 or 4";
-      if (p.bits() == 0) return "forbid_cr_bits_clear.bits: must not be 0";
-      if ((error = ConvertAction(policy.action(), RuleAction::kKeepOld, &action)) != "")
+        return absl::InvalidArgumentError("forbid_cr_bits_clear.cr: must be 0, 3 or 4");
+      if (p.bits() == 0)
+        return absl::InvalidArgumentError("forbid_cr_bits_clear.bits: must not be 0");
+      if (!(error = ConvertAction(policy.action(), RuleAction::kKeepOld, &action)).ok())
         return error;
       rule = std::make_shared<Rule>();
       rule->name = policy.name();
@@ -136,8 +142,10 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
       uint32_t msr = policy.lock_msr().msr();
       bool low = msr <= KVMI_MSR_LOW_LAST;
       bool high = msr >= KVMI_MSR_HIGH_FIRST && msr <= KVMI_MSR_HIGH_LAST;
-      if (!low && !high) return "lock_msr.msr: KVMI tracks 0-0x1fff and 0xc0000000-0xc0001fff";
-      if ((error = ConvertAction(policy.action(), RuleAction::kKeepOld, &action)) != "")
+      if (!low && !high)
+        return absl::InvalidArgumentError(
+            "lock_msr.msr: KVMI tracks 0-0x1fff and 0xc0000000-0xc0001fff");
+      if (!(error = ConvertAction(policy.action(), RuleAction::kKeepOld, &action)).ok())
         return error;
       rule = LockMsrAfterBootRule(policy.name(), msr, mode);
       rule->action = action;
@@ -150,7 +158,8 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
       for (int i = 0; i < m.events_size(); ++i) {
         uint8_t id;
         if (!FromEventType(m.events(i), &id)) {
-          return "match.events[" + std::to_string(i) + "]: unknown event type";
+          return absl::InvalidArgumentError("match.events[" + std::to_string(i) +
+                                            "]: unknown event type");
         }
         rule->match.events.insert(id);
         if (id != KVMI_EVENT_CREATE_VCPU && id != KVMI_EVENT_UNHOOK &&
@@ -159,11 +168,14 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
         }
       }
       for (uint32_t vcpu : m.vcpus()) {
-        if (vcpu > 0xffff) return "match.vcpus: " + std::to_string(vcpu) + " is not a vCPU index";
+        if (vcpu > 0xffff)
+          return absl::InvalidArgumentError("match.vcpus: " + std::to_string(vcpu) +
+                                            " is not a vCPU index");
         rule->match.vcpus.insert(static_cast<uint16_t>(vcpu));
       }
       if (m.has_cr()) {
-        if (m.cr() != 0 && m.cr() != 3 && m.cr() != 4) return "match.cr: must be 0, 3 or 4";
+        if (m.cr() != 0 && m.cr() != 3 && m.cr() != 4)
+          return absl::InvalidArgumentError("match.cr: must be 0, 3 or 4");
         rule->match.cr = m.cr();
         rule->arms.crs.insert(m.cr());
         rule->arms.vcpu_events.insert(KVMI_EVENT_CR);
@@ -179,16 +191,18 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
       if (m.has_gpa_first()) rule->match.gpa_first = m.gpa_first();
       if (m.has_gpa_last()) rule->match.gpa_last = m.gpa_last();
       if (!ParseAccess(m.access(), &rule->match.access)) {
-        return "match.access: '" + m.access() + "' is not made of r, w, x";
+        return absl::InvalidArgumentError("match.access: '" + m.access() +
+                                          "' is not made of r, w, x");
       }
-      if ((error = ConvertAction(policy.action(), RuleAction::kContinue, &action)) != "")
+      if (!(error = ConvertAction(policy.action(), RuleAction::kContinue, &action)).ok())
         return error;
       rule->action = action;
       rule->mode = mode;
       break;
     }
     case kvmi::v1::Policy::RULE_NOT_SET:
-      return "rule: one of protect_pages, forbid_cr_bits_clear, lock_msr, match is required";
+      return absl::InvalidArgumentError(
+          "rule: one of protect_pages, forbid_cr_bits_clear, lock_msr, match is required");
   }
   rule->description = policy.description();
   rule->origin = policy.SerializeAsString();
@@ -196,14 +210,14 @@ std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* 
   for (int i = 0; i < guests.uuids_size(); ++i) {
     kvmi::Uuid uuid;
     if (!kvmi::ParseUuid(guests.uuids(i), &uuid)) {
-      return "guests.uuids[" + std::to_string(i) + "]: '" + guests.uuids(i) + "' is not a UUID";
+      return absl::InvalidArgumentError("guests.uuids[" + std::to_string(i) + "]: '" +
+                                        guests.uuids(i) + "' is not a UUID");
     }
     rule->match.uuids.push_back(uuid);
   }
   rule->match.names.assign(guests.names().begin(), guests.names().end());
   for (const auto& [key, value] : guests.labels()) rule->match.labels[key] = value;
-  *out = std::move(rule);
-  return "";
+  return rule;
 }
 
 kvmi::v1::Policy RuleToPolicy(const Rule& rule) {

@@ -3,6 +3,8 @@
 #ifndef KVMID_DAEMON_CONFIG_POLICY_CONVERT_H_
 #define KVMID_DAEMON_CONFIG_POLICY_CONVERT_H_
 
+#include <absl/status/statusor.h>
+
 #include <memory>
 #include <string>
 
@@ -11,8 +13,8 @@
 
 namespace kvmid {
 
-// Returns "" and sets *rule, or an error naming the field ("protect_pages.allowed: ...").
-std::string PolicyToRule(const kvmi::v1::Policy& policy, std::shared_ptr<Rule>* rule);
+// The rule, or InvalidArgument naming the field ("protect_pages.allowed: ...").
+absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& policy);
 // For listing: the rule as a policy message (templates come back as `match` rules).
 kvmi::v1::Policy RuleToPolicy(const Rule& rule);
 

@@ -81,14 +81,14 @@ void EventLoop::Cancel(TimerId id) {
 
 void EventLoop::Post(Task task) {
   {
-    std::lock_guard<std::mutex> lock(posted_mutex_);
+    MutexLock lock(&posted_mutex_);
     posted_.push_back(std::move(task));
   }
   Wake();
 }
 
 void EventLoop::PostQuietly(Task task) {
-  std::lock_guard<std::mutex> lock(posted_mutex_);
+  MutexLock lock(&posted_mutex_);
   posted_.push_back(std::move(task));
 }
 
@@ -109,7 +109,7 @@ void EventLoop::Wake() {
 void EventLoop::RunPosted() {
   std::vector<Task> tasks;
   {
-    std::lock_guard<std::mutex> lock(posted_mutex_);
+    MutexLock lock(&posted_mutex_);
     tasks.swap(posted_);
   }
   for (Task& task : tasks) task();

@@ -12,12 +12,12 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "kernel/transport/unique_fd.h"
 
 namespace kvmid {
@@ -78,8 +78,8 @@ class EventLoop {
   std::unordered_map<TimerId, Clock::time_point> timer_index_;
   TimerId next_timer_id_ = 1;
 
-  std::mutex posted_mutex_;
-  std::vector<Task> posted_;
+  Mutex posted_mutex_;
+  std::vector<Task> posted_ ABSL_GUARDED_BY(posted_mutex_);
 };
 
 }  // namespace kvmid

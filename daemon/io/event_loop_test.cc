@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <future>
-#include <mutex>
 #include <vector>
 
 namespace kvmid {
@@ -13,17 +12,17 @@ namespace {
 TEST(EventLoopTest, AQuietTaskRunsAtTheNextWakeUpInPostingOrder) {
   EventLoop loop;
   loop.Start("test-loop");
-  std::mutex mutex;
+  Mutex mutex;
   std::vector<int> order;
   auto record = [&](int n) {
-    std::lock_guard<std::mutex> lock(mutex);
+    MutexLock lock(&mutex);
     order.push_back(n);
   };
   loop.PostQuietly([&] { record(1); });
   // An idle loop with no timers sleeps in epoll_wait: nothing runs the quiet task yet.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   {
-    std::lock_guard<std::mutex> lock(mutex);
+    MutexLock lock(&mutex);
     EXPECT_TRUE(order.empty());
   }
   std::promise<void> done;

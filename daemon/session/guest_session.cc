@@ -9,18 +9,12 @@
 #include <cstring>
 
 #include "kernel/abi/protocol.h"
+#include "kernel/transport/socket.h"
 
 namespace kvmid {
 namespace {
 
 constexpr auto kSweepPeriod = std::chrono::milliseconds(100);
-
-CommandResult Failed(CommandResult::Status status, std::string message) {
-  CommandResult r;
-  r.status = status;
-  r.message = std::move(message);
-  return r;
-}
 
 // Patches the seq of the message that starts at `offset` in `buffer`.
 void PatchSeq(std::vector<uint8_t>* buffer, size_t offset, uint32_t seq) {
@@ -87,9 +81,10 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
   if (message.size() < kvmi::kHdrSize ||
       message.size() - kvmi::kHdrSize > kvmi::kMaxCommandPayload) {
     // Never put on the wire what the v6 kernel would CLOSE the session for.
-    CommandResult r = Failed(CommandResult::Status::kInvalid,
-                             "message payload " + std::to_string(message.size()) +
-                                 " bytes exceeds KVMI_MSG_SIZE (4088)");
+    CommandResult r = CommandResult::Invalid(
+        "message payload " +
+        std::to_string(message.size() - std::min(message.size(), kvmi::kHdrSize)) +
+        " bytes exceeds KVMI_MSG_SIZE (" + std::to_string(kvmi::kMaxCommandPayload) + ")");
     loop_->RunInLoop([done = std::move(done), r = std::move(r)]() mutable { done(std::move(r)); });
     return;
   }
@@ -97,7 +92,7 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
   loop_->RunInLoop([self, message = std::move(message), done = std::move(done),
                     only_while_waiting]() mutable {
     if (self->closed_) {
-      done(Failed(CommandResult::Status::kClosed, ""));
+      done(CommandResult::Closed());
       return;
     }
     bool waiting = true;
@@ -105,7 +100,7 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
     {
       // Checked and written under one lock: a reply written meanwhile from another thread
       // cannot slip in between (the vCPU would have left the event).
-      std::lock_guard<std::mutex> lock(self->write_mu_);
+      MutexLock lock(&self->write_mu_);
       if (only_while_waiting) {
         uint16_t vcpu = *only_while_waiting;
         waiting = vcpu < self->pending_events_.size() && self->pending_events_[vcpu].waiting;
@@ -123,8 +118,8 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
       }
     }
     if (!waiting) {
-      done(Failed(CommandResult::Status::kNotWaiting,
-                  "vCPU " + std::to_string(*only_while_waiting) + " has no event pending"));
+      done(CommandResult::NotWaiting("vCPU " + std::to_string(*only_while_waiting) +
+                                     " has no event pending"));
       return;
     }
     if (!failure.empty()) self->CloseInLoop(failure);
@@ -148,7 +143,7 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
   // this one.
   std::string failure;
   {
-    std::lock_guard<std::mutex> lock(write_mu_);
+    MutexLock lock(&write_mu_);
     bool sent = TakePendingEventLocked(reply);
     if (sent) {
       kvmi::EncodeEventReply(reply, &out_);  // straight into the outgoing buffer
@@ -166,7 +161,7 @@ void GuestSession::ReplyWithBatchInLoop(const kvmi::EventReply& reply,
   bool sent;
   std::string failure;
   {
-    std::lock_guard<std::mutex> lock(write_mu_);
+    MutexLock lock(&write_mu_);
     sent = TakePendingEventLocked(reply);
     if (sent) {
       // One write: CMD_RESPONSE(off, now) + commands + event reply + CMD_RESPONSE(on, now).
@@ -220,7 +215,7 @@ void GuestSession::CloseInLoop(const std::string& reason) {
   if (started_) loop_->Unwatch(fd_.get());
   loop_->Cancel(sweep_timer_);
   {
-    std::lock_guard<std::mutex> lock(write_mu_);  // no writer holds the descriptor now
+    MutexLock lock(&write_mu_);  // no writer holds the descriptor now
     ::shutdown(fd_.get(), SHUT_RDWR);
     fd_.Reset();
     pending_events_.clear();
@@ -228,7 +223,7 @@ void GuestSession::CloseInLoop(const std::string& reason) {
   auto pending = std::move(pending_);
   pending_.clear();
   for (auto& [seq, command] : pending) {
-    command.done(Failed(CommandResult::Status::kClosed, reason));
+    command.done(CommandResult::Closed(reason));
   }
   listener_->OnClosed(shared_from_this(), reason);
 }
@@ -236,7 +231,7 @@ void GuestSession::CloseInLoop(const std::string& reason) {
 void GuestSession::FlushWrites() {
   std::string failure;
   {
-    std::lock_guard<std::mutex> lock(write_mu_);
+    MutexLock lock(&write_mu_);
     flush_posted_ = false;
     if (closed_) return;
     failure = FlushWritesLocked();
@@ -246,14 +241,12 @@ void GuestSession::FlushWrites() {
 
 std::string GuestSession::FlushWritesLocked() {
   while (out_sent_ < out_.size()) {
-    ssize_t n = ::send(fd_.get(), out_.data() + out_sent_, out_.size() - out_sent_,
-                       MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n > 0) {
-      out_sent_ += static_cast<size_t>(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    size_t sent = 0;
+    kvmi::IoResult result =
+        kvmi::TryWrite(fd_.get(), out_.data() + out_sent_, out_.size() - out_sent_, &sent);
+    out_sent_ += sent;
+    if (!result.ok()) return "write failed: " + result.ToString();
+    if (out_sent_ < out_.size()) {
       // The socket is full: the loop finishes the write when it drains (EPOLLOUT).
       if (loop_->InLoopThread()) {
         if (!want_write_) {
@@ -267,7 +260,6 @@ std::string GuestSession::FlushWritesLocked() {
       }
       return "";
     }
-    return std::string("write failed: ") + std::strerror(errno);
   }
   out_.clear();
   out_sent_ = 0;
@@ -283,22 +275,21 @@ void GuestSession::OnReadable(uint32_t epoll_events) {
   if ((epoll_events & EPOLLOUT) != 0) FlushWrites();
   // Drain the socket (level-triggered epoll, but fewer wake-ups this way), then frame.
   while (!closed_) {
-    uint8_t* tail = framer_.WritableTail(16 * 1024);
-    ssize_t n = ::recv(fd_.get(), tail, framer_.writable_size(), MSG_DONTWAIT);
-    if (n > 0) {
-      framer_.Commit(static_cast<size_t>(n));
-      if (static_cast<size_t>(n) < 16 * 1024) break;
-      continue;
-    }
-    if (n == 0) {
+    uint8_t* tail = framer_.WritableTail(kSessionReadChunk);
+    size_t got = 0;
+    kvmi::IoResult result = kvmi::TryRead(fd_.get(), tail, framer_.writable_size(), &got);
+    if (result.kind == kvmi::IoResult::kClosed) {
       ProcessFrames();  // what arrived before the close still counts
       CloseInLoop("peer closed the connection");
       return;
     }
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-    CloseInLoop(std::string("read failed: ") + std::strerror(errno));
-    return;
+    if (!result.ok()) {
+      CloseInLoop("read failed: " + result.ToString());
+      return;
+    }
+    if (got == 0) break;  // drained
+    framer_.Commit(got);
+    if (got < kSessionReadChunk) break;
   }
   ProcessFrames();
 }
@@ -341,7 +332,7 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
     // kernel we understand; answering either would be guesswork.
     PendingEvent unanswered;
     {
-      std::lock_guard<std::mutex> lock(write_mu_);
+      MutexLock lock(&write_mu_);
       if (event.vcpu() >= pending_events_.size()) pending_events_.resize(event.vcpu() + 1u);
       PendingEvent& pending = pending_events_[event.vcpu()];
       if (pending.waiting) {
@@ -394,20 +385,16 @@ void GuestSession::OnReply(const kvmi::Frame& frame) {
   kvmi::Reply reply;
   kvmi::DecodeStatus status = kvmi::DecodeReply(frame.hdr, frame.payload, &reply);
   if (!status.ok()) {
-    CommandResult r = Failed(CommandResult::Status::kProtocolError, status.ToString());
-    command.done(std::move(r));
+    command.done(CommandResult::ProtocolError(status.ToString()));
     CloseInLoop("protocol error: reply: " + status.ToString());
     return;
   }
-  CommandResult result;
   if (reply.err != 0) {
-    result.status = CommandResult::Status::kKvmiError;
-    result.err = reply.err;
     counters_.command_errors++;
-  } else {
-    result.data = reply.data.ToVector();
+    command.done(CommandResult::KvmiError(reply.err));
+    return;
   }
-  command.done(std::move(result));
+  command.done(CommandResult::Ok(reply.data.ToVector()));
 }
 
 void GuestSession::SweepTimeouts() {
@@ -424,7 +411,7 @@ void GuestSession::SweepTimeouts() {
       ++it;
     }
   }
-  for (CommandCallback& done : expired) done(Failed(CommandResult::Status::kTimeout, ""));
+  for (CommandCallback& done : expired) done(CommandResult::Timeout());
   auto self = shared_from_this();
   sweep_timer_ = loop_->RunAt(now + kSweepPeriod, [self] { self->SweepTimeouts(); });
 }
@@ -432,6 +419,10 @@ void GuestSession::SweepTimeouts() {
 // ---- splitting helpers ------------------------------------------------------------------------
 
 namespace {
+
+std::string TransferSizeError() {
+  return "size must be 1.." + std::to_string(kMaxPhysicalTransfer >> 20) + " MiB without wrapping";
+}
 
 // Joins the results of N pipelined pieces; the first failure wins.
 struct Gather {
@@ -444,10 +435,9 @@ struct Gather {
 }  // namespace
 
 void GuestSession::ReadPhysical(uint64_t gpa, uint64_t size, ReadCallback done) {
-  if (size == 0 || size > (64ull << 20) || gpa + size < gpa) {
-    loop_->RunInLoop([done = std::move(done)] {
-      done(Failed(CommandResult::Status::kInvalid, "size must be 1..64 MiB without wrapping"));
-    });
+  if (size == 0 || size > kMaxPhysicalTransfer || gpa + size < gpa) {
+    loop_->RunInLoop(
+        [done = std::move(done)] { done(CommandResult::Invalid(TransferSizeError())); });
     return;
   }
   // READ_PHYSICAL may not cross a 4 KiB page (the kernel CLOSEs): one message per page piece.
@@ -470,7 +460,7 @@ void GuestSession::ReadPhysical(uint64_t gpa, uint64_t size, ReadCallback done) 
     uint64_t expected = request.size;
     Send(request, [gather, shared_done, i, expected](CommandResult r) {
       if (r.ok() && r.data.size() != expected) {
-        r = Failed(CommandResult::Status::kProtocolError, "short READ_PHYSICAL reply");
+        r = CommandResult::ProtocolError("short READ_PHYSICAL reply");
       }
       if (!r.ok() && !gather->failed) {
         gather->failed = true;
@@ -483,19 +473,17 @@ void GuestSession::ReadPhysical(uint64_t gpa, uint64_t size, ReadCallback done) 
         (*shared_done)(std::move(gather->first_failure));
         return;
       }
-      CommandResult all;
-      for (auto& piece : gather->pieces)
-        all.data.insert(all.data.end(), piece.begin(), piece.end());
-      (*shared_done)(std::move(all));
+      std::vector<uint8_t> all;
+      for (auto& piece : gather->pieces) all.insert(all.end(), piece.begin(), piece.end());
+      (*shared_done)(CommandResult::Ok(std::move(all)));
     });
   }
 }
 
 void GuestSession::WritePhysical(uint64_t gpa, std::vector<uint8_t> data, CommandCallback done) {
-  if (data.empty() || data.size() > (64ull << 20) || gpa + data.size() < gpa) {
-    loop_->RunInLoop([done = std::move(done)] {
-      done(Failed(CommandResult::Status::kInvalid, "size must be 1..64 MiB without wrapping"));
-    });
+  if (data.empty() || data.size() > kMaxPhysicalTransfer || gpa + data.size() < gpa) {
+    loop_->RunInLoop(
+        [done = std::move(done)] { done(CommandResult::Invalid(TransferSizeError())); });
     return;
   }
   // Per message: within one page and at most 4072 data bytes (4088 - 16).
@@ -524,7 +512,7 @@ void GuestSession::WritePhysical(uint64_t gpa, std::vector<uint8_t> data, Comman
         gather->first_failure = std::move(r);
       }
       if (--gather->remaining > 0) return;
-      (*shared_done)(gather->failed ? std::move(gather->first_failure) : CommandResult{});
+      (*shared_done)(gather->failed ? std::move(gather->first_failure) : CommandResult::Ok());
     });
   }
 }

@@ -10,17 +10,19 @@
 #ifndef KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 #define KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 
+#include <absl/base/thread_annotations.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "daemon/io/event_loop.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
@@ -29,6 +31,12 @@
 #include "kernel/transport/unique_fd.h"
 
 namespace kvmid {
+
+// The session's limits (error messages are built from them).
+// Bytes taken off the socket per read; a full read means more may be waiting.
+inline constexpr size_t kSessionReadChunk = 16 * 1024;
+// The most READ_PHYSICAL / WRITE_PHYSICAL moves in one call (split into page-sized messages).
+inline constexpr uint64_t kMaxPhysicalTransfer = uint64_t{64} << 20;
 
 // Who the guest is, from the handshake.
 struct GuestIdentity {
@@ -181,12 +189,13 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   void ReplyWithBatchInLoop(const kvmi::EventReply& reply,
                             std::vector<std::vector<uint8_t>> batched,
                             const std::function<void(bool)>& done);
-  // Any thread, write_mu_ held: true (and the vCPU no longer waits) if `reply` answers the event
-  // its vCPU waits for.
-  bool TakePendingEventLocked(const kvmi::EventReply& reply);
-  // write_mu_ held: writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a
-  // failed write returns its reason (the caller closes the session, outside the lock).
-  std::string FlushWritesLocked();
+  // Any thread: true (and the vCPU no longer waits) if `reply` answers the event its vCPU waits
+  // for.
+  bool TakePendingEventLocked(const kvmi::EventReply& reply)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // Writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a failed write returns
+  // its reason (the caller closes the session, outside the lock).
+  std::string FlushWritesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   void OnMessage(const kvmi::Frame& frame);
   void OnReply(const kvmi::Frame& frame);
   void OnEventMessage(const kvmi::Frame& frame);
@@ -196,13 +205,16 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   uint32_t NextSeq() { return next_seq_++; }
 
   EventLoop* loop_;
+  // Written (closed) only on the loop thread under write_mu_; so the loop reads it without the
+  // lock and other threads read it with the lock (clang cannot express "either").
   kvmi::UniqueFd fd_;
   GuestIdentity identity_;
   std::string log_name_;
   Listener* listener_;
   Options options_;
 
-  // Loop-thread state.
+  // Loop-thread state (thread confinement: the analysis cannot check it; NextSeq also runs under
+  // write_mu_ from the loop).
   kvmi::MessageFramer framer_;
   uint32_t next_seq_ = 1;
   std::unordered_map<uint32_t, PendingCommand> pending_;
@@ -211,13 +223,13 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   // The write side: any thread (see the threading note above). The socket itself is closed
   // under this lock too, so a writer never sees a recycled descriptor.
-  std::mutex write_mu_;
-  std::vector<uint8_t> out_;
-  size_t out_sent_ = 0;
-  bool want_write_ = false;    // EPOLLOUT requested (the loop changes it)
-  bool flush_posted_ = false;  // a writer off the loop asked the loop to finish a write
+  Mutex write_mu_;
+  std::vector<uint8_t> out_ ABSL_GUARDED_BY(write_mu_);
+  size_t out_sent_ ABSL_GUARDED_BY(write_mu_) = 0;
+  bool want_write_ ABSL_GUARDED_BY(write_mu_) = false;    // EPOLLOUT requested (the loop sets it)
+  bool flush_posted_ ABSL_GUARDED_BY(write_mu_) = false;  // an off-loop writer asked the loop
   // Indexed by vCPU (grown on demand): the event path allocates nothing to track it.
-  std::vector<PendingEvent> pending_events_;
+  std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(write_mu_);
   std::atomic<bool> closed_{false};
   Counters counters_;
 };

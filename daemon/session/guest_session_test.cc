@@ -3,9 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <condition_variable>
 #include <future>
-#include <mutex>
 #include <set>
 #include <thread>
 
@@ -21,37 +19,41 @@ using testing::ScriptedHost;
 class RecordingListener : public GuestSession::Listener {
  public:
   void OnEvent(const std::shared_ptr<GuestSession>&, const kvmi::Event& event) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mutex_);
     events_.push_back(event);
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   void OnClosed(const std::shared_ptr<GuestSession>&, const std::string& reason) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+    MutexLock lock(&mutex_);
     closed_reason_ = reason;
     closed_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   std::optional<kvmi::Event> WaitEvent() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (!cv_.wait_for(lock, std::chrono::seconds(5), [&] { return !events_.empty(); })) {
-      return std::nullopt;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    MutexLock lock(&mutex_);
+    while (events_.empty()) {
+      if (!cv_.WaitUntil(&mutex_, deadline) && events_.empty()) return std::nullopt;
     }
     kvmi::Event e = events_.front();
     events_.erase(events_.begin());
     return e;
   }
   std::string WaitClosed() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait_for(lock, std::chrono::seconds(5), [&] { return closed_; });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    MutexLock lock(&mutex_);
+    while (!closed_) {
+      if (!cv_.WaitUntil(&mutex_, deadline)) break;
+    }
     return closed_ ? closed_reason_ : "<not closed>";
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::vector<kvmi::Event> events_;
-  bool closed_ = false;
-  std::string closed_reason_;
+  Mutex mutex_;
+  CondVar cv_;
+  std::vector<kvmi::Event> events_ ABSL_GUARDED_BY(mutex_);
+  bool closed_ ABSL_GUARDED_BY(mutex_) = false;
+  std::string closed_reason_ ABSL_GUARDED_BY(mutex_);
 };
 
 class GuestSessionTest : public ::testing::Test {

@@ -190,10 +190,9 @@ absl::StatusOr<std::vector<kvmi::v1::Policy>> PolicyStore::Load() const {
   std::set<std::string> names;
   for (int i = 0; i < message.policies_size(); ++i) {
     const kvmi::v1::Policy& p = message.policies(i);
-    std::shared_ptr<Rule> rule;
-    std::string error = PolicyToRule(p, &rule);
-    if (!error.empty()) {
-      return bad(absl::StrCat("policies[", i, "] (", p.name(), "): ", error));
+    absl::StatusOr<std::shared_ptr<Rule>> rule = PolicyToRule(p);
+    if (!rule.ok()) {
+      return bad(absl::StrCat("policies[", i, "] (", p.name(), "): ", rule.status().message()));
     }
     if (!names.insert(p.name()).second) {
       return bad(absl::StrCat("policies[", i, "]: the name '", p.name(), "' appears twice"));
@@ -277,13 +276,13 @@ absl::Status RestorePolicies(Daemon* daemon, PolicyStore* store, StateRecovery r
     loaded = std::vector<kvmi::v1::Policy>{};
   }
   for (const kvmi::v1::Policy& policy : *loaded) {
-    std::shared_ptr<Rule> rule;
-    std::string error = PolicyToRule(policy, &rule);  // validated by Load: not expected
-    if (!error.empty()) {
-      return absl::DataLossError(absl::StrCat("state file ", store->path(), ": ", error));
+    absl::StatusOr<std::shared_ptr<Rule>> rule = PolicyToRule(policy);  // validated by Load
+    if (!rule.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("state file ", store->path(), ": ", rule.status().message()));
     }
-    rule->origin = policy.SerializeAsString();
-    absl::Status applied = daemon->ApplyApiPolicy(std::move(rule));
+    (*rule)->origin = policy.SerializeAsString();
+    absl::Status applied = daemon->ApplyApiPolicy(*std::move(rule));
     if (!applied.ok()) {
       return absl::Status(applied.code(), absl::StrCat("state file ", store->path(), ": policy ",
                                                        policy.name(), ": ", applied.message()));

@@ -220,8 +220,9 @@ TEST(StateRecoveryTest, Parses) {
 // ---- RestorePolicies with a Daemon (no listeners: policies only) ------------------------------
 
 std::shared_ptr<Rule> RuleOf(const kvmi::v1::Policy& policy) {
-  std::shared_ptr<Rule> rule;
-  EXPECT_EQ(PolicyToRule(policy, &rule), "");
+  absl::StatusOr<std::shared_ptr<Rule>> converted = PolicyToRule(policy);
+  EXPECT_TRUE(converted.ok()) << converted.status();
+  std::shared_ptr<Rule> rule = *converted;
   rule->origin = policy.SerializeAsString();
   return rule;
 }
@@ -235,7 +236,7 @@ std::vector<std::string> Names(Daemon* daemon) {
 TEST_F(PolicyStoreTest, ApiPoliciesArePersistedAndRestored) {
   {
     Daemon daemon(DaemonConfig{});
-    ASSERT_EQ(daemon.ApplyPolicy(ForbidClearCr0WpRule("config-wp", RuleMode::kEnforce)), "");
+    ASSERT_TRUE(daemon.ApplyPolicy(ForbidClearCr0WpRule("config-wp", RuleMode::kEnforce)).ok());
     PolicyStore store(dir_);
     ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
     ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Ktext())).ok());
@@ -248,7 +249,7 @@ TEST_F(PolicyStoreTest, ApiPoliciesArePersistedAndRestored) {
   }
   // "Restart": a new daemon with the configured policy, then the saved ones.
   Daemon daemon(DaemonConfig{});
-  ASSERT_EQ(daemon.ApplyPolicy(ForbidClearCr0WpRule("config-wp", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(daemon.ApplyPolicy(ForbidClearCr0WpRule("config-wp", RuleMode::kEnforce)).ok());
   PolicyStore store(dir_);
   ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
   EXPECT_THAT(Names(&daemon), ::testing::ElementsAre("config-wp", "lstar"));

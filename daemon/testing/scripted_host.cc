@@ -29,18 +29,14 @@ ScriptedHost::~ScriptedHost() {
 }
 
 void ScriptedHost::set_responder(Responder responder) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   responder_ = std::move(responder);
 }
 
 void ScriptedHost::SendRaw(const std::vector<uint8_t>& bytes) {
-  std::lock_guard<std::mutex> lock(write_mutex_);
-  size_t sent = 0;
-  while (sent < bytes.size()) {
-    ssize_t n = ::send(fd_.get(), bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) return;
-    sent += static_cast<size_t>(n);
-  }
+  MutexLock lock(&write_mutex_);
+  // A daemon that went away is a test's own finding (it sees the close); nothing to report here.
+  (void)kvmi::WriteAll(fd_.get(), bytes.data(), bytes.size());
 }
 
 void ScriptedHost::SendEvent(const kvmi::Event& event) {
@@ -91,9 +87,9 @@ void ScriptedHost::ReadLoop() {
   kvmi::MessageFramer framer(kvmi::kMaxCommandPayload);
   while (true) {
     uint8_t* tail = framer.WritableTail(8192);
-    ssize_t n = ::recv(fd_.get(), tail, framer.writable_size(), 0);
-    if (n <= 0) break;
-    framer.Commit(static_cast<size_t>(n));
+    size_t got = 0;
+    if (!kvmi::ReadSome(fd_.get(), tail, framer.writable_size(), &got).ok()) break;
+    framer.Commit(got);
     kvmi::Frame frame;
     kvmi::DecodeStatus status;
     while (framer.Next(&frame, &status) == kvmi::MessageFramer::Result::kMessage) {
@@ -102,40 +98,39 @@ void ScriptedHost::ReadLoop() {
       if (m.hdr.id != KVMI_EVENT_REPLY) {
         Responder responder;
         {
-          std::lock_guard<std::mutex> lock(mutex_);
+          MutexLock lock(&mutex_);
           responder = responder_;
         }
         reply = responder ? responder(m) : std::optional<std::vector<uint8_t>>(DefaultReply(m));
       }
       {
-        std::lock_guard<std::mutex> lock(mutex_);
+        MutexLock lock(&mutex_);
         received_.push_back(m);
         received_total_++;
       }
-      cv_.notify_all();
+      cv_.SignalAll();
       if (reply) SendRaw(*reply);
     }
   }
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   closed_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 std::optional<ReceivedMessage> ScriptedHost::WaitFor(
     std::function<bool(const ReceivedMessage&)> pred, std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  std::optional<ReceivedMessage> found;
-  cv_.wait_for(lock, timeout, [&] {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MutexLock lock(&mutex_);
+  while (true) {
     for (auto it = received_.begin(); it != received_.end(); ++it) {
       if (pred(*it)) {
-        found = std::move(*it);
+        ReceivedMessage found = std::move(*it);
         received_.erase(it);
-        return true;
+        return found;
       }
     }
-    return false;
-  });
-  return found;
+    if (!cv_.WaitUntil(&mutex_, deadline)) return std::nullopt;
+  }
 }
 
 std::optional<ReceivedMessage> ScriptedHost::WaitForId(uint16_t id,
@@ -144,12 +139,16 @@ std::optional<ReceivedMessage> ScriptedHost::WaitForId(uint16_t id,
 }
 
 bool ScriptedHost::WaitClosed(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  return cv_.wait_for(lock, timeout, [&] { return closed_; });
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MutexLock lock(&mutex_);
+  while (!closed_) {
+    if (!cv_.WaitUntil(&mutex_, deadline)) return closed_;
+  }
+  return true;
 }
 
 size_t ScriptedHost::received_count() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   return received_total_;
 }
 
@@ -169,9 +168,9 @@ namespace kvmid::testing {
 
 kvmi::UniqueFd ConnectAsQemu(const std::string& path, const kvmi::QemuHello& hello,
                              kvmi::IntrospectorHello* answer) {
-  std::string error;
-  kvmi::UniqueFd fd = kvmi::ConnectUnix(path, &error);
-  if (!fd) return fd;
+  absl::StatusOr<kvmi::UniqueFd> connected = kvmi::ConnectUnix(path);
+  if (!connected.ok()) return {};
+  kvmi::UniqueFd fd = std::move(*connected);
   std::vector<uint8_t> wire;
   kvmi::EncodeQemuHello(hello, &wire);
   auto deadline = kvmi::Clock::now() + std::chrono::seconds(5);

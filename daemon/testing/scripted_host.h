@@ -5,16 +5,15 @@
 #define KVMID_DAEMON_TESTING_SCRIPTED_HOST_H_
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "daemon/base/mutex.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
 #include "kernel/abi/handshake.h"
@@ -67,13 +66,13 @@ class ScriptedHost {
   kvmi::UniqueFd fd_;
   std::thread reader_;
   uint32_t vcpus_ = 2;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  Responder responder_;
-  std::deque<ReceivedMessage> received_;
-  size_t received_total_ = 0;
-  bool closed_ = false;
-  std::mutex write_mutex_;
+  Mutex mutex_;
+  CondVar cv_;
+  Responder responder_ ABSL_GUARDED_BY(mutex_);
+  std::deque<ReceivedMessage> received_ ABSL_GUARDED_BY(mutex_);
+  size_t received_total_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool closed_ ABSL_GUARDED_BY(mutex_) = false;
+  Mutex write_mutex_;  // one writer at a time on fd_
 };
 
 // Connects to the daemon's UNIX socket and runs QEMU's side of the §9 handshake. Returns the

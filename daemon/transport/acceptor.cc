@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "kernel/transport/socket.h"
+
 namespace kvmid {
 
 Acceptor::Acceptor(EventLoop* loop, kvmi::UniqueFd listen_fd, std::string transport,
@@ -39,7 +41,7 @@ void Acceptor::Stop() {
   pending_.clear();
 }
 
-bool Acceptor::Authenticate(int fd, std::string* peer, std::string* transport, std::string* why) {
+absl::Status Acceptor::Authenticate(int fd, Pending* pending) {
   sockaddr_storage addr{};
   socklen_t len = sizeof(addr);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
@@ -47,36 +49,35 @@ bool Acceptor::Authenticate(int fd, std::string* peer, std::string* transport, s
     ucred cred{};
     socklen_t cred_len = sizeof(cred);
     if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
-      *why = std::string("SO_PEERCRED: ") + std::strerror(errno);
-      return false;
+      return absl::ErrnoToStatus(errno, "SO_PEERCRED");
     }
-    *peer = "uid " + std::to_string(cred.uid) + " pid " + std::to_string(cred.pid);
-    *transport = "unix";
+    pending->peer = "uid " + std::to_string(cred.uid) + " pid " + std::to_string(cred.pid);
+    pending->transport = "unix";
     if (!options_.allowed_uids.empty() &&
         std::find(options_.allowed_uids.begin(), options_.allowed_uids.end(), cred.uid) ==
             options_.allowed_uids.end()) {
-      *why = "peer uid " + std::to_string(cred.uid) + " is not allowed";
-      return false;
+      return absl::PermissionDeniedError("peer uid " + std::to_string(cred.uid) +
+                                         " is not allowed");
     }
-    return true;
+    return absl::OkStatus();
   }
   if (addr.ss_family == AF_VSOCK) {
     sockaddr_vm remote{};
     socklen_t remote_len = sizeof(remote);
     ::getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &remote_len);
-    *peer = "cid " + std::to_string(remote.svm_cid);
-    *transport = "vsock:" + std::to_string(remote.svm_cid);
+    pending->peer = "cid " + std::to_string(remote.svm_cid);
+    pending->transport = "vsock:" + std::to_string(remote.svm_cid);
     if (!options_.allowed_cids.empty() &&
         std::find(options_.allowed_cids.begin(), options_.allowed_cids.end(), remote.svm_cid) ==
             options_.allowed_cids.end()) {
-      *why = "peer cid " + std::to_string(remote.svm_cid) + " is not allowed";
-      return false;
+      return absl::PermissionDeniedError("peer cid " + std::to_string(remote.svm_cid) +
+                                         " is not allowed");
     }
-    return true;
+    return absl::OkStatus();
   }
-  *peer = "unknown";
-  *transport = transport_;
-  return true;
+  pending->peer = "unknown";
+  pending->transport = transport_;
+  return absl::OkStatus();
 }
 
 void Acceptor::OnAcceptable() {
@@ -98,9 +99,9 @@ void Acceptor::OnAcceptable() {
       continue;
     }
     auto pending = std::make_unique<Pending>();
-    std::string why;
-    if (!Authenticate(fd.get(), &pending->peer, &pending->transport, &why)) {
-      spdlog::warn("{} listener: connection refused: {}", transport_, why);
+    absl::Status allowed = Authenticate(fd.get(), pending.get());
+    if (!allowed.ok()) {
+      spdlog::warn("{} listener: connection refused: {}", transport_, std::string(allowed.message()));
       stats_.rejected++;
       continue;
     }
@@ -134,15 +135,14 @@ void Acceptor::OnHandshakeReadable(int fd) {
     if (p.buffer.size() >= want && p.struct_size != 0) break;
     size_t old = p.buffer.size();
     p.buffer.resize(want);
-    ssize_t n = ::recv(fd, p.buffer.data() + old, want - old, MSG_DONTWAIT);
-    if (n <= 0) {
-      p.buffer.resize(old);
-      if (n == 0) return Reject(fd, "peer closed during the handshake");
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return;  // wait for more
-      return Reject(fd, std::string("read: ") + std::strerror(errno));
+    size_t got = 0;
+    kvmi::IoResult result = kvmi::TryRead(fd, p.buffer.data() + old, want - old, &got);
+    p.buffer.resize(old + got);
+    if (result.kind == kvmi::IoResult::kClosed) {
+      return Reject(fd, "peer closed during the handshake");
     }
-    p.buffer.resize(old + static_cast<size_t>(n));
+    if (!result.ok()) return Reject(fd, "read: " + result.ToString());
+    if (got == 0) return;  // wait for more
     if (p.struct_size == 0 && p.buffer.size() >= 4) {
       kvmi::DecodeStatus s = kvmi::PeekQemuHelloSize(kvmi::ByteView(p.buffer), &p.struct_size);
       if (!s.ok()) return Reject(fd, s.ToString());
@@ -158,8 +158,12 @@ void Acceptor::OnHandshakeReadable(int fd) {
   kvmi::EncodeIntrospectorHello(answer, &wire);
   // 24 bytes into a fresh socket's empty send buffer: a short write here means the peer is
   // broken, not slow.
-  ssize_t n = ::send(fd, wire.data(), wire.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-  if (n != static_cast<ssize_t>(wire.size())) return Reject(fd, "could not send the answer");
+  size_t sent = 0;
+  kvmi::IoResult written = kvmi::TryWrite(fd, wire.data(), wire.size(), &sent);
+  if (!written.ok() || sent != wire.size()) {
+    return Reject(fd, "could not send the answer: " +
+                          (written.ok() ? std::string("socket buffer full") : written.ToString()));
+  }
 
   AcceptedGuest guest;
   guest.identity.uuid = hello.uuid;

@@ -5,6 +5,7 @@
 #ifndef KVMID_DAEMON_TRANSPORT_ACCEPTOR_H_
 #define KVMID_DAEMON_TRANSPORT_ACCEPTOR_H_
 
+#include <absl/status/status.h>
 #include <sys/types.h>
 
 #include <array>
@@ -24,6 +25,9 @@
 
 namespace kvmid {
 
+// Handshakes in progress at once by default; more connections wait in the kernel's backlog.
+inline constexpr size_t kDefaultMaxConcurrentHandshakes = 256;
+
 struct AcceptorOptions {
   std::chrono::milliseconds handshake_timeout{5000};
   // Sent back as cookie_hash (SHA-1 of the shared secret); QEMU kvmi-v7 refuses a mismatch.
@@ -32,7 +36,7 @@ struct AcceptorOptions {
   std::vector<uid_t> allowed_uids;
   // AF_VSOCK: peer CIDs allowed; empty = any.
   std::vector<uint32_t> allowed_cids;
-  size_t max_concurrent_handshakes = 256;
+  size_t max_concurrent_handshakes = kDefaultMaxConcurrentHandshakes;
 };
 
 struct AcceptedGuest {
@@ -73,7 +77,9 @@ class Acceptor {
   void OnAcceptable();
   void OnHandshakeReadable(int fd);
   void Reject(int fd, const std::string& why);
-  bool Authenticate(int fd, std::string* peer, std::string* transport, std::string* why);
+  // Who is on the other end (for logs and identities), refused with PermissionDenied when not
+  // allowed.
+  absl::Status Authenticate(int fd, Pending* pending);
 
   EventLoop* loop_;
   kvmi::UniqueFd listen_fd_;

@@ -90,7 +90,16 @@ void VerdictPipeline::Registration::Reset() {
 // ---- VerdictPipeline --------------------------------------------------------------------------
 
 VerdictPipeline::VerdictPipeline(PolicySet* policies, Options options)
-    : policies_(policies), options_(options) {}
+    : policies_(policies), options_(options) {
+  SetDeadlines(options_.deadlines);
+}
+
+void VerdictPipeline::SetDeadlines(const std::array<EventDeadline, KVMI_NUM_EVENTS>& deadlines) {
+  for (size_t i = 0; i < deadlines.size(); ++i) {
+    deadline_ms_[i].store(deadlines[i].deadline.count(), std::memory_order_relaxed);
+    fallback_action_[i].store(deadlines[i].fallback_action, std::memory_order_relaxed);
+  }
+}
 
 VerdictPipeline::~VerdictPipeline() = default;
 
@@ -146,6 +155,13 @@ void VerdictPipeline::SetGuestLabels(const std::string& guest_name,
   labels_generation_++;  // every cached view is stale now
 }
 
+void VerdictPipeline::ReplaceGuestLabels(
+    std::map<std::string, std::map<std::string, std::string>> by_name) {
+  MutexLock lock(&mutex_);
+  labels_by_name_ = std::move(by_name);
+  labels_generation_++;
+}
+
 std::shared_ptr<const GuestView> VerdictPipeline::ViewOf(const Guest& guest) const {
   uint64_t generation = labels_generation_.load();
   std::shared_ptr<const GuestView> cached = guest.cached_view();
@@ -194,7 +210,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   const Clock::time_point received = Clock::now();
   const std::chrono::system_clock::time_point arrived = std::chrono::system_clock::now();
   const uint64_t event_id = next_event_id_++;
-  const EventDeadline& defaults = options_.deadlines[event.id()];
+  const EventDeadline defaults = deadline_for(event.id());
 
   const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
   if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it

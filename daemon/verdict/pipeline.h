@@ -130,6 +130,8 @@ class VerdictPipeline : public GuestEventRouter {
 
   // Guest labels (from configuration), used by policy guest selectors.
   void SetGuestLabels(const std::string& guest_name, std::map<std::string, std::string> labels);
+  // Replaces every guest's labels at once (a configuration reload).
+  void ReplaceGuestLabels(std::map<std::string, std::map<std::string, std::string>> by_name);
   std::shared_ptr<const GuestView> ViewOf(const Guest& guest) const;
 
   struct Stats {
@@ -142,7 +144,13 @@ class VerdictPipeline : public GuestEventRouter {
     std::atomic<uint64_t> fallback_handler_gone{0};
   };
   const Stats& stats() const { return stats_; }
-  const EventDeadline& deadline_for(uint8_t event) const { return options_.deadlines[event]; }
+  EventDeadline deadline_for(uint8_t event) const {
+    return EventDeadline{
+        std::chrono::milliseconds(deadline_ms_[event].load(std::memory_order_relaxed)),
+        fallback_action_[event].load(std::memory_order_relaxed)};
+  }
+  // New deadlines and fallbacks for events that arrive from now on (a configuration reload).
+  void SetDeadlines(const std::array<EventDeadline, KVMI_NUM_EVENTS>& deadlines);
 
   // GuestEventRouter
   void RouteEvent(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
@@ -183,6 +191,10 @@ class VerdictPipeline : public GuestEventRouter {
 
   PolicySet* policies_;
   Options options_;
+  // options_.deadlines as the event path reads them: relaxed atomics, so a reload never takes a
+  // lock there (one event may see a new deadline with the old fallback for that instant).
+  std::array<std::atomic<int64_t>, KVMI_NUM_EVENTS> deadline_ms_{};
+  std::array<std::atomic<uint8_t>, KVMI_NUM_EVENTS> fallback_action_{};
   std::function<void(const std::shared_ptr<Guest>&)> on_guest_hooked_;
   Stats stats_;
   std::atomic<uint64_t> next_event_id_{1};

@@ -117,7 +117,10 @@ Verdict Rule::ToVerdict() const {
   return v;
 }
 
-std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
+namespace {
+
+// Checks a rule before it enters a set; fills its verdict. "" or the error.
+std::string PrepareRule(Rule* rule) {
   if (rule->name.empty()) return "rule.name is empty";
   if (rule->match.gpa_first && rule->match.gpa_last &&
       *rule->match.gpa_first > *rule->match.gpa_last) {
@@ -130,9 +133,9 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
       }
     }
   }
-  constexpr size_t kMaxProtectedPages = 1u << 20;  // 4 GiB of guest memory
   if (rule->arms.page_access.size() > kMaxProtectedPages) {
-    return "rule " + rule->name + ": protects more than 4 GiB of pages";
+    return "rule " + rule->name + ": protects more than " + std::to_string(kMaxProtectedPages) +
+           " pages";
   }
   for (uint8_t e : rule->match.events) {
     if (e >= KVMI_NUM_EVENTS || e == KVMI_EVENT_UNHOOK) {
@@ -140,15 +143,44 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
     }
   }
   rule->verdict = rule->ToVerdict();
-  MutexLock lock(&writers_mutex_);
-  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
-  auto it = std::find_if(next->begin(), next->end(),
+  return "";
+}
+
+// Adds `rule` to `rules`, or replaces the one of the same name in place.
+void Upsert(std::vector<std::shared_ptr<const Rule>>* rules, std::shared_ptr<Rule> rule) {
+  auto it = std::find_if(rules->begin(), rules->end(),
                          [&](const auto& r) { return r->name == rule->name; });
-  if (it != next->end()) {
+  if (it != rules->end()) {
     *it = std::move(rule);
   } else {
-    next->push_back(std::move(rule));
+    rules->push_back(std::move(rule));
   }
+}
+
+}  // namespace
+
+std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
+  std::string error = PrepareRule(rule.get());
+  if (!error.empty()) return error;
+  MutexLock lock(&writers_mutex_);
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  Upsert(next.get(), std::move(rule));
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  return "";
+}
+
+std::string PolicySet::Replace(const std::set<std::string>& remove,
+                               std::vector<std::shared_ptr<Rule>> add) {
+  for (const auto& rule : add) {
+    std::string error = PrepareRule(rule.get());
+    if (!error.empty()) return error;
+  }
+  MutexLock lock(&writers_mutex_);
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  next->erase(std::remove_if(next->begin(), next->end(),
+                             [&](const auto& r) { return remove.count(r->name) > 0; }),
+              next->end());
+  for (auto& rule : add) Upsert(next.get(), std::move(rule));
   std::atomic_store(&rules_, Snapshot(std::move(next)));
   return "";
 }

@@ -24,6 +24,9 @@
 
 namespace kvmid {
 
+// The most pages one rule may protect: 4 GiB of guest memory.
+inline constexpr size_t kMaxProtectedPages = size_t{1} << 20;
+
 struct RuleMatch {
   // Guest selectors; each empty one matches every guest. Names accept a trailing '*'.
   std::vector<kvmi::Uuid> uuids;
@@ -89,6 +92,9 @@ class PolicySet {
 
   // Adds or replaces (by name). Returns an error text for an invalid rule, else "".
   std::string Apply(std::shared_ptr<Rule> rule);
+  // In one step (evaluations see the old set or the new one, never a mix): removes the rules
+  // named in `remove`, then adds or replaces `add`. Nothing changes if any rule is invalid.
+  std::string Replace(const std::set<std::string>& remove, std::vector<std::shared_ptr<Rule>> add);
   bool Remove(const std::string& name);
   Snapshot rules() const;
 

@@ -51,8 +51,12 @@ void QemuConnector::WakeWaiters() {
 }
 
 UniqueFd QemuConnector::ConnectAndHandshake(std::string* error) {
-  UniqueFd fd = ConnectEndpoint(config_.endpoint, error);
-  if (!fd) return fd;
+  absl::StatusOr<UniqueFd> connected = ConnectEndpoint(config_.endpoint);
+  if (!connected.ok()) {
+    *error = std::string(connected.status().message());
+    return UniqueFd();
+  }
+  UniqueFd fd = std::move(*connected);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping()) return UniqueFd();

@@ -21,6 +21,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/program.h"
 #include "kernel/kvm/guest/layout.h"
 #include "kernel/kvm/guest_image.h"
 #include "kernel/kvm/kvm_vmm.h"
@@ -75,7 +76,9 @@ kvmi::Uuid RandomUuid() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("A minimal VMM: the repository's guest on /dev/kvm, KVMI v6.");
+  kvmid::SetUpProgram("kvmi-vmm",
+                      "kvmi-vmm: a minimal VMM, the repository's guest on /dev/kvm, KVMI v6.",
+                      {"kernel/kvm/"});
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) return Fail(2, std::string("unexpected argument '") + rest[1] + "'");
   auto level = spdlog::level::from_str(absl::GetFlag(FLAGS_log_level));
@@ -88,8 +91,10 @@ int main(int argc, char** argv) {
   kvm::VmmConfig config;
   std::string error;
   if (!absl::GetFlag(FLAGS_connect).empty()) {
-    auto endpoint = ParseEndpoint(absl::GetFlag(FLAGS_connect), &error);
-    if (!endpoint) return Fail(2, "--connect: " + error);
+    auto endpoint = ParseEndpoint(absl::GetFlag(FLAGS_connect));
+    if (!endpoint.ok()) {
+      return Fail(2, "--connect: " + std::string(endpoint.status().message()));
+    }
     config.connector.endpoint = *endpoint;
   }
   double reconnect = absl::GetFlag(FLAGS_reconnect);

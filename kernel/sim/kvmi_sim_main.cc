@@ -20,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/program.h"
 #include "kernel/sim/fleet.h"
 #include "spdlog/spdlog.h"
 
@@ -73,7 +74,8 @@ double CpuSeconds() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("Simulated KVMI v6 guests for an introspection tool.");
+  kvmid::SetUpProgram("kvmi-sim", "kvmi-sim: simulated KVMI v6 guests for an introspection tool.",
+                      {"kernel/sim/"});
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) return Fail(std::string("unexpected argument '") + rest[1] + "'");
 
@@ -88,8 +90,8 @@ int main(int argc, char** argv) {
   std::string error;
   if (absl::GetFlag(FLAGS_connect).empty())
     return Fail("--connect=unix:PATH|vsock:CID:PORT is required");
-  auto endpoint = ParseEndpoint(absl::GetFlag(FLAGS_connect), &error);
-  if (!endpoint) return Fail("--connect: " + error);
+  auto endpoint = ParseEndpoint(absl::GetFlag(FLAGS_connect));
+  if (!endpoint.ok()) return Fail("--connect: " + std::string(endpoint.status().message()));
   config.connector.endpoint = *endpoint;
 
   int64_t vms = absl::GetFlag(FLAGS_vms);

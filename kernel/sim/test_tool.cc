@@ -153,9 +153,12 @@ ToolListener::ToolListener() {
   if (::mkdtemp(dir) == nullptr) return;
   dir_ = dir;
   path_ = dir_ + "/tool.sock";
-  std::string error;
-  fd_ = ListenUnix(path_, &error);
-  if (!fd_) spdlog::error("test tool: {}", error);
+  absl::StatusOr<UniqueFd> listening = ListenUnix(path_);
+  if (listening.ok()) {
+    fd_ = std::move(*listening);
+  } else {
+    spdlog::error("test tool: {}", std::string(listening.status().message()));
+  }
 }
 
 ToolListener::~ToolListener() {
@@ -194,8 +197,12 @@ AutoTool::AutoTool(std::string socket_path, AutoToolOptions options)
 AutoTool::~AutoTool() { Stop(); }
 
 bool AutoTool::Start(std::string* error) {
-  listen_fd_ = ListenUnix(path_, error);
-  if (!listen_fd_) return false;
+  absl::StatusOr<UniqueFd> listening = ListenUnix(path_);
+  if (!listening.ok()) {
+    *error = std::string(listening.status().message());
+    return false;
+  }
+  listen_fd_ = std::move(*listening);
   acceptor_ = std::thread([this] { AcceptLoop(); });
   return true;
 }

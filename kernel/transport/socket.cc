@@ -39,31 +39,31 @@ IoResult WaitFor(int fd, short events, Clock::time_point deadline) {
   }
 }
 
-bool FillUnixAddress(const std::string& path, sockaddr_un* addr, std::string* error) {
+absl::Status FillUnixAddress(const std::string& path, sockaddr_un* addr) {
   std::memset(addr, 0, sizeof(*addr));
   addr->sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr->sun_path)) {
-    *error = "unix socket path must be 1.." + std::to_string(sizeof(addr->sun_path) - 1) +
-             " bytes long: '" + path + "'";
-    return false;
+    return absl::InvalidArgumentError("unix socket path must be 1.." +
+                                      std::to_string(sizeof(addr->sun_path) - 1) +
+                                      " bytes long: '" + path + "'");
   }
   std::memcpy(addr->sun_path, path.data(), path.size());
-  return true;
+  return absl::OkStatus();
 }
 
-std::string ErrnoText(const char* what, int err) {
-  return std::string(what) + ": " + std::strerror(err);
+absl::Status ErrnoStatus(const std::string& what, int err) {
+  return absl::ErrnoToStatus(err, what);
 }
 
-UniqueFd NewSocket(int family, std::string* error) {
+absl::StatusOr<UniqueFd> NewSocket(int family) {
   UniqueFd fd(::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) {
     int err = errno;
     if (family == AF_VSOCK && (err == EAFNOSUPPORT || err == EINVAL || err == ENODEV)) {
-      *error = "AF_VSOCK is not available on this machine (load the vsock modules)";
-    } else {
-      *error = ErrnoText("socket", err);
+      return absl::UnavailableError(
+          "AF_VSOCK is not available on this machine (load the vsock modules)");
     }
+    return ErrnoStatus("socket", err);
   }
   return fd;
 }
@@ -101,13 +101,14 @@ std::string Endpoint::ToString() const {
   return "vsock:" + std::to_string(cid) + ":" + std::to_string(port);
 }
 
-std::optional<Endpoint> ParseEndpoint(const std::string& text, std::string* error) {
+absl::StatusOr<Endpoint> ParseEndpoint(const std::string& text) {
   Endpoint ep;
   if (text.rfind("unix:", 0) == 0) {
     ep.family = Endpoint::Family::kUnix;
     ep.path = text.substr(5);
     sockaddr_un addr;
-    if (!FillUnixAddress(ep.path, &addr, error)) return std::nullopt;
+    absl::Status valid = FillUnixAddress(ep.path, &addr);
+    if (!valid.ok()) return valid;
     return ep;
   }
   if (text.rfind("vsock:", 0) == 0) {
@@ -115,45 +116,43 @@ std::optional<Endpoint> ParseEndpoint(const std::string& text, std::string* erro
     size_t colon = rest.find(':');
     if (colon == std::string::npos || !ParseU32(rest.substr(0, colon), &ep.cid) ||
         !ParseU32(rest.substr(colon + 1), &ep.port)) {
-      *error = "vsock endpoint must be vsock:CID:PORT with decimal numbers, got '" + text + "'";
-      return std::nullopt;
+      return absl::InvalidArgumentError(
+          "vsock endpoint must be vsock:CID:PORT with decimal numbers, got '" + text + "'");
     }
     ep.family = Endpoint::Family::kVsock;
     return ep;
   }
-  *error = "endpoint must start with 'unix:' or 'vsock:', got '" + text + "'";
-  return std::nullopt;
+  return absl::InvalidArgumentError("endpoint must start with 'unix:' or 'vsock:', got '" + text +
+                                    "'");
 }
 
-UniqueFd ConnectEndpoint(const Endpoint& endpoint, std::string* error) {
-  if (endpoint.family == Endpoint::Family::kUnix) return ConnectUnix(endpoint.path, error);
-  return ConnectVsock(endpoint.cid, endpoint.port, error);
+absl::StatusOr<UniqueFd> ConnectEndpoint(const Endpoint& endpoint) {
+  if (endpoint.family == Endpoint::Family::kUnix) return ConnectUnix(endpoint.path);
+  return ConnectVsock(endpoint.cid, endpoint.port);
 }
 
-UniqueFd ListenEndpoint(const Endpoint& endpoint, std::string* error) {
-  if (endpoint.family == Endpoint::Family::kUnix) return ListenUnix(endpoint.path, error);
-  return ListenVsock(endpoint.port, error);
+absl::StatusOr<UniqueFd> ListenEndpoint(const Endpoint& endpoint) {
+  if (endpoint.family == Endpoint::Family::kUnix) return ListenUnix(endpoint.path);
+  return ListenVsock(endpoint.port);
 }
 
-UniqueFd ConnectUnix(const std::string& path, std::string* error) {
+absl::StatusOr<UniqueFd> ConnectUnix(const std::string& path) {
   sockaddr_un addr;
-  if (!FillUnixAddress(path, &addr, error)) return UniqueFd();
-  UniqueFd fd = NewSocket(AF_UNIX, error);
-  if (!fd) return fd;
+  absl::Status valid = FillUnixAddress(path, &addr);
+  if (!valid.ok()) return valid;
+  absl::StatusOr<UniqueFd> fd = NewSocket(AF_UNIX);
+  if (!fd.ok()) return fd;
   int rc;
   do {
-    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    rc = ::connect(fd->get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   } while (rc != 0 && errno == EINTR);
-  if (rc != 0) {
-    *error = ErrnoText(("connect unix:" + path).c_str(), errno);
-    return UniqueFd();
-  }
+  if (rc != 0) return ErrnoStatus("connect unix:" + path, errno);
   return fd;
 }
 
-UniqueFd ConnectVsock(uint32_t cid, uint32_t port, std::string* error) {
-  UniqueFd fd = NewSocket(AF_VSOCK, error);
-  if (!fd) return fd;
+absl::StatusOr<UniqueFd> ConnectVsock(uint32_t cid, uint32_t port) {
+  absl::StatusOr<UniqueFd> fd = NewSocket(AF_VSOCK);
+  if (!fd.ok()) return fd;
   sockaddr_vm addr;
   std::memset(&addr, 0, sizeof(addr));
   addr.svm_family = AF_VSOCK;
@@ -161,49 +160,42 @@ UniqueFd ConnectVsock(uint32_t cid, uint32_t port, std::string* error) {
   addr.svm_port = port;
   int rc;
   do {
-    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    rc = ::connect(fd->get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   } while (rc != 0 && errno == EINTR);
   if (rc != 0) {
-    *error = ErrnoText(
-        ("connect vsock:" + std::to_string(cid) + ":" + std::to_string(port)).c_str(), errno);
-    return UniqueFd();
+    return ErrnoStatus("connect vsock:" + std::to_string(cid) + ":" + std::to_string(port), errno);
   }
   return fd;
 }
 
-UniqueFd ListenUnix(const std::string& path, std::string* error) {
+absl::StatusOr<UniqueFd> ListenUnix(const std::string& path) {
   sockaddr_un addr;
-  if (!FillUnixAddress(path, &addr, error)) return UniqueFd();
-  UniqueFd fd = NewSocket(AF_UNIX, error);
-  if (!fd) return fd;
+  absl::Status valid = FillUnixAddress(path, &addr);
+  if (!valid.ok()) return valid;
+  absl::StatusOr<UniqueFd> fd = NewSocket(AF_UNIX);
+  if (!fd.ok()) return fd;
   struct stat st;
   if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    *error = ErrnoText(("bind unix:" + path).c_str(), errno);
-    return UniqueFd();
+  if (::bind(fd->get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return ErrnoStatus("bind unix:" + path, errno);
   }
-  if (::listen(fd.get(), SOMAXCONN) != 0) {
-    *error = ErrnoText("listen", errno);
-    return UniqueFd();
-  }
+  if (::listen(fd->get(), SOMAXCONN) != 0) return ErrnoStatus("listen unix:" + path, errno);
   return fd;
 }
 
-UniqueFd ListenVsock(uint32_t port, std::string* error) {
-  UniqueFd fd = NewSocket(AF_VSOCK, error);
-  if (!fd) return fd;
+absl::StatusOr<UniqueFd> ListenVsock(uint32_t port) {
+  absl::StatusOr<UniqueFd> fd = NewSocket(AF_VSOCK);
+  if (!fd.ok()) return fd;
   sockaddr_vm addr;
   std::memset(&addr, 0, sizeof(addr));
   addr.svm_family = AF_VSOCK;
   addr.svm_cid = VMADDR_CID_ANY;
   addr.svm_port = port;
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    *error = ErrnoText(("bind vsock port " + std::to_string(port)).c_str(), errno);
-    return UniqueFd();
+  if (::bind(fd->get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return ErrnoStatus("bind vsock port " + std::to_string(port), errno);
   }
-  if (::listen(fd.get(), SOMAXCONN) != 0) {
-    *error = ErrnoText("listen", errno);
-    return UniqueFd();
+  if (::listen(fd->get(), SOMAXCONN) != 0) {
+    return ErrnoStatus("listen vsock port " + std::to_string(port), errno);
   }
   return fd;
 }
@@ -280,5 +272,38 @@ IoResult WriteAll(int fd, const void* buf, size_t n, Clock::time_point deadline)
 }
 
 IoResult WaitReadable(int fd, Clock::time_point deadline) { return WaitFor(fd, POLLIN, deadline); }
+
+IoResult TryRead(int fd, void* buf, size_t n, size_t* got) {
+  *got = 0;
+  for (;;) {
+    ssize_t rc = ::recv(fd, buf, n, MSG_DONTWAIT);
+    if (rc > 0) {
+      *got = static_cast<size_t>(rc);
+      return IoResult::Ok();
+    }
+    if (rc == 0) return {IoResult::kClosed, 0};
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return IoResult::Ok();
+    if (errno == ECONNRESET || errno == EPIPE) return {IoResult::kClosed, errno};
+    return {IoResult::kError, errno};
+  }
+}
+
+IoResult TryWrite(int fd, const void* buf, size_t n, size_t* sent) {
+  *sent = 0;
+  const auto* p = static_cast<const uint8_t*>(buf);
+  while (*sent < n) {
+    ssize_t rc = ::send(fd, p + *sent, n - *sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (rc > 0) {
+      *sent += static_cast<size_t>(rc);
+      continue;
+    }
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return IoResult::Ok();
+    if (rc < 0 && (errno == EPIPE || errno == ECONNRESET)) return {IoResult::kClosed, errno};
+    return {IoResult::kError, rc < 0 ? errno : EIO};
+  }
+  return IoResult::Ok();
+}
 
 }  // namespace kvmi

@@ -4,10 +4,12 @@
 #ifndef KVMID_KERNEL_TRANSPORT_SOCKET_H_
 #define KVMID_KERNEL_TRANSPORT_SOCKET_H_
 
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <optional>
 #include <string>
 
 #include "kernel/transport/unique_fd.h"
@@ -39,19 +41,20 @@ struct Endpoint {
 
   std::string ToString() const;
 };
-// Parses the textual form; on failure returns nullopt and sets *error to a sentence for the user.
-std::optional<Endpoint> ParseEndpoint(const std::string& text, std::string* error);
+// Parses the textual form; InvalidArgument names what is wrong.
+absl::StatusOr<Endpoint> ParseEndpoint(const std::string& text);
 
-// Each returns a valid fd, or an invalid one with *error set to a human-readable reason (paths
-// longer than sun_path, AF_VSOCK missing on this machine, ...). Sockets are blocking and
+// Each returns a valid fd, or a status whose message is a sentence for the user (paths longer
+// than sun_path, AF_VSOCK missing on this machine, errno text, ...). Sockets are blocking and
 // close-on-exec.
-UniqueFd ConnectEndpoint(const Endpoint& endpoint, std::string* error);
-UniqueFd ConnectUnix(const std::string& path, std::string* error);
-UniqueFd ConnectVsock(uint32_t cid, uint32_t port, std::string* error);
-// Removes a stale socket file first. backlog defaults to SOMAXCONN.
-UniqueFd ListenEndpoint(const Endpoint& endpoint, std::string* error);
-UniqueFd ListenUnix(const std::string& path, std::string* error);
-UniqueFd ListenVsock(uint32_t port, std::string* error);
+absl::StatusOr<UniqueFd> ConnectEndpoint(const Endpoint& endpoint);
+absl::StatusOr<UniqueFd> ConnectUnix(const std::string& path);
+absl::StatusOr<UniqueFd> ConnectVsock(uint32_t cid, uint32_t port);
+// Removes a socket file already at `path` first (the caller makes sure it is stale, e.g. by
+// holding the instance lock). The backlog is SOMAXCONN.
+absl::StatusOr<UniqueFd> ListenEndpoint(const Endpoint& endpoint);
+absl::StatusOr<UniqueFd> ListenUnix(const std::string& path);
+absl::StatusOr<UniqueFd> ListenVsock(uint32_t port);
 // Waits for a connection until `deadline`.
 IoResult Accept(int listen_fd, Clock::time_point deadline, UniqueFd* out);
 
@@ -65,6 +68,14 @@ IoResult ReadSome(int fd, void* buf, size_t n, size_t* got,
 IoResult WriteAll(int fd, const void* buf, size_t n, Clock::time_point deadline = kNoDeadline);
 // Waits until fd is readable (or hung up). kOk when readable.
 IoResult WaitReadable(int fd, Clock::time_point deadline);
+
+// For sockets served by an event loop: one attempt each, never waiting (MSG_DONTWAIT), EINTR
+// retried. TryRead: kOk with *got > 0 bytes, or *got == 0 when nothing is there yet; kClosed when
+// the peer closed (error 0) or reset the connection. TryWrite (MSG_NOSIGNAL): kOk with *sent
+// bytes written, possibly fewer than n (0 when the socket buffer is full: wait for EPOLLOUT);
+// kClosed for a dead peer.
+IoResult TryRead(int fd, void* buf, size_t n, size_t* got);
+IoResult TryWrite(int fd, const void* buf, size_t n, size_t* sent);
 
 }  // namespace kvmi
 

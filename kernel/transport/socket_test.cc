@@ -20,13 +20,12 @@ std::string TempSocketPath() {
 }
 
 TEST(EndpointTest, ParsesUnixAndVsock) {
-  std::string error;
-  auto unix_ep = ParseEndpoint("unix:/tmp/x.sock", &error);
-  ASSERT_TRUE(unix_ep.has_value()) << error;
+  auto unix_ep = ParseEndpoint("unix:/tmp/x.sock");
+  ASSERT_TRUE(unix_ep.ok()) << unix_ep.status();
   EXPECT_EQ(unix_ep->family, Endpoint::Family::kUnix);
   EXPECT_EQ(unix_ep->path, "/tmp/x.sock");
-  auto vsock_ep = ParseEndpoint("vsock:2:1234", &error);
-  ASSERT_TRUE(vsock_ep.has_value()) << error;
+  auto vsock_ep = ParseEndpoint("vsock:2:1234");
+  ASSERT_TRUE(vsock_ep.ok()) << vsock_ep.status();
   EXPECT_EQ(vsock_ep->cid, 2u);
   EXPECT_EQ(vsock_ep->port, 1234u);
   EXPECT_EQ(vsock_ep->ToString(), "vsock:2:1234");
@@ -35,31 +34,29 @@ TEST(EndpointTest, ParsesUnixAndVsock) {
 TEST(EndpointTest, RejectsMalformedWithAReason) {
   for (const char* bad : {"", "tcp:1.2.3.4:5", "unix:", "vsock:2", "vsock:x:1",
                           "vsock:1:99999999999", "vsock:-1:2"}) {
-    std::string error;
-    EXPECT_FALSE(ParseEndpoint(bad, &error).has_value()) << bad;
-    EXPECT_FALSE(error.empty()) << bad;
+    auto ep = ParseEndpoint(bad);
+    EXPECT_EQ(ep.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_FALSE(ep.status().message().empty()) << bad;
   }
-  std::string error;
-  EXPECT_FALSE(ParseEndpoint("unix:/" + std::string(200, 'a'), &error).has_value());
-  EXPECT_NE(error.find("bytes long"), std::string::npos);
+  auto long_path = ParseEndpoint("unix:/" + std::string(200, 'a'));
+  EXPECT_FALSE(long_path.ok());
+  EXPECT_NE(long_path.status().message().find("bytes long"), std::string::npos);
 }
 
 TEST(SocketTest, UnixRoundTripAcrossPartialWrites) {
   std::string path = TempSocketPath();
-  std::string error;
-  UniqueFd listener = ListenUnix(path, &error);
-  ASSERT_TRUE(listener) << error;
+  auto listener = ListenUnix(path);
+  ASSERT_TRUE(listener.ok()) << listener.status();
   std::vector<uint8_t> sent(256 * 1024);
   for (size_t i = 0; i < sent.size(); ++i) sent[i] = static_cast<uint8_t>(i * 7);
   std::thread writer([&] {
-    std::string e;
-    UniqueFd c = ConnectUnix(path, &e);
-    ASSERT_TRUE(c) << e;
+    auto c = ConnectUnix(path);
+    ASSERT_TRUE(c.ok()) << c.status();
     // Larger than the socket buffer: WriteAll must wait for POLLOUT and continue.
-    EXPECT_TRUE(WriteAll(c.get(), sent.data(), sent.size()).ok());
+    EXPECT_TRUE(WriteAll(c->get(), sent.data(), sent.size()).ok());
   });
   UniqueFd server;
-  ASSERT_TRUE(Accept(listener.get(), Clock::now() + std::chrono::seconds(10), &server).ok());
+  ASSERT_TRUE(Accept(listener->get(), Clock::now() + std::chrono::seconds(10), &server).ok());
   std::vector<uint8_t> got(sent.size());
   ASSERT_TRUE(
       ReadExact(server.get(), got.data(), got.size(), Clock::now() + std::chrono::seconds(10))
@@ -78,10 +75,9 @@ TEST(SocketTest, DeadlinesExpire) {
   auto r = ReadExact(a.get(), buf, sizeof(buf), Clock::now() + std::chrono::milliseconds(20));
   EXPECT_EQ(r.kind, IoResult::kTimeout);
   UniqueFd none;
-  std::string error;
-  UniqueFd listener = ListenUnix(TempSocketPath(), &error);
-  ASSERT_TRUE(listener) << error;
-  EXPECT_EQ(Accept(listener.get(), Clock::now() + std::chrono::milliseconds(20), &none).kind,
+  auto listener = ListenUnix(TempSocketPath());
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  EXPECT_EQ(Accept(listener->get(), Clock::now() + std::chrono::milliseconds(20), &none).kind,
             IoResult::kTimeout);
 }
 
@@ -99,13 +95,49 @@ TEST(SocketTest, ShutdownWakesABlockedReader) {
 }
 
 TEST(SocketTest, ConnectFailuresExplainThemselves) {
-  std::string error;
-  EXPECT_FALSE(ConnectUnix("/nonexistent/dir/sock", &error));
-  EXPECT_NE(error.find("/nonexistent/dir/sock"), std::string::npos);
-  error.clear();
-  UniqueFd v = ConnectVsock(1, 1, &error);  // local CID 1 port 1: nobody listens, or no vsock
-  EXPECT_FALSE(v);
-  EXPECT_FALSE(error.empty());
+  auto u = ConnectUnix("/nonexistent/dir/sock");
+  EXPECT_EQ(u.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(u.status().message().find("/nonexistent/dir/sock"), std::string::npos);
+  auto v = ConnectVsock(1, 1);  // local CID 1 port 1: nobody listens, or no vsock
+  EXPECT_FALSE(v.ok());
+  EXPECT_FALSE(v.status().message().empty());
+}
+
+TEST(SocketTest, TryReadAndTryWriteNeverWait) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  uint8_t buf[64];
+  size_t got = 99;
+  // Nothing there yet: ok, zero bytes, no wait.
+  IoResult r = TryRead(a.get(), buf, sizeof(buf), &got);
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(got, 0u);
+  // Fill b's send buffer: TryWrite stops short and reports what it wrote.
+  std::vector<uint8_t> big(8 << 20, 0x5a);
+  size_t sent = 0;
+  r = TryWrite(b.get(), big.data(), big.size(), &sent);
+  EXPECT_TRUE(r.ok());
+  EXPECT_GT(sent, 0u);
+  EXPECT_LT(sent, big.size());
+  size_t more = 99;
+  EXPECT_TRUE(TryWrite(b.get(), big.data(), big.size(), &more).ok());
+  EXPECT_EQ(more, 0u);  // full: the caller waits for EPOLLOUT
+  // The reader sees the bytes in order, as many as asked at most.
+  r = TryRead(a.get(), buf, sizeof(buf), &got);
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(got, sizeof(buf));
+  EXPECT_EQ(buf[0], 0x5a);
+  // A closed peer: kClosed both ways (no SIGPIPE on write).
+  b.Reset();
+  size_t drained = 0;
+  do {
+    r = TryRead(a.get(), buf, sizeof(buf), &got);
+    drained += got;
+  } while (r.ok() && got > 0);
+  EXPECT_EQ(r.kind, IoResult::kClosed);
+  EXPECT_EQ(drained + sizeof(buf), sent);
+  EXPECT_EQ(TryWrite(a.get(), "x", 1, &sent).kind, IoResult::kClosed);
 }
 
 }  // namespace

@@ -49,12 +49,12 @@ class DirectLoopResponder {
   ~DirectLoopResponder() { Stop(); }
 
   bool Start() {
-    std::string error;
-    listen_ = kvmi::ListenUnix(path_, &error);
-    if (!listen_) {
-      std::fprintf(stderr, "direct loop: %s\n", error.c_str());
+    auto listen = kvmi::ListenUnix(path_);
+    if (!listen.ok()) {
+      std::fprintf(stderr, "direct loop: %s\n", std::string(listen.status().message()).c_str());
       return false;
     }
+    listen_ = std::move(*listen);
     epoll_ = kvmi::UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
     epoll_event ev{};
     ev.events = EPOLLIN;
@@ -270,10 +270,10 @@ int main(int argc, char** argv) {
       config.unix_socket = dir + "/kvmid.sock";
       config.io_threads = 1;  // same thread budget as the direct loop
       kvmid::Daemon daemon(config);
-      daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
-      std::string error = daemon.Start();
-      if (!error.empty()) {
-        std::fprintf(stderr, "kvmid: %s\n", error.c_str());
+      if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return 1;
+      absl::Status started = daemon.Start();
+      if (!started.ok()) {
+        std::fprintf(stderr, "kvmid: %s\n", std::string(started.message()).c_str());
         return 1;
       }
       rows.push_back(Measure("kvmid policy", config.unix_socket, guests));

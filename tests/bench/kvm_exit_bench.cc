@@ -119,11 +119,15 @@ int main(int argc, char** argv) {
   config.unix_socket = dir + "/kvmid.sock";
   config.io_threads = 1;
   kvmid::Daemon daemon(config);
-  daemon.ApplyPolicy(
-      kvmid::LockMsrAfterBootRule("lstar-locked", kLstar, kvmid::RuleMode::kEnforce));
-  std::string error = daemon.Start();
-  if (!error.empty()) {
-    std::fprintf(stderr, "kvmid: %s\n", error.c_str());
+  if (!daemon
+           .ApplyPolicy(
+               kvmid::LockMsrAfterBootRule("lstar-locked", kLstar, kvmid::RuleMode::kEnforce))
+           .ok()) {
+    return 1;
+  }
+  absl::Status started = daemon.Start();
+  if (!started.ok()) {
+    std::fprintf(stderr, "kvmid: %s\n", std::string(started.message()).c_str());
     return 1;
   }
   bool ok = Measure("kvmid policy (lock LSTAR)", config.unix_socket, &rows[1]);

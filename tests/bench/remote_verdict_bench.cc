@@ -233,8 +233,8 @@ int main(int argc, char** argv) {
       config.unix_socket = dir + "/kvmi-local.sock";
       config.io_threads = 1;
       kvmid::Daemon daemon(config);
-      daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
-      if (!daemon.Start().empty()) return 1;
+      if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return 1;
+      if (!daemon.Start().ok()) return 1;
       local = MeasureGuest(&daemon, "local policy verdict (no remote hop)", config.unix_socket, "",
                            seconds);
       daemon.Shutdown(std::chrono::milliseconds(0));
@@ -244,7 +244,7 @@ int main(int argc, char** argv) {
       config.unix_socket = dir + "/kvmi.sock";
       config.io_threads = 1;
       kvmid::Daemon daemon(config);
-      if (!daemon.Start().empty()) return 1;
+      if (!daemon.Start().ok()) return 1;
       kvmid::ApiServer api(&daemon);
       if (!api.Start(dir + "/api.sock", "127.0.0.1:0").ok()) return 1;
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,

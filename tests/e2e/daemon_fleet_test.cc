@@ -45,7 +45,7 @@ class DaemonFleetTest : public ::testing::Test {
 
   void StartDaemon() {
     daemon_ = std::make_unique<Daemon>(config_);
-    ASSERT_EQ(daemon_->Start(), "");
+    ASSERT_TRUE(daemon_->Start().ok());
   }
 
   void StartFleet(uint32_t vms, uint32_t vcpus) {
@@ -120,8 +120,9 @@ TEST_F(DaemonFleetTest, EveryGuestOfTheFleetIsHookedAndIdentified) {
 
 TEST_F(DaemonFleetTest, LstarAndCr0WpPoliciesHoldOnTheGuestsRealState) {
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)), "");
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)).ok());
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)).ok());
   StartFleet(1, 2);
   ASSERT_TRUE(AllHooked(1));
   auto& vm = fleet_->vm(0);
@@ -150,7 +151,7 @@ TEST_F(DaemonFleetTest, LstarAndCr0WpPoliciesHoldOnTheGuestsRealState) {
   EXPECT_EQ(vm.guest().Snapshot(0).sregs.cr0, cr0);
 
   // A monitor-mode copy of the rule would have let it through: switch and try again.
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kMonitor)), "");
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kMonitor)).ok());
   Run(vm, 0, clear_wp);
   EXPECT_EQ(vm.guest().Snapshot(0).sregs.cr0, cr0 & ~kCr0Wp);
   const auto rules = daemon_->policies().rules();
@@ -202,7 +203,8 @@ TEST_F(DaemonFleetTest, AHungHandlerCostsTheGuestOnlyTheDeadline) {
 
 TEST_F(DaemonFleetTest, KillingTheDaemonFreesTheGuestsAndTheyAreReHookedWhenItReturns) {
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)), "");
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)).ok());
   StartFleet(2, 1);
   ASSERT_TRUE(AllHooked(2));
   auto& vm = fleet_->vm(0);
@@ -221,7 +223,8 @@ TEST_F(DaemonFleetTest, KillingTheDaemonFreesTheGuestsAndTheyAreReHookedWhenItRe
   EXPECT_EQ(vm.guest().Snapshot(0).msrs.at(kMsrLstar), 0x1111000u);  // unrestricted
 
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)), "");
+  ASSERT_TRUE(
+      daemon_->ApplyPolicy(LockMsrAfterBootRule("lstar", kMsrLstar, RuleMode::kEnforce)).ok());
   ASSERT_TRUE(AllHooked(2));
   ASSERT_TRUE(Armed(vm.config().name, "policy:lstar"));
   write_lstar.value = 0x2222000;
@@ -232,7 +235,7 @@ TEST_F(DaemonFleetTest, KillingTheDaemonFreesTheGuestsAndTheyAreReHookedWhenItRe
 TEST_F(DaemonFleetTest, UnhookFromTheHostReleasesHooksAndLetsTheVmGo) {
   config_.verdicts.deadlines[KVMI_EVENT_UNHOOK].deadline = std::chrono::milliseconds(300);
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr4SmepSmapRule("smep", RuleMode::kEnforce)).ok());
   StartFleet(1, 2);
   ASSERT_TRUE(AllHooked(1));
   auto& vm = fleet_->vm(0);
@@ -250,7 +253,7 @@ TEST_F(DaemonFleetTest, TwoHundredGuestsWithFourVcpusHookConcurrently) {
   // times slower): the handshake deadline is for hostile peers, not for a loaded test machine.
   config_.handshake_timeout = std::chrono::seconds(60);
   StartDaemon();
-  ASSERT_EQ(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)), "");
+  ASSERT_TRUE(daemon_->ApplyPolicy(ForbidClearCr0WpRule("wp", RuleMode::kEnforce)).ok());
   auto start = Clock::now();
   StartFleet(200, 4);
   ASSERT_TRUE(AllHooked(200)) << daemon_->registry().List().size() << " guests known";

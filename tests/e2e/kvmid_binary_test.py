@@ -10,6 +10,7 @@ import unittest
 
 KVMID = "daemon/kvmid"
 KVMI_SIM = "kernel/sim/kvmi-sim"
+KVMI_VMM = "kernel/kvm/kvmi-vmm"
 
 
 def run_kvmid(*args, timeout=10):
@@ -35,6 +36,7 @@ class BadValuesAreRefused(unittest.TestCase):
 
     def test_api_tcp(self):
         self.assertRefused(["--api_tcp=localhost"], "--api_tcp")
+        self.assertRefused(["--api_tcp=127.0.0.1:99999"], "--api_tcp", "0..65535")
 
     def test_baseline(self):
         self.assertRefused(["--baseline=sometimes"], "--baseline")
@@ -59,6 +61,64 @@ class BadValuesAreRefused(unittest.TestCase):
 
     def test_unknown_group(self):
         self.assertRefused(["--kvmi_socket_group=no-such-group-here"], "no-such-group-here")
+
+
+class HelpAndVersion(unittest.TestCase):
+    """Each binary's --help lists its own flags; --version prints the project's version."""
+
+    def check(self, binary, name, own_flags):
+        result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10)
+        text = result.stdout + result.stderr
+        self.assertNotIn("No flags matched", text)
+        for flag in own_flags:
+            self.assertIn("--" + flag, text, "%s --help lists --%s" % (name, flag))
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        self.assertEqual(version.returncode, 0, version.stderr)
+        self.assertRegex(version.stdout, r"^%s \d+\.\d+\.\d+ \(KVMI v6\)" % name)
+
+    def test_kvmid(self):
+        self.check(KVMID, "kvmid", ["kvmi_socket", "config", "api_tcp", "baseline", "protect"])
+
+    def test_kvmi_sim(self):
+        self.check(KVMI_SIM, "kvmi-sim", ["connect", "vms", "vcpus", "scenario"])
+
+    def test_kvmi_vmm(self):
+        self.check(KVMI_VMM, "kvmi-vmm", ["connect", "guest_args"])
+
+
+def wait_for_path(path, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path)
+
+
+class FlagsOverrideTheConfigFile(unittest.TestCase):
+    """--flagfile and -single_dash flags override --config (they used to be silently ignored)."""
+
+    def start(self, *args):
+        proc = subprocess.Popen([KVMID, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait()))
+        return proc
+
+    def test_flagfile_and_single_dash(self):
+        d = tempfile.mkdtemp(prefix="kvmid-bin-", dir="/tmp")
+        config = os.path.join(d, "kvmid.textproto")
+        with open(config, "w") as f:
+            f.write('listen { unix_socket: "%s/file.sock" api_socket: "%s/file-api.sock" }\n'
+                    % (d, d))
+        flagfile = os.path.join(d, "kvmid.flags")
+        with open(flagfile, "w") as f:
+            f.write("--kvmi_socket=%s/flagfile.sock\n" % d)
+        proc = self.start("--config=" + config, "--flagfile=" + flagfile,
+                          "-api_socket=%s/dash-api.sock" % d)
+        self.assertTrue(wait_for_path("%s/dash-api.sock" % d), "the API is on the -flag's socket")
+        self.assertTrue(os.path.exists("%s/flagfile.sock" % d), "kvmi socket from the flagfile")
+        self.assertFalse(os.path.exists("%s/file.sock" % d))
+        self.assertFalse(os.path.exists("%s/file-api.sock" % d))
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=10), 0, proc.stderr.read())
 
 
 class SigtermRestoresAndExitsZero(unittest.TestCase):

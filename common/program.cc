@@ -1,0 +1,32 @@
+#include "common/program.h"
+
+#include <absl/flags/usage.h>
+#include <absl/flags/usage_config.h>
+#include <absl/strings/match.h>
+
+#include "common/version.h"
+
+namespace kvmid {
+
+std::string VersionText(const std::string& program) {
+  return program + " " + kVersion + " (" + kKvmiAbi + ")\n";
+}
+
+void SetUpProgram(const std::string& program, const std::string& usage,
+                  std::vector<std::string> flag_dirs) {
+  absl::SetProgramUsageMessage(usage);
+  absl::FlagsUsageConfig config;
+  auto ours = [flag_dirs](absl::string_view file) {
+    for (const std::string& dir : flag_dirs) {
+      if (absl::StartsWith(file, dir) || absl::StrContains(file, "/" + dir)) return true;
+    }
+    return false;
+  };
+  config.contains_helpshort_flags = ours;
+  config.contains_help_flags = ours;
+  config.contains_helppackage_flags = ours;
+  config.version_string = [program] { return VersionText(program); };
+  absl::SetFlagsUsageConfig(config);
+}
+
+}  // namespace kvmid
