@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "daemon/io/event_loop.h"
+#include "daemon/metrics/hooks.h"
 #include "daemon/session/guest_session.h"
 #include "kernel/abi/handshake.h"
 #include "kernel/transport/unique_fd.h"
@@ -72,7 +73,7 @@ class Acceptor {
 
   void OnAcceptable();
   void OnHandshakeReadable(int fd);
-  void Reject(int fd, const std::string& why);
+  void Reject(int fd, const std::string& why, HandshakeResult result = HandshakeResult::kFailed);
   bool Authenticate(int fd, std::string* peer, std::string* transport, std::string* why);
 
   EventLoop* loop_;
