@@ -24,6 +24,7 @@
 #include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
+#include "daemon/metrics/metrics_server.h"
 
 ABSL_FLAG(std::string, config, "",
           "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
@@ -37,6 +38,9 @@ ABSL_FLAG(std::string, api_socket, "/run/kvmid/api.sock",
           "UNIX socket of the gRPC API (kvmi.v1.Introspection, reflection, health); empty = none");
 ABSL_FLAG(std::string, api_tcp, "",
           "HOST:PORT for the gRPC API over TCP (e.g. 127.0.0.1:50051); empty = none");
+ABSL_FLAG(std::string, metrics_address, "127.0.0.1:9464",
+          "HOST:PORT serving Prometheus metrics (/metrics) and HTTP health (/healthz, /readyz); "
+          "empty = off");
 ABSL_FLAG(std::string, cookie_file, "",
           "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
 ABSL_FLAG(std::string, allowed_uids, "",
@@ -256,6 +260,25 @@ int main(int argc, char** argv) {
     if (!error.empty()) Die(error);
   }
   kvmid::EventLog event_log(&daemon.pipeline(), log_options);
+  // ---- metrics (daemon/metrics): started before the daemon so that every event is counted ----
+  std::unique_ptr<kvmid::MetricsServer> metrics;
+  const bool metrics_given = Given("metrics_address") || loaded.metrics_address.has_value();
+  kvmid::MetricsOptions metrics_options;
+  metrics_options.address =
+      Given("metrics_address")
+          ? absl::GetFlag(FLAGS_metrics_address)
+          : loaded.metrics_address.value_or(absl::GetFlag(FLAGS_metrics_address));
+  if (!metrics_options.address.empty()) {
+    auto started = kvmid::StartMetrics(&daemon, metrics_options);
+    if (started.ok()) {
+      metrics = std::move(*started);
+    } else if (metrics_given) {
+      Die(std::string(started.status().message()));
+    } else {  // the default address taken (e.g. a test's kvmid): run without metrics
+      spdlog::warn("{}; running without metrics", std::string(started.status().message()));
+    }
+  }
+  // ---- end of metrics ----
   std::string error = daemon.Start();
   if (!error.empty()) Die(error);
   kvmid::ApiServer api(&daemon);
@@ -267,9 +290,12 @@ int main(int argc, char** argv) {
     }
   }
 
+  if (metrics) metrics->SetReady(true);  // listeners up, configuration applied (/readyz)
+
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   spdlog::info("kvmid: {} received; restoring guests and exiting", strsignal(signal_number));
+  if (metrics) metrics->SetReady(false);
   event_log.Stop();
   api.Shutdown();
   daemon.Shutdown();

@@ -19,6 +19,8 @@
 #include <unordered_set>
 
 #include "daemon/config/policy_convert.h"
+#include "daemon/metrics/api_interceptor.h"
+#include "daemon/metrics/hooks.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -119,6 +121,7 @@ class StreamQueue {
     std::lock_guard<std::mutex> lock(mutex_);
     if (queue_.size() >= capacity_) {
       ++dropped_pending_;
+      Metrics::StreamEventsDropped(1);  // kvmid_stream_events_dropped_total
       return;
     }
     queue_.push_back(o);
@@ -1757,12 +1760,16 @@ std::string ApiServer::Start(const std::string& unix_socket, const std::string& 
     builder.AddListeningPort(tcp, grpc::InsecureServerCredentials(), &tcp_port_);
   }
   builder.RegisterService(service_.get());
+  builder.experimental().SetInterceptorCreators(ApiMetricsInterceptors());  // kvmid_api_calls_total
   server_ = builder.BuildAndStart();
   if (!server_) {
     return "cannot serve the API on " + (unix_socket.empty() ? "" : "unix:" + unix_socket + " ") +
            tcp;
   }
   if (!tcp.empty() && tcp_port_ == 0) return "cannot listen on " + tcp;
+  // grpc.health.v1 answers for the service by name too ("" alone is the server as a whole).
+  server_->GetHealthCheckService()->SetServingStatus(kvmi::v1::Introspection::service_full_name(),
+                                                     true);
   unix_socket_ = unix_socket;
   spdlog::info("API (kvmi.v1.Introspection, reflection, health) on {}{}",
                unix_socket.empty() ? "" : "unix:" + unix_socket + " ", tcp);
@@ -1771,6 +1778,7 @@ std::string ApiServer::Start(const std::string& unix_socket, const std::string& 
 
 void ApiServer::Shutdown() {
   if (!server_) return;
+  server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every name from now on
   // Streams end within their 200 ms poll; give them a moment, then cut.
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server_.reset();

@@ -72,6 +72,7 @@ std::string ParseConfig(const std::string& text, const std::string& origin, Load
     if (!l.api_socket().empty()) out->api_socket = l.api_socket();
     out->api_tcp = l.api_tcp();
   }
+  if (file.has_metrics_address()) out->metrics_address = file.metrics_address();
   if (!file.cookie_file().empty()) d.cookie_file = file.cookie_file();
   if (file.io_threads() != 0) {
     if (file.io_threads() > 64) return origin + ": io_threads: at most 64";

@@ -2,11 +2,16 @@
 // verdict -> reply -> the vCPU resumes. Two tools answer, in the same run on the same machine:
 //   direct-loop  the least work any tool can do: one epoll thread that reads each event and writes
 //                CONTINUE (decoded and encoded with the project's codec, nothing else);
-//   kvmid        the real daemon core, one I/O thread, the event answered by an in-daemon policy.
+//   kvmid        the real daemon core, one I/O thread, the event answered by an in-daemon policy;
+//   kvmid policy + metrics  the same with Prometheus metrics on (daemon/metrics: the pipeline
+//                observer counting every event and its verdict latency, the HTTP exposer up),
+//                `--metrics` (default on); `--rounds=N` alternates the two N times and the summary
+//                compares their median throughputs (the machine is shared: one pair is noisy).
 // Closed loop: each guest has one vCPU that writes CR3 as fast as its events are answered, so
 // throughput = guests / round trip. Prints a table (docs/PERFORMANCE.md has the figures).
 //
 //   bazel run -c opt //tests/bench:event_path_bench -- --guests=1,16,256 --seconds=3
+//   bazel run -c opt //tests/bench:event_path_bench -- --guests=16 --rounds=5   (metrics cost)
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
 #include <absl/strings/numbers.h>
@@ -17,6 +22,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <map>
@@ -25,6 +31,7 @@
 #include <vector>
 
 #include "daemon/kvmid.h"
+#include "daemon/metrics/metrics_server.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
 #include "kernel/abi/handshake.h"
@@ -36,6 +43,8 @@
 ABSL_FLAG(std::string, guests, "1,16,256", "guest counts to measure (one vCPU each)");
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
 ABSL_FLAG(double, warmup_seconds, 0.5, "run before the window opens");
+ABSL_FLAG(bool, metrics, true, "also measure kvmid with Prometheus metrics on");
+ABSL_FLAG(int, rounds, 1, "kvmid rows (with and without metrics) per guest count, alternated");
 
 namespace {
 
@@ -258,43 +267,97 @@ int main(int argc, char** argv) {
   char dir_template[] = "/tmp/kvmid-bench-XXXXXX";
   std::string dir = mkdtemp(dir_template);
 
-  std::vector<Row> rows;
+  const int rounds = absl::GetFlag(FLAGS_rounds);
+  if (rounds < 1 || rounds > 100) {
+    std::fprintf(stderr, "--rounds must be 1..100\n");
+    return 2;
+  }
+  // One kvmid row: the daemon core with one I/O thread and the policy, metrics on or off.
+  auto measure_kvmid = [&](uint32_t guests, bool with_metrics, Row* row) {
+    kvmid::DaemonConfig config;
+    config.unix_socket = dir + "/kvmid.sock";
+    config.io_threads = 1;  // same thread budget as the direct loop
+    kvmid::Daemon daemon(config);
+    daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
+    std::unique_ptr<kvmid::MetricsServer> metrics;
+    if (with_metrics) {
+      kvmid::MetricsOptions options;
+      options.address = "127.0.0.1:0";
+      auto started = kvmid::StartMetrics(&daemon, options);
+      if (!started.ok()) {
+        std::fprintf(stderr, "metrics: %s\n", started.status().ToString().c_str());
+        return false;
+      }
+      metrics = std::move(*started);
+    }
+    std::string error = daemon.Start();
+    if (!error.empty()) {
+      std::fprintf(stderr, "kvmid: %s\n", error.c_str());
+      return false;
+    }
+    *row = Measure(with_metrics ? "kvmid policy + metrics" : "kvmid policy", config.unix_socket,
+                   guests);
+    daemon.Shutdown(std::chrono::milliseconds(0));
+    metrics.reset();
+    return true;
+  };
+
+  struct Group {
+    uint32_t guests = 0;
+    std::vector<Row> rows;                    // direct first
+    std::vector<double> plain, with_metrics;  // events/s of each kvmid row
+  };
+  std::vector<Group> groups;
   for (uint32_t guests : counts) {
+    Group group;
+    group.guests = guests;
     {
       DirectLoopResponder direct(dir + "/direct.sock");
       if (!direct.Start()) return 1;
-      rows.push_back(Measure("direct-loop", dir + "/direct.sock", guests));
+      group.rows.push_back(Measure("direct-loop", dir + "/direct.sock", guests));
     }
-    {
-      kvmid::DaemonConfig config;
-      config.unix_socket = dir + "/kvmid.sock";
-      config.io_threads = 1;  // same thread budget as the direct loop
-      kvmid::Daemon daemon(config);
-      daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule());
-      std::string error = daemon.Start();
-      if (!error.empty()) {
-        std::fprintf(stderr, "kvmid: %s\n", error.c_str());
-        return 1;
+    for (int round = 0; round < rounds; ++round) {
+      // Alternate which one goes first, so that a drift in the machine's load hits both.
+      for (int i = 0; i < 2; ++i) {
+        bool with_metrics = (i == 1) != (round % 2 == 1);
+        if (with_metrics && !absl::GetFlag(FLAGS_metrics)) continue;
+        Row row;
+        if (!measure_kvmid(guests, with_metrics, &row)) return 1;
+        (with_metrics ? group.with_metrics : group.plain).push_back(row.events_per_second);
+        group.rows.push_back(row);
       }
-      rows.push_back(Measure("kvmid policy", config.unix_socket, guests));
-      daemon.Shutdown(std::chrono::milliseconds(0));
     }
+    groups.push_back(std::move(group));
   }
   ::rmdir(dir.c_str());
 
   std::printf(
       "\n| guests | tool | events/s | mean RTT (us) | p50 (us) | p99 (us) | mean vs direct |\n");
   std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const Row& r = rows[i];
-    const Row& direct = rows[i - i % 2];
-    std::printf("| %u | %s | %.0f | %.1f | %llu | %llu | %.2fx |\n", r.guests, r.tool.c_str(),
-                r.events_per_second, r.mean_us, static_cast<unsigned long long>(r.p50_us),
-                static_cast<unsigned long long>(r.p99_us),
-                direct.mean_us > 0 ? r.mean_us / direct.mean_us : 0.0);
+  for (const Group& group : groups) {
+    const Row& direct = group.rows.front();
+    for (const Row& r : group.rows) {
+      std::printf("| %u | %s | %.0f | %.1f | %llu | %llu | %.2fx |\n", r.guests, r.tool.c_str(),
+                  r.events_per_second, r.mean_us, static_cast<unsigned long long>(r.p50_us),
+                  static_cast<unsigned long long>(r.p99_us),
+                  direct.mean_us > 0 ? r.mean_us / direct.mean_us : 0.0);
+    }
   }
   std::printf(
       "\n(p50/p99: the simulator's log-linear histogram, bucket upper bounds, ~19%% wide; "
       "the ratio column compares mean round trips)\n");
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n == 0 ? 0.0 : (n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2);
+  };
+  if (absl::GetFlag(FLAGS_metrics)) {
+    std::printf("\nmetrics cost (median events/s of %d round(s) each):\n", rounds);
+    for (const Group& group : groups) {
+      double plain = median(group.plain), with_metrics = median(group.with_metrics);
+      std::printf("  %u guests: %.0f -> %.0f events/s with metrics (%+.2f%%)\n", group.guests,
+                  plain, with_metrics, plain > 0 ? (with_metrics - plain) * 100.0 / plain : 0.0);
+    }
+  }
   return 0;
 }
