@@ -47,7 +47,7 @@ inline constexpr int kMaxMetricsHttpThreads = 16;
 // Checks `address` (HOST:PORT, port 0..65535): OK or INVALID_ARGUMENT naming what is wrong.
 absl::Status ValidateMetricsAddress(const std::string& address);
 
-class EventMetrics;
+class EventMetrics;  // event_metrics.h
 struct HealthState;
 
 class MetricsServer {
