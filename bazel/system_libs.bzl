@@ -20,6 +20,11 @@ _LIBS = {
     "gmock_main": (["gmock_main"], []),
     "benchmark": (["benchmark"], []),
     "crypto": (["libcrypto"], []),
+    # prometheus-cpp (Debian prometheus-cpp-dev): metrics types and the pull exposer, whose HTTP
+    # server is civetweb (Debian libcivetweb-dev, which ships no .pc file: plain -l). kvmid
+    # includes civetweb.h itself for /healthz and /readyz on the exposer's port.
+    "prometheus": (["prometheus-cpp-pull", "prometheus-cpp-core"], []),
+    "civetweb": ([], ["-lcivetweb-cpp", "-lcivetweb"]),
 }
 
 def _pkg_config(rctx, args):
@@ -43,8 +48,8 @@ def _system_libs_impl(rctx):
         fail("pkg-config not found: apt-get install pkg-config")
     lines = ['package(default_visibility = ["//visibility:public"])', ""]
     for name, (mods, extra) in _LIBS.items():
-        libs = _pkg_config(rctx, ["--libs"] + mods)
-        cflags = _pkg_config(rctx, ["--cflags"] + mods)
+        libs = _pkg_config(rctx, ["--libs"] + mods) if mods else []
+        cflags = _pkg_config(rctx, ["--cflags"] + mods) if mods else []
         defines = [f[2:] for f in cflags if f.startswith("-D")]
         linkopts = _dedup_keep_last(extra + libs)
         lines.append("cc_library(")

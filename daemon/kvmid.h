@@ -57,6 +57,7 @@ struct LoadedConfig {
   DaemonConfig daemon;
   std::string api_socket = "/run/kvmid/api.sock";
   std::string api_tcp;
+  std::optional<std::string> metrics_address;  // unset = the --metrics_address default
   std::vector<std::shared_ptr<Rule>> rules;  // the configured policies
   std::map<std::string, std::map<std::string, std::string>> guest_labels;
 };

@@ -22,6 +22,7 @@
 #include "daemon/export/node_name.h"
 #include "daemon/export/rotating_file.h"
 #include "daemon/kvmid.h"
+#include "daemon/metrics/metrics_server.h"
 #include "daemon/startup/flags.h"
 #include "daemon/startup/instance_lock.h"
 #include "daemon/startup/json_log.h"
@@ -39,6 +40,7 @@ struct Process {
   std::unique_ptr<kvmid::PolicyStore> state;
   std::unique_ptr<kvmid::Exporter> exporter;
   std::unique_ptr<kvmid::EventLog> event_log;
+  std::unique_ptr<kvmid::MetricsServer> metrics;
   std::unique_ptr<kvmid::ApiServer> api;
 };
 
@@ -153,6 +155,24 @@ void StopExport(Process* p) {
                p->exporter->written(), p->exporter->dropped(), p->exporter->write_errors());
 }
 
+// Before the guest listeners, so that every event is counted.
+absl::Status StartMetrics(Process* p) {
+  const kvmid::Settings& s = p->settings;
+  if (s.metrics_address.empty()) return absl::OkStatus();
+  kvmid::MetricsOptions options;
+  options.address = s.metrics_address;
+  absl::StatusOr<std::unique_ptr<kvmid::MetricsServer>> started =
+      kvmid::StartMetrics(p->daemon.get(), options);
+  if (started.ok()) {
+    p->metrics = *std::move(started);
+    return absl::OkStatus();
+  }
+  if (s.metrics_address_required) return started.status();
+  // The default address taken (e.g. by another tool or a test's kvmid): run without metrics.
+  spdlog::warn("{}; running without metrics", std::string(started.status().message()));
+  return absl::OkStatus();
+}
+
 absl::Status StartApi(Process* p) {
   const kvmid::LoadedConfig& c = p->settings.config;
   if (c.api_socket.empty() && c.api_tcp.empty()) return absl::OkStatus();
@@ -212,11 +232,24 @@ int main(int argc, char** argv) {
       },
       [&] { p.event_log->Stop(); });
   steps.Add(
+      "metrics", [&] { return StartMetrics(&p); }, [&] { p.metrics.reset(); });
+  steps.Add(
       "guest listeners", [&] { return p.daemon->Start(); }, [&] { p.daemon->Shutdown(); });
   steps.Add(
       "api", [&] { return StartApi(&p); },
       [&] {
         if (p.api) p.api->Shutdown();
+      });
+
+  // /readyz: listeners up, configuration applied; not ready again from the first teardown step.
+  steps.Add(
+      "ready",
+      [&] {
+        if (p.metrics) p.metrics->SetReady(true);
+        return absl::OkStatus();
+      },
+      [&] {
+        if (p.metrics) p.metrics->SetReady(false);
       });
 
   absl::Status started = steps.Run();

@@ -9,10 +9,14 @@ PACKAGES=(
   bazel-bootstrap pkg-config g++ clang lld libclang-rt-14-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev libssl-dev
+  # Metrics: prometheus-cpp (its exposer embeds civetweb, whose header serves /healthz, /readyz).
+  prometheus-cpp-dev libcivetweb-dev
   # Formatting / lint.
   clang-format clang-tidy
   # Python client.
   python3 python3-grpcio python3-protobuf
+  # A real Prometheus server (and promtool) for the metrics end-to-end test.
+  prometheus
   # Go client (clients/go: GOPATH mode, stubs generated at build time).
   golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
   protoc-gen-go protoc-gen-go-grpc

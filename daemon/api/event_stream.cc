@@ -7,6 +7,7 @@
 #include "daemon/api/convert.h"
 #include "daemon/api/limits.h"
 #include "daemon/config/policy_convert.h"
+#include "daemon/metrics/hooks.h"
 
 namespace kvmid::api {
 
@@ -73,6 +74,7 @@ void StreamQueue::Push(const ObservedEvent& o) {
   MutexLock lock(&mu_);
   if (queue_.size() >= capacity_) {
     ++dropped_pending_;
+    Metrics::StreamEventsDropped(1);  // kvmid_stream_events_dropped_total
     return;
   }
   queue_.push_back(o);

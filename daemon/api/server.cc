@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "daemon/api/limits.h"
+#include "daemon/metrics/api_interceptor.h"
 
 namespace kvmid {
 
@@ -40,10 +41,14 @@ absl::Status ApiServer::Start(const std::string& unix_socket, const std::string&
   grpc::ServerBuilder builder;
   AddListeners(&builder, unix_socket, tcp);
   builder.RegisterService(service_.get());
+  builder.experimental().SetInterceptorCreators(ApiMetricsInterceptors());  // kvmid_api_calls_total
   server_ = builder.BuildAndStart();
   const std::string where = (unix_socket.empty() ? "" : "unix:" + unix_socket + " ") + tcp;
   if (!server_) return absl::UnavailableError("cannot serve the API on " + where);
   if (!tcp.empty() && tcp_port_ == 0) return absl::UnavailableError("cannot listen on " + tcp);
+  // grpc.health.v1 answers for the service by name too ("" alone is the server as a whole).
+  server_->GetHealthCheckService()->SetServingStatus(kvmi::v1::Introspection::service_full_name(),
+                                                     true);
   unix_socket_ = unix_socket;
   spdlog::info("API (kvmi.v1.Introspection, reflection, health) on {}", where);
   return absl::OkStatus();
@@ -51,6 +56,7 @@ absl::Status ApiServer::Start(const std::string& unix_socket, const std::string&
 
 void ApiServer::Shutdown() {
   if (!server_) return;
+  server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every name from now on
   // Streams end within their poll interval; give them a moment, then cut.
   server_->Shutdown(std::chrono::system_clock::now() + api::kShutdownGrace);
   server_.reset();

@@ -81,6 +81,7 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
     if (!l.api_socket().empty()) out.api_socket = l.api_socket();
     out.api_tcp = l.api_tcp();
   }
+  if (file.has_metrics_address()) out.metrics_address = file.metrics_address();
   if (!file.cookie_file().empty()) d.cookie_file = file.cookie_file();
   if (file.io_threads() != 0) {
     if (file.io_threads() > static_cast<uint32_t>(kMaxIoThreads)) {

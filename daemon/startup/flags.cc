@@ -48,6 +48,10 @@ KVMID_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or o
 KVMID_FLAG(std::string, log_format, "text",
            "text, or json: one JSON object per line (time, level, msg; vm_name and vm_uuid on "
            "lines about a guest)");
+KVMID_FLAG(std::string, metrics_address, "127.0.0.1:9464",
+           "HOST:PORT serving Prometheus metrics (/metrics) and HTTP health (/healthz, /readyz); "
+           "empty = off. If the default address is taken kvmid runs without metrics (a warning); "
+           "an address given here or in the file must work");
 KVMID_FLAG(std::string, state_dir, "/var/lib/kvmid",
            "where policies applied through the API are kept across restarts (created on the "
            "first change); empty = not persisted");
@@ -203,6 +207,14 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
     s.log_format = LogFormat::kJson;
   } else {
     return FlagError("log_format", "must be text or json");
+  }
+
+  if (given("metrics_address")) s.config.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  if (s.config.metrics_address) {
+    s.metrics_address = *s.config.metrics_address;
+    s.metrics_address_required = true;
+  } else {
+    s.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   }
 
   if (given("kvmi_socket") || !have_file) d.unix_socket = absl::GetFlag(FLAGS_kvmi_socket);

@@ -46,6 +46,10 @@ struct Settings {
   EventLogOptions event_log;
   spdlog::level::level_enum log_level = spdlog::level::info;
   LogFormat log_format = LogFormat::kText;
+  // Prometheus metrics and HTTP health; empty = off. Required: given by a flag or the file (a
+  // failure to serve it stops start-up); otherwise the default, which may be taken.
+  std::string metrics_address;
+  bool metrics_address_required = false;
   // Operations (flags only; checked by the steps that use them, daemon/main.cc).
   std::string state_dir;      // API policies kept here; empty = not persisted
   std::string state_recover;  // fail or quarantine

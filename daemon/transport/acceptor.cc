@@ -96,6 +96,7 @@ void Acceptor::OnAcceptable() {
       spdlog::warn("{} listener: {} handshakes in progress, refusing a connection", transport_,
                    pending_.size());
       stats_.rejected++;
+      Metrics::CountHandshake(HandshakeResult::kBusy);
       continue;
     }
     auto pending = std::make_unique<Pending>();
@@ -103,18 +104,20 @@ void Acceptor::OnAcceptable() {
     if (!allowed.ok()) {
       spdlog::warn("{} listener: connection refused: {}", transport_, std::string(allowed.message()));
       stats_.rejected++;
+      Metrics::CountHandshake(HandshakeResult::kUnauthorized);
       continue;
     }
     pending->fd = std::move(fd);
     int key = pending->fd.get();
-    pending->timer = loop_->RunAt(Clock::now() + options_.handshake_timeout,
-                                  [this, key] { Reject(key, "handshake timed out"); });
+    pending->timer = loop_->RunAt(Clock::now() + options_.handshake_timeout, [this, key] {
+      Reject(key, "handshake timed out", HandshakeResult::kTimeout);
+    });
     loop_->Watch(key, EPOLLIN | EPOLLRDHUP, [this, key](uint32_t) { OnHandshakeReadable(key); });
     pending_.emplace(key, std::move(pending));
   }
 }
 
-void Acceptor::Reject(int fd, const std::string& why) {
+void Acceptor::Reject(int fd, const std::string& why, HandshakeResult result) {
   auto it = pending_.find(fd);
   if (it == pending_.end()) return;
   spdlog::warn("{} handshake from {} rejected: {}", transport_, it->second->peer, why);
@@ -122,6 +125,7 @@ void Acceptor::Reject(int fd, const std::string& why) {
   loop_->Cancel(it->second->timer);
   pending_.erase(it);  // closes the socket
   stats_.rejected++;
+  Metrics::CountHandshake(result);
 }
 
 void Acceptor::OnHandshakeReadable(int fd) {
@@ -177,6 +181,7 @@ void Acceptor::OnHandshakeReadable(int fd) {
   guest.fd = std::move(p.fd);
   pending_.erase(it);
   stats_.completed++;
+  Metrics::CountHandshake(HandshakeResult::kCompleted);
   on_guest_(std::move(guest));
 }
 

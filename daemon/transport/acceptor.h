@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "daemon/io/event_loop.h"
+#include "daemon/metrics/hooks.h"
 #include "daemon/session/guest_session.h"
 #include "kernel/abi/handshake.h"
 #include "kernel/transport/unique_fd.h"
@@ -76,7 +77,7 @@ class Acceptor {
 
   void OnAcceptable();
   void OnHandshakeReadable(int fd);
-  void Reject(int fd, const std::string& why);
+  void Reject(int fd, const std::string& why, HandshakeResult result = HandshakeResult::kFailed);
   // Who is on the other end (for logs and identities), refused with PermissionDenied when not
   // allowed.
   absl::Status Authenticate(int fd, Pending* pending);

@@ -2,29 +2,41 @@
 // verdict -> reply -> the vCPU resumes. Two tools answer, in the same run on the same machine:
 //   direct-loop  the least work any tool can do: one epoll thread that reads each event and writes
 //                CONTINUE (decoded and encoded with the project's codec, nothing else);
-//   kvmid        the real daemon core, one I/O thread, the event answered by an in-daemon policy.
+//   kvmid        the real daemon core, one I/O thread, the event answered by an in-daemon policy;
+//   kvmid policy + metrics  the same with Prometheus metrics on (daemon/metrics: the pipeline
+//                observer counting every event and its verdict latency, the HTTP exposer up),
+//                `--metrics` (default on); `--rounds=N` alternates the two N times and the summary
+//                compares their median throughputs (the machine is shared: one pair is noisy).
 // Closed loop: each guest has one vCPU that writes CR3 as fast as its events are answered, so
 // throughput = guests / round trip. Prints a table (docs/PERFORMANCE.md has the figures).
 //
 //   bazel run -c opt //tests/bench:event_path_bench -- --guests=1,16,256 --seconds=3
+//   bazel run -c opt //tests/bench:event_path_bench -- --guests=16 --rounds=5   (metrics cost)
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_split.h>
+#include <dirent.h>
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "daemon/kvmid.h"
+#include "daemon/metrics/event_metrics.h"
+#include "daemon/metrics/metrics_server.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
 #include "kernel/abi/handshake.h"
@@ -36,6 +48,8 @@
 ABSL_FLAG(std::string, guests, "1,16,256", "guest counts to measure (one vCPU each)");
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
 ABSL_FLAG(double, warmup_seconds, 0.5, "run before the window opens");
+ABSL_FLAG(bool, metrics, true, "also measure kvmid with Prometheus metrics on");
+ABSL_FLAG(int, rounds, 1, "kvmid rows (with and without metrics) per guest count, alternated");
 
 namespace {
 
@@ -49,18 +63,21 @@ class DirectLoopResponder {
   ~DirectLoopResponder() { Stop(); }
 
   bool Start() {
-    auto listen = kvmi::ListenUnix(path_);
-    if (!listen.ok()) {
-      std::fprintf(stderr, "direct loop: %s\n", std::string(listen.status().message()).c_str());
+    absl::StatusOr<kvmi::UniqueFd> listening = kvmi::ListenUnix(path_);
+    if (!listening.ok()) {
+      std::fprintf(stderr, "direct loop: %s\n", listening.status().ToString().c_str());
       return false;
     }
-    listen_ = std::move(*listen);
+    listen_ = *std::move(listening);
     epoll_ = kvmi::UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = listen_.get();
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listen_.get(), &ev);
-    thread_ = std::thread([this] { Loop(); });
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "direct-loop");
+      Loop();
+    });
     return true;
   }
   void Stop() {
@@ -193,7 +210,35 @@ struct Row {
   double mean_us = 0;
   uint64_t p50_us = 0;
   uint64_t p99_us = 0;
+  // CPU time the tool's event thread spent per event (/proc/self/task/TID/schedstat, ns): what
+  // the tool itself costs, much less sensitive than throughput to a loaded machine.
+  double cpu_ns_per_event = 0;
 };
+
+// The thread named `name` in this process, or 0.
+int FindThread(const std::string& name) {
+  DIR* tasks = ::opendir("/proc/self/task");
+  if (tasks == nullptr) return 0;
+  int found = 0;
+  while (dirent* entry = ::readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream comm(std::string("/proc/self/task/") + entry->d_name + "/comm");
+    std::string line;
+    // The newest one: a stopped daemon's thread of the same name may not be reaped yet.
+    if (std::getline(comm, line) && line == name) found = std::max(found, std::atoi(entry->d_name));
+  }
+  ::closedir(tasks);
+  return found;
+}
+
+// Nanoseconds thread `tid` has run on a CPU (first field of schedstat), or 0.
+uint64_t ThreadCpuNs(int tid) {
+  if (tid == 0) return 0;
+  std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/schedstat");
+  uint64_t ns = 0;
+  in >> ns;
+  return ns;
+}
 
 uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
   kvmi::host::EngineStats stats;
@@ -201,7 +246,9 @@ uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
   return stats.events_sent[KVMI_EVENT_CR].load();
 }
 
-Row Measure(const std::string& tool, const std::string& socket, uint32_t guests) {
+// `thread`: the name of the tool's event thread, whose CPU time is measured.
+Row Measure(const std::string& tool, const std::string& thread, const std::string& socket,
+            uint32_t guests) {
   kvmi::sim::FleetConfig config;
   config.vms = guests;
   config.guest.vcpus = 1;
@@ -221,10 +268,13 @@ Row Measure(const std::string& tool, const std::string& socket, uint32_t guests)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_warmup_seconds)));
+  const int tid = FindThread(thread);
+  uint64_t cpu_before = ThreadCpuNs(tid);
   uint64_t before = CrEvents(fleet);
   auto start = Clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
   uint64_t after = CrEvents(fleet);
+  uint64_t cpu_after = ThreadCpuNs(tid);
   double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   kvmi::host::EngineStats stats;
   fleet.AggregateStats(&stats);
@@ -237,7 +287,31 @@ Row Measure(const std::string& tool, const std::string& socket, uint32_t guests)
   row.mean_us = row.events_per_second > 0 ? guests * 1e6 / row.events_per_second : 0;
   row.p50_us = stats.round_trip.PercentileMicros(0.50);
   row.p99_us = stats.round_trip.PercentileMicros(0.99);
+  // 0 if the thread could not be read at both ends (printed as "-", left out of medians).
+  row.cpu_ns_per_event =
+      after > before && cpu_before > 0 && cpu_after > cpu_before
+          ? static_cast<double>(cpu_after - cpu_before) / static_cast<double>(after - before)
+          : 0;
   return row;
+}
+
+// CPU time of one EventMetrics::Observe (what metrics adds to each event on the loop thread,
+// after the reply went out), on this thread, for a policy-decided CR event.
+double ObserveNs() {
+  kvmid::EventMetrics metrics(std::make_shared<prometheus::Registry>());
+  kvmid::ObservedEvent observed;
+  observed.event.common.event = KVMI_EVENT_CR;
+  observed.event.specific.cr.cr = 3;
+  observed.verdict = kvmid::Verdict::Continue("policy:allow-cr3");
+  observed.latency = std::chrono::microseconds(20);
+  constexpr int kCalls = 2000000;
+  for (int i = 0; i < 1000; ++i) metrics.Observe(observed);  // series created, caches warm
+  timespec start{}, end{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &start);
+  for (int i = 0; i < kCalls; ++i) metrics.Observe(observed);
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &end);
+  double ns = (end.tv_sec - start.tv_sec) * 1e9 + (end.tv_nsec - start.tv_nsec);
+  return ns / kCalls;
 }
 
 }  // namespace
@@ -258,43 +332,113 @@ int main(int argc, char** argv) {
   char dir_template[] = "/tmp/kvmid-bench-XXXXXX";
   std::string dir = mkdtemp(dir_template);
 
-  std::vector<Row> rows;
+  const int rounds = absl::GetFlag(FLAGS_rounds);
+  if (rounds < 1 || rounds > 100) {
+    std::fprintf(stderr, "--rounds must be 1..100\n");
+    return 2;
+  }
+  // One kvmid row: the daemon core with one I/O thread and the policy, metrics on or off.
+  auto measure_kvmid = [&](uint32_t guests, bool with_metrics, Row* row) {
+    kvmid::DaemonConfig config;
+    config.unix_socket = dir + "/kvmid.sock";
+    config.io_threads = 1;  // same thread budget as the direct loop
+    kvmid::Daemon daemon(config);
+    if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return false;
+    std::unique_ptr<kvmid::MetricsServer> metrics;
+    if (with_metrics) {
+      kvmid::MetricsOptions options;
+      options.address = "127.0.0.1:0";
+      auto started = kvmid::StartMetrics(&daemon, options);
+      if (!started.ok()) {
+        std::fprintf(stderr, "metrics: %s\n", started.status().ToString().c_str());
+        return false;
+      }
+      metrics = std::move(*started);
+    }
+    absl::Status started = daemon.Start();
+    if (!started.ok()) {
+      std::fprintf(stderr, "kvmid: %s\n", started.ToString().c_str());
+      return false;
+    }
+    *row = Measure(with_metrics ? "kvmid policy + metrics" : "kvmid policy", "kvmid-io-0",
+                   config.unix_socket, guests);
+    daemon.Shutdown(std::chrono::milliseconds(0));
+    metrics.reset();
+    return true;
+  };
+
+  struct Group {
+    uint32_t guests = 0;
+    std::vector<Row> rows;                            // direct first
+    std::vector<double> plain, with_metrics;          // events/s of each kvmid row
+    std::vector<double> plain_cpu, with_metrics_cpu;  // CPU ns/event of each kvmid row
+  };
+  std::vector<Group> groups;
   for (uint32_t guests : counts) {
+    Group group;
+    group.guests = guests;
     {
       DirectLoopResponder direct(dir + "/direct.sock");
       if (!direct.Start()) return 1;
-      rows.push_back(Measure("direct-loop", dir + "/direct.sock", guests));
+      group.rows.push_back(Measure("direct-loop", "direct-loop", dir + "/direct.sock", guests));
     }
-    {
-      kvmid::DaemonConfig config;
-      config.unix_socket = dir + "/kvmid.sock";
-      config.io_threads = 1;  // same thread budget as the direct loop
-      kvmid::Daemon daemon(config);
-      if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return 1;
-      absl::Status started = daemon.Start();
-      if (!started.ok()) {
-        std::fprintf(stderr, "kvmid: %s\n", std::string(started.message()).c_str());
-        return 1;
+    for (int round = 0; round < rounds; ++round) {
+      // Alternate which one goes first, so that a drift in the machine's load hits both.
+      for (int i = 0; i < 2; ++i) {
+        bool with_metrics = (i == 1) != (round % 2 == 1);
+        if (with_metrics && !absl::GetFlag(FLAGS_metrics)) continue;
+        Row row;
+        if (!measure_kvmid(guests, with_metrics, &row)) return 1;
+        (with_metrics ? group.with_metrics : group.plain).push_back(row.events_per_second);
+        if (row.cpu_ns_per_event > 0) {
+          (with_metrics ? group.with_metrics_cpu : group.plain_cpu).push_back(row.cpu_ns_per_event);
+        }
+        group.rows.push_back(row);
       }
-      rows.push_back(Measure("kvmid policy", config.unix_socket, guests));
-      daemon.Shutdown(std::chrono::milliseconds(0));
     }
+    groups.push_back(std::move(group));
   }
   ::rmdir(dir.c_str());
 
   std::printf(
-      "\n| guests | tool | events/s | mean RTT (us) | p50 (us) | p99 (us) | mean vs direct |\n");
-  std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const Row& r = rows[i];
-    const Row& direct = rows[i - i % 2];
-    std::printf("| %u | %s | %.0f | %.1f | %llu | %llu | %.2fx |\n", r.guests, r.tool.c_str(),
-                r.events_per_second, r.mean_us, static_cast<unsigned long long>(r.p50_us),
-                static_cast<unsigned long long>(r.p99_us),
-                direct.mean_us > 0 ? r.mean_us / direct.mean_us : 0.0);
+      "\n| guests | tool | events/s | mean RTT (us) | p50 (us) | p99 (us) | mean vs direct | "
+      "tool CPU ns/event |\n");
+  std::printf("|---:|---|---:|---:|---:|---:|---:|---:|\n");
+  for (const Group& group : groups) {
+    const Row& direct = group.rows.front();
+    for (const Row& r : group.rows) {
+      std::string cpu =
+          r.cpu_ns_per_event > 0 ? std::to_string(std::lround(r.cpu_ns_per_event)) : "-";
+      std::printf("| %u | %s | %.0f | %.1f | %llu | %llu | %.2fx | %s |\n", r.guests,
+                  r.tool.c_str(), r.events_per_second, r.mean_us,
+                  static_cast<unsigned long long>(r.p50_us),
+                  static_cast<unsigned long long>(r.p99_us),
+                  direct.mean_us > 0 ? r.mean_us / direct.mean_us : 0.0, cpu.c_str());
+    }
   }
   std::printf(
       "\n(p50/p99: the simulator's log-linear histogram, bucket upper bounds, ~19%% wide; "
       "the ratio column compares mean round trips)\n");
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n == 0 ? 0.0 : (n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2);
+  };
+  if (absl::GetFlag(FLAGS_metrics)) {
+    double observe_ns = ObserveNs();
+    std::printf("\nmetrics cost (medians of %d round(s) each):\n", rounds);
+    std::printf("  EventMetrics::Observe alone: %.1f ns per event (thread CPU time, 2M calls)\n",
+                observe_ns);
+    for (const Group& group : groups) {
+      double plain = median(group.plain), with_metrics = median(group.with_metrics);
+      double plain_cpu = median(group.plain_cpu), with_metrics_cpu = median(group.with_metrics_cpu);
+      std::printf(
+          "  %u guests: %.0f -> %.0f events/s (%+.2f%%); kvmid-io-0 CPU %.0f -> %.0f ns/event "
+          "(%+.2f%%)\n",
+          group.guests, plain, with_metrics,
+          plain > 0 ? (with_metrics - plain) * 100.0 / plain : 0.0, plain_cpu, with_metrics_cpu,
+          plain_cpu > 0 ? (with_metrics_cpu - plain_cpu) * 100.0 / plain_cpu : 0.0);
+    }
+  }
   return 0;
 }

@@ -115,7 +115,8 @@ class Rig:
         self.kvmid = subprocess.Popen(
             [KVMID, "--config=" + self.config, "--kvmi_socket=" + self.kvmi_socket,
              "--api_socket=" + self.api_socket, "--cookie_file=" + self.cookie,
-             "--log_events=none", "--log_level=info"],
+             "--log_events=none", "--log_level=info",
+             "--state_dir=" + os.path.join(self.dir, "state"), "--metrics_address="],
             stdout=self.kvmid_log, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.api_socket) and os.path.exists(self.kvmi_socket),
                  10, "kvmid's sockets")

@@ -31,7 +31,8 @@ class Node:
         test.addCleanup(self.close)
 
     def flags(self):
-        return ["--kvmi_socket=" + self.kvmi, "--api_socket=" + self.api, "--log_events=none"]
+        return ["--kvmi_socket=" + self.kvmi, "--api_socket=" + self.api, "--log_events=none",
+                "--state_dir=" + os.path.join(self.dir, "state"), "--metrics_address="]
 
     def start_kvmid(self, *extra, log_name="kvmid.log"):
         log = open(os.path.join(self.dir, log_name), "w+")

@@ -1,0 +1,59 @@
+#include "daemon/metrics/api_interceptor.h"
+
+#include <grpcpp/support/status.h>
+
+#include <string>
+
+#include "daemon/metrics/hooks.h"
+
+namespace kvmid {
+namespace {
+
+using grpc::experimental::InterceptionHookPoints;
+
+// One per call (gRPC creates it with the call and deletes it when the call is done).
+class ApiMetricsInterceptor : public grpc::experimental::Interceptor {
+ public:
+  explicit ApiMetricsInterceptor(const char* method) : method_(method != nullptr ? method : "") {}
+
+  ~ApiMetricsInterceptor() override {
+    // A call that ended without a status being sent (the client went away first).
+    if (!counted_) Metrics::ApiCall(method_, grpc::StatusCode::CANCELLED);
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) && !counted_) {
+      counted_ = true;
+      Metrics::ApiCall(method_, methods->GetSendStatus().error_code());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string method_;
+  bool counted_ = false;
+};
+
+class ApiMetricsInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new ApiMetricsInterceptor(info->method());
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+NewApiMetricsInterceptorFactory() {
+  return std::make_unique<ApiMetricsInterceptorFactory>();
+}
+
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+ApiMetricsInterceptors() {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
+  factories.push_back(NewApiMetricsInterceptorFactory());
+  return factories;
+}
+
+}  // namespace kvmid
