@@ -24,6 +24,7 @@
 #include "daemon/config/config.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/credentials.h"
 
 ABSL_FLAG(std::string, config, "",
           "configuration file (protobuf text format, daemon/config/kvmid_config.proto); flags "
@@ -37,6 +38,21 @@ ABSL_FLAG(std::string, api_socket, "/run/kvmid/api.sock",
           "UNIX socket of the gRPC API (kvmi.v1.Introspection, reflection, health); empty = none");
 ABSL_FLAG(std::string, api_tcp, "",
           "HOST:PORT for the gRPC API over TCP (e.g. 127.0.0.1:50051); empty = none");
+// ---- API transport security (daemon/security, docs/SECURITY.md) -------------------------------
+ABSL_FLAG(std::string, api_socket_mode, "0660",
+          "permissions of the API socket (octal), set exactly whatever the umask");
+ABSL_FLAG(std::string, api_socket_group, "",
+          "group owning the API socket (name or number); empty = kvmid's group");
+ABSL_FLAG(std::string, api_tls_cert, "", "PEM server certificate chain of the TCP API (mTLS)");
+ABSL_FLAG(std::string, api_tls_key, "", "PEM private key of --api_tls_cert");
+ABSL_FLAG(std::string, api_tls_client_ca, "",
+          "PEM bundle of the CAs whose client certificates the TCP API accepts (required)");
+ABSL_FLAG(int, api_tls_refresh_seconds, 60,
+          "how often the TLS files are checked for changes (rotation without restart)");
+ABSL_FLAG(bool, api_tcp_insecure_plaintext, false,
+          "serve --api_tcp WITHOUT TLS (no encryption, no identity); loopback addresses only, "
+          "for tests");
+// ---- end of API transport security flags -----------------------------------------------------
 ABSL_FLAG(std::string, cookie_file, "",
           "shared secret; its SHA-1 goes back to QEMU as cookie_hash (kvmi-v7 QEMU checks it)");
 ABSL_FLAG(std::string, allowed_uids, "",
@@ -177,6 +193,39 @@ int main(int argc, char** argv) {
   if (!loaded.api_tcp.empty() && loaded.api_tcp.find(':') == std::string::npos) {
     Die("--api_tcp must be HOST:PORT, e.g. 127.0.0.1:50051");
   }
+  // ---- API transport security: flags over the config file ----
+  kvmid::security::ApiListenOptions api_listen;
+  api_listen.unix_socket = loaded.api_socket;
+  api_listen.unix_socket_mode = loaded.api_socket_mode;
+  api_listen.unix_socket_group = loaded.api_socket_group;
+  api_listen.tcp = loaded.api_tcp;
+  api_listen.tcp_insecure_plaintext = loaded.api_tcp_insecure_plaintext;
+  api_listen.tls = {loaded.api_tls_cert, loaded.api_tls_key, loaded.api_tls_client_ca,
+                    loaded.api_tls_refresh_seconds};
+  if (Given("api_socket_mode")) {
+    auto mode =
+        kvmid::security::ParseSocketMode(absl::GetFlag(FLAGS_api_socket_mode), "--api_socket_mode");
+    if (!mode.ok()) Die(std::string(mode.status().message()));
+    api_listen.unix_socket_mode = *mode;
+  }
+  if (Given("api_socket_group"))
+    api_listen.unix_socket_group = absl::GetFlag(FLAGS_api_socket_group);
+  if (Given("api_tls_cert")) api_listen.tls.cert = absl::GetFlag(FLAGS_api_tls_cert);
+  if (Given("api_tls_key")) api_listen.tls.key = absl::GetFlag(FLAGS_api_tls_key);
+  if (Given("api_tls_client_ca")) api_listen.tls.client_ca = absl::GetFlag(FLAGS_api_tls_client_ca);
+  if (Given("api_tls_refresh_seconds")) {
+    int seconds = absl::GetFlag(FLAGS_api_tls_refresh_seconds);
+    if (seconds < 1) Die("--api_tls_refresh_seconds must be positive");
+    api_listen.tls.refresh_seconds = static_cast<uint32_t>(seconds);
+  }
+  if (Given("api_tcp_insecure_plaintext")) {
+    api_listen.tcp_insecure_plaintext = absl::GetFlag(FLAGS_api_tcp_insecure_plaintext);
+  }
+  if (!api_listen.unix_socket.empty() || !api_listen.tcp.empty()) {
+    absl::Status valid = kvmid::security::ValidateListenOptions(api_listen);
+    if (!valid.ok()) Die(std::string(valid.message()));
+  }
+  // ---- end of API transport security ----
   if (Given("cookie_file")) config.cookie_file = absl::GetFlag(FLAGS_cookie_file);
   if (Given("allowed_uids")) {
     config.allowed_uids.clear();
@@ -260,7 +309,7 @@ int main(int argc, char** argv) {
   if (!error.empty()) Die(error);
   kvmid::ApiServer api(&daemon);
   if (!loaded.api_socket.empty() || !loaded.api_tcp.empty()) {
-    error = api.Start(loaded.api_socket, loaded.api_tcp);
+    error = api.Start(api_listen);
     if (!error.empty()) {
       daemon.Shutdown();
       Die(error);

@@ -39,7 +39,11 @@ class ApiTest : public ::testing::Test {
     ASSERT_EQ(daemon_->Start(), "");
     daemon_->pipeline().SetGuestLabels("web-1", {{"tier", "prod"}});
     api_ = std::make_unique<ApiServer>(daemon_.get(), /*history=*/4);
-    ASSERT_EQ(api_->Start(dir_ + "/api.sock", "127.0.0.1:0"), "");
+    security::ApiListenOptions listen;
+    listen.unix_socket = dir_ + "/api.sock";
+    listen.tcp = "127.0.0.1:0";
+    listen.tcp_insecure_plaintext = true;
+    ASSERT_EQ(api_->Start(listen), "");
     channel_ =
         grpc::CreateChannel("unix:" + dir_ + "/api.sock", grpc::InsecureChannelCredentials());
     stub_ = kvmi::v1::Introspection::NewStub(channel_);

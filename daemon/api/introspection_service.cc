@@ -1742,39 +1742,44 @@ ApiServer::ApiServer(Daemon* daemon, size_t history)
 
 ApiServer::~ApiServer() { Shutdown(); }
 
-std::string ApiServer::Start(const std::string& unix_socket, const std::string& tcp) {
-  if (unix_socket.empty() && tcp.empty()) return "no API address (api_socket or api_tcp)";
+std::string ApiServer::Start(const security::ApiListenOptions& options) {
+  absl::Status valid = security::ValidateListenOptions(options);
+  if (!valid.ok()) return std::string(valid.message());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  if (!unix_socket.empty()) {
-    std::string dir = unix_socket.substr(0, unix_socket.rfind('/'));
-    if (!dir.empty()) ::mkdir(dir.c_str(), 0750);  // /run/kvmid on a fresh host
-    ::unlink(unix_socket.c_str());                 // a stale socket from a previous run
-    builder.AddListeningPort("unix:" + unix_socket, grpc::InsecureServerCredentials());
+  if (!options.unix_socket.empty()) {
+    auto listener = security::UnixApiListener::Bind(options.unix_socket, options.unix_socket_mode,
+                                                    options.unix_socket_group);
+    if (!listener.ok()) return std::string(listener.status().message());
+    unix_listener_ = std::move(*listener);
   }
-  if (!tcp.empty()) {
-    builder.AddListeningPort(tcp, grpc::InsecureServerCredentials(), &tcp_port_);
+  if (!options.tcp.empty()) {
+    auto credentials = security::TcpServerCredentials(options);
+    if (!credentials.ok()) return std::string(credentials.status().message());
+    builder.AddListeningPort(options.tcp, *credentials, &tcp_port_);
   }
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
-  if (!server_) {
-    return "cannot serve the API on " + (unix_socket.empty() ? "" : "unix:" + unix_socket + " ") +
-           tcp;
-  }
-  if (!tcp.empty() && tcp_port_ == 0) return "cannot listen on " + tcp;
-  unix_socket_ = unix_socket;
-  spdlog::info("API (kvmi.v1.Introspection, reflection, health) on {}{}",
-               unix_socket.empty() ? "" : "unix:" + unix_socket + " ", tcp);
+  if (!server_) return "cannot serve the API on " + options.tcp;
+  if (!options.tcp.empty() && tcp_port_ == 0) return "cannot listen on " + options.tcp;
+  if (unix_listener_) unix_listener_->Start(server_.get());
+  spdlog::info("API (kvmi.v1.Introspection, reflection, health) on {}{}{}",
+               options.unix_socket.empty() ? "" : "unix:" + options.unix_socket + " ", options.tcp,
+               options.tcp.empty()              ? ""
+               : options.tcp_insecure_plaintext ? " (PLAINTEXT, loopback)"
+                                                : " (mutual TLS)");
   return "";
 }
 
 void ApiServer::Shutdown() {
+  // No new UNIX connections for a server going away; then the server (which closes the ones it
+  // has).
+  if (unix_listener_) unix_listener_->Stop();
   if (!server_) return;
   // Streams end within their 200 ms poll; give them a moment, then cut.
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server_.reset();
-  if (!unix_socket_.empty()) ::unlink(unix_socket_.c_str());
 }
 
 }  // namespace kvmid

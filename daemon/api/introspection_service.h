@@ -13,6 +13,8 @@
 
 #include "daemon/api/event_history.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/credentials.h"
+#include "daemon/security/unix_listener.h"
 #include "proto/kvmi/v1/introspection.grpc.pb.h"
 
 namespace kvmid {
@@ -162,8 +164,10 @@ class ApiServer {
   // `history` recent events are remembered for StreamEvents' resume cursor.
   explicit ApiServer(Daemon* daemon, size_t history = 8192);
   ~ApiServer();
-  // `unix_socket` / `tcp` may be empty (not both). Returns "" or an error naming the address.
-  std::string Start(const std::string& unix_socket, const std::string& tcp);
+  // Listeners from `options` (daemon/security/credentials.h): the UNIX socket accepted by kvmid
+  // (mode, group, peer credentials), TCP with mutual TLS or, named, plaintext on loopback.
+  // Returns "" or an error naming the address or the option.
+  std::string Start(const security::ApiListenOptions& options);
   void Shutdown();
   int tcp_port() const { return tcp_port_; }
   const EventHistory& history() const { return *history_; }
@@ -172,7 +176,7 @@ class ApiServer {
   std::unique_ptr<EventHistory> history_;
   std::unique_ptr<IntrospectionService> service_;
   std::unique_ptr<grpc::Server> server_;
-  std::string unix_socket_;
+  std::unique_ptr<security::UnixApiListener> unix_listener_;
   int tcp_port_ = 0;
 };
 

@@ -18,6 +18,12 @@ struct LoadedConfig {
   DaemonConfig daemon;
   std::string api_socket = "/run/kvmid/api.sock";
   std::string api_tcp;
+  // The API's transport security (daemon/security/credentials.h has the meaning and checks).
+  uint32_t api_socket_mode = 0660;
+  std::string api_socket_group;
+  bool api_tcp_insecure_plaintext = false;
+  std::string api_tls_cert, api_tls_key, api_tls_client_ca;
+  uint32_t api_tls_refresh_seconds = 60;
   std::vector<std::shared_ptr<Rule>> rules;
   std::map<std::string, std::map<std::string, std::string>> guest_labels;
 };
