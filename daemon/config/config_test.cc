@@ -57,6 +57,34 @@ TEST(ConfigTest, FullExampleParses) {
   EXPECT_EQ(RuleToPolicy(*c.rules[0]).protect_pages().allowed(), "rx");
 }
 
+TEST(ConfigTest, ApiTransportSecurity) {
+  LoadedConfig c;
+  EXPECT_EQ(c.api_socket_mode, 0660u);  // defaults
+  EXPECT_FALSE(c.api_tcp_insecure_plaintext);
+  EXPECT_EQ(c.api_tls_refresh_seconds, 60u);
+  ASSERT_EQ(ParseConfig(R"(
+    listen { api_tcp: "0.0.0.0:50051" api_socket_mode: 0640 api_socket_group: "kvmi" }
+    api_tls { cert: "/t/tls.crt" key: "/t/tls.key" client_ca: "/t/ca.crt" refresh_seconds: 5 }
+  )",
+                        "kvmid.conf", &c),
+            "");
+  EXPECT_EQ(c.api_socket_mode, 0640u);
+  EXPECT_EQ(c.api_socket_group, "kvmi");
+  EXPECT_EQ(c.api_tls_cert, "/t/tls.crt");
+  EXPECT_EQ(c.api_tls_key, "/t/tls.key");
+  EXPECT_EQ(c.api_tls_client_ca, "/t/ca.crt");
+  EXPECT_EQ(c.api_tls_refresh_seconds, 5u);
+  LoadedConfig plain;
+  ASSERT_EQ(ParseConfig("listen { api_tcp: \"127.0.0.1:1\" api_tcp_insecure_plaintext: true }",
+                        "kvmid.conf", &plain),
+            "");
+  EXPECT_TRUE(plain.api_tcp_insecure_plaintext);
+  LoadedConfig bad;
+  EXPECT_NE(ParseConfig("listen { api_socket_mode: 01777 }", "kvmid.conf", &bad)
+                .find("listen.api_socket_mode"),
+            std::string::npos);
+}
+
 TEST(ConfigTest, SyntaxErrorsNameTheLine) {
   LoadedConfig c;
   EXPECT_THAT(ParseConfig("io_threads: 2\nbogus_field: 1\n", "k.conf", &c), HasSubstr("k.conf:2:"));

@@ -189,10 +189,10 @@ TEST_F(UnixListenerTest, DescriptorOutlivesItsCalls) {
   auto channel = grpc::CreateInsecureChannelFromFd("held", client_fd);
   auto stub = kvmi::v1::Introspection::NewStub(channel);
   grpc::ClientContext context;
+  kvmi::v1::ListVMsRequest request;  // both requests outlive their calls (waited for below)
   kvmi::v1::ListVMsResponse response;
   std::atomic<bool> returned{false};
-  stub->async()->ListVMs(&context, new kvmi::v1::ListVMsRequest(), &response,
-                         [&](grpc::Status) { returned = true; });
+  stub->async()->ListVMs(&context, &request, &response, [&](grpc::Status) { returned = true; });
   ASSERT_TRUE(WaitUntil([&] { return service.peers().size() == 1; }));
   std::string peer = service.peers()[0];
   ASSERT_THAT(peer, StartsWith("fd:"));
@@ -209,7 +209,7 @@ TEST_F(UnixListenerTest, DescriptorOutlivesItsCalls) {
   grpc::ClientContext other_context;
   kvmi::v1::ListVMsResponse other_response;
   std::atomic<bool> other_returned{false};
-  other->async()->ListVMs(&other_context, new kvmi::v1::ListVMsRequest(), &other_response,
+  other->async()->ListVMs(&other_context, &request, &other_response,
                           [&](grpc::Status) { other_returned = true; });
   ASSERT_TRUE(WaitUntil([&] { return service.peers().size() == 2; }));
   EXPECT_NE(service.peers()[1], peer);
