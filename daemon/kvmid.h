@@ -58,6 +58,12 @@ struct LoadedConfig {
   std::string api_socket = "/run/kvmid/api.sock";
   std::string api_tcp;
   std::optional<std::string> metrics_address;  // unset = the --metrics_address default
+  // The API's transport security (daemon/security/credentials.h has the meaning and checks).
+  uint32_t api_socket_mode = 0660;
+  std::string api_socket_group;
+  bool api_tcp_insecure_plaintext = false;
+  std::string api_tls_cert, api_tls_key, api_tls_client_ca;
+  uint32_t api_tls_refresh_seconds = 60;
   std::vector<std::shared_ptr<Rule>> rules;  // the configured policies
   std::map<std::string, std::map<std::string, std::string>> guest_labels;
 };

@@ -177,7 +177,14 @@ absl::Status StartApi(Process* p) {
   const kvmid::LoadedConfig& c = p->settings.config;
   if (c.api_socket.empty() && c.api_tcp.empty()) return absl::OkStatus();
   p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get());
-  absl::Status started = p->api->Start(c.api_socket, c.api_tcp);
+  kvmid::security::ApiListenOptions listen;
+  listen.unix_socket = c.api_socket;
+  listen.unix_socket_mode = c.api_socket_mode;
+  listen.unix_socket_group = c.api_socket_group;
+  listen.tcp = c.api_tcp;
+  listen.tcp_insecure_plaintext = c.api_tcp_insecure_plaintext;
+  listen.tls = {c.api_tls_cert, c.api_tls_key, c.api_tls_client_ca, c.api_tls_refresh_seconds};
+  absl::Status started = p->api->Start(listen);
   if (!started.ok()) return started;
   if (!c.api_tcp.empty()) {
     spdlog::info("API over TCP: {} bound port {}", c.api_tcp, p->api->tcp_port());

@@ -3,7 +3,8 @@
 # installed by scripts/setup.sh under /opt/kvmid-tools; grpcurl is not packaged here) with the
 # gRPC protocol over HTTP/2 prior knowledge, schemas from server reflection. Starts a real kvmid
 # (README demo policies) and simulated guests; checks listing, unary and server-streaming calls
-# over TCP loopback and over the unix socket (--unix-socket). One JUnit testcase per check.
+# over TCP loopback with mutual TLS (--cacert/--cert/--key, development certificates) and over the
+# unix socket (--unix-socket). One JUnit testcase per check.
 #
 #   bazel test //clients/buf_curl:buf_curl_test
 #   bash clients/buf_curl/buf_curl_test.sh   # outside Bazel: KVMID_BIN / KVMI_SIM_BIN, BUF
@@ -31,7 +32,8 @@ if ! start_kvmid k --config="$work/demo.textproto"; then
 fi
 start_sim k 2
 
-tcp="http://127.0.0.1:$k_port"
+tcp="https://127.0.0.1:$k_port"
+tls=(--cacert "$certs/ca.pem" --cert "$certs/admin.pem" --key "$certs/admin.key")
 # The same calls over each transport: "tcp" or "unix".
 call() {  # transport, buf curl args...
   local transport="$1"
@@ -39,7 +41,7 @@ call() {  # transport, buf curl args...
   if [ "$transport" = unix ]; then
     "$BUF" curl --protocol grpc --http2-prior-knowledge --unix-socket "$k_api" "$@"
   else
-    "$BUF" curl --protocol grpc --http2-prior-knowledge "$@"
+    "$BUF" curl --protocol grpc "${tls[@]}" "$@"
   fi
 }
 base() { if [ "$1" = unix ]; then echo http://localhost; else echo "$tcp"; fi; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of the Go example client (clients/go/kvmi-client): builds it offline with
 # clients/go/build.sh, then runs it against a real kvmid and simulated guests (kvmi-sim) over the
-# unix socket and TCP loopback. One JUnit testcase per check, in $XML_OUTPUT_FILE.
+# unix socket and TCP loopback (mutual TLS). One JUnit testcase per check, in $XML_OUTPUT_FILE.
 #
 #   bazel test //clients/go:go_client_test
 #   bash clients/go/go_client_test.sh     # outside Bazel: KVMID_BIN / KVMI_SIM_BIN (default bazel-bin)
@@ -30,6 +30,8 @@ else
 fi
 
 lines() { grep -c "$1" "$2" || true; }
+# TCP is mutual TLS (the harness's development certificates).
+tls=(--ca="$certs/ca.pem" --cert="$certs/operator.pem" --key="$certs/operator.key")
 
 list_vms_unix() {
   "$client" --addr="unix://$demo_api" --list_only --wait_vms=2 --timeout=20s >"$work/list.txt" || return 1
@@ -42,7 +44,7 @@ check list_vms_unix list_vms_unix
 
 # 12 CR/MSR events through a type filter, over TCP: only those types, with verdicts by the policies.
 stream_filter_tcp() {
-  "$client" --addr="127.0.0.1:$demo_port" --events=MSR,CR --count=12 --timeout=30s >"$work/f.txt" || return 1
+  "$client" --addr="127.0.0.1:$demo_port" "${tls[@]}" --events=MSR,CR --count=12 --timeout=30s >"$work/f.txt" || return 1
   cat "$work/f.txt"
   local ev
   ev=$(lines '^event id=' "$work/f.txt")
@@ -85,7 +87,7 @@ if start_kvmid bare --deadline_ms=2000 --fallback=continue; then
     # The observer prints its "streaming" line once its RPC is under way (deadline 10 s).
     wait_until 10 grep -q '^streaming events' "$work/obs.txt"
     local rc=0
-    "$client" --addr="127.0.0.1:$bare_port" --attach --handler_id=go-test --events=MSR \
+    "$client" --addr="127.0.0.1:$bare_port" "${tls[@]}" --attach --handler_id=go-test --events=MSR \
       --arm_msrs=0xc0000082,0x176 --count=16 --timeout=40s >"$work/att.txt" 2>&1 || rc=$?
     wait "$observer"
     echo "== attach"; cat "$work/att.txt"; echo "== observer"; cat "$work/obs.txt"

@@ -488,18 +488,51 @@ _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 # ---- the client --------------------------------------------------------------------------------
 
+def _pem(value, what):
+    """PEM bytes from bytes, a str path or a path-like object (None stays None)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError("%s: cannot read %s: %s" % (what, value, e.strerror)) from None
+
+
 class Client:
     """A connection to kvmid. `target` is a gRPC target: "unix:/path", "host:port", or a bare
     absolute path (taken as a UNIX socket). `timeout` bounds each unary call (seconds);
-    `connect_timeout` how long to wait for the daemon before raising Unreachable."""
+    `connect_timeout` how long to wait for the daemon before raising Unreachable.
 
-    def __init__(self, target=DEFAULT_TARGET, timeout=10.0, connect_timeout=3.0):
+    TCP targets are mutual TLS: `ca` (the CA bundle that issued kvmid's certificate), `cert` and
+    `key` (this client's certificate and key), each a file path or PEM bytes. `server_name`
+    overrides the name checked against kvmid's certificate (default: the target's host). With
+    none of them, a TCP target is plaintext (kvmid's --api_tcp_insecure_plaintext, loopback
+    only). The UNIX socket needs none: kvmid knows its callers by their peer credentials."""
+
+    def __init__(self, target=DEFAULT_TARGET, timeout=10.0, connect_timeout=3.0, ca=None,
+                 cert=None, key=None, server_name=None):
         if target.startswith("/"):
             target = "unix:" + target
         self.target = target
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._channel = grpc.insecure_channel(target)
+        self.tls = any(x is not None for x in (ca, cert, key))
+        if self.tls:
+            if target.startswith("unix:"):
+                raise ValueError("ca/cert/key apply to a HOST:PORT target; the UNIX socket "
+                                 "identifies callers by their peer credentials")
+            if (cert is None) != (key is None):
+                raise ValueError("cert and key go together (kvmid requires a client certificate)")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(ca, "ca"), private_key=_pem(key, "key"),
+                certificate_chain=_pem(cert, "cert"))
+            options = []
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.IntrospectionStub(self._channel)
         self._ready = False
         self._lock = threading.Lock()
@@ -524,8 +557,10 @@ class Client:
                 grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
             except grpc.FutureTimeoutError:
                 raise Unreachable(grpc.StatusCode.UNAVAILABLE,
-                                  "cannot connect to kvmid at %s within %gs"
-                                  % (self.target, self.connect_timeout)) from None
+                                  "cannot connect to kvmid at %s within %gs%s"
+                                  % (self.target, self.connect_timeout,
+                                     " (TLS: is the CA right, the client certificate valid and "
+                                     "issued by a CA kvmid trusts?)" if self.tls else "")) from None
             self._ready = True
 
     def _unary(self, method, request):

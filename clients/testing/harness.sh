@@ -2,8 +2,10 @@
 # kvmid + kvmi-sim fleet started per test, polled for readiness with deadlines (no bare sleeps).
 #
 #   source clients/testing/harness.sh
-#   harness_init                       # finds the binaries, makes a short /tmp work dir, traps EXIT
-#   start_kvmid NAME [kvmid flags...]  # -> ${NAME}_api (unix socket path), ${NAME}_port (TCP)
+#   harness_init                       # finds the binaries, makes a short /tmp work dir, traps EXIT,
+#                                      # development certificates in $certs (scripts/dev-certs.sh)
+#   start_kvmid NAME [kvmid flags...]  # -> ${NAME}_api (unix socket path), ${NAME}_port (TCP, mTLS
+#                                      # with $certs/server.pem; clients use $certs/{ca,admin}.pem)
 #   start_sim NAME VMS                 # simulated guests connecting to kvmid NAME
 #   check "name" cmd args...           # a testcase: passes when the command exits 0
 #   skip "name" "why"; fail "name" "why"
@@ -104,6 +106,7 @@ harness_init() {
     root="$TEST_SRCDIR/${TEST_WORKSPACE:-kvmid}"
     KVMID_BIN="$root/daemon/kvmid"
     KVMI_SIM_BIN="$root/kernel/sim/kvmi-sim"
+    DEV_CERTS="$root/scripts/dev-certs.sh"
     # Go, buf and friends want a writable HOME and cache; the sandbox gives us $TEST_TMPDIR.
     export HOME="$TEST_TMPDIR/home" XDG_CACHE_HOME="$TEST_TMPDIR/cache"
     mkdir -p "$HOME" "$XDG_CACHE_HOME"
@@ -111,18 +114,23 @@ harness_init() {
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     KVMID_BIN="${KVMID_BIN:-$root/bazel-bin/daemon/kvmid}"
     KVMI_SIM_BIN="${KVMI_SIM_BIN:-$root/bazel-bin/kernel/sim/kvmi-sim}"
+    DEV_CERTS="$root/scripts/dev-certs.sh"
   fi
   # Unix socket paths are limited to 107 bytes; $TEST_TMPDIR is longer.
   work="$(mktemp -d /tmp/kvc.XXXXXX)"
   trap _cleanup EXIT
   head -c 32 /dev/urandom | base64 | tr -d '\n' >"$work/cookie"
+  # The TCP API is mutual TLS: a development CA, kvmid's certificate, a client per role.
+  certs="$work/certs"
+  bash "$DEV_CERTS" "$certs" localhost >/dev/null || { echo "harness: $DEV_CERTS failed"; return 1; }
   for bin in "$KVMID_BIN" "$KVMI_SIM_BIN"; do
     [ -x "$bin" ] || { echo "harness: $bin missing"; return 1; }
   done
 }
 
 # start_kvmid NAME [flags...]: kvmid with its KVMI socket, API on a unix socket and on TCP
-# loopback; returns once both API listeners accept connections (deadline 20 s).
+# loopback with mutual TLS ($certs); returns once both API listeners accept connections
+# (deadline 20 s).
 start_kvmid() {
   local name="$1"
   shift
@@ -131,7 +139,9 @@ start_kvmid() {
   for try in 1 2 3; do
     port="$(free_port)"
     "$KVMID_BIN" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
-      --api_socket="$dir/api.sock" --api_tcp="127.0.0.1:$port" --log_events=none "$@" \
+      --api_socket="$dir/api.sock" --api_tcp="127.0.0.1:$port" --api_tls_cert="$certs/server.pem" \
+      --api_tls_key="$certs/server.key" --api_tls_client_ca="$certs/ca.pem" --log_events=none \
+      --state_dir="$dir/state" --metrics_address= "$@" \
       >"$dir/kvmid.log" 2>&1 &
     local pid=$!
     _pids+=("$pid")

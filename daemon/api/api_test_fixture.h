@@ -41,7 +41,11 @@ class ApiTest : public ::testing::Test {
     ASSERT_TRUE(daemon_->Start().ok());
     daemon_->pipeline().SetGuestLabels("web-1", {{"tier", "prod"}});
     api_ = std::make_unique<ApiServer>(daemon_.get(), /*history=*/4);
-    ASSERT_TRUE(api_->Start(dir_ + "/api.sock", "127.0.0.1:0").ok());
+    security::ApiListenOptions listen;
+    listen.unix_socket = dir_ + "/api.sock";
+    listen.tcp = "127.0.0.1:0";
+    listen.tcp_insecure_plaintext = true;  // loopback, for the tests' plaintext TCP channel
+    ASSERT_TRUE(api_->Start(listen).ok());
     channel_ =
         grpc::CreateChannel("unix:" + dir_ + "/api.sock", grpc::InsecureChannelCredentials());
     stub_ = kvmi::v1::Introspection::NewStub(channel_);

@@ -14,6 +14,8 @@
 #include "daemon/api/event_history.h"
 #include "daemon/api/introspection_service.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/credentials.h"
+#include "daemon/security/unix_listener.h"
 
 namespace kvmid {
 
@@ -25,22 +27,22 @@ class ApiServer {
   ApiServer(const ApiServer&) = delete;
   ApiServer& operator=(const ApiServer&) = delete;
 
-  // `unix_socket` / `tcp` may be empty (not both). The error names the address it could not use.
-  absl::Status Start(const std::string& unix_socket, const std::string& tcp);
+  // Listeners from `options` (daemon/security/credentials.h): the UNIX socket accepted by kvmid
+  // itself (exact mode and group, peer credentials), TCP with mutual TLS or, named, plaintext on
+  // loopback. The error names the address or the option it could not use.
+  absl::Status Start(const security::ApiListenOptions& options);
   void Shutdown();
   int tcp_port() const { return tcp_port_; }
   const EventHistory& history() const { return *history_; }
 
  private:
-  // What every listener uses to authenticate (plaintext today).
-  std::shared_ptr<grpc::ServerCredentials> ListenerCredentials() const;
-  void AddListeners(grpc::ServerBuilder* builder, const std::string& unix_socket,
-                    const std::string& tcp);
+  absl::Status AddListeners(grpc::ServerBuilder* builder,
+                            const security::ApiListenOptions& options);
 
   std::unique_ptr<EventHistory> history_;
   std::unique_ptr<IntrospectionService> service_;
   std::unique_ptr<grpc::Server> server_;
-  std::string unix_socket_;
+  std::unique_ptr<security::UnixApiListener> unix_listener_;
   int tcp_port_ = 0;
 };
 

@@ -59,12 +59,14 @@ TEST_F(ApiTest, TheApiIsAlsoServedOverTcp) {
 
 TEST_F(ApiTest, StartNamesWhatItCannotServe) {
   ApiServer second(daemon_.get());
-  absl::Status none = second.Start("", "");
+  absl::Status none = second.Start(security::ApiListenOptions{});
   EXPECT_EQ(none.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(none.message()), HasSubstr("api_socket or api_tcp"));
   // A socket path nobody can create.
   const std::string unusable = "/proc/kvmid-no-such-dir/api.sock";
-  absl::Status bad = second.Start(unusable, "");
+  security::ApiListenOptions options;
+  options.unix_socket = unusable;
+  absl::Status bad = second.Start(options);
   EXPECT_FALSE(bad.ok());
   EXPECT_THAT(std::string(bad.message()), HasSubstr(unusable));
 }

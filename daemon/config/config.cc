@@ -80,6 +80,23 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
     d.allowed_cids.assign(l.allowed_cids().begin(), l.allowed_cids().end());
     if (!l.api_socket().empty()) out.api_socket = l.api_socket();
     out.api_tcp = l.api_tcp();
+    if (l.api_socket_mode() != 0) {
+      if (l.api_socket_mode() > kMaxSocketMode) {
+        return invalid("listen.api_socket_mode: not a permission mode (at most " +
+                       OctalMode(kMaxSocketMode) + ")");
+      }
+      out.api_socket_mode = l.api_socket_mode();
+    }
+    out.api_socket_group = l.api_socket_group();
+    out.api_tcp_insecure_plaintext = l.api_tcp_insecure_plaintext();
+  }
+  if (file.has_api_tls()) {
+    out.api_tls_cert = file.api_tls().cert();
+    out.api_tls_key = file.api_tls().key();
+    out.api_tls_client_ca = file.api_tls().client_ca();
+    if (file.api_tls().refresh_seconds() != 0) {
+      out.api_tls_refresh_seconds = file.api_tls().refresh_seconds();
+    }
   }
   if (file.has_metrics_address()) out.metrics_address = file.metrics_address();
   if (!file.cookie_file().empty()) d.cookie_file = file.cookie_file();

@@ -66,6 +66,30 @@ TEST(ConfigTest, FullExampleParses) {
   EXPECT_EQ(RuleToPolicy(*c.rules[0]).protect_pages().allowed(), "rx");
 }
 
+TEST(ConfigTest, ApiTransportSecurity) {
+  LoadedConfig defaults;
+  EXPECT_EQ(defaults.api_socket_mode, 0660u);
+  EXPECT_FALSE(defaults.api_tcp_insecure_plaintext);
+  EXPECT_EQ(defaults.api_tls_refresh_seconds, 60u);
+  absl::StatusOr<LoadedConfig> c = ParseConfig(R"(
+    listen { api_tcp: "0.0.0.0:50051" api_socket_mode: 0640 api_socket_group: "kvmi" }
+    api_tls { cert: "/t/tls.crt" key: "/t/tls.key" client_ca: "/t/ca.crt" refresh_seconds: 5 }
+  )",
+                                               "kvmid.conf");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->api_socket_mode, 0640u);
+  EXPECT_EQ(c->api_socket_group, "kvmi");
+  EXPECT_EQ(c->api_tls_cert, "/t/tls.crt");
+  EXPECT_EQ(c->api_tls_key, "/t/tls.key");
+  EXPECT_EQ(c->api_tls_client_ca, "/t/ca.crt");
+  EXPECT_EQ(c->api_tls_refresh_seconds, 5u);
+  absl::StatusOr<LoadedConfig> plain = ParseConfig(
+      "listen { api_tcp: \"127.0.0.1:1\" api_tcp_insecure_plaintext: true }", "kvmid.conf");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_TRUE(plain->api_tcp_insecure_plaintext);
+  EXPECT_THAT(ErrorOf("listen { api_socket_mode: 01777 }"), HasSubstr("listen.api_socket_mode"));
+}
+
 TEST(ConfigTest, SyntaxErrorsNameTheLine) {
   EXPECT_THAT(ErrorOf("io_threads: 2\nbogus_field: 1\n"), HasSubstr("k.conf:2:"));
 }

@@ -48,6 +48,19 @@ KVMID_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or o
 KVMID_FLAG(std::string, log_format, "text",
            "text, or json: one JSON object per line (time, level, msg; vm_name and vm_uuid on "
            "lines about a guest)");
+KVMID_FLAG(std::string, api_socket_mode, "0660",
+           "permissions of the API socket (octal), set exactly whatever the umask");
+KVMID_FLAG(std::string, api_socket_group, "",
+           "group owning the API socket (name or number); empty = kvmid's group");
+KVMID_FLAG(std::string, api_tls_cert, "", "PEM server certificate chain of the TCP API (mTLS)");
+KVMID_FLAG(std::string, api_tls_key, "", "PEM private key of --api_tls_cert");
+KVMID_FLAG(std::string, api_tls_client_ca, "",
+           "PEM bundle of the CAs whose client certificates the TCP API accepts (required)");
+KVMID_FLAG(int, api_tls_refresh_seconds, 60,
+           "how often the TLS files are checked for changes (rotation without restart)");
+KVMID_FLAG(bool, api_tcp_insecure_plaintext, false,
+           "serve --api_tcp WITHOUT TLS (no encryption, no identity); loopback addresses only, "
+           "for tests");
 KVMID_FLAG(std::string, metrics_address, "127.0.0.1:9464",
            "HOST:PORT serving Prometheus metrics (/metrics) and HTTP health (/healthz, /readyz); "
            "empty = off. If the default address is taken kvmid runs without metrics (a warning); "
@@ -241,6 +254,28 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
   }
   if (given("api_socket")) s.config.api_socket = absl::GetFlag(FLAGS_api_socket);
   if (given("api_tcp")) s.config.api_tcp = absl::GetFlag(FLAGS_api_tcp);
+  if (given("api_socket_mode")) {
+    uint64_t mode = 0;
+    if (!ParseOctal(absl::GetFlag(FLAGS_api_socket_mode), &mode) || mode > kMaxSocketMode) {
+      return FlagError("api_socket_mode", "must be an octal mode such as 0660 (at most " +
+                                              OctalMode(kMaxSocketMode) + ")");
+    }
+    s.config.api_socket_mode = static_cast<uint32_t>(mode);
+  }
+  if (given("api_socket_group")) s.config.api_socket_group = absl::GetFlag(FLAGS_api_socket_group);
+  if (given("api_tls_cert")) s.config.api_tls_cert = absl::GetFlag(FLAGS_api_tls_cert);
+  if (given("api_tls_key")) s.config.api_tls_key = absl::GetFlag(FLAGS_api_tls_key);
+  if (given("api_tls_client_ca")) {
+    s.config.api_tls_client_ca = absl::GetFlag(FLAGS_api_tls_client_ca);
+  }
+  if (given("api_tls_refresh_seconds")) {
+    const int seconds = absl::GetFlag(FLAGS_api_tls_refresh_seconds);
+    if (seconds < 1) return FlagError("api_tls_refresh_seconds", "must be positive");
+    s.config.api_tls_refresh_seconds = static_cast<uint32_t>(seconds);
+  }
+  if (given("api_tcp_insecure_plaintext")) {
+    s.config.api_tcp_insecure_plaintext = absl::GetFlag(FLAGS_api_tcp_insecure_plaintext);
+  }
   if (!s.config.api_tcp.empty()) {
     absl::Status valid = CheckTcpAddress(s.config.api_tcp);
     if (!valid.ok()) return FlagError("api_tcp", std::string(valid.message()));

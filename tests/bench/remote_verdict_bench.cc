@@ -246,7 +246,11 @@ int main(int argc, char** argv) {
       kvmid::Daemon daemon(config);
       if (!daemon.Start().ok()) return 1;
       kvmid::ApiServer api(&daemon);
-      if (!api.Start(dir + "/api.sock", "127.0.0.1:0").ok()) return 1;
+      kvmid::security::ApiListenOptions listen;
+      listen.unix_socket = dir + "/api.sock";
+      listen.tcp = "127.0.0.1:0";
+      listen.tcp_insecure_plaintext = true;  // loopback; the bench measures the bare path
+      if (!api.Start(listen).ok()) return 1;
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
                                   "unix:" + dir + "/api.sock", seconds));
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp", config.unix_socket,

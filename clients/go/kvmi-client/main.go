@@ -17,6 +17,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
@@ -28,6 +30,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	kvmiv1 "kvmid/clients/go/kvmi/v1"
@@ -50,6 +53,11 @@ var (
 	handlerID = flag.String("handler_id", "go-example", "with --attach: the handler id (Event.decided_by = handler:ID)")
 	deadline  = flag.Uint("deadline_ms", 0, "with --attach: how long kvmid waits for each verdict (0: its default)")
 	armMsrs   = flag.String("arm_msrs", "", "with --attach: MSRs to arm (CONTROL_MSR) for the claimed guests")
+	// Mutual TLS for HOST:PORT targets (kvmid's --api_tls_*); the UNIX socket needs none.
+	caFile     = flag.String("ca", os.Getenv("KVMID_CA"), "TCP: PEM CA bundle that issued kvmid's certificate ($KVMID_CA)")
+	certFile   = flag.String("cert", os.Getenv("KVMID_CERT"), "TCP: PEM client certificate ($KVMID_CERT)")
+	keyFile    = flag.String("key", os.Getenv("KVMID_KEY"), "TCP: PEM private key of --cert ($KVMID_KEY)")
+	serverName = flag.String("server_name", "", "TCP: name to check kvmid's certificate against (default: the host of --addr)")
 )
 
 func main() {
@@ -63,9 +71,43 @@ func main() {
 	}
 }
 
+// transportCredentials: mutual TLS when --ca/--cert/--key are given, else plaintext (the UNIX
+// socket, or kvmid's --api_tcp_insecure_plaintext on loopback).
+func transportCredentials() (grpc.DialOption, error) {
+	if *caFile == "" && *certFile == "" && *keyFile == "" {
+		return grpc.WithInsecure(), nil
+	}
+	config := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: *serverName}
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--ca: %v", err)
+		}
+		config.RootCAs = x509.NewCertPool()
+		if !config.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--ca %s: no PEM certificate in it", *caFile)
+		}
+	}
+	if (*certFile == "") != (*keyFile == "") {
+		return nil, fmt.Errorf("--cert and --key go together")
+	}
+	if *certFile != "" {
+		pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("--cert/--key: %v", err)
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(config)), nil
+}
+
 // dial understands unix:///abs/path and unix:path itself (gRPC-Go 1.33 has no unix resolver).
 func dial(ctx context.Context, target string) (*grpc.ClientConn, error) {
-	opts := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock()}
+	security, err := transportCredentials()
+	if err != nil {
+		return nil, err
+	}
+	opts := []grpc.DialOption{security, grpc.WithBlock()}
 	path := ""
 	switch {
 	case strings.HasPrefix(target, "unix://"):

@@ -147,6 +147,41 @@ class ErrorTest(unittest.TestCase):
         self.assertEqual((cm.exception.dropped, cm.exception.dropped_total), (3, 5))
 
 
+class TlsOptionsTest(unittest.TestCase):
+    """Client(ca=, cert=, key=): checked before any connection."""
+
+    def test_unix_target_takes_no_certificates(self):
+        with self.assertRaisesRegex(ValueError, "peer credentials"):
+            kc.Client("unix:/run/kvmid/api.sock", ca=b"pem")
+        with self.assertRaisesRegex(ValueError, "peer credentials"):
+            kc.Client("/run/kvmid/api.sock", cert=b"c", key=b"k")
+
+    def test_cert_and_key_go_together(self):
+        with self.assertRaisesRegex(ValueError, "cert and key"):
+            kc.Client("127.0.0.1:1", ca=b"pem", cert=b"c")
+
+    def test_unreadable_file_is_named(self):
+        with self.assertRaisesRegex(ValueError, "ca: cannot read /nonexistent/ca.pem"):
+            kc.Client("127.0.0.1:1", ca="/nonexistent/ca.pem")
+
+    def test_tls_and_plaintext_channels(self):
+        with tempfile.NamedTemporaryFile(dir="/tmp") as ca:
+            ca.write(b"-----BEGIN CERTIFICATE-----\n")
+            ca.flush()
+            client = kc.Client("127.0.0.1:1", ca=ca.name)
+            self.assertTrue(client.tls)
+            client.close()
+        client = kc.Client("127.0.0.1:1")
+        self.assertFalse(client.tls)
+        client.close()
+
+    def test_kvmictl_refuses_certificates_for_the_unix_socket(self):
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "--cert", "c.pem", "--key", "k.pem",
+                    "vms")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--cert/--key apply to a HOST:PORT target", r.stderr)
+
+
 class KvmictlTest(unittest.TestCase):
     def test_event_flags_build_the_filter(self):
         args = ctl.make_parser().parse_args(
