@@ -51,6 +51,7 @@ if [ "$guest" = kvm ]; then
   echo "== kvmid ($config) and kvmi-vmm: the repository's guest on /dev/kvm, rootkit mode, ${seconds}s"
   "$bin/daemon/kvmid" --config="$config" --kvmi_socket="$work/kvmi.sock" \
     --api_socket="$work/api.sock" --cookie_file="$work/cookie" --log_events=all \
+    --state_dir="$work/state" \
     >"$work/kvmid.log" 2>&1 &
   kvmid_pid=$!
   for _ in $(seq 200); do [ -S "$work/api.sock" ] && break; sleep 0.05; done
@@ -82,7 +83,7 @@ fi
 echo "== kvmid: $vms simulated guests x $vcpus vCPUs for ${seconds}s"
 "$bin/daemon/kvmid" --config=daemon/config/examples/demo.textproto \
   --kvmi_socket="$work/kvmi.sock" --api_socket="$work/api.sock" --cookie_file="$work/cookie" \
-  --log_events=none >"$work/kvmid.log" 2>&1 &
+  --state_dir="$work/state" --log_events=none >"$work/kvmid.log" 2>&1 &
 kvmid_pid=$!
 for _ in $(seq 200); do [ -S "$work/api.sock" ] && break; sleep 0.05; done
 
@@ -103,6 +104,15 @@ echo "== kvmictl events (live, ${seconds}s; blocked writes show the old value ke
 kvmictl events --duration "$seconds" | awk 'NR <= 40 || /KEEP_OLD/ && ++kept <= 20'
 echo "== kvmictl policies (hit counters after the run)"
 kvmictl policies
+metrics_url="$(grep -o 'metrics on http://[^ ]*/metrics' "$work/kvmid.log" | head -n 1 | cut -d' ' -f3)"
+if [ -n "$metrics_url" ]; then
+  echo "== Prometheus metrics: $metrics_url (health: ${metrics_url%/metrics}/healthz, /readyz)"
+  curl -s "$metrics_url" | grep -E '^kvmid_(events_total|guests|handshakes_total)' | sort -t' ' -k2 -nr |
+    awk 'NR <= 12'
+else
+  echo "== Prometheus metrics: not served ($(grep -m1 -o 'running without metrics' "$work/kvmid.log" ||
+    echo 'see kvmid.log'))"
+fi
 
 echo "== stopping kvmid (SIGTERM: restore every guest, exit 0)"
 kill -TERM "$kvmid_pid"

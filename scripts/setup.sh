@@ -17,6 +17,10 @@ PACKAGES=(
   python3 python3-grpcio python3-protobuf
   # A real Prometheus server (and promtool) for the metrics end-to-end test.
   prometheus
+  # The demo (scripts/run.sh) reads a few series from /metrics.
+  curl
+  # Certificates for the TLS tests and scripts/dev-certs.sh.
+  openssl
   # Go client (clients/go: GOPATH mode, stubs generated at build time).
   golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
   protoc-gen-go protoc-gen-go-grpc

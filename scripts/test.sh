@@ -5,6 +5,7 @@
 #   asan  bazel test --config=asan //...                  (the same cases under ASan + UBSan;
 #         tests tagged no-asan, e.g. tests/deploy's containers, are left out)
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
+#   tsa   bazel build --config=tsa //daemon/...          (clang thread-safety analysis; 1 case)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
 # Exit status is non-zero if any case failed or any step could not run. Works as root (no sudo
 # needed) or as a user with sudo; needs no standard input.
@@ -53,6 +54,28 @@ run_bazel_test() {  # label, bazel args...
 run_bazel_test unit //...
 run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...
 run_bazel_test tsan --config=tsan --test_tag_filters=tsan //...
+
+# Clang's thread-safety analysis over the daemon (ABSL_GUARDED_BY & co., daemon/base/mutex.h):
+# one case, failed by any warning (-Werror=thread-safety).
+echo "== tsa: bazel build --config=tsa //daemon/..."
+tsa_start=$SECONDS
+tsa_log="$work/tsa.log"
+bazel build "${flags[@]}" --keep_going --config=tsa //daemon/... >"$tsa_log" 2>&1
+tsa_rc=$?
+tail -n 5 "$tsa_log"
+echo "== tsa: exit $tsa_rc after $((SECONDS - tsa_start)) s"
+{
+  echo '<?xml version="1.0" encoding="UTF-8"?>'
+  echo '<testsuites><testsuite name="tsa" tests="1">'
+  if [ "$tsa_rc" -eq 0 ]; then
+    echo '<testcase classname="tsa" name="daemon_thread_safety_analysis"/>'
+  else
+    echo '<testcase classname="tsa" name="daemon_thread_safety_analysis"><failure message="clang -Wthread-safety reported errors (see the log above)"/></testcase>'
+    grep -E "error:|warning:" "$tsa_log" | head -n 40
+  fi
+  echo '</testsuite></testsuites>'
+} >"$work/tsa.xml"
+counts+=(--label tsa --junit "$work/tsa.xml")
 
 echo "== fuzz"
 fuzz_start=$SECONDS

@@ -128,7 +128,7 @@ class SystemdUnitTest(unittest.TestCase):
         self.assertEqual(set(s["RestrictAddressFamilies"].split()),
                          {"AF_UNIX", "AF_VSOCK", "AF_INET", "AF_INET6"})
         # Flags of later kvmid versions stay commented until they exist (the unit works today).
-        self.assertIn("#ExecReload=/bin/kill -HUP $MAINPID", self.text)
+        self.assertIn("\nExecReload=/bin/kill -HUP $MAINPID", self.text)
         self.assertIn("--state_dir=/var/lib/kvmid", self.text)
 
     def allowed_syscalls(self):

@@ -71,8 +71,9 @@ class PrometheusScrapesKvmid(unittest.TestCase):
         self.kvmid = self.start(
             "kvmid",
             [KVMID, "--config=" + DEMO_CONFIG, "--kvmi_socket=%s/kvmi.sock" % self.dir,
-             "--api_socket=%s/api.sock" % self.dir, "--api_tcp=127.0.0.1:%d" % self.api_port,
+             "--api_socket=%s/api.sock" % self.dir, "--api_tcp=127.0.0.1:%d" % self.api_port, "--api_tcp_insecure_plaintext",
              "--cookie_file=%s/cookie" % self.dir, "--log_events=none",
+             "--state_dir=%s/state" % self.dir,
              "--metrics_address=127.0.0.1:%d" % self.metrics_port])
         wait_for("kvmid's /readyz", lambda: http_get(self.metrics + "/readyz")[0] == 200,
                  self.deadline)
