@@ -43,9 +43,9 @@ void Fleet::Start() {
 void Fleet::Stop() {
   // Stopping is mostly waiting for threads to notice; do the VMs in parallel batches.
   std::vector<std::thread> stoppers;
-  const size_t kBatches = 8;
+  constexpr size_t kBatches = 8;
   for (size_t b = 0; b < kBatches && b < vms_.size(); ++b) {
-    stoppers.emplace_back([this, b, kBatches] {
+    stoppers.emplace_back([this, b] {
       for (size_t i = b; i < vms_.size(); i += kBatches) vms_[i]->Stop();
     });
   }
