@@ -7,6 +7,7 @@
 #include <absl/time/time.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/config/policy_convert.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -93,11 +94,7 @@ std::string EventRecord(const ObservedEvent& o, const std::string& node) {
     case KVMI_EVENT_PF: {
       Hex(&out, "gpa", e.specific.pf.gpa);
       Hex(&out, "gva", e.specific.pf.gva);
-      std::string access;
-      if (e.specific.pf.access & KVMI_PAGE_ACCESS_R) access += 'r';
-      if (e.specific.pf.access & KVMI_PAGE_ACCESS_W) access += 'w';
-      if (e.specific.pf.access & KVMI_PAGE_ACCESS_X) access += 'x';
-      Field(&out, "access", access);
+      Field(&out, "access", AccessLetters(e.specific.pf.access));
       break;
     }
     case KVMI_EVENT_BREAKPOINT:

@@ -270,7 +270,11 @@ AuditArgs SummarizeRequest(const kvmi::v1::WritePhysicalRequest& r) {
   return a;
 }
 
-AuditArgs SummarizeRequest(const kvmi::v1::PauseVCPURequest& r) {
+namespace {
+
+// Pause and Resume name a guest and one vCPU or all of them.
+template <typename Request>
+AuditArgs SummarizeVcpuTarget(const Request& r) {
   AuditArgs a;
   a.Text("vm", r.vm());
   if (r.has_vcpu()) {
@@ -281,16 +285,11 @@ AuditArgs SummarizeRequest(const kvmi::v1::PauseVCPURequest& r) {
   return a;
 }
 
-AuditArgs SummarizeRequest(const kvmi::v1::ResumeVCPURequest& r) {
-  AuditArgs a;
-  a.Text("vm", r.vm());
-  if (r.has_vcpu()) {
-    a.Uint("vcpu", r.vcpu());
-  } else {
-    a.Text("vcpu", "all");
-  }
-  return a;
-}
+}  // namespace
+
+AuditArgs SummarizeRequest(const kvmi::v1::PauseVCPURequest& r) { return SummarizeVcpuTarget(r); }
+
+AuditArgs SummarizeRequest(const kvmi::v1::ResumeVCPURequest& r) { return SummarizeVcpuTarget(r); }
 
 AuditArgs SummarizeRequest(const kvmi::v1::InjectExceptionRequest& r) {
   AuditArgs a;

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "daemon/base/mutex.h"
+#include "daemon/config/policy_convert.h"
 #include "kernel/uapi/kvmi.h"
 
 KVMID_FLAG(std::string, config, "",
@@ -178,17 +179,7 @@ absl::StatusOr<std::shared_ptr<Rule>> ParseProtect(const std::string& spec) {
     return invalid("the range covers more than " + std::to_string(kMaxProtectedPages) + " pages");
   }
   uint8_t allowed = 0;
-  for (char c : parts[2]) {
-    if (c == 'r') {
-      allowed |= KVMI_PAGE_ACCESS_R;
-    } else if (c == 'w') {
-      allowed |= KVMI_PAGE_ACCESS_W;
-    } else if (c == 'x') {
-      allowed |= KVMI_PAGE_ACCESS_X;
-    } else if (c != '-') {
-      return invalid("ALLOWED takes r, w, x (or - for none)");
-    }
-  }
+  if (!ParseAccess(parts[2], &allowed)) return invalid("ALLOWED takes r, w, x (or - for none)");
   RuleAction action = RuleAction::kRetry;
   if (parts.size() >= 4 && !ParseRuleAction(parts[3], &action)) {
     return invalid("ACTION must be continue, retry or crash");
