@@ -176,6 +176,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   configured_policies_ = std::move(names);
   pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
   pipeline_->ReplaceGuestLabels(config.guest_labels);
+  if (config.security.authorizer) authorizer_.Set(config.security.authorizer);
+  {
+    MutexLock limits_lock(&limits_mutex_);
+    limits_ = config.security.limits;
+  }
   RearmAllGuests();
   const DaemonConfig& next = config.daemon;
   if (started_ &&
@@ -187,6 +192,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
         "they take effect at the next restart");
   }
   return absl::OkStatus();
+}
+
+security::Limits Daemon::limits() const {
+  MutexLock lock(&limits_mutex_);
+  return limits_;
 }
 
 std::set<std::string> Daemon::configured_policies() const {

@@ -23,6 +23,7 @@
 #include "daemon/base/mutex.h"
 #include "daemon/io/event_loop.h"
 #include "daemon/registry/registry.h"
+#include "daemon/security/security_config.h"
 #include "daemon/transport/acceptor.h"
 #include "daemon/verdict/pipeline.h"
 #include "daemon/verdict/policy.h"
@@ -66,6 +67,9 @@ struct LoadedConfig {
   uint32_t api_tls_refresh_seconds = 60;
   std::vector<std::shared_ptr<Rule>> rules;  // the configured policies
   std::map<std::string, std::map<std::string, std::string>> guest_labels;
+  // The trust boundary: who may call what (authz), the resource limits, the audit log's path
+  // (daemon/security/security_config.h). Without an `authz` section: UNIX uid 0 is admin.
+  security::SecurityConfig security = security::DefaultSecurityConfig();
 };
 
 class Daemon {
@@ -80,6 +84,10 @@ class Daemon {
   void Shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(3000));
 
   Registry& registry() { return *registry_; }
+  // The authorization rules in force; Reload swaps them whole (callers take one snapshot each).
+  security::AuthorizerHolder& authorizer() { return authorizer_; }
+  // The resource limits in force (a copy; Reload replaces them).
+  security::Limits limits() const;
   PolicySet& policies() { return policies_; }
   VerdictPipeline& pipeline() { return *pipeline_; }
 
@@ -141,6 +149,9 @@ class Daemon {
   };
   mutable Mutex reload_mutex_;  // one reload at a time
   std::set<std::string> configured_policies_ ABSL_GUARDED_BY(reload_mutex_);
+  security::AuthorizerHolder authorizer_;
+  mutable Mutex limits_mutex_;
+  security::Limits limits_ ABSL_GUARDED_BY(limits_mutex_);
   Mutex clients_mutex_;
   std::map<OwnerId, ClientArming> client_arming_ ABSL_GUARDED_BY(clients_mutex_);
   mutable Mutex api_policies_mutex_;  // held across persisting: API changes are serialized

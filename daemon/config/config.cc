@@ -63,6 +63,9 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
     return absl::InvalidArgumentError(origin + ": " + what);
   };
   LoadedConfig out;
+  absl::StatusOr<security::SecurityConfig> security = security::SecurityFromConfig(file);
+  if (!security.ok()) return invalid(std::string(security.status().message()));
+  out.security = *std::move(security);
   DaemonConfig& d = out.daemon;
   if (file.has_listen()) {
     const auto& l = file.listen();

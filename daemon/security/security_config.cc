@@ -5,6 +5,12 @@
 namespace kvmid {
 namespace security {
 
+SecurityConfig DefaultSecurityConfig() {
+  SecurityConfig out;
+  out.authorizer = Authorizer::Default();
+  return out;
+}
+
 absl::StatusOr<SecurityConfig> SecurityFromConfig(const config::KvmidConfig& file) {
   SecurityConfig out;
   absl::StatusOr<std::shared_ptr<const Authorizer>> authz = Authorizer::FromKvmidConfig(file);

@@ -25,6 +25,9 @@ struct SecurityConfig {
   std::string audit_log;  // empty: none (the --audit_log flag overrides it)
 };
 
+// No `authz`, `limits` or `audit_log` in the file: Authorizer::Default(), default limits, no log.
+SecurityConfig DefaultSecurityConfig();
+
 // Also checks the file's own `policies` against the policy limits ("policies[3] (ktext):
 // policy.description is 5000 bytes: over the limit ...").
 absl::StatusOr<SecurityConfig> SecurityFromConfig(const config::KvmidConfig& file);

@@ -62,6 +62,9 @@ KVMID_FLAG(int, api_tls_refresh_seconds, 60,
 KVMID_FLAG(bool, api_tcp_insecure_plaintext, false,
            "serve --api_tcp WITHOUT TLS (no encryption, no identity); loopback addresses only, "
            "for tests");
+KVMID_FLAG(std::string, audit_log, "",
+           "append one JSON line per mutating or denied API call to this file (reopened on "
+           "SIGHUP, for logrotate); empty = the file's audit_log, else none");
 KVMID_FLAG(std::string, metrics_address, "127.0.0.1:9464",
            "HOST:PORT serving Prometheus metrics (/metrics) and HTTP health (/healthz, /readyz); "
            "empty = off. If the default address is taken kvmid runs without metrics (a warning); "
@@ -264,6 +267,7 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
     if (seconds < 1) return FlagError("api_tls_refresh_seconds", "must be positive");
     s.config.api_tls_refresh_seconds = static_cast<uint32_t>(seconds);
   }
+  if (given("audit_log")) s.config.security.audit_log = absl::GetFlag(FLAGS_audit_log);
   if (given("api_tcp_insecure_plaintext")) {
     s.config.api_tcp_insecure_plaintext = absl::GetFlag(FLAGS_api_tcp_insecure_plaintext);
   }
