@@ -30,10 +30,12 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "daemon/event_log.h"
 #include "daemon/kvmid.h"
 #include "daemon/metrics/event_metrics.h"
 #include "daemon/metrics/metrics_server.h"
@@ -50,6 +52,11 @@ ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
 ABSL_FLAG(double, warmup_seconds, 0.5, "run before the window opens");
 ABSL_FLAG(bool, metrics, true, "also measure kvmid with Prometheus metrics on");
 ABSL_FLAG(int, rounds, 1, "kvmid rows (with and without metrics) per guest count, alternated");
+ABSL_FLAG(int, paired_windows, 0,
+          "metrics cost, paired: two daemons (both with the binary's event log, one with metrics) "
+          "serve two fleets AT THE SAME TIME for this many --seconds windows per guest count, "
+          "twice with the sides swapped; the medians of the per-window ratios are printed. "
+          "0 = off");
 
 namespace {
 
@@ -246,9 +253,7 @@ uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
   return stats.events_sent[KVMI_EVENT_CR].load();
 }
 
-// `thread`: the name of the tool's event thread, whose CPU time is measured.
-Row Measure(const std::string& tool, const std::string& thread, const std::string& socket,
-            uint32_t guests) {
+kvmi::sim::FleetConfig Cr3FleetConfig(const std::string& socket, uint32_t guests) {
   kvmi::sim::FleetConfig config;
   config.vms = guests;
   config.guest.vcpus = 1;
@@ -260,7 +265,13 @@ Row Measure(const std::string& tool, const std::string& thread, const std::strin
   cr3_only.weights[static_cast<size_t>(kvmi::sim::OpKind::kWriteCr3)] = 1;
   cr3_only.ops_per_second = 0;  // as fast as the tool answers
   config.workload = cr3_only;
-  kvmi::sim::Fleet fleet(config);
+  return config;
+}
+
+// `thread`: the name of the tool's event thread, whose CPU time is measured.
+Row Measure(const std::string& tool, const std::string& thread, const std::string& socket,
+            uint32_t guests) {
+  kvmi::sim::Fleet fleet(Cr3FleetConfig(socket, guests));
   fleet.Start();
   auto ready_deadline = Clock::now() + std::chrono::seconds(60);
   // Every guest hooked and producing events.
@@ -293,6 +304,126 @@ Row Measure(const std::string& tool, const std::string& thread, const std::strin
           ? static_cast<double>(cpu_after - cpu_before) / static_cast<double>(after - before)
           : 0;
   return row;
+}
+
+// The threads named `name` in this process.
+std::set<int> ThreadsNamed(const std::string& name) {
+  std::set<int> found;
+  DIR* tasks = ::opendir("/proc/self/task");
+  if (tasks == nullptr) return found;
+  while (dirent* entry = ::readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream comm(std::string("/proc/self/task/") + entry->d_name + "/comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) found.insert(std::atoi(entry->d_name));
+  }
+  ::closedir(tasks);
+  return found;
+}
+
+// One side of the paired measurement: a daemon core as the kvmid binary runs it (one I/O
+// thread, the allow-CR3 policy, the event log's observer), with or without metrics, and its own
+// fleet of simulated guests.
+class PairedSide {
+ public:
+  PairedSide(std::string socket, bool with_metrics)
+      : socket_(std::move(socket)), with_metrics_(with_metrics) {}
+  ~PairedSide() { Stop(); }
+
+  bool Start(uint32_t guests) {
+    kvmid::DaemonConfig config;
+    config.unix_socket = socket_;
+    config.io_threads = 1;
+    daemon_ = std::make_unique<kvmid::Daemon>(config);
+    if (!daemon_->ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return false;
+    kvmid::EventLogOptions log_options;  // the binary's default (blocked events, rate-limited)
+    log_ = std::make_unique<kvmid::EventLog>(&daemon_->pipeline(), log_options);
+    if (with_metrics_) {
+      kvmid::MetricsOptions options;
+      options.address = "127.0.0.1:0";
+      auto started = kvmid::StartMetrics(daemon_.get(), options);
+      if (!started.ok()) {
+        std::fprintf(stderr, "metrics: %s\n", started.status().ToString().c_str());
+        return false;
+      }
+      metrics_ = std::move(*started);
+    }
+    const std::set<int> before = ThreadsNamed("kvmid-io-0");
+    absl::Status started = daemon_->Start();
+    if (!started.ok()) {
+      std::fprintf(stderr, "kvmid: %s\n", started.ToString().c_str());
+      return false;
+    }
+    for (int tid : ThreadsNamed("kvmid-io-0")) {
+      if (before.count(tid) == 0) tid_ = tid;  // this daemon's loop thread
+    }
+    fleet_ = std::make_unique<kvmi::sim::Fleet>(Cr3FleetConfig(socket_, guests));
+    fleet_->Start();
+    return tid_ != 0;
+  }
+  bool hooked(uint32_t guests) const { return fleet_->hooked_count() >= guests; }
+  uint64_t events() { return CrEvents(*fleet_); }
+  uint64_t cpu_ns() const { return ThreadCpuNs(tid_); }
+  bool with_metrics() const { return with_metrics_; }
+  void Stop() {
+    if (fleet_) fleet_->Stop();
+    fleet_.reset();
+    if (daemon_) daemon_->Shutdown(std::chrono::milliseconds(0));
+    if (log_) log_->Stop();
+    metrics_.reset();
+    log_.reset();
+    daemon_.reset();
+  }
+
+ private:
+  const std::string socket_;
+  const bool with_metrics_;
+  std::unique_ptr<kvmid::Daemon> daemon_;
+  std::unique_ptr<kvmid::EventLog> log_;
+  std::unique_ptr<kvmid::MetricsServer> metrics_;
+  std::unique_ptr<kvmi::sim::Fleet> fleet_;
+  int tid_ = 0;
+};
+
+struct PairedResult {
+  std::vector<double> throughput_ratios;        // metrics side / plain side, per window
+  std::vector<double> cpu_ratios;               // loop-thread CPU ns/event, metrics / plain
+  double plain_events = 0, metrics_events = 0;  // totals
+};
+
+// Two daemons at once, so that whatever else loads the machine loads both in the same window.
+// Run twice with the sides swapped (socket, start order), so that no side keeps an advantage.
+bool MeasurePaired(const std::string& dir, uint32_t guests, int windows, PairedResult* result) {
+  for (int swap = 0; swap < 2; ++swap) {
+    PairedSide a(dir + "/paired-a.sock", swap == 1);
+    PairedSide b(dir + "/paired-b.sock", swap == 0);
+    if (!a.Start(guests) || !b.Start(guests)) return false;
+    auto ready_deadline = Clock::now() + std::chrono::seconds(60);
+    while (Clock::now() < ready_deadline && !(a.hooked(guests) && b.hooked(guests))) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_warmup_seconds)));
+    PairedSide* plain = a.with_metrics() ? &b : &a;
+    PairedSide* metered = a.with_metrics() ? &a : &b;
+    for (int w = 0; w < windows; ++w) {
+      uint64_t p0 = plain->events(), m0 = metered->events();
+      uint64_t pc0 = plain->cpu_ns(), mc0 = metered->cpu_ns();
+      std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
+      uint64_t p1 = plain->events(), m1 = metered->events();
+      uint64_t pc1 = plain->cpu_ns(), mc1 = metered->cpu_ns();
+      if (p1 <= p0 || m1 <= m0) continue;
+      result->plain_events += static_cast<double>(p1 - p0);
+      result->metrics_events += static_cast<double>(m1 - m0);
+      result->throughput_ratios.push_back(static_cast<double>(m1 - m0) /
+                                          static_cast<double>(p1 - p0));
+      if (pc1 > pc0 && mc1 > mc0) {
+        double plain_cpu = static_cast<double>(pc1 - pc0) / static_cast<double>(p1 - p0);
+        double metered_cpu = static_cast<double>(mc1 - mc0) / static_cast<double>(m1 - m0);
+        result->cpu_ratios.push_back(metered_cpu / plain_cpu);
+      }
+    }
+  }
+  return true;
 }
 
 // CPU time of one EventMetrics::Observe (what metrics adds to each event on the loop thread,
@@ -398,6 +529,15 @@ int main(int argc, char** argv) {
     }
     groups.push_back(std::move(group));
   }
+  const int paired_windows = absl::GetFlag(FLAGS_paired_windows);
+  std::vector<std::pair<uint32_t, PairedResult>> paired;
+  if (paired_windows > 0) {
+    for (uint32_t guests : counts) {
+      PairedResult result;
+      if (!MeasurePaired(dir, guests, paired_windows, &result)) return 1;
+      paired.emplace_back(guests, std::move(result));
+    }
+  }
   ::rmdir(dir.c_str());
 
   std::printf(
@@ -438,6 +578,28 @@ int main(int argc, char** argv) {
           group.guests, plain, with_metrics,
           plain > 0 ? (with_metrics - plain) * 100.0 / plain : 0.0, plain_cpu, with_metrics_cpu,
           plain_cpu > 0 ? (with_metrics_cpu - plain_cpu) * 100.0 / plain_cpu : 0.0);
+    }
+  }
+  if (!paired.empty()) {
+    auto percentile = [](std::vector<double> v, double q) {
+      if (v.empty()) return 0.0;
+      std::sort(v.begin(), v.end());
+      return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+    };
+    std::printf(
+        "\nmetrics cost, paired (both daemons with the event log; one with metrics; %d windows "
+        "of %.1f s, sides swapped halfway):\n",
+        paired_windows, absl::GetFlag(FLAGS_seconds));
+    std::printf(
+        "| guests | windows | throughput metrics/plain: median [p25, p75] | loop CPU per event "
+        "metrics/plain: median [p25, p75] | events plain / metrics |\n");
+    std::printf("|---:|---:|---:|---:|---:|\n");
+    for (const auto& [guests, r] : paired) {
+      std::printf("| %u | %zu | %.4f [%.4f, %.4f] | %.4f [%.4f, %.4f] | %.0f / %.0f |\n", guests,
+                  r.throughput_ratios.size(), median(r.throughput_ratios),
+                  percentile(r.throughput_ratios, 0.25), percentile(r.throughput_ratios, 0.75),
+                  median(r.cpu_ratios), percentile(r.cpu_ratios, 0.25),
+                  percentile(r.cpu_ratios, 0.75), r.plain_events, r.metrics_events);
     }
   }
   return 0;
