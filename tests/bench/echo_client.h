@@ -7,6 +7,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,9 +16,11 @@
 namespace kvmid::bench {
 
 // Round trips (microseconds) measured for `seconds` against the Echo service at `target`.
-inline std::vector<double> EchoRoundTrips(const std::string& target, double seconds) {
+inline std::vector<double> EchoRoundTrips(
+    const std::string& target, double seconds,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials()) {
   using Clock = std::chrono::steady_clock;
-  auto stub = Echo::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  auto stub = Echo::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext context;
   auto stream = stub->Chat(&context);
   EchoMessage m;

@@ -7,8 +7,11 @@
 //                part of the remote row costs.
 // For every guest row, kvmid's own verdict time (event received -> reply written) too: for a
 // remote verdict, the gRPC round trip to the handler plus kvmid's dispatch.
-// Each over the UNIX socket and over TCP loopback. One vCPU, closed loop, so throughput is
-// 1 / round trip. Prints a table (docs/PERFORMANCE.md).
+// Each over the UNIX socket and over TCP loopback. TCP is mutual TLS for both the echo and
+// kvmid (kvmid's TCP API serves nothing else to a caller it must authorize), with the same
+// server credentials (daemon/security/credentials.h) and certificates made by openssl at start;
+// the handler's certificate is bound to the admin role. Over UNIX the bench (root) is admin.
+// One vCPU, closed loop, so throughput is 1 / round trip. Prints a table (docs/PERFORMANCE.md).
 //
 //   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3 --rounds=3
 #include <absl/flags/flag.h>
@@ -27,6 +30,9 @@
 
 #include "daemon/api/server.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/authz.h"
+#include "daemon/security/credentials.h"
+#include "daemon/security/testing/test_certs.h"
 #include "kernel/sim/fleet.h"
 #include "tests/bench/bench_policies.h"
 #include "tests/bench/echo.grpc.pb.h"
@@ -76,16 +82,45 @@ class EchoService final : public kvmid::bench::Echo::Service {
   }
 };
 
-Row MeasureEcho(const std::string& name, const std::string& target, double seconds) {
-  std::vector<double> rtts = kvmid::bench::EchoRoundTrips(target, seconds);
+// The bench's PKI: a CA, a server certificate for 127.0.0.1, the handler's client certificate.
+struct BenchTls {
+  kvmid::security::testing::TestCerts certs;
+  kvmid::security::TlsFiles server_files;
+  std::shared_ptr<grpc::ChannelCredentials> client;
+  static constexpr const char* kHandler = "spiffe://kvmid.bench/handler";
+  absl::Status Make() {
+    absl::Status s = certs.Ca("ca");
+    if (s.ok()) s = certs.Leaf("server", "ca", "localhost", "DNS:localhost,IP:127.0.0.1", true);
+    if (s.ok()) s = certs.Leaf("handler", "ca", "handler", std::string("URI:") + kHandler);
+    if (!s.ok()) return s;
+    server_files.cert = certs.pem("server");
+    server_files.key = certs.key("server");
+    server_files.client_ca = certs.pem("ca");
+    grpc::SslCredentialsOptions options;
+    options.pem_root_certs = kvmid::security::testing::TestCerts::ReadFile(certs.pem("ca"));
+    options.pem_private_key = kvmid::security::testing::TestCerts::ReadFile(certs.key("handler"));
+    options.pem_cert_chain = kvmid::security::testing::TestCerts::ReadFile(certs.pem("handler"));
+    client = grpc::SslCredentials(options);
+    return absl::OkStatus();
+  }
+};
+
+std::shared_ptr<grpc::ChannelCredentials> CredentialsFor(const std::string& target,
+                                                         const BenchTls& tls) {
+  return target.rfind("unix:", 0) == 0 ? grpc::InsecureChannelCredentials() : tls.client;
+}
+
+Row MeasureEcho(const std::string& name, const std::string& target, double seconds,
+                const BenchTls& tls) {
+  std::vector<double> rtts =
+      kvmid::bench::EchoRoundTrips(target, seconds, CredentialsFor(target, tls));
   return Row{name, rtts.size() / seconds, Percentile(rtts, 0.5), Percentile(rtts, 0.99)};
 }
 
 // The remote handler: answers every event CONTINUE as soon as it arrives.
-void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<bool>* ready,
-                HandlerTimes* times) {
-  auto stub = kvmi::v1::Introspection::NewStub(
-      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> credentials,
+                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times) {
+  auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext ctx;
   auto stream = stub->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
@@ -119,7 +154,7 @@ void RunHandler(const std::string& target, std::atomic<bool>* stop, std::atomic<
 // One guest, one vCPU writing CR3 in a closed loop against kvmid at `kvmi_socket`; empty
 // `api_target`: answered by kvmid's policy, else by a remote handler on that API endpoint.
 Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::string& kvmi_socket,
-                 const std::string& api_target, double seconds) {
+                 const std::string& api_target, double seconds, const BenchTls& tls) {
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
@@ -150,7 +185,10 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   });
   std::atomic<bool> stop{false}, ready{api_target.empty()};
   std::thread handler;
-  if (!api_target.empty()) handler = std::thread(RunHandler, api_target, &stop, &ready, &times);
+  if (!api_target.empty()) {
+    handler =
+        std::thread(RunHandler, api_target, CredentialsFor(api_target, tls), &stop, &ready, &times);
+  }
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
   config.vms = 1;
@@ -205,6 +243,22 @@ int main(int argc, char** argv) {
   char dir_template[] = "/tmp/kvmid-rbench-XXXXXX";
   std::string dir = mkdtemp(dir_template);
   const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+  BenchTls tls;
+  if (absl::Status made = tls.Make(); !made.ok()) {
+    std::fprintf(stderr, "certificates: %s\n", made.ToString().c_str());
+    return 1;
+  }
+  auto server_tls = kvmid::security::MutualTlsServerCredentials(tls.server_files);
+  if (!server_tls.ok()) {
+    std::fprintf(stderr, "TLS: %s\n", server_tls.status().ToString().c_str());
+    return 1;
+  }
+  kvmid::config::Authz authz;
+  auto* binding = authz.add_bindings();
+  binding->set_principal(BenchTls::kHandler);
+  binding->set_role("admin");
+  auto authorizer = kvmid::security::Authorizer::FromConfig(authz);
+  if (!authorizer.ok()) return 1;
 
   // Each round measures every row once, so a remote row is compared with the echo measured
   // seconds before it (this host's speed drifts). Only the server being measured is up: gRPC's
@@ -217,13 +271,13 @@ int main(int argc, char** argv) {
       grpc::ServerBuilder builder;
       int port = 0;
       builder.AddListeningPort("unix:" + dir + "/echo.sock", grpc::InsecureServerCredentials());
-      builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+      builder.AddListeningPort("127.0.0.1:0", *server_tls, &port);
       builder.RegisterService(&echo);
       auto server = builder.BuildAndStart();
       rows.push_back(
-          MeasureEcho("bare gRPC bidi echo, unix", "unix:" + dir + "/echo.sock", seconds));
-      rows.push_back(
-          MeasureEcho("bare gRPC bidi echo, tcp", "127.0.0.1:" + std::to_string(port), seconds));
+          MeasureEcho("bare gRPC bidi echo, unix", "unix:" + dir + "/echo.sock", seconds, tls));
+      rows.push_back(MeasureEcho("bare gRPC bidi echo, tcp (mTLS)",
+                                 "127.0.0.1:" + std::to_string(port), seconds, tls));
       server->Shutdown();
       ::unlink((dir + "/echo.sock").c_str());
     }
@@ -236,7 +290,7 @@ int main(int argc, char** argv) {
       if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return 1;
       if (!daemon.Start().ok()) return 1;
       local = MeasureGuest(&daemon, "local policy verdict (no remote hop)", config.unix_socket, "",
-                           seconds);
+                           seconds, tls);
       daemon.Shutdown(std::chrono::milliseconds(0));
     }
     {
@@ -244,17 +298,19 @@ int main(int argc, char** argv) {
       config.unix_socket = dir + "/kvmi.sock";
       config.io_threads = 1;
       kvmid::Daemon daemon(config);
+      daemon.authorizer().Set(*authorizer);
       if (!daemon.Start().ok()) return 1;
       kvmid::ApiServer api(&daemon);
       kvmid::security::ApiListenOptions listen;
       listen.unix_socket = dir + "/api.sock";
       listen.tcp = "127.0.0.1:0";
-      listen.tcp_insecure_plaintext = true;  // loopback; the bench measures the bare path
+      listen.tls = tls.server_files;
       if (!api.Start(listen).ok()) return 1;
       rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
-                                  "unix:" + dir + "/api.sock", seconds));
-      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp", config.unix_socket,
-                                  "127.0.0.1:" + std::to_string(api.tcp_port()), seconds));
+                                  "unix:" + dir + "/api.sock", seconds, tls));
+      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp (mTLS)",
+                                  config.unix_socket, "127.0.0.1:" + std::to_string(api.tcp_port()),
+                                  seconds, tls));
       api.Shutdown();
       daemon.Shutdown(std::chrono::milliseconds(0));
     }
