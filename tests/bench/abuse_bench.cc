@@ -13,7 +13,9 @@
 //            `--policy_description_bytes` description;
 //          - a silent Attach claiming every guest and every blocking event with the largest
 //            deadline kvmid accepts (`--attach_deadline_ms`, lowered to the limit kvmid names
-//            when it refuses), reading and never answering, re-claiming when refused or cut;
+//            when it refuses), arming CR4 writes, reading and never answering, re-claiming when
+//            refused or cut. Policies decide before handlers: it gets no event of the CR3
+//            workload, only the CR4 writes of `--cr4_per_mille` (default none);
 //          - a KVMI connection flood from a forked child running as `--flood_uid` (setuid, so
 //            per-peer handshake slots apply to it and not to the guests, which connect as root):
 //            a new connection every `--flood_interval_ms`, never a byte of handshake, each held
@@ -52,9 +54,11 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -78,6 +82,13 @@ ABSL_FLAG(double, flood_hold_seconds, 10.0, "KVMI flood: how long each connectio
 ABSL_FLAG(int, flood_uid, 65534, "KVMI flood: the uid (and gid) of the flooding child");
 ABSL_FLAG(double, hook_interval_seconds, 0.5, "a legitimate new guest connects this often");
 ABSL_FLAG(int, io_threads, 2, "kvmid's --io_threads");
+ABSL_FLAG(int, max_rss_mib, 4096,
+          "guard for a shared machine: the abuse window ends early when kvmid's RSS passes this");
+ABSL_FLAG(bool, keep, false, "keep the temporary directory (kvmid's config and log)");
+ABSL_FLAG(int, cr4_per_mille, 0,
+          "guest operations that are CR4 writes instead of CR3, per 1000: no policy decides them, "
+          "the silent Attach arms and claims them (0: it gets no event, every event is decided "
+          "by the policy first)");
 
 namespace {
 
@@ -131,11 +142,27 @@ ProcStatus ReadStatus(pid_t pid) {
   return s;
 }
 
+// kvmid's CPU time so far (utime + stime of /proc/<pid>/stat), seconds.
+double CpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(paren + 2));
+  std::string field;
+  uint64_t utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {  // field 3 is the state
+    if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
+    if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
 enum Phase { kQuiet = 0, kAbuse = 1, kAfter = 2, kPhases = 3 };
 
 class Sampler {
  public:
-  explicit Sampler(pid_t pid) : pid_(pid) {
+  Sampler(pid_t pid, uint64_t guard_kib) : pid_(pid), guard_kib_(guard_kib) {
     thread_ = std::thread([this] {
       while (!stop_) {
         ProcStatus s = ReadStatus(pid_);
@@ -146,6 +173,7 @@ class Sampler {
           m.threads = std::max(m.threads, s.threads);
           m.min_threads = m.min_threads == 0 ? s.threads : std::min(m.min_threads, s.threads);
           last_ = s;
+          if (s.rss_kib > guard_kib_) over_guard_ = true;
         }
         std::this_thread::sleep_for(kSamplePeriod);
       }
@@ -169,6 +197,7 @@ class Sampler {
     std::lock_guard<std::mutex> lock(mu_);
     return max_[p];
   }
+  bool over_guard() const { return over_guard_; }
   ProcStatus last() {
     std::lock_guard<std::mutex> lock(mu_);
     return last_;
@@ -176,6 +205,8 @@ class Sampler {
 
  private:
   pid_t pid_;
+  uint64_t guard_kib_;
+  std::atomic<bool> over_guard_{false};
   std::mutex mu_;
   Phase phase_ = kQuiet;
   Max max_[kPhases];
@@ -261,11 +292,20 @@ int64_t NowNs() {
     while (tail != head && (now - held_at[tail % kFloodMaxHeld] > hold_ns)) {
       ::close(held_fd[tail++ % kFloodMaxHeld]);
     }
-    // Connections kvmid already closed (EOF) are let go too, oldest first.
-    while (tail != head &&
-           ::recv(held_fd[tail % kFloodMaxHeld], probe, sizeof(probe), MSG_DONTWAIT) == 0) {
-      ++r.closed_by_kvmid;
-      ::close(held_fd[tail++ % kFloodMaxHeld]);
+    // Every 100 connections, those kvmid closed (EOF) are let go and the ring compacted.
+    if ((r.connected + r.refused) % 100 == 0) {
+      size_t kept = tail;
+      for (size_t i = tail; i != head; ++i) {
+        int held = held_fd[i % kFloodMaxHeld];
+        if (::recv(held, probe, sizeof(probe), MSG_DONTWAIT) == 0) {
+          ++r.closed_by_kvmid;
+          ::close(held);
+          continue;
+        }
+        held_fd[kept % kFloodMaxHeld] = held;
+        held_at[kept++ % kFloodMaxHeld] = held_at[i % kFloodMaxHeld];
+      }
+      head = kept;
     }
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
@@ -459,7 +499,7 @@ struct PolicyFlood {
     for (int i = 0; !*stop && Clock::now() < end; ++i) {
       policy->set_name("flood-" + std::to_string(i % names));
       grpc::ClientContext ctx;
-      ctx.set_deadline(ToSystem(std::min(end, Clock::now() + std::chrono::seconds(5))));
+      ctx.set_deadline(ToSystem(Clock::now() + std::chrono::seconds(5)));
       kvmi::v1::ApplyPolicyResponse response;
       grpc::Status status = stub->ApplyPolicy(&ctx, request, &response);
       applied.Add(status);
@@ -513,6 +553,8 @@ struct SilentAttach {
       claim.mutable_claim()->set_handler_id("silent-abuser");  // every guest, every event
       claim.mutable_claim()->set_deadline_ms(deadline);
       claim.mutable_claim()->set_fallback(kvmi::v1::ACTION_CONTINUE);
+      claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_CR);  // CR4 writes (--cr4_per_mille)
+      claim.mutable_claim()->add_arm_crs(4);
       stream->Write(claim);
       bool got_claim = false;
       kvmi::v1::AttachResponse response;
@@ -563,7 +605,10 @@ kvmi::sim::FleetConfig GuestFleetConfig(const std::string& socket, uint32_t vms,
   if (busy) {
     kvmi::sim::Scenario cr3_only;
     cr3_only.name = "cr3";
-    cr3_only.weights[static_cast<size_t>(kvmi::sim::OpKind::kWriteCr3)] = 1;
+    const uint32_t cr4 =
+        static_cast<uint32_t>(std::clamp(absl::GetFlag(FLAGS_cr4_per_mille), 0, 1000));
+    cr3_only.weights[static_cast<size_t>(kvmi::sim::OpKind::kWriteCr3)] = 1000 - cr4;
+    cr3_only.weights[static_cast<size_t>(kvmi::sim::OpKind::kWriteCr4)] = cr4;
     cr3_only.ops_per_second = 0;  // as fast as kvmid answers
     config.workload = cr3_only;
   }
@@ -722,6 +767,10 @@ int main(int argc, char** argv) {
   auto cleanup = [&] {
     KillAndReap(flood, SIGKILL);
     KillAndReap(kvmid, SIGTERM);
+    if (absl::GetFlag(FLAGS_keep)) {
+      std::fprintf(stderr, "kept %s\n", dir.c_str());
+      return;
+    }
     std::string rm = "rm -rf '" + dir + "'";
     if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", dir.c_str());
   };
@@ -757,7 +806,7 @@ int main(int argc, char** argv) {
     if (Clock::now() > start_deadline) return fail("kvmid's API did not come up");
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  Sampler sampler(kvmid);
+  Sampler sampler(kvmid, static_cast<uint64_t>(absl::GetFlag(FLAGS_max_rss_mib)) * 1024);
   kvmi::sim::Fleet fleet(GuestFleetConfig(kvmi_socket, guests, "guest-", 1, true));
   fleet.Start();
   while (fleet.hooked_count() < static_cast<size_t>(guests) || Replies(fleet) < 100u * guests) {
@@ -776,9 +825,12 @@ int main(int argc, char** argv) {
   std::thread quiet_probe_thread([&] { quiet_probe.Run(&quiet_stop); });
   sampler.SetPhase(kQuiet);
   uint64_t before = Replies(fleet);
+  double cpu_before = CpuSeconds(kvmid);
   auto t0 = Clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  const double quiet_rate = (Replies(fleet) - before) / Seconds(Clock::now() - t0);
+  const double quiet_elapsed = Seconds(Clock::now() - t0);
+  const double quiet_rate = (Replies(fleet) - before) / quiet_elapsed;
+  const double quiet_cpu = (CpuSeconds(kvmid) - cpu_before) / quiet_elapsed;
   quiet_stop = true;
   quiet_probe_thread.join();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
@@ -790,6 +842,7 @@ int main(int argc, char** argv) {
                                                          std::chrono::duration<double>(seconds));
   const auto stream_deadline = abuse_end + std::chrono::seconds(5);  // cancelled before that
   before = Replies(fleet);
+  cpu_before = CpuSeconds(kvmid);
   t0 = Clock::now();
   double flood_seconds = seconds;
   ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
@@ -812,10 +865,14 @@ int main(int argc, char** argv) {
                                               absl::GetFlag(FLAGS_silent_channels), false,
                                               silent_request, stream_deadline);
   const double streams_started_s = Seconds(Clock::now() - t0);
-  std::this_thread::sleep_until(abuse_end);
+  while (Clock::now() < abuse_end && !sampler.over_guard()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const bool guard_cut = sampler.over_guard();
   const uint64_t abuse_replies = Replies(fleet) - before;
   const double abuse_elapsed = Seconds(Clock::now() - t0);
   const double abuse_rate = abuse_replies / abuse_elapsed;
+  const double abuse_cpu = (CpuSeconds(kvmid) - cpu_before) / abuse_elapsed;
   const size_t idle_open = idle->open(), silent_open = silent->open();
   const Sampler::Max abuse_max = sampler.max(kAbuse);
 
@@ -851,9 +908,9 @@ int main(int argc, char** argv) {
   // ---- the table ----
   const double ratio = quiet_rate > 0 ? abuse_rate / quiet_rate : 0;
   std::printf(
-      "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy), "
-      "%.1f s per phase\n",
-      guests, seconds);
+      "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
+      "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
+      guests, absl::GetFlag(FLAGS_cr4_per_mille), seconds);
   std::printf("machine: %s, %u CPUs online\n\n", CpuModel().c_str(),
               std::thread::hardware_concurrency());
   std::printf("| measure | quiet | abuse | target |\n|---|---:|---:|---|\n");
@@ -867,8 +924,13 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(quiet_max.threads),
               static_cast<unsigned long long>(abuse_max.min_threads),
               static_cast<unsigned long long>(abuse_max.threads));
+  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | |\n", quiet_cpu, abuse_cpu);
   std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | < 2 s |\n",
               HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
+  if (guard_cut) {
+    std::printf("\nTHE ABUSE WINDOW WAS CUT after %.1f s: kvmid's RSS passed --max_rss_mib=%d\n",
+                abuse_elapsed, absl::GetFlag(FLAGS_max_rss_mib));
+  }
   std::printf(
       "\nafter the abuse (clients gone, flood policies deleted, +2 s): RSS %s, VmHWM %s, "
       "threads %llu (max %llu); kvmid %s; kvmid log %lld bytes\n",
@@ -890,7 +952,7 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(idle->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED) +
                                       silent->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED)));
   std::printf(
-      "  policy flood (%d names, %d-byte descriptions): %llu calls: %s; %.0f MiB accepted\n",
+      "  policy flood (%d names, %d-byte descriptions): %llu calls: %s; %.1f MiB accepted\n",
       absl::GetFlag(FLAGS_policy_names), absl::GetFlag(FLAGS_policy_description_bytes),
       static_cast<unsigned long long>(policy_flood.applied.Total()),
       policy_flood.applied.Describe().c_str(), policy_flood.bytes.load() / 1048576.0);
@@ -904,7 +966,7 @@ int main(int argc, char** argv) {
       silent_attach.streams.Describe().c_str());
   std::printf(
       "  KVMI flood (uid %d, every %.1f ms, held %.0f s): %llu connected, %llu refused "
-      "(last errno: %s), %llu closed by kvmid while held\n",
+      "(last errno: %s), %llu closed by kvmid before the client let go\n",
       flood_result.uid, absl::GetFlag(FLAGS_flood_interval_ms),
       absl::GetFlag(FLAGS_flood_hold_seconds),
       static_cast<unsigned long long>(flood_result.connected),
