@@ -158,6 +158,21 @@ double CpuSeconds(pid_t pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
+// This process's CPU time so far (every thread: the guests and the clients), seconds.
+double SelfCpuSeconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec +
+         (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+std::string LoadAverage() {
+  std::ifstream in("/proc/loadavg");
+  std::string one, five;
+  in >> one >> five;
+  return one + " " + five;
+}
+
 enum Phase { kQuiet = 0, kAbuse = 1, kAfter = 2, kPhases = 3 };
 
 class Sampler {
@@ -826,11 +841,14 @@ int main(int argc, char** argv) {
   sampler.SetPhase(kQuiet);
   uint64_t before = Replies(fleet);
   double cpu_before = CpuSeconds(kvmid);
+  double self_before = SelfCpuSeconds();
+  const std::string load_at_start = LoadAverage();
   auto t0 = Clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   const double quiet_elapsed = Seconds(Clock::now() - t0);
   const double quiet_rate = (Replies(fleet) - before) / quiet_elapsed;
   const double quiet_cpu = (CpuSeconds(kvmid) - cpu_before) / quiet_elapsed;
+  const double quiet_self = (SelfCpuSeconds() - self_before) / quiet_elapsed;
   quiet_stop = true;
   quiet_probe_thread.join();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
@@ -843,6 +861,7 @@ int main(int argc, char** argv) {
   const auto stream_deadline = abuse_end + std::chrono::seconds(5);  // cancelled before that
   before = Replies(fleet);
   cpu_before = CpuSeconds(kvmid);
+  self_before = SelfCpuSeconds();
   t0 = Clock::now();
   double flood_seconds = seconds;
   ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
@@ -873,6 +892,7 @@ int main(int argc, char** argv) {
   const double abuse_elapsed = Seconds(Clock::now() - t0);
   const double abuse_rate = abuse_replies / abuse_elapsed;
   const double abuse_cpu = (CpuSeconds(kvmid) - cpu_before) / abuse_elapsed;
+  const double abuse_self = (SelfCpuSeconds() - self_before) / abuse_elapsed;
   const size_t idle_open = idle->open(), silent_open = silent->open();
   const Sampler::Max abuse_max = sampler.max(kAbuse);
 
@@ -911,8 +931,8 @@ int main(int argc, char** argv) {
       "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
       "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
       guests, absl::GetFlag(FLAGS_cr4_per_mille), seconds);
-  std::printf("machine: %s, %u CPUs online\n\n", CpuModel().c_str(),
-              std::thread::hardware_concurrency());
+  std::printf("machine: %s, %u CPUs online, load average %s at the start\n\n", CpuModel().c_str(),
+              std::thread::hardware_concurrency(), load_at_start.c_str());
   std::printf("| measure | quiet | abuse | target |\n|---|---:|---:|---|\n");
   std::printf("| guest events/s (replies the guests got) | %.0f | %.0f | abuse >= 0.9x quiet |\n",
               quiet_rate, abuse_rate);
@@ -925,6 +945,8 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(abuse_max.min_threads),
               static_cast<unsigned long long>(abuse_max.threads));
   std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | |\n", quiet_cpu, abuse_cpu);
+  std::printf("| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | |\n",
+              quiet_self, abuse_self);
   std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | < 2 s |\n",
               HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
   if (guard_cut) {
