@@ -84,6 +84,11 @@ ABSL_FLAG(double, hook_interval_seconds, 0.5, "a legitimate new guest connects t
 ABSL_FLAG(int, io_threads, 2, "kvmid's --io_threads");
 ABSL_FLAG(int, max_rss_mib, 4096,
           "guard for a shared machine: the abuse window ends early when kvmid's RSS passes this");
+ABSL_FLAG(std::vector<std::string>, abusers,
+          std::vector<std::string>({"streams", "silent_streams", "policy_flood", "silent_attach",
+                                    "kvmi_flood"}),
+          "which abusers run in the abuse phase (to see what costs what); the new guests always "
+          "connect");
 ABSL_FLAG(bool, keep, false, "keep the temporary directory (kvmid's config and log)");
 ABSL_FLAG(int, cr4_per_mille, 0,
           "guest operations that are CR4 writes instead of CR3, per 1000: no policy decides them, "
@@ -737,8 +742,20 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   const double seconds = absl::GetFlag(FLAGS_seconds);
   const int guests = std::max(1, absl::GetFlag(FLAGS_guests));
-  const int streams = std::max(0, absl::GetFlag(FLAGS_streams));
-  const int silent_streams = std::max(0, absl::GetFlag(FLAGS_silent_streams));
+  const std::vector<std::string> abusers = absl::GetFlag(FLAGS_abusers);
+  for (const std::string& a : abusers) {
+    if (a != "streams" && a != "silent_streams" && a != "policy_flood" && a != "silent_attach" &&
+        a != "kvmi_flood") {
+      std::fprintf(stderr, "--abusers: unknown '%s'\n", a.c_str());
+      return 2;
+    }
+  }
+  auto runs = [&](const char* abuser) {
+    return std::find(abusers.begin(), abusers.end(), abuser) != abusers.end();
+  };
+  const int streams = runs("streams") ? std::max(0, absl::GetFlag(FLAGS_streams)) : 0;
+  const int silent_streams =
+      runs("silent_streams") ? std::max(0, absl::GetFlag(FLAGS_silent_streams)) : 0;
   std::string kvmid_binary = absl::GetFlag(FLAGS_kvmid);
   if (::access(kvmid_binary.c_str(), X_OK) != 0) {
     std::fprintf(stderr, "--kvmid: %s is not executable\n", kvmid_binary.c_str());
@@ -863,15 +880,24 @@ int main(int argc, char** argv) {
   cpu_before = CpuSeconds(kvmid);
   self_before = SelfCpuSeconds();
   t0 = Clock::now();
+  const std::atomic<bool> not_running{true};  // the stop flag of an abuser left out
   double flood_seconds = seconds;
-  ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
-  (void)go;
+  if (runs("kvmi_flood")) {
+    ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
+    (void)go;
+  }
   PolicyFlood policy_flood;
   auto policy_stub = Introspection::NewStub(NewChannel(api_target, -2, false));
-  std::thread policy_thread([&] { policy_flood.Run(policy_stub.get(), &abuse_stop, abuse_end); });
+  std::thread policy_thread([&] {
+    policy_flood.Run(policy_stub.get(), runs("policy_flood") ? &abuse_stop : &not_running,
+                     abuse_end);
+  });
   SilentAttach silent_attach;
   auto attach_stub = Introspection::NewStub(NewChannel(api_target, -3, false));
-  std::thread attach_thread([&] { silent_attach.Run(attach_stub.get(), &abuse_stop, abuse_end); });
+  std::thread attach_thread([&] {
+    silent_attach.Run(attach_stub.get(), runs("silent_attach") ? &abuse_stop : &not_running,
+                      abuse_end);
+  });
   HookProbe abuse_probe(kvmi_socket, control.get(), 1);
   std::thread abuse_probe_thread([&] { abuse_probe.Run(&abuse_stop); });
   kvmi::v1::StreamEventsRequest idle_request;
@@ -908,7 +934,7 @@ int main(int argc, char** argv) {
   FloodResult flood_result;
   {
     pollfd p{result_pipe[0], POLLIN, 0};
-    if (::poll(&p, 1, 5000) == 1) {
+    if (runs("kvmi_flood") && ::poll(&p, 1, 5000) == 1) {
       ssize_t got = ::read(result_pipe[0], &flood_result, sizeof(flood_result));
       if (got != sizeof(flood_result)) flood_result = FloodResult{};
     }
@@ -931,6 +957,9 @@ int main(int argc, char** argv) {
       "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
       "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
       guests, absl::GetFlag(FLAGS_cr4_per_mille), seconds);
+  std::string abuser_list;
+  for (const std::string& a : abusers) abuser_list += (abuser_list.empty() ? "" : ",") + a;
+  std::printf("abusers: %s\n", abuser_list.empty() ? "none" : abuser_list.c_str());
   std::printf("machine: %s, %u CPUs online, load average %s at the start\n\n", CpuModel().c_str(),
               std::thread::hardware_concurrency(), load_at_start.c_str());
   std::printf("| measure | quiet | abuse | target |\n|---|---:|---:|---|\n");
