@@ -991,9 +991,11 @@ int main(int argc, char** argv) {
       static_cast<long long>(log_stat.st_size));
   std::printf("\nabusers (abuse phase, %.1f s; streams opened within %.2f s):\n", abuse_elapsed,
               streams_started_s);
-  std::printf("  idle streams: %zu started, %zu open at the end of the window; ended: %s%s\n",
-              idle->size(), idle_open, idle->tally().Describe().c_str(),
-              idle_closed ? "" : " (some never finished)");
+  std::printf(
+      "  idle streams: %zu started, %zu open at the end of the window, %llu messages read; "
+      "ended: %s%s\n",
+      idle->size(), idle_open, static_cast<unsigned long long>(idle->messages()),
+      idle->tally().Describe().c_str(), idle_closed ? "" : " (some never finished)");
   std::printf(
       "  non-reading streams: %zu started, %zu open at the end of the window; ended: %s%s\n",
       silent->size(), silent_open, silent->tally().Describe().c_str(),
