@@ -273,7 +273,10 @@ class RefusedAtStart(unittest.TestCase):
                                  stdout=log, stderr=subprocess.STDOUT)
         try:
             with kc.Client("127.0.0.1:%d" % port, connect_timeout=10) as kvmi:
-                self.assertIsInstance(kvmi.list_vms(), list)
+                # Served, but a plaintext caller has no identity: refused as unauthenticated.
+                with self.assertRaises(kc.KvmiError) as refused:
+                    kvmi.list_vms()
+                self.assertEqual(refused.exception.code, grpc.StatusCode.UNAUTHENTICATED)
             log.seek(0)
             self.assertIn("PLAINTEXT", log.read())
         finally:
