@@ -138,7 +138,13 @@ start_kvmid() {
   mkdir -p "$dir"
   for try in 1 2 3; do
     port="$(free_port)"
-    "$KVMID_BIN" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
+    # The development certificates' roles are bound (authz) by every configuration used here.
+    local config_flag=()
+    case " $* " in
+      *" --config="*) ;;
+      *) _dev_authz >"$dir/authz.textproto"; config_flag=(--config="$dir/authz.textproto") ;;
+    esac
+    "$KVMID_BIN" "${config_flag[@]}" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
       --api_socket="$dir/api.sock" --api_tcp="127.0.0.1:$port" --api_tls_cert="$certs/server.pem" \
       --api_tls_key="$certs/server.key" --api_tls_client_ca="$certs/ca.pem" --log_events=none \
       --state_dir="$dir/state" --metrics_address= "$@" \
@@ -189,6 +195,17 @@ start_sim() {
   _pids+=("$!")
 }
 
+# The authz bindings of the development certificates (scripts/dev-certs.sh): each role's
+# principal gets that role on every guest.
+_dev_authz() {
+  local role
+  echo "authz {"
+  for role in viewer responder operator admin; do
+    echo "  bindings { principal: \"spiffe://${KVMID_TRUST_DOMAIN:-kvmid.dev}/role/$role\" role: \"$role\" }"
+  done
+  echo "}"
+}
+
 # write_demo_config FILE: the policies of daemon/config/examples/demo.textproto (that file is not
 # exported to other Bazel packages): CR0.WP, SMEP/SMAP, LSTAR, SYSENTER_EIP locked in enforce
 # mode; the simulated guests' data pages watched in monitor mode.
@@ -206,4 +223,5 @@ policies {
   mode: MODE_MONITOR
 }
 CFG
+  _dev_authz >>"$1"
 }
