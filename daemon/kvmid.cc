@@ -87,6 +87,7 @@ absl::Status Daemon::Start() {
   options.handshake_timeout = config_.handshake_timeout;
   options.allowed_uids = config_.allowed_uids;
   options.allowed_cids = config_.allowed_cids;
+  options.handshake_slots_per_peer = limits().handshake_slots_per_peer;
   if (!config_.cookie_file.empty()) {
     absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> hash =
         LoadCookieHash(config_.cookie_file);
@@ -180,6 +181,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   {
     MutexLock limits_lock(&limits_mutex_);
     limits_ = config.security.limits;
+  }
+  if (started_) {
+    for (auto& acceptor : acceptors_) {
+      acceptor->SetHandshakeSlotsPerPeer(config.security.limits.handshake_slots_per_peer);
+    }
   }
   RearmAllGuests();
   const DaemonConfig& next = config.daemon;
