@@ -12,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "daemon/security/unix_listener.h"
 #include "kernel/transport/socket.h"
 
 namespace kvmid {
@@ -97,24 +98,17 @@ absl::Status Daemon::Start() {
 
   std::vector<std::pair<kvmi::UniqueFd, std::string>> listeners;
   if (!config_.unix_socket.empty()) {
-    std::string dir = config_.unix_socket.substr(0, config_.unix_socket.rfind('/'));
-    if (!dir.empty()) ::mkdir(dir.c_str(), 0750);  // /run/kvmid on a fresh host
-    absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenUnix(config_.unix_socket);
-    if (!fd.ok()) {
-      return absl::Status(fd.status().code(), "cannot listen on " + config_.unix_socket + ": " +
-                                                  std::string(fd.status().message()));
+    // Created with its final mode and group (a private directory, then rename): no umask window
+    // in which the socket is reachable with the default mode.
+    absl::StatusOr<security::BoundUnixSocket> bound =
+        security::BindUnixSocketWithFinalMode(config_.unix_socket, config_.unix_socket_mode,
+                                              config_.unix_socket_group, "unix_socket", SOMAXCONN);
+    if (!bound.ok()) {
+      return absl::Status(bound.status().code(), "cannot listen on " + config_.unix_socket + ": " +
+                                                     std::string(bound.status().message()));
     }
-    if (::chmod(config_.unix_socket.c_str(), config_.unix_socket_mode) != 0) {
-      return absl::ErrnoToStatus(errno, "chmod " + config_.unix_socket);
-    }
-    if (!config_.unix_socket_group.empty()) {
-      group* g = ::getgrnam(config_.unix_socket_group.c_str());
-      if (g == nullptr) return absl::NotFoundError("unknown group " + config_.unix_socket_group);
-      if (::chown(config_.unix_socket.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
-        return absl::ErrnoToStatus(errno, "chown " + config_.unix_socket);
-      }
-    }
-    listeners.emplace_back(*std::move(fd), "unix");
+    kvmi::UniqueFd fd = std::move(bound->fd);
+    listeners.emplace_back(std::move(fd), "unix");
   }
   if (config_.vsock_port) {
     absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenVsock(*config_.vsock_port);
