@@ -92,6 +92,7 @@ std::string PeerKeyByAddress(int fd) {
 }
 
 // Swaps spdlog's default logger for a ring buffer while alive; counts lines containing a text.
+// Stop what logs (StopAcceptor) before it goes: the swap back must not race with a log call.
 class CapturedLog {
  public:
   CapturedLog()
@@ -132,16 +133,21 @@ class AcceptorTest : public ::testing::Test {
  protected:
   void SetUp() override { loop_.Start("acceptor-test"); }
   void TearDown() override {
-    if (acceptor_) {
-      std::promise<void> stopped;
-      loop_.RunInLoop([&] {
-        acceptor_->Stop();
-        stopped.set_value();
-      });
-      stopped.get_future().wait();
-    }
+    StopAcceptor();
     loop_.Stop();
     ::unlink(path_.c_str());
+  }
+
+  // Stops the acceptor on its loop and waits: nothing of it logs afterwards.
+  void StopAcceptor() {
+    if (!acceptor_) return;
+    std::promise<void> stopped;
+    loop_.RunInLoop([&] {
+      acceptor_->Stop();
+      stopped.set_value();
+    });
+    stopped.get_future().wait();
+    acceptor_.reset();
   }
 
   void StartAcceptor(AcceptorOptions options) {
@@ -345,6 +351,7 @@ TEST_F(AcceptorTest, AFloodFromOnePeerIsCappedAndAnotherPeersGuestStillHooks) {
   // Rate-limited: one line for the whole flood, naming the peer and the limit.
   EXPECT_EQ(log.Count("handshake_slots_per_peer"), 1u);
   EXPECT_EQ(log.Count("closed: "), 1u);
+  StopAcceptor();
 }
 
 // Issue 10: at the descriptor limit the listener stays readable; the acceptor must not spin on
@@ -398,6 +405,7 @@ TEST_F(AcceptorTest, AtTheDescriptorLimitTheLoopPausesInsteadOfSpinningAndRecove
   kvmi::IntrospectorHello answer;
   EXPECT_TRUE(testing::ConnectAsQemu(path_, Hello("after"), &answer));
   EXPECT_TRUE(WaitUntil([&] { return accepted_count() == 1; }));
+  StopAcceptor();
 }
 
 }  // namespace
