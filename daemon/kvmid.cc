@@ -2,6 +2,7 @@
 
 #include <grp.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "daemon/security/unix_listener.h"
 #include "kernel/transport/socket.h"
 
 namespace kvmid {
@@ -87,6 +89,7 @@ absl::Status Daemon::Start() {
   options.handshake_timeout = config_.handshake_timeout;
   options.allowed_uids = config_.allowed_uids;
   options.allowed_cids = config_.allowed_cids;
+  options.handshake_slots_per_peer = limits().handshake_slots_per_peer;
   if (!config_.cookie_file.empty()) {
     absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> hash =
         LoadCookieHash(config_.cookie_file);
@@ -96,24 +99,17 @@ absl::Status Daemon::Start() {
 
   std::vector<std::pair<kvmi::UniqueFd, std::string>> listeners;
   if (!config_.unix_socket.empty()) {
-    std::string dir = config_.unix_socket.substr(0, config_.unix_socket.rfind('/'));
-    if (!dir.empty()) ::mkdir(dir.c_str(), 0750);  // /run/kvmid on a fresh host
-    absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenUnix(config_.unix_socket);
-    if (!fd.ok()) {
-      return absl::Status(fd.status().code(), "cannot listen on " + config_.unix_socket + ": " +
-                                                  std::string(fd.status().message()));
+    // Created with its final mode and group (a private directory, then rename): no umask window
+    // in which the socket is reachable with the default mode.
+    absl::StatusOr<security::BoundUnixSocket> bound =
+        security::BindUnixSocketWithFinalMode(config_.unix_socket, config_.unix_socket_mode,
+                                              config_.unix_socket_group, "unix_socket", SOMAXCONN);
+    if (!bound.ok()) {
+      return absl::Status(bound.status().code(), "cannot listen on " + config_.unix_socket + ": " +
+                                                     std::string(bound.status().message()));
     }
-    if (::chmod(config_.unix_socket.c_str(), config_.unix_socket_mode) != 0) {
-      return absl::ErrnoToStatus(errno, "chmod " + config_.unix_socket);
-    }
-    if (!config_.unix_socket_group.empty()) {
-      group* g = ::getgrnam(config_.unix_socket_group.c_str());
-      if (g == nullptr) return absl::NotFoundError("unknown group " + config_.unix_socket_group);
-      if (::chown(config_.unix_socket.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
-        return absl::ErrnoToStatus(errno, "chown " + config_.unix_socket);
-      }
-    }
-    listeners.emplace_back(*std::move(fd), "unix");
+    kvmi::UniqueFd fd = std::move(bound->fd);
+    listeners.emplace_back(std::move(fd), "unix");
   }
   if (config_.vsock_port) {
     absl::StatusOr<kvmi::UniqueFd> fd = kvmi::ListenVsock(*config_.vsock_port);
@@ -180,6 +176,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   {
     MutexLock limits_lock(&limits_mutex_);
     limits_ = config.security.limits;
+  }
+  if (started_) {
+    for (auto& acceptor : acceptors_) {
+      acceptor->SetHandshakeSlotsPerPeer(config.security.limits.handshake_slots_per_peer);
+    }
   }
   RearmAllGuests();
   const DaemonConfig& next = config.daemon;

@@ -37,39 +37,39 @@ struct TempDir {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<UnixApiListener>> UnixApiListener::Bind(const std::string& path,
-                                                                       uint32_t mode,
-                                                                       const std::string& group) {
+absl::StatusOr<BoundUnixSocket> BindUnixSocketWithFinalMode(const std::string& path, uint32_t mode,
+                                                            const std::string& group,
+                                                            absl::string_view knob, int backlog) {
   if (path.empty() || path.back() == '/') {
-    return absl::InvalidArgumentError(absl::StrCat("api_socket: '", path, "' is not a file path"));
+    return absl::InvalidArgumentError(absl::StrCat(knob, ": '", path, "' is not a file path"));
   }
   if (mode > 0777) {
-    return absl::InvalidArgumentError("api_socket_mode: at most 0777");
+    return absl::InvalidArgumentError(absl::StrCat(knob, "_mode: at most 0777"));
   }
   gid_t gid = static_cast<gid_t>(-1);
   if (!group.empty()) {
     auto found = LookUpGroup(group);
     if (!found.ok())
-      return absl::NotFoundError(absl::StrCat("api_socket_group: ", found.status().message()));
+      return absl::NotFoundError(absl::StrCat(knob, "_group: ", found.status().message()));
     gid = *found;
   }
   size_t slash = path.rfind('/');
   std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   if (::mkdir(dir.c_str(), 0750) != 0 && errno != EEXIST) {
-    return absl::FailedPreconditionError(Errno("api_socket: mkdir " + dir));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, ": mkdir ", dir)));
   }
   struct stat existing;
   if (::lstat(path.c_str(), &existing) == 0 && !S_ISSOCK(existing.st_mode)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("api_socket: ", path, " exists and is not a socket; not replacing it"));
+        absl::StrCat(knob, ": ", path, " exists and is not a socket; not replacing it"));
   }
 
   TempDir temp;
-  std::string dir_template = (dir == "/" ? "" : dir) + "/.kvmid-api-XXXXXX";
+  std::string dir_template = (dir == "/" ? "" : dir) + "/.kvmid-sock-XXXXXX";
   std::vector<char> buffer(dir_template.begin(), dir_template.end());
   buffer.push_back('\0');
   if (::mkdtemp(buffer.data()) == nullptr) {
-    return absl::FailedPreconditionError(Errno("api_socket: mkdtemp in " + dir));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, ": mkdtemp in ", dir)));
   }
   temp.dir = buffer.data();
   std::string temp_socket = temp.dir + "/s";
@@ -77,37 +77,45 @@ absl::StatusOr<std::unique_ptr<UnixApiListener>> UnixApiListener::Bind(const std
   addr.sun_family = AF_UNIX;
   if (temp_socket.size() >= sizeof(addr.sun_path) || path.size() >= sizeof(addr.sun_path)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("api_socket: ", path, " is too long for a UNIX socket (its directory ",
+        absl::StrCat(knob, ": ", path, " is too long for a UNIX socket (its directory ",
                      "plus 20 bytes must stay under ", sizeof(addr.sun_path), ")"));
   }
   std::memcpy(addr.sun_path, temp_socket.c_str(), temp_socket.size() + 1);
 
   kvmi::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) return absl::InternalError(Errno("api_socket: socket"));
+  if (!fd) return absl::InternalError(Errno(absl::StrCat(knob, ": socket")));
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return absl::FailedPreconditionError(Errno("api_socket: bind " + temp_socket));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, ": bind ", temp_socket)));
   }
   temp.socket = temp_socket;
   // Mode and group while nobody but us can reach the directory.
   if (::chmod(temp_socket.c_str(), mode) != 0) {
-    return absl::FailedPreconditionError(Errno("api_socket: chmod " + temp_socket));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, ": chmod ", temp_socket)));
   }
   if (gid != static_cast<gid_t>(-1) &&
       ::chown(temp_socket.c_str(), static_cast<uid_t>(-1), gid) != 0) {
-    return absl::FailedPreconditionError(Errno(absl::StrCat("api_socket_group: chown to ", group)));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, "_group: chown to ", group)));
   }
   struct stat st;
   if (::stat(temp_socket.c_str(), &st) != 0) {
-    return absl::InternalError(Errno("api_socket: stat " + temp_socket));
+    return absl::InternalError(Errno(absl::StrCat(knob, ": stat ", temp_socket)));
   }
-  if (::listen(fd.get(), kUnixListenBacklog) != 0) {
-    return absl::InternalError(Errno("api_socket: listen"));
+  if (::listen(fd.get(), backlog) != 0) {
+    return absl::InternalError(Errno(absl::StrCat(knob, ": listen")));
   }
   if (::rename(temp_socket.c_str(), path.c_str()) != 0) {
-    return absl::FailedPreconditionError(Errno("api_socket: rename to " + path));
+    return absl::FailedPreconditionError(Errno(absl::StrCat(knob, ": rename to ", path)));
   }
   temp.socket.clear();  // it is at `path` now; the directory goes
+  return BoundUnixSocket{std::move(fd), st.st_ino};
+}
 
+absl::StatusOr<std::unique_ptr<UnixApiListener>> UnixApiListener::Bind(const std::string& path,
+                                                                       uint32_t mode,
+                                                                       const std::string& group) {
+  absl::StatusOr<BoundUnixSocket> bound =
+      BindUnixSocketWithFinalMode(path, mode, group, "api_socket", kUnixListenBacklog);
+  if (!bound.ok()) return bound.status();
   kvmi::UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake) {
     ::unlink(path.c_str());
@@ -117,7 +125,7 @@ absl::StatusOr<std::unique_ptr<UnixApiListener>> UnixApiListener::Bind(const std
     spdlog::warn("API socket {} is open to every local user (api_socket_mode {:04o})", path, mode);
   }
   return std::unique_ptr<UnixApiListener>(
-      new UnixApiListener(path, std::move(fd), std::move(wake), st.st_ino));
+      new UnixApiListener(path, std::move(bound->fd), std::move(wake), bound->inode));
 }
 
 UnixApiListener::UnixApiListener(std::string path, kvmi::UniqueFd listen_fd, kvmi::UniqueFd wake_fd,
@@ -152,6 +160,7 @@ void UnixApiListener::Stop() {
 
 void UnixApiListener::AcceptLoop(grpc::Server* server) {
   auto last_warning = std::chrono::steady_clock::now() - std::chrono::hours(1);
+  uint64_t failures_since_warning = 0;
   for (;;) {
     pollfd fds[2] = {{wake_fd_.get(), POLLIN, 0}, {listen_fd_.get(), POLLIN, 0}};
     if (::poll(fds, 2, -1) < 0) {
@@ -170,10 +179,14 @@ void UnixApiListener::AcceptLoop(grpc::Server* server) {
     if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
       int error = errno;
       auto now = std::chrono::steady_clock::now();
+      ++failures_since_warning;
       if (now - last_warning >= std::chrono::seconds(kAcceptWarningIntervalSeconds)) {
         last_warning = now;
-        spdlog::warn("API socket {}: accept: {}; shedding connections (warned at most every {} s)",
-                     path_, std::strerror(error), kAcceptWarningIntervalSeconds);
+        spdlog::warn(
+            "API socket {}: accept: {}; shedding connections ({} times since the last warning; "
+            "warned at most every {} s)",
+            path_, std::strerror(error), failures_since_warning, kAcceptWarningIntervalSeconds);
+        failures_since_warning = 0;
       }
       // Shed the waiting connection with the reserved descriptor (so poll does not report it
       // again at once), then pause: the limit may take a while to clear.

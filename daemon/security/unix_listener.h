@@ -15,7 +15,9 @@
 #define KVMID_DAEMON_SECURITY_UNIX_LISTENER_H_
 
 #include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
 #include <grpcpp/server.h>
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
@@ -32,6 +34,19 @@ inline constexpr int kUnixListenBacklog = 128;
 // its reserved descriptor and pauses this long before accepting again (no spinning).
 inline constexpr int kAcceptPauseMs = 100;
 inline constexpr int kAcceptWarningIntervalSeconds = 10;  // at most one such warning per period
+
+// A listening UNIX socket created at `path` with exactly `mode` and, if `group` is not empty,
+// that group (a name or a number), by the private-directory-and-rename() scheme above. The parent
+// directory is created 0750 if missing; an existing non-socket at `path` is an error, a stale
+// socket is replaced. Errors name `knob` ("api_socket", "unix_socket"; "<knob>_mode",
+// "<knob>_group"). Used for the API socket and for the KVMI socket.
+struct BoundUnixSocket {
+  kvmi::UniqueFd fd;  // non-blocking, listening
+  ino_t inode = 0;    // of the socket file
+};
+absl::StatusOr<BoundUnixSocket> BindUnixSocketWithFinalMode(const std::string& path, uint32_t mode,
+                                                            const std::string& group,
+                                                            absl::string_view knob, int backlog);
 
 class UnixApiListener {
  public:

@@ -77,6 +77,27 @@ TEST_F(UnixListenerTest, ModeIsExactWhateverTheUmask) {
   EXPECT_EQ(st.st_mode & 07777, 0660u);
 }
 
+// The KVMI socket goes through the same helper (kvmid.cc): final mode from the start, a stale
+// socket replaced, errors naming its own knobs.
+TEST_F(UnixListenerTest, TheSharedHelperBindsTheKvmiSocketWithItsFinalMode) {
+  ::umask(0);
+  {
+    auto stale = BindUnixSocketWithFinalMode(path_, 0600, "", "unix_socket", 16);
+    ASSERT_TRUE(stale.ok()) << stale.status();
+  }  // closed, the file stays: a previous run's socket
+  auto bound = BindUnixSocketWithFinalMode(path_, 0660, "", "unix_socket", SOMAXCONN);
+  ASSERT_TRUE(bound.ok()) << bound.status();
+  struct stat st;
+  ASSERT_EQ(::stat(path_.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 07777, 0660u);
+  EXPECT_EQ(st.st_ino, bound->inode);
+  EXPECT_THAT(Leftovers(), ::testing::IsEmpty());
+  absl::Status no_group =
+      BindUnixSocketWithFinalMode(path_, 0660, "no-such-group-kvmid", "unix_socket", 16).status();
+  EXPECT_THAT(std::string(no_group.message()), StartsWith("unix_socket_group: "));
+}
+
 TEST_F(UnixListenerTest, OtherModesAndGroup) {
   ::umask(0);
   // A group of ours other than the primary one if there is one (Bazel's sandbox maps few).

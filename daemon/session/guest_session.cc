@@ -369,9 +369,18 @@ void GuestSession::OnReply(const kvmi::Frame& frame) {
       CloseInLoop("protocol error: reply with a seq that was never sent");
       return;
     }
-    // The late reply of a command that already timed out.
-    spdlog::debug("{}: late reply {} seq {}", log_name_, kvmi::CommandName(frame.hdr.id),
-                  frame.hdr.seq);
+    // A seq of ours that nobody waits for: the late reply of a command that timed out, or a
+    // host that answered a command sent with replies disabled (a v6 kernel decides that when it
+    // receives the command, §5.2; a host that decides later answers batched SET_REGISTERS). The
+    // framer already took the whole message by its size: skip it and stay in step.
+    counters_.unexpected_replies.fetch_add(1, std::memory_order_relaxed);
+    if (!unexpected_reply_logged_) {
+      unexpected_reply_logged_ = true;
+      spdlog::warn(
+          "{}: reply {} seq {} ({} bytes) answers no pending command (timed out, or sent with "
+          "replies disabled): skipped; further ones are only counted",
+          log_name_, kvmi::CommandName(frame.hdr.id), frame.hdr.seq, frame.payload.size());
+    }
     return;
   }
   if (it->second.id != frame.hdr.id) {

@@ -169,6 +169,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
     std::atomic<uint64_t> event_replies{0};
     std::atomic<uint64_t> commands{0};
     std::atomic<uint64_t> command_errors{0};
+    // Replies that no command waits for (a command of ours already answered or timed out, or one
+    // sent with replies disabled that the host answered anyway, issue 13): skipped by their size.
+    std::atomic<uint64_t> unexpected_replies{0};
   };
   const Counters& counters() const { return counters_; }
 
@@ -220,6 +223,7 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   std::unordered_map<uint32_t, PendingCommand> pending_;
   EventLoop::TimerId sweep_timer_ = 0;
   bool started_ = false;
+  bool unexpected_reply_logged_ = false;  // the first one is logged, the rest only counted
 
   // The write side: any thread (see the threading note above). The socket itself is closed
   // under this lock too, so a writer never sees a recycled descriptor.

@@ -2,6 +2,8 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
 
 #include <future>
 #include <set>
@@ -275,6 +277,65 @@ TEST_F(GuestSessionTest, BatchedReplyGoesOutInCmdResponseBrackets) {
   }
   EXPECT_THAT(ids, ::testing::ElementsAre(KVMI_CONTROL_CMD_RESPONSE, KVMI_SET_REGISTERS,
                                           KVMI_EVENT_REPLY, KVMI_CONTROL_CMD_RESPONSE));
+}
+
+// Issue 13: a host that decides a command's reply when it runs the command (not when it receives
+// it) answers the SET_REGISTERS of a batched event reply although replies were disabled. That
+// reply answers nothing of ours: it is skipped by its size (here with data that looks like a
+// header), counted, logged once per guest, and the session stays in step.
+TEST_F(GuestSessionTest, RepliesNobodyWaitsForAreSkippedCountedAndLoggedOnce) {
+  auto ring = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(64);
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>("ring", ring));
+  // A wrong host: answers every command, even inside CMD_RESPONSE(off) brackets, and answers
+  // SET_REGISTERS with reply data that a confused reader would take for a header.
+  host_.set_responder([](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
+    std::vector<uint8_t> out;
+    if (m.hdr.id == KVMI_SET_REGISTERS) {
+      std::vector<uint8_t> junk(24, 0);
+      kvmi_msg_hdr fake{KVMI_EVENT, 0, 77};
+      std::memcpy(junk.data(), &fake, sizeof(fake));
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(junk), &out);
+    } else {
+      std::vector<uint8_t> data;
+      if (m.hdr.id == KVMI_GET_VERSION) {
+        kvmi::ByteWriter w(&data);
+        kvmi::EncodeReplyData(kvmi::GetVersionReply{KVMI_VERSION}, w);
+      }
+      kvmi::EncodeReply(m.hdr.id, m.hdr.seq, 0, kvmi::ByteView(data), &out);
+    }
+    return out;
+  });
+  StartSession();
+  constexpr int kRounds = 3;
+  for (int round = 0; round < kRounds; ++round) {
+    host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 10 + round));
+    auto got = listener_.WaitEvent();
+    ASSERT_TRUE(got) << "round " << round;
+    kvmi::SetRegistersRequest set;
+    set.vcpu = 0;
+    set.regs.rip = 0x1000 + round;
+    std::vector<std::vector<uint8_t>> batched(1);
+    kvmi::EncodeCommand(set, 0, &batched[0]);
+    session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE),
+                           std::move(batched));
+    ASSERT_TRUE(host_.WaitForId(KVMI_EVENT_REPLY)) << "round " << round;
+    // Pipelined commands still get their own replies, matched by seq.
+    auto version = Send(kvmi::GetVersionRequest{});
+    CommandResult r = Get(version);
+    ASSERT_TRUE(r.ok()) << r.ToString();
+  }
+  // Per round: the CMD_RESPONSE(off) and the SET_REGISTERS replies are unexpected; the closing
+  // CMD_RESPONSE and GET_VERSION replies were awaited.
+  const uint64_t unexpected = session_->counters().unexpected_replies.load();
+  EXPECT_EQ(unexpected, 2u * kRounds);
+  EXPECT_FALSE(session_->closed());
+  int lines = 0;
+  for (const std::string& line : ring->last_formatted()) {
+    if (line.find("answers no pending command") != std::string::npos) ++lines;
+  }
+  spdlog::set_default_logger(previous);
+  EXPECT_EQ(lines, 1);
 }
 
 TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {

@@ -15,24 +15,39 @@
 
 namespace kvmid {
 
+bool WarningLimiter::Allow(uint64_t* since_last) {
+  ++pending_;
+  ++total_;
+  auto now = std::chrono::steady_clock::now();
+  if (last_ && now - *last_ < interval_) return false;
+  last_ = now;
+  *since_last = pending_;
+  pending_ = 0;
+  return true;
+}
+
 Acceptor::Acceptor(EventLoop* loop, kvmi::UniqueFd listen_fd, std::string transport,
                    AcceptorOptions options, OnGuest on_guest)
     : loop_(loop),
       listen_fd_(std::move(listen_fd)),
       transport_(std::move(transport)),
       options_(std::move(options)),
-      on_guest_(std::move(on_guest)) {}
+      on_guest_(std::move(on_guest)),
+      peer_slots_(security::Limit::kHandshakeSlotsPerPeer, options_.handshake_slots_per_peer) {}
 
 Acceptor::~Acceptor() = default;
 
 void Acceptor::Start() {
   int flags = ::fcntl(listen_fd_.get(), F_GETFL);
   ::fcntl(listen_fd_.get(), F_SETFL, flags | O_NONBLOCK);
+  reserve_fd_.Reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   loop_->Watch(listen_fd_.get(), EPOLLIN, [this](uint32_t) { OnAcceptable(); });
 }
 
 void Acceptor::Stop() {
-  if (listen_fd_) loop_->Unwatch(listen_fd_.get());
+  loop_->Cancel(resume_timer_);
+  if (listen_fd_ && resume_timer_ == 0) loop_->Unwatch(listen_fd_.get());
+  resume_timer_ = 0;
   listen_fd_.Reset();
   for (auto& [fd, pending] : pending_) {
     loop_->Unwatch(fd);
@@ -52,6 +67,7 @@ absl::Status Acceptor::Authenticate(int fd, Pending* pending) {
       return absl::ErrnoToStatus(errno, "SO_PEERCRED");
     }
     pending->peer = "uid " + std::to_string(cred.uid) + " pid " + std::to_string(cred.pid);
+    pending->peer_key = "uid " + std::to_string(cred.uid);
     pending->transport = "unix";
     if (!options_.allowed_uids.empty() &&
         std::find(options_.allowed_uids.begin(), options_.allowed_uids.end(), cred.uid) ==
@@ -66,6 +82,7 @@ absl::Status Acceptor::Authenticate(int fd, Pending* pending) {
     socklen_t remote_len = sizeof(remote);
     ::getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &remote_len);
     pending->peer = "cid " + std::to_string(remote.svm_cid);
+    pending->peer_key = pending->peer;
     pending->transport = "vsock:" + std::to_string(remote.svm_cid);
     if (!options_.allowed_cids.empty() &&
         std::find(options_.allowed_cids.begin(), options_.allowed_cids.end(), remote.svm_cid) ==
@@ -76,6 +93,7 @@ absl::Status Acceptor::Authenticate(int fd, Pending* pending) {
     return absl::OkStatus();
   }
   pending->peer = "unknown";
+  pending->peer_key = "unknown";
   pending->transport = transport_;
   return absl::OkStatus();
 }
@@ -84,9 +102,16 @@ void Acceptor::OnAcceptable() {
   while (true) {
     int raw = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (raw < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        spdlog::warn("{} listener: accept: {}", transport_, std::strerror(errno));
+      int error = errno;
+      if (error == EINTR || error == ECONNABORTED) continue;
+      if (error == EAGAIN || error == EWOULDBLOCK) return;
+      if (error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM) {
+        return PauseAtFdLimit(error);
+      }
+      uint64_t count = 0;
+      if (fd_limit_warnings_.Allow(&count)) {
+        spdlog::warn("{} listener: accept: {} ({} accept errors in the last {} s at most)",
+                     transport_, std::strerror(error), count, kListenerWarningInterval.count());
       }
       return;
     }
@@ -102,11 +127,31 @@ void Acceptor::OnAcceptable() {
     auto pending = std::make_unique<Pending>();
     absl::Status allowed = Authenticate(fd.get(), pending.get());
     if (!allowed.ok()) {
-      spdlog::warn("{} listener: connection refused: {}", transport_, std::string(allowed.message()));
+      spdlog::warn("{} listener: connection refused: {}", transport_,
+                   std::string(allowed.message()));
       stats_.rejected++;
       Metrics::CountHandshake(HandshakeResult::kUnauthorized);
       continue;
     }
+    if (options_.peer_key_for_test) pending->peer_key = options_.peer_key_for_test(fd.get());
+    // One peer may hold only its share of the handshake slots: a flood of connections from it is
+    // closed here at once, and other peers' guests still hook.
+    absl::StatusOr<security::KeyedSlots::Slot> slot =
+        peer_slots_.Acquire(pending->peer_key, "peer");
+    if (!slot.ok()) {
+      stats_.rejected++;
+      stats_.over_peer_limit++;
+      Metrics::CountHandshake(HandshakeResult::kBusy);
+      uint64_t count = 0;
+      if (peer_limit_warnings_.Allow(&count)) {
+        spdlog::warn(
+            "{} listener: connection from {} closed: {} ({} such in the last {} s at most)",
+            transport_, pending->peer, std::string(slot.status().message()), count,
+            kListenerWarningInterval.count());
+      }
+      continue;
+    }
+    pending->slot = *std::move(slot);
     pending->fd = std::move(fd);
     int key = pending->fd.get();
     pending->timer = loop_->RunAt(Clock::now() + options_.handshake_timeout, [this, key] {
@@ -115,6 +160,34 @@ void Acceptor::OnAcceptable() {
     loop_->Watch(key, EPOLLIN | EPOLLRDHUP, [this, key](uint32_t) { OnHandshakeReadable(key); });
     pending_.emplace(key, std::move(pending));
   }
+}
+
+void Acceptor::PauseAtFdLimit(int error) {
+  stats_.fd_limit_pauses++;
+  // Shed the connection at the head of the backlog with the reserved descriptor, so that its
+  // peer is told (it sees the close) instead of waiting in the backlog.
+  if (reserve_fd_) {
+    reserve_fd_.Reset();
+    int shed = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (shed >= 0) ::close(shed);
+    reserve_fd_.Reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  }
+  uint64_t count = 0;
+  if (fd_limit_warnings_.Allow(&count)) {
+    spdlog::warn(
+        "{} listener: accept: {}; shedding connections and pausing the listener {} ms each time "
+        "({} times in the last {} s at most)",
+        transport_, std::strerror(error), kAcceptPauseAtFdLimit.count(), count,
+        kListenerWarningInterval.count());
+  }
+  // The listener stays readable while the limit holds: watching it now would spin the loop.
+  loop_->Unwatch(listen_fd_.get());
+  resume_timer_ = loop_->RunAt(Clock::now() + kAcceptPauseAtFdLimit, [this] {
+    resume_timer_ = 0;
+    if (!listen_fd_) return;
+    if (!reserve_fd_) reserve_fd_.Reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    loop_->Watch(listen_fd_.get(), EPOLLIN, [this](uint32_t) { OnAcceptable(); });
+  });
 }
 
 void Acceptor::Reject(int fd, const std::string& why, HandshakeResult result) {

@@ -1,14 +1,20 @@
 #include "daemon/transport/acceptor.h"
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <future>
+#include <thread>
 
 #include "daemon/base/mutex.h"
 #include "daemon/testing/scripted_host.h"
@@ -58,6 +64,63 @@ void SendAll(int fd, const std::vector<uint8_t>& bytes) {
   }
 }
 
+// A client bound to an abstract UNIX address first, so that the acceptor can tell peers apart by
+// getpeername (the tests all run as one uid; see PeerKeyByAddress).
+kvmi::UniqueFd DialFrom(const std::string& path, const std::string& abstract_name) {
+  kvmi::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un local{};
+  local.sun_family = AF_UNIX;
+  std::memcpy(local.sun_path + 1, abstract_name.data(), abstract_name.size());
+  socklen_t local_len = offsetof(sockaddr_un, sun_path) + 1 + abstract_name.size();
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&local), local_len) != 0) return {};
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return {};
+  return fd;
+}
+
+// The injected peer key: "flood" for clients bound to "\0flood-...", "other" for the rest.
+std::string PeerKeyByAddress(int fd) {
+  sockaddr_un peer{};
+  socklen_t len = sizeof(peer);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) return "other";
+  size_t path_len =
+      len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
+  std::string name(peer.sun_path, path_len);
+  return name.rfind(std::string("\0flood-", 7), 0) == 0 ? "flood" : "other";
+}
+
+// Swaps spdlog's default logger for a ring buffer while alive; counts lines containing a text.
+// Stop what logs (StopAcceptor) before it goes: the swap back must not race with a log call.
+class CapturedLog {
+ public:
+  CapturedLog()
+      : ring_(std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(4096)),
+        previous_(spdlog::default_logger()) {
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("captured", ring_));
+  }
+  ~CapturedLog() { spdlog::set_default_logger(previous_); }
+  size_t Count(const std::string& text) const {
+    size_t n = 0;
+    for (const std::string& line : ring_->last_formatted()) {
+      if (line.find(text) != std::string::npos) ++n;
+    }
+    return n;
+  }
+
+ private:
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> ring_;
+  std::shared_ptr<spdlog::logger> previous_;
+};
+
+double ProcessCpuSeconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec +
+         (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
 // True once the daemon closed `fd` (EOF or reset) within `timeout`, having sent nothing.
 bool ClosedWithoutAnswer(int fd, std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
   pollfd p{fd, POLLIN, 0};
@@ -70,16 +133,21 @@ class AcceptorTest : public ::testing::Test {
  protected:
   void SetUp() override { loop_.Start("acceptor-test"); }
   void TearDown() override {
-    if (acceptor_) {
-      std::promise<void> stopped;
-      loop_.RunInLoop([&] {
-        acceptor_->Stop();
-        stopped.set_value();
-      });
-      stopped.get_future().wait();
-    }
+    StopAcceptor();
     loop_.Stop();
     ::unlink(path_.c_str());
+  }
+
+  // Stops the acceptor on its loop and waits: nothing of it logs afterwards.
+  void StopAcceptor() {
+    if (!acceptor_) return;
+    std::promise<void> stopped;
+    loop_.RunInLoop([&] {
+      acceptor_->Stop();
+      stopped.set_value();
+    });
+    stopped.get_future().wait();
+    acceptor_.reset();
   }
 
   void StartAcceptor(AcceptorOptions options) {
@@ -232,6 +300,112 @@ TEST_F(AcceptorTest, APeerWhoseUidIsAllowedGetsIn) {
   kvmi::IntrospectorHello answer;
   EXPECT_TRUE(testing::ConnectAsQemu(path_, Hello("web-1"), &answer));
   EXPECT_TRUE(WaitUntil([&] { return accepted_count() == 1; }));
+}
+
+// Issue 10: one peer opening a connection every millisecond and never finishing its handshake
+// holds at most its share of the slots; the rest of its connections are closed at once (with one
+// log line per interval), and a guest of another peer still hooks promptly.
+TEST_F(AcceptorTest, AFloodFromOnePeerIsCappedAndAnotherPeersGuestStillHooks) {
+  constexpr uint64_t kPerPeer = 4;
+  constexpr int kFlood = 200;
+  CapturedLog log;
+  AcceptorOptions options;
+  options.max_concurrent_handshakes = 8;  // without per-peer slots the flood would take all 8
+  options.handshake_slots_per_peer = kPerPeer;
+  options.peer_key_for_test = PeerKeyByAddress;
+  StartAcceptor(options);
+
+  std::vector<kvmi::UniqueFd> flood;
+  std::atomic<bool> flooding{true};
+  std::thread flooder([&] {
+    for (int i = 0; i < kFlood; ++i) {
+      kvmi::UniqueFd fd =
+          DialFrom(path_, "flood-" + std::to_string(::getpid()) + "-" + std::to_string(i));
+      if (fd) flood.push_back(std::move(fd));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the attacker's pace
+    }
+    flooding = false;
+  });
+  // Once the flood holds its slots, a guest from another peer hooks, promptly.
+  ASSERT_TRUE(WaitUntil([&] { return Stats().accepted > 2 * kPerPeer; }));
+  auto started = std::chrono::steady_clock::now();
+  kvmi::IntrospectorHello answer;
+  kvmi::UniqueFd guest = testing::ConnectAsQemu(path_, Hello("victim"), &answer);
+  EXPECT_TRUE(guest);
+  EXPECT_TRUE(WaitUntil([&] { return accepted_count() == 1; }));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(1));
+  EXPECT_TRUE(flooding.load()) << "the guest should have hooked during the flood";
+  flooder.join();
+
+  ASSERT_EQ(flood.size(), static_cast<size_t>(kFlood));
+  ASSERT_TRUE(WaitUntil([&] { return Stats().accepted == kFlood + 1u; }));
+  Acceptor::Stats stats = Stats();
+  EXPECT_EQ(stats.over_peer_limit, kFlood - kPerPeer);
+  EXPECT_EQ(stats.completed, 1u);
+  // The first kPerPeer connections still wait in their handshake; the others were closed.
+  for (int i = 0; i < kFlood; ++i) {
+    pollfd p{flood[i].get(), POLLIN, 0};
+    bool closed = ::poll(&p, 1, 0) == 1;
+    EXPECT_EQ(closed, i >= static_cast<int>(kPerPeer)) << "flood connection " << i;
+  }
+  // Rate-limited: one line for the whole flood, naming the peer and the limit.
+  EXPECT_EQ(log.Count("handshake_slots_per_peer"), 1u);
+  EXPECT_EQ(log.Count("closed: "), 1u);
+  StopAcceptor();
+}
+
+// Issue 10: at the descriptor limit the listener stays readable; the acceptor must not spin on
+// it (CPU, log), and it must accept again once descriptors are free.
+TEST_F(AcceptorTest, AtTheDescriptorLimitTheLoopPausesInsteadOfSpinningAndRecovers) {
+  CapturedLog log;
+  StartAcceptor(AcceptorOptions{});
+  // The clients' own sockets first: connect() needs no new descriptor.
+  constexpr int kClients = 3;
+  std::vector<kvmi::UniqueFd> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.emplace_back(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_TRUE(clients.back());
+  }
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  rlimit low = saved;
+  low.rlim_cur = 256;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<kvmi::UniqueFd> filler;
+  for (;;) {
+    int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) break;
+    filler.emplace_back(fd);
+  }
+  ASSERT_EQ(errno, EMFILE);
+
+  const double cpu_before = ProcessCpuSeconds();
+  const auto wall_before = std::chrono::steady_clock::now();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path_.c_str(), sizeof(addr.sun_path) - 1);
+  for (kvmi::UniqueFd& c : clients) {
+    ASSERT_EQ(::connect(c.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  }
+  // Each waiting connection is shed (its peer sees the close), one per pause.
+  for (kvmi::UniqueFd& c : clients) EXPECT_TRUE(ClosedWithoutAnswer(c.get()));
+  // Then a quiet half second at the limit: ~5 pauses at most, a few ms of CPU.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // measuring idleness itself
+  const double cpu = ProcessCpuSeconds() - cpu_before;
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_before).count();
+  Acceptor::Stats stats = Stats();
+  EXPECT_LE(stats.fd_limit_pauses, static_cast<uint64_t>(kClients + 1));
+  EXPECT_LT(cpu, 0.25 * wall) << "CPU " << cpu << " s over " << wall << " s";
+  EXPECT_LE(log.Count("shedding connections"), 1u);
+
+  // Descriptors freed: the next guest hooks.
+  filler.clear();
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  kvmi::IntrospectorHello answer;
+  EXPECT_TRUE(testing::ConnectAsQemu(path_, Hello("after"), &answer));
+  EXPECT_TRUE(WaitUntil([&] { return accepted_count() == 1; }));
+  StopAcceptor();
 }
 
 }  // namespace

@@ -300,6 +300,9 @@ DecodeStatus DecodeEmptyReplyData(ByteView data);
 
 // Builds CMD_RESPONSE(enable=0, now=1), the caller's messages, CMD_RESPONSE(enable=1, now=1) in
 // one buffer, for one write: only the closing CMD_RESPONSE is answered (with `close_seq`).
+// Reply timing (v6 code, kvmi_msg_dispatch_vcpu_msg): whether a command is answered is decided by
+// the receive thread when it accepts the command, not when the vCPU thread runs it, so the
+// batched vCPU commands stay unanswered although replies are back on by the time they run.
 class BatchBuilder {
  public:
   BatchBuilder(std::vector<uint8_t>* out, uint32_t open_seq);

@@ -149,12 +149,20 @@ void QemuConnector::Loop() {
 }
 
 int QemuConnector::Detach(std::chrono::milliseconds grace) {
+  int rc = BeginDetach();
+  FinishDetach(rc == 0 ? Clock::now() + grace : Clock::now());
+  return rc;
+}
+
+int QemuConnector::BeginDetach() {
   detached_.store(true);
-  int rc = engine_->RequestUnhook();
-  if (rc == 0) engine_->WaitUnhooked(Clock::now() + grace);
+  return engine_->RequestUnhook();
+}
+
+void QemuConnector::FinishDetach(Clock::time_point deadline) {
+  engine_->WaitUnhooked(deadline);
   engine_->EndSession("detached by the VM (KVM_INTROSPECTION_UNHOOK)");
   WakeWaiters();
-  return rc;
 }
 
 bool QemuConnector::WaitHooked(Clock::time_point deadline) {

@@ -58,6 +58,11 @@ class QemuConnector {
   // KVM_INTROSPECTION_UNHOOK: sends UNHOOK (if enabled), waits up to `grace` for the tool to
   // close, then ends the session; no reconnect afterwards.
   int Detach(std::chrono::milliseconds grace);
+  // Detach in two halves, so that many VMs can send UNHOOK at once and share one grace period
+  // (QEMU shutting down a fleet): BeginDetach sends UNHOOK (returns as Detach), FinishDetach waits
+  // until `deadline` for the tool to close and then ends the session.
+  int BeginDetach();
+  void FinishDetach(Clock::time_point deadline);
   // Wakes threads blocked in the Wait* calls (the guest's state changed).
   void WakeWaiters();
 

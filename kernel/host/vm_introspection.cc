@@ -258,13 +258,13 @@ bool VmIntrospection::Send(const std::vector<uint8_t>& message) {
 }
 
 VmIntrospection::Verdict VmIntrospection::Reply(const kvmi_msg_hdr& hdr, int32_t err, ByteView data,
-                                                bool always) {
-  bool enabled;
-  {
+                                                ReplyMode mode) {
+  bool enabled = mode == ReplyMode::kSend || mode == ReplyMode::kAlways;
+  if (mode == ReplyMode::kAsNow) {
     std::lock_guard<std::mutex> lock(mu_);
     enabled = replies_enabled_;
   }
-  if (!enabled && !always) {
+  if (!enabled) {
     // §5.2: with replies disabled a successful reply that carries data is fatal; an error is
     // dropped (the kernel only logs it).
     if (err == 0 && !data.empty()) {
@@ -289,12 +289,12 @@ VmIntrospection::Verdict VmIntrospection::Reply(const kvmi_msg_hdr& hdr, int32_t
 }
 
 template <typename ReplyData>
-VmIntrospection::Verdict VmIntrospection::ReplyWith(const kvmi_msg_hdr& hdr,
-                                                    const ReplyData& data) {
+VmIntrospection::Verdict VmIntrospection::ReplyWith(const kvmi_msg_hdr& hdr, const ReplyData& data,
+                                                    ReplyMode mode) {
   std::vector<uint8_t> bytes;
   ByteWriter writer(&bytes);
   EncodeReplyData(data, writer);
-  return Reply(hdr, 0, ByteView(bytes));
+  return Reply(hdr, 0, ByteView(bytes), mode);
 }
 
 // ---- receive thread -----------------------------------------------------------------------------
@@ -308,7 +308,7 @@ VmIntrospection::Verdict VmIntrospection::Dispatch(const kvmi_msg_hdr& hdr, Byte
     // Pre-dispatch (2): unknown or handler-less id -> payload discarded, -KVM_EOPNOTSUPP, even
     // with replies disabled. KVMI_EVENT (1) from the tool and KVMI_CONTROL_VE (12) land here.
     if (info == nullptr || info->scope == CommandScope::kUnsupported) {
-      return Reply(hdr, -KVM_EOPNOTSUPP, {}, /*always=*/true);
+      return Reply(hdr, -KVM_EOPNOTSUPP, {}, ReplyMode::kAlways);
     }
     // Pre-dispatch (3): not allowed by userspace -> -KVM_EPERM, even with replies disabled.
     bool allowed;
@@ -316,7 +316,7 @@ VmIntrospection::Verdict VmIntrospection::Dispatch(const kvmi_msg_hdr& hdr, Byte
       std::lock_guard<std::mutex> lock(mu_);
       allowed = (command_mask_ & Bit(hdr.id)) != 0;
     }
-    if (!allowed) return Reply(hdr, -KVM_EPERM, {}, /*always=*/true);
+    if (!allowed) return Reply(hdr, -KVM_EPERM, {}, ReplyMode::kAlways);
     if (info->scope == CommandScope::kVm) return HandleVmCommand(*info, hdr, payload);
     if (info->scope == CommandScope::kPauseVcpu) return HandlePauseVcpu(hdr, payload);
   }
@@ -337,6 +337,9 @@ VmIntrospection::Verdict VmIntrospection::Dispatch(const kvmi_msg_hdr& hdr, Byte
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!SessionLive()) return Verdict::kClose;
+    // §5.2 (code): the reply is decided here, when the command is accepted, not when the vCPU
+    // runs it -- a later CONTROL_CMD_RESPONSE in the same batch must not change it.
+    job.reply = replies_enabled_ ? ReplyMode::kSend : ReplyMode::kDrop;
     s = Vcpu(vcpu);
     s->jobs.push_back(std::move(job));
   }
@@ -510,7 +513,7 @@ VmIntrospection::Verdict VmIntrospection::HandlePauseVcpu(const kvmi_msg_hdr& hd
     allowed = (event_allow_mask_ & Bit(KVMI_EVENT_PAUSE_VCPU)) != 0;
   }
   // -KVM_EPERM for a disallowed pause event is replied even with replies disabled (§5.2).
-  if (!allowed) return Reply(hdr, -KVM_EPERM, {}, /*always=*/true);
+  if (!allowed) return Reply(hdr, -KVM_EPERM, {}, ReplyMode::kAlways);
   // (code) no -KVM_EAGAIN check for uninitialised vCPUs in this handler.
   if (req.vcpu >= backend_->VcpuCount()) return Reply(hdr, -KVM_EINVAL, {});
   int32_t err = 0;
@@ -744,7 +747,7 @@ void VmIntrospection::RunOneJob(uint16_t vcpu, Job& job) {
   if (job.hdr.id == KVMI_EVENT_REPLY) {
     HandleEventReply(vcpu, job.hdr, payload);
   } else {
-    ExecuteVcpuCommand(vcpu, job.hdr, payload);
+    ExecuteVcpuCommand(vcpu, job.hdr, payload, job.reply);
   }
 }
 
@@ -880,32 +883,32 @@ VmIntrospection::Verdict VmIntrospection::HandleEventReply(uint16_t vcpu, const 
 }
 
 VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, const kvmi_msg_hdr& hdr,
-                                                             ByteView payload) {
+                                                             ByteView payload, ReplyMode mode) {
   constexpr SizeRule kRule = SizeRule::kKernelZeroFill;
   switch (hdr.id) {
     case KVMI_GET_VCPU_INFO:
-      return ReplyWith(hdr, VcpuInfoReply{backend_->TscSpeedHz(vcpu)});
+      return ReplyWith(hdr, VcpuInfoReply{backend_->TscSpeedHz(vcpu)}, mode);
 
     case KVMI_CONTROL_EVENTS: {
       ControlEventsRequest req;
-      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {});
+      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {}, mode);
       const EventInfo* info =
           req.event_id < KVMI_NUM_EVENTS ? FindEvent(static_cast<uint8_t>(req.event_id)) : nullptr;
-      if (info == nullptr || !info->vcpu_event) return Reply(hdr, -KVM_EINVAL, {});
+      if (info == nullptr || !info->vcpu_event) return Reply(hdr, -KVM_EINVAL, {}, mode);
       bool allowed;
       {
         std::lock_guard<std::mutex> lock(mu_);
         allowed = (event_allow_mask_ & Bit(req.event_id)) != 0;
       }
-      if (!allowed) return Reply(hdr, -KVM_EPERM, {});
+      if (!allowed) return Reply(hdr, -KVM_EPERM, {}, mode);
       // Side effects (code): guest-debug breakpoints and descriptor-table exiting.
       if (req.event_id == KVMI_EVENT_BREAKPOINT) {
         if (int err = backend_->SetBreakpointInterception(vcpu, req.enable)) {
-          return Reply(hdr, err, {});
+          return Reply(hdr, err, {}, mode);
         }
       } else if (req.event_id == KVMI_EVENT_DESCRIPTOR) {
         if (int err = backend_->SetDescriptorInterception(vcpu, req.enable)) {
-          return Reply(hdr, err, {});
+          return Reply(hdr, err, {}, mode);
         }
       }
       {
@@ -917,24 +920,24 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
           s->event_mask &= ~Bit(req.event_id);
         }
       }
-      return Reply(hdr, 0, {});
+      return Reply(hdr, 0, {}, mode);
     }
     case KVMI_CONTROL_CR: {
       ControlCrRequest req;
       if (!DecodePayload(payload, &req, kRule).ok() || !kvmi::IsControllableCr(req.cr)) {
-        return Reply(hdr, -KVM_EINVAL, {});
+        return Reply(hdr, -KVM_EINVAL, {}, mode);
       }
       {
         std::lock_guard<std::mutex> lock(mu_);
         Vcpu(vcpu)->cr_selected[req.cr] = req.enable;
       }
       if (req.cr == 3) backend_->SetCr3LoadExiting(vcpu, req.enable);
-      return Reply(hdr, 0, {});
+      return Reply(hdr, 0, {}, mode);
     }
     case KVMI_CONTROL_MSR: {
       ControlMsrRequest req;
       if (!DecodePayload(payload, &req, kRule).ok() || !kvmi::IsControllableMsr(req.msr)) {
-        return Reply(hdr, -KVM_EINVAL, {});
+        return Reply(hdr, -KVM_EINVAL, {}, mode);
       }
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -942,14 +945,14 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
       }
       // Enabling forces write interception; disabling only clears the tracking bit (§5.10).
       if (req.enable) backend_->SetMsrWriteInterception(vcpu, req.msr, true);
-      return Reply(hdr, 0, {});
+      return Reply(hdr, 0, {}, mode);
     }
     case KVMI_GET_REGISTERS: {
       GetRegistersRequest req;
       // Padding, or hdr.size < 8 + 8 + 4 * nmsrs: -KVM_EINVAL.
-      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {});
+      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {}, mode);
       // The reply must fit a page: 472 + 16 * n <= 4096.
-      if (req.msrs.size() > kMaxGetRegistersMsrs) return Reply(hdr, -KVM_ENOMEM, {});
+      if (req.msrs.size() > kMaxGetRegistersMsrs) return Reply(hdr, -KVM_ENOMEM, {}, mode);
       RegistersReply reply;
       backend_->GetRegs(vcpu, &reply.regs);
       backend_->GetSregs(vcpu, &reply.sregs);
@@ -957,11 +960,11 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
       reply.msrs.resize(req.msrs.size());
       for (size_t i = 0; i < req.msrs.size(); ++i) {
         uint64_t value = 0;
-        if (!backend_->GetMsr(vcpu, req.msrs[i], &value)) return Reply(hdr, -KVM_EINVAL, {});
+        if (!backend_->GetMsr(vcpu, req.msrs[i], &value)) return Reply(hdr, -KVM_EINVAL, {}, mode);
         reply.msrs[i].index = req.msrs[i];
         reply.msrs[i].data = value;
       }
-      return ReplyWith(hdr, reply);
+      return ReplyWith(hdr, reply, mode);
     }
     case KVMI_SET_REGISTERS: {
       SetRegistersRequest req;
@@ -976,23 +979,23 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
         spdlog::debug("[{}] SET_REGISTERS on vCPU {} outside an event: dropped", name(), vcpu);
       }
     }
-      return Reply(hdr, 0, {});
+      return Reply(hdr, 0, {}, mode);
 
     case KVMI_GET_CPUID: {
       GetCpuidRequest req;
       DecodePayload(payload, &req, kRule);
       std::optional<CpuidLeaf> leaf = backend_->GetCpuid(vcpu, req.function, req.index);
-      if (!leaf) return Reply(hdr, -KVM_ENOENT, {});
-      return ReplyWith(hdr, CpuidReply{leaf->eax, leaf->ebx, leaf->ecx, leaf->edx});
+      if (!leaf) return Reply(hdr, -KVM_ENOENT, {}, mode);
+      return ReplyWith(hdr, CpuidReply{leaf->eax, leaf->ebx, leaf->ecx, leaf->edx}, mode);
     }
     case KVMI_GET_XSAVE: {
       XsaveReply reply;
       backend_->GetXsave(vcpu, &reply.region);
-      return ReplyWith(hdr, reply);
+      return ReplyWith(hdr, reply, mode);
     }
     case KVMI_INJECT_EXCEPTION: {
       InjectExceptionRequest req;
-      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {});
+      if (!DecodePayload(payload, &req, kRule).ok()) return Reply(hdr, -KVM_EINVAL, {}, mode);
       {
         // Vector and address are not validated in v6; a second request before the next guest
         // entry overwrites the first.
@@ -1000,16 +1003,16 @@ VmIntrospection::Verdict VmIntrospection::ExecuteVcpuCommand(uint16_t vcpu, cons
         Vcpu(vcpu)->tool_exception =
             ToolException{req.nr, req.has_error, req.error_code, req.address};
       }
-      return Reply(hdr, 0, {});
+      return Reply(hdr, 0, {}, mode);
     }
     case KVMI_GET_MTRR_TYPE: {
       GetMtrrTypeRequest req;
       DecodePayload(payload, &req, kRule);
-      return ReplyWith(hdr, MtrrTypeReply{backend_->MtrrType(vcpu, req.gpa)});
+      return ReplyWith(hdr, MtrrTypeReply{backend_->MtrrType(vcpu, req.gpa)}, mode);
     }
     default:
       spdlog::error("[{}] no vCPU handler for {}", name(), CommandName(hdr.id));
-      return Reply(hdr, -KVM_EOPNOTSUPP, {});
+      return Reply(hdr, -KVM_EOPNOTSUPP, {}, mode);
   }
 }
 

@@ -166,9 +166,20 @@ class VmIntrospection {
   const std::string& name() const { return options_.vm_name; }
 
  private:
+  // Whether a command gets its reply. Decided on the receive thread when the command is
+  // accepted, as v6's kvmi_msg_dispatch_vcpu_msg sets job_msg->reply_cb from cmd_reply_disabled
+  // (§5.2): a vCPU command carries the decision in its Job, so a CONTROL_CMD_RESPONSE processed
+  // after it cannot change whether it is answered.
+  enum class ReplyMode : uint8_t {
+    kAsNow,   // receive thread: the current setting (VM commands, pre-dispatch vCPU errors)
+    kSend,    // replies were on when the command was accepted
+    kDrop,    // replies were off when the command was accepted
+    kAlways,  // sent even with replies disabled (pre-dispatch errors, PAUSE EPERM)
+  };
   struct Job {
     kvmi_msg_hdr hdr{};
     std::vector<uint8_t> payload;
+    ReplyMode reply = ReplyMode::kSend;  // vCPU commands: decided at receive time
   };
   struct VcpuState {
     std::condition_variable cv;
@@ -203,7 +214,8 @@ class VmIntrospection {
 
   // vCPU side.
   void RunOneJob(uint16_t vcpu, Job& job);
-  Verdict ExecuteVcpuCommand(uint16_t vcpu, const kvmi_msg_hdr& hdr, ByteView payload);
+  Verdict ExecuteVcpuCommand(uint16_t vcpu, const kvmi_msg_hdr& hdr, ByteView payload,
+                             ReplyMode mode);
   Verdict HandleEventReply(uint16_t vcpu, const kvmi_msg_hdr& hdr, ByteView payload);
   // Sends the event and blocks until its reply (running jobs meanwhile). Returns the reply, or
   // nullopt if no session is live / the session ended while waiting (act as CONTINUE).
@@ -212,10 +224,13 @@ class VmIntrospection {
   // Counts the reply and turns CRASH into GuestBackend::Crash().
   uint8_t ConsumeAction(const EventReply& reply);
 
-  // Replies. `always` = sent even when replies are disabled (pre-dispatch errors, PAUSE EPERM).
-  Verdict Reply(const kvmi_msg_hdr& hdr, int32_t err, ByteView data, bool always = false);
+  // Replies, sent or dropped as `mode` says (kAsNow: as replies_enabled_ says now, which is only
+  // right on the receive thread).
+  Verdict Reply(const kvmi_msg_hdr& hdr, int32_t err, ByteView data,
+                ReplyMode mode = ReplyMode::kAsNow);
   template <typename ReplyData>
-  Verdict ReplyWith(const kvmi_msg_hdr& hdr, const ReplyData& data);
+  Verdict ReplyWith(const kvmi_msg_hdr& hdr, const ReplyData& data,
+                    ReplyMode mode = ReplyMode::kAsNow);
   bool Send(const std::vector<uint8_t>& message);
 
   void ResetIntrospectionStateLocked();
@@ -236,8 +251,8 @@ class VmIntrospection {
   std::string end_reason_;
   uint64_t command_mask_ = 0;  // bit per command id
   uint64_t event_allow_mask_ = 0;
-  uint64_t vm_event_mask_ = 0;  // UNHOOK, CREATE_VCPU
-  bool replies_enabled_ = true;
+  uint64_t vm_event_mask_ = 0;   // UNHOOK, CREATE_VCPU
+  bool replies_enabled_ = true;  // written by the receive thread only (and session reset)
   uint32_t event_seq_ = 0;
   bool spp_enabled_ = false;
   std::unordered_map<uint64_t, uint8_t> page_access_;  // gfn -> rwx (absent = RWX)

@@ -469,8 +469,8 @@ TEST_F(CommandsTest, ControlCmdResponseSuppressesReplies) {
   ASSERT_TRUE(tool_->SendRaw(Msg(KVMI_CONTROL_CMD_RESPONSE, 1, Cat(off_now))));
   // A command without reply data, and a failing one: nothing comes back.
   kvmi_check_event check{KVMI_EVENT_CR, 0, 0};
-  // (A VM command: a vCPU command's reply is decided when its vCPU runs it, which may be after
-  // replies are back on -- the kernel has the same race.)
+  // (A vCPU command's reply is decided when it is received too: see
+  // BatchedEventReplyWithSetRegistersGetsNoStrayReply.)
   kvmi_control_vm_events bad_event{KVMI_EVENT_CR, 1, 0, 0};
   ASSERT_TRUE(tool_->SendRaw(Msg(KVMI_CHECK_EVENT, 2, Cat(check))));
   ASSERT_TRUE(tool_->SendRaw(Msg(KVMI_CONTROL_VM_EVENTS, 3, Cat(bad_event))));
@@ -509,6 +509,48 @@ TEST_F(CommandsTest, BatchBuilderGetsOnlyTheClosingReply) {
   // CONTROL_CR ran on vCPU 0's thread; a later command to that vCPU is ordered after it.
   ASSERT_EQ(ToolConnection::ErrorOf(tool_->Call(GetVcpuInfoRequest{0})), 0);
   EXPECT_TRUE(vm_->engine().CrInterceptEnabled(0, 3));
+}
+
+// Issue 13: the standard batched event reply of a third-party client, which waits for no reply
+// at all: CMD_RESPONSE(enable=0, now=1), SET_REGISTERS, EVENT_REPLY, CMD_RESPONSE(enable=1,
+// now=0) in one write, while the vCPU waits in an event. Whether SET_REGISTERS is answered is
+// decided when the receive thread accepts it (replies off), not when the vCPU thread runs it
+// (by then the receive thread may have turned replies back on): no reply may ever appear.
+TEST_F(CommandsTest, BatchedEventReplyWithSetRegistersGetsNoStrayReply) {
+  constexpr int kIterations = 1000;
+  Enable(0, KVMI_EVENT_XSETBV);
+  uint32_t seq = 1000;
+  for (int i = 0; i < kIterations; ++i) {
+    auto done = vm_->Execute(0, Op{OpKind::kXsetbv});  // toggles XCR0.AVX: always an event
+    // The next message must be the event: a stray reply to the previous batch would be here.
+    std::optional<RawMessage> message = tool_->ReadMessage(10s);
+    ASSERT_TRUE(message) << "iteration " << i;
+    ASSERT_EQ(message->hdr.id, KVMI_EVENT)
+        << "iteration " << i << ": stray " << CommandName(message->hdr.id) << " seq "
+        << message->hdr.seq;
+    Event event;
+    ASSERT_TRUE(DecodeEvent(message->hdr, ByteView(message->payload), &event).ok());
+    ASSERT_EQ(event.id(), KVMI_EVENT_XSETBV);
+    SetRegistersRequest set{0, event.common.arch.regs};
+    set.regs.rbx = 0x5e70000u + static_cast<uint64_t>(i);
+    Bytes batch;
+    kvmi_control_cmd_response off_now{0, 1, 0, 0};
+    AppendTo(&batch, Msg(KVMI_CONTROL_CMD_RESPONSE, seq++, Cat(off_now)));
+    EncodeCommand(set, seq++, &batch);
+    EncodeEventReply(MakeEventReply(event, KVMI_EVENT_ACTION_CONTINUE), &batch);
+    kvmi_control_cmd_response on_later{1, 0, 0, 0};
+    AppendTo(&batch, Msg(KVMI_CONTROL_CMD_RESPONSE, seq++, Cat(on_later)));
+    ASSERT_TRUE(tool_->SendRaw(batch));
+    ASSERT_TRUE(done.get().executed);
+    ASSERT_EQ(vm_->guest().Snapshot(0).regs.rbx, set.regs.rbx) << "iteration " << i;
+  }
+  // Replies are on again, and the first message is the answer to this command.
+  ASSERT_TRUE(tool_->SendRaw(Msg(KVMI_GET_VERSION, 7, {})));
+  auto reply = tool_->ReadMessage(10s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->hdr.id, KVMI_GET_VERSION) << "stray seq " << reply->hdr.seq;
+  EXPECT_EQ(reply->hdr.seq, 7u);
+  EXPECT_EQ(vm_->engine().stats().sessions_closed_by_violation.load(), 0u);
 }
 
 TEST_F(CommandsTest, ReplyWithDataWhileRepliesAreDisabledCloses) {

@@ -52,6 +52,14 @@ void Fleet::Stop() {
   for (auto& t : stoppers) t.join();
 }
 
+size_t Fleet::DetachAll(std::chrono::milliseconds grace) {
+  size_t sent = 0;
+  for (auto& vm : vms_) sent += vm->BeginDetach() == 0 ? 1 : 0;
+  auto deadline = Clock::now() + (sent > 0 ? grace : std::chrono::milliseconds(0));
+  for (auto& vm : vms_) vm->FinishDetach(deadline);
+  return sent;
+}
+
 void Fleet::AggregateStats(host::EngineStats* out) const {
   for (const auto& vm : vms_) out->MergeFrom(vm->engine().stats());
 }

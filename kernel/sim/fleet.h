@@ -3,6 +3,7 @@
 #ifndef KVMID_KERNEL_SIM_FLEET_H_
 #define KVMID_KERNEL_SIM_FLEET_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -30,6 +31,10 @@ class Fleet {
 
   void Start();
   void Stop();
+  // What QEMU does at shutdown (KVM_INTROSPECTION_UNHOOK): every hooked VM sends UNHOOK (if the
+  // tool enabled it) at once, then all wait together up to `grace` for the tool to close before
+  // their sessions end; no reconnect afterwards. Returns how many VMs sent UNHOOK.
+  size_t DetachAll(std::chrono::milliseconds grace);
   size_t size() const { return vms_.size(); }
   SimVm& vm(size_t i) { return *vms_[i]; }
   // Sum over every VM's engine counters.

@@ -34,7 +34,10 @@ ABSL_FLAG(std::string, scenario_file, "", "Scenario file (overrides/extends --sc
 ABSL_FLAG(double, rate, -1,
           "Guest operations per second per vCPU that can raise events; 0 = as "
           "fast as the tool answers; default: the scenario's");
-ABSL_FLAG(double, duration, 10, "Seconds to run (0 = until SIGINT/SIGTERM)");
+ABSL_FLAG(double, duration, 10,
+          "Seconds to run (0 = until SIGINT/SIGTERM); at the end every VM sends UNHOOK (if "
+          "enabled) and waits up to --unhook_grace for the tool to close, as QEMU at shutdown");
+ABSL_FLAG(double, unhook_grace, 2, "Seconds the VMs wait for the tool to close after UNHOOK");
 ABSL_FLAG(std::string, cookie_file, "",
           "Verify the tool's cookie_hash against SHA-1 of this "
           "file's contents (kvmi-v7 QEMU behaviour); refuse on mismatch");
@@ -138,6 +141,8 @@ int main(int argc, char** argv) {
 
   double duration = absl::GetFlag(FLAGS_duration);
   if (!(duration >= 0) || duration > 1e7) return Fail("--duration must be >= 0 seconds");
+  double unhook_grace = absl::GetFlag(FLAGS_unhook_grace);
+  if (!(unhook_grace >= 0) || unhook_grace > 3600) return Fail("--unhook_grace must be 0..3600");
   double reconnect = absl::GetFlag(FLAGS_reconnect);
   if (!(reconnect >= 0) || reconnect > 86400) return Fail("--reconnect must be 0..86400 seconds");
   config.connector.reconnect_seconds = reconnect;
@@ -175,14 +180,19 @@ int main(int argc, char** argv) {
   double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   double cpu = CpuSeconds() - cpu_start;
   size_t hooked = fleet.hooked_count();
+  // QEMU at shutdown: KVM_INTROSPECTION_UNHOOK, i.e. UNHOOK to the tool, a grace period for it to
+  // close, then the sessions end.
+  size_t unhooked = fleet.DetachAll(std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::duration<double>(unhook_grace)));
   fleet.Stop();
 
   host::EngineStats stats;
   fleet.AggregateStats(&stats);
   uint64_t events = 0;
   for (const auto& e : stats.events_sent) events += e.load();
-  std::printf("kvmi-sim summary: %.1f s, %u VMs x %u vCPUs, %zu hooked at the end\n", wall,
-              config.vms, config.guest.vcpus, hooked);
+  std::printf(
+      "kvmi-sim summary: %.1f s, %u VMs x %u vCPUs, %zu hooked at the end, %zu sent UNHOOK\n", wall,
+      config.vms, config.guest.vcpus, hooked, unhooked);
   std::printf("%s", stats.Summary().c_str());
   std::printf("guest operations: %llu, events/s: %.0f, handshake/connect failures: %llu\n",
               static_cast<unsigned long long>(fleet.ops_executed()), events / (wall > 0 ? wall : 1),

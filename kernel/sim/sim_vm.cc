@@ -93,7 +93,13 @@ void SimVm::Stop() {
   if (stop_.exchange(true)) return;
   connector_->Stop();
   engine_->EndSession("simulator stopping");
-  for (uint32_t i = 0; i < guest_->VcpuCount(); ++i) {
+  // No vCPU is added once stop_ is seen under vcpus_mu_: this count covers every thread.
+  uint32_t count;
+  {
+    std::lock_guard<std::mutex> lock(vcpus_mu_);
+    count = guest_->VcpuCount();
+  }
+  for (uint32_t i = 0; i < count; ++i) {
     if (runners_[i] && runners_[i]->thread.joinable()) {
       engine_->Kick(static_cast<uint16_t>(i));
       runners_[i]->thread.join();
@@ -105,12 +111,32 @@ void SimVm::Stop() {
 // ----------------------------------------------------------------------------------------
 
 int SimVm::AddVcpu(bool start) {
+  std::lock_guard<std::mutex> lock(vcpus_mu_);
+  if (stopping()) return -1;
   int index = guest_->AddVcpu();
   if (index < 0) return -1;
   runners_[index] = std::make_unique<VcpuRunner>();
   runners_[index]->hot_added = true;
   if (start) StartVcpu(static_cast<uint16_t>(index));
   return index;
+}
+
+void SimVm::MaybeHotplug(const Scenario& scenario, Clock::time_point now, Clock::time_point* due) {
+  if (hotplugged_.load(std::memory_order_relaxed) >= scenario.hotplug_vcpus) return;
+  // Counted in hooked time: a vCPU added before the tool enabled CREATE_VCPU raises nothing.
+  if (!engine_->hooked()) {
+    *due = now + std::chrono::milliseconds(scenario.hotplug_period_ms);
+    return;
+  }
+  if (now < *due) return;
+  *due = now + std::chrono::milliseconds(scenario.hotplug_period_ms);
+  int index = AddVcpu(/*start=*/true);
+  if (index < 0) {
+    hotplugged_.store(scenario.hotplug_vcpus, std::memory_order_relaxed);  // full: stop trying
+    return;
+  }
+  hotplugged_.fetch_add(1, std::memory_order_relaxed);
+  spdlog::info("[{}] hot-plugged vCPU {}", config_.name, index);
 }
 
 void SimVm::StartVcpu(uint16_t vcpu) {
@@ -123,17 +149,22 @@ void SimVm::StartVcpu(uint16_t vcpu) {
 std::future<OpResult> SimVm::Execute(uint16_t vcpu, const Op& op) {
   TestOp test_op{op, {}};
   std::future<OpResult> result = test_op.done.get_future();
-  if (vcpu >= guest_->VcpuCount() || stopping()) {
+  VcpuRunner* r = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(vcpus_mu_);  // a scenario may be adding a vCPU
+    if (vcpu < guest_->VcpuCount() && !stopping()) r = runners_[vcpu].get();
+  }
+  if (r == nullptr) {
     test_op.done.set_value(OpResult{});
     return result;
   }
   {
-    std::lock_guard<std::mutex> lock(runner(vcpu).mu);
-    if (runner(vcpu).exited) {
+    std::lock_guard<std::mutex> lock(r->mu);
+    if (r->exited) {
       test_op.done.set_value(OpResult{});
       return result;
     }
-    runner(vcpu).test_ops.push_back(std::move(test_op));
+    r->test_ops.push_back(std::move(test_op));
   }
   engine_->Kick(vcpu);
   return result;
@@ -174,6 +205,9 @@ void SimVm::VcpuLoop(uint16_t vcpu) {
   };
   uint32_t quiet_ops = 0;  // consecutive operations (unlimited rate) that raised no event
   auto idle_backoff = kMinIdleBackoff;
+  // vCPU 0 hot-plugs the scenario's vCPUs (scenario.hotplug_vcpus).
+  const bool hotplugs = vcpu == 0 && has_workload && scenario.hotplug_vcpus > 0;
+  auto hotplug_due = Clock::now() + std::chrono::milliseconds(scenario.hotplug_period_ms);
 
   while (!stopping() && !guest_->crashed()) {
     EnterGuest(vcpu);
@@ -195,8 +229,11 @@ void SimVm::VcpuLoop(uint16_t vcpu) {
       continue;
     }
     auto now = Clock::now();
+    if (hotplugs) MaybeHotplug(scenario, now, &hotplug_due);
     if (rate > 0 && now < next_op) {
-      engine_->WaitForWork(vcpu, next_op + quantum);
+      auto wake = next_op + quantum;
+      if (hotplugs && hotplugged() < scenario.hotplug_vcpus) wake = std::min(wake, hotplug_due);
+      engine_->WaitForWork(vcpu, wake);
       continue;
     }
     uint64_t events_before = rate > 0 ? 0 : total_events();

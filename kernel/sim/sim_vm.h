@@ -65,6 +65,11 @@ class SimVm {
   // KVM_INTROSPECTION_UNHOOK: sends UNHOOK (if enabled), waits up to `grace` for the tool to
   // close, then ends the session; the connector does not reconnect afterwards.
   int Detach(std::chrono::milliseconds grace);
+  // The two halves of Detach (host::QemuConnector::BeginDetach / FinishDetach).
+  int BeginDetach() { return connector_->BeginDetach(); }
+  void FinishDetach(Clock::time_point deadline) { connector_->FinishDetach(deadline); }
+  // vCPUs hot-plugged by the scenario (hotplug_vcpus).
+  uint32_t hotplugged() const { return hotplugged_.load(std::memory_order_relaxed); }
 
   // Blocks until a session is hooked (or the deadline); true if hooked.
   bool WaitHooked(Clock::time_point deadline) { return connector_->WaitHooked(deadline); }
@@ -107,6 +112,8 @@ class SimVm {
   // One attempt; returns true when done, false when the guest must re-execute (RETRY).
   bool ExecuteOnce(uint16_t vcpu, const Op& op, OpResult* result);
   bool MemoryAccess(uint16_t vcpu, const Op& op, uint8_t access, OpResult* result);
+  // vCPU 0's thread: hot-plugs the scenario's next vCPU when it is due (see Scenario).
+  void MaybeHotplug(const Scenario& scenario, Clock::time_point now, Clock::time_point* due);
   VcpuRunner& runner(uint16_t vcpu) { return *runners_[vcpu]; }
   bool stopping() const { return stop_.load(std::memory_order_acquire); }
 
@@ -118,6 +125,10 @@ class SimVm {
   std::atomic<bool> stop_{false};
   std::atomic<bool> started_{false};
   std::atomic<uint64_t> ops_executed_{0};
+  std::atomic<uint32_t> hotplugged_{0};
+  // Serialises adding a vCPU (runners_ and the guest's vCPU count) with Stop's walk over them, so
+  // that a scenario's hot-plug from a vCPU thread never races with the shutdown.
+  std::mutex vcpus_mu_;
 };
 
 }  // namespace kvmi::sim

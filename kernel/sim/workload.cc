@@ -69,6 +69,8 @@ bool NamedScenario(const std::string& name, Scenario* out) {
     SetWeight(&s, OpKind::kInt3, 100);
   } else if (name == "all-events") {
     for (size_t i = 0; i < kOpKinds; ++i) s.weights[i] = 1;
+    s.hotplug_vcpus = 2;  // CREATE_VCPU at 1 s and 2 s of hooked time
+    s.hotplug_period_ms = 1000;
   } else {
     return false;
   }
@@ -124,6 +126,15 @@ bool ParseScenarioText(const std::string& text, Scenario* inout, std::string* er
         return fail("usage: data_pages N (1..1048576)");
       }
       s.data_pages = static_cast<uint32_t>(v);
+    } else if (key == "hotplug") {
+      uint64_t period = 0;
+      if (!parse_u64(a, &v) || v > kMaxHotplugVcpus || !parse_u64(b, &period) ||
+          period < kMinHotplugPeriodMs || period > 86400000) {
+        return fail("usage: hotplug VCPUS PERIOD_MS (VCPUS 0.." + std::to_string(kMaxHotplugVcpus) +
+                    ", PERIOD_MS " + std::to_string(kMinHotplugPeriodMs) + "..86400000)");
+      }
+      s.hotplug_vcpus = static_cast<uint32_t>(v);
+      s.hotplug_period_ms = static_cast<uint32_t>(period);
     } else if (key == "weight") {
       OpKind kind;
       if (!ParseOpKind(a, &kind)) {

@@ -52,15 +52,27 @@ struct Scenario {
   double ops_per_second = 100;               // per vCPU; 0 = as fast as the tool answers
   uint64_t data_gpa = 0x200000;              // data working set (what a tool restricts)
   uint32_t data_pages = 16;
+  // vCPU hot-plug while hooked: a vCPU created after the hook raises CREATE_VCPU when it first
+  // runs, if the tool enabled it (§6.2). One vCPU every `hotplug_period_ms` of hooked time, at
+  // most `hotplug_vcpus` per VM (and never beyond the guest's vCPU limit).
+  uint32_t hotplug_vcpus = 0;
+  uint32_t hotplug_period_ms = 1000;
 };
+// Scenario file limits (error messages are built from them).
+inline constexpr uint32_t kMaxHotplugVcpus = 64;
+inline constexpr uint32_t kMinHotplugPeriodMs = 10;
 
 // Names: "idle" (no operations), "mixed" (every kind), "process-switch" (CR3 heavy), "syscalls"
 // (MSR + hypercalls), "memory" (reads/writes/fetches, for page-access tools), "breakpoints",
-// "all-events" (equal weights). Returns false for an unknown name.
+// "all-events" (equal weights, and a hot-plugged vCPU each second, twice, so that every one of the
+// 12 events can be raised: the tool supplies its part -- enabling them, PAUSE_VCPU,
+// INJECT_EXCEPTION for TRAP, a PF reply with singlestep for SINGLESTEP; UNHOOK comes when the VM
+// detaches). Returns false for an unknown name.
 bool NamedScenario(const std::string& name, Scenario* out);
 std::vector<std::string> ScenarioNames();
-// A scenario file: lines "name NAME", "rate N", "data_gpa 0x...", "data_pages N", "weight KIND N"
-// ('#' comments). Starts from `base`. On error returns false with a line-numbered message.
+// A scenario file: lines "name NAME", "rate N", "data_gpa 0x...", "data_pages N", "weight KIND N",
+// "hotplug VCPUS PERIOD_MS" ('#' comments). Starts from `base`. On error returns false with a
+// line-numbered message.
 bool ParseScenarioText(const std::string& text, Scenario* inout, std::string* error);
 
 // Draws operations according to a scenario (one per vCPU; not thread-safe).
