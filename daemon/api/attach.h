@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "daemon/api/call_context.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
 
@@ -29,10 +31,13 @@ using AttachCommandRunner = std::function<kvmi::v1::AttachResponse(
 using AttachStream = grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
 
 // A new stream on `context` (it deletes itself when gRPC is done with it). Owners are numbered
-// from `next_stream`. A stream whose `admitted` is not OK ends with it at once.
+// from `next_stream`. A stream whose `admitted` is not OK ends with it at once. With `limits`,
+// the stream takes a place among `call`'s identity's streams (streams_per_identity) until it
+// ends, or ends at once with RESOURCE_EXHAUSTED.
 AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
-                          const grpc::Status& admitted);
+                          const grpc::Status& admitted, StreamLimits* limits = nullptr,
+                          const CallContext* call = nullptr);
 
 }  // namespace kvmid::api
 

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/api/attach.h"
+#include "daemon/security/identity.h"
 
 namespace kvmid {
 
@@ -10,10 +11,36 @@ using api::kApiOwner;
 using grpc::ServerContext;
 using grpc::Status;
 
+namespace {
+
+// The streams' CallContext until Admit hands one over: every guest visible (no authorizer), the
+// caller as the transport identifies it (the key of streams_per_identity); anonymous when it
+// cannot be identified.
+api::CallContext StreamCallContext(const grpc::ServerContextBase& context) {
+  api::CallContext call = api::CallContext::Unrestricted(context.peer());
+  absl::StatusOr<security::CallerIdentity> identity = security::IdentifyCaller(context);
+  if (!identity.ok()) return call;
+  switch (identity->kind) {
+    case security::CallerIdentity::Kind::kTls:
+      call.caller = security::Caller::Tls(identity->principal, identity->peer);
+      break;
+    case security::CallerIdentity::Kind::kUnix:
+      call.caller = security::Caller::Unix(identity->unix.uid, identity->unix.gid,
+                                           identity->unix.pid, identity->peer);
+      break;
+    case security::CallerIdentity::Kind::kAnonymous:
+      break;
+  }
+  return call;
+}
+
+}  // namespace
+
 IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* history)
     : daemon_(daemon),
+      stream_limits_(daemon->limits()),
       inventory_(daemon),
-      streams_(daemon, history),
+      streams_(daemon, history, &stream_limits_),
       commands_(&daemon->registry()) {}
 
 Status IntrospectionService::Admit(grpc::ServerContextBase* context, const std::string& method) {
@@ -35,12 +62,13 @@ kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(grpc::ServerCont
 
 grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>*
 IntrospectionService::Attach(grpc::CallbackServerContext* context) {
+  const api::CallContext call = StreamCallContext(*context);
   return api::StartAttach(
       daemon_, context, &next_stream_,
       [this](grpc::ServerContextBase* ctx, const OwnerId& owner, const kvmi::v1::Command& c) {
         return RunAttachCommand(ctx, owner, c);
       },
-      Admit(context, "Attach"));
+      Admit(context, "Attach"), &stream_limits_, &call);
 }
 
 // ---- inventory ---------------------------------------------------------------------------------
@@ -78,17 +106,18 @@ Status IntrospectionService::DeletePolicy(ServerContext* context,
 
 // ---- streams -----------------------------------------------------------------------------------
 
-Status IntrospectionService::StreamEvents(ServerContext* context,
-                                          const kvmi::v1::StreamEventsRequest* request,
-                                          grpc::ServerWriter<kvmi::v1::EventMessage>* writer) {
-  return Serve(context, "StreamEvents",
-               [&] { return streams_.StreamEvents(context, *request, writer); });
+grpc::ServerWriteReactor<kvmi::v1::EventMessage>* IntrospectionService::StreamEvents(
+    grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) {
+  Status admitted = Admit(context, "StreamEvents");
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::EventMessage>(admitted);
+  return streams_.StreamEvents(StreamCallContext(*context), *request);
 }
 
-Status IntrospectionService::WatchVMs(ServerContext* context,
-                                      const kvmi::v1::WatchVMsRequest* request,
-                                      grpc::ServerWriter<kvmi::v1::VMChange>* writer) {
-  return Serve(context, "WatchVMs", [&] { return streams_.WatchVMs(context, *request, writer); });
+grpc::ServerWriteReactor<kvmi::v1::VMChange>* IntrospectionService::WatchVMs(
+    grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) {
+  Status admitted = Admit(context, "WatchVMs");
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VMChange>(admitted);
+  return streams_.WatchVMs(StreamCallContext(*context), *request);
 }
 
 // ---- control RPCs on one guest -----------------------------------------------------------------

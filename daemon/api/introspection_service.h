@@ -19,15 +19,19 @@
 #include "daemon/api/event_stream.h"
 #include "daemon/api/guest_commands.h"
 #include "daemon/api/inventory.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.grpc.pb.h"
 
 namespace kvmid {
 
-// Attach runs on gRPC's callback API (events written from the guest's loop thread, verdicts
-// applied from gRPC's read callback); every other method is synchronous.
-class IntrospectionService final
-    : public kvmi::v1::Introspection::WithCallbackMethod_Attach<kvmi::v1::Introspection::Service> {
+// The streams run on gRPC's callback API, with no thread of their own: Attach (events written
+// from the guest's loop thread, verdicts applied from gRPC's read callback), StreamEvents and
+// WatchVMs (event_stream.h). Every other method is synchronous.
+class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
+                                       kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
+                                           kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
+                                               kvmi::v1::Introspection::Service>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor.
   IntrospectionService(Daemon* daemon, const EventHistory* history);
@@ -36,9 +40,8 @@ class IntrospectionService final
                        kvmi::v1::ListVMsResponse* response) override;
   grpc::Status GetVM(grpc::ServerContext* context, const kvmi::v1::GetVMRequest* request,
                      kvmi::v1::VM* response) override;
-  grpc::Status StreamEvents(grpc::ServerContext* context,
-                            const kvmi::v1::StreamEventsRequest* request,
-                            grpc::ServerWriter<kvmi::v1::EventMessage>* writer) override;
+  grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+      grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) override;
   grpc::Status ApplyPolicy(grpc::ServerContext* context,
                            const kvmi::v1::ApplyPolicyRequest* request,
                            kvmi::v1::ApplyPolicyResponse* response) override;
@@ -95,8 +98,8 @@ class IntrospectionService final
                              kvmi::v1::ControlEventsResponse* response) override;
   grpc::Status UnhookVM(grpc::ServerContext* context, const kvmi::v1::UnhookVMRequest* request,
                         kvmi::v1::UnhookVMResponse* response) override;
-  grpc::Status WatchVMs(grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request,
-                        grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
+  grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
+      grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
 
  private:
   // Every RPC, and every inline command of an Attach stream, enters here before its logic:
@@ -114,6 +117,8 @@ class IntrospectionService final
                                             const kvmi::v1::Command& command);
 
   Daemon* const daemon_;
+  // Shared by every stream (queue budget, streams per identity); before streams_, which uses it.
+  api::StreamLimits stream_limits_;
   api::Inventory inventory_;
   api::EventStreams streams_;
   api::GuestCommands commands_;
