@@ -295,12 +295,13 @@ class StreamLimitsTest : public ApiTest {
     ~StreamServer() override { server->Shutdown(std::chrono::system_clock::now()); }
     grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
         grpc::CallbackServerContext*, const kvmi::v1::StreamEventsRequest* request) override {
-      return streams.StreamEvents(api::CallContext::Unrestricted(), *request);
+      return streams.StreamEvents(call, *request);
     }
     grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
         grpc::CallbackServerContext*, const kvmi::v1::WatchVMsRequest* request) override {
-      return streams.WatchVMs(api::CallContext::Unrestricted(), *request);
+      return streams.WatchVMs(call, *request);
     }
+    api::CallContext call = api::CallContext::Unrestricted();  // every stream's caller
     api::StreamLimits limits;
     api::EventStreams streams;
     std::unique_ptr<grpc::Server> server;
@@ -521,6 +522,52 @@ TEST_F(StreamLimitsTest, StreamsCancelledWhileEventsFlowReleaseEverything) {
   EXPECT_TRUE(WaitUntil([&] { return observers() == 1; }));
   EXPECT_TRUE(WaitUntil([&] { return server.limits.budget()->used() == 0; }));
   EXPECT_EQ(server.limits.streams_of(api::CallContext::Unrestricted()), 0u);
+}
+
+// ---- visibility
+// ----------------------------------------------------------------------------------
+
+// A viewer scoped to some guests sees only their events and only them in WatchVMs; a label change
+// that brings a guest into scope shows it from then on (the per-guest decision is not stale).
+TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
+  ScriptedHost* seen = Connect(25, "seen");
+  ScriptedHost* hidden = Connect(26, "hidden");
+  ASSERT_NE(seen, nullptr);
+  ASSERT_NE(hidden, nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  config::Authz authz;
+  auto* binding = authz.add_bindings();
+  binding->set_principal("spiffe://test/viewer");
+  binding->set_role("viewer");
+  binding->add_guests()->add_names("seen");
+  (*binding->add_guests()->mutable_labels())["team"] = "red";
+  auto authorizer = security::Authorizer::FromConfig(authz);
+  ASSERT_TRUE(authorizer.ok()) << authorizer.status();
+  server.call.caller = security::Caller::Tls("spiffe://test/viewer", "test");
+  server.call.authorizer = *authorizer;
+  auto stub = kvmi::v1::Introspection::NewStub(
+      grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
+
+  OpenStream<kvmi::v1::VMChange> watch;
+  watch.reader = stub->WatchVMs(watch.ctx.get(), {});
+  kvmi::v1::VMChange change;
+  ASSERT_TRUE(watch.reader->Read(&change));
+  EXPECT_EQ(change.vm().name(), "seen");  // "hidden" is not listed
+  EventStream events = Open(stub.get());
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+
+  RunEvents(hidden, 1, 2);
+  RunEvents(seen, 1, 1);
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "seen");
+  // Labelled into scope: its events come from now on.
+  daemon_->pipeline().SetGuestLabels("hidden", {{"team", "red"}});
+  RunEvents(hidden, 3, 1);
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "hidden");
+  events.Cancel();
+  watch.Cancel();
 }
 
 }  // namespace
