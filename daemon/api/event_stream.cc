@@ -173,10 +173,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
 
   // Exactly once, after Finish and with no write in flight: releases everything the stream held.
   void OnDone() override {
+    // The admission first: once the subscription is gone, the place and charge are free too.
+    admission_.Release();
     daemon_->pipeline().RemoveObserver(observer_);
     outbox_->Close();  // already closed; a late observer call queues nothing from now on
     limits_->Freed(kStreamBaseBytes + outbox_->peak_bytes());
-    admission_.Release();
     delete this;
   }
 
@@ -250,10 +251,10 @@ class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
   }
   void OnCancel() override { outbox_->Close(); }
   void OnDone() override {
+    admission_.Release();
     daemon_->registry().RemoveStateWatcher(watcher_);
     outbox_->Close();
     limits_->Freed(kStreamBaseBytes + outbox_->peak_bytes());
-    admission_.Release();
     delete this;
   }
 
