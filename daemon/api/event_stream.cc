@@ -132,10 +132,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   // meanwhile: nothing falls between the replay and the live part, and what both saw is sent
   // once.
   void Start(std::shared_ptr<EventTap> tap, size_t capacity, const EventHistory* history,
-             uint64_t resume_after) {
+             uint64_t resume_after, StreamPump* pump) {
     tap->outbox = std::make_shared<EventOutbox>(
         capacity, limits_->budget(), /*notices=*/true,
-        [this](EventOutbox::Next next) { Write(std::move(next)); }, [this] { Finish(Status::OK); });
+        [this](EventOutbox::Next next) { Write(std::move(next)); }, [this] { Finish(Status::OK); },
+        pump);
     outbox_ = tap->outbox;
     observer_ = daemon_->pipeline().AddObserver([tap](const ObservedEvent& o) {
       if (!tap->Wants(o)) return;
@@ -225,12 +226,13 @@ class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
       : daemon_(daemon), limits_(limits), admission_(std::move(admission)) {}
 
   // Subscribes, then queues the current guests in front of the changes that came meanwhile.
-  void Start(std::shared_ptr<WatchTap> tap) {
+  void Start(std::shared_ptr<WatchTap> tap, StreamPump* pump) {
     // A reader that does not keep up loses changes (bounded), as before: no drop notice in
     // WatchVMs' protocol; the next change of a guest carries its whole state.
     tap->outbox = std::make_shared<WatchOutbox>(
         kMaxWatchBacklog, limits_->budget(), /*notices=*/false,
-        [this](WatchOutbox::Next next) { Write(std::move(next)); }, [this] { Finish(Status::OK); });
+        [this](WatchOutbox::Next next) { Write(std::move(next)); }, [this] { Finish(Status::OK); },
+        pump);
     outbox_ = tap->outbox;
     watcher_ = daemon_->registry().AddStateWatcher([tap](const std::shared_ptr<Guest>& g) {
       if (!tap->visible.Visible(g)) return;
@@ -304,7 +306,7 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
       std::make_shared<EventTap>(std::move(allow), std::move(deny), call, &daemon_->pipeline());
   auto* reactor =
       new EventStreamReactor(daemon_, limits_, std::move(admission), request.include_registers());
-  reactor->Start(std::move(tap), capacity, history_, request.resume_after());
+  reactor->Start(std::move(tap), capacity, history_, request.resume_after(), &pump_);
   return reactor;
 }
 
@@ -314,7 +316,7 @@ grpc::ServerWriteReactor<kvmi::v1::VMChange>* EventStreams::WatchVMs(
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) return FinishedStream<kvmi::v1::VMChange>(admitted);
   auto* reactor = new WatchReactor(daemon_, limits_, std::move(admission));
-  reactor->Start(std::make_shared<WatchTap>(call, &daemon_->pipeline()));
+  reactor->Start(std::make_shared<WatchTap>(call, &daemon_->pipeline()), &pump_);
   return reactor;
 }
 

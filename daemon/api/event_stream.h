@@ -20,6 +20,7 @@
 #include "daemon/api/call_context.h"
 #include "daemon/api/event_history.h"
 #include "daemon/api/stream_limits.h"
+#include "daemon/api/stream_outbox.h"
 #include "daemon/base/mutex.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
@@ -71,8 +72,8 @@ uint64_t QueuedBytes(const ObservedEvent& observed);
 
 // StreamEvents and WatchVMs on gRPC's callback API: no thread per stream. Events are matched on
 // the guests' loop threads (filters, then visibility) and queued in the stream's StreamOutbox;
-// the reactor writes one message at a time, the next one started from OnWriteDone (or by the
-// thread that queued into an idle stream). Every stream holds an admission of `limits` (a place
+// the reactor writes one message at a time, the next one started from OnWriteDone, the first
+// after an idle spell by the StreamPump. Every stream holds an admission of `limits` (a place
 // among its identity's streams, a base charge of the queue budget) until gRPC's OnDone, which
 // also removes its subscription and returns what it had queued.
 class EventStreams {
@@ -95,6 +96,9 @@ class EventStreams {
   Daemon* const daemon_;
   const EventHistory* const history_;
   StreamLimits* const limits_;
+  // Starts the writes of idle streams (one thread for all of them): a guest's loop thread only
+  // queues.
+  StreamPump pump_;
 };
 
 // A call that ends at once with `status` (a refusal before any stream state exists).

@@ -1,8 +1,10 @@
 // What one server-streaming call (StreamEvents, WatchVMs) still has to send: a bounded queue,
 // filled from any thread (the guests' loop threads, registry watchers) and drained by one write
-// at a time. No thread waits on it: whoever finds no write in flight takes the write token and
-// starts the next write (the loop thread that queued into an idle stream, or gRPC's callback
-// thread in OnWriteDone), so an open stream costs no thread of its own.
+// at a time. No thread waits on it, so an open stream costs no thread of its own: gRPC's callback
+// thread starts the next write from OnWriteDone; a stream that was idle is started by the
+// StreamPump (one thread for every stream), so that a guest's loop thread only queues (a lock
+// and a push) and never converts a message or enters gRPC, however many streams are open. Without
+// a pump (tests), the thread that queued into an idle stream starts its write itself.
 //
 // Memory: every queued item is charged to a ByteBudget shared by all streams (released when the
 // item is taken for writing, or dropped). An item that does not fit (the stream's own capacity,
@@ -20,7 +22,9 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,8 +33,63 @@
 
 namespace kvmid::api {
 
+// What the pump starts: an idle stream with something to write.
+class PumpTarget {
+ public:
+  virtual ~PumpTarget() = default;
+  virtual void Pump() = 0;
+};
+
+// One thread that starts the first write of streams that were idle (StreamOutbox). Scheduling is
+// a lock, a push and, only when the pump was idle, one wake-up.
+class StreamPump {
+ public:
+  StreamPump() : thread_([this] { Run(); }) {}
+  ~StreamPump() {
+    {
+      MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    cv_.Signal();
+    thread_.join();
+  }
+  StreamPump(const StreamPump&) = delete;
+  StreamPump& operator=(const StreamPump&) = delete;
+
+  void Schedule(std::shared_ptr<PumpTarget> target) {
+    bool wake;
+    {
+      MutexLock lock(&mu_);
+      wake = ready_.empty();
+      ready_.push_back(std::move(target));
+    }
+    if (wake) cv_.Signal();
+  }
+
+ private:
+  void Run() {
+    while (true) {
+      std::deque<std::shared_ptr<PumpTarget>> batch;
+      {
+        MutexLock lock(&mu_);
+        while (!stop_ && ready_.empty()) cv_.Wait(&mu_);
+        if (stop_) return;  // the streams are ending with the server
+        batch.swap(ready_);
+      }
+      for (const auto& target : batch) target->Pump();
+    }
+  }
+
+  Mutex mu_;
+  CondVar cv_;
+  std::deque<std::shared_ptr<PumpTarget>> ready_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 template <typename Item>
-class StreamOutbox {
+class StreamOutbox final : public PumpTarget,
+                           public std::enable_shared_from_this<StreamOutbox<Item>> {
  public:
   // What the token holder writes next: a drop notice (dropped > 0, no item) or an item.
   struct Next {
@@ -50,14 +109,16 @@ class StreamOutbox {
   enum class Offered { kQueued, kDropped, kClosed };
 
   // `budget` must outlive the queue's items (Close() returns them). notices: drops are reported
-  // as Next::dropped; else only counted.
+  // as Next::dropped; else only counted. `pump` (may be null; then the outbox must be owned by a
+  // shared_ptr) starts idle streams.
   StreamOutbox(size_t capacity, security::ByteBudget* budget, bool notices, Write write,
-               Finish finish)
+               Finish finish, StreamPump* pump = nullptr)
       : capacity_(capacity),
         budget_(budget),
         notices_(notices),
         write_(std::move(write)),
-        finish_(std::move(finish)) {}
+        finish_(std::move(finish)),
+        pump_(pump) {}
   StreamOutbox(const StreamOutbox&) = delete;
   StreamOutbox& operator=(const StreamOutbox&) = delete;
   ~StreamOutbox() {
@@ -67,6 +128,7 @@ class StreamOutbox {
 
   // Queues `item`, charged `bytes`. kDropped: it did not fit (counted); kClosed: the call ended.
   Offered Offer(Item item, uint64_t bytes) {
+    if (pump_ != nullptr) return OfferToPump(std::move(item), bytes);
     Next next;
     Offered result = Offered::kQueued;
     {
@@ -90,6 +152,32 @@ class StreamOutbox {
     }
     write_(std::move(next));
     return result;
+  }
+
+  // With a pump: queued (or dropped), and the pump told if the stream is idle.
+  Offered OfferToPump(Item item, uint64_t bytes) {
+    bool schedule = false;
+    Offered result;
+    {
+      MutexLock lock(&mu_);
+      if (closed_) return Offered::kClosed;
+      if (duplicate_ && duplicate_(item)) return Offered::kQueued;
+      result = QueueLocked(std::move(item), bytes, &schedule);
+    }
+    // Outside the lock: the pump may run it at once.
+    if (schedule) pump_->Schedule(this->shared_from_this());
+    return result;
+  }
+
+  // The pump's turn: starts the next write if the stream is still idle.
+  void Pump() override {
+    Next next;
+    {
+      MutexLock lock(&mu_);
+      pump_scheduled_ = false;
+      if (!TakeTokenLocked(&next)) return;
+    }
+    write_(std::move(next));
   }
 
   // Until this is called nothing is written, only queued. `front` goes out before what was
@@ -203,6 +291,31 @@ class StreamOutbox {
     return true;
   }
 
+  // Queues (or drops) for the pump; `schedule`: the stream is idle and not yet scheduled.
+  Offered QueueLocked(Item item, uint64_t bytes, bool* schedule)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Offered result = Offered::kQueued;
+    if (!writing_ && !held_ && queue_.empty() && dropped_pending_ == 0) {
+      // An idle stream's next message: not charged (the stream's base charge covers its one
+      // message in flight), so a stream that keeps up gets events even when others filled the
+      // budget.
+      queue_.push_back(Charged{std::move(item), 0});
+    } else if (queue_.size() >= capacity_ || !budget_->TryCharge(bytes)) {
+      CountDropsLocked(1);
+      result = Offered::kDropped;
+      if (!notices_) return result;  // nothing to tell
+    } else {
+      queued_bytes_ += bytes;
+      if (queued_bytes_ > peak_bytes_) peak_bytes_ = queued_bytes_;
+      queue_.push_back(Charged{std::move(item), bytes});
+    }
+    if (!writing_ && !held_ && !pump_scheduled_) {
+      pump_scheduled_ = true;
+      *schedule = true;
+    }
+    return result;
+  }
+
   void CountDropsLocked(uint64_t n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     dropped_total_ += n;
     if (notices_) dropped_pending_ += n;
@@ -235,6 +348,7 @@ class StreamOutbox {
   const bool notices_;
   const Write write_;
   const Finish finish_;
+  StreamPump* const pump_;
   mutable Mutex mu_;
   std::deque<Charged> queue_ ABSL_GUARDED_BY(mu_);
   uint64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // charged to budget_
@@ -244,6 +358,7 @@ class StreamOutbox {
   Duplicate duplicate_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;  // the write token
   bool held_ ABSL_GUARDED_BY(mu_) = true;      // see Release()
+  bool pump_scheduled_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -168,14 +168,49 @@ TEST(StreamOutboxTest, AFailedWriteEndsTheStream) {
   EXPECT_THAT(wire.Written(), ElementsAre("1"));
 }
 
+// With a pump, the thread that queues into an idle stream never writes: the pump does, once for
+// everything queued meanwhile; the idle stream's next item is not charged.
+TEST(StreamOutboxTest, APumpStartsIdleStreamsSoThatOfferingThreadsOnlyQueue) {
+  security::ByteBudget budget(1000);
+  Mutex mu;
+  std::vector<std::thread::id> writers;
+  Wire wire;
+  Outbox::Write record = wire.Writer();
+  StreamPump pump;
+  auto outbox = std::make_shared<Outbox>(
+      8, &budget, /*notices=*/true,
+      [&](Outbox::Next next) {
+        {
+          MutexLock lock(&mu);
+          writers.push_back(std::this_thread::get_id());
+        }
+        record(std::move(next));
+      },
+      wire.Finisher(), &pump);
+  outbox->Release({}, 0, nullptr);
+  EXPECT_EQ(outbox->Offer(1, 10), Outbox::Offered::kQueued);
+  EXPECT_EQ(outbox->Offer(2, 10), Outbox::Offered::kQueued);
+  ASSERT_TRUE(testing::WaitUntil([&] { return wire.Written().size() == 1; }));
+  EXPECT_EQ(budget.used(), 10u);  // item 2; item 1 went uncharged
+  while (wire.Written().size() < 2) wire.Complete(outbox.get());
+  EXPECT_THAT(wire.Written(), ElementsAre("1", "2"));
+  MutexLock lock(&mu);
+  ASSERT_EQ(writers.size(), 2u);
+  EXPECT_NE(writers[0], std::this_thread::get_id());  // the pump
+  EXPECT_EQ(writers[1], std::this_thread::get_id());  // OnWriteDone's thread
+}
+
 // Loop threads offer while "gRPC" completes writes and the stream is cancelled midway: one write
 // at a time, Finish exactly once, nothing written after it, every byte back in the budget.
 TEST(StreamOutboxTest, CancellationRacesWithOfferingThreads) {
+  StreamPump pump;
   for (int round = 0; round < 50; ++round) {
     security::ByteBudget budget(4000);
     Wire wire;
     auto outbox =
-        std::make_shared<Outbox>(64, &budget, /*notices=*/true, wire.Writer(), wire.Finisher());
+        // Odd rounds start idle streams from a pump, as the server does.
+        std::make_shared<Outbox>(64, &budget, /*notices=*/true, wire.Writer(), wire.Finisher(),
+                                 round % 2 ? &pump : nullptr);
     outbox->Release({}, 0, nullptr);
     std::atomic<bool> stop{false};
     std::vector<std::thread> loops;
