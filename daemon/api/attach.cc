@@ -13,6 +13,7 @@
 #include "daemon/api/convert.h"
 #include "daemon/api/guest_commands.h"
 #include "daemon/api/limits.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/base/mutex.h"
 #include "daemon/config/policy_convert.h"
 #include "kernel/abi/protocol.h"
@@ -112,6 +113,9 @@ class AttachReactor final : public AttachStream {
         [this](const Status& status) { Finish(status); });
   }
 
+  // The stream's place among its identity's streams (streams_per_identity), until OnDone.
+  void Hold(StreamLimits::Admission admission) { admission_ = std::move(admission); }
+
   void Begin(const Status& admitted) {
     if (!admitted.ok()) {
       stopping_ = true;
@@ -174,6 +178,7 @@ class AttachReactor final : public AttachStream {
       daemon_->ReleaseOwner(owner_);
     }
     if (!owner_.empty()) spdlog::info("{} detached", owner_);
+    admission_.Release();
     delete this;
   }
 
@@ -342,16 +347,24 @@ class AttachReactor final : public AttachStream {
   bool commands_stopped_ ABSL_GUARDED_BY(commands_mu_) = false;
   bool finish_when_idle_ ABSL_GUARDED_BY(commands_mu_) = false;
   std::thread command_runner_ ABSL_GUARDED_BY(commands_mu_);
+  StreamLimits::Admission admission_;  // set before the stream starts; released by OnDone
 };
 
 }  // namespace
 
 AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
-                          const Status& admitted, std::shared_ptr<AttachGuard> guard) {
+                          const Status& admitted, std::shared_ptr<AttachGuard> guard,
+                          StreamLimits* limits, const CallContext* call) {
   auto* reactor =
       new AttachReactor(daemon, context, next_stream, std::move(run_command), std::move(guard));
-  reactor->Begin(admitted);
+  Status status = admitted;
+  if (status.ok() && limits != nullptr && call != nullptr) {
+    StreamLimits::Admission admission;
+    status = limits->Admit(*call, daemon->limits(), /*charge_budget=*/false, &admission);
+    reactor->Hold(std::move(admission));
+  }
+  reactor->Begin(status);
   return reactor;
 }
 

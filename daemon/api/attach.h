@@ -13,6 +13,8 @@
 #include <functional>
 #include <memory>
 
+#include "daemon/api/call_context.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
 
@@ -43,11 +45,14 @@ class AttachGuard {
 
 // A new stream on `context` (it deletes itself when gRPC is done with it). Owners are numbered
 // from `next_stream`. A stream whose `admitted` is not OK ends with it at once. `guard` may be
-// null (no authorization past the RPC's: in-process tests).
+// null (no authorization past the RPC's: in-process tests). With `limits`, the stream takes a
+// place among `call`'s identity's streams (streams_per_identity) until it ends, or ends at once
+// with RESOURCE_EXHAUSTED.
 AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
                           const grpc::Status& admitted,
-                          std::shared_ptr<AttachGuard> guard = nullptr);
+                          std::shared_ptr<AttachGuard> guard = nullptr,
+                          StreamLimits* limits = nullptr, const CallContext* call = nullptr);
 
 }  // namespace kvmid::api
 

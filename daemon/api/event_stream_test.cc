@@ -1,9 +1,16 @@
 // StreamEvents and WatchVMs through a real server: filters, verdicts, drop notices for a slow
-// reader while the guest runs at full speed, resuming after a cursor; plus the filter and queue
-// units alone.
+// reader while the guest runs at full speed, resuming after a cursor; the stream limits (queue
+// budget, streams per identity, Attach included), no thread per stream, non-readers bounded by
+// the budget, cancellation while events flow; plus the filter units alone (the queue alone:
+// stream_outbox_test).
 #include "daemon/api/event_stream.h"
 
+#include <dirent.h>
+
+#include <atomic>
+
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/api/stream_limits.h"
 
 namespace kvmid {
 namespace {
@@ -68,33 +75,6 @@ TEST(CompiledFilterTest, MalformedFiltersNameTheirField) {
   EXPECT_THAT(error(f, "allow"), HasSubstr("allow.access"));
   f.set_access("rw");
   EXPECT_EQ(error(f, "allow"), "");
-}
-
-TEST(StreamQueueTest, ABoundedQueueCountsWhatDoesNotFitAndWaitsOnlyUntilSomethingCame) {
-  api::StreamQueue queue(2);
-  uint64_t dropped = 0;
-  auto start = std::chrono::steady_clock::now();
-  EXPECT_TRUE(queue.Take(std::chrono::milliseconds(20), &dropped).empty());
-  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(20));
-  EXPECT_EQ(dropped, 0u);
-  for (uint64_t id = 1; id <= 5; ++id) {
-    ObservedEvent o = PfEvent(0, 0, 0);
-    o.event_id = id;
-    queue.Push(o);
-  }
-  auto batch = queue.Take(std::chrono::seconds(10), &dropped);
-  ASSERT_EQ(batch.size(), 2u);
-  EXPECT_EQ(batch[0].event_id, 1u);
-  EXPECT_EQ(batch[1].event_id, 2u);
-  EXPECT_EQ(dropped, 3u);
-  // A push from another thread wakes a waiting reader long before its wait is over.
-  std::thread pusher([&] { queue.Push(PfEvent(0, 0, 0)); });
-  start = std::chrono::steady_clock::now();
-  batch = queue.Take(std::chrono::seconds(30), &dropped);
-  pusher.join();
-  EXPECT_EQ(batch.size(), 1u);
-  EXPECT_EQ(dropped, 0u);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
 }
 
 // ---- through a real server ----------------------------------------------------------------------
@@ -245,6 +225,349 @@ TEST_F(ApiTest, AReconnectingReaderResumesAfterItsCursorAndIsToldWhatIsGone) {
   ctx.TryCancel();
   while (reader->Read(&message)) {
   }
+}
+
+// ---- limits ------------------------------------------------------------------------------------
+
+size_t ThreadCount() {
+  size_t n = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return 0;
+  while (dirent* entry = readdir(dir)) n += entry->d_name[0] != '.';
+  closedir(dir);
+  return n;
+}
+
+// A client stream and its context, cancelled and drained at the end.
+template <typename Message>
+struct OpenStream {
+  std::unique_ptr<grpc::ClientContext> ctx = std::make_unique<grpc::ClientContext>();
+  std::unique_ptr<grpc::ClientReader<Message>> reader;
+  void Cancel() {
+    if (!reader) return;
+    ctx->TryCancel();
+    Message m;
+    while (reader->Read(&m)) {
+    }
+    reader->Finish();
+    reader.reset();
+  }
+};
+using EventStream = OpenStream<kvmi::v1::EventMessage>;
+
+// A stream the server refused at once: its status.
+template <typename Message>
+grpc::Status RefusedStatus(grpc::ClientReader<Message>* reader) {
+  Message m;
+  EXPECT_FALSE(reader->Read(&m));
+  return reader->Finish();
+}
+
+class StreamLimitsTest : public ApiTest {
+ protected:
+  // Applies `limits` to the running daemon as a configuration reload does (the streams read them
+  // when they start).
+  void SetLimits(const security::Limits& limits) {
+    LoadedConfig loaded;
+    loaded.daemon.unix_socket = dir_ + "/kvmi.sock";
+    loaded.guest_labels = {{"web-1", {{"tier", "prod"}}}};
+    loaded.security.limits = limits;
+    ASSERT_TRUE(daemon_->Reload(loaded).ok());
+  }
+  size_t observers() { return daemon_->pipeline().observer_count(); }  // the history's + streams
+  EventStream Open(kvmi::v1::Introspection::Stub* stub,
+                   const kvmi::v1::StreamEventsRequest& request = {}) {
+    EventStream stream;
+    stream.reader = stub->StreamEvents(stream.ctx.get(), request);
+    return stream;
+  }
+  // A server of StreamEvents/WatchVMs alone over its own UNIX socket, with the limits in reach.
+  struct StreamServer : kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
+                            kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
+                                kvmi::v1::Introspection::Service>> {
+    StreamServer(Daemon* daemon, const std::string& socket)
+        : limits(daemon->limits()), streams(daemon, nullptr, &limits) {
+      grpc::ServerBuilder builder;
+      builder.AddListeningPort("unix:" + socket, grpc::InsecureServerCredentials());
+      builder.RegisterService(this);
+      server = builder.BuildAndStart();
+    }
+    ~StreamServer() override { server->Shutdown(std::chrono::system_clock::now()); }
+    grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+        grpc::CallbackServerContext*, const kvmi::v1::StreamEventsRequest* request) override {
+      return streams.StreamEvents(call, *request);
+    }
+    grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
+        grpc::CallbackServerContext*, const kvmi::v1::WatchVMsRequest* request) override {
+      return streams.WatchVMs(call, *request);
+    }
+    api::CallContext call = api::CallContext::Unrestricted();  // every stream's caller
+    api::StreamLimits limits;
+    api::EventStreams streams;
+    std::unique_ptr<grpc::Server> server;
+  };
+  // Events the guest sends, each answered by the daemon before the next (the guest never waits
+  // on a stream).
+  void RunEvents(ScriptedHost* host, uint32_t first, uint32_t count) {
+    for (uint32_t seq = first; seq < first + count; ++seq) {
+      host->SendEvent(MakeTestEvent(KVMI_EVENT_HYPERCALL, 0, seq));
+      ASSERT_TRUE(host->WaitFor([seq](const ReceivedMessage& m) {
+        return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+      })) << "the guest waited at event "
+          << seq;
+    }
+  }
+  std::unique_ptr<kvmi::v1::Introspection::Stub> SlowStub(const std::string& socket) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8192);
+    return kvmi::v1::Introspection::NewStub(
+        grpc::CreateCustomChannel("unix:" + socket, grpc::InsecureChannelCredentials(), args));
+  }
+};
+
+TEST_F(StreamLimitsTest, TheNextStreamOfAnIdentityOverItsCapIsRefusedUntilOneEnds) {
+  security::Limits limits;
+  limits.streams_per_identity = 3;
+  SetLimits(limits);
+  ASSERT_NE(Connect(21, "capped"), nullptr);
+  // Three streams of the same caller (root on the API socket), one of each kind.
+  EventStream events = Open(stub_.get());
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  OpenStream<kvmi::v1::VMChange> watch;
+  watch.reader = stub_->WatchVMs(watch.ctx.get(), {});
+  kvmi::v1::VMChange change;
+  ASSERT_TRUE(watch.reader->Read(&change));  // admitted: the current guest came
+  grpc::ClientContext attach_ctx;
+  auto attach = stub_->Attach(&attach_ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("capped");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  ASSERT_TRUE(attach->Write(claim));
+  kvmi::v1::AttachResponse claimed;
+  ASSERT_TRUE(attach->Read(&claimed));
+  ASSERT_TRUE(claimed.has_claimed());
+
+  // The fourth, whatever its kind, is refused with the limit's name and knob.
+  for (int kind = 0; kind < 3; ++kind) {
+    grpc::ClientContext ctx;
+    grpc::Status status;
+    if (kind == 0) {
+      status = RefusedStatus(stub_->StreamEvents(&ctx, {}).get());
+    } else if (kind == 1) {
+      status = RefusedStatus(stub_->WatchVMs(&ctx, {}).get());
+    } else {
+      auto refused = stub_->Attach(&ctx);
+      refused->Write(claim);
+      kvmi::v1::AttachResponse response;
+      EXPECT_FALSE(refused->Read(&response));
+      status = refused->Finish();
+    }
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << kind;
+    EXPECT_THAT(status.error_message(), HasSubstr("streams_per_identity = 3")) << kind;
+    EXPECT_THAT(status.error_message(), HasSubstr("limits.streams_per_identity")) << kind;
+  }
+
+  // One ends: its place is free again (released in OnDone, before its subscription goes).
+  events.Cancel();
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  EventStream again = Open(stub_.get());
+  EXPECT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  again.Cancel();
+  watch.Cancel();
+  attach_ctx.TryCancel();
+  while (attach->Read(&claimed)) {
+  }
+  attach->Finish();
+}
+
+TEST_F(StreamLimitsTest, AnExhaustedQueueBudgetRefusesNewStreamsNamingIt) {
+  security::Limits limits;
+  limits.stream_queue_budget_bytes = 1u << 20;  // the smallest: 64 streams' base charge
+  limits.streams_per_identity = 1000;
+  SetLimits(limits);
+  constexpr size_t kFit = (1u << 20) / api::kStreamBaseBytes;
+  std::vector<EventStream> streams;
+  for (size_t i = 0; i < kFit; ++i) streams.push_back(Open(stub_.get()));
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 1 + kFit; }));
+  for (int kind = 0; kind < 2; ++kind) {
+    grpc::ClientContext ctx;
+    grpc::Status status = kind == 0 ? RefusedStatus(stub_->StreamEvents(&ctx, {}).get())
+                                    : RefusedStatus(stub_->WatchVMs(&ctx, {}).get());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(status.error_message(), HasSubstr("stream_queue_budget_bytes"));
+    EXPECT_THAT(status.error_message(), HasSubstr("limits.stream_queue_budget_bytes"));
+  }
+  streams.back().Cancel();
+  streams.pop_back();
+  ASSERT_TRUE(WaitUntil([&] { return observers() == kFit; }));
+  streams.push_back(Open(stub_.get()));  // its charge came back
+  EXPECT_TRUE(WaitUntil([&] { return observers() == 1 + kFit; }));
+  for (EventStream& s : streams) s.Cancel();
+}
+
+// kvmid's threads do not grow with its streams (each used to hold a thread of the sync server).
+TEST_F(StreamLimitsTest, OpenStreamsCostNoThread) {
+  security::Limits limits;
+  limits.streams_per_identity = 1000;
+  SetLimits(limits);
+  ScriptedHost* host = Connect(22, "threads");
+  ASSERT_NE(host, nullptr);
+  std::vector<EventStream> streams;
+  for (int i = 0; i < 10; ++i) streams.push_back(Open(stub_.get()));  // warm gRPC's pools up
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 11; }));
+  const size_t before = ThreadCount();
+  constexpr size_t kStreams = 300;
+  for (size_t i = 0; i < kStreams; ++i) streams.push_back(Open(stub_.get()));
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 11 + kStreams; }));
+  RunEvents(host, 1, 3);  // and they work: every stream gets the events
+  for (size_t i = 0; i < streams.size(); i += 50) {
+    kvmi::v1::EventMessage message;
+    for (uint64_t id = 1; id <= 3; ++id) {
+      ASSERT_TRUE(streams[i].reader->Read(&message));
+      EXPECT_EQ(message.event().id(), id);
+    }
+  }
+  const size_t after = ThreadCount();
+  EXPECT_LE(after, before + 8) << "threads: " << before << " with 10 streams, " << after << " with "
+                               << 10 + kStreams;
+  for (EventStream& s : streams) s.Cancel();
+  EXPECT_TRUE(WaitUntil([&] { return observers() == 1; }));
+}
+
+// 50 streams that never read while the guest runs: they drop (counted) within the shared budget,
+// the guest never waits, and a stream that reads still gets events (told of what it missed).
+TEST_F(StreamLimitsTest, NonReadersStayWithinTheBudgetAndOthersStillReceive) {
+  security::Limits limits;
+  limits.stream_queue_budget_bytes = 1u << 20;
+  limits.streams_per_identity = 1000;
+  SetLimits(limits);
+  ScriptedHost* host = Connect(23, "busy");
+  ASSERT_NE(host, nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  auto slow = SlowStub(dir_ + "/streams.sock");
+  kvmi::v1::StreamEventsRequest request;
+  request.set_include_registers(true);
+  std::vector<EventStream> stuck;
+  for (int i = 0; i < 50; ++i) stuck.push_back(Open(slow.get(), request));
+  auto fast = kvmi::v1::Introspection::NewStub(
+      grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
+  EventStream reader = Open(fast.get(), request);
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 52; }));
+
+  constexpr uint32_t kEvents = 2000;
+  std::atomic<uint64_t> events{0}, dropped{0};
+  std::thread read([&] {
+    kvmi::v1::EventMessage message;
+    while (events + dropped < kEvents && reader.reader->Read(&message)) {
+      if (message.has_event()) ++events;
+      if (message.has_dropped()) dropped = message.dropped().dropped_total();
+    }
+  });
+  uint64_t peak = 0;
+  for (uint32_t seq = 1; seq <= kEvents; seq += 100) {
+    RunEvents(host, seq, 100);
+    peak = std::max(peak, server.limits.budget()->used());
+    ASSERT_LE(server.limits.budget()->used(), server.limits.budget()->budget());
+  }
+  EXPECT_TRUE(WaitUntil([&] { return events + dropped == kEvents; }));
+  read.join();
+  EXPECT_GT(events.load(), 0u);
+  EXPECT_EQ(events + dropped, kEvents);         // nothing lost silently
+  EXPECT_GT(peak, 51 * api::kStreamBaseBytes);  // the non-readers did queue up to the budget
+  for (EventStream& s : stuck) s.Cancel();
+  reader.Cancel();
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  EXPECT_EQ(server.limits.budget()->used(), 0u);  // every charge came back
+}
+
+// Streams cancelled while the guest's events are being queued and written: every subscription,
+// charge and slot goes, once.
+TEST_F(StreamLimitsTest, StreamsCancelledWhileEventsFlowReleaseEverything) {
+  security::Limits limits;
+  limits.streams_per_identity = 1000;
+  SetLimits(limits);
+  ScriptedHost* host = Connect(24, "racing");
+  ASSERT_NE(host, nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  auto slow = SlowStub(dir_ + "/streams.sock");
+  std::atomic<bool> stop{false};
+  std::thread guest([&] {
+    for (uint32_t seq = 1; !stop; ++seq) {
+      host->SendEvent(MakeTestEvent(KVMI_EVENT_HYPERCALL, 0, seq));
+      if (!host->WaitFor([seq](const ReceivedMessage& m) {
+            return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+          })) {
+        ADD_FAILURE() << "the guest waited at event " << seq;
+        return;
+      }
+    }
+  });
+  kvmi::v1::StreamEventsRequest request;
+  request.set_include_registers(true);
+  request.set_max_queue(16);
+  for (int round = 0; round < 10; ++round) {
+    std::vector<EventStream> streams;
+    for (int i = 0; i < 20; ++i) streams.push_back(Open(slow.get(), request));
+    OpenStream<kvmi::v1::VMChange> watch;
+    watch.reader = slow->WatchVMs(watch.ctx.get(), {});
+    // Some read a little, then every one is cancelled mid-flow.
+    kvmi::v1::EventMessage message;
+    for (int i = 0; i < 20; i += 2) streams[i].reader->Read(&message);
+    for (EventStream& s : streams) s.Cancel();
+    watch.Cancel();
+  }
+  stop = true;
+  guest.join();
+  EXPECT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  EXPECT_TRUE(WaitUntil([&] { return server.limits.budget()->used() == 0; }));
+  EXPECT_EQ(server.limits.streams_of(api::CallContext::Unrestricted()), 0u);
+}
+
+// ---- visibility
+// ----------------------------------------------------------------------------------
+
+// A viewer scoped to some guests sees only their events and only them in WatchVMs; a label change
+// that brings a guest into scope shows it from then on (the per-guest decision is not stale).
+TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
+  ScriptedHost* seen = Connect(25, "seen");
+  ScriptedHost* hidden = Connect(26, "hidden");
+  ASSERT_NE(seen, nullptr);
+  ASSERT_NE(hidden, nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  config::Authz authz;
+  auto* binding = authz.add_bindings();
+  binding->set_principal("spiffe://test/viewer");
+  binding->set_role("viewer");
+  binding->add_guests()->add_names("seen");
+  (*binding->add_guests()->mutable_labels())["team"] = "red";
+  auto authorizer = security::Authorizer::FromConfig(authz);
+  ASSERT_TRUE(authorizer.ok()) << authorizer.status();
+  server.call.caller = security::Caller::Tls("spiffe://test/viewer", "test");
+  server.call.authorizer = *authorizer;
+  auto stub = kvmi::v1::Introspection::NewStub(
+      grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
+
+  OpenStream<kvmi::v1::VMChange> watch;
+  watch.reader = stub->WatchVMs(watch.ctx.get(), {});
+  kvmi::v1::VMChange change;
+  ASSERT_TRUE(watch.reader->Read(&change));
+  EXPECT_EQ(change.vm().name(), "seen");  // "hidden" is not listed
+  EventStream events = Open(stub.get());
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+
+  RunEvents(hidden, 1, 2);
+  RunEvents(seen, 1, 1);
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "seen");
+  // Labelled into scope: its events come from now on.
+  daemon_->pipeline().SetGuestLabels("hidden", {{"team", "red"}});
+  RunEvents(hidden, 3, 1);
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "hidden");
+  events.Cancel();
+  watch.Cancel();
 }
 
 }  // namespace

@@ -58,8 +58,9 @@ IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* h
                                            security::AuditLog* audit)
     : daemon_(daemon),
       admission_(daemon, audit),
+      stream_limits_(daemon->limits()),
       inventory_(daemon),
-      streams_(daemon, history),
+      streams_(daemon, history, &stream_limits_),
       commands_(&daemon->registry()) {}
 
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
@@ -102,7 +103,7 @@ IntrospectionService::Attach(grpc::CallbackServerContext* context) {
                     const kvmi::v1::Command& c) {
         return RunAttachCommand(guard->context, ctx, owner, c);
       },
-      admitted, guard);
+      admitted, guard, &stream_limits_, &guard->context);
 }
 
 // ---- inventory ---------------------------------------------------------------------------------
@@ -151,20 +152,22 @@ Status IntrospectionService::DeletePolicy(ServerContext* context,
 
 // ---- streams -----------------------------------------------------------------------------------
 
-Status IntrospectionService::StreamEvents(ServerContext* context,
-                                          const kvmi::v1::StreamEventsRequest* request,
-                                          grpc::ServerWriter<kvmi::v1::EventMessage>* writer) {
-  return Serve(
-      context, Rpc::kStreamEvents, *request, api::CallTarget(),
-      [&](const api::CallContext&) { return streams_.StreamEvents(context, *request, writer); });
+grpc::ServerWriteReactor<kvmi::v1::EventMessage>* IntrospectionService::StreamEvents(
+    grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) {
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      *context, Rpc::kStreamEvents, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::EventMessage>(admitted);
+  return streams_.StreamEvents(call.context(), *request);
 }
 
-Status IntrospectionService::WatchVMs(ServerContext* context,
-                                      const kvmi::v1::WatchVMsRequest* request,
-                                      grpc::ServerWriter<kvmi::v1::VMChange>* writer) {
-  return Serve(context, Rpc::kWatchVMs, *request, api::CallTarget(), [&](const api::CallContext&) {
-    return streams_.WatchVMs(context, *request, writer);
-  });
+grpc::ServerWriteReactor<kvmi::v1::VMChange>* IntrospectionService::WatchVMs(
+    grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) {
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      *context, Rpc::kWatchVMs, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VMChange>(admitted);
+  return streams_.WatchVMs(call.context(), *request);
 }
 
 // ---- control RPCs on one guest -----------------------------------------------------------------

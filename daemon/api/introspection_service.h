@@ -21,6 +21,7 @@
 #include "daemon/api/event_stream.h"
 #include "daemon/api/guest_commands.h"
 #include "daemon/api/inventory.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/audit.h"
 #include "daemon/security/authz.h"
@@ -28,10 +29,13 @@
 
 namespace kvmid {
 
-// Attach runs on gRPC's callback API (events written from the guest's loop thread, verdicts
-// applied from gRPC's read callback); every other method is synchronous.
-class IntrospectionService final
-    : public kvmi::v1::Introspection::WithCallbackMethod_Attach<kvmi::v1::Introspection::Service> {
+// The streams run on gRPC's callback API, with no thread of their own: Attach (events written
+// from the guest's loop thread, verdicts applied from gRPC's read callback), StreamEvents and
+// WatchVMs (event_stream.h). Every other method is synchronous.
+class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
+                                       kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
+                                           kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
+                                               kvmi::v1::Introspection::Service>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
@@ -42,9 +46,8 @@ class IntrospectionService final
                        kvmi::v1::ListVMsResponse* response) override;
   grpc::Status GetVM(grpc::ServerContext* context, const kvmi::v1::GetVMRequest* request,
                      kvmi::v1::VM* response) override;
-  grpc::Status StreamEvents(grpc::ServerContext* context,
-                            const kvmi::v1::StreamEventsRequest* request,
-                            grpc::ServerWriter<kvmi::v1::EventMessage>* writer) override;
+  grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+      grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) override;
   grpc::Status ApplyPolicy(grpc::ServerContext* context,
                            const kvmi::v1::ApplyPolicyRequest* request,
                            kvmi::v1::ApplyPolicyResponse* response) override;
@@ -101,8 +104,8 @@ class IntrospectionService final
                              kvmi::v1::ControlEventsResponse* response) override;
   grpc::Status UnhookVM(grpc::ServerContext* context, const kvmi::v1::UnhookVMRequest* request,
                         kvmi::v1::UnhookVMResponse* response) override;
-  grpc::Status WatchVMs(grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request,
-                        grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
+  grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
+      grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the
@@ -125,6 +128,8 @@ class IntrospectionService final
 
   Daemon* const daemon_;
   api::Admission admission_;
+  // Shared by every stream (queue budget, streams per identity); before streams_, which uses it.
+  api::StreamLimits stream_limits_;
   api::Inventory inventory_;
   api::EventStreams streams_;
   api::GuestCommands commands_;
