@@ -6,7 +6,13 @@ in the test (daemon/security/testing/make_cert.sh), the Python client and kvmict
 - the server certificate is rotated the way cert-manager does it (a symlinked directory swapped)
   and a new connection sees the new certificate's serial without a restart, while a stream
   opened before stays up;
-- plaintext on a non-loopback address, and TCP without TLS files, are refused at start;
+- plaintext on a non-loopback address, and TCP without TLS files, are refused at start; a
+  plaintext caller on loopback (--api_tcp_insecure_plaintext) has no identity: UNAUTHENTICATED on
+  every RPC of the service;
+- roles over TLS: client certificates per role made by scripts/dev-certs.sh (SPIFFE IDs
+  spiffe://kvmid.dev/role/<role>), bound in the config, one of them scoped to one guest: each
+  role's calls pass, calls above its role and outside its scope are PERMISSION_DENIED naming the
+  RPC and the role, lists show only the guests in scope;
 - under umask 000 the API socket has exactly its configured mode."""
 
 import os
@@ -20,12 +26,15 @@ import unittest
 
 import grpc
 import kvmi_client as kc
+from google.protobuf import symbol_database
 from tests.test_support import stop_process, wait_for
 
 KVMID = "daemon/kvmid"
 KVMI_SIM = "kernel/sim/kvmi-sim"
 KVMICTL = "clients/python/kvmictl"
 MAKE_CERT = "daemon/security/testing/make_cert.sh"
+DEV_CERTS = "scripts/dev-certs.sh"
+ROLES = ("viewer", "responder", "operator", "admin")
 
 
 def make_cert(*args):
@@ -53,6 +62,32 @@ def server_serial(port, certs):
     return out.strip().split("=", 1)[1].upper()
 
 
+def call_every_rpc(channel, vm="sim-vm-0000"):
+    """Calls every method of kvmi.v1.Introspection once on `channel` (requests naming `vm` where
+    they name a guest; Attach sends a claim), returns {name: (grpc.StatusCode, details)}."""
+    service = kc.pb.DESCRIPTOR.services_by_name["Introspection"]
+    codes = {}
+    for method in service.methods:
+        request = symbol_database.Default().GetSymbol(method.input_type.full_name)()
+        if "vm" in method.input_type.fields_by_name:
+            request.vm = vm
+        path = "/%s/%s" % (service.full_name, method.name)
+        kwargs = dict(request_serializer=type(request).SerializeToString,
+                      response_deserializer=lambda b: b)
+        try:
+            if method.client_streaming:
+                claim = kc.pb.AttachRequest(claim=kc.pb.Claim(handler_id="anonymous", vms=[vm]))
+                list(channel.stream_stream(path, **kwargs)(iter([claim]), timeout=10))
+            elif method.server_streaming:
+                list(channel.unary_stream(path, **kwargs)(request, timeout=10))
+            else:
+                channel.unary_unary(path, **kwargs)(request, timeout=10)
+            codes[method.name] = (grpc.StatusCode.OK, "")
+        except grpc.RpcError as e:
+            codes[method.name] = (e.code(), e.details() or "")
+    return codes
+
+
 class TlsEndToEnd(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -78,11 +113,17 @@ class TlsEndToEnd(unittest.TestCase):
 
         with open(os.path.join(cls.dir, "cookie"), "w") as f:
             f.write("secret")
+        # The client certificates' identity is bound to a role: without a binding a verified
+        # certificate connects but may call nothing (the roles are TlsRoles' subject).
+        with open(os.path.join(cls.dir, "kvmid.textproto"), "w") as f:
+            f.write('authz { bindings { principal: "spiffe://kvmid.test/role/admin" '
+                    'role: "admin" } }\n')
         cls.port = free_port()
         cls.api = os.path.join(cls.dir, "api.sock")
         cls.log = open(os.path.join(cls.dir, "kvmid.log"), "w+")
         cls.kvmid = subprocess.Popen(
             [KVMID, "--kvmi_socket=%s/k.sock" % cls.dir, "--api_socket=" + cls.api,
+             "--config=%s/kvmid.textproto" % cls.dir,
              "--api_tcp=127.0.0.1:%d" % cls.port, "--cookie_file=%s/cookie" % cls.dir,
              "--api_tls_cert=%s/tls.crt" % cls.tls, "--api_tls_key=%s/tls.key" % cls.tls,
              "--api_tls_client_ca=%s/ca.crt" % cls.tls, "--api_tls_refresh_seconds=1",
@@ -237,6 +278,116 @@ class TlsEndToEnd(unittest.TestCase):
         self.assertIsNone(self.kvmid.poll(), "kvmid restarted or died")
 
 
+class TlsRoles(unittest.TestCase):
+    """Client certificates per role from scripts/dev-certs.sh, bound in the config file; the
+    operator's binding covers one guest only."""
+
+    VMS = ["sim-vm-0000", "sim-vm-0001"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kvmid-roles-", dir="/tmp")
+        cls.certs = os.path.join(cls.dir, "certs")
+        subprocess.run(["bash", DEV_CERTS, cls.certs, "localhost"], check=True,
+                       stdout=subprocess.DEVNULL)
+        bindings = []
+        for role in ROLES:
+            scope = ' guests { names: "%s" }' % cls.VMS[0] if role == "operator" else ""
+            bindings.append('bindings { principal: "spiffe://kvmid.dev/role/%s" role: "%s"%s }'
+                            % (role, role, scope))
+        config = os.path.join(cls.dir, "kvmid.textproto")
+        with open(config, "w") as f:
+            f.write("authz {\n  %s\n}\n" % "\n  ".join(bindings))
+        cls.port = free_port()
+        cls.api = os.path.join(cls.dir, "api.sock")
+        cls.log = open(os.path.join(cls.dir, "kvmid.log"), "w+")
+        c = cls.certs
+        cls.procs = [subprocess.Popen(
+            [KVMID, "--kvmi_socket=%s/k.sock" % cls.dir, "--api_socket=" + cls.api,
+             "--config=" + config, "--api_tcp=127.0.0.1:%d" % cls.port,
+             "--api_tls_cert=%s/server.pem" % c, "--api_tls_key=%s/server.key" % c,
+             "--api_tls_client_ca=%s/ca.pem" % c, "--log_events=none", "--metrics_address=",
+             "--state_dir=%s/state" % cls.dir],
+            stdout=cls.log, stderr=subprocess.STDOUT)]
+        wait_for(lambda: os.path.exists(cls.api) or cls.procs[0].poll() is not None, 20,
+                 "kvmid's API socket")
+        cls.procs.append(subprocess.Popen(
+            [KVMI_SIM, "--connect=unix:%s/k.sock" % cls.dir, "--vms=2", "--vcpus=1",
+             "--scenario=mixed", "--rate=5", "--duration=120", "--reconnect=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        with kc.Client("unix:" + cls.api) as root:
+            wait_for(lambda: sorted(vm.name for vm in root.list_vms()
+                                    if vm.state == kc.pb.VM_STATE_HOOKED) == cls.VMS, 20,
+                     "two hooked guests")
+
+    @classmethod
+    def tearDownClass(cls):
+        for proc in reversed(cls.procs):
+            stop_process(proc)
+        cls.log.close()
+
+    def client(self, role):
+        c = self.certs
+        return kc.Client("127.0.0.1:%d" % self.port, connect_timeout=5, ca=c + "/ca.pem",
+                         cert="%s/%s.pem" % (c, role), key="%s/%s.key" % (c, role))
+
+    def test_viewer_cannot_write_memory_and_admin_can(self):
+        vm = self.VMS[0]
+        with self.client("admin") as admin:
+            admin.write_physical(vm, 0x4000, b"admin-wrote")
+        with self.client("viewer") as viewer:
+            with self.assertRaises(kc.KvmiError) as caught:
+                viewer.write_physical(vm, 0x4000, b"VIEWER")
+        e = caught.exception
+        self.assertEqual(e.code, grpc.StatusCode.PERMISSION_DENIED, e)
+        for needle in ("WritePhysical", vm, 'needs role "admin"', "spiffe://kvmid.dev/role/viewer",
+                       '"viewer"'):
+            self.assertIn(needle, e.message)
+        with self.client("admin") as admin:
+            self.assertEqual(admin.read_physical(vm, 0x4000, 11), b"admin-wrote")
+
+    def test_each_role_in_and_out_of_scope(self):
+        inside, other = self.VMS
+        OK, DENIED = "OK", "PERMISSION_DENIED"
+        # (what, call, {role: expected}); a role not named expects OK.
+        calls = [
+            ("ListVMs", lambda k: sorted(vm.name for vm in k.list_vms()), {}),
+            ("GetVM other", lambda k: k.get_vm(other), {"operator": DENIED}),
+            ("ListPolicies", lambda k: k.policies(), {}),
+            ("ReadPhysical", lambda k: k.read_physical(inside, 0x1000, 8),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("ReadPhysical other", lambda k: k.read_physical(other, 0x1000, 8),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("GetRegisters", lambda k: k.get_registers(inside, 0),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("PauseVCPU", lambda k: (k.pause(inside, 0), k.resume(inside, 0)),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("WritePhysical", lambda k: k.write_physical(inside, 0x1000, b"x"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("ApplyPolicy", lambda k: k.apply_policy(
+                kc.protect_pages_policy("matrix", 0x1000, 0x1fff, monitor=True)),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("DeletePolicy", lambda k: k.delete_policy("matrix"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+        ]
+        for role in ROLES:
+            with self.client(role) as kvmi:
+                for what, call, expected in calls:
+                    with self.subTest(role=role, call=what):
+                        try:
+                            value = call(kvmi)
+                            got, message = OK, ""
+                        except kc.KvmiError as e:
+                            got, message = e.code.name, e.message
+                        self.assertEqual(got, expected.get(role, OK), message)
+                        if got == DENIED:
+                            self.assertIn(what.split()[0], message)
+                            self.assertIn("spiffe://kvmid.dev/role/" + role, message)
+                        if what == "ListVMs":
+                            self.assertEqual(value, [inside] if role == "operator" else self.VMS)
+        self.assertIsNone(self.procs[0].poll())
+
+
 class RefusedAtStart(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="kvmid-tls-", dir="/tmp")
@@ -269,11 +420,21 @@ class RefusedAtStart(unittest.TestCase):
         port = free_port()
         log = open(os.path.join(self.dir, "kvmid.log"), "w+")
         kvmid = subprocess.Popen(self.base + ["--api_tcp=127.0.0.1:%d" % port,
-                                              "--api_tcp_insecure_plaintext"],
+                                              "--api_tcp_insecure_plaintext",
+                                              "--state_dir=%s/state" % self.dir],
                                  stdout=log, stderr=subprocess.STDOUT)
         try:
             with kc.Client("127.0.0.1:%d" % port, connect_timeout=10) as kvmi:
+                kvmi._connect()  # the listener is up
+                codes = call_every_rpc(kvmi._channel)
+            self.assertEqual(len(codes), 25)  # every RPC of kvmi.v1.Introspection
+            for rpc, (code, message) in codes.items():
+                self.assertEqual(code, grpc.StatusCode.UNAUTHENTICATED, (rpc, message))
+                self.assertIn(rpc, message)
+            # The UNIX socket still knows its callers: root is admin there.
+            with kc.Client("unix:%s/a.sock" % self.dir) as kvmi:
                 self.assertIsInstance(kvmi.list_vms(), list)
+                kvmi.apply_policy(kc.protect_pages_policy("root-policy", 0x1000, 0x1fff))
             log.seek(0)
             self.assertIn("PLAINTEXT", log.read())
         finally:
