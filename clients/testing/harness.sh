@@ -6,6 +6,8 @@
 #                                      # development certificates in $certs (scripts/dev-certs.sh)
 #   start_kvmid NAME [kvmid flags...]  # -> ${NAME}_api (unix socket path), ${NAME}_port (TCP, mTLS
 #                                      # with $certs/server.pem; clients use $certs/{ca,admin}.pem)
+#                                      # each $certs/<role>.pem is bound to <role> on every guest
+#                                      # (an authz section added to --config, see _with_dev_authz)
 #   start_sim NAME VMS                 # simulated guests connecting to kvmid NAME
 #   check "name" cmd args...           # a testcase: passes when the command exits 0
 #   skip "name" "why"; fail "name" "why"
@@ -136,6 +138,9 @@ start_kvmid() {
   shift
   local dir="$work/$name" port="" try
   mkdir -p "$dir"
+  local args=()
+  _with_dev_authz "$dir/kvmid.textproto" "$@" || return 1
+  set -- "${args[@]}"
   for try in 1 2 3; do
     port="$(free_port)"
     "$KVMID_BIN" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
@@ -164,6 +169,36 @@ start_kvmid() {
     grep -q "cannot listen\|cannot serve" "$dir/kvmid.log" || return 1
   done
   return 1
+}
+
+# _with_dev_authz OUT [kvmid flags...]: sets the caller's `args` to the flags with --config=OUT,
+# OUT being the given --config file (if any) plus an authz section that binds each development
+# certificate's SPIFFE ID (scripts/dev-certs.sh: spiffe://kvmid.dev/role/<role>) to its role on
+# every guest: kvmid authorizes TLS callers by binding only. A config that has its own authz
+# section is passed unchanged.
+_with_dev_authz() {
+  local out="$1" flag config="" role
+  shift
+  args=()
+  for flag in "$@"; do
+    case "$flag" in
+      --config=*) config="${flag#--config=}" ;;
+      *) args+=("$flag") ;;
+    esac
+  done
+  if [ -n "$config" ] && grep -q '^[[:space:]]*authz[[:space:]]*{' "$config"; then
+    args+=("--config=$config")
+    return 0
+  fi
+  { [ -z "$config" ] || cat "$config" || return 1
+    echo
+    echo "authz {"
+    for role in viewer responder operator admin; do
+      echo "  bindings { principal: \"spiffe://kvmid.dev/role/$role\" role: \"$role\" }"
+    done
+    echo "}"
+  } >"$out" || { echo "harness: cannot write $out"; return 1; }
+  args+=("--config=$out")
 }
 
 _kvmid_ready() {  # dir port: both sockets exist and the API accepts on unix and TCP
