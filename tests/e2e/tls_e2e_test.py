@@ -420,9 +420,26 @@ class RefusedAtStart(unittest.TestCase):
         port = free_port()
         log = open(os.path.join(self.dir, "kvmid.log"), "w+")
         kvmid = subprocess.Popen(self.base + ["--api_tcp=127.0.0.1:%d" % port,
+                                              "--api_tcp_insecure_plaintext"],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with kc.Client("127.0.0.1:%d" % port, connect_timeout=10) as kvmi:
+                # Served, but a plaintext caller has no identity: refused as unauthenticated.
+                with self.assertRaises(kc.KvmiError) as refused:
+                    kvmi.list_vms()
+                self.assertEqual(refused.exception.code, grpc.StatusCode.UNAUTHENTICATED)
+            log.seek(0)
+            self.assertIn("PLAINTEXT", log.read())
+        finally:
+            stop_process(kvmid)
+            log.close()
+
+    def test_plaintext_caller_is_unauthenticated_on_every_rpc(self):
+        port = free_port()
+        kvmid = subprocess.Popen(self.base + ["--api_tcp=127.0.0.1:%d" % port,
                                               "--api_tcp_insecure_plaintext",
                                               "--state_dir=%s/state" % self.dir],
-                                 stdout=log, stderr=subprocess.STDOUT)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
             with kc.Client("127.0.0.1:%d" % port, connect_timeout=10) as kvmi:
                 kvmi._connect()  # the listener is up
@@ -435,11 +452,9 @@ class RefusedAtStart(unittest.TestCase):
             with kc.Client("unix:%s/a.sock" % self.dir) as kvmi:
                 self.assertIsInstance(kvmi.list_vms(), list)
                 kvmi.apply_policy(kc.protect_pages_policy("root-policy", 0x1000, 0x1fff))
-            log.seek(0)
-            self.assertIn("PLAINTEXT", log.read())
+                self.assertEqual([p.policy.name for p in kvmi.policies()], ["root-policy"])
         finally:
             stop_process(kvmid)
-            log.close()
 
 
 class SocketModeUnderUmask000(unittest.TestCase):
