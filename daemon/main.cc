@@ -23,6 +23,7 @@
 #include "daemon/export/rotating_file.h"
 #include "daemon/kvmid.h"
 #include "daemon/metrics/metrics_server.h"
+#include "daemon/security/audit.h"
 #include "daemon/startup/flags.h"
 #include "daemon/startup/instance_lock.h"
 #include "daemon/startup/json_log.h"
@@ -41,6 +42,7 @@ struct Process {
   std::unique_ptr<kvmid::Exporter> exporter;
   std::unique_ptr<kvmid::EventLog> event_log;
   std::unique_ptr<kvmid::MetricsServer> metrics;
+  std::unique_ptr<kvmid::security::AuditLog> audit;  // --audit_log; null without one
   std::unique_ptr<kvmid::ApiServer> api;
 };
 
@@ -89,9 +91,41 @@ absl::Status LockInstance(Process* p) {
   return absl::OkStatus();
 }
 
+// --audit_log: opened before the API serves, so that no call goes unaudited; a path that cannot
+// be opened stops start-up.
+absl::Status OpenAuditLog(Process* p) {
+  const std::string& path = p->settings.config.security.audit_log;
+  if (path.empty()) {
+    spdlog::info("no audit log (--audit_log): API calls are not audited");
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<kvmid::security::AuditLog>> audit =
+      kvmid::security::AuditLog::Open(path);
+  if (!audit.ok()) {
+    return absl::Status(audit.status().code(),
+                        "--audit_log: " + std::string(audit.status().message()));
+  }
+  p->audit = *std::move(audit);
+  spdlog::info("audit log: mutating and denied API calls to {}", path);
+  return absl::OkStatus();
+}
+
+// SIGHUP: the audit file is reopened (logrotate moved it). A failure is logged; mutating calls
+// are refused (UNAVAILABLE) until a write or a later reopen succeeds.
+void ReopenAuditLog(Process* p) {
+  if (!p->audit) return;
+  absl::Status reopened = p->audit->Reopen();
+  if (reopened.ok()) {
+    spdlog::info("SIGHUP: audit log {} reopened", p->audit->path());
+  } else {
+    spdlog::error("SIGHUP: audit log: {}", std::string(reopened.message()));
+  }
+}
+
 // SIGHUP: the file is read again and the flags go over it, as at start. A configuration that
 // does not load or apply is refused, and the running one stays.
 void ReloadConfiguration(Process* p) {
+  ReopenAuditLog(p);  // logrotate's SIGHUP, whether or not the new configuration is taken
   absl::StatusOr<kvmid::Settings> settings = kvmid::SettingsFromFlags();
   absl::Status status =
       settings.ok() ? p->daemon->Reload(Configured(*settings)) : settings.status();
@@ -99,6 +133,15 @@ void ReloadConfiguration(Process* p) {
     spdlog::error("SIGHUP: new configuration refused, the running one stays: {}",
                   std::string(status.message()));
     return;
+  }
+  // The audit log's path is kept open by the API server: a new path takes a restart (like the
+  // listener settings), so that no record can land in a file nobody expects it in.
+  const std::string& audit_now = p->settings.config.security.audit_log;
+  const std::string& audit_next = settings->config.security.audit_log;
+  if (audit_next != audit_now) {
+    spdlog::warn("reload: audit_log changed from '{}' to '{}'; it takes effect at the next restart",
+                 audit_now, audit_next);
+    settings->config.security.audit_log = audit_now;
   }
   spdlog::set_level(settings->log_level);
   spdlog::info("SIGHUP: configuration reloaded from {} ({} configured policies)",
@@ -176,7 +219,7 @@ absl::Status StartMetrics(Process* p) {
 absl::Status StartApi(Process* p) {
   const kvmid::LoadedConfig& c = p->settings.config;
   if (c.api_socket.empty() && c.api_tcp.empty()) return absl::OkStatus();
-  p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get());
+  p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get(), /*history=*/8192, p->audit.get());
   kvmid::security::ApiListenOptions listen;
   listen.unix_socket = c.api_socket;
   listen.unix_socket_mode = c.api_socket_mode;
@@ -242,6 +285,8 @@ int main(int argc, char** argv) {
       "metrics", [&] { return StartMetrics(&p); }, [&] { p.metrics.reset(); });
   steps.Add(
       "guest listeners", [&] { return p.daemon->Start(); }, [&] { p.daemon->Shutdown(); });
+  steps.Add(
+      "audit log", [&] { return OpenAuditLog(&p); }, [&] { p.audit.reset(); });
   steps.Add(
       "api", [&] { return StartApi(&p); },
       [&] {

@@ -100,11 +100,13 @@ namespace {
 class AttachReactor final : public AttachStream {
  public:
   AttachReactor(Daemon* daemon, grpc::CallbackServerContext* context,
-                std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command)
+                std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
+                std::shared_ptr<AttachGuard> guard)
       : daemon_(daemon),
         context_(context),
         next_stream_(next_stream),
-        run_command_(std::move(run_command)) {
+        run_command_(std::move(run_command)),
+        guard_(std::move(guard)) {
     outbox_ = std::make_shared<AttachOutbox>(
         [this](const kvmi::v1::AttachResponse* message) { StartWrite(message); },
         [this](const Status& status) { Finish(status); });
@@ -133,7 +135,7 @@ class AttachReactor final : public AttachStream {
       Status s = Claim(request_.claim());
       if (!s.ok()) return Stop(s);
     } else if (request_.has_verdict()) {
-      reader_handler_->Answer(request_.verdict());
+      AnswerVerdict(request_.verdict());
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {
@@ -181,6 +183,10 @@ class AttachReactor final : public AttachStream {
     Arming arming;
     Status s = ParseClaim(claim, &handler_claim, &arming);
     if (!s.ok()) return s;
+    if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin
+      s = guard_->AdmitClaim(claim);
+      if (!s.ok()) return s;
+    }
     owner_ = "client:" + claim.handler_id() + "#" + std::to_string((*next_stream_)++);
     // Claimed is queued first (events of the new registration queue behind it) and written once
     // the handler is registered and its arming requested: a client that has read Claimed gets
@@ -201,6 +207,25 @@ class AttachReactor final : public AttachStream {
         "{} attached: {} event types, {} guests selected", owner_, handler_claim.events.size(),
         handler_claim.vms.empty() ? std::string("all") : std::to_string(handler_claim.vms.size()));
     return Status::OK;
+  }
+
+  // A verdict that CRASHes its guest needs admin there: refused, the event keeps waiting for
+  // another verdict or its deadline (then its fallback). Other verdicts go straight through.
+  void AnswerVerdict(const kvmi::v1::Verdict& verdict) {
+    if (guard_ && verdict.action() == kvmi::v1::ACTION_CRASH) {
+      // Not pending: Answer says so.
+      if (std::shared_ptr<Guest> guest = reader_handler_->GuestOf(verdict.event_id())) {
+        Status admitted = guard_->AdmitCrashVerdict(verdict, *guest);
+        if (!admitted.ok()) {
+          kvmi::v1::AttachResponse refused;
+          refused.mutable_error()->set_event_id(verdict.event_id());
+          refused.mutable_error()->set_message(admitted.error_message());
+          outbox_->Send(std::move(refused));
+          return;
+        }
+      }
+    }
+    reader_handler_->Answer(verdict);
   }
 
   void ReadMore() {
@@ -295,7 +320,8 @@ class AttachReactor final : public AttachStream {
   grpc::CallbackServerContext* const context_;
   std::atomic<uint64_t>* const next_stream_;
   const AttachCommandRunner run_command_;
-  kvmi::v1::AttachRequest request_;  // the read in flight (one at a time)
+  const std::shared_ptr<AttachGuard> guard_;  // null: no checks past the RPC's
+  kvmi::v1::AttachRequest request_;           // the read in flight (one at a time)
   std::shared_ptr<AttachOutbox> outbox_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> read_paused_{false};
@@ -322,8 +348,9 @@ class AttachReactor final : public AttachStream {
 
 AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
-                          const Status& admitted) {
-  auto* reactor = new AttachReactor(daemon, context, next_stream, std::move(run_command));
+                          const Status& admitted, std::shared_ptr<AttachGuard> guard) {
+  auto* reactor =
+      new AttachReactor(daemon, context, next_stream, std::move(run_command), std::move(guard));
   reactor->Begin(admitted);
   return reactor;
 }

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
@@ -28,11 +29,25 @@ using AttachCommandRunner = std::function<kvmi::v1::AttachResponse(
 
 using AttachStream = grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
 
+// The authorization a stream needs past its RPC's own check (api::Admission does it for the
+// service): the claim's scope and fallback, and verdicts that CRASH a guest.
+class AttachGuard {
+ public:
+  virtual ~AttachGuard() = default;
+  // After the claim parsed; not OK ends the stream with it.
+  virtual grpc::Status AdmitClaim(const kvmi::v1::Claim& claim) = 0;
+  // A verdict with ACTION_CRASH for an event of `guest`; not OK refuses the verdict (a
+  // VerdictError to the client) and the event keeps waiting for another one or its deadline.
+  virtual grpc::Status AdmitCrashVerdict(const kvmi::v1::Verdict& verdict, const Guest& guest) = 0;
+};
+
 // A new stream on `context` (it deletes itself when gRPC is done with it). Owners are numbered
-// from `next_stream`. A stream whose `admitted` is not OK ends with it at once.
+// from `next_stream`. A stream whose `admitted` is not OK ends with it at once. `guard` may be
+// null (no authorization past the RPC's: in-process tests).
 AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
-                          const grpc::Status& admitted);
+                          const grpc::Status& admitted,
+                          std::shared_ptr<AttachGuard> guard = nullptr);
 
 }  // namespace kvmid::api
 

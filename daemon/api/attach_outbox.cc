@@ -157,6 +157,12 @@ void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
   }
 }
 
+std::shared_ptr<Guest> StreamHandler::GuestOf(uint64_t event_id) {
+  MutexLock lock(&mu_);
+  auto it = pending_.find(event_id);
+  return it == pending_.end() ? nullptr : it->second.ctx.guest;
+}
+
 void StreamHandler::Close() {
   std::map<uint64_t, Pending> dying;
   {

@@ -86,6 +86,8 @@ class StreamHandler : public VerdictHandler {
   void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override;
   // A verdict from the client; errors go back on the stream.
   void Answer(const kvmi::v1::Verdict& verdict);
+  // The guest of pending event `event_id` (authorization of a verdict); null if not pending.
+  std::shared_ptr<Guest> GuestOf(uint64_t event_id);
   // The stream is over: every unanswered event falls back now (the promises die outside the
   // lock, their fallback runs on the guests' loops), and later events are refused at once.
   void Close();

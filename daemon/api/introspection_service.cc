@@ -1,46 +1,108 @@
 #include "daemon/api/introspection_service.h"
 
-#include <spdlog/spdlog.h>
+#include <memory>
+#include <optional>
+#include <string>
 
 #include "daemon/api/attach.h"
+#include "daemon/api/convert.h"
 
 namespace kvmid {
 
 using api::kApiOwner;
 using grpc::ServerContext;
 using grpc::Status;
+using security::Rpc;
 
-IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* history)
+namespace {
+
+api::CallTarget OnGuest(const std::string& vm) {
+  api::CallTarget target;
+  target.vm = &vm;
+  return target;
+}
+
+// The guest selector (`vm`) of an inline command's request; nullopt if it has none.
+std::optional<std::string> GuestOfCommand(const kvmi::v1::Command& command) {
+  const google::protobuf::FieldDescriptor* field =
+      command.GetDescriptor()->FindFieldByNumber(command.request_case());
+  if (field == nullptr || field->message_type() == nullptr) return std::nullopt;
+  const google::protobuf::Message& request = command.GetReflection()->GetMessage(command, field);
+  const google::protobuf::FieldDescriptor* vm = request.GetDescriptor()->FindFieldByName("vm");
+  if (vm == nullptr || vm->type() != google::protobuf::FieldDescriptor::TYPE_STRING) {
+    return std::nullopt;
+  }
+  return request.GetReflection()->GetString(request, vm);
+}
+
+// What one Attach stream was admitted as: its claim and its CRASH verdicts go through the
+// service's Admission with the stream's caller.
+class AttachAdmission final : public api::AttachGuard {
+ public:
+  explicit AttachAdmission(api::Admission* admission) : admission_(admission) {}
+  Status AdmitClaim(const kvmi::v1::Claim& claim) override {
+    return admission_->AdmitClaim(context, claim);
+  }
+  Status AdmitCrashVerdict(const kvmi::v1::Verdict& verdict, const Guest& guest) override {
+    return admission_->AdmitCrashVerdict(context, verdict, guest);
+  }
+  api::CallContext context;  // set once, before the stream starts
+
+ private:
+  api::Admission* const admission_;
+};
+
+}  // namespace
+
+IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* history,
+                                           security::AuditLog* audit)
     : daemon_(daemon),
+      admission_(daemon, audit),
       inventory_(daemon),
       streams_(daemon, history),
       commands_(&daemon->registry()) {}
 
-Status IntrospectionService::Admit(grpc::ServerContextBase* context, const std::string& method) {
-  if (spdlog::should_log(spdlog::level::debug)) {
-    spdlog::debug("API {} from {}", method, context->peer());
-  }
-  return Status::OK;
-}
-
-kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(grpc::ServerContextBase* context,
+kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
+                                                                grpc::ServerContextBase* context,
                                                                 const OwnerId& owner,
                                                                 const kvmi::v1::Command& command) {
-  const google::protobuf::FieldDescriptor* field =
-      command.GetDescriptor()->FindFieldByNumber(command.request_case());
-  Status admitted = Admit(context, "Attach/" + (field ? field->name() : std::string("none")));
+  absl::StatusOr<Rpc> rpc = security::RpcOfCommand(command);
+  if (!rpc.ok()) return api::CommandResultMessage(command.id(), ToStatus(rpc.status()));
+  const std::optional<std::string> vm = GuestOfCommand(command);
+  api::CallTarget target;
+  if (vm) target.vm = &*vm;
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      stream.caller, *rpc, target, [&] { return security::SummarizeCommand(command); }, &call);
   if (!admitted.ok()) return api::CommandResultMessage(command.id(), admitted);
-  return commands_.Run(context, owner, command);
+  kvmi::v1::AttachResponse response = commands_.Run(context, owner, command);
+  if (!security::InfoOf(*rpc).mutating) return response;
+  const kvmi::v1::CommandResult& result = response.command_result();
+  Status finished = admission_.Finish(
+      call, Status(static_cast<grpc::StatusCode>(result.code()), result.message()));
+  if (finished.error_code() != result.code()) {
+    response.mutable_command_result()->set_code(finished.error_code());
+    response.mutable_command_result()->set_message(finished.error_message());
+  }
+  return response;
 }
 
 grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>*
 IntrospectionService::Attach(grpc::CallbackServerContext* context) {
+  // The RPC's own check (responder on some guest); the claim, the inline commands and CRASH
+  // verdicts are checked as they come, with the caller identified here.
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      *context, Rpc::kAttach, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
+  auto guard = std::make_shared<AttachAdmission>(&admission_);
+  guard->context = call.context();
   return api::StartAttach(
       daemon_, context, &next_stream_,
-      [this](grpc::ServerContextBase* ctx, const OwnerId& owner, const kvmi::v1::Command& c) {
-        return RunAttachCommand(ctx, owner, c);
+      [this, guard](grpc::ServerContextBase* ctx, const OwnerId& owner,
+                    const kvmi::v1::Command& c) {
+        return RunAttachCommand(guard->context, ctx, owner, c);
       },
-      Admit(context, "Attach"));
+      admitted, guard);
 }
 
 // ---- inventory ---------------------------------------------------------------------------------
@@ -48,32 +110,43 @@ IntrospectionService::Attach(grpc::CallbackServerContext* context) {
 Status IntrospectionService::ListVMs(ServerContext* context,
                                      const kvmi::v1::ListVMsRequest* request,
                                      kvmi::v1::ListVMsResponse* response) {
-  return Serve(context, "ListVMs", [&] { return inventory_.ListVMs(*request, response); });
+  return Serve(
+      context, Rpc::kListVMs, *request, api::CallTarget(),
+      [&](const api::CallContext& call) { return inventory_.ListVMs(call, *request, response); });
 }
 
 Status IntrospectionService::GetVM(ServerContext* context, const kvmi::v1::GetVMRequest* request,
                                    kvmi::v1::VM* response) {
-  return Serve(context, "GetVM", [&] { return inventory_.GetVM(*request, response); });
+  return Serve(
+      context, Rpc::kGetVM, *request, OnGuest(request->vm()),
+      [&](const api::CallContext& call) { return inventory_.GetVM(call, *request, response); });
 }
 
 Status IntrospectionService::ApplyPolicy(ServerContext* context,
                                          const kvmi::v1::ApplyPolicyRequest* request,
                                          kvmi::v1::ApplyPolicyResponse* response) {
-  return Serve(context, "ApplyPolicy", [&] { return inventory_.ApplyPolicy(*request, response); });
+  // A policy that can CRASH guests needs admin on them (on every guest: policies select guests
+  // by themselves).
+  api::CallTarget target;
+  target.crash = request->has_policy() && security::CanCrash(request->policy());
+  return Serve(context, Rpc::kApplyPolicy, *request, target,
+               [&](const api::CallContext&) { return inventory_.ApplyPolicy(*request, response); });
 }
 
 Status IntrospectionService::ListPolicies(ServerContext* context,
                                           const kvmi::v1::ListPoliciesRequest* request,
                                           kvmi::v1::ListPoliciesResponse* response) {
-  return Serve(context, "ListPolicies",
-               [&] { return inventory_.ListPolicies(*request, response); });
+  return Serve(
+      context, Rpc::kListPolicies, *request, api::CallTarget(),
+      [&](const api::CallContext&) { return inventory_.ListPolicies(*request, response); });
 }
 
 Status IntrospectionService::DeletePolicy(ServerContext* context,
                                           const kvmi::v1::DeletePolicyRequest* request,
                                           kvmi::v1::DeletePolicyResponse* response) {
-  return Serve(context, "DeletePolicy",
-               [&] { return inventory_.DeletePolicy(*request, response); });
+  return Serve(
+      context, Rpc::kDeletePolicy, *request, api::CallTarget(),
+      [&](const api::CallContext&) { return inventory_.DeletePolicy(*request, response); });
 }
 
 // ---- streams -----------------------------------------------------------------------------------
@@ -81,14 +154,17 @@ Status IntrospectionService::DeletePolicy(ServerContext* context,
 Status IntrospectionService::StreamEvents(ServerContext* context,
                                           const kvmi::v1::StreamEventsRequest* request,
                                           grpc::ServerWriter<kvmi::v1::EventMessage>* writer) {
-  return Serve(context, "StreamEvents",
-               [&] { return streams_.StreamEvents(context, *request, writer); });
+  return Serve(
+      context, Rpc::kStreamEvents, *request, api::CallTarget(),
+      [&](const api::CallContext&) { return streams_.StreamEvents(context, *request, writer); });
 }
 
 Status IntrospectionService::WatchVMs(ServerContext* context,
                                       const kvmi::v1::WatchVMsRequest* request,
                                       grpc::ServerWriter<kvmi::v1::VMChange>* writer) {
-  return Serve(context, "WatchVMs", [&] { return streams_.WatchVMs(context, *request, writer); });
+  return Serve(context, Rpc::kWatchVMs, *request, api::CallTarget(), [&](const api::CallContext&) {
+    return streams_.WatchVMs(context, *request, writer);
+  });
 }
 
 // ---- control RPCs on one guest -----------------------------------------------------------------
@@ -96,92 +172,110 @@ Status IntrospectionService::WatchVMs(ServerContext* context,
 Status IntrospectionService::GetRegisters(ServerContext* context,
                                           const kvmi::v1::GetRegistersRequest* request,
                                           kvmi::v1::GetRegistersResponse* response) {
-  return Serve(context, "GetRegisters",
-               [&] { return commands_.GetRegisters(context, *request, response); });
+  return Serve(
+      context, Rpc::kGetRegisters, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.GetRegisters(context, *request, response); });
 }
 
 Status IntrospectionService::SetRegisters(ServerContext* context,
                                           const kvmi::v1::SetRegistersRequest* request,
                                           kvmi::v1::SetRegistersResponse* response) {
-  return Serve(context, "SetRegisters",
-               [&] { return commands_.SetRegisters(context, *request, response); });
+  return Serve(
+      context, Rpc::kSetRegisters, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.SetRegisters(context, *request, response); });
 }
 
 Status IntrospectionService::ReadPhysical(ServerContext* context,
                                           const kvmi::v1::ReadPhysicalRequest* request,
                                           kvmi::v1::ReadPhysicalResponse* response) {
-  return Serve(context, "ReadPhysical",
-               [&] { return commands_.ReadPhysical(context, *request, response); });
+  return Serve(
+      context, Rpc::kReadPhysical, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.ReadPhysical(context, *request, response); });
 }
 
 Status IntrospectionService::WritePhysical(ServerContext* context,
                                            const kvmi::v1::WritePhysicalRequest* request,
                                            kvmi::v1::WritePhysicalResponse* response) {
-  return Serve(context, "WritePhysical",
-               [&] { return commands_.WritePhysical(context, *request, response); });
+  return Serve(context, Rpc::kWritePhysical, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.WritePhysical(context, *request, response);
+               });
 }
 
 Status IntrospectionService::GetCPUID(ServerContext* context,
                                       const kvmi::v1::GetCPUIDRequest* request,
                                       kvmi::v1::GetCPUIDResponse* response) {
-  return Serve(context, "GetCPUID",
-               [&] { return commands_.GetCPUID(context, *request, response); });
+  return Serve(
+      context, Rpc::kGetCPUID, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.GetCPUID(context, *request, response); });
 }
 
 Status IntrospectionService::GetXSAVE(ServerContext* context,
                                       const kvmi::v1::GetXSAVERequest* request,
                                       kvmi::v1::GetXSAVEResponse* response) {
-  return Serve(context, "GetXSAVE",
-               [&] { return commands_.GetXSAVE(context, *request, response); });
+  return Serve(
+      context, Rpc::kGetXSAVE, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.GetXSAVE(context, *request, response); });
 }
 
 Status IntrospectionService::GetMTRRType(ServerContext* context,
                                          const kvmi::v1::GetMTRRTypeRequest* request,
                                          kvmi::v1::GetMTRRTypeResponse* response) {
-  return Serve(context, "GetMTRRType",
-               [&] { return commands_.GetMTRRType(context, *request, response); });
+  return Serve(
+      context, Rpc::kGetMTRRType, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.GetMTRRType(context, *request, response); });
 }
 
 Status IntrospectionService::InjectException(ServerContext* context,
                                              const kvmi::v1::InjectExceptionRequest* request,
                                              kvmi::v1::InjectExceptionResponse* response) {
-  return Serve(context, "InjectException",
-               [&] { return commands_.InjectException(context, *request, response); });
+  return Serve(context, Rpc::kInjectException, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.InjectException(context, *request, response);
+               });
 }
 
 Status IntrospectionService::GetPageAccess(ServerContext* context,
                                            const kvmi::v1::GetPageAccessRequest* request,
                                            kvmi::v1::GetPageAccessResponse* response) {
-  return Serve(context, "GetPageAccess",
-               [&] { return commands_.GetPageAccess(context, *request, response); });
+  return Serve(context, Rpc::kGetPageAccess, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.GetPageAccess(context, *request, response);
+               });
 }
 
 Status IntrospectionService::ControlSPP(ServerContext* context,
                                         const kvmi::v1::ControlSPPRequest* request,
                                         kvmi::v1::ControlSPPResponse* response) {
-  return Serve(context, "ControlSPP",
-               [&] { return commands_.ControlSPP(context, *request, response); });
+  return Serve(
+      context, Rpc::kControlSPP, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.ControlSPP(context, *request, response); });
 }
 
 Status IntrospectionService::GetPageWriteBitmap(ServerContext* context,
                                                 const kvmi::v1::GetPageWriteBitmapRequest* request,
                                                 kvmi::v1::GetPageWriteBitmapResponse* response) {
-  return Serve(context, "GetPageWriteBitmap",
-               [&] { return commands_.GetPageWriteBitmap(context, *request, response); });
+  return Serve(context, Rpc::kGetPageWriteBitmap, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.GetPageWriteBitmap(context, *request, response);
+               });
 }
 
 Status IntrospectionService::SetPageWriteBitmap(ServerContext* context,
                                                 const kvmi::v1::SetPageWriteBitmapRequest* request,
                                                 kvmi::v1::SetPageWriteBitmapResponse* response) {
-  return Serve(context, "SetPageWriteBitmap",
-               [&] { return commands_.SetPageWriteBitmap(context, *request, response); });
+  return Serve(context, Rpc::kSetPageWriteBitmap, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.SetPageWriteBitmap(context, *request, response);
+               });
 }
 
 Status IntrospectionService::UnhookVM(ServerContext* context,
                                       const kvmi::v1::UnhookVMRequest* request,
                                       kvmi::v1::UnhookVMResponse* response) {
-  return Serve(context, "UnhookVM",
-               [&] { return commands_.UnhookVM(context, *request, response); });
+  return Serve(
+      context, Rpc::kUnhookVM, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.UnhookVM(context, *request, response); });
 }
 
 // What the unary RPCs pause, restrict or arm belongs to the API's own lease owner.
@@ -189,29 +283,37 @@ Status IntrospectionService::UnhookVM(ServerContext* context,
 Status IntrospectionService::PauseVCPU(ServerContext* context,
                                        const kvmi::v1::PauseVCPURequest* request,
                                        kvmi::v1::PauseVCPUResponse* response) {
-  return Serve(context, "PauseVCPU",
-               [&] { return commands_.PauseVCPU(kApiOwner, context, *request, response); });
+  return Serve(context, Rpc::kPauseVCPU, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.PauseVCPU(kApiOwner, context, *request, response);
+               });
 }
 
 Status IntrospectionService::ResumeVCPU(ServerContext* context,
                                         const kvmi::v1::ResumeVCPURequest* request,
                                         kvmi::v1::ResumeVCPUResponse* response) {
-  return Serve(context, "ResumeVCPU",
-               [&] { return commands_.ResumeVCPU(kApiOwner, context, *request, response); });
+  return Serve(context, Rpc::kResumeVCPU, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.ResumeVCPU(kApiOwner, context, *request, response);
+               });
 }
 
 Status IntrospectionService::SetPageAccess(ServerContext* context,
                                            const kvmi::v1::SetPageAccessRequest* request,
                                            kvmi::v1::SetPageAccessResponse* response) {
-  return Serve(context, "SetPageAccess",
-               [&] { return commands_.SetPageAccess(kApiOwner, context, *request, response); });
+  return Serve(context, Rpc::kSetPageAccess, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.SetPageAccess(kApiOwner, context, *request, response);
+               });
 }
 
 Status IntrospectionService::ControlEvents(ServerContext* context,
                                            const kvmi::v1::ControlEventsRequest* request,
                                            kvmi::v1::ControlEventsResponse* response) {
-  return Serve(context, "ControlEvents",
-               [&] { return commands_.ControlEvents(kApiOwner, context, *request, response); });
+  return Serve(context, Rpc::kControlEvents, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.ControlEvents(kApiOwner, context, *request, response);
+               });
 }
 
 }  // namespace kvmid

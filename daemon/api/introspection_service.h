@@ -1,5 +1,6 @@
 // The gRPC surface of kvmid: kvmi.v1.Introspection as a thin adapter. Each method passes through
-// Admit (the one place every RPC and every inline Attach command enters) and delegates to the
+// Serve (api::Admission: the one place every RPC and every inline Attach command is
+// authenticated, authorized per RPC and per guest, audited and counted) and delegates to the
 // part of daemon/api that does the job:
 //   inventory.h       ListVMs, GetVM, ApplyPolicy, ListPolicies, DeletePolicy
 //   event_stream.h    StreamEvents, WatchVMs
@@ -15,11 +16,14 @@
 #include <cstdint>
 #include <string>
 
+#include "daemon/api/admission.h"
 #include "daemon/api/event_history.h"
 #include "daemon/api/event_stream.h"
 #include "daemon/api/guest_commands.h"
 #include "daemon/api/inventory.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/audit.h"
+#include "daemon/security/authz.h"
 #include "proto/kvmi/v1/introspection.grpc.pb.h"
 
 namespace kvmid {
@@ -29,8 +33,10 @@ namespace kvmid {
 class IntrospectionService final
     : public kvmi::v1::Introspection::WithCallbackMethod_Attach<kvmi::v1::Introspection::Service> {
  public:
-  // `history` (may be null) lets StreamEvents resume after a cursor.
-  IntrospectionService(Daemon* daemon, const EventHistory* history);
+  // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
+  // audit log) receives a record of every mutating and every denied call.
+  IntrospectionService(Daemon* daemon, const EventHistory* history,
+                       security::AuditLog* audit = nullptr);
 
   grpc::Status ListVMs(grpc::ServerContext* context, const kvmi::v1::ListVMsRequest* request,
                        kvmi::v1::ListVMsResponse* response) override;
@@ -99,21 +105,26 @@ class IntrospectionService final
                         grpc::ServerWriter<kvmi::v1::VMChange>* writer) override;
 
  private:
-  // Every RPC, and every inline command of an Attach stream, enters here before its logic:
-  // the one place for authentication, authorization, audit and metrics. `method` names it
-  // ("GetVM", "Attach/set_page_access"). A status that is not OK is the call's answer. Today it
-  // traces the call (debug level) and admits it.
-  grpc::Status Admit(grpc::ServerContextBase* context, const std::string& method);
-  template <typename Logic>
-  grpc::Status Serve(grpc::ServerContextBase* context, const char* method, Logic&& logic) {
-    grpc::Status admitted = Admit(context, method);
-    return admitted.ok() ? logic() : admitted;
+  // Every RPC enters here before its logic: Admission identifies the caller, authorizes the
+  // call (on the request's guest for guest RPCs: `target`), and audits it once the logic
+  // answered. A status that is not OK is the call's answer. The logic gets the CallContext.
+  template <typename Request, typename Logic>
+  grpc::Status Serve(grpc::ServerContextBase* context, security::Rpc rpc, const Request& request,
+                     const api::CallTarget& target, Logic&& logic) {
+    api::AdmittedCall call;
+    grpc::Status admitted = admission_.Admit(
+        *context, rpc, target, [&] { return api::AuditSummaryOf(request); }, &call);
+    if (!admitted.ok()) return admitted;
+    return admission_.Finish(call, logic(call.context()));
   }
   // One inline command of an Attach stream for `owner` (the stream's command thread).
-  kvmi::v1::AttachResponse RunAttachCommand(grpc::ServerContextBase* context, const OwnerId& owner,
+  // Checked as its unary RPC on its guest, for the stream's caller.
+  kvmi::v1::AttachResponse RunAttachCommand(const api::CallContext& stream,
+                                            grpc::ServerContextBase* context, const OwnerId& owner,
                                             const kvmi::v1::Command& command);
 
   Daemon* const daemon_;
+  api::Admission admission_;
   api::Inventory inventory_;
   api::EventStreams streams_;
   api::GuestCommands commands_;

@@ -17,15 +17,22 @@ kvmi::v1::VM Inventory::Describe(const Guest& guest) {
   return ToProto(guest.Snapshot(), daemon_->pipeline().ViewOf(guest)->labels);
 }
 
-Status Inventory::ListVMs(const kvmi::v1::ListVMsRequest&, kvmi::v1::ListVMsResponse* response) {
-  for (const auto& guest : daemon_->registry().List()) *response->add_vms() = Describe(*guest);
+Status Inventory::ListVMs(const CallContext& call, const kvmi::v1::ListVMsRequest&,
+                          kvmi::v1::ListVMsResponse* response) {
+  for (const auto& guest : daemon_->registry().List()) {
+    if (call.Visible(*daemon_->pipeline().ViewOf(*guest))) *response->add_vms() = Describe(*guest);
+  }
   return Status::OK;
 }
 
-Status Inventory::GetVM(const kvmi::v1::GetVMRequest& request, kvmi::v1::VM* response) {
+Status Inventory::GetVM(const CallContext& call, const kvmi::v1::GetVMRequest& request,
+                        kvmi::v1::VM* response) {
   std::shared_ptr<Guest> guest;
   Status s = guests_.Lookup(request.vm(), &guest);
   if (!s.ok()) return s;
+  if (!call.Visible(*daemon_->pipeline().ViewOf(*guest))) {
+    return Status(StatusCode::NOT_FOUND, "no guest '" + request.vm() + "'");
+  }
   *response = Describe(*guest);
   return Status::OK;
 }

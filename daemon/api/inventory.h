@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "daemon/api/call_context.h"
 #include "daemon/api/guest_call.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
@@ -15,9 +16,12 @@ class Inventory {
  public:
   explicit Inventory(Daemon* daemon) : daemon_(daemon), guests_(&daemon->registry()) {}
 
-  grpc::Status ListVMs(const kvmi::v1::ListVMsRequest& request,
+  // Only the guests `call` may see (CallContext::Visible): the others are not listed, and GetVM
+  // answers NOT_FOUND for them.
+  grpc::Status ListVMs(const CallContext& call, const kvmi::v1::ListVMsRequest& request,
                        kvmi::v1::ListVMsResponse* response);
-  grpc::Status GetVM(const kvmi::v1::GetVMRequest& request, kvmi::v1::VM* response);
+  grpc::Status GetVM(const CallContext& call, const kvmi::v1::GetVMRequest& request,
+                     kvmi::v1::VM* response);
   grpc::Status ApplyPolicy(const kvmi::v1::ApplyPolicyRequest& request,
                            kvmi::v1::ApplyPolicyResponse* response);
   grpc::Status ListPolicies(const kvmi::v1::ListPoliciesRequest& request,

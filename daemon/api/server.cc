@@ -11,9 +11,9 @@
 
 namespace kvmid {
 
-ApiServer::ApiServer(Daemon* daemon, size_t history)
+ApiServer::ApiServer(Daemon* daemon, size_t history, security::AuditLog* audit)
     : history_(std::make_unique<EventHistory>(&daemon->pipeline(), history)),
-      service_(std::make_unique<IntrospectionService>(daemon, history_.get())) {}
+      service_(std::make_unique<IntrospectionService>(daemon, history_.get(), audit)) {}
 
 ApiServer::~ApiServer() { Shutdown(); }
 

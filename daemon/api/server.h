@@ -14,6 +14,7 @@
 #include "daemon/api/event_history.h"
 #include "daemon/api/introspection_service.h"
 #include "daemon/kvmid.h"
+#include "daemon/security/audit.h"
 #include "daemon/security/credentials.h"
 #include "daemon/security/unix_listener.h"
 
@@ -21,8 +22,10 @@ namespace kvmid {
 
 class ApiServer {
  public:
-  // The last `history` events are remembered for StreamEvents' resume cursor.
-  explicit ApiServer(Daemon* daemon, size_t history = 8192);
+  // The last `history` events are remembered for StreamEvents' resume cursor. `audit` (may be
+  // null: no audit log; else it outlives the server) gets a record of every mutating and every
+  // denied call.
+  explicit ApiServer(Daemon* daemon, size_t history = 8192, security::AuditLog* audit = nullptr);
   ~ApiServer();
   ApiServer(const ApiServer&) = delete;
   ApiServer& operator=(const ApiServer&) = delete;

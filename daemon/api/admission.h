@@ -1,0 +1,149 @@
+// Admission: the one gate every API call passes before its logic (docs/SECURITY.md "Roles and
+// scopes", "Audit log"). For each RPC and each inline Attach command it
+//
+//   1. identifies the caller from its transport (security::IdentifyCaller): a verified TLS
+//      client certificate or the UNIX peer credentials; plaintext TCP is anonymous, and an
+//      anonymous caller gets UNAUTHENTICATED;
+//   2. takes one Authorizer snapshot (Daemon::authorizer().Get(), swapped by reloads);
+//   3. resolves the request's guest through the registry and checks the RPC's role on it (an
+//      unknown guest: the role on some guest, then NOT_FOUND, the logic's own error); lists,
+//      streams and Attach need the role on some guest; policies the role on every guest; what
+//      can CRASH a guest needs admin (Authorizer::CheckCrash);
+//   4. audits every mutating call after it ran (result code, duration) and every denied call,
+//      with the Summarize* argument summaries (never memory contents or register values). With
+//      an audit log that failed, mutating calls are refused with UNAVAILABLE saying why;
+//   5. counts denials (Metrics::AuthzDenied) and logs them, rate-limited, naming the identity,
+//      the peer, the RPC and the guest.
+//
+// What it hands the logic below is an api::CallContext (call_context.h).
+#ifndef KVMID_DAEMON_API_ADMISSION_H_
+#define KVMID_DAEMON_API_ADMISSION_H_
+
+#include <absl/functional/function_ref.h>
+#include <absl/status/statusor.h>
+#include <absl/time/time.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "daemon/api/call_context.h"
+#include "daemon/base/mutex.h"
+#include "daemon/kvmid.h"
+#include "daemon/security/audit.h"
+#include "daemon/security/authz.h"
+#include "daemon/security/identity.h"
+
+namespace kvmid::api {
+
+// At most this many denials are logged per second; the rest are counted and their number is
+// logged with the next one that is (a client cannot flood the log by being refused).
+inline constexpr uint32_t kMaxDenialLogsPerSecond = 20;
+
+// What a call works on, for authorization.
+struct CallTarget {
+  // Guest RPCs: the request's guest selector (UUID or name). Null for the others.
+  const std::string* vm = nullptr;
+  // The call can crash guests (ApplyPolicy of an ACTION_CRASH policy): admin is needed on them.
+  bool crash = false;
+};
+
+// One admitted call, from Admit to Finish.
+class AdmittedCall {
+ public:
+  const CallContext& context() const { return context_; }
+  const security::RpcInfo& info() const { return *info_; }
+  // The guest the call was checked on (empty name and uuid when none).
+  const security::GuestRef& guest() const { return guest_; }
+
+ private:
+  friend class Admission;
+  CallContext context_;
+  const security::RpcInfo* info_ = nullptr;
+  security::GuestRef guest_;
+  security::AuditArgs args_;  // kept for the audit record of a mutating call
+  absl::Time start_;
+};
+
+// The audit summary of a request: security::SummarizeRequest where one exists (the mutating
+// requests and those worth a GPA or vCPU), else empty (lists, GetVM).
+template <typename Request, typename = void>
+struct HasAuditSummary : std::false_type {};
+template <typename Request>
+struct HasAuditSummary<
+    Request, std::void_t<decltype(security::SummarizeRequest(std::declval<const Request&>()))>>
+    : std::true_type {};
+template <typename Request>
+security::AuditArgs AuditSummaryOf(const Request& request) {
+  if constexpr (HasAuditSummary<Request>::value) {
+    return security::SummarizeRequest(request);
+  } else {
+    return security::AuditArgs();
+  }
+}
+
+// The authenticated caller of a transport identity: TLS principal, UNIX uid/gid/pid, or none
+// (anonymous, which authorization answers with UNAUTHENTICATED).
+security::Caller CallerOf(const security::CallerIdentity& identity);
+
+// Thread-safe; one per API server.
+class Admission {
+ public:
+  // `audit` may be null (no --audit_log: nothing is written and nothing is refused for it).
+  Admission(Daemon* daemon, security::AuditLog* audit) : daemon_(daemon), audit_(audit) {}
+
+  // The caller of `context`, or UNAUTHENTICATED when its transport gives no identity that can
+  // be trusted.
+  static absl::StatusOr<security::Caller> Identify(const grpc::ServerContextBase& context);
+
+  // Admits one call of `rpc` by the caller of `context` (or by `caller`, already identified: an
+  // Attach stream's inline commands, tests). `args` builds the audit summary of the request; it
+  // is only called when a record is written. Not OK: the call's answer (already audited).
+  grpc::Status Admit(const grpc::ServerContextBase& context, security::Rpc rpc,
+                     const CallTarget& target, absl::FunctionRef<security::AuditArgs()> args,
+                     AdmittedCall* call);
+  grpc::Status Admit(const security::Caller& caller, security::Rpc rpc, const CallTarget& target,
+                     absl::FunctionRef<security::AuditArgs()> args, AdmittedCall* call);
+  // The end of an admitted call whose logic answered `result`: a mutating call is audited with
+  // its result and duration. Returns the call's answer: `result`, or UNAVAILABLE when the call
+  // was done but its audit record could not be written.
+  grpc::Status Finish(const AdmittedCall& call, grpc::Status result);
+
+  // Attach, after the claim parsed: the claimed guests must be within the caller's responder
+  // scope (an empty claim: every guest) and a CRASH fallback needs admin on them. Audited.
+  grpc::Status AdmitClaim(const CallContext& stream, const kvmi::v1::Claim& claim);
+  // Attach: a verdict with ACTION_CRASH on `guest` needs admin there. Audited, allowed or not.
+  grpc::Status AdmitCrashVerdict(const CallContext& stream, const kvmi::v1::Verdict& verdict,
+                                 const Guest& guest);
+
+  // Denials logged so far and those the rate limit kept out of the log (tests).
+  uint64_t denials_logged() const;
+  uint64_t denials_suppressed() const;
+
+ private:
+  security::GuestRef RefOf(const Guest& guest) const;
+  // Audits (when due), counts and logs a refusal; returns it as the call's answer.
+  grpc::Status Deny(const security::Caller& caller, const security::RpcInfo& info,
+                    const security::GuestRef& guest, absl::FunctionRef<security::AuditArgs()> args,
+                    absl::Time start, const absl::Status& status);
+  // Writes `record`; a failure is logged with the record itself.
+  absl::Status Write(const security::AuditRecord& record);
+  void LogDenial(const security::Caller& caller, const security::RpcInfo& info,
+                 const security::GuestRef& guest, const absl::Status& status);
+
+  Daemon* const daemon_;
+  security::AuditLog* const audit_;
+
+  mutable Mutex log_mu_;
+  int64_t log_second_ ABSL_GUARDED_BY(log_mu_) = 0;
+  uint32_t logged_this_second_ ABSL_GUARDED_BY(log_mu_) = 0;
+  uint64_t suppressed_since_log_ ABSL_GUARDED_BY(log_mu_) = 0;
+  uint64_t denials_logged_ ABSL_GUARDED_BY(log_mu_) = 0;
+  uint64_t denials_suppressed_ ABSL_GUARDED_BY(log_mu_) = 0;
+};
+
+}  // namespace kvmid::api
+
+#endif  // KVMID_DAEMON_API_ADMISSION_H_
