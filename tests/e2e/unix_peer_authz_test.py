@@ -3,7 +3,8 @@ kvmi-sim guests and the Python client running as another uid (setpriv, see unix_
 
 - by default (no `authz` section) root is admin on every guest and uid 65534 is refused with
   PERMISSION_DENIED naming the RPC, the guest and the missing role;
-- a uid binding scoped to guests by name shows the caller only those guests (ListVMs, WatchVMs),
+- a uid binding scoped to guests by name shows the caller only those guests (ListVMs; WatchVMs and
+  StreamEvents, with a monitor policy making every guest produce events),
   lets it make its role's calls on them, and refuses it on the other guests and for calls of a
   higher role;
 - the binding changed in the config file and SIGHUP: the new rules apply to the next call,
@@ -145,14 +146,14 @@ class UnixPeerAuthz(unittest.TestCase):
         inside, outside = VMS[0], VMS[2]
         node.root.write_physical(inside, GPA, b"in-scope")
         r = node.as_nobody(
-            ["list_vms"], ["watch_vms", 2.0], ["get_vm", inside], ["get_vm", outside],
+            ["list_vms"], ["list_vms"], ["get_vm", inside], ["get_vm", outside],
             ["read_physical", inside, GPA, 8], ["read_physical", outside, GPA, 8],
             ["get_registers", inside, 0], ["get_registers", outside, 0],
             ["pause", inside, 0], ["resume", inside, 0], ["pause", outside, 0],
             ["write_physical", inside, GPA, "4e4f424f4459"], ["apply_policy", "nobody-policy"],
             ["unhook", inside], ["policies"])
         self.assertOk(r[0], VMS[:2])  # ListVMs: only the guests in scope
-        self.assertOk(r[1], VMS[:2])  # WatchVMs too
+        self.assertOk(r[1], VMS[:2])
         self.assertOk(r[2], inside)
         self.assertDenied(r[3], "GetVM", outside, '"viewer"', "uid=65534")
         self.assertOk(r[4], b"in-scope".hex())
@@ -169,6 +170,19 @@ class UnixPeerAuthz(unittest.TestCase):
         self.assertOk(r[14], [])
         self.assertEqual(node.root.read_physical(inside, GPA, 8), b"in-scope")
         self.assertEqual(node.hooked(), VMS, "UnhookVM was refused: every guest still hooked")
+
+    def test_streams_show_only_guests_in_scope(self):
+        # A policy on every guest (monitor: events are reported, never blocked) so that every
+        # guest produces events; the viewer's streams must carry only its guest's.
+        node = Node(self, 'policies { name: "lstar" mode: MODE_MONITOR lock_msr { msr: 0xc0000082 }'
+                          ' }\nauthz { %s }\n' % binding("viewer", VMS[1]))
+        wait_for(lambda: all(vm.events > 0 for vm in node.root.list_vms()), 20,
+                 "events from every guest")
+        watched, streamed = node.as_nobody(["watch_vms", 2.0], ["stream_events", 3.0])
+        with self.subTest("WatchVMs"):  # the KIND_EXISTING snapshot: the guest in scope only
+            self.assertOk(watched, [VMS[1]])
+        with self.subTest("StreamEvents"):  # only the guest in scope's events
+            self.assertOk(streamed, [VMS[1]])
 
     def test_sighup_applies_a_changed_binding_without_dropping_a_guest(self):
         node = Node(self, "authz { %s }\n" % binding("viewer", VMS[0]))
