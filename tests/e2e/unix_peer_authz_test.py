@@ -4,7 +4,7 @@ kvmi-sim guests and the Python client running as another uid (setpriv, see unix_
 - by default (no `authz` section) root is admin on every guest and uid 65534 is refused with
   PERMISSION_DENIED naming the RPC, the guest and the missing role;
 - a uid binding scoped to guests by name shows the caller only those guests (ListVMs; WatchVMs and
-  StreamEvents, with a monitor policy making every guest produce events),
+  StreamEvents, with CR3 events from every guest),
   lets it make its role's calls on them, and refuses it on the other guests and for calls of a
   higher role;
 - the binding changed in the config file and SIGHUP: the new rules apply to the next call,
@@ -43,7 +43,7 @@ def binding(role, *names):
 class Node:
     """kvmid (API socket 0666, config file) with three kvmi-sim guests."""
 
-    def __init__(self, test, config=None, peer=True):
+    def __init__(self, test, config=None, peer=True, scenario="mixed", rate=5):
         self.test = test
         self.dir = tempfile.mkdtemp(prefix="kvmid-peer-", dir="/tmp")
         os.chmod(self.dir, 0o755)  # uid 65534 must reach api.sock inside
@@ -72,7 +72,8 @@ class Node:
         test.assertIsNone(self.kvmid.poll(), self.log_text())
         self.procs.append(subprocess.Popen(
             [KVMI_SIM, "--connect=unix:%s/kvmi.sock" % self.dir, "--vms=%d" % len(VMS),
-             "--vcpus=1", "--scenario=mixed", "--rate=5", "--duration=120", "--reconnect=0"],
+             "--vcpus=1", "--scenario=" + scenario, "--rate=%d" % rate, "--duration=120",
+             "--reconnect=0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.root = kc.Client("unix:" + self.api, timeout=10)
         test.addCleanup(self.root.close)
@@ -172,11 +173,13 @@ class UnixPeerAuthz(unittest.TestCase):
         self.assertEqual(node.hooked(), VMS, "UnhookVM was refused: every guest still hooked")
 
     def test_streams_show_only_guests_in_scope(self):
-        # A policy on every guest (monitor: events are reported, never blocked) so that every
+        # Every guest writes CR3 50 times a second and root turns CR3 events on for each: every
         # guest produces events; the viewer's streams must carry only its guest's.
-        node = Node(self, 'policies { name: "lstar" mode: MODE_MONITOR lock_msr { msr: 0xc0000082 }'
-                          ' }\nauthz { %s }\n' % binding("viewer", VMS[1]))
-        wait_for(lambda: all(vm.events > 0 for vm in node.root.list_vms()), 20,
+        node = Node(self, "authz { %s }\n" % binding("viewer", VMS[1]),
+                    scenario="process-switch", rate=50)
+        for vm in VMS:
+            node.root.control_events(vm, events=["CR"], crs=[3])
+        wait_for(lambda: all(vm.events > 10 for vm in node.root.list_vms()), 20,
                  "events from every guest")
         watched, streamed = node.as_nobody(["watch_vms", 2.0], ["stream_events", 3.0])
         with self.subTest("WatchVMs"):  # the KIND_EXISTING snapshot: the guest in scope only
