@@ -278,6 +278,12 @@ class TlsEndToEnd(unittest.TestCase):
         self.assertIsNone(self.kvmid.poll(), "kvmid restarted or died")
 
 
+def attach_and_close(kvmi, vm, fallback=None):
+    """Claims `vm`'s CR events on an Attach stream (raises if the claim is refused), then ends
+    the stream."""
+    kvmi.attach("matrix", vms=[vm], events=["CR"], fallback=fallback).close()
+
+
 class TlsRoles(unittest.TestCase):
     """Client certificates per role from scripts/dev-certs.sh, bound in the config file; the
     operator's binding covers one guest only."""
@@ -368,6 +374,13 @@ class TlsRoles(unittest.TestCase):
                 kc.protect_pages_policy("matrix", 0x1000, 0x1fff, monitor=True)),
              {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
             ("DeletePolicy", lambda k: k.delete_policy("matrix"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            # Attach: responder and up, the claim within the caller's scope, a CRASH fallback
+            # for admin only.
+            ("Attach", lambda k: attach_and_close(k, inside), {"viewer": DENIED}),
+            ("Attach other", lambda k: attach_and_close(k, other),
+             {"viewer": DENIED, "operator": DENIED}),
+            ("Attach crash", lambda k: attach_and_close(k, inside, fallback="crash"),
              {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
         ]
         for role in ROLES:
