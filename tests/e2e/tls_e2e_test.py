@@ -12,9 +12,11 @@ in the test (daemon/security/testing/make_cert.sh), the Python client and kvmict
 - roles over TLS: client certificates per role made by scripts/dev-certs.sh (SPIFFE IDs
   spiffe://kvmid.dev/role/<role>), bound in the config, one of them scoped to one guest: each
   role's calls pass, calls above its role and outside its scope are PERMISSION_DENIED naming the
-  RPC and the role, lists show only the guests in scope;
+  RPC and the role, lists show only the guests in scope; the audit log names the certificate's
+  identity and the TCP peer of an allowed and of a denied WritePhysical;
 - under umask 000 the API socket has exactly its configured mode."""
 
+import json
 import os
 import socket
 import ssl
@@ -313,7 +315,7 @@ class TlsRoles(unittest.TestCase):
              "--config=" + config, "--api_tcp=127.0.0.1:%d" % cls.port,
              "--api_tls_cert=%s/server.pem" % c, "--api_tls_key=%s/server.key" % c,
              "--api_tls_client_ca=%s/ca.pem" % c, "--log_events=none", "--metrics_address=",
-             "--state_dir=%s/state" % cls.dir],
+             "--state_dir=%s/state" % cls.dir, "--audit_log=%s/audit.log" % cls.dir],
             stdout=cls.log, stderr=subprocess.STDOUT)]
         wait_for(lambda: os.path.exists(cls.api) or cls.procs[0].poll() is not None, 20,
                  "kvmid's API socket")
@@ -351,6 +353,22 @@ class TlsRoles(unittest.TestCase):
             self.assertIn(needle, e.message)
         with self.client("admin") as admin:
             self.assertEqual(admin.read_physical(vm, 0x4000, 11), b"admin-wrote")
+        # Both are in the audit log under the certificate's identity and the TCP peer.
+        def records(principal, code):
+            with open(os.path.join(self.dir, "audit.log")) as f:
+                lines = [json.loads(line) for line in f]
+            return [r for r in lines if r["rpc"] == "WritePhysical" and r["code"] == code
+                    and r["identity"] == {"kind": "tls", "principal": principal}
+                    and r["args"].get("gpa") == "0x4000"]
+        denied = wait_for(lambda: records("spiffe://kvmid.dev/role/viewer", "PERMISSION_DENIED"),
+                          10, "the viewer's denied WritePhysical in the audit log")
+        written = wait_for(lambda: records("spiffe://kvmid.dev/role/admin", "OK"), 10,
+                           "the admin's WritePhysical in the audit log")
+        for record, size in ((denied[0], len(b"VIEWER")), (written[0], len(b"admin-wrote"))):
+            self.assertRegex(record["peer"], r"^ipv4:127\.0\.0\.1:\d+$")
+            self.assertEqual(record["guest"]["name"], vm)
+            self.assertEqual(record["args"]["size"], size)
+        self.assertEqual(denied[0]["message"], e.message)
 
     def test_each_role_in_and_out_of_scope(self):
         inside, other = self.VMS
