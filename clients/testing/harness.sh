@@ -6,8 +6,6 @@
 #                                      # development certificates in $certs (scripts/dev-certs.sh)
 #   start_kvmid NAME [kvmid flags...]  # -> ${NAME}_api (unix socket path), ${NAME}_port (TCP, mTLS
 #                                      # with $certs/server.pem; clients use $certs/{ca,admin}.pem)
-#                                      # each $certs/<role>.pem is bound to <role> on every guest
-#                                      # (an authz section added to --config, see _with_dev_authz)
 #   start_sim NAME VMS                 # simulated guests connecting to kvmid NAME
 #   check "name" cmd args...           # a testcase: passes when the command exits 0
 #   skip "name" "why"; fail "name" "why"
@@ -138,12 +136,15 @@ start_kvmid() {
   shift
   local dir="$work/$name" port="" try
   mkdir -p "$dir"
-  local args=()
-  _with_dev_authz "$dir/kvmid.textproto" "$@" || return 1
-  set -- "${args[@]}"
   for try in 1 2 3; do
     port="$(free_port)"
-    "$KVMID_BIN" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
+    # The development certificates' roles are bound (authz) by every configuration used here.
+    local config_flag=()
+    case " $* " in
+      *" --config="*) ;;
+      *) _dev_authz >"$dir/authz.textproto"; config_flag=(--config="$dir/authz.textproto") ;;
+    esac
+    "$KVMID_BIN" "${config_flag[@]}" --kvmi_socket="$dir/kvmi.sock" --cookie_file="$work/cookie" \
       --api_socket="$dir/api.sock" --api_tcp="127.0.0.1:$port" --api_tls_cert="$certs/server.pem" \
       --api_tls_key="$certs/server.key" --api_tls_client_ca="$certs/ca.pem" --log_events=none \
       --state_dir="$dir/state" --metrics_address= "$@" \
@@ -171,36 +172,6 @@ start_kvmid() {
   return 1
 }
 
-# _with_dev_authz OUT [kvmid flags...]: sets the caller's `args` to the flags with --config=OUT,
-# OUT being the given --config file (if any) plus an authz section that binds each development
-# certificate's SPIFFE ID (scripts/dev-certs.sh: spiffe://kvmid.dev/role/<role>) to its role on
-# every guest: kvmid authorizes TLS callers by binding only. A config that has its own authz
-# section is passed unchanged.
-_with_dev_authz() {
-  local out="$1" flag config="" role
-  shift
-  args=()
-  for flag in "$@"; do
-    case "$flag" in
-      --config=*) config="${flag#--config=}" ;;
-      *) args+=("$flag") ;;
-    esac
-  done
-  if [ -n "$config" ] && grep -q '^[[:space:]]*authz[[:space:]]*{' "$config"; then
-    args+=("--config=$config")
-    return 0
-  fi
-  { [ -z "$config" ] || cat "$config" || return 1
-    echo
-    echo "authz {"
-    for role in viewer responder operator admin; do
-      echo "  bindings { principal: \"spiffe://kvmid.dev/role/$role\" role: \"$role\" }"
-    done
-    echo "}"
-  } >"$out" || { echo "harness: cannot write $out"; return 1; }
-  args+=("--config=$out")
-}
-
 _kvmid_ready() {  # dir port: both sockets exist and the API accepts on unix and TCP
   [ -S "$1/kvmi.sock" ] && [ -S "$1/api.sock" ] || return 1
   python3 - "$1/api.sock" "$2" <<'PY'
@@ -224,6 +195,17 @@ start_sim() {
   _pids+=("$!")
 }
 
+# The authz bindings of the development certificates (scripts/dev-certs.sh): each role's
+# principal gets that role on every guest.
+_dev_authz() {
+  local role
+  echo "authz {"
+  for role in viewer responder operator admin; do
+    echo "  bindings { principal: \"spiffe://${KVMID_TRUST_DOMAIN:-kvmid.dev}/role/$role\" role: \"$role\" }"
+  done
+  echo "}"
+}
+
 # write_demo_config FILE: the policies of daemon/config/examples/demo.textproto (that file is not
 # exported to other Bazel packages): CR0.WP, SMEP/SMAP, LSTAR, SYSENTER_EIP locked in enforce
 # mode; the simulated guests' data pages watched in monitor mode.
@@ -241,4 +223,5 @@ policies {
   mode: MODE_MONITOR
 }
 CFG
+  _dev_authz >>"$1"
 }

@@ -115,18 +115,17 @@ class TlsEndToEnd(unittest.TestCase):
 
         with open(os.path.join(cls.dir, "cookie"), "w") as f:
             f.write("secret")
-        # The client certificates' identity is bound to a role: without a binding a verified
-        # certificate connects but may call nothing (the roles are TlsRoles' subject).
-        with open(os.path.join(cls.dir, "kvmid.textproto"), "w") as f:
+        # The TLS clients' identity is bound to admin (without a binding only UNIX root is).
+        cls.config = os.path.join(cls.dir, "kvmid.textproto")
+        with open(cls.config, "w") as f:
             f.write('authz { bindings { principal: "spiffe://kvmid.test/role/admin" '
                     'role: "admin" } }\n')
         cls.port = free_port()
         cls.api = os.path.join(cls.dir, "api.sock")
         cls.log = open(os.path.join(cls.dir, "kvmid.log"), "w+")
         cls.kvmid = subprocess.Popen(
-            [KVMID, "--kvmi_socket=%s/k.sock" % cls.dir, "--api_socket=" + cls.api,
-             "--config=%s/kvmid.textproto" % cls.dir,
-             "--api_tcp=127.0.0.1:%d" % cls.port, "--cookie_file=%s/cookie" % cls.dir,
+            [KVMID, "--config=" + cls.config, "--kvmi_socket=%s/k.sock" % cls.dir,
+             "--api_socket=" + cls.api, "--api_tcp=127.0.0.1:%d" % cls.port, "--cookie_file=%s/cookie" % cls.dir,
              "--api_tls_cert=%s/tls.crt" % cls.tls, "--api_tls_key=%s/tls.key" % cls.tls,
              "--api_tls_client_ca=%s/ca.crt" % cls.tls, "--api_tls_refresh_seconds=1",
              "--log_events=none"],
