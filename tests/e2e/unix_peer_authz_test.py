@@ -2,7 +2,8 @@
 kvmi-sim guests and the Python client running as another uid (setpriv, see unix_peer.py):
 
 - by default (no `authz` section) root is admin on every guest and uid 65534 is refused with
-  PERMISSION_DENIED naming the RPC, the guest and the missing role;
+  PERMISSION_DENIED naming the RPC, the guest and the missing role; with unix_root_is_admin
+  false, root has only what its uid binding gives it;
 - a uid binding scoped to guests by name shows the caller only those guests (ListVMs; WatchVMs and
   StreamEvents, with CR3 events from every guest),
   lets it make its role's calls on them, and refuses it on the other guests and for calls of a
@@ -77,12 +78,18 @@ class Node:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.root = kc.Client("unix:" + self.api, timeout=10)
         test.addCleanup(self.root.close)
-        wait_for(lambda: self.hooked() == VMS, 20, "three hooked guests")
+        # From kvmid's log, which does not depend on what root may list.
+        wait_for(lambda: all(self.hook_line(vm) for vm in VMS), 20, "three hooked guests")
 
     def write_config(self, text):
         with open(self.config + ".tmp", "w") as f:
             f.write(text)
         os.rename(self.config + ".tmp", self.config)
+
+    def hook_line(self, vm):
+        """kvmid's log line saying `vm` was hooked ("" if none yet)."""
+        return next((l for l in self.log_text().splitlines() if "vm %s " % vm in l
+                     and ": hooked:" in l), "")
 
     def hooked(self):
         return sorted(vm.name for vm in self.root.list_vms()
@@ -125,6 +132,16 @@ class UnixPeerAuthz(unittest.TestCase):
         root.delete_policy("root-policy")
         root.pause(VMS[0], 0)
         root.resume(VMS[0], 0)
+
+    def test_root_bound_like_any_caller_when_configured(self):
+        node = Node(self, 'authz { unix_root_is_admin: false bindings { uid: 0 role: "viewer" '
+                          'guests { names: "%s" } } }\n' % VMS[0], peer=False)
+        self.assertEqual([vm.name for vm in node.root.list_vms()], [VMS[0]])
+        with self.assertRaises(kc.KvmiError) as caught:
+            node.root.write_physical(VMS[0], GPA, b"root")
+        self.assertEqual(caught.exception.code.name, "PERMISSION_DENIED")
+        for needle in ("WritePhysical", VMS[0], '"admin"', "uid=0", '"viewer"'):
+            self.assertIn(needle, caught.exception.message)
 
     def test_other_uid_without_binding_is_refused_everything(self):
         node = Node(self)
