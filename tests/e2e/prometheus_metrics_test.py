@@ -184,8 +184,8 @@ class PrometheusScrapesKvmid(unittest.TestCase):
     def check_grpc_health(self):
         """grpc.health.v1.Health/Check for kvmi.v1.Introspection by name, with hand-encoded
         messages (HealthCheckRequest{service=1}; SERVING is status=1: bytes 08 01). On the UNIX
-        socket, as root (admin by default): an anonymous plaintext-TCP caller would be
-        UNAUTHENTICATED."""
+        socket: no plaintext TCP listener is needed (gRPC's health service answers any caller
+        that connects; kvmi.v1 calls on plaintext TCP would be UNAUTHENTICATED)."""
         name = b"kvmi.v1.Introspection"
         with grpc.insecure_channel("unix:%s/api.sock" % self.dir) as channel:
             check = channel.unary_unary("/grpc.health.v1.Health/Check")
