@@ -13,7 +13,8 @@ in the test (daemon/security/testing/make_cert.sh), the Python client and kvmict
   spiffe://kvmid.dev/role/<role>), bound in the config, one of them scoped to one guest: each
   role's calls pass, calls above its role and outside its scope are PERMISSION_DENIED naming the
   RPC and the role, lists show only the guests in scope; the audit log names the certificate's
-  identity and the TCP peer of an allowed and of a denied WritePhysical;
+  identity and the TCP peer of an allowed and of a denied WritePhysical; a responder's CRASH
+  verdict is refused (admin only) and the guest lives on;
 - under umask 000 the API socket has exactly its configured mode."""
 
 import json
@@ -368,6 +369,30 @@ class TlsRoles(unittest.TestCase):
             self.assertEqual(record["guest"]["name"], vm)
             self.assertEqual(record["args"]["size"], size)
         self.assertEqual(denied[0]["message"], e.message)
+
+    def test_crash_verdict_needs_admin(self):
+        """A responder's CRASH verdict is refused (VerdictError naming ACTION_CRASH and admin);
+        the event keeps waiting for another verdict and the guest lives on."""
+        inside = self.VMS[0]
+        with self.client("responder") as responder:
+            handler = responder.attach("crash-test", vms=[inside], events=["CR"],
+                                       arm_events=["CR"], arm_crs=[3], deadline_ms=10000)
+            try:
+                event = handler.next_event(timeout=20)
+                self.assertIsNotNone(event, "no CR event from %s" % inside)
+                handler.answer(event, action="crash")
+                errors = wait_for(lambda: [e for e in handler.errors if e.event_id == event.id],
+                                  10, "the CRASH verdict's refusal")
+                for needle in ("ACTION_CRASH", inside, '"admin"',
+                               "spiffe://kvmid.dev/role/responder"):
+                    self.assertIn(needle, errors[0].message)
+                handler.answer(event, action="continue")
+            finally:
+                handler.close()
+        with kc.Client("unix:" + self.api) as root:
+            wait_for(lambda: root.get_vm(inside).state == kc.pb.VM_STATE_HOOKED, 10,
+                     "the guest still hooked")
+            self.assertEqual(root.get_vm(inside).connections, 1, "the guest was not crashed")
 
     def test_each_role_in_and_out_of_scope(self):
         inside, other = self.VMS
