@@ -4,10 +4,9 @@ kvmi-sim guests and the Python client running as another uid (setpriv, see unix_
 - by default (no `authz` section) root is admin on every guest and uid 65534 is refused with
   PERMISSION_DENIED naming the RPC, the guest and the missing role; with unix_root_is_admin
   false, root has only what its uid binding gives it;
-- a uid binding scoped to guests by name shows the caller only those guests (ListVMs; WatchVMs and
-  StreamEvents, with CR3 events from every guest),
-  lets it make its role's calls on them, and refuses it on the other guests and for calls of a
-  higher role;
+- a uid binding scoped to guests by name shows the caller only those guests (ListVMs; WatchVMs
+  and StreamEvents, with CR3 events from every guest), lets it make its role's calls on them,
+  and refuses it on the other guests and for calls of a higher role;
 - the binding changed in the config file and SIGHUP: the new rules apply to the next call,
   without a restart, and no guest reconnects.
 
