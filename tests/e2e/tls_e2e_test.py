@@ -6,9 +6,18 @@ in the test (daemon/security/testing/make_cert.sh), the Python client and kvmict
 - the server certificate is rotated the way cert-manager does it (a symlinked directory swapped)
   and a new connection sees the new certificate's serial without a restart, while a stream
   opened before stays up;
-- plaintext on a non-loopback address, and TCP without TLS files, are refused at start;
+- plaintext on a non-loopback address, and TCP without TLS files, are refused at start; a
+  plaintext caller on loopback (--api_tcp_insecure_plaintext) has no identity: UNAUTHENTICATED on
+  every RPC of the service;
+- roles over TLS: client certificates per role made by scripts/dev-certs.sh (SPIFFE IDs
+  spiffe://kvmid.dev/role/<role>), bound in the config, one of them scoped to one guest: each
+  role's calls pass, calls above its role and outside its scope are PERMISSION_DENIED naming the
+  RPC and the role, lists show only the guests in scope; the audit log names the certificate's
+  identity and the TCP peer of an allowed and of a denied WritePhysical; a responder's CRASH
+  verdict is refused (admin only) and the guest lives on;
 - under umask 000 the API socket has exactly its configured mode."""
 
+import json
 import os
 import socket
 import ssl
@@ -20,12 +29,15 @@ import unittest
 
 import grpc
 import kvmi_client as kc
+from google.protobuf import symbol_database
 from tests.test_support import stop_process, wait_for
 
 KVMID = "daemon/kvmid"
 KVMI_SIM = "kernel/sim/kvmi-sim"
 KVMICTL = "clients/python/kvmictl"
 MAKE_CERT = "daemon/security/testing/make_cert.sh"
+DEV_CERTS = "scripts/dev-certs.sh"
+ROLES = ("viewer", "responder", "operator", "admin")
 
 
 def make_cert(*args):
@@ -51,6 +63,32 @@ def server_serial(port, certs):
     out = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-serial"], input=der,
                          capture_output=True, check=True).stdout.decode()
     return out.strip().split("=", 1)[1].upper()
+
+
+def call_every_rpc(channel, vm="sim-vm-0000"):
+    """Calls every method of kvmi.v1.Introspection once on `channel` (requests naming `vm` where
+    they name a guest; Attach sends a claim), returns {name: (grpc.StatusCode, details)}."""
+    service = kc.pb.DESCRIPTOR.services_by_name["Introspection"]
+    codes = {}
+    for method in service.methods:
+        request = symbol_database.Default().GetSymbol(method.input_type.full_name)()
+        if "vm" in method.input_type.fields_by_name:
+            request.vm = vm
+        path = "/%s/%s" % (service.full_name, method.name)
+        kwargs = dict(request_serializer=type(request).SerializeToString,
+                      response_deserializer=lambda b: b)
+        try:
+            if method.client_streaming:
+                claim = kc.pb.AttachRequest(claim=kc.pb.Claim(handler_id="anonymous", vms=[vm]))
+                list(channel.stream_stream(path, **kwargs)(iter([claim]), timeout=10))
+            elif method.server_streaming:
+                list(channel.unary_stream(path, **kwargs)(request, timeout=10))
+            else:
+                channel.unary_unary(path, **kwargs)(request, timeout=10)
+            codes[method.name] = (grpc.StatusCode.OK, "")
+        except grpc.RpcError as e:
+            codes[method.name] = (e.code(), e.details() or "")
+    return codes
 
 
 class TlsEndToEnd(unittest.TestCase):
@@ -242,6 +280,169 @@ class TlsEndToEnd(unittest.TestCase):
         self.assertIsNone(self.kvmid.poll(), "kvmid restarted or died")
 
 
+def attach_and_close(kvmi, vm, fallback=None):
+    """Claims `vm`'s CR events on an Attach stream (raises if the claim is refused), then ends
+    the stream."""
+    kvmi.attach("matrix", vms=[vm], events=["CR"], fallback=fallback).close()
+
+
+class TlsRoles(unittest.TestCase):
+    """Client certificates per role from scripts/dev-certs.sh, bound in the config file; the
+    operator's binding covers one guest only."""
+
+    VMS = ["sim-vm-0000", "sim-vm-0001"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kvmid-roles-", dir="/tmp")
+        cls.certs = os.path.join(cls.dir, "certs")
+        subprocess.run(["bash", DEV_CERTS, cls.certs, "localhost"], check=True,
+                       stdout=subprocess.DEVNULL)
+        bindings = []
+        for role in ROLES:
+            scope = ' guests { names: "%s" }' % cls.VMS[0] if role == "operator" else ""
+            bindings.append('bindings { principal: "spiffe://kvmid.dev/role/%s" role: "%s"%s }'
+                            % (role, role, scope))
+        config = os.path.join(cls.dir, "kvmid.textproto")
+        with open(config, "w") as f:
+            f.write("authz {\n  %s\n}\n" % "\n  ".join(bindings))
+        cls.port = free_port()
+        cls.api = os.path.join(cls.dir, "api.sock")
+        cls.log = open(os.path.join(cls.dir, "kvmid.log"), "w+")
+        c = cls.certs
+        cls.procs = [subprocess.Popen(
+            [KVMID, "--kvmi_socket=%s/k.sock" % cls.dir, "--api_socket=" + cls.api,
+             "--config=" + config, "--api_tcp=127.0.0.1:%d" % cls.port,
+             "--api_tls_cert=%s/server.pem" % c, "--api_tls_key=%s/server.key" % c,
+             "--api_tls_client_ca=%s/ca.pem" % c, "--log_events=none", "--metrics_address=",
+             "--state_dir=%s/state" % cls.dir, "--audit_log=%s/audit.log" % cls.dir],
+            stdout=cls.log, stderr=subprocess.STDOUT)]
+        wait_for(lambda: os.path.exists(cls.api) or cls.procs[0].poll() is not None, 20,
+                 "kvmid's API socket")
+        cls.procs.append(subprocess.Popen(
+            [KVMI_SIM, "--connect=unix:%s/k.sock" % cls.dir, "--vms=2", "--vcpus=1",
+             "--scenario=mixed", "--rate=5", "--duration=120", "--reconnect=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        with kc.Client("unix:" + cls.api) as root:
+            wait_for(lambda: sorted(vm.name for vm in root.list_vms()
+                                    if vm.state == kc.pb.VM_STATE_HOOKED) == cls.VMS, 20,
+                     "two hooked guests")
+
+    @classmethod
+    def tearDownClass(cls):
+        for proc in reversed(cls.procs):
+            stop_process(proc)
+        cls.log.close()
+
+    def client(self, role):
+        c = self.certs
+        return kc.Client("127.0.0.1:%d" % self.port, connect_timeout=5, ca=c + "/ca.pem",
+                         cert="%s/%s.pem" % (c, role), key="%s/%s.key" % (c, role))
+
+    def test_viewer_cannot_write_memory_and_admin_can(self):
+        vm = self.VMS[0]
+        with self.client("admin") as admin:
+            admin.write_physical(vm, 0x4000, b"admin-wrote")
+        with self.client("viewer") as viewer:
+            with self.assertRaises(kc.KvmiError) as caught:
+                viewer.write_physical(vm, 0x4000, b"VIEWER")
+        e = caught.exception
+        self.assertEqual(e.code, grpc.StatusCode.PERMISSION_DENIED, e)
+        for needle in ("WritePhysical", vm, 'needs role "admin"', "spiffe://kvmid.dev/role/viewer",
+                       '"viewer"'):
+            self.assertIn(needle, e.message)
+        with self.client("admin") as admin:
+            self.assertEqual(admin.read_physical(vm, 0x4000, 11), b"admin-wrote")
+        # Both are in the audit log under the certificate's identity and the TCP peer.
+        def records(principal, code):
+            with open(os.path.join(self.dir, "audit.log")) as f:
+                lines = [json.loads(line) for line in f]
+            return [r for r in lines if r["rpc"] == "WritePhysical" and r["code"] == code
+                    and r["identity"] == {"kind": "tls", "principal": principal}
+                    and r["args"].get("gpa") == "0x4000"]
+        denied = wait_for(lambda: records("spiffe://kvmid.dev/role/viewer", "PERMISSION_DENIED"),
+                          10, "the viewer's denied WritePhysical in the audit log")
+        written = wait_for(lambda: records("spiffe://kvmid.dev/role/admin", "OK"), 10,
+                           "the admin's WritePhysical in the audit log")
+        for record, size in ((denied[0], len(b"VIEWER")), (written[0], len(b"admin-wrote"))):
+            self.assertRegex(record["peer"], r"^ipv4:127\.0\.0\.1:\d+$")
+            self.assertEqual(record["guest"]["name"], vm)
+            self.assertEqual(record["args"]["size"], size)
+        self.assertEqual(denied[0]["message"], e.message)
+
+    def test_crash_verdict_needs_admin(self):
+        """A responder's CRASH verdict is refused (VerdictError naming ACTION_CRASH and admin);
+        the event keeps waiting for another verdict and the guest lives on."""
+        inside = self.VMS[0]
+        with self.client("responder") as responder:
+            handler = responder.attach("crash-test", vms=[inside], events=["CR"],
+                                       arm_events=["CR"], arm_crs=[3], deadline_ms=10000)
+            try:
+                event = handler.next_event(timeout=20)
+                self.assertIsNotNone(event, "no CR event from %s" % inside)
+                handler.answer(event, action="crash")
+                errors = wait_for(lambda: [e for e in handler.errors if e.event_id == event.id],
+                                  10, "the CRASH verdict's refusal")
+                for needle in ("ACTION_CRASH", inside, '"admin"',
+                               "spiffe://kvmid.dev/role/responder"):
+                    self.assertIn(needle, errors[0].message)
+                handler.answer(event, action="continue")
+            finally:
+                handler.close()
+        with kc.Client("unix:" + self.api) as root:
+            wait_for(lambda: root.get_vm(inside).state == kc.pb.VM_STATE_HOOKED, 10,
+                     "the guest still hooked")
+            self.assertEqual(root.get_vm(inside).connections, 1, "the guest was not crashed")
+
+    def test_each_role_in_and_out_of_scope(self):
+        inside, other = self.VMS
+        OK, DENIED = "OK", "PERMISSION_DENIED"
+        # (what, call, {role: expected}); a role not named expects OK.
+        calls = [
+            ("ListVMs", lambda k: sorted(vm.name for vm in k.list_vms()), {}),
+            ("GetVM other", lambda k: k.get_vm(other), {"operator": DENIED}),
+            ("ListPolicies", lambda k: k.policies(), {}),
+            ("ReadPhysical", lambda k: k.read_physical(inside, 0x1000, 8),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("ReadPhysical other", lambda k: k.read_physical(other, 0x1000, 8),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("GetRegisters", lambda k: k.get_registers(inside, 0),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("PauseVCPU", lambda k: (k.pause(inside, 0), k.resume(inside, 0)),
+             {"viewer": DENIED, "responder": DENIED}),
+            ("WritePhysical", lambda k: k.write_physical(inside, 0x1000, b"x"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("ApplyPolicy", lambda k: k.apply_policy(
+                kc.protect_pages_policy("matrix", 0x1000, 0x1fff, monitor=True)),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            ("DeletePolicy", lambda k: k.delete_policy("matrix"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+            # Attach: responder and up, the claim within the caller's scope, a CRASH fallback
+            # for admin only.
+            ("Attach", lambda k: attach_and_close(k, inside), {"viewer": DENIED}),
+            ("Attach other", lambda k: attach_and_close(k, other),
+             {"viewer": DENIED, "operator": DENIED}),
+            ("Attach crash", lambda k: attach_and_close(k, inside, fallback="crash"),
+             {"viewer": DENIED, "responder": DENIED, "operator": DENIED}),
+        ]
+        for role in ROLES:
+            with self.client(role) as kvmi:
+                for what, call, expected in calls:
+                    with self.subTest(role=role, call=what):
+                        try:
+                            value = call(kvmi)
+                            got, message = OK, ""
+                        except kc.KvmiError as e:
+                            got, message = e.code.name, e.message
+                        self.assertEqual(got, expected.get(role, OK), message)
+                        if got == DENIED:
+                            self.assertIn(what.split()[0], message)
+                            self.assertIn("spiffe://kvmid.dev/role/" + role, message)
+                        if what == "ListVMs":
+                            self.assertEqual(value, [inside] if role == "operator" else self.VMS)
+        self.assertIsNone(self.procs[0].poll())
+
+
 class RefusedAtStart(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="kvmid-tls-", dir="/tmp")
@@ -287,6 +488,28 @@ class RefusedAtStart(unittest.TestCase):
         finally:
             stop_process(kvmid)
             log.close()
+
+    def test_plaintext_caller_is_unauthenticated_on_every_rpc(self):
+        port = free_port()
+        kvmid = subprocess.Popen(self.base + ["--api_tcp=127.0.0.1:%d" % port,
+                                              "--api_tcp_insecure_plaintext",
+                                              "--state_dir=%s/state" % self.dir],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            with kc.Client("127.0.0.1:%d" % port, connect_timeout=10) as kvmi:
+                kvmi._connect()  # the listener is up
+                codes = call_every_rpc(kvmi._channel)
+            self.assertEqual(len(codes), 25)  # every RPC of kvmi.v1.Introspection
+            for rpc, (code, message) in codes.items():
+                self.assertEqual(code, grpc.StatusCode.UNAUTHENTICATED, (rpc, message))
+                self.assertIn(rpc, message)
+            # The UNIX socket still knows its callers: root is admin there.
+            with kc.Client("unix:%s/a.sock" % self.dir) as kvmi:
+                self.assertIsInstance(kvmi.list_vms(), list)
+                kvmi.apply_policy(kc.protect_pages_policy("root-policy", 0x1000, 0x1fff))
+                self.assertEqual([p.policy.name for p in kvmi.policies()], ["root-policy"])
+        finally:
+            stop_process(kvmid)
 
 
 class SocketModeUnderUmask000(unittest.TestCase):
