@@ -128,27 +128,39 @@ absl::Status Exhausted(Limit limit, uint64_t value, absl::string_view what) {
                                                    ")"));
 }
 
-absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
-                               size_t count_without_it) {
-  if (policy.name().size() > limits.max_policy_name_bytes) {
+absl::Status CheckPolicySizes(absl::string_view name, size_t description_bytes,
+                              size_t serialized_bytes, const Limits& limits) {
+  if (name.size() > limits.max_policy_name_bytes) {
     return Exhausted(Limit::kMaxPolicyNameBytes, limits,
-                     absl::StrCat("policy.name is ", policy.name().size(), " bytes"));
+                     absl::StrCat("policy.name is ", name.size(), " bytes"));
   }
-  if (policy.description().size() > limits.max_policy_description_bytes) {
+  if (description_bytes > limits.max_policy_description_bytes) {
     return Exhausted(Limit::kMaxPolicyDescriptionBytes, limits,
-                     absl::StrCat("policy.description is ", policy.description().size(), " bytes"));
+                     absl::StrCat("policy.description is ", description_bytes, " bytes"));
   }
-  const size_t bytes = policy.ByteSizeLong();
-  if (bytes > limits.max_policy_bytes) {
+  if (serialized_bytes > limits.max_policy_bytes) {
     return Exhausted(Limit::kMaxPolicyBytes, limits,
-                     absl::StrCat("policy ", policy.name(), " is ", bytes, " bytes serialized"));
+                     absl::StrCat("policy ", name, " is ", serialized_bytes, " bytes serialized"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPolicyCount(absl::string_view name, const Limits& limits,
+                              size_t count_without_it) {
   if (count_without_it >= limits.max_policies) {
     return Exhausted(Limit::kMaxPolicies, limits,
-                     absl::StrCat("policy ", policy.name(), ": ", count_without_it,
+                     absl::StrCat("policy ", name, ": ", count_without_it,
                                   " policies are applied already (delete one first)"));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
+                               size_t count_without_it) {
+  absl::Status s =
+      CheckPolicySizes(policy.name(), policy.description().size(), policy.ByteSizeLong(), limits);
+  if (!s.ok()) return s;
+  return CheckPolicyCount(policy.name(), limits, count_without_it);
 }
 
 size_t PolicyPageEnd(absl::Span<const size_t> sizes, size_t start, const Limits& limits) {
