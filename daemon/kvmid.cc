@@ -65,25 +65,24 @@ uint64_t MemoryTrimmer::trims() const {
   return trims_;
 }
 
+bool MemoryTrimmer::WaitForWork(std::chrono::steady_clock::time_point last) {
+  MutexLock lock(&mu_);
+  while (!stopping_ && pending_bytes_ < kMinBytes) cv_.Wait(&mu_);
+  // Rate limit, and let the caller's buffers go first.
+  const auto due = std::max(std::chrono::steady_clock::now() + kDelay, last + kMinInterval);
+  while (!stopping_ && cv_.WaitUntil(&mu_, due)) {
+  }
+  if (stopping_) return false;
+  pending_bytes_ = 0;
+  return true;
+}
+
 void MemoryTrimmer::Run() {
   std::chrono::steady_clock::time_point last{};
-  MutexLock lock(&mu_);
-  while (!stopping_) {
-    if (pending_bytes_ < kMinBytes) {
-      cv_.Wait(&mu_);
-      continue;
-    }
-    // Rate limit, and let the caller's buffers go first.
-    const auto due = std::max(std::chrono::steady_clock::now() + kDelay, last + kMinInterval);
-    while (!stopping_ && cv_.WaitUntil(&mu_, due)) {
-    }
-    if (stopping_) break;
-    pending_bytes_ = 0;
-    {
-      MutexUnlock unlock(&mu_);
-      TrimNow();
-    }
+  while (WaitForWork(last)) {
+    TrimNow();
     last = std::chrono::steady_clock::now();
+    MutexLock lock(&mu_);
     ++trims_;
   }
 }

@@ -101,6 +101,8 @@ class MemoryTrimmer {
 
  private:
   void Run();
+  // Until a trim is due (true) or the trimmer stops (false); `last`: when the last one ran.
+  bool WaitForWork(std::chrono::steady_clock::time_point last);
 
   mutable Mutex mu_;
   CondVar cv_;
