@@ -1,6 +1,7 @@
 #include "daemon/kvmid.h"
 
 #include <grp.h>
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -34,6 +35,58 @@ absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const 
   std::string secret = buffer.str();
   if (secret.empty()) return absl::InvalidArgumentError("cookie file " + path + " is empty");
   return kvmi::CookieHash(kvmi::ByteView(secret));
+}
+
+MemoryTrimmer::~MemoryTrimmer() {
+  std::thread thread;
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+    cv_.SignalAll();
+    thread = std::move(thread_);
+  }
+  if (thread.joinable()) thread.join();
+}
+
+void MemoryTrimmer::Freed(size_t bytes) {
+  MutexLock lock(&mu_);
+  if (stopping_) return;
+  pending_bytes_ += bytes;
+  if (pending_bytes_ < kMinBytes) return;
+  if (!thread_.joinable()) {
+    thread_ = std::thread([this] { Run(); });
+  } else {
+    cv_.Signal();
+  }
+}
+
+void MemoryTrimmer::TrimNow() { ::malloc_trim(0); }
+
+uint64_t MemoryTrimmer::trims() const {
+  MutexLock lock(&mu_);
+  return trims_;
+}
+
+bool MemoryTrimmer::WaitForWork(std::chrono::steady_clock::time_point last) {
+  MutexLock lock(&mu_);
+  while (!stopping_ && pending_bytes_ < kMinBytes) cv_.Wait(&mu_);
+  // Rate limit, and let the caller's buffers go first.
+  const auto due = std::max(std::chrono::steady_clock::now() + kDelay, last + kMinInterval);
+  while (!stopping_ && cv_.WaitUntil(&mu_, due)) {
+  }
+  if (stopping_) return false;
+  pending_bytes_ = 0;
+  return true;
+}
+
+void MemoryTrimmer::Run() {
+  std::chrono::steady_clock::time_point last{};
+  while (WaitForWork(last)) {
+    TrimNow();
+    last = std::chrono::steady_clock::now();
+    MutexLock lock(&mu_);
+    ++trims_;
+  }
 }
 
 Daemon::Daemon(DaemonConfig config) : config_(std::move(config)) {
@@ -173,10 +226,7 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
   pipeline_->ReplaceGuestLabels(config.guest_labels);
   if (config.security.authorizer) authorizer_.Set(config.security.authorizer);
-  {
-    MutexLock limits_lock(&limits_mutex_);
-    limits_ = config.security.limits;
-  }
+  set_limits(config.security.limits);
   if (started_) {
     for (auto& acceptor : acceptors_) {
       acceptor->SetHandshakeSlotsPerPeer(config.security.limits.handshake_slots_per_peer);
@@ -198,6 +248,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
 security::Limits Daemon::limits() const {
   MutexLock lock(&limits_mutex_);
   return limits_;
+}
+
+void Daemon::set_limits(const security::Limits& limits) {
+  MutexLock lock(&limits_mutex_);
+  limits_ = limits;
 }
 
 std::set<std::string> Daemon::configured_policies() const {
@@ -227,9 +282,24 @@ absl::Status Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule) {
     std::string error = scratch.Apply(rule);
     if (!error.empty()) return absl::InvalidArgumentError(error);
   }
+  const security::Limits limits = this->limits();
+  absl::Status within =
+      security::CheckPolicySizes(rule->name, rule->description.size(), rule->origin.size(), limits);
+  if (!within.ok()) return within;
+  const std::string name = rule->name;
+  auto admit = [&limits, &name](size_t count_without_it) {
+    return security::CheckPolicyCount(name, limits, count_without_it);
+  };
+  {
+    // Before persisting; checked again where the rule goes in (ApplyIf, below), since a reload
+    // may add configured policies meanwhile.
+    const auto rules = policies_.rules();
+    within = admit(static_cast<size_t>(std::count_if(
+        rules->begin(), rules->end(), [&](const auto& r) { return r->name != name; })));
+    if (!within.ok()) return within;
+  }
   std::vector<std::shared_ptr<const Rule>> next = api_policies_;
-  auto it =
-      std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == rule->name; });
+  auto it = std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == name; });
   if (it != next.end()) {
     *it = rule;
   } else {
@@ -238,13 +308,27 @@ absl::Status Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule) {
   if (persister_) {
     absl::Status persisted = persister_(next);
     if (!persisted.ok()) {
-      return absl::Status(persisted.code(), "policy " + rule->name +
+      return absl::Status(persisted.code(), "policy " + name +
                                                 " not applied: it could not be persisted: " +
                                                 std::string(persisted.message()));
     }
   }
-  std::string error = policies_.Apply(std::move(rule));
-  if (!error.empty()) return absl::InternalError(error);  // validated above: not expected
+  absl::Status applied = policies_.ApplyIf(std::move(rule), admit);
+  if (!applied.ok()) {
+    // Refused by the count (a reload added policies since the check above): what is persisted
+    // goes back to what is in effect.
+    if (persister_) {
+      absl::Status restored = persister_(api_policies_);
+      if (!restored.ok()) {
+        spdlog::error("policy {} refused, but the saved API policies could not be restored: {}",
+                      name, std::string(restored.message()));
+      }
+    }
+    if (applied.code() == absl::StatusCode::kInvalidArgument) {
+      return absl::InternalError(applied.message());  // validated above: not expected
+    }
+    return applied;
+  }
   api_policies_ = std::move(next);
   RearmAllGuests();
   return absl::OkStatus();
@@ -269,9 +353,14 @@ absl::Status Daemon::RemoveApiPolicy(const std::string& name) {
       }
     }
   }
+  size_t freed = 0;
+  for (const auto& r : *rules) {
+    if (r->name == name) freed = r->origin.size() + r->description.size();
+  }
   policies_.Remove(name);
   api_policies_ = std::move(next);
   RearmAllGuests();
+  trimmer_.Freed(freed);
   return absl::OkStatus();
 }
 

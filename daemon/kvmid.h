@@ -18,6 +18,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "daemon/base/mutex.h"
@@ -72,6 +73,45 @@ struct LoadedConfig {
   security::SecurityConfig security = security::DefaultSecurityConfig();
 };
 
+// Gives freed heap memory back to the kernel after big frees. glibc keeps freed chunks in its
+// arenas (and raises its mmap threshold after large frees, so that the next large buffers come
+// from the arenas too): after big policies are deleted or a big ListPolicies response is freed,
+// RSS would stay at its peak. Freed() is cheap and never blocks; once the bytes reported since the
+// last trim reach kMinBytes, a thread of its own calls malloc_trim(0), which walks every arena
+// under its lock and madvises free pages away: never on a guest's loop thread or a gRPC thread.
+// It runs kDelay after the request (what the caller is about to free, e.g. a response gRPC still
+// sends, is gone by then) and at most once per kMinInterval, however many frees ask for it.
+class MemoryTrimmer {
+ public:
+  static constexpr size_t kMinBytes = size_t{1} << 20;
+  static constexpr std::chrono::milliseconds kDelay{100};
+  static constexpr std::chrono::milliseconds kMinInterval{1000};
+
+  MemoryTrimmer() = default;
+  ~MemoryTrimmer();  // stops and joins the thread
+  MemoryTrimmer(const MemoryTrimmer&) = delete;
+  MemoryTrimmer& operator=(const MemoryTrimmer&) = delete;
+
+  // `bytes` were freed (or are about to be).
+  void Freed(size_t bytes);
+  // Trims now, on the calling thread (tests; never from a loop thread).
+  static void TrimNow();
+  // How many trims the thread ran.
+  uint64_t trims() const;
+
+ private:
+  void Run();
+  // Until a trim is due (true) or the trimmer stops (false); `last`: when the last one ran.
+  bool WaitForWork(std::chrono::steady_clock::time_point last);
+
+  mutable Mutex mu_;
+  CondVar cv_;
+  size_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t trims_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread thread_ ABSL_GUARDED_BY(mu_);  // started by the first trim request
+};
+
 class Daemon {
  public:
   explicit Daemon(DaemonConfig config);
@@ -88,7 +128,11 @@ class Daemon {
   security::AuthorizerHolder& authorizer() { return authorizer_; }
   // The resource limits in force (a copy; Reload replaces them).
   security::Limits limits() const;
+  // Replaces them (Reload does, with the configuration's; tests).
+  void set_limits(const security::Limits& limits);
   PolicySet& policies() { return policies_; }
+  // Returns memory to the kernel after big frees (deleted policies, big responses).
+  MemoryTrimmer& memory_trimmer() { return trimmer_; }
   VerdictPipeline& pipeline() { return *pipeline_; }
 
   // Applies a configuration, at start and on SIGHUP, without touching a guest's connection, in
@@ -111,7 +155,10 @@ class Daemon {
   // returned (the client is told; its policy is not in effect). Replacing a configured policy
   // by name makes it API-owned; removing a configured policy is not persisted (the config
   // brings it back at the next start). Errors: InvalidArgument (bad rule), NotFound, or the
-  // persister's status.
+  // persister's status. The policy limits in force (limits()) apply: the rule's name,
+  // description and origin (its serialized policy) sizes, and the count of policies held (a new
+  // name beyond max_policies is refused; a replacement adds none), checked and inserted in one
+  // step under the policy set's lock: RESOURCE_EXHAUSTED naming the limit.
   absl::Status ApplyApiPolicy(std::shared_ptr<Rule> rule);
   absl::Status RemoveApiPolicy(const std::string& name);
   // Gets every API-owned policy, in application order, after each change (daemon/state). Set
@@ -137,6 +184,7 @@ class Daemon {
   void RearmAllGuests();
 
   DaemonConfig config_;
+  MemoryTrimmer trimmer_;  // destroyed after the policies (its thread is joined)
   PolicySet policies_;
   std::unique_ptr<VerdictPipeline> pipeline_;
   std::unique_ptr<Registry> registry_;

@@ -42,6 +42,21 @@ list_vms_unix() {
 }
 check list_vms_unix list_vms_unix
 
+# ListPolicies is paged: one policy per page here, every configured policy listed in order.
+list_policies_paged() {
+  "$client" --addr="unix://$demo_api" --list_policies --policies_page_size=1 --timeout=20s \
+    >"$work/pol.txt" || return 1
+  cat "$work/pol.txt"
+  local n
+  n=$(grep -c '^policy ' "$work/pol.txt")
+  [ "$n" -ge 2 ] && grep -q "^policies: $n in $n page(s)\$" "$work/pol.txt" &&
+    grep -q '^policy cr0-wp mode=' "$work/pol.txt" &&
+    "$client" --addr="unix://$demo_api" --list_policies --timeout=20s >"$work/pol1.txt" &&
+    grep -q "^policies: $n in 1 page(s)\$" "$work/pol1.txt" &&
+    diff <(grep '^policy ' "$work/pol.txt" | cut -d' ' -f2) <(grep '^policy ' "$work/pol1.txt" | cut -d' ' -f2)
+}
+check list_policies_paged list_policies_paged
+
 # 12 CR/MSR events through a type filter, over TCP: only those types, with verdicts by the policies.
 stream_filter_tcp() {
   "$client" --addr="127.0.0.1:$demo_port" "${tls[@]}" --events=MSR,CR --count=12 --timeout=30s >"$work/f.txt" || return 1

@@ -605,9 +605,24 @@ class Client:
             policy = json_format.ParseDict(policy, policy_pb.Policy())
         return self._unary("ApplyPolicy", pb.ApplyPolicyRequest(policy=policy)).replaced
 
-    def policies(self):
-        """Every policy with its counters: a list of kvmi.v1.PolicyStatus."""
-        return list(self._unary("ListPolicies", pb.ListPoliciesRequest()).policies)
+    def policies(self, page_size=0):
+        """Every policy with its counters, in kvmid's order: a list of kvmi.v1.PolicyStatus.
+        ListPolicies is paged (each response fits a client's default 4 MiB message); this
+        follows next_page_token until the last page. page_size: policies per request (0:
+        kvmid's limit)."""
+        return list(self.iter_policies(page_size))
+
+    def iter_policies(self, page_size=0):
+        """The policies page by page, as a generator of kvmi.v1.PolicyStatus (one response in
+        memory at a time)."""
+        request = pb.ListPoliciesRequest(page_size=page_size)
+        while True:
+            page = self._unary("ListPolicies", request)
+            for status in page.policies:
+                yield status
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     def delete_policy(self, name):
         self._unary("DeletePolicy", pb.DeletePolicyRequest(name=name))

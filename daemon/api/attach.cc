@@ -37,7 +37,8 @@ bool ValidHandlerId(const std::string& id) {
 
 }  // namespace
 
-Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim, Arming* arming) {
+Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& limits,
+                  HandlerClaim* handler_claim, Arming* arming) {
   if (!ValidHandlerId(claim.handler_id())) {
     return InvalidArgument("claim.handler_id", "1-" + std::to_string(kMaxHandlerIdLength) +
                                                    " characters from [A-Za-z0-9._-]");
@@ -51,10 +52,13 @@ Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim, Arm
     }
     handler_claim->events.insert(id);
   }
-  if (claim.deadline_ms() > kMaxClaimDeadlineMs) {
-    return InvalidArgument("claim.deadline_ms", "at most " + std::to_string(kMaxClaimDeadlineMs));
+  if (claim.deadline_ms() > limits.max_attach_deadline_ms) {
+    return ToStatus(
+        security::Exhausted(security::Limit::kMaxAttachDeadlineMs, limits,
+                            "claim.deadline_ms is " + std::to_string(claim.deadline_ms()) + " ms"));
   }
   handler_claim->deadline = std::chrono::milliseconds(claim.deadline_ms());
+  handler_claim->max_held = static_cast<uint32_t>(limits.max_held_events_per_handler);
   switch (claim.fallback()) {
     case kvmi::v1::ACTION_UNSPECIFIED:
       break;
@@ -186,7 +190,7 @@ class AttachReactor final : public AttachStream {
   Status Claim(const kvmi::v1::Claim& claim) {
     HandlerClaim handler_claim;
     Arming arming;
-    Status s = ParseClaim(claim, &handler_claim, &arming);
+    Status s = ParseClaim(claim, daemon_->limits(), &handler_claim, &arming);
     if (!s.ok()) return s;
     if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin
       s = guard_->AdmitClaim(claim);

@@ -21,8 +21,11 @@
 namespace kvmid::api {
 
 // A Claim as the pipeline's HandlerClaim and the arming it asks for, or INVALID_ARGUMENT naming
-// the field.
-grpc::Status ParseClaim(const kvmi::v1::Claim& claim, HandlerClaim* handler_claim, Arming* arming);
+// the field. `limits`: a deadline_ms above max_attach_deadline_ms is RESOURCE_EXHAUSTED naming
+// the limit (0 = the daemon's deadline for the event type, --deadline_ms or the configuration's,
+// which the operator chose); the handler may hold max_held_events_per_handler events at once.
+grpc::Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& limits,
+                        HandlerClaim* handler_claim, Arming* arming);
 
 // Runs one inline command for the stream's owner (blocking: it waits for the guest), answered
 // as the unary RPC would be.

@@ -235,5 +235,60 @@ TEST_F(ApiTest, APauseWhoseStreamEndsBeforeTheVcpuStopsDoesNotHoldIt) {
   EXPECT_TRUE(daemon_->registry().Lookup("unpaused")->Snapshot().paused_vcpus.empty());
 }
 
+TEST_F(ApiTest, AttachRefusesADeadlineAboveTheLimit) {
+  for (uint32_t deadline_ms : {5001u, 60000u, 4000000000u}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto stream = stub_->Attach(&ctx);
+    kvmi::v1::AttachRequest claim;
+    claim.mutable_claim()->set_handler_id("slow");
+    claim.mutable_claim()->set_deadline_ms(deadline_ms);
+    ASSERT_TRUE(stream->Write(claim));
+    kvmi::v1::AttachResponse response;
+    EXPECT_FALSE(stream->Read(&response));
+    grpc::Status s = stream->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << deadline_ms;
+    EXPECT_THAT(s.error_message(), HasSubstr("max_attach_deadline_ms = 5000"));
+    EXPECT_THAT(s.error_message(), HasSubstr("limits.max_attach_deadline_ms"));
+  }
+}
+
+TEST_F(ApiTest, AttachHandlerAtItsHeldCapGetsNoMoreEventsAndTheGuestRunsOn) {
+  security::Limits limits;
+  limits.max_held_events_per_handler = 2;
+  daemon_->set_limits(limits);
+  ScriptedHost* host = Connect(21, "held");
+  host->set_vcpus(4);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("silent");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->set_deadline_ms(5000);  // the maximum; never answered
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  for (uint16_t vcpu = 0; vcpu < 2; ++vcpu) {
+    host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 60 + vcpu));
+    ASSERT_TRUE(stream->Read(&response));
+    ASSERT_TRUE(response.has_event());
+  }
+  // The third is answered at once with the fallback, well before the 5 s deadline.
+  const auto sent = Clock::now();
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 2, 62));
+  auto reply = host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 62; });
+  ASSERT_TRUE(reply);
+  EXPECT_LT(Clock::now() - sent, std::chrono::seconds(3));
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_held_cap.load(), 1u);
+  // The held two get their fallback at their deadline; the guest was never stopped for good.
+  EXPECT_TRUE(host->WaitFor(
+      [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 60; },
+      std::chrono::seconds(10)));
+  ctx.TryCancel();
+}
+
 }  // namespace
 }  // namespace kvmid

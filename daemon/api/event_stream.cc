@@ -73,18 +73,23 @@ Status CompileFilter(const kvmi::v1::EventFilter& f, const std::string& field,
 
 bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
   if (!call_.authorizer) return true;                                 // unrestricted: every guest
-  std::shared_ptr<const GuestView> view = pipeline_->ViewOf(*guest);  // cached per generation
+  std::shared_ptr<const GuestView> view = pipeline_->ViewOf(*guest);  // cached on the guest
   {
     MutexLock lock(&mu_);
     auto it = cache_.find(guest.get());
-    if (it != cache_.end() && it->second.generation == view->generation &&
+    if (it != cache_.end() && it->second.view == view.get() && !it->second.view_alive.expired() &&
         !it->second.guest.expired()) {
       return it->second.visible;
     }
   }
   const bool visible = call_.Visible(*view);  // outside the lock: builds a GuestRef
   MutexLock lock(&mu_);
-  cache_[guest.get()] = Entry{guest, view->generation, visible};
+  if (cache_.size() >= kPurgeAbove) {
+    for (auto it = cache_.begin(); it != cache_.end();) {
+      it = it->second.guest.expired() ? cache_.erase(it) : std::next(it);
+    }
+  }
+  cache_[guest.get()] = Entry{guest, view.get(), view, visible};
   return visible;
 }
 

@@ -55,9 +55,14 @@ class VisibleGuests {
   const CallContext& call() const { return call_; }
 
  private:
+  // Entries whose guest is gone are purged once the cache holds this many.
+  static constexpr size_t kPurgeAbove = 4096;
   struct Entry {
     std::weak_ptr<Guest> guest;  // the address is only this guest's while it lives
-    uint64_t generation;
+    // The view the decision was made on: a new view (labels reloaded, or the guest reconnected
+    // under another name) means a new decision. The address is only that view's while it lives.
+    const GuestView* view;
+    std::weak_ptr<const GuestView> view_alive;
     bool visible;
   };
   const CallContext call_;

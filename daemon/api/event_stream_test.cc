@@ -286,7 +286,7 @@ class StreamLimitsTest : public ApiTest {
                             kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
                                 kvmi::v1::Introspection::Service>> {
     StreamServer(Daemon* daemon, const std::string& socket)
-        : limits(daemon->limits()), streams(daemon, nullptr, &limits) {
+        : limits(daemon->limits(), &daemon->memory_trimmer()), streams(daemon, nullptr, &limits) {
       grpc::ServerBuilder builder;
       builder.AddListeningPort("unix:" + socket, grpc::InsecureServerCredentials());
       builder.RegisterService(this);
@@ -568,6 +568,46 @@ TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
   EXPECT_EQ(message.event().vm_name(), "hidden");
   events.Cancel();
   watch.Cancel();
+}
+
+// A guest that reconnects under another name (a migration, a rename) is decided again: renamed
+// out of the caller's scope, its events no longer reach the stream.
+TEST_F(StreamLimitsTest, AGuestRenamedOutOfScopeIsDecidedAgain) {
+  ScriptedHost* guest = Connect(27, "seen");
+  ScriptedHost* marker = Connect(28, "marker");
+  ASSERT_NE(guest, nullptr);
+  ASSERT_NE(marker, nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  config::Authz authz;
+  auto* binding = authz.add_bindings();
+  binding->set_principal("spiffe://test/viewer");
+  binding->set_role("viewer");
+  binding->add_guests()->add_names("seen");
+  binding->add_guests()->add_names("marker");
+  auto authorizer = security::Authorizer::FromConfig(authz);
+  ASSERT_TRUE(authorizer.ok()) << authorizer.status();
+  server.call.caller = security::Caller::Tls("spiffe://test/viewer", "test");
+  server.call.authorizer = *authorizer;
+  auto stub = kvmi::v1::Introspection::NewStub(
+      grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
+  EventStream events = Open(stub.get());
+  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  RunEvents(guest, 1, 1);
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "seen");
+
+  guest->Close();
+  std::shared_ptr<Guest> same = daemon_->registry().Lookup("seen");
+  ASSERT_NE(same, nullptr);
+  ASSERT_TRUE(WaitUntil([&] { return same->state() != GuestState::kHooked; }));
+  ScriptedHost* renamed = Connect(27, "renamed");  // the same UUID, another name
+  ASSERT_NE(renamed, nullptr);
+  RunEvents(renamed, 1, 2);
+  RunEvents(marker, 1, 1);
+  ASSERT_TRUE(events.reader->Read(&message));
+  EXPECT_EQ(message.event().vm_name(), "marker");  // nothing from "renamed" came before it
+  events.Cancel();
 }
 
 }  // namespace

@@ -58,7 +58,7 @@ IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* h
                                            security::AuditLog* audit)
     : daemon_(daemon),
       admission_(daemon, audit),
-      stream_limits_(daemon->limits()),
+      stream_limits_(daemon->limits(), &daemon->memory_trimmer()),
       inventory_(daemon),
       streams_(daemon, history, &stream_limits_),
       commands_(&daemon->registry()) {}

@@ -26,10 +26,11 @@ inline constexpr std::chrono::milliseconds kStreamPoll{200};
 // How often a unary call waiting for the guest looks at its cancellation.
 inline constexpr std::chrono::milliseconds kWaitPoll{50};
 
-// Attach: a claim's handler id, its verdict deadline, the inline commands waiting per stream,
-// and the backlog of messages to the client above which the stream stops reading.
+// Attach: a claim's handler id, the inline commands waiting per stream, and the backlog of
+// messages to the client above which the stream stops reading. (The claim's deadline and the
+// events a handler holds are bounded by security::Limits: max_attach_deadline_ms,
+// max_held_events_per_handler.)
 inline constexpr size_t kMaxHandlerIdLength = 64;
-inline constexpr uint32_t kMaxClaimDeadlineMs = 60000;
 inline constexpr size_t kMaxQueuedCommands = 256;
 inline constexpr size_t kMaxBacklogMessages = 1024;
 inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;

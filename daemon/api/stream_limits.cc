@@ -1,7 +1,5 @@
 #include "daemon/api/stream_limits.h"
 
-#include <malloc.h>
-
 #include <utility>
 
 #include "daemon/api/convert.h"
@@ -12,18 +10,10 @@ namespace kvmid::api {
 using security::InfoOf;
 using security::Limit;
 
-StreamLimits::StreamLimits(const security::Limits& limits)
+StreamLimits::StreamLimits(const security::Limits& limits, MemoryTrimmer* trimmer)
     : budget_(limits.stream_queue_budget_bytes),
-      slots_(Limit::kStreamsPerIdentity, limits.streams_per_identity) {}
-
-StreamLimits::~StreamLimits() {
-  std::unique_ptr<grpc::Alarm> alarm;
-  {
-    MutexLock lock(&trim_->mu);
-    alarm = std::move(trim_->alarm);
-  }
-  // Destroying it cancels a pending trim (its callback runs with ok = false, on gRPC's thread).
-}
+      slots_(Limit::kStreamsPerIdentity, limits.streams_per_identity),
+      trimmer_(trimmer) {}
 
 StreamLimits::Admission::Admission(Admission&& other) noexcept
     : slot_(std::move(other.slot_)),
@@ -71,33 +61,7 @@ grpc::Status StreamLimits::Admit(const CallContext& call, const security::Limits
 }
 
 void StreamLimits::Freed(uint64_t bytes) {
-  MutexLock lock(&trim_->mu);
-  trim_->freed += bytes;
-  if (trim_->freed < kTrimAfterFreedBytes || trim_->scheduled) return;
-  trim_->scheduled = true;
-  const auto now = std::chrono::steady_clock::now();
-  const auto at = std::max(now, trim_->last + kTrimInterval);
-  // The alarm's callback runs on a gRPC thread (never inline from Set), after `at`; the previous
-  // alarm has fired (scheduled was false), so replacing it cancels nothing.
-  trim_->alarm = std::make_unique<grpc::Alarm>();
-  std::shared_ptr<Trim> trim = trim_;
-  trim_->alarm->Set(std::chrono::system_clock::now() + (at - now), [trim](bool ok) {
-    if (ok) RunTrim(trim);
-  });
-}
-
-void StreamLimits::RunTrim(const std::shared_ptr<Trim>& trim) {
-  malloc_trim(0);
-  MutexLock lock(&trim->mu);
-  trim->freed = 0;
-  trim->scheduled = false;
-  trim->last = std::chrono::steady_clock::now();
-  ++trim->count;
-}
-
-uint64_t StreamLimits::trims() const {
-  MutexLock lock(&trim_->mu);
-  return trim_->count;
+  if (trimmer_ != nullptr) trimmer_->Freed(bytes);
 }
 
 }  // namespace kvmid::api

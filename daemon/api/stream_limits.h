@@ -11,7 +11,6 @@
 #define KVMID_DAEMON_API_STREAM_LIMITS_H_
 
 #include <absl/base/thread_annotations.h>
-#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -19,7 +18,7 @@
 #include <memory>
 
 #include "daemon/api/call_context.h"
-#include "daemon/base/mutex.h"
+#include "daemon/kvmid.h"
 #include "daemon/security/limits.h"
 
 namespace kvmid::api {
@@ -28,15 +27,11 @@ namespace kvmid::api {
 // reactor, its one message in flight, gRPC's call state), so that a budget also bounds the number
 // of idle streams; returned when the call ends.
 inline constexpr uint64_t kStreamBaseBytes = 16u << 10;
-// Freed memory (ended streams, drained queues) after which kvmid returns memory to the OS, and
-// how often it does at most.
-inline constexpr uint64_t kTrimAfterFreedBytes = 4u << 20;
-inline constexpr std::chrono::milliseconds kTrimInterval{1000};
 
 class StreamLimits {
  public:
-  explicit StreamLimits(const security::Limits& limits);
-  ~StreamLimits();
+  // `trimmer` (the daemon's; may be null in tests) is told what ended streams give back.
+  StreamLimits(const security::Limits& limits, MemoryTrimmer* trimmer);
   StreamLimits(const StreamLimits&) = delete;
   StreamLimits& operator=(const StreamLimits&) = delete;
 
@@ -69,28 +64,16 @@ class StreamLimits {
   security::ByteBudget* budget() { return &budget_; }
   uint64_t streams_of(const CallContext& call) const { return slots_.InUse(call.IdentityKey()); }
 
-  // Memory a stream gave back (its queue and base when it ended, or a large queue that drained).
-  // Once kTrimAfterFreedBytes accumulated, glibc's malloc_trim(0) runs, at most every
-  // kTrimInterval, on a gRPC alarm (callback) thread, never a guest's loop thread: glibc keeps
-  // freed memory in its arenas (one per thread that allocated, so loop threads and gRPC threads
-  // each hold some) and, without a trim, RSS stays at its peak after a burst of streams.
+  // Memory a stream gave back (its queue and base when it ended, or a large queue that drained),
+  // handed to the daemon's MemoryTrimmer: glibc keeps freed memory in its arenas (one per thread
+  // that allocated, so loop threads and gRPC threads each hold some) and, without a trim, RSS
+  // stays at its peak after a burst of streams. The trim runs on the trimmer's own thread.
   void Freed(uint64_t bytes);
-  uint64_t trims() const;
 
  private:
-  struct Trim {
-    Mutex mu;
-    uint64_t freed ABSL_GUARDED_BY(mu) = 0;
-    bool scheduled ABSL_GUARDED_BY(mu) = false;
-    std::chrono::steady_clock::time_point last ABSL_GUARDED_BY(mu);
-    uint64_t count ABSL_GUARDED_BY(mu) = 0;
-    std::unique_ptr<grpc::Alarm> alarm ABSL_GUARDED_BY(mu);
-  };
-  static void RunTrim(const std::shared_ptr<Trim>& trim);
-
   security::ByteBudget budget_;
   security::KeyedSlots slots_;
-  const std::shared_ptr<Trim> trim_ = std::make_shared<Trim>();
+  MemoryTrimmer* const trimmer_;
 };
 
 }  // namespace kvmid::api

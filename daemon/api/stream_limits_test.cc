@@ -24,7 +24,7 @@ CallContext CallerNamed(const std::string& principal) {
 TEST(StreamLimitsTest, EachIdentityHasItsOwnCapAndAnEndedStreamFreesItsPlace) {
   security::Limits limits;
   limits.streams_per_identity = 2;
-  StreamLimits streams(limits);
+  StreamLimits streams(limits, nullptr);
   std::vector<StreamLimits::Admission> held(3);
   ASSERT_TRUE(streams.Admit(CallerNamed("a"), limits, true, &held[0]).ok());
   ASSERT_TRUE(streams.Admit(CallerNamed("a"), limits, false, &held[1]).ok());  // Attach
@@ -50,7 +50,7 @@ TEST(StreamLimitsTest, AnExhaustedBudgetRefusesNewStreamsButNotAttach) {
   security::Limits limits;
   limits.stream_queue_budget_bytes = 3 * kStreamBaseBytes;
   limits.streams_per_identity = 100;
-  StreamLimits streams(limits);
+  StreamLimits streams(limits, nullptr);
   std::vector<StreamLimits::Admission> held(5);
   for (int i = 0; i < 3; ++i)
     ASSERT_TRUE(streams.Admit(CallerNamed("a"), limits, true, &held[i]).ok());
@@ -65,18 +65,13 @@ TEST(StreamLimitsTest, AnExhaustedBudgetRefusesNewStreamsButNotAttach) {
   EXPECT_TRUE(streams.Admit(CallerNamed("b"), limits, true, &held[3]).ok());
 }
 
-TEST(StreamLimitsTest, MemoryIsHandedBackOnceEnoughWasFreedAtMostOncePerInterval) {
-  StreamLimits streams(security::Limits{});
-  streams.Freed(kTrimAfterFreedBytes - 1);
-  streams.Freed(kTrimAfterFreedBytes / 2);  // over: a trim is scheduled
-  ASSERT_TRUE(testing::WaitUntil([&] { return streams.trims() == 1; }));
-  const auto first = std::chrono::steady_clock::now();
-  streams.Freed(kTrimAfterFreedBytes);  // the next one waits for the interval
-  ASSERT_TRUE(testing::WaitUntil([&] { return streams.trims() == 2; }));
-  EXPECT_GE(std::chrono::steady_clock::now() - first,
-            kTrimInterval - std::chrono::milliseconds(50));
-  streams.Freed(1);
-  EXPECT_EQ(streams.trims(), 2u);
+TEST(StreamLimitsTest, WhatStreamsFreeGoesToTheDaemonsTrimmer) {
+  MemoryTrimmer trimmer;
+  StreamLimits streams(security::Limits{}, &trimmer);
+  streams.Freed(MemoryTrimmer::kMinBytes - 1);
+  EXPECT_EQ(trimmer.trims(), 0u);
+  streams.Freed(1);  // enough: the trimmer's thread trims
+  ASSERT_TRUE(testing::WaitUntil([&] { return trimmer.trims() == 1; }));
 }
 
 }  // namespace

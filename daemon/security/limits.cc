@@ -20,23 +20,32 @@ constexpr LimitInfo kLimits[] = {
     {Limit::kStreamsPerIdentity, "streams_per_identity", &Limits::streams_per_identity, 1, 100000,
      "streams", "concurrent StreamEvents, WatchVMs and Attach streams of one caller identity"},
     {Limit::kMaxPolicies, "max_policies", &Limits::max_policies, 1, 65536, "policies",
-     "policies held at once (configuration file and ApplyPolicy)"},
+     "policies held at once (configuration file and ApplyPolicy); past it ApplyPolicy of a new "
+     "name is refused, a replacement is not"},
     {Limit::kMaxPolicyBytes, "max_policy_bytes", &Limits::max_policy_bytes, 256, kMiB, "bytes",
-     "one policy, serialized, description included"},
+     "one policy, serialized, description included; a bigger one is refused (ApplyPolicy, the "
+     "configuration file, saved policies)"},
     {Limit::kMaxPolicyDescriptionBytes, "max_policy_description_bytes",
-     &Limits::max_policy_description_bytes, 1, kMiB, "bytes", "one policy's description"},
+     &Limits::max_policy_description_bytes, 1, kMiB, "bytes",
+     "one policy's description; a longer one is refused like a bigger policy"},
     {Limit::kMaxPolicyNameBytes, "max_policy_name_bytes", &Limits::max_policy_name_bytes, 1, 1024,
-     "bytes", "one policy's name"},
+     "bytes", "one policy's name; a longer one is refused like a bigger policy"},
     {Limit::kListPoliciesPageSize, "list_policies_page_size", &Limits::list_policies_page_size, 1,
-     100000, "policies", "policies in one ListPolicies response"},
+     100000, "policies",
+     "policies in one ListPolicies response (a smaller page_size is honoured); the rest follow "
+     "through next_page_token"},
     {Limit::kListPoliciesMaxBytes, "list_policies_max_bytes", &Limits::list_policies_max_bytes,
      64 * kKiB, kClientDefaultMaxMessageBytes - 64 * kKiB, "bytes",
-     "bytes of one ListPolicies response (below a client's default 4 MiB)"},
+     "bytes of one ListPolicies response (below a client's default 4 MiB); the rest follow through "
+     "next_page_token"},
     {Limit::kMaxAttachDeadlineMs, "max_attach_deadline_ms", &Limits::max_attach_deadline_ms, 1,
-     60000, "ms", "the largest Claim.deadline_ms: how long one silent handler can hold a vCPU"},
+     60000, "ms",
+     "the largest Claim.deadline_ms: how long one silent handler can hold a vCPU; a claim above it "
+     "is refused (0: the daemon's deadline for the event type)"},
     {Limit::kMaxHeldEventsPerHandler, "max_held_events_per_handler",
      &Limits::max_held_events_per_handler, 1, 65536, "events",
-     "events one Attach handler holds unanswered at once; past it, events get the fallback"},
+     "events one Attach handler holds unanswered at once; past it, its events get their fallback "
+     "at once (counted, logged, kvmid_limit_refusals_total)"},
     {Limit::kHandshakeSlotsPerPeer, "handshake_slots_per_peer", &Limits::handshake_slots_per_peer,
      1, 256, "handshakes", "concurrent KVMI handshakes of one peer (UNIX uid or vsock CID)"},
 };
@@ -128,27 +137,39 @@ absl::Status Exhausted(Limit limit, uint64_t value, absl::string_view what) {
                                                    ")"));
 }
 
-absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
-                               size_t count_without_it) {
-  if (policy.name().size() > limits.max_policy_name_bytes) {
+absl::Status CheckPolicySizes(absl::string_view name, size_t description_bytes,
+                              size_t serialized_bytes, const Limits& limits) {
+  if (name.size() > limits.max_policy_name_bytes) {
     return Exhausted(Limit::kMaxPolicyNameBytes, limits,
-                     absl::StrCat("policy.name is ", policy.name().size(), " bytes"));
+                     absl::StrCat("policy.name is ", name.size(), " bytes"));
   }
-  if (policy.description().size() > limits.max_policy_description_bytes) {
+  if (description_bytes > limits.max_policy_description_bytes) {
     return Exhausted(Limit::kMaxPolicyDescriptionBytes, limits,
-                     absl::StrCat("policy.description is ", policy.description().size(), " bytes"));
+                     absl::StrCat("policy.description is ", description_bytes, " bytes"));
   }
-  const size_t bytes = policy.ByteSizeLong();
-  if (bytes > limits.max_policy_bytes) {
+  if (serialized_bytes > limits.max_policy_bytes) {
     return Exhausted(Limit::kMaxPolicyBytes, limits,
-                     absl::StrCat("policy ", policy.name(), " is ", bytes, " bytes serialized"));
+                     absl::StrCat("policy ", name, " is ", serialized_bytes, " bytes serialized"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPolicyCount(absl::string_view name, const Limits& limits,
+                              size_t count_without_it) {
   if (count_without_it >= limits.max_policies) {
     return Exhausted(Limit::kMaxPolicies, limits,
-                     absl::StrCat("policy ", policy.name(), ": ", count_without_it,
+                     absl::StrCat("policy ", name, ": ", count_without_it,
                                   " policies are applied already (delete one first)"));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
+                               size_t count_without_it) {
+  absl::Status s =
+      CheckPolicySizes(policy.name(), policy.description().size(), policy.ByteSizeLong(), limits);
+  if (!s.ok()) return s;
+  return CheckPolicyCount(policy.name(), limits, count_without_it);
 }
 
 size_t PolicyPageEnd(absl::Span<const size_t> sizes, size_t start, const Limits& limits) {

@@ -100,6 +100,13 @@ inline absl::Status Exhausted(Limit limit, const Limits& limits, absl::string_vi
 // same name (a replacement does not add one).
 absl::Status CheckPolicyLimits(const kvmi::v1::Policy& policy, const Limits& limits,
                                size_t count_without_it);
+// CheckPolicyLimits in its two halves: the sizes alone (a policy's name, description and
+// serialized size, e.g. before converting it), and the count alone (where policies are inserted,
+// under the lock that serializes insertions, so that the check and the insertion are one step).
+absl::Status CheckPolicySizes(absl::string_view name, size_t description_bytes,
+                              size_t serialized_bytes, const Limits& limits);
+absl::Status CheckPolicyCount(absl::string_view name, const Limits& limits,
+                              size_t count_without_it);
 
 // ListPolicies paging: given the serialized sizes of the policies in list order, the end of the
 // page that starts at `start`: at most list_policies_page_size policies and

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "daemon/metrics/hooks.h"
+#include "daemon/security/limits.h"
 #include "kernel/abi/messages.h"
 #include "kernel/abi/protocol.h"
 
@@ -22,6 +24,8 @@ struct VerdictPromise::State {
   uint8_t fallback_action = KVMI_EVENT_ACTION_CONTINUE;
   std::atomic<bool> answered{false};
   EventLoop::TimerId timer = 0;  // loop thread only
+  // The handler's count of held events (HandlerEntry::held), released when this one is answered.
+  std::shared_ptr<std::atomic<uint32_t>> held;
 };
 
 namespace {
@@ -288,8 +292,21 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     Deliver(state, std::move(by_default), nullptr);
     return;
   }
-  auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
   if (entry->claim.fallback_action) state->fallback_action = *entry->claim.fallback_action;
+  // The held cap: one atomic add (and one subtract when answered, in Deliver).
+  if (entry->claim.max_held != 0) {
+    if (entry->held->fetch_add(1, std::memory_order_relaxed) >= entry->claim.max_held) {
+      entry->held->fetch_sub(1, std::memory_order_relaxed);
+      NoteHeldCap(*session, *entry);
+      guest->CountFallback();
+      state->handler_id = entry->handler->id();
+      state->answered = true;
+      Deliver(state, FallbackVerdict(state->fallback_action, "held events cap"), nullptr);
+      return;
+    }
+    state->held = entry->held;
+  }
+  auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
   state->handler_id = entry->handler->id();
   EventContext ctx{guest, event, received + deadline, event_id, arrived};
   state->timer = session->loop()->RunAt(ctx.deadline, [state] {
@@ -301,8 +318,28 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   entry->handler->OnBlockingEvent(ctx, VerdictPromise(state));
 }
 
+void VerdictPipeline::NoteHeldCap(const GuestSession& session, const HandlerEntry& entry) {
+  stats_.fallbacks++;
+  stats_.fallback_held_cap++;
+  const security::LimitInfo& limit = security::InfoOf(security::Limit::kMaxHeldEventsPerHandler);
+  Metrics::LimitRefused(limit.name);
+  held_cap_unlogged_.fetch_add(1, std::memory_order_relaxed);
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  int64_t last = held_cap_logged_ns_.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < std::chrono::nanoseconds(std::chrono::seconds(1)).count()) return;
+  if (!held_cap_logged_ns_.compare_exchange_strong(last, now)) return;  // another thread logs
+  spdlog::warn(
+      "{}: handler {} holds {} unanswered events, the limit {} ({}): {} event(s) got the "
+      "fallback at once since the last report",
+      session.log_name(), entry.handler->id(), entry.claim.max_held, limit.name,
+      security::KnobOf(limit.limit), held_cap_unlogged_.exchange(0, std::memory_order_relaxed));
+}
+
 void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
                               const char* fallback_reason) {
+  if (state->held) state->held->fetch_sub(1, std::memory_order_relaxed);
   EventLoop* loop = state->session->loop();
   auto cancel_deadline = [state, loop] {  // the timer is loop business
     if (state->timer != 0) {

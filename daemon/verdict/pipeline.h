@@ -76,6 +76,10 @@ struct HandlerClaim {
   std::vector<std::string> vms;            // UUID text or names; empty = every guest
   std::chrono::milliseconds deadline{0};   // 0 = the event type's default
   std::optional<uint8_t> fallback_action;  // unset = the event type's default
+  // Events the handler may hold unanswered at once; past it, the next events get the fallback at
+  // once instead of waiting for their deadline (counted, logged rate-limited, and counted as
+  // refused by limits.max_held_events_per_handler). 0 = no cap.
+  uint32_t max_held = 0;
 };
 
 // What observers see.
@@ -142,6 +146,7 @@ class VerdictPipeline : public GuestEventRouter {
     std::atomic<uint64_t> fallback_no_handler{0};
     std::atomic<uint64_t> fallback_deadline{0};
     std::atomic<uint64_t> fallback_handler_gone{0};
+    std::atomic<uint64_t> fallback_held_cap{0};  // HandlerClaim::max_held reached
   };
   const Stats& stats() const { return stats_; }
   EventDeadline deadline_for(uint8_t event) const {
@@ -173,6 +178,9 @@ class VerdictPipeline : public GuestEventRouter {
     uint64_t id;
     std::shared_ptr<VerdictHandler> handler;
     HandlerClaim claim;
+    // Events given to the handler and not answered yet (by it, its deadline or its end). Apart
+    // from the entry, so that an event's state does not keep the handler alive.
+    std::shared_ptr<std::atomic<uint32_t>> held = std::make_shared<std::atomic<uint32_t>>(0);
   };
 
   void Unregister(uint64_t id);
@@ -182,6 +190,8 @@ class VerdictPipeline : public GuestEventRouter {
   void Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
                const char* fallback_reason);
   void Notify(const ObservedEvent& observed);
+  // An event refused by its handler's held cap: counted, logged at most once a second.
+  void NoteHeldCap(const GuestSession& session, const HandlerEntry& entry);
   bool HasObservers() const;
   // Encodes and sends the reply (with batched SET_REGISTERS); observers get a copy.
   void Reply(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
@@ -198,6 +208,8 @@ class VerdictPipeline : public GuestEventRouter {
   std::function<void(const std::shared_ptr<Guest>&)> on_guest_hooked_;
   Stats stats_;
   std::atomic<uint64_t> next_event_id_{1};
+  std::atomic<int64_t> held_cap_logged_ns_{0};  // steady clock of the last held-cap log line
+  std::atomic<uint64_t> held_cap_unlogged_{0};  // held-cap refusals since that line
 
   mutable Mutex mutex_;  // never held across I/O or a call out
   uint64_t next_handler_id_ ABSL_GUARDED_BY(mutex_) = 1;

@@ -315,5 +315,65 @@ TEST_F(PipelineTest, GuestLabelsReachPolicySelectors) {
   EXPECT_EQ(pipeline_->stats().by_policy.load(), 1u);
 }
 
+TEST_F(PipelineTest, AHandlerAtItsHeldCapGetsNoMoreEvents) {
+  // A handler that never answers, with a cap of 2 and a deadline far away.
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kKeep);
+  HandlerClaim claim;
+  claim.deadline = std::chrono::seconds(60);
+  claim.fallback_action = KVMI_EVENT_ACTION_RETRY;
+  claim.max_held = 2;
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  Hook();
+  kvmi::Event first = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 40);
+  kvmi::Event second = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 1, 41);
+  host_.SendEvent(first);
+  host_.SendEvent(second);
+  ASSERT_TRUE(WaitUntil([&] { return handler->calls() == 2; }));
+  // The third waits for nothing: the claim's fallback at once (long before the 60 s deadline),
+  // and the handler never sees it.
+  const auto sent = std::chrono::steady_clock::now();
+  kvmi::Event third = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 2, 42);
+  host_.SendEvent(third);
+  auto reply = ReplyTo(third);
+  ASSERT_TRUE(reply);
+  EXPECT_LT(std::chrono::steady_clock::now() - sent, std::chrono::seconds(30));
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_RETRY);
+  EXPECT_EQ(handler->calls(), 2);
+  EXPECT_EQ(pipeline_->stats().fallback_held_cap.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().fallbacks.load(), 1u);
+  EXPECT_EQ(guest_->Snapshot().fallbacks, 1u);
+  // The held two are still held; answering one makes room for the next event.
+  EXPECT_FALSE(host_.WaitFor(
+      [&](const ReceivedMessage& m) {
+        return m.hdr.id == KVMI_EVENT_REPLY && (m.hdr.seq == first.seq || m.hdr.seq == second.seq);
+      },
+      std::chrono::milliseconds(50)));
+  ASSERT_TRUE(handler->AnswerKept());
+  ASSERT_TRUE(ReplyTo(first));
+  kvmi::Event fourth = MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 43);
+  host_.SendEvent(fourth);
+  ASSERT_TRUE(WaitUntil([&] { return handler->calls() == 3; }));
+  EXPECT_EQ(pipeline_->stats().fallback_held_cap.load(), 1u);
+  // The guest keeps running: every held event is answered when the handler lets go.
+  ASSERT_TRUE(handler->AnswerKept());
+  ASSERT_TRUE(handler->AnswerKept());
+  ASSERT_TRUE(ReplyTo(second));
+  ASSERT_TRUE(ReplyTo(fourth));
+}
+
+TEST_F(PipelineTest, WithoutACapAHandlerHoldsEveryEvent) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kKeep);
+  HandlerClaim claim;
+  claim.deadline = std::chrono::seconds(60);
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  Hook();
+  for (uint16_t vcpu = 0; vcpu < 4; ++vcpu) {
+    host_.SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 50 + vcpu));
+  }
+  ASSERT_TRUE(WaitUntil([&] { return handler->calls() == 4; }));
+  EXPECT_EQ(pipeline_->stats().fallback_held_cap.load(), 0u);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(handler->AnswerKept());
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -169,6 +169,21 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
   return "";
 }
 
+absl::Status PolicySet::ApplyIf(std::shared_ptr<Rule> rule,
+                                const std::function<absl::Status(size_t count_without_it)>& admit) {
+  std::string error = PrepareRule(rule.get());
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  MutexLock lock(&writers_mutex_);
+  const size_t count_without_it = static_cast<size_t>(std::count_if(
+      rules_->begin(), rules_->end(), [&](const auto& r) { return r->name != rule->name; }));
+  absl::Status admitted = admit(count_without_it);
+  if (!admitted.ok()) return admitted;
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  Upsert(next.get(), std::move(rule));
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  return absl::OkStatus();
+}
+
 std::string PolicySet::Replace(const std::set<std::string>& remove,
                                std::vector<std::shared_ptr<Rule>> add) {
   for (const auto& rule : add) {

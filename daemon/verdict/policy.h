@@ -6,8 +6,11 @@
 #ifndef KVMID_DAEMON_VERDICT_POLICY_H_
 #define KVMID_DAEMON_VERDICT_POLICY_H_
 
+#include <absl/status/status.h>
+
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -92,6 +95,12 @@ class PolicySet {
 
   // Adds or replaces (by name). Returns an error text for an invalid rule, else "".
   std::string Apply(std::shared_ptr<Rule> rule);
+  // Apply, if `admit` agrees: it is called under the writers' lock with the number of rules held
+  // not counting one of the same name (a replacement adds none), so that a count limit is checked
+  // and the rule inserted in one step. InvalidArgument for an invalid rule, else admit's status.
+  absl::Status ApplyIf(std::shared_ptr<Rule> rule,
+                       const std::function<absl::Status(size_t count_without_it)>& admit);
+  size_t size() const { return rules()->size(); }
   // In one step (evaluations see the old set or the new one, never a mix): removes the rules
   // named in `remove`, then adds or replaces `add`. Nothing changes if any rule is invalid.
   std::string Replace(const std::set<std::string>& remove, std::vector<std::shared_ptr<Rule>> add);

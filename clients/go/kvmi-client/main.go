@@ -41,6 +41,8 @@ const msrLSTAR = 0xC0000082
 var (
 	addr      = flag.String("addr", "unix:///run/kvmid/api.sock", "kvmid API: unix:///PATH, unix:PATH or HOST:PORT")
 	listOnly  = flag.Bool("list_only", false, "list the guests and exit")
+	listPols  = flag.Bool("list_policies", false, "list the guests, then every policy (all pages), and exit")
+	pageSize  = flag.Uint("policies_page_size", 0, "with --list_policies: policies per ListPolicies call (0: kvmid's limit)")
 	waitVMs   = flag.Int("wait_vms", 0, "before streaming, poll ListVMs until at least this many guests are hooked")
 	vms       = flag.String("vms", "", "comma-separated guest UUIDs or names (empty: every guest)")
 	events    = flag.String("events", "", "comma-separated event types, e.g. EVENT_MSR,CR,PF (empty: every type)")
@@ -162,6 +164,9 @@ func run() error {
 	if err := listVMs(ctx, client); err != nil {
 		return err
 	}
+	if *listPols {
+		return listPolicies(ctx, client)
+	}
 	if *listOnly {
 		return nil
 	}
@@ -169,6 +174,31 @@ func run() error {
 		return runAttach(ctx, client, eventTypes, armList)
 	}
 	return streamEvents(ctx, client, eventTypes, vcpuList, msrList)
+}
+
+// listPolicies prints every policy, following ListPolicies' pages (each response fits a client's
+// default 4 MiB message; next_page_token is empty on the last one).
+func listPolicies(ctx context.Context, client kvmiv1.IntrospectionClient) error {
+	req := &kvmiv1.ListPoliciesRequest{PageSize: uint32(*pageSize)}
+	pages, count := 0, 0
+	for {
+		resp, err := client.ListPolicies(ctx, req)
+		if err != nil {
+			return fmt.Errorf("ListPolicies (page %d): %v", pages+1, err)
+		}
+		pages++
+		for _, s := range resp.GetPolicies() {
+			count++
+			fmt.Printf("policy %s mode=%s hits=%d enforced=%d\n", s.GetPolicy().GetName(),
+				s.GetPolicy().GetMode(), s.GetCounters().GetHits(), s.GetCounters().GetEnforced())
+		}
+		if resp.GetNextPageToken() == "" {
+			break
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
+	fmt.Printf("policies: %d in %d page(s)\n", count, pages)
+	return nil
 }
 
 func listVMs(ctx context.Context, client kvmiv1.IntrospectionClient) error {

@@ -289,6 +289,36 @@ class E2ETest(unittest.TestCase):
             self.client.delete_policy("")
         self.assertTrue(cm.exception.message.startswith("name:"), cm.exception.message)
 
+    def test_policies_follow_the_pages_past_4_mib(self):
+        # 80 policies of ~60 KB (under limits.max_policy_bytes): ~4.8 MB in all, more than one
+        # response may carry. They match CR4 writes of a guest that does not exist.
+        names = ["py-page-%03d" % (80 - i) for i in range(80)]  # list order, not name order
+        bulk = ["nobody-%05d-padding-padding" % i for i in range(2000)]
+        try:
+            for name in names:
+                self.client.apply_policy({
+                    "name": name, "description": "p" * 4000, "mode": "MODE_MONITOR",
+                    "guests": {"names": bulk},
+                    "forbidCrBitsClear": {"cr": 4, "bits": str(1 << 20)}})
+            statuses = [s for s in self.client.policies() if s.policy.name.startswith("py-page-")]
+            self.assertEqual([s.policy.name for s in statuses], names)
+            self.assertEqual(len(statuses[0].policy.guests.names), len(bulk))
+            total = sum(s.ByteSize() for s in statuses)
+            self.assertGreater(total, 4 << 20)
+            # Small pages too; a forged token is refused naming the field.
+            small = [s.policy.name for s in self.client.iter_policies(page_size=7)
+                     if s.policy.name.startswith("py-page-")]
+            self.assertEqual(small, names)
+            with self.assertRaises(kc.InvalidArgument) as cm:
+                self.client._unary("ListPolicies", kc.pb.ListPoliciesRequest(page_token="forged"))
+            self.assertIn("page_token", cm.exception.message)
+        finally:
+            for name in names:
+                try:
+                    self.client.delete_policy(name)
+                except kc.NotFound:
+                    pass
+
     def test_apply_rejects_bad_policies_naming_the_field(self):
         bad = kc.protect_pages_policy("py-bad", 0x1000, 0x1FFF, allowed="q")
         with self.assertRaises(kc.InvalidArgument) as cm:
