@@ -47,7 +47,9 @@ constexpr LimitInfo kLimits[] = {
      "events one Attach handler holds unanswered at once; past it, its events get their fallback "
      "at once (counted, logged, kvmid_limit_refusals_total)"},
     {Limit::kHandshakeSlotsPerPeer, "handshake_slots_per_peer", &Limits::handshake_slots_per_peer,
-     1, 256, "handshakes", "concurrent KVMI handshakes of one peer (UNIX uid or vsock CID)"},
+     1, 1024, "handshakes",
+     "concurrent KVMI handshakes of one peer (UNIX uid or vsock CID), within the 1024 of every "
+     "peer together"},
 };
 
 constexpr bool TableInEnumOrder() {

@@ -63,7 +63,7 @@ struct Limits {
   uint64_t list_policies_max_bytes = 3u << 20;
   uint64_t max_attach_deadline_ms = 5000;
   uint64_t max_held_events_per_handler = 128;
-  uint64_t handshake_slots_per_peer = 16;
+  uint64_t handshake_slots_per_peer = 256;
 
   uint64_t Get(Limit limit) const;
 };

@@ -93,7 +93,7 @@ TEST(LimitsFromConfigTest, DefaultsOverridesAndErrors) {
        "limits.list_policies_max_bytes: 4194304 is above the maximum"},
       {"limits { stream_queue_budget_bytes: 1000 }",
        "limits.stream_queue_budget_bytes: 1000 is below the minimum 1048576"},
-      {"limits { handshake_slots_per_peer: 1000 }", "limits.handshake_slots_per_peer"},
+      {"limits { handshake_slots_per_peer: 5000 }", "limits.handshake_slots_per_peer"},
       {"limits { max_policy_bytes: 1048576 list_policies_max_bytes: 1000000 }",
        "limits.max_policy_bytes: 1048576 does not fit one ListPolicies response"},
       {"limits { max_policy_bytes: 1000 }",

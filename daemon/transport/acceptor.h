@@ -28,7 +28,7 @@
 namespace kvmid {
 
 // Handshakes in progress at once by default; more connections wait in the kernel's backlog.
-inline constexpr size_t kDefaultMaxConcurrentHandshakes = 256;
+inline constexpr size_t kDefaultMaxConcurrentHandshakes = 1024;
 // At EMFILE/ENFILE (descriptor limit) the acceptor sheds the waiting connection with a reserved
 // descriptor and stops watching the listener this long, so it never spins.
 inline constexpr std::chrono::milliseconds kAcceptPauseAtFdLimit{100};

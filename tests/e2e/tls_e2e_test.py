@@ -376,7 +376,7 @@ class TlsRoles(unittest.TestCase):
         inside = self.VMS[0]
         with self.client("responder") as responder:
             handler = responder.attach("crash-test", vms=[inside], events=["CR"],
-                                       arm_events=["CR"], arm_crs=[3], deadline_ms=10000)
+                                       arm_events=["CR"], arm_crs=[3], deadline_ms=5000)
             try:
                 event = handler.next_event(timeout=20)
                 self.assertIsNotNone(event, "no CR event from %s" % inside)
