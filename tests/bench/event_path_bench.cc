@@ -592,14 +592,15 @@ int main(int argc, char** argv) {
         paired_windows, absl::GetFlag(FLAGS_seconds));
     std::printf(
         "| guests | windows | throughput metrics/plain: median [p25, p75] | loop CPU per event "
-        "metrics/plain: median [p25, p75] | events plain / metrics |\n");
-    std::printf("|---:|---:|---:|---:|---:|\n");
+        "metrics/plain: median [p25, p75] | events plain / metrics | all events metrics/plain |\n");
+    std::printf("|---:|---:|---:|---:|---:|---:|\n");
     for (const auto& [guests, r] : paired) {
-      std::printf("| %u | %zu | %.4f [%.4f, %.4f] | %.4f [%.4f, %.4f] | %.0f / %.0f |\n", guests,
-                  r.throughput_ratios.size(), median(r.throughput_ratios),
+      std::printf("| %u | %zu | %.4f [%.4f, %.4f] | %.4f [%.4f, %.4f] | %.0f / %.0f | %.4f |\n",
+                  guests, r.throughput_ratios.size(), median(r.throughput_ratios),
                   percentile(r.throughput_ratios, 0.25), percentile(r.throughput_ratios, 0.75),
                   median(r.cpu_ratios), percentile(r.cpu_ratios, 0.25),
-                  percentile(r.cpu_ratios, 0.75), r.plain_events, r.metrics_events);
+                  percentile(r.cpu_ratios, 0.75), r.plain_events, r.metrics_events,
+                  r.plain_events > 0 ? r.metrics_events / r.plain_events : 0.0);
     }
   }
   return 0;
