@@ -52,6 +52,12 @@ ABSL_FLAG(double, seconds, 3.0, "measurement window per row");
 ABSL_FLAG(double, warmup_seconds, 0.5, "run before the window opens");
 ABSL_FLAG(bool, metrics, true, "also measure kvmid with Prometheus metrics on");
 ABSL_FLAG(int, rounds, 1, "kvmid rows (with and without metrics) per guest count, alternated");
+ABSL_FLAG(int, toggle_pairs, 0,
+          "metrics cost, interleaved: ONE daemon (with the binary's event log) and one fleet; the "
+          "metrics observer (EventMetrics::Observe, what --metrics_address adds to each event) is "
+          "added and removed every --toggle_seconds, this many on/off pairs per guest count, the "
+          "order flipped every pair; medians of the per-pair ratios. 0 = off");
+ABSL_FLAG(double, toggle_seconds, 0.25, "window of --toggle_pairs");
 ABSL_FLAG(int, paired_windows, 0,
           "metrics cost, paired: two daemons (both with the binary's event log, one with metrics) "
           "serve two fleets AT THE SAME TIME for this many --seconds windows per guest count, "
@@ -365,6 +371,7 @@ class PairedSide {
   uint64_t events() { return CrEvents(*fleet_); }
   uint64_t cpu_ns() const { return ThreadCpuNs(tid_); }
   bool with_metrics() const { return with_metrics_; }
+  kvmid::VerdictPipeline& pipeline() { return daemon_->pipeline(); }
   void Stop() {
     if (fleet_) fleet_->Stop();
     fleet_.reset();
@@ -421,6 +428,56 @@ bool MeasurePaired(const std::string& dir, uint32_t guests, int windows, PairedR
         double metered_cpu = static_cast<double>(mc1 - mc0) / static_cast<double>(m1 - m0);
         result->cpu_ratios.push_back(metered_cpu / plain_cpu);
       }
+    }
+  }
+  return true;
+}
+
+// One daemon, one fleet, the metrics observer switched on and off between adjacent windows:
+// whatever loads the machine changes little between two windows a quarter second apart.
+bool MeasureToggled(const std::string& dir, uint32_t guests, int pairs, PairedResult* result) {
+  PairedSide side(dir + "/toggled.sock", /*with_metrics=*/false);
+  if (!side.Start(guests)) return false;
+  auto ready_deadline = Clock::now() + std::chrono::seconds(60);
+  while (Clock::now() < ready_deadline && !side.hooked(guests)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(absl::GetFlag(FLAGS_warmup_seconds)));
+  kvmid::EventMetrics metrics(std::make_shared<prometheus::Registry>());
+  kvmid::VerdictPipeline& pipeline = side.pipeline();
+  const auto window = std::chrono::duration<double>(absl::GetFlag(FLAGS_toggle_seconds));
+  struct Sample {
+    uint64_t events = 0, cpu = 0;
+  };
+  auto measure = [&](bool with_metrics) {
+    uint64_t id = 0;
+    if (with_metrics) {
+      id = pipeline.AddObserver([&metrics](const kvmid::ObservedEvent& o) { metrics.Observe(o); });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the switch settles
+    uint64_t e0 = side.events(), c0 = side.cpu_ns();
+    std::this_thread::sleep_for(window);
+    uint64_t e1 = side.events(), c1 = side.cpu_ns();
+    if (with_metrics) pipeline.RemoveObserver(id);
+    return Sample{e1 - e0, c1 - c0};
+  };
+  for (int pair = 0; pair < pairs; ++pair) {
+    Sample plain, metered;
+    if (pair % 2 == 0) {
+      plain = measure(false);
+      metered = measure(true);
+    } else {
+      metered = measure(true);
+      plain = measure(false);
+    }
+    if (plain.events == 0 || metered.events == 0) continue;
+    result->plain_events += static_cast<double>(plain.events);
+    result->metrics_events += static_cast<double>(metered.events);
+    result->throughput_ratios.push_back(static_cast<double>(metered.events) /
+                                        static_cast<double>(plain.events));
+    if (plain.cpu > 0 && metered.cpu > 0) {
+      result->cpu_ratios.push_back((static_cast<double>(metered.cpu) / metered.events) /
+                                   (static_cast<double>(plain.cpu) / plain.events));
     }
   }
   return true;
@@ -529,12 +586,27 @@ int main(int argc, char** argv) {
     }
     groups.push_back(std::move(group));
   }
+  const int toggle_pairs = absl::GetFlag(FLAGS_toggle_pairs);
+  std::vector<std::pair<uint32_t, PairedResult>> toggled;
+  if (toggle_pairs > 0) {
+    for (uint32_t guests : counts) {
+      PairedResult result;
+      if (!MeasureToggled(dir, guests, toggle_pairs, &result)) {
+        std::fprintf(stderr, "toggled measurement failed at %u guests\n", guests);
+        return 1;
+      }
+      toggled.emplace_back(guests, std::move(result));
+    }
+  }
   const int paired_windows = absl::GetFlag(FLAGS_paired_windows);
   std::vector<std::pair<uint32_t, PairedResult>> paired;
   if (paired_windows > 0) {
     for (uint32_t guests : counts) {
       PairedResult result;
-      if (!MeasurePaired(dir, guests, paired_windows, &result)) return 1;
+      if (!MeasurePaired(dir, guests, paired_windows, &result)) {
+        std::fprintf(stderr, "paired measurement failed at %u guests\n", guests);
+        return 1;
+      }
       paired.emplace_back(guests, std::move(result));
     }
   }
@@ -580,6 +652,32 @@ int main(int argc, char** argv) {
           plain_cpu > 0 ? (with_metrics_cpu - plain_cpu) * 100.0 / plain_cpu : 0.0);
     }
   }
+  auto print_ratios = [&](const std::vector<std::pair<uint32_t, PairedResult>>& results,
+                          const char* title) {
+    if (results.empty()) return;
+    auto percentile = [](std::vector<double> v, double q) {
+      if (v.empty()) return 0.0;
+      std::sort(v.begin(), v.end());
+      return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+    };
+    std::printf("\n%s\n", title);
+    std::printf(
+        "| guests | pairs | throughput metrics/plain: median [p25, p75] | loop CPU per event "
+        "metrics/plain: median [p25, p75] | events plain / metrics | all events metrics/plain "
+        "|\n");
+    std::printf("|---:|---:|---:|---:|---:|---:|\n");
+    for (const auto& [guests, r] : results) {
+      std::printf("| %u | %zu | %.4f [%.4f, %.4f] | %.4f [%.4f, %.4f] | %.0f / %.0f | %.4f |\n",
+                  guests, r.throughput_ratios.size(), median(r.throughput_ratios),
+                  percentile(r.throughput_ratios, 0.25), percentile(r.throughput_ratios, 0.75),
+                  median(r.cpu_ratios), percentile(r.cpu_ratios, 0.25),
+                  percentile(r.cpu_ratios, 0.75), r.plain_events, r.metrics_events,
+                  r.plain_events > 0 ? r.metrics_events / r.plain_events : 0.0);
+    }
+  };
+  print_ratios(toggled,
+               "metrics cost, interleaved (one daemon with the event log; the metrics observer "
+               "switched on and off between adjacent windows, order flipped every pair):");
   if (!paired.empty()) {
     auto percentile = [](std::vector<double> v, double q) {
       if (v.empty()) return 0.0;
