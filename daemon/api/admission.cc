@@ -160,6 +160,21 @@ Status Admission::Finish(const AdmittedCall& call, Status result) {
                              ", but the audit log failed: ", written.message()));
 }
 
+Status Admission::AuditAllowed(const Caller& caller, const RpcInfo& info, const GuestRef& guest,
+                               absl::FunctionRef<security::AuditArgs()> args, absl::Time start,
+                               absl::string_view what) {
+  if (audit_ == nullptr) return Status::OK;
+  absl::Status unavailable = audit_->UnavailableStatus();
+  absl::Status written = Write(
+      RecordOf(caller, info, guest, args(), start, unavailable.code(), unavailable.message()));
+  if (!unavailable.ok()) return ToStatus(unavailable);
+  if (!written.ok()) {
+    return Status(StatusCode::UNAVAILABLE,
+                  absl::StrCat(what, " refused: the audit log failed: ", written.message()));
+  }
+  return Status::OK;
+}
+
 Status Admission::AdmitClaim(const CallContext& stream, const kvmi::v1::Claim& claim) {
   const absl::Time start = absl::Now();
   const RpcInfo& info = security::InfoOf(Rpc::kAttach);
@@ -198,16 +213,7 @@ Status Admission::AdmitClaim(const CallContext& stream, const kvmi::v1::Claim& c
   if (claimed.size() == 1) guest = claimed.front();
   auto args = [&] { return security::SummarizeRequest(claim); };
   if (!checked.ok()) return Deny(stream.caller, info, guest, args, start, checked);
-  if (audit_ == nullptr) return Status::OK;
-  absl::Status unavailable = audit_->UnavailableStatus();
-  absl::Status written = Write(RecordOf(stream.caller, info, guest, args(), start,
-                                        unavailable.code(), unavailable.message()));
-  if (!unavailable.ok()) return ToStatus(unavailable);
-  if (!written.ok()) {
-    return Status(StatusCode::UNAVAILABLE,
-                  absl::StrCat("Attach claim refused: the audit log failed: ", written.message()));
-  }
-  return Status::OK;
+  return AuditAllowed(stream.caller, info, guest, args, start, "Attach claim");
 }
 
 Status Admission::AdmitCrashVerdict(const CallContext& stream, const kvmi::v1::Verdict& verdict,
@@ -219,17 +225,7 @@ Status Admission::AdmitCrashVerdict(const CallContext& stream, const kvmi::v1::V
   auto args = [&] { return security::SummarizeRequest(verdict); };
   absl::Status checked = authz->CheckCrash(stream.caller, Rpc::kAttach, &guest);
   if (!checked.ok()) return Deny(stream.caller, info, guest, args, start, checked);
-  if (audit_ == nullptr) return Status::OK;
-  absl::Status unavailable = audit_->UnavailableStatus();
-  absl::Status written = Write(RecordOf(stream.caller, info, guest, args(), start,
-                                        unavailable.code(), unavailable.message()));
-  if (!unavailable.ok()) return ToStatus(unavailable);
-  if (!written.ok()) {
-    return Status(
-        StatusCode::UNAVAILABLE,
-        absl::StrCat("verdict ACTION_CRASH refused: the audit log failed: ", written.message()));
-  }
-  return Status::OK;
+  return AuditAllowed(stream.caller, info, guest, args, start, "verdict ACTION_CRASH");
 }
 
 Status Admission::Deny(const Caller& caller, const RpcInfo& info, const GuestRef& guest,

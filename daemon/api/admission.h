@@ -125,6 +125,12 @@ class Admission {
  private:
   security::GuestRef RefOf(const Guest& guest) const;
   // Audits (when due), counts and logs a refusal; returns it as the call's answer.
+  // An allowed Attach-time decision (a claim, a CRASH verdict), audited now: UNAVAILABLE, naming
+  // `what`, when the audit log is unhealthy or the record cannot be written.
+  grpc::Status AuditAllowed(const security::Caller& caller, const security::RpcInfo& info,
+                            const security::GuestRef& guest,
+                            absl::FunctionRef<security::AuditArgs()> args, absl::Time start,
+                            absl::string_view what);
   grpc::Status Deny(const security::Caller& caller, const security::RpcInfo& info,
                     const security::GuestRef& guest, absl::FunctionRef<security::AuditArgs()> args,
                     absl::Time start, const absl::Status& status);

@@ -678,28 +678,8 @@ int main(int argc, char** argv) {
   print_ratios(toggled,
                "metrics cost, interleaved (one daemon with the event log; the metrics observer "
                "switched on and off between adjacent windows, order flipped every pair):");
-  if (!paired.empty()) {
-    auto percentile = [](std::vector<double> v, double q) {
-      if (v.empty()) return 0.0;
-      std::sort(v.begin(), v.end());
-      return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
-    };
-    std::printf(
-        "\nmetrics cost, paired (both daemons with the event log; one with metrics; %d windows "
-        "of %.1f s, sides swapped halfway):\n",
-        paired_windows, absl::GetFlag(FLAGS_seconds));
-    std::printf(
-        "| guests | windows | throughput metrics/plain: median [p25, p75] | loop CPU per event "
-        "metrics/plain: median [p25, p75] | events plain / metrics | all events metrics/plain |\n");
-    std::printf("|---:|---:|---:|---:|---:|---:|\n");
-    for (const auto& [guests, r] : paired) {
-      std::printf("| %u | %zu | %.4f [%.4f, %.4f] | %.4f [%.4f, %.4f] | %.0f / %.0f | %.4f |\n",
-                  guests, r.throughput_ratios.size(), median(r.throughput_ratios),
-                  percentile(r.throughput_ratios, 0.25), percentile(r.throughput_ratios, 0.75),
-                  median(r.cpu_ratios), percentile(r.cpu_ratios, 0.25),
-                  percentile(r.cpu_ratios, 0.75), r.plain_events, r.metrics_events,
-                  r.plain_events > 0 ? r.metrics_events / r.plain_events : 0.0);
-    }
-  }
+  print_ratios(paired,
+               "metrics cost, paired (both daemons with the event log; one with metrics; the "
+               "windows of --seconds, sides swapped halfway; \"pairs\" counts windows):");
   return 0;
 }
