@@ -228,20 +228,26 @@ struct Row {
   double cpu_ns_per_event = 0;
 };
 
-// The thread named `name` in this process, or 0.
-int FindThread(const std::string& name) {
+// The threads named `name` in this process.
+std::set<int> ThreadsNamed(const std::string& name) {
+  std::set<int> found;
   DIR* tasks = ::opendir("/proc/self/task");
-  if (tasks == nullptr) return 0;
-  int found = 0;
+  if (tasks == nullptr) return found;
   while (dirent* entry = ::readdir(tasks)) {
     if (entry->d_name[0] == '.') continue;
     std::ifstream comm(std::string("/proc/self/task/") + entry->d_name + "/comm");
     std::string line;
-    // The newest one: a stopped daemon's thread of the same name may not be reaped yet.
-    if (std::getline(comm, line) && line == name) found = std::max(found, std::atoi(entry->d_name));
+    if (std::getline(comm, line) && line == name) found.insert(std::atoi(entry->d_name));
   }
   ::closedir(tasks);
   return found;
+}
+
+// The newest thread named `name` in this process, or 0 (a stopped daemon's thread of the same
+// name may not be reaped yet).
+int FindThread(const std::string& name) {
+  std::set<int> threads = ThreadsNamed(name);
+  return threads.empty() ? 0 : *threads.rbegin();
 }
 
 // Nanoseconds thread `tid` has run on a CPU (first field of schedstat), or 0.
@@ -310,21 +316,6 @@ Row Measure(const std::string& tool, const std::string& thread, const std::strin
           ? static_cast<double>(cpu_after - cpu_before) / static_cast<double>(after - before)
           : 0;
   return row;
-}
-
-// The threads named `name` in this process.
-std::set<int> ThreadsNamed(const std::string& name) {
-  std::set<int> found;
-  DIR* tasks = ::opendir("/proc/self/task");
-  if (tasks == nullptr) return found;
-  while (dirent* entry = ::readdir(tasks)) {
-    if (entry->d_name[0] == '.') continue;
-    std::ifstream comm(std::string("/proc/self/task/") + entry->d_name + "/comm");
-    std::string line;
-    if (std::getline(comm, line) && line == name) found.insert(std::atoi(entry->d_name));
-  }
-  ::closedir(tasks);
-  return found;
 }
 
 // One side of the paired measurement: a daemon core as the kvmid binary runs it (one I/O
