@@ -11,19 +11,31 @@
 // kvmid (kvmid's TCP API serves nothing else to a caller it must authorize), with the same
 // server credentials (daemon/security/credentials.h) and certificates made by openssl at start;
 // the handler's certificate is bound to the admin role. Over UNIX the bench (root) is admin.
-// One vCPU, closed loop, so throughput is 1 / round trip. Prints a table (docs/PERFORMANCE.md).
+// One vCPU, closed loop, so throughput is 1 / round trip.
+// Then throughput with many waiting vCPUs (--vcpus, default 16 and 256): that many simulated
+// guests with one vCPU each write CR3 in a closed loop, every event claimed by ONE Attach stream
+// whose handler (one thread, sync client) answers CONTINUE as fast as it reads, next to the same
+// fleet answered by the in-daemon policy. kvmid has one I/O thread in every row, and
+// limits.max_held_events_per_handler raised so that one handler may hold every waiting event.
+// Prints tables (docs/PERFORMANCE.md) with the CPU model and the load average of the machine.
 //
 //   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3 --rounds=3
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_split.h>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdio>
+#include <fstream>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -40,6 +52,13 @@
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
+// Claim.max_batch of the batched throughput rows.
+constexpr uint32_t kBenchMaxBatch = 64;
+// --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
+constexpr uint32_t kMaxVcpus = 1000;
+
+ABSL_FLAG(std::string, vcpus, "16,256",
+          "waiting vCPU counts of the throughput table (guests of one vCPU each; empty: none)");
 
 namespace {
 
@@ -55,6 +74,12 @@ struct Row {
   // and the handler began writing its verdict -> kvmid wrote the reply to the guest.
   double out_p50_us = 0;
   double back_p50_us = 0;
+  // Remote rows: verdicts in the window that did not come from the handler (a deadline's
+  // fallback): a remote row counts only if this is 0.
+  uint64_t not_by_handler = 0;
+  // Batching handler: events per message read, verdicts per message written (whole run).
+  double events_per_read = 0;
+  double verdicts_per_write = 0;
 };
 
 // When the handler read each event and when it started writing its verdict (same process and
@@ -81,6 +106,40 @@ class EchoService final : public kvmid::bench::Echo::Service {
     return grpc::Status::OK;
   }
 };
+
+// A callback-API service beside the echo, as every kvmid process has (StreamEvents, WatchVMs,
+// Attach, grpc.health.v1): gRPC serves the callback API from a process-wide completion queue
+// whose own threads poll the same epoll set as everyone else (grpc_flavors_bench). Never called.
+class CallbackSide final : public kvmid::bench::Side::CallbackService {
+  grpc::ServerUnaryReactor* Ping(grpc::CallbackServerContext* context,
+                                 const kvmid::bench::EchoMessage* request,
+                                 kvmid::bench::EchoMessage* response) override {
+    *response = *request;
+    auto* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+};
+
+// The machine, printed with every table: the CPU model and the load average now.
+std::string CpuModel() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      size_t colon = line.find(':');
+      return colon == std::string::npos ? line : line.substr(colon + 2);
+    }
+  }
+  return "unknown";
+}
+
+std::string LoadAverage() {
+  std::ifstream loadavg("/proc/loadavg");
+  std::string one, five, fifteen;
+  loadavg >> one >> five >> fifteen;
+  return one + ", " + five + ", " + fifteen;
+}
 
 // The bench's PKI: a CA, a server certificate for 127.0.0.1, the handler's client certificate.
 struct BenchTls {
@@ -117,9 +176,18 @@ Row MeasureEcho(const std::string& name, const std::string& target, double secon
   return Row{name, rtts.size() / seconds, Percentile(rtts, 0.5), Percentile(rtts, 0.99)};
 }
 
-// The remote handler: answers every event CONTINUE as soon as it arrives.
+// What a batching handler read and wrote (after the claim), to tell the batch sizes.
+struct HandlerStats {
+  uint64_t reads = 0, events = 0, writes = 0;
+};
+
+// The remote handler: answers every event CONTINUE as soon as it arrives, on one stream.
+// `max_batch` <= 1: one thread reads an Event and writes its Verdict, in turn, as a client before
+// batching. `max_batch` > 1: the claim asks for events in batches of up to that many, and the
+// handler is pipelined (see below).
 void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> credentials,
-                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times) {
+                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times,
+                uint32_t max_batch, HandlerStats* stats) {
   auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext ctx;
   auto stream = stub->Attach(&ctx);
@@ -128,6 +196,10 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
   claim.mutable_claim()->add_events(kvmi::v1::EVENT_CR);
   claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_CR);
   claim.mutable_claim()->add_arm_crs(3);
+  claim.mutable_claim()->set_max_batch(max_batch);
+  // The longest deadline kvmid allows (max_attach_deadline_ms): the throughput rows measure a
+  // handler that keeps up, and count the fallbacks if it did not.
+  claim.mutable_claim()->set_deadline_ms(5000);
   stream->Write(claim);
   kvmi::v1::AttachResponse response;
   stream->Read(&response);  // Claimed
@@ -137,12 +209,71 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
     ctx.TryCancel();
   });
   kvmi::v1::AttachRequest verdict;
+  if (max_batch > 1) {
+    // Pipelined: this thread reads; a writer answers every event read since its last write in
+    // one message (a Verdict, or a VerdictBatch for several), so neither waits for the other.
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<uint64_t> ids;
+    bool done = false;
+    std::thread writer([&] {
+      kvmi::v1::AttachRequest batch;
+      std::vector<uint64_t> taken;
+      while (true) {
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          while (!done && ids.empty()) cv.wait(lock);
+          if (done) return;
+          taken.swap(ids);
+        }
+        kvmi::v1::AttachRequest* message = &batch;
+        if (taken.size() == 1) {
+          verdict.mutable_verdict()->set_event_id(taken[0]);
+          verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
+          message = &verdict;
+        } else {
+          batch.mutable_verdicts()->clear_verdicts();
+          for (uint64_t id : taken) {
+            kvmi::v1::Verdict* v = batch.mutable_verdicts()->add_verdicts();
+            v->set_event_id(id);
+            v->set_action(kvmi::v1::ACTION_CONTINUE);
+          }
+        }
+        taken.clear();
+        if (stats != nullptr) ++stats->writes;
+        if (!stream->Write(*message)) return;
+      }
+    });
+    while (stream->Read(&response)) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (response.has_events()) {
+        for (const kvmi::v1::Event& event : response.events().events()) ids.push_back(event.id());
+      } else if (response.has_event()) {
+        ids.push_back(response.event().id());
+      } else {
+        continue;
+      }
+      if (stats != nullptr) {
+        ++stats->reads;
+        stats->events += response.has_events() ? response.events().events_size() : 1;
+      }
+      cv.notify_one();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      done = true;
+    }
+    cv.notify_one();
+    writer.join();
+    canceller.join();
+    return;
+  }
   while (stream->Read(&response)) {
     if (!response.has_event()) continue;
     Clock::time_point read = Clock::now();
     verdict.mutable_verdict()->set_event_id(response.event().id());
     verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
-    {
+    if (times != nullptr) {
       std::lock_guard<std::mutex> lock(times->mutex);
       times->by_event[response.event().id()] = {read, Clock::now()};
     }
@@ -151,18 +282,27 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
   canceller.join();
 }
 
-// One guest, one vCPU writing CR3 in a closed loop against kvmid at `kvmi_socket`; empty
-// `api_target`: answered by kvmid's policy, else by a remote handler on that API endpoint.
+// `guests` guests of one vCPU each writing CR3 in a closed loop against kvmid at `kvmi_socket`;
+// empty `api_target`: answered by kvmid's policy, else by a remote handler on that API endpoint.
+// `detail`: kvmid's verdict time and its two halves too (an observer and the handler's
+// timestamps: a lock and a map entry per event, so not in the throughput rows).
 Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::string& kvmi_socket,
-                 const std::string& api_target, double seconds, const BenchTls& tls) {
+                 const std::string& api_target, double seconds, const BenchTls& tls,
+                 uint32_t guests = 1, bool detail = true, uint32_t max_batch = 0) {
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
   std::vector<double> latencies, outs, backs;
   std::atomic<bool> measuring{false};
   HandlerTimes times;
+  HandlerStats handler_stats;
+  std::atomic<uint64_t> not_by_handler{0};
   uint64_t observer = daemon->pipeline().AddObserver([&](const kvmid::ObservedEvent& observed) {
     if (!measuring) return;
+    if (!api_target.empty() && observed.verdict.decided_by.rfind("handler:", 0) != 0) {
+      ++not_by_handler;
+    }
+    if (!detail) return;
     Clock::time_point written = Clock::now();
     auto micros = [](Clock::duration d) {
       return std::chrono::duration<double, std::micro>(d).count();
@@ -186,12 +326,12 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   std::atomic<bool> stop{false}, ready{api_target.empty()};
   std::thread handler;
   if (!api_target.empty()) {
-    handler =
-        std::thread(RunHandler, api_target, CredentialsFor(api_target, tls), &stop, &ready, &times);
+    handler = std::thread(RunHandler, api_target, CredentialsFor(api_target, tls), &stop, &ready,
+                          detail ? &times : nullptr, max_batch, &handler_stats);
   }
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
-  config.vms = 1;
+  config.vms = guests;
   config.guest.vcpus = 1;
   config.connector.endpoint.family = kvmi::Endpoint::Family::kUnix;
   config.connector.endpoint.path = kvmi_socket;
@@ -207,7 +347,8 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
     return stats.events_sent[KVMI_EVENT_CR].load();
   };
   auto ready_deadline = Clock::now() + std::chrono::seconds(30);
-  while (events() < 100 && Clock::now() < ready_deadline) {
+  while ((events() < 100 * guests || fleet.hooked_count() < guests) &&
+         Clock::now() < ready_deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   uint64_t before = events();
@@ -219,11 +360,21 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
   kvmi::host::EngineStats stats;
   fleet.AggregateStats(&stats);
+  if (fleet.hooked_count() < guests) {
+    std::fprintf(stderr, "%s: %zu of %u guests hooked\n", name.c_str(), fleet.hooked_count(),
+                 guests);
+  }
   fleet.Stop();
   stop = true;
   if (handler.joinable()) handler.join();
   double rate = (after - before) / elapsed;
   Row row{name, rate, 0, 0};
+  row.not_by_handler = not_by_handler;
+  if (handler_stats.reads > 0)
+    row.events_per_read = 1.0 * handler_stats.events / handler_stats.reads;
+  if (handler_stats.writes > 0) {
+    row.verdicts_per_write = 1.0 * handler_stats.events / handler_stats.writes;
+  }
   row.p50_us = static_cast<double>(stats.round_trip.PercentileMicros(0.5));
   row.p99_us = static_cast<double>(stats.round_trip.PercentileMicros(0.99));
   daemon->pipeline().RemoveObserver(observer);
@@ -260,59 +411,131 @@ int main(int argc, char** argv) {
   auto authorizer = kvmid::security::Authorizer::FromConfig(authz);
   if (!authorizer.ok()) return 1;
 
+  std::vector<uint32_t> vcpu_counts;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_vcpus), ',', absl::SkipEmpty())) {
+    uint32_t n = 0;
+    if (!absl::SimpleAtoi(part, &n) || n == 0 || n > kMaxVcpus) {
+      std::fprintf(stderr, "--vcpus: '%s' is not a count in 1..%u\n", std::string(part).c_str(),
+                   kMaxVcpus);
+      return 1;
+    }
+    vcpu_counts.push_back(n);
+  }
+  std::printf("CPU: %s, %u online; load average at start: %s\n", CpuModel().c_str(),
+              std::thread::hardware_concurrency(), LoadAverage().c_str());
+
+  // kvmid's API server turns on gRPC's default health service, a process-wide switch: the echo
+  // servers are built with it off (a bare echo), and a separate row serves the echo beside a
+  // callback service, as kvmid's process always does.
+  auto measure_echo = [&](bool beside_callback, std::vector<Row>* rows) {
+    grpc::EnableDefaultHealthCheckService(false);
+    EchoService echo;
+    CallbackSide side;
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("unix:" + dir + "/echo.sock", grpc::InsecureServerCredentials());
+    builder.AddListeningPort("127.0.0.1:0", *server_tls, &port);
+    builder.RegisterService(&echo);
+    if (beside_callback) builder.RegisterService(&side);
+    auto server = builder.BuildAndStart();
+    const std::string what =
+        beside_callback ? "gRPC bidi echo beside a callback service" : "bare gRPC bidi echo";
+    rows->push_back(MeasureEcho(what + ", unix", "unix:" + dir + "/echo.sock", seconds, tls));
+    rows->push_back(
+        MeasureEcho(what + ", tcp (mTLS)", "127.0.0.1:" + std::to_string(port), seconds, tls));
+    server->Shutdown();
+    ::unlink((dir + "/echo.sock").c_str());
+  };
+  auto start_kvmid = [&](const std::string& kvmi_socket, bool policy) {
+    kvmid::DaemonConfig config;
+    config.unix_socket = kvmi_socket;
+    config.io_threads = 1;
+    auto daemon = std::make_unique<kvmid::Daemon>(config);
+    daemon->authorizer().Set(*authorizer);
+    // One handler holds every waiting vCPU's event: the operator's knob above the default 128.
+    kvmid::security::Limits limits = daemon->limits();
+    limits.max_held_events_per_handler =
+        std::max<uint64_t>(limits.max_held_events_per_handler, kMaxVcpus);
+    daemon->set_limits(limits);
+    if (policy && !daemon->ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok())
+      return decltype(daemon)();
+    if (!daemon->Start().ok()) return decltype(daemon)();
+    return daemon;
+  };
+  auto start_api = [&](kvmid::Daemon* daemon) {
+    auto api = std::make_unique<kvmid::ApiServer>(daemon);
+    kvmid::security::ApiListenOptions listen;
+    listen.unix_socket = dir + "/api.sock";
+    listen.tcp = "127.0.0.1:0";
+    listen.tls = tls.server_files;
+    if (!api->Start(listen).ok()) return decltype(api)();
+    return api;
+  };
+
   // Each round measures every row once, so a remote row is compared with the echo measured
   // seconds before it (this host's speed drifts). Only the server being measured is up: gRPC's
   // pollers are process-wide, and an idle server's threads would poll for the measured one.
-  std::vector<double> verdict_ratio[2], guest_ratio[2];  // per round; [0] unix, [1] tcp
+  // Per round; [0] unix, [1] tcp.
+  std::vector<double> verdict_ratio[2], guest_ratio[2], verdict_vs_beside[2];
+  std::vector<std::vector<double>> throughput_ratio(vcpu_counts.size());
+  std::vector<std::vector<double>> batched_ratio(vcpu_counts.size());
   for (int round = 1; round <= rounds; ++round) {
-    std::vector<Row> rows;
-    {
-      EchoService echo;
-      grpc::ServerBuilder builder;
-      int port = 0;
-      builder.AddListeningPort("unix:" + dir + "/echo.sock", grpc::InsecureServerCredentials());
-      builder.AddListeningPort("127.0.0.1:0", *server_tls, &port);
-      builder.RegisterService(&echo);
-      auto server = builder.BuildAndStart();
-      rows.push_back(
-          MeasureEcho("bare gRPC bidi echo, unix", "unix:" + dir + "/echo.sock", seconds, tls));
-      rows.push_back(MeasureEcho("bare gRPC bidi echo, tcp (mTLS)",
-                                 "127.0.0.1:" + std::to_string(port), seconds, tls));
-      server->Shutdown();
-      ::unlink((dir + "/echo.sock").c_str());
-    }
+    const std::string load_before = LoadAverage();
+    std::vector<Row> rows;    // bare echo unix, tcp; remote unix, tcp
+    std::vector<Row> beside;  // echo beside a callback service: unix, tcp
+    measure_echo(false, &rows);
+    measure_echo(true, &beside);
     Row local;
     {
-      kvmid::DaemonConfig config;
-      config.unix_socket = dir + "/kvmi-local.sock";
-      config.io_threads = 1;
-      kvmid::Daemon daemon(config);
-      if (!daemon.ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) return 1;
-      if (!daemon.Start().ok()) return 1;
-      local = MeasureGuest(&daemon, "local policy verdict (no remote hop)", config.unix_socket, "",
-                           seconds, tls);
-      daemon.Shutdown(std::chrono::milliseconds(0));
+      auto daemon = start_kvmid(dir + "/kvmi-local.sock", /*policy=*/true);
+      if (!daemon) return 1;
+      local = MeasureGuest(daemon.get(), "local policy verdict (no remote hop)",
+                           dir + "/kvmi-local.sock", "", seconds, tls);
+      daemon->Shutdown(std::chrono::milliseconds(0));
     }
     {
-      kvmid::DaemonConfig config;
-      config.unix_socket = dir + "/kvmi.sock";
-      config.io_threads = 1;
-      kvmid::Daemon daemon(config);
-      daemon.authorizer().Set(*authorizer);
-      if (!daemon.Start().ok()) return 1;
-      kvmid::ApiServer api(&daemon);
-      kvmid::security::ApiListenOptions listen;
-      listen.unix_socket = dir + "/api.sock";
-      listen.tcp = "127.0.0.1:0";
-      listen.tls = tls.server_files;
-      if (!api.Start(listen).ok()) return 1;
-      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), unix", config.unix_socket,
+      auto daemon = start_kvmid(dir + "/kvmi.sock", /*policy=*/false);
+      if (!daemon) return 1;
+      auto api = start_api(daemon.get());
+      if (!api) return 1;
+      rows.push_back(MeasureGuest(daemon.get(), "remote verdict (Attach), unix", dir + "/kvmi.sock",
                                   "unix:" + dir + "/api.sock", seconds, tls));
-      rows.push_back(MeasureGuest(&daemon, "remote verdict (Attach), tcp (mTLS)",
-                                  config.unix_socket, "127.0.0.1:" + std::to_string(api.tcp_port()),
-                                  seconds, tls));
-      api.Shutdown();
-      daemon.Shutdown(std::chrono::milliseconds(0));
+      rows.push_back(MeasureGuest(daemon.get(), "remote verdict (Attach), tcp (mTLS)",
+                                  dir + "/kvmi.sock",
+                                  "127.0.0.1:" + std::to_string(api->tcp_port()), seconds, tls));
+      api->Shutdown();
+      daemon->Shutdown(std::chrono::milliseconds(0));
+    }
+    // Many waiting vCPUs: the policy path, then one handler over the UNIX socket.
+    struct Throughput {
+      Row policy, remote, batched;
+    };
+    std::vector<Throughput> throughput;
+    for (uint32_t vcpus : vcpu_counts) {
+      Throughput pair;
+      {
+        auto daemon = start_kvmid(dir + "/kvmi-local.sock", /*policy=*/true);
+        if (!daemon) return 1;
+        pair.policy = MeasureGuest(daemon.get(), "policy", dir + "/kvmi-local.sock", "", seconds,
+                                   tls, vcpus, /*detail=*/false);
+        daemon->Shutdown(std::chrono::milliseconds(0));
+      }
+      {
+        auto daemon = start_kvmid(dir + "/kvmi.sock", /*policy=*/false);
+        if (!daemon) return 1;
+        auto api = start_api(daemon.get());
+        if (!api) return 1;
+        pair.remote =
+            MeasureGuest(daemon.get(), "remote, one Attach stream (unix)", dir + "/kvmi.sock",
+                         "unix:" + dir + "/api.sock", seconds, tls, vcpus, /*detail=*/false);
+        pair.batched = MeasureGuest(daemon.get(), "remote, one Attach stream, batched (unix)",
+                                    dir + "/kvmi.sock", "unix:" + dir + "/api.sock", seconds, tls,
+                                    vcpus, /*detail=*/false, kBenchMaxBatch);
+        api->Shutdown();
+        daemon->Shutdown(std::chrono::milliseconds(0));
+      }
+      throughput.push_back(pair);
     }
 
     // Two views of each row: the guest's round trip (p50/p99, the simulator's histogram: KVMI
@@ -320,7 +543,8 @@ int main(int argc, char** argv) {
     // kvmid's own verdict time (event received -> reply written, exact): for a remote verdict
     // that is the gRPC round trip to the handler plus kvmid's dispatch, the part a bare echo is
     // the floor for.
-    std::printf("\nround %d of %d\n", round, rounds);
+    std::printf("\nround %d of %d (load average before: %s; after: %s)\n", round, rounds,
+                load_before.c_str(), LoadAverage().c_str());
     std::printf(
         "| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
         "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 "
@@ -328,22 +552,55 @@ int main(int argc, char** argv) {
     std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(),
                 local.per_second, local.p50_us, local.p99_us, local.verdict_p50_us);
-    for (size_t i = 0; i < rows.size(); ++i) {
-      const Row& r = rows[i];
-      const Row& echo_row = rows[i % 2];  // unix rows pair with unix echo, tcp with tcp
-      bool remote = i >= 2;
-      double verdict = remote ? r.verdict_p50_us : r.p50_us;
+    auto print_echo = [&](const Row& r, const Row& bare) {
+      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | | |\n", r.what.c_str(),
+                  r.per_second, r.p50_us, r.p99_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0,
+                  r.p50_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0);
+    };
+    for (int t = 0; t < 2; ++t) print_echo(rows[t], rows[t]);
+    for (int t = 0; t < 2; ++t) print_echo(beside[t], rows[t]);
+    for (int t = 0; t < 2; ++t) {
+      const Row& r = rows[2 + t];
+      const Row& echo_row = rows[t];  // unix rows pair with unix echo, tcp with tcp
       double guest_vs_echo = echo_row.p50_us > 0 ? r.p50_us / echo_row.p50_us : 0.0;
-      double verdict_vs_echo = echo_row.p50_us > 0 ? verdict / echo_row.p50_us : 0.0;
-      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx |", r.what.c_str(),
-                  r.per_second, r.p50_us, r.p99_us, guest_vs_echo, verdict, verdict_vs_echo);
-      if (remote) {
-        std::printf(" %.1f | %.1f |\n", r.out_p50_us, r.back_p50_us);
-        verdict_ratio[i % 2].push_back(verdict_vs_echo);
-        guest_ratio[i % 2].push_back(guest_vs_echo);
-      } else {
-        std::printf(" | |\n");
-      }
+      double verdict_vs_echo = echo_row.p50_us > 0 ? r.verdict_p50_us / echo_row.p50_us : 0.0;
+      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | %.1f | %.1f |\n",
+                  r.what.c_str(), r.per_second, r.p50_us, r.p99_us, guest_vs_echo, r.verdict_p50_us,
+                  verdict_vs_echo, r.out_p50_us, r.back_p50_us);
+      verdict_ratio[t].push_back(verdict_vs_echo);
+      guest_ratio[t].push_back(guest_vs_echo);
+      verdict_vs_beside[t].push_back(beside[t].p50_us > 0 ? r.verdict_p50_us / beside[t].p50_us
+                                                          : 0.0);
+    }
+    if (!throughput.empty()) {
+      std::printf(
+          "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s (one Verdict per Event) | "
+          "vs policy | remote verdicts/s (batched, max_batch %u) | vs policy | guest p50/p99 (us): "
+          "policy | remote | batched | verdicts not by the handler: remote | batched | batched: "
+          "events per read, verdicts per "
+          "write |\n",
+          kBenchMaxBatch);
+      std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    }
+    auto ratio_of = [](const Row& remote, const Row& policy) {
+      if (remote.not_by_handler != 0) return 0.0;  // fallbacks are not remote verdicts
+      return policy.per_second > 0 ? remote.per_second / policy.per_second : 0.0;
+    };
+    for (size_t i = 0; i < throughput.size(); ++i) {
+      const Throughput& t = throughput[i];
+      double remote_ratio = ratio_of(t.remote, t.policy);
+      double batched = ratio_of(t.batched, t.policy);
+      throughput_ratio[i].push_back(remote_ratio);
+      batched_ratio[i].push_back(batched);
+      std::printf(
+          "| %u | %.0f | %.0f | %.2fx | %.0f | %.2fx | %.0f/%.0f | %.0f/%.0f | %.0f/%.0f | %llu | "
+          "%llu | %.1f, %.1f |\n",
+          vcpu_counts[i], t.policy.per_second, t.remote.per_second, remote_ratio,
+          t.batched.per_second, batched, t.policy.p50_us, t.policy.p99_us, t.remote.p50_us,
+          t.remote.p99_us, t.batched.p50_us, t.batched.p99_us,
+          static_cast<unsigned long long>(t.remote.not_by_handler),
+          static_cast<unsigned long long>(t.batched.not_by_handler), t.batched.events_per_read,
+          t.batched.verdicts_per_write);
     }
     std::fflush(stdout);
   }
@@ -352,12 +609,23 @@ int main(int argc, char** argv) {
   std::printf(
       "\n(echo: exact per-message timings; guest: the simulator's histogram, bucket upper "
       "bounds ~19%% wide)\n");
-  std::printf("\nmedian over %d rounds | verdict in kvmid vs echo | guest p50 vs echo |\n", rounds);
-  std::printf("|---|---:|---:|\n");
-  const char* transports[2] = {"unix", "tcp"};
+  std::printf(
+      "\n| median over %d rounds | verdict in kvmid vs bare echo (target <= 1.20x) | guest p50 "
+      "vs bare echo | verdict in kvmid vs echo beside a callback service |\n",
+      rounds);
+  std::printf("|---|---:|---:|---:|\n");
+  const char* transports[2] = {"unix", "tcp (mTLS)"};
   for (int t = 0; t < 2; ++t) {
-    std::printf("| remote verdict, %s | %.2fx | %.2fx |\n", transports[t],
-                Percentile(verdict_ratio[t], 0.5), Percentile(guest_ratio[t], 0.5));
+    std::printf("| remote verdict, %s | %.2fx | %.2fx | %.2fx |\n", transports[t],
+                Percentile(verdict_ratio[t], 0.5), Percentile(guest_ratio[t], 0.5),
+                Percentile(verdict_vs_beside[t], 0.5));
   }
+  for (size_t i = 0; i < vcpu_counts.size(); ++i) {
+    std::printf(
+        "| %u waiting vCPUs: remote throughput vs policy (target >= 0.50x): one Verdict per "
+        "Event %.2fx, batched %.2fx | | | |\n",
+        vcpu_counts[i], Percentile(throughput_ratio[i], 0.5), Percentile(batched_ratio[i], 0.5));
+  }
+  std::printf("\nload average at the end: %s\n", LoadAverage().c_str());
   return 0;
 }
