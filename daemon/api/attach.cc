@@ -57,9 +57,6 @@ Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& limits,
         security::Exhausted(security::Limit::kMaxAttachDeadlineMs, limits,
                             "claim.deadline_ms is " + std::to_string(claim.deadline_ms()) + " ms"));
   }
-  if (claim.max_batch() > kMaxEventBatch) {
-    return InvalidArgument("claim.max_batch", "at most " + std::to_string(kMaxEventBatch));
-  }
   handler_claim->deadline = std::chrono::milliseconds(claim.deadline_ms());
   handler_claim->max_held = static_cast<uint32_t>(limits.max_held_events_per_handler);
   switch (claim.fallback()) {
@@ -147,14 +144,6 @@ class AttachReactor final : public AttachStream {
       if (!s.ok()) return Stop(s);
     } else if (request_.has_verdict()) {
       AnswerVerdict(request_.verdict());
-    } else if (request_.has_verdicts()) {
-      const auto& verdicts = request_.verdicts().verdicts();
-      if (verdicts.size() > kMaxVerdictBatch) {
-        return Stop(InvalidArgument(
-            "verdicts.verdicts",
-            "at most " + std::to_string(kMaxVerdictBatch) + " verdicts per message"));
-      }
-      for (const kvmi::v1::Verdict& verdict : verdicts) AnswerVerdict(verdict);
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {
@@ -213,7 +202,6 @@ class AttachReactor final : public AttachStream {
     // every event it claimed from then on.
     kvmi::v1::AttachResponse claimed;
     claimed.mutable_claimed()->set_owner(owner_);
-    outbox_->SetMaxBatch(claim.max_batch());
     outbox_->Send(std::move(claimed));
     auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
     reader_handler_ = handler.get();

@@ -2,8 +2,7 @@
 // verdicts, and may run control commands inline (owned by the stream, released when it ends).
 // Runs on gRPC's callback API: events are written from the guest's loop thread and verdicts
 // applied from gRPC's read callback, so a remote verdict costs no thread hand-off inside kvmid
-// beyond the loop's own wake-up. With many waiting vCPUs, events queued behind a write go out in
-// one EventBatch (Claim.max_batch) and a VerdictBatch answers several events in one read.
+// beyond the loop's own wake-up.
 #ifndef KVMID_DAEMON_API_ATTACH_H_
 #define KVMID_DAEMON_API_ATTACH_H_
 

@@ -23,11 +23,6 @@ void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
   start_write_(&current_);
 }
 
-void AttachOutbox::SetMaxBatch(uint32_t max_batch) {
-  MutexLock lock(&mu_);
-  max_batch_ = std::max<uint32_t>(1, max_batch);
-}
-
 void AttachOutbox::Release() {
   {
     MutexLock lock(&mu_);
@@ -97,19 +92,6 @@ void AttachOutbox::TakeNextLocked() {
   current_ = std::move(queue_.front());
   queue_.pop_front();
   size_t size = current_.ByteSizeLong();
-  // Events that waited behind this one go with it (in order, up to max_batch_): one write, one
-  // write completion and one client read for all of them.
-  if (max_batch_ > 1 && current_.has_event() && !queue_.empty() && queue_.front().has_event()) {
-    kvmi::v1::Event* first = current_.release_event();  // owned by the batch from here on
-    auto* events = current_.mutable_events()->mutable_events();
-    events->AddAllocated(first);
-    while (static_cast<uint32_t>(events->size()) < max_batch_ && !queue_.empty() &&
-           queue_.front().has_event()) {
-      size += queue_.front().ByteSizeLong();
-      events->AddAllocated(queue_.front().release_event());
-      queue_.pop_front();
-    }
-  }
   backlog_bytes_ -= std::min(backlog_bytes_, size);
 }
 

@@ -7,7 +7,6 @@
 #include <absl/base/thread_annotations.h>
 #include <grpcpp/grpcpp.h>
 
-#include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
@@ -24,8 +23,7 @@ namespace kvmid::api {
 // What one Attach stream sends to its client: a queue drained by one write at a time. Messages
 // are queued from any thread (the guest's loop thread for events, gRPC's for verdict errors, the
 // command runner for results); whoever finds no write in flight starts the next one, so an event
-// goes on the wire from the loop thread with no hand-off. Events that queue behind a write in
-// flight go out together in one EventBatch when the client asked for batches (SetMaxBatch).
+// goes on the wire from the loop thread with no hand-off.
 class AttachOutbox {
  public:
   // Starts the write of one message (it stays valid until OnWriteDone); ends the stream.
@@ -40,10 +38,6 @@ class AttachOutbox {
       : start_write_(std::move(start_write)), finish_(std::move(finish)) {}
 
   void Send(kvmi::v1::AttachResponse message);
-  // From now on, up to `max_batch` events waiting at the head of the queue go out together in
-  // one EventBatch message (Claim.max_batch; 0 or 1: one Event per message). An event that
-  // waits alone still goes out as an Event. Call before Release().
-  void SetMaxBatch(uint32_t max_batch);
   // Until this is called nothing is written, only queued: the stream's first message (Claimed)
   // must not reach the client before the handler it announces is registered.
   void Release();
@@ -73,9 +67,8 @@ class AttachOutbox {
   // The message being written. Filled under mu_ by whoever takes the write token (writing_) and
   // read by gRPC until OnWriteDone: only the token holder touches it.
   kvmi::v1::AttachResponse current_;
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;    // the write token
-  bool held_ ABSL_GUARDED_BY(mu_) = true;        // see Release()
-  uint32_t max_batch_ ABSL_GUARDED_BY(mu_) = 1;  // see SetMaxBatch()
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;  // the write token
+  bool held_ ABSL_GUARDED_BY(mu_) = true;      // see Release()
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

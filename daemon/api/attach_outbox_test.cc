@@ -102,56 +102,6 @@ TEST(AttachOutboxTest, NothingIsWrittenBeforeReleaseThenOneWriteAtATimeInOrder) 
   EXPECT_THAT(stream.finishes(), IsEmpty());
 }
 
-kvmi::v1::AttachResponse EventMessage(uint64_t id) {
-  kvmi::v1::AttachResponse m;
-  m.mutable_event()->set_id(id);
-  return m;
-}
-
-// The event ids of a message: one Event, or an EventBatch.
-std::vector<uint64_t> EventIds(const kvmi::v1::AttachResponse& m) {
-  std::vector<uint64_t> ids;
-  if (m.has_event()) ids.push_back(m.event().id());
-  for (const kvmi::v1::Event& e : m.events().events()) ids.push_back(e.id());
-  return ids;
-}
-
-TEST(AttachOutboxTest, EventsWaitingTogetherGoOutInBatchesOfAtMostMaxBatchInOrder) {
-  FakeStream stream;
-  stream.outbox().SetMaxBatch(3);
-  stream.outbox().Release();
-  stream.outbox().Send(EventMessage(1));  // idle: alone, as an Event
-  EXPECT_TRUE(stream.last().has_event());
-  for (uint64_t id = 2; id <= 5; ++id) stream.outbox().Send(EventMessage(id));
-  stream.outbox().Send(Message(6));  // not an event: ends a batch
-  stream.outbox().Send(EventMessage(7));
-  stream.Complete();
-  ASSERT_TRUE(stream.last().has_events());
-  EXPECT_THAT(EventIds(stream.last()), ElementsAre(2u, 3u, 4u));  // max_batch
-  stream.Complete();
-  EXPECT_TRUE(stream.last().has_event());  // the only event before the command result
-  EXPECT_THAT(EventIds(stream.last()), ElementsAre(5u));
-  stream.Complete();
-  EXPECT_EQ(stream.last().command_result().id(), 6u);
-  stream.Complete();
-  EXPECT_THAT(EventIds(stream.last()), ElementsAre(7u));
-  stream.Complete();
-  EXPECT_EQ(stream.in_flight(), 0);
-  // The batched bytes left the backlog with the batch: nothing counts as queued.
-  EXPECT_FALSE(stream.outbox().Congested());
-}
-
-TEST(AttachOutboxTest, WithoutMaxBatchEveryEventGoesOutAlone) {
-  FakeStream stream;
-  stream.outbox().Release();
-  for (uint64_t id = 1; id <= 3; ++id) stream.outbox().Send(EventMessage(id));
-  for (uint64_t id = 1; id <= 3; ++id) {
-    ASSERT_TRUE(stream.last().has_event());
-    EXPECT_EQ(stream.last().event().id(), id);
-    stream.Complete();
-  }
-}
-
 TEST(AttachOutboxTest, ADrainingFinishWaitsForTheQueueAndHappensOnce) {
   FakeStream stream;
   stream.outbox().Release();

@@ -1,10 +1,6 @@
 // The Attach stream through a real server: claims, remote verdicts, inline commands owned by the
 // stream, half-close and cancellation.
-#include <string>
-#include <vector>
-
 #include "daemon/api/api_test_fixture.h"
-#include "daemon/api/limits.h"
 
 namespace kvmid {
 namespace {
@@ -255,88 +251,6 @@ TEST_F(ApiTest, AttachRefusesADeadlineAboveTheLimit) {
     EXPECT_THAT(s.error_message(), HasSubstr("max_attach_deadline_ms = 5000"));
     EXPECT_THAT(s.error_message(), HasSubstr("limits.max_attach_deadline_ms"));
   }
-}
-
-// Batching (Claim.max_batch, VerdictBatch): events that wait together may come in one message,
-// verdicts for several events go back in one, and each is applied as if it came alone.
-TEST_F(ApiTest, AttachAnswersABatchOfVerdictsEachAsIfItCameAlone) {
-  ScriptedHost* host = Connect(22, "batched");
-  host->set_vcpus(4);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  auto stream = stub_->Attach(&ctx);
-  kvmi::v1::AttachRequest claim;
-  claim.mutable_claim()->set_handler_id("batcher");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
-  claim.mutable_claim()->set_deadline_ms(5000);
-  claim.mutable_claim()->set_max_batch(8);
-  ASSERT_TRUE(stream->Write(claim));
-  kvmi::v1::AttachResponse response;
-  ASSERT_TRUE(stream->Read(&response));
-  ASSERT_TRUE(response.has_claimed());
-  for (uint16_t vcpu = 0; vcpu < 3; ++vcpu) {
-    host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 70 + vcpu));
-  }
-  // Alone or together, depending on how they queued: three events, in order.
-  std::vector<uint64_t> ids;
-  while (ids.size() < 3) {
-    ASSERT_TRUE(stream->Read(&response));
-    if (response.has_event()) ids.push_back(response.event().id());
-    for (const kvmi::v1::Event& e : response.events().events()) ids.push_back(e.id());
-    EXPECT_LE(response.events().events_size(), 8);
-  }
-  ASSERT_EQ(ids.size(), 3u);
-  kvmi::v1::AttachRequest verdicts;
-  for (uint64_t id : {ids[0], ids[2], uint64_t{999999}, ids[1]}) {
-    kvmi::v1::Verdict* v = verdicts.mutable_verdicts()->add_verdicts();
-    v->set_event_id(id);
-    v->set_action(kvmi::v1::ACTION_CONTINUE);
-  }
-  ASSERT_TRUE(stream->Write(verdicts));
-  for (uint32_t seq = 70; seq < 73; ++seq) {
-    auto reply = host->WaitFor([seq](const ReceivedMessage& m) {
-      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
-    });
-    ASSERT_TRUE(reply) << seq;
-    kvmi::EventReply decoded;
-    ASSERT_TRUE(
-        kvmi::DecodeEventReply(kvmi::ByteView(reply->payload), KVMI_EVENT_BREAKPOINT, &decoded)
-            .ok());
-    EXPECT_EQ(decoded.action, KVMI_EVENT_ACTION_CONTINUE);
-  }
-  // The unknown one is refused alone; the others were applied.
-  ASSERT_TRUE(stream->Read(&response));
-  ASSERT_TRUE(response.has_error());
-  EXPECT_EQ(response.error().event_id(), 999999u);
-  EXPECT_EQ(daemon_->pipeline().stats().fallback_handler_gone.load(), 0u);
-
-  // Past the limit the stream ends, naming the field.
-  kvmi::v1::AttachRequest too_many;
-  for (int i = 0; i <= api::kMaxVerdictBatch; ++i) {
-    too_many.mutable_verdicts()->add_verdicts()->set_event_id(1);
-  }
-  ASSERT_TRUE(stream->Write(too_many));
-  while (stream->Read(&response)) {
-  }
-  grpc::Status s = stream->Finish();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(s.error_message(), HasSubstr("verdicts.verdicts"));
-  EXPECT_THAT(s.error_message(), HasSubstr(std::to_string(api::kMaxVerdictBatch)));
-}
-
-TEST_F(ApiTest, AttachRefusesAMaxBatchAboveTheLimit) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  auto stream = stub_->Attach(&ctx);
-  kvmi::v1::AttachRequest claim;
-  claim.mutable_claim()->set_handler_id("greedy");
-  claim.mutable_claim()->set_max_batch(api::kMaxEventBatch + 1);
-  ASSERT_TRUE(stream->Write(claim));
-  kvmi::v1::AttachResponse response;
-  EXPECT_FALSE(stream->Read(&response));
-  grpc::Status s = stream->Finish();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(s.error_message(), HasSubstr("claim.max_batch"));
 }
 
 TEST_F(ApiTest, AttachHandlerAtItsHeldCapGetsNoMoreEventsAndTheGuestRunsOn) {

@@ -34,10 +34,6 @@ inline constexpr size_t kMaxHandlerIdLength = 64;
 inline constexpr size_t kMaxQueuedCommands = 256;
 inline constexpr size_t kMaxBacklogMessages = 1024;
 inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
-// Attach batching (issue 14): events per AttachResponse.events (Claim.max_batch) and verdicts per
-// AttachRequest.verdicts.
-inline constexpr uint32_t kMaxEventBatch = 256;
-inline constexpr int kMaxVerdictBatch = 1024;
 // Promises of events whose deadline passed this long ago are dropped from a stream's table.
 inline constexpr std::chrono::seconds kStalePromiseAge{1};
 

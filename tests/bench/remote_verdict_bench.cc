@@ -30,7 +30,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <mutex>
@@ -52,8 +51,6 @@
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
-// Claim.max_batch of the batched throughput rows.
-constexpr uint32_t kBenchMaxBatch = 64;
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
 
@@ -77,9 +74,6 @@ struct Row {
   // Remote rows: verdicts in the window that did not come from the handler (a deadline's
   // fallback): a remote row counts only if this is 0.
   uint64_t not_by_handler = 0;
-  // Batching handler: events per message read, verdicts per message written (whole run).
-  double events_per_read = 0;
-  double verdicts_per_write = 0;
 };
 
 // When the handler read each event and when it started writing its verdict (same process and
@@ -176,18 +170,10 @@ Row MeasureEcho(const std::string& name, const std::string& target, double secon
   return Row{name, rtts.size() / seconds, Percentile(rtts, 0.5), Percentile(rtts, 0.99)};
 }
 
-// What a batching handler read and wrote (after the claim), to tell the batch sizes.
-struct HandlerStats {
-  uint64_t reads = 0, events = 0, writes = 0;
-};
-
-// The remote handler: answers every event CONTINUE as soon as it arrives, on one stream.
-// `max_batch` <= 1: one thread reads an Event and writes its Verdict, in turn, as a client before
-// batching. `max_batch` > 1: the claim asks for events in batches of up to that many, and the
-// handler is pipelined (see below).
+// The remote handler: answers every event CONTINUE as soon as it arrives, one thread on one
+// stream (reads an Event, writes its Verdict, in turn).
 void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> credentials,
-                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times,
-                uint32_t max_batch, HandlerStats* stats) {
+                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times) {
   auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext ctx;
   auto stream = stub->Attach(&ctx);
@@ -196,7 +182,6 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
   claim.mutable_claim()->add_events(kvmi::v1::EVENT_CR);
   claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_CR);
   claim.mutable_claim()->add_arm_crs(3);
-  claim.mutable_claim()->set_max_batch(max_batch);
   // The longest deadline kvmid allows (max_attach_deadline_ms): the throughput rows measure a
   // handler that keeps up, and count the fallbacks if it did not.
   claim.mutable_claim()->set_deadline_ms(5000);
@@ -209,65 +194,6 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
     ctx.TryCancel();
   });
   kvmi::v1::AttachRequest verdict;
-  if (max_batch > 1) {
-    // Pipelined: this thread reads; a writer answers every event read since its last write in
-    // one message (a Verdict, or a VerdictBatch for several), so neither waits for the other.
-    std::mutex mu;
-    std::condition_variable cv;
-    std::vector<uint64_t> ids;
-    bool done = false;
-    std::thread writer([&] {
-      kvmi::v1::AttachRequest batch;
-      std::vector<uint64_t> taken;
-      while (true) {
-        {
-          std::unique_lock<std::mutex> lock(mu);
-          while (!done && ids.empty()) cv.wait(lock);
-          if (done) return;
-          taken.swap(ids);
-        }
-        kvmi::v1::AttachRequest* message = &batch;
-        if (taken.size() == 1) {
-          verdict.mutable_verdict()->set_event_id(taken[0]);
-          verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
-          message = &verdict;
-        } else {
-          batch.mutable_verdicts()->clear_verdicts();
-          for (uint64_t id : taken) {
-            kvmi::v1::Verdict* v = batch.mutable_verdicts()->add_verdicts();
-            v->set_event_id(id);
-            v->set_action(kvmi::v1::ACTION_CONTINUE);
-          }
-        }
-        taken.clear();
-        if (stats != nullptr) ++stats->writes;
-        if (!stream->Write(*message)) return;
-      }
-    });
-    while (stream->Read(&response)) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (response.has_events()) {
-        for (const kvmi::v1::Event& event : response.events().events()) ids.push_back(event.id());
-      } else if (response.has_event()) {
-        ids.push_back(response.event().id());
-      } else {
-        continue;
-      }
-      if (stats != nullptr) {
-        ++stats->reads;
-        stats->events += response.has_events() ? response.events().events_size() : 1;
-      }
-      cv.notify_one();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      done = true;
-    }
-    cv.notify_one();
-    writer.join();
-    canceller.join();
-    return;
-  }
   while (stream->Read(&response)) {
     if (!response.has_event()) continue;
     Clock::time_point read = Clock::now();
@@ -288,14 +214,13 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
 // timestamps: a lock and a map entry per event, so not in the throughput rows).
 Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::string& kvmi_socket,
                  const std::string& api_target, double seconds, const BenchTls& tls,
-                 uint32_t guests = 1, bool detail = true, uint32_t max_batch = 0) {
+                 uint32_t guests = 1, bool detail = true) {
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
   std::vector<double> latencies, outs, backs;
   std::atomic<bool> measuring{false};
   HandlerTimes times;
-  HandlerStats handler_stats;
   std::atomic<uint64_t> not_by_handler{0};
   uint64_t observer = daemon->pipeline().AddObserver([&](const kvmid::ObservedEvent& observed) {
     if (!measuring) return;
@@ -327,7 +252,7 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   std::thread handler;
   if (!api_target.empty()) {
     handler = std::thread(RunHandler, api_target, CredentialsFor(api_target, tls), &stop, &ready,
-                          detail ? &times : nullptr, max_batch, &handler_stats);
+                          detail ? &times : nullptr);
   }
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
@@ -370,11 +295,6 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   double rate = (after - before) / elapsed;
   Row row{name, rate, 0, 0};
   row.not_by_handler = not_by_handler;
-  if (handler_stats.reads > 0)
-    row.events_per_read = 1.0 * handler_stats.events / handler_stats.reads;
-  if (handler_stats.writes > 0) {
-    row.verdicts_per_write = 1.0 * handler_stats.events / handler_stats.writes;
-  }
   row.p50_us = static_cast<double>(stats.round_trip.PercentileMicros(0.5));
   row.p99_us = static_cast<double>(stats.round_trip.PercentileMicros(0.99));
   daemon->pipeline().RemoveObserver(observer);
@@ -458,8 +378,9 @@ int main(int argc, char** argv) {
     limits.max_held_events_per_handler =
         std::max<uint64_t>(limits.max_held_events_per_handler, kMaxVcpus);
     daemon->set_limits(limits);
-    if (policy && !daemon->ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok())
+    if (policy && !daemon->ApplyPolicy(kvmid::bench::AllowCr3Rule()).ok()) {
       return decltype(daemon)();
+    }
     if (!daemon->Start().ok()) return decltype(daemon)();
     return daemon;
   };
@@ -479,7 +400,6 @@ int main(int argc, char** argv) {
   // Per round; [0] unix, [1] tcp.
   std::vector<double> verdict_ratio[2], guest_ratio[2], verdict_vs_beside[2];
   std::vector<std::vector<double>> throughput_ratio(vcpu_counts.size());
-  std::vector<std::vector<double>> batched_ratio(vcpu_counts.size());
   for (int round = 1; round <= rounds; ++round) {
     const std::string load_before = LoadAverage();
     std::vector<Row> rows;    // bare echo unix, tcp; remote unix, tcp
@@ -509,7 +429,7 @@ int main(int argc, char** argv) {
     }
     // Many waiting vCPUs: the policy path, then one handler over the UNIX socket.
     struct Throughput {
-      Row policy, remote, batched;
+      Row policy, remote;
     };
     std::vector<Throughput> throughput;
     for (uint32_t vcpus : vcpu_counts) {
@@ -529,9 +449,6 @@ int main(int argc, char** argv) {
         pair.remote =
             MeasureGuest(daemon.get(), "remote, one Attach stream (unix)", dir + "/kvmi.sock",
                          "unix:" + dir + "/api.sock", seconds, tls, vcpus, /*detail=*/false);
-        pair.batched = MeasureGuest(daemon.get(), "remote, one Attach stream, batched (unix)",
-                                    dir + "/kvmi.sock", "unix:" + dir + "/api.sock", seconds, tls,
-                                    vcpus, /*detail=*/false, kBenchMaxBatch);
         api->Shutdown();
         daemon->Shutdown(std::chrono::milliseconds(0));
       }
@@ -574,33 +491,20 @@ int main(int argc, char** argv) {
     }
     if (!throughput.empty()) {
       std::printf(
-          "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s (one Verdict per Event) | "
-          "vs policy | remote verdicts/s (batched, max_batch %u) | vs policy | guest p50/p99 (us): "
-          "policy | remote | batched | verdicts not by the handler: remote | batched | batched: "
-          "events per read, verdicts per "
-          "write |\n",
-          kBenchMaxBatch);
-      std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+          "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s | remote vs policy | policy "
+          "guest p50/p99 (us) | remote guest p50/p99 (us) | remote verdicts not by the handler "
+          "|\n");
+      std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
     }
-    auto ratio_of = [](const Row& remote, const Row& policy) {
-      if (remote.not_by_handler != 0) return 0.0;  // fallbacks are not remote verdicts
-      return policy.per_second > 0 ? remote.per_second / policy.per_second : 0.0;
-    };
     for (size_t i = 0; i < throughput.size(); ++i) {
       const Throughput& t = throughput[i];
-      double remote_ratio = ratio_of(t.remote, t.policy);
-      double batched = ratio_of(t.batched, t.policy);
-      throughput_ratio[i].push_back(remote_ratio);
-      batched_ratio[i].push_back(batched);
-      std::printf(
-          "| %u | %.0f | %.0f | %.2fx | %.0f | %.2fx | %.0f/%.0f | %.0f/%.0f | %.0f/%.0f | %llu | "
-          "%llu | %.1f, %.1f |\n",
-          vcpu_counts[i], t.policy.per_second, t.remote.per_second, remote_ratio,
-          t.batched.per_second, batched, t.policy.p50_us, t.policy.p99_us, t.remote.p50_us,
-          t.remote.p99_us, t.batched.p50_us, t.batched.p99_us,
-          static_cast<unsigned long long>(t.remote.not_by_handler),
-          static_cast<unsigned long long>(t.batched.not_by_handler), t.batched.events_per_read,
-          t.batched.verdicts_per_write);
+      double ratio = t.policy.per_second > 0 ? t.remote.per_second / t.policy.per_second : 0.0;
+      if (t.remote.not_by_handler != 0) ratio = 0;  // fallbacks are not remote verdicts
+      throughput_ratio[i].push_back(ratio);
+      std::printf("| %u | %.0f | %.0f | %.2fx | %.0f/%.0f | %.0f/%.0f | %llu |\n", vcpu_counts[i],
+                  t.policy.per_second, t.remote.per_second, ratio, t.policy.p50_us, t.policy.p99_us,
+                  t.remote.p50_us, t.remote.p99_us,
+                  static_cast<unsigned long long>(t.remote.not_by_handler));
     }
     std::fflush(stdout);
   }
@@ -621,10 +525,8 @@ int main(int argc, char** argv) {
                 Percentile(verdict_vs_beside[t], 0.5));
   }
   for (size_t i = 0; i < vcpu_counts.size(); ++i) {
-    std::printf(
-        "| %u waiting vCPUs: remote throughput vs policy (target >= 0.50x): one Verdict per "
-        "Event %.2fx, batched %.2fx | | | |\n",
-        vcpu_counts[i], Percentile(throughput_ratio[i], 0.5), Percentile(batched_ratio[i], 0.5));
+    std::printf("| %u waiting vCPUs: remote throughput vs policy (target >= 0.50x) | %.2fx | | |\n",
+                vcpu_counts[i], Percentile(throughput_ratio[i], 0.5));
   }
   std::printf("\nload average at the end: %s\n", LoadAverage().c_str());
   return 0;
