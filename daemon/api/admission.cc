@@ -292,6 +292,7 @@ void Admission::LogDenial(const Caller& caller, const RpcInfo& info, const Guest
 }
 
 void Admission::RefusedByLimit(const CallContext& call, const Status& status) const {
+  if (status.error_code() != StatusCode::RESOURCE_EXHAUSTED) return;
   AuditLimitRefusal(call.caller, security::InfoOf(call.rpc), GuestRef(), AuditArgs(), absl::Now(),
                     status);
 }
