@@ -279,8 +279,12 @@ security::Limits Daemon::limits() const {
 }
 
 void Daemon::set_limits(const security::Limits& limits) {
-  MutexLock lock(&limits_mutex_);
-  limits_ = limits;
+  {
+    MutexLock lock(&limits_mutex_);
+    limits_ = limits;
+  }
+  registry_->SetGoneGuestBounds(std::chrono::seconds(limits.gone_guest_retention_seconds),
+                                limits.max_gone_guests);
 }
 
 std::set<std::string> Daemon::configured_policies() const {
