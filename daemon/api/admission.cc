@@ -152,9 +152,10 @@ Status Admission::Admit(const Caller& caller, Rpc rpc, const CallTarget& target,
 }
 
 Status Admission::Finish(const AdmittedCall& call, Status result) {
-  if (result.error_code() == StatusCode::RESOURCE_EXHAUSTED) {
-    // Nothing was done: the record (if due) is the refusal's, and a failed write does not
-    // change the answer.
+  if (result.error_code() == StatusCode::RESOURCE_EXHAUSTED &&
+      LimitNameOf(result.error_message()) != kUnknownLimit) {
+    // Refused by one of kvmid's limits (not, e.g., a guest's ENOMEM): nothing was done, the
+    // record (if due) is the refusal's, and a failed write does not change the answer.
     Metrics::LimitRefused(LimitNameOf(result.error_message()));
     AuditLimitRefusal(call.context_.caller, *call.info_, call.guest_,
                       call.info_->mutating ? call.args_ : AuditArgs(), call.start_, result);
@@ -349,11 +350,11 @@ void Admission::AuditLimitRefusal(const Caller& caller, const RpcInfo& info, con
 std::string LimitNameOf(absl::string_view message) {
   constexpr absl::string_view kMarker = "over the limit ";
   const size_t at = message.rfind(kMarker);
-  if (at == absl::string_view::npos) return "unknown";
+  if (at == absl::string_view::npos) return kUnknownLimit;
   absl::string_view rest = message.substr(at + kMarker.size());
   const size_t end = rest.find_first_of(" =");
   rest = rest.substr(0, end);
-  if (rest.empty()) return "unknown";
+  if (rest.empty()) return kUnknownLimit;
   return std::string(rest);
 }
 

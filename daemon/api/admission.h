@@ -181,7 +181,9 @@ class Admission final : public LimitRefusalSink {
 };
 
 // The limit a RESOURCE_EXHAUSTED message of security::Exhausted names ("... over the limit
-// max_policies = 1024 policies (limits.max_policies)" -> "max_policies"); "unknown" otherwise.
+// max_policies = 1024 policies (limits.max_policies)" -> "max_policies"); kUnknownLimit
+// otherwise (a RESOURCE_EXHAUSTED that is no limit of kvmid's, e.g. a guest's ENOMEM).
+inline constexpr char kUnknownLimit[] = "unknown";
 std::string LimitNameOf(absl::string_view message);
 
 }  // namespace kvmid::api

@@ -349,10 +349,18 @@ TEST_F(AdmissionTest, LimitRefusalOfAReadIsAuditedFieldByField) {
   EXPECT_THAT(line, HasSubstr("\"code\":\"RESOURCE_EXHAUSTED\""));
   EXPECT_THAT(line, HasSubstr("limits.list_policies_max_bytes"));
   EXPECT_THAT(line, HasSubstr("\"duration_ns\":"));
-  // Any other failure of a read is not audited.
+  // Any other failure of a read is not audited, nor a RESOURCE_EXHAUSTED that names no limit of
+  // kvmid's (a guest's ENOMEM).
   AdmittedCall other;
   ASSERT_TRUE(Admit(op_, Rpc::kGetRegisters, &web_, &other).ok());
   admission_->Finish(other, grpc::Status(grpc::StatusCode::UNAVAILABLE, "gone")).ok();
+  AdmittedCall enomem;
+  ASSERT_TRUE(Admit(op_, Rpc::kGetRegisters, &web_, &enomem).ok());
+  EXPECT_EQ(admission_
+                ->Finish(enomem, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                              "GetRegisters: KVMI error -ENOMEM"))
+                .error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_EQ(ReadLines(audit_path_).size(), 1u);
 }
 

@@ -170,10 +170,10 @@ TEST_F(IdentityTest, UnixCallerIsItsPeerCredentials) {
 
 TEST(UnixPeerTableTest, SetGetEraseByDescriptor) {
   UnixPeerTable& table = UnixPeerTable::Global();
-  table.Set(100000, UnixPeer{1, 2, 3});
+  table.Set(100000, UnixPeer{1, 2, 3, ""});
   ASSERT_TRUE(table.Get(100000).has_value());
   EXPECT_EQ(table.Get(100000)->uid, 1u);
-  table.Set(100000, UnixPeer{4, 5, 6});  // a new connection on a reused number
+  table.Set(100000, UnixPeer{4, 5, 6, ""});  // a new connection on a reused number
   EXPECT_EQ(table.Get(100000)->pid, 6);
   table.Erase(100000);
   EXPECT_FALSE(table.Get(100000).has_value());
