@@ -1,5 +1,6 @@
 #include "daemon/kvmid.h"
 
+#include <absl/strings/str_cat.h>
 #include <grp.h>
 #include <malloc.h>
 #include <spdlog/spdlog.h>
@@ -181,6 +182,7 @@ absl::Status Daemon::Start() {
     loops_.push_back(std::make_unique<EventLoop>());
     loops_.back()->Start(("kvmid-io-" + std::to_string(i)).c_str());
   }
+  MutexLock lock(&lifecycle_mutex_);
   for (auto& [fd, transport] : listeners) {
     acceptors_.push_back(std::make_unique<Acceptor>(
         loops_[0].get(), std::move(fd), transport, options,
@@ -212,6 +214,22 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
   });
 }
 
+absl::Status PolicyCountAfterReload(const std::vector<std::shared_ptr<const Rule>>& current,
+                                    const std::set<std::string>& removed,
+                                    const std::set<std::string>& configured,
+                                    const security::Limits& limits) {
+  std::set<std::string> after = configured;
+  for (const auto& rule : current) {
+    if (removed.count(rule->name) == 0) after.insert(rule->name);
+  }
+  if (after.size() <= limits.max_policies) return absl::OkStatus();
+  return security::Exhausted(
+      security::Limit::kMaxPolicies, limits,
+      absl::StrCat("reload: ", configured.size(), " configured policies and the ones applied ",
+                   "through the API would make ", after.size(),
+                   " policies (delete API policies or raise the limit)"));
+}
+
 absl::Status Daemon::Reload(const LoadedConfig& config) {
   MutexLock lock(&reload_mutex_);
   std::set<std::string> names;
@@ -220,21 +238,31 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   for (const std::string& name : configured_policies_) {
     if (names.count(name) == 0) removed.insert(name);
   }
-  std::string error = policies_.Replace(removed, config.rules);
-  if (!error.empty()) return absl::InvalidArgumentError(error);
+  {
+    // Serialized with ApplyApiPolicy: the count below is the count the reload leaves.
+    MutexLock api_lock(&api_policies_mutex_);
+    absl::Status within =
+        PolicyCountAfterReload(*policies_.rules(), removed, names, config.security.limits);
+    if (!within.ok()) return within;
+    std::string error = policies_.Replace(removed, config.rules);
+    if (!error.empty()) return absl::InvalidArgumentError(error);
+  }
   configured_policies_ = std::move(names);
   pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
   pipeline_->ReplaceGuestLabels(config.guest_labels);
   if (config.security.authorizer) authorizer_.Set(config.security.authorizer);
   set_limits(config.security.limits);
-  if (started_) {
+  bool started = false;
+  {
+    MutexLock lifecycle(&lifecycle_mutex_);
+    started = started_;
     for (auto& acceptor : acceptors_) {
       acceptor->SetHandshakeSlotsPerPeer(config.security.limits.handshake_slots_per_peer);
     }
   }
   RearmAllGuests();
   const DaemonConfig& next = config.daemon;
-  if (started_ &&
+  if (started &&
       (next.unix_socket != config_.unix_socket || next.vsock_port != config_.vsock_port ||
        next.io_threads != config_.io_threads || next.cookie_file != config_.cookie_file ||
        next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
@@ -251,8 +279,12 @@ security::Limits Daemon::limits() const {
 }
 
 void Daemon::set_limits(const security::Limits& limits) {
-  MutexLock lock(&limits_mutex_);
-  limits_ = limits;
+  {
+    MutexLock lock(&limits_mutex_);
+    limits_ = limits;
+  }
+  registry_->SetGoneGuestBounds(std::chrono::seconds(limits.gone_guest_retention_seconds),
+                                limits.max_gone_guests);
 }
 
 std::set<std::string> Daemon::configured_policies() const {
@@ -381,11 +413,14 @@ void Daemon::RearmAllGuests() {
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {
-  if (!started_ || shut_down_) return;
-  shut_down_ = true;
-  for (auto& acceptor : acceptors_) {
-    Acceptor* a = acceptor.get();
-    loops_[0]->RunInLoop([a] { a->Stop(); });
+  {
+    MutexLock lock(&lifecycle_mutex_);
+    if (!started_ || shut_down_) return;
+    shut_down_ = true;
+    for (auto& acceptor : acceptors_) {
+      Acceptor* a = acceptor.get();
+      loops_[0]->RunInLoop([a] { a->Stop(); });
+    }
   }
   // Unhook every live guest: disarm, then close. Wait for all of them, at most `grace`; the
   // wait state is shared so that late completions after the grace period touch nothing freed.

@@ -188,8 +188,12 @@ class Daemon {
   PolicySet policies_;
   std::unique_ptr<VerdictPipeline> pipeline_;
   std::unique_ptr<Registry> registry_;
-  std::vector<std::unique_ptr<EventLoop>> loops_;
-  std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::vector<std::unique_ptr<EventLoop>> loops_;  // set by Start, before any acceptor runs
+  // Start, Shutdown and Reload (SIGHUP, any thread) meet here; after reload_mutex_ when both.
+  mutable Mutex lifecycle_mutex_;
+  std::vector<std::unique_ptr<Acceptor>> acceptors_ ABSL_GUARDED_BY(lifecycle_mutex_);
+  bool started_ ABSL_GUARDED_BY(lifecycle_mutex_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(lifecycle_mutex_) = false;
   std::atomic<size_t> next_loop_{0};
   struct ClientArming {
     std::vector<std::string> vms;
@@ -205,9 +209,17 @@ class Daemon {
   mutable Mutex api_policies_mutex_;  // held across persisting: API changes are serialized
   std::vector<std::shared_ptr<const Rule>> api_policies_ ABSL_GUARDED_BY(api_policies_mutex_);
   PolicyPersister persister_ ABSL_GUARDED_BY(api_policies_mutex_);
-  bool started_ = false;
-  bool shut_down_ = false;
 };
+
+// A reload's policy count (docs/SECURITY.md "Limits"): the policies held after it -- the
+// configured ones (`configured`, names) and every current one it does not remove (those applied
+// through the API among them) -- must stay within the reload's own limits.max_policies; else
+// RESOURCE_EXHAUSTED naming the limit, and Reload changes nothing (the running configuration
+// stays).
+absl::Status PolicyCountAfterReload(const std::vector<std::shared_ptr<const Rule>>& current,
+                                    const std::set<std::string>& removed,
+                                    const std::set<std::string>& configured,
+                                    const security::Limits& limits);
 
 // Reads the shared secret (the file's exact bytes) and returns SHA-1 of it.
 absl::StatusOr<std::array<uint8_t, kvmi::kCookieHashSize>> LoadCookieHash(const std::string& path);

@@ -296,6 +296,55 @@ TEST_F(DaemonTest, ReloadReplacesConfiguredPoliciesKeepsTheApisAndTheGuest) {
   EXPECT_EQ(daemon_->pipeline().ViewOf(*guest)->labels.at("tier"), "prod");
 }
 
+// A reload may not take the policies past max_policies: configured + API-applied (a name in
+// both counts once) beyond the reload's own limit is refused, naming the limit, and the running
+// configuration stays (policies, configured names, limits).
+TEST_F(DaemonTest, ReloadPastMaxPoliciesIsRefusedAndTheOldConfigurationStays) {
+  StartDaemon();
+  auto names = [this] {
+    std::set<std::string> out;
+    for (const auto& rule : *daemon_->policies().rules()) out.insert(rule->name);
+    return out;
+  };
+  auto named = [](const std::string& name) {
+    return ForbidClearCr0WpRule(name, RuleMode::kEnforce);
+  };
+  LoadedConfig first;
+  first.daemon = config_;
+  first.security.limits.max_policies = 4;
+  first.rules = {named("c1")};
+  ASSERT_TRUE(daemon_->Reload(first).ok());
+  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a1")).ok());
+  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a2")).ok());
+
+  LoadedConfig more = first;
+  more.security.limits.max_policies = 4;
+  more.security.limits.max_policy_name_bytes = 64;       // would change with the reload
+  more.rules = {named("c1"), named("c2"), named("c3")};  // 3 + 2 API = 5 > 4
+  absl::Status refused = daemon_->Reload(more);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("limits.max_policies"));
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("5 policies"));
+  EXPECT_EQ(names(), (std::set<std::string>{"c1", "a1", "a2"}));
+  EXPECT_EQ(daemon_->configured_policies(), (std::set<std::string>{"c1"}));
+  EXPECT_EQ(daemon_->limits().max_policy_name_bytes, first.security.limits.max_policy_name_bytes);
+
+  // A lower limit on its own counts too: 1 configured + 2 API = 3 > 2.
+  LoadedConfig lower = first;
+  lower.security.limits.max_policies = 2;
+  EXPECT_EQ(daemon_->Reload(lower).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(daemon_->limits().max_policies, 4u);
+
+  // Within the limit: one removed configured policy makes room; a configured name that an API
+  // policy has too is one policy.
+  LoadedConfig fits = first;
+  fits.rules = {named("c2"), named("a1")};  // c1 goes: {c2, a1, a2} = 3
+  fits.security.limits.max_policies = 3;
+  ASSERT_TRUE(daemon_->Reload(fits).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"c2", "a1", "a2"}));
+  EXPECT_EQ(daemon_->limits().max_policies, 3u);
+}
+
 class TestHandler : public VerdictHandler {
  public:
   std::string id() const override { return "test"; }

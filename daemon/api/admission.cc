@@ -107,6 +107,8 @@ Status Admission::Admit(const Caller& caller, Rpc rpc, const CallTarget& target,
   call->start_ = start;
   call->context_.caller = caller;
   call->context_.authorizer = authz;
+  call->context_.rpc = rpc;
+  call->context_.refusals = this;
   GuestRef& guest = call->guest_;
   absl::Status checked;
   Status logic_error;  // the logic's own answer when the guest cannot be found
@@ -150,6 +152,15 @@ Status Admission::Admit(const Caller& caller, Rpc rpc, const CallTarget& target,
 }
 
 Status Admission::Finish(const AdmittedCall& call, Status result) {
+  if (result.error_code() == StatusCode::RESOURCE_EXHAUSTED &&
+      LimitNameOf(result.error_message()) != kUnknownLimit) {
+    // Refused by one of kvmid's limits (not, e.g., a guest's ENOMEM): nothing was done, the
+    // record (if due) is the refusal's, and a failed write does not change the answer.
+    Metrics::LimitRefused(LimitNameOf(result.error_message()));
+    AuditLimitRefusal(call.context_.caller, *call.info_, call.guest_,
+                      call.info_->mutating ? call.args_ : AuditArgs(), call.start_, result);
+    return result;
+  }
   if (!call.info_->mutating || audit_ == nullptr) return result;
   absl::Status written = Write(RecordOf(call.context_.caller, *call.info_, call.guest_, call.args_,
                                         call.start_, CodeOf(result), result.error_message()));
@@ -242,7 +253,7 @@ Status Admission::Deny(const Caller& caller, const RpcInfo& info, const GuestRef
   return ToStatus(status);
 }
 
-absl::Status Admission::Write(const AuditRecord& record) {
+absl::Status Admission::Write(const AuditRecord& record) const {
   absl::Status written = audit_->Write(record);
   if (!written.ok()) {
     // Never silently: the record goes to the error log instead.
@@ -279,6 +290,82 @@ void Admission::LogDenial(const Caller& caller, const RpcInfo& info, const Guest
                    ? ""
                    : absl::StrCat(" [", suppressed, " more denials not logged, at most ",
                                   kMaxDenialLogsPerSecond, "/s]"));
+}
+
+void Admission::RefusedByLimit(const CallContext& call, const Status& status) const {
+  if (status.error_code() != StatusCode::RESOURCE_EXHAUSTED) return;
+  AuditLimitRefusal(call.caller, security::InfoOf(call.rpc), GuestRef(), AuditArgs(), absl::Now(),
+                    status);
+}
+
+void Admission::AuditLimitRefusal(const Caller& caller, const RpcInfo& info, const GuestRef& guest,
+                                  AuditArgs args, absl::Time start, const Status& status) const {
+  if (audit_ == nullptr) return;
+  const std::string limit = LimitNameOf(status.error_message());
+  const int64_t second = absl::ToUnixSeconds(absl::Now());
+  uint64_t suppressed = 0;
+  uint64_t forgotten = 0;
+  {
+    MutexLock lock(&refusal_mu_);
+    std::string key = absl::StrCat(caller.Describe(), "\n", limit);
+    auto it = refusal_windows_.find(key);
+    if (it == refusal_windows_.end()) {
+      if (refusal_windows_.size() >= kMaxLimitRefusalKeys) {
+        // Bounded: pairs idle since an earlier second go (a pair refused in this second stays).
+        for (auto old = refusal_windows_.begin(); old != refusal_windows_.end();) {
+          if (old->second.second < second) {
+            forgotten += old->second.suppressed;
+            refusal_windows_.erase(old++);
+          } else {
+            ++old;
+          }
+        }
+      }
+      // Past the bound with every pair busy in this second: written, never lost.
+      it = refusal_windows_.emplace(std::move(key), RefusalWindow{second - 1, 0}).first;
+    }
+    RefusalWindow& window = it->second;
+    if (window.second == second) {
+      ++window.suppressed;
+      ++limit_refusals_suppressed_;
+      return;
+    }
+    suppressed = window.suppressed;
+    window.second = second;
+    window.suppressed = 0;
+    ++limit_refusals_audited_;
+  }
+  if (forgotten > 0) {
+    spdlog::warn(
+        "audit: {} limit refusals not written (rate limit) and no longer tracked ({} "
+        "identity+limit pairs at most)",
+        forgotten, kMaxLimitRefusalKeys);
+  }
+  args.Text("limit", limit).Uint("suppressed", suppressed);
+  const absl::Status refusal(absl::StatusCode::kResourceExhausted, status.error_message());
+  Write(RecordOf(caller, info, guest, std::move(args), start, refusal.code(), refusal.message()))
+      .IgnoreError();
+}
+
+std::string LimitNameOf(absl::string_view message) {
+  constexpr absl::string_view kMarker = "over the limit ";
+  const size_t at = message.rfind(kMarker);
+  if (at == absl::string_view::npos) return kUnknownLimit;
+  absl::string_view rest = message.substr(at + kMarker.size());
+  const size_t end = rest.find_first_of(" =");
+  rest = rest.substr(0, end);
+  if (rest.empty()) return kUnknownLimit;
+  return std::string(rest);
+}
+
+uint64_t Admission::limit_refusals_audited() const {
+  MutexLock lock(&refusal_mu_);
+  return limit_refusals_audited_;
+}
+
+uint64_t Admission::limit_refusals_suppressed() const {
+  MutexLock lock(&refusal_mu_);
+  return limit_refusals_suppressed_;
 }
 
 uint64_t Admission::denials_logged() const {

@@ -19,6 +19,7 @@
 #ifndef KVMID_DAEMON_API_ADMISSION_H_
 #define KVMID_DAEMON_API_ADMISSION_H_
 
+#include <absl/container/flat_hash_map.h>
 #include <absl/functional/function_ref.h>
 #include <absl/status/statusor.h>
 #include <absl/time/time.h>
@@ -41,6 +42,12 @@ namespace kvmid::api {
 // At most this many denials are logged per second; the rest are counted and their number is
 // logged with the next one that is (a client cannot flood the log by being refused).
 inline constexpr uint32_t kMaxDenialLogsPerSecond = 20;
+// Refusals by a limit (RESOURCE_EXHAUSTED) are audited once per identity and limit per second:
+// the first of each second is written, with "limit" and "suppressed" (the refusals of that
+// identity and limit not written since its previous record) in its args; the others are only
+// counted (Metrics::LimitRefused). At most this many identity+limit pairs are tracked at once
+// (past it, pairs idle since an earlier second are forgotten, their suppressed counts logged).
+inline constexpr size_t kMaxLimitRefusalKeys = 4096;
 
 // What a call works on, for authorization.
 struct CallTarget {
@@ -89,7 +96,7 @@ security::AuditArgs AuditSummaryOf(const Request& request) {
 security::Caller CallerOf(const security::CallerIdentity& identity);
 
 // Thread-safe; one per API server.
-class Admission {
+class Admission final : public LimitRefusalSink {
  public:
   // `audit` may be null (no --audit_log: nothing is written and nothing is refused for it).
   Admission(Daemon* daemon, security::AuditLog* audit) : daemon_(daemon), audit_(audit) {}
@@ -107,9 +114,13 @@ class Admission {
   grpc::Status Admit(const security::Caller& caller, security::Rpc rpc, const CallTarget& target,
                      absl::FunctionRef<security::AuditArgs()> args, AdmittedCall* call);
   // The end of an admitted call whose logic answered `result`: a mutating call is audited with
-  // its result and duration. Returns the call's answer: `result`, or UNAVAILABLE when the call
-  // was done but its audit record could not be written.
+  // its result and duration; a refusal by a limit (RESOURCE_EXHAUSTED), mutating or not, is
+  // audited once per identity and limit per second (kMaxLimitRefusalKeys). Returns the call's
+  // answer: `result`, or UNAVAILABLE when the call was done but its audit record could not be
+  // written (never for a refusal: nothing was done).
   grpc::Status Finish(const AdmittedCall& call, grpc::Status result);
+  // A call admitted here (call.rpc) that a limit refused below its handler (streams).
+  void RefusedByLimit(const CallContext& call, const grpc::Status& status) const override;
 
   // Attach, after the claim parsed: the claimed guests must be within the caller's responder
   // scope (an empty claim: every guest) and a CRASH fallback needs admin on them. Audited.
@@ -121,6 +132,9 @@ class Admission {
   // Denials logged so far and those the rate limit kept out of the log (tests).
   uint64_t denials_logged() const;
   uint64_t denials_suppressed() const;
+  // Limit refusals written to the audit log and those the rate limit kept out (tests).
+  uint64_t limit_refusals_audited() const;
+  uint64_t limit_refusals_suppressed() const;
 
  private:
   security::GuestRef RefOf(const Guest& guest) const;
@@ -135,9 +149,18 @@ class Admission {
                     const security::GuestRef& guest, absl::FunctionRef<security::AuditArgs()> args,
                     absl::Time start, const absl::Status& status);
   // Writes `record`; a failure is logged with the record itself.
-  absl::Status Write(const security::AuditRecord& record);
+  absl::Status Write(const security::AuditRecord& record) const;
   void LogDenial(const security::Caller& caller, const security::RpcInfo& info,
                  const security::GuestRef& guest, const absl::Status& status);
+  // Audits a refusal by a limit, rate-limited (kMaxLimitRefusalKeys); `args` is the request's
+  // summary, to which "limit" and "suppressed" are added.
+  void AuditLimitRefusal(const security::Caller& caller, const security::RpcInfo& info,
+                         const security::GuestRef& guest, security::AuditArgs args,
+                         absl::Time start, const grpc::Status& status) const;
+  struct RefusalWindow {
+    int64_t second = 0;       // of the last record written for the pair
+    uint64_t suppressed = 0;  // refusals since then that were not written
+  };
 
   Daemon* const daemon_;
   security::AuditLog* const audit_;
@@ -148,7 +171,20 @@ class Admission {
   uint64_t suppressed_since_log_ ABSL_GUARDED_BY(log_mu_) = 0;
   uint64_t denials_logged_ ABSL_GUARDED_BY(log_mu_) = 0;
   uint64_t denials_suppressed_ ABSL_GUARDED_BY(log_mu_) = 0;
+
+  mutable Mutex refusal_mu_;
+  // By caller.Describe() + '\n' + the limit's name.
+  mutable absl::flat_hash_map<std::string, RefusalWindow> refusal_windows_
+      ABSL_GUARDED_BY(refusal_mu_);
+  mutable uint64_t limit_refusals_audited_ ABSL_GUARDED_BY(refusal_mu_) = 0;
+  mutable uint64_t limit_refusals_suppressed_ ABSL_GUARDED_BY(refusal_mu_) = 0;
 };
+
+// The limit a RESOURCE_EXHAUSTED message of security::Exhausted names ("... over the limit
+// max_policies = 1024 policies (limits.max_policies)" -> "max_policies"); kUnknownLimit
+// otherwise (a RESOURCE_EXHAUSTED that is no limit of kvmid's, e.g. a guest's ENOMEM).
+inline constexpr char kUnknownLimit[] = "unknown";
+std::string LimitNameOf(absl::string_view message);
 
 }  // namespace kvmid::api
 

@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/api/convert.h"
 #include "daemon/metrics/hooks.h"
+#include "daemon/testing/wait.h"
 
 namespace kvmid {
 namespace {
@@ -109,14 +111,14 @@ TEST(CallerOfTest, MapsEachTransportIdentity) {
   security::CallerIdentity unix_peer;
   unix_peer.kind = security::CallerIdentity::Kind::kUnix;
   unix_peer.principal = "uid:1000";
-  unix_peer.unix = {1000, 100, 4242};
-  unix_peer.peer = "fd:12";
+  unix_peer.unix = {1000, 100, 4242, "/run/kvmid/api.sock"};
+  unix_peer.peer = security::UnixPeerName(unix_peer.unix);
   c = api::CallerOf(unix_peer);
   EXPECT_EQ(c.kind, Caller::Kind::kUnix);
   EXPECT_EQ(c.uid, 1000u);
   EXPECT_EQ(c.gid, 100u);
   EXPECT_EQ(c.pid, 4242);
-  EXPECT_EQ(c.peer, "fd:12");
+  EXPECT_EQ(c.peer, "unix:/run/kvmid/api.sock pid=4242 uid=1000 gid=100");
 
   security::CallerIdentity anonymous;
   anonymous.peer = "ipv4:127.0.0.1:5000";
@@ -307,6 +309,141 @@ TEST_F(AdmissionTest, DenialLogIsRateLimited) {
   EXPECT_GE(admission_->denials_suppressed(), api::kMaxDenialLogsPerSecond);
   // Each denial is still audited.
   EXPECT_EQ(ReadLines(audit_path_).size(), 3 * api::kMaxDenialLogsPerSecond);
+}
+
+grpc::Status LimitRefusal(security::Limit limit, uint64_t value, const std::string& what) {
+  return ToStatus(security::Exhausted(limit, value, what));
+}
+
+int64_t NowSecond() { return absl::ToUnixSeconds(absl::Now()); }
+
+TEST(LimitNameOfTest, ReadsTheLimitOfAnExhaustedMessage) {
+  EXPECT_EQ(
+      api::LimitNameOf(
+          security::Exhausted(security::Limit::kMaxPolicies, 3, "policy p: 3 applied").message()),
+      "max_policies");
+  EXPECT_EQ(api::LimitNameOf("no limit here"), "unknown");
+  EXPECT_EQ(api::LimitNameOf("over the limit "), "unknown");
+}
+
+// A read refused by a limit is audited like a mutating call: identity, peer, RPC, guest, the
+// limit's name and its refusal (code, message naming the knob).
+TEST_F(AdmissionTest, LimitRefusalOfAReadIsAuditedFieldByField) {
+  AdmittedCall call;
+  ASSERT_TRUE(Admit(op_, Rpc::kGetRegisters, &web_, &call).ok());
+  grpc::Status refusal =
+      LimitRefusal(security::Limit::kListPoliciesMaxBytes, 100, "response is 200 bytes");
+  grpc::Status answer = admission_->Finish(call, refusal);
+  EXPECT_EQ(answer.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(answer.error_message(), refusal.error_message());
+  std::vector<std::string> lines = ReadLines(audit_path_);
+  ASSERT_EQ(lines.size(), 1u);
+  const std::string& line = lines[0];
+  EXPECT_THAT(line, HasSubstr("\"principal\":\"spiffe://t/op\""));
+  EXPECT_THAT(line, HasSubstr("\"peer\":\"ipv4:10.0.0.7:4000\""));
+  EXPECT_THAT(line, HasSubstr("\"rpc\":\"GetRegisters\""));
+  EXPECT_THAT(line, HasSubstr("\"name\":\"web-1\""));
+  EXPECT_THAT(line, HasSubstr("\"uuid\":\"00000000-0000-0000-0000-000000000001\""));
+  EXPECT_THAT(line, HasSubstr("\"limit\":\"list_policies_max_bytes\""));
+  EXPECT_THAT(line, HasSubstr("\"suppressed\":0"));
+  EXPECT_THAT(line, HasSubstr("\"code\":\"RESOURCE_EXHAUSTED\""));
+  EXPECT_THAT(line, HasSubstr("limits.list_policies_max_bytes"));
+  EXPECT_THAT(line, HasSubstr("\"duration_ns\":"));
+  // Any other failure of a read is not audited, nor a RESOURCE_EXHAUSTED that names no limit of
+  // kvmid's (a guest's ENOMEM).
+  AdmittedCall other;
+  ASSERT_TRUE(Admit(op_, Rpc::kGetRegisters, &web_, &other).ok());
+  admission_->Finish(other, grpc::Status(grpc::StatusCode::UNAVAILABLE, "gone")).ok();
+  AdmittedCall enomem;
+  ASSERT_TRUE(Admit(op_, Rpc::kGetRegisters, &web_, &enomem).ok());
+  EXPECT_EQ(admission_
+                ->Finish(enomem, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                              "GetRegisters: KVMI error -ENOMEM"))
+                .error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(ReadLines(audit_path_).size(), 1u);
+}
+
+// A mutating call refused by a limit keeps its argument summary next to the limit.
+TEST_F(AdmissionTest, LimitRefusalOfAMutatingCallKeepsItsArguments) {
+  kvmi::v1::ApplyPolicyRequest request;
+  request.mutable_policy()->set_name("wordy");
+  AdmittedCall call;
+  ASSERT_TRUE(
+      Admit(admin_, Rpc::kApplyPolicy, nullptr, &call, security::SummarizeRequest(request)).ok());
+  grpc::Status answer =
+      admission_->Finish(call, LimitRefusal(security::Limit::kMaxPolicyDescriptionBytes, 4096,
+                                            "policy.description is 1048576 bytes"));
+  EXPECT_EQ(answer.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  std::vector<std::string> lines = ReadLines(audit_path_);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_THAT(lines[0], HasSubstr("\"rpc\":\"ApplyPolicy\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"policy\":\"wordy\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"limit\":\"max_policy_description_bytes\""));
+  EXPECT_THAT(lines[0], HasSubstr("1048576 bytes"));
+}
+
+// Streams refused below the handler (StreamLimits) report through their CallContext.
+TEST_F(AdmissionTest, StreamLimitRefusalIsAuditedThroughTheCallContext) {
+  AdmittedCall call;
+  ASSERT_TRUE(Admit(viewer_, Rpc::kWatchVMs, nullptr, &call).ok());
+  EXPECT_EQ(call.context().rpc, Rpc::kWatchVMs);
+  call.context().AuditLimitRefusal(
+      LimitRefusal(security::Limit::kStreamsPerIdentity, 64, "spiffe://t/view holds 64 streams"));
+  std::vector<std::string> lines = ReadLines(audit_path_);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_THAT(lines[0], HasSubstr("\"principal\":\"spiffe://t/view\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"peer\":\"ipv4:10.0.0.8:4000\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"rpc\":\"WatchVMs\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"limit\":\"streams_per_identity\""));
+  EXPECT_THAT(lines[0], HasSubstr("\"code\":\"RESOURCE_EXHAUSTED\""));
+  // A context not admitted here (tests of the logic) audits nothing.
+  api::CallContext::Unrestricted().AuditLimitRefusal(
+      LimitRefusal(security::Limit::kStreamsPerIdentity, 64, "x"));
+  EXPECT_EQ(ReadLines(audit_path_).size(), 1u);
+}
+
+// A flood of refusals writes one record per identity and limit per second; the next record of
+// the pair says how many were left out. Other identities and other limits have their own.
+TEST_F(AdmissionTest, LimitRefusalAuditIsRateLimitedPerIdentityAndLimit) {
+  const grpc::Status refusal = LimitRefusal(security::Limit::kMaxPolicyDescriptionBytes, 4096,
+                                            "policy.description is 5000 bytes");
+  auto refuse = [&](const Caller& caller, const grpc::Status& status) {
+    AdmittedCall call;
+    ASSERT_TRUE(Admit(caller, Rpc::kListPolicies, nullptr, &call).ok());
+    EXPECT_EQ(admission_->Finish(call, status).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  };
+  // Start right after a second begins, so that the flood fits in one second.
+  const int64_t first = NowSecond();
+  ASSERT_TRUE(WaitUntil([&] { return NowSecond() != first; }, std::chrono::seconds(3)));
+  const int64_t flood_second = NowSecond();
+  constexpr int kFlood = 200;
+  for (int i = 0; i < kFlood; ++i) refuse(op_, refusal);
+  refuse(admin_, refusal);  // another identity
+  refuse(op_, LimitRefusal(security::Limit::kListPoliciesPageSize, 256, "page"));  // another limit
+  const bool same_second = NowSecond() == flood_second;
+  std::vector<std::string> lines = ReadLines(audit_path_);
+  if (same_second) {
+    ASSERT_EQ(lines.size(), 3u);
+    EXPECT_EQ(admission_->limit_refusals_suppressed(), uint64_t{kFlood - 1});
+  } else {
+    ASSERT_GE(lines.size(), 3u);  // a slow machine crossed a second: at most one more
+    ASSERT_LE(lines.size(), 4u);
+  }
+  EXPECT_EQ(admission_->limit_refusals_audited() + admission_->limit_refusals_suppressed(),
+            uint64_t{kFlood + 2});
+  // The next second: one record for the pair, carrying what was left out.
+  ASSERT_TRUE(WaitUntil([&] { return NowSecond() > flood_second + 1; }, std::chrono::seconds(4)));
+  const uint64_t suppressed = admission_->limit_refusals_suppressed();
+  refuse(op_, refusal);
+  lines = ReadLines(audit_path_);
+  ASSERT_FALSE(lines.empty());
+  EXPECT_THAT(lines.back(), HasSubstr("\"principal\":\"spiffe://t/op\""));
+  EXPECT_THAT(lines.back(), HasSubstr("\"limit\":\"max_policy_description_bytes\""));
+  if (same_second) {
+    EXPECT_THAT(lines.back(), HasSubstr("\"suppressed\":" + std::to_string(suppressed)));
+  }
+  EXPECT_EQ(admission_->limit_refusals_suppressed(), suppressed);
 }
 
 }  // namespace

@@ -366,6 +366,7 @@ AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
   if (status.ok() && limits != nullptr && call != nullptr) {
     StreamLimits::Admission admission;
     status = limits->Admit(*call, daemon->limits(), /*charge_budget=*/false, &admission);
+    if (!status.ok()) call->AuditLimitRefusal(status);
     reactor->Hold(std::move(admission));
   }
   reactor->Begin(status);

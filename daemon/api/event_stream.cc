@@ -306,6 +306,7 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   }
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
+  if (!admitted.ok()) call.AuditLimitRefusal(admitted);
   if (!admitted.ok()) return FinishedStream<Finished>(admitted);
   auto tap =
       std::make_shared<EventTap>(std::move(allow), std::move(deny), call, &daemon_->pipeline());
@@ -319,6 +320,7 @@ grpc::ServerWriteReactor<kvmi::v1::VMChange>* EventStreams::WatchVMs(
     const CallContext& call, const kvmi::v1::WatchVMsRequest&) {
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
+  if (!admitted.ok()) call.AuditLimitRefusal(admitted);
   if (!admitted.ok()) return FinishedStream<kvmi::v1::VMChange>(admitted);
   auto* reactor = new WatchReactor(daemon_, limits_, std::move(admission));
   reactor->Start(std::make_shared<WatchTap>(call, &daemon_->pipeline()), &pump_);

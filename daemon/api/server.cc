@@ -1,5 +1,6 @@
 #include "daemon/api/server.h"
 
+#include <grpc/grpc.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
@@ -10,6 +11,103 @@
 #include "daemon/metrics/api_interceptor.h"
 
 namespace kvmid {
+
+namespace {
+
+// One per streaming call: registers it with OpenStreams when its first hook runs (its grpc_call
+// is set by then) and removes it when gRPC deletes the interceptor (the call is done).
+class OpenStreamInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  OpenStreamInterceptor(OpenStreams* streams, grpc::experimental::ServerRpcInfo* info)
+      : streams_(streams), info_(info) {}
+  ~OpenStreamInterceptor() override {
+    if (added_) streams_->Remove(this);
+  }
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (!added_ && info_->server_context() != nullptr &&
+        info_->server_context()->c_call() != nullptr) {
+      added_ = true;
+      streams_->Add(this, info_->server_context()->c_call());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  OpenStreams* const streams_;
+  grpc::experimental::ServerRpcInfo* const info_;
+  bool added_ = false;  // hooks of one call never run concurrently
+};
+
+class OpenStreamsFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit OpenStreamsFactory(OpenStreams* streams) : streams_(streams) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    using Type = grpc::experimental::ServerRpcInfo::Type;
+    if (info->type() == Type::UNARY) return nullptr;  // unary calls get the grace
+    return new OpenStreamInterceptor(streams_, info);
+  }
+
+ private:
+  OpenStreams* const streams_;
+};
+
+void EndCall(grpc_call* call) {
+  grpc_call_cancel_with_status(call, GRPC_STATUS_UNAVAILABLE, kShuttingDownMessage, nullptr);
+}
+
+}  // namespace
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+OpenStreams::NewInterceptorFactory() {
+  return std::make_unique<OpenStreamsFactory>(this);
+}
+
+void OpenStreams::Add(const void* id, grpc_call* call) {
+  grpc_call_ref(call);
+  bool ended = false;
+  {
+    MutexLock lock(&mu_);
+    calls_[id] = call;
+    ended = ended_;
+  }
+  if (ended) EndCall(call);  // started after EndAll: ended as it starts (our ref keeps it)
+}
+
+void OpenStreams::Remove(const void* id) {
+  grpc_call* call = nullptr;
+  {
+    MutexLock lock(&mu_);
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return;
+    call = it->second;
+    calls_.erase(it);
+  }
+  grpc_call_unref(call);
+}
+
+size_t OpenStreams::EndAll() {
+  std::vector<grpc_call*> calls;
+  {
+    MutexLock lock(&mu_);
+    ended_ = true;
+    calls.reserve(calls_.size());
+    for (const auto& [id, call] : calls_) {
+      grpc_call_ref(call);  // cancelled outside the lock: gRPC may finish the call inline
+      calls.push_back(call);
+    }
+  }
+  for (grpc_call* call : calls) {
+    EndCall(call);
+    grpc_call_unref(call);
+  }
+  return calls.size();
+}
+
+size_t OpenStreams::open() const {
+  MutexLock lock(&mu_);
+  return calls_.size();
+}
 
 ApiServer::ApiServer(Daemon* daemon, size_t history, security::AuditLog* audit)
     : history_(std::make_unique<EventHistory>(&daemon->pipeline(), history)),
@@ -47,7 +145,9 @@ absl::Status ApiServer::Start(const security::ApiListenOptions& options) {
   absl::Status listening = AddListeners(&builder, options);
   if (!listening.ok()) return listening;
   builder.RegisterService(service_.get());
-  builder.experimental().SetInterceptorCreators(ApiMetricsInterceptors());  // kvmid_api_calls_total
+  auto interceptors = ApiMetricsInterceptors();  // kvmid_api_calls_total
+  interceptors.push_back(open_streams_.NewInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   const std::string where =
       (options.unix_socket.empty() ? "" : "unix:" + options.unix_socket + " ") + options.tcp;
@@ -72,7 +172,9 @@ void ApiServer::Shutdown() {
   if (unix_listener_) unix_listener_->Stop();
   if (!server_) return;
   server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every name from now on
-  // Streams end within their poll interval; give them a moment, then cut.
+  // Streams would never end by themselves: they end now, told why. Unary calls get the grace.
+  const size_t ended = open_streams_.EndAll();
+  if (ended > 0) spdlog::info("API: {} open streams ended ({})", ended, kShuttingDownMessage);
   server_->Shutdown(std::chrono::system_clock::now() + api::kShutdownGrace);
   server_.reset();
 }

@@ -6,19 +6,55 @@
 
 #include <absl/status/status.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include <cstddef>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "daemon/api/event_history.h"
 #include "daemon/api/introspection_service.h"
+#include "daemon/base/mutex.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/audit.h"
 #include "daemon/security/credentials.h"
 #include "daemon/security/unix_listener.h"
 
 namespace kvmid {
+
+// What a stream ended by a shutdown is told.
+inline constexpr char kShuttingDownMessage[] = "kvmid is shutting down";
+
+// The streaming calls open on a server (StreamEvents, WatchVMs, Attach, health Watch,
+// reflection), registered by a gRPC interceptor (Interceptors()) from their start to their end,
+// so that a shutdown can end them at once: EndAll cancels each with UNAVAILABLE
+// kShuttingDownMessage (the client sees that status; the reactor gets OnCancel and finishes), and
+// streams that start afterwards are ended as they start. Unary calls are not registered: they
+// get the shutdown's grace. Thread-safe.
+class OpenStreams {
+ public:
+  OpenStreams() = default;
+  OpenStreams(const OpenStreams&) = delete;
+  OpenStreams& operator=(const OpenStreams&) = delete;
+
+  // The interceptor factory to install on the server's builder (it refers to this object, which
+  // must outlive the server).
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewInterceptorFactory();
+  // Ends every open stream and every later one. Returns how many were open.
+  size_t EndAll();
+  size_t open() const;
+
+  // The interceptor's side: `call` (referenced until Remove) is open under `id`.
+  void Add(const void* id, grpc_call* call);
+  void Remove(const void* id);
+
+ private:
+  mutable Mutex mu_;
+  std::map<const void*, grpc_call*> calls_ ABSL_GUARDED_BY(mu_);  // each holds a grpc_call ref
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;
+};
 
 class ApiServer {
  public:
@@ -34,7 +70,10 @@ class ApiServer {
   // itself (exact mode and group, peer credentials), TCP with mutual TLS or, named, plaintext on
   // loopback. The error names the address or the option it could not use.
   absl::Status Start(const security::ApiListenOptions& options);
+  // Stops accepting, ends the open streams at once (UNAVAILABLE kShuttingDownMessage) and gives
+  // the unary calls in flight api::kShutdownGrace to finish. Idempotent.
   void Shutdown();
+  const OpenStreams& open_streams() const { return open_streams_; }
   int tcp_port() const { return tcp_port_; }
   const EventHistory& history() const { return *history_; }
 
@@ -42,6 +81,7 @@ class ApiServer {
   absl::Status AddListeners(grpc::ServerBuilder* builder,
                             const security::ApiListenOptions& options);
 
+  OpenStreams open_streams_;  // before the server, which its interceptors refer to
   std::unique_ptr<EventHistory> history_;
   std::unique_ptr<IntrospectionService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -1,7 +1,13 @@
 // The server assembly: reflection and health are on, TCP as well as UNIX, and Start's errors.
 #include <grpcpp/generic/generic_stub.h>
 
+#include <chrono>
+#include <memory>
+#include <vector>
+
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/api/limits.h"
+#include "daemon/testing/wait.h"
 #include "src/proto/grpc/reflection/v1alpha/reflection.grpc.pb.h"
 
 namespace kvmid {
@@ -72,6 +78,46 @@ TEST_F(ApiTest, StartNamesWhatItCannotServe) {
   absl::Status bad = second.Start(options);
   EXPECT_FALSE(bad.ok());
   EXPECT_THAT(std::string(bad.message()), HasSubstr("/proc/kvmid-no-such-dir"));
+}
+
+// A shutdown ends the open streams at once, telling them why, instead of waiting its grace for
+// streams that would never end by themselves.
+TEST_F(ApiTest, ShutdownEndsOpenStreamsAtOnceWithUnavailable) {
+  constexpr int kWatches = 40, kEventStreams = 10;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::VMChange>>> watches;
+  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::EventMessage>>> streams;
+  for (int i = 0; i < kWatches; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    watches.push_back(stub_->WatchVMs(contexts.back().get(), kvmi::v1::WatchVMsRequest()));
+  }
+  for (int i = 0; i < kEventStreams; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    streams.push_back(stub_->StreamEvents(contexts.back().get(), kvmi::v1::StreamEventsRequest()));
+  }
+  ASSERT_TRUE(testing::WaitUntil(
+      [&] { return api_->open_streams().open() == size_t{kWatches + kEventStreams}; }));
+  const auto start = std::chrono::steady_clock::now();
+  api_->Shutdown();
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_LT(took, api::kShutdownGrace) << "the shutdown waited for the streams";
+  auto expect_ended = [](grpc::Status status) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+    EXPECT_EQ(status.error_message(), kShuttingDownMessage);
+  };
+  for (auto& watch : watches) {
+    kvmi::v1::VMChange change;
+    while (watch->Read(&change)) {
+    }
+    expect_ended(watch->Finish());
+  }
+  for (auto& stream : streams) {
+    kvmi::v1::EventMessage message;
+    while (stream->Read(&message)) {
+    }
+    expect_ended(stream->Finish());
+  }
+  EXPECT_EQ(api_->open_streams().open(), 0u);
 }
 
 }  // namespace

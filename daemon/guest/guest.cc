@@ -574,6 +574,7 @@ void Guest::OnEvent(const std::shared_ptr<GuestSession>& session, const kvmi::Ev
 }
 
 void Guest::OnClosed(const std::shared_ptr<GuestSession>& session, const std::string& reason) {
+  auto self = shared_from_this();  // a gone guest may be forgotten by the registry meanwhile
   std::map<uint16_t, Hold> held;
   std::map<uint16_t, std::deque<PauseRequest>> requests;
   bool gone = false;

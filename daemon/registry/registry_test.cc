@@ -175,5 +175,63 @@ TEST_F(RegistryTest, SnapshotsOfListedGuestsShowTheirState) {
   EXPECT_EQ(by_name["web-2"].connections, 0u);
 }
 
+// A guest connects, is hooked, and goes (its host closes): the registry remembers it as gone.
+class GoneGuestTest : public RegistryTest {
+ protected:
+  std::shared_ptr<Guest> ConnectAndHook(uint8_t uuid_byte, ScriptedHost* host) {
+    GuestIdentity identity = Identity(uuid_byte, "vm-" + std::to_string(uuid_byte));
+    std::shared_ptr<Guest> guest = registry_.FindOrCreate(identity);
+    EXPECT_TRUE(registry_.Attach(guest, Connect(host, guest, identity)));
+    EXPECT_TRUE(WaitUntil([&] { return guest->state() == GuestState::kHooked; }));
+    return guest;
+  }
+  std::shared_ptr<Guest> ConnectHookAndGo(uint8_t uuid_byte) {
+    auto host = std::make_unique<ScriptedHost>();
+    std::shared_ptr<Guest> guest = ConnectAndHook(uuid_byte, host.get());
+    host->Close();
+    EXPECT_TRUE(WaitUntil([&] { return guest->state() == GuestState::kGone; }));
+    hosts_.push_back(std::move(host));
+    return guest;
+  }
+  std::vector<std::unique_ptr<ScriptedHost>> hosts_;
+};
+
+TEST_F(GoneGuestTest, PastMaxGoneGuestsTheOldestGoneAreForgotten) {
+  registry_.SetGoneGuestBounds(std::chrono::hours(1), 2);
+  ScriptedHost live_host;
+  std::shared_ptr<Guest> live = ConnectAndHook(9, &live_host);  // hooked: never counted
+  std::vector<std::shared_ptr<Guest>> gone;
+  for (uint8_t i = 1; i <= 4; ++i) {
+    gone.push_back(ConnectHookAndGo(i));
+    ASSERT_TRUE(WaitUntil([&] { return registry_.gone_guests() >= std::min<size_t>(i, 2); }));
+  }
+  // The two that went first are forgotten (on the next List), the two last and the live one stay.
+  ASSERT_TRUE(WaitUntil([&] { return registry_.List().size() == 3; }));
+  EXPECT_THAT(registry_.List(), UnorderedElementsAre(live, gone[2], gone[3]));
+  EXPECT_EQ(registry_.Lookup("vm-1"), nullptr);
+  EXPECT_EQ(registry_.Lookup(kvmi::UuidToString(Identity(2, "").uuid)), nullptr);
+  EXPECT_EQ(registry_.Lookup("vm-3"), gone[2]);
+  EXPECT_EQ(registry_.forgotten_guests(), 2u);
+  EXPECT_EQ(registry_.gone_guests(), 2u);
+  // As if never seen: the same UUID again is a new guest.
+  std::shared_ptr<Guest> again = registry_.FindOrCreate(Identity(1, "vm-1"));
+  EXPECT_NE(again, gone[0]);
+  EXPECT_EQ(again->Snapshot().connections, 0u);
+  EXPECT_EQ(gone[0].use_count(), 1) << "the registry still holds the forgotten guest";
+}
+
+TEST_F(GoneGuestTest, AfterTheRetentionAGoneGuestIsForgottenAReconnectedOneIsNot) {
+  registry_.SetGoneGuestBounds(std::chrono::seconds(1), 100);
+  std::shared_ptr<Guest> gone = ConnectHookAndGo(1);
+  std::shared_ptr<Guest> back = ConnectHookAndGo(2);
+  ScriptedHost again;
+  ASSERT_EQ(ConnectAndHook(2, &again), back);  // reconnected within the retention
+  ASSERT_TRUE(WaitUntil([&] { return registry_.Lookup("vm-1") == nullptr; }));
+  EXPECT_EQ(registry_.Lookup("vm-2"), back);
+  EXPECT_THAT(registry_.List(), UnorderedElementsAre(back));
+  EXPECT_EQ(registry_.forgotten_guests(), 1u);
+  EXPECT_EQ(registry_.gone_guests(), 0u);
+}
+
 }  // namespace
 }  // namespace kvmid

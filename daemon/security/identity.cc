@@ -110,7 +110,7 @@ absl::StatusOr<CallerIdentity> IdentifyCaller(const grpc::ServerContextBase& con
     identity.kind = CallerIdentity::Kind::kUnix;
     identity.unix = *unix;
     identity.principal = absl::StrCat("uid:", unix->uid);
-    identity.peer = std::move(peer);
+    identity.peer = UnixPeerName(*unix);
     return identity;
   }
   std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
@@ -120,6 +120,11 @@ absl::StatusOr<CallerIdentity> IdentifyCaller(const grpc::ServerContextBase& con
     return identity;  // no security connector at all: anonymous
   }
   return IdentityFromAuthContext(*auth, peer);
+}
+
+std::string UnixPeerName(const UnixPeer& peer) {
+  return absl::StrCat("unix:", peer.socket_path, " pid=", peer.pid, " uid=", peer.uid,
+                      " gid=", peer.gid);
 }
 
 UnixPeerTable& UnixPeerTable::Global() {

@@ -26,12 +26,17 @@
 
 namespace kvmid::security {
 
-// The credentials of a UNIX peer at connect time (SO_PEERCRED).
+// The credentials of a UNIX peer at connect time (SO_PEERCRED), and the socket it connected to.
 struct UnixPeer {
   uid_t uid = 0;
   gid_t gid = 0;
   pid_t pid = 0;
+  std::string socket_path;  // the API socket's path ("" if unknown)
 };
+
+// What logs and audit records call a UNIX caller's peer (instead of gRPC's "fd:N", which names
+// nothing once the connection is gone): "unix:/run/kvmid/api.sock pid=1234 uid=0 gid=0".
+std::string UnixPeerName(const UnixPeer& peer);
 
 struct CallerIdentity {
   enum class Kind {
@@ -46,11 +51,12 @@ struct CallerIdentity {
   Source source = Source::kNone;
   std::string principal;  // spiffe://td/path, a DNS name, a CN, or uid:N
   UnixPeer unix;          // kUnix only
-  std::string peer;       // gRPC's peer: "ipv4:127.0.0.1:40312", "ipv6:[::1]:40312", "fd:12"
+  // gRPC's peer for TCP: "ipv4:127.0.0.1:40312", "ipv6:[::1]:40312"; UnixPeerName for UNIX.
+  std::string peer;
 
   // One token-like line for logs and audit records, e.g.
   //   tls spiffe=spiffe://kvmid.dev/role/admin peer=ipv4:10.0.0.7:51234
-  //   unix uid=1000 gid=1000 pid=4242 peer=fd:12
+  //   unix uid=1000 gid=1000 pid=4242 peer=unix:/run/kvmid/api.sock pid=4242 uid=1000 gid=1000
   //   anonymous peer=ipv4:127.0.0.1:40312
   std::string ToString() const;
 };

@@ -159,19 +159,21 @@ TEST_F(IdentityTest, UnixCallerIsItsPeerCredentials) {
   grpc::Status status =
       Call(grpc::CreateChannel("unix:" + dir_ + "/api.sock", grpc::InsecureChannelCredentials()));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
-  std::string expected = "unix uid=" + std::to_string(::getuid()) +
-                         " gid=" + std::to_string(::getgid()) +
-                         " pid=" + std::to_string(::getpid()) + " peer=fd:";
-  EXPECT_THAT(status.error_message(), StartsWith(expected));
+  const std::string uid = std::to_string(::getuid()), gid = std::to_string(::getgid()),
+                    pid = std::to_string(::getpid());
+  // The peer is the socket's path and the credentials, not gRPC's "fd:N".
+  EXPECT_EQ(status.error_message(), "unix uid=" + uid + " gid=" + gid + " pid=" + pid +
+                                        " peer=unix:" + dir_ + "/api.sock pid=" + pid +
+                                        " uid=" + uid + " gid=" + gid);
   EXPECT_EQ(listener_->accepted(), 1u);
 }
 
 TEST(UnixPeerTableTest, SetGetEraseByDescriptor) {
   UnixPeerTable& table = UnixPeerTable::Global();
-  table.Set(100000, UnixPeer{1, 2, 3});
+  table.Set(100000, UnixPeer{1, 2, 3, ""});
   ASSERT_TRUE(table.Get(100000).has_value());
   EXPECT_EQ(table.Get(100000)->uid, 1u);
-  table.Set(100000, UnixPeer{4, 5, 6});  // a new connection on a reused number
+  table.Set(100000, UnixPeer{4, 5, 6, ""});  // a new connection on a reused number
   EXPECT_EQ(table.Get(100000)->pid, 6);
   table.Erase(100000);
   EXPECT_FALSE(table.Get(100000).has_value());
@@ -186,9 +188,10 @@ TEST(CallerIdentityTest, ToStringNamesIdentityAndPeer) {
   EXPECT_EQ(tls.ToString(), "tls dns=a.example peer=ipv6:[::1]:5");
   CallerIdentity unix;
   unix.kind = CallerIdentity::Kind::kUnix;
-  unix.unix = UnixPeer{1000, 100, 42};
-  unix.peer = "fd:9";
-  EXPECT_EQ(unix.ToString(), "unix uid=1000 gid=100 pid=42 peer=fd:9");
+  unix.unix = UnixPeer{1000, 100, 42, "/run/kvmid/api.sock"};
+  unix.peer = UnixPeerName(unix.unix);
+  EXPECT_EQ(unix.ToString(),
+            "unix uid=1000 gid=100 pid=42 peer=unix:/run/kvmid/api.sock pid=42 uid=1000 gid=100");
   CallerIdentity anonymous;
   anonymous.peer = "ipv4:127.0.0.1:9";
   EXPECT_EQ(anonymous.ToString(), "anonymous peer=ipv4:127.0.0.1:9");

@@ -50,6 +50,13 @@ constexpr LimitInfo kLimits[] = {
      1, 1024, "handshakes",
      "concurrent KVMI handshakes of one peer (UNIX uid or vsock CID), within the 1024 of every "
      "peer together"},
+    {Limit::kGoneGuestRetentionSeconds, "gone_guest_retention_seconds",
+     &Limits::gone_guest_retention_seconds, 1, 30 * 24 * 3600, "s",
+     "how long a disconnected guest is remembered (its leases, its state in ListVMs and GetVM); "
+     "then it is forgotten, as if never seen"},
+    {Limit::kMaxGoneGuests, "max_gone_guests", &Limits::max_gone_guests, 1, 1u << 20, "guests",
+     "disconnected guests remembered at once; past it the oldest gone one is forgotten first (a "
+     "peer that connects with new UUIDs over and over cannot grow kvmid)"},
 };
 
 constexpr bool TableInEnumOrder() {
@@ -60,7 +67,7 @@ constexpr bool TableInEnumOrder() {
 }
 static_assert(TableInEnumOrder(), "kLimits must list the limits in the order of enum Limit");
 static_assert(sizeof(kLimits) / sizeof(kLimits[0]) ==
-                  static_cast<size_t>(Limit::kHandshakeSlotsPerPeer) + 1,
+                  static_cast<size_t>(Limit::kMaxGoneGuests) + 1,
               "kLimits must list every limit");
 
 }  // namespace

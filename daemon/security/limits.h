@@ -50,6 +50,8 @@ enum class Limit : uint8_t {
   kMaxAttachDeadlineMs,
   kMaxHeldEventsPerHandler,
   kHandshakeSlotsPerPeer,
+  kGoneGuestRetentionSeconds,
+  kMaxGoneGuests,
 };
 
 struct Limits {
@@ -64,6 +66,8 @@ struct Limits {
   uint64_t max_attach_deadline_ms = 5000;
   uint64_t max_held_events_per_handler = 128;
   uint64_t handshake_slots_per_peer = 256;
+  uint64_t gone_guest_retention_seconds = 600;  // a disconnected guest is forgotten after it
+  uint64_t max_gone_guests = 4096;              // disconnected guests remembered at once
 
   uint64_t Get(Limit limit) const;
 };

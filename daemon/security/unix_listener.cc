@@ -213,7 +213,7 @@ void UnixApiListener::Adopt(grpc::Server* server, kvmi::UniqueFd connection) {
     spdlog::warn("API socket {}: SO_PEERCRED: {}; connection dropped", path_, std::strerror(errno));
     return;
   }
-  UnixPeer peer{cred.uid, cred.gid, cred.pid};
+  UnixPeer peer{cred.uid, cred.gid, cred.pid, path_};
   // Recorded before gRPC can read a byte from it: no call can arrive without its credentials.
   UnixPeerTable::Global().Set(connection.get(), peer);
   accepted_.fetch_add(1, std::memory_order_relaxed);

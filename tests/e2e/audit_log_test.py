@@ -8,7 +8,12 @@ as root and as uid 65534 (setpriv, unix_peer.py).
 - logrotate: the file renamed and SIGHUP, new records go to a new file at PATH, the old one keeps
   what it had;
 - a failing sink (PATH a symlink to /dev/full: every write(2) is ENOSPC): mutating calls fail
-  with UNAVAILABLE saying why and do not happen, reads still work."""
+  with UNAVAILABLE saying why and do not happen, reads still work;
+- refusals by a limit (RESOURCE_EXHAUSTED) are audited for every RPC, a read-only stream too
+  (WatchVMs past limits.streams_per_identity), with the limit's name, once per identity and
+  limit per second: a flood of oversized ApplyPolicy calls writes a bounded number of lines
+  whose "suppressed" counts add up to every refusal;
+- a UNIX caller's peer is the API socket's path and its SO_PEERCRED pid/uid/gid."""
 
 import base64
 import datetime
@@ -51,7 +56,7 @@ class Node:
     """kvmid with --audit_log and two kvmi-sim guests; the API socket is 0666 so that uid 65534
     can connect and be refused by kvmid itself."""
 
-    def __init__(self, test, audit_path=None):
+    def __init__(self, test, audit_path=None, config=None):
         self.dir = tempfile.mkdtemp(prefix="kvmid-audit-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.api = os.path.join(self.dir, "api.sock")
@@ -59,10 +64,16 @@ class Node:
         self.procs = []
         test.addCleanup(self.close)
         self.log = open(os.path.join(self.dir, "kvmid.log"), "w+")
+        extra = []
+        if config is not None:
+            path = os.path.join(self.dir, "kvmid.textproto")
+            with open(path, "w") as f:
+                f.write(config)
+            extra.append("--config=" + path)
         self.kvmid = subprocess.Popen(
             [KVMID, "--kvmi_socket=%s/kvmi.sock" % self.dir, "--api_socket=" + self.api,
              "--api_socket_mode=0666", "--audit_log=" + self.audit, "--log_events=none",
-             "--metrics_address=", "--state_dir=%s/state" % self.dir],
+             "--metrics_address=", "--state_dir=%s/state" % self.dir] + extra,
             stdout=self.log, stderr=subprocess.STDOUT)
         self.procs.append(self.kvmid)
         wait_for(lambda: os.path.exists(self.api) or self.kvmid.poll() is not None, 20,
@@ -127,9 +138,15 @@ class AuditLogRecords(unittest.TestCase):
             self.assertLessEqual(line["duration_ns"], (finished - started + 1) * 1e9)
         for key, value in identity.items():
             self.assertEqual(line["identity"].get(key), value, line["identity"])
-        # The transport's address as gRPC names it: kvmid serves accepted UNIX connections to
-        # gRPC by descriptor, so a UNIX caller's peer may read "fd:N" (who it is, is identity).
-        self.assertRegex(line["peer"], r"^(unix:.*|fd:\d+)$")
+        # A UNIX caller's peer: the API socket's path and the connection's SO_PEERCRED (not
+        # gRPC's "fd:N" for the descriptor kvmid hands it).
+        m = re.match(r"^unix:(\S+) pid=(\d+) uid=(\d+) gid=(\d+)$", line["peer"])
+        self.assertIsNotNone(m, line["peer"])
+        self.assertEqual(m.group(1), self.node.api)
+        self.assertEqual(int(m.group(3)), line["identity"]["uid"])
+        self.assertEqual(int(m.group(4)), line["identity"]["gid"])
+        if "pid" in line["identity"]:
+            self.assertEqual(int(m.group(2)), line["identity"]["pid"])
         if guest is None:
             self.assertEqual(line["guest"], {"uuid": "", "name": ""})
         else:
@@ -154,6 +171,7 @@ class AuditLogRecords(unittest.TestCase):
         self.assertRecord(line, "WritePhysical", "OK", self.ROOT, vm, started, finished)
         if "pid" in line["identity"]:
             self.assertEqual(line["identity"]["pid"], os.getpid())  # this process connected
+        self.assertEqual(line["peer"], "unix:%s pid=%d uid=0 gid=0" % (node.api, os.getpid()))
         self.assertEqual(line["args"]["gpa"], "0x%x" % GPA)
         self.assertEqual(line["args"]["size"], len(SECRET))
         self.assertEqual(line["args"].get("vm"), uuid)
@@ -247,6 +265,78 @@ class AuditLogRecords(unittest.TestCase):
         self.assertEqual(read_lines(rotated), before, "the rotated file kept its lines, only")
         self.assertEqual(os.stat(node.audit).st_mode & 0o777, 0o600)
         self.assertIsNone(node.kvmid.poll())
+
+
+class LimitRefusals(unittest.TestCase):
+    """Refusals by a limit, audited once per identity and limit per second."""
+
+    STREAMS = 2
+
+    def setUp(self):
+        self.node = Node(self, config="limits { streams_per_identity: %d }\n" % self.STREAMS)
+        self.seen = len(read_lines(self.node.audit))
+
+    def refusals(self, rpc):
+        return [line for line in read_lines(self.node.audit)[self.seen:]
+                if line["rpc"] == rpc and line["code"] == "RESOURCE_EXHAUSTED"]
+
+    def test_a_refused_stream_is_audited_with_its_limit(self):
+        node = self.node
+        streams = [node.root.watch_vms() for _ in range(self.STREAMS)]
+        for stream in streams:
+            next(stream)  # open: the current guests come first
+        started = time.time()
+        refused = node.root.watch_vms()
+        with self.assertRaises(Exception) as caught:
+            next(refused)
+        finished = time.time()
+        self.assertIn("streams_per_identity", str(caught.exception))
+        for stream in streams:
+            stream.cancel()
+        (line,) = wait_for(lambda: self.refusals("WatchVMs") or None, 10,
+                           "the WatchVMs refusal's audit line")
+        self.assertEqual(set(line), FIELDS, line)
+        self.assertEqual(line["identity"]["kind"], "unix")
+        self.assertEqual(line["identity"]["uid"], 0)
+        self.assertEqual(line["peer"], "unix:%s pid=%d uid=0 gid=0" % (node.api, os.getpid()))
+        self.assertEqual(line["guest"], {"uuid": "", "name": ""})
+        self.assertEqual(line["args"], {"limit": "streams_per_identity", "suppressed": 0})
+        self.assertIn("limits.streams_per_identity", line["message"])
+        t = parse_time(line["time"])
+        self.assertGreaterEqual(t, started - 1)
+        self.assertLessEqual(t, finished + 1)
+
+    def test_a_refusal_flood_is_rate_limited_and_every_refusal_is_counted(self):
+        node = self.node
+        policy = kc.protect_pages_policy("wordy", 0x1000, 0x1fff)
+        policy.description = "d" * 5000  # over max_policy_description_bytes (4096)
+        calls = 0
+        start = time.time()
+        while time.time() - start < 1.5:
+            with self.assertRaises(kc.KvmiError) as caught:
+                node.root.apply_policy(policy)
+            self.assertIn("limits.max_policy_description_bytes", caught.exception.message)
+            calls += 1
+        elapsed = time.time() - start
+        # One more in a later second: it is written, with what was left out since.
+        flood_end = int(time.time())
+        wait_for(lambda: int(time.time()) > flood_end, 3, "the next second")
+        with self.assertRaises(kc.KvmiError):
+            node.root.apply_policy(policy)
+        calls += 1
+        lines = wait_for(lambda: (lambda r: r if r and parse_time(r[-1]["time"]) > flood_end
+                                  else None)(self.refusals("ApplyPolicy")),
+                         10, "the last refusal's line")
+        self.assertGreater(calls, 20, "a flood of refusals")
+        # At most one line per second of the flood, plus the last one.
+        self.assertLessEqual(len(lines), int(elapsed) + 3, lines)
+        for line in lines:
+            self.assertEqual(line["identity"]["uid"], 0)
+            self.assertEqual(line["args"]["policy"], "wordy")
+            self.assertEqual(line["args"]["limit"], "max_policy_description_bytes")
+            self.assertIn("5000 bytes", line["message"])
+        self.assertEqual(sum(1 + line["args"]["suppressed"] for line in lines), calls)
+        self.assertEqual(node.root.policies(), [])
 
 
 class FailingAuditSink(unittest.TestCase):

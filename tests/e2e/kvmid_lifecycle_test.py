@@ -1,7 +1,9 @@
 """kvmid as a node service, with the real binaries: one instance per socket directory (a second
-one is refused and touches nothing; a killed one's stale sockets are replaced), and SIGHUP
+one is refused and touches nothing; a killed one's stale sockets are replaced), SIGHUP
 reloads the configuration without dropping a guest (an invalid one is refused, the old one
-stays)."""
+stays; so is one whose configured policies plus the API's would pass limits.max_policies), and
+SIGTERM with open streams ends them at once (UNAVAILABLE "kvmid is shutting down") and exits
+quickly instead of waiting a grace period for streams that never end."""
 
 import json
 import os
@@ -177,6 +179,87 @@ class SighupReload(unittest.TestCase):
         stop_process(kvmid)
         self.assertEqual(kvmid.returncode, 0)
         self.assertNotIn("session closed: peer", node.log_text(kvmid))
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+
+CONFIG_TWO_MAX = """
+limits { max_policies: 2 }
+policies { name: "cfg-sysenter" lock_msr { msr: 0x176 } }
+"""
+
+CONFIG_TWO_MAX_MORE = CONFIG_TWO_MAX + """
+policies { name: "cfg-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } }
+"""
+
+
+class ReloadPolicyCount(unittest.TestCase):
+    def test_a_reload_past_max_policies_is_refused_and_the_old_config_stays(self):
+        node = Node(self)
+        config = os.path.join(node.dir, "kvmid.textproto")
+        write_atomically(config, CONFIG_TWO_MAX)
+        kvmid = node.start_kvmid("--config=" + config)
+        client = node.client()
+        wait_for(lambda: len(client.policies()) == 1, 10, "the configured policy")
+        client.apply_policy(kc.protect_pages_policy("api-data", 0x2000, 0x2fff, allowed="r"))
+        # 2 configured + 1 from the API = 3 > max_policies 2: refused, named, nothing changes.
+        write_atomically(config, CONFIG_TWO_MAX_MORE)
+        kvmid.send_signal(signal.SIGHUP)
+        wait_for(lambda: "new configuration refused" in node.log_text(kvmid), 10,
+                 "the refusal log")
+        text = node.log_text(kvmid)
+        self.assertIn("limits.max_policies", text)
+        self.assertIn("3 policies", text)
+        self.assertEqual(sorted(p.policy.name for p in client.policies()),
+                         ["api-data", "cfg-sysenter"])
+        self.assertIsNone(kvmid.poll())
+        stop_process(kvmid)
+        self.assertEqual(kvmid.returncode, 0)
+
+
+class ShutdownWithOpenStreams(unittest.TestCase):
+    STREAMS = 100
+
+    def test_sigterm_ends_open_streams_at_once_and_exits_quickly(self):
+        node = Node(self)
+        config = os.path.join(node.dir, "kvmid.textproto")
+        with open(config, "w") as f:
+            f.write("limits { streams_per_identity: %d }\n" % (self.STREAMS + 10))
+        kvmid = node.start_kvmid("--config=" + config)
+        node.start_guests()
+        clients = [node.client() for _ in range(4)]
+        for client in clients:
+            self.addCleanup(client.close)
+        node.wait_hooked(clients[0])
+        # WatchVMs answers at once with the current guests, so each stream is known to be open
+        # (StreamEvents and Attach are ended by the same mechanism: //daemon/api:server_test).
+        streams = []
+        for i in range(self.STREAMS):
+            stream = clients[i % len(clients)].watch_vms()
+            next(stream)
+            streams.append(stream)
+        started = time.monotonic()
+        kvmid.send_signal(signal.SIGTERM)
+        kvmid.wait(timeout=30)
+        took = time.monotonic() - started
+        self.assertEqual(kvmid.returncode, 0)
+        codes = {}
+        for stream in streams:
+            try:
+                for _ in stream:
+                    pass
+                codes["ended without a status"] = codes.get("ended without a status", 0) + 1
+            except Exception as e:  # grpc.RpcError
+                key = "%s: %s" % (e.code().name, e.details())
+                codes[key] = codes.get(key, 0) + 1
+        self.assertEqual(codes, {"UNAVAILABLE: kvmid is shutting down": self.STREAMS})
+        # The guests unhook within a few hundred ms; the streams no longer hold the API's grace.
+        self.assertLess(took, 3.0, node.log_text(kvmid))
+        self.assertIn("%d open streams ended" % self.STREAMS, node.log_text(kvmid))
 
 
 class JsonLogs(unittest.TestCase):
