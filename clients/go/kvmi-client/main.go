@@ -33,7 +33,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
-	kvmiv1 "kvmid/clients/go/kvmi/v1"
+	kvmiv1 "github.com/kvmid/kvmid/clients/go/kvmi/v1"
 )
 
 const msrLSTAR = 0xC0000082
