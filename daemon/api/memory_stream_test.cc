@@ -3,9 +3,11 @@
 #include "daemon/api/memory_stream.h"
 
 #include <atomic>
+#include <fstream>
 #include <map>
 
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/security/audit.h"
 
 namespace kvmid {
 namespace {
@@ -395,6 +397,41 @@ TEST_F(ApiTest, WritePhysicalStreamRefusesMalformedStreams) {
     EXPECT_EQ(s.error_code(), c.code) << c.text << ": " << s.error_message();
     EXPECT_THAT(s.error_message(), HasSubstr(c.text));
   }
+}
+
+// A write stream is audited like WritePhysical: its guest, GPA and size, and its result.
+TEST_F(ApiTest, WritePhysicalStreamIsAuditedWithGpaAndSize) {
+  Connect(28, "mem");
+  const std::string audit_path = dir_ + "/audit.log";
+  auto audit = security::AuditLog::Open(audit_path);
+  ASSERT_TRUE(audit.ok()) << audit.status();
+  {
+    ApiServer audited(daemon_.get(), /*history=*/4, audit->get());
+    security::ApiListenOptions listen;
+    listen.unix_socket = dir_ + "/audited.sock";
+    ASSERT_TRUE(audited.Start(listen).ok());
+    auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(
+        "unix:" + dir_ + "/audited.sock", grpc::InsecureChannelCredentials()));
+    kvmi::v1::WritePhysicalStreamResponse response;
+    ASSERT_TRUE(WriteAll(stub.get(), {WriteMessage("abcd", "mem", 0x7000, 4)}, &response).ok());
+    EXPECT_EQ(WriteAll(stub.get(), {WriteMessage("ab", "mem", 0x8000, 3)}, &response).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+    kvmi::v1::ReadPhysicalStreamRequest read = ReadRequest("mem", 0x7000, 4);
+    std::vector<kvmi::v1::MemoryChunk> chunks;
+    ASSERT_TRUE(ReadAll(stub.get(), read, &chunks).ok());  // a read: not audited
+  }
+  audit->reset();
+  std::ifstream in(audit_path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_THAT(lines[0], HasSubstr("\"rpc\":\"WritePhysicalStream\""));
+  EXPECT_THAT(lines[0], HasSubstr("0x7000"));
+  EXPECT_THAT(lines[0], HasSubstr("\"size\":4"));
+  EXPECT_THAT(lines[0], HasSubstr("\"code\":\"OK\""));
+  EXPECT_THAT(lines[1], HasSubstr("0x8000"));
+  EXPECT_THAT(lines[1], HasSubstr("\"code\":\"INVALID_ARGUMENT\""));
+  ::unlink(audit_path.c_str());
 }
 
 }  // namespace

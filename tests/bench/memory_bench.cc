@@ -34,7 +34,7 @@
 
 ABSL_FLAG(int, mib, 256, "MiB of guest memory each row reads");
 ABSL_FLAG(int, in_flight, 64, "READ_PHYSICAL commands in flight for the raw pipelined reader");
-ABSL_FLAG(int, chunk_kib, 1024, "chunk size of the API stream rows (KiB)");
+ABSL_FLAG(int, chunk_kib, 256, "chunk size of the API stream rows (KiB); 1 MiB is shown too");
 ABSL_FLAG(std::string, python, "/usr/bin/python3", "Python for the Python rows (empty: skip)");
 ABSL_FLAG(std::string, python_client, "clients/python",
           "directory of kvmi_client.py and the generated kvmi/v1 stubs (bazel run: runfiles)");
@@ -233,8 +233,7 @@ int main(int argc, char** argv) {
     FillGuest(&fleet, bytes);
     fleet.Start();
     kvmi::UniqueFd fd;
-    if (kvmi::Accept(listener->get(), Clock::now() + std::chrono::seconds(30), &fd) !=
-        kvmi::IoResult::kOk) {
+    if (!kvmi::Accept(listener->get(), Clock::now() + std::chrono::seconds(30), &fd).ok()) {
       fprintf(stderr, "the simulator did not connect\n");
       return 1;
     }
@@ -272,10 +271,11 @@ int main(int argc, char** argv) {
     auto stub = kvmi::v1::Introspection::NewStub(
         grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
     rows.push_back(ApiStream(stub.get(), vm, bytes, chunk));
-    if (chunk != (256u << 10)) rows.push_back(ApiStream(stub.get(), vm, bytes, 256u << 10));
+    if (chunk != (1u << 20)) rows.push_back(ApiStream(stub.get(), vm, bytes, 1u << 20));
     rows.push_back(ApiUnary(stub.get(), vm, bytes));
     if (!absl::GetFlag(FLAGS_python).empty()) {
       rows.push_back(Python(target, vm, bytes, /*stream=*/true, chunk));
+      if (chunk != (1u << 20)) rows.push_back(Python(target, vm, bytes, /*stream=*/true, 1u << 20));
       rows.push_back(Python(target, vm, bytes, /*stream=*/false, chunk));
     }
     api.Shutdown();
