@@ -238,8 +238,10 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>
     bool fill = false;
     {
       MutexLock lock(&link->mu);
-      if (link->reactor == nullptr) return;
-      fill = link->reactor->PumpLocked();
+      ReadReactor* self = link->reactor;
+      if (self == nullptr) return;
+      self->link_->mu.AssertHeld();  // the same mutex (self->link_ == link), for the analysis
+      fill = self->PumpLocked();
     }
     if (fill) link->reader->Fill();
   }
@@ -429,6 +431,7 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
     MutexLock lock(&link->mu);
     WriteReactor* self = link->reactor;
     if (self == nullptr) return;
+    self->link_->mu.AssertHeld();  // the same mutex (self->link_ == link), for the analysis
     --self->in_flight_;
     if (!r.ok() && self->first_error_.ok()) {
       self->first_error_ = ToStatus(r, absl::StrCat("WritePhysicalStream at gpa ", Hex(at)));
