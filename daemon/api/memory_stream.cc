@@ -270,7 +270,9 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>
       if (!chunk.result.ok()) {
         Status failed = ToStatus(chunk.result, absl::StrCat("ReadPhysicalStream: ", chunk.size,
                                                             " bytes at gpa ", Hex(chunk.gpa)));
-        if (!continue_on_error_) {
+        // Only an error the host answered (KVM_E*: a hole, the end of memory) is skipped over;
+        // a guest that is gone or does not answer ends the stream either way.
+        if (!continue_on_error_ || chunk.result.status != CommandResult::Status::kKvmiError) {
           FinishLocked(failed);
           return took;
         }

@@ -246,6 +246,25 @@ TEST_F(ApiTest, ReadPhysicalStreamEndsAtAnUnreadableChunkOrReportsItAndGoesOn) {
   EXPECT_THAT(chunks[2].error(), HasSubstr("KVM_EINVAL"));
   EXPECT_TRUE(chunks[2].data().empty());
   EXPECT_EQ(chunks[3].data().size(), 4096u);
+
+  // A guest that goes away ends the stream even with continue_on_error (no endless error chunks).
+  auto defaults = std::make_shared<ScriptedHost>();
+  host->set_responder([defaults](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
+    if (m.hdr.id == KVMI_READ_PHYSICAL) return std::nullopt;  // never answered
+    return defaults->DefaultReply(m);
+  });
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto huge = ReadRequest("mem", 0, uint64_t{1} << 40, 4096);
+  huge.set_continue_on_error(true);
+  auto reader = stub_->ReadPhysicalStream(&ctx, huge);
+  host->Close();
+  kvmi::v1::MemoryChunk chunk;
+  size_t errors = 0;
+  while (reader->Read(&chunk)) errors += chunk.error().empty() ? 0 : 1;
+  s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_EQ(errors, 0u);
 }
 
 TEST_F(ApiTest, ReadPhysicalStreamSkipsZeroPagesWhenAsked) {
@@ -410,8 +429,8 @@ TEST_F(ApiTest, WritePhysicalStreamIsAuditedWithGpaAndSize) {
     security::ApiListenOptions listen;
     listen.unix_socket = dir_ + "/audited.sock";
     ASSERT_TRUE(audited.Start(listen).ok());
-    auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(
-        "unix:" + dir_ + "/audited.sock", grpc::InsecureChannelCredentials()));
+    auto stub = kvmi::v1::Introspection::NewStub(
+        grpc::CreateChannel("unix:" + dir_ + "/audited.sock", grpc::InsecureChannelCredentials()));
     kvmi::v1::WritePhysicalStreamResponse response;
     ASSERT_TRUE(WriteAll(stub.get(), {WriteMessage("abcd", "mem", 0x7000, 4)}, &response).ok());
     EXPECT_EQ(WriteAll(stub.get(), {WriteMessage("ab", "mem", 0x8000, 3)}, &response).error_code(),
