@@ -13,15 +13,16 @@ PACKAGES=(
   prometheus-cpp-dev libcivetweb-dev
   # Formatting / lint.
   clang-format clang-tidy
-  # Python client.
-  python3 python3-grpcio python3-protobuf
+  # Python client; pip, setuptools, wheel and venv install it offline (pyproject.toml).
+  python3 python3-grpcio python3-protobuf python3-pip python3-setuptools python3-wheel python3-venv
   # A real Prometheus server (and promtool) for the metrics end-to-end test.
   prometheus
   # The demo (scripts/run.sh) reads a few series from /metrics.
   curl
   # Certificates for the TLS tests and scripts/dev-certs.sh.
   openssl
-  # Go client (clients/go: GOPATH mode, stubs generated at build time).
+  # Go client (clients/go: a Go module built offline in module mode against these; stubs generated
+  # at build time).
   golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
   protoc-gen-go protoc-gen-go-grpc
   # Deployment tests (tests/deploy): the OCI image built offline and run, the sidecar pod played,

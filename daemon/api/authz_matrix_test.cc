@@ -93,6 +93,33 @@ grpc::StatusCode Streaming(Stub* stub, std::unique_ptr<grpc::ClientReader<Messag
   return reader->Finish().error_code();
 }
 
+// Bulk memory: a read stream of size 0 (INVALID_ARGUMENT once admitted), a write stream whose
+// first message declares size 0 (the same).
+grpc::StatusCode ReadStream(Stub* stub, const std::string& vm) {
+  kvmi::v1::ReadPhysicalStreamRequest request;
+  Fill(&request, vm);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = stub->ReadPhysicalStream(&ctx, request);
+  kvmi::v1::MemoryChunk chunk;
+  while (reader->Read(&chunk)) {
+  }
+  return reader->Finish().error_code();
+}
+
+grpc::StatusCode WriteStream(Stub* stub, const std::string& vm) {
+  kvmi::v1::WritePhysicalStreamRequest request;
+  Fill(&request, vm);
+  request.set_data("x");
+  kvmi::v1::WritePhysicalStreamResponse response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto writer = stub->WritePhysicalStream(&ctx, &response);
+  writer->Write(request);
+  writer->WritesDone();
+  return writer->Finish().error_code();
+}
+
 // Attach: the RPC alone (a claim of the in-scope guest; its own checks are tested below).
 grpc::StatusCode AttachClaim(Stub* stub, const kvmi::v1::Claim& claim,
                              kvmi::v1::AttachResponse* first = nullptr) {
@@ -176,6 +203,10 @@ grpc::StatusCode Call(Stub* stub, Rpc rpc, const std::string& vm) {
       return Unary(stub, &S::UnhookVM, vm);
     case Rpc::kWatchVMs:
       return Streaming(stub, &S::WatchVMs);
+    case Rpc::kReadPhysicalStream:
+      return ReadStream(stub, vm);
+    case Rpc::kWritePhysicalStream:
+      return WriteStream(stub, vm);
   }
   ADD_FAILURE() << "an RPC the matrix does not know: " << InfoOf(rpc).name;
   return grpc::StatusCode::UNKNOWN;

@@ -61,7 +61,8 @@ IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* h
       stream_limits_(daemon->limits(), &daemon->memory_trimmer()),
       inventory_(daemon),
       streams_(daemon, history, &stream_limits_),
-      commands_(&daemon->registry()) {}
+      commands_(&daemon->registry()),
+      memory_(&daemon->registry(), &admission_) {}
 
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
                                                                 grpc::ServerContextBase* context,
@@ -168,6 +169,31 @@ grpc::ServerWriteReactor<kvmi::v1::VMChange>* IntrospectionService::WatchVMs(
       *context, Rpc::kWatchVMs, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
   if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VMChange>(admitted);
   return streams_.WatchVMs(call.context(), *request);
+}
+
+// ---- bulk memory
+// ---------------------------------------------------------------------------------
+
+grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* IntrospectionService::ReadPhysicalStream(
+    grpc::CallbackServerContext* context, const kvmi::v1::ReadPhysicalStreamRequest* request) {
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      *context, Rpc::kReadPhysicalStream, OnGuest(request->vm()),
+      [&] {
+        security::AuditArgs args;
+        args.Text("vm", request->vm()).Hex("gpa", request->gpa()).Uint("size", request->size());
+        return args;
+      },
+      &call);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::MemoryChunk>(admitted);
+  return memory_.Read(*request);
+}
+
+// Admitted on its first message, which names the guest (memory_stream.cc).
+grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>*
+IntrospectionService::WritePhysicalStream(grpc::CallbackServerContext* context,
+                                          kvmi::v1::WritePhysicalStreamResponse* response) {
+  return memory_.Write(context, response);
 }
 
 // ---- control RPCs on one guest -----------------------------------------------------------------

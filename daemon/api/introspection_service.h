@@ -6,6 +6,7 @@
 //   event_stream.h    StreamEvents, WatchVMs
 //   attach.h          Attach (remote verdicts, inline commands)
 //   guest_commands.h  the control RPCs on one guest
+//   memory_stream.h   ReadPhysicalStream, WritePhysicalStream (bulk memory)
 // Conversions and the mapping of internal outcomes to gRPC statuses live in convert.h.
 #ifndef KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
 #define KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
@@ -21,6 +22,7 @@
 #include "daemon/api/event_stream.h"
 #include "daemon/api/guest_commands.h"
 #include "daemon/api/inventory.h"
+#include "daemon/api/memory_stream.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/audit.h"
@@ -32,10 +34,13 @@ namespace kvmid {
 // The streams run on gRPC's callback API, with no thread of their own: Attach (events written
 // from the guest's loop thread, verdicts applied from gRPC's read callback), StreamEvents and
 // WatchVMs (event_stream.h). Every other method is synchronous.
-class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
-                                       kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
-                                           kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
-                                               kvmi::v1::Introspection::Service>>> {
+class IntrospectionService final
+    : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
+          kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
+              kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
+                  kvmi::v1::Introspection::WithCallbackMethod_ReadPhysicalStream<
+                      kvmi::v1::Introspection::WithCallbackMethod_WritePhysicalStream<
+                          kvmi::v1::Introspection::Service>>>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
@@ -106,6 +111,13 @@ class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackM
                         kvmi::v1::UnhookVMResponse* response) override;
   grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
       grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
+  // Bulk memory (memory_stream.h).
+  grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* ReadPhysicalStream(
+      grpc::CallbackServerContext* context,
+      const kvmi::v1::ReadPhysicalStreamRequest* request) override;
+  grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* WritePhysicalStream(
+      grpc::CallbackServerContext* context,
+      kvmi::v1::WritePhysicalStreamResponse* response) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the
@@ -133,6 +145,7 @@ class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackM
   api::Inventory inventory_;
   api::EventStreams streams_;
   api::GuestCommands commands_;
+  api::MemoryStreams memory_;
   std::atomic<uint64_t> next_stream_{1};  // numbers the owners of Attach streams
 };
 

@@ -41,6 +41,9 @@ constexpr RpcInfo kRpcs[] = {
     KVMID_RPC(ControlEvents, kOperator, kGuest, true),
     KVMID_RPC(UnhookVM, kAdmin, kGuest, true),
     KVMID_RPC(WatchVMs, kViewer, kList, false),
+    // Bulk memory: read like ReadPhysical, write like WritePhysical (audited with GPA and size).
+    KVMID_RPC(ReadPhysicalStream, kOperator, kGuest, false),
+    KVMID_RPC(WritePhysicalStream, kAdmin, kGuest, true),
 #undef KVMID_RPC
 };
 
@@ -52,7 +55,8 @@ constexpr bool TableInEnumOrder() {
   return true;
 }
 static_assert(TableInEnumOrder(), "kRpcs must list the RPCs in the order of enum Rpc");
-static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kWatchVMs) + 1,
+static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) ==
+                  static_cast<size_t>(Rpc::kWritePhysicalStream) + 1,
               "kRpcs must list every RPC");
 
 std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }

@@ -85,6 +85,8 @@ enum class Rpc : uint8_t {
   kControlEvents,
   kUnhookVM,
   kWatchVMs,
+  kReadPhysicalStream,
+  kWritePhysicalStream,
 };
 
 // What an RPC is checked against.

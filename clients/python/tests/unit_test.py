@@ -256,5 +256,40 @@ class KvmictlTest(unittest.TestCase):
         self.assertIn("hint:", r.stderr)
 
 
+class BulkMemoryTest(unittest.TestCase):
+    def test_sizes_take_units_and_refuse_zero(self):
+        self.assertEqual(ctl._size("4096"), 4096)
+        self.assertEqual(ctl._size("0x1000"), 4096)
+        self.assertEqual(ctl._size("64K"), 64 << 10)
+        self.assertEqual(ctl._size("16m"), 16 << 20)
+        self.assertEqual(ctl._size("1G"), 1 << 30)
+        with self.assertRaisesRegex(ValueError, "above 0"):
+            ctl._size("0")
+
+    def test_dump_arguments(self):
+        args = ctl.make_parser().parse_args(["dump", "vm", "--out", "f", "--size", "2M"])
+        self.assertEqual((args.gpa, args.size, args.chunk), (0, 2 << 20, kc.STREAM_CHUNK_BYTES))
+        self.assertIsNone(args.progress)  # decided by whether stderr is a terminal
+        r = run_ctl("dump", "vm")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--out", r.stderr)
+
+    def test_progress_bar_and_zero_fill(self):
+        import io
+        out = io.StringIO()
+        bar = ctl.Progress(out)
+        bar(1 << 20, 4 << 20, final=True)
+        self.assertIn("25.0%", out.getvalue())
+        self.assertIn("1/4 MiB", out.getvalue())
+        zeros = io.BytesIO()
+        kc._write_zeros(zeros, (1 << 20) + 5)
+        self.assertEqual(zeros.getvalue(), bytes((1 << 20) + 5))
+
+    def test_write_stream_needs_a_size_for_pieces(self):
+        with kc.Client("unix:/nonexistent/kvmid.sock", connect_timeout=0.1) as client:
+            with self.assertRaisesRegex(ValueError, "size"):
+                client.write_physical_stream("vm", 0, iter([b"x"]))
+
+
 if __name__ == "__main__":
     unittest.main()
