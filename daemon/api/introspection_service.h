@@ -106,6 +106,9 @@ class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackM
                         kvmi::v1::UnhookVMResponse* response) override;
   grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
       grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
+  grpc::Status TranslateAddress(grpc::ServerContext* context,
+                                const kvmi::v1::TranslateAddressRequest* request,
+                                kvmi::v1::TranslateAddressResponse* response) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the

@@ -41,6 +41,8 @@ constexpr RpcInfo kRpcs[] = {
     KVMID_RPC(ControlEvents, kOperator, kGuest, true),
     KVMID_RPC(UnhookVM, kAdmin, kGuest, true),
     KVMID_RPC(WatchVMs, kViewer, kList, false),
+    // Reads guest memory (its page tables), as GetRegisters/ReadPhysical do; changes nothing.
+    KVMID_RPC(TranslateAddress, kOperator, kGuest, false),
 #undef KVMID_RPC
 };
 
@@ -52,7 +54,7 @@ constexpr bool TableInEnumOrder() {
   return true;
 }
 static_assert(TableInEnumOrder(), "kRpcs must list the RPCs in the order of enum Rpc");
-static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kWatchVMs) + 1,
+static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kTranslateAddress) + 1,
               "kRpcs must list every RPC");
 
 std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
@@ -169,6 +171,8 @@ absl::StatusOr<Rpc> RpcOfCommand(const kvmi::v1::Command& command) {
       return Rpc::kGetCPUID;
     case C::kGetMtrrType:
       return Rpc::kGetMTRRType;
+    case C::kTranslateAddress:
+      return Rpc::kTranslateAddress;
     case C::REQUEST_NOT_SET:
       break;
   }

@@ -85,6 +85,7 @@ enum class Rpc : uint8_t {
   kControlEvents,
   kUnhookVM,
   kWatchVMs,
+  kTranslateAddress,
 };
 
 // What an RPC is checked against.
