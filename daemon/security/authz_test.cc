@@ -112,6 +112,7 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"ControlSPP", Role::kOperator},
       {"GetPageWriteBitmap", Role::kOperator},
       {"SetPageWriteBitmap", Role::kOperator},
+      {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
       {"WritePhysical", Role::kAdmin},
       {"ApplyPolicy", Role::kAdmin},
       {"DeletePolicy", Role::kAdmin},
