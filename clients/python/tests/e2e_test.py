@@ -377,7 +377,8 @@ class E2ETest(unittest.TestCase):
         self.client.write_physical(vm, pdpt + 8 * ((gva >> 30) & 511), q(pd | 7))
         self.client.write_physical(vm, pd + 8 * ((gva >> 21) & 511), q(pt | 7))
         self.client.write_physical(vm, pt + 8 * ((gva >> 12) & 511), q(0x305000 | 5 | 1 << 63))
-        self.client.write_physical(vm, pdpt + 8 * 1, q(pd | 7))  # gva 0x40000000's PD
+        self.client.write_physical(vm, pml4, q(pdpt | 7))  # gva 0x40000000: PML4[0], PDPT[1]
+        self.client.write_physical(vm, pdpt + 8 * 1, q(pd | 7))
         self.client.write_physical(vm, pd, q(0x400000 | 0x83))
         t = self.client.translate(vm, gva + 0x123, cr3=pml4, mode="4level")
         self.assertTrue(t.present)
@@ -391,7 +392,7 @@ class E2ETest(unittest.TestCase):
         self.client.write_physical(vm, pd, q(0x600000 | 0x83))
         t = self.client.translate(vm, 0x40000000 + 0x1234, cr3=pml4)
         self.assertEqual((t.gpa, t.cached), (0x601234, False))
-        t = self.client.translate(vm, 0x1000, cr3=pml4, no_cache=True)
+        t = self.client.translate(vm, 0x100000000000, cr3=pml4, no_cache=True)  # PML4[32]: empty
         self.assertFalse(t.present)
         self.assertEqual((t.level, t.level_name), (4, "PML4E"))
         # Through a vCPU: the sims' CR3s point at empty tables, so nothing is mapped there.
