@@ -99,7 +99,8 @@ struct Guest {
     uint64_t big = sim::PageSizes(m)[1];
     uint64_t k = sim::KernelHalfStart(m);
     bool ok = builder.Map(0, k, 0, 16 * big, big, {true, false, false});
-    ok &= builder.Map(0, k + 32 * big, 0x100000, 0x10000, sim::k4KiB, {false, false, true});
+    // Asks for a user leaf: the supervisor-only upper entries must still make it kernel-only.
+    ok &= builder.Map(0, k + 32 * big, 0x100000, 0x10000, sim::k4KiB, {false, true, true});
     ok &= builder.MapNotPresent(0, k + 32 * big + 0x10000, 0x99);
     if (wide) ok &= builder.Map(0, 0xffff888000000000ull, 0, sim::k1GiB, sim::k1GiB, {});
     for (int p = 0; p < 4 && ok; ++p) {

@@ -23,6 +23,7 @@
 #include <functional>
 #include <future>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,6 +48,7 @@ namespace sim = ::kvmi::sim;
 struct Row {
   const char* name;
   std::vector<double> us;
+  double hit_ratio = -1;  // cached rows: answers that came from the cache
 };
 
 double Percentile(std::vector<double> v, double p) {
@@ -117,6 +119,7 @@ int Main() {
     } while (!g.page_tables()->Expect(cr3, gva).present);
     gvas.push_back(gva);
   }
+  size_t hits = 0;
   auto call = [&](bool by_vcpu, bool no_cache, size_t i) {
     kvmi::v1::TranslateAddressRequest request;
     request.set_vm("tb-0000");
@@ -132,16 +135,23 @@ int Main() {
     kvmi::v1::TranslateAddressResponse response;
     grpc::ClientContext ctx;
     grpc::Status s = stub->TranslateAddress(&ctx, request, &response);
-    return s.ok() && response.present() && response.cached() == !no_cache;
+    if (response.cached()) ++hits;
+    // Uncached calls must never be answered from the cache; cached ones are, except the first
+    // of each address per time to live (counted: the row's hit ratio).
+    return s.ok() && response.present() && !(no_cache && response.cached());
   };
 
   std::vector<Row> rows;
   rows.push_back(Measure("api vcpu cold", seconds, [&](size_t i) { return call(true, true, i); }));
+  hits = 0;
   rows.push_back(
       Measure("api vcpu cached", seconds, [&](size_t i) { return call(true, false, i); }));
+  rows.back().hit_ratio = static_cast<double>(hits) / (rows.back().us.size() + 50);
   rows.push_back(Measure("api cr3 cold", seconds, [&](size_t i) { return call(false, true, i); }));
+  hits = 0;
   rows.push_back(
       Measure("api cr3 cached", seconds, [&](size_t i) { return call(false, false, i); }));
+  rows.back().hit_ratio = static_cast<double>(hits) / (rows.back().us.size() + 50);
 
   vmem::PagingContext context;
   context.mode = vmem::PagingMode::k4Level;
@@ -154,7 +164,8 @@ int Main() {
                [&](absl::StatusOr<vmem::Translation> t) { done.set_value(t.ok() && t->present); });
     return done.get_future().get();
   }));
-  vmem::TranslationCache cache;
+  // A long time to live: this row measures the lookup, not the expiry.
+  vmem::TranslationCache cache(vmem::CacheOptions{std::chrono::hours(1)});
   for (uint64_t gva : gvas) {
     std::promise<vmem::Translation> done;
     vmem::Walk(reader, context, gva,
@@ -167,13 +178,15 @@ int Main() {
 
   std::printf("TranslateAddress, 4-level guest page tables, %zu addresses, %.1f s per row\n",
               gvas.size(), seconds);
-  std::printf("%-18s %10s %10s %10s %12s\n", "path", "calls", "p50 us", "p99 us", "calls/s");
+  std::printf("%-18s %10s %10s %10s %12s %8s\n", "path", "calls", "p50 us", "p99 us", "calls/s",
+              "hits");
   for (const Row& row : rows) {
     double total = 0;
     for (double v : row.us) total += v;
-    std::printf("%-18s %10zu %10.2f %10.2f %12.0f\n", row.name, row.us.size(),
+    std::string hit = row.hit_ratio < 0 ? "-" : std::to_string(int(row.hit_ratio * 100)) + "%";
+    std::printf("%-18s %10zu %10.2f %10.2f %12.0f %8s\n", row.name, row.us.size(),
                 Percentile(row.us, 0.5), Percentile(row.us, 0.99),
-                row.us.empty() ? 0 : row.us.size() / (total / 1e6));
+                row.us.empty() ? 0 : row.us.size() / (total / 1e6), hit.c_str());
   }
   fleet.Stop();
   api.Shutdown();
