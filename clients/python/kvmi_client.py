@@ -687,6 +687,25 @@ class Client:
             request.address_space.pse = pse
         return self._unary("TranslateAddress", request)
 
+    def read_virtual(self, vm, gva, size, vcpu=None, cr3=None, mode=None, nxe=True, pse=False,
+                     no_cache=False):
+        """`size` bytes of guest-virtual memory at `gva` (in `vcpu`'s address space, or `cr3` +
+        `mode`'s, as translate()). Returns kvmi.v1.ReadVirtualResponse: `data` is always `size`
+        bytes; `pages` says per page whether it was read (else why: not present at which level,
+        ...; its bytes are zeros), `complete` whether all were."""
+        request = pb.ReadVirtualRequest(vm=vm, gva=parse_int(gva), size=parse_int(size),
+                                        no_cache=no_cache)
+        if (vcpu is None) == (cr3 is None):
+            raise ValueError("read_virtual: give a vcpu or a cr3 (with a mode), not both")
+        if vcpu is not None:
+            request.vcpu = vcpu
+        else:
+            request.address_space.cr3 = parse_int(cr3)
+            request.address_space.mode = paging_mode(mode if mode is not None else "4level")
+            request.address_space.nxe = nxe
+            request.address_space.pse = pse
+        return self._unary("ReadVirtual", request)
+
     def pause(self, vm, vcpu=None):
         """Pauses one vCPU (or every vCPU); returns the indexes paused."""
         request = pb.PauseVCPURequest(vm=vm)

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "daemon/vmem/session_reader.h"
+#include "daemon/vmem/virtual_read.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid::api {
@@ -128,11 +129,10 @@ void AddressTranslation::OnPhysicalWrite(const Guest& guest, uint64_t gpa, uint6
   cache->InvalidatePhysical(gpa, size);
 }
 
-Status AddressTranslation::ContextOf(grpc::ServerContextBase* context,
-                                     const kvmi::v1::TranslateAddressRequest& request,
+template <typename Request>
+Status AddressTranslation::ContextOf(grpc::ServerContextBase* context, const Request& request,
                                      const Target& target, vmem::PagingContext* out) {
-  using R = kvmi::v1::TranslateAddressRequest;
-  if (request.space_case() == R::kAddressSpace) {
+  if (request.space_case() == Request::kAddressSpace) {
     const kvmi::v1::AddressSpace& space = request.address_space();
     std::optional<vmem::PagingMode> mode = PagingModeFromProto(space.mode());
     if (!mode) return InvalidArgument("address_space.mode", "a PAGING_MODE_* is required");
@@ -145,33 +145,37 @@ Status AddressTranslation::ContextOf(grpc::ServerContextBase* context,
   kvmi::GetRegistersRequest command;
   command.vcpu = static_cast<uint16_t>(request.vcpu());
   std::vector<uint8_t> data;
-  Status s = Call(context, *target.session, command, "TranslateAddress: GetRegisters", &data);
+  Status s = Call(context, *target.session, command, "GetRegisters (paging mode)", &data);
   if (!s.ok()) return s;
   kvmi::RegistersReply reply;
-  if (!(s = DecodeReply(data, "TranslateAddress: GetRegisters", &reply, size_t{0})).ok()) return s;
+  if (!(s = DecodeReply(data, "GetRegisters (paging mode)", &reply, size_t{0})).ok()) return s;
   *out = vmem::ContextFromRegisters(reply.sregs.cr0, reply.sregs.cr3, reply.sregs.cr4,
                                     reply.sregs.efer);
   return Status::OK;
 }
 
+template <typename Request>
+Status AddressTranslation::FindSpace(const Request& request, Target* target,
+                                     uint32_t* bucket) const {
+  switch (request.space_case()) {
+    case Request::kVcpu:
+      *bucket = request.vcpu();
+      return guests_.FindVcpu(request.vm(), request.vcpu(), target);
+    case Request::kAddressSpace:
+      *bucket = vmem::kNoVcpu;
+      return guests_.Find(request.vm(), target);
+    case Request::SPACE_NOT_SET:
+      break;
+  }
+  return InvalidArgument("space", "a vcpu or an address_space is required");
+}
+
 Status AddressTranslation::TranslateAddress(grpc::ServerContextBase* context,
                                             const kvmi::v1::TranslateAddressRequest& request,
                                             kvmi::v1::TranslateAddressResponse* response) {
-  using R = kvmi::v1::TranslateAddressRequest;
   Target target;
-  Status s;
   uint32_t bucket = vmem::kNoVcpu;
-  switch (request.space_case()) {
-    case R::kVcpu:
-      s = guests_.FindVcpu(request.vm(), request.vcpu(), &target);
-      bucket = request.vcpu();
-      break;
-    case R::kAddressSpace:
-      s = guests_.Find(request.vm(), &target);
-      break;
-    case R::SPACE_NOT_SET:
-      return InvalidArgument("space", "a vcpu or an address_space is required");
-  }
+  Status s = FindSpace(request, &target, &bucket);
   if (!s.ok()) return s;
   vmem::PagingContext paging;
   if (!(s = ContextOf(context, request, target, &paging)).ok()) return s;
@@ -213,6 +217,84 @@ Status AddressTranslation::TranslateAddress(grpc::ServerContextBase* context,
   response->set_entry(t.entry);
   response->set_reserved_bits(t.reserved_bits);
   for (int i = 0; i < t.entries_read; ++i) response->add_entry_addresses(t.entry_gpas[i]);
+  return Status::OK;
+}
+
+}  // namespace kvmid::api
+
+namespace kvmid::api {
+
+Status AddressTranslation::ReadVirtual(grpc::ServerContextBase* context,
+                                       const kvmi::v1::ReadVirtualRequest& request,
+                                       kvmi::v1::ReadVirtualResponse* response) {
+  Target target;
+  uint32_t bucket = vmem::kNoVcpu;
+  Status s = FindSpace(request, &target, &bucket);
+  if (!s.ok()) return s;
+  if (request.size() == 0 || request.size() > kMaxTransferBytes) {
+    return InvalidArgument("size", "1 .. " + std::to_string(kMaxTransferBytes >> 20) + " MiB");
+  }
+  if (request.gva() + request.size() < request.gva()) return InvalidArgument("gva", "range wraps");
+  vmem::PagingContext paging;
+  if (!(s = ContextOf(context, request, target, &paging)).ok()) return s;
+  response->set_mode(PagingModeToProto(paging.mode));
+  response->set_cr3(paging.cr3);
+
+  std::vector<vmem::PagePlan> plan = vmem::SplitIntoPages(request.gva(), request.size());
+  std::shared_ptr<vmem::TranslationCache> cache;
+  if (!request.no_cache()) cache = CacheFor(target);
+  const auto now = vmem::TranslationCache::Clock::now();
+  std::vector<uint64_t> to_walk;
+  std::vector<size_t> walk_index;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    std::optional<vmem::Translation> hit;
+    if (cache) hit = cache->Lookup(bucket, paging, plan[i].gva, now);
+    if (hit) {
+      plan[i].translation = *hit;
+    } else {
+      to_walk.push_back(plan[i].gva);
+      walk_index.push_back(i);
+    }
+  }
+  if (!to_walk.empty()) {
+    Waiter<std::vector<absl::StatusOr<vmem::Translation>>> walked;
+    vmem::WalkMany(std::make_shared<vmem::SessionReader>(target.session), paging, to_walk,
+                   walked.callback());
+    std::vector<absl::StatusOr<vmem::Translation>> results;
+    if (!(s = Await(context, &walked, &results)).ok()) return s;
+    for (size_t j = 0; j < results.size(); ++j) {
+      // A non-canonical address is the request's fault, not a page's.
+      if (!results[j].ok() && results[j].status().code() == absl::StatusCode::kInvalidArgument) {
+        return ToStatus(results[j].status());
+      }
+      if (cache && results[j].ok()) cache->Insert(bucket, paging, to_walk[j], *results[j], now);
+      plan[walk_index[j]].translation = std::move(results[j]);
+    }
+  }
+  struct Outcome {
+    std::vector<uint8_t> data;
+    std::vector<vmem::PageOutcome> pages;
+  };
+  Waiter<Outcome> read;
+  vmem::ReadPages(
+      target.session, std::move(plan),
+      [done = read.callback()](std::vector<uint8_t> data, std::vector<vmem::PageOutcome> pages) {
+        done(Outcome{std::move(data), std::move(pages)});
+      });
+  Outcome outcome;
+  if (!(s = Await(context, &read, &outcome)).ok()) return s;
+  bool complete = true;
+  for (const vmem::PageOutcome& p : outcome.pages) {
+    kvmi::v1::VirtualPage* page = response->add_pages();
+    page->set_gva(p.gva);
+    page->set_size(p.length);
+    page->set_read(p.read);
+    page->set_gpa(p.gpa);
+    page->set_why(p.why);
+    complete &= p.read;
+  }
+  response->set_complete(complete);
+  response->set_data(outcome.data.data(), outcome.data.size());
   return Status::OK;
 }
 

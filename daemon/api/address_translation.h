@@ -42,6 +42,12 @@ class AddressTranslation {
                                 kvmi::v1::TranslateAddressResponse* response)
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Every page of the range translated (walks pipelined, the cache as above), then read
+  // (vmem::ReadPages).
+  grpc::Status ReadVirtual(grpc::ServerContextBase* context,
+                           const kvmi::v1::ReadVirtualRequest& request,
+                           kvmi::v1::ReadVirtualResponse* response) ABSL_LOCKS_EXCLUDED(mu_);
+
   // kvmid wrote [gpa, gpa + size) of `guest` (WritePhysical).
   void OnPhysicalWrite(const Guest& guest, uint64_t gpa, uint64_t size) ABSL_LOCKS_EXCLUDED(mu_);
   // The cache of `guest`'s current session; null until something was translated on it.
@@ -49,9 +55,12 @@ class AddressTranslation {
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // The paging context the request names (vcpu: one GET_REGISTERS; address_space: none).
-  grpc::Status ContextOf(grpc::ServerContextBase* context,
-                         const kvmi::v1::TranslateAddressRequest& request, const Target& target,
-                         vmem::PagingContext* out);
+  template <typename Request>
+  grpc::Status ContextOf(grpc::ServerContextBase* context, const Request& request,
+                         const Target& target, vmem::PagingContext* out);
+  // The guest and vCPU bucket a request with a vcpu/address_space oneof names.
+  template <typename Request>
+  grpc::Status FindSpace(const Request& request, Target* target, uint32_t* bucket) const;
 
  private:
   struct PerGuest {

@@ -178,6 +178,8 @@ grpc::StatusCode Call(Stub* stub, Rpc rpc, const std::string& vm) {
       return Streaming(stub, &S::WatchVMs);
     case Rpc::kTranslateAddress:
       return Unary(stub, &S::TranslateAddress, vm);  // no vcpu/space: INVALID_ARGUMENT admitted
+    case Rpc::kReadVirtual:
+      return Unary(stub, &S::ReadVirtual, vm);  // likewise
   }
   ADD_FAILURE() << "an RPC the matrix does not know: " << InfoOf(rpc).name;
   return grpc::StatusCode::UNKNOWN;

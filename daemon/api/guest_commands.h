@@ -61,6 +61,10 @@ class GuestCommands {
                                 kvmi::v1::TranslateAddressResponse* response) {
     return translation_.TranslateAddress(context, request, response);
   }
+  grpc::Status ReadVirtual(Context* context, const kvmi::v1::ReadVirtualRequest& request,
+                           kvmi::v1::ReadVirtualResponse* response) {
+    return translation_.ReadVirtual(context, request, response);
+  }
   AddressTranslation& translation() { return translation_; }
 
   // lease_commands.cc: what a lease owns (pauses, page restrictions, arming).

@@ -189,6 +189,14 @@ Status IntrospectionService::TranslateAddress(ServerContext* context,
                });
 }
 
+Status IntrospectionService::ReadVirtual(ServerContext* context,
+                                         const kvmi::v1::ReadVirtualRequest* request,
+                                         kvmi::v1::ReadVirtualResponse* response) {
+  return Serve(
+      context, Rpc::kReadVirtual, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.ReadVirtual(context, *request, response); });
+}
+
 Status IntrospectionService::SetRegisters(ServerContext* context,
                                           const kvmi::v1::SetRegistersRequest* request,
                                           kvmi::v1::SetRegistersResponse* response) {

@@ -109,6 +109,9 @@ class IntrospectionService final : public kvmi::v1::Introspection::WithCallbackM
   grpc::Status TranslateAddress(grpc::ServerContext* context,
                                 const kvmi::v1::TranslateAddressRequest* request,
                                 kvmi::v1::TranslateAddressResponse* response) override;
+  grpc::Status ReadVirtual(grpc::ServerContext* context,
+                           const kvmi::v1::ReadVirtualRequest* request,
+                           kvmi::v1::ReadVirtualResponse* response) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the

@@ -86,6 +86,7 @@ enum class Rpc : uint8_t {
   kUnhookVM,
   kWatchVMs,
   kTranslateAddress,
+  kReadVirtual,
 };
 
 // What an RPC is checked against.

@@ -113,6 +113,7 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"GetPageWriteBitmap", Role::kOperator},
       {"SetPageWriteBitmap", Role::kOperator},
       {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
+      {"ReadVirtual", Role::kOperator},
       {"WritePhysical", Role::kAdmin},
       {"ApplyPolicy", Role::kAdmin},
       {"DeletePolicy", Role::kAdmin},

@@ -242,6 +242,50 @@ TEST_P(TranslateE2eTest, KvmidsOwnWriteToAPageTableDropsTheCachedAnswer) {
   (void)cr3;
 }
 
+TEST_P(TranslateE2eTest, ReadVirtualAcrossANotPresentPageReportsExactlyThatPage) {
+  const bool wide =
+      GetParam() == sim::PagingMode::k4Level || GetParam() == sim::PagingMode::k5Level;
+  const uint64_t stack = wide ? 0x7ffffffde000ull : 0xbffdc000ull;  // sim_guest.cc's layout
+  uint64_t cr3 = guest().Snapshot(0).sregs.cr3;
+  ASSERT_FALSE(tables().Expect(cr3, stack - 0x1000).present);  // the swapped-out page
+  // Known bytes in the two stack pages, written where the oracle says they are.
+  std::string pattern(0x2000, 0);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<char>(i * 7 + 3);
+  for (uint64_t off = 0; off < 0x2000; off += 0x1000) {
+    sim::ExpectedTranslation page = tables().Expect(cr3, stack + off);
+    ASSERT_TRUE(page.present);
+    ASSERT_TRUE(guest().WritePhysical(page.gpa, pattern.data() + off, 0x1000));
+  }
+  kvmi::v1::ReadVirtualRequest request;
+  request.set_vm("vmem-0000");
+  request.set_vcpu(0);
+  request.set_gva(stack - 0x800);
+  request.set_size(0x2000);
+  kvmi::v1::ReadVirtualResponse response;
+  grpc::ClientContext ctx;
+  grpc::Status s = stub_->ReadVirtual(&ctx, request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(response.data().size(), 0x2000u);
+  ASSERT_EQ(response.pages_size(), 3);
+  EXPECT_FALSE(response.complete());
+  EXPECT_EQ(response.pages(0).gva(), stack - 0x800);
+  EXPECT_EQ(response.pages(0).size(), 0x800u);
+  EXPECT_FALSE(response.pages(0).read());
+  EXPECT_THAT(response.pages(0).why(), ::testing::HasSubstr("not present at PTE"));
+  EXPECT_EQ(response.data().substr(0, 0x800), std::string(0x800, '\0'));
+  for (int i : {1, 2}) {
+    EXPECT_TRUE(response.pages(i).read()) << i << ": " << response.pages(i).why();
+  }
+  EXPECT_EQ(response.pages(1).size(), 0x1000u);
+  EXPECT_EQ(response.pages(2).size(), 0x800u);
+  EXPECT_EQ(response.data().substr(0x800), pattern.substr(0, 0x1800));
+  // A range that wraps or is too long is refused.
+  request.set_size(0);
+  grpc::ClientContext ctx2;
+  EXPECT_EQ(stub_->ReadVirtual(&ctx2, request, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 TEST_P(TranslateE2eTest, BadRequestsAreRefusedWithTheirField) {
   kvmi::v1::TranslateAddressRequest none;
   none.set_vm("vmem-0000");

@@ -402,6 +402,22 @@ class E2ETest(unittest.TestCase):
         with self.assertRaises(kc.InvalidArgument) as cm:
             self.client.translate(vm, 0x0000800000000000, cr3=pml4)
         self.assertIn("not canonical", cm.exception.message)
+        # ReadVirtual across the mapped page and the unmapped one after it.
+        self.client.write_physical(vm, 0x305000, b"virtual!")
+        r = self.client.read_virtual(vm, gva + 4096 - 8, 16, cr3=pml4)
+        self.assertEqual(len(r.data), 16)
+        self.assertEqual(r.data[8:], bytes(8))  # the page that is not present: zeros
+        self.assertFalse(r.complete)
+        self.assertEqual([(p.read, p.size) for p in r.pages], [(True, 8), (False, 8)])
+        self.assertIn("not present at PTE", r.pages[1].why)
+        r = self.client.read_virtual(vm, gva, 8, cr3=pml4)
+        self.assertEqual((r.data, r.complete), (b"virtual!", True))
+        out = self.ctl("read", vm, hex(gva), "8", "--virtual", "--cr3", hex(pml4), "--raw")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout, "virtual!")
+        out = self.ctl("read", vm, hex(gva + 4096), "8", "--virtual", "--cr3", hex(pml4))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("not present at PTE", out.stderr)
         out = self.assertCtlOk(self.ctl("translate", vm, hex(gva), "--cr3", hex(pml4)))
         self.assertIn("0x7f0000401000 -> 0x305000  4 KiB page, r-- user, PTE", out)
         out = self.assertCtlOk(self.ctl("translate", vm, "0x1000", "--vcpu", "1"))
