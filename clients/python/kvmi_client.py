@@ -42,8 +42,8 @@ __all__ = [
     "Client", "KvmiError", "NotFound", "InvalidArgument", "FailedPrecondition", "Unavailable",
     "Unreachable", "EventsDropped", "Dropped", "event_filter", "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
-    "mode_name", "parse_range", "parse_int", "pb", "policy_pb", "Handler", "CommandFailed",
-    "DumpStats", "STREAM_CHUNK_BYTES",
+    "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
+    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -177,6 +177,34 @@ def state_name(value):
 
 def mode_name(value):
     return _enum_name(policy_pb.Mode, "MODE_", value)
+
+
+_PAGING_MODES = {"off": "OFF", "32bit": "32BIT", "pae": "PAE", "4level": "4LEVEL",
+                 "5level": "5LEVEL"}
+
+
+def paging_mode(value):
+    """"4level", "PAGING_MODE_4LEVEL" or 4 -> pb.PAGING_MODE_4LEVEL; ValueError otherwise."""
+    if isinstance(value, int):
+        if value not in pb.PagingMode.values() or value == 0:
+            raise ValueError("unknown paging mode %d" % value)
+        return value
+    text = str(value).strip()
+    name = _PAGING_MODES.get(text.lower(), text.upper().replace("PAGING_MODE_", ""))
+    try:
+        return pb.PagingMode.Value("PAGING_MODE_" + name)
+    except ValueError:
+        raise ValueError("unknown paging mode %r (one of: %s)"
+                         % (value, ", ".join(_PAGING_MODES))) from None
+
+
+def paging_mode_name(value):
+    """pb.PAGING_MODE_4LEVEL -> "4level"."""
+    name = pb.PagingMode.Name(value).replace("PAGING_MODE_", "")
+    for short, full in _PAGING_MODES.items():
+        if full == name:
+            return short
+    return name.lower()
 
 
 def event_type(value):
@@ -785,6 +813,43 @@ class Client:
             return self._stub.WritePhysicalStream(requests(), timeout=timeout).bytes_written
         except grpc.RpcError as e:
             raise _wrap(e) from None
+    def translate(self, vm, gva, vcpu=None, cr3=None, mode=None, nxe=True, pse=False,
+                  no_cache=False):
+        """Guest-virtual `gva` to guest-physical, walking the guest's own page tables in kvmid:
+        in the paging mode of `vcpu`, or of the address space `cr3` + `mode` ("32bit", "pae",
+        "4level", "5level", "off" or a PAGING_MODE_* value; `nxe`/`pse` as EFER.NXE/CR4.PSE).
+        Returns kvmi.v1.TranslateAddressResponse: present, gpa, page_size, writable/user/
+        executable, or the level (level_name, entry) where the walk stopped."""
+        request = pb.TranslateAddressRequest(vm=vm, gva=parse_int(gva), no_cache=no_cache)
+        if (vcpu is None) == (cr3 is None):
+            raise ValueError("translate: give a vcpu or a cr3 (with a mode), not both")
+        if vcpu is not None:
+            request.vcpu = vcpu
+        else:
+            request.address_space.cr3 = parse_int(cr3)
+            request.address_space.mode = paging_mode(mode if mode is not None else "4level")
+            request.address_space.nxe = nxe
+            request.address_space.pse = pse
+        return self._unary("TranslateAddress", request)
+
+    def read_virtual(self, vm, gva, size, vcpu=None, cr3=None, mode=None, nxe=True, pse=False,
+                     no_cache=False):
+        """`size` bytes of guest-virtual memory at `gva` (in `vcpu`'s address space, or `cr3` +
+        `mode`'s, as translate()). Returns kvmi.v1.ReadVirtualResponse: `data` is always `size`
+        bytes; `pages` says per page whether it was read (else why: not present at which level,
+        ...; its bytes are zeros), `complete` whether all were."""
+        request = pb.ReadVirtualRequest(vm=vm, gva=parse_int(gva), size=parse_int(size),
+                                        no_cache=no_cache)
+        if (vcpu is None) == (cr3 is None):
+            raise ValueError("read_virtual: give a vcpu or a cr3 (with a mode), not both")
+        if vcpu is not None:
+            request.vcpu = vcpu
+        else:
+            request.address_space.cr3 = parse_int(cr3)
+            request.address_space.mode = paging_mode(mode if mode is not None else "4level")
+            request.address_space.nxe = nxe
+            request.address_space.pse = pse
+        return self._unary("ReadVirtual", request)
 
     def pause(self, vm, vcpu=None):
         """Pauses one vCPU (or every vCPU); returns the indexes paused."""

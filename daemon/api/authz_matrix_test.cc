@@ -207,6 +207,10 @@ grpc::StatusCode Call(Stub* stub, Rpc rpc, const std::string& vm) {
       return ReadStream(stub, vm);
     case Rpc::kWritePhysicalStream:
       return WriteStream(stub, vm);
+    case Rpc::kTranslateAddress:
+      return Unary(stub, &S::TranslateAddress, vm);  // no vcpu/space: INVALID_ARGUMENT admitted
+    case Rpc::kReadVirtual:
+      return Unary(stub, &S::ReadVirtual, vm);  // likewise
   }
   ADD_FAILURE() << "an RPC the matrix does not know: " << InfoOf(rpc).name;
   return grpc::StatusCode::UNKNOWN;
@@ -394,6 +398,46 @@ TEST_F(AuthzMatrixTest, AttachClaimMustStayInScopeAndCrashFallbackNeedsAdmin) {
 }
 
 // An inline command is checked as its unary RPC on its guest.
+int32_t InlineCommand(Stub* stub, const kvmi::v1::Command& command,
+                      kvmi::v1::CommandResult* out = nullptr) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto stream = stub->Attach(&ctx);
+  kvmi::v1::AttachRequest request;
+  *request.mutable_claim() = ClaimOf({kInScope});
+  EXPECT_TRUE(stream->Write(request));
+  kvmi::v1::AttachResponse response;
+  EXPECT_TRUE(stream->Read(&response));
+  EXPECT_TRUE(response.has_claimed());
+  kvmi::v1::AttachRequest inline_command;
+  *inline_command.mutable_command() = command;
+  EXPECT_TRUE(stream->Write(inline_command));
+  int32_t code = -1;
+  while (stream->Read(&response)) {
+    if (response.has_command_result() && response.command_result().id() == command.id()) {
+      code = response.command_result().code();
+      if (out != nullptr) *out = response.command_result();
+      break;
+    }
+  }
+  stream->WritesDone();
+  while (stream->Read(&response)) {
+  }
+  stream->Finish();
+  return code;
+}
+
+// TranslateAddress inline: reads guest memory, so operator (not responder) on its guest. With
+// paging off the answer needs no guest read at all.
+kvmi::v1::Command TranslateCommand(const std::string& vm) {
+  kvmi::v1::Command command;
+  command.set_id(9);
+  command.mutable_translate_address()->set_vm(vm);
+  command.mutable_translate_address()->mutable_address_space()->set_mode(kvmi::v1::PAGING_MODE_OFF);
+  command.mutable_translate_address()->set_gva(0x1234);
+  return command;
+}
+
 int32_t InlineWrite(Stub* stub, const std::string& vm) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -429,6 +473,19 @@ TEST_F(AuthzMatrixTest, InlineCommandsAreCheckedAsTheirRpcOnTheirGuest) {
   EXPECT_EQ(InlineWrite(StubOf(Named("admin")), kInScope), grpc::StatusCode::OK);
   EXPECT_EQ(InlineWrite(StubOf(Named("admin")), kOutOfScope), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_EQ(InlineWrite(StubOf(Named("root")), kOutOfScope), grpc::StatusCode::OK);
+}
+
+TEST_F(AuthzMatrixTest, InlineTranslateAddressNeedsOperatorOnItsGuest) {
+  EXPECT_EQ(InlineCommand(StubOf(Named("responder")), TranslateCommand(kInScope)),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(InlineCommand(StubOf(Named("operator")), TranslateCommand(kOutOfScope)),
+            grpc::StatusCode::PERMISSION_DENIED);
+  kvmi::v1::CommandResult result;
+  EXPECT_EQ(InlineCommand(StubOf(Named("operator")), TranslateCommand(kInScope), &result),
+            grpc::StatusCode::OK);
+  EXPECT_TRUE(result.translate_address().present());
+  EXPECT_EQ(result.translate_address().gpa(), 0x1234u);
+  EXPECT_EQ(result.translate_address().mode(), kvmi::v1::PAGING_MODE_OFF);
 }
 
 TEST_F(AuthzMatrixTest, CrashVerdictNeedsAdminAndTheEventFallsBackInstead) {

@@ -99,6 +99,8 @@ Status GuestCommands::WritePhysical(Context* context, const kvmi::v1::WritePhysi
                                 waiter.callback());
   CommandResult result;
   if (!(s = Await(context, &waiter, &result)).ok()) return s;
+  // Even a failed write may have written some pages: cached translations through them go.
+  translation_.OnPhysicalWrite(*target.guest, request.gpa(), request.data().size());
   return ToStatus(result, "WritePhysical");
 }
 
@@ -322,6 +324,10 @@ kvmi::v1::AttachResponse GuestCommands::Run(Context* context, const OwnerId& own
       break;
     case R::kGetMtrrType:
       status = GetMTRRType(context, command.get_mtrr_type(), result->mutable_get_mtrr_type());
+      break;
+    case R::kTranslateAddress:
+      status = TranslateAddress(context, command.translate_address(),
+                                result->mutable_translate_address());
       break;
     case R::REQUEST_NOT_SET:
       status = InvalidArgument("command.request", "no command given");

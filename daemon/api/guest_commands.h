@@ -8,6 +8,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "daemon/api/address_translation.h"
 #include "daemon/api/guest_call.h"
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
@@ -21,7 +22,9 @@ inline constexpr const char* kApiOwner = "api";
 class GuestCommands {
  public:
   using Context = grpc::ServerContextBase;
-  explicit GuestCommands(Registry* registry) : guests_(registry) {}
+  // `pipeline` (may be null) lets TranslateAddress's cache see CR3 and PF write events.
+  explicit GuestCommands(Registry* registry, VerdictPipeline* pipeline = nullptr)
+      : guests_(registry), translation_(registry, pipeline) {}
 
   // guest_commands.cc: what reads or writes guest state.
   grpc::Status GetRegisters(Context* context, const kvmi::v1::GetRegistersRequest& request,
@@ -53,6 +56,17 @@ class GuestCommands {
   grpc::Status UnhookVM(Context* context, const kvmi::v1::UnhookVMRequest& request,
                         kvmi::v1::UnhookVMResponse* response);
 
+  // address_translation.h: guest-virtual addresses (issue 15).
+  grpc::Status TranslateAddress(Context* context, const kvmi::v1::TranslateAddressRequest& request,
+                                kvmi::v1::TranslateAddressResponse* response) {
+    return translation_.TranslateAddress(context, request, response);
+  }
+  grpc::Status ReadVirtual(Context* context, const kvmi::v1::ReadVirtualRequest& request,
+                           kvmi::v1::ReadVirtualResponse* response) {
+    return translation_.ReadVirtual(context, request, response);
+  }
+  AddressTranslation& translation() { return translation_; }
+
   // lease_commands.cc: what a lease owns (pauses, page restrictions, arming).
   grpc::Status PauseVCPU(const OwnerId& owner, Context* context,
                          const kvmi::v1::PauseVCPURequest& request,
@@ -73,6 +87,7 @@ class GuestCommands {
 
  private:
   GuestFinder guests_;
+  AddressTranslation translation_;
 };
 
 // An Attach stream's answer to command `id` that failed with `status`.

@@ -61,7 +61,7 @@ IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* h
       stream_limits_(daemon->limits(), &daemon->memory_trimmer()),
       inventory_(daemon),
       streams_(daemon, history, &stream_limits_),
-      commands_(&daemon->registry()),
+      commands_(&daemon->registry(), &daemon->pipeline()),
       memory_(&daemon->registry(), &admission_) {}
 
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
@@ -204,6 +204,23 @@ Status IntrospectionService::GetRegisters(ServerContext* context,
   return Serve(
       context, Rpc::kGetRegisters, *request, OnGuest(request->vm()),
       [&](const api::CallContext&) { return commands_.GetRegisters(context, *request, response); });
+}
+
+Status IntrospectionService::TranslateAddress(ServerContext* context,
+                                              const kvmi::v1::TranslateAddressRequest* request,
+                                              kvmi::v1::TranslateAddressResponse* response) {
+  return Serve(context, Rpc::kTranslateAddress, *request, OnGuest(request->vm()),
+               [&](const api::CallContext&) {
+                 return commands_.TranslateAddress(context, *request, response);
+               });
+}
+
+Status IntrospectionService::ReadVirtual(ServerContext* context,
+                                         const kvmi::v1::ReadVirtualRequest* request,
+                                         kvmi::v1::ReadVirtualResponse* response) {
+  return Serve(
+      context, Rpc::kReadVirtual, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.ReadVirtual(context, *request, response); });
 }
 
 Status IntrospectionService::SetRegisters(ServerContext* context,

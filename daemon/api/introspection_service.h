@@ -118,6 +118,12 @@ class IntrospectionService final
   grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* WritePhysicalStream(
       grpc::CallbackServerContext* context,
       kvmi::v1::WritePhysicalStreamResponse* response) override;
+  grpc::Status TranslateAddress(grpc::ServerContext* context,
+                                const kvmi::v1::TranslateAddressRequest* request,
+                                kvmi::v1::TranslateAddressResponse* response) override;
+  grpc::Status ReadVirtual(grpc::ServerContext* context,
+                           const kvmi::v1::ReadVirtualRequest* request,
+                           kvmi::v1::ReadVirtualResponse* response) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the

@@ -396,6 +396,9 @@ AuditArgs SummarizeCommand(const kvmi::v1::Command& c) {
     case C::kGetMtrrType:
       a.Text("vm", c.get_mtrr_type().vm()).Uint("vcpu", c.get_mtrr_type().vcpu());
       break;
+    case C::kTranslateAddress:
+      a.Text("vm", c.translate_address().vm()).Uint("gva", c.translate_address().gva());
+      break;
     case C::REQUEST_NOT_SET:
       break;
   }

@@ -15,22 +15,15 @@ namespace {
 constexpr RpcInfo kRpcs[] = {
 #define KVMID_RPC(NAME, ROLE, SCOPE, MUTATING) \
   { Rpc::k##NAME, #NAME, "/kvmi.v1.Introspection/" #NAME, Role::ROLE, RpcScope::SCOPE, MUTATING }
-    KVMID_RPC(ListVMs, kViewer, kList, false),
-    KVMID_RPC(GetVM, kViewer, kGuest, false),
-    KVMID_RPC(StreamEvents, kViewer, kList, false),
-    KVMID_RPC(ApplyPolicy, kAdmin, kDaemon, true),
+    KVMID_RPC(ListVMs, kViewer, kList, false), KVMID_RPC(GetVM, kViewer, kGuest, false),
+    KVMID_RPC(StreamEvents, kViewer, kList, false), KVMID_RPC(ApplyPolicy, kAdmin, kDaemon, true),
     // Policies are kvmid's rules, not guest data: a viewer of any guest may read them.
-    KVMID_RPC(ListPolicies, kViewer, kList, false),
-    KVMID_RPC(DeletePolicy, kAdmin, kDaemon, true),
-    KVMID_RPC(Attach, kResponder, kList, true),
-    KVMID_RPC(GetRegisters, kOperator, kGuest, false),
+    KVMID_RPC(ListPolicies, kViewer, kList, false), KVMID_RPC(DeletePolicy, kAdmin, kDaemon, true),
+    KVMID_RPC(Attach, kResponder, kList, true), KVMID_RPC(GetRegisters, kOperator, kGuest, false),
     KVMID_RPC(ReadPhysical, kOperator, kGuest, false),
-    KVMID_RPC(WritePhysical, kAdmin, kGuest, true),
-    KVMID_RPC(PauseVCPU, kOperator, kGuest, true),
-    KVMID_RPC(ResumeVCPU, kOperator, kGuest, true),
-    KVMID_RPC(GetCPUID, kOperator, kGuest, false),
-    KVMID_RPC(GetXSAVE, kOperator, kGuest, false),
-    KVMID_RPC(GetMTRRType, kOperator, kGuest, false),
+    KVMID_RPC(WritePhysical, kAdmin, kGuest, true), KVMID_RPC(PauseVCPU, kOperator, kGuest, true),
+    KVMID_RPC(ResumeVCPU, kOperator, kGuest, true), KVMID_RPC(GetCPUID, kOperator, kGuest, false),
+    KVMID_RPC(GetXSAVE, kOperator, kGuest, false), KVMID_RPC(GetMTRRType, kOperator, kGuest, false),
     KVMID_RPC(InjectException, kOperator, kGuest, true),
     KVMID_RPC(GetPageAccess, kOperator, kGuest, false),
     KVMID_RPC(SetPageAccess, kOperator, kGuest, true),
@@ -38,12 +31,14 @@ constexpr RpcInfo kRpcs[] = {
     KVMID_RPC(ControlSPP, kOperator, kGuest, true),
     KVMID_RPC(GetPageWriteBitmap, kOperator, kGuest, false),
     KVMID_RPC(SetPageWriteBitmap, kOperator, kGuest, true),
-    KVMID_RPC(ControlEvents, kOperator, kGuest, true),
-    KVMID_RPC(UnhookVM, kAdmin, kGuest, true),
+    KVMID_RPC(ControlEvents, kOperator, kGuest, true), KVMID_RPC(UnhookVM, kAdmin, kGuest, true),
     KVMID_RPC(WatchVMs, kViewer, kList, false),
     // Bulk memory: read like ReadPhysical, write like WritePhysical (audited with GPA and size).
     KVMID_RPC(ReadPhysicalStream, kOperator, kGuest, false),
     KVMID_RPC(WritePhysicalStream, kAdmin, kGuest, true),
+    // Reads guest memory (its page tables), as GetRegisters/ReadPhysical do; changes nothing.
+    KVMID_RPC(TranslateAddress, kOperator, kGuest, false),
+    KVMID_RPC(ReadVirtual, kOperator, kGuest, false),  // as ReadPhysical
 #undef KVMID_RPC
 };
 
@@ -55,8 +50,7 @@ constexpr bool TableInEnumOrder() {
   return true;
 }
 static_assert(TableInEnumOrder(), "kRpcs must list the RPCs in the order of enum Rpc");
-static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) ==
-                  static_cast<size_t>(Rpc::kWritePhysicalStream) + 1,
+static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kReadVirtual) + 1,
               "kRpcs must list every RPC");
 
 std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
@@ -173,6 +167,8 @@ absl::StatusOr<Rpc> RpcOfCommand(const kvmi::v1::Command& command) {
       return Rpc::kGetCPUID;
     case C::kGetMtrrType:
       return Rpc::kGetMTRRType;
+    case C::kTranslateAddress:
+      return Rpc::kTranslateAddress;
     case C::REQUEST_NOT_SET:
       break;
   }

@@ -87,6 +87,8 @@ enum class Rpc : uint8_t {
   kWatchVMs,
   kReadPhysicalStream,
   kWritePhysicalStream,
+  kTranslateAddress,
+  kReadVirtual,
 };
 
 // What an RPC is checked against.

@@ -112,6 +112,8 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"ControlSPP", Role::kOperator},
       {"GetPageWriteBitmap", Role::kOperator},
       {"SetPageWriteBitmap", Role::kOperator},
+      {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
+      {"ReadVirtual", Role::kOperator},
       {"WritePhysical", Role::kAdmin},
       {"ApplyPolicy", Role::kAdmin},
       {"DeletePolicy", Role::kAdmin},

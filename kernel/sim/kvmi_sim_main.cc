@@ -29,7 +29,7 @@ ABSL_FLAG(int64_t, vms, 1, "Number of simulated VMs (1..10000)");
 ABSL_FLAG(int64_t, vcpus, 1, "vCPUs per VM (1..256)");
 ABSL_FLAG(std::string, scenario, "mixed",
           "Named workload (idle, mixed, process-switch, "
-          "syscalls, memory, breakpoints, all-events)");
+          "syscalls, memory, breakpoints, all-events, processes)");
 ABSL_FLAG(std::string, scenario_file, "", "Scenario file (overrides/extends --scenario)");
 ABSL_FLAG(double, rate, -1,
           "Guest operations per second per vCPU that can raise events; 0 = as "
@@ -48,6 +48,11 @@ ABSL_FLAG(int64_t, memory_mib, 256, "Guest RAM per VM in MiB (sparse)");
 ABSL_FLAG(bool, fill_identity, true,
           "Send uuid/name/start_time in the handshake (v6 QEMU sends "
           "zeros for name and start_time)");
+ABSL_FLAG(std::string, paging, "",
+          "Give the guests real page tables in this mode: 32bit, pae, 4level, 5level (a kernel "
+          "half, --processes user halves, CR3 writes switch between them); default: none, or "
+          "4level for --scenario=processes");
+ABSL_FLAG(int64_t, processes, 4, "Address spaces per guest with --paging (1..16)");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for guest state and workloads");
 ABSL_FLAG(std::string, log_level, "warn", "trace, debug, info, warn, error, off");
 
@@ -138,6 +143,25 @@ int main(int argc, char** argv) {
     return Fail("the scenario's data pages lie outside guest RAM (raise --memory_mib)");
   }
   config.workload = scenario;
+  std::string paging = absl::GetFlag(FLAGS_paging);
+  if (paging.empty() && scenario.needs_paging) paging = "4level";
+  if (!paging.empty()) {
+    sim::PagingConfig page_tables;
+    if (!sim::ParsePagingMode(paging, &page_tables.mode)) {
+      return Fail("--paging must be one of 32bit, pae, 4level, 5level, got '" + paging + "'");
+    }
+    int64_t processes = absl::GetFlag(FLAGS_processes);
+    if (processes < 1 || processes > sim::kMaxProcesses) {
+      return Fail("--processes must be 1.." + std::to_string(sim::kMaxProcesses) + ", got " +
+                  std::to_string(processes));
+    }
+    page_tables.processes = static_cast<uint32_t>(processes);
+    if (config.guest.memory_bytes < sim::kMinPagedMemoryBytes) {
+      return Fail("--paging needs --memory_mib >= " +
+                  std::to_string(sim::kMinPagedMemoryBytes >> 20));
+    }
+    config.guest.paging = page_tables;
+  }
 
   double duration = absl::GetFlag(FLAGS_duration);
   if (!(duration >= 0) || duration > 1e7) return Fail("--duration must be >= 0 seconds");

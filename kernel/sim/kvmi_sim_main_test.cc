@@ -8,13 +8,16 @@
 #include <array>
 #include <bitset>
 #include <chrono>
+#include <cstring>
 #include <future>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/messages.h"
+#include "kernel/sim/sim_guest.h"
 #include "kernel/sim/test_tool.h"
 
 namespace kvmi::sim {
@@ -145,6 +148,60 @@ TEST(KvmiSimMainTest, AllEventsScenarioRaisesAllTwelveEventsAndUnhooksAtTheEnd) 
     EXPECT_TRUE(seen[id]) << EventName(static_cast<uint8_t>(id)) << " never raised";
     EXPECT_LT(first_seen[id], 5s) << EventName(static_cast<uint8_t>(id)) << " raised after "
                                   << std::chrono::duration<double>(first_seen[id]).count() << " s";
+  }
+}
+
+// --scenario=processes: guests with real 4-level page tables whose CR3 writes switch between
+// their processes' top-level tables, each holding the shared kernel half.
+TEST(KvmiSimMainTest, ProcessesScenarioSwitchesBetweenRealAddressSpaces) {
+  ToolListener listener;
+  ASSERT_TRUE(listener.ok());
+  pid_t pid =
+      Spawn({"--connect=unix:" + listener.path(), "--scenario=processes", "--vms=1",
+             "--processes=3", "--rate=200", "--duration=3", "--reconnect=0", "--unhook_grace=0"});
+  ASSERT_GT(pid, 0);
+  QemuHello hello;
+  std::unique_ptr<ToolConnection> tool = listener.AcceptAndHandshake(10s, &hello);
+  ASSERT_NE(tool, nullptr);
+  ASSERT_EQ(ToolConnection::ErrorOf(tool->Call(ControlEventsRequest{0, KVMI_EVENT_CR, true})), 0);
+  ASSERT_EQ(ToolConnection::ErrorOf(tool->Call(ControlCrRequest{0, 3, true})), 0);
+  std::set<uint64_t> roots;
+  for (int i = 0; i < 40 && roots.size() < 3; ++i) {
+    std::optional<Event> event = tool->WaitEvent(10s);
+    ASSERT_TRUE(event);
+    if (event->id() == KVMI_EVENT_CR) {
+      const uint64_t cr3 = event->specific.cr.new_value;
+      EXPECT_GE(cr3, kPageTableArea);
+      EXPECT_LT(cr3, kPageTableAreaEnd);
+      EXPECT_TRUE(event->common.arch.sregs.cr4 & kCr4Pae);
+      EXPECT_TRUE(event->common.arch.sregs.efer & kEferLma);
+      roots.insert(cr3);
+      // The top-level table's kernel half is filled in (the direct map's PML4E).
+      ReadPhysicalRequest read{cr3 + 8 * ((kDirectMapGva >> 39) & 511), 8};
+      auto reply = tool->Call(read);
+      ASSERT_EQ(ToolConnection::ErrorOf(reply), 0);
+      uint64_t pml4e = 0;
+      ASSERT_EQ(ToolConnection::DataOf(*reply).size(), 8u);
+      std::memcpy(&pml4e, ToolConnection::DataOf(*reply).data(), 8);
+      EXPECT_TRUE(pml4e & kPtePresent) << std::hex << cr3;
+      EXPECT_FALSE(pml4e & kPteUser);
+    }
+    ASSERT_TRUE(tool->ReplyEvent(MakeEventReply(*event, KVMI_EVENT_ACTION_CONTINUE)));
+  }
+  EXPECT_EQ(roots.size(), 3u);
+  tool->Close();
+  EXPECT_EQ(Reap(pid, 30s), 0);
+}
+
+TEST(KvmiSimMainTest, BadPagingFlagsAreRefused) {
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--connect=unix:/nonexistent", "--paging=6level"},
+        std::vector<std::string>{"--connect=unix:/nonexistent", "--paging=pae", "--processes=17"},
+        std::vector<std::string>{"--connect=unix:/nonexistent", "--paging=4level",
+                                 "--memory_mib=8"}}) {
+    pid_t pid = Spawn(args);
+    ASSERT_GT(pid, 0);
+    EXPECT_EQ(Reap(pid, 30s), 2) << args[1];
   }
 }
 

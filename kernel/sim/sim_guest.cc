@@ -1,5 +1,7 @@
 #include "kernel/sim/sim_guest.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 namespace kvmi::sim {
@@ -16,6 +18,7 @@ SimGuest::SimGuest(const GuestConfig& config) : config_(config) {
   cpuid_[{0x80000000, 0}] = {0x80000008, 0, 0, 0};
   cpuid_[{0x80000001, 0}] = {0, 0, 0x121, 0x2c100800};
   cpuid_[{0x80000008, 0}] = {0x3027, 0, 0, 0};
+  if (config_.paging) BuildPageTables(*config_.paging);
   for (uint32_t i = 0; i < config_.vcpus && i < kMaxVcpus; ++i) {
     int index = AddVcpu();
     MarkInitialized(static_cast<uint16_t>(index));
@@ -50,6 +53,14 @@ void SimGuest::InitVcpu(VcpuState* s, uint32_t index) {
   sr.cr3 = 0x1000000 + ((salt % 16) << 12);
   sr.cr4 = 0x3706f0;
   sr.efer = 0xd01;  // SCE | LME | LMA | NXE
+  if (config_.paging) {
+    PagingRegisters paging =
+        RegistersFor(config_.paging->mode, PagingRegisters{sr.cr0, sr.cr4, sr.efer});
+    sr.cr0 = paging.cr0;
+    sr.cr4 = paging.cr4;
+    sr.efer = paging.efer;
+    sr.cr3 = process_roots_[index % process_roots_.size()];
+  }
   sr.apic_base = 0xfee00900 | (index == 0 ? 0x100 : 0);
   s->msrs = {
       {kMsrSysenterCs, 0x10},
@@ -74,6 +85,58 @@ void SimGuest::InitVcpu(VcpuState* s, uint32_t index) {
   uint64_t xmm0 = 0x584d4d3000000000ull | index;
   std::memcpy(&s->xsave[160], &xmm0, sizeof(xmm0));
   std::memcpy(&s->xsave[512], &s->xcr0, sizeof(s->xcr0));  // XSTATE_BV
+}
+
+void SimGuest::BuildPageTables(const PagingConfig& paging) {
+  auto die = [&](const std::string& why) {
+    std::fprintf(stderr, "kvmi-sim: cannot build %s page tables: %s\n", PagingModeName(paging.mode),
+                 why.c_str());
+    std::abort();
+  };
+  if (config_.memory_bytes < kMinPagedMemoryBytes) die("guest RAM below 16 MiB");
+  if (paging.processes == 0 || paging.processes > kMaxProcesses) die("1..16 processes");
+  page_tables_ = std::make_unique<PageTableBuilder>(
+      paging.mode,
+      [this](uint64_t gpa, const void* data, size_t size) {
+        return WritePhysical(gpa, data, size);
+      },
+      kPageTableArea, kPageTableAreaEnd);
+  PageTableBuilder& b = *page_tables_;
+  const bool wide = paging.mode == PagingMode::k4Level || paging.mode == PagingMode::k5Level;
+  const uint64_t big = PageSizes(paging.mode)[1];  // 2 MiB, or 4 MiB in 32-bit paging
+  MapOptions text{/*writable=*/false, /*user=*/false, /*executable=*/true};
+  MapOptions data{/*writable=*/true, /*user=*/false, /*executable=*/false};
+  bool ok = true;
+  // The kernel half, shared by every process.
+  if (wide) {
+    ok &= b.Map(0, kTextGva, kTextGpa, kTextSize, k4KiB, text);
+    ok &= b.Map(0, kDirectMapGva, 0, k1GiB, k1GiB, data);  // all of RAM (and beyond)
+    ok &= b.Map(0, kVmallocGva, 2 * k2MiB, 2 * k2MiB, k2MiB, data);
+    ok &= b.MapNotPresent(0, kVmallocGva + 2 * k2MiB, 0x1234);
+  } else {
+    ok &= b.Map(0, kTextGva32, kTextGpa, kTextSize, k4KiB, text);
+    ok &= b.Map(0, kDirectMapGva32, 0, 16 * big, big, data);
+    ok &= b.MapNotPresent(0, kTextGva32 + kTextSize, 0x1234);
+  }
+  // One user half per process: code, data, stack (and a swapped-out page below it), a large
+  // shared heap page, and in 64-bit modes a read-only 1 GiB window onto RAM.
+  MapOptions user_code{false, true, true};
+  MapOptions user_data{true, true, false};
+  MapOptions user_ro{false, true, false};
+  const uint64_t stack = wide ? 0x7ffffffde000ull : 0xbffdc000ull;
+  for (uint32_t p = 0; p < paging.processes && ok; ++p) {
+    uint64_t cr3 = b.NewProcess();
+    if (cr3 == 0) break;
+    uint64_t frames = kProcessFrames + p * kProcessFrameBytes;
+    ok &= b.Map(cr3, kUserCodeGva, frames, 4 * k4KiB, k4KiB, user_code);
+    ok &= b.Map(cr3, kUserDataGva, frames + 0x10000, 8 * k4KiB, k4KiB, user_data);
+    ok &= b.Map(cr3, stack, frames + 0x20000, 4 * k4KiB, k4KiB, user_data);
+    ok &= b.MapNotPresent(cr3, stack - k4KiB, 0x5000 + p);
+    ok &= b.Map(cr3, kUserHeapGva, 2 * big, big, big, user_data);
+    if (wide) ok &= b.Map(cr3, kUserWindowGva + p * k1GiB, 0, k1GiB, k1GiB, user_ro);
+    process_roots_.push_back(cr3);
+  }
+  if (!ok || process_roots_.size() != paging.processes) die(b.error());
 }
 
 int SimGuest::AddVcpu() {

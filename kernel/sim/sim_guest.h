@@ -17,6 +17,7 @@
 
 #include "kernel/host/guest_backend.h"
 #include "kernel/host/vm_introspection.h"
+#include "kernel/sim/page_tables.h"
 
 namespace kvmi::sim {
 
@@ -27,6 +28,32 @@ inline constexpr uint64_t kTextGpa = 0x100000;  // 1 MiB
 inline constexpr uint64_t kTextSize = 0x10000;  // 64 KiB of "code"
 inline constexpr uint64_t kDirectMapGva = 0xffff888000000000ull;
 inline constexpr uint64_t kMinMemoryBytes = 4ull << 20;
+
+// A guest with real page tables (GuestConfig::paging): where they and the processes' pages live.
+inline constexpr uint64_t kPageTableArea = 0x800000;  // 8 MiB: 1024 table pages
+inline constexpr uint64_t kPageTableAreaEnd = 0xc00000;
+inline constexpr uint64_t kProcessFrames = 0xc00000;  // 256 KiB of user pages per process
+inline constexpr uint64_t kProcessFrameBytes = 0x40000;
+inline constexpr uint32_t kMaxProcesses = 16;
+inline constexpr uint64_t kMinPagedMemoryBytes = 16ull << 20;
+// Virtual layout of such a guest. 64-bit modes: kernel text at kTextGva, the direct map at
+// kDirectMapGva (one 1 GiB page), kVmallocGva (2 MiB pages, then a not-present page). 32-bit
+// modes: text at kTextGva32, the direct map at kDirectMapGva32 (16 large pages). Every process:
+// code (4 pages, read-only), data (8 pages, NX), a stack of 4 pages with a swapped-out page below
+// it, a large heap page; in 64-bit modes also a read-only 1 GiB window at kUserWindowGva + p GiB.
+// (RIP/RSP and the descriptor tables keep their 64-bit values in the 32-bit modes.)
+inline constexpr uint64_t kVmallocGva = 0xffffc90000000000ull;
+inline constexpr uint64_t kTextGva32 = 0xf0000000ull;
+inline constexpr uint64_t kDirectMapGva32 = 0xc0000000ull;
+inline constexpr uint64_t kUserCodeGva = 0x400000;
+inline constexpr uint64_t kUserDataGva = 0x600000;
+inline constexpr uint64_t kUserHeapGva = 0x40000000;
+inline constexpr uint64_t kUserWindowGva = 0x7f0000000000ull;
+
+struct PagingConfig {
+  PagingMode mode = PagingMode::k4Level;
+  uint32_t processes = 4;  // 1..kMaxProcesses address spaces; vCPU i starts in i % processes
+};
 
 // MSR indices the guest knows (GET_REGISTERS fails with -KVM_EINVAL for others).
 inline constexpr uint32_t kMsrSysenterCs = 0x174;
@@ -48,6 +75,11 @@ struct GuestConfig {
   bool spp_supported = true;
   bool descriptor_exiting_supported = true;
   uint64_t seed = 1;  // initial register values differ per VM/vCPU
+  // Unset (the default): CR3 values are plain numbers with no tables behind them. Set: the guest
+  // builds real page tables in its memory (page_tables.h: kernel half, one user half per process,
+  // 4 KiB/large pages, a not-present page, NX data), its vCPUs run in that paging mode
+  // (CR0/CR4/EFER) and its CR3 writes switch between the processes. Needs kMinPagedMemoryBytes.
+  std::optional<PagingConfig> paging;
 };
 
 // An exception or interrupt the guest received (what tests inspect).
@@ -114,6 +146,10 @@ class SimGuest : public host::GuestBackend {
   VcpuSnapshot Snapshot(uint16_t vcpu) const;
   // Bytes of guest RAM the simulator had to allocate (sparse memory).
   size_t resident_bytes() const;
+  // With GuestConfig::paging: the tables' builder (its oracle: Expect) and the processes' CR3s;
+  // null / empty otherwise. Built in the constructor, never changed afterwards.
+  const PageTableBuilder* page_tables() const { return page_tables_.get(); }
+  const std::vector<uint64_t>& process_roots() const { return process_roots_; }
 
  private:
   struct VcpuState {
@@ -131,6 +167,8 @@ class SimGuest : public host::GuestBackend {
 
   VcpuState& vcpu(uint16_t index) const { return *vcpus_[index]; }
   void InitVcpu(VcpuState* s, uint32_t index);
+  // The layout described at GuestConfig::paging; aborts on a builder error (a bug).
+  void BuildPageTables(const PagingConfig& paging);
 
   const GuestConfig config_;
   // Fixed capacity, so the receive thread can index it while a vCPU is hot-added.
@@ -141,6 +179,9 @@ class SimGuest : public host::GuestBackend {
 
   mutable std::mutex memory_mu_;
   std::unordered_map<uint64_t, std::unique_ptr<Page>> pages_;  // gfn -> page; absent = zeros
+
+  std::unique_ptr<PageTableBuilder> page_tables_;
+  std::vector<uint64_t> process_roots_;
 
   std::atomic<bool> crashed_{false};
   std::function<void()> on_crash_;

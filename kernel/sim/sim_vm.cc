@@ -13,13 +13,17 @@
 namespace kvmi::sim {
 namespace {
 
-constexpr uint32_t kCr0Wp = 1u << 16;
 constexpr uint32_t kCr4Pge = 1u << 7;
 constexpr uint64_t kXcr0Avx = 1u << 2;
 constexpr int64_t kKvmEnosys = -KVM_ENOSYS;
 
-// What the guest "sees" as process page-table roots: CR3 cycles through 16 of them.
-uint64_t ProcessCr3(uint32_t slot) { return 0x1000000 + (uint64_t{slot % 16} << 12); }
+// What the guest "sees" as process page-table roots: CR3 cycles through 16 of them, or through
+// its processes' real roots when it has page tables (GuestConfig::paging).
+uint64_t ProcessCr3(const SimGuest& guest, uint32_t slot) {
+  const std::vector<uint64_t>& roots = guest.process_roots();
+  if (!roots.empty()) return roots[slot % roots.size()];
+  return 0x1000000 + (uint64_t{slot % 16} << 12);
+}
 
 uint8_t DescriptorOf(DescInsn insn) {
   switch (insn) {
@@ -330,9 +334,11 @@ bool SimVm::ExecuteOnce(uint16_t vcpu, const Op& op, OpResult* result) {
       uint64_t new_value = op.value;
       if (!op.explicit_value) {
         new_value = cr == 0   ? old_value ^ kCr0Wp
-                    : cr == 3 ? ProcessCr3(++runner(vcpu).cr3_slot)
+                    : cr == 3 ? ProcessCr3(*guest_, ++runner(vcpu).cr3_slot)
                               : old_value ^ kCr4Pge;
-        if (cr == 3 && new_value == old_value) new_value = ProcessCr3(++runner(vcpu).cr3_slot);
+        if (cr == 3 && new_value == old_value) {
+          new_value = ProcessCr3(*guest_, ++runner(vcpu).cr3_slot);
+        }
       }
       host::WriteOutcome outcome = engine_->OnCrWrite(vcpu, cr, old_value, new_value);
       if (!outcome.allowed) {

@@ -33,7 +33,8 @@ bool ParseOpKind(const std::string& name, OpKind* kind) {
 }
 
 std::vector<std::string> ScenarioNames() {
-  return {"idle", "mixed", "process-switch", "syscalls", "memory", "breakpoints", "all-events"};
+  return {"idle",   "mixed",       "process-switch", "syscalls",
+          "memory", "breakpoints", "all-events",     "processes"};
 }
 
 bool NamedScenario(const std::string& name, Scenario* out) {
@@ -58,6 +59,13 @@ bool NamedScenario(const std::string& name, Scenario* out) {
     SetWeight(&s, OpKind::kWriteCr3, 90);
     SetWeight(&s, OpKind::kWriteCr4, 5);
     SetWeight(&s, OpKind::kWriteCr0, 5);
+  } else if (name == "processes") {
+    // Process switches between real address spaces (kvmi-sim gives the guests page tables, 4-level
+    // unless --paging says otherwise), with memory traffic in between.
+    SetWeight(&s, OpKind::kWriteCr3, 60);
+    SetWeight(&s, OpKind::kRead, 20);
+    SetWeight(&s, OpKind::kWrite, 20);
+    s.needs_paging = true;
   } else if (name == "syscalls") {
     SetWeight(&s, OpKind::kWriteMsr, 60);
     SetWeight(&s, OpKind::kHypercall, 40);

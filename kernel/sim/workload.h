@@ -57,6 +57,8 @@ struct Scenario {
   // most `hotplug_vcpus` per VM (and never beyond the guest's vCPU limit).
   uint32_t hotplug_vcpus = 0;
   uint32_t hotplug_period_ms = 1000;
+  // The scenario is about address spaces: its guests get real page tables (GuestConfig::paging).
+  bool needs_paging = false;
 };
 // Scenario file limits (error messages are built from them).
 inline constexpr uint32_t kMaxHotplugVcpus = 64;
@@ -67,7 +69,8 @@ inline constexpr uint32_t kMinHotplugPeriodMs = 10;
 // "all-events" (equal weights, and a hot-plugged vCPU each second, twice, so that every one of the
 // 12 events can be raised: the tool supplies its part -- enabling them, PAUSE_VCPU,
 // INJECT_EXCEPTION for TRAP, a PF reply with singlestep for SINGLESTEP; UNHOOK comes when the VM
-// detaches). Returns false for an unknown name.
+// detaches), "processes" (CR3 switches between the real address spaces of guests with page
+// tables, plus reads and writes). Returns false for an unknown name.
 bool NamedScenario(const std::string& name, Scenario* out);
 std::vector<std::string> ScenarioNames();
 // A scenario file: lines "name NAME", "rate N", "data_gpa 0x...", "data_pages N", "weight KIND N",

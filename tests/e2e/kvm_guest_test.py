@@ -300,6 +300,14 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
         self.assertEqual(rig.console.count(), paused_at, "the guest ran while paused")
         regs = rig.client.get_registers(VM_NAME, 0)
         self.assertEqual(regs.registers.r15, rig.layout["r15"])
+        # The guest runs on its own 4-level page tables, identity-mapping its kernel: kvmid's
+        # walk of them (TranslateAddress, issue 15) gives the same addresses back.
+        for gva in (rig.layout["marker"], rig.layout["lstar"]):
+            t = rig.client.translate(VM_NAME, gva, vcpu=0, no_cache=True)
+            self.assertTrue(t.present, "0x%x: %s" % (gva, t))
+            self.assertEqual(t.gpa, gva)
+            self.assertEqual(t.mode, kc.pb.PAGING_MODE_4LEVEL)
+            self.assertEqual(t.cr3, regs.registers.cr3)
         self.assertEqual(rig.client.resume(VM_NAME, 0), [0])
         rig.console.wait(r"^round \d+: ", paused_at, timeout=5)
 

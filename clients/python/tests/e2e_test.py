@@ -9,6 +9,7 @@ paths, then bazel-out/k8-opt/bin.
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -360,6 +361,68 @@ class E2ETest(unittest.TestCase):
         self.assertEqual(self.client.resume(vm), [1])
         with self.assertRaises(kc.FailedPrecondition):
             self.client.resume(vm, 1)
+
+    def test_translate_through_tables_written_into_the_guest(self):
+        vm = self.name(0)
+        # 4-level tables by hand in free guest RAM: gva 0x7f0000401000 -> gpa 0x305000 (user,
+        # read-only, NX), and a 2 MiB page at gva 0x40000000 -> gpa 0x400000 (writable).
+        base = 0x340000  # outside the sims' working sets (and the scratch page above)
+        pml4, pdpt, pd, pt = base, base + 0x1000, base + 0x2000, base + 0x3000
+        q = lambda v: struct.pack("<Q", v)
+        zero = bytes(4096)
+        for table in (pml4, pdpt, pd, pt):
+            self.client.write_physical(vm, table, zero)
+        gva = 0x7f0000401000
+        self.client.write_physical(vm, pml4 + 8 * ((gva >> 39) & 511), q(pdpt | 7))
+        self.client.write_physical(vm, pdpt + 8 * ((gva >> 30) & 511), q(pd | 7))
+        self.client.write_physical(vm, pd + 8 * ((gva >> 21) & 511), q(pt | 7))
+        self.client.write_physical(vm, pt + 8 * ((gva >> 12) & 511), q(0x305000 | 5 | 1 << 63))
+        self.client.write_physical(vm, pml4, q(pdpt | 7))  # gva 0x40000000: PML4[0], PDPT[1]
+        self.client.write_physical(vm, pdpt + 8 * 1, q(pd | 7))
+        self.client.write_physical(vm, pd, q(0x400000 | 0x83))
+        t = self.client.translate(vm, gva + 0x123, cr3=pml4, mode="4level")
+        self.assertTrue(t.present)
+        self.assertEqual((t.gpa, t.page_size, t.level_name), (0x305123, 4096, "PTE"))
+        self.assertEqual((t.writable, t.user, t.executable), (False, True, False))
+        t = self.client.translate(vm, 0x40000000 + 0x1234, cr3=pml4)
+        self.assertEqual((t.gpa, t.page_size, t.writable, t.user), (0x401234, 2 << 20, True, False))
+        t = self.client.translate(vm, 0x40000000 + 0x1234, cr3=pml4)
+        self.assertTrue(t.cached)
+        # kvmid's own write to the PD drops the cached answer.
+        self.client.write_physical(vm, pd, q(0x600000 | 0x83))
+        t = self.client.translate(vm, 0x40000000 + 0x1234, cr3=pml4)
+        self.assertEqual((t.gpa, t.cached), (0x601234, False))
+        t = self.client.translate(vm, 0x100000000000, cr3=pml4, no_cache=True)  # PML4[32]: empty
+        self.assertFalse(t.present)
+        self.assertEqual((t.level, t.level_name), (4, "PML4E"))
+        # Through a vCPU: the sims' CR3s point at empty tables, so nothing is mapped there.
+        t = self.client.translate(vm, 0x1000, vcpu=0)
+        self.assertFalse(t.present)
+        self.assertEqual(t.mode, kc.pb.PAGING_MODE_4LEVEL)
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.translate(vm, 0x0000800000000000, cr3=pml4)
+        self.assertIn("not canonical", cm.exception.message)
+        # ReadVirtual across the mapped page and the unmapped one after it.
+        self.client.write_physical(vm, 0x305000, b"virtual!")
+        r = self.client.read_virtual(vm, gva + 4096 - 8, 16, cr3=pml4)
+        self.assertEqual(len(r.data), 16)
+        self.assertEqual(r.data[8:], bytes(8))  # the page that is not present: zeros
+        self.assertFalse(r.complete)
+        self.assertEqual([(p.read, p.size) for p in r.pages], [(True, 8), (False, 8)])
+        self.assertIn("not present at PTE", r.pages[1].why)
+        r = self.client.read_virtual(vm, gva, 8, cr3=pml4)
+        self.assertEqual((r.data, r.complete), (b"virtual!", True))
+        out = self.ctl("read", vm, hex(gva), "8", "--virtual", "--cr3", hex(pml4), "--raw")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout, "virtual!")
+        out = self.ctl("read", vm, hex(gva + 4096), "8", "--virtual", "--cr3", hex(pml4))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("not present at PTE", out.stderr)
+        out = self.assertCtlOk(self.ctl("translate", vm, hex(gva), "--cr3", hex(pml4)))
+        self.assertIn("0x7f0000401000 -> 0x305000  4 KiB page, r-- user, PTE", out)
+        out = self.assertCtlOk(self.ctl("translate", vm, "0x1000", "--vcpu", "1"))
+        self.assertIn("not present at PML4E", out)
+        self.assertCtlFails(self.ctl("translate", vm, "0x1000"), 1, "--vcpu N or --cr3")
 
     def test_cpuid_xsave_mtrr_and_exception_injection(self):
         vm = self.name(0)

@@ -219,6 +219,34 @@ class KvmictlTest(unittest.TestCase):
         self.assertEqual(as_json["time"], "2026-12-05T08:11:50.123456789Z")
         self.assertEqual(as_json["node"], "hv-7")
 
+    def test_translation_lines_and_paging_modes(self):
+        self.assertEqual(kc.paging_mode("4level"), kc.pb.PAGING_MODE_4LEVEL)
+        self.assertEqual(kc.paging_mode("PAGING_MODE_PAE"), kc.pb.PAGING_MODE_PAE)
+        self.assertEqual(kc.paging_mode(5), kc.pb.PAGING_MODE_5LEVEL)
+        self.assertEqual(kc.paging_mode_name(kc.pb.PAGING_MODE_32BIT), "32bit")
+        for bad in ("6level", 0, 99):
+            with self.assertRaises(ValueError):
+                kc.paging_mode(bad)
+        t = kc.pb.TranslateAddressResponse(
+            present=True, gpa=0x5123, page_size=2 << 20, writable=True, user=False,
+            executable=False, level=2, level_name="PDE", mode=kc.pb.PAGING_MODE_4LEVEL,
+            cr3=0x1000, cached=True)
+        self.assertEqual(ctl.translation_line(0xffff888000005123, t),
+                         "0xffff888000005123 -> 0x5123  2 MiB page, rw- kernel, PDE  "
+                         "(4level paging, cr3 0x1000, cached)")
+        t = kc.pb.TranslateAddressResponse(present=False, level=4, level_name="PML4E", entry=0,
+                                           mode=kc.pb.PAGING_MODE_5LEVEL, cr3=0x2000)
+        self.assertEqual(ctl.translation_line(0x1000, t),
+                         "0x1000 not mapped: not present at PML4E 0x0  (5level paging, cr3 0x2000)")
+        t.reserved_bits = True
+        self.assertIn("reserved bits set in PML4E", ctl.translation_line(0x1000, t))
+        args = ctl.make_parser().parse_args(["translate", "vm", "0x1000", "--cr3", "0x5000",
+                                             "--mode", "pae"])
+        self.assertEqual((args.gva, args.cr3, args.mode), (0x1000, 0x5000, kc.pb.PAGING_MODE_PAE))
+        r = run_ctl("translate", "vm", "0x1000", "--cr3", "1", "--mode", "7level")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("unknown paging mode", r.stderr)
+
     def test_help_and_usage_errors(self):
         r = run_ctl("--help")
         self.assertEqual(r.returncode, 0)
