@@ -124,15 +124,25 @@ Status IntrospectionService::GetVM(ServerContext* context, const kvmi::v1::GetVM
       [&](const api::CallContext& call) { return inventory_.GetVM(call, *request, response); });
 }
 
-Status IntrospectionService::ApplyPolicy(ServerContext* context,
-                                         const kvmi::v1::ApplyPolicyRequest* request,
-                                         kvmi::v1::ApplyPolicyResponse* response) {
+grpc::ServerUnaryReactor* IntrospectionService::ApplyPolicy(
+    grpc::CallbackServerContext* context, const kvmi::v1::ApplyPolicyRequest* request,
+    kvmi::v1::ApplyPolicyResponse* response) {
   // A policy that can CRASH guests needs admin on them (on every guest: policies select guests
   // by themselves).
   api::CallTarget target;
   target.crash = request->has_policy() && security::CanCrash(request->policy());
-  return Serve(context, Rpc::kApplyPolicy, *request, target,
-               [&](const api::CallContext&) { return inventory_.ApplyPolicy(*request, response); });
+  std::string identity;
+  Status status =
+      Serve(context, Rpc::kApplyPolicy, *request, target, [&](const api::CallContext& call) {
+        identity = call.IdentityKey();
+        return inventory_.ApplyPolicy(*request, response);
+      });
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // A refusal by a limit (policy size or count) is answered after the caller's delay: a client
+  // that floods ApplyPolicy with refused requests is held to a few calls per second.
+  tarpit_.Finish(identity, status, request->ByteSizeLong(),
+                 [reactor, status] { reactor->Finish(status); });
+  return reactor;
 }
 
 Status IntrospectionService::ListPolicies(ServerContext* context,

@@ -24,6 +24,7 @@
 #include "daemon/api/inventory.h"
 #include "daemon/api/memory_stream.h"
 #include "daemon/api/stream_limits.h"
+#include "daemon/api/tarpit.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/audit.h"
 #include "daemon/security/authz.h"
@@ -33,14 +34,16 @@ namespace kvmid {
 
 // The streams run on gRPC's callback API, with no thread of their own: Attach (events written
 // from the guest's loop thread, verdicts applied from gRPC's read callback), StreamEvents and
-// WatchVMs (event_stream.h). Every other method is synchronous.
+// WatchVMs (event_stream.h), the memory streams (memory_stream.h). ApplyPolicy is a callback
+// unary call (its limit refusals go through the Tarpit). Every other method is synchronous.
 class IntrospectionService final
     : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
           kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
               kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
                   kvmi::v1::Introspection::WithCallbackMethod_ReadPhysicalStream<
                       kvmi::v1::Introspection::WithCallbackMethod_WritePhysicalStream<
-                          kvmi::v1::Introspection::Service>>>>> {
+                          kvmi::v1::Introspection::WithCallbackMethod_ApplyPolicy<
+                              kvmi::v1::Introspection::Service>>>>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
@@ -53,9 +56,10 @@ class IntrospectionService final
                      kvmi::v1::VM* response) override;
   grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
       grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) override;
-  grpc::Status ApplyPolicy(grpc::ServerContext* context,
-                           const kvmi::v1::ApplyPolicyRequest* request,
-                           kvmi::v1::ApplyPolicyResponse* response) override;
+  // On the callback API so that a refusal by a limit can be answered later (api::Tarpit).
+  grpc::ServerUnaryReactor* ApplyPolicy(grpc::CallbackServerContext* context,
+                                        const kvmi::v1::ApplyPolicyRequest* request,
+                                        kvmi::v1::ApplyPolicyResponse* response) override;
   grpc::Status ListPolicies(grpc::ServerContext* context,
                             const kvmi::v1::ListPoliciesRequest* request,
                             kvmi::v1::ListPoliciesResponse* response) override;
@@ -152,6 +156,8 @@ class IntrospectionService final
   api::EventStreams streams_;
   api::GuestCommands commands_;
   api::MemoryStreams memory_;
+  // Holds the answers of callers that keep being refused by a limit (ApplyPolicy's).
+  api::Tarpit tarpit_;
   std::atomic<uint64_t> next_stream_{1};  // numbers the owners of Attach streams
 };
 

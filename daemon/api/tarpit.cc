@@ -1,0 +1,129 @@
+#include "daemon/api/tarpit.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "daemon/api/admission.h"
+
+namespace kvmid::api {
+
+Tarpit::~Tarpit() {
+  std::thread thread;
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+    thread = std::move(thread_);
+  }
+  cv_.SignalAll();
+  if (thread.joinable()) thread.join();
+  // The thread finished what was held when it saw stopping_; anything left (no thread) now.
+  std::multimap<Clock::time_point, Held> left;
+  {
+    MutexLock lock(&mu_);
+    left.swap(due_);
+  }
+  for (auto& [due, held] : left) held.finish();
+}
+
+bool Tarpit::IsLimitRefusal(const grpc::Status& status) {
+  return status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+         LimitNameOf(status.error_message()) != kUnknownLimit;
+}
+
+Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Status& status,
+                                       uint64_t bytes, std::function<void()> finish) {
+  if (!IsLimitRefusal(status)) {
+    finish();
+    return Clock::duration::zero();
+  }
+  const Clock::time_point now = Clock::now();
+  Clock::duration delay;
+  bool wake = false;
+  {
+    MutexLock lock(&mu_);
+    if (keys_.size() >= kMaxKeys && keys_.count(key) == 0) PurgeKeysLocked(now);
+    KeyState& state = keys_[key];
+    if (state.delay == Clock::duration::zero() || now - state.last_refusal > kForget) {
+      state.delay = kFirstDelay;
+    } else {
+      state.delay = std::min<Clock::duration>(state.delay * 2, kMaxDelay);
+    }
+    state.last_refusal = now;
+    delay = state.delay;
+    if (stopping_ || state.held >= kMaxHeldPerKey || held_bytes_ + bytes > kMaxHeldBytes) {
+      delay = Clock::duration::zero();
+    } else {
+      ++state.held;
+      held_bytes_ += bytes;
+      ++held_total_;
+      const Clock::time_point due = now + delay;
+      wake = due_.empty() || due < due_.begin()->first;
+      due_.emplace(due, Held{key, bytes, std::move(finish)});
+      if (!thread_.joinable()) thread_ = std::thread([this] { Run(); });
+    }
+  }
+  if (delay == Clock::duration::zero()) {
+    finish();  // over a bound: answered at once
+    return delay;
+  }
+  if (wake) cv_.SignalAll();
+  return delay;
+}
+
+void Tarpit::Run() {
+  MutexLock lock(&mu_);
+  while (true) {
+    if (stopping_) break;
+    if (due_.empty()) {
+      cv_.Wait(&mu_);
+      continue;
+    }
+    const Clock::time_point first = due_.begin()->first;
+    if (Clock::now() < first) {
+      cv_.WaitUntil(&mu_, first);
+      continue;
+    }
+    std::vector<std::function<void()>> ready;
+    const Clock::time_point now = Clock::now();
+    while (!due_.empty() && due_.begin()->first <= now) {
+      Held& held = due_.begin()->second;
+      auto it = keys_.find(held.key);
+      if (it != keys_.end() && it->second.held > 0) --it->second.held;
+      held_bytes_ -= held.bytes;
+      ready.push_back(std::move(held.finish));
+      due_.erase(due_.begin());
+    }
+    {
+      MutexUnlock unlock(&mu_);
+      for (auto& finish : ready) finish();  // into gRPC, without the lock
+    }
+  }
+  // Stopping: every held call is answered now.
+  std::multimap<Clock::time_point, Held> left;
+  left.swap(due_);
+  held_bytes_ = 0;
+  MutexUnlock unlock(&mu_);
+  for (auto& [due, held] : left) held.finish();
+}
+
+void Tarpit::PurgeKeysLocked(Clock::time_point now) {
+  for (auto it = keys_.begin(); it != keys_.end();) {
+    if (it->second.held == 0 && now - it->second.last_refusal > kForget) {
+      keys_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+}
+
+size_t Tarpit::held() const {
+  MutexLock lock(&mu_);
+  return due_.size();
+}
+
+uint64_t Tarpit::held_total() const {
+  MutexLock lock(&mu_);
+  return held_total_;
+}
+
+}  // namespace kvmid::api
