@@ -50,6 +50,7 @@ enum class Limit : uint8_t {
   kMaxAttachDeadlineMs,
   kMaxHeldEventsPerHandler,
   kHandshakeSlotsPerPeer,
+  kStreamEventRingEvents,
 };
 
 struct Limits {
@@ -64,6 +65,7 @@ struct Limits {
   uint64_t max_attach_deadline_ms = 5000;
   uint64_t max_held_events_per_handler = 128;
   uint64_t handshake_slots_per_peer = 256;
+  uint64_t stream_event_ring_events = 65536;  // the ring every StreamEvents stream reads
 
   uint64_t Get(Limit limit) const;
 };
