@@ -95,9 +95,9 @@ VisibleGuests::VisibleGuests(CallContext call, VerdictPipeline* pipeline,
       restricted_(call.authorizer != nullptr),
       caller_(std::move(call.caller)) {
   MutexLock lock(&mu_);
-  // With a holder, the first decision already takes its current rules (a reload may have come
-  // between the call's admission and now).
-  generation_ = holder_ != nullptr ? ~uint64_t{0} : 0;
+  // The call's snapshot until the next reload (one that came between the call's admission and
+  // this moment applies at the following reload).
+  if (holder_ != nullptr) generation_ = holder_->generation();
   authorizer_ = std::move(call.authorizer);
 }
 
@@ -121,8 +121,7 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
     authorizer = authorizer_;
   }
   // Outside the lock: builds a GuestRef.
-  const bool visible =
-      authorizer == nullptr || authorizer->Visible(caller_, GuestRefOf(*view));
+  const bool visible = authorizer == nullptr || authorizer->Visible(caller_, GuestRefOf(*view));
   MutexLock lock(&mu_);
   if (cache_.size() >= kPurgeAbove) {
     for (auto it = cache_.begin(); it != cache_.end();) {
@@ -132,6 +131,8 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
   cache_[guest.get()] = Entry{guest, view.get(), view, visible};
   return visible;
 }
+
+std::atomic<size_t> EventFanout::live_{0};
 
 // ---- EventFanout --------------------------------------------------------------------------------
 
@@ -148,15 +149,18 @@ EventFanout::Subscription::Subscription(EventFanout* fanout, Sink* sink, Compile
       cursor_(cursor),
       pending_lost_(lost) {
   fanout_->subscriptions_.fetch_add(1, std::memory_order_relaxed);
+  live_.fetch_add(1, std::memory_order_relaxed);
 }
 
 EventFanout::Subscription::~Subscription() {
   fanout_->subscriptions_.fetch_sub(1, std::memory_order_relaxed);
+  live_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 bool EventFanout::Subscription::Wants(const ObservedEvent& o) {
   fanout_->evaluations_.fetch_add(1, std::memory_order_relaxed);
-  return allow_.Matches(o) && !deny_.Matches(o) && (visible_ == nullptr || visible_->Visible(o.guest));
+  return allow_.Matches(o) && !deny_.Matches(o) &&
+         (visible_ == nullptr || visible_->Visible(o.guest));
 }
 
 EventFanout::EventFanout(EventHistory* ring) : ring_(ring) {
@@ -263,10 +267,16 @@ EventFanout::Parked EventFanout::Park(Subscription* sub) {
   if (sub->types_ == 0) return Parked::kParked;  // matches nothing: waits for its cancel only
   // The mask is published (seq_cst) before the head is read: an event appended after this read
   // sees the stream's types in the mask and wakes the delivery thread.
-  if (ring_->head() > sub->cursor_) {
+  EventHistory::TypeCounts counts;
+  if (ring_->head() > sub->cursor_ || !ring_->CountsAt(sub->cursor_, &counts)) {
     RemoveWaitingLocked(sub);
     return Parked::kRetry;
   }
+  uint64_t counted = 0;
+  for (uint32_t t = 0; t < 32; ++t) {
+    if ((sub->types_ & (1u << t)) != 0) counted += counts[t];
+  }
+  WaitingOf(sub).counted = counted;
   return Parked::kParked;
 }
 
@@ -352,12 +362,16 @@ uint64_t EventFanout::CatchUp(uint64_t* base, EventHistory::TypeCounts* counts) 
       for (size_t i = waiting_[t].size(); i-- > 0;) {
         Subscription* sub = waiting_[t][i];
         if (sub->cursor_ >= tail) continue;
-        // Events of its types overwritten since `base` (a stream that parked after `base` may be
-        // told of a few it had already walked itself: an upper bound, in a rare case).
+        // The events of its types overwritten before anyone looked at them for it: from its
+        // own cursor if it parked after `base` (it had walked the events before itself), else
+        // from `base` (this thread had looked at the events before it).
         uint64_t lost = 0;
         for (uint32_t type = 0; type < 32; ++type) {
-          if ((sub->types_ & (1u << type)) != 0) lost += tail_counts[type] - (*counts)[type];
+          if ((sub->types_ & (1u << type)) == 0) continue;
+          lost += tail_counts[type];
+          if (sub->cursor_ < *base) lost -= (*counts)[type];
         }
+        if (sub->cursor_ >= *base) lost -= WaitingOf(sub).counted;
         if (lost == 0) continue;
         RemoveWaitingLocked(sub);
         sub->cursor_ = tail;

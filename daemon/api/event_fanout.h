@@ -28,8 +28,8 @@
 // of events of ALL types that were overwritten before the stream looked at them: an upper bound
 // of what its filter would have let through (a stream that does not read is not looked at, so the
 // types of what it missed are not known). A waiting stream loses events only if the delivery
-// thread itself falls a whole ring behind; its count is then the overwritten events of the types
-// it waits for (from the ring's per-type counts). Both are counted in
+// thread itself falls a whole ring behind; its count is then exactly the overwritten events of
+// the types it waits for (from the ring's per-type counts). Both are counted in
 // kvmid_stream_events_dropped_total.
 //
 // Ending: Cancel (gRPC's OnCancel) ends a waiting stream at once; any other stream ends at its
@@ -151,6 +151,9 @@ class EventFanout : public EventHistory::Listener {
     // Only through EventFanout::WaitingOf (EventFanout::mu_).
     struct Waiting {
       bool parked = false;
+      // Events of its types appended before its cursor when it parked (what CatchUp counts its
+      // losses from).
+      uint64_t counted = 0;
       std::array<uint32_t, 32> index{};  // its place in waiting_[type] for each of its types
     } waiting_;
   };
@@ -189,6 +192,8 @@ class EventFanout : public EventHistory::Listener {
     return waiting_count_;
   }
   size_t subscriptions() const { return subscriptions_.load(std::memory_order_relaxed); }
+  // Every fan-out's together (tests over a whole server, which cannot reach its fan-out).
+  static size_t live_subscriptions() { return live_.load(std::memory_order_relaxed); }
 
  private:
   // Slots one ring lock covers at most while a stream looks for its next event.
@@ -223,6 +228,7 @@ class EventFanout : public EventHistory::Listener {
   EventHistory* const ring_;
   std::atomic<uint64_t> evaluations_{0};
   std::atomic<size_t> subscriptions_{0};
+  static std::atomic<size_t> live_;
   // The union of waiting_[t] non-empty: what the loop thread checks.
   std::atomic<uint32_t> mask_{0};
   std::atomic<bool> sleeping_{false};

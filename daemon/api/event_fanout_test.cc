@@ -237,7 +237,10 @@ TEST_F(FanoutTest, EachStreamSeesEventsInOrderWithNothingLostSilently) {
     for (const auto& w : s.written()) n += w.event_id != 0 ? 1 : w.dropped;
     return n;
   };
-  EXPECT_TRUE(WaitUntil([&] { return accounted(*a) == kEvents; })) << accounted(*a);
+  EXPECT_TRUE(WaitUntil([&] { return accounted(*a) == kEvents; }))
+      << accounted(*a) << " waiting " << fanout_->waiting() << " head " << ring_.head()
+      << " tail " << ring_.tail() << " in flight " << a->in_flight() << " last "
+      << a->written().back().event_id << "/" << a->written().back().dropped;
   stop = true;
   reader.join();
   for (const FakeSink* s : {a.get(), b.get()}) {

@@ -42,8 +42,7 @@ uint64_t EventHistory::latest_id() const {
 }
 
 EventHistory::Found EventHistory::Next(uint64_t* cursor, uint32_t types, uint64_t max_behind,
-                                       size_t max_scan, ObservedEvent* out,
-                                       uint64_t* lost) const {
+                                       size_t max_scan, ObservedEvent* out, uint64_t* lost) const {
   MutexLock lock(&mu_);
   const uint64_t head = head_.load(std::memory_order_relaxed);
   uint64_t oldest = TailLocked();

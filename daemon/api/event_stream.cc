@@ -16,10 +16,10 @@ using grpc::Status;
 
 EventStreams::EventStreams(Daemon* daemon, EventHistory* history, StreamLimits* limits)
     : daemon_(daemon),
-      own_history_(history != nullptr ? nullptr
-                                       : std::make_unique<EventHistory>(
-                                             &daemon->pipeline(),
-                                             daemon->limits().stream_event_ring_events)),
+      own_history_(history != nullptr
+                       ? nullptr
+                       : std::make_unique<EventHistory>(&daemon->pipeline(),
+                                                        daemon->limits().stream_event_ring_events)),
       history_(history != nullptr ? history : own_history_.get()),
       limits_(limits),
       fanout_(std::make_unique<EventFanout>(history_)) {}
@@ -196,9 +196,10 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   // holds comes first as a drop notice); else live from the newest.
   uint64_t cursor = history_->head(), lost = 0;
   if (request.resume_after() != 0) cursor = history_->CursorAfter(request.resume_after(), &lost);
-  auto* reactor =
-      new EventStreamReactor(fanout_.get(), limits_, std::move(admission), request.include_registers());
-  auto visible = std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
+  auto* reactor = new EventStreamReactor(fanout_.get(), limits_, std::move(admission),
+                                         request.include_registers());
+  auto visible =
+      std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
   reactor->Start(fanout_->Subscribe(reactor, std::move(allow), std::move(deny), std::move(visible),
                                     request.max_queue(), cursor, lost));
   return reactor;
@@ -210,8 +211,8 @@ grpc::ServerWriteReactor<kvmi::v1::VMChange>* EventStreams::WatchVMs(
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) return FinishedStream<kvmi::v1::VMChange>(admitted);
   auto* reactor = new WatchReactor(daemon_, limits_, std::move(admission));
-  reactor->Start(
-      std::make_shared<WatchTap>(call, &daemon_->pipeline(), &daemon_->authorizer()), &pump_);
+  reactor->Start(std::make_shared<WatchTap>(call, &daemon_->pipeline(), &daemon_->authorizer()),
+                 &pump_);
   return reactor;
 }
 
