@@ -165,8 +165,14 @@ bool EventFanout::Subscription::Wants(const ObservedEvent& o) {
 
 EventFanout::EventFanout(EventHistory* ring) : ring_(ring) {
   ring_->SetListener(this);
-  // From here on every event is looked at (a stream may subscribe before the thread runs).
-  thread_ = std::thread([this, head = ring_->head()] { Run(head); });
+  // From here on every event is looked at (a stream may subscribe before the thread runs), with
+  // the per-type counts there (what losses are counted from if the thread falls behind).
+  uint64_t start;
+  EventHistory::TypeCounts counts;
+  do {
+    start = ring_->head();
+  } while (!ring_->CountsAt(start, &counts));
+  thread_ = std::thread([this, start, counts] { Run(start, counts); });
 }
 
 EventFanout::~EventFanout() {
@@ -316,14 +322,11 @@ void EventFanout::PublishMaskLocked() {
   mask_.store(mask, std::memory_order_seq_cst);
 }
 
-void EventFanout::Run(uint64_t start) {
+void EventFanout::Run(uint64_t start, EventHistory::TypeCounts counts) {
   // `done`: the events before it were looked at, or wanted by nobody. `counts`: the events of
   // each type before `base` (<= done), to count by type what waiting streams lose if this thread
   // ever falls behind the ring.
-  uint64_t done = start, base = 0;
-  EventHistory::TypeCounts counts{};
-  base = ring_->TailCounts(&counts);
-  if (ring_->CountsAt(done, &counts)) base = done;
+  uint64_t done = start, base = start;
   while (true) {
     bool behind = false;
     {

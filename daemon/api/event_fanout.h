@@ -217,8 +217,8 @@ class EventFanout : public EventHistory::Listener {
   void AddWaitingLocked(Subscription* sub) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveWaitingLocked(Subscription* sub) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishMaskLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The delivery thread, looking at the events from `start` on.
-  void Run(uint64_t start);
+  // The delivery thread, looking at the events from `start` on (`counts`: CountsAt(start)).
+  void Run(uint64_t start, EventHistory::TypeCounts counts);
   // Walks the events from `from` for the waiting streams; returns where it stopped.
   uint64_t Dispatch(uint64_t from);
   // The delivery thread fell behind the ring: waiting streams that lost events of their types
