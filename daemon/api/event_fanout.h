@@ -24,12 +24,13 @@
 // and then looks at the head once more before it waits.
 //
 // Losses: a stream whose cursor falls behind the ring's tail (or more than its max_behind behind
-// the head) skips to the oldest event kept and writes a DropNotice first. Its count is the number
-// of events of ALL types that were overwritten before the stream looked at them: an upper bound
-// of what its filter would have let through (a stream that does not read is not looked at, so the
-// types of what it missed are not known). A waiting stream loses events only if the delivery
-// thread itself falls a whole ring behind; its count is then exactly the overwritten events of
-// the types it waits for (from the ring's per-type counts). Both are counted in
+// the head) skips to half a window behind the head and writes a DropNotice first. Its count is the
+// number of events of ALL types that were overwritten before the stream looked at them: an upper
+// bound of what its filter would have let through (a stream that does not read is not looked at, so
+// the types of what it missed are not known). A waiting stream loses events only if the delivery
+// thread itself falls a whole ring behind; its count is then the overwritten events of the types
+// it waits for (from the ring's per-type counts; at most: events of those types that the delivery
+// thread had already looked at and rejected for it count too). Both are counted in
 // kvmid_stream_events_dropped_total.
 //
 // Ending: Cancel (gRPC's OnCancel) ends a waiting stream at once; any other stream ends at its

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <thread>
 
 namespace kvmid {
 namespace {
@@ -32,8 +33,17 @@ void EventHistory::Append(const ObservedEvent& observed) {
     latest_id_ = std::max(latest_id_, observed.event_id);
     head_.store(seq + 1, std::memory_order_seq_cst);
   }
+  // Counted in flight, so that SetListener(nullptr) can wait for a call that already loaded it.
+  listener_calls_.fetch_add(1, std::memory_order_seq_cst);
   Listener* listener = listener_.load(std::memory_order_seq_cst);
   if (listener != nullptr) listener->Appended(type);
+  listener_calls_.fetch_sub(1, std::memory_order_release);
+}
+
+void EventHistory::SetListener(Listener* listener) {
+  listener_.store(listener, std::memory_order_seq_cst);
+  if (listener != nullptr) return;
+  while (listener_calls_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 uint64_t EventHistory::latest_id() const {
@@ -48,8 +58,12 @@ EventHistory::Found EventHistory::Next(uint64_t* cursor, uint32_t types, uint64_
   uint64_t oldest = TailLocked();
   if (max_behind != 0 && head - oldest > max_behind) oldest = head - max_behind;
   if (*cursor < oldest) {
-    *lost = oldest - *cursor;
-    *cursor = oldest;
+    // Not to the oldest slot (the next to be overwritten, lost again while the notice is
+    // written) but half a window behind the head: a notice, then the newest events.
+    const uint64_t window = max_behind != 0 ? std::min<uint64_t>(max_behind, capacity_) : capacity_;
+    const uint64_t target = std::max(oldest, head - std::min(head - 1, window / 2));
+    *lost = target - *cursor;
+    *cursor = target;
     return Found::kLost;
   }
   for (size_t scanned = 0; *cursor < head; ++scanned) {
@@ -110,18 +124,19 @@ uint64_t EventHistory::CursorAfter(uint64_t after, uint64_t* lost) const {
   MutexLock lock(&mu_);
   const uint64_t head = head_.load(std::memory_order_relaxed);
   const uint64_t tail = TailLocked();
-  if (head == tail || after >= latest_id_) return head;
+  if (head == tail || after > latest_id_) return head;
   // Newest first: a reader resumes near the head.
-  uint64_t oldest_id = UINT64_MAX;
+  uint64_t held_after = 0;
   for (uint64_t seq = head; seq-- > tail;) {
     const uint64_t id = events_[seq % capacity_].event_id;
     if (id == after) return seq + 1;
-    oldest_id = std::min(oldest_id, id);
+    if (id > after) ++held_after;
   }
-  // Not held: ids are consecutive from 1, so what lies between the cursor and the oldest held is
-  // lost. Events reach observers after their replies, so across loop threads ids can be slightly
-  // out of ring order: start at the first held event past the cursor.
-  if (oldest_id > after + 1) *lost = oldest_id - after - 1;
+  // Not held: the ids after the cursor that the ring does not hold are lost. An upper bound: ids
+  // are given to events before they are decided, and an event that never reached the ring (or
+  // reaches it later, held by a handler) counts too. Events reach observers after their replies,
+  // so ids can be out of ring order: start at the first held event past the cursor.
+  *lost = latest_id_ - after - held_after;
   for (uint64_t seq = tail; seq < head; ++seq) {
     if (events_[seq % capacity_].event_id > after) return seq;
   }

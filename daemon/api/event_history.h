@@ -48,8 +48,9 @@ class EventHistory {
   // What the pipeline observer does with every decided event (public for tests).
   void Append(const ObservedEvent& observed);
 
-  // At most one; set before events flow to it, cleared (nullptr) before it goes.
-  void SetListener(Listener* listener) { listener_.store(listener, std::memory_order_seq_cst); }
+  // At most one; set before events flow to it, cleared (nullptr) before it goes: clearing waits
+  // for the calls in flight.
+  void SetListener(Listener* listener);
 
   // The sequence number the next event gets (1 when none yet). Sequentially consistent: the
   // fan-out's wake-up protocol relies on it (event_fanout.h).
@@ -63,8 +64,10 @@ class EventHistory {
 
   // From *cursor: the first event whose type is in `types` (bit per event id), copied to *out,
   // with *cursor moved past it. Events older than the ring holds, or more than `max_behind`
-  // behind the head, are skipped and counted in *lost (kLost; the cursor then points at the
-  // oldest kept). At most `max_scan` slots are looked at per call (the lock is held that long).
+  // behind the head, are skipped and counted in *lost (kLost; the cursor then points half a
+  // window, max_behind or the ring, behind the head, so that the reader gets the newest events
+  // rather than losing again what is overwritten while it writes its notice). At most `max_scan`
+  // slots are looked at per call (the lock is held that long).
   Found Next(uint64_t* cursor, uint32_t types, uint64_t max_behind, size_t max_scan,
              ObservedEvent* out, uint64_t* lost) const;
   // The type of the event at `seq`, or -1 when it is no longer (or not yet) held.
@@ -83,9 +86,9 @@ class EventHistory {
 
   // Resume: the cursor just after the event whose event_id is `after` (its slot, so exactly the
   // events a stream reading in ring order had not seen yet). When that event is no longer held,
-  // the first held event with a larger id, and *lost = the ids between `after` and the oldest
-  // held (ids are consecutive from 1). A cursor from the future (after > every id) starts at the
-  // head.
+  // the first held event with a larger id, and *lost = the ids after `after` not held (an upper
+  // bound: ids of events not yet or never appended count too). A cursor from the future (after >
+  // every id) starts at the head.
   uint64_t CursorAfter(uint64_t after, uint64_t* lost) const;
   // The largest event id appended (0 when none).
   uint64_t latest_id() const;
@@ -100,6 +103,7 @@ class EventHistory {
   const size_t capacity_;
   uint64_t observer_ = 0;
   std::atomic<Listener*> listener_{nullptr};
+  std::atomic<int> listener_calls_{0};
   mutable Mutex mu_;
   // Slot of seq s: s % capacity_. types_ is the events' types, scanned without touching events_.
   std::vector<ObservedEvent> events_ ABSL_GUARDED_BY(mu_);
