@@ -105,6 +105,7 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
   if (!restricted_) return true;                                      // unrestricted: every guest
   std::shared_ptr<const GuestView> view = pipeline_->ViewOf(*guest);  // cached on the guest
   std::shared_ptr<const security::Authorizer> authorizer;
+  uint64_t generation;
   {
     MutexLock lock(&mu_);
     if (holder_ != nullptr && holder_->generation() != generation_) {
@@ -114,11 +115,13 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
       cache_.clear();
     }
     auto it = cache_.find(guest.get());
-    if (it != cache_.end() && it->second.view == view.get() && !it->second.view_alive.expired() &&
+    if (it != cache_.end() && it->second.generation == generation_ &&
+        it->second.view == view.get() && !it->second.view_alive.expired() &&
         !it->second.guest.expired()) {
       return it->second.visible;
     }
     authorizer = authorizer_;
+    generation = generation_;
   }
   // Outside the lock: builds a GuestRef.
   const bool visible = authorizer == nullptr || authorizer->Visible(caller_, GuestRefOf(*view));
@@ -128,7 +131,9 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
       it = it->second.guest.expired() ? cache_.erase(it) : std::next(it);
     }
   }
-  cache_[guest.get()] = Entry{guest, view.get(), view, visible};
+  // A decision made with rules a reload replaced meanwhile is not kept.
+  if (generation == generation_)
+    cache_[guest.get()] = Entry{guest, view.get(), view, visible, generation};
   return visible;
 }
 

@@ -101,6 +101,7 @@ class VisibleGuests {
     const GuestView* view;
     std::weak_ptr<const GuestView> view_alive;
     bool visible;
+    uint64_t generation;  // of the rules it was decided with
   };
   VerdictPipeline* const pipeline_;
   const security::AuthorizerHolder* const holder_;
