@@ -219,7 +219,8 @@ absl::Status StartMetrics(Process* p) {
 absl::Status StartApi(Process* p) {
   const kvmid::LoadedConfig& c = p->settings.config;
   if (c.api_socket.empty() && c.api_tcp.empty()) return absl::OkStatus();
-  p->api = std::make_unique<kvmid::ApiServer>(p->daemon.get(), /*history=*/8192, p->audit.get());
+  p->api = std::make_unique<kvmid::ApiServer>(
+      p->daemon.get(), /*history=*/p->daemon->limits().stream_event_ring_events, p->audit.get());
   kvmid::security::ApiListenOptions listen;
   listen.unix_socket = c.api_socket;
   listen.unix_socket_mode = c.api_socket_mode;

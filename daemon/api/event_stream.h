@@ -1,7 +1,7 @@
 // The server-streaming RPCs: StreamEvents (every decided event that passes a client's filters,
 // with drop notices and a resume cursor) and WatchVMs (the guests, then every change). Events are
-// matched on the guests' loop threads and queued; gRPC's callback API writes them, one at a time
-// (no thread per stream; see EventStreams).
+// appended once to the shared ring and delivered off the loop threads (EventFanout); gRPC's
+// callback API writes them, one at a time (no thread per stream; see EventStreams).
 #ifndef KVMID_DAEMON_API_EVENT_STREAM_H_
 #define KVMID_DAEMON_API_EVENT_STREAM_H_
 
@@ -10,14 +10,12 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
-#include <set>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "daemon/api/call_context.h"
+#include "daemon/api/event_fanout.h"
 #include "daemon/api/event_history.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/api/stream_outbox.h"
@@ -27,66 +25,27 @@
 
 namespace kvmid::api {
 
-// An EventFilter, validated once and matched on the loop thread.
-struct CompiledFilter {
-  std::vector<std::string> vms;
-  std::set<uint8_t> events;
-  std::set<uint32_t> vcpus, crs, msrs;
-  std::optional<uint64_t> gpa_first, gpa_last;
-  uint8_t access = 0;
-  bool empty = true;  // matches nothing (no filter given)
-
-  bool Matches(const ObservedEvent& observed) const;
-};
-
-// `filter` compiled; INVALID_ARGUMENT naming "<field>.<what>" if it is malformed.
-grpc::Status CompileFilter(const kvmi::v1::EventFilter& filter, const std::string& field,
-                           CompiledFilter* out);
-
-// Which guests a stream's caller sees (CallContext::Visible), decided once per guest and again
-// only when its labels change (the GuestView's generation): the event path does not build a
-// GuestRef per event. The authorizer snapshot is the stream's, fixed for its life. Thread-safe
-// (loop threads of different guests ask at once).
-class VisibleGuests {
- public:
-  VisibleGuests(CallContext call, VerdictPipeline* pipeline)
-      : call_(std::move(call)), pipeline_(pipeline) {}
-  bool Visible(const std::shared_ptr<Guest>& guest);
-  const CallContext& call() const { return call_; }
-
- private:
-  // Entries whose guest is gone are purged once the cache holds this many.
-  static constexpr size_t kPurgeAbove = 4096;
-  struct Entry {
-    std::weak_ptr<Guest> guest;  // the address is only this guest's while it lives
-    // The view the decision was made on: a new view (labels reloaded, or the guest reconnected
-    // under another name) means a new decision. The address is only that view's while it lives.
-    const GuestView* view;
-    std::weak_ptr<const GuestView> view_alive;
-    bool visible;
-  };
-  const CallContext call_;
-  VerdictPipeline* const pipeline_;
-  Mutex mu_;
-  std::unordered_map<const Guest*, Entry> cache_ ABSL_GUARDED_BY(mu_);
-};
-
-// What a StreamEvents queue item is charged to the stream budget (the event, its deque slot and
-// the monitor hits it carries).
-uint64_t QueuedBytes(const ObservedEvent& observed);
-
-// StreamEvents and WatchVMs on gRPC's callback API: no thread per stream. Events are matched on
-// the guests' loop threads (filters, then visibility) and queued in the stream's StreamOutbox;
-// the reactor writes one message at a time, the next one started from OnWriteDone, the first
-// after an idle spell by the StreamPump. Every stream holds an admission of `limits` (a place
-// among its identity's streams, a base charge of the queue budget) until gRPC's OnDone, which
-// also removes its subscription and returns what it had queued.
+// StreamEvents and WatchVMs on gRPC's callback API: no thread per stream.
+//
+// StreamEvents: every event is appended once to the shared ring (EventHistory); each stream is a
+// subscription of the EventFanout holding only its cursor and its one message in flight. Its
+// filters and visibility are applied off the loop threads (the fan-out's delivery thread, or
+// gRPC's callback thread in OnWriteDone), and a stream that is behind or does not read costs the
+// loop threads nothing. A stream that falls more than max_queue events (default and at most: the
+// ring) behind the newest gets a DropNotice.
+//
+// WatchVMs: guest changes are queued in the stream's StreamOutbox on the thread that made them,
+// written one at a time (the first after an idle spell by the StreamPump).
+//
+// Every stream holds an admission of `limits` (a place among its identity's streams, a base
+// charge of the budget, which is what bounds idle streams) until gRPC's OnDone.
 class EventStreams {
  public:
-  // `history` (may be null) lets StreamEvents resume after a cursor. `limits` outlives every
-  // stream (the service owns both).
-  EventStreams(Daemon* daemon, const EventHistory* history, StreamLimits* limits)
-      : daemon_(daemon), history_(history), limits_(limits) {}
+  // `history` is the ring StreamEvents reads and resumes from (null: the streams get a ring of
+  // their own of limits().stream_event_ring_events). `limits` outlives every stream (the service
+  // owns both).
+  EventStreams(Daemon* daemon, EventHistory* history, StreamLimits* limits);
+  ~EventStreams();
 
   // The reactor of a new call (it deletes itself when gRPC is done with it). A malformed request
   // or a limit ends it at once with the status naming the field or the limit.
@@ -96,13 +55,16 @@ class EventStreams {
                                                          const kvmi::v1::WatchVMsRequest& request);
 
   StreamLimits* limits() { return limits_; }
+  EventFanout& fanout() { return *fanout_; }
 
  private:
   Daemon* const daemon_;
-  const EventHistory* const history_;
+  std::unique_ptr<EventHistory> own_history_;  // when none was given
+  EventHistory* const history_;
   StreamLimits* const limits_;
-  // Starts the writes of idle streams (one thread for all of them): a guest's loop thread only
-  // queues.
+  // StreamEvents' delivery (one thread for every stream).
+  std::unique_ptr<EventFanout> fanout_;
+  // Starts the writes of idle WatchVMs streams (one thread for all of them).
   StreamPump pump_;
 };
 

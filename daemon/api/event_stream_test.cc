@@ -90,7 +90,7 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   auto reader = stub_->StreamEvents(&ctx, request);
   // The stream is registered once the server runs the call: wait for its observer (the event
   // history is the first).
-  ASSERT_TRUE(WaitUntil([&] { return daemon_->pipeline().observer_count() == 2; }));
+  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 1; }));
   kvmi::Event other = MakeTestEvent(KVMI_EVENT_MSR, 0, 1);  // db-1: filtered out
   db->SendEvent(other);
   kvmi::Event wanted = MakeTestEvent(KVMI_EVENT_MSR, 1, 1);
@@ -141,7 +141,7 @@ TEST_F(ApiTest, ASlowReaderGetsDropNoticesWhileTheGuestRunsAtFullSpeed) {
   request.set_max_queue(4);
   request.set_include_registers(true);  // ~250 bytes an event
   auto reader = slow->StreamEvents(&ctx, request);
-  ASSERT_TRUE(WaitUntil([&] { return daemon_->pipeline().observer_count() == 2; }));
+  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 1; }));
   // Events answered at once by the daemon while nobody reads the stream: more than HTTP/2's
   // window can hold, so the stream's own queue overflows.
   constexpr uint32_t kEvents = 3000;
@@ -274,7 +274,8 @@ class StreamLimitsTest : public ApiTest {
     loaded.security.limits = limits;
     ASSERT_TRUE(daemon_->Reload(loaded).ok());
   }
-  size_t observers() { return daemon_->pipeline().observer_count(); }  // the history's + streams
+  // StreamEvents streams subscribed to the shared ring.
+  size_t open_streams() { return api::EventFanout::live_subscriptions(); }
   EventStream Open(kvmi::v1::Introspection::Stub* stub,
                    const kvmi::v1::StreamEventsRequest& request = {}) {
     EventStream stream;
@@ -333,7 +334,7 @@ TEST_F(StreamLimitsTest, TheNextStreamOfAnIdentityOverItsCapIsRefusedUntilOneEnd
   ASSERT_NE(Connect(21, "capped"), nullptr);
   // Three streams of the same caller (root on the API socket), one of each kind.
   EventStream events = Open(stub_.get());
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
   OpenStream<kvmi::v1::VMChange> watch;
   watch.reader = stub_->WatchVMs(watch.ctx.get(), {});
   kvmi::v1::VMChange change;
@@ -370,9 +371,9 @@ TEST_F(StreamLimitsTest, TheNextStreamOfAnIdentityOverItsCapIsRefusedUntilOneEnd
 
   // One ends: its place is free again (released in OnDone, before its subscription goes).
   events.Cancel();
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 0; }));
   EventStream again = Open(stub_.get());
-  EXPECT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  EXPECT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
   again.Cancel();
   watch.Cancel();
   attach_ctx.TryCancel();
@@ -389,7 +390,7 @@ TEST_F(StreamLimitsTest, AnExhaustedQueueBudgetRefusesNewStreamsNamingIt) {
   constexpr size_t kFit = (1u << 20) / api::kStreamBaseBytes;
   std::vector<EventStream> streams;
   for (size_t i = 0; i < kFit; ++i) streams.push_back(Open(stub_.get()));
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 1 + kFit; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == kFit; }));
   for (int kind = 0; kind < 2; ++kind) {
     grpc::ClientContext ctx;
     grpc::Status status = kind == 0 ? RefusedStatus(stub_->StreamEvents(&ctx, {}).get())
@@ -400,9 +401,9 @@ TEST_F(StreamLimitsTest, AnExhaustedQueueBudgetRefusesNewStreamsNamingIt) {
   }
   streams.back().Cancel();
   streams.pop_back();
-  ASSERT_TRUE(WaitUntil([&] { return observers() == kFit; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == kFit - 1; }));
   streams.push_back(Open(stub_.get()));  // its charge came back
-  EXPECT_TRUE(WaitUntil([&] { return observers() == 1 + kFit; }));
+  EXPECT_TRUE(WaitUntil([&] { return open_streams() == kFit; }));
   for (EventStream& s : streams) s.Cancel();
 }
 
@@ -415,11 +416,11 @@ TEST_F(StreamLimitsTest, OpenStreamsCostNoThread) {
   ASSERT_NE(host, nullptr);
   std::vector<EventStream> streams;
   for (int i = 0; i < 10; ++i) streams.push_back(Open(stub_.get()));  // warm gRPC's pools up
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 11; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 10; }));
   const size_t before = ThreadCount();
   constexpr size_t kStreams = 300;
   for (size_t i = 0; i < kStreams; ++i) streams.push_back(Open(stub_.get()));
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 11 + kStreams; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 10 + kStreams; }));
   RunEvents(host, 1, 3);  // and they work: every stream gets the events
   for (size_t i = 0; i < streams.size(); i += 50) {
     kvmi::v1::EventMessage message;
@@ -432,7 +433,7 @@ TEST_F(StreamLimitsTest, OpenStreamsCostNoThread) {
   EXPECT_LE(after, before + 8) << "threads: " << before << " with 10 streams, " << after << " with "
                                << 10 + kStreams;
   for (EventStream& s : streams) s.Cancel();
-  EXPECT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  EXPECT_TRUE(WaitUntil([&] { return open_streams() == 0; }));
 }
 
 // 50 streams that never read while the guest runs: they drop (counted) within the shared budget,
@@ -453,7 +454,7 @@ TEST_F(StreamLimitsTest, NonReadersStayWithinTheBudgetAndOthersStillReceive) {
   auto fast = kvmi::v1::Introspection::NewStub(
       grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
   EventStream reader = Open(fast.get(), request);
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 52; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 51; }));
 
   constexpr uint32_t kEvents = 2000;
   std::atomic<uint64_t> events{0}, dropped{0};
@@ -473,11 +474,12 @@ TEST_F(StreamLimitsTest, NonReadersStayWithinTheBudgetAndOthersStillReceive) {
   EXPECT_TRUE(WaitUntil([&] { return events + dropped == kEvents; }));
   read.join();
   EXPECT_GT(events.load(), 0u);
-  EXPECT_EQ(events + dropped, kEvents);         // nothing lost silently
-  EXPECT_GT(peak, 51 * api::kStreamBaseBytes);  // the non-readers did queue up to the budget
+  EXPECT_EQ(events + dropped, kEvents);  // nothing lost silently
+  // The non-readers hold nothing but their base charge: the events stay in the shared ring.
+  EXPECT_EQ(peak, 51 * api::kStreamBaseBytes);
   for (EventStream& s : stuck) s.Cancel();
   reader.Cancel();
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 0; }));
   EXPECT_EQ(server.limits.budget()->used(), 0u);  // every charge came back
 }
 
@@ -519,7 +521,7 @@ TEST_F(StreamLimitsTest, StreamsCancelledWhileEventsFlowReleaseEverything) {
   }
   stop = true;
   guest.join();
-  EXPECT_TRUE(WaitUntil([&] { return observers() == 1; }));
+  EXPECT_TRUE(WaitUntil([&] { return open_streams() == 0; }));
   EXPECT_TRUE(WaitUntil([&] { return server.limits.budget()->used() == 0; }));
   EXPECT_EQ(server.limits.streams_of(api::CallContext::Unrestricted()), 0u);
 }
@@ -554,7 +556,7 @@ TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
   ASSERT_TRUE(watch.reader->Read(&change));
   EXPECT_EQ(change.vm().name(), "seen");  // "hidden" is not listed
   EventStream events = Open(stub.get());
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
 
   RunEvents(hidden, 1, 2);
   RunEvents(seen, 1, 1);
@@ -591,7 +593,7 @@ TEST_F(StreamLimitsTest, AGuestRenamedOutOfScopeIsDecidedAgain) {
   auto stub = kvmi::v1::Introspection::NewStub(
       grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
   EventStream events = Open(stub.get());
-  ASSERT_TRUE(WaitUntil([&] { return observers() == 2; }));
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
   RunEvents(guest, 1, 1);
   kvmi::v1::EventMessage message;
   ASSERT_TRUE(events.reader->Read(&message));

@@ -54,7 +54,7 @@ class AttachAdmission final : public api::AttachGuard {
 
 }  // namespace
 
-IntrospectionService::IntrospectionService(Daemon* daemon, const EventHistory* history,
+IntrospectionService::IntrospectionService(Daemon* daemon, EventHistory* history,
                                            security::AuditLog* audit)
     : daemon_(daemon),
       admission_(daemon, audit),

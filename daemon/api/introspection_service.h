@@ -47,8 +47,7 @@ class IntrospectionService final
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
-  IntrospectionService(Daemon* daemon, const EventHistory* history,
-                       security::AuditLog* audit = nullptr);
+  IntrospectionService(Daemon* daemon, EventHistory* history, security::AuditLog* audit = nullptr);
 
   grpc::Status ListVMs(grpc::ServerContext* context, const kvmi::v1::ListVMsRequest* request,
                        kvmi::v1::ListVMsResponse* response) override;

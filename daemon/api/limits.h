@@ -16,13 +16,11 @@ inline constexpr int kMaxPagesPerCall = 65536;
 // InjectException: the v6 kernel does not check the vector (§5.18); only exception vectors pass.
 inline constexpr uint32_t kMaxExceptionVector = 31;
 
-// StreamEvents: events buffered per call (default and maximum of max_queue).
-inline constexpr uint32_t kDefaultStreamQueue = 1024;
+// StreamEvents: the largest max_queue accepted (how many events a stream may fall behind the
+// newest before it loses the oldest; the shared ring bounds it too, security::Limits).
 inline constexpr uint32_t kMaxStreamQueue = 65536;
 // WatchVMs: guest changes buffered per call for a reader that does not keep up.
 inline constexpr size_t kMaxWatchBacklog = 65536;
-// How often a server-streaming call looks at its cancellation while idle.
-inline constexpr std::chrono::milliseconds kStreamPoll{200};
 // How often a unary call waiting for the guest looks at its cancellation.
 inline constexpr std::chrono::milliseconds kWaitPoll{50};
 
@@ -37,7 +35,7 @@ inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
 // Promises of events whose deadline passed this long ago are dropped from a stream's table.
 inline constexpr std::chrono::seconds kStalePromiseAge{1};
 
-// Server shutdown: streams end within kStreamPoll; this is how long they get.
+// Server shutdown: how long the streams get to end (they end on their cancellation).
 inline constexpr std::chrono::seconds kShutdownGrace{1};
 
 }  // namespace kvmid::api

@@ -15,8 +15,9 @@ constexpr uint64_t kKiB = 1024, kMiB = 1024 * 1024, kGiB = 1024 * kMiB;
 constexpr LimitInfo kLimits[] = {
     {Limit::kStreamQueueBudgetBytes, "stream_queue_budget_bytes",
      &Limits::stream_queue_budget_bytes, kMiB, 16 * kGiB, "bytes",
-     "events buffered by every StreamEvents/WatchVMs stream together; a stream that would "
-     "exceed it drops events (DropNotice), a new stream is refused"},
+     "16 KiB per open StreamEvents/WatchVMs stream plus the guest changes WatchVMs streams "
+     "buffer, together (StreamEvents streams read the shared ring, stream_event_ring_events); a "
+     "WatchVMs stream that would exceed it loses changes, a new stream is refused"},
     {Limit::kStreamsPerIdentity, "streams_per_identity", &Limits::streams_per_identity, 1, 100000,
      "streams", "concurrent StreamEvents, WatchVMs and Attach streams of one caller identity"},
     {Limit::kMaxPolicies, "max_policies", &Limits::max_policies, 1, 65536, "policies",
@@ -57,6 +58,11 @@ constexpr LimitInfo kLimits[] = {
     {Limit::kMaxGoneGuests, "max_gone_guests", &Limits::max_gone_guests, 1, 1u << 20, "guests",
      "disconnected guests remembered at once; past it the oldest gone one is forgotten first (a "
      "peer that connects with new UUIDs over and over cannot grow kvmid)"},
+    {Limit::kStreamEventRingEvents, "stream_event_ring_events", &Limits::stream_event_ring_events,
+     1024, 1u << 20, "events",
+     "the newest events kept for every StreamEvents stream together (one shared ring, read from "
+     "each stream's cursor, and what resume_after can go back to); a stream that falls further "
+     "behind gets a DropNotice. Read at start"},
 };
 
 constexpr bool TableInEnumOrder() {
@@ -67,7 +73,7 @@ constexpr bool TableInEnumOrder() {
 }
 static_assert(TableInEnumOrder(), "kLimits must list the limits in the order of enum Limit");
 static_assert(sizeof(kLimits) / sizeof(kLimits[0]) ==
-                  static_cast<size_t>(Limit::kMaxGoneGuests) + 1,
+                  static_cast<size_t>(Limit::kStreamEventRingEvents) + 1,
               "kLimits must list every limit");
 
 }  // namespace
