@@ -62,7 +62,7 @@ IntrospectionService::IntrospectionService(Daemon* daemon, EventHistory* history
       inventory_(daemon),
       streams_(daemon, history, &stream_limits_),
       commands_(&daemon->registry(), &daemon->pipeline()),
-      memory_(&daemon->registry(), &admission_) {}
+      memory_(daemon, &admission_, &stream_limits_) {}
 
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
                                                                 grpc::ServerContextBase* context,
@@ -140,8 +140,9 @@ grpc::ServerUnaryReactor* IntrospectionService::ApplyPolicy(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // A refusal by a limit (policy size or count) is answered after the caller's delay: a client
   // that floods ApplyPolicy with refused requests is held to a few calls per second.
-  tarpit_.Finish(identity, status, request->ByteSizeLong(),
-                 [reactor, status] { reactor->Finish(status); });
+  tarpit_.Finish(
+      identity, status, request->ByteSizeLong(), [reactor, status] { reactor->Finish(status); },
+      std::chrono::milliseconds(daemon_->limits().refusal_delay_max_ms));
   return reactor;
 }
 
@@ -196,7 +197,7 @@ grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* IntrospectionService::ReadPhysi
       },
       &call);
   if (!admitted.ok()) return api::FinishedStream<kvmi::v1::MemoryChunk>(admitted);
-  return memory_.Read(*request);
+  return memory_.Read(call.context(), *request);
 }
 
 // Admitted on its first message, which names the guest (memory_stream.cc).

@@ -124,6 +124,9 @@ TEST_F(ApiTest, HugePoliciesAreRefusedNamingTheLimit) {
   // The flood: 300 policies with 3.9 MB descriptions. None is applied; RSS does not grow
   // with them.
   const kvmi::v1::ApplyPolicyRequest flood = CrPolicy("flood", 3900000);
+  security::Limits limits = daemon_->limits();
+  limits.refusal_delay_max_ms = 1;  // the tarpit (tarpit_test) would hold this loop for minutes
+  daemon_->set_limits(limits);
   for (int i = 0; i < 300; ++i) {
     grpc::Status s = Apply(stub_.get(), flood);
     ASSERT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << i;

@@ -189,8 +189,10 @@ namespace {
 // Reads are issued (ChunkedReader::Fill) with that mutex released: one may complete inline.
 class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk> {
  public:
-  ReadReactor(std::shared_ptr<ChunkedReader> reader, bool skip_zero_pages, bool continue_on_error)
-      : link_(std::make_shared<Link>()),
+  ReadReactor(std::shared_ptr<ChunkedReader> reader, bool skip_zero_pages, bool continue_on_error,
+              StreamLimits::Admission admission)
+      : admission_(std::move(admission)),
+        link_(std::make_shared<Link>()),
         skip_zero_pages_(skip_zero_pages),
         continue_on_error_(continue_on_error) {
     link_->reader = std::move(reader);
@@ -224,10 +226,12 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>
       link_->reactor = nullptr;
     }
     link_->reader->Cancel();
+    admission_.Release();  // its place and its window's charge
     delete this;
   }
 
  private:
+  StreamLimits::Admission admission_;  // released in OnDone
   struct Link {
     Mutex mu;
     ReadReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
@@ -317,7 +321,7 @@ class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk
 }  // namespace
 
 grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* MemoryStreams::Read(
-    const kvmi::v1::ReadPhysicalStreamRequest& request) {
+    const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request) {
   Target target;
   Status s = guests_.Find(request.vm(), &target);
   if (!s.ok()) return new FinishedRead(s);
@@ -345,8 +349,16 @@ grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* MemoryStreams::Read(
                                         session->ReadPhysical(gpa, size, std::move(done));
                                       });
   if (!reader.ok()) return new FinishedRead(ToStatus(reader.status()));
-  return new ReadReactor(*std::move(reader), request.skip_zero_pages(),
-                         request.continue_on_error());
+  // A place among the caller's streams, and the window's bytes charged to the stream budget.
+  StreamLimits::Admission admission;
+  Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission,
+                                   options.window * chunk_bytes);
+  if (!admitted.ok()) {
+    call.AuditLimitRefusal(admitted);
+    return new FinishedRead(admitted);
+  }
+  return new ReadReactor(*std::move(reader), request.skip_zero_pages(), request.continue_on_error(),
+                         std::move(admission));
 }
 
 // ---- WritePhysicalStream -----------------------------------------------------------------------
@@ -355,9 +367,12 @@ namespace {
 
 class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest> {
  public:
-  WriteReactor(grpc::CallbackServerContext* context, const GuestFinder* guests,
-               Admission* admission, kvmi::v1::WritePhysicalStreamResponse* response)
-      : context_(context),
+  WriteReactor(grpc::CallbackServerContext* context, Daemon* daemon, const GuestFinder* guests,
+               Admission* admission, StreamLimits* limits,
+               kvmi::v1::WritePhysicalStreamResponse* response)
+      : daemon_(daemon),
+        limits_(limits),
+        context_(context),
         guests_(guests),
         admission_(admission),
         response_(response),
@@ -418,11 +433,14 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
     {
       MutexLock lock(&link_->mu);
       link_->reactor = nullptr;
+      limit_.Release();
     }
     delete this;
   }
 
  private:
+  Daemon* const daemon_;
+  StreamLimits* const limits_;
   struct Link {
     Mutex mu;
     WriteReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
@@ -460,6 +478,11 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
         &call_);
     if (!admitted.ok()) return admitted;  // audited by Admit: not again
     admitted_ = true;
+    // A place among the caller's streams; the messages it may hold charged to the budget.
+    Status limited =
+        limits_->Admit(call_.context(), daemon_->limits(), /*charge_budget=*/true, &limit_,
+                       (kWriteStreamMessagesInFlight + 1) * kMaxWriteStreamMessageBytes);
+    if (!limited.ok()) return limited;  // audited by Finish (a limit refusal)
     Status s = guests_->Find(vm, &target_);
     if (!s.ok()) return s;
     if (size == 0) return InvalidArgument("size", "must be at least 1");
@@ -518,6 +541,7 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
   bool client_done_ ABSL_GUARDED_BY(link_->mu) = false;
   bool finished_ ABSL_GUARDED_BY(link_->mu) = false;
   AdmittedCall call_ ABSL_GUARDED_BY(link_->mu);
+  StreamLimits::Admission limit_ ABSL_GUARDED_BY(link_->mu);  // after Begin admitted the call
   Target target_ ABSL_GUARDED_BY(link_->mu);
   uint64_t gpa_ ABSL_GUARDED_BY(link_->mu) = 0;
   uint64_t size_ ABSL_GUARDED_BY(link_->mu) = 0;
@@ -530,7 +554,7 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
 
 grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* MemoryStreams::Write(
     grpc::CallbackServerContext* context, kvmi::v1::WritePhysicalStreamResponse* response) {
-  return new WriteReactor(context, &guests_, admission_, response);
+  return new WriteReactor(context, daemon_, &guests_, admission_, limits_, response);
 }
 
 }  // namespace kvmid::api

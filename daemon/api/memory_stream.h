@@ -23,6 +23,7 @@
 
 #include "daemon/api/admission.h"
 #include "daemon/api/guest_call.h"
+#include "daemon/api/stream_limits.h"
 #include "daemon/base/mutex.h"
 #include "daemon/kvmid.h"
 #include "daemon/session/guest_session.h"
@@ -129,21 +130,25 @@ void AppendChunkMessages(const ChunkedReader::Chunk& chunk, bool skip_zero_pages
 // The two streams. Thread-safe; one per service.
 class MemoryStreams {
  public:
-  MemoryStreams(Registry* registry, Admission* admission)
-      : guests_(registry), admission_(admission) {}
+  // Every stream is admitted by `limits` (a place among its identity's streams, and its window
+  // charged to the stream budget for its life) under the daemon's current limits.
+  MemoryStreams(Daemon* daemon, Admission* admission, StreamLimits* limits)
+      : daemon_(daemon), guests_(&daemon->registry()), admission_(admission), limits_(limits) {}
 
   // The reactor of an admitted ReadPhysicalStream call (it deletes itself when gRPC is done).
   // A malformed request ends it at once with the status naming the field.
   grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* Read(
-      const kvmi::v1::ReadPhysicalStreamRequest& request);
+      const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request);
   // The reactor of a WritePhysicalStream call: admitted (as WritePhysicalStream on the first
   // message's guest) when the first message arrives, audited when it ends.
   grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* Write(
       grpc::CallbackServerContext* context, kvmi::v1::WritePhysicalStreamResponse* response);
 
  private:
+  Daemon* const daemon_;
   GuestFinder guests_;
   Admission* const admission_;
+  StreamLimits* const limits_;
 };
 
 }  // namespace kvmid::api

@@ -350,6 +350,61 @@ kvmi::v1::WritePhysicalStreamRequest WriteMessage(std::string data, const std::s
   return m;
 }
 
+// Memory streams count among their identity's streams, and their windows are charged to the
+// stream budget: one caller cannot open them without bound.
+TEST_F(ApiTest, MemoryStreamsAreBoundedByTheStreamLimits) {
+  ScriptedHost* host = Connect(26, "mem");
+  (void)host;
+  security::Limits limits = daemon_->limits();
+  limits.streams_per_identity = 1;
+  daemon_->set_limits(limits);
+  grpc::ClientContext first_ctx;
+  auto first = stub_->ReadPhysicalStream(&first_ctx, ReadRequest("mem", 0, uint64_t{64} << 20));
+  kvmi::v1::MemoryChunk chunk;
+  ASSERT_TRUE(first->Read(&chunk));  // open, and holding its place
+  {
+    grpc::ClientContext ctx;
+    auto second = stub_->ReadPhysicalStream(&ctx, ReadRequest("mem", 0, 4096));
+    while (second->Read(&chunk)) {
+    }
+    grpc::Status s = second->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(s.error_message(), HasSubstr("streams_per_identity"));
+  }
+  {
+    kvmi::v1::WritePhysicalStreamResponse response;
+    grpc::Status s = WriteAll(stub_.get(), {WriteMessage("abcd", "mem", 0x1000, 4)}, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(s.error_message(), HasSubstr("streams_per_identity"));
+  }
+  first_ctx.TryCancel();
+  while (first->Read(&chunk)) {
+  }
+  first->Finish();
+  // The place is free again once the first stream ended; a window over the budget is refused.
+  limits.streams_per_identity = 64;
+  limits.stream_queue_budget_bytes = uint64_t{1} << 20;  // under one read window
+  daemon_->set_limits(limits);
+  {
+    grpc::ClientContext ctx;
+    auto read = stub_->ReadPhysicalStream(&ctx, ReadRequest("mem", 0, 4096));
+    while (read->Read(&chunk)) {
+    }
+    grpc::Status s = read->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(s.error_message(), HasSubstr("stream_queue_budget_bytes"));
+  }
+  limits.stream_queue_budget_bytes = uint64_t{128} << 20;
+  daemon_->set_limits(limits);
+  ASSERT_TRUE(WaitUntil([&] {
+    grpc::ClientContext ctx;
+    auto read = stub_->ReadPhysicalStream(&ctx, ReadRequest("mem", 0, 4096));
+    while (read->Read(&chunk)) {
+    }
+    return read->Finish().ok();
+  }));
+}
+
 TEST_F(ApiTest, WritePhysicalStreamWritesEveryByteWhereItBelongs) {
   ScriptedHost* host = Connect(26, "mem");
   std::string bytes((1 << 20) + (1 << 19) + 100, '\0');

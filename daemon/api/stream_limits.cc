@@ -38,7 +38,7 @@ void StreamLimits::Admission::Release() {
 }
 
 grpc::Status StreamLimits::Admit(const CallContext& call, const security::Limits& limits,
-                                 bool charge_budget, Admission* admission) {
+                                 bool charge_budget, Admission* admission, uint64_t extra_bytes) {
   budget_.SetBudget(limits.stream_queue_budget_bytes);
   slots_.SetMax(limits.streams_per_identity);
   absl::StatusOr<security::KeyedSlots::Slot> slot = slots_.Acquire(call.IdentityKey(), "identity");
@@ -49,12 +49,12 @@ grpc::Status StreamLimits::Admit(const CallContext& call, const security::Limits
   Admission admitted;
   admitted.slot_ = std::move(*slot);
   if (charge_budget) {
-    if (!budget_.TryCharge(kStreamBaseBytes)) {
+    if (!budget_.TryCharge(kStreamBaseBytes + extra_bytes)) {
       Metrics::LimitRefused(InfoOf(Limit::kStreamQueueBudgetBytes).name);
       return ToStatus(budget_.ExhaustedStatus("new stream refused"));
     }
     admitted.budget_ = &budget_;
-    admitted.bytes_ = kStreamBaseBytes;
+    admitted.bytes_ = kStreamBaseBytes + extra_bytes;
   }
   *admission = std::move(admitted);
   return grpc::Status::OK;

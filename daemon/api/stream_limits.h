@@ -58,8 +58,10 @@ class StreamLimits {
   // budget() (StreamEvents, WatchVMs; Attach has its own bounded outbox) and is refused when the
   // budget is exhausted. A refusal is RESOURCE_EXHAUSTED naming the limit and its knob, counted
   // by Metrics::LimitRefused.
+  // extra_bytes (with charge_budget): charged on top of the base, for a stream that holds more
+  // than one message (the memory streams' windows).
   grpc::Status Admit(const CallContext& call, const security::Limits& limits, bool charge_budget,
-                     Admission* admission);
+                     Admission* admission, uint64_t extra_bytes = 0);
 
   security::ByteBudget* budget() { return &budget_; }
   uint64_t streams_of(const CallContext& call) const { return slots_.InUse(call.IdentityKey()); }

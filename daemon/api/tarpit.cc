@@ -31,7 +31,8 @@ bool Tarpit::IsLimitRefusal(const grpc::Status& status) {
 }
 
 Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Status& status,
-                                       uint64_t bytes, std::function<void()> finish) {
+                                       uint64_t bytes, std::function<void()> finish,
+                                       Clock::duration max_delay) {
   if (!IsLimitRefusal(status)) {
     finish();
     return Clock::duration::zero();
@@ -46,8 +47,9 @@ Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Statu
     if (state.delay == Clock::duration::zero() || now - state.last_refusal > kForget) {
       state.delay = kFirstDelay;
     } else {
-      state.delay = std::min<Clock::duration>(state.delay * 2, kMaxDelay);
+      state.delay *= 2;
     }
+    state.delay = std::min<Clock::duration>(state.delay, max_delay);
     state.last_refusal = now;
     delay = state.delay;
     if (stopping_ || state.held >= kMaxHeldPerKey || held_bytes_ + bytes > kMaxHeldBytes) {

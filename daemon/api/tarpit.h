@@ -51,8 +51,10 @@ class Tarpit {
   // Calls `finish` (which answers the call with `status`) at once, unless `status` is a limit
   // refusal: then after `key`'s delay, if the bounds allow (else at once). `bytes`: what the held
   // call keeps alive (its request). Returns the delay applied (zero: finished at once).
+  // `max_delay` (default kMaxDelay; limits.refusal_delay_max_ms) caps the delay, the first
+  // included.
   Clock::duration Finish(const std::string& key, const grpc::Status& status, uint64_t bytes,
-                         std::function<void()> finish);
+                         std::function<void()> finish, Clock::duration max_delay = kMaxDelay);
 
   // Calls held now, and calls held since the start.
   size_t held() const;

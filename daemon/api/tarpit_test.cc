@@ -90,6 +90,16 @@ TEST(TarpitTest, RepeatedRefusalsOfOneIdentityWaitLongerUpToTheMaximum) {
   ASSERT_TRUE(answers.WaitFor(9));
 }
 
+TEST(TarpitTest, TheConfiguredMaximumCapsEveryDelay) {
+  Tarpit tarpit;
+  Answers answers;
+  const Clock::duration max = milliseconds(5);  // limits.refusal_delay_max_ms = 5
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(tarpit.Finish("uid:65534", Refused(), 10, answers.Next(), max), max) << i;
+  }
+  ASSERT_TRUE(answers.WaitFor(6));
+}
+
 TEST(TarpitTest, BoundsWhatOneIdentityAndAllTogetherHold) {
   Tarpit tarpit;
   Answers answers;

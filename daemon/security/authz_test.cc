@@ -78,8 +78,8 @@ TEST(RpcTableTest, MatchesServiceDescriptor) {
     EXPECT_EQ(info->method, "/" + service->full_name() + "/" + m->name());
     EXPECT_EQ(FindRpc(info->method), info);
     EXPECT_EQ(&InfoOf(info->rpc), info);
-    // Streams that fan out over guests are list-scoped.
-    if (m->server_streaming()) {
+    // Streams that fan out over guests (no `vm` in their request) are list-scoped.
+    if (m->server_streaming() && m->input_type()->FindFieldByName("vm") == nullptr) {
       EXPECT_EQ(info->scope, RpcScope::kList) << m->name();
     }
   }
@@ -114,6 +114,8 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"SetPageWriteBitmap", Role::kOperator},
       {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
       {"ReadVirtual", Role::kOperator},
+      {"ReadPhysicalStream", Role::kOperator},  // issue 12: bulk memory, read like ReadPhysical
+      {"WritePhysicalStream", Role::kAdmin},    // written like WritePhysical
       {"WritePhysical", Role::kAdmin},
       {"ApplyPolicy", Role::kAdmin},
       {"DeletePolicy", Role::kAdmin},
@@ -126,9 +128,9 @@ TEST(RpcTableTest, RolesAsSpecified) {
     EXPECT_EQ(info.role, it->second) << info.name;
   }
   const std::set<std::string> mutating = {
-      "ApplyPolicy",        "DeletePolicy",    "Attach",        "WritePhysical", "PauseVCPU",
-      "ResumeVCPU",         "InjectException", "SetPageAccess", "SetRegisters",  "ControlSPP",
-      "SetPageWriteBitmap", "ControlEvents",   "UnhookVM"};
+      "ApplyPolicy",        "DeletePolicy",    "Attach",        "WritePhysical",      "PauseVCPU",
+      "ResumeVCPU",         "InjectException", "SetPageAccess", "SetRegisters",       "ControlSPP",
+      "SetPageWriteBitmap", "ControlEvents",   "UnhookVM",      "WritePhysicalStream"};
   for (const RpcInfo& info : RpcTable()) {
     EXPECT_EQ(info.mutating, mutating.count(info.name) == 1) << info.name;
   }

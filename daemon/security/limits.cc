@@ -63,6 +63,10 @@ constexpr LimitInfo kLimits[] = {
      "the newest events kept for every StreamEvents stream together (one shared ring, read from "
      "each stream's cursor, and what resume_after can go back to); a stream that falls further "
      "behind gets a DropNotice. Read at start"},
+    {Limit::kRefusalDelayMaxMs, "refusal_delay_max_ms", &Limits::refusal_delay_max_ms, 1, 10000,
+     "ms",
+     "the longest delay before a refusal by a limit is answered to a caller refused again and "
+     "again (ApplyPolicy's; it starts at 20 ms, or this if lower, and doubles per refusal)"},
 };
 
 constexpr bool TableInEnumOrder() {
@@ -73,7 +77,7 @@ constexpr bool TableInEnumOrder() {
 }
 static_assert(TableInEnumOrder(), "kLimits must list the limits in the order of enum Limit");
 static_assert(sizeof(kLimits) / sizeof(kLimits[0]) ==
-                  static_cast<size_t>(Limit::kStreamEventRingEvents) + 1,
+                  static_cast<size_t>(Limit::kRefusalDelayMaxMs) + 1,
               "kLimits must list every limit");
 
 }  // namespace

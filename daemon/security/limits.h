@@ -53,6 +53,7 @@ enum class Limit : uint8_t {
   kGoneGuestRetentionSeconds,
   kMaxGoneGuests,
   kStreamEventRingEvents,
+  kRefusalDelayMaxMs,
 };
 
 struct Limits {
@@ -69,7 +70,8 @@ struct Limits {
   uint64_t handshake_slots_per_peer = 256;
   uint64_t gone_guest_retention_seconds = 600;  // a disconnected guest is forgotten after it
   uint64_t max_gone_guests = 4096;              // disconnected guests remembered at once
-  uint64_t stream_event_ring_events = 65536;  // the ring every StreamEvents stream reads
+  uint64_t stream_event_ring_events = 65536;    // the ring every StreamEvents stream reads
+  uint64_t refusal_delay_max_ms = 500;          // the tarpit's longest delay (api::Tarpit)
 
   uint64_t Get(Limit limit) const;
 };

@@ -31,6 +31,7 @@
 //   bazel run -c opt //tests/bench:abuse_bench -- --streams=200 --silent_streams=20 --seconds=3
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
+#include <absl/strings/str_format.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <grpcpp/grpcpp.h>
@@ -71,6 +72,12 @@ ABSL_FLAG(int, guests, 16, "simulated guests producing events (one vCPU each, CR
 ABSL_FLAG(double, seconds, 10.0, "measurement window of each phase");
 ABSL_FLAG(int, streams, 2000, "open idle StreamEvents streams during the abuse phase");
 ABSL_FLAG(int, channels, 20, "channels the idle streams are spread over");
+ABSL_FLAG(bool, open_streams_first, true,
+          "open the streams before the abuse window starts (the window measures guests with the "
+          "streams open; opening them is timed apart); false: open them inside the window");
+ABSL_FLAG(double, settle_seconds, 3.0,
+          "with --open_streams_first: time given to kvmid to set the streams up before the "
+          "window starts");
 ABSL_FLAG(int, silent_streams, 200, "StreamEvents streams that never read");
 ABSL_FLAG(int, silent_channels, 10, "channels the non-reading streams are spread over");
 ABSL_FLAG(int, policy_names, 300, "policy flood: distinct policy names, applied in turn");
@@ -873,9 +880,33 @@ int main(int argc, char** argv) {
   // ---- abuse ----
   sampler.SetPhase(kAbuse);
   std::atomic<bool> abuse_stop{false};
+  kvmi::v1::StreamEventsRequest idle_request;
+  idle_request.mutable_allow()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
+  kvmi::v1::StreamEventsRequest silent_request;
+  silent_request.set_include_registers(true);  // every event, as big as they come
+  const bool open_first = absl::GetFlag(FLAGS_open_streams_first);
+  const double settle = open_first ? std::max(0.0, absl::GetFlag(FLAGS_settle_seconds)) : 0.0;
+  // Cancelled before that.
+  const auto stream_deadline =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(settle + seconds + 30));
+  std::unique_ptr<StreamFleet> idle, silent;
+  const auto open_streams = [&] {  // `streams` is 0 for an abuser left out
+    idle = std::make_unique<StreamFleet>(api_target, streams, absl::GetFlag(FLAGS_channels), true,
+                                         idle_request, stream_deadline);
+    silent = std::make_unique<StreamFleet>(api_target, silent_streams,
+                                           absl::GetFlag(FLAGS_silent_channels), false,
+                                           silent_request, stream_deadline);
+  };
+  double streams_started_s = 0;
+  if (open_first) {
+    const auto open_start = Clock::now();
+    open_streams();
+    streams_started_s = Seconds(Clock::now() - open_start);
+    std::this_thread::sleep_for(std::chrono::duration<double>(settle));
+  }
   const Clock::time_point abuse_end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                          std::chrono::duration<double>(seconds));
-  const auto stream_deadline = abuse_end + std::chrono::seconds(5);  // cancelled before that
   before = Replies(fleet);
   cpu_before = CpuSeconds(kvmid);
   self_before = SelfCpuSeconds();
@@ -900,16 +931,10 @@ int main(int argc, char** argv) {
   });
   HookProbe abuse_probe(kvmi_socket, control.get(), 1);
   std::thread abuse_probe_thread([&] { abuse_probe.Run(&abuse_stop); });
-  kvmi::v1::StreamEventsRequest idle_request;
-  idle_request.mutable_allow()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
-  kvmi::v1::StreamEventsRequest silent_request;
-  silent_request.set_include_registers(true);  // every event, as big as they come
-  auto idle = std::make_unique<StreamFleet>(api_target, streams, absl::GetFlag(FLAGS_channels),
-                                            true, idle_request, stream_deadline);
-  auto silent = std::make_unique<StreamFleet>(api_target, silent_streams,
-                                              absl::GetFlag(FLAGS_silent_channels), false,
-                                              silent_request, stream_deadline);
-  const double streams_started_s = Seconds(Clock::now() - t0);
+  if (!open_first) {
+    open_streams();
+    streams_started_s = Seconds(Clock::now() - t0);
+  }
   while (Clock::now() < abuse_end && !sampler.over_guard()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -989,8 +1014,11 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(after.threads),
       static_cast<unsigned long long>(after_max.threads), kvmid_alive ? "alive" : "DEAD",
       static_cast<long long>(log_stat.st_size));
-  std::printf("\nabusers (abuse phase, %.1f s; streams opened within %.2f s):\n", abuse_elapsed,
-              streams_started_s);
+  std::printf("\nabusers (abuse phase, %.1f s; streams opened in %.2f s %s):\n", abuse_elapsed,
+              streams_started_s,
+              open_first
+                  ? absl::StrFormat("before the window, then %.1f s to settle", settle).c_str()
+                  : "inside the window");
   std::printf(
       "  idle streams: %zu started, %zu open at the end of the window, %llu messages read; "
       "ended: %s%s\n",
