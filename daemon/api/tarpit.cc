@@ -73,39 +73,33 @@ Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Statu
 }
 
 void Tarpit::Run() {
-  MutexLock lock(&mu_);
   while (true) {
-    if (stopping_) break;
-    if (due_.empty()) {
-      cv_.Wait(&mu_);
-      continue;
-    }
-    const Clock::time_point first = due_.begin()->first;
-    if (Clock::now() < first) {
-      cv_.WaitUntil(&mu_, first);
-      continue;
-    }
     std::vector<std::function<void()>> ready;
-    const Clock::time_point now = Clock::now();
-    while (!due_.empty() && due_.begin()->first <= now) {
-      Held& held = due_.begin()->second;
-      auto it = keys_.find(held.key);
-      if (it != keys_.end() && it->second.held > 0) --it->second.held;
-      held_bytes_ -= held.bytes;
-      ready.push_back(std::move(held.finish));
-      due_.erase(due_.begin());
-    }
+    bool stopping = false;
     {
-      MutexUnlock unlock(&mu_);
-      for (auto& finish : ready) finish();  // into gRPC, without the lock
+      MutexLock lock(&mu_);
+      while (!stopping_ && (due_.empty() || Clock::now() < due_.begin()->first)) {
+        if (due_.empty()) {
+          cv_.Wait(&mu_);
+        } else {
+          cv_.WaitUntil(&mu_, due_.begin()->first);
+        }
+      }
+      stopping = stopping_;
+      const Clock::time_point now = Clock::now();
+      // Stopping: every held call is answered now.
+      while (!due_.empty() && (stopping || due_.begin()->first <= now)) {
+        Held& held = due_.begin()->second;
+        auto it = keys_.find(held.key);
+        if (it != keys_.end() && it->second.held > 0) --it->second.held;
+        held_bytes_ -= held.bytes;
+        ready.push_back(std::move(held.finish));
+        due_.erase(due_.begin());
+      }
     }
+    for (auto& finish : ready) finish();  // into gRPC, without the lock
+    if (stopping) return;
   }
-  // Stopping: every held call is answered now.
-  std::multimap<Clock::time_point, Held> left;
-  left.swap(due_);
-  held_bytes_ = 0;
-  MutexUnlock unlock(&mu_);
-  for (auto& [due, held] : left) held.finish();
 }
 
 void Tarpit::PurgeKeysLocked(Clock::time_point now) {
