@@ -565,6 +565,20 @@ def _pem(value, what):
         raise ValueError("%s: cannot read %s: %s" % (what, value, e.strerror)) from None
 
 
+def _set_address_space(request, what, vcpu, cr3, mode, nxe, pse):
+    """Sets the `space` oneof of a TranslateAddress/ReadVirtual request: `vcpu`'s address space,
+    or `cr3` + `mode` (default 4-level) with EFER.NXE/CR4.PSE as `nxe`/`pse`."""
+    if (vcpu is None) == (cr3 is None):
+        raise ValueError("%s: give a vcpu or a cr3 (with a mode), not both" % what)
+    if vcpu is not None:
+        request.vcpu = vcpu
+        return
+    request.address_space.cr3 = parse_int(cr3)
+    request.address_space.mode = paging_mode(mode if mode is not None else "4level")
+    request.address_space.nxe = nxe
+    request.address_space.pse = pse
+
+
 class Client:
     """A connection to kvmid. `target` is a gRPC target: "unix:/path", "host:port", or a bare
     absolute path (taken as a UNIX socket). `timeout` bounds each unary call (seconds);
@@ -821,15 +835,7 @@ class Client:
         Returns kvmi.v1.TranslateAddressResponse: present, gpa, page_size, writable/user/
         executable, or the level (level_name, entry) where the walk stopped."""
         request = pb.TranslateAddressRequest(vm=vm, gva=parse_int(gva), no_cache=no_cache)
-        if (vcpu is None) == (cr3 is None):
-            raise ValueError("translate: give a vcpu or a cr3 (with a mode), not both")
-        if vcpu is not None:
-            request.vcpu = vcpu
-        else:
-            request.address_space.cr3 = parse_int(cr3)
-            request.address_space.mode = paging_mode(mode if mode is not None else "4level")
-            request.address_space.nxe = nxe
-            request.address_space.pse = pse
+        _set_address_space(request, "translate", vcpu, cr3, mode, nxe, pse)
         return self._unary("TranslateAddress", request)
 
     def read_virtual(self, vm, gva, size, vcpu=None, cr3=None, mode=None, nxe=True, pse=False,
@@ -840,15 +846,7 @@ class Client:
         ...; its bytes are zeros), `complete` whether all were."""
         request = pb.ReadVirtualRequest(vm=vm, gva=parse_int(gva), size=parse_int(size),
                                         no_cache=no_cache)
-        if (vcpu is None) == (cr3 is None):
-            raise ValueError("read_virtual: give a vcpu or a cr3 (with a mode), not both")
-        if vcpu is not None:
-            request.vcpu = vcpu
-        else:
-            request.address_space.cr3 = parse_int(cr3)
-            request.address_space.mode = paging_mode(mode if mode is not None else "4level")
-            request.address_space.nxe = nxe
-            request.address_space.pse = pse
+        _set_address_space(request, "read_virtual", vcpu, cr3, mode, nxe, pse)
         return self._unary("ReadVirtual", request)
 
     def pause(self, vm, vcpu=None):
