@@ -106,12 +106,13 @@ class AttachReactor final : public AttachStream {
  public:
   AttachReactor(Daemon* daemon, grpc::CallbackServerContext* context,
                 std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
-                std::shared_ptr<AttachGuard> guard)
+                std::shared_ptr<AttachGuard> guard, const CallContext* call)
       : daemon_(daemon),
         context_(context),
         next_stream_(next_stream),
         run_command_(std::move(run_command)),
-        guard_(std::move(guard)) {
+        guard_(std::move(guard)),
+        call_(call) {
     outbox_ = std::make_shared<AttachOutbox>(
         [this](const kvmi::v1::AttachResponse* message) { StartWrite(message); },
         [this](const Status& status) { Finish(status); });
@@ -191,7 +192,12 @@ class AttachReactor final : public AttachStream {
     HandlerClaim handler_claim;
     Arming arming;
     Status s = ParseClaim(claim, daemon_->limits(), &handler_claim, &arming);
-    if (!s.ok()) return s;
+    if (!s.ok()) {
+      // A deadline over limits.max_attach_deadline_ms is a limit's refusal: audited like every
+      // other (rate limited; other parse errors are the client's and are not).
+      if (call_ != nullptr) call_->AuditLimitRefusal(s);
+      return s;
+    }
     if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin
       s = guard_->AdmitClaim(claim);
       if (!s.ok()) return s;
@@ -330,6 +336,7 @@ class AttachReactor final : public AttachStream {
   std::atomic<uint64_t>* const next_stream_;
   const AttachCommandRunner run_command_;
   const std::shared_ptr<AttachGuard> guard_;  // null: no checks past the RPC's
+  const CallContext* const call_;             // the caller, for audits of refusals; null in tests
   kvmi::v1::AttachRequest request_;           // the read in flight (one at a time)
   std::shared_ptr<AttachOutbox> outbox_;
   std::atomic<bool> stopping_{false};
@@ -360,8 +367,8 @@ AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
                           const Status& admitted, std::shared_ptr<AttachGuard> guard,
                           StreamLimits* limits, const CallContext* call) {
-  auto* reactor =
-      new AttachReactor(daemon, context, next_stream, std::move(run_command), std::move(guard));
+  auto* reactor = new AttachReactor(daemon, context, next_stream, std::move(run_command),
+                                    std::move(guard), call);
   Status status = admitted;
   if (status.ok() && limits != nullptr && call != nullptr) {
     StreamLimits::Admission admission;

@@ -78,7 +78,7 @@ kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallC
       stream.caller, *rpc, target, [&] { return security::SummarizeCommand(command); }, &call);
   if (!admitted.ok()) return api::CommandResultMessage(command.id(), admitted);
   kvmi::v1::AttachResponse response = commands_.Run(context, owner, command);
-  if (!security::InfoOf(*rpc).mutating) return response;
+  // Finish audits what a mutating command did, and a refusal by a limit of any command.
   const kvmi::v1::CommandResult& result = response.command_result();
   Status finished = admission_.Finish(
       call, Status(static_cast<grpc::StatusCode>(result.code()), result.message()));

@@ -306,6 +306,20 @@ class LimitRefusals(unittest.TestCase):
         self.assertGreaterEqual(t, started - 1)
         self.assertLessEqual(t, finished + 1)
 
+    def test_an_attach_claim_over_the_deadline_limit_is_audited(self):
+        started = time.time()
+        with self.assertRaises(kc.KvmiError) as caught:
+            handler = self.node.root.attach("greedy", deadline_ms=60000)
+            handler.next_event(timeout=10)  # the refusal ends the stream
+        self.assertIn("limits.max_attach_deadline_ms", str(caught.exception))
+        (line,) = wait_for(lambda: self.refusals("Attach") or None, 10,
+                           "the Attach claim refusal's audit line")
+        self.assertEqual(set(line), FIELDS, line)
+        self.assertEqual(line["identity"]["uid"], 0)
+        self.assertEqual(line["args"], {"limit": "max_attach_deadline_ms", "suppressed": 0})
+        self.assertIn("60000 ms", line["message"])
+        self.assertGreaterEqual(parse_time(line["time"]), started - 1)
+
     def test_a_refusal_flood_is_rate_limited_and_every_refusal_is_counted(self):
         node = self.node
         policy = kc.protect_pages_policy("wordy", 0x1000, 0x1fff)
