@@ -210,6 +210,7 @@ void EventFanout::Continue(Subscription* sub) {
   if (sub->pending_lost_ > 0) {
     const uint64_t lost = sub->pending_lost_;
     sub->pending_lost_ = 0;
+    Metrics::StreamEventsDropped(lost);  // a resume after events the ring no longer holds
     Deliver(sub, nullptr, lost);
     return;
   }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "daemon/base/mutex.h"
+#include "daemon/metrics/hooks.h"
 #include "daemon/testing/wait.h"
 
 namespace kvmid::api {
@@ -235,6 +236,19 @@ TEST_F(SmallRingTest, ResumeStartsAfterTheCursorAndCountsWhatIsGone) {
   const uint64_t old = ring_.CursorAfter(2, &lost);
   EXPECT_EQ(lost, 2u);  // ids 3 and 4
   EXPECT_EQ(old, ring_.tail());
+  // A stream resumed there is told first, and the loss is counted like any other drop.
+  const uint64_t dropped_before = Metrics::Read().stream_events_dropped;
+  auto late = std::make_unique<FakeSink>();
+  late->Open(fanout_.get(),
+             fanout_->Subscribe(late.get(), Allow({}), CompiledFilter{}, nullptr, 0, old, lost));
+  ASSERT_TRUE(late->in_flight());
+  EXPECT_EQ(late->written().back().event_id, 0u);
+  EXPECT_EQ(late->written().back().dropped, 2u);
+  EXPECT_EQ(Metrics::Read().stream_events_dropped - dropped_before, 2u);
+  late->Complete();
+  ASSERT_TRUE(late->in_flight());
+  EXPECT_EQ(late->written().back().event_id, 5u);
+  End(late.get());
   EXPECT_EQ(ring_.CursorAfter(99, &lost), ring_.head());  // from the future: live
   EXPECT_EQ(lost, 0u);
 }
