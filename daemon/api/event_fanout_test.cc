@@ -330,8 +330,14 @@ TEST_F(FanoutTest, StreamsEndingWhileTheDeliveryThreadHoldsThemFinishOnce) {
       s->Complete(false);
       ASSERT_TRUE(WaitUntil([&] { return s->finished(); }));
     }
-    // OnDone: the subscriptions go (ASan: nothing refers to them any more).
+    // OnDone: the subscriptions go.
     sinks.clear();
+    // Events after they went: a fan-out that still referred to one of them would touch freed
+    // memory here (ASan). A fresh stream gets the event, so the delivery thread did pass.
+    auto probe = Open(Allow({KVMI_EVENT_CR}));
+    Emit(KVMI_EVENT_CR);
+    ASSERT_TRUE(WaitUntil([&] { return probe->in_flight(); }));
+    End(probe.get());
   }
   EXPECT_EQ(fanout_->waiting(), 0u);
   EXPECT_EQ(fanout_->subscriptions(), 0u);
