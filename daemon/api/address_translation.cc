@@ -232,7 +232,7 @@ Status AddressTranslation::ReadVirtual(grpc::ServerContextBase* context,
   Status s = FindSpace(request, &target, &bucket);
   if (!s.ok()) return s;
   if (request.size() == 0 || request.size() > kMaxTransferBytes) {
-    return InvalidArgument("size", "1 .. " + std::to_string(kMaxTransferBytes >> 20) + " MiB");
+    return InvalidArgument("size", std::string("1 .. ") + kMaxTransferText);
   }
   if (request.gva() + request.size() < request.gva()) return InvalidArgument("gva", "range wraps");
   vmem::PagingContext paging;

@@ -11,12 +11,6 @@ namespace kvmid::api {
 using grpc::Status;
 using grpc::StatusCode;
 
-namespace {
-
-std::string MiB(uint64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
-
-}  // namespace
-
 Status GuestCommands::GetRegisters(Context* context, const kvmi::v1::GetRegistersRequest& request,
                                    kvmi::v1::GetRegistersResponse* response) {
   Target target;
@@ -70,7 +64,7 @@ Status GuestCommands::ReadPhysical(Context* context, const kvmi::v1::ReadPhysica
   Status s = guests_.Find(request.vm(), &target);
   if (!s.ok()) return s;
   if (request.size() == 0 || request.size() > kMaxTransferBytes) {
-    return InvalidArgument("size", "1 .. " + MiB(kMaxTransferBytes));
+    return InvalidArgument("size", std::string("1 .. ") + kMaxTransferText);
   }
   if (request.gpa() + request.size() < request.gpa()) return InvalidArgument("gpa", "range wraps");
   Waiter<CommandResult> waiter;
@@ -88,7 +82,7 @@ Status GuestCommands::WritePhysical(Context* context, const kvmi::v1::WritePhysi
   Status s = guests_.Find(request.vm(), &target);
   if (!s.ok()) return s;
   if (request.data().empty() || request.data().size() > kMaxTransferBytes) {
-    return InvalidArgument("data", "1 byte .. " + MiB(kMaxTransferBytes));
+    return InvalidArgument("data", std::string("1 byte .. ") + kMaxTransferText);
   }
   if (request.gpa() + request.data().size() < request.gpa()) {
     return InvalidArgument("gpa", "range wraps");

@@ -1,6 +1,7 @@
 // The control RPCs that read or write guest state, through a real server: success and the main
 // error cases of each.
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/api/limits.h"
 
 namespace kvmid {
 namespace {
@@ -60,6 +61,26 @@ TEST_F(ApiTest, ControlRpcsReadRegistersAndMemoryAndReportErrorsByName) {
   kvmi::v1::WritePhysicalResponse written;
   ASSERT_TRUE(stub_->WritePhysical(&write_ctx, write, &written).ok());
   EXPECT_TRUE(host->WaitForId(KVMI_WRITE_PHYSICAL));
+
+  // The largest unary read reaches a client with gRPC's default 4 MiB receive limit; past it, both
+  // directions are refused naming the field and the limit (not gRPC's generic "larger than max").
+  grpc::ClientContext largest_ctx;
+  read.set_gpa(0x10000);
+  read.set_size(api::kMaxTransferBytes);
+  ASSERT_TRUE(stub_->ReadPhysical(&largest_ctx, read, &data).ok());
+  EXPECT_EQ(data.data().size(), api::kMaxTransferBytes);
+  grpc::ClientContext big_read_ctx;
+  read.set_size(api::kMaxTransferBytes + 1);
+  grpc::Status big_read = stub_->ReadPhysical(&big_read_ctx, read, &data);
+  EXPECT_EQ(big_read.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(big_read.error_message(), HasSubstr("size"));
+  EXPECT_THAT(big_read.error_message(), HasSubstr("4128768 bytes"));
+  grpc::ClientContext big_write_ctx;
+  write.set_data(std::string(api::kMaxTransferBytes + 1, 'x'));
+  grpc::Status big_write = stub_->WritePhysical(&big_write_ctx, write, &written);
+  EXPECT_EQ(big_write.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(big_write.error_message(), HasSubstr("data"));
+  EXPECT_THAT(big_write.error_message(), HasSubstr("4128768 bytes"));
 
   grpc::ClientContext missing_ctx;
   read.set_vm("nope");

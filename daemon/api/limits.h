@@ -9,8 +9,16 @@
 
 namespace kvmid::api {
 
-// ReadPhysical / WritePhysical: bytes per call.
-inline constexpr uint64_t kMaxTransferBytes = uint64_t{16} << 20;
+// ReadPhysical / WritePhysical / ReadVirtual: bytes per call. A message of this much data plus
+// its framing (and ReadVirtual's page report) stays within gRPC's default 4 MiB per message, so a
+// stock client can send and receive it and kvmid's own receive limit (the default) accepts it:
+// a bigger unary call would fail with gRPC's generic "larger than max" instead of an error naming
+// the field. ReadPhysicalStream / WritePhysicalStream move any length.
+inline constexpr uint64_t kMaxTransferBytes = (uint64_t{4} << 20) - (uint64_t{64} << 10);
+// The same, as error messages name it.
+inline constexpr char kMaxTransferText[] =
+    "4128768 bytes (4 MiB - 64 KiB: within a stock client's 4 MiB message limit; the "
+    "*PhysicalStream calls move more)";
 // GetPageAccess / SetPageAccess: pages per call (the session splits them into messages).
 inline constexpr int kMaxPagesPerCall = 65536;
 // InjectException: the v6 kernel does not check the vector (§5.18); only exception vectors pass.
