@@ -25,13 +25,14 @@ up) and stopped with SIGTERM at the end, when it must exit 0. Python blocks run 
 /usr/bin/python3 and clients/python on sys.path.
 
 The recipes use the README's own paths (/run/kvmid/api.sock, /tmp/kvmid-certs, 127.0.0.1:50051,
-/opt/kvmi-venv, /var/lib/kvmid): they run in private mount and network namespaces (unshare) where
-/run and /tmp are empty tmpfs, /opt and /var/lib are copy-on-write overlays of the host's, and
-the network is a loopback of its own; the working directory is a tree shaped like the
-repository (the runfiles: scripts/, clients/, proto/, daemon/config/examples/,
-bazel-bin/daemon/kvmid, bazel-bin/kernel/sim/kvmi-sim). grpcurl is not packaged for Debian 12:
-`grpcurl` there is tests/e2e/grpcurl_shim.py, which runs the same call with buf curl
-(scripts/setup.sh installs it) and describes messages from server reflection itself.
+/opt/kvmi-venv, /var/lib/kvmid): they run in private mount, network and pid namespaces (unshare)
+where /run and /tmp are empty tmpfs, /opt and /var/lib are copy-on-write overlays of the host's,
+the network is a loopback of its own, and nothing started outlives the test. The working
+directory is a tree shaped like the repository (the runfiles: scripts/, clients/, proto/,
+daemon/config/examples/, bazel-bin/daemon/kvmid, bazel-bin/kernel/sim/kvmi-sim). grpcurl is not
+packaged for Debian 12: `grpcurl` there is tests/e2e/grpcurl_shim.py, which runs the same call
+with buf curl (scripts/setup.sh installs it) and answers `describe` and `list SERVICE` from
+server reflection itself.
 
 And after all recipes, every policy kvmid had once its guests were up (the configuration's) is
 still there, unchanged: no recipe weakens a baseline protection.
@@ -347,9 +348,12 @@ class ReadmeRecipesTest(unittest.TestCase):
         with open(program, "w") as f:
             f.write(script(cls.steps, cls.work))
         budget = sum(s.limit + 10 for s in cls.steps) + 4 * WAIT_SECONDS
-        cls.process = subprocess.run(["unshare", "--mount", "--net", "--fork", "--", "bash", program,
-                                  cls.work, root], capture_output=True, text=True,
-                                 timeout=budget)
+        # A pid namespace too: when the test ends, however it ends, nothing started in there
+        # (kvmid, the guests, a stream) outlives it.
+        cls.process = subprocess.run(
+            ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "--kill-child",
+             "--", "bash", program, cls.work, root],
+            capture_output=True, text=True, timeout=budget)
         cls.results = {}
         path = os.path.join(cls.work, "results")
         if os.path.exists(path):
