@@ -6,8 +6,9 @@ It takes the grpcurl flags the README uses (-cacert, -cert, -key, -d, -max-time,
 and its verbs (`list`, `list SERVICE`, `describe SYMBOL`, a method call) and does the same: `list`
 and method calls with `buf curl` (installed by scripts/setup.sh), which reads the schema from
 kvmid's server reflection as grpcurl does; `describe` (which buf curl lacks) and `list SERVICE`
-ask server reflection themselves, from Python. Exit status as grpcurl's: 64 + the gRPC status code of a failed call (buf curl's is the
-code shifted left by 3), 2 for a command line it does not understand.
+ask server reflection themselves, from Python. Exit status as grpcurl's: 64 + the gRPC status
+code of a failed call (buf curl's is the code shifted left by 3), 2 for a command line it does
+not understand.
 
   grpcurl_shim.py [grpcurl flags] ADDRESS [list [SERVICE] | describe SYMBOL | METHOD]
 """

@@ -181,7 +181,8 @@ mount -t tmpfs tmpfs "$work/ovl"
 for d in opt var/lib; do
   n="${d//\//_}"
   mkdir -p "$work/ovl/$n.up" "$work/ovl/$n.work"
-  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$work/ovl/$n.up,workdir=$work/ovl/$n.work" "/$d"
+  mount -t overlay overlay \
+    -o "lowerdir=/$d,upperdir=$work/ovl/$n.up,workdir=$work/ovl/$n.work" "/$d"
 done
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
