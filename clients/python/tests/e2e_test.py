@@ -422,7 +422,7 @@ class E2ETest(unittest.TestCase):
         self.assertIn("0x7f0000401000 -> 0x305000  4 KiB page, r-- user, PTE", out)
         out = self.assertCtlOk(self.ctl("translate", vm, "0x1000", "--vcpu", "1"))
         self.assertIn("not present at PML4E", out)
-        self.assertCtlFails(self.ctl("translate", vm, "0x1000"), 1, "--vcpu N or --cr3")
+        self.assertCtlFails(self.ctl("translate", vm, "0x1000"), 3, "--vcpu N or --cr3")
 
     def test_cpuid_xsave_mtrr_and_exception_injection(self):
         vm = self.name(0)
@@ -656,7 +656,8 @@ class E2ETest(unittest.TestCase):
         events = [l["event"] for l in lines if "event" in l]
         self.assertEqual(len(events), 3, out)
         for e in events:
-            self.assertEqual((e["vm_name"], e["type"]), (vm, "EVENT_MSR"))
+            self.assertEqual((e["vmName"], e["type"]), (vm, "EVENT_MSR"))
+            self.assertFalse([k for k in e if "_" in k], e)  # lowerCamel, as buf curl prints
             self.assertEqual(e["node"], "e2e-node")
             self.assertRegex(e["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
             self.assertIn(e["msr"]["msr"], (LSTAR, 0x176))
@@ -679,6 +680,57 @@ class E2ETest(unittest.TestCase):
                             "max_queue")
         out = self.assertCtlOk(self.ctl("events", "--max-queue", "1", "--count", "1"))
         self.assertIn("ID", out)
+
+    def test_kvmictl_event_table_columns_and_verdicts(self):
+        # LSTAR writes are kept at their old value: the longest verdict text. Every column of
+        # every row starts where its header does (sizes from the data, never spilling).
+        out = self.assertCtlOk(self.ctl("events", "--vm", self.name(0), "--type", "msr",
+                                        "--msr", hex(LSTAR), "--count", "3"))
+        lines = out.splitlines()
+        headers = [l for l in lines if l.startswith("TIME")]
+        self.assertTrue(headers, out)
+        header = headers[-1]
+        rows = lines[lines.index(header) + 1:]
+        self.assertTrue(rows, out)
+        verdict, decided = header.index("VERDICT"), header.index("DECIDED BY")
+        for row in rows:
+            self.assertEqual(row[verdict:decided].rstrip(), "KEEP_OLD (old value kept)", out)
+            self.assertTrue(row[verdict:decided].endswith("  "), out)
+            self.assertTrue(row[decided:].startswith("policy:lstar-locked "), out)
+            self.assertRegex(row, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z  ")
+
+    def test_kvmictl_says_when_a_stream_is_silent(self):
+        # A filter that matches a guest but nothing it does (MSR 0x10 is not intercepted).
+        r = self.ctl("events", "--vm", self.name(0), "--type", "msr", "--msr", "0x10",
+                     "--duration", "2.5", "--hint-after", "1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, "")
+        self.assertEqual(r.stderr.count("kvmictl: no events for 1 s (still listening)"), 1,
+                         r.stderr)
+        self.assertIn("does the filter match no guest", r.stderr)
+        r = self.ctl("events", "--vm", self.name(0), "--type", "msr", "--msr", "0x10",
+                     "--duration", "1.5", "--hint-after", "0")
+        self.assertEqual((r.returncode, r.stderr), (0, ""))
+
+    def test_kvmictl_exit_status_by_kind_of_failure(self):
+        self.assertCtlFails(self.ctl("vm", "no-such-vm"), 1, "NOT_FOUND")
+        self.assertCtlFails(self.ctl("--timeout", "0", "vms"), 3, "--timeout")
+        self.assertCtlFails(self.ctl("events", "--count", "-5"), 3, "--count")
+        self.assertCtlFails(self.ctl("--target", "unix:/nonexistent/api.sock", "vms"), 4,
+                            "cannot connect")
+        self.assertCtlFails(self.ctl("apply", "/nonexistent/p.textproto"), 5, "cannot read")
+
+    def test_kvmictl_completion_names_from_kvmid(self):
+        self.assertEqual(sorted(self.assertCtlOk(self.ctl("__names", "vms")).split()),
+                         [vm.name for vm in self.vms])
+        self.assertIn("lstar-locked", self.assertCtlOk(self.ctl("__names", "policies")).split())
+        script = self.assertCtlOk(self.ctl("completion", "bash"))
+        driver = (script + '\nCOMP_LINE="$1"; COMP_POINT=${#1}; _kvmictl; '
+                  'printf "%s\\n" "${COMPREPLY[@]}"\n')
+        r = subprocess.run(["bash", "-c", driver, "bash", "%s regs sim-vm-000" % KVMICTL],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, KVMID_TARGET=self.fleet.target))
+        self.assertEqual(sorted(r.stdout.split()), [vm.name for vm in self.vms], r.stderr)
 
     def test_kvmictl_policies_apply_delete(self):
         with tempfile.TemporaryDirectory(dir="/tmp") as d:
@@ -743,7 +795,7 @@ class E2ETest(unittest.TestCase):
         self.assertIn("disarmed on every vCPU", out)
         self.assertNotIn("vCPU 1 only", out)
         self.assertCtlFails(self.ctl("arm", vm, "--cr", "5"), 1, "INVALID_ARGUMENT", "crs[0]")
-        self.assertCtlFails(self.ctl("arm", vm, "--event", "nonsense"), 2, "unknown event type")
+        self.assertCtlFails(self.ctl("arm", vm, "--event", "nonsense"), 3, "unknown event type")
         self.assertCtlFails(self.ctl("unhook", "no-such-vm"), 1, "NOT_FOUND")
 
     def test_kvmictl_protect(self):
@@ -757,7 +809,7 @@ class E2ETest(unittest.TestCase):
                               status.policy.protect_pages.gpa_last), (0x204000, 0x205FFF))
         finally:
             self.client.delete_policy("ctl-protect")
-        self.assertCtlFails(self.ctl("protect", self.name(2), "0x204000", "--allow", "z"), 2,
+        self.assertCtlFails(self.ctl("protect", self.name(2), "0x204000", "--allow", "z"), 3,
                             "not made of r, w, x")
 
     # ---- examples -----------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class MemoryAndInstallTest(unittest.TestCase):
             self.assertEqual(f.read(), self.client.read_physical(VM, gpa, size))
         self.assertIn("0 zero pages not sent", result.stdout)
         bad = self.ctl("dump", VM, "--out", out, "--size", "0")
-        self.assertEqual(bad.returncode, 2)
+        self.assertEqual(bad.returncode, 3)  # usage error
         self.assertIn("--size", bad.stderr)
 
     def test_kvmictl_read_beyond_one_unary_call(self):
@@ -173,6 +173,16 @@ class MemoryAndInstallTest(unittest.TestCase):
         dumped = self.ctl("dump", VM, "--out", out, "--size", "4M", executable=kvmictl)
         self.assertEqual(dumped.returncode, 0, dumped.stderr)
         self.assertEqual(os.path.getsize(out), 4 << 20)
+        # The console script exits as the checkout's kvmictl does (the same table).
+        for argv, status in ((["vm", "no-such-vm"], 1), (["--timeout", "0", "vms"], 3),
+                             (["events", "--count", "-5"], 3),
+                             (["--target", "unix:/nonexistent/api.sock", "vms"], 4),
+                             (["apply", "/nonexistent/p.textproto"], 5)):
+            r = self.ctl(*argv, executable=kvmictl)
+            self.assertEqual(r.returncode, status, (argv, r.stderr))
+        completion = self.ctl("completion", "bash", executable=kvmictl)
+        self.assertEqual(completion.returncode, 0, completion.stderr)
+        self.assertIn("complete -o default -F _kvmictl kvmictl", completion.stdout)
         # The installed modules are the venv's, not the checkout's.
         where = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
                                 "import kvmi_client, kvmi.v1.introspection_pb2 as p; "

@@ -2,9 +2,12 @@
 codes of local failures. Runs from clients/python's parent with the generated stubs on the path
 (tests/run_python_test.sh)."""
 
+import contextlib
 import importlib.machinery
 import importlib.util
+import io
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -19,6 +22,7 @@ KVMICTL = os.path.join(CLIENT_DIR, "kvmictl")
 sys.path.insert(0, CLIENT_DIR)
 
 import kvmi_client as kc  # noqa: E402
+from tests.test_support import wait_for  # noqa: E402
 
 
 def load_kvmictl():
@@ -178,7 +182,7 @@ class TlsOptionsTest(unittest.TestCase):
     def test_kvmictl_refuses_certificates_for_the_unix_socket(self):
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "--cert", "c.pem", "--key", "k.pem",
                     "vms")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
         self.assertIn("--cert/--key apply to a HOST:PORT target", r.stderr)
 
 
@@ -244,7 +248,7 @@ class KvmictlTest(unittest.TestCase):
                                              "--mode", "pae"])
         self.assertEqual((args.gva, args.cr3, args.mode), (0x1000, 0x5000, kc.pb.PAGING_MODE_PAE))
         r = run_ctl("translate", "vm", "0x1000", "--cr3", "1", "--mode", "7level")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, ctl.EXIT_USAGE)
         self.assertIn("unknown paging mode", r.stderr)
 
     def test_help_and_usage_errors(self):
@@ -256,32 +260,289 @@ class KvmictlTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0)
         self.assertIn("--gpa RANGE", r.stdout)
         r = run_ctl("events", "--type", "syscall")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
         self.assertIn("unknown event type 'syscall'", r.stderr)
         r = run_ctl("events", "--access", "q")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
         self.assertIn("not made of r, w, x", r.stderr)
-        self.assertEqual(run_ctl().returncode, 2)
+        self.assertEqual(run_ctl().returncode, 3)
 
-    def test_bad_policy_files_exit_1_before_any_call(self):
+    def test_bad_policy_files_exit_5_before_any_call(self):
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "/nonexistent.textproto")
-        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.returncode, 5)
         self.assertIn("cannot read /nonexistent.textproto", r.stderr)
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "-",
                     stdin='name: "x" protect_pages { bogus: 1 }')
-        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.returncode, 5)
         self.assertIn("is not a Policy", r.stderr)
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "apply", "-",
                     stdin='lock_msr { msr: 0x176 }')
-        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.returncode, 5)
         self.assertIn("has no name", r.stderr)
 
-    def test_unreachable_daemon_exits_2_with_a_hint(self):
+    def test_unreachable_daemon_exits_4_with_a_hint(self):
         with tempfile.TemporaryDirectory(dir="/tmp") as d:
             r = run_ctl("--target", "unix:%s/api.sock" % d, "vms")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 4)
         self.assertIn("cannot connect to kvmid", r.stderr)
         self.assertIn("hint:", r.stderr)
+
+
+def ctl_main(*argv):
+    """kvmictl's main() in this process: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = ctl.main(list(argv))
+        except SystemExit as e:
+            status = e.code
+    return status, err.getvalue()
+
+
+class ExitStatusTest(unittest.TestCase):
+    """One exit status per kind of failure, listed in --help."""
+
+    def test_codes_are_distinct_and_listed_in_help(self):
+        codes = [ctl.EXIT_OK, ctl.EXIT_REFUSED, ctl.EXIT_ENVIRONMENT, ctl.EXIT_USAGE,
+                 ctl.EXIT_UNREACHABLE, ctl.EXIT_LOCAL, ctl.EXIT_INTERRUPTED]
+        self.assertEqual(len(set(codes)), len(codes))
+        self.assertEqual(ctl.EXIT_ENVIRONMENT, 2)  # issue 12: "client environment broken" = 2
+        helped = run_ctl("--help")
+        self.assertEqual(helped.returncode, 0)
+        for code in codes:
+            self.assertRegex(helped.stdout, r"(?m)^  %d +\S" % code)
+        self.assertIn("python3-grpcio", helped.stdout)
+
+    def test_bad_arguments_are_usage_errors_naming_the_option(self):
+        target = ("--target", "unix:/nonexistent/api.sock")
+        cases = [
+            (["--timeout", "0", "vms"], "--timeout"),
+            (["--timeout", "-1", "vms"], "--timeout"),
+            (["--timeout", "nan", "vms"], "--timeout"),
+            (["--timeout", "inf", "vms"], "--timeout"),
+            (["--timeout", "soon", "vms"], "--timeout"),
+            (["events", "--count", "-5"], "--count"),
+            (["events", "--count", "0"], "--count"),
+            (["events", "--duration", "0"], "--duration"),
+            (["events", "--duration", "-3"], "--duration"),
+            (["events", "--hint-after", "-1"], "--hint-after"),
+            (["events", "--max-queue", "-1"], "--max-queue"),
+            (["events", "--vcpu", "-1"], "--vcpu"),
+            (["events", "--vcpu", "0,x"], "--vcpu"),
+            (["events", "--vcpu", str(1 << 32)], "--vcpu"),
+            (["events", "--msr", "-0x10"], "--msr"),
+            (["events", "--msr", "0x100000000"], "--msr"),
+            (["events", "--cr", "-4"], "--cr"),
+            (["events", "--gpa", "0xzz"], "--gpa"),
+            (["events", "--gpa", "0x2000-0x1000"], "--gpa"),
+            (["events", "--gpa", "0x10000000000000"], "--gpa"),
+            (["events", "--gpa", "-1"], "--gpa"),
+            (["events", "--type", "syscall"], "--type"),
+            (["events", "--not-type", "cr,bogus"], "--not-type"),
+            (["events", "--access", "q"], "--access"),
+            (["watch", "--count", "-5"], "--count"),
+            (["watch", "--duration", "0"], "--duration"),
+            (["regs", "vm", "-1"], "vcpu"),
+            (["regs", "vm", "one"], "vcpu"),
+            (["read", "vm", "-5"], "gpa"),
+            (["read", "vm", "0x1000", "0"], "size"),
+            (["read", "vm", "0x1000", "16", "--vcpu", "-2"], "--vcpu"),
+            (["translate", "vm", "0x1", "--cr3", "-1"], "--cr3"),
+            (["translate", "vm", str(1 << 64)], "gva"),
+            (["translate", "vm", "0x1000"], "--vcpu N or --cr3"),
+            (["translate", "vm", "0x1000", "--vcpu", "0", "--cr3", "0x1000"], "exclude"),
+            (["pause", "vm", "--vcpu", "-1"], "--vcpu"),
+            (["arm", "vm", "--event", "nonsense"], "--event"),
+            (["arm", "vm", "--vcpu", "x"], "--vcpu"),
+            (["protect", "vm", "0x1000-0x10000000000000"], "RANGE"),
+            (["dump", "vm", "--out", "f", "--size", "0"], "--size"),
+            (["dump", "vm", "--out", "f", "--gpa", "-1"], "--gpa"),
+            (["completion", "fish"], "shell"),
+            (["no-such-command"], "COMMAND"),
+            ([], "COMMAND"),
+        ]
+        for argv, named in cases:
+            with self.subTest(argv=argv):
+                status, err = ctl_main(*(target + tuple(argv)))
+                self.assertEqual(status, ctl.EXIT_USAGE, err)
+                self.assertIn(named, err)
+
+    def test_good_arguments_parse(self):
+        args = ctl.make_parser().parse_args(
+            ["--timeout", "0.5", "events", "--count", "3", "--duration", "1.5", "--vcpu", "0,3",
+             "--msr", "0xc0000082", "--gpa", "0x1000+0x1000", "--hint-after", "0",
+             "--max-queue", "0"])
+        self.assertEqual((args.timeout, args.count, args.duration, args.hint_after),
+                         (0.5, 3, 1.5, 0))
+        self.assertEqual(ctl._flatten(args.vcpu), [0, 3])
+        args = ctl.make_parser().parse_args(["translate", "vm", "0xffffffffffffffff",
+                                             "--vcpu", "1"])
+        self.assertEqual(args.gva, (1 << 64) - 1)
+
+    def test_local_files_and_unreachable_kvmid(self):
+        status, err = ctl_main("--target", "127.0.0.1:1", "--ca", "/nonexistent/ca.pem", "vms")
+        self.assertEqual(status, ctl.EXIT_LOCAL, err)
+        self.assertIn("cannot read /nonexistent/ca.pem", err)
+        status, err = ctl_main("--target", "127.0.0.1:1", "--cert", "c.pem", "vms")
+        self.assertEqual(status, ctl.EXIT_USAGE, err)
+        # Unreachable (4): test_unreachable_daemon_exits_4_with_a_hint.
+
+    def test_missing_stubs_are_a_broken_environment(self):
+        # A copy of the client without its generated kvmi/v1 modules (gen_protos.sh not run).
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            shutil.copy(KVMICTL, d)
+            shutil.copy(os.path.join(CLIENT_DIR, "kvmi_client.py"), d)
+            os.makedirs(os.path.join(d, "kvmi", "v1"))
+            for pkg in ("kvmi", "kvmi/v1"):
+                open(os.path.join(d, pkg, "__init__.py"), "w").close()
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            r = subprocess.run(["/usr/bin/python3", os.path.join(d, "kvmictl"), "vms"],
+                               capture_output=True, text=True, timeout=30, env=env)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("gen_protos.sh", r.stderr)
+
+
+def event(action=kc.policy_pb.ACTION_CONTINUE, kept=False, vm="vm", decided="default"):
+    e = kc.pb.Event(id=7, vm_name=vm, vcpu=1, type=kc.policy_pb.EVENT_MSR, action=action,
+                    kept_old_value=kept, decided_by=decided, rip=0xffffffff81000034,
+                    latency_ns=12000, node="hv-1")
+    e.msr.msr = 0xC0000082
+    e.msr.old_value = 0xFFFFFFFF81001600
+    e.msr.new_value = 0xFFFFFFFF81000600
+    e.time.FromJsonString("2026-12-05T08:11:50.123456Z")
+    return e
+
+
+class OutputTest(unittest.TestCase):
+    def columns(self, header, line):
+        """The text of each column of `line`, cut where the header's titles start."""
+        starts = [header.index(h) for h in ctl.EVENT_COLUMNS]
+        return [line[a:b] for a, b in zip(starts, starts[1:] + [None])]
+
+    def test_verdicts_do_not_spill_into_the_next_column(self):
+        out = io.StringIO()
+        rows = ctl.StreamTable(ctl.EVENT_COLUMNS, ctl.event_min_widths(), out=out)
+        rows.row(ctl.event_cells(event()))  # the short verdict first: no widening after it
+        rows.row(ctl.event_cells(event(kc.policy_pb.ACTION_KEEP_OLD, kept=True,
+                                       decided="policy:sysenter-eip-locked")))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)  # one header: the known widths were enough
+        header = lines[0]
+        self.assertIn("  KEEP_OLD (old value kept)  policy:", lines[2])
+        verdict = self.columns(header, lines[2])[ctl.EVENT_COLUMNS.index("VERDICT")]
+        self.assertEqual(verdict.rstrip(), "KEEP_OLD (old value kept)")
+        self.assertTrue(verdict.endswith("  "), verdict)
+        decided = self.columns(header, lines[2])[ctl.EVENT_COLUMNS.index("DECIDED BY")]
+        self.assertTrue(decided.startswith("policy:sysenter-eip-locked"), decided)
+        time_cell = self.columns(header, lines[1])[0]
+        self.assertEqual(time_cell.rstrip(), "2026-12-05T08:11:50.123456Z")
+
+    def test_columns_widen_from_the_data(self):
+        out = io.StringIO()
+        rows = ctl.StreamTable(ctl.EVENT_COLUMNS, ctl.event_min_widths(), out=out)
+        rows.row(ctl.event_cells(event(vm="a")))
+        long_vm = "a-guest-with-a-rather-long-name"
+        rows.row(ctl.event_cells(event(vm=long_vm, decided="handler:" + "h" * 40)))
+        rows.row(ctl.event_cells(event(vm="b")))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 5, lines)  # the header again when VM widened
+        header = lines[2]
+        self.assertTrue(header.startswith("TIME"), lines)
+        for line in lines[3:]:
+            cells = self.columns(header, line)
+            vm = cells[ctl.EVENT_COLUMNS.index("VM")]
+            self.assertTrue(vm.endswith("  "), vm)  # never runs into VCPU
+            self.assertEqual(cells[ctl.EVENT_COLUMNS.index("VCPU")].strip(), "1")
+            self.assertEqual(cells[-1], "hv-1")
+
+    def test_finished_tables_are_sized_from_their_cells(self):
+        self.assertEqual(ctl.table([["KEEP_OLD (old value kept)", 1]], ["VERDICT", "N"]),
+                         "VERDICT                    N\nKEEP_OLD (old value kept)  1")
+
+    def test_json_is_protobufs_canonical_mapping(self):
+        e = event(kc.policy_pb.ACTION_KEEP_OLD, kept=True)
+        as_json = json.loads(ctl.to_json(e))
+        self.assertEqual(as_json["vmName"], "vm")
+        self.assertEqual(as_json["keptOldValue"], True)
+        self.assertEqual(as_json["type"], "EVENT_MSR")
+        self.assertEqual(as_json["id"], "7")  # 64-bit integers as strings
+        self.assertEqual(as_json["time"], "2026-12-05T08:11:50.123456Z")
+        self.assertEqual(as_json["msr"]["oldValue"], str(0xFFFFFFFF81001600))
+        self.assertNotIn("vcpuOnly", as_json)  # default values left out, as buf curl does
+        self.assertFalse([k for k in as_json if "_" in k], as_json)
+        # The same as protobuf's own JSON printer, and it parses back.
+        self.assertEqual(as_json, json.loads(kc.json_format.MessageToJson(e)))
+        back = kc.json_format.Parse(ctl.to_json(e), kc.pb.Event())
+        self.assertEqual(back, e)
+
+    def test_times(self):
+        self.assertEqual(ctl.format_time(0), "-")
+        self.assertEqual(ctl.format_time(1764922310), "2025-12-05T08:11:50Z")
+        ts = kc.pb.Event().time
+        self.assertEqual(ctl.format_time(ts), "-")
+        ts.FromJsonString("2026-12-05T08:11:50.5Z")
+        self.assertEqual(ctl.format_time(ts), "2026-12-05T08:11:50.500000Z")
+
+    def test_silence_hint_once_per_silence(self):
+        out = io.StringIO()
+        hint = ctl.SilenceHint(0.2, "quiet for %(seconds)g s", out=out)
+        try:
+            wait_for(lambda: "quiet for" in out.getvalue(), 10, "the hint")
+            said = out.getvalue()
+            self.assertEqual(said, "kvmictl: quiet for 0.2 s\n")
+            hint.seen()  # an event: the next silence is said again
+            wait_for(lambda: out.getvalue().count("quiet for") == 2, 10, "the second hint")
+        finally:
+            hint.stop()
+        quiet = io.StringIO()
+        ctl.SilenceHint(0, "never %(seconds)s", out=quiet).stop()
+        self.assertEqual(quiet.getvalue(), "")
+
+
+class CompletionTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        r = run_ctl("completion", "bash")
+        assert r.returncode == 0, r.stderr
+        cls.script = r.stdout
+
+    def complete(self, line, env=None):
+        """What bash completes at the end of `line` with the script sourced."""
+        driver = (self.script + '\nCOMP_LINE="$1"; COMP_POINT=${#1}; _kvmictl; '
+                  'printf "%s\\n" "${COMPREPLY[@]}"\n')
+        r = subprocess.run(["bash", "-c", driver, "bash", line], capture_output=True,
+                           text=True, timeout=30, env=env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return [w for w in r.stdout.splitlines() if w]
+
+    def test_script_is_valid_bash(self):
+        r = subprocess.run(["bash", "-n"], input=self.script, capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("complete -o default -F _kvmictl kvmictl", self.script)
+
+    def test_commands_options_and_values(self):
+        self.assertIn("events", self.complete("kvmictl "))
+        self.assertIn("completion", self.complete("kvmictl "))
+        self.assertNotIn("__names", self.complete("kvmictl "))
+        self.assertEqual(self.complete("kvmictl ev"), ["events"])
+        self.assertEqual(self.complete("kvmictl --target unix:/x --timeout 3 ev"), ["events"])
+        self.assertIn("--timeout", self.complete("kvmictl --ti"))
+        self.assertEqual(self.complete("kvmictl events --ty"), ["--type"])
+        self.assertIn("--hint-after", self.complete("kvmictl events --"))
+        self.assertIn("msr", self.complete("kvmictl events --type "))
+        self.assertEqual(self.complete("kvmictl events --type msr,c"),
+                         ["msr,cr", "msr,create_vcpu"])
+        self.assertEqual(self.complete("kvmictl events --type=p"), ["pf", "pause_vcpu"])
+        self.assertEqual(self.complete("kvmictl translate vm 0x1 --vcpu 0 --mode 4"), ["4level"])
+        self.assertEqual(self.complete("kvmictl completion "), ["bash"])
+
+    def test_guest_names_come_from_kvmid_and_nothing_without_it(self):
+        env = dict(os.environ, KVMID_TARGET="unix:/nonexistent/api.sock")
+        self.assertEqual(self.complete("%s read --vcpu 1 " % KVMICTL, env=env), [])
+        status, err = ctl_main("--target", "unix:/nonexistent/api.sock", "--timeout", "1",
+                               "__names", "vms")
+        self.assertEqual((status, err), (0, ""))
 
 
 class BulkMemoryTest(unittest.TestCase):
@@ -299,7 +560,7 @@ class BulkMemoryTest(unittest.TestCase):
         self.assertEqual((args.gpa, args.size, args.chunk), (0, 2 << 20, kc.STREAM_CHUNK_BYTES))
         self.assertIsNone(args.progress)  # decided by whether stderr is a terminal
         r = run_ctl("dump", "vm")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
         self.assertIn("--out", r.stderr)
 
     def test_progress_bar_and_zero_fill(self):
