@@ -730,10 +730,26 @@ class E2ETest(unittest.TestCase):
         out = self.assertCtlOk(self.ctl("events", "--type", "cr", "--cr", "0", "--count", "1",
                                         "--registers"))
         self.assertIn("cr4    0x", out)
-        # --duration ends a stream that matches nothing.
+        # --duration ends a stream that matches nothing (CR2 writes are never trapped), and the
+        # quiet stream's heartbeats bring the hint that it is alive.
         start = time.monotonic()
-        out = self.assertCtlOk(self.ctl("events", "--vm", "no-such-vm", "--duration", "1"))
+        result = self.ctl("events", "--type", "cr", "--cr", "2", "--duration", "1.5",
+                          "--heartbeat", "0.2", "--quiet-hint", "0.5")
+        self.assertCtlOk(result)
         self.assertLess(time.monotonic() - start, 10)
+        self.assertIn("the stream is alive", result.stderr)
+        # A guest kvmid does not know is an error at once, not silence.
+        self.assertCtlFails(self.ctl("events", "--vm", "no-such-vm", "--duration", "5"), 1,
+                            "NOT_FOUND", "no guest 'no-such-vm'")
+        # Several allow filters, a deny filter.
+        out = self.assertCtlOk(self.ctl("events", "--allow", "type=msr;msr=0xc0000082",
+                                        "--allow", "type=cr;cr=0", "--deny",
+                                        "vm=" + self.name(0), "--count", "6"))
+        rows = [r for r in out.splitlines()[1:] if r.strip()]
+        self.assertEqual(len(rows), 6, out)
+        for row in rows:
+            self.assertNotIn(self.name(0), row)
+            self.assertTrue(" MSR " in row or " CR " in row, row)
         self.assertCtlFails(self.ctl("events", "--max-queue", "100000"), 1, "INVALID_ARGUMENT",
                             "max_queue")
         out = self.assertCtlOk(self.ctl("events", "--max-queue", "1", "--count", "1"))
