@@ -37,6 +37,11 @@ inline constexpr uint32_t kMaxSocketMode = 0777;
 // "0660" for a permission mode (error messages, logs).
 std::string OctalMode(uint32_t mode);
 
+// StreamEvents' heartbeat interval (a request's, and the configuration's default): 0 (none) or
+// within these.
+inline constexpr std::chrono::milliseconds kMinStreamHeartbeat{100};
+inline constexpr std::chrono::milliseconds kMaxStreamHeartbeat{std::chrono::hours(1)};
+
 struct DaemonConfig {
   // QEMU connects here (chardev socket path). Empty = no UNIX listener.
   std::string unix_socket = "/run/kvmid/kvmi.sock";
@@ -51,6 +56,8 @@ struct DaemonConfig {
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds command_timeout{10000};
   VerdictPipeline::Options verdicts;
+  // StreamEvents: a quiet stream's heartbeat interval when the request names none (0: none).
+  std::chrono::milliseconds stream_heartbeat{10000};
 };
 
 // A whole configuration: the file's settings (and, once merged, the flags'), as start-up and a
@@ -178,6 +185,7 @@ class Daemon {
 
   // Where the UNIX listener is (for tests that use a temporary path).
   const std::string& unix_socket() const { return config_.unix_socket; }
+  std::chrono::milliseconds stream_heartbeat() const { return config_.stream_heartbeat; }
 
  private:
   void OnGuestConnected(AcceptedGuest guest);

@@ -87,7 +87,7 @@ for t in tcp unix; do
   stream_events() {
     local rc=0 started elapsed
     started=$(date +%s%N)
-    call "$1" --timeout 4s -d '{"allow": {"events": ["EVENT_MSR"], "msrs": [3221225602]}}' \
+    call "$1" --timeout 4s -d '{"allow": [{"events": ["EVENT_MSR"], "msrs": [3221225602]}]}' \
       "$(base "$1")/kvmi.v1.Introspection/StreamEvents" >"$work/ev.$1" 2>"$work/ev_err.$1" || rc=$?
     elapsed=$((($(date +%s%N) - started) / 1000000))
     head -n 40 "$work/ev.$1"

@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on the checkout
 
 __all__ = [
     "Client", "KvmiError", "NotFound", "InvalidArgument", "FailedPrecondition", "Unavailable",
-    "Unreachable", "EventsDropped", "Dropped", "event_filter", "parse_policy", "policy_to_text",
+    "Unreachable", "EventsDropped", "Dropped", "Heartbeat", "event_filter", "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
     "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
@@ -325,18 +325,40 @@ def protect_pages_policy(name, gpa_first, gpa_last, allowed="rx", vms=(), monito
 # ---- streams -----------------------------------------------------------------------------------
 
 Dropped = collections.namedtuple("Dropped", "dropped dropped_total")
+# A stream's heartbeat (kvmi.v1.Heartbeat): `time` a datetime (UTC) when kvmid sent it,
+# `last_event_id` the newest event the stream has looked at (resume_after it misses nothing).
+Heartbeat = collections.namedtuple("Heartbeat", "time last_event_id")
+
+
+def _filters(value, name):
+    """allow=/deny= as a list of EventFilters: None, one EventFilter, or an iterable of them."""
+    if value is None:
+        return []
+    if isinstance(value, pb.EventFilter):
+        return [value]
+    filters = list(value)
+    for f in filters:
+        if not isinstance(f, pb.EventFilter):
+            raise TypeError("%s: EventFilters (see event_filter), not %r" % (name, type(f).__name__))
+    return filters
 Dropped.__doc__ = "Events a stream lost since the previous notice (and since it started)."
 
 
 class EventStream:
     """Iterator over StreamEvents: yields kvmi.v1.Event messages and, with drops="yield" (the
     default), Dropped notices in between. `dropped_total` counts what was lost so far whatever
-    the mode. cancel() (or leaving a `with` block) ends the stream from any thread."""
+    the mode. Heartbeats (a quiet stream is alive) are skipped unless heartbeats=True, which
+    yields them as Heartbeat items; either way `last_heartbeat` holds the newest and
+    `last_message` the time.monotonic() of the last message of any kind. cancel() (or leaving a
+    `with` block) ends the stream from any thread."""
 
-    def __init__(self, call, drops):
+    def __init__(self, call, drops, heartbeats=False):
         self._call = call
         self._drops = drops
+        self._heartbeats = heartbeats
         self.dropped_total = 0
+        self.last_heartbeat = None
+        self.last_message = time.monotonic()
 
     def __iter__(self):
         return self
@@ -349,8 +371,18 @@ class EventStream:
                 if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                     raise StopIteration from None  # we asked for it
                 raise _wrap(e) from None
-            if message.HasField("event"):
+            self.last_message = time.monotonic()
+            kind = message.WhichOneof("message")
+            if kind == "event":
                 return message.event
+            if kind == "heartbeat":
+                beat = message.heartbeat
+                self.last_heartbeat = Heartbeat(beat.time.ToDatetime(), beat.last_event_id)
+                if self._heartbeats:
+                    return self.last_heartbeat
+                continue
+            if kind != "dropped":
+                continue  # a message kind this client does not know yet
             notice = message.dropped
             self.dropped_total = notice.dropped_total
             if self._drops == "raise":
@@ -660,20 +692,31 @@ class Client:
         return self._unary("GetVM", pb.GetVMRequest(vm=vm))
 
     # Events.
-    def events(self, allow=None, deny=None, registers=False, max_queue=0, drops="yield"):
-        """Opens StreamEvents. `allow`/`deny` are EventFilters (see event_filter) or None;
-        `drops` is "yield" (Dropped items in the stream), "raise" (EventsDropped) or "ignore".
-        A bad filter raises InvalidArgument on the first iteration (that is when the server
-        answers). Returns an EventStream."""
+    def events(self, allow=None, deny=None, registers=False, max_queue=0, drops="yield",
+               heartbeat=None, heartbeats=False, fields=None, resume_after=0):
+        """Opens StreamEvents. `allow`/`deny`: an EventFilter (see event_filter), a list of them,
+        or None. An event is sent when any allow filter matches (none: every event) and no deny
+        filter does. `drops` is "yield" (Dropped items in the stream), "raise" (EventsDropped)
+        or "ignore". `heartbeat`: seconds between heartbeats of a quiet stream (None: kvmid's
+        default, 0: none); `heartbeats=True` yields them (Heartbeat items), else they are only
+        recorded (EventStream.last_heartbeat). `fields`: the Event field names to receive (None:
+        every field; id is always sent). `resume_after`: an event id to resume after.
+        A bad filter, an unknown guest in a filter (NotFound) or an unknown field raises on the
+        first iteration (that is when the server answers). Returns an EventStream."""
         if drops not in ("yield", "raise", "ignore"):
             raise ValueError("drops must be 'yield', 'raise' or 'ignore'")
-        request = pb.StreamEventsRequest(include_registers=registers, max_queue=max_queue)
-        if allow is not None:
-            request.allow.CopyFrom(allow)
-        if deny is not None:
-            request.deny.CopyFrom(deny)
+        request = pb.StreamEventsRequest(include_registers=registers, max_queue=max_queue,
+                                         resume_after=resume_after)
+        request.allow.extend(_filters(allow, "allow"))
+        request.deny.extend(_filters(deny, "deny"))
+        if heartbeat is not None:
+            request.heartbeat_interval.FromNanoseconds(int(round(float(heartbeat) * 1e9)))
+        if fields is not None:
+            request.field_mask.paths.extend(fields)
         self._connect()
-        return EventStream(self._stub.StreamEvents(request), drops)
+        return EventStream(self._stub.StreamEvents(request), drops, heartbeats)
+
+    stream_events = events
 
     # Policies.
     def apply_policy(self, policy):
@@ -942,14 +985,17 @@ class Client:
         return self._stub.WatchVMs(pb.WatchVMsRequest())
 
     def attach(self, handler_id, vms=(), events=(), deadline_ms=0, fallback=None, arm_events=(),
-               arm_crs=(), arm_msrs=()):
+               arm_crs=(), arm_msrs=(), fields=None):
         """Opens an Attach stream as a verdict handler; returns a Handler. `events` are the
-        blocking event types it answers; arm_* what kvmid enables for it (released with it)."""
+        blocking event types it answers; arm_* what kvmid enables for it (released with it);
+        `fields` the Event field names it reads (None: every field; id is always sent)."""
         claim = pb.Claim(handler_id=handler_id, vms=list(vms),
                          events=[event_type(e) for e in events], deadline_ms=deadline_ms,
                          arm_events=[event_type(e) for e in arm_events],
                          arm_crs=[parse_int(c) for c in arm_crs],
                          arm_msrs=[parse_int(m) for m in arm_msrs])
+        if fields is not None:
+            claim.field_mask.paths.extend(fields)
         if fallback is not None:
             claim.fallback = policy_pb.Action.Value("ACTION_" + str(fallback).upper())
         self._connect()

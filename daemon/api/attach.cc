@@ -198,6 +198,8 @@ class AttachReactor final : public AttachStream {
       if (call_ != nullptr) call_->AuditLimitRefusal(s);
       return s;
     }
+    absl::StatusOr<EventFields> fields = CompileEventMask(claim.field_mask(), "claim.field_mask");
+    if (!fields.ok()) return ToStatus(fields.status());
     if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin
       s = guard_->AdmitClaim(claim);
       if (!s.ok()) return s;
@@ -209,7 +211,7 @@ class AttachReactor final : public AttachStream {
     kvmi::v1::AttachResponse claimed;
     claimed.mutable_claimed()->set_owner(owner_);
     outbox_->Send(std::move(claimed));
-    auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_);
+    auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_, *fields);
     reader_handler_ = handler.get();
     {
       MutexLock lock(&handler_mu_);

@@ -120,7 +120,7 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
   }
   ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}, ctx.time};
   kvmi::v1::AttachResponse message;
-  *message.mutable_event() = ToProto(observed, /*include_registers=*/true);
+  *message.mutable_event() = ToProto(observed, /*include_registers=*/true, fields_);
   message.mutable_event()->clear_action();
   message.mutable_event()->clear_decided_by();
   outbox_->Send(std::move(message));

@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 
+#include "daemon/api/convert.h"
 #include "daemon/api/limits.h"
 #include "daemon/base/mutex.h"
 #include "daemon/kvmid.h"
@@ -79,8 +80,10 @@ class AttachOutbox {
 // and keeps its promise until the client's verdict (or the stream's end) answers it.
 class StreamHandler : public VerdictHandler {
  public:
-  StreamHandler(std::string id, std::shared_ptr<AttachOutbox> outbox)
-      : id_(std::move(id)), outbox_(std::move(outbox)) {}
+  // `fields`: the Event fields the client asked for (Claim.field_mask, compiled once).
+  StreamHandler(std::string id, std::shared_ptr<AttachOutbox> outbox,
+                EventFields fields = EventFields())
+      : id_(std::move(id)), outbox_(std::move(outbox)), fields_(fields) {}
   std::string id() const override { return id_; }
 
   void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override;
@@ -99,6 +102,7 @@ class StreamHandler : public VerdictHandler {
   };
   const std::string id_;
   const std::shared_ptr<AttachOutbox> outbox_;
+  const EventFields fields_;
   Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);

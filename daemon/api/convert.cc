@@ -121,46 +121,83 @@ kvmi::v1::Registers RegistersToProto(const kvm_regs& r, const kvm_sregs& sr) {
   return regs;
 }
 
-kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers) {
+absl::StatusOr<EventFields> CompileEventMask(const google::protobuf::FieldMask& mask,
+                                             const std::string& field) {
+  EventFields out;
+  if (mask.paths_size() == 0) return out;
+  const google::protobuf::Descriptor* event = kvmi::v1::Event::descriptor();
+  uint64_t bits = uint64_t{1} << kvmi::v1::Event::kIdFieldNumber;  // always sent
+  for (int i = 0; i < mask.paths_size(); ++i) {
+    const std::string& path = mask.paths(i);
+    if (const google::protobuf::OneofDescriptor* oneof = event->FindOneofByName(path)) {
+      for (int f = 0; f < oneof->field_count(); ++f)
+        bits |= uint64_t{1} << oneof->field(f)->number();
+      continue;
+    }
+    const google::protobuf::FieldDescriptor* fd = event->FindFieldByName(path);
+    if (fd == nullptr || fd->number() >= 64) {
+      return absl::InvalidArgumentError(
+          field + ".paths[" + std::to_string(i) + "]: '" + path.substr(0, 64) +
+          "' is not a field of kvmi.v1.Event (top-level field names, or \"detail\")");
+    }
+    bits |= uint64_t{1} << fd->number();
+  }
+  out.bits_ = bits;
+  return out;
+}
+
+kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers, const EventFields& want) {
+  using E = kvmi::v1::Event;
   kvmi::v1::Event out;
   const kvmi::Event& e = o.event;
   out.set_id(o.event_id);
-  std::shared_ptr<const GuestView> view = o.guest->cached_view();
-  if (view) {
-    out.set_vm_uuid(kvmi::UuidToString(view->uuid));
-    out.set_vm_name(view->name);
+  if (want.Has(E::kVmUuidFieldNumber) || want.Has(E::kVmNameFieldNumber) ||
+      want.Has(E::kVmLabelsFieldNumber)) {
+    if (std::shared_ptr<const GuestView> view = o.guest->cached_view()) {
+      if (want.Has(E::kVmUuidFieldNumber)) out.set_vm_uuid(kvmi::UuidToString(view->uuid));
+      if (want.Has(E::kVmNameFieldNumber)) out.set_vm_name(view->name);
+      if (want.Has(E::kVmLabelsFieldNumber)) {
+        out.mutable_vm_labels()->insert(view->labels.begin(), view->labels.end());
+      }
+    }
   }
-  out.set_vcpu(e.vcpu());
-  out.set_type(ToEventType(e.id()));
-  out.set_mode(e.common.arch.mode);
-  out.set_rip(e.common.arch.regs.rip);
-  switch (e.id()) {
+  if (want.Has(E::kVcpuFieldNumber)) out.set_vcpu(e.vcpu());
+  if (want.Has(E::kTypeFieldNumber)) out.set_type(ToEventType(e.id()));
+  if (want.Has(E::kModeFieldNumber)) out.set_mode(e.common.arch.mode);
+  if (want.Has(E::kRipFieldNumber)) out.set_rip(e.common.arch.regs.rip);
+  switch (e.id()) {  // each detail only if asked for
     case KVMI_EVENT_CR:
+      if (!want.Has(E::kCrFieldNumber)) break;
       out.mutable_cr()->set_cr(e.specific.cr.cr);
       out.mutable_cr()->set_old_value(e.specific.cr.old_value);
       out.mutable_cr()->set_new_value(e.specific.cr.new_value);
       break;
     case KVMI_EVENT_MSR:
+      if (!want.Has(E::kMsrFieldNumber)) break;
       out.mutable_msr()->set_msr(e.specific.msr.msr);
       out.mutable_msr()->set_old_value(e.specific.msr.old_value);
       out.mutable_msr()->set_new_value(e.specific.msr.new_value);
       break;
     case KVMI_EVENT_PF:
+      if (!want.Has(E::kPfFieldNumber)) break;
       out.mutable_pf()->set_gva(e.specific.pf.gva);
       out.mutable_pf()->set_gpa(e.specific.pf.gpa);
       out.mutable_pf()->set_access(AccessLetters(e.specific.pf.access));
       break;
     case KVMI_EVENT_BREAKPOINT:
+      if (!want.Has(E::kBreakpointFieldNumber)) break;
       out.mutable_breakpoint()->set_gpa(e.specific.breakpoint.gpa);
       out.mutable_breakpoint()->set_insn_len(e.specific.breakpoint.insn_len);
       break;
     case KVMI_EVENT_TRAP:
+      if (!want.Has(E::kTrapFieldNumber)) break;
       out.mutable_trap()->set_vector(e.specific.trap.vector);
       out.mutable_trap()->set_type(e.specific.trap.type);
       out.mutable_trap()->set_error_code(e.specific.trap.error_code);
       out.mutable_trap()->set_cr2(e.specific.trap.cr2);
       break;
     case KVMI_EVENT_DESCRIPTOR:
+      if (!want.Has(E::kDescriptorTableFieldNumber)) break;
       out.mutable_descriptor_table()->set_table(e.specific.descriptor.descriptor);
       out.mutable_descriptor_table()->set_write(e.specific.descriptor.write != 0);
       break;
@@ -168,19 +205,23 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers) {
       break;
   }
   if (kvmi::FindEvent(e.id())->has_reply) {
-    out.set_action(ActionOf(o.verdict));
-    out.set_kept_old_value(o.verdict.keep_old);
+    if (want.Has(E::kActionFieldNumber)) out.set_action(ActionOf(o.verdict));
+    if (want.Has(E::kKeptOldValueFieldNumber)) out.set_kept_old_value(o.verdict.keep_old);
   }
-  out.set_decided_by(o.verdict.decided_by);
-  for (const std::string& rule : o.monitor_hits) out.add_monitor_hits(rule);
-  out.set_latency_ns(static_cast<uint64_t>(o.latency.count()));
-  if (o.time.time_since_epoch().count() != 0) {
+  if (want.Has(E::kDecidedByFieldNumber)) out.set_decided_by(o.verdict.decided_by);
+  if (want.Has(E::kMonitorHitsFieldNumber)) {
+    for (const std::string& rule : o.monitor_hits) out.add_monitor_hits(rule);
+  }
+  if (want.Has(E::kLatencyNsFieldNumber)) {
+    out.set_latency_ns(static_cast<uint64_t>(o.latency.count()));
+  }
+  if (want.Has(E::kTimeFieldNumber) && o.time.time_since_epoch().count() != 0) {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.time.time_since_epoch());
     out.mutable_time()->set_seconds(ns.count() / 1000000000);
     out.mutable_time()->set_nanos(static_cast<int32_t>(ns.count() % 1000000000));
   }
-  out.set_node(NodeName());
-  if (include_registers) {
+  if (want.Has(E::kNodeFieldNumber)) out.set_node(NodeName());
+  if (include_registers && want.Has(E::kRegistersFieldNumber)) {
     *out.mutable_registers() = RegistersToProto(e.common.arch.regs, e.common.arch.sregs);
   }
   return out;

@@ -5,8 +5,11 @@
 #define KVMID_DAEMON_API_CONVERT_H_
 
 #include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <google/protobuf/field_mask.pb.h>
 #include <grpcpp/grpcpp.h>
 
+#include <cstdint>
 #include <map>
 #include <string>
 
@@ -17,7 +20,30 @@ namespace kvmid {
 
 kvmi::v1::VM ToProto(const GuestSnapshot& snapshot,
                      const std::map<std::string, std::string>& labels);
-kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers);
+// The Event fields a stream builds: a FieldMask compiled once per stream (bit n: the field
+// numbered n), so that the conversion of each event only tests bits.
+class EventFields {
+ public:
+  // Every field.
+  EventFields() = default;
+  bool Has(int field_number) const { return (bits_ >> field_number) & 1; }
+  bool all() const { return bits_ == ~uint64_t{0}; }
+
+ private:
+  friend absl::StatusOr<EventFields> CompileEventMask(const google::protobuf::FieldMask& mask,
+                                                      const std::string& field);
+  uint64_t bits_ = ~uint64_t{0};
+};
+// `mask` (paths: top-level Event field names, or "detail" for the detail oneof) compiled; no path:
+// every field. Event.id is always in. INVALID_ARGUMENT "<field>: '<path>' ..." for a path that
+// is not a top-level Event field.
+absl::StatusOr<EventFields> CompileEventMask(const google::protobuf::FieldMask& mask,
+                                             const std::string& field);
+
+// An event as the API shows it: with the guest's UUID, name and labels (its cached view), the
+// node, the time; only the fields in `fields` are built.
+kvmi::v1::Event ToProto(const ObservedEvent& observed, bool include_registers,
+                        const EventFields& fields = EventFields());
 kvmi::v1::Lease ToProto(const OwnerId& owner, const Arming& arming);
 kvmi::v1::VcpuLease ToProto(uint16_t vcpu, const VcpuArming& arming);
 // The register block of an event or a GET_REGISTERS reply.

@@ -124,4 +124,89 @@ TEST(ConvertTest, RegistersGoBothWaysAndALeaseListsWhatItArms) {
 }
 
 }  // namespace
+ObservedEvent LabelledCrEvent() {
+  GuestIdentity identity;
+  identity.name = "web-1";
+  identity.uuid[15] = 7;
+  auto guest = std::make_shared<Guest>("k", identity, nullptr);
+  auto view = std::make_shared<GuestView>();
+  view->uuid = identity.uuid;
+  view->name = "web-1";
+  view->labels = {{"tier", "prod"}, {"team", "sec"}};
+  guest->set_cached_view(view);
+  ObservedEvent o;
+  o.guest = guest;
+  o.event_id = 42;
+  o.event.common.event = KVMI_EVENT_CR;
+  o.event.common.vcpu = 3;
+  o.event.specific.cr.cr = 4;
+  o.event.specific.cr.new_value = 0x10;
+  o.verdict.decided_by = "default";
+  o.monitor_hits = {"watch"};
+  o.time = std::chrono::system_clock::time_point(std::chrono::seconds(1700000000));
+  return o;
+}
+
+TEST(EventConvertTest, AnEventCarriesTheGuestsUuidNameLabelsNodeAndTime) {
+  kvmi::v1::Event e = ToProto(LabelledCrEvent(), /*include_registers=*/false);
+  EXPECT_EQ(e.id(), 42u);
+  EXPECT_EQ(e.vm_name(), "web-1");
+  EXPECT_EQ(e.vm_uuid(), "00000000-0000-0000-0000-000000000007");
+  EXPECT_EQ(e.vm_labels().size(), 2u);
+  EXPECT_EQ(e.vm_labels().at("tier"), "prod");
+  EXPECT_FALSE(e.node().empty());
+  EXPECT_EQ(e.time().seconds(), 1700000000);
+  EXPECT_EQ(e.cr().cr(), 4u);
+  EXPECT_FALSE(e.has_registers());
+}
+
+TEST(EventConvertTest, AFieldMaskBuildsOnlyItsFieldsAndTheId) {
+  google::protobuf::FieldMask mask;
+  mask.add_paths("vm_name");
+  mask.add_paths("detail");
+  mask.add_paths("registers");
+  absl::StatusOr<EventFields> fields = CompileEventMask(mask, "field_mask");
+  ASSERT_TRUE(fields.ok()) << fields.status();
+  EXPECT_FALSE(fields->all());
+  kvmi::v1::Event e = ToProto(LabelledCrEvent(), /*include_registers=*/true, *fields);
+  kvmi::v1::Event expected;
+  expected.set_id(42);  // always
+  expected.set_vm_name("web-1");
+  expected.mutable_cr()->set_cr(4);
+  expected.mutable_cr()->set_new_value(0x10);
+  *expected.mutable_registers() = RegistersToProto(kvm_regs{}, kvm_sregs{});
+  EXPECT_EQ(e.SerializeAsString(), expected.SerializeAsString()) << e.DebugString();
+
+  // Without registers in the mask, include_registers adds none; without the detail, no cr.
+  mask.Clear();
+  mask.add_paths("vm_labels");
+  mask.add_paths("type");
+  fields = CompileEventMask(mask, "field_mask");
+  ASSERT_TRUE(fields.ok());
+  e = ToProto(LabelledCrEvent(), /*include_registers=*/true, *fields);
+  EXPECT_FALSE(e.has_registers());
+  EXPECT_FALSE(e.has_cr());
+  EXPECT_EQ(e.vm_labels().size(), 2u);
+  EXPECT_EQ(e.type(), kvmi::v1::EVENT_CR);
+  EXPECT_EQ(e.vm_name(), "");
+  EXPECT_EQ(e.node(), "");
+  EXPECT_FALSE(e.has_time());
+
+  // No path: every field.
+  fields = CompileEventMask(google::protobuf::FieldMask(), "field_mask");
+  ASSERT_TRUE(fields.ok());
+  EXPECT_TRUE(fields->all());
+}
+
+TEST(EventConvertTest, AnUnknownMaskPathIsInvalidAndNamed) {
+  google::protobuf::FieldMask mask;
+  mask.add_paths("vm_name");
+  mask.add_paths("vm_colour");
+  absl::StatusOr<EventFields> fields = CompileEventMask(mask, "claim.field_mask");
+  EXPECT_EQ(fields.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(fields.status().message(), HasSubstr("claim.field_mask.paths[1]: 'vm_colour'"));
+  mask.set_paths(1, "cr.cr");  // nested paths are not taken
+  EXPECT_THAT(CompileEventMask(mask, "field_mask").status().message(), HasSubstr("'cr.cr'"));
+}
+
 }  // namespace kvmid

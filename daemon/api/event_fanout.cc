@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "daemon/api/convert.h"
+#include "daemon/api/limits.h"
 #include "daemon/config/policy_convert.h"
 #include "daemon/metrics/hooks.h"
 
@@ -58,6 +59,17 @@ uint32_t CompiledFilter::Types() const {
 Status CompileFilter(const kvmi::v1::EventFilter& f, const std::string& field,
                      CompiledFilter* out) {
   constexpr uint32_t kMaxVcpu = 0xffff;  // a vCPU index is 16 bits on the wire
+  const std::pair<const char*, int> sizes[] = {{"vms", f.vms_size()},
+                                               {"events", f.events_size()},
+                                               {"vcpus", f.vcpus_size()},
+                                               {"crs", f.crs_size()},
+                                               {"msrs", f.msrs_size()}};
+  for (const auto& [name, size] : sizes) {
+    if (static_cast<size_t>(size) > kMaxFilterEntries) {
+      return InvalidArgument(field + "." + name, std::to_string(size) + " entries, at most " +
+                                                     std::to_string(kMaxFilterEntries));
+    }
+  }
   out->vms.assign(f.vms().begin(), f.vms().end());
   for (int i = 0; i < f.events_size(); ++i) {
     uint8_t id;
@@ -83,6 +95,60 @@ Status CompileFilter(const kvmi::v1::EventFilter& f, const std::string& field,
     return InvalidArgument(field + ".access", "'" + f.access() + "' is not made of r, w, x");
   }
   out->empty = false;
+  return Status::OK;
+}
+
+bool StreamFilter::Matches(const ObservedEvent& o) const {
+  bool allowed = allow.empty();
+  for (const CompiledFilter& f : allow) {
+    if (f.Matches(o)) {
+      allowed = true;
+      break;
+    }
+  }
+  if (!allowed) return false;
+  for (const CompiledFilter& f : deny) {
+    if (f.Matches(o)) return false;
+  }
+  return true;
+}
+
+uint32_t StreamFilter::Types() const {
+  if (allow.empty()) return ~0u;
+  uint32_t types = 0;
+  for (const CompiledFilter& f : allow) types |= f.Types();
+  return types;
+}
+
+std::vector<std::string> StreamFilter::NamedGuests() const {
+  std::set<std::string> names;
+  for (const auto* list : {&allow, &deny}) {
+    for (const CompiledFilter& f : *list) names.insert(f.vms.begin(), f.vms.end());
+  }
+  return {names.begin(), names.end()};
+}
+
+Status CompileStreamFilter(const kvmi::v1::StreamEventsRequest& request, StreamFilter* out) {
+  using Filters = google::protobuf::RepeatedPtrField<kvmi::v1::EventFilter>;
+  struct Kind {
+    const char* name;
+    const Filters* filters;
+    std::vector<CompiledFilter>* compiled;
+  };
+  const Kind kinds[] = {{"allow", &request.allow(), &out->allow},
+                        {"deny", &request.deny(), &out->deny}};
+  for (const auto& [name, filters, compiled] : kinds) {
+    if (static_cast<size_t>(filters->size()) > kMaxStreamFilters) {
+      return InvalidArgument(name, std::to_string(filters->size()) + " filters, at most " +
+                                       std::to_string(kMaxStreamFilters));
+    }
+    compiled->assign(filters->size(), CompiledFilter{});
+    for (int i = 0; i < filters->size(); ++i) {
+      Status s = CompileFilter(filters->Get(i), std::string(name) + "[" + std::to_string(i) + "]",
+                               &(*compiled)[i]);
+      if (!s.ok()) return s;
+    }
+  }
   return Status::OK;
 }
 
@@ -141,18 +207,20 @@ std::atomic<size_t> EventFanout::live_{0};
 
 // ---- EventFanout --------------------------------------------------------------------------------
 
-EventFanout::Subscription::Subscription(EventFanout* fanout, Sink* sink, CompiledFilter allow,
-                                        CompiledFilter deny, std::unique_ptr<VisibleGuests> visible,
-                                        uint64_t max_behind, uint64_t cursor, uint64_t lost)
+EventFanout::Subscription::Subscription(EventFanout* fanout, Sink* sink, StreamFilter filter,
+                                        std::unique_ptr<VisibleGuests> visible, uint64_t max_behind,
+                                        uint64_t cursor, uint64_t lost,
+                                        std::chrono::nanoseconds heartbeat)
     : fanout_(fanout),
       sink_(sink),
-      allow_(std::move(allow)),
-      deny_(std::move(deny)),
+      filter_(std::move(filter)),
       visible_(std::move(visible)),
-      types_(allow_.Types()),
+      types_(filter_.Types()),
       max_behind_(max_behind),
       cursor_(cursor),
-      pending_lost_(lost) {
+      pending_lost_(lost),
+      heartbeat_(heartbeat),
+      last_write_(std::chrono::steady_clock::now()) {
   fanout_->subscriptions_.fetch_add(1, std::memory_order_relaxed);
   live_.fetch_add(1, std::memory_order_relaxed);
 }
@@ -164,8 +232,7 @@ EventFanout::Subscription::~Subscription() {
 
 bool EventFanout::Subscription::Wants(const ObservedEvent& o) {
   fanout_->evaluations_.fetch_add(1, std::memory_order_relaxed);
-  return allow_.Matches(o) && !deny_.Matches(o) &&
-         (visible_ == nullptr || visible_->Visible(o.guest));
+  return filter_.Matches(o) && (visible_ == nullptr || visible_->Visible(o.guest));
 }
 
 EventFanout::EventFanout(EventHistory* ring) : ring_(ring) {
@@ -191,10 +258,10 @@ EventFanout::~EventFanout() {
 }
 
 std::unique_ptr<EventFanout::Subscription> EventFanout::Subscribe(
-    Sink* sink, CompiledFilter allow, CompiledFilter deny, std::unique_ptr<VisibleGuests> visible,
-    uint64_t max_behind, uint64_t cursor, uint64_t lost) {
+    Sink* sink, StreamFilter filter, std::unique_ptr<VisibleGuests> visible, uint64_t max_behind,
+    uint64_t cursor, uint64_t lost, std::chrono::nanoseconds heartbeat) {
   return std::unique_ptr<Subscription>(new Subscription(
-      this, sink, std::move(allow), std::move(deny), std::move(visible), max_behind, cursor, lost));
+      this, sink, std::move(filter), std::move(visible), max_behind, cursor, lost, heartbeat));
 }
 
 void EventFanout::Appended(uint8_t type) {
@@ -250,6 +317,7 @@ void EventFanout::Deliver(Subscription* sub, const ObservedEvent* event, uint64_
     sub->sink_->Finish();
     return;
   }
+  if (sub->heartbeat_.count() > 0) sub->last_write_ = std::chrono::steady_clock::now();
   sub->sink_->StartWrite(event, dropped);
 }
 
@@ -302,6 +370,21 @@ void EventFanout::AddWaitingLocked(Subscription* sub) {
   }
   ++waiting_count_;
   PublishMaskLocked();
+  if (sub->heartbeat_.count() > 0) {
+    w.heartbeat_due = sub->last_write_ + sub->heartbeat_;
+    w.beat_index = static_cast<uint32_t>(beating_.size());
+    beating_.push_back(sub);
+    // Stored before sleeping_ is loaded; the delivery thread stores sleeping_ before it loads
+    // next_heartbeat_: either it sees the earlier due or this sees it asleep and wakes it.
+    const int64_t due = Ns(w.heartbeat_due);
+    if (due < next_heartbeat_.load(std::memory_order_seq_cst)) {
+      next_heartbeat_.store(due, std::memory_order_seq_cst);
+      if (sleeping_.load(std::memory_order_seq_cst) && sleeping_.exchange(false)) {
+        MutexLock lock(&wake_mu_);
+        wake_cv_.Signal();
+      }
+    }
+  }
 }
 
 void EventFanout::RemoveWaitingLocked(Subscription* sub) {
@@ -318,6 +401,14 @@ void EventFanout::RemoveWaitingLocked(Subscription* sub) {
   }
   --waiting_count_;
   PublishMaskLocked();
+  if (sub->heartbeat_.count() > 0) {
+    // next_heartbeat_ may stay earlier than any due left: the walk then finds nothing and
+    // recomputes it.
+    Subscription* moved = beating_.back();
+    beating_[w.beat_index] = moved;
+    WaitingOf(moved).beat_index = w.beat_index;
+    beating_.pop_back();
+  }
 }
 
 void EventFanout::PublishMaskLocked() {
@@ -351,13 +442,62 @@ void EventFanout::Run(uint64_t start, EventHistory::TypeCounts counts) {
         if (head != done && ring_->AnyOfTypes(done, head, mask_.load())) break;
         done = head;
         if (ring_->CountsAt(done, &counts)) base = done;
-        wake_cv_.Wait(&wake_mu_);
+        // Read after sleeping_ is set (a stream parking with an earlier due wakes this thread).
+        const int64_t due = next_heartbeat_.load(std::memory_order_seq_cst);
+        if (due == kNever) {
+          wake_cv_.Wait(&wake_mu_);
+        } else if (due <= Ns(std::chrono::steady_clock::now()) ||
+                   !wake_cv_.WaitUntil(&wake_mu_, std::chrono::steady_clock::time_point(
+                                                      std::chrono::nanoseconds(due)))) {
+          break;  // a heartbeat is due
+        }
       }
       sleeping_.store(false, std::memory_order_seq_cst);
     }
     if (behind) done = CatchUp(&base, &counts);
     done = Dispatch(done);
     if (ring_->CountsAt(done, &counts)) base = done;
+    Heartbeats(done);
+  }
+}
+
+void EventFanout::Heartbeats(uint64_t done) {
+  const auto now = std::chrono::steady_clock::now();
+  if (next_heartbeat_.load(std::memory_order_seq_cst) > Ns(now)) return;
+  heartbeat_walks_.fetch_add(1, std::memory_order_relaxed);
+  std::vector<Delivery> deliveries;
+  {
+    MutexLock lock(&mu_);
+    int64_t next = kNever;
+    const auto horizon = now + kHeartbeatCoalesce;
+    // Going down: removal swaps the last one into the removed place, already passed.
+    for (size_t i = beating_.size(); i-- > 0;) {
+      Subscription* sub = beating_[i];
+      const auto due = WaitingOf(sub).heartbeat_due;
+      if (due > horizon) {
+        next = std::min(next, Ns(due));
+        continue;
+      }
+      RemoveWaitingLocked(sub);
+      // The events before `done` were looked at for it (Dispatch) and not wanted.
+      if (sub->cursor_ < done) sub->cursor_ = done;
+      deliveries.push_back(Delivery{sub, nullptr, 0, /*heartbeat=*/true});
+    }
+    next_heartbeat_.store(next, std::memory_order_seq_cst);
+  }
+  // The streams taken out are this thread's until their write completes.
+  for (const Delivery& d : deliveries) {
+    Subscription* sub = d.sub;
+    if (sub->cancelled_.load()) {
+      sub->sink_->Finish();
+      continue;
+    }
+    ObservedEvent last;
+    const uint64_t last_id =
+        sub->cursor_ > 1 && ring_->CopyAt(sub->cursor_ - 1, &last) ? last.event_id : 0;
+    heartbeats_.fetch_add(1, std::memory_order_relaxed);
+    sub->last_write_ = now;
+    sub->sink_->StartHeartbeat(last_id);
   }
 }
 

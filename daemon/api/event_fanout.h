@@ -7,6 +7,20 @@
 // one wake-up. A stream whose filter cannot match the type costs nothing; a stream with a write in
 // flight (a client that does not read) is not waiting and costs nothing either.
 //
+// A stream's filters (StreamFilter): an event passes when ANY allow filter matches it (none: every
+// event) and NO deny filter matches it (Tetragon's allow and deny lists). The types a stream
+// waits for are the union of its allow filters' types: deny filters cannot widen them.
+//
+// Heartbeats: a stream with a heartbeat interval that has been parked (caught up, nothing
+// written) that long is taken out of the waiting set by the delivery thread and writes a
+// heartbeat (Sink::StartHeartbeat) instead of an event; its cursor first moves to where the
+// delivery thread has looked (the events in between were looked at for it and rejected). No timer
+// per stream: the delivery thread sleeps until the earliest heartbeat due (next_heartbeat_) and
+// then walks the streams that have heartbeats once, taking every one due within
+// kHeartbeatCoalesce (so that N streams with staggered deadlines cost at most one walk per
+// kHeartbeatCoalesce). A stream parking with a due earlier than the one the thread sleeps for
+// wakes it (the same store-then-load protocol as an append).
+//
 // A stream (Subscription) is, at any time, in one of three hands:
 //   - its owner: the thread that walks the ring from its cursor (Next), applies its allow/deny
 //     filters and visibility and starts its write (Sink::StartWrite): the thread that opened it,
@@ -44,6 +58,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -76,9 +91,27 @@ struct CompiledFilter {
   uint32_t Types() const;
 };
 
-// `filter` compiled; INVALID_ARGUMENT naming "<field>.<what>" if it is malformed.
+// `filter` compiled; INVALID_ARGUMENT naming "<field>.<what>" if it is malformed or a field
+// lists more than kMaxFilterEntries.
 grpc::Status CompileFilter(const kvmi::v1::EventFilter& filter, const std::string& field,
                            CompiledFilter* out);
+
+// A stream's filters: an event passes when any allow filter matches (no allow filter: every
+// event) and no deny filter matches.
+struct StreamFilter {
+  std::vector<CompiledFilter> allow, deny;
+
+  bool Matches(const ObservedEvent& observed) const;
+  // The types the allow filters can match (their union; every type without allow filters).
+  uint32_t Types() const;
+  // The guest selectors (vms) the filters name, allow and deny, once each.
+  std::vector<std::string> NamedGuests() const;
+};
+
+// A StreamEventsRequest's allow and deny filters compiled: INVALID_ARGUMENT naming the field
+// ("allow", "deny[2].vcpus") when there are more than kMaxStreamFilters of a kind or one is
+// malformed.
+grpc::Status CompileStreamFilter(const kvmi::v1::StreamEventsRequest& request, StreamFilter* out);
 
 // Which guests a stream's caller sees (CallContext::Visible), decided once per guest and again
 // only when its labels change (the GuestView's generation) or the daemon's authorization is
@@ -122,6 +155,9 @@ class EventFanout : public EventHistory::Listener {
     // Starts the write of `event`, or (event null) of a drop notice of `dropped` events. The
     // fan-out's WriteDone must follow when it completes.
     virtual void StartWrite(const ObservedEvent* event, uint64_t dropped) = 0;
+    // Starts the write of a heartbeat: the stream was quiet for its interval; last_event_id is
+    // the id of the newest event it looked at (0: none). WriteDone follows as for StartWrite.
+    virtual void StartHeartbeat(uint64_t last_event_id) = 0;
     // Ends the call (once, no write in flight). The fan-out never touches the stream again.
     virtual void Finish() = 0;
   };
@@ -134,14 +170,14 @@ class EventFanout : public EventHistory::Listener {
 
    private:
     friend class EventFanout;
-    Subscription(EventFanout* fanout, Sink* sink, CompiledFilter allow, CompiledFilter deny,
+    Subscription(EventFanout* fanout, Sink* sink, StreamFilter filter,
                  std::unique_ptr<VisibleGuests> visible, uint64_t max_behind, uint64_t cursor,
-                 uint64_t lost);
+                 uint64_t lost, std::chrono::nanoseconds heartbeat);
     bool Wants(const ObservedEvent& o);
 
     EventFanout* const fanout_;
     Sink* const sink_;
-    const CompiledFilter allow_, deny_;
+    const StreamFilter filter_;
     const std::unique_ptr<VisibleGuests> visible_;  // null: every guest
     const uint32_t types_;
     const uint64_t max_behind_;  // 0: the ring's capacity
@@ -149,6 +185,10 @@ class EventFanout : public EventHistory::Listener {
     // while it waits); thread confinement clang cannot express.
     uint64_t cursor_;
     uint64_t pending_lost_;  // a drop notice to write first (resume): the owner's
+    const std::chrono::nanoseconds heartbeat_;  // 0: none
+    // When its last write started (or it subscribed): the owner's, read by the fan-out under mu_
+    // when it parks (AddWaitingLocked runs on the owner's thread).
+    std::chrono::steady_clock::time_point last_write_;
     std::atomic<bool> cancelled_{false};
     // Only through EventFanout::WaitingOf (EventFanout::mu_).
     struct Waiting {
@@ -157,6 +197,9 @@ class EventFanout : public EventHistory::Listener {
       // losses from).
       uint64_t counted = 0;
       std::array<uint32_t, 32> index{};  // its place in waiting_[type] for each of its types
+      // Streams with heartbeats: when the next one is due, and its place in beating_.
+      std::chrono::steady_clock::time_point heartbeat_due{};
+      uint32_t beat_index = 0;
     } waiting_;
   };
 
@@ -170,10 +213,11 @@ class EventFanout : public EventHistory::Listener {
   // happens until Start. `visible` null: every guest. max_behind: how many events the stream may
   // fall behind the head before the oldest it has not looked at count as dropped (0: the ring).
   // lost > 0: the stream starts with a drop notice of that many (a resume cursor the ring no
-  // longer holds).
-  std::unique_ptr<Subscription> Subscribe(Sink* sink, CompiledFilter allow, CompiledFilter deny,
+  // longer holds). heartbeat > 0: a heartbeat after that long parked without a write.
+  std::unique_ptr<Subscription> Subscribe(Sink* sink, StreamFilter filter,
                                           std::unique_ptr<VisibleGuests> visible,
-                                          uint64_t max_behind, uint64_t cursor, uint64_t lost = 0);
+                                          uint64_t max_behind, uint64_t cursor, uint64_t lost = 0,
+                                          std::chrono::nanoseconds heartbeat = {});
   // The caller owns `sub` (it just subscribed): writes its first event or parks it.
   void Start(Subscription* sub) { Continue(sub); }
   // The write started by Sink::StartWrite completed (ok: it reached the stream).
@@ -194,6 +238,9 @@ class EventFanout : public EventHistory::Listener {
     return waiting_count_;
   }
   size_t subscriptions() const { return subscriptions_.load(std::memory_order_relaxed); }
+  // Heartbeats started, and the delivery thread's walks over the streams with heartbeats.
+  uint64_t heartbeats() const { return heartbeats_.load(std::memory_order_relaxed); }
+  uint64_t heartbeat_walks() const { return heartbeat_walks_.load(std::memory_order_relaxed); }
   // Every fan-out's together (tests over a whole server, which cannot reach its fan-out).
   static size_t live_subscriptions() { return live_.load(std::memory_order_relaxed); }
 
@@ -202,11 +249,15 @@ class EventFanout : public EventHistory::Listener {
   static constexpr size_t kMaxScan = 256;
   // Streams the delivery thread takes out of the waiting set before it starts their writes.
   static constexpr size_t kMaxBatch = 256;
+  // A heartbeat walk takes the streams due within this much too (one walk serves them all).
+  static constexpr std::chrono::milliseconds kHeartbeatCoalesce{20};
+  static constexpr int64_t kNever = INT64_MAX;
   enum class Parked { kParked, kRetry, kFinish };
   struct Delivery {
     Subscription* sub;
-    std::shared_ptr<const ObservedEvent> event;  // null: a drop notice
+    std::shared_ptr<const ObservedEvent> event;  // null: a drop notice (or a heartbeat)
     uint64_t dropped;
+    bool heartbeat = false;
   };
 
   Subscription::Waiting& WaitingOf(Subscription* sub) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -215,6 +266,12 @@ class EventFanout : public EventHistory::Listener {
   // The owner's step: walks the ring from the cursor; writes, or parks.
   void Continue(Subscription* sub);
   void Deliver(Subscription* sub, const ObservedEvent* event, uint64_t dropped);
+  // The delivery thread: heartbeats for the parked streams due by now (`done`: where it has
+  // looked), and next_heartbeat_ set to the next one due.
+  void Heartbeats(uint64_t done);
+  static int64_t Ns(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
   Parked Park(Subscription* sub);
   void AddWaitingLocked(Subscription* sub) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveWaitingLocked(Subscription* sub) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -238,6 +295,11 @@ class EventFanout : public EventHistory::Listener {
   mutable Mutex mu_;  // the waiting set (never taken by a loop thread)
   std::array<std::vector<Subscription*>, 32> waiting_ ABSL_GUARDED_BY(mu_);
   size_t waiting_count_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Subscription*> beating_ ABSL_GUARDED_BY(mu_);  // the waiting with heartbeats
+  // The earliest heartbeat due among beating_ (steady ns; kNever: none). Written under mu_,
+  // read by the delivery thread without it (the wake-up protocol above).
+  std::atomic<int64_t> next_heartbeat_{kNever};
+  std::atomic<uint64_t> heartbeats_{0}, heartbeat_walks_{0};
 
   Mutex wake_mu_;  // the delivery thread's sleep
   CondVar wake_cv_;

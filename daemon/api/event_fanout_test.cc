@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/api/limits.h"
 #include "daemon/base/mutex.h"
 #include "daemon/metrics/hooks.h"
 #include "daemon/testing/wait.h"
@@ -25,8 +26,10 @@ using testing::WaitUntil;
 class FakeSink : public EventFanout::Sink {
  public:
   struct Written {
-    uint64_t event_id = 0;  // 0: a drop notice
+    uint64_t event_id = 0;  // 0: a drop notice or a heartbeat
     uint64_t dropped = 0;
+    bool heartbeat = false;
+    uint64_t last_event_id = 0;  // a heartbeat's
   };
 
   void Open(EventFanout* fanout, std::unique_ptr<EventFanout::Subscription> sub) {
@@ -40,6 +43,13 @@ class FakeSink : public EventFanout::Sink {
     EXPECT_FALSE(finished_) << "a write after Finish";
     in_flight_ = true;
     written_.push_back(Written{event != nullptr ? event->event_id : 0, dropped});
+  }
+  void StartHeartbeat(uint64_t last_event_id) override {
+    MutexLock lock(&mu_);
+    EXPECT_FALSE(in_flight_) << "two writes at once";
+    EXPECT_FALSE(finished_) << "a write after Finish";
+    in_flight_ = true;
+    written_.push_back(Written{0, 0, true, last_event_id});
   }
   void Finish() override {
     MutexLock lock(&mu_);
@@ -85,10 +95,16 @@ class FakeSink : public EventFanout::Sink {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-CompiledFilter Allow(std::initializer_list<uint8_t> types) {
+CompiledFilter Filter(std::initializer_list<uint8_t> types) {
   CompiledFilter f;
   f.empty = false;
   f.events.insert(types.begin(), types.end());
+  return f;
+}
+// One allow filter of these types (none: every type).
+StreamFilter Allow(std::initializer_list<uint8_t> types) {
+  StreamFilter f;
+  f.allow.push_back(Filter(types));
   return f;
 }
 
@@ -107,11 +123,12 @@ class FanoutTest : public ::testing::Test {
     o.event_id = ++next_id_;
     ring_.Append(o);
   }
-  std::unique_ptr<FakeSink> Open(CompiledFilter allow, uint64_t max_behind = 0,
-                                 std::unique_ptr<VisibleGuests> visible = nullptr) {
+  std::unique_ptr<FakeSink> Open(StreamFilter filter, uint64_t max_behind = 0,
+                                 std::unique_ptr<VisibleGuests> visible = nullptr,
+                                 std::chrono::nanoseconds heartbeat = {}) {
     auto sink = std::make_unique<FakeSink>();
-    sink->Open(fanout_.get(), fanout_->Subscribe(sink.get(), std::move(allow), CompiledFilter{},
-                                                 std::move(visible), max_behind, ring_.head()));
+    sink->Open(fanout_.get(), fanout_->Subscribe(sink.get(), std::move(filter), std::move(visible),
+                                                 max_behind, ring_.head(), 0, heartbeat));
     return sink;
   }
   // Ends a stream as gRPC does (cancel, complete what is in flight), until it finished.
@@ -220,8 +237,8 @@ TEST_F(SmallRingTest, ResumeStartsAfterTheCursorAndCountsWhatIsGone) {
   const uint64_t cursor = ring_.CursorAfter(3, &lost);
   EXPECT_EQ(lost, 0u);
   auto resumed = std::make_unique<FakeSink>();
-  resumed->Open(fanout_.get(), fanout_->Subscribe(resumed.get(), Allow({}), CompiledFilter{},
-                                                  nullptr, 0, cursor, lost));
+  resumed->Open(fanout_.get(),
+                fanout_->Subscribe(resumed.get(), Allow({}), nullptr, 0, cursor, lost));
   for (uint64_t id = 4; id <= 6; ++id) {
     ASSERT_TRUE(resumed->in_flight());
     EXPECT_EQ(resumed->written().back().event_id, id);
@@ -380,6 +397,145 @@ TEST_F(FanoutTest, AReloadOfTheAuthorizationReDecidesAnOpenStreamsVisibility) {
   ASSERT_TRUE(WaitUntil([&] { return fanout_->filter_evaluations() == 3; }));
   EXPECT_EQ(stream->count(), 1u);
   End(stream.get());
+}
+
+// ---- allow and deny filters --------------------------------------------------------------------
+
+ObservedEvent CrEvent(uint32_t cr, uint16_t vcpu) {
+  ObservedEvent o;
+  o.event.common.event = KVMI_EVENT_CR;
+  o.event.common.vcpu = vcpu;
+  o.event.specific.cr.cr = cr;
+  return o;
+}
+
+CompiledFilter Crs(std::initializer_list<uint32_t> crs) {
+  CompiledFilter f = Filter({KVMI_EVENT_CR});
+  f.crs.insert(crs.begin(), crs.end());
+  return f;
+}
+
+TEST(StreamFilterTest, AnyAllowFilterLetsAnEventThroughAndAnyDenyFilterStopsIt) {
+  StreamFilter none;
+  EXPECT_TRUE(none.Matches(CrEvent(0, 0)));  // no allow filter: everything
+
+  StreamFilter f;
+  f.allow = {Crs({0}), Crs({4})};
+  EXPECT_TRUE(f.Matches(CrEvent(0, 1)));   // the first
+  EXPECT_TRUE(f.Matches(CrEvent(4, 1)));   // the second
+  EXPECT_FALSE(f.Matches(CrEvent(3, 1)));  // neither
+  CompiledFilter vcpu1 = Filter({});
+  vcpu1.vcpus.insert(1);
+  f.deny = {Crs({3}), vcpu1};
+  EXPECT_FALSE(f.Matches(CrEvent(0, 1)));  // allowed, but a deny filter matches: deny wins
+  EXPECT_TRUE(f.Matches(CrEvent(0, 2)));
+  EXPECT_FALSE(f.Matches(CrEvent(3, 2)));
+
+  StreamFilter only_deny;
+  only_deny.deny = {Crs({3})};
+  EXPECT_TRUE(only_deny.Matches(CrEvent(0, 0)));
+  EXPECT_FALSE(only_deny.Matches(CrEvent(3, 0)));
+}
+
+TEST(StreamFilterTest, TheTypesWaitedForAreTheUnionOfTheAllowFiltersDenyCannotWiden) {
+  auto bit = [](uint8_t type) { return 1u << type; };
+  StreamFilter f;
+  EXPECT_EQ(f.Types(), ~0u);
+  f.allow = {Crs({0}), Filter({KVMI_EVENT_MSR, KVMI_EVENT_PF})};
+  const uint32_t allowed = bit(KVMI_EVENT_CR) | bit(KVMI_EVENT_MSR) | bit(KVMI_EVENT_PF);
+  EXPECT_EQ(f.Types(), allowed);
+  f.deny = {Filter({KVMI_EVENT_BREAKPOINT}), Filter({})};
+  EXPECT_EQ(f.Types(), allowed);
+  f.allow.push_back(CompiledFilter{});  // a filter that matches nothing adds no type
+  EXPECT_EQ(f.Types(), allowed);
+}
+
+TEST(StreamFilterTest, TooManyFiltersOrEntriesAreInvalidAndNamed) {
+  SKIP_UNDER_TSAN();
+  kvmi::v1::StreamEventsRequest request;
+  for (size_t i = 0; i < kMaxStreamFilters; ++i) request.add_allow()->add_crs(0);
+  for (size_t i = 0; i < kMaxStreamFilters; ++i) request.add_deny()->add_crs(3);
+  StreamFilter f;
+  ASSERT_TRUE(CompileStreamFilter(request, &f).ok());
+  EXPECT_EQ(f.allow.size(), kMaxStreamFilters);
+  EXPECT_EQ(f.deny.size(), kMaxStreamFilters);
+
+  request.add_deny();
+  grpc::Status s = CompileStreamFilter(request, &f);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), ::testing::StartsWith("deny: 17 filters, at most 16"));
+  request.mutable_deny()->RemoveLast();
+
+  for (size_t i = 0; i < kMaxFilterEntries; ++i) request.mutable_allow(2)->add_vcpus(1);
+  EXPECT_TRUE(CompileStreamFilter(request, &f).ok());
+  request.mutable_allow(2)->add_vcpus(1);
+  s = CompileStreamFilter(request, &f);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), ::testing::StartsWith("allow[2].vcpus: 257 entries, at most 256"));
+  request.mutable_allow(2)->clear_vcpus();
+  request.mutable_deny(5)->set_access("q");
+  EXPECT_THAT(CompileStreamFilter(request, &f).error_message(),
+              ::testing::StartsWith("deny[5].access"));
+}
+
+// ---- heartbeats ---------------------------------------------------------------------------------
+
+TEST_F(FanoutTest, AQuietStreamGetsHeartbeatsWithTheLastEventItLookedAt) {
+  constexpr std::chrono::milliseconds kInterval{50};
+  Emit(KVMI_EVENT_CR);
+  Emit(KVMI_EVENT_CR);  // ids 1, 2: before the stream (live from the head)
+  auto quiet = Open(Allow({KVMI_EVENT_BREAKPOINT}), 0, nullptr, kInterval);
+  auto without = Open(Allow({KVMI_EVENT_BREAKPOINT}));  // no heartbeat asked for
+  ASSERT_TRUE(WaitUntil([&] { return quiet->in_flight(); }));
+  FakeSink::Written w = quiet->written().back();
+  EXPECT_TRUE(w.heartbeat);
+  EXPECT_EQ(w.last_event_id, 2u);
+
+  // Events of a type it does not take move what it has looked at.
+  Emit(KVMI_EVENT_CR);  // id 3
+  quiet->Complete();
+  ASSERT_TRUE(WaitUntil([&] { return quiet->in_flight(); }));
+  w = quiet->written().back();
+  EXPECT_TRUE(w.heartbeat);
+  EXPECT_EQ(w.last_event_id, 3u);
+  quiet->Complete();
+
+  // An event it takes is delivered as usual.
+  Emit(KVMI_EVENT_BREAKPOINT);  // id 4
+  ASSERT_TRUE(WaitUntil([&] {
+    return !quiet->written().empty() && quiet->written().back().event_id == 4 &&
+           without->count() == 1;
+  }));
+  quiet->Complete();
+  without->Complete();
+  ASSERT_TRUE(WaitUntil([&] { return fanout_->heartbeats() >= 3; }));
+  for (const FakeSink::Written& x : without->written()) EXPECT_FALSE(x.heartbeat);
+  EXPECT_EQ(without->count(), 1u);
+  End(quiet.get());
+  End(without.get());
+  EXPECT_EQ(fanout_->waiting(), 0u);
+}
+
+TEST_F(FanoutTest, ManyQuietStreamsShareOneHeartbeatWalk) {
+  constexpr int kStreams = 500;
+  std::vector<std::unique_ptr<FakeSink>> streams;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kStreams; ++i) {
+    streams.push_back(Open(Allow({KVMI_EVENT_BREAKPOINT}), 0, nullptr, std::chrono::seconds(1)));
+  }
+  const auto opening = std::chrono::steady_clock::now() - start;
+  for (const auto& s : streams) {
+    ASSERT_TRUE(WaitUntil([&] { return s->in_flight(); }));
+    EXPECT_TRUE(s->written().back().heartbeat);
+  }
+  EXPECT_EQ(fanout_->heartbeats(), static_cast<uint64_t>(kStreams));
+  // Due within the time it took to open them: one walk per 20 ms of it (kHeartbeatCoalesce), a
+  // few more at most, not one per stream.
+  const uint64_t bound = 3 + static_cast<uint64_t>(opening / std::chrono::milliseconds(20));
+  EXPECT_LE(fanout_->heartbeat_walks(), bound) << "opening took " << opening.count() << " ns";
+  EXPECT_LT(bound, static_cast<uint64_t>(kStreams) / 4) << "the machine is too slow to tell";
+  for (const auto& s : streams) End(s.get());
+  EXPECT_EQ(fanout_->waiting(), 0u);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "daemon/api/event_stream.h"
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -31,16 +32,37 @@ namespace {
 // A queue that held at least this much and drained is worth handing back (StreamLimits::Freed).
 constexpr uint64_t kLargeQueueBytes = 1u << 20;
 
+// The request's heartbeat_interval, if set, in *interval: 0 or within the bounds.
+Status HeartbeatInterval(const kvmi::v1::StreamEventsRequest& request,
+                         std::chrono::nanoseconds* interval) {
+  if (!request.has_heartbeat_interval()) return Status::OK;
+  const google::protobuf::Duration& d = request.heartbeat_interval();
+  const bool well_formed =
+      d.seconds() >= 0 && d.nanos() >= 0 && d.nanos() <= 999999999 &&
+      d.seconds() <= std::chrono::duration_cast<std::chrono::seconds>(kMaxStreamHeartbeat).count();
+  const std::chrono::nanoseconds value =
+      std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
+  if (!well_formed ||
+      (value.count() != 0 && (value < kMinStreamHeartbeat || value > kMaxStreamHeartbeat))) {
+    return InvalidArgument("heartbeat_interval",
+                           "0 (none) or " + std::to_string(kMinStreamHeartbeat.count()) +
+                               " ms to " + std::to_string(kMaxStreamHeartbeat.count()) + " ms");
+  }
+  *interval = value;
+  return Status::OK;
+}
+
 // One StreamEvents call: a subscription of the fan-out and its one message in flight.
 class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::EventMessage>,
                                  public EventFanout::Sink {
  public:
   EventStreamReactor(EventFanout* fanout, StreamLimits* limits, StreamLimits::Admission admission,
-                     bool include_registers)
+                     bool include_registers, EventFields fields)
       : fanout_(fanout),
         limits_(limits),
         admission_(std::move(admission)),
-        include_registers_(include_registers) {}
+        include_registers_(include_registers),
+        fields_(fields) {}
 
   void Start(std::unique_ptr<EventFanout::Subscription> subscription) {
     subscription_ = std::move(subscription);
@@ -52,12 +74,23 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   void StartWrite(const ObservedEvent* event, uint64_t dropped) override {
     message_.Clear();
     if (event != nullptr) {
-      *message_.mutable_event() = ToProto(*event, include_registers_);
+      *message_.mutable_event() = ToProto(*event, include_registers_, fields_);
     } else {
       dropped_total_ += dropped;
       message_.mutable_dropped()->set_dropped(dropped);
       message_.mutable_dropped()->set_dropped_total(dropped_total_);
     }
+    grpc::ServerWriteReactor<kvmi::v1::EventMessage>::StartWrite(&message_);
+  }
+  void StartHeartbeat(uint64_t last_event_id) override {
+    message_.Clear();
+    kvmi::v1::Heartbeat* beat = message_.mutable_heartbeat();
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+    beat->mutable_time()->set_seconds(ns / 1000000000);
+    beat->mutable_time()->set_nanos(static_cast<int32_t>(ns % 1000000000));
+    beat->set_last_event_id(last_event_id);
     grpc::ServerWriteReactor<kvmi::v1::EventMessage>::StartWrite(&message_);
   }
   void Finish() override { grpc::ServerWriteReactor<kvmi::v1::EventMessage>::Finish(Status::OK); }
@@ -78,6 +111,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   StreamLimits* const limits_;
   StreamLimits::Admission admission_;
   const bool include_registers_;
+  const EventFields fields_;  // the request's field_mask, compiled once
   std::unique_ptr<EventFanout::Subscription> subscription_;
   kvmi::v1::EventMessage message_;
   uint64_t dropped_total_ = 0;
@@ -169,20 +203,34 @@ class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
 
 }  // namespace
 
+Status EventStreams::CheckNamedGuests(const CallContext& call,
+                                      const std::vector<std::string>& vms) const {
+  for (const std::string& vm : vms) {
+    // Known: connected, or gone and still remembered (its events may still be in the ring, and it
+    // may come back under the same UUID or name). A guest the caller may not see gets the same
+    // answer as one that does not exist.
+    std::shared_ptr<Guest> guest = daemon_->registry().Lookup(vm);
+    if (guest == nullptr || !call.Visible(*daemon_->pipeline().ViewOf(*guest))) {
+      return Status(grpc::StatusCode::NOT_FOUND,
+                    "no guest '" + vm.substr(0, kMaxGuestNameInError) + "' (in a filter's vms)");
+    }
+  }
+  return Status::OK;
+}
+
 grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
     const CallContext& call, const kvmi::v1::StreamEventsRequest& request) {
   using Finished = kvmi::v1::EventMessage;
-  CompiledFilter allow, deny;
-  if (request.has_allow()) {
-    Status s = CompileFilter(request.allow(), "allow", &allow);
-    if (!s.ok()) return FinishedStream<Finished>(s);
-  } else {
-    allow.empty = false;  // no allow filter: everything
-  }
-  if (request.has_deny()) {
-    Status s = CompileFilter(request.deny(), "deny", &deny);
-    if (!s.ok()) return FinishedStream<Finished>(s);
-  }
+  StreamFilter filter;
+  Status s = CompileStreamFilter(request, &filter);
+  if (!s.ok()) return FinishedStream<Finished>(s);
+  s = CheckNamedGuests(call, filter.NamedGuests());
+  if (!s.ok()) return FinishedStream<Finished>(s);
+  absl::StatusOr<EventFields> fields = CompileEventMask(request.field_mask(), "field_mask");
+  if (!fields.ok()) return FinishedStream<Finished>(ToStatus(fields.status()));
+  std::chrono::nanoseconds heartbeat = daemon_->stream_heartbeat();
+  s = HeartbeatInterval(request, &heartbeat);
+  if (!s.ok()) return FinishedStream<Finished>(s);
   // max_queue: how far (in events of every type) the stream may fall behind the newest before
   // the oldest it has not looked at count as dropped; 0 and anything above: the whole ring.
   if (request.max_queue() > kMaxStreamQueue) {
@@ -198,11 +246,11 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   uint64_t cursor = history_->head(), lost = 0;
   if (request.resume_after() != 0) cursor = history_->CursorAfter(request.resume_after(), &lost);
   auto* reactor = new EventStreamReactor(fanout_.get(), limits_, std::move(admission),
-                                         request.include_registers());
+                                         request.include_registers(), *fields);
   auto visible =
       std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
-  reactor->Start(fanout_->Subscribe(reactor, std::move(allow), std::move(deny), std::move(visible),
-                                    request.max_queue(), cursor, lost));
+  reactor->Start(fanout_->Subscribe(reactor, std::move(filter), std::move(visible),
+                                    request.max_queue(), cursor, lost, heartbeat));
   return reactor;
 }
 

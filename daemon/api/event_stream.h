@@ -55,6 +55,9 @@ class EventStreams {
                                                          const kvmi::v1::WatchVMsRequest& request);
 
   StreamLimits* limits() { return limits_; }
+  // NOT_FOUND naming the first of `vms` (filter selectors) that is no guest kvmid knows or one
+  // the caller may not see (the same answer for both).
+  grpc::Status CheckNamedGuests(const CallContext& call, const std::vector<std::string>& vms) const;
   EventFanout& fanout() { return *fanout_; }
 
  private:

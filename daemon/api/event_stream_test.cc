@@ -84,8 +84,9 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   ScriptedHost* db = Connect(5, "db-1");
   grpc::ClientContext ctx;
   kvmi::v1::StreamEventsRequest request;
-  request.mutable_allow()->add_vms("web-1");
-  request.mutable_allow()->add_events(kvmi::v1::EVENT_MSR);
+  kvmi::v1::EventFilter* allow = request.add_allow();
+  allow->add_vms("web-1");
+  allow->add_events(kvmi::v1::EVENT_MSR);
   request.set_include_registers(true);
   auto reader = stub_->StreamEvents(&ctx, request);
   // The stream is registered once the server runs the call: wait for its observer (the event
@@ -118,13 +119,13 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
 TEST_F(ApiTest, StreamEventsRejectsBadFilters) {
   grpc::ClientContext ctx;
   kvmi::v1::StreamEventsRequest request;
-  request.mutable_allow()->set_access("z");
+  request.add_allow()->set_access("z");
   auto reader = stub_->StreamEvents(&ctx, request);
   kvmi::v1::EventMessage message;
   EXPECT_FALSE(reader->Read(&message));
   grpc::Status s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(s.error_message(), HasSubstr("allow.access"));
+  EXPECT_THAT(s.error_message(), HasSubstr("allow[0].access"));
 }
 
 TEST_F(ApiTest, ASlowReaderGetsDropNoticesWhileTheGuestRunsAtFullSpeed) {
@@ -610,6 +611,157 @@ TEST_F(StreamLimitsTest, AGuestRenamedOutOfScopeIsDecidedAgain) {
   ASSERT_TRUE(events.reader->Read(&message));
   EXPECT_EQ(message.event().vm_name(), "marker");  // nothing from "renamed" came before it
   events.Cancel();
+}
+
+// ---- allow/deny lists, unknown guests, heartbeats, field masks, labels ------------------------
+
+TEST_F(ApiTest, AFilterNamingAnUnknownGuestIsNotFoundAtOnce) {
+  ASSERT_NE(Connect(4, "web-1"), nullptr);
+  kvmi::v1::StreamEventsRequest request;
+  request.add_allow()->add_vms("web-1");  // known
+  request.add_deny()->add_vms("ghost");   // not
+  grpc::ClientContext ctx;
+  auto reader = stub_->StreamEvents(&ctx, request);
+  grpc::Status s = RefusedStatus(reader.get());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("no guest 'ghost'"));
+
+  kvmi::v1::StreamEventsRequest masked;
+  masked.mutable_field_mask()->add_paths("vm_colour");
+  grpc::ClientContext ctx2;
+  reader = stub_->StreamEvents(&ctx2, masked);
+  s = RefusedStatus(reader.get());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("field_mask.paths[0]: 'vm_colour'"));
+
+  kvmi::v1::StreamEventsRequest fast;
+  fast.mutable_heartbeat_interval()->set_nanos(1000000);  // 1 ms: below the bound
+  grpc::ClientContext ctx3;
+  reader = stub_->StreamEvents(&ctx3, fast);
+  s = RefusedStatus(reader.get());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("heartbeat_interval"));
+}
+
+TEST_F(StreamLimitsTest, AGuestOutsideTheCallersScopeIsAsUnknownAsOneThatDoesNotExist) {
+  ASSERT_NE(Connect(25, "seen"), nullptr);
+  ASSERT_NE(Connect(26, "hidden"), nullptr);
+  StreamServer server(daemon_.get(), dir_ + "/streams.sock");
+  config::Authz authz;
+  auto* binding = authz.add_bindings();
+  binding->set_principal("spiffe://test/viewer");
+  binding->set_role("viewer");
+  binding->add_guests()->add_names("seen");
+  auto authorizer = security::Authorizer::FromConfig(authz);
+  ASSERT_TRUE(authorizer.ok()) << authorizer.status();
+  server.call.caller = security::Caller::Tls("spiffe://test/viewer", "test");
+  server.call.authorizer = *authorizer;
+  auto stub = kvmi::v1::Introspection::NewStub(
+      grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
+  auto refused = [&](const std::string& vm) {
+    kvmi::v1::StreamEventsRequest request;
+    request.add_allow()->add_vms(vm);
+    EventStream stream = Open(stub.get(), request);
+    return RefusedStatus(stream.reader.get());
+  };
+  grpc::Status hidden = refused("hidden"), ghost = refused("ghost");
+  EXPECT_EQ(hidden.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ghost.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(hidden.error_message(), "no guest 'hidden' (in a filter's vms)");
+  EXPECT_EQ(ghost.error_message(), "no guest 'ghost' (in a filter's vms)");  // same words
+  EXPECT_EQ(open_streams(), 0u);
+
+  kvmi::v1::StreamEventsRequest request;
+  request.add_allow()->add_vms("seen");
+  EventStream stream = Open(stub.get(), request);
+  ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
+  stream.Cancel();
+}
+
+TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
+  ScriptedHost* web = Connect(4, "web-1");
+  ASSERT_NE(web, nullptr);
+  kvmi::v1::StreamEventsRequest request;
+  request.add_allow()->add_events(kvmi::v1::EVENT_MSR);
+  request.add_allow()->add_crs(4);
+  request.add_deny()->add_vcpus(1);
+  request.mutable_heartbeat_interval()->set_nanos(100000000);  // 100 ms
+  for (const char* path : {"vm_name", "vm_uuid", "vm_labels", "type", "detail", "vcpu"}) {
+    request.mutable_field_mask()->add_paths(path);
+  }
+  grpc::ClientContext ctx;
+  auto reader = stub_->StreamEvents(&ctx, request);
+  // Nothing happens: the stream says it is alive.
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_heartbeat()) << message.DebugString();
+  EXPECT_GT(message.heartbeat().time().seconds(), 1700000000);
+
+  // The next event of the stream after heartbeats; the number of heartbeats skipped.
+  auto next_event = [&](int* beats) {
+    while (reader->Read(&message)) {
+      if (message.has_event()) return true;
+      if (message.has_heartbeat()) ++*beats;
+    }
+    return false;
+  };
+  kvmi::Event cr3 = MakeTestEvent(KVMI_EVENT_CR, 0, 1);  // no allow filter takes CR3
+  cr3.specific.cr.cr = 3;
+  web->SendEvent(cr3);
+  kvmi::Event denied = MakeTestEvent(KVMI_EVENT_MSR, 1, 2);  // allowed, but vCPU 1 is denied
+  web->SendEvent(denied);
+  kvmi::Event msr = MakeTestEvent(KVMI_EVENT_MSR, 0, 3);  // the first allow filter
+  msr.specific.msr.msr = 0xC0000082;
+  web->SendEvent(msr);
+  int beats = 0;
+  ASSERT_TRUE(next_event(&beats));
+  kvmi::v1::Event e = message.event();
+  EXPECT_EQ(e.type(), kvmi::v1::EVENT_MSR);
+  EXPECT_EQ(e.vcpu(), 0u);
+  EXPECT_EQ(e.msr().msr(), 0xC0000082u);
+  EXPECT_EQ(e.vm_name(), "web-1");
+  EXPECT_FALSE(e.vm_uuid().empty());
+  ASSERT_EQ(e.vm_labels().count("tier"), 1u);
+  EXPECT_EQ(e.vm_labels().at("tier"), "prod");
+  EXPECT_NE(e.id(), 0u);       // always sent
+  EXPECT_EQ(e.node(), "");     // left out by the mask
+  EXPECT_FALSE(e.has_time());  // likewise
+  EXPECT_EQ(e.decided_by(), "");
+  const uint64_t msr_id = e.id();
+
+  kvmi::Event cr4 = MakeTestEvent(KVMI_EVENT_CR, 0, 4);  // the second allow filter
+  cr4.specific.cr.cr = 4;
+  web->SendEvent(cr4);
+  ASSERT_TRUE(next_event(&beats));
+  EXPECT_EQ(message.event().type(), kvmi::v1::EVENT_CR);
+  EXPECT_EQ(message.event().cr().cr(), 4u);
+  const uint64_t cr4_id = message.event().id();
+  EXPECT_GT(cr4_id, msr_id);
+
+  // Quiet again: the heartbeat says how far the stream has looked.
+  beats = 0;
+  while (reader->Read(&message) && !message.has_heartbeat()) {
+  }
+  ASSERT_TRUE(message.has_heartbeat());
+  EXPECT_GE(message.heartbeat().last_event_id(), cr4_id);
+  ctx.TryCancel();
+  while (reader->Read(&message)) {
+  }
+}
+
+TEST_F(ApiTest, AnAttachClaimsFieldMaskShapesItsEvents) {
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("masked");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_MSR);
+  claim.mutable_claim()->mutable_field_mask()->add_paths("nope");
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.field_mask.paths[0]: 'nope'"));
 }
 
 }  // namespace

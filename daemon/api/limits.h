@@ -27,6 +27,14 @@ inline constexpr uint32_t kMaxExceptionVector = 31;
 // StreamEvents: the largest max_queue accepted (how many events a stream may fall behind the
 // newest before it loses the oldest; the shared ring bounds it too, security::Limits).
 inline constexpr uint32_t kMaxStreamQueue = 65536;
+// StreamEvents: allow filters and deny filters per request (each), and entries per field of a
+// filter (vms, events, vcpus, crs, msrs).
+inline constexpr size_t kMaxStreamFilters = 16;
+inline constexpr size_t kMaxFilterEntries = 256;
+// StreamEvents: the heartbeat_interval bounds are kvmid::kMinStreamHeartbeat and
+// kMaxStreamHeartbeat (daemon/kvmid.h: the configuration's default obeys them too).
+// A guest selector quoted in an error message is cut to this many characters.
+inline constexpr size_t kMaxGuestNameInError = 128;
 // WatchVMs: guest changes buffered per call for a reader that does not keep up.
 inline constexpr size_t kMaxWatchBacklog = 65536;
 // How often a unary call waiting for the guest looks at its cancellation.

@@ -115,6 +115,15 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
   if (file.command_timeout_ms() != 0) {
     d.command_timeout = std::chrono::milliseconds(file.command_timeout_ms());
   }
+  if (file.has_stream_heartbeat_ms()) {
+    const std::chrono::milliseconds beat(file.stream_heartbeat_ms());
+    if (beat.count() != 0 && (beat < kMinStreamHeartbeat || beat > kMaxStreamHeartbeat)) {
+      return invalid("stream_heartbeat_ms: 0 (none) or " +
+                     std::to_string(kMinStreamHeartbeat.count()) + " to " +
+                     std::to_string(kMaxStreamHeartbeat.count()));
+    }
+    d.stream_heartbeat = beat;
+  }
   if (file.has_verdicts()) {
     const auto& v = file.verdicts();
     uint8_t fallback;

@@ -881,7 +881,7 @@ int main(int argc, char** argv) {
   sampler.SetPhase(kAbuse);
   std::atomic<bool> abuse_stop{false};
   kvmi::v1::StreamEventsRequest idle_request;
-  idle_request.mutable_allow()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
+  idle_request.add_allow()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
   kvmi::v1::StreamEventsRequest silent_request;
   silent_request.set_include_registers(true);  // every event, as big as they come
   const bool open_first = absl::GetFlag(FLAGS_open_streams_first);

@@ -264,13 +264,15 @@ func listVMs(ctx context.Context, client kvmiv1.IntrospectionClient) error {
 
 func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types []kvmiv1.EventType,
 	vcpuList, msrList []uint32) error {
+	// One allow filter (any of several may match; deny filters leave events out).
+	allow := &kvmiv1.EventFilter{
+		Vms:    splitList(*vms),
+		Events: types,
+		Vcpus:  vcpuList,
+		Msrs:   msrList,
+	}
 	req := &kvmiv1.StreamEventsRequest{
-		Allow: &kvmiv1.EventFilter{
-			Vms:    splitList(*vms),
-			Events: types,
-			Vcpus:  vcpuList,
-			Msrs:   msrList,
-		},
+		Allow:            []*kvmiv1.EventFilter{allow},
 		IncludeRegisters: *regs,
 	}
 	stream, err := client.StreamEvents(ctx, req)
@@ -278,7 +280,7 @@ func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types 
 		return fmt.Errorf("StreamEvents: %v", err)
 	}
 	fmt.Printf("streaming events (filter: vms=%v events=%v vcpus=%v msrs=%v)\n",
-		req.Allow.Vms, req.Allow.Events, req.Allow.Vcpus, req.Allow.Msrs)
+		allow.Vms, allow.Events, allow.Vcpus, allow.Msrs)
 	printed := 0
 	for {
 		msg, err := stream.Recv()
@@ -303,6 +305,10 @@ func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types 
 			}
 		case *kvmiv1.EventMessage_Dropped:
 			fmt.Printf("dropped %d events (%d in total)\n", m.Dropped.GetDropped(), m.Dropped.GetDroppedTotal())
+		case *kvmiv1.EventMessage_Heartbeat:
+			// A quiet stream is alive (kvmid sends one after its heartbeat interval).
+			fmt.Printf("heartbeat at %s (last event looked at: %d)\n",
+				m.Heartbeat.GetTime().AsTime().Format(time.RFC3339), m.Heartbeat.GetLastEventId())
 		}
 	}
 }

@@ -6,6 +6,7 @@ tests/e2e_test.py (from clients/python after gen_protos.sh); the defaults are th
 paths, then bazel-out/k8-opt/bin.
 """
 
+import datetime
 import json
 import os
 import shutil
@@ -218,10 +219,13 @@ class E2ETest(unittest.TestCase):
 
     def test_stream_rejects_bad_filters_naming_the_field(self):
         cases = [
-            ({"allow": kc.event_filter(gpa=(0x2000, 0x1000))}, "allow.gpa_first"),
-            ({"deny": kc.event_filter(access="q")}, "deny.access"),
-            ({"allow": kc.event_filter(vcpus=[70000])}, "allow.vcpus"),
+            ({"allow": kc.event_filter(gpa=(0x2000, 0x1000))}, "allow[0].gpa_first"),
+            ({"deny": kc.event_filter(access="q")}, "deny[0].access"),
+            ({"allow": [kc.event_filter(), kc.event_filter(vcpus=[70000])]}, "allow[1].vcpus"),
+            ({"allow": [kc.event_filter()] * 17}, "allow"),
             ({"max_queue": 100000}, "max_queue"),
+            ({"heartbeat": 0.001}, "heartbeat_interval"),
+            ({"fields": ["vm_name", "colour"]}, "field_mask.paths[1]"),
         ]
         for kwargs, field in cases:
             with self.subTest(field=field):
@@ -229,6 +233,61 @@ class E2ETest(unittest.TestCase):
                     next(iter(self.client.events(**kwargs)))
                 self.assertTrue(cm.exception.message.startswith(field + ":"),
                                 cm.exception.message)
+
+    def test_stream_any_allow_filter_and_deny_wins(self):
+        # CR0 writes of every guest, or LSTAR writes; but nothing from guest 0.
+        events = take(self.client.stream_events(
+            allow=[kc.event_filter(events=["cr"], crs=[0]),
+                   kc.event_filter(events=["msr"], msrs=[LSTAR])],
+            deny=[kc.event_filter(vms=[self.name(0)])]), 12)
+        kinds = set()
+        for e in events:
+            self.assertNotEqual(e.vm_name, self.name(0))
+            if e.type == kc.policy_pb.EVENT_CR:
+                self.assertEqual(e.cr.cr, 0)
+            else:
+                self.assertEqual((e.type, e.msr.msr), (kc.policy_pb.EVENT_MSR, LSTAR))
+            kinds.add(e.type)
+        self.assertEqual(kinds, {kc.policy_pb.EVENT_CR, kc.policy_pb.EVENT_MSR})
+
+    def test_stream_naming_an_unknown_guest_is_not_found_at_once(self):
+        with self.assertRaises(kc.NotFound) as cm:
+            next(iter(self.client.events(allow=kc.event_filter(vms=["no-such-vm"]))))
+        self.assertIn("no guest 'no-such-vm'", cm.exception.message)
+        with self.assertRaises(kc.NotFound):
+            next(iter(self.client.events(deny=[kc.event_filter(vms=["no-such-vm"])])))
+
+    def test_a_quiet_stream_sends_heartbeats(self):
+        # CR2 writes are never trapped: nothing passes this filter.
+        stream = self.client.events(allow=kc.event_filter(events=["cr"], crs=[2]),
+                                    heartbeat=0.2, heartbeats=True)
+        beats = take(stream, 3)
+        for beat in beats:
+            self.assertIsInstance(beat, kc.Heartbeat)
+            self.assertLess(abs(beat.time.replace(tzinfo=datetime.timezone.utc).timestamp()
+                                - time.time()), 30)
+        # The guests keep running: the stream has looked at newer events each time.
+        self.assertGreater(beats[-1].last_event_id, beats[0].last_event_id)
+        # Skipped by default, but recorded.
+        quiet = self.client.events(allow=kc.event_filter(events=["cr"], crs=[2]), heartbeat=0.2)
+        timer = threading.Timer(1.0, quiet.cancel)
+        timer.start()
+        with quiet:
+            self.assertEqual(list(quiet), [])
+        timer.join()
+        self.assertIsNotNone(quiet.last_heartbeat)
+
+    def test_stream_field_mask_and_labels(self):
+        vm = self.name(0)
+        events = take(self.client.events(allow=kc.event_filter(vms=[vm], events=["cr"]),
+                                         fields=["vm_name", "vm_labels", "type"]), 2)
+        for e in events:
+            self.assertEqual((e.vm_name, e.type), (vm, kc.policy_pb.EVENT_CR))
+            self.assertEqual(dict(e.vm_labels), {"tier": "prod"})
+            self.assertNotEqual(e.id, 0)  # always sent
+            self.assertFalse(e.HasField("cr"))
+            self.assertFalse(e.HasField("time"))
+            self.assertEqual((e.node, e.decided_by, e.vm_uuid), ("", "", ""))
 
     def test_slow_reader_gets_drop_notices(self):
         stream = self.client.events(max_queue=2)
@@ -672,10 +731,26 @@ class E2ETest(unittest.TestCase):
         out = self.assertCtlOk(self.ctl("events", "--type", "cr", "--cr", "0", "--count", "1",
                                         "--registers"))
         self.assertIn("cr4    0x", out)
-        # --duration ends a stream that matches nothing.
+        # --duration ends a stream that matches nothing (CR2 writes are never trapped), and the
+        # quiet stream's heartbeats bring the hint that it is alive.
         start = time.monotonic()
-        out = self.assertCtlOk(self.ctl("events", "--vm", "no-such-vm", "--duration", "1"))
+        result = self.ctl("events", "--type", "cr", "--cr", "2", "--duration", "1.5",
+                          "--heartbeat", "0.2", "--hint-after", "0.8")
+        self.assertCtlOk(result)
         self.assertLess(time.monotonic() - start, 10)
+        self.assertIn("heartbeats say the stream is alive", result.stderr)
+        # A guest kvmid does not know is an error at once, not silence.
+        self.assertCtlFails(self.ctl("events", "--vm", "no-such-vm", "--duration", "5"), 1,
+                            "NOT_FOUND", "no guest 'no-such-vm'")
+        # Several allow filters, a deny filter.
+        out = self.assertCtlOk(self.ctl("events", "--allow", "type=msr;msr=0xc0000082",
+                                        "--allow", "type=cr;cr=0", "--deny",
+                                        "vm=" + self.name(0), "--count", "6"))
+        rows = [r for r in out.splitlines()[1:] if r.strip()]
+        self.assertEqual(len(rows), 6, out)
+        for row in rows:
+            self.assertNotIn(self.name(0), row)
+            self.assertTrue(" MSR " in row or " CR " in row, row)
         self.assertCtlFails(self.ctl("events", "--max-queue", "100000"), 1, "INVALID_ARGUMENT",
                             "max_queue")
         out = self.assertCtlOk(self.ctl("events", "--max-queue", "1", "--count", "1"))

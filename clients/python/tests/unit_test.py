@@ -150,6 +150,58 @@ class ErrorTest(unittest.TestCase):
             next(raising)
         self.assertEqual((cm.exception.dropped, cm.exception.dropped_total), (3, 5))
 
+        beat = kc.pb.EventMessage()
+        beat.heartbeat.last_event_id = 6
+        beat.heartbeat.time.FromSeconds(1700000000)
+        skipping = kc.EventStream(FakeCall([beat, messages()[0], beat]), "yield")
+        self.assertEqual([i.id for i in skipping], [7])  # heartbeats skipped by default...
+        self.assertEqual(skipping.last_heartbeat.last_event_id, 6)  # ...but recorded
+        yielding = list(kc.EventStream(FakeCall([beat, messages()[0]]), "yield", heartbeats=True))
+        self.assertIsInstance(yielding[0], kc.Heartbeat)
+        self.assertEqual(yielding[0].last_event_id, 6)
+        self.assertEqual(yielding[0].time.year, 2023)
+        self.assertEqual(yielding[1].id, 7)
+
+
+class StreamRequestTest(unittest.TestCase):
+    """What Client.events sends, with a stub that records the request."""
+
+    class Stub:
+        def __init__(self):
+            self.requests = []
+
+        def StreamEvents(self, request):
+            self.requests.append(request)
+            return iter(())
+
+    def request(self, **kwargs):
+        client = kc.Client("unix:/nonexistent")
+        client._ready = True
+        client._stub = self.Stub()
+        client.events(**kwargs)
+        return client._stub.requests[-1]
+
+    def test_filters_heartbeat_and_fields(self):
+        one = kc.event_filter(events=["cr"])
+        r = self.request(allow=one)  # one filter: the convenience
+        self.assertEqual(list(r.allow), [one])
+        self.assertEqual(len(r.deny), 0)
+        self.assertFalse(r.HasField("heartbeat_interval"))  # kvmid's default
+        self.assertFalse(r.HasField("field_mask"))
+        two = [kc.event_filter(events=["cr"]), kc.event_filter(vms=["a"])]
+        r = self.request(allow=two, deny=[kc.event_filter(vcpus=[1])], heartbeat=0.25,
+                         fields=["vm_name", "type"], resume_after=9)
+        self.assertEqual(list(r.allow), two)
+        self.assertEqual(list(r.deny[0].vcpus), [1])
+        self.assertEqual(r.heartbeat_interval.ToNanoseconds(), 250000000)
+        self.assertEqual(list(r.field_mask.paths), ["vm_name", "type"])
+        self.assertEqual(r.resume_after, 9)
+        r = self.request(heartbeat=0)
+        self.assertTrue(r.HasField("heartbeat_interval"))  # explicitly none
+        self.assertEqual(r.heartbeat_interval.ToNanoseconds(), 0)
+        with self.assertRaises(TypeError):
+            self.request(allow=["cr"])
+
 
 class TlsOptionsTest(unittest.TestCase):
     """Client(ca=, cert=, key=): checked before any connection."""
@@ -200,6 +252,43 @@ class KvmictlTest(unittest.TestCase):
         self.assertEqual(allow.access, "w")
         self.assertEqual(list(ctl._flatten(args.deny_type)), [kc.policy_pb.EVENT_PF])
         self.assertIsNone(ctl.build_filter([], [], [], [], [], None, None))
+
+    def test_event_flags_make_allow_and_deny_lists(self):
+        args = ctl.make_parser().parse_args(
+            ["events", "--type", "msr", "--allow", "type=cr;cr=0,4;vm=web-1",
+             "--allow", "gpa=0x1000+0x1000;access=w", "--not-vm", "db", "--not-type", "pf",
+             "--deny", "vcpu=3", "--heartbeat", "2.5", "--fields", "vm_name,type",
+             "--fields", "cr"])
+        allow, deny = ctl.event_filters(args)
+        self.assertEqual(len(allow), 3)
+        self.assertEqual(list(allow[0].events), [kc.policy_pb.EVENT_MSR])
+        self.assertEqual((list(allow[1].events), list(allow[1].crs), list(allow[1].vms)),
+                         ([kc.policy_pb.EVENT_CR], [0, 4], ["web-1"]))
+        self.assertEqual((allow[2].gpa_first, allow[2].gpa_last, allow[2].access),
+                         (0x1000, 0x1FFF, "w"))
+        # --not-vm and --not-type leave out each on its own (two deny filters, not one AND).
+        self.assertEqual([list(f.vms) for f in deny], [["db"], [], []])
+        self.assertEqual(list(deny[1].events), [kc.policy_pb.EVENT_PF])
+        self.assertEqual(list(deny[2].vcpus), [3])
+        self.assertEqual(args.heartbeat, 2.5)
+        self.assertEqual(ctl._flatten(args.fields), ["vm_name", "type", "cr"])
+        none_allow, none_deny = ctl.event_filters(ctl.make_parser().parse_args(["events"]))
+        self.assertEqual((none_allow, none_deny), ([], []))
+
+    def test_bad_filter_specs_are_refused(self):
+        for spec, why in [("colour=red", "unknown key"), ("type", "KEY=VALUE"),
+                          ("type=nope", "nope"), ("access=q", "r, w, x"), ("", "empty filter")]:
+            with self.assertRaises(ValueError) as cm:
+                ctl.parse_filter_spec(spec)
+            self.assertIn(why, str(cm.exception).lower() if why.islower() else str(cm.exception))
+        for bad in (["--heartbeat", "-1"], ["--heartbeat", "nan"], ["--allow", "cr=0;x=1"]):
+            with self.assertRaises(SystemExit) as cm, open(os.devnull, "w") as devnull:
+                old, sys.stderr = sys.stderr, devnull
+                try:
+                    ctl.make_parser().parse_args(["events"] + bad)
+                finally:
+                    sys.stderr = old
+            self.assertEqual(cm.exception.code, 2)
 
     def test_formatting(self):
         self.assertEqual(ctl.table([["a", 1]], ["NAME", "N"]), "NAME  N\na     1")
