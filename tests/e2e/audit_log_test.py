@@ -206,7 +206,9 @@ class AuditLogRecords(unittest.TestCase):
         with self.assertRaises(kc.NotFound):
             node.root.delete_policy("marker")
         (marker,) = self.next_lines(1)
-        self.assertEqual((marker["rpc"], marker["args"]), ("DeletePolicy", {"policy": "marker"}))
+        self.assertEqual((marker["rpc"], marker["args"]),
+                         ("DeletePolicy", {"policy": "marker", "etag_given": False,
+                                           "override_config": False}))
 
         # Never the bytes written, in any encoding.
         with open(node.audit, "rb") as f:
