@@ -62,8 +62,7 @@ TEST(SecurityConfigTest, ErrorsNameTheField) {
   EXPECT_THAT(std::string(s.status().message()), HasSubstr("limits.max_policies"));
 
   s = FromText(R"(policies { name: "d" description: ")" + std::string(5000, 'x') +
-               R"(" lock_msr { msr: 0x176 }   mode: MODE_ENFORCE
- })");
+               R"(" lock_msr { msr: 0x176 } mode: MODE_ENFORCE })");
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.status().message()),
               HasSubstr("policies[0] (d): policy.description is 5000 bytes"));
