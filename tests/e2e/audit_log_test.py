@@ -186,7 +186,9 @@ class AuditLogRecords(unittest.TestCase):
         self.assertEqual(applied["args"]["policy"], "audited")
         self.assertEqual(applied["args"]["rule"], "protect_pages")
         self.assertRecord(deleted, "DeletePolicy", "OK", self.ROOT, None, started, finished)
-        self.assertEqual(deleted["args"], {"policy": "audited"})
+        self.assertEqual(deleted["args"], {"policy": "audited", "etag_given": False,
+                                           "override_config": False})
+        self.assertNotIn("overrode_config", applied["args"])  # its own name: no override
         self.assertLessEqual(parse_time(applied["time"]), parse_time(deleted["time"]))
 
         # A failed mutating call is audited with its code.
