@@ -1,6 +1,7 @@
 #include "daemon/kvmid.h"
 
 #include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
 #include <grp.h>
 #include <malloc.h>
 #include <spdlog/spdlog.h>
@@ -244,8 +245,61 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
     absl::Status within =
         PolicyCountAfterReload(*policies_.rules(), removed, names, config.security.limits);
     if (!within.ok()) return within;
-    std::string error = policies_.Replace(removed, config.rules);
-    if (!error.empty()) return absl::InvalidArgumentError(error);
+    // API policies whose names the file now configures: the file's version replaces them, and
+    // they leave the state file first (if that fails, the reload changes nothing).
+    std::vector<std::shared_ptr<const Rule>> kept;
+    std::vector<std::string> displaced;
+    for (const auto& rule : api_policies_) {
+      if (names.count(rule->name) > 0) {
+        displaced.push_back(rule->name);
+      } else {
+        kept.push_back(rule);
+      }
+    }
+    if (!displaced.empty() && persister_) {
+      absl::Status persisted = persister_(kept);
+      if (!persisted.ok()) {
+        return absl::Status(
+            persisted.code(),
+            absl::StrCat("reload: API policies the configuration now names (",
+                         absl::StrJoin(displaced, ", "),
+                         ") could not be dropped from the saved state: ", persisted.message()));
+      }
+    }
+    const PolicySet::Snapshot before = policies_.rules();
+    std::string error = policies_.ReplaceConfigured(removed, config.rules);
+    if (!error.empty()) {
+      if (!displaced.empty() && persister_) {
+        absl::Status restored = persister_(api_policies_);
+        if (!restored.ok()) {
+          spdlog::error("reload refused, but the saved API policies could not be restored: {}",
+                        std::string(restored.message()));
+        }
+      }
+      return absl::InvalidArgumentError(error);
+    }
+    api_policies_ = std::move(kept);
+    for (const std::string& name : displaced) {
+      spdlog::warn(
+          "reload: policy {} was applied through the API; the configuration now defines it, "
+          "so the configuration's version is in force and the API's is no longer saved",
+          name);
+    }
+    for (const auto& rule : *before) {
+      if (rule->overrides_config) {
+        spdlog::warn(
+            "reload: the API override of configured policy {} (etag {}) ends; the "
+            "configuration's version is in force again",
+            rule->name, rule->etag);
+      }
+    }
+    for (const std::string& name : configured_policies_) {
+      if (names.count(name) > 0 && std::none_of(before->begin(), before->end(),
+                                                [&](const auto& r) { return r->name == name; })) {
+        spdlog::warn("reload: configured policy {}, deleted through the API, is in force again",
+                     name);
+      }
+    }
   }
   configured_policies_ = std::move(names);
   pipeline_->SetDeadlines(config.daemon.verdicts.deadlines);
@@ -305,7 +359,8 @@ bool Daemon::RemovePolicy(const std::string& name) {
   return removed;
 }
 
-absl::Status Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule) {
+absl::StatusOr<PolicyWrite> Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule,
+                                                   const PolicyPrecondition& precondition) {
   MutexLock lock(&api_policies_mutex_);
   {
     // Validated apart first (the rule is not shared yet): a rule that cannot be applied is never
@@ -319,62 +374,72 @@ absl::Status Daemon::ApplyApiPolicy(std::shared_ptr<Rule> rule) {
       security::CheckPolicySizes(rule->name, rule->description.size(), rule->origin.size(), limits);
   if (!within.ok()) return within;
   const std::string name = rule->name;
+  // Create or replace, the etag, the configuration's protection: before persisting; checked
+  // again where the rule goes in (ApplyChecked), with the count.
+  absl::Status allowed = policies_.CheckWrite(name, precondition, /*deleting=*/false);
+  if (!allowed.ok()) return allowed;
   auto admit = [&limits, &name](size_t count_without_it) {
     return security::CheckPolicyCount(name, limits, count_without_it);
   };
+  const std::shared_ptr<const Rule> current = policies_.Find(name);
   {
-    // Before persisting; checked again where the rule goes in (ApplyIf, below), since a reload
-    // may add configured policies meanwhile.
+    // Before persisting; checked again where the rule goes in (ApplyChecked, below), since a
+    // reload may add configured policies meanwhile.
     const auto rules = policies_.rules();
-    within = admit(static_cast<size_t>(std::count_if(
-        rules->begin(), rules->end(), [&](const auto& r) { return r->name != name; })));
+    within = admit(rules->size() - (current != nullptr ? 1 : 0));
     if (!within.ok()) return within;
   }
+  // An override of a configured policy is not saved: it lasts until the next reload or restart.
+  const bool overrides = current != nullptr && current->config_owned();
   std::vector<std::shared_ptr<const Rule>> next = api_policies_;
-  auto it = std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == name; });
-  if (it != next.end()) {
-    *it = rule;
-  } else {
-    next.push_back(rule);
-  }
-  if (persister_) {
-    absl::Status persisted = persister_(next);
-    if (!persisted.ok()) {
-      return absl::Status(persisted.code(), "policy " + name +
-                                                " not applied: it could not be persisted: " +
-                                                std::string(persisted.message()));
+  if (!overrides) {
+    auto it =
+        std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == name; });
+    if (it != next.end()) {
+      *it = rule;
+    } else {
+      next.push_back(rule);
+    }
+    if (persister_) {
+      absl::Status persisted = persister_(next);
+      if (!persisted.ok()) {
+        return absl::Status(persisted.code(), "policy " + name +
+                                                  " not applied: it could not be persisted: " +
+                                                  std::string(persisted.message()));
+      }
     }
   }
-  absl::Status applied = policies_.ApplyIf(std::move(rule), admit);
+  absl::StatusOr<PolicyWrite> applied =
+      policies_.ApplyChecked(std::move(rule), precondition, admit);
   if (!applied.ok()) {
     // Refused by the count (a reload added policies since the check above): what is persisted
     // goes back to what is in effect.
-    if (persister_) {
+    if (persister_ && !overrides) {
       absl::Status restored = persister_(api_policies_);
       if (!restored.ok()) {
         spdlog::error("policy {} refused, but the saved API policies could not be restored: {}",
                       name, std::string(restored.message()));
       }
     }
-    if (applied.code() == absl::StatusCode::kInvalidArgument) {
-      return absl::InternalError(applied.message());  // validated above: not expected
+    if (applied.status().code() == absl::StatusCode::kInvalidArgument) {
+      return absl::InternalError(applied.status().message());  // validated above: not expected
     }
-    return applied;
+    return applied.status();
   }
   api_policies_ = std::move(next);
   RearmAllGuests();
-  return absl::OkStatus();
+  return applied;
 }
 
-absl::Status Daemon::RemoveApiPolicy(const std::string& name) {
+absl::StatusOr<PolicyWrite> Daemon::RemoveApiPolicy(const std::string& name,
+                                                    const PolicyPrecondition& precondition) {
   MutexLock lock(&api_policies_mutex_);
-  const auto rules = policies_.rules();
-  if (std::none_of(rules->begin(), rules->end(), [&](const auto& r) { return r->name == name; })) {
-    return absl::NotFoundError("no policy '" + name + "'");
-  }
+  absl::Status allowed = policies_.CheckWrite(name, precondition, /*deleting=*/true);
+  if (!allowed.ok()) return allowed;
   std::vector<std::shared_ptr<const Rule>> next = api_policies_;
   auto it = std::find_if(next.begin(), next.end(), [&](const auto& r) { return r->name == name; });
-  if (it != next.end()) {
+  const bool saved = it != next.end();
+  if (saved) {
     next.erase(it);
     if (persister_) {
       absl::Status persisted = persister_(next);
@@ -385,15 +450,22 @@ absl::Status Daemon::RemoveApiPolicy(const std::string& name) {
       }
     }
   }
-  size_t freed = 0;
-  for (const auto& r : *rules) {
-    if (r->name == name) freed = r->origin.size() + r->description.size();
+  absl::StatusOr<PolicyWrite> removed = policies_.RemoveChecked(name, precondition);
+  if (!removed.ok()) {
+    // Only a configuration-path change since the check above (ApplyPolicy/RemovePolicy).
+    if (persister_ && saved) {
+      absl::Status restored = persister_(api_policies_);
+      if (!restored.ok()) {
+        spdlog::error("policy {} not deleted, but the saved API policies could not be restored: {}",
+                      name, std::string(restored.message()));
+      }
+    }
+    return removed.status();
   }
-  policies_.Remove(name);
   api_policies_ = std::move(next);
   RearmAllGuests();
-  trimmer_.Freed(freed);
-  return absl::OkStatus();
+  trimmer_.Freed(removed->previous->origin.size() + removed->previous->description.size());
+  return removed;
 }
 
 void Daemon::set_policy_persister(PolicyPersister persister) {

@@ -148,6 +148,13 @@ class Daemon {
   // events; guest labels are replaced. If a policy is invalid nothing changes (InvalidArgument).
   // Listener settings (sockets, threads, cookie, timeouts) need a restart: a change is logged,
   // not applied.
+  //
+  // The configuration owns the names it configures (docs/OPERATING.md "Policies through the API"): a reload puts
+  // every configured policy back as the file has it. An API override of a configured policy
+  // (ApplyPolicy with override_config) and an API deletion of one end there (logged, with the
+  // override's etag); an API policy whose name the file now configures is replaced by the
+  // file's and is no longer kept in the state file. A configured policy the file did not change
+  // keeps its etag and counters.
   absl::Status Reload(const LoadedConfig& config);
   // Names of the configured policies (the last Reload's).
   std::set<std::string> configured_policies() const;
@@ -157,17 +164,21 @@ class Daemon {
   absl::Status ApplyPolicy(std::shared_ptr<Rule> rule);
   bool RemovePolicy(const std::string& name);
 
-  // Policies applied through the API ("API-owned"). Each change is handed to the persister (if
-  // set) BEFORE it takes effect: when persisting fails, nothing changed and the error is
-  // returned (the client is told; its policy is not in effect). Replacing a configured policy
-  // by name makes it API-owned; removing a configured policy is not persisted (the config
-  // brings it back at the next start). Errors: InvalidArgument (bad rule), NotFound, or the
-  // persister's status. The policy limits in force (limits()) apply: the rule's name,
-  // description and origin (its serialized policy) sizes, and the count of policies held (a new
-  // name beyond max_policies is refused; a replacement adds none), checked and inserted in one
-  // step under the policy set's lock: RESOURCE_EXHAUSTED naming the limit.
-  absl::Status ApplyApiPolicy(std::shared_ptr<Rule> rule);
-  absl::Status RemoveApiPolicy(const std::string& name);
+  // Policies applied through the API ("API-owned"), checked against `precondition` (create vs
+  // replace, etag, the configuration's protection: PolicySet::ApplyChecked). Each change is
+  // handed to the persister (if set) BEFORE it takes effect: when persisting fails, nothing
+  // changed and the error is returned (the client is told; its policy is not in effect). An
+  // override of a configured policy is not persisted, nor is the deletion of one: both last
+  // until the next reload or restart, which puts the configuration's version back. Errors:
+  // InvalidArgument (bad rule), NotFound, AlreadyExists, FailedPrecondition, or the persister's
+  // status. The policy limits in force (limits()) apply: the rule's name, description and origin
+  // (its serialized policy) sizes, and the count of policies held (a new name beyond
+  // max_policies is refused; a replacement adds none), checked and inserted in one step under
+  // the policy set's lock: RESOURCE_EXHAUSTED naming the limit.
+  absl::StatusOr<PolicyWrite> ApplyApiPolicy(std::shared_ptr<Rule> rule,
+                                             const PolicyPrecondition& precondition);
+  absl::StatusOr<PolicyWrite> RemoveApiPolicy(const std::string& name,
+                                              const PolicyPrecondition& precondition);
   // Gets every API-owned policy, in application order, after each change (daemon/state). Set
   // after restoring the saved ones (those are applied with ApplyApiPolicy before it is set).
   using PolicyPersister =

@@ -314,8 +314,8 @@ TEST_F(DaemonTest, ReloadPastMaxPoliciesIsRefusedAndTheOldConfigurationStays) {
   first.security.limits.max_policies = 4;
   first.rules = {named("c1")};
   ASSERT_TRUE(daemon_->Reload(first).ok());
-  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a1")).ok());
-  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a2")).ok());
+  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a1"), PolicyPrecondition{}).ok());
+  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("a2"), PolicyPrecondition{}).ok());
 
   LoadedConfig more = first;
   more.security.limits.max_policies = 4;
@@ -343,6 +343,88 @@ TEST_F(DaemonTest, ReloadPastMaxPoliciesIsRefusedAndTheOldConfigurationStays) {
   ASSERT_TRUE(daemon_->Reload(fits).ok());
   EXPECT_EQ(names(), (std::set<std::string>{"c2", "a1", "a2"}));
   EXPECT_EQ(daemon_->limits().max_policies, 3u);
+}
+
+// The configuration owns its names: an API override (override_config) or deletion of a
+// configured policy lasts until the next reload, which puts the file's version back; an API
+// policy whose name the file starts to configure is replaced by the file's and leaves the saved
+// API set; an unchanged configured policy keeps its etag.
+TEST_F(DaemonTest, ReloadPutsTheConfigurationsVersionBackOverApiOverrides) {
+  StartDaemon();
+  auto lstar = [](RuleMode mode, const std::string& origin) {
+    auto rule = LockMsrAfterBootRule("lstar-locked", 0xC0000082, mode);
+    rule->origin = origin;
+    return rule;
+  };
+  auto named = [](const std::string& name) {
+    auto rule = ForbidClearCr0WpRule(name, RuleMode::kEnforce);
+    rule->origin = name;
+    return rule;
+  };
+  std::vector<std::vector<std::shared_ptr<const Rule>>> saved;
+  daemon_->set_policy_persister([&saved](const std::vector<std::shared_ptr<const Rule>>& rules) {
+    saved.push_back(rules);
+    return absl::OkStatus();
+  });
+  LoadedConfig config;
+  config.daemon = config_;
+  config.rules = {lstar(RuleMode::kEnforce, "file"), named("cr0-wp")};
+  ASSERT_TRUE(daemon_->Reload(config).ok());
+  const std::shared_ptr<const Rule> configured = daemon_->policies().Find("lstar-locked");
+  ASSERT_NE(configured, nullptr);
+  const std::string wp_etag = daemon_->policies().Find("cr0-wp")->etag;
+
+  // Without override_config neither the etag nor allow_replace gets through.
+  PolicyPrecondition replace;
+  replace.etag = configured->etag;
+  absl::StatusOr<PolicyWrite> refused =
+      daemon_->ApplyApiPolicy(lstar(RuleMode::kMonitor, "api"), replace);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), ::testing::HasSubstr("override_config"));
+  EXPECT_EQ(daemon_->RemoveApiPolicy("cr0-wp", PolicyPrecondition{}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(daemon_->policies().Find("lstar-locked"), configured);
+
+  // With it: overridden, not saved (it lasts until the next reload or restart).
+  replace.override_config = true;
+  absl::StatusOr<PolicyWrite> overridden =
+      daemon_->ApplyApiPolicy(lstar(RuleMode::kMonitor, "api"), replace);
+  ASSERT_TRUE(overridden.ok()) << overridden.status();
+  EXPECT_TRUE(overridden->overrode_config());
+  EXPECT_EQ(daemon_->policies().Find("lstar-locked")->mode, RuleMode::kMonitor);
+  EXPECT_TRUE(daemon_->api_policies().empty());
+  EXPECT_TRUE(saved.empty());
+  PolicyPrecondition override_delete;
+  override_delete.override_config = true;
+  absl::StatusOr<PolicyWrite> deleted = daemon_->RemoveApiPolicy("cr0-wp", override_delete);
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_TRUE(deleted->overrode_config());
+  EXPECT_EQ(daemon_->policies().Find("cr0-wp"), nullptr);
+
+  // An API policy of a name the file does not configure yet.
+  ASSERT_TRUE(daemon_->ApplyApiPolicy(named("later"), PolicyPrecondition{}).ok());
+  ASSERT_EQ(daemon_->api_policies().size(), 1u);
+
+  // SIGHUP, with "later" now in the file: the file's versions are in force again.
+  LoadedConfig next = config;
+  next.rules = {lstar(RuleMode::kEnforce, "file"), named("cr0-wp"), named("later")};
+  ASSERT_TRUE(daemon_->Reload(next).ok());
+  const std::shared_ptr<const Rule> back = daemon_->policies().Find("lstar-locked");
+  EXPECT_EQ(back->mode, RuleMode::kEnforce);
+  EXPECT_EQ(back->source, PolicySource::kConfig);
+  EXPECT_FALSE(back->overrides_config);
+  EXPECT_NE(back->etag, overridden->rule->etag);
+  ASSERT_NE(daemon_->policies().Find("cr0-wp"), nullptr);
+  EXPECT_EQ(daemon_->policies().Find("later")->source, PolicySource::kConfig);
+  EXPECT_TRUE(daemon_->api_policies().empty());
+  ASSERT_FALSE(saved.empty());
+  EXPECT_TRUE(saved.back().empty()) << "the displaced API policy left the state";
+
+  // An unchanged configured policy keeps its etag across a reload.
+  const std::string later_etag = daemon_->policies().Find("later")->etag;
+  ASSERT_TRUE(daemon_->Reload(next).ok());
+  EXPECT_EQ(daemon_->policies().Find("later")->etag, later_etag);
+  EXPECT_NE(daemon_->policies().Find("cr0-wp")->etag, wp_etag) << "it was deleted meanwhile";
 }
 
 class TestHandler : public VerdictHandler {
@@ -735,18 +817,18 @@ TEST_F(DaemonTest, ApiPoliciesAreBoundedInSizeAndCountEvenWhenAppliedConcurrentl
     return ForbidClearCr0WpRule(name, RuleMode::kEnforce);
   };
   auto too_long = named(std::string(limits.max_policy_name_bytes + 1, 'n'));
-  absl::Status s = daemon_->ApplyApiPolicy(too_long);
+  absl::Status s = daemon_->ApplyApiPolicy(too_long, PolicyPrecondition{}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("limits.max_policy_name_bytes"));
   auto wordy = named("wordy");
   wordy->description.assign(limits.max_policy_description_bytes + 1, 'd');
-  s = daemon_->ApplyApiPolicy(wordy);
+  s = daemon_->ApplyApiPolicy(wordy, PolicyPrecondition{}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()),
               ::testing::HasSubstr("limits.max_policy_description_bytes"));
   auto big = named("big");
   big->origin.assign(limits.max_policy_bytes + 1, 'o');
-  s = daemon_->ApplyApiPolicy(big);
+  s = daemon_->ApplyApiPolicy(big, PolicyPrecondition{}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("limits.max_policy_bytes"));
 
@@ -756,7 +838,9 @@ TEST_F(DaemonTest, ApiPoliciesAreBoundedInSizeAndCountEvenWhenAppliedConcurrentl
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 10; ++i) {
-        absl::Status r = daemon_->ApplyApiPolicy(named("p" + std::to_string(t * 10 + i)));
+        absl::Status r =
+            daemon_->ApplyApiPolicy(named("p" + std::to_string(t * 10 + i)), PolicyPrecondition{})
+                .status();
         if (r.ok()) {
           applied++;
         } else if (r.code() == absl::StatusCode::kResourceExhausted &&
@@ -777,11 +861,13 @@ TEST_F(DaemonTest, ApiPoliciesAreBoundedInSizeAndCountEvenWhenAppliedConcurrentl
 
   // A replacement adds none; a deletion makes room.
   const std::string kept = daemon_->api_policies()[0]->name;
-  EXPECT_TRUE(daemon_->ApplyApiPolicy(named(kept)).ok());
-  EXPECT_EQ(daemon_->ApplyApiPolicy(named("one-more")).code(),
+  PolicyPrecondition replace;
+  replace.allow_replace = true;
+  EXPECT_TRUE(daemon_->ApplyApiPolicy(named(kept), replace).ok());
+  EXPECT_EQ(daemon_->ApplyApiPolicy(named("one-more"), PolicyPrecondition{}).status().code(),
             absl::StatusCode::kResourceExhausted);
-  ASSERT_TRUE(daemon_->RemoveApiPolicy(kept).ok());
-  EXPECT_TRUE(daemon_->ApplyApiPolicy(named("one-more")).ok());
+  ASSERT_TRUE(daemon_->RemoveApiPolicy(kept, PolicyPrecondition{}).ok());
+  EXPECT_TRUE(daemon_->ApplyApiPolicy(named("one-more"), PolicyPrecondition{}).ok());
   EXPECT_EQ(daemon_->policies().size(), 5u);
 }
 
@@ -819,11 +905,12 @@ TEST_F(DaemonTest, BigPoliciesGiveTheirMemoryBackWhenDeleted) {
     auto rule = ForbidClearCr0WpRule("big-" + std::to_string(i), RuleMode::kMonitor);
     rule->description.assign(kMiB - 4096, 'd');
     rule->origin.assign(kMiB - 1024, 'o');  // stands for the serialized policy
-    ASSERT_TRUE(daemon_->ApplyApiPolicy(std::move(rule)).ok()) << i;
+    ASSERT_TRUE(daemon_->ApplyApiPolicy(std::move(rule), PolicyPrecondition{}).ok()) << i;
   }
   const size_t rss_peak = ResidentBytes();
   for (int i = 0; i < kPolicies; ++i) {
-    ASSERT_TRUE(daemon_->RemoveApiPolicy("big-" + std::to_string(i)).ok()) << i;
+    ASSERT_TRUE(daemon_->RemoveApiPolicy("big-" + std::to_string(i), PolicyPrecondition{}).ok())
+        << i;
   }
   EXPECT_EQ(daemon_->policies().size(), 0u);
   // The trimmer runs by itself after big frees (its own thread, rate-limited).

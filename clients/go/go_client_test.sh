@@ -50,7 +50,8 @@ list_policies_paged() {
   local n
   n=$(grep -c '^policy ' "$work/pol.txt")
   [ "$n" -ge 2 ] && grep -q "^policies: $n in $n page(s)\$" "$work/pol.txt" &&
-    grep -q '^policy cr0-wp mode=' "$work/pol.txt" &&
+    grep -Eq '^policy cr0-wp mode=MODE_ENFORCE origin=POLICY_ORIGIN_CONFIG etag=[0-9a-f]+-[0-9a-f]{16} ' \
+      "$work/pol.txt" &&
     "$client" --addr="unix://$demo_api" --list_policies --timeout=20s >"$work/pol1.txt" &&
     grep -q "^policies: $n in 1 page(s)\$" "$work/pol1.txt" &&
     diff <(grep '^policy ' "$work/pol.txt" | cut -d' ' -f2) <(grep '^policy ' "$work/pol1.txt" | cut -d' ' -f2)

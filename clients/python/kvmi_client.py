@@ -39,8 +39,9 @@ except ImportError as e:  # pragma: no cover - depends on the checkout
     ) from e
 
 __all__ = [
-    "Client", "KvmiError", "NotFound", "InvalidArgument", "FailedPrecondition", "Unavailable",
-    "Unreachable", "EventsDropped", "Dropped", "Heartbeat", "event_filter", "parse_policy", "policy_to_text",
+    "Client", "KvmiError", "NotFound", "InvalidArgument", "FailedPrecondition", "AlreadyExists",
+    "Unavailable", "Unreachable", "EventsDropped", "Dropped", "Heartbeat", "event_filter",
+    "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
     "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
@@ -108,6 +109,10 @@ class FailedPrecondition(KvmiError):
     pass
 
 
+class AlreadyExists(KvmiError):
+    """apply_policy() of a name that exists, without its etag or allow_replace."""
+
+
 class Unavailable(KvmiError):
     pass
 
@@ -131,6 +136,7 @@ _ERROR_CLASSES = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
 
@@ -683,9 +689,24 @@ class Client:
             raise _wrap(e) from None
 
     # Guests.
-    def list_vms(self):
-        """Every guest kvmid has seen since it started: a list of kvmi.v1.VM."""
-        return list(self._unary("ListVMs", pb.ListVMsRequest()).vms)
+    def list_vms(self, page_size=0):
+        """Every guest kvmid has seen since it started (and the caller may see), sorted by
+        UUID: a list of kvmi.v1.VM. ListVMs is paged; this follows next_page_token until the
+        last page. page_size: guests per request (0: kvmid's default, 256)."""
+        return list(self.iter_vms(page_size))
+
+    def iter_vms(self, page_size=0):
+        """The guests page by page, as a generator of kvmi.v1.VM (one response in memory at a
+        time). Guests present throughout are listed once each, whatever comes or goes between
+        pages."""
+        request = pb.ListVMsRequest(page_size=page_size)
+        while True:
+            page = self._unary("ListVMs", request)
+            for vm in page.vms:
+                yield vm
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     def get_vm(self, vm):
         """One guest by UUID or name (NotFound if kvmid never saw it)."""
@@ -719,14 +740,26 @@ class Client:
     stream_events = events
 
     # Policies.
-    def apply_policy(self, policy):
-        """Applies (or replaces, by name) a policy: a policy_pb.Policy, a dict in the JSON
-        mapping, or protobuf text / JSON text. Returns True if it replaced one."""
+    def apply_policy(self, policy, etag="", allow_replace=False, override_config=False):
+        """Applies a policy: a policy_pb.Policy, a dict in the JSON mapping, or protobuf text /
+        JSON text. Its mode must be set (MODE_ENFORCE or MODE_MONITOR). Creates it; a policy of
+        that name that exists is AlreadyExists unless `etag` is its current etag (from
+        list_policies() or an earlier apply_policy(); another one is FailedPrecondition) or
+        `allow_replace` is set. A policy from kvmid's configuration file also needs
+        `override_config` (admin; audited; lasts until kvmid's next reload or restart).
+        Returns kvmi.v1.ApplyPolicyResponse: .replaced, .etag (the new one), .overrode_config."""
         if isinstance(policy, str):
             policy = parse_policy(policy)
         elif isinstance(policy, dict):
             policy = json_format.ParseDict(policy, policy_pb.Policy())
-        return self._unary("ApplyPolicy", pb.ApplyPolicyRequest(policy=policy)).replaced
+        return self._unary("ApplyPolicy", pb.ApplyPolicyRequest(
+            policy=policy, etag=etag, allow_replace=allow_replace,
+            override_config=override_config))
+
+    def list_policies(self, page_size=0):
+        """Every policy with its counters, etag and origin, in kvmid's evaluation order: a list
+        of kvmi.v1.PolicyStatus, all pages (see policies())."""
+        return list(self.iter_policies(page_size))
 
     def policies(self, page_size=0):
         """Every policy with its counters, in kvmid's order: a list of kvmi.v1.PolicyStatus.
@@ -747,8 +780,12 @@ class Client:
                 return
             request.page_token = page.next_page_token
 
-    def delete_policy(self, name):
-        self._unary("DeletePolicy", pb.DeletePolicyRequest(name=name))
+    def delete_policy(self, name, etag="", override_config=False):
+        """Deletes a policy: only at `etag` if one is given (else FailedPrecondition); a policy
+        from kvmid's configuration file needs `override_config` (it comes back at kvmid's next
+        reload or restart). Returns kvmi.v1.DeletePolicyResponse (.overrode_config)."""
+        return self._unary("DeletePolicy", pb.DeletePolicyRequest(
+            name=name, etag=etag, override_config=override_config))
 
     # Control (served by kvmid builds that implement them; older ones answer UNIMPLEMENTED).
     def get_registers(self, vm, vcpu, msrs=()):

@@ -212,10 +212,10 @@ _dev_authz() {
 write_demo_config() {
   cat >"$1" <<'CFG'
 verdicts { default_deadline_ms: 500 default_fallback: ACTION_CONTINUE }
-policies { name: "cr0-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } }
-policies { name: "cr4-smep-smap" forbid_cr_bits_clear { cr: 4 bits: 0x300000 } }
-policies { name: "lstar-locked" lock_msr { msr: 0xc0000082 } }
-policies { name: "sysenter-eip-locked" lock_msr { msr: 0x176 } }
+policies { name: "cr0-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } mode: MODE_ENFORCE }
+policies { name: "cr4-smep-smap" forbid_cr_bits_clear { cr: 4 bits: 0x300000 } mode: MODE_ENFORCE }
+policies { name: "lstar-locked" lock_msr { msr: 0xc0000082 } mode: MODE_ENFORCE }
+policies { name: "sysenter-eip-locked" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
 policies {
   name: "data-watch"
   protect_pages { gpa_first: 0x200000 gpa_last: 0x20ffff allowed: "r" }

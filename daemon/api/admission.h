@@ -64,6 +64,9 @@ class AdmittedCall {
   const security::RpcInfo& info() const { return *info_; }
   // The guest the call was checked on (empty name and uuid when none).
   const security::GuestRef& guest() const { return guest_; }
+  // What only the call's outcome tells, added to its audit record before Finish (ApplyPolicy
+  // and DeletePolicy: overrode_config).
+  security::AuditArgs& audit_args() { return args_; }
 
  private:
   friend class Admission;

@@ -132,11 +132,16 @@ grpc::ServerUnaryReactor* IntrospectionService::ApplyPolicy(
   api::CallTarget target;
   target.crash = request->has_policy() && security::CanCrash(request->policy());
   std::string identity;
-  Status status =
-      Serve(context, Rpc::kApplyPolicy, *request, target, [&](const api::CallContext& call) {
-        identity = call.IdentityKey();
-        return inventory_.ApplyPolicy(*request, response);
-      });
+  Status status = ServeNoting(context, Rpc::kApplyPolicy, *request, target,
+                              [&](const api::CallContext& call, security::AuditArgs* audit) {
+                                identity = call.IdentityKey();
+                                Status applied = inventory_.ApplyPolicy(*request, response);
+                                // The record says when the call overrode a configured policy.
+                                if (applied.ok() && response->overrode_config()) {
+                                  audit->Bool("overrode_config", true);
+                                }
+                                return applied;
+                              });
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // A refusal by a limit (policy size or count) is answered after the caller's delay: a client
   // that floods ApplyPolicy with refused requests is held to a few calls per second.
@@ -157,9 +162,14 @@ Status IntrospectionService::ListPolicies(ServerContext* context,
 Status IntrospectionService::DeletePolicy(ServerContext* context,
                                           const kvmi::v1::DeletePolicyRequest* request,
                                           kvmi::v1::DeletePolicyResponse* response) {
-  return Serve(
-      context, Rpc::kDeletePolicy, *request, api::CallTarget(),
-      [&](const api::CallContext&) { return inventory_.DeletePolicy(*request, response); });
+  return ServeNoting(context, Rpc::kDeletePolicy, *request, api::CallTarget(),
+                     [&](const api::CallContext&, security::AuditArgs* audit) {
+                       Status deleted = inventory_.DeletePolicy(*request, response);
+                       if (deleted.ok() && response->overrode_config()) {
+                         audit->Bool("overrode_config", true);
+                       }
+                       return deleted;
+                     });
 }
 
 // ---- streams -----------------------------------------------------------------------------------

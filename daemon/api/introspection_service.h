@@ -141,6 +141,16 @@ class IntrospectionService final
     if (!admitted.ok()) return admitted;
     return admission_.Finish(call, logic(call.context()));
   }
+  // Serve, with `logic` also given the call's audit summary to add what its outcome tells.
+  template <typename Request, typename Logic>
+  grpc::Status ServeNoting(grpc::ServerContextBase* context, security::Rpc rpc,
+                           const Request& request, const api::CallTarget& target, Logic&& logic) {
+    api::AdmittedCall call;
+    grpc::Status admitted = admission_.Admit(
+        *context, rpc, target, [&] { return api::AuditSummaryOf(request); }, &call);
+    if (!admitted.ok()) return admitted;
+    return admission_.Finish(call, logic(call.context(), &call.audit_args()));
+  }
   // One inline command of an Attach stream for `owner` (the stream's command thread).
   // Checked as its unary RPC on its guest, for the stream's caller.
   kvmi::v1::AttachResponse RunAttachCommand(const api::CallContext& stream,

@@ -22,6 +22,11 @@ class Inventory {
                        kvmi::v1::ListVMsResponse* response);
   grpc::Status GetVM(const CallContext& call, const kvmi::v1::GetVMRequest& request,
                      kvmi::v1::VM* response);
+  // Guests sorted by UUID, paged (kListVMsDefaultPageSize, kListVMsMaxPageSize,
+  // kListVMsMaxPageBytes); the token resumes after the last UUID listed.
+  // Policies: create vs replace (etag, allow_replace) and the configuration's protection
+  // (override_config) as PolicyPrecondition says; ListPolicies pages in evaluation order and
+  // resumes after the last policy's Rule::position.
   grpc::Status ApplyPolicy(const kvmi::v1::ApplyPolicyRequest& request,
                            kvmi::v1::ApplyPolicyResponse* response);
   grpc::Status ListPolicies(const kvmi::v1::ListPoliciesRequest& request,

@@ -51,6 +51,16 @@ inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
 // Promises of events whose deadline passed this long ago are dropped from a stream's table.
 inline constexpr std::chrono::seconds kStalePromiseAge{1};
 
+// ListVMs paging: guests per page when the request says 0 (and the most it may ask for), and
+// the bytes a page stops at (at least one guest per page): well below a client's default 4 MiB
+// message limit whatever the guests' labels and leases.
+inline constexpr uint32_t kListVMsDefaultPageSize = 256;
+inline constexpr uint32_t kListVMsMaxPageSize = 256;
+inline constexpr size_t kListVMsMaxPageBytes = size_t{3} << 20;
+
+// ApplyPolicy / DeletePolicy: a longer etag is refused unread (kvmid's are about 20 bytes).
+inline constexpr size_t kMaxEtagBytes = 64;
+
 // Server shutdown: how long the streams get to end (they end on their cancellation).
 inline constexpr std::chrono::seconds kShutdownGrace{1};
 

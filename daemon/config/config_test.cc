@@ -33,13 +33,15 @@ TEST(ConfigTest, FullExampleParses) {
     policies {
       name: "kernel-text"
       protect_pages { gpa_first: 0x1000000 gpa_last: 0x1ffffff allowed: "rx" }
+      mode: MODE_ENFORCE
     }
     policies { name: "wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } mode: MODE_MONITOR }
-    policies { name: "lstar" lock_msr { msr: 0xc0000082 } guests { labels { key: "tier" value: "prod" } } }
+    policies { name: "lstar" lock_msr { msr: 0xc0000082 } guests { labels { key: "tier" value: "prod" } } mode: MODE_ENFORCE }
     policies {
       name: "no-int3"
       match { events: [EVENT_BREAKPOINT] vcpus: [0] }
       action: ACTION_CRASH
+      mode: MODE_ENFORCE
     }
   )";
   absl::StatusOr<LoadedConfig> parsed = ParseConfig(text, "kvmid.conf");
@@ -97,18 +99,33 @@ TEST(ConfigTest, SyntaxErrorsNameTheLine) {
 TEST(ConfigTest, BadPoliciesNameTheirFieldAndIndex) {
   EXPECT_THAT(
       ErrorOf(
-          R"(policies { name: "p" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } })"),
+          R"(policies { name: "p" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } mode: MODE_ENFORCE })"),
       HasSubstr("policies[0] (p): protect_pages.allowed"));
-  EXPECT_THAT(ErrorOf(R"(policies { name: "p" })"), HasSubstr("rule: one of"));
-  EXPECT_THAT(ErrorOf(R"(policies { name: "m" lock_msr { msr: 0x40000000 } })"),
+  EXPECT_THAT(ErrorOf(R"(policies { name: "p" mode: MODE_ENFORCE })"), HasSubstr("rule: one of"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "m" lock_msr { msr: 0x40000000 } mode: MODE_ENFORCE })"),
               HasSubstr("lock_msr.msr"));
-  EXPECT_THAT(ErrorOf(R"(policies { name: "c" forbid_cr_bits_clear { cr: 2 bits: 1 } })"),
-              HasSubstr("forbid_cr_bits_clear.cr"));
-  EXPECT_THAT(ErrorOf(R"(policies { name: "u" lock_msr { msr: 0x176 } guests { uuids: "nope" } })"),
-              HasSubstr("guests.uuids[0]"));
-  EXPECT_THAT(ErrorOf(R"(policies { name: "a" lock_msr { msr: 0x176 } }
-                             policies { name: "a" lock_msr { msr: 0x175 } })"),
+  EXPECT_THAT(
+      ErrorOf(
+          R"(policies { name: "c" forbid_cr_bits_clear { cr: 2 bits: 1 } mode: MODE_ENFORCE })"),
+      HasSubstr("forbid_cr_bits_clear.cr"));
+  EXPECT_THAT(
+      ErrorOf(
+          R"(policies { name: "u" lock_msr { msr: 0x176 } guests { uuids: "nope" } mode: MODE_ENFORCE })"),
+      HasSubstr("guests.uuids[0]"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "a" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
+                             policies { name: "a" lock_msr { msr: 0x175 } mode: MODE_ENFORCE })"),
               HasSubstr("used twice"));
+}
+
+TEST(ConfigTest, APolicyWithoutAModeIsALoadErrorNamingIt) {
+  const std::string error =
+      ErrorOf(R"(policies { name: "ok" lock_msr { msr: 0x176 } mode: MODE_MONITOR }
+                                        policies { name: "lstar-locked" lock_msr { msr: 0xc0000082 } })");
+  EXPECT_THAT(error, HasSubstr("policies[1] (lstar-locked)"));
+  EXPECT_THAT(error, HasSubstr("mode"));
+  EXPECT_THAT(error, HasSubstr("MODE_UNSPECIFIED"));
+  EXPECT_THAT(ErrorOf(R"(policies { name: "u" mode: MODE_UNSPECIFIED lock_msr { msr: 0x176 } })"),
+              HasSubstr("policies[0] (u): mode"));
 }
 
 TEST(ConfigTest, FallbacksMayOnlyContinueOrCrash) {
@@ -122,7 +139,7 @@ TEST(ConfigTest, LimitsComeFromTheirConstants) {
   EXPECT_THAT(ErrorOf("listen { socket_mode: 01777 }"), HasSubstr("at most 0777"));
   EXPECT_THAT(
       ErrorOf(
-          R"(policies { name: "big" protect_pages { gpa_first: 0 gpa_last: 0x100000000 allowed: "r" } })"),
+          R"(policies { name: "big" protect_pages { gpa_first: 0 gpa_last: 0x100000000 allowed: "r" } mode: MODE_ENFORCE })"),
       HasSubstr("more than 4 GiB"));
 }
 

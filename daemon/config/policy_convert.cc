@@ -84,7 +84,7 @@ kvmi::v1::Action ToProtoAction(RuleAction action) {
 absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& policy) {
   RuleMode mode;
   switch (policy.mode()) {
-    case kvmi::v1::MODE_UNSPECIFIED:
+    case kvmi::v1::MODE_UNSPECIFIED:  // refused below, once the rest is known to be valid
     case kvmi::v1::MODE_ENFORCE:
       mode = RuleMode::kEnforce;
       break;
@@ -217,6 +217,11 @@ absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& polic
   }
   rule->match.names.assign(guests.names().begin(), guests.names().end());
   for (const auto& [key, value] : guests.labels()) rule->match.labels[key] = value;
+  if (policy.mode() == kvmi::v1::MODE_UNSPECIFIED) {
+    return absl::InvalidArgumentError(
+        "mode: required, MODE_UNSPECIFIED is refused (MODE_ENFORCE: the rule decides the "
+        "verdict; MODE_MONITOR: it only counts and reports)");
+  }
   return rule;
 }
 

@@ -13,7 +13,8 @@
 
 namespace kvmid {
 
-// The rule, or InvalidArgument naming the field ("protect_pages.allowed: ...").
+// The rule, or InvalidArgument naming the field ("protect_pages.allowed: ..."). mode is
+// required: MODE_UNSPECIFIED is "mode: required ...".
 absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& policy);
 // For listing: the rule as a policy message (templates come back as `match` rules).
 kvmi::v1::Policy RuleToPolicy(const Rule& rule);

@@ -220,12 +220,18 @@ AuditArgs SummarizeRequest(const kvmi::v1::ApplyPolicyRequest& r) {
       .Uint("policy_bytes", p.ByteSizeLong())
       .Uint("guest_uuids", Count(p.guests().uuids()))
       .Uint("guest_names", Count(p.guests().names()))
-      .Uint("guest_labels", Count(p.guests().labels()));
+      .Uint("guest_labels", Count(p.guests().labels()))
+      .Bool("etag_given", !r.etag().empty())
+      .Bool("allow_replace", r.allow_replace())
+      .Bool("override_config", r.override_config());
   return a;
 }
 
 AuditArgs SummarizeRequest(const kvmi::v1::DeletePolicyRequest& r) {
-  return std::move(AuditArgs().Text("policy", r.name()));
+  return std::move(AuditArgs()
+                       .Text("policy", r.name())
+                       .Bool("etag_given", !r.etag().empty())
+                       .Bool("override_config", r.override_config()));
 }
 
 AuditArgs SummarizeRequest(const kvmi::v1::Claim& r) {

@@ -30,8 +30,8 @@ TEST(SecurityConfigTest, AllSections) {
     audit_log: "/var/log/kvmid/audit.log"
     limits { max_policies: 2 max_attach_deadline_ms: 3000 }
     authz { bindings { gid: 990 role: "operator" } }
-    policies { name: "a" lock_msr { msr: 0xc0000082 } }
-    policies { name: "b" lock_msr { msr: 0x176 } }
+    policies { name: "a" lock_msr { msr: 0xc0000082 } mode: MODE_ENFORCE }
+    policies { name: "b" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
   )");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->audit_log, "/var/log/kvmid/audit.log");
@@ -53,8 +53,8 @@ TEST(SecurityConfigTest, ErrorsNameTheField) {
 
   s = FromText(R"(
     limits { max_policies: 1 }
-    policies { name: "a" lock_msr { msr: 0xc0000082 } }
-    policies { name: "b" lock_msr { msr: 0x176 } }
+    policies { name: "a" lock_msr { msr: 0xc0000082 } mode: MODE_ENFORCE }
+    policies { name: "b" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
   )");
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted);
@@ -62,7 +62,7 @@ TEST(SecurityConfigTest, ErrorsNameTheField) {
   EXPECT_THAT(std::string(s.status().message()), HasSubstr("limits.max_policies"));
 
   s = FromText(R"(policies { name: "d" description: ")" + std::string(5000, 'x') +
-               R"(" lock_msr { msr: 0x176 } })");
+               R"(" lock_msr { msr: 0x176 } mode: MODE_ENFORCE })");
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.status().message()),
               HasSubstr("policies[0] (d): policy.description is 5000 bytes"));

@@ -142,7 +142,8 @@ TEST(FlagsOverlayTest, PortZeroMeansAnyAndIsAllowed) {
 TEST(FlagsOverlayTest, BaselineAndProtectAddRulesAfterTheFiles) {
   absl::FlagSaver saver;
   Parse({"--baseline=monitor", "--protect=ktext:0x1000000-0x1ffffff:rx:retry"});
-  LoadedConfig file = *ParseConfig(R"(policies { name: "f" lock_msr { msr: 0x176 } })", "file");
+  LoadedConfig file =
+      *ParseConfig(R"(policies { name: "f" lock_msr { msr: 0x176 } mode: MODE_ENFORCE })", "file");
   absl::StatusOr<Settings> s = OverlayFlags(file, /*have_file=*/true);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_EQ(s->rules.size(), 6u);

@@ -275,22 +275,36 @@ absl::Status RestorePolicies(Daemon* daemon, PolicyStore* store, StateRecovery r
                   std::string(loaded.status().message()), *aside);
     loaded = std::vector<kvmi::v1::Policy>{};
   }
+  // The configuration owns the names it configures (Daemon::Reload): a saved policy of such a
+  // name (an older kvmid saved overrides; or the file configures it since) is not restored.
+  const std::set<std::string> configured = daemon->configured_policies();
+  PolicyPrecondition restore;
+  restore.allow_replace = true;
+  size_t skipped = 0;
   for (const kvmi::v1::Policy& policy : *loaded) {
+    if (configured.count(policy.name()) > 0) {
+      spdlog::warn("state file {}: policy {} is not restored: the configuration defines it",
+                   store->path(), policy.name());
+      ++skipped;
+      continue;
+    }
     absl::StatusOr<std::shared_ptr<Rule>> rule = PolicyToRule(policy);  // validated by Load
     if (!rule.ok()) {
       return absl::DataLossError(
           absl::StrCat("state file ", store->path(), ": ", rule.status().message()));
     }
     (*rule)->origin = policy.SerializeAsString();
-    absl::Status applied = daemon->ApplyApiPolicy(*std::move(rule));
+    absl::StatusOr<PolicyWrite> applied = daemon->ApplyApiPolicy(*std::move(rule), restore);
     if (!applied.ok()) {
-      return absl::Status(applied.code(), absl::StrCat("state file ", store->path(), ": policy ",
-                                                       policy.name(), ": ", applied.message()));
+      return absl::Status(applied.status().code(),
+                          absl::StrCat("state file ", store->path(), ": policy ", policy.name(),
+                                       ": ", applied.status().message()));
     }
   }
-  if (!loaded->empty()) {
-    spdlog::info("restored {} API polic{} from {}", loaded->size(),
-                 loaded->size() == 1 ? "y" : "ies", store->path());
+  if (loaded->size() > skipped) {
+    const size_t restored = loaded->size() - skipped;
+    spdlog::info("restored {} API polic{} from {}", restored, restored == 1 ? "y" : "ies",
+                 store->path());
   }
   daemon->set_policy_persister(
       [store](const std::vector<std::shared_ptr<const Rule>>& rules) -> absl::Status {

@@ -82,7 +82,8 @@ std::string EncodePolicyState(const std::vector<kvmi::v1::Policy>& policies);
 // Start-up, before any listener opens: loads the saved policies (quarantining a bad file if
 // `recovery` says so), applies them to `daemon` as API-owned policies, then makes the store the
 // daemon's persister so that every later API change is saved before it is acknowledged. A
-// config-file policy of the same name is replaced by the saved one (the API changed it last).
+// saved policy whose name the configuration defines is not restored (logged): the configuration
+// owns its names, and API overrides of them last until the next reload or restart.
 absl::Status RestorePolicies(Daemon* daemon, PolicyStore* store, StateRecovery recovery);
 
 }  // namespace kvmid

@@ -29,10 +29,12 @@ kvmi::v1::Policy ParsePolicy(const std::string& text) {
 
 kvmi::v1::Policy Ktext() {
   return ParsePolicy(
-      R"(name: "ktext" protect_pages { gpa_first: 0x1000000 gpa_last: 0x1ffffff allowed: "rx" })");
+      R"(name: "ktext" protect_pages { gpa_first: 0x1000000 gpa_last: 0x1ffffff allowed: "rx" } mode: MODE_ENFORCE)");
 }
 
-kvmi::v1::Policy Lstar() { return ParsePolicy(R"(name: "lstar" lock_msr { msr: 0xC0000082 })"); }
+kvmi::v1::Policy Lstar() {
+  return ParsePolicy(R"(name: "lstar" lock_msr { msr: 0xC0000082 } mode: MODE_ENFORCE)");
+}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -239,12 +241,13 @@ TEST_F(PolicyStoreTest, ApiPoliciesArePersistedAndRestored) {
     ASSERT_TRUE(daemon.ApplyPolicy(ForbidClearCr0WpRule("config-wp", RuleMode::kEnforce)).ok());
     PolicyStore store(dir_);
     ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
-    ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Ktext())).ok());
-    ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Lstar())).ok());
-    ASSERT_TRUE(daemon.RemoveApiPolicy("ktext").ok());
+    ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Ktext()), PolicyPrecondition{}).ok());
+    ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Lstar()), PolicyPrecondition{}).ok());
+    ASSERT_TRUE(daemon.RemoveApiPolicy("ktext", PolicyPrecondition{}).ok());
     // Removing a configured policy is not persisted (the config is its source).
-    ASSERT_TRUE(daemon.RemoveApiPolicy("config-wp").ok());
-    EXPECT_EQ(daemon.RemoveApiPolicy("nope").code(), absl::StatusCode::kNotFound);
+    ASSERT_TRUE(daemon.RemoveApiPolicy("config-wp", PolicyPrecondition{}).ok());
+    EXPECT_EQ(daemon.RemoveApiPolicy("nope", PolicyPrecondition{}).status().code(),
+              absl::StatusCode::kNotFound);
     EXPECT_THAT(Names(&daemon), ::testing::ElementsAre("lstar"));
   }
   // "Restart": a new daemon with the configured policy, then the saved ones.
@@ -262,16 +265,30 @@ TEST_F(PolicyStoreTest, ApiPoliciesArePersistedAndRestored) {
   EXPECT_EQ((*loaded)[0].SerializeAsString(), Lstar().SerializeAsString());
 }
 
+TEST_F(PolicyStoreTest, ASavedPolicyTheConfigurationDefinesIsNotRestored) {
+  PolicyStore store(dir_);
+  ASSERT_TRUE(store.Save({Ktext(), Lstar()}).ok());
+  Daemon daemon(DaemonConfig{});
+  LoadedConfig config;
+  config.rules = {RuleOf(Lstar())};
+  ASSERT_TRUE(daemon.Reload(config).ok());
+  ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
+  EXPECT_THAT(Names(&daemon), ::testing::ElementsAre("lstar", "ktext"));
+  EXPECT_EQ(daemon.policies().Find("lstar")->source, PolicySource::kConfig);
+  ASSERT_THAT(daemon.api_policies(), SizeIs(1));
+  EXPECT_EQ(daemon.api_policies()[0]->name, "ktext");
+}
+
 TEST_F(PolicyStoreTest, FailedPersistChangesNothing) {
   Daemon daemon(DaemonConfig{});
   PolicyStore store(dir_);
   ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
-  ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Ktext())).ok());
+  ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Ktext()), PolicyPrecondition{}).ok());
   ASSERT_EQ(::mkdir((store.path() + ".tmp").c_str(), 0700), 0);  // every save fails now
-  absl::Status s = daemon.ApplyApiPolicy(RuleOf(Lstar()));
+  absl::Status s = daemon.ApplyApiPolicy(RuleOf(Lstar()), PolicyPrecondition{}).status();
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("lstar not applied"));
-  s = daemon.RemoveApiPolicy("ktext");
+  s = daemon.RemoveApiPolicy("ktext", PolicyPrecondition{}).status();
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("ktext not deleted"));
   EXPECT_THAT(Names(&daemon), ::testing::ElementsAre("ktext"));
@@ -286,7 +303,8 @@ TEST_F(PolicyStoreTest, InvalidRuleIsNeverPersisted) {
   PolicyStore store(dir_);
   ASSERT_TRUE(RestorePolicies(&daemon, &store, StateRecovery::kFail).ok());
   auto rule = std::make_shared<Rule>();  // no name
-  EXPECT_EQ(daemon.ApplyApiPolicy(rule).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(daemon.ApplyApiPolicy(rule, PolicyPrecondition{}).status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(::access(store.path().c_str(), F_OK), -1) << "nothing was saved";
 }
 
@@ -310,7 +328,7 @@ TEST_F(PolicyStoreTest, CorruptFileStopsRestoreUnlessQuarantined) {
   EXPECT_THAT(files[0], ::testing::StartsWith("policies.txtpb.corrupt-"));
   EXPECT_THAT(ReadFile(dir_ + "/" + files[0]), ::testing::EndsWith("junk")) << "kept as it was";
   // And the store works again from there.
-  ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Lstar())).ok());
+  ASSERT_TRUE(daemon.ApplyApiPolicy(RuleOf(Lstar()), PolicyPrecondition{}).ok());
   auto loaded = store.Load();
   ASSERT_TRUE(loaded.ok());
   EXPECT_THAT(*loaded, SizeIs(1));

@@ -1,5 +1,8 @@
 #include "daemon/verdict/policy.h"
 
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+
 #include <algorithm>
 
 namespace kvmid {
@@ -146,18 +149,107 @@ std::string PrepareRule(Rule* rule) {
   return "";
 }
 
-// Adds `rule` to `rules`, or replaces the one of the same name in place.
-void Upsert(std::vector<std::shared_ptr<const Rule>>* rules, std::shared_ptr<Rule> rule) {
-  auto it = std::find_if(rules->begin(), rules->end(),
-                         [&](const auto& r) { return r->name == rule->name; });
-  if (it != rules->end()) {
-    *it = std::move(rule);
-  } else {
-    rules->push_back(std::move(rule));
+// FNV-1a, 64 bits: stable across runs (an etag must not depend on a per-process seed).
+uint64_t Fnv1a64(absl::string_view data) {
+  uint64_t hash = 0xcbf29ce484222325ull;
+  for (unsigned char c : data) {
+    hash ^= c;
+    hash *= 0x100000001b3ull;
   }
+  return hash;
+}
+
+// A copy of everything but the counters (a new rule starts at zero hits).
+std::shared_ptr<Rule> CopyRule(const Rule& from) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = from.name;
+  rule->description = from.description;
+  rule->match = from.match;
+  rule->action = from.action;
+  rule->mode = from.mode;
+  rule->arms = from.arms;
+  rule->origin = from.origin;
+  rule->source = from.source;
+  rule->overrides_config = from.overrides_config;
+  rule->verdict = from.verdict;
+  return rule;
+}
+
+std::shared_ptr<const Rule> FindIn(const std::vector<std::shared_ptr<const Rule>>& rules,
+                                   const std::string& name) {
+  for (const auto& rule : rules) {
+    if (rule->name == name) return rule;
+  }
+  return nullptr;
+}
+
+// PolicyPrecondition's checks of a write to `name`, whose current rule is `current` (or null).
+absl::Status CheckPrecondition(const Rule* current, const std::string& name,
+                               const PolicyPrecondition& precondition, bool deleting) {
+  if (current == nullptr) {
+    if (deleting) return absl::NotFoundError(absl::StrCat("no policy '", name, "'"));
+    if (!precondition.etag.empty()) {
+      return absl::NotFoundError(absl::StrCat("no policy '", name, "' (etag ", precondition.etag,
+                                              " was given: it replaces an existing policy; "
+                                              "leave etag empty to create one)"));
+    }
+    return absl::OkStatus();
+  }
+  if (current->config_owned() && !precondition.override_config) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "policy '", name, "' comes from the configuration file",
+        current->overrides_config ? " (overridden through the API)" : "", "; ",
+        deleting ? "deleting" : "replacing",
+        " it through the API needs override_config (admin; audited), and lasts until the next "
+        "configuration reload"));
+  }
+  if (!precondition.etag.empty() && precondition.etag != current->etag) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("policy '", name, "' is at etag ", current->etag, ", not ", precondition.etag,
+                     " (it changed since it was read: list it again)"));
+  }
+  if (!deleting && precondition.etag.empty() && !precondition.allow_replace) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "policy '", name, "' exists (etag ", current->etag,
+        "); pass that etag to replace it, or allow_replace to replace it whatever its etag"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
+
+const char* PolicySourceName(PolicySource source) {
+  switch (source) {
+    case PolicySource::kCode:
+      return "code";
+    case PolicySource::kConfig:
+      return "config";
+    case PolicySource::kApi:
+      return "api";
+  }
+  return "?";
+}
+
+void PolicySet::Stamp(Rule* rule, const Rule* previous) {
+  rule->revision = ++last_revision_;
+  rule->position = previous != nullptr ? previous->position : rule->revision;
+  const std::string& content = rule->origin.empty() ? rule->name : rule->origin;
+  rule->etag = absl::StrFormat("%x-%016x", rule->revision,
+                               Fnv1a64(content) ^ static_cast<uint64_t>(rule->source));
+}
+
+void PolicySet::Upsert(std::vector<std::shared_ptr<const Rule>>* rules,
+                       std::shared_ptr<Rule> rule) {
+  auto it = std::find_if(rules->begin(), rules->end(),
+                         [&](const auto& r) { return r->name == rule->name; });
+  if (it != rules->end()) {
+    Stamp(rule.get(), it->get());
+    *it = std::move(rule);
+  } else {
+    Stamp(rule.get(), nullptr);
+    rules->push_back(std::move(rule));
+  }
+}
 
 std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
   std::string error = PrepareRule(rule.get());
@@ -184,6 +276,51 @@ absl::Status PolicySet::ApplyIf(std::shared_ptr<Rule> rule,
   return absl::OkStatus();
 }
 
+absl::StatusOr<PolicyWrite> PolicySet::ApplyChecked(
+    std::shared_ptr<Rule> rule, const PolicyPrecondition& precondition,
+    const std::function<absl::Status(size_t count_without_it)>& admit) {
+  std::string error = PrepareRule(rule.get());
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  MutexLock lock(&writers_mutex_);
+  PolicyWrite write;
+  write.previous = FindIn(*rules_, rule->name);
+  absl::Status checked =
+      CheckPrecondition(write.previous.get(), rule->name, precondition, /*deleting=*/false);
+  if (!checked.ok()) return checked;
+  const size_t count_without_it = rules_->size() - (write.previous != nullptr ? 1 : 0);
+  absl::Status admitted = admit(count_without_it);
+  if (!admitted.ok()) return admitted;
+  rule->source = PolicySource::kApi;
+  rule->overrides_config = write.previous != nullptr && write.previous->config_owned();
+  write.rule = rule;
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  Upsert(next.get(), std::move(rule));
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  return write;
+}
+
+absl::StatusOr<PolicyWrite> PolicySet::RemoveChecked(const std::string& name,
+                                                     const PolicyPrecondition& precondition) {
+  MutexLock lock(&writers_mutex_);
+  PolicyWrite write;
+  write.previous = FindIn(*rules_, name);
+  absl::Status checked = CheckPrecondition(write.previous.get(), name, precondition, true);
+  if (!checked.ok()) return checked;
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  next->erase(
+      std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; }),
+      next->end());
+  ++last_revision_;  // a later policy of this name gets an etag this one never had
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  return write;
+}
+
+absl::Status PolicySet::CheckWrite(const std::string& name, const PolicyPrecondition& precondition,
+                                   bool deleting) const {
+  const Snapshot snapshot = rules();
+  return CheckPrecondition(FindIn(*snapshot, name).get(), name, precondition, deleting);
+}
+
 std::string PolicySet::Replace(const std::set<std::string>& remove,
                                std::vector<std::shared_ptr<Rule>> add) {
   for (const auto& rule : add) {
@@ -200,6 +337,34 @@ std::string PolicySet::Replace(const std::set<std::string>& remove,
   return "";
 }
 
+std::string PolicySet::ReplaceConfigured(const std::set<std::string>& remove,
+                                         const std::vector<std::shared_ptr<Rule>>& add) {
+  std::vector<std::shared_ptr<Rule>> copies;
+  copies.reserve(add.size());
+  for (const auto& rule : add) {
+    copies.push_back(CopyRule(*rule));
+    copies.back()->source = PolicySource::kConfig;
+    copies.back()->overrides_config = false;
+    std::string error = PrepareRule(copies.back().get());
+    if (!error.empty()) return error;
+  }
+  MutexLock lock(&writers_mutex_);
+  auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
+  next->erase(std::remove_if(next->begin(), next->end(),
+                             [&](const auto& r) { return remove.count(r->name) > 0; }),
+              next->end());
+  for (auto& rule : copies) {
+    const std::shared_ptr<const Rule> current = FindIn(*next, rule->name);
+    if (current != nullptr && current->source == PolicySource::kConfig &&
+        !current->origin.empty() && current->origin == rule->origin) {
+      continue;  // unchanged: same etag, counters kept
+    }
+    Upsert(next.get(), std::move(rule));
+  }
+  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  return "";
+}
+
 bool PolicySet::Remove(const std::string& name) {
   MutexLock lock(&writers_mutex_);
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
@@ -207,8 +372,14 @@ bool PolicySet::Remove(const std::string& name) {
       std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; });
   if (it == next->end()) return false;
   next->erase(it, next->end());
+  ++last_revision_;
   std::atomic_store(&rules_, Snapshot(std::move(next)));
   return true;
+}
+
+std::shared_ptr<const Rule> PolicySet::Find(const std::string& name) const {
+  const Snapshot snapshot = rules();
+  return FindIn(*snapshot, name);
 }
 
 PolicySet::Snapshot PolicySet::rules() const { return std::atomic_load(&rules_); }

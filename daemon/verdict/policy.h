@@ -7,6 +7,7 @@
 #define KVMID_DAEMON_VERDICT_POLICY_H_
 
 #include <absl/status/status.h>
+#include <absl/status/statusor.h>
 
 #include <atomic>
 #include <cstdint>
@@ -56,6 +57,14 @@ struct RuleMatch {
 enum class RuleAction : uint8_t { kContinue, kRetry, kCrash, kKeepOld };
 enum class RuleMode : uint8_t { kEnforce, kMonitor };
 
+// Where a policy came from (ListPolicies shows it as the policy's origin).
+enum class PolicySource : uint8_t {
+  kCode,    // built in code (tests, tools)
+  kConfig,  // the configuration file or the command line: the operator's baseline
+  kApi,     // ApplyPolicy
+};
+const char* PolicySourceName(PolicySource source);
+
 const char* RuleActionName(RuleAction action);
 bool ParseRuleAction(const std::string& text, RuleAction* action);
 
@@ -71,6 +80,24 @@ struct Rule {
   // The serialized kvmi.v1.Policy this rule was made from (empty for rules built in code), so
   // that listing gives back exactly what was applied.
   std::string origin;
+  PolicySource source = PolicySource::kCode;
+  // An API policy that replaced a configured one (ApplyPolicy with override_config): the name
+  // still belongs to the configuration, so writes to it keep needing override_config, and the
+  // next reload or restart puts the configuration's version back.
+  bool overrides_config = false;
+
+  // Set by PolicySet when the rule goes in (callers leave them alone):
+  // the write that put it there (a set-wide counter, never reused), ...
+  uint64_t revision = 0;
+  // ... its place in evaluation order (the revision of the first write of this name still in
+  // the set: a replacement keeps its place; a new name goes last), ...
+  uint64_t position = 0;
+  // ... and the opaque revision tag clients see and send back (ApplyPolicy, DeletePolicy): it
+  // changes with every write of the name.
+  std::string etag;
+
+  // The configuration owns the name: configured, or an API override of a configured policy.
+  bool config_owned() const { return source == PolicySource::kConfig || overrides_config; }
 
   // Hit counters (a rule is shared, immutable but for these).
   mutable std::atomic<uint64_t> hits{0};
@@ -87,6 +114,25 @@ struct PolicyDecision {
   std::vector<std::shared_ptr<const Rule>> monitoring;  // monitor rules that matched
 };
 
+// What a client's write (ApplyPolicy, DeletePolicy) expects of the policy it names. The checks,
+// in order: a configuration-owned policy needs override_config (FAILED_PRECONDITION naming the
+// policy and the flag); an etag must be the policy's current one (FAILED_PRECONDITION naming the
+// current etag; NOT_FOUND when there is no such policy); applying over an existing name with
+// neither an etag nor allow_replace is ALREADY_EXISTS naming the policy and its etag.
+struct PolicyPrecondition {
+  std::string etag;              // non-empty: the policy must be at this etag
+  bool allow_replace = false;    // apply: replace whatever is there (no etag check)
+  bool override_config = false;  // may replace or delete a configuration-owned policy
+};
+
+// The outcome of a checked write.
+struct PolicyWrite {
+  std::shared_ptr<const Rule> rule;      // now in effect (null after a delete)
+  std::shared_ptr<const Rule> previous;  // replaced or deleted (null for a creation)
+  // The write replaced or deleted a configuration-owned policy.
+  bool overrode_config() const { return previous != nullptr && previous->config_owned(); }
+};
+
 // The rule set. Readers take a snapshot (an atomic shared_ptr load); writers replace the
 // snapshot under a mutex, so evaluation never blocks on a policy change.
 class PolicySet {
@@ -101,11 +147,32 @@ class PolicySet {
   absl::Status ApplyIf(std::shared_ptr<Rule> rule,
                        const std::function<absl::Status(size_t count_without_it)>& admit);
   size_t size() const { return rules()->size(); }
+  // A client's write, checked (PolicyPrecondition) and done in one step under the writers' lock,
+  // with `admit` as in ApplyIf. The rule goes in as PolicySource::kApi, marked overrides_config
+  // when it replaces a configuration-owned policy.
+  absl::StatusOr<PolicyWrite> ApplyChecked(
+      std::shared_ptr<Rule> rule, const PolicyPrecondition& precondition,
+      const std::function<absl::Status(size_t count_without_it)>& admit);
+  // DeletePolicy, checked the same way (allow_replace plays no part). NOT_FOUND naming the
+  // policy when there is none.
+  absl::StatusOr<PolicyWrite> RemoveChecked(const std::string& name,
+                                            const PolicyPrecondition& precondition);
+  // The checks of ApplyChecked (deleting = false) or RemoveChecked (true) against the current
+  // set, changing nothing: for a caller that must persist a write before doing it.
+  absl::Status CheckWrite(const std::string& name, const PolicyPrecondition& precondition,
+                          bool deleting) const;
   // In one step (evaluations see the old set or the new one, never a mix): removes the rules
   // named in `remove`, then adds or replaces `add`. Nothing changes if any rule is invalid.
   std::string Replace(const std::set<std::string>& remove, std::vector<std::shared_ptr<Rule>> add);
+  // A configuration (re)load: Replace with copies of `add` marked PolicySource::kConfig, so that
+  // the caller's rules are never changed. A configured policy whose serialized form (origin) is
+  // the one already in effect as configured stays as it is: same etag, counters kept.
+  std::string ReplaceConfigured(const std::set<std::string>& remove,
+                                const std::vector<std::shared_ptr<Rule>>& add);
   bool Remove(const std::string& name);
   Snapshot rules() const;
+  // The policy of that name, or null.
+  std::shared_ptr<const Rule> Find(const std::string& name) const;
 
   PolicyDecision Evaluate(const GuestView& guest, const kvmi::Event& event) const;
   // The union of what every rule matching `guest` needs armed.
@@ -114,6 +181,12 @@ class PolicySet {
  private:
   // Serializes writers; readers load rules_ with std::atomic_load and take no lock.
   Mutex writers_mutex_;
+  uint64_t last_revision_ ABSL_GUARDED_BY(writers_mutex_) = 0;
+  // Sets the rule's revision, position (`previous`'s when it replaces one) and etag.
+  void Stamp(Rule* rule, const Rule* previous) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writers_mutex_);
+  // Adds `rule` to `rules`, stamped, or replaces the one of the same name in place.
+  void Upsert(std::vector<std::shared_ptr<const Rule>>* rules, std::shared_ptr<Rule> rule)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writers_mutex_);
   Snapshot rules_ = std::make_shared<std::vector<std::shared_ptr<const Rule>>>();
 };
 

@@ -140,5 +140,185 @@ TEST(PolicyTest, ApplyReplacesByNameAndRemoveDeletes) {
   EXPECT_FALSE(set.Remove("wp"));
 }
 
+// ---- checked writes (ApplyPolicy / DeletePolicy) --------------------------------------------
+
+absl::Status Admit(size_t) { return absl::OkStatus(); }
+
+std::shared_ptr<Rule> Named(const std::string& name, const std::string& origin = "") {
+  auto rule = ForbidClearCr0WpRule(name, RuleMode::kEnforce);
+  rule->origin = origin.empty() ? name + "-v1" : origin;
+  return rule;
+}
+
+PolicyPrecondition WithEtag(std::string etag) {
+  PolicyPrecondition p;
+  p.etag = std::move(etag);
+  return p;
+}
+
+TEST(PolicyWriteTest, CreateThenReplaceNeedsTheEtagOrAllowReplace) {
+  PolicySet set;
+  absl::StatusOr<PolicyWrite> created = set.ApplyChecked(Named("a"), {}, Admit);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_EQ(created->previous, nullptr);
+  EXPECT_EQ(created->rule->source, PolicySource::kApi);
+  const std::string first = created->rule->etag;
+  EXPECT_FALSE(first.empty());
+
+  // Creating it again: ALREADY_EXISTS naming the policy and its etag; nothing changed.
+  absl::StatusOr<PolicyWrite> again = set.ApplyChecked(Named("a", "a-v2"), {}, Admit);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(again.status().message(), ::testing::HasSubstr("'a'"));
+  EXPECT_THAT(again.status().message(), ::testing::HasSubstr(first));
+  EXPECT_EQ(set.Find("a")->origin, "a-v1");
+
+  // A stale etag: FAILED_PRECONDITION naming the current one.
+  absl::StatusOr<PolicyWrite> stale = set.ApplyChecked(Named("a", "a-v2"), WithEtag("1-0"), Admit);
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(stale.status().message(), ::testing::HasSubstr(first));
+
+  // The current etag replaces it, in place, with a new etag.
+  absl::StatusOr<PolicyWrite> replaced =
+      set.ApplyChecked(Named("a", "a-v2"), WithEtag(first), Admit);
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  EXPECT_EQ(replaced->previous->origin, "a-v1");
+  const std::string second = replaced->rule->etag;
+  EXPECT_NE(second, first);
+  EXPECT_EQ(replaced->rule->position, created->rule->position);
+
+  // The old etag no longer works; allow_replace does, whatever the etag.
+  EXPECT_EQ(set.ApplyChecked(Named("a", "a-v3"), WithEtag(first), Admit).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  PolicyPrecondition blind;
+  blind.allow_replace = true;
+  absl::StatusOr<PolicyWrite> blindly = set.ApplyChecked(Named("a", "a-v3"), blind, Admit);
+  ASSERT_TRUE(blindly.ok()) << blindly.status();
+  EXPECT_NE(blindly->rule->etag, second);
+  // Even re-applying the same content changes the etag (every write does).
+  absl::StatusOr<PolicyWrite> same = set.ApplyChecked(Named("a", "a-v3"), blind, Admit);
+  ASSERT_TRUE(same.ok());
+  EXPECT_NE(same->rule->etag, blindly->rule->etag);
+  // An etag for a name that does not exist: NOT_FOUND (no accidental creation).
+  EXPECT_EQ(set.ApplyChecked(Named("b"), WithEtag(first), Admit).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(set.size(), 1u);
+}
+
+TEST(PolicyWriteTest, DeleteChecksTheEtagAndNamesWhatIsMissing) {
+  PolicySet set;
+  absl::StatusOr<PolicyWrite> created = set.ApplyChecked(Named("a"), {}, Admit);
+  ASSERT_TRUE(created.ok());
+  EXPECT_EQ(set.RemoveChecked("a", WithEtag("nope")).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(set.Find("a"), nullptr);
+  absl::StatusOr<PolicyWrite> removed = set.RemoveChecked("a", WithEtag(created->rule->etag));
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(removed->previous->name, "a");
+  EXPECT_EQ(set.Find("a"), nullptr);
+  absl::StatusOr<PolicyWrite> missing = set.RemoveChecked("a", {});
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), ::testing::HasSubstr("'a'"));
+  // Created again: an etag it never had.
+  absl::StatusOr<PolicyWrite> recreated = set.ApplyChecked(Named("a"), {}, Admit);
+  ASSERT_TRUE(recreated.ok());
+  EXPECT_NE(recreated->rule->etag, created->rule->etag);
+}
+
+TEST(PolicyWriteTest, ConfiguredPoliciesNeedOverrideConfigAndStayConfigOwned) {
+  PolicySet set;
+  ASSERT_EQ(set.ReplaceConfigured({}, {Named("lstar-locked")}), "");
+  const std::shared_ptr<const Rule> configured = set.Find("lstar-locked");
+  ASSERT_NE(configured, nullptr);
+  EXPECT_EQ(configured->source, PolicySource::kConfig);
+  EXPECT_TRUE(configured->config_owned());
+
+  // Neither the etag nor allow_replace is enough to replace or delete it.
+  PolicyPrecondition with_etag = WithEtag(configured->etag);
+  with_etag.allow_replace = true;
+  absl::StatusOr<PolicyWrite> refused =
+      set.ApplyChecked(Named("lstar-locked", "x"), with_etag, Admit);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("lstar-locked"));
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("override_config"));
+  EXPECT_EQ(set.RemoveChecked("lstar-locked", with_etag).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(set.Find("lstar-locked"), configured);
+  // override_config alone is no replace permission: the etag (or allow_replace) is still needed.
+  PolicyPrecondition override_only;
+  override_only.override_config = true;
+  EXPECT_EQ(set.ApplyChecked(Named("lstar-locked", "x"), override_only, Admit).status().code(),
+            absl::StatusCode::kAlreadyExists);
+
+  // With it: an API override, still owned by the configuration.
+  PolicyPrecondition override_with_etag = WithEtag(configured->etag);
+  override_with_etag.override_config = true;
+  absl::StatusOr<PolicyWrite> overridden =
+      set.ApplyChecked(Named("lstar-locked", "monitor"), override_with_etag, Admit);
+  ASSERT_TRUE(overridden.ok()) << overridden.status();
+  EXPECT_TRUE(overridden->overrode_config());
+  EXPECT_EQ(overridden->rule->source, PolicySource::kApi);
+  EXPECT_TRUE(overridden->rule->overrides_config);
+  PolicyPrecondition blind;
+  blind.allow_replace = true;
+  EXPECT_EQ(set.ApplyChecked(Named("lstar-locked", "y"), blind, Admit).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // The next configuration load puts the file's version back.
+  ASSERT_EQ(set.ReplaceConfigured({}, {Named("lstar-locked")}), "");
+  EXPECT_EQ(set.Find("lstar-locked")->source, PolicySource::kConfig);
+  EXPECT_EQ(set.Find("lstar-locked")->origin, "lstar-locked-v1");
+  EXPECT_FALSE(set.Find("lstar-locked")->overrides_config);
+}
+
+TEST(PolicyWriteTest, ReloadKeepsUnchangedConfiguredPoliciesAndCopiesTheCallersRules) {
+  PolicySet set;
+  std::vector<std::shared_ptr<Rule>> config = {Named("a"), Named("b")};
+  ASSERT_EQ(set.ReplaceConfigured({}, config), "");
+  const std::shared_ptr<const Rule> a = set.Find("a");
+  EXPECT_NE(a.get(), config[0].get());  // a copy: the caller's rule is not changed
+  EXPECT_TRUE(config[0]->etag.empty());
+  a->hits += 3;
+  std::vector<std::shared_ptr<Rule>> next = {Named("a"), Named("b", "b-v2")};
+  ASSERT_EQ(set.ReplaceConfigured({}, next), "");
+  EXPECT_EQ(set.Find("a"), a);  // unchanged: same etag, counters kept
+  EXPECT_EQ(set.Find("a")->hits.load(), 3u);
+  EXPECT_EQ(set.Find("b")->origin, "b-v2");
+  // Removed by name.
+  ASSERT_EQ(set.ReplaceConfigured({"a"}, {}), "");
+  EXPECT_EQ(set.Find("a"), nullptr);
+}
+
+TEST(PolicyWriteTest, PositionsGrowAlongEvaluationOrderAndReplacementsKeepTheirs) {
+  PolicySet set;
+  PolicyPrecondition blind;
+  blind.allow_replace = true;
+  for (const char* name : {"a", "b", "c"})
+    ASSERT_TRUE(set.ApplyChecked(Named(name), {}, Admit).ok());
+  ASSERT_TRUE(set.ApplyChecked(Named("a", "a-v2"), blind, Admit).ok());
+  ASSERT_TRUE(set.RemoveChecked("b", {}).ok());
+  ASSERT_TRUE(set.ApplyChecked(Named("d"), {}, Admit).ok());
+  const PolicySet::Snapshot rules = set.rules();
+  std::vector<std::string> names;
+  for (size_t i = 0; i < rules->size(); ++i) {
+    names.push_back((*rules)[i]->name);
+    if (i > 0) EXPECT_LT((*rules)[i - 1]->position, (*rules)[i]->position);
+  }
+  EXPECT_THAT(names, ::testing::ElementsAre("a", "c", "d"));
+}
+
+TEST(PolicyWriteTest, AdmitRefusalAndInvalidRulesChangeNothing) {
+  PolicySet set;
+  absl::StatusOr<PolicyWrite> refused = set.ApplyChecked(
+      Named("a"), {}, [](size_t) { return absl::ResourceExhaustedError("max_policies"); });
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  auto bad = Named("b");
+  bad->action = RuleAction::kKeepOld;
+  bad->match.events = {KVMI_EVENT_PF};
+  EXPECT_EQ(set.ApplyChecked(bad, {}, Admit).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(set.size(), 0u);
+  EXPECT_TRUE(set.CheckWrite("a", {}, false).ok());
+  EXPECT_EQ(set.CheckWrite("a", {}, true).code(), absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -782,7 +782,7 @@ int main(int argc, char** argv) {
            << "verdicts { default_deadline_ms: 1000 default_fallback: ACTION_CONTINUE }\n"
            << "limits { streams_per_identity: " << streams + silent_streams + 64 << " }\n"
            << "policies { name: \"allow-cr3\" match { events: [EVENT_CR] cr: 3 } "
-              "action: ACTION_CONTINUE }\n";
+              "action: ACTION_CONTINUE mode: MODE_ENFORCE }\n";
   }
 
   // Children first, before any thread: the flood child is forked and waits for its "go".

@@ -186,7 +186,9 @@ class AuditLogRecords(unittest.TestCase):
         self.assertEqual(applied["args"]["policy"], "audited")
         self.assertEqual(applied["args"]["rule"], "protect_pages")
         self.assertRecord(deleted, "DeletePolicy", "OK", self.ROOT, None, started, finished)
-        self.assertEqual(deleted["args"], {"policy": "audited"})
+        self.assertEqual(deleted["args"], {"policy": "audited", "etag_given": False,
+                                           "override_config": False})
+        self.assertNotIn("overrode_config", applied["args"])  # its own name: no override
         self.assertLessEqual(parse_time(applied["time"]), parse_time(deleted["time"]))
 
         # A failed mutating call is audited with its code.
@@ -206,7 +208,9 @@ class AuditLogRecords(unittest.TestCase):
         with self.assertRaises(kc.NotFound):
             node.root.delete_policy("marker")
         (marker,) = self.next_lines(1)
-        self.assertEqual((marker["rpc"], marker["args"]), ("DeletePolicy", {"policy": "marker"}))
+        self.assertEqual((marker["rpc"], marker["args"]),
+                         ("DeletePolicy", {"policy": "marker", "etag_given": False,
+                                           "override_config": False}))
 
         # Never the bytes written, in any encoding.
         with open(node.audit, "rb") as f:

@@ -56,7 +56,7 @@ class BadValuesAreRefused(unittest.TestCase):
     def test_bad_policy_in_config(self):
         path = os.path.join(self.dir, "bad.textproto")
         with open(path, "w") as f:
-            f.write('policies { name: "ktext" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rz" } }\n')
+            f.write('policies { name: "ktext" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rz" } mode: MODE_ENFORCE }\n')
         self.assertRefused(["--config=" + path], "policies[0] (ktext)", "protect_pages.allowed")
 
     def test_unknown_group(self):

@@ -123,17 +123,17 @@ class SingleInstance(unittest.TestCase):
 CONFIG_A = """
 guest_labels { name: "sim-vm-0000" labels { key: "tier" value: "dev" } }
 verdicts { default_deadline_ms: 300 }
-policies { name: "cfg-sysenter" lock_msr { msr: 0x176 } }
+policies { name: "cfg-sysenter" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
 """
 
 CONFIG_B = """
 guest_labels { name: "sim-vm-0000" labels { key: "tier" value: "prod" } }
 verdicts { default_deadline_ms: 500 default_fallback: ACTION_CONTINUE }
-policies { name: "cfg-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } }
+policies { name: "cfg-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } mode: MODE_ENFORCE }
 """
 
 CONFIG_BAD = """
-policies { name: "cfg-broken" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } }
+policies { name: "cfg-broken" protect_pages { gpa_first: 0 gpa_last: 4095 allowed: "rq" } mode: MODE_ENFORCE }
 """
 
 
@@ -166,6 +166,25 @@ class SighupReload(unittest.TestCase):
         self.assertEqual(sorted(vm.connections for vm in vms), [1] * VMS, "no guest reconnected")
         self.assertNotIn("session closed", node.log_text(kvmid))
 
+        # An API override of a configured policy needs override_config and lasts until the
+        # next reload, which puts the file's version back (docs/OPERATING.md).
+        monitor_wp = ('name: "cfg-wp" mode: MODE_MONITOR '
+                      'forbid_cr_bits_clear { cr: 0 bits: 0x10000 }')
+        with self.assertRaises(kc.FailedPrecondition):
+            client.apply_policy(monitor_wp, allow_replace=True)
+        self.assertTrue(client.apply_policy(monitor_wp, allow_replace=True,
+                                            override_config=True).overrode_config)
+
+        def wp():
+            return [p for p in client.list_policies() if p.policy.name == "cfg-wp"][0]
+        self.assertEqual((wp().origin, wp().policy.mode),
+                         (kc.pb.POLICY_ORIGIN_API_OVERRIDE, kc.policy_pb.MODE_MONITOR))
+        kvmid.send_signal(signal.SIGHUP)
+        wait_for(lambda: wp().origin == kc.pb.POLICY_ORIGIN_CONFIG, 10, "the file's cfg-wp")
+        self.assertEqual(wp().policy.mode, kc.policy_pb.MODE_ENFORCE)
+        wait_for(lambda: "API override of configured policy cfg-wp" in node.log_text(kvmid), 10,
+                 "the override's end in the log")
+
         self.write_config(config, CONFIG_BAD)
         kvmid.send_signal(signal.SIGHUP)
         wait_for(lambda: "new configuration refused" in node.log_text(kvmid), 10,
@@ -189,11 +208,11 @@ def write_atomically(path, text):
 
 CONFIG_TWO_MAX = """
 limits { max_policies: 2 }
-policies { name: "cfg-sysenter" lock_msr { msr: 0x176 } }
+policies { name: "cfg-sysenter" lock_msr { msr: 0x176 } mode: MODE_ENFORCE }
 """
 
 CONFIG_TWO_MAX_MORE = CONFIG_TWO_MAX + """
-policies { name: "cfg-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } }
+policies { name: "cfg-wp" forbid_cr_bits_clear { cr: 0 bits: 0x10000 } mode: MODE_ENFORCE }
 """
 
 

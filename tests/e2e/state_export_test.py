@@ -25,7 +25,8 @@ from tests.test_support import stop_process, wait_for
 KVMID = "daemon/kvmid"
 KVMI_SIM = "kernel/sim/kvmi-sim"
 LSTAR = 0xC0000082
-POLICY = 'name: "e2e-lstar" description: "applied through the API" lock_msr { msr: 0xC0000082 }'
+POLICY = ('name: "e2e-lstar" description: "applied through the API" mode: MODE_ENFORCE '
+          'lock_msr { msr: 0xC0000082 }')
 
 
 class Node:
@@ -130,7 +131,7 @@ class PoliciesSurviveSigkill(unittest.TestCase):
         node.start_sim(vms=2)
         client = node.client()
         node.hooked(client, 2)
-        self.assertFalse(client.apply_policy(POLICY))
+        self.assertFalse(client.apply_policy(POLICY).replaced)
         # Persisted before the call returned: the file holds it now.
         with open(node.state_file) as f:
             self.assertIn('name: "e2e-lstar"', f.read())

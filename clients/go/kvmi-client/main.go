@@ -221,8 +221,9 @@ func listPolicies(ctx context.Context, client kvmiv1.IntrospectionClient) error 
 		pages++
 		for _, s := range resp.GetPolicies() {
 			count++
-			fmt.Printf("policy %s mode=%s hits=%d enforced=%d\n", s.GetPolicy().GetName(),
-				s.GetPolicy().GetMode(), s.GetCounters().GetHits(), s.GetCounters().GetEnforced())
+			fmt.Printf("policy %s mode=%s origin=%s etag=%s hits=%d enforced=%d\n",
+				s.GetPolicy().GetName(), s.GetPolicy().GetMode(), s.GetOrigin(), s.GetEtag(),
+				s.GetCounters().GetHits(), s.GetCounters().GetEnforced())
 		}
 		if resp.GetNextPageToken() == "" {
 			break
@@ -233,21 +234,39 @@ func listPolicies(ctx context.Context, client kvmiv1.IntrospectionClient) error 
 	return nil
 }
 
+// allVMs returns every guest, following ListVMs' pages (sorted by UUID; next_page_token is
+// empty on the last one).
+func allVMs(ctx context.Context, client kvmiv1.IntrospectionClient) ([]*kvmiv1.VM, error) {
+	var vms []*kvmiv1.VM
+	req := &kvmiv1.ListVMsRequest{}
+	for {
+		resp, err := client.ListVMs(ctx, req)
+		if err != nil {
+			return nil, fmt.Errorf("ListVMs: %v", err)
+		}
+		vms = append(vms, resp.GetVms()...)
+		if resp.GetNextPageToken() == "" {
+			return vms, nil
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
+}
+
 func listVMs(ctx context.Context, client kvmiv1.IntrospectionClient) error {
 	for {
-		resp, err := client.ListVMs(ctx, &kvmiv1.ListVMsRequest{})
+		vms, err := allVMs(ctx, client)
 		if err != nil {
-			return fmt.Errorf("ListVMs: %v", err)
+			return err
 		}
 		hooked := 0
-		for _, vm := range resp.GetVms() {
+		for _, vm := range vms {
 			if vm.GetState() == kvmiv1.VMState_VM_STATE_HOOKED {
 				hooked++
 			}
 		}
 		if hooked >= *waitVMs {
-			fmt.Printf("vms: %d (%d hooked)\n", len(resp.GetVms()), hooked)
-			for _, vm := range resp.GetVms() {
+			fmt.Printf("vms: %d (%d hooked)\n", len(vms), hooked)
+			for _, vm := range vms {
 				fmt.Printf("vm %s name=%s state=%s vcpus=%d kvmi_version=%d events=%d transport=%s\n",
 					vm.GetUuid(), vm.GetName(), vm.GetState(), vm.GetVcpuCount(), vm.GetKvmiVersion(),
 					vm.GetEvents(), vm.GetTransport())

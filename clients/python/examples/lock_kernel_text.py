@@ -48,7 +48,8 @@ def main():
         policy = kc.protect_pages_policy(
             name, first, last, allowed=args.allow, vms=[vm.uuid], monitor=args.monitor,
             description="lock_kernel_text.py: %s text 0x%x-0x%x" % (vm.name, first, last))
-        replaced = client.apply_policy(policy)
+        # The example's own policy name: re-running it replaces its earlier policy.
+        replaced = client.apply_policy(policy, allow_replace=True).replaced
         print("%s %s: %s pages 0x%x-0x%x keep only '%s'%s" % (
             "replaced" if replaced else "applied", name, vm.name or vm.uuid, first, last,
             args.allow, " (monitor)" if args.monitor else ""), flush=True)

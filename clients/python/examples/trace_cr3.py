@@ -46,7 +46,7 @@ def main():
             policy.match.events.append(kc.policy_pb.EVENT_CR)
             policy.match.cr = 3
             policy.guests.names.extend(args.vm)
-            client.apply_policy(policy)
+            client.apply_policy(policy, allow_replace=True)  # its own name: re-runs replace it
         stream = client.events(allow=kc.event_filter(vms=args.vm, events=["cr"], crs=[3]))
         if args.duration:
             # The stream blocks between events; cancelling it ends the loop on time.

@@ -9,6 +9,7 @@ paths, then bazel-out/k8-opt/bin.
 import datetime
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -323,7 +324,9 @@ class E2ETest(unittest.TestCase):
                   "action": "ACTION_CONTINUE", "guests": {"names": [self.name(2)]},
                   "protectPages": {"gpaFirst": str(DATA[0]), "gpaLast": str(DATA[1]),
                                    "allowed": "r"}}
-        self.assertFalse(self.client.apply_policy(policy))
+        created = self.client.apply_policy(policy)
+        self.assertFalse(created.replaced)
+        self.assertTrue(created.etag)
         try:
             def hits():
                 for s in self.client.policies():
@@ -336,9 +339,23 @@ class E2ETest(unittest.TestCase):
             lease = "policy:" + name
             self.assertIn(lease, {l.owner for l in self.client.get_vm(self.name(2)).leases})
             self.assertNotIn(lease, {l.owner for l in self.client.get_vm(self.name(1)).leases})
-            self.assertTrue(self.client.apply_policy(kc.parse_policy(
+            self.assertEqual(status.etag, created.etag)
+            self.assertEqual(status.origin, kc.pb.POLICY_ORIGIN_API)
+            smaller = kc.parse_policy(
                 'name: "%s" mode: MODE_MONITOR action: ACTION_CONTINUE '
-                'protect_pages { gpa_first: 0x200000 gpa_last: 0x200fff allowed: "r" }' % name)))
+                'protect_pages { gpa_first: 0x200000 gpa_last: 0x200fff allowed: "r" }' % name)
+            # Creating it again is refused; replacing needs the current etag.
+            with self.assertRaises(kc.AlreadyExists) as cm:
+                self.client.apply_policy(smaller)
+            self.assertIn(created.etag, cm.exception.message)
+            replaced = self.client.apply_policy(smaller, etag=created.etag)
+            self.assertTrue(replaced.replaced)
+            self.assertNotEqual(replaced.etag, created.etag)
+            with self.assertRaises(kc.FailedPrecondition) as cm:
+                self.client.apply_policy(smaller, etag=created.etag)  # stale now
+            self.assertIn(replaced.etag, cm.exception.message)
+            with self.assertRaises(kc.FailedPrecondition):
+                self.client.delete_policy(name, etag=created.etag)
         finally:
             self.client.delete_policy(name)
         self.assertNotIn(name, [s.policy.name for s in self.client.policies()])
@@ -378,6 +395,35 @@ class E2ETest(unittest.TestCase):
                     self.client.delete_policy(name)
                 except kc.NotFound:
                     pass
+
+    def test_configured_policies_are_protected_and_mode_is_required(self):
+        lstar = [s for s in self.client.list_policies() if s.policy.name == "lstar-locked"][0]
+        self.assertEqual(lstar.origin, kc.pb.POLICY_ORIGIN_CONFIG)
+        weaker = kc.parse_policy('name: "lstar-locked" mode: MODE_MONITOR '
+                                 'lock_msr { msr: 0xc0000082 }')
+        for kwargs in ({}, {"allow_replace": True}, {"etag": lstar.etag}):
+            with self.assertRaises(kc.KvmiError) as cm:
+                self.client.apply_policy(weaker, **kwargs)
+            self.assertIn("lstar-locked", cm.exception.message)
+        with self.assertRaises(kc.FailedPrecondition) as cm:
+            self.client.delete_policy("lstar-locked")
+        self.assertIn("override_config", cm.exception.message)
+        after = [s for s in self.client.list_policies() if s.policy.name == "lstar-locked"][0]
+        self.assertEqual((after.etag, after.policy.mode), (lstar.etag, kc.policy_pb.MODE_ENFORCE))
+        no_mode = kc.parse_policy('name: "py-no-mode" lock_msr { msr: 0x176 }')
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client.apply_policy(no_mode)
+        self.assertIn("policy.mode", cm.exception.message)
+
+    def test_list_vms_follows_the_pages(self):
+        every = self.client.list_vms()
+        self.assertGreaterEqual(len(every), 2)
+        self.assertEqual([vm.uuid for vm in every], sorted(vm.uuid for vm in every))
+        self.assertEqual([vm.uuid for vm in self.client.list_vms(page_size=1)],
+                         [vm.uuid for vm in every])
+        with self.assertRaises(kc.InvalidArgument) as cm:
+            self.client._unary("ListVMs", kc.pb.ListVMsRequest(page_token="forged"))
+        self.assertIn("page_token", cm.exception.message)
 
     def test_apply_rejects_bad_policies_naming_the_field(self):
         bad = kc.protect_pages_policy("py-bad", 0x1000, 0x1FFF, allowed="q")
@@ -811,8 +857,8 @@ class E2ETest(unittest.TestCase):
         with tempfile.TemporaryDirectory(dir="/tmp") as d:
             text = os.path.join(d, "p.textproto")
             with open(text, "w") as f:
-                f.write('# a comment\nname: "ctl-msr"\nlock_msr { msr: 0x176 }\n'
-                        'guests { names: ["%s"] }\n' % self.name(1))
+                f.write('# a comment\nname: "ctl-msr"\nmode: MODE_ENFORCE\n'
+                        'lock_msr { msr: 0x176 }\nguests { names: ["%s"] }\n' % self.name(1))
             as_json = os.path.join(d, "p.json")
             with open(as_json, "w") as f:
                 json.dump({"name": "ctl-cr4", "forbidCrBitsClear": {"cr": 4, "bits": "1048576"},
@@ -821,15 +867,31 @@ class E2ETest(unittest.TestCase):
             with open(bad, "w") as f:
                 json.dump({"name": "ctl-bad", "forbidCrBitsClear": {"cr": 7, "bits": "1"}}, f)
             try:
-                self.assertIn("policy ctl-msr applied", self.assertCtlOk(self.ctl("apply", text)))
+                out = self.assertCtlOk(self.ctl("apply", text))
+                self.assertIn("policy ctl-msr created", out)
+                etag = re.search(r"\(etag (\S+)\)", out).group(1)
+                # Applying it again: it exists (exit 1); --etag or --replace replace it.
+                self.assertCtlFails(self.ctl("apply", text), 1, "ALREADY_EXISTS", etag)
+                out = self.assertCtlOk(self.ctl("apply", text, "--etag", etag))
+                self.assertIn("policy ctl-msr replaced", out)
+                self.assertCtlFails(self.ctl("apply", text, "--etag", etag), 1,
+                                    "FAILED_PRECONDITION")
                 self.assertIn("policy ctl-msr replaced",
-                              self.assertCtlOk(self.ctl("apply", text)))
-                self.assertIn("policy ctl-cr4 applied",
+                              self.assertCtlOk(self.ctl("apply", text, "--replace")))
+                self.assertIn("policy ctl-cr4 created",
                               self.assertCtlOk(self.ctl("apply", as_json)))
-                out = self.assertCtlOk(self.ctl("policies"))
-                self.assertRegex(out, r"ctl-msr\s+ENFORCE\s+lock_msr")
+                out = self.assertCtlOk(self.ctl("policies", "--page-size", "2"))
+                self.assertRegex(out, r"ctl-msr\s+ENFORCE\s+lock_msr\s+default\s+api\s")
                 self.assertRegex(out, r"ctl-cr4\s+MONITOR\s+forbid_cr_bits_clear")
-                self.assertRegex(out, r"lstar-locked\s+ENFORCE\s+lock_msr\s+default\s+[1-9]")
+                self.assertRegex(
+                    out, r"lstar-locked\s+ENFORCE\s+lock_msr\s+default\s+config\s+\S+\s+[1-9]")
+                # The configuration's baseline is not replaced or deleted by accident.
+                lstar = os.path.join(d, "lstar.textproto")
+                with open(lstar, "w") as f:
+                    f.write('name: "lstar-locked" mode: MODE_MONITOR lock_msr { msr: 0xc0000082 }')
+                self.assertCtlFails(self.ctl("apply", lstar, "--replace"), 1,
+                                    "FAILED_PRECONDITION", "override_config")
+                self.assertCtlFails(self.ctl("delete", "lstar-locked"), 1, "FAILED_PRECONDITION")
                 listed = [json.loads(l) for l in
                           self.assertCtlOk(self.ctl("policies", "--json")).splitlines()]
                 self.assertIn("ctl-msr", [p["policy"]["name"] for p in listed])

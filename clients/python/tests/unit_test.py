@@ -203,6 +203,90 @@ class StreamRequestTest(unittest.TestCase):
             self.request(allow=["cr"])
 
 
+class PagingTest(unittest.TestCase):
+    """list_vms()/list_policies() follow next_page_token to the end (a stub plays kvmid)."""
+
+    class PagedStub:
+        def __init__(self, items, make_response, field):
+            self.items, self.make_response, self.field = items, make_response, field
+            self.requests = []
+
+        def __call__(self, request, timeout=None):
+            self.requests.append((request.page_size, request.page_token))
+            start = int(request.page_token or 0)
+            end = min(start + (request.page_size or 2), len(self.items))
+            response = self.make_response()
+            getattr(response, self.field).extend(self.items[start:end])
+            if end < len(self.items):
+                response.next_page_token = str(end)
+            return response
+
+    def client_with(self, **methods):
+        client = kc.Client("unix:/nonexistent/kvmid.sock")
+        client._ready = True  # no daemon: the stub answers
+
+        class Stub:
+            pass
+        stub = Stub()
+        for name, method in methods.items():
+            setattr(stub, name, method)
+        client._stub = stub
+        return client
+
+    def test_list_vms_and_list_policies_iterate_every_page(self):
+        vms = [kc.pb.VM(name="vm-%d" % i, uuid="00000000-0000-0000-0000-%012d" % i)
+               for i in range(5)]
+        policies = [kc.pb.PolicyStatus(policy=kc.policy_pb.Policy(name="p%d" % i),
+                                       etag="e%d" % i) for i in range(7)]
+        list_vms = self.PagedStub(vms, kc.pb.ListVMsResponse, "vms")
+        list_policies = self.PagedStub(policies, kc.pb.ListPoliciesResponse, "policies")
+        client = self.client_with(ListVMs=list_vms, ListPolicies=list_policies)
+        self.assertEqual([vm.name for vm in client.list_vms()], ["vm-%d" % i for i in range(5)])
+        self.assertEqual(list_vms.requests, [(0, ""), (0, "2"), (0, "4")])
+        self.assertEqual([s.etag for s in client.list_policies(page_size=3)],
+                         ["e%d" % i for i in range(7)])
+        self.assertEqual(list_policies.requests, [(3, ""), (3, "3"), (3, "6")])
+        self.assertEqual(len(client.policies()), 7)
+
+    def test_apply_and_delete_pass_etag_and_flags(self):
+        seen = []
+
+        def apply(request, timeout=None):
+            seen.append(request)
+            return kc.pb.ApplyPolicyResponse(replaced=bool(request.etag), etag="next")
+
+        def delete(request, timeout=None):
+            seen.append(request)
+            return kc.pb.DeletePolicyResponse(overrode_config=request.override_config)
+        client = self.client_with(ApplyPolicy=apply, DeletePolicy=delete)
+        response = client.apply_policy('name: "x" mode: MODE_ENFORCE lock_msr { msr: 0x176 }',
+                                       etag="e1", override_config=True)
+        self.assertEqual((response.replaced, response.etag), (True, "next"))
+        self.assertEqual((seen[0].etag, seen[0].allow_replace, seen[0].override_config),
+                         ("e1", False, True))
+        client.apply_policy({"name": "y", "mode": "MODE_MONITOR", "lockMsr": {"msr": 374}},
+                            allow_replace=True)
+        self.assertTrue(seen[1].allow_replace)
+        self.assertTrue(client.delete_policy("x", etag="e2", override_config=True).overrode_config)
+        self.assertEqual((seen[2].name, seen[2].etag), ("x", "e2"))
+
+    def test_already_exists_has_its_own_error_class(self):
+        class FakeRpcError(grpc.RpcError):
+            def code(self):
+                return grpc.StatusCode.ALREADY_EXISTS
+
+            def details(self):
+                return "policy 'x' exists (etag 1-2)"
+        error = kc._wrap(FakeRpcError())
+        self.assertIsInstance(error, kc.AlreadyExists)
+        self.assertIn("etag 1-2", error.message)
+
+    def test_kvmictl_page_size_is_checked(self):
+        result = run_ctl("vms", "--page-size", "-1")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("page size", result.stderr)
+
+
 class TlsOptionsTest(unittest.TestCase):
     """Client(ca=, cert=, key=): checked before any connection."""
 
