@@ -43,7 +43,8 @@ __all__ = [
     "Unreachable", "EventsDropped", "Dropped", "event_filter", "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
-    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
+    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES", "context_request",
+    "MAX_CONTEXT_BYTES",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -52,6 +53,33 @@ DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
 # 52-bit guest-physical address space.
 STREAM_CHUNK_BYTES = 256 << 10
 PHYSICAL_ADDRESS_LIMIT = 1 << 52
+# Event context (issue 15): the most bytes one block may ask for (kvmid's vmem::kMaxContextBytes).
+MAX_CONTEXT_BYTES = 256
+
+
+def _block_bytes(name):
+    def get(context):
+        return getattr(context, name).data if context.HasField(name) else b""
+    get.__doc__ = ("The bytes kvmid read at %s with the event (b'' when none were asked for); "
+                   "context.%s.complete says whether it is all of them, .why why not." % (name, name))
+    return property(get)
+
+
+# event.context.rip_bytes / rsp_bytes / pf_bytes on every kvmi.v1.Event (handler's or streamed).
+pb.EventContext.rip_bytes = _block_bytes("rip")
+pb.EventContext.rsp_bytes = _block_bytes("rsp")
+pb.EventContext.pf_bytes = _block_bytes("pf")
+
+
+def context_request(rip_bytes=0, rsp_bytes=0, pf_bytes=0):
+    """A kvmi.v1.ContextRequest (bytes kvmid reads with each event: at RIP, at RSP, around a
+    PF's address), or None when nothing is asked. Each at most MAX_CONTEXT_BYTES."""
+    for name, n in (("rip_bytes", rip_bytes), ("rsp_bytes", rsp_bytes), ("pf_bytes", pf_bytes)):
+        if not 0 <= n <= MAX_CONTEXT_BYTES:
+            raise ValueError("%s: %d is outside 0..%d" % (name, n, MAX_CONTEXT_BYTES))
+    if not (rip_bytes or rsp_bytes or pf_bytes):
+        return None
+    return pb.ContextRequest(rip_bytes=rip_bytes, rsp_bytes=rsp_bytes, pf_bytes=pf_bytes)
 
 
 class DumpStats:
@@ -660,9 +688,12 @@ class Client:
         return self._unary("GetVM", pb.GetVMRequest(vm=vm))
 
     # Events.
-    def events(self, allow=None, deny=None, registers=False, max_queue=0, drops="yield"):
+    def events(self, allow=None, deny=None, registers=False, max_queue=0, drops="yield",
+               rip_bytes=0, rsp_bytes=0, pf_bytes=0):
         """Opens StreamEvents. `allow`/`deny` are EventFilters (see event_filter) or None;
         `drops` is "yield" (Dropped items in the stream), "raise" (EventsDropped) or "ignore".
+        rip_bytes/rsp_bytes/pf_bytes: bytes kvmid reads with each event (event.context.rip_bytes,
+        ...; see context_request).
         A bad filter raises InvalidArgument on the first iteration (that is when the server
         answers). Returns an EventStream."""
         if drops not in ("yield", "raise", "ignore"):
@@ -672,6 +703,9 @@ class Client:
             request.allow.CopyFrom(allow)
         if deny is not None:
             request.deny.CopyFrom(deny)
+        context = context_request(rip_bytes, rsp_bytes, pf_bytes)
+        if context is not None:
+            request.context.CopyFrom(context)
         self._connect()
         return EventStream(self._stub.StreamEvents(request), drops)
 
@@ -942,9 +976,11 @@ class Client:
         return self._stub.WatchVMs(pb.WatchVMsRequest())
 
     def attach(self, handler_id, vms=(), events=(), deadline_ms=0, fallback=None, arm_events=(),
-               arm_crs=(), arm_msrs=()):
+               arm_crs=(), arm_msrs=(), rip_bytes=0, rsp_bytes=0, pf_bytes=0):
         """Opens an Attach stream as a verdict handler; returns a Handler. `events` are the
-        blocking event types it answers; arm_* what kvmid enables for it (released with it)."""
+        blocking event types it answers; arm_* what kvmid enables for it (released with it).
+        rip_bytes/rsp_bytes/pf_bytes: bytes kvmid reads with each event before sending it, so
+        that the handler decides without a read of its own (event.context.rip_bytes, ...)."""
         claim = pb.Claim(handler_id=handler_id, vms=list(vms),
                          events=[event_type(e) for e in events], deadline_ms=deadline_ms,
                          arm_events=[event_type(e) for e in arm_events],
@@ -952,6 +988,9 @@ class Client:
                          arm_msrs=[parse_int(m) for m in arm_msrs])
         if fallback is not None:
             claim.fallback = policy_pb.Action.Value("ACTION_" + str(fallback).upper())
+        context = context_request(rip_bytes, rsp_bytes, pf_bytes)
+        if context is not None:
+            claim.context.CopyFrom(context)
         self._connect()
         try:
             return Handler(self._stub, claim)

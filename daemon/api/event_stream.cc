@@ -42,6 +42,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
         admission_(std::move(admission)),
         include_registers_(include_registers) {}
 
+  // What the stream asked kvmid to read with events (issue 15), until the stream is done.
+  void HoldContextDemand(VerdictPipeline::ContextDemandLease lease) {
+    context_demand_ = std::move(lease);
+  }
+
   void Start(std::unique_ptr<EventFanout::Subscription> subscription) {
     subscription_ = std::move(subscription);
     fanout_->Start(subscription_.get());
@@ -68,6 +73,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   // Exactly once, after Finish: the fan-out no longer knows the stream.
   void OnDone() override {
     admission_.Release();
+    context_demand_.Reset();
     subscription_.reset();
     limits_->Freed(kStreamBaseBytes);
     delete this;
@@ -79,6 +85,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   StreamLimits::Admission admission_;
   const bool include_registers_;
   std::unique_ptr<EventFanout::Subscription> subscription_;
+  VerdictPipeline::ContextDemandLease context_demand_;
   kvmi::v1::EventMessage message_;
   uint64_t dropped_total_ = 0;
 };
@@ -189,6 +196,11 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
     return FinishedStream<Finished>(
         InvalidArgument("max_queue", "at most " + std::to_string(kMaxStreamQueue)));
   }
+  vmem::ContextDemand context;
+  if (request.has_context()) {
+    Status s = ContextDemandFromProto(request.context(), "context", &context);
+    if (!s.ok()) return FinishedStream<Finished>(s);
+  }
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) call.AuditLimitRefusal(admitted);
@@ -199,6 +211,17 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   if (request.resume_after() != 0) cursor = history_->CursorAfter(request.resume_after(), &lost);
   auto* reactor = new EventStreamReactor(fanout_.get(), limits_, std::move(admission),
                                          request.include_registers());
+  if (!context.empty()) {
+    // Only for the types the allow filter lets through (none named: every type).
+    uint32_t types = 0;
+    if (request.has_allow()) {
+      for (int i = 0; i < request.allow().events_size(); ++i) {
+        uint8_t id;
+        if (FromEventType(request.allow().events(i), &id)) types |= 1u << id;
+      }
+    }
+    reactor->HoldContextDemand(daemon_->pipeline().AddContextDemand(types, context));
+  }
   auto visible =
       std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
   reactor->Start(fanout_->Subscribe(reactor, std::move(allow), std::move(deny), std::move(visible),
