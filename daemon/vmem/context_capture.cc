@@ -88,12 +88,11 @@ std::shared_ptr<ContextCapture> ContextCapture::Start(std::shared_ptr<PhysicalMe
                                                       const ContextDemand& demand, Done done) {
   std::shared_ptr<ContextCapture> capture(
       new ContextCapture(std::move(memory), std::move(cache), event, std::move(done)));
-  capture->blocks_ = PlanBlocks(event, demand);
-  capture->Begin(demand);
+  capture->Begin(event, demand);
   return capture;
 }
 
-void ContextCapture::Begin(const ContextDemand&) {
+void ContextCapture::Begin(const kvmi::Event& event, const ContextDemand& demand) {
   // Set up every piece first (under the lock), then start the walks and reads outside it: they
   // may answer inline.
   struct Pending {
@@ -106,6 +105,7 @@ void ContextCapture::Begin(const ContextDemand&) {
   Done done;
   {
     MutexLock lock(&mu_);
+    blocks_ = PlanBlocks(event, demand);
     const auto now = TranslationCache::Clock::now();
     for (size_t b = 0; b < blocks_.size(); ++b) {
       ContextBlock& block = blocks_[b];

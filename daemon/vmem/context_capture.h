@@ -81,7 +81,7 @@ class ContextCapture : public std::enable_shared_from_this<ContextCapture> {
 
   ContextCapture(std::shared_ptr<PhysicalMemory> memory, std::shared_ptr<TranslationCache> cache,
                  const kvmi::Event& event, Done done);
-  void Begin(const ContextDemand& demand) ABSL_LOCKS_EXCLUDED(mu_);
+  void Begin(const kvmi::Event& event, const ContextDemand& demand) ABSL_LOCKS_EXCLUDED(mu_);
   void Translated(size_t piece, absl::StatusOr<Translation> translation) ABSL_LOCKS_EXCLUDED(mu_);
   void ReadDone(size_t piece, absl::StatusOr<std::vector<uint8_t>> bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Marks `piece` done; answers when it was the last one.
