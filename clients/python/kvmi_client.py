@@ -44,7 +44,8 @@ __all__ = [
     "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
-    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
+    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES", "context_request",
+    "MAX_CONTEXT_BYTES",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -53,6 +54,33 @@ DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
 # 52-bit guest-physical address space.
 STREAM_CHUNK_BYTES = 256 << 10
 PHYSICAL_ADDRESS_LIMIT = 1 << 52
+# Event context (issue 15): the most bytes one block may ask for (kvmid's vmem::kMaxContextBytes).
+MAX_CONTEXT_BYTES = 256
+
+
+def _block_bytes(name):
+    def get(context):
+        return getattr(context, name).data if context.HasField(name) else b""
+    get.__doc__ = ("The bytes kvmid read at %s with the event (b'' when none were asked for); "
+                   "context.%s.complete says whether it is all of them, .why why not." % (name, name))
+    return property(get)
+
+
+# event.context.rip_bytes / rsp_bytes / pf_bytes on every kvmi.v1.Event (handler's or streamed).
+pb.EventContext.rip_bytes = _block_bytes("rip")
+pb.EventContext.rsp_bytes = _block_bytes("rsp")
+pb.EventContext.pf_bytes = _block_bytes("pf")
+
+
+def context_request(rip_bytes=0, rsp_bytes=0, pf_bytes=0):
+    """A kvmi.v1.ContextRequest (bytes kvmid reads with each event: at RIP, at RSP, around a
+    PF's address), or None when nothing is asked. Each at most MAX_CONTEXT_BYTES."""
+    for name, n in (("rip_bytes", rip_bytes), ("rsp_bytes", rsp_bytes), ("pf_bytes", pf_bytes)):
+        if not 0 <= n <= MAX_CONTEXT_BYTES:
+            raise ValueError("%s: %d is outside 0..%d" % (name, n, MAX_CONTEXT_BYTES))
+    if not (rip_bytes or rsp_bytes or pf_bytes):
+        return None
+    return pb.ContextRequest(rip_bytes=rip_bytes, rsp_bytes=rsp_bytes, pf_bytes=pf_bytes)
 
 
 class DumpStats:
@@ -714,7 +742,8 @@ class Client:
 
     # Events.
     def events(self, allow=None, deny=None, registers=False, max_queue=0, drops="yield",
-               heartbeat=None, heartbeats=False, fields=None, resume_after=0):
+               heartbeat=None, heartbeats=False, fields=None, resume_after=0, rip_bytes=0,
+               rsp_bytes=0, pf_bytes=0):
         """Opens StreamEvents. `allow`/`deny`: an EventFilter (see event_filter), a list of them,
         or None. An event is sent when any allow filter matches (none: every event) and no deny
         filter does. `drops` is "yield" (Dropped items in the stream), "raise" (EventsDropped)
@@ -722,6 +751,8 @@ class Client:
         default, 0: none); `heartbeats=True` yields them (Heartbeat items), else they are only
         recorded (EventStream.last_heartbeat). `fields`: the Event field names to receive (None:
         every field; id is always sent). `resume_after`: an event id to resume after.
+        rip_bytes/rsp_bytes/pf_bytes: bytes kvmid reads with each event (event.context.rip_bytes,
+        ...; see context_request).
         A bad filter, an unknown guest in a filter (NotFound) or an unknown field raises on the
         first iteration (that is when the server answers). Returns an EventStream."""
         if drops not in ("yield", "raise", "ignore"):
@@ -734,6 +765,9 @@ class Client:
             request.heartbeat_interval.FromNanoseconds(int(round(float(heartbeat) * 1e9)))
         if fields is not None:
             request.field_mask.paths.extend(fields)
+        context = context_request(rip_bytes, rsp_bytes, pf_bytes)
+        if context is not None:
+            request.context.CopyFrom(context)
         self._connect()
         return EventStream(self._stub.StreamEvents(request), drops, heartbeats)
 
@@ -1022,10 +1056,12 @@ class Client:
         return self._stub.WatchVMs(pb.WatchVMsRequest())
 
     def attach(self, handler_id, vms=(), events=(), deadline_ms=0, fallback=None, arm_events=(),
-               arm_crs=(), arm_msrs=(), fields=None):
+               arm_crs=(), arm_msrs=(), fields=None, rip_bytes=0, rsp_bytes=0, pf_bytes=0):
         """Opens an Attach stream as a verdict handler; returns a Handler. `events` are the
         blocking event types it answers; arm_* what kvmid enables for it (released with it);
-        `fields` the Event field names it reads (None: every field; id is always sent)."""
+        `fields` the Event field names it reads (None: every field; id is always sent).
+        rip_bytes/rsp_bytes/pf_bytes: bytes kvmid reads with each event before sending it, so
+        that the handler decides without a read of its own (event.context.rip_bytes, ...)."""
         claim = pb.Claim(handler_id=handler_id, vms=list(vms),
                          events=[event_type(e) for e in events], deadline_ms=deadline_ms,
                          arm_events=[event_type(e) for e in arm_events],
@@ -1035,6 +1071,9 @@ class Client:
             claim.field_mask.paths.extend(fields)
         if fallback is not None:
             claim.fallback = policy_pb.Action.Value("ACTION_" + str(fallback).upper())
+        context = context_request(rip_bytes, rsp_bytes, pf_bytes)
+        if context is not None:
+            claim.context.CopyFrom(context)
         self._connect()
         try:
             return Handler(self._stub, claim)

@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "daemon/vmem/context_capture.h"
 #include "daemon/vmem/session_reader.h"
 #include "daemon/vmem/virtual_read.h"
 #include "kernel/abi/protocol.h"
@@ -52,9 +53,22 @@ std::optional<vmem::PagingMode> PagingModeFromProto(kvmi::v1::PagingMode mode) {
 
 AddressTranslation::AddressTranslation(Registry* registry, VerdictPipeline* pipeline,
                                        vmem::CacheOptions options)
-    : guests_(registry), pipeline_(pipeline), options_(options) {}
+    : guests_(registry), pipeline_(pipeline), options_(options) {
+  // Event context (issue 15) reads through the same caches: the RIP page of a vCPU is a cache
+  // hit after its first event.
+  if (pipeline_ == nullptr) return;
+  pipeline_->set_context_capturer(
+      [this](const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
+             const kvmi::Event& event, const vmem::ContextDemand& demand,
+             vmem::ContextCapture::Done done) {
+        return vmem::ContextCapture::Start(std::make_shared<vmem::SessionMemory>(session),
+                                           CacheFor(Target{guest, session}), event, demand,
+                                           std::move(done));
+      });
+}
 
 AddressTranslation::~AddressTranslation() {
+  if (pipeline_ != nullptr) pipeline_->set_context_capturer(nullptr);
   std::optional<uint64_t> observer;
   {
     MutexLock lock(&mu_);

@@ -58,6 +58,11 @@ Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& limits,
                             "claim.deadline_ms is " + std::to_string(claim.deadline_ms()) + " ms"));
   }
   handler_claim->deadline = std::chrono::milliseconds(claim.deadline_ms());
+  if (claim.has_context()) {
+    Status context =
+        ContextDemandFromProto(claim.context(), "claim.context", &handler_claim->context);
+    if (!context.ok()) return context;
+  }
   handler_claim->max_held = static_cast<uint32_t>(limits.max_held_events_per_handler);
   switch (claim.fallback()) {
     case kvmi::v1::ACTION_UNSPECIFIED:

@@ -118,7 +118,8 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
     }
     pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
   }
-  ObservedEvent observed{ctx.guest, ctx.event, Verdict(), {}, ctx.event_id, {}, ctx.time};
+  ObservedEvent observed{ctx.guest,    ctx.event, Verdict(), {},
+                         ctx.event_id, {},        ctx.time,  ctx.context};
   kvmi::v1::AttachResponse message;
   *message.mutable_event() = ToProto(observed, /*include_registers=*/true, fields_);
   message.mutable_event()->clear_action();

@@ -235,6 +235,24 @@ TEST_F(ApiTest, APauseWhoseStreamEndsBeforeTheVcpuStopsDoesNotHoldIt) {
   EXPECT_TRUE(daemon_->registry().Lookup("unpaused")->Snapshot().paused_vcpus.empty());
 }
 
+TEST_F(ApiTest, AttachRefusesContextAboveTheLimitNamingTheField) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("greedy");
+  claim.mutable_claim()->mutable_context()->set_rip_bytes(16);
+  claim.mutable_claim()->mutable_context()->set_pf_bytes(4096);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.context.pf_bytes"));
+  EXPECT_THAT(s.error_message(), HasSubstr("above the limit of 256"));
+  EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_PF).empty());  // nothing registered
+}
+
 TEST_F(ApiTest, AttachRefusesADeadlineAboveTheLimit) {
   for (uint32_t deadline_ms : {5001u, 60000u, 4000000000u}) {
     grpc::ClientContext ctx;

@@ -224,7 +224,48 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers, const Ev
   if (include_registers && want.Has(E::kRegistersFieldNumber)) {
     *out.mutable_registers() = RegistersToProto(e.common.arch.regs, e.common.arch.sregs);
   }
+  if (o.context) ContextToProto(*o.context, out.mutable_context());
   return out;
+}
+
+grpc::Status ContextDemandFromProto(const kvmi::v1::ContextRequest& request,
+                                    const std::string& field, vmem::ContextDemand* out) {
+  const std::pair<const char*, uint32_t> fields[] = {
+      {"rip_bytes", request.rip_bytes()},
+      {"rsp_bytes", request.rsp_bytes()},
+      {"pf_bytes", request.pf_bytes()},
+  };
+  for (const auto& [name, bytes] : fields) {
+    if (bytes > vmem::kMaxContextBytes) {
+      return InvalidArgument(field + "." + name, std::to_string(bytes) +
+                                                     " bytes, above the limit of " +
+                                                     std::to_string(vmem::kMaxContextBytes));
+    }
+  }
+  *out = vmem::ContextDemand{request.rip_bytes(), request.rsp_bytes(), request.pf_bytes()};
+  return grpc::Status::OK;
+}
+
+void ContextToProto(const vmem::CapturedContext& context, kvmi::v1::EventContext* out) {
+  for (const vmem::ContextBlock& block : context.blocks) {
+    kvmi::v1::ContextBlock* b = nullptr;
+    switch (block.kind) {
+      case vmem::ContextKind::kRip:
+        b = out->mutable_rip();
+        break;
+      case vmem::ContextKind::kRsp:
+        b = out->mutable_rsp();
+        break;
+      case vmem::ContextKind::kPf:
+        b = out->mutable_pf();
+        break;
+    }
+    b->set_gva(block.gva);
+    b->set_size(block.size);
+    b->set_data(block.data.data(), block.data.size());
+    b->set_complete(block.complete);
+    b->set_why(block.why);
+  }
 }
 
 kvm_regs RegistersFromProto(const kvmi::v1::Registers& r) {

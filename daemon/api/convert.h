@@ -54,6 +54,13 @@ kvm_regs RegistersFromProto(const kvmi::v1::Registers& registers);
 // naming the field otherwise.
 absl::Status FromProto(const kvmi::v1::Verdict& in, const kvmi::Event& event, Verdict* out);
 
+// Event context (issue 15): a ContextRequest as a demand, each field at most
+// vmem::kMaxContextBytes (else INVALID_ARGUMENT naming `field`.rip_bytes and the limit).
+grpc::Status ContextDemandFromProto(const kvmi::v1::ContextRequest& request,
+                                    const std::string& field, vmem::ContextDemand* out);
+// The blocks read with an event, one field per kind.
+void ContextToProto(const vmem::CapturedContext& context, kvmi::v1::EventContext* out);
+
 // INVALID_ARGUMENT "<field>: <why>".
 grpc::Status InvalidArgument(const std::string& field, const std::string& why);
 // The status of a call whose client went away (or whose deadline passed) while it waited.

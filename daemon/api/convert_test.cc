@@ -210,3 +210,54 @@ TEST(EventConvertTest, AnUnknownMaskPathIsInvalidAndNamed) {
 }
 
 }  // namespace kvmid
+
+namespace kvmid {
+namespace {
+
+// ---- Event context (issue 15) -----------------------------------------------------------------
+
+TEST(ContextConvertTest, RequestsAreBoundedNamingTheFieldAndTheLimit) {
+  kvmi::v1::ContextRequest request;
+  request.set_rip_bytes(16);
+  request.set_pf_bytes(vmem::kMaxContextBytes);
+  vmem::ContextDemand demand;
+  ASSERT_TRUE(ContextDemandFromProto(request, "claim.context", &demand).ok());
+  EXPECT_EQ(demand, (vmem::ContextDemand{16, 0, 256}));
+  request.set_rsp_bytes(vmem::kMaxContextBytes + 1);
+  grpc::Status s = ContextDemandFromProto(request, "claim.context", &demand);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.context.rsp_bytes"));
+  EXPECT_THAT(s.error_message(), HasSubstr("257 bytes, above the limit of 256"));
+}
+
+TEST(ContextConvertTest, EveryBlockKeepsItsBytesAndWhyItIsIncomplete) {
+  vmem::CapturedContext context;
+  vmem::ContextBlock rip;
+  rip.kind = vmem::ContextKind::kRip;
+  rip.gva = 0xffffffff81000000ull;
+  rip.size = 16;
+  rip.data = {0x0f, 0x30};
+  rip.complete = false;
+  rip.why = "gva 0xffffffff81000002: not present at PTE";
+  context.blocks.push_back(rip);
+  vmem::ContextBlock pf;
+  pf.kind = vmem::ContextKind::kPf;
+  pf.gva = 0x1000;
+  pf.size = 4;
+  pf.data = {1, 2, 3, 4};
+  pf.complete = true;
+  context.blocks.push_back(pf);
+  kvmi::v1::EventContext out;
+  ContextToProto(context, &out);
+  EXPECT_EQ(out.rip().gva(), 0xffffffff81000000ull);
+  EXPECT_EQ(out.rip().size(), 16u);
+  EXPECT_EQ(out.rip().data(), std::string("\x0f\x30", 2));
+  EXPECT_FALSE(out.rip().complete());
+  EXPECT_EQ(out.rip().why(), rip.why);
+  EXPECT_FALSE(out.has_rsp());
+  EXPECT_TRUE(out.pf().complete());
+  EXPECT_EQ(out.pf().data(), std::string("\x01\x02\x03\x04", 4));
+}
+
+}  // namespace
+}  // namespace kvmid

@@ -64,6 +64,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
         include_registers_(include_registers),
         fields_(fields) {}
 
+  // What the stream asked kvmid to read with events (issue 15), until the stream is done.
+  void HoldContextDemand(VerdictPipeline::ContextDemandLease lease) {
+    context_demand_ = std::move(lease);
+  }
+
   void Start(std::unique_ptr<EventFanout::Subscription> subscription) {
     subscription_ = std::move(subscription);
     fanout_->Start(subscription_.get());
@@ -101,6 +106,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   // Exactly once, after Finish: the fan-out no longer knows the stream.
   void OnDone() override {
     admission_.Release();
+    context_demand_.Reset();
     subscription_.reset();
     limits_->Freed(kStreamBaseBytes);
     delete this;
@@ -113,6 +119,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   const bool include_registers_;
   const EventFields fields_;  // the request's field_mask, compiled once
   std::unique_ptr<EventFanout::Subscription> subscription_;
+  VerdictPipeline::ContextDemandLease context_demand_;
   kvmi::v1::EventMessage message_;
   uint64_t dropped_total_ = 0;
 };
@@ -237,6 +244,11 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
     return FinishedStream<Finished>(
         InvalidArgument("max_queue", "at most " + std::to_string(kMaxStreamQueue)));
   }
+  vmem::ContextDemand context;
+  if (request.has_context()) {
+    Status s = ContextDemandFromProto(request.context(), "context", &context);
+    if (!s.ok()) return FinishedStream<Finished>(s);
+  }
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) call.AuditLimitRefusal(admitted);
@@ -247,6 +259,21 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   if (request.resume_after() != 0) cursor = history_->CursorAfter(request.resume_after(), &lost);
   auto* reactor = new EventStreamReactor(fanout_.get(), limits_, std::move(admission),
                                          request.include_registers(), *fields);
+  if (!context.empty()) {
+    // Only for the types the allow filters let through (one that names none, or no allow
+    // filter at all: every type, 0).
+    uint32_t types = 0;
+    bool every_type = request.allow_size() == 0;
+    for (const kvmi::v1::EventFilter& allow : request.allow()) {
+      if (allow.events_size() == 0) every_type = true;
+      for (int i = 0; i < allow.events_size(); ++i) {
+        uint8_t id;
+        if (FromEventType(allow.events(i), &id)) types |= 1u << id;
+      }
+    }
+    if (every_type) types = 0;
+    reactor->HoldContextDemand(daemon_->pipeline().AddContextDemand(types, context));
+  }
   auto visible =
       std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
   reactor->Start(fanout_->Subscribe(reactor, std::move(filter), std::move(visible),

@@ -116,6 +116,44 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   }
 }
 
+TEST_F(ApiTest, StreamEventsCarriesTheContextItAskedForWhileItLasts) {
+  ScriptedHost* web = Connect(7, "ctx-1");
+  EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_MSR).empty());
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  kvmi::v1::StreamEventsRequest request;
+  request.mutable_allow()->add_events(kvmi::v1::EVENT_MSR);
+  request.mutable_context()->set_rip_bytes(8);
+  request.mutable_context()->set_rsp_bytes(4);
+  auto reader = stub_->StreamEvents(ctx.get(), request);
+  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 1; }));
+  // Only the types the stream lets through.
+  EXPECT_EQ(daemon_->pipeline().context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{8, 4, 0}));
+  EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_CR).empty());
+  kvmi::Event wanted = MakeTestEvent(KVMI_EVENT_MSR, 0, 1);  // CR0 = 0: paging off, GVA = GPA
+  wanted.common.arch.regs.rip = 0x1234;
+  wanted.common.arch.regs.rsp = 0x8ffe;  // the block crosses a page boundary
+  web->SendEvent(wanted);
+  kvmi::v1::EventMessage message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_event());
+  const kvmi::v1::EventContext& context = message.event().context();
+  // The scripted host's memory: each byte is the low byte of its address.
+  EXPECT_EQ(context.rip().gva(), 0x1234u);
+  EXPECT_TRUE(context.rip().complete());
+  EXPECT_EQ(context.rip().data(), std::string("\x34\x35\x36\x37\x38\x39\x3a\x3b", 8));
+  EXPECT_TRUE(context.rsp().complete());
+  EXPECT_EQ(context.rsp().data(), std::string("\xfe\xff\x00\x01", 4));
+  EXPECT_FALSE(context.has_pf());
+  ctx->TryCancel();
+  while (reader->Read(&message)) {
+  }
+  reader->Finish();
+  // The stream's demand went with it.
+  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 0; }));
+  EXPECT_TRUE(
+      WaitUntil([&] { return daemon_->pipeline().context_demand(KVMI_EVENT_MSR).empty(); }));
+}
+
 TEST_F(ApiTest, StreamEventsRejectsBadFilters) {
   grpc::ClientContext ctx;
   kvmi::v1::StreamEventsRequest request;

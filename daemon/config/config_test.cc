@@ -3,11 +3,15 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <sstream>
+
 #include "daemon/config/policy_convert.h"
 
 namespace kvmid {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 // The error's message for `text`, or "ok" when it parses.
@@ -66,6 +70,29 @@ TEST(ConfigTest, FullExampleParses) {
   EXPECT_EQ(c.rules[3]->action, RuleAction::kCrash);
   // Listing gives back what was applied.
   EXPECT_EQ(RuleToPolicy(*c.rules[0]).protect_pages().allowed(), "rx");
+}
+
+TEST(ConfigTest, RipBytesPrefixPolicies) {
+  std::ifstream in("daemon/config/examples/wrmsr_context.textproto");
+  ASSERT_TRUE(in) << "the example is a data dependency";
+  std::stringstream text;
+  text << in.rdbuf();
+  absl::StatusOr<LoadedConfig> parsed = ParseConfig(text.str(), "wrmsr_context.textproto");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ASSERT_EQ(parsed->rules.size(), 3u);
+  EXPECT_EQ(parsed->rules[0]->match.rip_bytes_prefix, (std::vector<uint8_t>{0x0f, 0x30}));
+  EXPECT_EQ(parsed->rules[0]->mode, RuleMode::kMonitor);
+  EXPECT_EQ(*parsed->rules[1]->match.msr, 0xc0000082u);
+  EXPECT_TRUE(parsed->rules[2]->match.rip_bytes_prefix.empty());
+  // Listing gives the bytes back.
+  Rule copy;
+  copy.name = "x";
+  copy.match.rip_bytes_prefix = {0x0f, 0x30};
+  EXPECT_EQ(RuleToPolicy(copy).match().rip_bytes_prefix(), std::string("\x0f\x30", 2));
+  // Bounded: 17 bytes name the field and the limit.
+  EXPECT_THAT(
+      ErrorOf(R"(policies { name: "long" match { rip_bytes_prefix: "0123456789abcdefg" } })"),
+      AllOf(HasSubstr("match.rip_bytes_prefix"), HasSubstr("limit of 16")));
 }
 
 TEST(ConfigTest, ApiTransportSecurity) {

@@ -194,6 +194,12 @@ absl::StatusOr<std::shared_ptr<Rule>> PolicyToRule(const kvmi::v1::Policy& polic
         return absl::InvalidArgumentError("match.access: '" + m.access() +
                                           "' is not made of r, w, x");
       }
+      if (m.rip_bytes_prefix().size() > vmem::kMaxRipPrefixBytes) {
+        return absl::InvalidArgumentError(
+            "match.rip_bytes_prefix: " + std::to_string(m.rip_bytes_prefix().size()) +
+            " bytes, above the limit of " + std::to_string(vmem::kMaxRipPrefixBytes));
+      }
+      rule->match.rip_bytes_prefix.assign(m.rip_bytes_prefix().begin(), m.rip_bytes_prefix().end());
       if (!(error = ConvertAction(policy.action(), RuleAction::kContinue, &action)).ok())
         return error;
       rule->action = action;
@@ -249,6 +255,8 @@ kvmi::v1::Policy RuleToPolicy(const Rule& rule) {
   if (rule.match.gpa_first) m->set_gpa_first(*rule.match.gpa_first);
   if (rule.match.gpa_last) m->set_gpa_last(*rule.match.gpa_last);
   if (rule.match.access != 0) m->set_access(AccessLetters(rule.match.access));
+  m->set_rip_bytes_prefix(
+      std::string(rule.match.rip_bytes_prefix.begin(), rule.match.rip_bytes_prefix.end()));
   return p;
 }
 

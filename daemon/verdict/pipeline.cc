@@ -26,9 +26,14 @@ struct VerdictPromise::State {
   EventLoop::TimerId timer = 0;  // loop thread only
   // The handler's count of held events (HandlerEntry::held), released when this one is answered.
   std::shared_ptr<std::atomic<uint32_t>> held;
+  std::shared_ptr<const vmem::CapturedContext> context;  // null: none asked
 };
 
 namespace {
+
+// A context capture may take this share of the event's deadline (1 / kContextBudgetDivisor);
+// the rest is the handler's. Past it, the event goes on with its blocks marked incomplete.
+constexpr int kContextBudgetDivisor = 2;
 
 Verdict FallbackVerdict(uint8_t action, const char* why) {
   Verdict v;
@@ -111,7 +116,9 @@ VerdictPipeline::Registration VerdictPipeline::RegisterHandler(
     std::shared_ptr<VerdictHandler> handler, HandlerClaim claim) {
   MutexLock lock(&mutex_);
   uint64_t id = next_handler_id_++;
+  const bool wants_context = !claim.context.empty();
   handlers_.push_back(std::make_shared<HandlerEntry>(HandlerEntry{id, std::move(handler), claim}));
+  if (wants_context) RecomputeDemandLocked();
   return Registration(this, id);
 }
 
@@ -124,6 +131,7 @@ void VerdictPipeline::Unregister(uint64_t id) {
     if (it == handlers_.end()) return;
     gone = std::move(*it);
     handlers_.erase(it);
+    if (!gone->claim.context.empty()) RecomputeDemandLocked();
   }
   // `gone` is released outside the lock; promises it still holds fall back as they die.
 }
@@ -214,12 +222,12 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   const Clock::time_point received = Clock::now();
   const std::chrono::system_clock::time_point arrived = std::chrono::system_clock::now();
   const uint64_t event_id = next_event_id_++;
-  const EventDeadline defaults = deadline_for(event.id());
 
   const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
   if (!info->has_reply) {  // UNHOOK: nothing to answer; observers still see it
     if (HasObservers()) {
-      Notify(ObservedEvent{guest, event, Verdict::Continue("none"), {}, event_id, {}, arrived});
+      Notify(ObservedEvent{
+          guest, event, Verdict::Continue("none"), {}, event_id, {}, arrived, nullptr});
     }
     return;
   }
@@ -232,16 +240,95 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     return;
   }
 
+  // Event context: one relaxed load each (the claims' and streams' demand, the policies'); zero
+  // when nobody asked, and then nothing else is done for it.
+  const uint64_t wanted = demand_[event.id()].load(std::memory_order_relaxed);
+  const uint64_t wanted_by_policies = policies_->packed_context_demand(event.id());
+  if ((wanted | wanted_by_policies) != 0 && event.id() != KVMI_EVENT_PAUSE_VCPU) {
+    vmem::ContextDemand demand = vmem::ContextDemand::Unpack(wanted);
+    demand.Add(vmem::ContextDemand::Unpack(wanted_by_policies));
+    CaptureThenDecide(guest, session, event, event_id, received, arrived, demand);
+    return;
+  }
+  Decide(guest, session, event, event_id, received, arrived, nullptr);
+}
+
+void VerdictPipeline::CaptureThenDecide(const std::shared_ptr<Guest>& guest,
+                                        const std::shared_ptr<GuestSession>& session,
+                                        const kvmi::Event& event, uint64_t event_id,
+                                        Clock::time_point received,
+                                        std::chrono::system_clock::time_point arrived,
+                                        const vmem::ContextDemand& demand) {
+  stats_.context_captures++;
+  // The budget: a share of the deadline the event will have (its handler's, else the type's).
+  std::chrono::milliseconds deadline = deadline_for(event.id()).deadline;
+  if (std::shared_ptr<HandlerEntry> entry = FindHandler(*ViewOf(*guest), event.id());
+      entry && entry->claim.deadline.count() > 0) {
+    deadline = entry->claim.deadline;
+  }
+  const std::chrono::milliseconds budget =
+      std::max(std::chrono::milliseconds(1), deadline / kContextBudgetDivisor);
+  ContextCapturer capturer;
+  {
+    MutexLock lock(&mutex_);
+    capturer = capturer_;
+  }
+  // Loop thread only: the budget's timer and the capture it expires.
+  struct Pending {
+    EventLoop::TimerId timer = 0;
+    std::weak_ptr<vmem::ContextCapture> capture;
+  };
+  auto pending = std::make_shared<Pending>();
+  EventLoop* loop = session->loop();
+  pending->timer = loop->RunAt(received + budget, [this, pending, budget] {
+    pending->timer = 0;
+    if (std::shared_ptr<vmem::ContextCapture> capture = pending->capture.lock()) {
+      stats_.context_expired++;
+      capture->Expire("the read did not finish within " + std::to_string(budget.count()) +
+                      " ms (1/" + std::to_string(kContextBudgetDivisor) +
+                      " of the event's deadline)");
+    }
+  });
+  vmem::ContextCapture::Done done = [this, guest, session, event, event_id, received, arrived,
+                                     pending,
+                                     loop](std::shared_ptr<const vmem::CapturedContext> context) {
+    loop->RunInLoop([this, guest, session, event, event_id, received, arrived, pending, loop,
+                     context = std::move(context)]() mutable {
+      if (pending->timer != 0) {
+        loop->Cancel(pending->timer);
+        pending->timer = 0;
+      }
+      for (const vmem::ContextBlock& block : context->blocks) {
+        if (!block.complete) {
+          stats_.context_incomplete++;
+          break;
+        }
+      }
+      Decide(guest, session, event, event_id, received, arrived, std::move(context));
+    });
+  };
+  pending->capture =
+      capturer ? capturer(guest, session, event, demand, std::move(done))
+               : vmem::ContextCapture::Start(std::make_shared<vmem::SessionMemory>(session),
+                                             nullptr, event, demand, std::move(done));
+}
+
+void VerdictPipeline::Decide(const std::shared_ptr<Guest>& guest,
+                             const std::shared_ptr<GuestSession>& session, const kvmi::Event& event,
+                             uint64_t event_id, Clock::time_point received,
+                             std::chrono::system_clock::time_point arrived,
+                             std::shared_ptr<const vmem::CapturedContext> context) {
+  const EventDeadline defaults = deadline_for(event.id());
   // The fast path: policies decide on the loop thread, nothing allocated unless someone
   // observes.
   std::shared_ptr<const GuestView> view = ViewOf(*guest);
-  PolicyDecision decision = policies_->Evaluate(*view, event);
+  PolicyDecision decision = policies_->Evaluate(*view, event, context.get());
   std::vector<std::string> monitor_hits;
   for (const auto& rule : decision.monitoring) monitor_hits.push_back(rule->name);
   if (decision.enforcing) {
     stats_.by_policy++;
     Reply(guest, session, event, decision.enforcing->verdict, monitor_hits, event_id, received,
-          arrived);
+          arrived, std::move(context));
     return;
   }
 
@@ -255,6 +342,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   state->arrived = arrived;
   state->monitor_hits = std::move(monitor_hits);
   state->fallback_action = defaults.fallback_action;
+  state->context = context;
 
   if (event.id() == KVMI_EVENT_PAUSE_VCPU) {
     // Held while the client that asked for the pause wants it, but never past the pause
@@ -308,7 +396,7 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
   }
   auto deadline = entry->claim.deadline.count() > 0 ? entry->claim.deadline : defaults.deadline;
   state->handler_id = entry->handler->id();
-  EventContext ctx{guest, event, received + deadline, event_id, arrived};
+  EventContext ctx{guest, event, received + deadline, event_id, arrived, std::move(context)};
   state->timer = session->loop()->RunAt(ctx.deadline, [state] {
     if (state->answered.exchange(true)) return;
     state->pipeline->stats_.fallback_deadline++;
@@ -363,14 +451,15 @@ void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& stat
                  kvmi::ActionName(verdict.action));
   }
   Reply(state->guest, state->session, state->event, verdict, state->monitor_hits, state->event_id,
-        state->received, state->arrived);
+        state->received, state->arrived, state->context);
 }
 
 void VerdictPipeline::Reply(const std::shared_ptr<Guest>& guest,
                             const std::shared_ptr<GuestSession>& session, const kvmi::Event& event,
                             const Verdict& verdict, const std::vector<std::string>& monitor_hits,
                             uint64_t event_id, Clock::time_point received,
-                            std::chrono::system_clock::time_point arrived) {
+                            std::chrono::system_clock::time_point arrived,
+                            std::shared_ptr<const vmem::CapturedContext> context) {
   std::vector<std::vector<uint8_t>> batched;
   if (verdict.registers) {
     kvmi::SetRegistersRequest set_registers;
@@ -391,12 +480,81 @@ void VerdictPipeline::Reply(const std::shared_ptr<Guest>& guest,
   observed->monitor_hits = monitor_hits;
   observed->event_id = event_id;
   observed->time = arrived;
+  observed->context = std::move(context);
   VerdictPipeline* self = this;
   session->ReplyToEvent(reply, std::move(batched), [self, observed, received](bool sent) {
     if (!sent) return;
     observed->latency = Clock::now() - received;
     self->Notify(*observed);
   });
+}
+
+// ---- Event context ---------------------------------------------------------------------------
+
+VerdictPipeline::ContextDemandLease::ContextDemandLease(ContextDemandLease&& other) noexcept
+    : pipeline_(std::exchange(other.pipeline_, nullptr)), id_(std::exchange(other.id_, 0)) {}
+
+VerdictPipeline::ContextDemandLease& VerdictPipeline::ContextDemandLease::operator=(
+    ContextDemandLease&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    pipeline_ = std::exchange(other.pipeline_, nullptr);
+    id_ = std::exchange(other.id_, 0);
+  }
+  return *this;
+}
+
+VerdictPipeline::ContextDemandLease::~ContextDemandLease() { Reset(); }
+
+void VerdictPipeline::ContextDemandLease::Reset() {
+  if (pipeline_ != nullptr) pipeline_->RemoveContextDemand(id_);
+  pipeline_ = nullptr;
+}
+
+VerdictPipeline::ContextDemandLease VerdictPipeline::AddContextDemand(uint32_t events,
+                                                                      vmem::ContextDemand demand) {
+  if (demand.empty()) return ContextDemandLease();
+  MutexLock lock(&mutex_);
+  const uint64_t id = next_demand_id_++;
+  stream_demands_[id] = StreamDemand{events, demand};
+  RecomputeDemandLocked();
+  return ContextDemandLease(this, id);
+}
+
+void VerdictPipeline::RemoveContextDemand(uint64_t id) {
+  MutexLock lock(&mutex_);
+  if (stream_demands_.erase(id) != 0) RecomputeDemandLocked();
+}
+
+void VerdictPipeline::RecomputeDemandLocked() {
+  std::array<vmem::ContextDemand, KVMI_NUM_EVENTS> by_event{};
+  auto add = [&by_event](uint32_t events, const vmem::ContextDemand& demand) {
+    for (size_t id = 0; id < by_event.size(); ++id) {
+      if (events == 0 || (events & (1u << id)) != 0) by_event[id].Add(demand);
+    }
+  };
+  for (const auto& entry : handlers_) {
+    if (entry->claim.context.empty()) continue;
+    uint32_t events = 0;
+    for (uint8_t id : entry->claim.events) events |= 1u << id;
+    add(events, entry->claim.context);
+  }
+  for (const auto& [id, stream] : stream_demands_) add(stream.events, stream.demand);
+  for (size_t id = 0; id < by_event.size(); ++id) {
+    demand_[id].store(by_event[id].Pack(), std::memory_order_relaxed);
+  }
+}
+
+vmem::ContextDemand VerdictPipeline::context_demand(uint8_t event) const {
+  vmem::ContextDemand demand =
+      vmem::ContextDemand::Unpack(demand_[event].load(std::memory_order_relaxed));
+  demand.Add(vmem::ContextDemand::Unpack(policies_->packed_context_demand(event)));
+  return demand;
+}
+
+void VerdictPipeline::set_context_capturer(ContextCapturer capturer) {
+  MutexLock lock(&mutex_);
+  capturer_ = std::move(capturer);
 }
 
 bool VerdictPipeline::HasObservers() const { return !std::atomic_load(&observers_)->empty(); }

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -24,6 +25,8 @@
 #include "daemon/session/guest_session.h"
 #include "daemon/verdict/policy.h"
 #include "daemon/verdict/verdict.h"
+#include "daemon/vmem/context_capture.h"
+#include "daemon/vmem/event_context.h"
 #include "kernel/abi/events.h"
 
 namespace kvmid {
@@ -35,6 +38,9 @@ struct EventContext {
   Clock::time_point deadline;
   uint64_t event_id = 0;  // daemon-wide unique id of this event (for replies over the network)
   std::chrono::system_clock::time_point time;  // wall clock when the event arrived
+  // The bytes kvmid read with the event (issue 15: the claim's ContextDemand, or a stream's or a
+  // policy's); null when nobody asked for any.
+  std::shared_ptr<const vmem::CapturedContext> context;
 };
 
 // Answers one event exactly once. Destroying an unanswered promise answers with the fallback at
@@ -80,6 +86,9 @@ struct HandlerClaim {
   // once instead of waiting for their deadline (counted, logged rate-limited, and counted as
   // refused by limits.max_held_events_per_handler). 0 = no cap.
   uint32_t max_held = 0;
+  // Bytes kvmid reads with each claimed event before handing it over (at RIP, RSP, around a PF's
+  // GVA), so that the handler needs no read of its own; empty = none.
+  vmem::ContextDemand context;
 };
 
 // What observers see.
@@ -93,6 +102,9 @@ struct ObservedEvent {
   // Wall clock (CLOCK_REALTIME, a vDSO read) when the event arrived: for timestamps, not for
   // measuring (`latency` is from the monotonic clock).
   std::chrono::system_clock::time_point time;
+  // The event's context, when some handler, stream or policy asked for it (else null): the ring
+  // keeps it with the event.
+  std::shared_ptr<const vmem::CapturedContext> context;
 };
 using EventObserver = std::function<void(const ObservedEvent&)>;
 
@@ -146,7 +158,10 @@ class VerdictPipeline : public GuestEventRouter {
     std::atomic<uint64_t> fallback_no_handler{0};
     std::atomic<uint64_t> fallback_deadline{0};
     std::atomic<uint64_t> fallback_handler_gone{0};
-    std::atomic<uint64_t> fallback_held_cap{0};  // HandlerClaim::max_held reached
+    std::atomic<uint64_t> fallback_held_cap{0};   // HandlerClaim::max_held reached
+    std::atomic<uint64_t> context_captures{0};    // events whose context kvmid read
+    std::atomic<uint64_t> context_incomplete{0};  // ... with a block incomplete
+    std::atomic<uint64_t> context_expired{0};     // ... cut short by the event's budget
   };
   const Stats& stats() const { return stats_; }
   EventDeadline deadline_for(uint8_t event) const {
@@ -156,6 +171,37 @@ class VerdictPipeline : public GuestEventRouter {
   }
   // New deadlines and fallbacks for events that arrive from now on (a configuration reload).
   void SetDeadlines(const std::array<EventDeadline, KVMI_NUM_EVENTS>& deadlines);
+
+  // ---- Event context (issue 15) ----
+  // A demand for context from something other than a handler (a StreamEvents stream): for events
+  // whose type bit (1 << event id) is in `events` (0 = every type). Lives as long as the lease.
+  class ContextDemandLease {
+   public:
+    ContextDemandLease() = default;
+    ContextDemandLease(ContextDemandLease&& other) noexcept;
+    ContextDemandLease& operator=(ContextDemandLease&& other) noexcept;
+    ~ContextDemandLease();
+    void Reset();
+
+   private:
+    friend class VerdictPipeline;
+    ContextDemandLease(VerdictPipeline* pipeline, uint64_t id) : pipeline_(pipeline), id_(id) {}
+    VerdictPipeline* pipeline_ = nullptr;
+    uint64_t id_ = 0;
+  };
+  ContextDemandLease AddContextDemand(uint32_t events, vmem::ContextDemand demand)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  // What kvmid reads with an event of type `event` now: the union of the claims, the streams and
+  // the policies that want bytes.
+  vmem::ContextDemand context_demand(uint8_t event) const;
+  // Starts a context capture. Set by whoever owns the guests' translation caches (the API's
+  // AddressTranslation), so that the RIP page is a cache hit after the first event; unset: the
+  // guest's session, no cache.
+  using ContextCapturer = std::function<std::shared_ptr<vmem::ContextCapture>(
+      const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
+      const kvmi::Event& event, const vmem::ContextDemand& demand,
+      vmem::ContextCapture::Done done)>;
+  void set_context_capturer(ContextCapturer capturer) ABSL_LOCKS_EXCLUDED(mutex_);
 
   // GuestEventRouter
   void RouteEvent(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
@@ -184,6 +230,21 @@ class VerdictPipeline : public GuestEventRouter {
   };
 
   void Unregister(uint64_t id);
+  // Reads the event's context (with half its deadline as the budget), then Decide()s on the loop
+  // thread. The vCPU is stopped meanwhile; the loop thread is not: the reads are asynchronous.
+  void CaptureThenDecide(const std::shared_ptr<Guest>& guest,
+                         const std::shared_ptr<GuestSession>& session, const kvmi::Event& event,
+                         uint64_t event_id, Clock::time_point received,
+                         std::chrono::system_clock::time_point arrived,
+                         const vmem::ContextDemand& demand) ABSL_LOCKS_EXCLUDED(mutex_);
+  // Policies, then the pause hold or the handler, else the default (RouteEvent's second half).
+  void Decide(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
+              const kvmi::Event& event, uint64_t event_id, Clock::time_point received,
+              std::chrono::system_clock::time_point arrived,
+              std::shared_ptr<const vmem::CapturedContext> context);
+  void RemoveContextDemand(uint64_t id) ABSL_LOCKS_EXCLUDED(mutex_);
+  // demand_ from the handlers' claims and the streams' demands.
+  void RecomputeDemandLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   std::shared_ptr<HandlerEntry> FindHandler(const GuestView& guest, uint8_t event) const;
   // Sends the reply if the event is still pending; notifies observers. Any thread (the caller
   // won the promise's `answered` flag).
@@ -197,7 +258,8 @@ class VerdictPipeline : public GuestEventRouter {
   void Reply(const std::shared_ptr<Guest>& guest, const std::shared_ptr<GuestSession>& session,
              const kvmi::Event& event, const Verdict& verdict,
              const std::vector<std::string>& monitor_hits, uint64_t event_id,
-             Clock::time_point received, std::chrono::system_clock::time_point arrived);
+             Clock::time_point received, std::chrono::system_clock::time_point arrived,
+             std::shared_ptr<const vmem::CapturedContext> context = nullptr);
 
   PolicySet* policies_;
   Options options_;
@@ -222,6 +284,16 @@ class VerdictPipeline : public GuestEventRouter {
       std::make_shared<std::vector<std::pair<uint64_t, EventObserver>>>();
   std::map<std::string, std::map<std::string, std::string>> labels_by_name_ ABSL_GUARDED_BY(mutex_);
   std::atomic<uint64_t> labels_generation_{1};
+  // Event context: what the claims and streams ask, per event id (ContextDemand::Pack), read on
+  // the event path with one relaxed load (policies have their own: PolicySet::context_demand).
+  std::array<std::atomic<uint64_t>, KVMI_NUM_EVENTS> demand_{};
+  struct StreamDemand {
+    uint32_t events = 0;  // bit per event id; 0 = every type
+    vmem::ContextDemand demand;
+  };
+  uint64_t next_demand_id_ ABSL_GUARDED_BY(mutex_) = 1;
+  std::map<uint64_t, StreamDemand> stream_demands_ ABSL_GUARDED_BY(mutex_);
+  ContextCapturer capturer_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace kvmid

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <future>
+#include <map>
 
 #include "daemon/base/mutex.h"
 #include "daemon/testing/scripted_host.h"
@@ -42,6 +43,7 @@ class TestHandler : public VerdictHandler {
       MutexLock lock(&mu_);
       calls_++;
       deadline_ = ctx.deadline;
+      context_ = ctx.context;
     }
     switch (mode_) {
       case Mode::kAnswer: {
@@ -64,6 +66,10 @@ class TestHandler : public VerdictHandler {
     MutexLock lock(&mu_);
     return calls_;
   }
+  std::shared_ptr<const vmem::CapturedContext> context() {
+    MutexLock lock(&mu_);
+    return context_;
+  }
   // Answers the first kept promise; false if the event was answered already.
   bool AnswerKept() {
     VerdictPromise promise;
@@ -82,6 +88,7 @@ class TestHandler : public VerdictHandler {
   Mutex mu_;
   int calls_ ABSL_GUARDED_BY(mu_) = 0;
   Clock::time_point deadline_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const vmem::CapturedContext> context_ ABSL_GUARDED_BY(mu_);
   std::vector<VerdictPromise> kept_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -373,6 +380,222 @@ TEST_F(PipelineTest, WithoutACapAHandlerHoldsEveryEvent) {
   ASSERT_TRUE(WaitUntil([&] { return handler->calls() == 4; }));
   EXPECT_EQ(pipeline_->stats().fallback_held_cap.load(), 0u);
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(handler->AnswerKept());
+}
+
+}  // namespace
+}  // namespace kvmid
+
+namespace kvmid {
+namespace {
+
+// ---- Event context (issue 15) -----------------------------------------------------------------
+
+// Guest memory for the context capture, standing in for the session: byte at gpa x is x & 0xff,
+// except what Put wrote; with `hold`, reads are kept unanswered (until Release).
+class FakeMemory : public vmem::PhysicalMemory {
+ public:
+  void Read(uint64_t gpa, uint32_t size,
+            std::function<void(absl::StatusOr<std::vector<uint8_t>>)> done) override {
+    std::vector<uint8_t> bytes(size);
+    {
+      MutexLock lock(&mu_);
+      ++reads_;
+      for (uint32_t i = 0; i < size; ++i) {
+        auto it = put_.find(gpa + i);
+        bytes[i] = it != put_.end() ? it->second : static_cast<uint8_t>(gpa + i);
+      }
+      if (hold_) {
+        held_.push_back(std::move(done));
+        return;
+      }
+    }
+    done(std::move(bytes));
+  }
+  void Put(uint64_t gpa, std::vector<uint8_t> bytes) {
+    MutexLock lock(&mu_);
+    for (size_t i = 0; i < bytes.size(); ++i) put_[gpa + i] = bytes[i];
+  }
+  void set_hold(bool hold) {
+    MutexLock lock(&mu_);
+    hold_ = hold;
+  }
+  // Answers what was held with an error (late: the capture has answered already).
+  void Release() {
+    std::vector<std::function<void(absl::StatusOr<std::vector<uint8_t>>)>> held;
+    {
+      MutexLock lock(&mu_);
+      held.swap(held_);
+    }
+    for (auto& done : held) done(absl::UnavailableError("released"));
+  }
+  int reads() {
+    MutexLock lock(&mu_);
+    return reads_;
+  }
+
+ private:
+  Mutex mu_;
+  std::map<uint64_t, uint8_t> put_ ABSL_GUARDED_BY(mu_);
+  bool hold_ ABSL_GUARDED_BY(mu_) = false;
+  int reads_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::function<void(absl::StatusOr<std::vector<uint8_t>>)>> held_ ABSL_GUARDED_BY(mu_);
+};
+
+class ContextPipelineTest : public PipelineTest {
+ protected:
+  void SetUp() override {
+    PipelineTest::SetUp();
+    pipeline_->set_context_capturer(
+        [this](const std::shared_ptr<Guest>&, const std::shared_ptr<GuestSession>&,
+               const kvmi::Event& event, const vmem::ContextDemand& demand,
+               vmem::ContextCapture::Done done) {
+          captures_++;
+          return vmem::ContextCapture::Start(memory_, nullptr, event, demand, std::move(done));
+        });
+  }
+  void TearDown() override {
+    memory_->Release();
+    PipelineTest::TearDown();
+  }
+  // An MSR event with paging off (the test event's CR0 is 0): RIP and RSP are physical.
+  kvmi::Event MsrEvent(uint32_t seq, uint64_t rip) {
+    kvmi::Event e = MakeTestEvent(KVMI_EVENT_MSR, 0, seq);
+    e.specific.msr.msr = 0xc0000082;
+    e.specific.msr.old_value = 1;
+    e.specific.msr.new_value = 2;
+    e.common.arch.regs.rip = rip;
+    e.common.arch.regs.rsp = 0x8000;
+    return e;
+  }
+
+  std::shared_ptr<FakeMemory> memory_ = std::make_shared<FakeMemory>();
+  std::atomic<int> captures_{0};
+};
+
+TEST_F(ContextPipelineTest, TheClaimsBytesReachTheHandlerAndTheObserversWithTheEvent) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  HandlerClaim claim;
+  claim.events = {KVMI_EVENT_MSR};
+  claim.context = vmem::ContextDemand{16, 8, 0};
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{16, 8, 0}));
+  EXPECT_TRUE(pipeline_->context_demand(KVMI_EVENT_CR).empty());  // not claimed
+  Observed observed;
+  pipeline_->AddObserver(observed.observer());
+  memory_->Put(0x1000, {0x0f, 0x30});
+  Hook();
+  kvmi::Event event = MsrEvent(31, 0x1000);
+  host_.SendEvent(event);
+  ASSERT_TRUE(ReplyTo(event));
+  std::shared_ptr<const vmem::CapturedContext> context = handler->context();
+  ASSERT_TRUE(context);
+  const vmem::ContextBlock* rip = context->Find(vmem::ContextKind::kRip);
+  ASSERT_NE(rip, nullptr);
+  EXPECT_TRUE(rip->complete);
+  ASSERT_EQ(rip->data.size(), 16u);
+  EXPECT_EQ(rip->data[0], 0x0f);
+  EXPECT_EQ(rip->data[1], 0x30);
+  EXPECT_EQ(rip->data[2], 0x02);  // 0x1002 & 0xff
+  EXPECT_EQ(context->Find(vmem::ContextKind::kRsp)->data.size(), 8u);
+  ASSERT_TRUE(WaitUntil([&] { return observed.events().size() == 1; }));
+  EXPECT_EQ(observed.events()[0].context, context);  // the same block, not a copy
+  EXPECT_EQ(pipeline_->stats().context_captures.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().context_incomplete.load(), 0u);
+  registration.Reset();  // the demand goes with the claim
+  EXPECT_TRUE(pipeline_->context_demand(KVMI_EVENT_MSR).empty());
+}
+
+TEST_F(ContextPipelineTest, AReadPastItsBudgetSendsTheEventOnIncompleteInsteadOfHoldingIt) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  HandlerClaim claim;
+  claim.deadline = std::chrono::milliseconds(80);  // budget: 40 ms
+  claim.context = vmem::ContextDemand{16, 0, 0};
+  auto registration = pipeline_->RegisterHandler(handler, claim);
+  memory_->set_hold(true);  // the guest never answers the reads
+  Hook();
+  kvmi::Event event = MsrEvent(32, 0x1000);
+  const auto sent = Clock::now();
+  host_.SendEvent(event);
+  auto reply = ReplyTo(event);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);  // the handler's verdict, in time
+  EXPECT_LT(Clock::now() - sent, std::chrono::milliseconds(80) + std::chrono::seconds(2));
+  std::shared_ptr<const vmem::CapturedContext> context = handler->context();
+  ASSERT_TRUE(context);
+  const vmem::ContextBlock* rip = context->Find(vmem::ContextKind::kRip);
+  ASSERT_NE(rip, nullptr);
+  EXPECT_FALSE(rip->complete);
+  EXPECT_TRUE(rip->data.empty());
+  EXPECT_THAT(rip->why, ::testing::HasSubstr("did not finish within 40 ms"));
+  EXPECT_EQ(pipeline_->stats().context_expired.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().context_incomplete.load(), 1u);
+  EXPECT_EQ(pipeline_->stats().fallbacks.load(), 0u);
+}
+
+TEST_F(ContextPipelineTest, NobodyAskingMeansNoCaptureAndNoContext) {
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  Observed observed;
+  pipeline_->AddObserver(observed.observer());
+  Hook();
+  kvmi::Event event = MsrEvent(33, 0x1000);
+  host_.SendEvent(event);
+  ASSERT_TRUE(ReplyTo(event));
+  EXPECT_EQ(handler->calls(), 1);
+  EXPECT_FALSE(handler->context());
+  ASSERT_TRUE(WaitUntil([&] { return observed.events().size() == 1; }));
+  EXPECT_FALSE(observed.events()[0].context);
+  EXPECT_EQ(captures_.load(), 0);
+  EXPECT_EQ(memory_->reads(), 0);
+  EXPECT_EQ(pipeline_->stats().context_captures.load(), 0u);
+}
+
+TEST_F(ContextPipelineTest, AStreamsDemandAddsToTheClaimsUntilItsLeaseEnds) {
+  HandlerClaim claim;
+  claim.events = {KVMI_EVENT_MSR};
+  claim.context = vmem::ContextDemand{16, 0, 0};
+  auto registration =
+      pipeline_->RegisterHandler(std::make_shared<TestHandler>(TestHandler::Mode::kAnswer), claim);
+  {
+    VerdictPipeline::ContextDemandLease lease =
+        pipeline_->AddContextDemand(1u << KVMI_EVENT_PF, vmem::ContextDemand{4, 0, 64});
+    EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_PF), (vmem::ContextDemand{4, 0, 64}));
+    EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{16, 0, 0}));
+    VerdictPipeline::ContextDemandLease every =
+        pipeline_->AddContextDemand(0, vmem::ContextDemand{32, 0, 0});
+    EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{32, 0, 0}));
+    EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_CR), (vmem::ContextDemand{32, 0, 0}));
+  }
+  EXPECT_TRUE(pipeline_->context_demand(KVMI_EVENT_PF).empty());
+  EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{16, 0, 0}));
+}
+
+TEST_F(ContextPipelineTest, APolicyDecidesOnTheBytesAtRip) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = "not-wrmsr";
+  rule->match.events = {KVMI_EVENT_MSR};
+  rule->match.rip_bytes_prefix = {0x0f, 0x30};
+  rule->action = RuleAction::kKeepOld;
+  ASSERT_EQ(policies_.Apply(rule), "");
+  EXPECT_EQ(pipeline_->context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{2, 0, 0}));
+  auto handler = std::make_shared<TestHandler>(TestHandler::Mode::kAnswer);
+  auto registration = pipeline_->RegisterHandler(handler, HandlerClaim{});
+  memory_->Put(0x1000, {0x0f, 0x30});
+  memory_->Put(0x2000, {0x0f, 0x32});  // RDMSR: not the rule's
+  Hook();
+  kvmi::Event wrmsr = MsrEvent(34, 0x1000);
+  host_.SendEvent(wrmsr);
+  auto kept = ReplyTo(wrmsr);
+  ASSERT_TRUE(kept);
+  EXPECT_EQ(kept->specific.msr.new_val, 1u);  // the old value: the policy decided
+  EXPECT_EQ(handler->calls(), 0);
+  kvmi::Event other = MsrEvent(35, 0x2000);
+  host_.SendEvent(other);
+  auto passed = ReplyTo(other);
+  ASSERT_TRUE(passed);
+  EXPECT_EQ(passed->specific.msr.new_val, 2u);
+  EXPECT_EQ(handler->calls(), 1);  // the handler decided that one
+  EXPECT_EQ(pipeline_->stats().by_policy.load(), 1u);
 }
 
 }  // namespace

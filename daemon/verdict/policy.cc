@@ -72,6 +72,14 @@ bool RuleMatch::MatchesEvent(const kvmi::Event& event) const {
   }
 }
 
+bool RuleMatch::MatchesContext(const vmem::CapturedContext* context) const {
+  if (rip_bytes_prefix.empty()) return true;
+  if (context == nullptr) return false;
+  const vmem::ContextBlock* rip = context->Find(vmem::ContextKind::kRip);
+  return rip != nullptr && rip->data.size() >= rip_bytes_prefix.size() &&
+         std::equal(rip_bytes_prefix.begin(), rip_bytes_prefix.end(), rip->data.begin());
+}
+
 const char* RuleActionName(RuleAction action) {
   switch (action) {
     case RuleAction::kContinue:
@@ -135,6 +143,11 @@ std::string PrepareRule(Rule* rule) {
         return "rule " + rule->name + ": keep_old applies to CR and MSR events only";
       }
     }
+  }
+  if (rule->match.rip_bytes_prefix.size() > vmem::kMaxRipPrefixBytes) {
+    return "rule " + rule->name + ": rip_bytes_prefix holds " +
+           std::to_string(rule->match.rip_bytes_prefix.size()) + " bytes, above the limit of " +
+           std::to_string(vmem::kMaxRipPrefixBytes);
   }
   if (rule->arms.page_access.size() > kMaxProtectedPages) {
     return "rule " + rule->name + ": protects more than " + std::to_string(kMaxProtectedPages) +
@@ -257,7 +270,7 @@ std::string PolicySet::Apply(std::shared_ptr<Rule> rule) {
   MutexLock lock(&writers_mutex_);
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   Upsert(next.get(), std::move(rule));
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return "";
 }
 
@@ -272,7 +285,7 @@ absl::Status PolicySet::ApplyIf(std::shared_ptr<Rule> rule,
   if (!admitted.ok()) return admitted;
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   Upsert(next.get(), std::move(rule));
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return absl::OkStatus();
 }
 
@@ -295,7 +308,7 @@ absl::StatusOr<PolicyWrite> PolicySet::ApplyChecked(
   write.rule = rule;
   auto next = std::make_shared<std::vector<std::shared_ptr<const Rule>>>(*rules_);
   Upsert(next.get(), std::move(rule));
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return write;
 }
 
@@ -311,7 +324,7 @@ absl::StatusOr<PolicyWrite> PolicySet::RemoveChecked(const std::string& name,
       std::remove_if(next->begin(), next->end(), [&](const auto& r) { return r->name == name; }),
       next->end());
   ++last_revision_;  // a later policy of this name gets an etag this one never had
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return write;
 }
 
@@ -333,7 +346,7 @@ std::string PolicySet::Replace(const std::set<std::string>& remove,
                              [&](const auto& r) { return remove.count(r->name) > 0; }),
               next->end());
   for (auto& rule : add) Upsert(next.get(), std::move(rule));
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return "";
 }
 
@@ -361,7 +374,7 @@ std::string PolicySet::ReplaceConfigured(const std::set<std::string>& remove,
     }
     Upsert(next.get(), std::move(rule));
   }
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return "";
 }
 
@@ -373,7 +386,7 @@ bool PolicySet::Remove(const std::string& name) {
   if (it == next->end()) return false;
   next->erase(it, next->end());
   ++last_revision_;
-  std::atomic_store(&rules_, Snapshot(std::move(next)));
+  PublishLocked(Snapshot(std::move(next)));
   return true;
 }
 
@@ -382,13 +395,36 @@ std::shared_ptr<const Rule> PolicySet::Find(const std::string& name) const {
   return FindIn(*snapshot, name);
 }
 
+void PolicySet::PublishLocked(Snapshot next) {
+  std::array<vmem::ContextDemand, KVMI_NUM_EVENTS> by_event{};
+  for (const auto& rule : *next) {
+    const uint32_t prefix = static_cast<uint32_t>(rule->match.rip_bytes_prefix.size());
+    if (prefix == 0) continue;
+    for (size_t id = 0; id < by_event.size(); ++id) {
+      if (rule->match.events.empty() || rule->match.events.count(static_cast<uint8_t>(id)) > 0) {
+        by_event[id].Add(vmem::ContextDemand{prefix, 0, 0});
+      }
+    }
+  }
+  // The demand first: an evaluation that sees a new rule also finds its bytes asked for (an
+  // event already past the check simply does not match the new rule's bytes).
+  for (size_t id = 0; id < by_event.size(); ++id) {
+    context_demand_[id].store(by_event[id].Pack(), std::memory_order_relaxed);
+  }
+  std::atomic_store(&rules_, std::move(next));
+}
+
 PolicySet::Snapshot PolicySet::rules() const { return std::atomic_load(&rules_); }
 
-PolicyDecision PolicySet::Evaluate(const GuestView& guest, const kvmi::Event& event) const {
+PolicyDecision PolicySet::Evaluate(const GuestView& guest, const kvmi::Event& event,
+                                   const vmem::CapturedContext* context) const {
   PolicyDecision decision;
   Snapshot snapshot = rules();
   for (const auto& rule : *snapshot) {
-    if (!rule->match.MatchesEvent(event) || !rule->match.MatchesGuest(guest)) continue;
+    if (!rule->match.MatchesEvent(event) || !rule->match.MatchesContext(context) ||
+        !rule->match.MatchesGuest(guest)) {
+      continue;
+    }
     rule->hits++;
     if (rule->mode == RuleMode::kMonitor) {
       decision.monitoring.push_back(rule);

@@ -9,6 +9,7 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -23,6 +24,7 @@
 #include "daemon/guest/guest.h"
 #include "daemon/registry/arming.h"
 #include "daemon/verdict/verdict.h"
+#include "daemon/vmem/event_context.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/handshake.h"
 
@@ -49,9 +51,15 @@ struct RuleMatch {
   std::optional<uint64_t> gpa_first;
   std::optional<uint64_t> gpa_last;
   uint8_t access = 0;  // KVMI_PAGE_ACCESS_*; 0 = any
+  // Event context (issue 15): the bytes at RIP begin with these (e.g. 0F 30, WRMSR); at most
+  // vmem::kMaxRipPrefixBytes. A rule with a prefix makes kvmid read that many bytes at RIP with
+  // the events it can match; without them (the read failed short of the prefix) it does not match.
+  std::vector<uint8_t> rip_bytes_prefix;
 
   bool MatchesGuest(const GuestView& guest) const;
   bool MatchesEvent(const kvmi::Event& event) const;
+  // The byte selectors against the event's context (true when the rule has none).
+  bool MatchesContext(const vmem::CapturedContext* context) const;
 };
 
 enum class RuleAction : uint8_t { kContinue, kRetry, kCrash, kKeepOld };
@@ -174,11 +182,21 @@ class PolicySet {
   // The policy of that name, or null.
   std::shared_ptr<const Rule> Find(const std::string& name) const;
 
-  PolicyDecision Evaluate(const GuestView& guest, const kvmi::Event& event) const;
+  // `context`: the bytes read with the event (null: none were).
+  PolicyDecision Evaluate(const GuestView& guest, const kvmi::Event& event,
+                          const vmem::CapturedContext* context = nullptr) const;
+  // The context the rules need for events of type `event` (vmem::ContextDemand::Pack): one relaxed
+  // load, on the event path.
+  uint64_t packed_context_demand(uint8_t event) const {
+    return context_demand_[event].load(std::memory_order_relaxed);
+  }
   // The union of what every rule matching `guest` needs armed.
   std::map<std::string, Arming> ArmsFor(const GuestView& guest) const;
 
  private:
+  // Installs `next` as the rule set and what it needs read with events.
+  void PublishLocked(Snapshot next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writers_mutex_);
+
   // Serializes writers; readers load rules_ with std::atomic_load and take no lock.
   Mutex writers_mutex_;
   uint64_t last_revision_ ABSL_GUARDED_BY(writers_mutex_) = 0;
@@ -188,6 +206,8 @@ class PolicySet {
   void Upsert(std::vector<std::shared_ptr<const Rule>>* rules, std::shared_ptr<Rule> rule)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writers_mutex_);
   Snapshot rules_ = std::make_shared<std::vector<std::shared_ptr<const Rule>>>();
+  // Per event id, what the rules' byte selectors need (written with rules_).
+  std::array<std::atomic<uint64_t>, KVMI_NUM_EVENTS> context_demand_{};
 };
 
 // ---- Ready-made rules (what users expect to find) -------------------------------------------

@@ -322,3 +322,75 @@ TEST(PolicyWriteTest, AdmitRefusalAndInvalidRulesChangeNothing) {
 
 }  // namespace
 }  // namespace kvmid
+
+namespace kvmid {
+namespace {
+
+// ---- Event context (issue 15): rip_bytes_prefix --------------------------------------------
+
+std::shared_ptr<Rule> WrmsrRule(std::string name, std::set<uint8_t> events) {
+  auto rule = std::make_shared<Rule>();
+  rule->name = std::move(name);
+  rule->match.events = std::move(events);
+  rule->match.rip_bytes_prefix = {0x0f, 0x30};
+  rule->action = RuleAction::kKeepOld;
+  return rule;
+}
+
+vmem::CapturedContext RipBytes(std::vector<uint8_t> data, bool complete) {
+  vmem::CapturedContext context;
+  vmem::ContextBlock block;
+  block.kind = vmem::ContextKind::kRip;
+  block.size = 16;
+  block.data = std::move(data);
+  block.complete = complete;
+  context.blocks.push_back(std::move(block));
+  return context;
+}
+
+TEST(RipBytesPrefixTest, MatchesOnlyWhenTheBytesAtRipBeginWithThePrefix) {
+  PolicySet set;
+  ASSERT_EQ(set.Apply(WrmsrRule("wrmsr", {KVMI_EVENT_MSR})), "");
+  kvmi::Event e = MsrEvent(0xc0000082, 1, 2);
+  vmem::CapturedContext wrmsr = RipBytes({0x0f, 0x30, 0x90}, true);
+  vmem::CapturedContext rdmsr = RipBytes({0x0f, 0x32, 0x90}, true);
+  vmem::CapturedContext short_read = RipBytes({0x0f}, false);  // the page after was not present
+  EXPECT_TRUE(set.Evaluate(Guest("g"), e, &wrmsr).enforcing);
+  EXPECT_FALSE(set.Evaluate(Guest("g"), e, &rdmsr).enforcing);
+  EXPECT_FALSE(set.Evaluate(Guest("g"), e, &short_read).enforcing);
+  EXPECT_FALSE(set.Evaluate(Guest("g"), e, nullptr).enforcing);  // no bytes: no match
+  // Enough bytes of an incomplete block still match.
+  vmem::CapturedContext partial = RipBytes({0x0f, 0x30}, false);
+  EXPECT_TRUE(set.Evaluate(Guest("g"), e, &partial).enforcing);
+}
+
+TEST(RipBytesPrefixTest, TheRulesAskForTheBytesOfTheEventsTheyCanMatch) {
+  PolicySet set;
+  EXPECT_EQ(set.packed_context_demand(KVMI_EVENT_MSR), 0u);
+  ASSERT_EQ(set.Apply(WrmsrRule("wrmsr", {KVMI_EVENT_MSR})), "");
+  EXPECT_EQ(vmem::ContextDemand::Unpack(set.packed_context_demand(KVMI_EVENT_MSR)),
+            (vmem::ContextDemand{2, 0, 0}));
+  EXPECT_EQ(set.packed_context_demand(KVMI_EVENT_CR), 0u);
+  auto longer = WrmsrRule("any", {});  // every event type
+  longer->match.rip_bytes_prefix = {0x0f, 0x01, 0xc1};
+  ASSERT_EQ(set.Apply(longer), "");
+  EXPECT_EQ(vmem::ContextDemand::Unpack(set.packed_context_demand(KVMI_EVENT_MSR)).rip, 3u);
+  EXPECT_EQ(vmem::ContextDemand::Unpack(set.packed_context_demand(KVMI_EVENT_CR)).rip, 3u);
+  ASSERT_TRUE(set.Remove("any"));
+  EXPECT_EQ(set.packed_context_demand(KVMI_EVENT_CR), 0u);
+  EXPECT_EQ(vmem::ContextDemand::Unpack(set.packed_context_demand(KVMI_EVENT_MSR)).rip, 2u);
+  ASSERT_EQ(set.Replace({"wrmsr"}, {}), "");
+  EXPECT_EQ(set.packed_context_demand(KVMI_EVENT_MSR), 0u);
+}
+
+TEST(RipBytesPrefixTest, APrefixAboveTheLimitIsRefusedNamingIt) {
+  PolicySet set;
+  auto rule = WrmsrRule("long", {KVMI_EVENT_MSR});
+  rule->match.rip_bytes_prefix.assign(vmem::kMaxRipPrefixBytes + 1, 0x90);
+  EXPECT_THAT(set.Apply(rule), ::testing::HasSubstr("rip_bytes_prefix holds 17 bytes, above the "
+                                                    "limit of 16"));
+  EXPECT_EQ(set.size(), 0u);
+}
+
+}  // namespace
+}  // namespace kvmid

@@ -104,6 +104,29 @@ class ParsingTest(unittest.TestCase):
         self.assertEqual(p.WhichOneof("rule"), "protect_pages")
 
 
+class EventContextTest(unittest.TestCase):
+    def test_context_bytes_on_the_event(self):
+        event = kc.pb.Event(id=1)
+        self.assertEqual(event.context.rip_bytes, b"")  # nothing asked
+        event.context.rip.data = b"\x0f\x30"
+        event.context.rip.complete = False
+        event.context.rip.why = "gva 0x1002: not present at PTE"
+        event.context.pf.data = b"\x01\x02\x03\x04"
+        self.assertEqual(event.context.rip_bytes, b"\x0f\x30")
+        self.assertEqual(event.context.rsp_bytes, b"")
+        self.assertEqual(event.context.pf_bytes, b"\x01\x02\x03\x04")
+        parsed = kc.pb.Event.FromString(event.SerializeToString())
+        self.assertEqual(parsed.context.rip_bytes, b"\x0f\x30")
+        self.assertFalse(parsed.context.rip.complete)
+
+    def test_context_request_is_bounded(self):
+        self.assertIsNone(kc.context_request())
+        request = kc.context_request(rip_bytes=16, pf_bytes=kc.MAX_CONTEXT_BYTES)
+        self.assertEqual((request.rip_bytes, request.rsp_bytes, request.pf_bytes), (16, 0, 256))
+        with self.assertRaisesRegex(ValueError, "rsp_bytes: 257"):
+            kc.context_request(rsp_bytes=257)
+
+
 class ErrorTest(unittest.TestCase):
     def test_rpc_errors_keep_code_and_message(self):
         class FakeRpcError(grpc.RpcError):
