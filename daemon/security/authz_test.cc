@@ -114,6 +114,8 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"SetPageWriteBitmap", Role::kOperator},
       {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
       {"ReadVirtual", Role::kOperator},
+      {"ReadVirtualStream", Role::kOperator},
+      {"WriteVirtual", Role::kAdmin},
       {"ReadPhysicalStream", Role::kOperator},  // issue 12: bulk memory, read like ReadPhysical
       {"WritePhysicalStream", Role::kAdmin},    // written like WritePhysical
       {"WritePhysical", Role::kAdmin},
