@@ -73,23 +73,27 @@ AddressTranslation::~AddressTranslation() {
   if (observer && pipeline_) pipeline_->RemoveObserver(*observer);
 }
 
+AddressTranslation::PerGuest& AddressTranslation::EntryLocked(const Target& target) {
+  if (caches_.size() > kPruneCachesAbove) {
+    for (auto it = caches_.begin(); it != caches_.end();) {
+      it = it->second.session.expired() ? caches_.erase(it) : std::next(it);
+    }
+  }
+  PerGuest& entry = caches_[target.guest.get()];
+  if (entry.guest.lock() != target.guest || entry.session.lock() != target.session) {
+    entry = PerGuest{target.guest, target.session, nullptr, nullptr};  // a new session
+  }
+  return entry;
+}
+
 std::shared_ptr<vmem::TranslationCache> AddressTranslation::CacheFor(const Target& target) {
   bool add_observer = false;
   std::shared_ptr<vmem::TranslationCache> cache;
   {
     MutexLock lock(&mu_);
-    PerGuest& entry = caches_[target.guest.get()];
-    if (!entry.cache || entry.guest.lock() != target.guest ||
-        entry.session.lock() != target.session) {
-      entry = PerGuest{target.guest, target.session,
-                       std::make_shared<vmem::TranslationCache>(options_), nullptr};
-    }
+    PerGuest& entry = EntryLocked(target);
+    if (!entry.cache) entry.cache = std::make_shared<vmem::TranslationCache>(options_);
     cache = entry.cache;
-    if (caches_.size() > kPruneCachesAbove) {
-      for (auto it = caches_.begin(); it != caches_.end();) {
-        it = it->second.session.expired() ? caches_.erase(it) : std::next(it);
-      }
-    }
     if (!observer_ && pipeline_) {
       add_observer = true;
       observer_ = 0;  // reserved: set below, outside the lock (the pipeline has its own)
@@ -120,7 +124,7 @@ void AddressTranslation::Observe(const ObservedEvent& observed) {
   {
     MutexLock lock(&mu_);
     auto it = caches_.find(observed.guest.get());
-    if (it == caches_.end()) return;
+    if (it == caches_.end() || !it->second.cache) return;
     cache = it->second.cache;
   }
   if (cr3) cache->InvalidateVcpu(event.vcpu());
@@ -133,16 +137,15 @@ void AddressTranslation::OnPhysicalWrite(const Guest& guest, uint64_t gpa, uint6
   {
     MutexLock lock(&mu_);
     auto it = caches_.find(&guest);
-    if (it == caches_.end()) return;
+    if (it == caches_.end() || !it->second.cache) return;
     cache = it->second.cache;
   }
   cache->InvalidatePhysical(gpa, size);
 }
 
 std::shared_ptr<std::atomic<unsigned>> AddressTranslation::PhysBitsSlot(const Target& target) {
-  CacheFor(target);  // the guest's entry for this session
   MutexLock lock(&mu_);
-  PerGuest& entry = caches_[target.guest.get()];
+  PerGuest& entry = EntryLocked(target);  // no cache, no observer: nothing was cached yet
   if (!entry.max_phys_bits) entry.max_phys_bits = std::make_shared<std::atomic<unsigned>>(0);
   return entry.max_phys_bits;
 }

@@ -101,6 +101,9 @@ class AddressTranslation {
     // callback, which never touches this object.
     std::shared_ptr<std::atomic<unsigned>> max_phys_bits;
   };
+  // The entry of the target's guest for its current session (a new session: a new, empty one);
+  // drops the entries of ended sessions once there are many.
+  PerGuest& EntryLocked(const Target& target) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The MAXPHYADDR slot of the target's session (its PerGuest entry made if needed).
   std::shared_ptr<std::atomic<unsigned>> PhysBitsSlot(const Target& target)
       ABSL_LOCKS_EXCLUDED(mu_);
