@@ -125,6 +125,10 @@ if start_kvmid bare --deadline_ms=2000 --fallback=continue; then
       grep -q '^verdict ACTION_KEEP_OLD for event id=[0-9]* vm=sim-vm-000[01] .* type=EVENT_MSR .* msr=0xc0000082 .*(LSTAR write refused)$' "$work/att.txt" &&
       grep -q '^verdict ACTION_CONTINUE for event id=[0-9]* .* msr=0x176 ' "$work/att.txt" &&
       grep -q '^done: 16 verdicts$' "$work/att.txt" &&
+      # The bytes at RIP, read inline before each verdict (the sims' CR3s map nothing: every
+      # byte unread, and why).
+      [ "$(grep -c '^verdict .* code=[0-9a-f?]\{32\}' "$work/att.txt")" -eq 16 ] &&
+      grep -q ' code=?\{32\} \[not read: 0x[0-9a-f]*: not present at PML4E\]' "$work/att.txt" &&
       grep -q '^event id=[0-9]* .* msr=0xc0000082 .* => ACTION_KEEP_OLD (old value kept) by handler:go-test$' "$work/obs.txt"
   }
   check attach_keep_old_lstar attach_keep_old

@@ -597,6 +597,26 @@ class Handler:
                                 result.message)
         return getattr(result, field)
 
+    def read_virtual(self, event, gva, size, no_cache=False, timeout=10.0):
+        """`size` bytes of guest-virtual memory at `gva` in `event`'s address space (its guest,
+        its vCPU's paging mode and CR3, read while that vCPU waits for the verdict), inline on
+        this stream: no new connection or RPC. Returns kvmi.v1.ReadVirtualResponse (`data`
+        always `size` bytes; `pages`/`complete` say which pages could not be read and why).
+        Raises CommandFailed (e.g. size above 16 MiB, non-canonical gva)."""
+        request = pb.ReadVirtualRequest(vm=event.vm_uuid or event.vm_name, vcpu=event.vcpu,
+                                        gva=parse_int(gva), size=parse_int(size),
+                                        no_cache=no_cache)
+        return self.command(timeout=timeout, read_virtual=request)
+
+    def write_virtual(self, event, gva, data, require_writable=False, timeout=10.0):
+        """Writes `data` at guest-virtual `gva` in `event`'s address space, inline on this
+        stream (admin on the guest). Returns kvmi.v1.WriteVirtualResponse; raises
+        VirtualWriteFailed (with the response) if any page was not written."""
+        request = pb.WriteVirtualRequest(vm=event.vm_uuid or event.vm_name, vcpu=event.vcpu,
+                                         gva=parse_int(gva), data=bytes(data),
+                                         require_writable=require_writable)
+        return _check_virtual_write(self.command(timeout=timeout, write_virtual=request))
+
     def close(self, timeout=5.0):
         """Ends the stream: what was sent (verdicts, commands) is delivered first (half-close),
         then kvmid falls back on unanswered events and releases what the stream armed,
@@ -629,6 +649,28 @@ def _pem(value, what):
             return f.read()
     except OSError as e:
         raise ValueError("%s: cannot read %s: %s" % (what, value, e.strerror)) from None
+
+
+class VirtualWriteFailed(KvmiError):
+    """A WriteVirtual that did not write every byte: `response` (kvmi.v1.WriteVirtualResponse)
+    names each page and why it was not written (not present at which level, read-only, the
+    guest's error)."""
+
+    def __init__(self, response):
+        bad = [p for p in response.pages if not p.written]
+        detail = "; ".join("gva 0x%x: %s" % (p.gva, p.why) for p in bad[:4])
+        if len(bad) > 4:
+            detail += "; and %d more" % (len(bad) - 4)
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION,
+                         "WriteVirtual: %d of %d pages not written (%d bytes written): %s" % (
+                             len(bad), len(response.pages), response.bytes_written, detail))
+        self.response = response
+
+
+def _check_virtual_write(response):
+    if not response.written:
+        raise VirtualWriteFailed(response)
+    return response
 
 
 def _set_address_space(request, what, vcpu, cr3, mode, nxe, pse):
@@ -962,6 +1004,38 @@ class Client:
                                         no_cache=no_cache)
         _set_address_space(request, "read_virtual", vcpu, cr3, mode, nxe, pse)
         return self._unary("ReadVirtual", request)
+
+    def read_virtual_stream(self, vm, gva, size, vcpu=None, cr3=None, mode=None, nxe=True,
+                            pse=False, no_cache=False, chunk_bytes=STREAM_CHUNK_BYTES,
+                            timeout=None):
+        """Guest-virtual memory of any length (address space as translate()): a generator of
+        kvmi.v1.VirtualChunk in GVA order, each with `size` bytes of `data` (zeros for the pages
+        listed in `unread`, each with why). Stopping the iteration cancels the stream; `timeout`
+        bounds the whole stream (default: none)."""
+        request = pb.ReadVirtualStreamRequest(vm=vm, gva=parse_int(gva), size=parse_int(size),
+                                              chunk_bytes=chunk_bytes, no_cache=no_cache)
+        _set_address_space(request, "read_virtual_stream", vcpu, cr3, mode, nxe, pse)
+        self._connect()
+        call = self._stub.ReadVirtualStream(request, timeout=timeout)
+        try:
+            for chunk in call:
+                yield chunk
+        except grpc.RpcError as e:
+            raise _wrap(e) from None
+        finally:
+            call.cancel()
+
+    def write_virtual(self, vm, gva, data, vcpu=None, cr3=None, mode=None, nxe=True, pse=False,
+                      require_writable=False):
+        """Writes `data` (1 byte .. 16 MiB) at guest-virtual `gva` (address space as translate()).
+        kvmid translates every page first and writes nothing if one is not present (or, with
+        `require_writable`, read-only); a read-only page is otherwise written anyway, as a
+        debugger does. Returns kvmi.v1.WriteVirtualResponse; raises VirtualWriteFailed (with the
+        per-page response) if any page was not written."""
+        request = pb.WriteVirtualRequest(vm=vm, gva=parse_int(gva), data=bytes(data),
+                                         require_writable=require_writable)
+        _set_address_space(request, "write_virtual", vcpu, cr3, mode, nxe, pse)
+        return _check_virtual_write(self._unary("WriteVirtual", request))
 
     def pause(self, vm, vcpu=None):
         """Pauses one vCPU (or every vCPU); returns the indexes paused."""

@@ -13,6 +13,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <unordered_map>
@@ -23,6 +25,7 @@
 #include "daemon/kvmid.h"
 #include "daemon/vmem/page_walker.h"
 #include "daemon/vmem/translation_cache.h"
+#include "daemon/vmem/virtual_read.h"
 #include "proto/kvmi/v1/introspection.pb.h"
 
 namespace kvmid::api {
@@ -48,6 +51,33 @@ class AddressTranslation {
                            const kvmi::v1::ReadVirtualRequest& request,
                            kvmi::v1::ReadVirtualResponse* response) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Translates every page of the range with a fresh walk (never the cache), then writes the
+  // present ones -- only if every page is present (and writable, with require_writable).
+  grpc::Status WriteVirtual(grpc::ServerContextBase* context,
+                            const kvmi::v1::WriteVirtualRequest& request,
+                            kvmi::v1::WriteVirtualResponse* response) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The asynchronous pieces the streamed read is built from (`done` runs once, on any thread,
+  // possibly inline; it never touches this object, so it may outlive a stream's call).
+  using ContextCallback = std::function<void(absl::StatusOr<vmem::PagingContext>)>;
+  // The paging context the request names (vcpu: one GET_REGISTERS, plus one GET_CPUID for
+  // MAXPHYADDR the first time on a session; address_space: none).
+  template <typename Request>
+  void ContextAsync(const Request& request, const Target& target, ContextCallback done)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  struct VirtualRead {
+    std::vector<uint8_t> data;             // the whole range; pages not read are zeros
+    std::vector<vmem::PageOutcome> pages;  // one per page piece, in order
+  };
+  using ReadCallback = std::function<void(absl::StatusOr<VirtualRead>)>;
+  // Translates [gva, gva + size) page by page (the cache of `bucket` unless !use_cache; the
+  // walks pipelined through one TablePageReader) and reads the present pages. An error only for
+  // what is the request's fault or ends the read (a non-canonical address: INVALID_ARGUMENT);
+  // a page that cannot be read is reported in its outcome.
+  void ReadRange(const Target& target, uint32_t bucket, const vmem::PagingContext& paging,
+                 bool use_cache, uint64_t gva, uint64_t size, ReadCallback done)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   // kvmid wrote [gpa, gpa + size) of `guest` (WritePhysical).
   void OnPhysicalWrite(const Guest& guest, uint64_t gpa, uint64_t size) ABSL_LOCKS_EXCLUDED(mu_);
   // The cache of `guest`'s current session; null until something was translated on it.
@@ -67,7 +97,16 @@ class AddressTranslation {
     std::weak_ptr<Guest> guest;
     std::weak_ptr<GuestSession> session;
     std::shared_ptr<vmem::TranslationCache> cache;
+    // MAXPHYADDR from the session's CPUID 0x80000008 (0 until asked); shared with the answer's
+    // callback, which never touches this object.
+    std::shared_ptr<std::atomic<unsigned>> max_phys_bits;
   };
+  // The entry of the target's guest for its current session (a new session: a new, empty one);
+  // drops the entries of ended sessions once there are many.
+  PerGuest& EntryLocked(const Target& target) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The MAXPHYADDR slot of the target's session (its PerGuest entry made if needed).
+  std::shared_ptr<std::atomic<unsigned>> PhysBitsSlot(const Target& target)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // The cache of the target's session (a new one for a new session); adds the observer.
   std::shared_ptr<vmem::TranslationCache> CacheFor(const Target& target) ABSL_LOCKS_EXCLUDED(mu_);
   void Observe(const ObservedEvent& observed) ABSL_LOCKS_EXCLUDED(mu_);

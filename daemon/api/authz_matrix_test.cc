@@ -107,6 +107,18 @@ grpc::StatusCode ReadStream(Stub* stub, const std::string& vm) {
   return reader->Finish().error_code();
 }
 
+grpc::StatusCode ReadVirtualStream(Stub* stub, const std::string& vm) {
+  kvmi::v1::ReadVirtualStreamRequest request;
+  Fill(&request, vm);  // vCPU 9999: INVALID_ARGUMENT once admitted
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = stub->ReadVirtualStream(&ctx, request);
+  kvmi::v1::VirtualChunk chunk;
+  while (reader->Read(&chunk)) {
+  }
+  return reader->Finish().error_code();
+}
+
 grpc::StatusCode WriteStream(Stub* stub, const std::string& vm) {
   kvmi::v1::WritePhysicalStreamRequest request;
   Fill(&request, vm);
@@ -211,6 +223,10 @@ grpc::StatusCode Call(Stub* stub, Rpc rpc, const std::string& vm) {
       return Unary(stub, &S::TranslateAddress, vm);  // no vcpu/space: INVALID_ARGUMENT admitted
     case Rpc::kReadVirtual:
       return Unary(stub, &S::ReadVirtual, vm);  // likewise
+    case Rpc::kReadVirtualStream:
+      return ReadVirtualStream(stub, vm);
+    case Rpc::kWriteVirtual:
+      return Unary(stub, &S::WriteVirtual, vm);  // vCPU 9999, no data: nothing written
   }
   ADD_FAILURE() << "an RPC the matrix does not know: " << InfoOf(rpc).name;
   return grpc::StatusCode::UNKNOWN;

@@ -323,6 +323,12 @@ kvmi::v1::AttachResponse GuestCommands::Run(Context* context, const OwnerId& own
       status = TranslateAddress(context, command.translate_address(),
                                 result->mutable_translate_address());
       break;
+    case R::kReadVirtual:
+      status = ReadVirtual(context, command.read_virtual(), result->mutable_read_virtual());
+      break;
+    case R::kWriteVirtual:
+      status = WriteVirtual(context, command.write_virtual(), result->mutable_write_virtual());
+      break;
     case R::REQUEST_NOT_SET:
       status = InvalidArgument("command.request", "no command given");
       break;

@@ -65,6 +65,10 @@ class GuestCommands {
                            kvmi::v1::ReadVirtualResponse* response) {
     return translation_.ReadVirtual(context, request, response);
   }
+  grpc::Status WriteVirtual(Context* context, const kvmi::v1::WriteVirtualRequest& request,
+                            kvmi::v1::WriteVirtualResponse* response) {
+    return translation_.WriteVirtual(context, request, response);
+  }
   AddressTranslation& translation() { return translation_; }
 
   // lease_commands.cc: what a lease owns (pauses, page restrictions, arming).

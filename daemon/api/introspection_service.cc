@@ -62,7 +62,8 @@ IntrospectionService::IntrospectionService(Daemon* daemon, EventHistory* history
       inventory_(daemon),
       streams_(daemon, history, &stream_limits_),
       commands_(&daemon->registry(), &daemon->pipeline()),
-      memory_(daemon, &admission_, &stream_limits_) {}
+      memory_(daemon, &admission_, &stream_limits_),
+      virtual_(daemon, &stream_limits_, &commands_.translation()) {}
 
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
                                                                 grpc::ServerContextBase* context,
@@ -242,6 +243,24 @@ Status IntrospectionService::ReadVirtual(ServerContext* context,
   return Serve(
       context, Rpc::kReadVirtual, *request, OnGuest(request->vm()),
       [&](const api::CallContext&) { return commands_.ReadVirtual(context, *request, response); });
+}
+
+grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* IntrospectionService::ReadVirtualStream(
+    grpc::CallbackServerContext* context, const kvmi::v1::ReadVirtualStreamRequest* request) {
+  api::AdmittedCall call;
+  Status admitted = admission_.Admit(
+      *context, Rpc::kReadVirtualStream, OnGuest(request->vm()),
+      [&] { return security::SummarizeRequest(*request); }, &call);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VirtualChunk>(admitted);
+  return virtual_.Read(call.context(), *request);
+}
+
+Status IntrospectionService::WriteVirtual(ServerContext* context,
+                                          const kvmi::v1::WriteVirtualRequest* request,
+                                          kvmi::v1::WriteVirtualResponse* response) {
+  return Serve(
+      context, Rpc::kWriteVirtual, *request, OnGuest(request->vm()),
+      [&](const api::CallContext&) { return commands_.WriteVirtual(context, *request, response); });
 }
 
 Status IntrospectionService::SetRegisters(ServerContext* context,

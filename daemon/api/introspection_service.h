@@ -7,6 +7,7 @@
 //   attach.h          Attach (remote verdicts, inline commands)
 //   guest_commands.h  the control RPCs on one guest
 //   memory_stream.h   ReadPhysicalStream, WritePhysicalStream (bulk memory)
+//   virtual_stream.h  ReadVirtualStream (bulk guest-virtual memory)
 // Conversions and the mapping of internal outcomes to gRPC statuses live in convert.h.
 #ifndef KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
 #define KVMID_DAEMON_API_INTROSPECTION_SERVICE_H_
@@ -25,6 +26,7 @@
 #include "daemon/api/memory_stream.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/api/tarpit.h"
+#include "daemon/api/virtual_stream.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/audit.h"
 #include "daemon/security/authz.h"
@@ -43,7 +45,8 @@ class IntrospectionService final
                   kvmi::v1::Introspection::WithCallbackMethod_ReadPhysicalStream<
                       kvmi::v1::Introspection::WithCallbackMethod_WritePhysicalStream<
                           kvmi::v1::Introspection::WithCallbackMethod_ApplyPolicy<
-                              kvmi::v1::Introspection::Service>>>>>> {
+                              kvmi::v1::Introspection::WithCallbackMethod_ReadVirtualStream<
+                                  kvmi::v1::Introspection::Service>>>>>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
@@ -127,6 +130,12 @@ class IntrospectionService final
   grpc::Status ReadVirtual(grpc::ServerContext* context,
                            const kvmi::v1::ReadVirtualRequest* request,
                            kvmi::v1::ReadVirtualResponse* response) override;
+  grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* ReadVirtualStream(
+      grpc::CallbackServerContext* context,
+      const kvmi::v1::ReadVirtualStreamRequest* request) override;
+  grpc::Status WriteVirtual(grpc::ServerContext* context,
+                            const kvmi::v1::WriteVirtualRequest* request,
+                            kvmi::v1::WriteVirtualResponse* response) override;
 
  private:
   // Every RPC enters here before its logic: Admission identifies the caller, authorizes the
@@ -165,6 +174,7 @@ class IntrospectionService final
   api::EventStreams streams_;
   api::GuestCommands commands_;
   api::MemoryStreams memory_;
+  api::VirtualStreams virtual_;  // after commands_, whose AddressTranslation it uses
   // Holds the answers of callers that keep being refused by a limit (ApplyPolicy's).
   api::Tarpit tarpit_;
   std::atomic<uint64_t> next_stream_{1};  // numbers the owners of Attach streams

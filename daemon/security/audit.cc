@@ -362,6 +362,18 @@ AuditArgs SummarizeRequest(const kvmi::v1::UnhookVMRequest& r) {
   return std::move(AuditArgs().Text("vm", r.vm()));
 }
 
+AuditArgs SummarizeRequest(const kvmi::v1::ReadVirtualStreamRequest& r) {
+  AuditArgs a;
+  a.Text("vm", r.vm()).Hex("gva", r.gva()).Uint("size", r.size());
+  return a;
+}
+
+AuditArgs SummarizeRequest(const kvmi::v1::WriteVirtualRequest& r) {
+  AuditArgs a;
+  a.Text("vm", r.vm()).Hex("gva", r.gva()).Uint("size", r.data().size());
+  return a;
+}
+
 AuditArgs SummarizeCommand(const kvmi::v1::Command& c) {
   using C = kvmi::v1::Command;
   AuditArgs a;
@@ -404,6 +416,14 @@ AuditArgs SummarizeCommand(const kvmi::v1::Command& c) {
       break;
     case C::kTranslateAddress:
       a.Text("vm", c.translate_address().vm()).Uint("gva", c.translate_address().gva());
+      break;
+    case C::kReadVirtual:
+      a.Text("vm", c.read_virtual().vm())
+          .Hex("gva", c.read_virtual().gva())
+          .Uint("size", c.read_virtual().size());
+      break;
+    case C::kWriteVirtual:
+      a = SummarizeRequest(c.write_virtual());
       break;
     case C::REQUEST_NOT_SET:
       break;

@@ -109,6 +109,9 @@ AuditArgs SummarizeRequest(const kvmi::v1::GetPageWriteBitmapRequest& r);
 AuditArgs SummarizeRequest(const kvmi::v1::SetPageWriteBitmapRequest& r);
 AuditArgs SummarizeRequest(const kvmi::v1::ControlEventsRequest& r);
 AuditArgs SummarizeRequest(const kvmi::v1::UnhookVMRequest& r);
+// Guest-virtual memory: the GVA and the size, never the bytes.
+AuditArgs SummarizeRequest(const kvmi::v1::ReadVirtualStreamRequest& r);
+AuditArgs SummarizeRequest(const kvmi::v1::WriteVirtualRequest& r);
 // An inline Attach command: its request's summary plus "command_id".
 AuditArgs SummarizeCommand(const kvmi::v1::Command& c);
 

@@ -38,7 +38,9 @@ constexpr RpcInfo kRpcs[] = {
     KVMID_RPC(WritePhysicalStream, kAdmin, kGuest, true),
     // Reads guest memory (its page tables), as GetRegisters/ReadPhysical do; changes nothing.
     KVMID_RPC(TranslateAddress, kOperator, kGuest, false),
-    KVMID_RPC(ReadVirtual, kOperator, kGuest, false),  // as ReadPhysical
+    KVMID_RPC(ReadVirtual, kOperator, kGuest, false),        // as ReadPhysical
+    KVMID_RPC(ReadVirtualStream, kOperator, kGuest, false),  // as ReadPhysicalStream
+    KVMID_RPC(WriteVirtual, kAdmin, kGuest, true),           // as WritePhysical (audited)
 #undef KVMID_RPC
 };
 
@@ -50,7 +52,7 @@ constexpr bool TableInEnumOrder() {
   return true;
 }
 static_assert(TableInEnumOrder(), "kRpcs must list the RPCs in the order of enum Rpc");
-static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kReadVirtual) + 1,
+static_assert(sizeof(kRpcs) / sizeof(kRpcs[0]) == static_cast<size_t>(Rpc::kWriteVirtual) + 1,
               "kRpcs must list every RPC");
 
 std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
@@ -169,6 +171,10 @@ absl::StatusOr<Rpc> RpcOfCommand(const kvmi::v1::Command& command) {
       return Rpc::kGetMTRRType;
     case C::kTranslateAddress:
       return Rpc::kTranslateAddress;
+    case C::kReadVirtual:
+      return Rpc::kReadVirtual;
+    case C::kWriteVirtual:
+      return Rpc::kWriteVirtual;
     case C::REQUEST_NOT_SET:
       break;
   }

@@ -89,6 +89,8 @@ enum class Rpc : uint8_t {
   kWritePhysicalStream,
   kTranslateAddress,
   kReadVirtual,
+  kReadVirtualStream,
+  kWriteVirtual,
 };
 
 // What an RPC is checked against.

@@ -114,6 +114,8 @@ TEST(RpcTableTest, RolesAsSpecified) {
       {"SetPageWriteBitmap", Role::kOperator},
       {"TranslateAddress", Role::kOperator},  // issue 15: reads guest memory
       {"ReadVirtual", Role::kOperator},
+      {"ReadVirtualStream", Role::kOperator},
+      {"WriteVirtual", Role::kAdmin},
       {"ReadPhysicalStream", Role::kOperator},  // issue 12: bulk memory, read like ReadPhysical
       {"WritePhysicalStream", Role::kAdmin},    // written like WritePhysical
       {"WritePhysical", Role::kAdmin},
@@ -127,10 +129,11 @@ TEST(RpcTableTest, RolesAsSpecified) {
     ASSERT_NE(it, expected.end()) << info.name;
     EXPECT_EQ(info.role, it->second) << info.name;
   }
-  const std::set<std::string> mutating = {
-      "ApplyPolicy",        "DeletePolicy",    "Attach",        "WritePhysical",      "PauseVCPU",
-      "ResumeVCPU",         "InjectException", "SetPageAccess", "SetRegisters",       "ControlSPP",
-      "SetPageWriteBitmap", "ControlEvents",   "UnhookVM",      "WritePhysicalStream"};
+  const std::set<std::string> mutating = {"ApplyPolicy",     "DeletePolicy",        "Attach",
+                                          "WritePhysical",   "PauseVCPU",           "ResumeVCPU",
+                                          "InjectException", "SetPageAccess",       "SetRegisters",
+                                          "ControlSPP",      "SetPageWriteBitmap",  "ControlEvents",
+                                          "UnhookVM",        "WritePhysicalStream", "WriteVirtual"};
   for (const RpcInfo& info : RpcTable()) {
     EXPECT_EQ(info.mutating, mutating.count(info.name) == 1) << info.name;
   }

@@ -25,7 +25,7 @@ std::vector<PagePlan> SplitIntoPages(uint64_t gva, uint64_t size) {
   return plan;
 }
 
-void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan,
+void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan, PagingMode mode,
                VirtualReadCallback done) {
   struct Gather {
     Mutex mu;
@@ -53,7 +53,7 @@ void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan
       } else if (!p.translation->present) {
         const Translation& t = *p.translation;
         outcome.why = std::string(t.reserved_bits ? "reserved bits set in " : "not present at ") +
-                      LevelName(PagingMode::k4Level, t.level);
+                      LevelName(mode, t.level);
       } else {
         outcome.gpa = p.translation->gpa;
         to_read.push_back(i);

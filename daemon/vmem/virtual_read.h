@@ -1,7 +1,7 @@
 // Reading guest-virtual memory page by page, once the pages are translated: the part of a
-// virtual read that does not care where the translations came from (a unary ReadVirtual today,
-// a streamed one later). Every page of the range is reported: read, not present (with the level
-// the walk stopped at), or failed -- never a silent short read.
+// virtual read that does not care where the translations came from (the unary ReadVirtual and
+// each chunk of ReadVirtualStream). Every page of the range is reported: read, not present (with
+// the level the walk stopped at), or failed -- never a silent short read.
 #ifndef KVMID_DAEMON_VMEM_VIRTUAL_READ_H_
 #define KVMID_DAEMON_VMEM_VIRTUAL_READ_H_
 
@@ -44,7 +44,8 @@ using VirtualReadCallback =
 // Reads every translated, present piece with READ_PHYSICAL (all in flight at once) and answers
 // once, on any thread: `data` holds the whole range (pieces not read are zeros) and `pages` one
 // outcome per piece, in order.
-void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan,
+// `mode` names the levels in the outcomes ("not present at PDE").
+void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan, PagingMode mode,
                VirtualReadCallback done);
 
 }  // namespace kvmid::vmem

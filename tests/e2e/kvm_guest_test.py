@@ -312,6 +312,75 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
         rig.console.wait(r"^round \d+: ", paused_at, timeout=5)
 
 
+USER_BASE = 0x8000000000  # kernel/kvm/guest/guest.c: each process's program page (PML4 slot 1)
+
+
+class VirtualMemoryOfTheRealGuestMatchesItsPageTables(unittest.TestCase):
+    """kvmid's page walk (TranslateAddress, ReadVirtual, ReadVirtualStream, issue 15) against the
+    tables the guest built for itself (kernel/kvm/guest: boot.S identity-maps the first 1 GiB
+    with 2 MiB pages, supervisor only; guest.c gives each process a PML4 whose slot 1 maps its
+    read-only program page and its writable stack page, user, 4 KiB). The oracle is the guest:
+    the bytes it prints from its program page, its marker page's pattern, the CR3s it prints."""
+
+    def test_translation_and_virtual_reads_follow_the_guests_own_tables(self):
+        rig = Rig(self, ENFORCE, "period_ms=20")
+        rig.wait_armed()
+        rig.console.wait(r"^round \d+: ")  # every process has printed its CR3 and its text
+        vm = VM_NAME
+        marker = rig.layout["marker"]
+        expected_marker = b"".join(
+            ((rig.layout["r15"] ^ (i * 0x9E3779B97F4A7C15)) & (2**64 - 1)).to_bytes(8, "little")
+            for i in range(512))
+        # The kernel's identity map, in the vCPU's own address space.
+        t = rig.client.translate(vm, marker + 0x18, vcpu=0, no_cache=True)
+        self.assertTrue(t.present, str(t))
+        self.assertEqual((t.gpa, t.page_size, t.level_name), (marker + 0x18, 2 << 20, "PDE"))
+        self.assertEqual((t.writable, t.user), (True, False))
+        r = rig.client.read_virtual(vm, marker, 4096, vcpu=0)
+        self.assertTrue(r.complete, str(r.pages))
+        self.assertEqual(r.data, expected_marker)
+        # Beyond the 1 GiB the guest maps: PDPT[1] is empty.
+        t = rig.client.translate(vm, 0x40000000, vcpu=0, no_cache=True)
+        self.assertFalse(t.present)
+        self.assertEqual(t.level_name, "PDPTE")
+        # A 4 MiB streamed virtual read of kernel memory equals the physical read of it.
+        start = marker & ~0xFFF
+        virt = b"".join(c.data for c in rig.client.read_virtual_stream(
+            vm, start, 4 << 20, vcpu=0, chunk_bytes=1 << 20) if c.complete)
+        self.assertEqual(len(virt), 4 << 20)
+        self.assertEqual(virt, rig.client.read_physical_bytes(vm, start, 4 << 20))
+
+        # Each process's address space, from the CR3 it printed with its text.
+        printed = {}
+        for line in rig.console.lines:
+            m = re.match(r"^proc (\d+): cr3=(0x[0-9a-f]+) (.*)$", line)
+            if m:
+                printed[int(m.group(2), 16)] = m.group(3).encode()
+        self.assertGreaterEqual(len(printed), 2, "the processes printed no CR3")
+        program_gpas = set()
+        for cr3, text in printed.items():
+            t = rig.client.translate(vm, USER_BASE + 5, cr3=cr3, mode="4level", no_cache=True)
+            self.assertTrue(t.present, "cr3 0x%x: %s" % (cr3, t))
+            self.assertEqual((t.page_size, t.level_name, t.user, t.writable),
+                             (4096, "PTE", True, False))
+            program_gpas.add(t.gpa - 5)
+            page = rig.client.read_virtual(vm, USER_BASE, 4096, cr3=cr3, mode="4level")
+            self.assertTrue(page.complete)
+            self.assertIn(text, page.data)  # the bytes the process printed from that page
+            self.assertEqual(page.data, rig.client.read_physical(vm, t.gpa - 5, 4096))
+            stack = rig.client.translate(vm, USER_BASE + 4096, cr3=cr3, mode="4level")
+            self.assertTrue(stack.present and stack.writable and stack.user, str(stack))
+            # The third page is not mapped: the stream names exactly it.
+            chunks = list(rig.client.read_virtual_stream(vm, USER_BASE, 3 * 4096, cr3=cr3,
+                                                         mode="4level", chunk_bytes=4096))
+            self.assertEqual([c.complete for c in chunks], [True, True, False])
+            self.assertEqual([(p.gva, p.size) for p in chunks[2].unread],
+                             [(USER_BASE + 2 * 4096, 4096)])
+            self.assertIn("not present at PTE", chunks[2].unread[0].why)
+        # Every process maps the same program page (user_start), each its own stack.
+        self.assertEqual(len(program_gpas), 1)
+
+
 class BreakpointAndHotAddedVcpuThroughKvmid(unittest.TestCase):
     def test_int3_goes_to_an_attached_handler_and_a_hot_added_vcpu_is_armed(self):
         rig = Rig(self, MONITOR, "int3=2 period_ms=50",

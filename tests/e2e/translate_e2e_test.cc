@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <future>
 #include <random>
 
@@ -284,6 +286,167 @@ TEST_P(TranslateE2eTest, ReadVirtualAcrossANotPresentPageReportsExactlyThatPage)
   grpc::ClientContext ctx2;
   EXPECT_EQ(stub_->ReadVirtual(&ctx2, request, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+// The stack layout of sim_guest.cc: 4 pages, a swapped-out page below them.
+uint64_t StackGva(sim::PagingMode mode) {
+  const bool wide = mode == sim::PagingMode::k4Level || mode == sim::PagingMode::k5Level;
+  return wide ? 0x7ffffffde000ull : 0xbffdc000ull;
+}
+
+TEST_P(TranslateE2eTest, ReadVirtualStreamAcrossANotPresentPageReportsExactlyThatPage) {
+  const uint64_t stack = StackGva(GetParam());
+  uint64_t cr3 = guest().Snapshot(0).sregs.cr3;
+  ASSERT_FALSE(tables().Expect(cr3, stack - 0x1000).present);
+  std::string pattern(0x3000, 0);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<char>(i * 13 + 1);
+  for (uint64_t off = 0; off < 0x3000; off += 0x1000) {
+    sim::ExpectedTranslation page = tables().Expect(cr3, stack + off);
+    ASSERT_TRUE(page.present);
+    ASSERT_TRUE(guest().WritePhysical(page.gpa, pattern.data() + off, 0x1000));
+  }
+  // Three 4 KiB chunks from the middle of the swapped-out page.
+  kvmi::v1::ReadVirtualStreamRequest request;
+  request.set_vm("vmem-0000");
+  request.set_vcpu(0);
+  request.set_gva(stack - 0x800);
+  request.set_size(0x3000);
+  request.set_chunk_bytes(0x1000);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = stub_->ReadVirtualStream(&ctx, request);
+  std::vector<kvmi::v1::VirtualChunk> chunks;
+  kvmi::v1::VirtualChunk chunk;
+  while (reader->Read(&chunk)) chunks.push_back(chunk);
+  grpc::Status s = reader->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(chunks.size(), 3u);
+  std::string data;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    EXPECT_EQ(chunks[i].gva(), stack - 0x800 + i * 0x1000);
+    EXPECT_EQ(chunks[i].size(), 0x1000u);
+    EXPECT_EQ(chunks[i].data().size(), 0x1000u);
+    EXPECT_EQ(chunks[i].cr3(), cr3);
+    EXPECT_EQ(chunks[i].mode(), ProtoMode(GetParam()));
+    data += chunks[i].data();
+  }
+  // Exactly the swapped-out page's piece is named, in the first chunk only.
+  EXPECT_FALSE(chunks[0].complete());
+  ASSERT_EQ(chunks[0].unread_size(), 1);
+  EXPECT_EQ(chunks[0].unread(0).gva(), stack - 0x800);
+  EXPECT_EQ(chunks[0].unread(0).size(), 0x800u);
+  EXPECT_THAT(chunks[0].unread(0).why(), ::testing::HasSubstr("not present at PTE"));
+  EXPECT_TRUE(chunks[1].complete());
+  EXPECT_TRUE(chunks[2].complete());
+  EXPECT_EQ(data.substr(0, 0x800), std::string(0x800, '\0'));
+  EXPECT_EQ(data.substr(0x800), pattern.substr(0, 0x2800));
+}
+
+TEST_P(TranslateE2eTest, ABigStreamedVirtualReadMatchesTheOracle) {
+  // The direct map: all of the guest's 64 MiB in 64-bit modes (one 1 GiB page); in the 32-bit
+  // modes 16 large pages (64 MiB of 4 MiB pages, 32 MiB of PAE's 2 MiB pages).
+  const bool wide =
+      GetParam() == sim::PagingMode::k4Level || GetParam() == sim::PagingMode::k5Level;
+  const uint64_t base = wide ? sim::kDirectMapGva : sim::kDirectMapGva32;
+  const uint64_t size = wide ? (64ull << 20) : 16 * sim::PageSizes(GetParam())[1];
+  std::mt19937_64 rng(99);
+  for (int i = 0; i < 64; ++i) {  // known bytes scattered over the range (the rest: tables, 0s)
+    uint64_t gpa = (rng() % (size >> 12)) << 12;
+    if (gpa >= sim::kPageTableArea && gpa < sim::kPageTableAreaEnd) continue;  // keep the tables
+    uint64_t words[512];
+    for (uint64_t& w : words) w = rng();
+    ASSERT_TRUE(guest().WritePhysical(gpa, words, sizeof(words)));
+  }
+  kvmi::v1::ReadVirtualStreamRequest request;
+  request.set_vm("vmem-0000");
+  request.set_vcpu(1);
+  request.set_gva(base);
+  request.set_size(size);
+  request.set_chunk_bytes(1 << 20);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto reader = stub_->ReadVirtualStream(&ctx, request);
+  std::vector<uint8_t> want(1 << 20);
+  uint64_t at = 0;
+  kvmi::v1::VirtualChunk chunk;
+  while (reader->Read(&chunk)) {
+    ASSERT_EQ(chunk.gva(), base + at);
+    ASSERT_TRUE(chunk.complete()) << chunk.unread(0).why();
+    ASSERT_EQ(chunk.data().size(), chunk.size());
+    for (uint64_t page = 0; page < chunk.size(); page += 0x1000) {  // the sim reads by page
+      ASSERT_TRUE(guest().ReadPhysical(at + page, want.data() + page,
+                                       std::min<uint64_t>(0x1000, chunk.size() - page)));
+    }
+    ASSERT_EQ(0, std::memcmp(chunk.data().data(), want.data(), chunk.size()))
+        << std::hex << "gva 0x" << chunk.gva();
+    at += chunk.size();
+  }
+  grpc::Status s = reader->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(at, size);
+}
+
+TEST_P(TranslateE2eTest, WriteVirtualRoundTrip) {
+  uint64_t cr3 = guest().Snapshot(0).sregs.cr3;
+  auto write = [&](uint64_t gva, const std::string& data, bool require_writable,
+                   kvmi::v1::WriteVirtualResponse* response) {
+    kvmi::v1::WriteVirtualRequest request;
+    request.set_vm("vmem-0000");
+    request.set_vcpu(0);
+    request.set_gva(gva);
+    request.set_data(data);
+    request.set_require_writable(require_writable);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return stub_->WriteVirtual(&ctx, request, response);
+  };
+  auto physical = [&](uint64_t gva, size_t n) {
+    sim::ExpectedTranslation t = tables().Expect(cr3, gva);
+    EXPECT_TRUE(t.present);
+    std::string out(n, '\0');
+    EXPECT_TRUE(guest().ReadPhysical(t.gpa, out.data(), n));
+    return out;
+  };
+  // Across the boundary of two writable data pages (whose frames are not adjacent in general).
+  const uint64_t data_gva = sim::kUserDataGva + 0x1000 - 5;
+  kvmi::v1::WriteVirtualResponse r;
+  grpc::Status s = write(data_gva, "0123456789", false, &r);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(r.written());
+  EXPECT_EQ(r.bytes_written(), 10u);
+  ASSERT_EQ(r.pages_size(), 2);
+  EXPECT_TRUE(r.pages(0).writable() && r.pages(1).writable());
+  EXPECT_EQ(r.pages(0).gpa(), tables().Expect(cr3, data_gva).gpa);
+  EXPECT_EQ(physical(data_gva, 5), "01234");
+  EXPECT_EQ(physical(data_gva + 5, 5), "56789");
+  // Code is read-only: written anyway (as a debugger does), reported as not writable...
+  const uint64_t code = sim::kUserCodeGva + 0x10;
+  ASSERT_TRUE(write(code, "\xcc", false, &r).ok());
+  EXPECT_TRUE(r.written());
+  EXPECT_FALSE(r.pages(0).writable());
+  EXPECT_EQ(physical(code, 1), "\xcc");
+  // ... or refused with require_writable: nothing written.
+  kvmi::v1::WriteVirtualResponse refused;
+  ASSERT_TRUE(write(code - 1, "\x90\x90", true, &refused).ok());
+  EXPECT_FALSE(refused.written());
+  EXPECT_EQ(refused.bytes_written(), 0u);
+  EXPECT_EQ(refused.pages(0).why(), "read-only");
+  EXPECT_EQ(physical(code, 1), "\xcc");
+  // A range reaching the swapped-out page below the stack: nothing written, that page named.
+  const uint64_t stack = StackGva(GetParam());
+  const std::string before = physical(stack, 4);
+  kvmi::v1::WriteVirtualResponse partial;
+  ASSERT_TRUE(write(stack - 4, "ABCDEFGH", false, &partial).ok());
+  EXPECT_FALSE(partial.written());
+  EXPECT_EQ(partial.bytes_written(), 0u);
+  ASSERT_EQ(partial.pages_size(), 2);
+  EXPECT_THAT(partial.pages(0).why(), ::testing::HasSubstr("not present at PTE"));
+  EXPECT_THAT(partial.pages(1).why(), ::testing::HasSubstr("another page"));
+  EXPECT_EQ(physical(stack, 4), before);
+  // Bad requests name their field.
+  s = write(code, "", false, &r);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), ::testing::HasSubstr("data"));
 }
 
 TEST_P(TranslateE2eTest, BadRequestsAreRefusedWithTheirField) {

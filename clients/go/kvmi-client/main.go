@@ -4,7 +4,10 @@
 // guests, then either
 //   - streams events (StreamEvents, observe-only) through a filter and prints them, or
 //   - with --attach, becomes a remote handler (Attach): it claims blocking events and answers
-//     each with a verdict: KEEP_OLD for writes to LSTAR (the syscall entry), CONTINUE otherwise, or
+//     each with a verdict: KEEP_OLD for writes to LSTAR (the syscall entry), CONTINUE otherwise;
+//     before each verdict it reads the 16 instruction bytes at the event's RIP (ReadVirtual as an
+//     inline command on the same stream, in the event's vCPU address space, while it waits) and
+//     prints them with the verdict (--rip_bytes=false: no read), or
 //   - with --dump_vm and --dump_out, writes --dump_size bytes of the guest's memory from
 //     --dump_gpa into a file (ReadPhysicalStream through kvmimem.Dump; zero pages become holes).
 //
@@ -58,6 +61,7 @@ var (
 	handlerID = flag.String("handler_id", "go-example", "with --attach: the handler id (Event.decided_by = handler:ID)")
 	deadline  = flag.Uint("deadline_ms", 0, "with --attach: how long kvmid waits for each verdict (0: its default)")
 	armMsrs   = flag.String("arm_msrs", "", "with --attach: MSRs to arm (CONTROL_MSR) for the claimed guests")
+	ripBytes  = flag.Bool("rip_bytes", true, "with --attach: read and print the 16 bytes at each event's RIP (an inline ReadVirtual) before its verdict")
 	dumpVM    = flag.String("dump_vm", "", "write this guest's memory to --dump_out and exit")
 	dumpOut   = flag.String("dump_out", "", "with --dump_vm: the file to write")
 	dumpGpa   = flag.Uint64("dump_gpa", 0, "with --dump_vm: the first guest-physical address")
@@ -364,6 +368,8 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 		return fmt.Errorf("Attach: sending the claim: %v", streamError(stream, err))
 	}
 	answered := 0
+	var nextCommand uint64
+	pending := map[uint64]*kvmiv1.Event{} // inline ReadVirtual id -> the event waiting for it
 	for {
 		resp, err := stream.Recv()
 		if err == io.EOF {
@@ -380,27 +386,100 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 		switch m := resp.GetMessage().(type) {
 		case *kvmiv1.AttachResponse_Claimed:
 			fmt.Printf("claimed: owner=%s\n", m.Claimed.GetOwner())
+			continue
 		case *kvmiv1.AttachResponse_Error:
 			fmt.Printf("verdict error: event %d: %s\n", m.Error.GetEventId(), m.Error.GetMessage())
+			continue
 		case *kvmiv1.AttachResponse_Event:
 			ev := m.Event
-			action, why := decide(ev)
-			verdict := &kvmiv1.Verdict{EventId: ev.GetId(), Action: action}
-			if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Verdict{Verdict: verdict}}); err != nil {
-				return fmt.Errorf("Attach: sending a verdict: %v", streamError(stream, err))
+			if !*ripBytes {
+				if err := answer(stream, ev, ""); err != nil {
+					return err
+				}
+			} else {
+				// The bytes at RIP first: an inline ReadVirtual in the event's address space; the
+				// verdict follows its result (the vCPU waits meanwhile, within the deadline).
+				nextCommand++
+				pending[nextCommand] = ev
+				cmd := &kvmiv1.Command{Id: nextCommand, Request: &kvmiv1.Command_ReadVirtual{
+					ReadVirtual: &kvmiv1.ReadVirtualRequest{
+						Vm: ev.GetVmUuid(), Space: &kvmiv1.ReadVirtualRequest_Vcpu{Vcpu: ev.GetVcpu()},
+						Gva: ev.GetRip(), Size: ripByteCount}}}
+				if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Command{Command: cmd}}); err != nil {
+					return fmt.Errorf("Attach: sending ReadVirtual: %v", streamError(stream, err))
+				}
+				continue
 			}
-			answered++
-			line := fmt.Sprintf("verdict %s for %s", action, formatEvent(ev))
-			if why != "" {
-				line += " (" + why + ")"
+		case *kvmiv1.AttachResponse_CommandResult:
+			result := m.CommandResult
+			ev, ok := pending[result.GetId()]
+			if !ok {
+				continue
 			}
-			fmt.Println(line)
-			if *count > 0 && answered >= *count {
-				fmt.Printf("done: %d verdicts\n", answered)
-				return detach(stream, cancel)
+			delete(pending, result.GetId())
+			if err := answer(stream, ev, formatRipBytes(result)); err != nil {
+				return err
 			}
+		default:
+			continue
+		}
+		answered++
+		if *count > 0 && answered >= *count {
+			fmt.Printf("done: %d verdicts\n", answered)
+			return detach(stream, cancel)
 		}
 	}
+}
+
+// ripByteCount: the longest x86 instruction is 15 bytes.
+const ripByteCount = 16
+
+// answer sends the verdict for ev and prints it (with the bytes at RIP when read).
+func answer(stream kvmiv1.Introspection_AttachClient, ev *kvmiv1.Event, code string) error {
+	action, why := decide(ev)
+	verdict := &kvmiv1.Verdict{EventId: ev.GetId(), Action: action}
+	if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Verdict{Verdict: verdict}}); err != nil {
+		return fmt.Errorf("Attach: sending a verdict: %v", streamError(stream, err))
+	}
+	line := fmt.Sprintf("verdict %s for %s", action, formatEvent(ev))
+	if code != "" {
+		line += " " + code
+	}
+	if why != "" {
+		line += " (" + why + ")"
+	}
+	fmt.Println(line)
+	return nil
+}
+
+// formatRipBytes: "code=0f30..." with "??" for bytes on a page that was not read, and why.
+func formatRipBytes(result *kvmiv1.CommandResult) string {
+	if result.GetCode() != 0 {
+		return fmt.Sprintf("code=error(%s)", result.GetMessage())
+	}
+	r := result.GetReadVirtual()
+	var b strings.Builder
+	b.WriteString("code=")
+	data := r.GetData()
+	offset := 0
+	var whys []string
+	for _, page := range r.GetPages() {
+		for i := 0; i < int(page.GetSize()) && offset+i < len(data); i++ {
+			if page.GetRead() {
+				fmt.Fprintf(&b, "%02x", data[offset+i])
+			} else {
+				b.WriteString("??")
+			}
+		}
+		if !page.GetRead() {
+			whys = append(whys, fmt.Sprintf("%#x: %s", page.GetGva(), page.GetWhy()))
+		}
+		offset += int(page.GetSize())
+	}
+	if len(whys) > 0 {
+		fmt.Fprintf(&b, " [not read: %s]", strings.Join(whys, "; "))
+	}
+	return b.String()
 }
 
 // detach half-closes the stream and waits (at most 2 s) for kvmid to end it, so that the verdicts

@@ -529,6 +529,67 @@ class E2ETest(unittest.TestCase):
         self.assertIn("not present at PML4E", out)
         self.assertCtlFails(self.ctl("translate", vm, "0x1000"), 3, "--vcpu N or --cr3")
 
+        # ReadVirtualStream: the same two pages, in 4 KiB chunks; the missing page is named.
+        chunks = list(self.client.read_virtual_stream(vm, gva, 8192, cr3=pml4, chunk_bytes=4096))
+        self.assertEqual([(c.gva, c.size, c.complete) for c in chunks],
+                         [(gva, 4096, True), (gva + 4096, 4096, False)])
+        self.assertEqual(chunks[0].data[:8], b"virtual!")
+        self.assertEqual(chunks[1].data, bytes(4096))
+        self.assertEqual([(p.gva, p.size) for p in chunks[1].unread], [(gva + 4096, 4096)])
+        self.assertIn("not present at PTE", chunks[1].unread[0].why)
+        with self.assertRaises(kc.InvalidArgument):
+            list(self.client.read_virtual_stream(vm, gva, 8192, cr3=pml4, chunk_bytes=100))
+        # WriteVirtual: the page is read-only (R/W clear): written anyway, and reported so...
+        w = self.client.write_virtual(vm, gva + 8, b"written", cr3=pml4)
+        self.assertEqual((w.written, w.bytes_written), (True, 7))
+        self.assertEqual([(p.written, p.writable, p.gpa) for p in w.pages],
+                         [(True, False, 0x305008)])
+        self.assertEqual(self.client.read_physical(vm, 0x305008, 7), b"written")
+        # ... unless require_writable: nothing written.
+        with self.assertRaises(kc.VirtualWriteFailed) as cm:
+            self.client.write_virtual(vm, gva + 8, b"refused", cr3=pml4, require_writable=True)
+        self.assertEqual(cm.exception.response.pages[0].why, "read-only")
+        self.assertEqual(self.client.read_physical(vm, 0x305008, 7), b"written")
+        # A range that reaches the page that is not present: nothing written, that page named.
+        with self.assertRaises(kc.VirtualWriteFailed) as cm:
+            self.client.write_virtual(vm, gva + 4092, b"12345678", cr3=pml4)
+        pages = cm.exception.response.pages
+        self.assertEqual(cm.exception.response.bytes_written, 0)
+        self.assertEqual([(p.gva, p.written) for p in pages], [(gva + 4092, False),
+                                                               (gva + 4096, False)])
+        self.assertIn("not present at PTE", pages[1].why)
+        self.assertNotEqual(self.client.read_physical(vm, 0x305ffc, 4), b"1234")
+        # kvmictl write --virtual (hex), read back through kvmictl read --virtual (streamed).
+        out = self.assertCtlOk(self.ctl("write", vm, hex(gva), "--hex", "6b 76 6d 69 64",
+                                        "--virtual", "--cr3", hex(pml4)))
+        self.assertIn("wrote 5 bytes", out)
+        out = self.ctl("read", vm, hex(gva), "5", "--virtual", "--cr3", hex(pml4), "--raw")
+        self.assertEqual((out.returncode, out.stdout), (0, "kvmid"), out.stderr)
+        self.assertCtlFails(self.ctl("write", vm, hex(gva + 4096), "--hex", "00", "--virtual",
+                                     "--cr3", hex(pml4)), 1, "not present at PTE",
+                            "nothing written")
+        self.assertCtlFails(self.ctl("write", vm, hex(gva), "--virtual", "--cr3", hex(pml4)), 1,
+                            "--hex BYTES or --file")
+
+    def test_attach_handler_reads_virtual_memory_inline(self):
+        vm = self.name(1)
+        with self.client.attach("py-vread", vms=[vm], events=["pf"], deadline_ms=3000,
+                                fallback="continue") as handler:
+            event = handler.next_event(timeout=10)
+            self.assertIsNotNone(event, "no PF event reached the handler")
+            # In the event's address space (its vCPU's CR3: the sims' tables are empty), read
+            # while the vCPU waits: every page reported, none read.
+            r = handler.read_virtual(event, 0x1000, 4100)
+            self.assertEqual(len(r.data), 4100)
+            self.assertFalse(r.complete)
+            self.assertEqual([p.size for p in r.pages], [4096, 4])
+            self.assertIn("not present at PML4E", r.pages[0].why)
+            self.assertEqual(r.mode, kc.pb.PAGING_MODE_4LEVEL)
+            with self.assertRaises(kc.CommandFailed) as cm:
+                handler.read_virtual(event, 0x0000800000000000, 16)  # not canonical
+            self.assertEqual(cm.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+            handler.answer(event, "continue")
+
     def test_cpuid_xsave_mtrr_and_exception_injection(self):
         vm = self.name(0)
         leaf0 = self.client.get_cpuid(vm, 0, 0)

@@ -776,5 +776,63 @@ class BulkMemoryTest(unittest.TestCase):
                 client.write_physical_stream("vm", 0, iter([b"x"]))
 
 
+
+class VirtualMemoryTest(unittest.TestCase):
+    def test_write_arguments_and_data(self):
+        args = ctl.make_parser().parse_args(["write", "vm", "0x1000", "--hex", "0f 30",
+                                             "--virtual", "--vcpu", "1"])
+        self.assertEqual((args.gpa, args.virtual, args.vcpu), (0x1000, True, 1))
+        self.assertEqual(ctl._write_data(args), b"\x0f\x30")
+        args.hex = "0x0f0b"
+        self.assertEqual(ctl._write_data(args), b"\x0f\x0b")
+        for bad in ("0g", "abc", ""):
+            args.hex = bad
+            with self.assertRaises(ctl.LocalError):
+                ctl._write_data(args)
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(b"\x90\x90")
+            f.flush()
+            args = ctl.make_parser().parse_args(["write", "vm", "0", "--file", f.name])
+            self.assertEqual(ctl._write_data(args), b"\x90\x90")
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "write", "vm", "0")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("--hex BYTES or --file PATH", r.stderr)
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "write", "vm", "0", "--hex", "00",
+                    "--vcpu", "0")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("need --virtual", r.stderr)
+
+    def test_a_virtual_write_that_did_not_write_every_page_raises_with_the_pages(self):
+        response = kc.pb.WriteVirtualResponse(written=False, bytes_written=0, pages=[
+            kc.pb.VirtualWritePage(gva=0x1000, size=4096, gpa=0x5000, writable=True,
+                                   why="not written: another page of the range stopped the write"),
+            kc.pb.VirtualWritePage(gva=0x2000, size=16, why="not present at PTE")])
+        with self.assertRaises(kc.VirtualWriteFailed) as cm:
+            kc._check_virtual_write(response)
+        self.assertIs(cm.exception.response, response)
+        self.assertIn("2 of 2 pages not written", cm.exception.message)
+        self.assertIn("gva 0x2000: not present at PTE", cm.exception.message)
+        ok = kc.pb.WriteVirtualResponse(written=True, bytes_written=3)
+        self.assertIs(kc._check_virtual_write(ok), ok)
+
+    def test_handler_reads_in_the_events_address_space(self):
+        sent = {}
+
+        class FakeHandler(kc.Handler):
+            def __init__(self):  # no stream: command() is recorded
+                pass
+
+            def command(self, timeout=10.0, **request):
+                sent.update(request)
+                return "result"
+
+        event = kc.pb.Event(vm_uuid="u-1", vm_name="web", vcpu=3, rip=0xffffffff81000000)
+        self.assertEqual(FakeHandler().read_virtual(event, event.rip, 16), "result")
+        request = sent["read_virtual"]
+        self.assertEqual((request.vm, request.vcpu, request.gva, request.size),
+                         ("u-1", 3, 0xffffffff81000000, 16))
+        self.assertEqual(request.WhichOneof("space"), "vcpu")
+
+
 if __name__ == "__main__":
     unittest.main()
