@@ -20,6 +20,7 @@ The generated modules (kvmi/v1/*_pb2*.py) come from gen_protos.sh; they are not 
 """
 
 import collections
+import datetime
 import json
 import re
 import threading
@@ -43,7 +44,8 @@ __all__ = [
     "Unreachable", "EventsDropped", "Dropped", "event_filter", "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
-    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES",
+    "vm_start_time", "event_latency_us", "Handler", "CommandFailed", "DumpStats",
+    "STREAM_CHUNK_BYTES",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -168,6 +170,19 @@ def event_time(event):
     if not event.HasField("time"):
         return ""
     return event.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def vm_start_time(vm):
+    """When the guest started (VM.start_time, a google.protobuf.Timestamp) as an aware UTC
+    datetime, or None if QEMU reported none."""
+    if not vm.HasField("start_time"):
+        return None
+    return vm.start_time.ToDatetime().replace(tzinfo=datetime.timezone.utc)
+
+
+def event_latency_us(event):
+    """Event.latency (a google.protobuf.Duration) in whole microseconds."""
+    return event.latency.ToMicroseconds()
 
 
 def state_name(value):
