@@ -738,7 +738,8 @@ class Client:
     # Bulk memory: streams of chunks under gRPC's default message limit (stock channel options).
     def read_physical_stream(self, vm, gpa, size, chunk_bytes=STREAM_CHUNK_BYTES,
                              skip_zero_pages=False, continue_on_error=False, timeout=None):
-        """Guest physical memory of any length: a generator of kvmi.v1.MemoryChunk in GPA order
+        """Guest physical memory of any length: a generator of stream messages
+        (kvmi.v1.MemoryChunk) in GPA order
         (`gpa`, `size`, and `data`, or `zero` / `error` set instead of data). kvmid pipelines the
         reads; stopping the iteration (or closing the generator) cancels the stream. `timeout`
         bounds the whole stream (default: none)."""
@@ -951,8 +952,8 @@ class Client:
         self._unary("UnhookVM", pb.UnhookVMRequest(vm=vm))
 
     def watch_vms(self):
-        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel it with
-        .cancel()."""
+        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel
+        it with .cancel()."""
         self._connect()
         return self._stub.WatchVMs(pb.WatchVMsRequest())
 
