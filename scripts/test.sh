@@ -7,6 +7,8 @@
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
 #   tsa   bazel build --config=tsa //daemon/...          (clang thread-safety analysis; 1 case)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
+#   api   scripts/api-check.sh: buf lint, buf breaking against proto/baseline/kvmi-v1.binpb, and
+#         two self-tests proving each fails on a planted violation (4 cases; runs first, offline)
 # Exit status is non-zero if any case failed or any step could not run. Works as root (no sudo
 # needed) or as a user with sudo; needs no standard input.
 set -uo pipefail
@@ -50,6 +52,18 @@ run_bazel_test() {  # label, bazel args...
     *) counts+=(--bep "$work/$label.json" --failed-step "bazel test exited $rc") ;;
   esac
 }
+
+# The public API (proto/kvmi/v1): lint-clean, and no breaking change against the v1 baseline.
+echo "== api: scripts/api-check.sh"
+bash scripts/api-check.sh --junit "$work/api.xml"
+api_rc=$?
+echo "== api: exit $api_rc"
+counts+=(--label api)
+if [ -s "$work/api.xml" ]; then
+  counts+=(--junit "$work/api.xml")
+else
+  counts+=(--failed-step "scripts/api-check.sh exited $api_rc without results")
+fi
 
 run_bazel_test unit //...
 run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...

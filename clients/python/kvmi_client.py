@@ -20,6 +20,7 @@ The generated modules (kvmi/v1/*_pb2*.py) come from gen_protos.sh; they are not 
 """
 
 import collections
+import datetime
 import json
 import re
 import threading
@@ -44,8 +45,8 @@ __all__ = [
     "parse_policy", "policy_to_text",
     "protect_pages_policy", "event_type", "event_type_name", "action_name", "state_name",
     "mode_name", "paging_mode", "paging_mode_name", "parse_range", "parse_int", "pb", "policy_pb",
-    "Handler", "CommandFailed", "DumpStats", "STREAM_CHUNK_BYTES", "context_request",
-    "MAX_CONTEXT_BYTES",
+    "vm_start_time", "event_latency_us", "Handler", "CommandFailed", "DumpStats",
+    "STREAM_CHUNK_BYTES", "context_request", "MAX_CONTEXT_BYTES",
 ]
 
 DEFAULT_TARGET = "unix:/run/kvmid/api.sock"
@@ -202,6 +203,19 @@ def event_time(event):
     if not event.HasField("time"):
         return ""
     return event.time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def vm_start_time(vm):
+    """When the guest started (VM.start_time, a google.protobuf.Timestamp) as an aware UTC
+    datetime, or None if QEMU reported none."""
+    if not vm.HasField("start_time"):
+        return None
+    return vm.start_time.ToDatetime().replace(tzinfo=datetime.timezone.utc)
+
+
+def event_latency_us(event):
+    """Event.latency (a google.protobuf.Duration) in whole microseconds."""
+    return event.latency.ToMicroseconds()
 
 
 def state_name(value):
@@ -879,7 +893,8 @@ class Client:
     # Bulk memory: streams of chunks under gRPC's default message limit (stock channel options).
     def read_physical_stream(self, vm, gpa, size, chunk_bytes=STREAM_CHUNK_BYTES,
                              skip_zero_pages=False, continue_on_error=False, timeout=None):
-        """Guest physical memory of any length: a generator of kvmi.v1.MemoryChunk in GPA order
+        """Guest physical memory of any length: a generator of stream messages
+        (kvmi.v1.MemoryChunk) in GPA order
         (`gpa`, `size`, and `data`, or `zero` / `error` set instead of data). kvmid pipelines the
         reads; stopping the iteration (or closing the generator) cancels the stream. `timeout`
         bounds the whole stream (default: none)."""
@@ -1124,8 +1139,8 @@ class Client:
         self._unary("UnhookVM", pb.UnhookVMRequest(vm=vm))
 
     def watch_vms(self):
-        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel it with
-        .cancel()."""
+        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel
+        it with .cancel()."""
         self._connect()
         return self._stub.WatchVMs(pb.WatchVMsRequest())
 

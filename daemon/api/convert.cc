@@ -89,7 +89,8 @@ kvmi::v1::VM ToProto(const GuestSnapshot& s, const std::map<std::string, std::st
   for (uint8_t b : s.identity.uuid) zero = zero && b == 0;
   vm.set_uuid(zero ? "" : kvmi::UuidToString(s.identity.uuid));
   vm.set_name(s.identity.name);
-  vm.set_start_time(s.identity.start_time);
+  // QEMU reports whole seconds since the epoch; 0 means it sent none (left unset).
+  if (s.identity.start_time != 0) vm.mutable_start_time()->set_seconds(s.identity.start_time);
   vm.set_transport(s.identity.transport);
   vm.set_state(ToProto(s.state, s.vcpu_count > 0 && s.paused_vcpus.size() == s.vcpu_count));
   vm.set_vcpu_count(s.vcpu_count);
@@ -212,8 +213,10 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers, const Ev
   if (want.Has(E::kMonitorHitsFieldNumber)) {
     for (const std::string& rule : o.monitor_hits) out.add_monitor_hits(rule);
   }
-  if (want.Has(E::kLatencyNsFieldNumber)) {
-    out.set_latency_ns(static_cast<uint64_t>(o.latency.count()));
+  if (want.Has(E::kLatencyFieldNumber)) {
+    const int64_t latency_ns = std::chrono::nanoseconds(o.latency).count();
+    out.mutable_latency()->set_seconds(latency_ns / 1000000000);
+    out.mutable_latency()->set_nanos(static_cast<int32_t>(latency_ns % 1000000000));
   }
   if (want.Has(E::kTimeFieldNumber) && o.time.time_since_epoch().count() != 0) {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.time.time_since_epoch());
@@ -224,7 +227,7 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers, const Ev
   if (include_registers && want.Has(E::kRegistersFieldNumber)) {
     *out.mutable_registers() = RegistersToProto(e.common.arch.regs, e.common.arch.sregs);
   }
-  if (o.context) ContextToProto(*o.context, out.mutable_context());
+  if (o.context && want.Has(E::kContextFieldNumber)) ContextToProto(*o.context, out.mutable_context());
   return out;
 }
 

@@ -123,6 +123,19 @@ TEST(ConvertTest, RegistersGoBothWaysAndALeaseListsWhatItArms) {
   EXPECT_THAT(lease.vcpu_only(0).msrs(), ElementsAre(0xc0000080u));
 }
 
+TEST(ConvertTest, AGuestsStartTimeIsATimestampAndUnsetWhenQemuSentNone) {
+  GuestSnapshot snapshot;
+  snapshot.identity.name = "web-1";
+  snapshot.identity.start_time = 1700000000;  // seconds since the epoch, from the handshake
+  kvmi::v1::VM vm = ToProto(snapshot, {});
+  ASSERT_TRUE(vm.has_start_time());
+  EXPECT_EQ(vm.start_time().seconds(), 1700000000);
+  EXPECT_EQ(vm.start_time().nanos(), 0);
+
+  snapshot.identity.start_time = 0;  // QEMU sent none
+  EXPECT_FALSE(ToProto(snapshot, {}).has_start_time());
+}
+
 }  // namespace
 ObservedEvent LabelledCrEvent() {
   GuestIdentity identity;

@@ -111,6 +111,14 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   EXPECT_EQ(e.registers().rip(), 0xffffffff81000010u);
   EXPECT_EQ(e.action(), kvmi::v1::ACTION_CONTINUE);
   EXPECT_EQ(e.decided_by(), "default");
+  // Event.latency is a google.protobuf.Duration: normalized (0 <= nanos < 1e9), set (the reply
+  // took some time) and short (the default verdict is decided at once).
+  ASSERT_TRUE(e.has_latency());
+  EXPECT_GE(e.latency().nanos(), 0);
+  EXPECT_LT(e.latency().nanos(), 1000000000);
+  EXPECT_GT(e.latency().seconds() * 1000000000 + e.latency().nanos(), 0);
+  EXPECT_LT(e.latency().seconds(), 10);
+  EXPECT_TRUE(e.has_time());
   ctx.TryCancel();
   while (reader->Read(&message)) {
   }

@@ -418,6 +418,20 @@ class KvmictlTest(unittest.TestCase):
         as_json = json.loads(ctl.to_json(e))
         self.assertEqual(as_json["time"], "2026-12-05T08:11:50.123456789Z")
         self.assertEqual(as_json["node"], "hv-7")
+        # Event.latency is a Duration: printed in microseconds, canonical JSON in seconds.
+        e.latency.FromNanoseconds(15250)
+        self.assertIn(" 15us ", ctl.event_row(e))
+        self.assertEqual(kc.event_latency_us(e), 15)
+        self.assertEqual(json.loads(ctl.to_json(e))["latency"], "0.000015250s")
+
+    def test_vm_start_time_is_a_timestamp(self):
+        vm = kc.pb.VM(name="web-1")
+        self.assertIsNone(kc.vm_start_time(vm))  # QEMU sent none
+        vm.start_time.FromSeconds(1700000000)
+        self.assertEqual(kc.vm_start_time(vm).isoformat(), "2023-11-14T22:13:20+00:00")
+        as_json = json.loads(ctl.to_json(vm))  # proto field names or lowerCamel: either
+        self.assertEqual(as_json.get("startTime", as_json.get("start_time")),
+                         "2023-11-14T22:13:20Z")
 
     def test_translation_lines_and_paging_modes(self):
         self.assertEqual(kc.paging_mode("4level"), kc.pb.PAGING_MODE_4LEVEL)
@@ -601,7 +615,8 @@ class ExitStatusTest(unittest.TestCase):
 def event(action=kc.policy_pb.ACTION_CONTINUE, kept=False, vm="vm", decided="default"):
     e = kc.pb.Event(id=7, vm_name=vm, vcpu=1, type=kc.policy_pb.EVENT_MSR, action=action,
                     kept_old_value=kept, decided_by=decided, rip=0xffffffff81000034,
-                    latency_ns=12000, node="hv-1")
+                    node="hv-1")
+    e.latency.FromMicroseconds(12)
     e.msr.msr = 0xC0000082
     e.msr.old_value = 0xFFFFFFFF81001600
     e.msr.new_value = 0xFFFFFFFF81000600
