@@ -87,7 +87,7 @@ for t in tcp unix; do
   stream_events() {
     local rc=0 started elapsed
     started=$(date +%s%N)
-    call "$1" --timeout 4s -d '{"allow": [{"events": ["EVENT_MSR"], "msrs": [3221225602]}]}' \
+    call "$1" --timeout 4s -d '{"allow": [{"events": ["EVENT_TYPE_MSR"], "msrs": [3221225602]}]}' \
       "$(base "$1")/kvmi.v1.Introspection/StreamEvents" >"$work/ev.$1" 2>"$work/ev_err.$1" || rc=$?
     elapsed=$((($(date +%s%N) - started) / 1000000))
     head -n 40 "$work/ev.$1"
@@ -99,7 +99,7 @@ for t in tcp unix; do
     { [ "$rc" -eq 32 ] && grep -q deadline_exceeded "$work/ev_err.$1"; } ||
       { [ "$rc" -eq 8 ] && grep -q '"canceled"' "$work/ev_err.$1" && [ "$elapsed" -ge 3900 ]; } ||
       [ "$rc" -eq 0 ] || { echo "exit $rc after $elapsed ms"; return 1; }
-    jc events EVENT_MSR 3221225602 policy:lstar-locked <"$work/ev.$1" &&
+    jc events EVENT_TYPE_MSR 3221225602 policy:lstar-locked <"$work/ev.$1" &&
       grep -q '"keptOldValue": true' "$work/ev.$1"
   }
   check "stream_events_$t" stream_events "$t"

@@ -122,7 +122,7 @@ if start_kvmid bare --deadline_ms=2000 --fallback=continue; then
     if [ "$rc" -eq 3 ]; then echo "kvmid does not implement Attach"; return 77; fi
     [ "$rc" -eq 0 ] || return 1
     grep -q '^claimed: owner=client:go-test' "$work/att.txt" &&
-      grep -q '^verdict ACTION_KEEP_OLD for event id=[0-9]* vm=sim-vm-000[01] .* type=EVENT_MSR .* msr=0xc0000082 .*(LSTAR write refused)$' "$work/att.txt" &&
+      grep -q '^verdict ACTION_KEEP_OLD for event id=[0-9]* vm=sim-vm-000[01] .* type=EVENT_TYPE_MSR .* msr=0xc0000082 .*(LSTAR write refused)$' "$work/att.txt" &&
       grep -q '^verdict ACTION_CONTINUE for event id=[0-9]* .* msr=0x176 ' "$work/att.txt" &&
       grep -q '^done: 16 verdicts$' "$work/att.txt" &&
       # The bytes at RIP, read inline before each verdict (the sims' CR3s map nothing: every

@@ -188,8 +188,8 @@ def _enum_name(enum, prefix, value):
 
 
 def event_type_name(value):
-    """EVENT_CR (2) -> "CR"."""
-    return _enum_name(policy_pb.EventType, "EVENT_", value)
+    """EVENT_TYPE_CR (2) -> "CR"."""
+    return _enum_name(policy_pb.EventType, "EVENT_TYPE_", value)
 
 
 def action_name(value):
@@ -256,7 +256,7 @@ def paging_mode_name(value):
 
 
 def event_type(value):
-    """"cr", "EVENT_CR", "2" or 2 -> policy_pb.EVENT_CR. Raises ValueError for anything else."""
+    """"cr", "EVENT_TYPE_CR", "2" or 2 -> policy_pb.EVENT_TYPE_CR. Raises ValueError for anything else."""
     if isinstance(value, int):
         if value not in policy_pb.EventType.values():
             raise ValueError("unknown event type %d" % value)
@@ -265,8 +265,8 @@ def event_type(value):
     if text.isdigit():
         return event_type(int(text))
     name = text.upper().replace("-", "_")
-    if not name.startswith("EVENT_"):
-        name = "EVENT_" + name
+    if not name.startswith("EVENT_TYPE_"):
+        name = "EVENT_TYPE_" + name
     try:
         return policy_pb.EventType.Value(name)
     except ValueError:
@@ -894,7 +894,7 @@ class Client:
     def read_physical_stream(self, vm, gpa, size, chunk_bytes=STREAM_CHUNK_BYTES,
                              skip_zero_pages=False, continue_on_error=False, timeout=None):
         """Guest physical memory of any length: a generator of stream messages
-        (kvmi.v1.MemoryChunk) in GPA order
+        (kvmi.v1.ReadPhysicalStreamResponse) in GPA order
         (`gpa`, `size`, and `data`, or `zero` / `error` set instead of data). kvmid pipelines the
         reads; stopping the iteration (or closing the generator) cancels the stream. `timeout`
         bounds the whole stream (default: none)."""
@@ -1024,8 +1024,8 @@ class Client:
                             pse=False, no_cache=False, chunk_bytes=STREAM_CHUNK_BYTES,
                             timeout=None):
         """Guest-virtual memory of any length (address space as translate()): a generator of
-        kvmi.v1.VirtualChunk in GVA order, each with `size` bytes of `data` (zeros for the pages
-        listed in `unread`, each with why). Stopping the iteration cancels the stream; `timeout`
+        kvmi.v1.ReadVirtualStreamResponse in GVA order, each with `size` bytes of `data` (zeros
+        for the pages listed in `unread`, each with why). Stopping the iteration cancels the stream; `timeout`
         bounds the whole stream (default: none)."""
         request = pb.ReadVirtualStreamRequest(vm=vm, gva=parse_int(gva), size=parse_int(size),
                                               chunk_bytes=chunk_bytes, no_cache=no_cache)
@@ -1139,7 +1139,7 @@ class Client:
         self._unary("UnhookVM", pb.UnhookVMRequest(vm=vm))
 
     def watch_vms(self):
-        """WatchVMs: an iterator of kvmi.v1.VMChange (the current guests first). Cancel
+        """WatchVMs: an iterator of kvmi.v1.WatchVMsResponse (the current guests first). Cancel
         it with .cancel()."""
         self._connect()
         return self._stub.WatchVMs(pb.WatchVMsRequest())

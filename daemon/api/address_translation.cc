@@ -461,7 +461,7 @@ Status AddressTranslation::WriteVirtual(grpc::ServerContextBase* context,
   if (!s.ok()) return s;
   const std::string& bytes = request.data();
   if (bytes.empty() || bytes.size() > kMaxTransferBytes) {
-    return InvalidArgument("data", "1 byte .. " + std::to_string(kMaxTransferBytes >> 20) + " MiB");
+    return InvalidArgument("data", std::string("1 byte .. ") + kMaxTransferText);
   }
   if (request.gva() + bytes.size() < request.gva()) return InvalidArgument("gva", "range wraps");
   vmem::PagingContext paging;

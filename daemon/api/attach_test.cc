@@ -15,8 +15,8 @@ TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("debugger");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
-  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
+  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   claim.mutable_claim()->set_deadline_ms(5000);
   ASSERT_TRUE(stream->Write(claim));
   kvmi::v1::AttachResponse response;
@@ -40,7 +40,7 @@ TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
   host->SendEvent(bp);
   ASSERT_TRUE(stream->Read(&response));
   ASSERT_TRUE(response.has_event());
-  EXPECT_EQ(response.event().type(), kvmi::v1::EVENT_BREAKPOINT);
+  EXPECT_EQ(response.event().type(), kvmi::v1::EVENT_TYPE_BREAKPOINT);
   EXPECT_EQ(response.event().breakpoint().gpa(), 0x401000u);
   EXPECT_EQ(response.event().registers().rip(), 0x401000u);
   uint64_t id = response.event().id();
@@ -93,7 +93,7 @@ TEST_F(ApiTest, AttachRejectsABadClaim) {
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("x");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_UNHOOK);  // never answered: not claimable
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_UNHOOK);  // never answered: not claimable
   ASSERT_TRUE(stream->Write(claim));
   kvmi::v1::AttachResponse response;
   EXPECT_FALSE(stream->Read(&response));
@@ -110,7 +110,7 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("inline");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_PF);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_PF);
   ASSERT_TRUE(stream->Write(claim));
   kvmi::v1::AttachResponse response;
   ASSERT_TRUE(stream->Read(&response));
@@ -282,7 +282,7 @@ TEST_F(ApiTest, AttachHandlerAtItsHeldCapGetsNoMoreEventsAndTheGuestRunsOn) {
   auto stream = stub_->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("silent");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   claim.mutable_claim()->set_deadline_ms(5000);  // the maximum; never answered
   ASSERT_TRUE(stream->Write(claim));
   kvmi::v1::AttachResponse response;

@@ -101,7 +101,7 @@ grpc::StatusCode ReadStream(Stub* stub, const std::string& vm) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   auto reader = stub->ReadPhysicalStream(&ctx, request);
-  kvmi::v1::MemoryChunk chunk;
+  kvmi::v1::ReadPhysicalStreamResponse chunk;
   while (reader->Read(&chunk)) {
   }
   return reader->Finish().error_code();
@@ -113,7 +113,7 @@ grpc::StatusCode ReadVirtualStream(Stub* stub, const std::string& vm) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   auto reader = stub->ReadVirtualStream(&ctx, request);
-  kvmi::v1::VirtualChunk chunk;
+  kvmi::v1::ReadVirtualStreamResponse chunk;
   while (reader->Read(&chunk)) {
   }
   return reader->Finish().error_code();
@@ -155,7 +155,7 @@ kvmi::v1::Claim ClaimOf(std::vector<std::string> vms,
                         kvmi::v1::Action fallback = kvmi::v1::ACTION_UNSPECIFIED) {
   kvmi::v1::Claim claim;
   claim.set_handler_id("matrix");
-  claim.add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   claim.set_deadline_ms(1000);
   for (const auto& vm : vms) claim.add_vms(vm);
   claim.set_fallback(fallback);

@@ -115,7 +115,7 @@ TEST(ConvertTest, RegistersGoBothWaysAndALeaseListsWhatItArms) {
   arming.vcpu_only[1].msrs = {0xc0000080};
   kvmi::v1::Lease lease = ToProto("api", arming);
   EXPECT_EQ(lease.owner(), "api");
-  EXPECT_THAT(lease.vcpu_events(), ElementsAre(kvmi::v1::EVENT_CR));
+  EXPECT_THAT(lease.vcpu_events(), ElementsAre(kvmi::v1::EVENT_TYPE_CR));
   EXPECT_THAT(lease.crs(), ElementsAre(3u));
   EXPECT_EQ(lease.restricted_pages(), 2u);
   ASSERT_EQ(lease.vcpu_only_size(), 1);
@@ -200,7 +200,7 @@ TEST(EventConvertTest, AFieldMaskBuildsOnlyItsFieldsAndTheId) {
   EXPECT_FALSE(e.has_registers());
   EXPECT_FALSE(e.has_cr());
   EXPECT_EQ(e.vm_labels().size(), 2u);
-  EXPECT_EQ(e.type(), kvmi::v1::EVENT_CR);
+  EXPECT_EQ(e.type(), kvmi::v1::EVENT_TYPE_CR);
   EXPECT_EQ(e.vm_name(), "");
   EXPECT_EQ(e.node(), "");
   EXPECT_FALSE(e.has_time());

@@ -53,7 +53,7 @@ Status HeartbeatInterval(const kvmi::v1::StreamEventsRequest& request,
 }
 
 // One StreamEvents call: a subscription of the fan-out and its one message in flight.
-class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::EventMessage>,
+class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>,
                                  public EventFanout::Sink {
  public:
   EventStreamReactor(EventFanout* fanout, StreamLimits* limits, StreamLimits::Admission admission,
@@ -85,7 +85,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
       message_.mutable_dropped()->set_dropped(dropped);
       message_.mutable_dropped()->set_dropped_total(dropped_total_);
     }
-    grpc::ServerWriteReactor<kvmi::v1::EventMessage>::StartWrite(&message_);
+    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
   }
   void StartHeartbeat(uint64_t last_event_id) override {
     message_.Clear();
@@ -96,9 +96,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
     beat->mutable_time()->set_seconds(ns / 1000000000);
     beat->mutable_time()->set_nanos(static_cast<int32_t>(ns % 1000000000));
     beat->set_last_event_id(last_event_id);
-    grpc::ServerWriteReactor<kvmi::v1::EventMessage>::StartWrite(&message_);
+    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
   }
-  void Finish() override { grpc::ServerWriteReactor<kvmi::v1::EventMessage>::Finish(Status::OK); }
+  void Finish() override {
+    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::Finish(Status::OK);
+  }
 
   void OnWriteDone(bool ok) override { fanout_->WriteDone(subscription_.get(), ok); }
   void OnCancel() override { fanout_->Cancel(subscription_.get()); }
@@ -120,7 +122,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
   const EventFields fields_;  // the request's field_mask, compiled once
   std::unique_ptr<EventFanout::Subscription> subscription_;
   VerdictPipeline::ContextDemandLease context_demand_;
-  kvmi::v1::EventMessage message_;
+  kvmi::v1::StreamEventsResponse message_;
   uint64_t dropped_total_ = 0;
 };
 
@@ -129,7 +131,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Event
 // is never shown under its new name). Lifecycle changes are rare (connect, hook, gone), so the
 // conversion on the changing thread is not on the event path.
 struct GuestChange {
-  kvmi::v1::VMChange::Kind kind;
+  kvmi::v1::WatchVMsResponse::Kind kind;
   kvmi::v1::VM vm;
 };
 using WatchOutbox = StreamOutbox<GuestChange>;
@@ -142,7 +144,7 @@ struct WatchTap {
   std::shared_ptr<WatchOutbox> outbox;  // set before the watcher is added, then constant
 
   // The guest's change now, if the caller sees it: queued with what it is charged.
-  std::optional<WatchOutbox::Charged> Change(kvmi::v1::VMChange::Kind kind,
+  std::optional<WatchOutbox::Charged> Change(kvmi::v1::WatchVMsResponse::Kind kind,
                                              const std::shared_ptr<Guest>& guest) {
     if (!visible.Visible(guest)) return std::nullopt;
     GuestChange change{kind, ToProto(guest->Snapshot(), pipeline->ViewOf(*guest)->labels)};
@@ -151,7 +153,7 @@ struct WatchTap {
   }
 };
 
-class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
+class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse> {
  public:
   WatchReactor(Daemon* daemon, StreamLimits* limits, StreamLimits::Admission admission)
       : daemon_(daemon), limits_(limits), admission_(std::move(admission)) {}
@@ -166,13 +168,14 @@ class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
         pump);
     outbox_ = tap->outbox;
     watcher_ = daemon_->registry().AddStateWatcher([tap](const std::shared_ptr<Guest>& g) {
-      std::optional<WatchOutbox::Charged> change = tap->Change(kvmi::v1::VMChange::KIND_CHANGED, g);
+      std::optional<WatchOutbox::Charged> change =
+          tap->Change(kvmi::v1::WatchVMsResponse::KIND_CHANGED, g);
       if (change) tap->outbox->Offer(std::move(change->item), change->bytes);
     });
     std::vector<WatchOutbox::Charged> existing;
     for (const auto& guest : daemon_->registry().List()) {
       std::optional<WatchOutbox::Charged> change =
-          tap->Change(kvmi::v1::VMChange::KIND_EXISTING, guest);
+          tap->Change(kvmi::v1::WatchVMsResponse::KIND_EXISTING, guest);
       if (change) existing.push_back(std::move(*change));
     }
     outbox_->Release(std::move(existing), 0, nullptr);
@@ -205,7 +208,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::VMChange> {
   StreamLimits::Admission admission_;
   std::shared_ptr<WatchOutbox> outbox_;
   uint64_t watcher_ = 0;
-  kvmi::v1::VMChange message_;
+  kvmi::v1::WatchVMsResponse message_;
 };
 
 }  // namespace
@@ -225,9 +228,9 @@ Status EventStreams::CheckNamedGuests(const CallContext& call,
   return Status::OK;
 }
 
-grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
+grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEvents(
     const CallContext& call, const kvmi::v1::StreamEventsRequest& request) {
-  using Finished = kvmi::v1::EventMessage;
+  using Finished = kvmi::v1::StreamEventsResponse;
   StreamFilter filter;
   Status s = CompileStreamFilter(request, &filter);
   if (!s.ok()) return FinishedStream<Finished>(s);
@@ -281,12 +284,12 @@ grpc::ServerWriteReactor<kvmi::v1::EventMessage>* EventStreams::StreamEvents(
   return reactor;
 }
 
-grpc::ServerWriteReactor<kvmi::v1::VMChange>* EventStreams::WatchVMs(
+grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* EventStreams::WatchVMs(
     const CallContext& call, const kvmi::v1::WatchVMsRequest&) {
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) call.AuditLimitRefusal(admitted);
-  if (!admitted.ok()) return FinishedStream<kvmi::v1::VMChange>(admitted);
+  if (!admitted.ok()) return FinishedStream<kvmi::v1::WatchVMsResponse>(admitted);
   auto* reactor = new WatchReactor(daemon_, limits_, std::move(admission));
   reactor->Start(std::make_shared<WatchTap>(call, &daemon_->pipeline(), &daemon_->authorizer()),
                  &pump_);

@@ -49,10 +49,10 @@ class EventStreams {
 
   // The reactor of a new call (it deletes itself when gRPC is done with it). A malformed request
   // or a limit ends it at once with the status naming the field or the limit.
-  grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+  grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
       const CallContext& call, const kvmi::v1::StreamEventsRequest& request);
-  grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(const CallContext& call,
-                                                         const kvmi::v1::WatchVMsRequest& request);
+  grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
+      const CallContext& call, const kvmi::v1::WatchVMsRequest& request);
 
   StreamLimits* limits() { return limits_; }
   // NOT_FOUND naming the first of `vms` (filter selectors) that is no guest kvmid knows or one

@@ -30,7 +30,7 @@ ObservedEvent PfEvent(uint16_t vcpu, uint64_t gpa, uint8_t access) {
 
 TEST(CompiledFilterTest, EveryGivenFieldMustMatch) {
   kvmi::v1::EventFilter f;
-  f.add_events(kvmi::v1::EVENT_PF);
+  f.add_events(kvmi::v1::EVENT_TYPE_PF);
   f.add_vcpus(1);
   f.set_gpa_first(0x1000);
   f.set_gpa_last(0x1fff);
@@ -86,7 +86,7 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   kvmi::v1::StreamEventsRequest request;
   kvmi::v1::EventFilter* allow = request.add_allow();
   allow->add_vms("web-1");
-  allow->add_events(kvmi::v1::EVENT_MSR);
+  allow->add_events(kvmi::v1::EVENT_TYPE_MSR);
   request.set_include_registers(true);
   auto reader = stub_->StreamEvents(&ctx, request);
   // The stream is registered once the server runs the call: wait for its observer (the event
@@ -99,13 +99,13 @@ TEST_F(ApiTest, StreamEventsFiltersAndCarriesVerdicts) {
   wanted.specific.msr.new_value = 0x1234;
   wanted.common.arch.regs.rip = 0xffffffff81000010;
   web->SendEvent(wanted);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(reader->Read(&message));
   ASSERT_TRUE(message.has_event());
   const kvmi::v1::Event& e = message.event();
   EXPECT_EQ(e.vm_name(), "web-1");
   EXPECT_EQ(e.vcpu(), 1u);
-  EXPECT_EQ(e.type(), kvmi::v1::EVENT_MSR);
+  EXPECT_EQ(e.type(), kvmi::v1::EVENT_TYPE_MSR);
   EXPECT_EQ(e.msr().msr(), 0xC0000082u);
   EXPECT_EQ(e.msr().new_value(), 0x1234u);
   EXPECT_EQ(e.registers().rip(), 0xffffffff81000010u);
@@ -129,7 +129,7 @@ TEST_F(ApiTest, StreamEventsCarriesTheContextItAskedForWhileItLasts) {
   EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_MSR).empty());
   auto ctx = std::make_unique<grpc::ClientContext>();
   kvmi::v1::StreamEventsRequest request;
-  request.mutable_allow()->add_events(kvmi::v1::EVENT_MSR);
+  request.mutable_allow()->add_events(kvmi::v1::EVENT_TYPE_MSR);
   request.mutable_context()->set_rip_bytes(8);
   request.mutable_context()->set_rsp_bytes(4);
   auto reader = stub_->StreamEvents(ctx.get(), request);
@@ -141,7 +141,7 @@ TEST_F(ApiTest, StreamEventsCarriesTheContextItAskedForWhileItLasts) {
   wanted.common.arch.regs.rip = 0x1234;
   wanted.common.arch.regs.rsp = 0x8ffe;  // the block crosses a page boundary
   web->SendEvent(wanted);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(reader->Read(&message));
   ASSERT_TRUE(message.has_event());
   const kvmi::v1::EventContext& context = message.event().context();
@@ -167,7 +167,7 @@ TEST_F(ApiTest, StreamEventsRejectsBadFilters) {
   kvmi::v1::StreamEventsRequest request;
   request.add_allow()->set_access("z");
   auto reader = stub_->StreamEvents(&ctx, request);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   EXPECT_FALSE(reader->Read(&message));
   grpc::Status s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -200,7 +200,7 @@ TEST_F(ApiTest, ASlowReaderGetsDropNoticesWhileTheGuestRunsAtFullSpeed) {
         << seq;
   }
   uint64_t events = 0, dropped = 0;
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   auto deadline = Clock::now() + std::chrono::seconds(5);
   while (events + dropped < kEvents && Clock::now() < deadline && reader->Read(&message)) {
     if (message.has_event()) ++events;
@@ -217,15 +217,15 @@ TEST_F(ApiTest, WatchVmsSendsTheCurrentGuestsThenEveryChange) {
   ASSERT_NE(Connect(11, "first"), nullptr);
   grpc::ClientContext ctx;
   auto reader = stub_->WatchVMs(&ctx, {});
-  kvmi::v1::VMChange change;
+  kvmi::v1::WatchVMsResponse change;
   ASSERT_TRUE(reader->Read(&change));
-  EXPECT_EQ(change.kind(), kvmi::v1::VMChange::KIND_EXISTING);
+  EXPECT_EQ(change.kind(), kvmi::v1::WatchVMsResponse::KIND_EXISTING);
   EXPECT_EQ(change.vm().name(), "first");
   ScriptedHost* second = Connect(12, "second");
   ASSERT_NE(second, nullptr);
   auto next_state_of = [&](const std::string& name, kvmi::v1::VMState state) {
     while (reader->Read(&change)) {
-      if (change.kind() == kvmi::v1::VMChange::KIND_CHANGED && change.vm().name() == name &&
+      if (change.kind() == kvmi::v1::WatchVMsResponse::KIND_CHANGED && change.vm().name() == name &&
           change.vm().state() == state) {
         return true;
       }
@@ -255,7 +255,7 @@ TEST_F(ApiTest, AReconnectingReaderResumesAfterItsCursorAndIsToldWhatIsGone) {
   kvmi::v1::StreamEventsRequest request;
   request.set_resume_after(1);  // the reader had seen event 1
   auto reader = stub_->StreamEvents(&ctx, request);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(reader->Read(&message));
   ASSERT_TRUE(message.has_dropped());
   EXPECT_EQ(message.dropped().dropped(), 1u);  // event 2 is gone
@@ -300,7 +300,7 @@ struct OpenStream {
     reader.reset();
   }
 };
-using EventStream = OpenStream<kvmi::v1::EventMessage>;
+using EventStream = OpenStream<kvmi::v1::StreamEventsResponse>;
 
 // A stream the server refused at once: its status.
 template <typename Message>
@@ -341,11 +341,11 @@ class StreamLimitsTest : public ApiTest {
       server = builder.BuildAndStart();
     }
     ~StreamServer() override { server->Shutdown(std::chrono::system_clock::now()); }
-    grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
         grpc::CallbackServerContext*, const kvmi::v1::StreamEventsRequest* request) override {
       return streams.StreamEvents(call, *request);
     }
-    grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
+    grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
         grpc::CallbackServerContext*, const kvmi::v1::WatchVMsRequest* request) override {
       return streams.WatchVMs(call, *request);
     }
@@ -382,15 +382,15 @@ TEST_F(StreamLimitsTest, TheNextStreamOfAnIdentityOverItsCapIsRefusedUntilOneEnd
   // Three streams of the same caller (root on the API socket), one of each kind.
   EventStream events = Open(stub_.get());
   ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
-  OpenStream<kvmi::v1::VMChange> watch;
+  OpenStream<kvmi::v1::WatchVMsResponse> watch;
   watch.reader = stub_->WatchVMs(watch.ctx.get(), {});
-  kvmi::v1::VMChange change;
+  kvmi::v1::WatchVMsResponse change;
   ASSERT_TRUE(watch.reader->Read(&change));  // admitted: the current guest came
   grpc::ClientContext attach_ctx;
   auto attach = stub_->Attach(&attach_ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("capped");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   ASSERT_TRUE(attach->Write(claim));
   kvmi::v1::AttachResponse claimed;
   ASSERT_TRUE(attach->Read(&claimed));
@@ -470,7 +470,7 @@ TEST_F(StreamLimitsTest, OpenStreamsCostNoThread) {
   ASSERT_TRUE(WaitUntil([&] { return open_streams() == 10 + kStreams; }));
   RunEvents(host, 1, 3);  // and they work: every stream gets the events
   for (size_t i = 0; i < streams.size(); i += 50) {
-    kvmi::v1::EventMessage message;
+    kvmi::v1::StreamEventsResponse message;
     for (uint64_t id = 1; id <= 3; ++id) {
       ASSERT_TRUE(streams[i].reader->Read(&message));
       EXPECT_EQ(message.event().id(), id);
@@ -506,7 +506,7 @@ TEST_F(StreamLimitsTest, NonReadersStayWithinTheBudgetAndOthersStillReceive) {
   constexpr uint32_t kEvents = 2000;
   std::atomic<uint64_t> events{0}, dropped{0};
   std::thread read([&] {
-    kvmi::v1::EventMessage message;
+    kvmi::v1::StreamEventsResponse message;
     while (events + dropped < kEvents && reader.reader->Read(&message)) {
       if (message.has_event()) ++events;
       if (message.has_dropped()) dropped = message.dropped().dropped_total();
@@ -558,10 +558,10 @@ TEST_F(StreamLimitsTest, StreamsCancelledWhileEventsFlowReleaseEverything) {
   for (int round = 0; round < 10; ++round) {
     std::vector<EventStream> streams;
     for (int i = 0; i < 20; ++i) streams.push_back(Open(slow.get(), request));
-    OpenStream<kvmi::v1::VMChange> watch;
+    OpenStream<kvmi::v1::WatchVMsResponse> watch;
     watch.reader = slow->WatchVMs(watch.ctx.get(), {});
     // Some read a little, then every one is cancelled mid-flow.
-    kvmi::v1::EventMessage message;
+    kvmi::v1::StreamEventsResponse message;
     for (int i = 0; i < 20; i += 2) streams[i].reader->Read(&message);
     for (EventStream& s : streams) s.Cancel();
     watch.Cancel();
@@ -597,9 +597,9 @@ TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
   auto stub = kvmi::v1::Introspection::NewStub(
       grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
 
-  OpenStream<kvmi::v1::VMChange> watch;
+  OpenStream<kvmi::v1::WatchVMsResponse> watch;
   watch.reader = stub->WatchVMs(watch.ctx.get(), {});
-  kvmi::v1::VMChange change;
+  kvmi::v1::WatchVMsResponse change;
   ASSERT_TRUE(watch.reader->Read(&change));
   EXPECT_EQ(change.vm().name(), "seen");  // "hidden" is not listed
   EventStream events = Open(stub.get());
@@ -607,7 +607,7 @@ TEST_F(StreamLimitsTest, StreamsShowOnlyTheGuestsInTheCallersScope) {
 
   RunEvents(hidden, 1, 2);
   RunEvents(seen, 1, 1);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(events.reader->Read(&message));
   EXPECT_EQ(message.event().vm_name(), "seen");
   // Labelled into scope: its events come from now on.
@@ -642,7 +642,7 @@ TEST_F(StreamLimitsTest, AGuestRenamedOutOfScopeIsDecidedAgain) {
   EventStream events = Open(stub.get());
   ASSERT_TRUE(WaitUntil([&] { return open_streams() == 1; }));
   RunEvents(guest, 1, 1);
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(events.reader->Read(&message));
   EXPECT_EQ(message.event().vm_name(), "seen");
 
@@ -728,7 +728,7 @@ TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
   ScriptedHost* web = Connect(4, "web-1");
   ASSERT_NE(web, nullptr);
   kvmi::v1::StreamEventsRequest request;
-  request.add_allow()->add_events(kvmi::v1::EVENT_MSR);
+  request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_MSR);
   request.add_allow()->add_crs(4);
   request.add_deny()->add_vcpus(1);
   request.mutable_heartbeat_interval()->set_nanos(100000000);  // 100 ms
@@ -738,7 +738,7 @@ TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
   grpc::ClientContext ctx;
   auto reader = stub_->StreamEvents(&ctx, request);
   // Nothing happens: the stream says it is alive.
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   ASSERT_TRUE(reader->Read(&message));
   ASSERT_TRUE(message.has_heartbeat()) << message.DebugString();
   EXPECT_GT(message.heartbeat().time().seconds(), 1700000000);
@@ -762,7 +762,7 @@ TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
   int beats = 0;
   ASSERT_TRUE(next_event(&beats));
   kvmi::v1::Event e = message.event();
-  EXPECT_EQ(e.type(), kvmi::v1::EVENT_MSR);
+  EXPECT_EQ(e.type(), kvmi::v1::EVENT_TYPE_MSR);
   EXPECT_EQ(e.vcpu(), 0u);
   EXPECT_EQ(e.msr().msr(), 0xC0000082u);
   EXPECT_EQ(e.vm_name(), "web-1");
@@ -779,7 +779,7 @@ TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
   cr4.specific.cr.cr = 4;
   web->SendEvent(cr4);
   ASSERT_TRUE(next_event(&beats));
-  EXPECT_EQ(message.event().type(), kvmi::v1::EVENT_CR);
+  EXPECT_EQ(message.event().type(), kvmi::v1::EVENT_TYPE_CR);
   EXPECT_EQ(message.event().cr().cr(), 4u);
   const uint64_t cr4_id = message.event().id();
   EXPECT_GT(cr4_id, msr_id);
@@ -798,7 +798,7 @@ TEST_F(ApiTest, AnyAllowFilterDenyWinsHeartbeatsMaskAndLabels) {
 TEST_F(ApiTest, AnAttachClaimsFieldMaskShapesItsEvents) {
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("masked");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_MSR);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_MSR);
   claim.mutable_claim()->mutable_field_mask()->add_paths("nope");
   grpc::ClientContext ctx;
   auto stream = stub_->Attach(&ctx);

@@ -168,7 +168,7 @@ TEST_F(ApiTest, SetRegistersNeedsAPendingEventAndGoesOutBeforeTheVerdict) {
   auto stream = stub_->Attach(&attach_ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("setter");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_BREAKPOINT);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   claim.mutable_claim()->set_deadline_ms(5000);
   ASSERT_TRUE(stream->Write(claim));
   kvmi::v1::AttachResponse response;
@@ -256,7 +256,7 @@ TEST_F(ApiTest, UnhookVmReleasesTheHooksAndClosesTheSession) {
   kvmi::v1::ControlEventsRequest arm;
   arm.set_vm("leaving");
   arm.set_enable(true);
-  arm.add_events(kvmi::v1::EVENT_BREAKPOINT);
+  arm.add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
   kvmi::v1::ControlEventsResponse armed;
   ASSERT_TRUE(stub_->ControlEvents(&arm_ctx, arm, &armed).ok());
   TakeControls(host, KVMI_CONTROL_EVENTS, 2);

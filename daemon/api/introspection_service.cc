@@ -175,29 +175,30 @@ Status IntrospectionService::DeletePolicy(ServerContext* context,
 
 // ---- streams -----------------------------------------------------------------------------------
 
-grpc::ServerWriteReactor<kvmi::v1::EventMessage>* IntrospectionService::StreamEvents(
+grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* IntrospectionService::StreamEvents(
     grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kStreamEvents, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
-  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::EventMessage>(admitted);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::StreamEventsResponse>(admitted);
   return streams_.StreamEvents(call.context(), *request);
 }
 
-grpc::ServerWriteReactor<kvmi::v1::VMChange>* IntrospectionService::WatchVMs(
+grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* IntrospectionService::WatchVMs(
     grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kWatchVMs, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
-  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VMChange>(admitted);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::WatchVMsResponse>(admitted);
   return streams_.WatchVMs(call.context(), *request);
 }
 
 // ---- bulk memory
 // ---------------------------------------------------------------------------------
 
-grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* IntrospectionService::ReadPhysicalStream(
-    grpc::CallbackServerContext* context, const kvmi::v1::ReadPhysicalStreamRequest* request) {
+grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>*
+IntrospectionService::ReadPhysicalStream(grpc::CallbackServerContext* context,
+                                         const kvmi::v1::ReadPhysicalStreamRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kReadPhysicalStream, OnGuest(request->vm()),
@@ -207,7 +208,7 @@ grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* IntrospectionService::ReadPhysi
         return args;
       },
       &call);
-  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::MemoryChunk>(admitted);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(admitted);
   return memory_.Read(call.context(), *request);
 }
 
@@ -245,13 +246,14 @@ Status IntrospectionService::ReadVirtual(ServerContext* context,
       [&](const api::CallContext&) { return commands_.ReadVirtual(context, *request, response); });
 }
 
-grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* IntrospectionService::ReadVirtualStream(
-    grpc::CallbackServerContext* context, const kvmi::v1::ReadVirtualStreamRequest* request) {
+grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>*
+IntrospectionService::ReadVirtualStream(grpc::CallbackServerContext* context,
+                                        const kvmi::v1::ReadVirtualStreamRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kReadVirtualStream, OnGuest(request->vm()),
       [&] { return security::SummarizeRequest(*request); }, &call);
-  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::VirtualChunk>(admitted);
+  if (!admitted.ok()) return api::FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(admitted);
   return virtual_.Read(call.context(), *request);
 }
 

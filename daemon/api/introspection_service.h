@@ -56,7 +56,7 @@ class IntrospectionService final
                        kvmi::v1::ListVMsResponse* response) override;
   grpc::Status GetVM(grpc::ServerContext* context, const kvmi::v1::GetVMRequest* request,
                      kvmi::v1::VM* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::EventMessage>* StreamEvents(
+  grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
       grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) override;
   // On the callback API so that a refusal by a limit can be answered later (api::Tarpit).
   grpc::ServerUnaryReactor* ApplyPolicy(grpc::CallbackServerContext* context,
@@ -115,10 +115,10 @@ class IntrospectionService final
                              kvmi::v1::ControlEventsResponse* response) override;
   grpc::Status UnhookVM(grpc::ServerContext* context, const kvmi::v1::UnhookVMRequest* request,
                         kvmi::v1::UnhookVMResponse* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::VMChange>* WatchVMs(
+  grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
       grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
   // Bulk memory (memory_stream.h).
-  grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* ReadPhysicalStream(
+  grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* ReadPhysicalStream(
       grpc::CallbackServerContext* context,
       const kvmi::v1::ReadPhysicalStreamRequest* request) override;
   grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* WritePhysicalStream(
@@ -130,7 +130,7 @@ class IntrospectionService final
   grpc::Status ReadVirtual(grpc::ServerContext* context,
                            const kvmi::v1::ReadVirtualRequest* request,
                            kvmi::v1::ReadVirtualResponse* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* ReadVirtualStream(
+  grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* ReadVirtualStream(
       grpc::CallbackServerContext* context,
       const kvmi::v1::ReadVirtualStreamRequest* request) override;
   grpc::Status WriteVirtual(grpc::ServerContext* context,

@@ -135,7 +135,7 @@ TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
   one.set_vm("controlled");
   one.set_vcpu(1);
   one.set_enable(true);
-  one.add_events(kvmi::v1::EVENT_CR);
+  one.add_events(kvmi::v1::EVENT_TYPE_CR);
   one.add_crs(3);
   kvmi::v1::ControlEventsResponse response;
   ASSERT_TRUE(stub_->ControlEvents(&one_ctx, one, &response).ok());
@@ -154,8 +154,8 @@ TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
   kvmi::v1::ControlEventsRequest all;
   all.set_vm("controlled");
   all.set_enable(true);
-  all.add_events(kvmi::v1::EVENT_MSR);
-  all.add_events(kvmi::v1::EVENT_UNHOOK);
+  all.add_events(kvmi::v1::EVENT_TYPE_MSR);
+  all.add_events(kvmi::v1::EVENT_TYPE_UNHOOK);
   all.add_msrs(0xC0000082);
   ASSERT_TRUE(stub_->ControlEvents(&all_ctx, all, &response).ok());
   EXPECT_THAT(
@@ -176,15 +176,15 @@ TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
     if (lease.owner() == "api") api_lease = &lease;
   }
   ASSERT_NE(api_lease, nullptr);
-  EXPECT_THAT(api_lease->vcpu_events(), ::testing::ElementsAre(kvmi::v1::EVENT_MSR));
-  EXPECT_THAT(api_lease->vm_events(), ::testing::ElementsAre(kvmi::v1::EVENT_UNHOOK));
+  EXPECT_THAT(api_lease->vcpu_events(), ::testing::ElementsAre(kvmi::v1::EVENT_TYPE_MSR));
+  EXPECT_THAT(api_lease->vm_events(), ::testing::ElementsAre(kvmi::v1::EVENT_TYPE_UNHOOK));
 
   // Off for every vCPU: vCPU 1's own CR selection goes too.
   grpc::ClientContext off_ctx;
   kvmi::v1::ControlEventsRequest off;
   off.set_vm("controlled");
   off.set_enable(false);
-  off.add_events(kvmi::v1::EVENT_CR);
+  off.add_events(kvmi::v1::EVENT_TYPE_CR);
   off.add_crs(3);
   ASSERT_TRUE(stub_->ControlEvents(&off_ctx, off, &response).ok());
   EXPECT_EQ(response.lease().vcpu_only_size(), 0);
@@ -205,10 +205,10 @@ TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
   bad.add_crs(2);
   EXPECT_THAT(refused(bad).error_message(), HasSubstr("crs[1]"));
   bad = one;
-  bad.add_events(kvmi::v1::EVENT_UNHOOK);
+  bad.add_events(kvmi::v1::EVENT_TYPE_UNHOOK);
   EXPECT_THAT(refused(bad).error_message(), HasSubstr("VM event"));
   bad = all;
-  bad.add_events(kvmi::v1::EVENT_PAUSE_VCPU);
+  bad.add_events(kvmi::v1::EVENT_TYPE_PAUSE_VCPU);
   EXPECT_EQ(refused(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   bad = all;
   bad.add_msrs(0x40000000);

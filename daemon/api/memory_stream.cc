@@ -144,10 +144,10 @@ size_t StreamWindow(uint64_t chunk_bytes) {
 }
 
 void AppendChunkMessages(const ChunkedReader::Chunk& chunk, bool skip_zero_pages,
-                         std::deque<kvmi::v1::MemoryChunk>* out) {
+                         std::deque<kvmi::v1::ReadPhysicalStreamResponse>* out) {
   const std::vector<uint8_t>& data = chunk.result.data;
   auto emit = [&](uint64_t from, uint64_t to, bool zero) {  // offsets into the chunk
-    kvmi::v1::MemoryChunk& m = out->emplace_back();
+    kvmi::v1::ReadPhysicalStreamResponse& m = out->emplace_back();
     m.set_gpa(chunk.gpa + from);
     m.set_size(to - from);
     if (zero) {
@@ -187,7 +187,7 @@ namespace {
 // One read stream. Its state is guarded by the Link's mutex, which the reader's `on_ready` also
 // takes: the reactor is only reached through the Link, and OnDone unlinks it before it goes.
 // Reads are issued (ChunkedReader::Fill) with that mutex released: one may complete inline.
-class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk> {
+class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse> {
  public:
   ReadReactor(std::shared_ptr<ChunkedReader> reader, bool skip_zero_pages, bool continue_on_error,
               StreamLimits::Admission admission)
@@ -280,7 +280,7 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>
           FinishLocked(failed);
           return took;
         }
-        kvmi::v1::MemoryChunk& m = pending_.emplace_back();
+        kvmi::v1::ReadPhysicalStreamResponse& m = pending_.emplace_back();
         m.set_gpa(chunk.gpa);
         m.set_size(chunk.size);
         m.set_error(failed.error_message());
@@ -307,12 +307,14 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>
   bool writing_ ABSL_GUARDED_BY(link_->mu) = false;
   bool finished_ ABSL_GUARDED_BY(link_->mu) = false;
   bool cancelled_ ABSL_GUARDED_BY(link_->mu) = false;
-  std::deque<kvmi::v1::MemoryChunk> pending_ ABSL_GUARDED_BY(link_->mu);  // one chunk's messages
-  kvmi::v1::MemoryChunk message_ ABSL_GUARDED_BY(link_->mu);              // the one being written
+  std::deque<kvmi::v1::ReadPhysicalStreamResponse> pending_
+      ABSL_GUARDED_BY(link_->mu);  // one chunk's messages
+  kvmi::v1::ReadPhysicalStreamResponse message_
+      ABSL_GUARDED_BY(link_->mu);  // the one being written
 };
 
 // A call that ends at once with `status`.
-class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk> {
+class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse> {
  public:
   explicit FinishedRead(const Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -320,7 +322,7 @@ class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::MemoryChunk
 
 }  // namespace
 
-grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* MemoryStreams::Read(
+grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::Read(
     const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request) {
   Target target;
   Status s = guests_.Find(request.vm(), &target);

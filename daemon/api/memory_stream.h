@@ -122,10 +122,10 @@ class ChunkedReader : public std::enable_shared_from_this<ChunkedReader> {
 // The window (chunks) of a read stream with chunks of `chunk_bytes`.
 size_t StreamWindow(uint64_t chunk_bytes);
 
-// `chunk` as the MemoryChunk messages a reader gets: one with the data, or with
+// `chunk` as the ReadPhysicalStreamResponse messages a reader gets: one with the data, or with
 // `skip_zero_pages` runs of whole zero pages as `zero` messages and the rest as data.
 void AppendChunkMessages(const ChunkedReader::Chunk& chunk, bool skip_zero_pages,
-                         std::deque<kvmi::v1::MemoryChunk>* out);
+                         std::deque<kvmi::v1::ReadPhysicalStreamResponse>* out);
 
 // The two streams. Thread-safe; one per service.
 class MemoryStreams {
@@ -137,7 +137,7 @@ class MemoryStreams {
 
   // The reactor of an admitted ReadPhysicalStream call (it deletes itself when gRPC is done).
   // A malformed request ends it at once with the status naming the field.
-  grpc::ServerWriteReactor<kvmi::v1::MemoryChunk>* Read(
+  grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* Read(
       const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request);
   // The reactor of a WritePhysicalStream call: admitted (as WritePhysicalStream on the first
   // message's guest) when the first message arrives, audited when it ends.

@@ -139,7 +139,7 @@ TEST(ChunkedReaderTest, ZeroPagesBecomeRunsAndPartialPagesStayData) {
   std::vector<uint8_t> data(chunk.size, 0);
   data[0x800 + 0x1000 + 7] = 1;  // the page at 0x2000 is not zero
   chunk.result = CommandResult::Ok(data);
-  std::deque<kvmi::v1::MemoryChunk> out;
+  std::deque<kvmi::v1::ReadPhysicalStreamResponse> out;
   api::AppendChunkMessages(chunk, /*skip_zero_pages=*/true, &out);
   std::vector<std::tuple<uint64_t, uint64_t, bool, size_t>> got;
   for (const auto& m : out) got.emplace_back(m.gpa(), m.size(), m.zero(), m.data().size());
@@ -161,11 +161,11 @@ TEST(ChunkedReaderTest, ZeroPagesBecomeRunsAndPartialPagesStayData) {
 // Reads a whole stream; the status and the chunks.
 grpc::Status ReadAll(kvmi::v1::Introspection::Stub* stub,
                      const kvmi::v1::ReadPhysicalStreamRequest& request,
-                     std::vector<kvmi::v1::MemoryChunk>* chunks) {
+                     std::vector<kvmi::v1::ReadPhysicalStreamResponse>* chunks) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto reader = stub->ReadPhysicalStream(&ctx, request);
-  kvmi::v1::MemoryChunk chunk;
+  kvmi::v1::ReadPhysicalStreamResponse chunk;
   while (reader->Read(&chunk)) chunks->push_back(chunk);
   return reader->Finish();
 }
@@ -183,7 +183,7 @@ kvmi::v1::ReadPhysicalStreamRequest ReadRequest(const std::string& vm, uint64_t 
 TEST_F(ApiTest, ReadPhysicalStreamReturnsEveryByteInOrderInBoundedChunks) {
   Connect(21, "mem");
   const uint64_t gpa = 0x10123, size = (3u << 20) + 777;
-  std::vector<kvmi::v1::MemoryChunk> chunks;
+  std::vector<kvmi::v1::ReadPhysicalStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), ReadRequest("mem", gpa, size, 64 << 10), &chunks);
   ASSERT_TRUE(s.ok()) << s.error_message();
   uint64_t at = gpa;
@@ -217,7 +217,7 @@ TEST_F(ApiTest, ReadPhysicalStreamRefusesBadArgumentsNamingTheField) {
       {ReadRequest("nope", 0, 4096), grpc::StatusCode::NOT_FOUND, "nope"},
   };
   for (const Case& c : cases) {
-    std::vector<kvmi::v1::MemoryChunk> chunks;
+    std::vector<kvmi::v1::ReadPhysicalStreamResponse> chunks;
     grpc::Status s = ReadAll(stub_.get(), c.request, &chunks);
     EXPECT_EQ(s.error_code(), c.code) << c.request.ShortDebugString() << ": " << s.error_message();
     EXPECT_THAT(s.error_message(), HasSubstr(c.text));
@@ -228,7 +228,7 @@ TEST_F(ApiTest, ReadPhysicalStreamRefusesBadArgumentsNamingTheField) {
 TEST_F(ApiTest, ReadPhysicalStreamEndsAtAnUnreadableChunkOrReportsItAndGoesOn) {
   ScriptedHost* host = Connect(23, "mem");
   host->set_responder(RichResponder());  // READ_PHYSICAL of 0xbad000: -KVM_EINVAL
-  std::vector<kvmi::v1::MemoryChunk> chunks;
+  std::vector<kvmi::v1::ReadPhysicalStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), ReadRequest("mem", 0xbab000, 0x6000, 4096), &chunks);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("gpa 0xbad000"));
@@ -259,7 +259,7 @@ TEST_F(ApiTest, ReadPhysicalStreamEndsAtAnUnreadableChunkOrReportsItAndGoesOn) {
   huge.set_continue_on_error(true);
   auto reader = stub_->ReadPhysicalStream(&ctx, huge);
   host->Close();
-  kvmi::v1::MemoryChunk chunk;
+  kvmi::v1::ReadPhysicalStreamResponse chunk;
   size_t errors = 0;
   while (reader->Read(&chunk)) errors += chunk.error().empty() ? 0 : 1;
   s = reader->Finish();
@@ -283,7 +283,7 @@ TEST_F(ApiTest, ReadPhysicalStreamSkipsZeroPagesWhenAsked) {
   });
   auto request = ReadRequest("mem", 0x1e000, 0x8000);
   request.set_skip_zero_pages(true);
-  std::vector<kvmi::v1::MemoryChunk> chunks;
+  std::vector<kvmi::v1::ReadPhysicalStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), request, &chunks);
   ASSERT_TRUE(s.ok()) << s.error_message();
   ASSERT_EQ(chunks.size(), 2u);
@@ -309,7 +309,7 @@ TEST_F(ApiTest, ReadPhysicalStreamSlowReaderHoldsTheReadsBack) {
   const uint64_t total_pages = (uint64_t{256} << 20) / 4096;
   grpc::ClientContext ctx;
   auto reader = stub_->ReadPhysicalStream(&ctx, ReadRequest("mem", 0, uint64_t{256} << 20));
-  kvmi::v1::MemoryChunk chunk;
+  kvmi::v1::ReadPhysicalStreamResponse chunk;
   ASSERT_TRUE(reader->Read(&chunk));
   // Reads go on until the window and the transport's buffers are full, then stop.
   ASSERT_TRUE(WaitUntil([&] { return reads->load() >= api::StreamWindow(256 << 10) * 64; }));
@@ -360,7 +360,7 @@ TEST_F(ApiTest, MemoryStreamsAreBoundedByTheStreamLimits) {
   daemon_->set_limits(limits);
   grpc::ClientContext first_ctx;
   auto first = stub_->ReadPhysicalStream(&first_ctx, ReadRequest("mem", 0, uint64_t{64} << 20));
-  kvmi::v1::MemoryChunk chunk;
+  kvmi::v1::ReadPhysicalStreamResponse chunk;
   ASSERT_TRUE(first->Read(&chunk));  // open, and holding its place
   {
     grpc::ClientContext ctx;
@@ -491,7 +491,7 @@ TEST_F(ApiTest, WritePhysicalStreamIsAuditedWithGpaAndSize) {
     EXPECT_EQ(WriteAll(stub.get(), {WriteMessage("ab", "mem", 0x8000, 3)}, &response).error_code(),
               grpc::StatusCode::INVALID_ARGUMENT);
     kvmi::v1::ReadPhysicalStreamRequest read = ReadRequest("mem", 0x7000, 4);
-    std::vector<kvmi::v1::MemoryChunk> chunks;
+    std::vector<kvmi::v1::ReadPhysicalStreamResponse> chunks;
     ASSERT_TRUE(ReadAll(stub.get(), read, &chunks).ok());  // a read: not audited
   }
   audit->reset();

@@ -85,8 +85,8 @@ TEST_F(ApiTest, StartNamesWhatItCannotServe) {
 TEST_F(ApiTest, ShutdownEndsOpenStreamsAtOnceWithUnavailable) {
   constexpr int kWatches = 40, kEventStreams = 10;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
-  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::VMChange>>> watches;
-  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::EventMessage>>> streams;
+  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::WatchVMsResponse>>> watches;
+  std::vector<std::unique_ptr<grpc::ClientReader<kvmi::v1::StreamEventsResponse>>> streams;
   for (int i = 0; i < kWatches; ++i) {
     contexts.push_back(std::make_unique<grpc::ClientContext>());
     watches.push_back(stub_->WatchVMs(contexts.back().get(), kvmi::v1::WatchVMsRequest()));
@@ -106,13 +106,13 @@ TEST_F(ApiTest, ShutdownEndsOpenStreamsAtOnceWithUnavailable) {
     EXPECT_EQ(status.error_message(), kShuttingDownMessage);
   };
   for (auto& watch : watches) {
-    kvmi::v1::VMChange change;
+    kvmi::v1::WatchVMsResponse change;
     while (watch->Read(&change)) {
     }
     expect_ended(watch->Finish());
   }
   for (auto& stream : streams) {
-    kvmi::v1::EventMessage message;
+    kvmi::v1::StreamEventsResponse message;
     while (stream->Read(&message)) {
     }
     expect_ended(stream->Finish());

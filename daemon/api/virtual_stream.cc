@@ -54,7 +54,8 @@ struct Space {
 // paging-context answer also take: the reactor is only reached through the Link, and OnDone
 // unlinks it before it goes. Reads are issued (ChunkedReader::Fill) with that mutex released:
 // one may complete inline.
-class VirtualReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::VirtualChunk> {
+class VirtualReadReactor final
+    : public grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse> {
  public:
   VirtualReadReactor(AddressTranslation* translation, const kvmi::v1::ReadVirtualStreamRequest& r,
                      Space space, ChunkedReader::Options options, StreamLimits::Admission admission)
@@ -225,11 +226,11 @@ class VirtualReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::Virtu
   bool writing_ ABSL_GUARDED_BY(link_->mu) = false;
   bool finished_ ABSL_GUARDED_BY(link_->mu) = false;
   bool cancelled_ ABSL_GUARDED_BY(link_->mu) = false;
-  kvmi::v1::VirtualChunk message_ ABSL_GUARDED_BY(link_->mu);  // the one being written
+  kvmi::v1::ReadVirtualStreamResponse message_ ABSL_GUARDED_BY(link_->mu);  // the one being written
 };
 
 // A call that ends at once with `status`.
-class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::VirtualChunk> {
+class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse> {
  public:
   explicit FinishedRead(const Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -237,7 +238,7 @@ class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::VirtualChun
 
 }  // namespace
 
-grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* VirtualStreams::Read(
+grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* VirtualStreams::Read(
     const CallContext& call, const kvmi::v1::ReadVirtualStreamRequest& request) {
   Space space;
   Status s = translation_->FindSpace(request, &space.target, &space.bucket);

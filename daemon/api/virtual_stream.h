@@ -1,5 +1,5 @@
-// ReadVirtualStream: guest-virtual memory of any length as a stream of VirtualChunks, on gRPC's
-// callback API (no thread per stream), built on the physical stream's ChunkedReader: chunks in
+// ReadVirtualStream: guest-virtual memory of any length as a stream of ReadVirtualStreamResponse
+// messages, on gRPC's callback API (no thread per stream), built on the physical stream's ChunkedReader: chunks in
 // order, a bounded number in flight, a chunk's slot freed only when it is sent. Each chunk read
 // translates its pages (AddressTranslation::ReadRange: the cache, the walks pipelined through one
 // TablePageReader) and reads the present ones; the chunk names every page it could not read.
@@ -29,7 +29,7 @@ class VirtualStreams {
   // The reactor of an admitted ReadVirtualStream call (it deletes itself when gRPC is done). A
   // malformed request ends it at once with the status naming the field; a stream over its
   // caller's limits ends with RESOURCE_EXHAUSTED naming the limit.
-  grpc::ServerWriteReactor<kvmi::v1::VirtualChunk>* Read(
+  grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* Read(
       const CallContext& call, const kvmi::v1::ReadVirtualStreamRequest& request);
 
  private:

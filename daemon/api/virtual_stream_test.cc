@@ -27,11 +27,11 @@ kvmi::v1::ReadVirtualStreamRequest StreamRequest(const std::string& vm, uint64_t
 
 grpc::Status ReadAll(kvmi::v1::Introspection::Stub* stub,
                      const kvmi::v1::ReadVirtualStreamRequest& request,
-                     std::vector<kvmi::v1::VirtualChunk>* chunks) {
+                     std::vector<kvmi::v1::ReadVirtualStreamResponse>* chunks) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto reader = stub->ReadVirtualStream(&ctx, request);
-  kvmi::v1::VirtualChunk chunk;
+  kvmi::v1::ReadVirtualStreamResponse chunk;
   while (reader->Read(&chunk)) chunks->push_back(chunk);
   return reader->Finish();
 }
@@ -40,7 +40,7 @@ TEST_F(ApiTest, ReadVirtualStreamReturnsEveryByteAndNamesThePagesItCouldNotRead)
   ScriptedHost* host = Connect(31, "virt");
   host->set_responder(RichResponder());  // READ_PHYSICAL at 0xbad000: -KVM_EINVAL
   const uint64_t gva = 0xbab800, size = 0x5000;
-  std::vector<kvmi::v1::VirtualChunk> chunks;
+  std::vector<kvmi::v1::ReadVirtualStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), StreamRequest("virt", gva, size, 4096), &chunks);
   ASSERT_TRUE(s.ok()) << s.error_message();
   ASSERT_EQ(chunks.size(), 5u);
@@ -73,7 +73,7 @@ TEST_F(ApiTest, ReadVirtualStreamThroughAVcpuTakesItsPagingModeOnce) {
   host->set_responder(RichResponder());  // CR0 = 0: paging off
   kvmi::v1::ReadVirtualStreamRequest request = StreamRequest("virt", 0x10000, (1 << 20) + 5);
   request.set_vcpu(1);
-  std::vector<kvmi::v1::VirtualChunk> chunks;
+  std::vector<kvmi::v1::ReadVirtualStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), request, &chunks);
   ASSERT_TRUE(s.ok()) << s.error_message();
   ASSERT_EQ(chunks.size(), 5u);  // 4 x 256 KiB + 5 bytes
@@ -113,7 +113,7 @@ TEST_F(ApiTest, ReadVirtualStreamRefusesBadArgumentsNamingTheField) {
       {StreamRequest("nope", 0, 4096), grpc::StatusCode::NOT_FOUND, "nope"},
   };
   for (const Case& c : cases) {
-    std::vector<kvmi::v1::VirtualChunk> chunks;
+    std::vector<kvmi::v1::ReadVirtualStreamResponse> chunks;
     grpc::Status s = ReadAll(stub_.get(), c.request, &chunks);
     EXPECT_EQ(s.error_code(), c.code) << c.request.ShortDebugString() << ": " << s.error_message();
     EXPECT_THAT(s.error_message(), HasSubstr(c.text));
@@ -129,9 +129,9 @@ TEST_F(ApiTest, ReadVirtualStreamIsBoundedByTheStreamLimits) {
   grpc::ClientContext first_ctx;
   auto first =
       stub_->ReadVirtualStream(&first_ctx, StreamRequest("virt", 0, uint64_t{64} << 20, 4096));
-  kvmi::v1::VirtualChunk chunk;
+  kvmi::v1::ReadVirtualStreamResponse chunk;
   ASSERT_TRUE(first->Read(&chunk));  // open, and holding its place
-  std::vector<kvmi::v1::VirtualChunk> chunks;
+  std::vector<kvmi::v1::ReadVirtualStreamResponse> chunks;
   grpc::Status s = ReadAll(stub_.get(), StreamRequest("virt", 0, 4096), &chunks);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_THAT(s.error_message(), HasSubstr("streams_per_identity"));
@@ -140,7 +140,7 @@ TEST_F(ApiTest, ReadVirtualStreamIsBoundedByTheStreamLimits) {
   }
   first->Finish();
   ASSERT_TRUE(WaitUntil([&] {
-    std::vector<kvmi::v1::VirtualChunk> again;
+    std::vector<kvmi::v1::ReadVirtualStreamResponse> again;
     return ReadAll(stub_.get(), StreamRequest("virt", 0, 4096), &again).ok();
   }));
 }

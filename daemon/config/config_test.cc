@@ -31,7 +31,7 @@ TEST(ConfigTest, FullExampleParses) {
     verdicts {
       default_deadline_ms: 250
       default_fallback: ACTION_CONTINUE
-      per_event { event: EVENT_PF deadline_ms: 50 fallback: ACTION_CRASH }
+      per_event { event: EVENT_TYPE_PF deadline_ms: 50 fallback: ACTION_CRASH }
     }
     guest_labels { name: "web-1" labels { key: "tier" value: "prod" } }
     policies {
@@ -43,7 +43,7 @@ TEST(ConfigTest, FullExampleParses) {
     policies { name: "lstar" lock_msr { msr: 0xc0000082 } guests { labels { key: "tier" value: "prod" } } mode: MODE_ENFORCE }
     policies {
       name: "no-int3"
-      match { events: [EVENT_BREAKPOINT] vcpus: [0] }
+      match { events: [EVENT_TYPE_BREAKPOINT] vcpus: [0] }
       action: ACTION_CRASH
       mode: MODE_ENFORCE
     }
@@ -177,9 +177,9 @@ TEST(ConfigTest, AnUnreadableFileNamesItsPath) {
 }
 
 TEST(PolicyConvertTest, EventTypesAreKvmiIdsPlusOne) {
-  EXPECT_EQ(ToEventType(KVMI_EVENT_CR), kvmi::v1::EVENT_CR);
+  EXPECT_EQ(ToEventType(KVMI_EVENT_CR), kvmi::v1::EVENT_TYPE_CR);
   uint8_t id;
-  ASSERT_TRUE(FromEventType(kvmi::v1::EVENT_SINGLESTEP, &id));
+  ASSERT_TRUE(FromEventType(kvmi::v1::EVENT_TYPE_SINGLESTEP, &id));
   EXPECT_EQ(id, KVMI_EVENT_SINGLESTEP);
   EXPECT_FALSE(FromEventType(kvmi::v1::EVENT_TYPE_UNSPECIFIED, &id));
   for (uint8_t e = 0; e < KVMI_NUM_EVENTS; ++e) {

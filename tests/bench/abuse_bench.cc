@@ -410,7 +410,7 @@ class Tally {
 
 // ---- streams (callback API: no client thread per stream) -------------------------------------
 
-class StreamClient : public grpc::ClientReadReactor<kvmi::v1::EventMessage> {
+class StreamClient : public grpc::ClientReadReactor<kvmi::v1::StreamEventsResponse> {
  public:
   StreamClient(Introspection::Stub* stub, const kvmi::v1::StreamEventsRequest& request, bool read,
                Clock::time_point deadline, Tally* tally, std::atomic<uint64_t>* messages)
@@ -446,7 +446,7 @@ class StreamClient : public grpc::ClientReadReactor<kvmi::v1::EventMessage> {
 
  private:
   grpc::ClientContext ctx_;
-  kvmi::v1::EventMessage message_;
+  kvmi::v1::StreamEventsResponse message_;
   bool read_;
   Tally* tally_;
   std::atomic<uint64_t>* messages_;
@@ -521,7 +521,7 @@ struct PolicyFlood {
     policy->set_description(std::string(absl::GetFlag(FLAGS_policy_description_bytes), 'd'));
     policy->set_mode(kvmi::v1::MODE_MONITOR);
     policy->set_action(kvmi::v1::ACTION_CONTINUE);
-    policy->mutable_match()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
+    policy->mutable_match()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);  // not in the workload
     const int names = std::max(1, absl::GetFlag(FLAGS_policy_names));
     for (int i = 0; !*stop && Clock::now() < end; ++i) {
       policy->set_name("flood-" + std::to_string(i % names));
@@ -580,7 +580,8 @@ struct SilentAttach {
       claim.mutable_claim()->set_handler_id("silent-abuser");  // every guest, every event
       claim.mutable_claim()->set_deadline_ms(deadline);
       claim.mutable_claim()->set_fallback(kvmi::v1::ACTION_CONTINUE);
-      claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_CR);  // CR4 writes (--cr4_per_mille)
+      claim.mutable_claim()->add_arm_events(
+          kvmi::v1::EVENT_TYPE_CR);  // CR4 writes (--cr4_per_mille)
       claim.mutable_claim()->add_arm_crs(4);
       stream->Write(claim);
       bool got_claim = false;
@@ -781,7 +782,7 @@ int main(int argc, char** argv) {
            << "io_threads: " << absl::GetFlag(FLAGS_io_threads) << "\n"
            << "verdicts { default_deadline_ms: 1000 default_fallback: ACTION_CONTINUE }\n"
            << "limits { streams_per_identity: " << streams + silent_streams + 64 << " }\n"
-           << "policies { name: \"allow-cr3\" match { events: [EVENT_CR] cr: 3 } "
+           << "policies { name: \"allow-cr3\" match { events: [EVENT_TYPE_CR] cr: 3 } "
               "action: ACTION_CONTINUE mode: MODE_ENFORCE }\n";
   }
 
@@ -881,7 +882,7 @@ int main(int argc, char** argv) {
   sampler.SetPhase(kAbuse);
   std::atomic<bool> abuse_stop{false};
   kvmi::v1::StreamEventsRequest idle_request;
-  idle_request.add_allow()->add_events(kvmi::v1::EVENT_BREAKPOINT);  // not in the workload
+  idle_request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);  // not in the workload
   kvmi::v1::StreamEventsRequest silent_request;
   silent_request.set_include_registers(true);  // every event, as big as they come
   const bool open_first = absl::GetFlag(FLAGS_open_streams_first);

@@ -134,8 +134,8 @@ class Bench {
     auto stream = stub_->Attach(&ctx);
     kvmi::v1::AttachRequest claim;
     claim.mutable_claim()->set_handler_id(std::string("bench-") + KindName(kind));
-    claim.mutable_claim()->add_events(kvmi::v1::EVENT_MSR);
-    claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_MSR);
+    claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_MSR);
+    claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_TYPE_MSR);
     claim.mutable_claim()->add_arm_msrs(sim::kMsrLstar);
     if (kind == Kind::kContext) {
       claim.mutable_claim()->mutable_context()->set_rip_bytes(absl::GetFlag(FLAGS_bytes));

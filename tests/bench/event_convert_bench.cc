@@ -55,7 +55,7 @@ struct Row {
 // ns per event (conversion + serialization) and bytes per event.
 std::pair<double, size_t> Measure(const ObservedEvent& o, const EventFields& fields, bool registers,
                                   int n) {
-  kvmi::v1::EventMessage message;
+  kvmi::v1::StreamEventsResponse message;
   std::string wire;
   size_t bytes = 0;
   const auto start = std::chrono::steady_clock::now();

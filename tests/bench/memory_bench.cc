@@ -126,7 +126,7 @@ Row ApiStream(kvmi::v1::Introspection::Stub* stub, const std::string& vm, uint64
   grpc::ClientContext ctx;
   auto t0 = Clock::now();
   auto reader = stub->ReadPhysicalStream(&ctx, request);
-  kvmi::v1::MemoryChunk message;
+  kvmi::v1::ReadPhysicalStreamResponse message;
   uint64_t got = 0;
   bool ok = true;
   while (reader->Read(&message)) {

@@ -179,8 +179,8 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
   auto stream = stub->Attach(&ctx);
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("bench");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_CR);
-  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_CR);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_CR);
+  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_TYPE_CR);
   claim.mutable_claim()->add_arm_crs(3);
   // The longest deadline kvmid allows (max_attach_deadline_ms): the throughput rows measure a
   // handler that keeps up, and count the fallbacks if it did not.

@@ -201,7 +201,8 @@ int Main() {
   auto drain = [&](auto&& reader, auto* chunk, uint64_t* bytes, bool* complete) {
     while (reader->Read(chunk)) {
       *bytes += chunk->size();
-      if constexpr (std::is_same_v<std::decay_t<decltype(*chunk)>, kvmi::v1::VirtualChunk>) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(*chunk)>,
+                                   kvmi::v1::ReadVirtualStreamResponse>) {
         *complete &= chunk->complete();
       }
     }
@@ -234,7 +235,7 @@ int Main() {
     request.set_chunk_bytes(1 << 20);
     request.set_no_cache(true);
     grpc::ClientContext ctx;
-    kvmi::v1::VirtualChunk chunk;
+    kvmi::v1::ReadVirtualStreamResponse chunk;
     uint64_t bytes = 0;
     bool complete = true;
     bool ok = drain(stub->ReadVirtualStream(&ctx, request), &chunk, &bytes, &complete);
@@ -249,7 +250,7 @@ int Main() {
     request.set_size(bulk);
     request.set_chunk_bytes(1 << 20);
     grpc::ClientContext ctx;
-    kvmi::v1::MemoryChunk chunk;
+    kvmi::v1::ReadPhysicalStreamResponse chunk;
     uint64_t bytes = 0;
     bool complete = true;
     return drain(stub->ReadPhysicalStream(&ctx, request), &chunk, &bytes, &complete) &&

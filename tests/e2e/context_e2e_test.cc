@@ -153,8 +153,8 @@ TEST_P(ContextE2eTest, AHandlerDecidesFromTheBytesAtRipWithoutASingleExtraCall) 
   int messages_sent = 0;
   kvmi::v1::AttachRequest claim;
   claim.mutable_claim()->set_handler_id("wrmsr-check");
-  claim.mutable_claim()->add_events(kvmi::v1::EVENT_MSR);
-  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_MSR);
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_MSR);
+  claim.mutable_claim()->add_arm_events(kvmi::v1::EVENT_TYPE_MSR);
   claim.mutable_claim()->add_arm_msrs(sim::kMsrLstar);
   claim.mutable_claim()->set_deadline_ms(5000);
   claim.mutable_claim()->mutable_context()->set_rip_bytes(16);
@@ -192,7 +192,7 @@ TEST_P(ContextE2eTest, AHandlerDecidesFromTheBytesAtRipWithoutASingleExtraCall) 
     ASSERT_TRUE(stream->Read(&response));
     ASSERT_TRUE(response.has_event()) << response.DebugString();
     const kvmi::v1::Event& event = response.event();
-    ASSERT_EQ(event.type(), kvmi::v1::EVENT_MSR);
+    ASSERT_EQ(event.type(), kvmi::v1::EVENT_TYPE_MSR);
     EXPECT_EQ(event.rip(), rip);
     ASSERT_TRUE(event.has_context());
     const kvmi::v1::ContextBlock& at_rip = event.context().rip();

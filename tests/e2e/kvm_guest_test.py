@@ -208,7 +208,7 @@ class RootkitIsBlockedInEnforceMode(unittest.TestCase):
         gate = rig.layout["idt"] + 3 * 16
         self.assertEqual(rig.layout["idt"], IDT)
         msr = wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_MSR and e.msr.msr == LSTAR and
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_MSR and e.msr.msr == LSTAR and
             e.msr.new_value == hook), 10, "the LSTAR write on the event stream")[0]
         self.assertEqual(msr.msr.old_value, rig.layout["lstar"])
         self.assertTrue(msr.kept_old_value)
@@ -217,7 +217,7 @@ class RootkitIsBlockedInEnforceMode(unittest.TestCase):
         self.assertEqual(msr.vm_name, VM_NAME)
 
         text = wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_PF and e.pf.gpa == getpid), 10,
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_PF and e.pf.gpa == getpid), 10,
             "the kernel text write on the event stream")[0]
         self.assertEqual(text.pf.access, "w")
         self.assertEqual(text.pf.gva, getpid)  # the guest's kernel is identity mapped
@@ -226,7 +226,7 @@ class RootkitIsBlockedInEnforceMode(unittest.TestCase):
         self.assertTrue(in_ktext(text.rip), hex(text.rip))
 
         idt = wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_PF and e.pf.gpa == gate), 10,
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_PF and e.pf.gpa == gate), 10,
             "the IDT write on the event stream")[0]
         self.assertEqual(idt.pf.access, "w")
         self.assertEqual(idt.action, kc.policy_pb.ACTION_RETRY)
@@ -249,13 +249,13 @@ class RootkitIsOnlyReportedInMonitorMode(unittest.TestCase):
 
         getpid = rig.layout["sys_getpid"]
         msr = wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_MSR and e.msr.msr == LSTAR and
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_MSR and e.msr.msr == LSTAR and
             e.msr.old_value == rig.layout["lstar"]), 10, "the LSTAR write")[0]
         self.assertEqual(msr.action, kc.policy_pb.ACTION_CONTINUE)
         self.assertFalse(msr.kept_old_value)
         self.assertIn("lstar-locked", msr.monitor_hits)
         text = wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_PF and e.pf.gpa == getpid), 10, "the text write")[0]
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_PF and e.pf.gpa == getpid), 10, "the text write")[0]
         self.assertEqual(text.action, kc.policy_pb.ACTION_CONTINUE)
         self.assertIn("ktext-wp", text.monitor_hits)
         self.assertEqual(text.pf.access, "w")
@@ -269,11 +269,11 @@ class StateReadThroughKvmidMatchesTheGuest(unittest.TestCase):
         vm = rig.client.get_vm(VM_NAME)
         self.assertEqual(vm.vcpu_count, 1)
         # Events stock KVM cannot produce for user space are not offered (CHECK_EVENT -EPERM).
-        for missing in (kc.policy_pb.EVENT_CR, kc.policy_pb.EVENT_XSETBV, kc.policy_pb.EVENT_DESCRIPTOR,
-                        kc.policy_pb.EVENT_HYPERCALL):
+        for missing in (kc.policy_pb.EVENT_TYPE_CR, kc.policy_pb.EVENT_TYPE_XSETBV, kc.policy_pb.EVENT_TYPE_DESCRIPTOR,
+                        kc.policy_pb.EVENT_TYPE_HYPERCALL):
             self.assertNotIn(missing, vm.allowed_events)
-        for real in (kc.policy_pb.EVENT_MSR, kc.policy_pb.EVENT_PF, kc.policy_pb.EVENT_BREAKPOINT,
-                     kc.policy_pb.EVENT_PAUSE_VCPU):
+        for real in (kc.policy_pb.EVENT_TYPE_MSR, kc.policy_pb.EVENT_TYPE_PF, kc.policy_pb.EVENT_TYPE_BREAKPOINT,
+                     kc.policy_pb.EVENT_TYPE_PAUSE_VCPU):
             self.assertIn(real, vm.allowed_events)
 
         regs = rig.client.get_registers(VM_NAME, 0, msrs=[LSTAR])
@@ -391,7 +391,7 @@ class BreakpointAndHotAddedVcpuThroughKvmid(unittest.TestCase):
                                arm_events=["breakpoint"], deadline_ms=5000) as handler:
             event = handler.next_event(timeout=20)
             self.assertIsNotNone(event, "no BREAKPOINT reached the handler")
-            self.assertEqual(event.type, kc.policy_pb.EVENT_BREAKPOINT)
+            self.assertEqual(event.type, kc.policy_pb.EVENT_TYPE_BREAKPOINT)
             self.assertEqual(event.vcpu, 0)
             self.assertEqual(event.breakpoint.gpa, site)  # identity-mapped kernel
             self.assertEqual(event.breakpoint.insn_len, 1)
@@ -403,7 +403,7 @@ class BreakpointAndHotAddedVcpuThroughKvmid(unittest.TestCase):
         # arms it like the others (here: the monitor policies' MSR exits) without an error; its
         # state is the real vCPU's (started by the VMM in long mode on the kernel's tables).
         wait_for(lambda: rig.find_events(
-            lambda e: e.type == kc.policy_pb.EVENT_CREATE_VCPU and e.vcpu == 2), 20,
+            lambda e: e.type == kc.policy_pb.EVENT_TYPE_CREATE_VCPU and e.vcpu == 2), 20,
             "CREATE_VCPU for the hot-added vCPU 2")
         wait_for(lambda: rig.client.get_vm(VM_NAME).vcpu_count == 3, 10, "3 vCPUs in kvmid")
         regs = rig.client.get_registers(VM_NAME, 2)

@@ -315,8 +315,8 @@ TEST_P(TranslateE2eTest, ReadVirtualStreamAcrossANotPresentPageReportsExactlyTha
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   auto reader = stub_->ReadVirtualStream(&ctx, request);
-  std::vector<kvmi::v1::VirtualChunk> chunks;
-  kvmi::v1::VirtualChunk chunk;
+  std::vector<kvmi::v1::ReadVirtualStreamResponse> chunks;
+  kvmi::v1::ReadVirtualStreamResponse chunk;
   while (reader->Read(&chunk)) chunks.push_back(chunk);
   grpc::Status s = reader->Finish();
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -368,7 +368,7 @@ TEST_P(TranslateE2eTest, ABigStreamedVirtualReadMatchesTheOracle) {
   auto reader = stub_->ReadVirtualStream(&ctx, request);
   std::vector<uint8_t> want(1 << 20);
   uint64_t at = 0;
-  kvmi::v1::VirtualChunk chunk;
+  kvmi::v1::ReadVirtualStreamResponse chunk;
   while (reader->Read(&chunk)) {
     ASSERT_EQ(chunk.gva(), base + at);
     ASSERT_TRUE(chunk.complete()) << chunk.unread(0).why();

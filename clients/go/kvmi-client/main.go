@@ -14,7 +14,7 @@
 // Build (a Go module, offline against Debian's Go packages, stubs generated from proto/kvmi/v1):
 //
 //	bash clients/go/build.sh OUT_DIR
-//	OUT_DIR/kvmi-client --addr=unix:///run/kvmid/api.sock --events=EVENT_MSR,EVENT_CR --count=20
+//	OUT_DIR/kvmi-client --addr=unix:///run/kvmid/api.sock --events=EVENT_TYPE_MSR,EVENT_TYPE_CR --count=20
 //
 // Exit status: 0 when --count events (or verdicts) were printed, or the stream/time limit ended
 // normally; 1 on an RPC error; 2 on bad flags; 3 with --attach when kvmid does not implement it.
@@ -51,7 +51,7 @@ var (
 	pageSize  = flag.Uint("policies_page_size", 0, "with --list_policies: policies per ListPolicies call (0: kvmid's limit)")
 	waitVMs   = flag.Int("wait_vms", 0, "before streaming, poll ListVMs until at least this many guests are hooked")
 	vms       = flag.String("vms", "", "comma-separated guest UUIDs or names (empty: every guest)")
-	events    = flag.String("events", "", "comma-separated event types, e.g. EVENT_MSR,CR,PF (empty: every type)")
+	events    = flag.String("events", "", "comma-separated event types, e.g. EVENT_TYPE_MSR,CR,PF (empty: every type)")
 	vcpus     = flag.String("vcpus", "", "comma-separated vCPU indexes (empty: every vCPU)")
 	msrs      = flag.String("msrs", "", "comma-separated MSR indexes for MSR events, e.g. 0xc0000082")
 	regs      = flag.Bool("registers", false, "include the vCPU registers with each event")
@@ -319,16 +319,16 @@ func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types 
 			return fmt.Errorf("StreamEvents: %v", err)
 		}
 		switch m := msg.GetMessage().(type) {
-		case *kvmiv1.EventMessage_Event:
+		case *kvmiv1.StreamEventsResponse_Event:
 			fmt.Println(formatEvent(m.Event))
 			printed++
 			if *count > 0 && printed >= *count {
 				fmt.Printf("done: %d events\n", printed)
 				return nil
 			}
-		case *kvmiv1.EventMessage_Dropped:
+		case *kvmiv1.StreamEventsResponse_Dropped:
 			fmt.Printf("dropped %d events (%d in total)\n", m.Dropped.GetDropped(), m.Dropped.GetDroppedTotal())
-		case *kvmiv1.EventMessage_Heartbeat:
+		case *kvmiv1.StreamEventsResponse_Heartbeat:
 			// A quiet stream is alive (kvmid sends one after its heartbeat interval).
 			fmt.Printf("heartbeat at %s (last event looked at: %d)\n",
 				m.Heartbeat.GetTime().AsTime().Format(time.RFC3339), m.Heartbeat.GetLastEventId())
@@ -339,7 +339,7 @@ func streamEvents(ctx context.Context, client kvmiv1.IntrospectionClient, types 
 // decide is the example handler's policy: writes to LSTAR keep their old value (a rootkit
 // hooking the syscall entry gets nowhere), everything else goes on.
 func decide(ev *kvmiv1.Event) (kvmiv1.Action, string) {
-	if ev.GetType() == kvmiv1.EventType_EVENT_MSR && ev.GetMsr().GetMsr() == msrLSTAR {
+	if ev.GetType() == kvmiv1.EventType_EVENT_TYPE_MSR && ev.GetMsr().GetMsr() == msrLSTAR {
 		return kvmiv1.Action_ACTION_KEEP_OLD, "LSTAR write refused"
 	}
 	return kvmiv1.Action_ACTION_CONTINUE, ""
@@ -362,7 +362,7 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 		ArmMsrs:    armList,
 	}
 	if len(armList) > 0 {
-		claim.ArmEvents = []kvmiv1.EventType{kvmiv1.EventType_EVENT_MSR}
+		claim.ArmEvents = []kvmiv1.EventType{kvmiv1.EventType_EVENT_TYPE_MSR}
 	}
 	if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Claim{Claim: claim}}); err != nil {
 		return fmt.Errorf("Attach: sending the claim: %v", streamError(stream, err))
@@ -566,13 +566,13 @@ func parseUints(s string) ([]uint32, error) {
 	return out, nil
 }
 
-// parseEventTypes accepts EVENT_MSR, MSR or msr.
+// parseEventTypes accepts EVENT_TYPE_MSR, MSR or msr.
 func parseEventTypes(s string) ([]kvmiv1.EventType, error) {
 	var out []kvmiv1.EventType
 	for _, part := range splitList(s) {
 		name := strings.ToUpper(part)
-		if !strings.HasPrefix(name, "EVENT_") {
-			name = "EVENT_" + name
+		if !strings.HasPrefix(name, "EVENT_TYPE_") {
+			name = "EVENT_TYPE_" + name
 		}
 		v, ok := kvmiv1.EventType_value[name]
 		if !ok || v == 0 {

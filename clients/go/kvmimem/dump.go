@@ -19,7 +19,7 @@ const ChunkBytes = 256 << 10
 // Stats is what Dump did.
 type Stats struct {
 	Bytes     uint64 // guest memory covered
-	Chunks    uint64 // MemoryChunk messages received
+	Chunks    uint64 // ReadPhysicalStreamResponse messages received
 	ZeroPages uint64 // 4 KiB pages kvmid did not send because they were all zero
 	Elapsed   time.Duration
 }

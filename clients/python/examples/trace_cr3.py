@@ -43,7 +43,7 @@ def main():
             policy = kc.policy_pb.Policy(
                 name=args.policy_name, description="trace_cr3.py: arms CR3 interception",
                 mode=kc.policy_pb.MODE_MONITOR, action=kc.policy_pb.ACTION_CONTINUE)
-            policy.match.events.append(kc.policy_pb.EVENT_CR)
+            policy.match.events.append(kc.policy_pb.EVENT_TYPE_CR)
             policy.match.cr = 3
             policy.guests.names.extend(args.vm)
             client.apply_policy(policy, allow_replace=True)  # its own name: re-runs replace it

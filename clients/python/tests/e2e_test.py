@@ -185,7 +185,7 @@ class E2ETest(unittest.TestCase):
             allow=kc.event_filter(vms=[vm], events=["msr"], msrs=[LSTAR])), 3)
         now = time.time()
         for e in events:
-            self.assertEqual((e.vm_name, e.type, e.msr.msr), (vm, kc.policy_pb.EVENT_MSR, LSTAR))
+            self.assertEqual((e.vm_name, e.type, e.msr.msr), (vm, kc.policy_pb.EVENT_TYPE_MSR, LSTAR))
             # Stamped on arrival with the wall clock, and with the node.
             self.assertEqual(e.node, "e2e-node")
             self.assertTrue(e.HasField("time"))
@@ -201,7 +201,7 @@ class E2ETest(unittest.TestCase):
             allow=kc.event_filter(events=["pf", "msr"], gpa=(first, last), access="w"),
             deny=kc.event_filter(vms=[self.name(0)])), 4)
         for e in events:
-            self.assertEqual(e.type, kc.policy_pb.EVENT_PF)  # gpa/access only match PF events
+            self.assertEqual(e.type, kc.policy_pb.EVENT_TYPE_PF)  # gpa/access only match PF events
             self.assertTrue(first <= e.pf.gpa <= last, hex(e.pf.gpa))
             self.assertEqual(e.pf.access, "w")
             self.assertNotEqual(e.vm_name, self.name(0))
@@ -244,12 +244,12 @@ class E2ETest(unittest.TestCase):
         kinds = set()
         for e in events:
             self.assertNotEqual(e.vm_name, self.name(0))
-            if e.type == kc.policy_pb.EVENT_CR:
+            if e.type == kc.policy_pb.EVENT_TYPE_CR:
                 self.assertEqual(e.cr.cr, 0)
             else:
-                self.assertEqual((e.type, e.msr.msr), (kc.policy_pb.EVENT_MSR, LSTAR))
+                self.assertEqual((e.type, e.msr.msr), (kc.policy_pb.EVENT_TYPE_MSR, LSTAR))
             kinds.add(e.type)
-        self.assertEqual(kinds, {kc.policy_pb.EVENT_CR, kc.policy_pb.EVENT_MSR})
+        self.assertEqual(kinds, {kc.policy_pb.EVENT_TYPE_CR, kc.policy_pb.EVENT_TYPE_MSR})
 
     def test_stream_naming_an_unknown_guest_is_not_found_at_once(self):
         with self.assertRaises(kc.NotFound) as cm:
@@ -283,7 +283,7 @@ class E2ETest(unittest.TestCase):
         events = take(self.client.events(allow=kc.event_filter(vms=[vm], events=["cr"]),
                                          fields=["vm_name", "vm_labels", "type"]), 2)
         for e in events:
-            self.assertEqual((e.vm_name, e.type), (vm, kc.policy_pb.EVENT_CR))
+            self.assertEqual((e.vm_name, e.type), (vm, kc.policy_pb.EVENT_TYPE_CR))
             self.assertEqual(dict(e.vm_labels), {"tier": "prod"})
             self.assertNotEqual(e.id, 0)  # always sent
             self.assertFalse(e.HasField("cr"))
@@ -629,10 +629,10 @@ class E2ETest(unittest.TestCase):
         vm = self.name(2)
         response = self.client.control_events(vm, events=["breakpoint"], vcpu=1)
         self.assertEqual([(v.vcpu, list(v.events)) for v in response.lease.vcpu_only],
-                         [(1, [kc.policy_pb.EVENT_BREAKPOINT])])
+                         [(1, [kc.policy_pb.EVENT_TYPE_BREAKPOINT])])
         self.assertEqual(list(response.arm_errors), [])
         response = self.client.control_events(vm, events=["cr"], crs=[3])
-        self.assertIn(kc.policy_pb.EVENT_CR, response.lease.vcpu_events)
+        self.assertIn(kc.policy_pb.EVENT_TYPE_CR, response.lease.vcpu_events)
         api = [l for l in self.client.get_vm(vm).leases if l.owner == "api"][0]
         self.assertEqual(list(api.crs), [3])
         self.assertEqual(len(api.vcpu_only), 1)
@@ -733,7 +733,7 @@ class E2ETest(unittest.TestCase):
             while time.monotonic() < deadline and outcome is None:
                 event = handler.next_event(timeout=5)
                 self.assertIsNotNone(event, "no PF event reached the handler")
-                self.assertEqual(event.type, kc.policy_pb.EVENT_PF)
+                self.assertEqual(event.type, kc.policy_pb.EVENT_TYPE_PF)
                 gpa = event.pf.gpa
                 is_write = "w" in event.pf.access
                 if retried is None and is_write:
@@ -822,7 +822,7 @@ class E2ETest(unittest.TestCase):
         events = [l["event"] for l in lines if "event" in l]
         self.assertEqual(len(events), 3, out)
         for e in events:
-            self.assertEqual((e["vmName"], e["type"]), (vm, "EVENT_MSR"))
+            self.assertEqual((e["vmName"], e["type"]), (vm, "EVENT_TYPE_MSR"))
             self.assertFalse([k for k in e if "_" in k], e)  # lowerCamel, as buf curl prints
             self.assertEqual(e["node"], "e2e-node")
             self.assertRegex(e["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")

@@ -54,13 +54,13 @@ class ParsingTest(unittest.TestCase):
             kc.parse_range("0x1000+0")
 
     def test_event_types_by_name_or_number(self):
-        self.assertEqual(kc.event_type("cr"), kc.policy_pb.EVENT_CR)
-        self.assertEqual(kc.event_type("EVENT_PF"), kc.policy_pb.EVENT_PF)
-        self.assertEqual(kc.event_type("create-vcpu"), kc.policy_pb.EVENT_CREATE_VCPU)
-        self.assertEqual(kc.event_type("3"), kc.policy_pb.EVENT_MSR)
+        self.assertEqual(kc.event_type("cr"), kc.policy_pb.EVENT_TYPE_CR)
+        self.assertEqual(kc.event_type("EVENT_TYPE_PF"), kc.policy_pb.EVENT_TYPE_PF)
+        self.assertEqual(kc.event_type("create-vcpu"), kc.policy_pb.EVENT_TYPE_CREATE_VCPU)
+        self.assertEqual(kc.event_type("3"), kc.policy_pb.EVENT_TYPE_MSR)
         with self.assertRaisesRegex(ValueError, "one of: UNHOOK, CR"):
             kc.event_type("syscall")
-        self.assertEqual(kc.event_type_name(kc.policy_pb.EVENT_MSR), "MSR")
+        self.assertEqual(kc.event_type_name(kc.policy_pb.EVENT_TYPE_MSR), "MSR")
         self.assertEqual(kc.action_name(kc.policy_pb.ACTION_KEEP_OLD), "KEEP_OLD")
         self.assertEqual(kc.state_name(kc.pb.VM_STATE_HOOKED), "HOOKED")
         self.assertEqual(kc.event_type_name(99), "99")  # newer server, older stubs
@@ -69,7 +69,7 @@ class ParsingTest(unittest.TestCase):
         f = kc.event_filter(vms=["a"], events=["msr", "cr"], vcpus=[1], crs=["0x4"],
                             msrs=["0xc0000082"], gpa="0x200000-0x20ffff", access="w")
         self.assertEqual(list(f.vms), ["a"])
-        self.assertEqual(list(f.events), [kc.policy_pb.EVENT_MSR, kc.policy_pb.EVENT_CR])
+        self.assertEqual(list(f.events), [kc.policy_pb.EVENT_TYPE_MSR, kc.policy_pb.EVENT_TYPE_CR])
         self.assertEqual(list(f.crs), [4])
         self.assertEqual(list(f.msrs), [0xC0000082])
         self.assertTrue(f.HasField("gpa_first") and f.HasField("gpa_last"))
@@ -155,9 +155,9 @@ class ErrorTest(unittest.TestCase):
                 return False
 
         def messages():
-            event = kc.pb.EventMessage()
+            event = kc.pb.StreamEventsResponse()
             event.event.id = 7
-            notice = kc.pb.EventMessage()
+            notice = kc.pb.StreamEventsResponse()
             notice.dropped.dropped = 3
             notice.dropped.dropped_total = 5
             return [event, notice, event]
@@ -173,7 +173,7 @@ class ErrorTest(unittest.TestCase):
             next(raising)
         self.assertEqual((cm.exception.dropped, cm.exception.dropped_total), (3, 5))
 
-        beat = kc.pb.EventMessage()
+        beat = kc.pb.StreamEventsResponse()
         beat.heartbeat.last_event_id = 6
         beat.heartbeat.time.FromSeconds(1700000000)
         skipping = kc.EventStream(FakeCall([beat, messages()[0], beat]), "yield")
@@ -357,7 +357,7 @@ class KvmictlTest(unittest.TestCase):
         self.assertEqual(list(allow.crs), [0, 4])
         self.assertEqual((allow.gpa_first, allow.gpa_last), (0x1000, 0x1FFF))
         self.assertEqual(allow.access, "w")
-        self.assertEqual(list(ctl._flatten(args.deny_type)), [kc.policy_pb.EVENT_PF])
+        self.assertEqual(list(ctl._flatten(args.deny_type)), [kc.policy_pb.EVENT_TYPE_PF])
         self.assertIsNone(ctl.build_filter([], [], [], [], [], None, None))
 
     def test_event_flags_make_allow_and_deny_lists(self):
@@ -368,14 +368,14 @@ class KvmictlTest(unittest.TestCase):
              "--fields", "cr"])
         allow, deny = ctl.event_filters(args)
         self.assertEqual(len(allow), 3)
-        self.assertEqual(list(allow[0].events), [kc.policy_pb.EVENT_MSR])
+        self.assertEqual(list(allow[0].events), [kc.policy_pb.EVENT_TYPE_MSR])
         self.assertEqual((list(allow[1].events), list(allow[1].crs), list(allow[1].vms)),
-                         ([kc.policy_pb.EVENT_CR], [0, 4], ["web-1"]))
+                         ([kc.policy_pb.EVENT_TYPE_CR], [0, 4], ["web-1"]))
         self.assertEqual((allow[2].gpa_first, allow[2].gpa_last, allow[2].access),
                          (0x1000, 0x1FFF, "w"))
         # --not-vm and --not-type leave out each on its own (two deny filters, not one AND).
         self.assertEqual([list(f.vms) for f in deny], [["db"], [], []])
-        self.assertEqual(list(deny[1].events), [kc.policy_pb.EVENT_PF])
+        self.assertEqual(list(deny[1].events), [kc.policy_pb.EVENT_TYPE_PF])
         self.assertEqual(list(deny[2].vcpus), [3])
         self.assertEqual(args.heartbeat, 2.5)
         self.assertEqual(ctl._flatten(args.fields), ["vm_name", "type", "cr"])
@@ -402,7 +402,7 @@ class KvmictlTest(unittest.TestCase):
         dump = ctl.hexdump(b"ABC\x00" * 5, 0x1000)
         self.assertIn("0000000000001000  41 42 43 00", dump)
         self.assertIn("|ABC.ABC.ABC.ABC.|", dump)
-        e = kc.pb.Event(vm_name="vm", vcpu=1, type=kc.policy_pb.EVENT_MSR,
+        e = kc.pb.Event(vm_name="vm", vcpu=1, type=kc.policy_pb.EVENT_TYPE_MSR,
                         action=kc.policy_pb.ACTION_KEEP_OLD, kept_old_value=True,
                         decided_by="policy:lstar")
         e.msr.msr = 0xC0000082
@@ -613,7 +613,7 @@ class ExitStatusTest(unittest.TestCase):
 
 
 def event(action=kc.policy_pb.ACTION_CONTINUE, kept=False, vm="vm", decided="default"):
-    e = kc.pb.Event(id=7, vm_name=vm, vcpu=1, type=kc.policy_pb.EVENT_MSR, action=action,
+    e = kc.pb.Event(id=7, vm_name=vm, vcpu=1, type=kc.policy_pb.EVENT_TYPE_MSR, action=action,
                     kept_old_value=kept, decided_by=decided, rip=0xffffffff81000034,
                     node="hv-1")
     e.latency.FromMicroseconds(12)
@@ -675,7 +675,7 @@ class OutputTest(unittest.TestCase):
         as_json = json.loads(ctl.to_json(e))
         self.assertEqual(as_json["vmName"], "vm")
         self.assertEqual(as_json["keptOldValue"], True)
-        self.assertEqual(as_json["type"], "EVENT_MSR")
+        self.assertEqual(as_json["type"], "EVENT_TYPE_MSR")
         self.assertEqual(as_json["id"], "7")  # 64-bit integers as strings
         self.assertEqual(as_json["time"], "2026-12-05T08:11:50.123456Z")
         self.assertEqual(as_json["msr"]["oldValue"], str(0xFFFFFFFF81001600))
