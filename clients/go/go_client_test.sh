@@ -65,10 +65,10 @@ stream_filter_tcp() {
   local ev
   ev=$(lines '^event id=' "$work/f.txt")
   [ "$ev" -eq 12 ] || { echo "expected 12 events, got $ev"; return 1; }
-  [ "$(grep '^event id=' "$work/f.txt" | grep -cv ' type=EVENT_\(MSR\|CR\) ')" -eq 0 ] ||
+  [ "$(grep '^event id=' "$work/f.txt" | grep -cv ' type=EVENT_TYPE_\(MSR\|CR\) ')" -eq 0 ] ||
     { echo "an event outside the filter"; return 1; }
   grep -q '^done: 12 events$' "$work/f.txt" &&
-    grep -Eq ' vm=sim-vm-000[01] vcpu=[01] type=EVENT_(CR rip=0x[0-9a-f]+ cr[034]|MSR rip=0x[0-9a-f]+ msr=0x)' "$work/f.txt" &&
+    grep -Eq ' vm=sim-vm-000[01] vcpu=[01] type=EVENT_TYPE_(CR rip=0x[0-9a-f]+ cr[034]|MSR rip=0x[0-9a-f]+ msr=0x)' "$work/f.txt" &&
     grep -q '=> ACTION_KEEP_OLD (old value kept) by policy:' "$work/f.txt"
 }
 check stream_events_filter_tcp stream_filter_tcp

@@ -26,8 +26,13 @@ using security::Rpc;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// Operator "op" and viewer "view" on web-1 only; admin "root-ca" everywhere.
+// Operator "op", responder "resp" and viewer "view" on web-1 only; admin everywhere.
 constexpr const char* kAuthz = R"pb(
+  bindings {
+    principal: "spiffe://t/resp"
+    role: "responder"
+    guests { names: "web-1" }
+  }
   bindings {
     principal: "spiffe://t/op"
     role: "operator"
@@ -91,6 +96,7 @@ class AdmissionTest : public ApiTest {
   const Caller op_ = Caller::Tls("spiffe://t/op", "ipv4:10.0.0.7:4000");
   const Caller viewer_ = Caller::Tls("spiffe://t/view", "ipv4:10.0.0.8:4000");
   const Caller admin_ = Caller::Tls("spiffe://t/admin", "ipv4:10.0.0.9:4000");
+  const Caller resp_ = Caller::Tls("spiffe://t/resp", "ipv4:10.0.0.10:4000");
   const std::string web_ = "web-1";
   const std::string db_ = "db-1";
   std::string audit_path_;
@@ -241,6 +247,37 @@ TEST_F(AdmissionTest, UnhealthyAuditLogRefusesMutatingCallsButNotReads) {
   // A read still works.
   EXPECT_TRUE(admission.Admit(admin_, Rpc::kGetRegisters, target, none, &call).ok());
   EXPECT_TRUE(admission.Admit(admin_, Rpc::kListVMs, CallTarget(), none, &call).ok());
+}
+
+TEST_F(AdmissionTest, ClaimWithEventContextNeedsOperator) {
+  // Event context is guest memory: a responder may claim web-1's events, but not with the bytes
+  // at RIP; an operator may (the role of ReadVirtual), and it is audited with the sizes.
+  api::CallContext responder;
+  responder.caller = resp_;
+  kvmi::v1::Claim claim;
+  claim.set_handler_id("h");
+  claim.add_vms("web-1");
+  EXPECT_TRUE(admission_->AdmitClaim(responder, claim).ok());
+  claim.mutable_context()->set_rip_bytes(16);
+  grpc::Status s = admission_->AdmitClaim(responder, claim);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("claim.context"));
+  EXPECT_THAT(s.error_message(), HasSubstr("guest 'web-1' needs operator"));
+  EXPECT_THAT(s.error_message(), HasSubstr("has responder"));
+  api::CallContext op;
+  op.caller = op_;
+  EXPECT_TRUE(admission_->AdmitClaim(op, claim).ok());
+  kvmi::v1::Claim every;
+  every.set_handler_id("h");
+  every.mutable_context()->set_pf_bytes(8);
+  api::CallContext admin;
+  admin.caller = admin_;
+  EXPECT_TRUE(admission_->AdmitClaim(admin, every).ok());
+  std::vector<std::string> lines = ReadLines(audit_path_);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_THAT(lines[1], HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(lines[1], HasSubstr("\"context_rip_bytes\":16"));
+  EXPECT_THAT(lines[0], Not(HasSubstr("context_rip_bytes")));
 }
 
 TEST_F(AdmissionTest, ClaimScopeAndCrashFallback) {

@@ -205,10 +205,16 @@ class AttachReactor final : public AttachStream {
     }
     absl::StatusOr<EventFields> fields = CompileEventMask(claim.field_mask(), "claim.field_mask");
     if (!fields.ok()) return ToStatus(fields.status());
-    if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin
+    if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin,
+                   // event context (guest memory) by an operator
       s = guard_->AdmitClaim(claim);
       if (!s.ok()) return s;
     }
+    // The handler's events carry the context it asked for, and none it did not ask for (another
+    // consumer's demand), whatever its field mask says about "context".
+    const EventFields event_fields = handler_claim.context.empty()
+                                         ? fields->Without(kvmi::v1::Event::kContextFieldNumber)
+                                         : fields->With(kvmi::v1::Event::kContextFieldNumber);
     owner_ = "client:" + claim.handler_id() + "#" + std::to_string((*next_stream_)++);
     // Claimed is queued first (events of the new registration queue behind it) and written once
     // the handler is registered and its arming requested: a client that has read Claimed gets
@@ -216,7 +222,7 @@ class AttachReactor final : public AttachStream {
     kvmi::v1::AttachResponse claimed;
     claimed.mutable_claimed()->set_owner(owner_);
     outbox_->Send(std::move(claimed));
-    auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_, *fields);
+    auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_, event_fields);
     reader_handler_ = handler.get();
     {
       MutexLock lock(&handler_mu_);

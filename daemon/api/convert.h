@@ -28,6 +28,17 @@ class EventFields {
   EventFields() = default;
   bool Has(int field_number) const { return (bits_ >> field_number) & 1; }
   bool all() const { return bits_ == ~uint64_t{0}; }
+  // These fields and `field_number` (< 64) too, or without it.
+  EventFields With(int field_number) const {
+    EventFields out = *this;
+    out.bits_ |= uint64_t{1} << field_number;
+    return out;
+  }
+  EventFields Without(int field_number) const {
+    EventFields out = *this;
+    out.bits_ &= ~(uint64_t{1} << field_number);
+    return out;
+  }
 
  private:
   friend absl::StatusOr<EventFields> CompileEventMask(const google::protobuf::FieldMask& mask,

@@ -167,8 +167,8 @@ VisibleGuests::VisibleGuests(CallContext call, VerdictPipeline* pipeline,
   authorizer_ = std::move(call.authorizer);
 }
 
-bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
-  if (!restricted_) return true;                                      // unrestricted: every guest
+security::Role VisibleGuests::RoleOf(const std::shared_ptr<Guest>& guest) {
+  if (!restricted_) return security::Role::kAdmin;                    // unrestricted: every guest
   std::shared_ptr<const GuestView> view = pipeline_->ViewOf(*guest);  // cached on the guest
   std::shared_ptr<const security::Authorizer> authorizer;
   uint64_t generation;
@@ -184,13 +184,15 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
     if (it != cache_.end() && it->second.generation == generation_ &&
         it->second.view == view.get() && !it->second.view_alive.expired() &&
         !it->second.guest.expired()) {
-      return it->second.visible;
+      return it->second.role;
     }
     authorizer = authorizer_;
     generation = generation_;
   }
   // Outside the lock: builds a GuestRef.
-  const bool visible = authorizer == nullptr || authorizer->Visible(caller_, GuestRefOf(*view));
+  const security::GuestRef ref = GuestRefOf(*view);
+  const security::Role role =
+      authorizer == nullptr ? security::Role::kAdmin : authorizer->RoleOn(caller_, &ref);
   MutexLock lock(&mu_);
   if (cache_.size() >= kPurgeAbove) {
     for (auto it = cache_.begin(); it != cache_.end();) {
@@ -199,8 +201,8 @@ bool VisibleGuests::Visible(const std::shared_ptr<Guest>& guest) {
   }
   // A decision made with rules a reload replaced meanwhile is not kept.
   if (generation == generation_)
-    cache_[guest.get()] = Entry{guest, view.get(), view, visible, generation};
-  return visible;
+    cache_[guest.get()] = Entry{guest, view.get(), view, role, generation};
+  return role;
 }
 
 std::atomic<size_t> EventFanout::live_{0};

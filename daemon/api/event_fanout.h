@@ -122,9 +122,18 @@ class VisibleGuests {
   // `holder` (may be null: the call's snapshot for the stream's life) is the daemon's.
   VisibleGuests(CallContext call, VerdictPipeline* pipeline,
                 const security::AuthorizerHolder* holder = nullptr);
-  bool Visible(const std::shared_ptr<Guest>& guest);
+  // The caller is a viewer of `guest` (lists and streams show it).
+  bool Visible(const std::shared_ptr<Guest>& guest) { return RoleOf(guest) >= security::Role::kViewer; }
+  // The caller has at least `role` on `guest` (e.g. operator: may see guest memory read with its
+  // events, the event context).
+  bool Allows(const std::shared_ptr<Guest>& guest, security::Role role) {
+    return RoleOf(guest) >= role;
+  }
 
  private:
+  // The caller's highest role on `guest` (every role when the call had no authorizer), cached
+  // per guest and view until the next authorization reload.
+  security::Role RoleOf(const std::shared_ptr<Guest>& guest);
   // Entries whose guest is gone are purged once the cache holds this many.
   static constexpr size_t kPurgeAbove = 4096;
   struct Entry {
@@ -133,7 +142,7 @@ class VisibleGuests {
     // under another name) means a new decision. The address is only that view's while it lives.
     const GuestView* view;
     std::weak_ptr<const GuestView> view_alive;
-    bool visible;
+    security::Role role;
     uint64_t generation;  // of the rules it was decided with
   };
   VerdictPipeline* const pipeline_;

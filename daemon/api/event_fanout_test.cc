@@ -257,7 +257,7 @@ TEST_F(SmallRingTest, ResumeStartsAfterTheCursorAndCountsWhatIsGone) {
   const uint64_t dropped_before = Metrics::Read().stream_events_dropped;
   auto late = std::make_unique<FakeSink>();
   late->Open(fanout_.get(),
-             fanout_->Subscribe(late.get(), Allow({}), CompiledFilter{}, nullptr, 0, old, lost));
+             fanout_->Subscribe(late.get(), Allow({}), nullptr, 0, old, lost));
   ASSERT_TRUE(late->in_flight());
   EXPECT_EQ(late->written().back().event_id, 0u);
   EXPECT_EQ(late->written().back().dropped, 2u);
@@ -397,6 +397,40 @@ TEST_F(FanoutTest, AReloadOfTheAuthorizationReDecidesAnOpenStreamsVisibility) {
   ASSERT_TRUE(WaitUntil([&] { return fanout_->filter_evaluations() == 3; }));
   EXPECT_EQ(stream->count(), 1u);
   End(stream.get());
+}
+
+TEST_F(FanoutTest, ARoleOnTheGuestDecidesWhatAStreamMaySee) {
+  // A viewer sees the guest's events but not guest memory read with them (event context needs
+  // operator, as ReadVirtual); an operator sees both; a stranger neither.
+  SKIP_UNDER_TSAN();
+  config::Authz authz;
+  auto* viewer = authz.add_bindings();
+  viewer->set_uid(1000);
+  viewer->set_role("viewer");
+  auto* op = authz.add_bindings();
+  op->set_uid(1001);
+  op->set_role("operator");
+  auto rules = security::Authorizer::FromConfig(authz);
+  ASSERT_TRUE(rules.ok()) << rules.status();
+  security::AuthorizerHolder holder(*rules);
+  auto guests_of = [&](uint32_t uid) {
+    CallContext call;
+    call.caller = security::Caller::Unix(uid, uid);
+    call.authorizer = holder.Get();
+    return std::make_unique<VisibleGuests>(call, &pipeline_, &holder);
+  };
+  auto as_viewer = guests_of(1000), as_op = guests_of(1001), as_stranger = guests_of(1002);
+  EXPECT_TRUE(as_viewer->Visible(guest_));
+  EXPECT_FALSE(as_viewer->Allows(guest_, security::Role::kOperator));
+  EXPECT_TRUE(as_viewer->Allows(guest_, security::Role::kViewer));
+  EXPECT_TRUE(as_op->Visible(guest_));
+  EXPECT_TRUE(as_op->Allows(guest_, security::Role::kOperator));
+  EXPECT_FALSE(as_op->Allows(guest_, security::Role::kAdmin));
+  EXPECT_FALSE(as_stranger->Visible(guest_));
+  // Without an authorizer (kvmid's tests, no authz at all) every role.
+  CallContext unrestricted;
+  VisibleGuests all(unrestricted, &pipeline_);
+  EXPECT_TRUE(all.Allows(guest_, security::Role::kAdmin));
 }
 
 // ---- allow and deny filters --------------------------------------------------------------------

@@ -62,11 +62,16 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Strea
         limits_(limits),
         admission_(std::move(admission)),
         include_registers_(include_registers),
-        fields_(fields) {}
+        fields_(fields),
+        fields_without_context_(fields.Without(kvmi::v1::Event::kContextFieldNumber)) {}
 
-  // What the stream asked kvmid to read with events (issue 15), until the stream is done.
-  void HoldContextDemand(VerdictPipeline::ContextDemandLease lease) {
+  // What the stream asked kvmid to read with events (issue 15), until the stream is done, and
+  // who decides per guest whether the caller may see those bytes (guest memory: operator, as
+  // ReadVirtual). Without this, events go out without their context: a stream sees no bytes it
+  // did not ask for.
+  void HoldContextDemand(VerdictPipeline::ContextDemandLease lease, VisibleGuests* guests) {
     context_demand_ = std::move(lease);
+    context_guests_ = guests;
   }
 
   void Start(std::unique_ptr<EventFanout::Subscription> subscription) {
@@ -79,7 +84,11 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Strea
   void StartWrite(const ObservedEvent* event, uint64_t dropped) override {
     message_.Clear();
     if (event != nullptr) {
-      *message_.mutable_event() = ToProto(*event, include_registers_, fields_);
+      const bool context = event->context != nullptr && context_guests_ != nullptr &&
+                           context_guests_->Allows(event->guest, security::Role::kOperator);
+      *message_.mutable_event() = ToProto(
+          *event, include_registers_,
+          context ? fields_.With(kvmi::v1::Event::kContextFieldNumber) : fields_without_context_);
     } else {
       dropped_total_ += dropped;
       message_.mutable_dropped()->set_dropped(dropped);
@@ -120,6 +129,8 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Strea
   StreamLimits::Admission admission_;
   const bool include_registers_;
   const EventFields fields_;  // the request's field_mask, compiled once
+  const EventFields fields_without_context_;
+  VisibleGuests* context_guests_ = nullptr;  // the subscription's; set when context was asked
   std::unique_ptr<EventFanout::Subscription> subscription_;
   VerdictPipeline::ContextDemandLease context_demand_;
   kvmi::v1::StreamEventsResponse message_;
@@ -262,6 +273,8 @@ grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEv
   if (request.resume_after() != 0) cursor = history_->CursorAfter(request.resume_after(), &lost);
   auto* reactor = new EventStreamReactor(fanout_.get(), limits_, std::move(admission),
                                          request.include_registers(), *fields);
+  auto visible =
+      std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
   if (!context.empty()) {
     // Only for the types the allow filters let through (one that names none, or no allow
     // filter at all: every type, 0).
@@ -275,10 +288,8 @@ grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEv
       }
     }
     if (every_type) types = 0;
-    reactor->HoldContextDemand(daemon_->pipeline().AddContextDemand(types, context));
+    reactor->HoldContextDemand(daemon_->pipeline().AddContextDemand(types, context), visible.get());
   }
-  auto visible =
-      std::make_unique<VisibleGuests>(call, &daemon_->pipeline(), &daemon_->authorizer());
   reactor->Start(fanout_->Subscribe(reactor, std::move(filter), std::move(visible),
                                     request.max_queue(), cursor, lost, heartbeat));
   return reactor;

@@ -129,11 +129,17 @@ TEST_F(ApiTest, StreamEventsCarriesTheContextItAskedForWhileItLasts) {
   EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_MSR).empty());
   auto ctx = std::make_unique<grpc::ClientContext>();
   kvmi::v1::StreamEventsRequest request;
-  request.mutable_allow()->add_events(kvmi::v1::EVENT_TYPE_MSR);
+  request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_MSR);
   request.mutable_context()->set_rip_bytes(8);
   request.mutable_context()->set_rsp_bytes(4);
+  request.mutable_field_mask()->add_paths("rip");  // "context" comes with asking for it
   auto reader = stub_->StreamEvents(ctx.get(), request);
-  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 1; }));
+  // A stream that asks for no context gets none, though kvmid reads it for the first one.
+  grpc::ClientContext plain_ctx;
+  kvmi::v1::StreamEventsRequest plain_request;
+  plain_request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_MSR);
+  auto plain = stub_->StreamEvents(&plain_ctx, plain_request);
+  ASSERT_TRUE(WaitUntil([&] { return api::EventFanout::live_subscriptions() == 2; }));
   // Only the types the stream lets through.
   EXPECT_EQ(daemon_->pipeline().context_demand(KVMI_EVENT_MSR), (vmem::ContextDemand{8, 4, 0}));
   EXPECT_TRUE(daemon_->pipeline().context_demand(KVMI_EVENT_CR).empty());
@@ -152,6 +158,17 @@ TEST_F(ApiTest, StreamEventsCarriesTheContextItAskedForWhileItLasts) {
   EXPECT_TRUE(context.rsp().complete());
   EXPECT_EQ(context.rsp().data(), std::string("\xfe\xff\x00\x01", 4));
   EXPECT_FALSE(context.has_pf());
+  EXPECT_EQ(message.event().rip(), 0x1234u);
+  EXPECT_TRUE(message.event().vm_name().empty());  // not in the mask
+  kvmi::v1::StreamEventsResponse other;
+  ASSERT_TRUE(plain->Read(&other));
+  ASSERT_TRUE(other.has_event());
+  EXPECT_EQ(other.event().id(), message.event().id());
+  EXPECT_FALSE(other.event().has_context());
+  plain_ctx.TryCancel();
+  while (plain->Read(&other)) {
+  }
+  plain->Finish();
   ctx->TryCancel();
   while (reader->Read(&message)) {
   }

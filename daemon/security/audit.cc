@@ -244,6 +244,11 @@ AuditArgs SummarizeRequest(const kvmi::v1::Claim& r) {
       .Uint("arm_events", Count(r.arm_events()))
       .Uint("arm_crs", Count(r.arm_crs()))
       .Uint("arm_msrs", Count(r.arm_msrs()));
+  if (r.has_context()) {  // guest memory read with each event: how much, never the bytes
+    a.Uint("context_rip_bytes", r.context().rip_bytes())
+        .Uint("context_rsp_bytes", r.context().rsp_bytes())
+        .Uint("context_pf_bytes", r.context().pf_bytes());
+  }
   return a;
 }
 

@@ -517,6 +517,7 @@ struct PolicyFlood {
 
   void Run(Introspection::Stub* stub, const std::atomic<bool>* stop, Clock::time_point end) {
     kvmi::v1::ApplyPolicyRequest request;
+    request.set_allow_replace(true);  // the flood rewrites its names: replaced, not refused
     kvmi::v1::Policy* policy = request.mutable_policy();
     policy->set_description(std::string(absl::GetFlag(FLAGS_policy_description_bytes), 'd'));
     policy->set_mode(kvmi::v1::MODE_MONITOR);

@@ -237,11 +237,11 @@ class TlsEndToEnd(unittest.TestCase):
             with self.assertRaises(kc.Unreachable):
                 kvmi.list_vms()
 
-    def test_kvmictl_with_a_refused_certificate_exits_2(self):
+    def test_kvmictl_with_a_refused_certificate_exits_4(self):
         c = self.certs
         result = self.kvmictl("--target=127.0.0.1:%d" % self.port, "--ca", c + "/ca.pem",
                               "--cert", c + "/expired.pem", "--key", c + "/expired.key", "vms")
-        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.returncode, 4, result.stderr)  # kvmid unreachable
         self.assertIn("TLS", result.stderr)
 
     # ---- rotation ------------------------------------------------------------------------

@@ -568,7 +568,7 @@ class E2ETest(unittest.TestCase):
         self.assertCtlFails(self.ctl("write", vm, hex(gva + 4096), "--hex", "00", "--virtual",
                                      "--cr3", hex(pml4)), 1, "not present at PTE",
                             "nothing written")
-        self.assertCtlFails(self.ctl("write", vm, hex(gva), "--virtual", "--cr3", hex(pml4)), 1,
+        self.assertCtlFails(self.ctl("write", vm, hex(gva), "--virtual", "--cr3", hex(pml4)), 3,
                             "--hex BYTES or --file")
 
     def test_attach_handler_reads_virtual_memory_inline(self):

@@ -306,7 +306,7 @@ class PagingTest(unittest.TestCase):
 
     def test_kvmictl_page_size_is_checked(self):
         result = run_ctl("vms", "--page-size", "-1")
-        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.returncode, 3)  # a usage error
         self.assertIn("page size", result.stderr)
 
 
@@ -395,7 +395,7 @@ class KvmictlTest(unittest.TestCase):
                     ctl.make_parser().parse_args(["events"] + bad)
                 finally:
                     sys.stderr = old
-            self.assertEqual(cm.exception.code, 2)
+            self.assertEqual(cm.exception.code, 3)  # a usage error
 
     def test_formatting(self):
         self.assertEqual(ctl.table([["a", 1]], ["NAME", "N"]), "NAME  N\na     1")
@@ -802,7 +802,7 @@ class VirtualMemoryTest(unittest.TestCase):
         self.assertEqual(ctl._write_data(args), b"\x0f\x0b")
         for bad in ("0g", "abc", ""):
             args.hex = bad
-            with self.assertRaises(ctl.LocalError):
+            with self.assertRaises(ctl.UsageError):
                 ctl._write_data(args)
         with tempfile.NamedTemporaryFile() as f:
             f.write(b"\x90\x90")
@@ -810,12 +810,16 @@ class VirtualMemoryTest(unittest.TestCase):
             args = ctl.make_parser().parse_args(["write", "vm", "0", "--file", f.name])
             self.assertEqual(ctl._write_data(args), b"\x90\x90")
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "write", "vm", "0")
-        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.returncode, 3)  # a usage error: nothing sent
         self.assertIn("--hex BYTES or --file PATH", r.stderr)
         r = run_ctl("--target", "unix:/nonexistent/api.sock", "write", "vm", "0", "--hex", "00",
                     "--vcpu", "0")
-        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.returncode, 3)
         self.assertIn("need --virtual", r.stderr)
+        r = run_ctl("--target", "unix:/nonexistent/api.sock", "write", "vm", "0", "--hex", "00",
+                    "--virtual", "--vcpu", "-1")
+        self.assertEqual(r.returncode, 3)
+        self.assertIn("--vcpu", r.stderr)
 
     def test_a_virtual_write_that_did_not_write_every_page_raises_with_the_pages(self):
         response = kc.pb.WriteVirtualResponse(written=False, bytes_written=0, pages=[
