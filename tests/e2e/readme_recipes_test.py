@@ -276,21 +276,18 @@ def load_kvmictl():
     return module
 
 
-def link(src, dst):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.symlink(src, dst)
-
-
 def repository_tree(root):
-    """A directory shaped like the repository from the runfiles, where the recipes run.
-    clients/ is a copy (pip builds in ./clients/python); the rest are links."""
-    shutil.copytree(os.path.join(REPO, "clients"), os.path.join(root, "clients"),
-                    symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
-    for sub in ("scripts", "proto", "daemon/config/examples"):
-        link(os.path.join(REPO, sub), os.path.join(root, sub))
-    link(os.path.join(REPO, "README.md"), os.path.join(root, "README.md"))
+    """A directory shaped like the repository from the runfiles, where the recipes run. Every
+    file is a copy, never a link: the runfiles link to the source tree and to Bazel's output
+    base, which may be under /tmp (a clone in /tmp, as CI's may be), and the recipes' namespace
+    replaces /tmp with an empty tmpfs."""
+    for sub in ("clients", "scripts", "proto", "daemon/config/examples"):
+        shutil.copytree(os.path.join(REPO, sub), os.path.join(root, sub), symlinks=False,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(os.path.join(REPO, "README.md"), os.path.join(root, "README.md"))
     for binary in ("daemon/kvmid", "kernel/sim/kvmi-sim"):
-        link(os.path.join(REPO, binary), os.path.join(root, "bazel-bin", binary))
+        os.makedirs(os.path.dirname(os.path.join(root, "bazel-bin", binary)), exist_ok=True)
+        shutil.copy2(os.path.join(REPO, binary), os.path.join(root, "bazel-bin", binary))
 
 
 class ReadmeMarkersTest(unittest.TestCase):
@@ -340,7 +337,7 @@ class ReadmeRecipesTest(unittest.TestCase):
             os.makedirs(os.path.join(cls.work, sub))
         root = os.path.join(cls.work, "root")
         repository_tree(root)
-        os.symlink(os.path.join(HERE, "grpcurl_shim.py"), os.path.join(cls.work, "bin", "grpcurl"))
+        shutil.copy2(os.path.join(HERE, "grpcurl_shim.py"), os.path.join(cls.work, "bin", "grpcurl"))
         for step in cls.steps:
             if step.id.endswith(".py"):
                 with open(os.path.join(cls.work, "recipes", step.id), "w") as f:
