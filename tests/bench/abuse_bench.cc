@@ -178,6 +178,17 @@ double SelfCpuSeconds() {
          (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
 }
 
+// The whole machine's busy CPU time so far (every CPU, every process: /proc/stat's user, nice,
+// system, irq, softirq and steal), seconds.
+double MachineBusySeconds() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  uint64_t user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  in >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
+  return static_cast<double>(user + nice + system + irq + softirq + steal) /
+         static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
 std::string LoadAverage() {
   std::ifstream in("/proc/loadavg");
   std::string one, five;
@@ -868,6 +879,7 @@ int main(int argc, char** argv) {
   uint64_t before = Replies(fleet);
   double cpu_before = CpuSeconds(kvmid);
   double self_before = SelfCpuSeconds();
+  double machine_before = MachineBusySeconds();
   const std::string load_at_start = LoadAverage();
   auto t0 = Clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
@@ -875,6 +887,7 @@ int main(int argc, char** argv) {
   const double quiet_rate = (Replies(fleet) - before) / quiet_elapsed;
   const double quiet_cpu = (CpuSeconds(kvmid) - cpu_before) / quiet_elapsed;
   const double quiet_self = (SelfCpuSeconds() - self_before) / quiet_elapsed;
+  const double quiet_machine = (MachineBusySeconds() - machine_before) / quiet_elapsed;
   quiet_stop = true;
   quiet_probe_thread.join();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
@@ -912,6 +925,8 @@ int main(int argc, char** argv) {
   before = Replies(fleet);
   cpu_before = CpuSeconds(kvmid);
   self_before = SelfCpuSeconds();
+  machine_before = MachineBusySeconds();
+  const double flood_before = CpuSeconds(flood);
   t0 = Clock::now();
   const std::atomic<bool> not_running{true};  // the stop flag of an abuser left out
   double flood_seconds = seconds;
@@ -946,6 +961,8 @@ int main(int argc, char** argv) {
   const double abuse_rate = abuse_replies / abuse_elapsed;
   const double abuse_cpu = (CpuSeconds(kvmid) - cpu_before) / abuse_elapsed;
   const double abuse_self = (SelfCpuSeconds() - self_before) / abuse_elapsed;
+  const double abuse_machine = (MachineBusySeconds() - machine_before) / abuse_elapsed;
+  const double abuse_flood = (CpuSeconds(flood) - flood_before) / abuse_elapsed;
   const size_t idle_open = idle->open(), silent_open = silent->open();
   const Sampler::Max abuse_max = sampler.max(kAbuse);
 
@@ -1003,6 +1020,9 @@ int main(int argc, char** argv) {
   std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | |\n", quiet_cpu, abuse_cpu);
   std::printf("| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | |\n",
               quiet_self, abuse_self);
+  std::printf("| KVMI flood child CPU | - | %.2f | |\n", abuse_flood);
+  std::printf("| machine busy (every process and the kernel, of %u CPUs) | %.2f | %.2f | |\n",
+              std::thread::hardware_concurrency(), quiet_machine, abuse_machine);
   std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | < 2 s |\n",
               HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
   if (guard_cut) {
