@@ -78,6 +78,8 @@ ABSL_FLAG(bool, open_streams_first, true,
 ABSL_FLAG(double, settle_seconds, 3.0,
           "with --open_streams_first: time given to kvmid to set the streams up before the "
           "window starts");
+ABSL_FLAG(int, idle_heartbeat_ms, -1,
+          "heartbeat_interval the idle streams ask for (-1: kvmid's default; 0: none)");
 ABSL_FLAG(int, silent_streams, 200, "StreamEvents streams that never read");
 ABSL_FLAG(int, silent_channels, 10, "channels the non-reading streams are spread over");
 ABSL_FLAG(int, policy_names, 300, "policy flood: distinct policy names, applied in turn");
@@ -897,6 +899,10 @@ int main(int argc, char** argv) {
   std::atomic<bool> abuse_stop{false};
   kvmi::v1::StreamEventsRequest idle_request;
   idle_request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);  // not in the workload
+  if (const int beat_ms = absl::GetFlag(FLAGS_idle_heartbeat_ms); beat_ms >= 0) {
+    idle_request.mutable_heartbeat_interval()->set_seconds(beat_ms / 1000);
+    idle_request.mutable_heartbeat_interval()->set_nanos((beat_ms % 1000) * 1000000);
+  }
   kvmi::v1::StreamEventsRequest silent_request;
   silent_request.set_include_registers(true);  // every event, as big as they come
   const bool open_first = absl::GetFlag(FLAGS_open_streams_first);
