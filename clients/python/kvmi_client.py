@@ -783,14 +783,7 @@ class Client:
         """The guests page by page, as a generator of kvmi.v1.VM (one response in memory at a
         time). Guests present throughout are listed once each, whatever comes or goes between
         pages."""
-        request = pb.ListVMsRequest(page_size=page_size)
-        while True:
-            page = self._unary("ListVMs", request)
-            for vm in page.vms:
-                yield vm
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
+        return self._pages("ListVMs", pb.ListVMsRequest(page_size=page_size), "vms")
 
     def get_vm(self, vm):
         """One guest by UUID or name (NotFound if kvmid never saw it)."""
@@ -861,11 +854,15 @@ class Client:
     def iter_policies(self, page_size=0):
         """The policies page by page, as a generator of kvmi.v1.PolicyStatus (one response in
         memory at a time)."""
-        request = pb.ListPoliciesRequest(page_size=page_size)
+        return self._pages("ListPolicies", pb.ListPoliciesRequest(page_size=page_size),
+                           "policies")
+
+    def _pages(self, method, request, field):
+        """The items (repeated `field`) of a paged list RPC, following next_page_token; one
+        response in memory at a time."""
         while True:
-            page = self._unary("ListPolicies", request)
-            for status in page.policies:
-                yield status
+            page = self._unary(method, request)
+            yield from getattr(page, field)
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token

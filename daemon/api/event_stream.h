@@ -17,6 +17,7 @@
 #include "daemon/api/call_context.h"
 #include "daemon/api/event_fanout.h"
 #include "daemon/api/event_history.h"
+#include "daemon/api/finished_stream.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/api/stream_outbox.h"
 #include "daemon/base/mutex.h"
@@ -70,17 +71,6 @@ class EventStreams {
   // Starts the writes of idle WatchVMs streams (one thread for all of them).
   StreamPump pump_;
 };
-
-// A call that ends at once with `status` (a refusal before any stream state exists).
-template <typename Message>
-grpc::ServerWriteReactor<Message>* FinishedStream(const grpc::Status& status) {
-  class Finished final : public grpc::ServerWriteReactor<Message> {
-   public:
-    explicit Finished(const grpc::Status& status) { this->Finish(status); }
-    void OnDone() override { delete this; }
-  };
-  return new Finished(status);
-}
 
 }  // namespace kvmid::api
 

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "daemon/api/convert.h"
+#include "daemon/api/finished_stream.h"
 
 namespace kvmid::api {
 
@@ -313,24 +314,19 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysical
       ABSL_GUARDED_BY(link_->mu);  // the one being written
 };
 
-// A call that ends at once with `status`.
-class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse> {
- public:
-  explicit FinishedRead(const Status& status) { Finish(status); }
-  void OnDone() override { delete this; }
-};
-
 }  // namespace
 
 grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::Read(
     const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request) {
   Target target;
   Status s = guests_.Find(request.vm(), &target);
-  if (!s.ok()) return new FinishedRead(s);
-  if (request.size() == 0) return new FinishedRead(InvalidArgument("size", "must be at least 1"));
+  if (!s.ok()) return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(s);
+  if (request.size() == 0)
+    return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(
+        InvalidArgument("size", "must be at least 1"));
   if (request.gpa() >= kPhysicalAddressLimit ||
       request.size() > kPhysicalAddressLimit - request.gpa()) {
-    return new FinishedRead(
+    return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(
         InvalidArgument("size", absl::StrCat("gpa ", Hex(request.gpa()), " + size ", request.size(),
                                              " goes beyond the physical address space (",
                                              Hex(kPhysicalAddressLimit), ") or wraps")));
@@ -338,7 +334,7 @@ grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::R
   uint64_t chunk_bytes =
       request.chunk_bytes() == 0 ? kDefaultStreamChunkBytes : request.chunk_bytes();
   if (chunk_bytes < kMinStreamChunkBytes || chunk_bytes > kMaxStreamChunkBytes) {
-    return new FinishedRead(InvalidArgument(
+    return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(InvalidArgument(
         "chunk_bytes", absl::StrCat("0 (", KiB(kDefaultStreamChunkBytes), ") or ",
                                     KiB(kMinStreamChunkBytes), " .. ", KiB(kMaxStreamChunkBytes))));
   }
@@ -350,14 +346,15 @@ grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::R
                                       [session](uint64_t gpa, uint64_t size, CommandCallback done) {
                                         session->ReadPhysical(gpa, size, std::move(done));
                                       });
-  if (!reader.ok()) return new FinishedRead(ToStatus(reader.status()));
+  if (!reader.ok())
+    return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(ToStatus(reader.status()));
   // A place among the caller's streams, and the window's bytes charged to the stream budget.
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission,
                                    options.window * chunk_bytes);
   if (!admitted.ok()) {
     call.AuditLimitRefusal(admitted);
-    return new FinishedRead(admitted);
+    return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(admitted);
   }
   return new ReadReactor(*std::move(reader), request.skip_zero_pages(), request.continue_on_error(),
                          std::move(admission));

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "daemon/api/convert.h"
+#include "daemon/api/finished_stream.h"
 #include "daemon/api/memory_stream.h"
 #include "daemon/base/mutex.h"
 
@@ -229,29 +230,24 @@ class VirtualReadReactor final
   kvmi::v1::ReadVirtualStreamResponse message_ ABSL_GUARDED_BY(link_->mu);  // the one being written
 };
 
-// A call that ends at once with `status`.
-class FinishedRead final : public grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse> {
- public:
-  explicit FinishedRead(const Status& status) { Finish(status); }
-  void OnDone() override { delete this; }
-};
-
 }  // namespace
 
 grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* VirtualStreams::Read(
     const CallContext& call, const kvmi::v1::ReadVirtualStreamRequest& request) {
   Space space;
   Status s = translation_->FindSpace(request, &space.target, &space.bucket);
-  if (!s.ok()) return new FinishedRead(s);
-  if (request.size() == 0) return new FinishedRead(InvalidArgument("size", "must be at least 1"));
+  if (!s.ok()) return FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(s);
+  if (request.size() == 0)
+    return FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(
+        InvalidArgument("size", "must be at least 1"));
   if (request.gva() + request.size() < request.gva()) {
-    return new FinishedRead(InvalidArgument(
+    return FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(InvalidArgument(
         "size", absl::StrCat("gva ", Hex(request.gva()), " + size ", request.size(), " wraps")));
   }
   const uint64_t chunk_bytes =
       request.chunk_bytes() == 0 ? kDefaultStreamChunkBytes : request.chunk_bytes();
   if (chunk_bytes < kMinStreamChunkBytes || chunk_bytes > kMaxStreamChunkBytes) {
-    return new FinishedRead(InvalidArgument(
+    return FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(InvalidArgument(
         "chunk_bytes",
         absl::StrCat("0 (", kDefaultStreamChunkBytes >> 10, " KiB) or ", kMinStreamChunkBytes >> 10,
                      " .. ", kMaxStreamChunkBytes >> 10, " KiB")));
@@ -266,7 +262,7 @@ grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* VirtualStreams::R
                                    options.window * chunk_bytes);
   if (!admitted.ok()) {
     call.AuditLimitRefusal(admitted);
-    return new FinishedRead(admitted);
+    return FinishedStream<kvmi::v1::ReadVirtualStreamResponse>(admitted);
   }
   return new VirtualReadReactor(translation_, request, std::move(space), options,
                                 std::move(admission));
