@@ -183,13 +183,15 @@ absl::Status Daemon::Start() {
     loops_.push_back(std::make_unique<EventLoop>());
     loops_.back()->Start(("kvmid-io-" + std::to_string(i)).c_str());
   }
+  accept_loop_ = std::make_unique<EventLoop>();
+  accept_loop_->Start("kvmid-accept");
   MutexLock lock(&lifecycle_mutex_);
   for (auto& [fd, transport] : listeners) {
     acceptors_.push_back(std::make_unique<Acceptor>(
-        loops_[0].get(), std::move(fd), transport, options,
+        accept_loop_.get(), std::move(fd), transport, options,
         [this](AcceptedGuest guest) { OnGuestConnected(std::move(guest)); }));
     Acceptor* acceptor = acceptors_.back().get();
-    loops_[0]->RunInLoop([acceptor] { acceptor->Start(); });
+    accept_loop_->RunInLoop([acceptor] { acceptor->Start(); });
   }
   started_ = true;
   spdlog::info("kvmid listening on {}{}", config_.unix_socket,
@@ -491,7 +493,7 @@ void Daemon::Shutdown(std::chrono::milliseconds grace) {
     shut_down_ = true;
     for (auto& acceptor : acceptors_) {
       Acceptor* a = acceptor.get();
-      loops_[0]->RunInLoop([a] { a->Stop(); });
+      accept_loop_->RunInLoop([a] { a->Stop(); });
     }
   }
   // Unhook every live guest: disarm, then close. Wait for all of them, at most `grace`; the
@@ -523,6 +525,7 @@ void Daemon::Shutdown(std::chrono::milliseconds grace) {
   for (const auto& guest : registry_->List()) {
     if (auto session = guest->session()) session->Close("kvmid stopped");
   }
+  accept_loop_->Stop();
   for (auto& loop : loops_) loop->Stop();
   if (!config_.unix_socket.empty()) ::unlink(config_.unix_socket.c_str());
 }

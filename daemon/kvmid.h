@@ -149,10 +149,10 @@ class Daemon {
   // Listener settings (sockets, threads, cookie, timeouts) need a restart: a change is logged,
   // not applied.
   //
-  // The configuration owns the names it configures (docs/OPERATING.md "Policies through the API"): a reload puts
-  // every configured policy back as the file has it. An API override of a configured policy
-  // (ApplyPolicy with override_config) and an API deletion of one end there (logged, with the
-  // override's etag); an API policy whose name the file now configures is replaced by the
+  // The configuration owns the names it configures (docs/OPERATING.md "Policies through the API"):
+  // a reload puts every configured policy back as the file has it. An API override of a configured
+  // policy (ApplyPolicy with override_config) and an API deletion of one end there (logged, with
+  // the override's etag); an API policy whose name the file now configures is replaced by the
   // file's and is no longer kept in the state file. A configured policy the file did not change
   // keeps its etag and counters.
   absl::Status Reload(const LoadedConfig& config);
@@ -208,6 +208,9 @@ class Daemon {
   std::unique_ptr<VerdictPipeline> pipeline_;
   std::unique_ptr<Registry> registry_;
   std::vector<std::unique_ptr<EventLoop>> loops_;  // set by Start, before any acceptor runs
+  // The listeners and handshakes run on their own loop, never on a guest's: a flood of
+  // connections costs their own thread, never the latency of the guests' events.
+  std::unique_ptr<EventLoop> accept_loop_;  // set by Start, before any acceptor runs
   // Start, Shutdown and Reload (SIGHUP, any thread) meet here; after reload_mutex_ when both.
   mutable Mutex lifecycle_mutex_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_ ABSL_GUARDED_BY(lifecycle_mutex_);

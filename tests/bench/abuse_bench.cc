@@ -23,6 +23,12 @@
 //          - legitimate new guests (and the same in the quiet phase, for comparison): one new
 //            guest every `--hook_interval_seconds`, timed from its connect to kvmid's GetVM
 //            showing it VM_STATE_HOOKED.
+//   control  (with kvmi_flood, unless --nowakeup_control) between quiet and abuse: a child
+//          process wakes as often as the flood's and connects nowhere: what those wake-ups alone
+//          cost the guests on this machine, kvmid doing nothing for them;
+//   quiet again  once the abusers are gone, the quiet window once more: the abuse is compared
+//          with the quiet windows on both sides of it (the machine's own drift shows as a
+//          difference between the two).
 // kvmid's RSS (VmRSS, VmHWM) and thread count (/proc/<pid>/status) are sampled every 100 ms.
 // Nothing is asserted: refusals (RESOURCE_EXHAUSTED, ...) are results, counted and printed.
 // Every abusive client is bounded in time; kvmid and the flood child die with the bench.
@@ -98,6 +104,10 @@ ABSL_FLAG(std::vector<std::string>, abusers,
                                     "kvmi_flood"}),
           "which abusers run in the abuse phase (to see what costs what); the new guests always "
           "connect");
+ABSL_FLAG(bool, wakeup_control, true,
+          "with kvmi_flood: a control window between quiet and abuse, the guests while a child "
+          "process wakes as often as the flood's and connects nowhere (what the wake-ups alone "
+          "cost on this machine)");
 ABSL_FLAG(bool, keep, false, "keep the temporary directory (kvmid's config and log)");
 ABSL_FLAG(int, cr4_per_mille, 0,
           "guest operations that are CR4 writes instead of CR3, per 1000: no policy decides them, "
@@ -309,7 +319,7 @@ int64_t NowNs() {
 // double, on `go_fd`), then connects to `socket` every interval and never writes, holding each
 // connection for `hold_ns` (or until kvmid closes it), and writes a FloodResult to `result_fd`.
 [[noreturn]] void FloodChild(int go_fd, int result_fd, const std::string& socket, int uid,
-                             int64_t interval_ns, int64_t hold_ns) {
+                             int64_t interval_ns, int64_t hold_ns, bool connect) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   static int held_fd[kFloodMaxHeld];
   static int64_t held_at[kFloodMaxHeld];
@@ -347,6 +357,11 @@ int64_t NowNs() {
       }
       head = kept;
     }
+    if (!connect) {  // the control: the same wake-ups, nothing sent to kvmid
+      timespec until{static_cast<time_t>(next / 1000000000), static_cast<long>(next % 1000000000)};
+      ::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, nullptr);
+      continue;
+    }
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
       ++r.connected;
@@ -361,8 +376,10 @@ int64_t NowNs() {
     timespec until{static_cast<time_t>(next / 1000000000), static_cast<long>(next % 1000000000)};
     ::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, nullptr);
   }
-  ssize_t written = ::write(result_fd, &r, sizeof(r));
-  (void)written;
+  if (result_fd >= 0) {
+    ssize_t written = ::write(result_fd, &r, sizeof(r));
+    (void)written;
+  }
   ::_exit(0);
 }
 
@@ -809,10 +826,23 @@ int main(int argc, char** argv) {
     ::close(result_pipe[0]);
     FloodChild(go_pipe[0], result_pipe[1], kvmi_socket, absl::GetFlag(FLAGS_flood_uid),
                static_cast<int64_t>(absl::GetFlag(FLAGS_flood_interval_ms) * 1e6),
-               static_cast<int64_t>(absl::GetFlag(FLAGS_flood_hold_seconds) * 1e9));
+               static_cast<int64_t>(absl::GetFlag(FLAGS_flood_hold_seconds) * 1e9), true);
   }
   ::close(go_pipe[0]);
   ::close(result_pipe[1]);
+  const bool wakeup_control = runs("kvmi_flood") && absl::GetFlag(FLAGS_wakeup_control);
+  int ticker_go[2] = {-1, -1};
+  std::atomic<pid_t> ticker = 0;
+  if (wakeup_control) {
+    if (::pipe2(ticker_go, O_CLOEXEC) != 0) return 1;
+    ticker = ::fork();
+    if (ticker == 0) {
+      ::close(ticker_go[1]);
+      FloodChild(ticker_go[0], -1, kvmi_socket, absl::GetFlag(FLAGS_flood_uid),
+                 static_cast<int64_t>(absl::GetFlag(FLAGS_flood_interval_ms) * 1e6), 0, false);
+    }
+    ::close(ticker_go[0]);
+  }
   std::atomic<pid_t> kvmid =
       StartKvmid(kvmid_binary,
                  {"--config=" + dir + "/kvmid.textproto", "--kvmi_socket_mode=0666",
@@ -820,6 +850,7 @@ int main(int argc, char** argv) {
                  dir + "/kvmid.log");
   auto cleanup = [&] {
     KillAndReap(flood, SIGKILL);
+    KillAndReap(ticker, SIGKILL);
     KillAndReap(kvmid, SIGTERM);
     if (absl::GetFlag(FLAGS_keep)) {
       std::fprintf(stderr, "kept %s\n", dir.c_str());
@@ -829,11 +860,12 @@ int main(int argc, char** argv) {
     if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", dir.c_str());
   };
   // Whatever happens below, the bench ends: a watchdog kills the children and exits.
-  std::thread([&, limit = 2 * seconds + 180] {
+  std::thread([&, limit = 4 * seconds + 180] {
     std::this_thread::sleep_for(std::chrono::duration<double>(limit));
     std::fprintf(stderr, "abuse_bench: watchdog after %.0f s, killing kvmid and the flood\n",
                  limit);
     if (flood > 0) ::kill(flood, SIGKILL);
+    if (ticker > 0) ::kill(ticker, SIGKILL);
     if (kvmid > 0) ::kill(kvmid, SIGKILL);
     ::_exit(3);
   }).detach();
@@ -893,6 +925,25 @@ int main(int argc, char** argv) {
   quiet_stop = true;
   quiet_probe_thread.join();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
+
+  // ---- control: only the flood's wake-ups (same interval, same uid), nothing sent to kvmid ----
+  double control_rate = 0, control_cpu = 0, control_ticker = 0;
+  if (wakeup_control) {
+    const double ticker_before = CpuSeconds(ticker);
+    before = Replies(fleet);
+    cpu_before = CpuSeconds(kvmid);
+    double ticker_seconds = seconds;
+    ssize_t go = ::write(ticker_go[1], &ticker_seconds, sizeof(ticker_seconds));
+    (void)go;
+    t0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    const double elapsed = Seconds(Clock::now() - t0);
+    control_rate = (Replies(fleet) - before) / elapsed;
+    control_cpu = (CpuSeconds(kvmid) - cpu_before) / elapsed;
+    control_ticker = (CpuSeconds(ticker) - ticker_before) / elapsed;
+    KillAndReap(ticker, SIGKILL);
+    ticker = 0;
+  }
 
   // ---- abuse ----
   sampler.SetPhase(kAbuse);
@@ -996,6 +1047,20 @@ int main(int argc, char** argv) {
   std::this_thread::sleep_for(std::chrono::seconds(2));
   const ProcStatus after = sampler.last();
   const Sampler::Max after_max = sampler.max(kAfter);
+  // ---- quiet again: the same window with the abusers gone, so that a drift of the machine
+  // (this kind's throughput moves by 10-20% between minutes) shows, instead of passing for a
+  // cost of the abuse ----
+  before = Replies(fleet);
+  cpu_before = CpuSeconds(kvmid);
+  self_before = SelfCpuSeconds();
+  machine_before = MachineBusySeconds();
+  t0 = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  const double again_elapsed = Seconds(Clock::now() - t0);
+  const double again_rate = (Replies(fleet) - before) / again_elapsed;
+  const double again_cpu = (CpuSeconds(kvmid) - cpu_before) / again_elapsed;
+  const double again_self = (SelfCpuSeconds() - self_before) / again_elapsed;
+  const double again_machine = (MachineBusySeconds() - machine_before) / again_elapsed;
   const bool kvmid_alive = ::waitpid(kvmid, nullptr, WNOHANG) == 0;
   sampler.Stop();
   struct stat log_stat {};
@@ -1003,6 +1068,9 @@ int main(int argc, char** argv) {
 
   // ---- the table ----
   const double ratio = quiet_rate > 0 ? abuse_rate / quiet_rate : 0;
+  const double again_ratio = again_rate > 0 ? abuse_rate / again_rate : 0;
+  const double both_ratio =
+      quiet_rate + again_rate > 0 ? abuse_rate / ((quiet_rate + again_rate) / 2) : 0;
   std::printf(
       "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
       "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
@@ -1012,24 +1080,43 @@ int main(int argc, char** argv) {
   std::printf("abusers: %s\n", abuser_list.empty() ? "none" : abuser_list.c_str());
   std::printf("machine: %s, %u CPUs online, load average %s at the start\n\n", CpuModel().c_str(),
               std::thread::hardware_concurrency(), load_at_start.c_str());
-  std::printf("| measure | quiet | abuse | target |\n|---|---:|---:|---|\n");
-  std::printf("| guest events/s (replies the guests got) | %.0f | %.0f | abuse >= 0.9x quiet |\n",
-              quiet_rate, abuse_rate);
-  std::printf("| ratio abuse / quiet | | %.2fx | >= 0.9x |\n", ratio);
-  std::printf("| kvmid RSS peak (VmRSS, sampled) | %s | %s | < 512 MiB |\n",
+  std::printf(
+      "| measure | quiet | abuse | quiet again (abusers gone) | target |\n"
+      "|---|---:|---:|---:|---|\n");
+  std::printf(
+      "| guest events/s (replies the guests got) | %.0f | %.0f | %.0f | abuse >= 0.9x quiet |\n",
+      quiet_rate, abuse_rate, again_rate);
+  std::printf("| ratio abuse / quiet before, / quiet again | | %.2fx | %.2fx | >= 0.9x |\n", ratio,
+              again_ratio);
+  std::printf("| ratio abuse / mean of both quiet windows | | %.2fx | | >= 0.9x |\n", both_ratio);
+  if (wakeup_control) {
+    std::printf(
+        "| control: guest events/s while a process only wakes every %.1f ms (no kvmid work) | "
+        "%.0f (%.2fx of quiet; kvmid CPU %.2f, its CPU %.2f) | | | |\n",
+        absl::GetFlag(FLAGS_flood_interval_ms), control_rate,
+        quiet_rate > 0 ? control_rate / quiet_rate : 0, control_cpu, control_ticker);
+    std::printf("| ratio abuse / control (what is left for kvmid's part) | | %.2fx | | |\n",
+                control_rate > 0 ? abuse_rate / control_rate : 0);
+  }
+  std::printf("| kvmid RSS peak (VmRSS, sampled) | %s | %s | | < 512 MiB |\n",
               Mib(quiet_max.rss_kib).c_str(), Mib(abuse_max.rss_kib).c_str());
-  std::printf("| kvmid threads (min-max) | %llu-%llu | %llu-%llu | flat |\n",
+  std::printf("| kvmid threads (min-max) | %llu-%llu | %llu-%llu | %llu-%llu | flat |\n",
               static_cast<unsigned long long>(quiet_max.min_threads),
               static_cast<unsigned long long>(quiet_max.threads),
               static_cast<unsigned long long>(abuse_max.min_threads),
-              static_cast<unsigned long long>(abuse_max.threads));
-  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | |\n", quiet_cpu, abuse_cpu);
-  std::printf("| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | |\n",
-              quiet_self, abuse_self);
-  std::printf("| KVMI flood child CPU | - | %.2f | |\n", abuse_flood);
-  std::printf("| machine busy (every process and the kernel, of %u CPUs) | %.2f | %.2f | |\n",
-              std::thread::hardware_concurrency(), quiet_machine, abuse_machine);
-  std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | < 2 s |\n",
+              static_cast<unsigned long long>(abuse_max.threads),
+              static_cast<unsigned long long>(after_max.min_threads),
+              static_cast<unsigned long long>(after_max.threads));
+  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | %.2f | |\n", quiet_cpu,
+              abuse_cpu, again_cpu);
+  std::printf(
+      "| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | %.2f | |\n",
+      quiet_self, abuse_self, again_self);
+  std::printf("| KVMI flood child CPU | - | %.2f | - | |\n", abuse_flood);
+  std::printf(
+      "| machine busy (every process and the kernel, of %u CPUs) | %.2f | %.2f | %.2f | |\n",
+      std::thread::hardware_concurrency(), quiet_machine, abuse_machine, again_machine);
+  std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | | < 2 s |\n",
               HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
   if (guard_cut) {
     std::printf("\nTHE ABUSE WINDOW WAS CUT after %.1f s: kvmid's RSS passed --max_rss_mib=%d\n",
