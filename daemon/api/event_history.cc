@@ -9,13 +9,18 @@ namespace {
 
 uint32_t TypeBit(uint8_t type) { return 1u << std::min<uint8_t>(type, 31); }
 
+// CursorAfter looks at this many slots per hold of the lock the loop threads append under: a
+// resume never stalls the guests' events for a walk of the whole ring.
+constexpr uint64_t kScanChunk = 4096;
+
 }  // namespace
 
 EventHistory::EventHistory(VerdictPipeline* pipeline, size_t capacity)
     : pipeline_(pipeline),
       capacity_(std::max<size_t>(capacity, 1)),
       events_(capacity_),
-      types_(capacity_, 0) {
+      types_(capacity_, 0),
+      ids_(capacity_, 0) {
   observer_ = pipeline_->AddObserver([this](const ObservedEvent& o) { Append(o); });
 }
 
@@ -27,8 +32,10 @@ void EventHistory::Append(const ObservedEvent& observed) {
     MutexLock lock(&mu_);
     const uint64_t seq = head_.load(std::memory_order_relaxed);
     const size_t slot = seq % capacity_;
+    if (seq > capacity_) ++evicted_counts_[std::min<uint8_t>(types_[slot], 31)];
     events_[slot] = observed;
     types_[slot] = type;
+    ids_[slot] = observed.event_id;
     ++type_counts_[std::min<uint8_t>(type, 31)];
     latest_id_ = std::max(latest_id_, observed.event_id);
     head_.store(seq + 1, std::memory_order_seq_cst);
@@ -94,19 +101,24 @@ bool EventHistory::CopyAt(uint64_t seq, ObservedEvent* out) const {
 bool EventHistory::CountsAt(uint64_t seq, TypeCounts* counts) const {
   MutexLock lock(&mu_);
   const uint64_t head = head_.load(std::memory_order_relaxed);
-  if (seq < TailLocked() || seq > head) return false;
-  *counts = type_counts_;
-  for (uint64_t s = seq; s < head; ++s) --(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
+  const uint64_t tail = TailLocked();
+  if (seq < tail || seq > head) return false;
+  // From whichever end is nearer: the counts at the tail plus [tail, seq), or the counts at the
+  // head minus [seq, head).
+  if (seq - tail < head - seq) {
+    *counts = evicted_counts_;
+    for (uint64_t s = tail; s < seq; ++s) ++(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
+  } else {
+    *counts = type_counts_;
+    for (uint64_t s = seq; s < head; ++s) --(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
+  }
   return true;
 }
 
 uint64_t EventHistory::TailCounts(TypeCounts* counts) const {
   MutexLock lock(&mu_);
-  const uint64_t head = head_.load(std::memory_order_relaxed);
-  const uint64_t tail = TailLocked();
-  *counts = type_counts_;
-  for (uint64_t s = tail; s < head; ++s) --(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
-  return tail;
+  *counts = evicted_counts_;
+  return TailLocked();
 }
 
 bool EventHistory::AnyOfTypes(uint64_t from, uint64_t to, uint32_t types) const {
@@ -121,26 +133,42 @@ bool EventHistory::AnyOfTypes(uint64_t from, uint64_t to, uint32_t types) const 
 
 uint64_t EventHistory::CursorAfter(uint64_t after, uint64_t* lost) const {
   *lost = 0;
-  MutexLock lock(&mu_);
-  const uint64_t head = head_.load(std::memory_order_relaxed);
-  const uint64_t tail = TailLocked();
-  if (head == tail || after > latest_id_) return head;
-  // Newest first: a reader resumes near the head.
+  uint64_t head = 0, latest = 0;
+  {
+    MutexLock lock(&mu_);
+    head = head_.load(std::memory_order_relaxed);
+    latest = latest_id_;
+    if (head == TailLocked() || after > latest) return head;
+  }
+  // Newest first (a reader resumes near the head), kScanChunk slots per hold of the lock: the ring
+  // may move between two holds; what it overwrote meanwhile was not held anyway, and what it
+  // appended came after this call. On the way: the ids after the cursor that are held, and the
+  // oldest slot holding one (ids are given to events before they are decided and events reach
+  // observers after their replies, so ids can be out of ring order).
   uint64_t held_after = 0;
-  for (uint64_t seq = head; seq-- > tail;) {
-    const uint64_t id = events_[seq % capacity_].event_id;
-    if (id == after) return seq + 1;
-    if (id > after) ++held_after;
+  uint64_t first_after = head;  // the oldest held slot with an id past the cursor
+  uint64_t seq = head;
+  while (true) {
+    MutexLock lock(&mu_);
+    const uint64_t tail = TailLocked();
+    if (seq <= tail) break;
+    const uint64_t stop = std::max(tail, seq > kScanChunk ? seq - kScanChunk : 0);
+    for (; seq > stop; --seq) {
+      const uint64_t id = ids_[(seq - 1) % capacity_];
+      if (id == after) return seq;
+      if (id > after) {
+        ++held_after;
+        first_after = seq - 1;
+      }
+    }
   }
-  // Not held: the ids after the cursor that the ring does not hold are lost. An upper bound: ids
-  // are given to events before they are decided, and an event that never reached the ring (or
-  // reaches it later, held by a handler) counts too. Events reach observers after their replies,
-  // so ids can be out of ring order: start at the first held event past the cursor.
-  *lost = latest_id_ - after - held_after;
-  for (uint64_t seq = tail; seq < head; ++seq) {
-    if (events_[seq % capacity_].event_id > after) return seq;
-  }
-  return head;
+  // Not held: the ids after the cursor that the ring does not hold are lost. An upper bound: an
+  // event that never reached the ring (or reaches it later, held by a handler) counts too.
+  *lost = latest - after - std::min(held_after, latest - after);
+  // Resume at the oldest held event past the cursor, or where the ring now starts if the ring
+  // moved past it during the walk.
+  MutexLock lock(&mu_);
+  return std::max(first_after, TailLocked());
 }
 
 }  // namespace kvmid

@@ -79,7 +79,7 @@ class EventHistory {
   // type without the lost events (the difference of two such counts).
   using TypeCounts = std::array<uint64_t, 32>;
   bool CountsAt(uint64_t seq, TypeCounts* counts) const;
-  // The oldest sequence number held, with CountsAt it (one step).
+  // The oldest sequence number held, with CountsAt it (one step, no walk).
   uint64_t TailCounts(TypeCounts* counts) const;
   // Whether an event in [from, to) has its type in `types` (false for what is no longer held).
   bool AnyOfTypes(uint64_t from, uint64_t to, uint32_t types) const;
@@ -88,7 +88,8 @@ class EventHistory {
   // events a stream reading in ring order had not seen yet). When that event is no longer held,
   // the first held event with a larger id, and *lost = the ids after `after` not held (an upper
   // bound: ids of events not yet or never appended count too). A cursor from the future (after >
-  // every id) starts at the head.
+  // every id) starts at the head. Walks the ring's ids a chunk per hold of the lock, so the loop
+  // threads' appends wait for one chunk at most, never for the whole ring.
   uint64_t CursorAfter(uint64_t after, uint64_t* lost) const;
   // The largest event id appended (0 when none).
   uint64_t latest_id() const;
@@ -108,10 +109,13 @@ class EventHistory {
   // Slot of seq s: s % capacity_. types_ is the events' types, scanned without touching events_.
   std::vector<ObservedEvent> events_ ABSL_GUARDED_BY(mu_);
   std::vector<uint8_t> types_ ABSL_GUARDED_BY(mu_);
+  // The events' ids, beside the events: CursorAfter walks 8 bytes a slot, not an event's.
+  std::vector<uint64_t> ids_ ABSL_GUARDED_BY(mu_);
   // Written under mu_; read without it by head().
   std::atomic<uint64_t> head_{1};
   uint64_t latest_id_ ABSL_GUARDED_BY(mu_) = 0;
-  TypeCounts type_counts_ ABSL_GUARDED_BY(mu_){};  // every event appended, by type
+  TypeCounts type_counts_ ABSL_GUARDED_BY(mu_){};     // every event appended, by type
+  TypeCounts evicted_counts_ ABSL_GUARDED_BY(mu_){};  // those before the tail (overwritten)
 };
 
 }  // namespace kvmid

@@ -200,6 +200,90 @@ TEST_F(EventHistoryTest, ResumeFollowsRingOrderWhenIdsArriveOutOfOrder) {
       << "exactly what a reader that had seen 1 and 3 had not seen yet";
 }
 
+// A ring larger than the walk's chunk (4096 slots per hold of the lock): the walk crosses chunk
+// boundaries and finds the same cursors as one walk of the whole ring would.
+class BigEventHistoryTest : public EventHistoryTest {
+ protected:
+  static constexpr size_t kCapacity = 10000;
+  BigEventHistoryTest() : EventHistoryTest(kCapacity) {}
+};
+
+TEST_F(BigEventHistoryTest, ResumeFindsEventsInEveryChunkOfTheRing) {
+  for (int i = 0; i < 25000; ++i) Emit(i % 3 == 0 ? kCr : kMsr);  // held: 15001..25000
+  for (uint64_t after : {15001u, 15500u, 19999u, 20904u, 24999u}) {
+    uint64_t lost = 99;
+    const uint64_t cursor = ring_.CursorAfter(after, &lost);
+    EXPECT_EQ(lost, 0u) << after;
+    EXPECT_EQ(cursor, after + 1) << "ids equal sequence numbers here: the slot after " << after;
+  }
+  uint64_t lost = 0;
+  EXPECT_EQ(ring_.CursorAfter(25000, &lost), ring_.head());
+  EXPECT_EQ(lost, 0u);
+  // Overwritten: resumes at the oldest held event past it, the ids in between counted lost.
+  EXPECT_EQ(ring_.CursorAfter(14000, &lost), ring_.tail());
+  EXPECT_EQ(lost, 1000u) << "14001..15000";
+}
+
+TEST_F(BigEventHistoryTest, ResumeAfterAnOverwrittenIdFindsTheOldestLaterOneAcrossChunks) {
+  // Ids out of ring order across the whole ring: in every pair, the larger id comes first.
+  for (uint64_t i = 1; i <= 12000; i += 2) {
+    Emit(kCr, i + 1);
+    Emit(kCr, i);
+  }  // seq s holds id s+1 (s odd) or s-1 (s even); held: seq 2001..12000
+  uint64_t lost = 0;
+  const uint64_t cursor = ring_.CursorAfter(1999, &lost);  // id 1999 was at seq 2000: overwritten
+  EXPECT_EQ(cursor, 2001u) << "seq 2001 holds id 2002, the oldest held id past 1999";
+  EXPECT_EQ(lost, 1u) << "of the ids past 1999, only 2000 (at seq 1999) is no longer held";
+  uint64_t found_lost = 0;
+  EXPECT_EQ(ring_.CursorAfter(2002, &found_lost), 2002u) << "id 2002 at seq 2001";
+}
+
+TEST_F(BigEventHistoryTest, TypeCountsAfterManyWrapsMatchACountOfEveryAppend) {
+  std::vector<uint8_t> types;  // types[seq - 1]
+  uint32_t x = 12345;
+  for (int i = 0; i < 33333; ++i) {
+    x = x * 1103515245 + 12345;
+    const uint8_t type = static_cast<uint8_t>(1 + (x >> 16) % 5);
+    types.push_back(type);
+    Emit(type);
+  }
+  auto before = [&](uint64_t seq) {
+    EventHistory::TypeCounts c{};
+    for (uint64_t s = 1; s < seq; ++s) ++c[types[s - 1]];
+    return c;
+  };
+  EventHistory::TypeCounts counts{};
+  const uint64_t tail = ring_.TailCounts(&counts);
+  EXPECT_EQ(tail, ring_.head() - kCapacity);
+  EXPECT_EQ(counts, before(tail));
+  // Near the tail (counted up from it) and near the head (counted down from it).
+  for (uint64_t seq :
+       {tail, tail + 1, tail + 1234, ring_.head() - 4321, ring_.head() - 1, ring_.head()}) {
+    ASSERT_TRUE(ring_.CountsAt(seq, &counts)) << seq;
+    EXPECT_EQ(counts, before(seq)) << seq;
+  }
+}
+
+TEST_F(BigEventHistoryTest, AResumeRacingAnAppenderGetsAHeldCursor) {
+  for (int i = 0; i < 12000; ++i) Emit(kCr);
+  std::atomic<bool> stop{false};
+  std::thread appender([&] {
+    while (!stop.load()) Emit(kMsr);
+  });
+  for (int round = 0; round < 50; ++round) {
+    const uint64_t tail_before = ring_.tail();
+    const uint64_t latest = ring_.latest_id();
+    const uint64_t after = latest > 9000 ? latest - 9000 : 1;  // soon overwritten, or gone
+    uint64_t lost = 0;
+    const uint64_t cursor = ring_.CursorAfter(after, &lost);
+    EXPECT_LE(cursor, ring_.head());
+    EXPECT_GE(cursor, tail_before) << "never before where the ring started when it was called";
+    EXPECT_LE(lost, latest - after);
+  }
+  stop.store(true);
+  appender.join();
+}
+
 class CountingListener : public EventHistory::Listener {
  public:
   void Appended(uint8_t type) override {
