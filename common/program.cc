@@ -3,6 +3,7 @@
 #include <absl/flags/usage.h>
 #include <absl/flags/usage_config.h>
 #include <absl/strings/match.h>
+#include <absl/synchronization/mutex.h>
 
 #include "common/version.h"
 
@@ -12,8 +13,13 @@ std::string VersionText(const std::string& program) {
   return program + " " + kVersion + " (" + kKvmiAbi + ")\n";
 }
 
+void UseReleaseAbslMutexes() {
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+}
+
 void SetUpProgram(const std::string& program, const std::string& usage,
                   std::vector<std::string> flag_dirs) {
+  UseReleaseAbslMutexes();
   absl::SetProgramUsageMessage(usage);
   absl::FlagsUsageConfig config;
   auto ours = [flag_dirs](absl::string_view file) {

@@ -12,8 +12,16 @@ namespace kvmid {
 // "kvmid 0.9.0 (KVMI v6)".
 std::string VersionText(const std::string& program);
 
+// Abseil's Mutex as a release build of Abseil has it: no deadlock detection. Debian 12 builds
+// its Abseil without NDEBUG, so every absl::Mutex lock (gRPC's own locks are absl::Mutex) also
+// takes a process-wide spinlock and looks the mutex up in a global lock graph: 105 ns instead of
+// 28 ns for a nested lock pair, measured (docs/PERFORMANCE.md). kvmid's own locks are std::mutex
+// (daemon/base/mutex.h) and are not affected. Process-wide; for binaries and benches that host
+// kvmid's daemon.
+void UseReleaseAbslMutexes();
+
 // Call once, before absl::ParseCommandLine. `flag_dirs`: source directories (as Bazel names
-// them, e.g. "daemon/") whose flags --help and --helpfull list.
+// them, e.g. "daemon/") whose flags --help and --helpfull list. Calls UseReleaseAbslMutexes.
 void SetUpProgram(const std::string& program, const std::string& usage,
                   std::vector<std::string> flag_dirs);
 

@@ -103,11 +103,14 @@ ABSL_FLAG(std::vector<std::string>, abusers,
           std::vector<std::string>({"streams", "silent_streams", "policy_flood", "silent_attach",
                                     "kvmi_flood"}),
           "which abusers run in the abuse phase (to see what costs what); the new guests always "
-          "connect");
+          "connect. Not in the default: resume_flood (StreamEvents resuming after a long "
+          "overwritten event id, cancelled after its first message, in a loop)");
 ABSL_FLAG(bool, wakeup_control, true,
           "with kvmi_flood: a control window between quiet and abuse, the guests while a child "
           "process wakes as often as the flood's and connects nowhere (what the wake-ups alone "
           "cost on this machine)");
+ABSL_FLAG(uint64_t, resume_after, 1,
+          "resume_flood: the event id its streams resume after (0: no resume, the churn alone)");
 ABSL_FLAG(bool, keep, false, "keep the temporary directory (kvmid's config and log)");
 ABSL_FLAG(int, cr4_per_mille, 0,
           "guest operations that are CR4 writes instead of CR3, per 1000: no policy decides them, "
@@ -539,6 +542,29 @@ class StreamFleet {
 
 // ---- the policy flood and the silent Attach ---------------------------------------------------
 
+// Opens StreamEvents streams resuming after event id 1 (long overwritten: kvmid walks its whole
+// ring to find where to resume), reads the first message (the DropNotice), cancels, again.
+struct ResumeFlood {
+  Tally streams;
+  std::atomic<uint64_t> first_messages{0};
+
+  void Run(Introspection::Stub* stub, const std::atomic<bool>* stop, Clock::time_point end) {
+    kvmi::v1::StreamEventsRequest request;
+    request.set_resume_after(absl::GetFlag(FLAGS_resume_after));
+    while (!*stop && Clock::now() < end) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(ToSystem(Clock::now() + std::chrono::seconds(2)));
+      auto reader = stub->StreamEvents(&ctx, request);
+      kvmi::v1::StreamEventsResponse message;
+      if (reader->Read(&message)) ++first_messages;
+      ctx.TryCancel();
+      while (reader->Read(&message)) {
+      }
+      streams.Add(reader->Finish());
+    }
+  }
+};
+
 struct PolicyFlood {
   Tally applied;
   Tally deleted;
@@ -784,7 +810,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> abusers = absl::GetFlag(FLAGS_abusers);
   for (const std::string& a : abusers) {
     if (a != "streams" && a != "silent_streams" && a != "policy_flood" && a != "silent_attach" &&
-        a != "kvmi_flood") {
+        a != "kvmi_flood" && a != "resume_flood") {
       std::fprintf(stderr, "--abusers: unknown '%s'\n", a.c_str());
       return 2;
     }
@@ -997,6 +1023,12 @@ int main(int argc, char** argv) {
     policy_flood.Run(policy_stub.get(), runs("policy_flood") ? &abuse_stop : &not_running,
                      abuse_end);
   });
+  ResumeFlood resume_flood;
+  auto resume_stub = Introspection::NewStub(NewChannel(api_target, -4, false));
+  std::thread resume_thread([&] {
+    resume_flood.Run(resume_stub.get(), runs("resume_flood") ? &abuse_stop : &not_running,
+                     abuse_end);
+  });
   SilentAttach silent_attach;
   auto attach_stub = Introspection::NewStub(NewChannel(api_target, -3, false));
   std::thread attach_thread([&] {
@@ -1030,6 +1062,7 @@ int main(int argc, char** argv) {
   bool idle_closed = idle->Close(close_deadline);
   bool silent_closed = silent->Close(close_deadline);
   policy_thread.join();
+  resume_thread.join();
   attach_thread.join();
   abuse_probe_thread.join();
   FloodResult flood_result;
@@ -1153,6 +1186,14 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(policy_flood.applied.Total()),
       policy_flood.applied.Describe().c_str(), policy_flood.bytes.load() / 1048576.0);
   std::printf("  flood policies deleted after: %s\n", policy_flood.deleted.Describe().c_str());
+  if (runs("resume_flood")) {
+    std::printf(
+        "  resume flood (resume_after %llu): %llu streams, %llu first messages; ended: %s\n",
+        static_cast<unsigned long long>(absl::GetFlag(FLAGS_resume_after)),
+        static_cast<unsigned long long>(resume_flood.streams.Total()),
+        static_cast<unsigned long long>(resume_flood.first_messages.load()),
+        resume_flood.streams.Describe().c_str());
+  }
   std::printf(
       "  silent Attach: %llu claims held (deadline_ms %u), %llu events held unanswered; "
       "streams ended: %s\n",

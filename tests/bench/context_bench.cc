@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/api/server.h"
 #include "daemon/kvmid.h"
 #include "kernel/sim/fleet.h"
@@ -232,6 +233,7 @@ class Bench {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::warn);
   char dir_template[] = "/tmp/kvmid-ctxbench-XXXXXX";

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/api/convert.h"
 #include "daemon/kvmid.h"
 
@@ -110,6 +111,7 @@ int Main() {
 }  // namespace kvmid
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   return kvmid::Main();
 }

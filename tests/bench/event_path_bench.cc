@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/event_log.h"
 #include "daemon/kvmid.h"
 #include "daemon/metrics/event_metrics.h"
@@ -496,6 +497,7 @@ double ObserveNs() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::err);
   std::vector<uint32_t> counts;

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/program.h"
 #include "tests/bench/echo.grpc.pb.h"
 #include "tests/bench/echo_client.h"
 
@@ -155,6 +156,7 @@ double Measure(Flavor flavor, const std::string& socket, double seconds, Beside 
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   double seconds = absl::GetFlag(FLAGS_seconds);
   char dir_template[] = "/tmp/kvmid-flavors-XXXXXX";

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/kvmid.h"
 #include "daemon/verdict/policy.h"
 #include "kernel/kvm/guest_image.h"
@@ -104,6 +105,7 @@ bool Measure(const std::string& config_name, const std::string& socket, Row* row
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::err);
   if (absl::GetFlag(FLAGS_batch) < 1 || absl::GetFlag(FLAGS_batch) > 10000000) {

@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/api/server.h"
 #include "daemon/kvmid.h"
 #include "kernel/sim/fleet.h"
@@ -216,6 +217,7 @@ print("%%.1f %%s" %% (size / 1048576 / t, "OK" if ok and got == size else "BAD")
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::warn);
   const uint64_t bytes = uint64_t(absl::GetFlag(FLAGS_mib)) << 20;

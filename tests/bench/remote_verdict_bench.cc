@@ -39,6 +39,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/api/server.h"
 #include "daemon/kvmid.h"
 #include "daemon/security/authz.h"
@@ -50,6 +51,9 @@
 #include "tests/bench/echo_client.h"
 
 ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
+ABSL_FLAG(
+    bool, release_absl_mutexes, true,
+    "Abseil's mutexes without the debug deadlock graph, as in kvmid (false: Debian's default)");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
@@ -309,6 +313,8 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  // As kvmid's main (common/program.h): gRPC's locks without the debug deadlock graph.
+  if (absl::GetFlag(FLAGS_release_absl_mutexes)) kvmid::UseReleaseAbslMutexes();
   spdlog::set_level(spdlog::level::err);
   double seconds = absl::GetFlag(FLAGS_seconds);
   char dir_template[] = "/tmp/kvmid-rbench-XXXXXX";

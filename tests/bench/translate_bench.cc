@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/program.h"
 #include "daemon/api/server.h"
 #include "daemon/kvmid.h"
 #include "daemon/testing/wait.h"
@@ -275,6 +276,7 @@ int Main() {
 }  // namespace kvmid
 
 int main(int argc, char** argv) {
+  kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
   absl::ParseCommandLine(argc, argv);
   return kvmid::Main();
 }
