@@ -12,6 +12,7 @@ using security::Limit;
 
 StreamLimits::StreamLimits(const security::Limits& limits, MemoryTrimmer* trimmer)
     : budget_(limits.stream_queue_budget_bytes),
+      opens_(Limit::kStreamOpensPerSecond, limits.stream_opens_per_second, OpensBurst(limits)),
       slots_(Limit::kStreamsPerIdentity, limits.streams_per_identity),
       trimmer_(trimmer) {}
 
@@ -41,10 +42,17 @@ grpc::Status StreamLimits::Admit(const CallContext& call, const security::Limits
                                  bool charge_budget, Admission* admission, uint64_t extra_bytes) {
   budget_.SetBudget(limits.stream_queue_budget_bytes);
   slots_.SetMax(limits.streams_per_identity);
+  opens_.Set(limits.stream_opens_per_second, OpensBurst(limits));
   absl::StatusOr<security::KeyedSlots::Slot> slot = slots_.Acquire(call.IdentityKey(), "identity");
   if (!slot.ok()) {
     Metrics::LimitRefused(InfoOf(Limit::kStreamsPerIdentity).name);
     return ToStatus(slot.status());
+  }
+  // Then how fast: a client opening and cancelling streams in a loop holds no place for long,
+  // but spends one open each time (a refusal by the cap above spends none).
+  if (absl::Status fast = opens_.Take(call.IdentityKey(), "identity"); !fast.ok()) {
+    Metrics::LimitRefused(InfoOf(Limit::kStreamOpensPerSecond).name);
+    return ToStatus(fast);
   }
   Admission admitted;
   admitted.slot_ = std::move(*slot);

@@ -1,6 +1,7 @@
 // The limits every stream of the API shares (issue 10, "Limits"): one ByteBudget for the queues
 // of every StreamEvents and WatchVMs call, a cap on the concurrent streams (StreamEvents +
-// WatchVMs + Attach) of one identity, and handing memory back to the OS after a burst.
+// WatchVMs + Attach + the memory streams) of one identity and on how fast it opens them, and
+// handing memory back to the OS after a burst.
 //
 //   StreamLimits::Admission admission;
 //   grpc::Status s = limits->Admit(call, daemon->limits(), /*charge_budget=*/true, &admission);
@@ -27,6 +28,12 @@ namespace kvmid::api {
 // reactor, its one message in flight, gRPC's call state), so that a budget also bounds the number
 // of idle streams; returned when the call ends.
 inline constexpr uint64_t kStreamBaseBytes = 16u << 10;
+
+// The opens one identity may make at once before stream_opens_per_second applies: every stream
+// it may hold, twice (open them all, close them all, open them all again).
+inline uint64_t OpensBurst(const security::Limits& limits) {
+  return 2 * limits.streams_per_identity;
+}
 
 class StreamLimits {
  public:
@@ -74,6 +81,7 @@ class StreamLimits {
 
  private:
   security::ByteBudget budget_;
+  security::KeyedRate opens_;
   security::KeyedSlots slots_;
   MemoryTrimmer* const trimmer_;
 };

@@ -65,6 +65,36 @@ TEST(StreamLimitsTest, AnExhaustedBudgetRefusesNewStreamsButNotAttach) {
   EXPECT_TRUE(streams.Admit(CallerNamed("b"), limits, true, &held[3]).ok());
 }
 
+TEST(StreamLimitsTest, AnIdentityOpeningStreamsTooFastIsRefusedOthersAreNot) {
+  security::Limits limits;
+  limits.streams_per_identity = 4;
+  limits.stream_opens_per_second = 1;
+  StreamLimits streams(limits, nullptr);
+  ASSERT_EQ(OpensBurst(limits), 8u);
+  // Open and close, as a client churning streams does: the places come back, the opens do not.
+  for (int i = 0; i < 8; ++i) {
+    StreamLimits::Admission admission;
+    ASSERT_TRUE(streams.Admit(CallerNamed("a"), limits, true, &admission).ok()) << i;
+  }
+  StreamLimits::Admission refused;
+  grpc::Status s = streams.Admit(CallerNamed("a"), limits, true, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("identity a opens streams too fast"));
+  EXPECT_THAT(s.error_message(), HasSubstr("(limits.stream_opens_per_second)"));
+  EXPECT_FALSE(refused.held());
+  EXPECT_EQ(streams.streams_of(CallerNamed("a")), 0u);
+  EXPECT_EQ(streams.budget()->used(), 0u) << "a refused open charges nothing";
+  StreamLimits::Admission other;
+  EXPECT_TRUE(streams.Admit(CallerNamed("b"), limits, false, &other).ok());
+  // A reload with a faster rate applies to the next open.
+  limits.stream_opens_per_second = 100000;
+  limits.streams_per_identity = 100000;
+  ASSERT_TRUE(testing::WaitUntil([&] {
+    StreamLimits::Admission again;
+    return streams.Admit(CallerNamed("a"), limits, true, &again).ok();
+  }));
+}
+
 TEST(StreamLimitsTest, WhatStreamsFreeGoesToTheDaemonsTrimmer) {
   MemoryTrimmer trimmer;
   StreamLimits streams(security::Limits{}, &trimmer);

@@ -4,6 +4,9 @@
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/message.h>
 
+#include <algorithm>
+#include <cmath>
+#include <iterator>
 #include <utility>
 
 namespace kvmid {
@@ -67,6 +70,12 @@ constexpr LimitInfo kLimits[] = {
      "ms",
      "the longest delay before a refusal by a limit is answered to a caller refused again and "
      "again (ApplyPolicy's; it starts at 20 ms, or this if lower, and doubles per refusal)"},
+    {Limit::kStreamOpensPerSecond, "stream_opens_per_second", &Limits::stream_opens_per_second, 1,
+     100000, "streams/s",
+     "StreamEvents, WatchVMs, Attach, ReadPhysicalStream and ReadVirtualStream calls one caller "
+     "identity may open per second on average, after a burst of twice streams_per_identity; a "
+     "call over it is refused (opening and cancelling streams in a loop costs kvmid's gRPC "
+     "threads, and the guests, the same CPU whatever the streams do)"},
 };
 
 constexpr bool TableInEnumOrder() {
@@ -77,7 +86,7 @@ constexpr bool TableInEnumOrder() {
 }
 static_assert(TableInEnumOrder(), "kLimits must list the limits in the order of enum Limit");
 static_assert(sizeof(kLimits) / sizeof(kLimits[0]) ==
-                  static_cast<size_t>(Limit::kRefusalDelayMaxMs) + 1,
+                  static_cast<size_t>(Limit::kStreamOpensPerSecond) + 1,
               "kLimits must list every limit");
 
 }  // namespace
@@ -270,6 +279,54 @@ uint64_t KeyedSlots::InUse(absl::string_view key) const {
 void KeyedSlots::SetMax(uint64_t max_per_key) {
   MutexLock lock(&state_->mu);
   state_->max = max_per_key;
+}
+
+// ---- KeyedRate ----
+
+KeyedRate::KeyedRate(Limit limit, uint64_t per_second, uint64_t burst)
+    : limit_(limit),
+      per_second_(static_cast<double>(std::max<uint64_t>(per_second, 1))),
+      burst_(static_cast<double>(std::max<uint64_t>(burst, 1))) {}
+
+void KeyedRate::Set(uint64_t per_second, uint64_t burst) {
+  MutexLock lock(&mu_);
+  per_second_ = static_cast<double>(std::max<uint64_t>(per_second, 1));
+  burst_ = static_cast<double>(std::max<uint64_t>(burst, 1));
+}
+
+double KeyedRate::Refilled(const Bucket& b, Clock::time_point now) const {
+  const double elapsed = std::chrono::duration<double>(now - b.last).count();
+  return std::min(burst_, b.tokens + std::max(0.0, elapsed) * per_second_);
+}
+
+absl::Status KeyedRate::Take(absl::string_view key, absl::string_view key_description,
+                             Clock::time_point now) {
+  MutexLock lock(&mu_);
+  auto it = buckets_.find(key);
+  if (it == buckets_.end()) {
+    if (buckets_.size() >= kMaxKeys) {
+      for (auto j = buckets_.begin(); j != buckets_.end();) {
+        j = Refilled(j->second, now) >= burst_ ? buckets_.erase(j) : std::next(j);
+      }
+    }
+    it = buckets_.emplace(std::string(key), Bucket{burst_, now}).first;
+  }
+  Bucket& b = it->second;
+  b.tokens = Refilled(b, now);
+  b.last = now;
+  if (b.tokens < 1.0) {
+    const int64_t wait_ms = static_cast<int64_t>(std::ceil((1.0 - b.tokens) / per_second_ * 1000));
+    return Exhausted(limit_, static_cast<uint64_t>(per_second_),
+                     absl::StrCat(key_description, " ", key,
+                                  " opens streams too fast (the next in ", wait_ms, " ms)"));
+  }
+  b.tokens -= 1.0;
+  return absl::OkStatus();
+}
+
+size_t KeyedRate::keys() const {
+  MutexLock lock(&mu_);
+  return buckets_.size();
 }
 
 // ---- ByteBudget ----

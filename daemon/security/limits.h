@@ -19,6 +19,7 @@
 #include <absl/types/span.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -54,6 +55,7 @@ enum class Limit : uint8_t {
   kMaxGoneGuests,
   kStreamEventRingEvents,
   kRefusalDelayMaxMs,
+  kStreamOpensPerSecond,
 };
 
 struct Limits {
@@ -72,6 +74,7 @@ struct Limits {
   uint64_t max_gone_guests = 4096;              // disconnected guests remembered at once
   uint64_t stream_event_ring_events = 65536;    // the ring every StreamEvents stream reads
   uint64_t refusal_delay_max_ms = 500;          // the tarpit's longest delay (api::Tarpit)
+  uint64_t stream_opens_per_second = 20;  // per identity, on average (api::OpensBurst at once)
 
   uint64_t Get(Limit limit) const;
 };
@@ -154,6 +157,39 @@ class KeyedSlots {
 
  private:
   std::shared_ptr<Slot::State> state_;
+};
+
+// How often per key (streams opened per identity): a token bucket per key holding at most `burst`
+// tokens, refilled at `per_second`; each Take spends one. Thread-safe. A key whose bucket has
+// filled up again is the same as a key never seen, so such keys are forgotten once more than
+// kMaxKeys are remembered: what is kept is bounded by the keys active in the last
+// burst / per_second seconds.
+class KeyedRate {
+ public:
+  using Clock = std::chrono::steady_clock;
+  static constexpr size_t kMaxKeys = 4096;
+
+  KeyedRate(Limit limit, uint64_t per_second, uint64_t burst);
+  // For a reload: applies from the next Take (buckets keep their tokens, up to the new burst).
+  void Set(uint64_t per_second, uint64_t burst) ABSL_LOCKS_EXCLUDED(mu_);
+  // Spends one of `key`'s tokens, or RESOURCE_EXHAUSTED naming the limit, the key
+  // (`key_description`: "identity") and when the next one is due.
+  absl::Status Take(absl::string_view key, absl::string_view key_description,
+                    Clock::time_point now = Clock::now()) ABSL_LOCKS_EXCLUDED(mu_);
+  size_t keys() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  struct Bucket {
+    double tokens = 0;
+    Clock::time_point last;
+  };
+  double Refilled(const Bucket& b, Clock::time_point now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Limit limit_;
+  mutable Mutex mu_;
+  double per_second_ ABSL_GUARDED_BY(mu_);
+  double burst_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Bucket, std::less<>> buckets_ ABSL_GUARDED_BY(mu_);
 };
 
 // A shared byte budget (stream queues): TryCharge before buffering, Release when the bytes go.

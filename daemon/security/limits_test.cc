@@ -255,6 +255,51 @@ TEST(KeyedSlotsTest, ConcurrentAcquireNeverExceeds) {
   EXPECT_EQ(slots.InUse("uid=7"), 0u);
 }
 
+TEST(KeyedRateTest, ABurstThenTheRateAndEachKeyApart) {
+  using Clock = KeyedRate::Clock;
+  const Clock::time_point t0 = Clock::now();
+  KeyedRate rate(Limit::kStreamOpensPerSecond, /*per_second=*/10, /*burst=*/3);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(rate.Take("alice", "identity", t0).ok()) << i;
+  absl::Status refused = rate.Take("alice", "identity", t0);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.message(), HasSubstr("identity alice opens streams too fast"));
+  EXPECT_THAT(refused.message(), HasSubstr("(the next in 100 ms)"));
+  EXPECT_THAT(refused.message(), HasSubstr("stream_opens_per_second = 10 streams/s"));
+  EXPECT_THAT(refused.message(), HasSubstr("(limits.stream_opens_per_second)"));
+  EXPECT_TRUE(rate.Take("bob", "identity", t0).ok()) << "another identity has its own bucket";
+  // 10 per second: one more after 100 ms, not before; a refusal spends nothing.
+  EXPECT_FALSE(rate.Take("alice", "identity", t0 + std::chrono::milliseconds(99)).ok());
+  EXPECT_TRUE(rate.Take("alice", "identity", t0 + std::chrono::milliseconds(100)).ok());
+  EXPECT_FALSE(rate.Take("alice", "identity", t0 + std::chrono::milliseconds(101)).ok());
+  // Idle long enough, the burst again, never more.
+  const Clock::time_point later = t0 + std::chrono::seconds(60);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(rate.Take("alice", "identity", later).ok()) << i;
+  EXPECT_FALSE(rate.Take("alice", "identity", later).ok());
+  // A reload: a lower burst caps what is left, a higher rate refills faster.
+  rate.Set(/*per_second=*/1000, /*burst=*/1);
+  EXPECT_TRUE(rate.Take("alice", "identity", later + std::chrono::milliseconds(1)).ok());
+  EXPECT_FALSE(rate.Take("alice", "identity", later + std::chrono::milliseconds(1)).ok());
+}
+
+TEST(KeyedRateTest, RemembersOnlyKeysWhoseBucketIsNotFullAgain) {
+  using Clock = KeyedRate::Clock;
+  const Clock::time_point t0 = Clock::now();
+  KeyedRate rate(Limit::kStreamOpensPerSecond, /*per_second=*/1, /*burst=*/2);
+  ASSERT_TRUE(rate.Take("busy", "identity", t0).ok());
+  ASSERT_TRUE(rate.Take("busy", "identity", t0).ok());  // empty now
+  for (size_t i = 1; i < KeyedRate::kMaxKeys; ++i) {
+    ASSERT_TRUE(rate.Take("idle-" + std::to_string(i), "identity", t0).ok());  // one of two
+  }
+  EXPECT_EQ(rate.keys(), KeyedRate::kMaxKeys);
+  // 1.2 s on, every idle key's bucket is full again (1 + 1.2, at most 2): the next new key
+  // forgets them, not the busy one (1.2 tokens), which keeps its state.
+  const Clock::time_point t1 = t0 + std::chrono::milliseconds(1200);
+  ASSERT_TRUE(rate.Take("new", "identity", t1).ok());
+  EXPECT_EQ(rate.keys(), 2u);
+  EXPECT_TRUE(rate.Take("busy", "identity", t1).ok());
+  EXPECT_FALSE(rate.Take("busy", "identity", t1).ok()) << "0.2 tokens left, not a new burst";
+}
+
 TEST(ByteBudgetTest, ChargesWithinBudget) {
   ByteBudget budget(1000);
   EXPECT_TRUE(budget.TryCharge(600));
