@@ -7,7 +7,9 @@
 namespace kvmid {
 namespace {
 
-uint32_t TypeBit(uint8_t type) { return 1u << std::min<uint8_t>(type, 31); }
+// An event type's place in a TypeCounts and in a type mask (ids above 31 share the last one).
+size_t TypeIndex(uint8_t type) { return std::min<uint8_t>(type, 31); }
+uint32_t TypeBit(uint8_t type) { return 1u << TypeIndex(type); }
 
 // CursorAfter looks at this many slots per hold of the lock the loop threads append under: a
 // resume never stalls the guests' events for a walk of the whole ring.
@@ -32,11 +34,11 @@ void EventHistory::Append(const ObservedEvent& observed) {
     MutexLock lock(&mu_);
     const uint64_t seq = head_.load(std::memory_order_relaxed);
     const size_t slot = seq % capacity_;
-    if (seq > capacity_) ++evicted_counts_[std::min<uint8_t>(types_[slot], 31)];
+    if (seq > capacity_) ++evicted_counts_[TypeIndex(types_[slot])];
     events_[slot] = observed;
     types_[slot] = type;
     ids_[slot] = observed.event_id;
-    ++type_counts_[std::min<uint8_t>(type, 31)];
+    ++type_counts_[TypeIndex(type)];
     latest_id_ = std::max(latest_id_, observed.event_id);
     head_.store(seq + 1, std::memory_order_seq_cst);
   }
@@ -107,10 +109,10 @@ bool EventHistory::CountsAt(uint64_t seq, TypeCounts* counts) const {
   // head minus [seq, head).
   if (seq - tail < head - seq) {
     *counts = evicted_counts_;
-    for (uint64_t s = tail; s < seq; ++s) ++(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
+    for (uint64_t s = tail; s < seq; ++s) ++(*counts)[TypeIndex(types_[s % capacity_])];
   } else {
     *counts = type_counts_;
-    for (uint64_t s = seq; s < head; ++s) --(*counts)[std::min<uint8_t>(types_[s % capacity_], 31)];
+    for (uint64_t s = seq; s < head; ++s) --(*counts)[TypeIndex(types_[s % capacity_])];
   }
   return true;
 }

@@ -780,6 +780,43 @@ uint64_t Replies(kvmi::sim::Fleet& fleet) {
   return n;
 }
 
+// One measurement window: the counters at its start, and per second of it at End(): the replies
+// the guests got, kvmid's CPU, this process's, the machine's, and a child's (0: none).
+class Window {
+ public:
+  struct Rates {
+    double seconds = 0, events = 0, kvmid_cpu = 0, self_cpu = 0, machine = 0, child_cpu = 0;
+  };
+  Window(kvmi::sim::Fleet& fleet, pid_t kvmid, pid_t child = 0)
+      : fleet_(fleet),
+        kvmid_(kvmid),
+        child_(child),
+        replies_(Replies(fleet)),
+        kvmid_cpu_(CpuSeconds(kvmid)),
+        self_cpu_(SelfCpuSeconds()),
+        machine_(MachineBusySeconds()),
+        child_cpu_(child > 0 ? CpuSeconds(child) : 0),
+        start_(Clock::now()) {}
+  Rates End() const {
+    Rates r;
+    r.seconds = Seconds(Clock::now() - start_);
+    r.events = (Replies(fleet_) - replies_) / r.seconds;
+    r.kvmid_cpu = (CpuSeconds(kvmid_) - kvmid_cpu_) / r.seconds;
+    r.self_cpu = (SelfCpuSeconds() - self_cpu_) / r.seconds;
+    r.machine = (MachineBusySeconds() - machine_) / r.seconds;
+    if (child_ > 0) r.child_cpu = (CpuSeconds(child_) - child_cpu_) / r.seconds;
+    return r;
+  }
+  Clock::time_point start() const { return start_; }
+
+ private:
+  kvmi::sim::Fleet& fleet_;
+  const pid_t kvmid_, child_;
+  const uint64_t replies_;
+  const double kvmid_cpu_, self_cpu_, machine_, child_cpu_;
+  const Clock::time_point start_;
+};
+
 std::string HookCell(HookProbe& probe) {
   std::vector<double> v = probe.latencies();
   char buf[160];
@@ -936,37 +973,23 @@ int main(int argc, char** argv) {
   HookProbe quiet_probe(kvmi_socket, control.get(), 0);
   std::thread quiet_probe_thread([&] { quiet_probe.Run(&quiet_stop); });
   sampler.SetPhase(kQuiet);
-  uint64_t before = Replies(fleet);
-  double cpu_before = CpuSeconds(kvmid);
-  double self_before = SelfCpuSeconds();
-  double machine_before = MachineBusySeconds();
   const std::string load_at_start = LoadAverage();
-  auto t0 = Clock::now();
+  const Window quiet_window(fleet, kvmid);
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  const double quiet_elapsed = Seconds(Clock::now() - t0);
-  const double quiet_rate = (Replies(fleet) - before) / quiet_elapsed;
-  const double quiet_cpu = (CpuSeconds(kvmid) - cpu_before) / quiet_elapsed;
-  const double quiet_self = (SelfCpuSeconds() - self_before) / quiet_elapsed;
-  const double quiet_machine = (MachineBusySeconds() - machine_before) / quiet_elapsed;
+  const Window::Rates quiet = quiet_window.End();
   quiet_stop = true;
   quiet_probe_thread.join();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
 
   // ---- control: only the flood's wake-ups (same interval, same uid), nothing sent to kvmid ----
-  double control_rate = 0, control_cpu = 0, control_ticker = 0;
+  Window::Rates wakeups;
   if (wakeup_control) {
-    const double ticker_before = CpuSeconds(ticker);
-    before = Replies(fleet);
-    cpu_before = CpuSeconds(kvmid);
+    const Window control_window(fleet, kvmid, ticker);
     double ticker_seconds = seconds;
     ssize_t go = ::write(ticker_go[1], &ticker_seconds, sizeof(ticker_seconds));
     (void)go;
-    t0 = Clock::now();
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-    const double elapsed = Seconds(Clock::now() - t0);
-    control_rate = (Replies(fleet) - before) / elapsed;
-    control_cpu = (CpuSeconds(kvmid) - cpu_before) / elapsed;
-    control_ticker = (CpuSeconds(ticker) - ticker_before) / elapsed;
+    wakeups = control_window.End();
     KillAndReap(ticker, SIGKILL);
     ticker = 0;
   }
@@ -1005,12 +1028,7 @@ int main(int argc, char** argv) {
   }
   const Clock::time_point abuse_end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                          std::chrono::duration<double>(seconds));
-  before = Replies(fleet);
-  cpu_before = CpuSeconds(kvmid);
-  self_before = SelfCpuSeconds();
-  machine_before = MachineBusySeconds();
-  const double flood_before = CpuSeconds(flood);
-  t0 = Clock::now();
+  const Window abuse_window(fleet, kvmid, flood);
   const std::atomic<bool> not_running{true};  // the stop flag of an abuser left out
   double flood_seconds = seconds;
   if (runs("kvmi_flood")) {
@@ -1039,19 +1057,13 @@ int main(int argc, char** argv) {
   std::thread abuse_probe_thread([&] { abuse_probe.Run(&abuse_stop); });
   if (!open_first) {
     open_streams();
-    streams_started_s = Seconds(Clock::now() - t0);
+    streams_started_s = Seconds(Clock::now() - abuse_window.start());
   }
   while (Clock::now() < abuse_end && !sampler.over_guard()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   const bool guard_cut = sampler.over_guard();
-  const uint64_t abuse_replies = Replies(fleet) - before;
-  const double abuse_elapsed = Seconds(Clock::now() - t0);
-  const double abuse_rate = abuse_replies / abuse_elapsed;
-  const double abuse_cpu = (CpuSeconds(kvmid) - cpu_before) / abuse_elapsed;
-  const double abuse_self = (SelfCpuSeconds() - self_before) / abuse_elapsed;
-  const double abuse_machine = (MachineBusySeconds() - machine_before) / abuse_elapsed;
-  const double abuse_flood = (CpuSeconds(flood) - flood_before) / abuse_elapsed;
+  const Window::Rates abuse = abuse_window.End();
   const size_t idle_open = idle->open(), silent_open = silent->open();
   const Sampler::Max abuse_max = sampler.max(kAbuse);
 
@@ -1083,27 +1095,19 @@ int main(int argc, char** argv) {
   // ---- quiet again: the same window with the abusers gone, so that a drift of the machine
   // (this kind's throughput moves by 10-20% between minutes) shows, instead of passing for a
   // cost of the abuse ----
-  before = Replies(fleet);
-  cpu_before = CpuSeconds(kvmid);
-  self_before = SelfCpuSeconds();
-  machine_before = MachineBusySeconds();
-  t0 = Clock::now();
+  const Window again_window(fleet, kvmid);
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  const double again_elapsed = Seconds(Clock::now() - t0);
-  const double again_rate = (Replies(fleet) - before) / again_elapsed;
-  const double again_cpu = (CpuSeconds(kvmid) - cpu_before) / again_elapsed;
-  const double again_self = (SelfCpuSeconds() - self_before) / again_elapsed;
-  const double again_machine = (MachineBusySeconds() - machine_before) / again_elapsed;
+  const Window::Rates again = again_window.End();
   const bool kvmid_alive = ::waitpid(kvmid, nullptr, WNOHANG) == 0;
   sampler.Stop();
   struct stat log_stat {};
   ::stat((dir + "/kvmid.log").c_str(), &log_stat);
 
   // ---- the table ----
-  const double ratio = quiet_rate > 0 ? abuse_rate / quiet_rate : 0;
-  const double again_ratio = again_rate > 0 ? abuse_rate / again_rate : 0;
+  const double ratio = quiet.events > 0 ? abuse.events / quiet.events : 0;
+  const double again_ratio = again.events > 0 ? abuse.events / again.events : 0;
   const double both_ratio =
-      quiet_rate + again_rate > 0 ? abuse_rate / ((quiet_rate + again_rate) / 2) : 0;
+      quiet.events + again.events > 0 ? abuse.events / ((quiet.events + again.events) / 2) : 0;
   std::printf(
       "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
       "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
@@ -1118,7 +1122,7 @@ int main(int argc, char** argv) {
       "|---|---:|---:|---:|---|\n");
   std::printf(
       "| guest events/s (replies the guests got) | %.0f | %.0f | %.0f | abuse >= 0.9x quiet |\n",
-      quiet_rate, abuse_rate, again_rate);
+      quiet.events, abuse.events, again.events);
   std::printf("| ratio abuse / quiet before, / quiet again | | %.2fx | %.2fx | >= 0.9x |\n", ratio,
               again_ratio);
   std::printf("| ratio abuse / mean of both quiet windows | | %.2fx | | >= 0.9x |\n", both_ratio);
@@ -1126,10 +1130,10 @@ int main(int argc, char** argv) {
     std::printf(
         "| control: guest events/s while a process only wakes every %.1f ms (no kvmid work) | "
         "%.0f (%.2fx of quiet; kvmid CPU %.2f, its CPU %.2f) | | | |\n",
-        absl::GetFlag(FLAGS_flood_interval_ms), control_rate,
-        quiet_rate > 0 ? control_rate / quiet_rate : 0, control_cpu, control_ticker);
+        absl::GetFlag(FLAGS_flood_interval_ms), wakeups.events,
+        quiet.events > 0 ? wakeups.events / quiet.events : 0, wakeups.kvmid_cpu, wakeups.child_cpu);
     std::printf("| ratio abuse / control (what is left for kvmid's part) | | %.2fx | | |\n",
-                control_rate > 0 ? abuse_rate / control_rate : 0);
+                wakeups.events > 0 ? abuse.events / wakeups.events : 0);
   }
   std::printf("| kvmid RSS peak (VmRSS, sampled) | %s | %s | | < 512 MiB |\n",
               Mib(quiet_max.rss_kib).c_str(), Mib(abuse_max.rss_kib).c_str());
@@ -1140,20 +1144,20 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(abuse_max.threads),
               static_cast<unsigned long long>(after_max.min_threads),
               static_cast<unsigned long long>(after_max.threads));
-  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | %.2f | |\n", quiet_cpu,
-              abuse_cpu, again_cpu);
+  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | %.2f | |\n", quiet.kvmid_cpu,
+              abuse.kvmid_cpu, again.kvmid_cpu);
   std::printf(
       "| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | %.2f | |\n",
-      quiet_self, abuse_self, again_self);
-  std::printf("| KVMI flood child CPU | - | %.2f | - | |\n", abuse_flood);
+      quiet.self_cpu, abuse.self_cpu, again.self_cpu);
+  std::printf("| KVMI flood child CPU | - | %.2f | - | |\n", abuse.child_cpu);
   std::printf(
       "| machine busy (every process and the kernel, of %u CPUs) | %.2f | %.2f | %.2f | |\n",
-      std::thread::hardware_concurrency(), quiet_machine, abuse_machine, again_machine);
+      std::thread::hardware_concurrency(), quiet.machine, abuse.machine, again.machine);
   std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | | < 2 s |\n",
               HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
   if (guard_cut) {
     std::printf("\nTHE ABUSE WINDOW WAS CUT after %.1f s: kvmid's RSS passed --max_rss_mib=%d\n",
-                abuse_elapsed, absl::GetFlag(FLAGS_max_rss_mib));
+                abuse.seconds, absl::GetFlag(FLAGS_max_rss_mib));
   }
   std::printf(
       "\nafter the abuse (clients gone, flood policies deleted, +2 s): RSS %s, VmHWM %s, "
@@ -1162,7 +1166,7 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(after.threads),
       static_cast<unsigned long long>(after_max.threads), kvmid_alive ? "alive" : "DEAD",
       static_cast<long long>(log_stat.st_size));
-  std::printf("\nabusers (abuse phase, %.1f s; streams opened in %.2f s %s):\n", abuse_elapsed,
+  std::printf("\nabusers (abuse phase, %.1f s; streams opened in %.2f s %s):\n", abuse.seconds,
               streams_started_s,
               open_first
                   ? absl::StrFormat("before the window, then %.1f s to settle", settle).c_str()
