@@ -109,7 +109,7 @@ namespace {
 // handler stops at once (its events fall back) and OnDone releases everything the stream owned.
 class AttachReactor final : public AttachStream {
  public:
-  AttachReactor(Daemon* daemon, grpc::CallbackServerContext* context,
+  AttachReactor(Daemon* daemon, grpc::ServerContextBase* context,
                 std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
                 std::shared_ptr<AttachGuard> guard, const CallContext* call)
       : daemon_(daemon),
@@ -345,7 +345,7 @@ class AttachReactor final : public AttachStream {
   }
 
   Daemon* const daemon_;
-  grpc::CallbackServerContext* const context_;
+  grpc::ServerContextBase* const context_;
   std::atomic<uint64_t>* const next_stream_;
   const AttachCommandRunner run_command_;
   const std::shared_ptr<AttachGuard> guard_;  // null: no checks past the RPC's
@@ -376,7 +376,7 @@ class AttachReactor final : public AttachStream {
 
 }  // namespace
 
-AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
+AttachStream* StartAttach(Daemon* daemon, grpc::ServerContextBase* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
                           const Status& admitted, std::shared_ptr<AttachGuard> guard,
                           StreamLimits* limits, const CallContext* call) {

@@ -1,8 +1,8 @@
 // The Attach stream: a client claims blocking events as a remote handler, answers them with
 // verdicts, and may run control commands inline (owned by the stream, released when it ends).
-// Runs on gRPC's callback API: events are written from the guest's loop thread and verdicts
-// applied from gRPC's read callback, so a remote verdict costs no thread hand-off inside kvmid
-// beyond the loop's own wake-up.
+// Runs on gRPC's async API (async_reactor.h): events are written from the guest's loop thread
+// and verdicts applied from the read's completion, so a remote verdict costs no thread hand-off
+// inside kvmid beyond the loop's own wake-up.
 #ifndef KVMID_DAEMON_API_ATTACH_H_
 #define KVMID_DAEMON_API_ATTACH_H_
 
@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 
+#include "daemon/api/async_reactor.h"
 #include "daemon/api/call_context.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
@@ -32,7 +33,7 @@ grpc::Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& li
 using AttachCommandRunner = std::function<kvmi::v1::AttachResponse(
     grpc::ServerContextBase* context, const OwnerId& owner, const kvmi::v1::Command& command)>;
 
-using AttachStream = grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
+using AttachStream = BidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
 
 // The authorization a stream needs past its RPC's own check (api::Admission does it for the
 // service): the claim's scope and fallback, and verdicts that CRASH a guest.
@@ -51,7 +52,7 @@ class AttachGuard {
 // null (no authorization past the RPC's: in-process tests). With `limits`, the stream takes a
 // place among `call`'s identity's streams (streams_per_identity) until it ends, or ends at once
 // with RESOURCE_EXHAUSTED.
-AttachStream* StartAttach(Daemon* daemon, grpc::CallbackServerContext* context,
+AttachStream* StartAttach(Daemon* daemon, grpc::ServerContextBase* context,
                           std::atomic<uint64_t>* next_stream, AttachCommandRunner run_command,
                           const grpc::Status& admitted,
                           std::shared_ptr<AttachGuard> guard = nullptr,

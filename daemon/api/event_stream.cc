@@ -53,7 +53,7 @@ Status HeartbeatInterval(const kvmi::v1::StreamEventsRequest& request,
 }
 
 // One StreamEvents call: a subscription of the fan-out and its one message in flight.
-class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>,
+class EventStreamReactor final : public WriteReactor<kvmi::v1::StreamEventsResponse>,
                                  public EventFanout::Sink {
  public:
   EventStreamReactor(EventFanout* fanout, StreamLimits* limits, StreamLimits::Admission admission,
@@ -94,7 +94,7 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Strea
       message_.mutable_dropped()->set_dropped(dropped);
       message_.mutable_dropped()->set_dropped_total(dropped_total_);
     }
-    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
+    WriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
   }
   void StartHeartbeat(uint64_t last_event_id) override {
     message_.Clear();
@@ -105,11 +105,9 @@ class EventStreamReactor final : public grpc::ServerWriteReactor<kvmi::v1::Strea
     beat->mutable_time()->set_seconds(ns / 1000000000);
     beat->mutable_time()->set_nanos(static_cast<int32_t>(ns % 1000000000));
     beat->set_last_event_id(last_event_id);
-    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
+    WriteReactor<kvmi::v1::StreamEventsResponse>::StartWrite(&message_);
   }
-  void Finish() override {
-    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>::Finish(Status::OK);
-  }
+  void Finish() override { WriteReactor<kvmi::v1::StreamEventsResponse>::Finish(Status::OK); }
 
   void OnWriteDone(bool ok) override { fanout_->WriteDone(subscription_.get(), ok); }
   void OnCancel() override { fanout_->Cancel(subscription_.get()); }
@@ -164,7 +162,7 @@ struct WatchTap {
   }
 };
 
-class WatchReactor final : public grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse> {
+class WatchReactor final : public WriteReactor<kvmi::v1::WatchVMsResponse> {
  public:
   WatchReactor(Daemon* daemon, StreamLimits* limits, StreamLimits::Admission admission)
       : daemon_(daemon), limits_(limits), admission_(std::move(admission)) {}
@@ -239,7 +237,7 @@ Status EventStreams::CheckNamedGuests(const CallContext& call,
   return Status::OK;
 }
 
-grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEvents(
+WriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEvents(
     const CallContext& call, const kvmi::v1::StreamEventsRequest& request) {
   using Finished = kvmi::v1::StreamEventsResponse;
   StreamFilter filter;
@@ -295,8 +293,8 @@ grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* EventStreams::StreamEv
   return reactor;
 }
 
-grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* EventStreams::WatchVMs(
-    const CallContext& call, const kvmi::v1::WatchVMsRequest&) {
+WriteReactor<kvmi::v1::WatchVMsResponse>* EventStreams::WatchVMs(const CallContext& call,
+                                                                 const kvmi::v1::WatchVMsRequest&) {
   StreamLimits::Admission admission;
   Status admitted = limits_->Admit(call, daemon_->limits(), /*charge_budget=*/true, &admission);
   if (!admitted.ok()) call.AuditLimitRefusal(admitted);

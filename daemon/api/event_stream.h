@@ -1,7 +1,7 @@
 // The server-streaming RPCs: StreamEvents (every decided event that passes a client's filters,
 // with drop notices and a resume cursor) and WatchVMs (the guests, then every change). Events are
 // appended once to the shared ring and delivered off the loop threads (EventFanout); gRPC's
-// callback API writes them, one at a time (no thread per stream; see EventStreams).
+// async API (async_reactor.h) writes them, one at a time (no thread per stream; see EventStreams).
 #ifndef KVMID_DAEMON_API_EVENT_STREAM_H_
 #define KVMID_DAEMON_API_EVENT_STREAM_H_
 
@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/api/async_reactor.h"
 #include "daemon/api/call_context.h"
 #include "daemon/api/event_fanout.h"
 #include "daemon/api/event_history.h"
@@ -26,12 +27,12 @@
 
 namespace kvmid::api {
 
-// StreamEvents and WatchVMs on gRPC's callback API: no thread per stream.
+// StreamEvents and WatchVMs on gRPC's async API (async_reactor.h): no thread per stream.
 //
 // StreamEvents: every event is appended once to the shared ring (EventHistory); each stream is a
 // subscription of the EventFanout holding only its cursor and its one message in flight. Its
 // filters and visibility are applied off the loop threads (the fan-out's delivery thread, or
-// gRPC's callback thread in OnWriteDone), and a stream that is behind or does not read costs the
+// a completion-queue thread in OnWriteDone), and a stream that is behind or does not read costs the
 // loop threads nothing. A stream that falls more than max_queue events (default and at most: the
 // ring) behind the newest gets a DropNotice.
 //
@@ -50,10 +51,10 @@ class EventStreams {
 
   // The reactor of a new call (it deletes itself when gRPC is done with it). A malformed request
   // or a limit ends it at once with the status naming the field or the limit.
-  grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
+  WriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
       const CallContext& call, const kvmi::v1::StreamEventsRequest& request);
-  grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
-      const CallContext& call, const kvmi::v1::WatchVMsRequest& request);
+  WriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(const CallContext& call,
+                                                     const kvmi::v1::WatchVMsRequest& request);
 
   StreamLimits* limits() { return limits_; }
   // NOT_FOUND naming the first of `vms` (filter selectors) that is no guest kvmid knows or one

@@ -347,28 +347,42 @@ class StreamLimitsTest : public ApiTest {
     return stream;
   }
   // A server of StreamEvents/WatchVMs alone over its own UNIX socket, with the limits in reach.
-  struct StreamServer : kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
-                            kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
-                                kvmi::v1::Introspection::Service>> {
+  struct StreamServer
+      : kvmi::v1::Introspection::WithAsyncMethod_StreamEvents<
+            kvmi::v1::Introspection::WithAsyncMethod_WatchVMs<kvmi::v1::Introspection::Service>> {
     StreamServer(Daemon* daemon, const std::string& socket)
         : limits(daemon->limits(), &daemon->memory_trimmer()), streams(daemon, nullptr, &limits) {
       grpc::ServerBuilder builder;
       builder.AddListeningPort("unix:" + socket, grpc::InsecureServerCredentials());
       builder.RegisterService(this);
+      async = std::make_unique<api::AsyncServer>(&builder, 1);
+      async->ServerStreaming<kvmi::v1::StreamEventsRequest, kvmi::v1::StreamEventsResponse>(
+          [this](grpc::ServerContext* ctx, kvmi::v1::StreamEventsRequest* request,
+                 grpc::ServerAsyncWriter<kvmi::v1::StreamEventsResponse>* writer,
+                 grpc::ServerCompletionQueue* cq,
+                 void* tag) { RequestStreamEvents(ctx, request, writer, cq, cq, tag); },
+          [this](grpc::ServerContext*, const kvmi::v1::StreamEventsRequest* request) {
+            return streams.StreamEvents(call, *request);
+          });
+      async->ServerStreaming<kvmi::v1::WatchVMsRequest, kvmi::v1::WatchVMsResponse>(
+          [this](grpc::ServerContext* ctx, kvmi::v1::WatchVMsRequest* request,
+                 grpc::ServerAsyncWriter<kvmi::v1::WatchVMsResponse>* writer,
+                 grpc::ServerCompletionQueue* cq,
+                 void* tag) { RequestWatchVMs(ctx, request, writer, cq, cq, tag); },
+          [this](grpc::ServerContext*, const kvmi::v1::WatchVMsRequest* request) {
+            return streams.WatchVMs(call, *request);
+          });
       server = builder.BuildAndStart();
+      async->Start();
     }
-    ~StreamServer() override { server->Shutdown(std::chrono::system_clock::now()); }
-    grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
-        grpc::CallbackServerContext*, const kvmi::v1::StreamEventsRequest* request) override {
-      return streams.StreamEvents(call, *request);
-    }
-    grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
-        grpc::CallbackServerContext*, const kvmi::v1::WatchVMsRequest* request) override {
-      return streams.WatchVMs(call, *request);
+    ~StreamServer() override {
+      server->Shutdown(std::chrono::system_clock::now());
+      async->Stop();
     }
     api::CallContext call = api::CallContext::Unrestricted();  // every stream's caller
     api::StreamLimits limits;
     api::EventStreams streams;
+    std::unique_ptr<api::AsyncServer> async;
     std::unique_ptr<grpc::Server> server;
   };
   // Events the guest sends, each answered by the daemon before the next (the guest never waits

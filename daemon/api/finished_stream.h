@@ -5,12 +5,14 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "daemon/api/async_reactor.h"
+
 namespace kvmid::api {
 
-// A call that ends at once with `status`; the reactor deletes itself when gRPC is done with it.
+// A call that ends at once with `status`; the reactor deletes itself when its call is done.
 template <typename Message>
-grpc::ServerWriteReactor<Message>* FinishedStream(const grpc::Status& status) {
-  class Finished final : public grpc::ServerWriteReactor<Message> {
+WriteReactor<Message>* FinishedStream(const grpc::Status& status) {
+  class Finished final : public WriteReactor<Message> {
    public:
     explicit Finished(const grpc::Status& status) { this->Finish(status); }
     void OnDone() override { delete this; }

@@ -65,6 +65,64 @@ IntrospectionService::IntrospectionService(Daemon* daemon, EventHistory* history
       memory_(daemon, &admission_, &stream_limits_),
       virtual_(daemon, &stream_limits_, &commands_.translation()) {}
 
+void IntrospectionService::ServeAsync(api::AsyncServer* async) {
+  using grpc::ServerCompletionQueue;
+  namespace v1 = kvmi::v1;
+  async->BidiStreaming<v1::AttachRequest, v1::AttachResponse>(
+      [this](ServerContext* ctx,
+             grpc::ServerAsyncReaderWriter<v1::AttachResponse, v1::AttachRequest>* stream,
+             ServerCompletionQueue* cq, void* tag) { RequestAttach(ctx, stream, cq, cq, tag); },
+      [this](ServerContext* ctx) { return StartAttach(ctx); });
+  async->ServerStreaming<v1::StreamEventsRequest, v1::StreamEventsResponse>(
+      [this](ServerContext* ctx, v1::StreamEventsRequest* request,
+             grpc::ServerAsyncWriter<v1::StreamEventsResponse>* writer, ServerCompletionQueue* cq,
+             void* tag) { RequestStreamEvents(ctx, request, writer, cq, cq, tag); },
+      [this](ServerContext* ctx, const v1::StreamEventsRequest* request) {
+        return StartStreamEvents(ctx, request);
+      });
+  async->ServerStreaming<v1::WatchVMsRequest, v1::WatchVMsResponse>(
+      [this](ServerContext* ctx, v1::WatchVMsRequest* request,
+             grpc::ServerAsyncWriter<v1::WatchVMsResponse>* writer, ServerCompletionQueue* cq,
+             void* tag) { RequestWatchVMs(ctx, request, writer, cq, cq, tag); },
+      [this](ServerContext* ctx, const v1::WatchVMsRequest* request) {
+        return StartWatchVMs(ctx, request);
+      });
+  async->ServerStreaming<v1::ReadPhysicalStreamRequest, v1::ReadPhysicalStreamResponse>(
+      [this](ServerContext* ctx, v1::ReadPhysicalStreamRequest* request,
+             grpc::ServerAsyncWriter<v1::ReadPhysicalStreamResponse>* writer,
+             ServerCompletionQueue* cq,
+             void* tag) { RequestReadPhysicalStream(ctx, request, writer, cq, cq, tag); },
+      [this](ServerContext* ctx, const v1::ReadPhysicalStreamRequest* request) {
+        return StartReadPhysicalStream(ctx, request);
+      });
+  async->ClientStreaming<v1::WritePhysicalStreamRequest, v1::WritePhysicalStreamResponse>(
+      [this](ServerContext* ctx,
+             grpc::ServerAsyncReader<v1::WritePhysicalStreamResponse,
+                                     v1::WritePhysicalStreamRequest>* reader,
+             ServerCompletionQueue* cq,
+             void* tag) { RequestWritePhysicalStream(ctx, reader, cq, cq, tag); },
+      [this](ServerContext* ctx, v1::WritePhysicalStreamResponse* response) {
+        return StartWritePhysicalStream(ctx, response);
+      });
+  async->ServerStreaming<v1::ReadVirtualStreamRequest, v1::ReadVirtualStreamResponse>(
+      [this](ServerContext* ctx, v1::ReadVirtualStreamRequest* request,
+             grpc::ServerAsyncWriter<v1::ReadVirtualStreamResponse>* writer,
+             ServerCompletionQueue* cq,
+             void* tag) { RequestReadVirtualStream(ctx, request, writer, cq, cq, tag); },
+      [this](ServerContext* ctx, const v1::ReadVirtualStreamRequest* request) {
+        return StartReadVirtualStream(ctx, request);
+      });
+  async->Unary<v1::ApplyPolicyRequest, v1::ApplyPolicyResponse>(
+      [this](ServerContext* ctx, v1::ApplyPolicyRequest* request,
+             grpc::ServerAsyncResponseWriter<v1::ApplyPolicyResponse>* responder,
+             ServerCompletionQueue* cq,
+             void* tag) { RequestApplyPolicy(ctx, request, responder, cq, cq, tag); },
+      [this](ServerContext* ctx, const v1::ApplyPolicyRequest* request,
+             v1::ApplyPolicyResponse* response, api::UnaryResponder* responder) {
+        StartApplyPolicy(ctx, request, response, responder);
+      });
+}
+
 kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallContext& stream,
                                                                 grpc::ServerContextBase* context,
                                                                 const OwnerId& owner,
@@ -90,8 +148,7 @@ kvmi::v1::AttachResponse IntrospectionService::RunAttachCommand(const api::CallC
   return response;
 }
 
-grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>*
-IntrospectionService::Attach(grpc::CallbackServerContext* context) {
+api::AttachStream* IntrospectionService::StartAttach(grpc::ServerContext* context) {
   // The RPC's own check (responder on some guest); the claim, the inline commands and CRASH
   // verdicts are checked as they come, with the caller identified here.
   api::AdmittedCall call;
@@ -125,9 +182,10 @@ Status IntrospectionService::GetVM(ServerContext* context, const kvmi::v1::GetVM
       [&](const api::CallContext& call) { return inventory_.GetVM(call, *request, response); });
 }
 
-grpc::ServerUnaryReactor* IntrospectionService::ApplyPolicy(
-    grpc::CallbackServerContext* context, const kvmi::v1::ApplyPolicyRequest* request,
-    kvmi::v1::ApplyPolicyResponse* response) {
+void IntrospectionService::StartApplyPolicy(grpc::ServerContext* context,
+                                            const kvmi::v1::ApplyPolicyRequest* request,
+                                            kvmi::v1::ApplyPolicyResponse* response,
+                                            api::UnaryResponder* responder) {
   // A policy that can CRASH guests needs admin on them (on every guest: policies select guests
   // by themselves).
   api::CallTarget target;
@@ -143,13 +201,11 @@ grpc::ServerUnaryReactor* IntrospectionService::ApplyPolicy(
                                 }
                                 return applied;
                               });
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // A refusal by a limit (policy size or count) is answered after the caller's delay: a client
   // that floods ApplyPolicy with refused requests is held to a few calls per second.
   tarpit_.Finish(
-      identity, status, request->ByteSizeLong(), [reactor, status] { reactor->Finish(status); },
+      identity, status, request->ByteSizeLong(), [responder, status] { responder->Finish(status); },
       std::chrono::milliseconds(daemon_->limits().refusal_delay_max_ms));
-  return reactor;
 }
 
 Status IntrospectionService::ListPolicies(ServerContext* context,
@@ -175,8 +231,8 @@ Status IntrospectionService::DeletePolicy(ServerContext* context,
 
 // ---- streams -----------------------------------------------------------------------------------
 
-grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* IntrospectionService::StreamEvents(
-    grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) {
+api::WriteReactor<kvmi::v1::StreamEventsResponse>* IntrospectionService::StartStreamEvents(
+    grpc::ServerContext* context, const kvmi::v1::StreamEventsRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kStreamEvents, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
@@ -184,8 +240,8 @@ grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* IntrospectionService::
   return streams_.StreamEvents(call.context(), *request);
 }
 
-grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* IntrospectionService::WatchVMs(
-    grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) {
+api::WriteReactor<kvmi::v1::WatchVMsResponse>* IntrospectionService::StartWatchVMs(
+    grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kWatchVMs, api::CallTarget(), [] { return security::AuditArgs(); }, &call);
@@ -196,9 +252,9 @@ grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* IntrospectionService::Watc
 // ---- bulk memory
 // ---------------------------------------------------------------------------------
 
-grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>*
-IntrospectionService::ReadPhysicalStream(grpc::CallbackServerContext* context,
-                                         const kvmi::v1::ReadPhysicalStreamRequest* request) {
+api::WriteReactor<kvmi::v1::ReadPhysicalStreamResponse>*
+IntrospectionService::StartReadPhysicalStream(grpc::ServerContext* context,
+                                              const kvmi::v1::ReadPhysicalStreamRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kReadPhysicalStream, OnGuest(request->vm()),
@@ -213,9 +269,9 @@ IntrospectionService::ReadPhysicalStream(grpc::CallbackServerContext* context,
 }
 
 // Admitted on its first message, which names the guest (memory_stream.cc).
-grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>*
-IntrospectionService::WritePhysicalStream(grpc::CallbackServerContext* context,
-                                          kvmi::v1::WritePhysicalStreamResponse* response) {
+api::ReadReactor<kvmi::v1::WritePhysicalStreamRequest>*
+IntrospectionService::StartWritePhysicalStream(grpc::ServerContext* context,
+                                               kvmi::v1::WritePhysicalStreamResponse* response) {
   return memory_.Write(context, response);
 }
 
@@ -246,9 +302,9 @@ Status IntrospectionService::ReadVirtual(ServerContext* context,
       [&](const api::CallContext&) { return commands_.ReadVirtual(context, *request, response); });
 }
 
-grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>*
-IntrospectionService::ReadVirtualStream(grpc::CallbackServerContext* context,
-                                        const kvmi::v1::ReadVirtualStreamRequest* request) {
+api::WriteReactor<kvmi::v1::ReadVirtualStreamResponse>*
+IntrospectionService::StartReadVirtualStream(grpc::ServerContext* context,
+                                             const kvmi::v1::ReadVirtualStreamRequest* request) {
   api::AdmittedCall call;
   Status admitted = admission_.Admit(
       *context, Rpc::kReadVirtualStream, OnGuest(request->vm()),

@@ -19,6 +19,8 @@
 #include <string>
 
 #include "daemon/api/admission.h"
+#include "daemon/api/async_reactor.h"
+#include "daemon/api/attach.h"
 #include "daemon/api/event_history.h"
 #include "daemon/api/event_stream.h"
 #include "daemon/api/guest_commands.h"
@@ -34,42 +36,56 @@
 
 namespace kvmid {
 
-// The streams run on gRPC's callback API, with no thread of their own: Attach (events written
-// from the guest's loop thread, verdicts applied from gRPC's read callback), StreamEvents and
-// WatchVMs (event_stream.h), the memory streams (memory_stream.h). ApplyPolicy is a callback
-// unary call (its limit refusals go through the Tarpit). Every other method is synchronous.
+// The streams run on gRPC's async API through api::AsyncServer (async_reactor.h), with no thread
+// of their own and no callback-API method anywhere in the process: Attach (events written from
+// the guest's loop thread, verdicts applied from the read's completion), StreamEvents and
+// WatchVMs (event_stream.h), the memory streams (memory_stream.h, virtual_stream.h). ApplyPolicy
+// is an async unary call (its limit refusals are answered later, through the Tarpit). Every other
+// method is synchronous.
 class IntrospectionService final
-    : public kvmi::v1::Introspection::WithCallbackMethod_Attach<
-          kvmi::v1::Introspection::WithCallbackMethod_StreamEvents<
-              kvmi::v1::Introspection::WithCallbackMethod_WatchVMs<
-                  kvmi::v1::Introspection::WithCallbackMethod_ReadPhysicalStream<
-                      kvmi::v1::Introspection::WithCallbackMethod_WritePhysicalStream<
-                          kvmi::v1::Introspection::WithCallbackMethod_ApplyPolicy<
-                              kvmi::v1::Introspection::WithCallbackMethod_ReadVirtualStream<
+    : public kvmi::v1::Introspection::WithAsyncMethod_Attach<
+          kvmi::v1::Introspection::WithAsyncMethod_StreamEvents<
+              kvmi::v1::Introspection::WithAsyncMethod_WatchVMs<
+                  kvmi::v1::Introspection::WithAsyncMethod_ReadPhysicalStream<
+                      kvmi::v1::Introspection::WithAsyncMethod_WritePhysicalStream<
+                          kvmi::v1::Introspection::WithAsyncMethod_ApplyPolicy<
+                              kvmi::v1::Introspection::WithAsyncMethod_ReadVirtualStream<
                                   kvmi::v1::Introspection::Service>>>>>>> {
  public:
   // `history` (may be null) lets StreamEvents resume after a cursor. `audit` (may be null: no
   // audit log) receives a record of every mutating and every denied call.
   IntrospectionService(Daemon* daemon, EventHistory* history, security::AuditLog* audit = nullptr);
 
+  // Registers the async methods (the Start* below) on `async`, before the server starts.
+  void ServeAsync(api::AsyncServer* async);
+
+  // The async methods: each returns its call's reactor, as a callback service's method would.
+  api::WriteReactor<kvmi::v1::StreamEventsResponse>* StartStreamEvents(
+      grpc::ServerContext* context, const kvmi::v1::StreamEventsRequest* request);
+  api::WriteReactor<kvmi::v1::WatchVMsResponse>* StartWatchVMs(
+      grpc::ServerContext* context, const kvmi::v1::WatchVMsRequest* request);
+  api::AttachStream* StartAttach(grpc::ServerContext* context);
+  // Bulk memory (memory_stream.h, virtual_stream.h).
+  api::WriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* StartReadPhysicalStream(
+      grpc::ServerContext* context, const kvmi::v1::ReadPhysicalStreamRequest* request);
+  api::ReadReactor<kvmi::v1::WritePhysicalStreamRequest>* StartWritePhysicalStream(
+      grpc::ServerContext* context, kvmi::v1::WritePhysicalStreamResponse* response);
+  api::WriteReactor<kvmi::v1::ReadVirtualStreamResponse>* StartReadVirtualStream(
+      grpc::ServerContext* context, const kvmi::v1::ReadVirtualStreamRequest* request);
+  // Answered through `responder`, at once or after the caller's delay (api::Tarpit).
+  void StartApplyPolicy(grpc::ServerContext* context, const kvmi::v1::ApplyPolicyRequest* request,
+                        kvmi::v1::ApplyPolicyResponse* response, api::UnaryResponder* responder);
+
   grpc::Status ListVMs(grpc::ServerContext* context, const kvmi::v1::ListVMsRequest* request,
                        kvmi::v1::ListVMsResponse* response) override;
   grpc::Status GetVM(grpc::ServerContext* context, const kvmi::v1::GetVMRequest* request,
                      kvmi::v1::VM* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::StreamEventsResponse>* StreamEvents(
-      grpc::CallbackServerContext* context, const kvmi::v1::StreamEventsRequest* request) override;
-  // On the callback API so that a refusal by a limit can be answered later (api::Tarpit).
-  grpc::ServerUnaryReactor* ApplyPolicy(grpc::CallbackServerContext* context,
-                                        const kvmi::v1::ApplyPolicyRequest* request,
-                                        kvmi::v1::ApplyPolicyResponse* response) override;
   grpc::Status ListPolicies(grpc::ServerContext* context,
                             const kvmi::v1::ListPoliciesRequest* request,
                             kvmi::v1::ListPoliciesResponse* response) override;
   grpc::Status DeletePolicy(grpc::ServerContext* context,
                             const kvmi::v1::DeletePolicyRequest* request,
                             kvmi::v1::DeletePolicyResponse* response) override;
-  grpc::ServerBidiReactor<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>* Attach(
-      grpc::CallbackServerContext* context) override;
   grpc::Status GetRegisters(grpc::ServerContext* context,
                             const kvmi::v1::GetRegistersRequest* request,
                             kvmi::v1::GetRegistersResponse* response) override;
@@ -115,24 +131,12 @@ class IntrospectionService final
                              kvmi::v1::ControlEventsResponse* response) override;
   grpc::Status UnhookVM(grpc::ServerContext* context, const kvmi::v1::UnhookVMRequest* request,
                         kvmi::v1::UnhookVMResponse* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::WatchVMsResponse>* WatchVMs(
-      grpc::CallbackServerContext* context, const kvmi::v1::WatchVMsRequest* request) override;
-  // Bulk memory (memory_stream.h).
-  grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* ReadPhysicalStream(
-      grpc::CallbackServerContext* context,
-      const kvmi::v1::ReadPhysicalStreamRequest* request) override;
-  grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* WritePhysicalStream(
-      grpc::CallbackServerContext* context,
-      kvmi::v1::WritePhysicalStreamResponse* response) override;
   grpc::Status TranslateAddress(grpc::ServerContext* context,
                                 const kvmi::v1::TranslateAddressRequest* request,
                                 kvmi::v1::TranslateAddressResponse* response) override;
   grpc::Status ReadVirtual(grpc::ServerContext* context,
                            const kvmi::v1::ReadVirtualRequest* request,
                            kvmi::v1::ReadVirtualResponse* response) override;
-  grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* ReadVirtualStream(
-      grpc::CallbackServerContext* context,
-      const kvmi::v1::ReadVirtualStreamRequest* request) override;
   grpc::Status WriteVirtual(grpc::ServerContext* context,
                             const kvmi::v1::WriteVirtualRequest* request,
                             kvmi::v1::WriteVirtualResponse* response) override;

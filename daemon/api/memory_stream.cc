@@ -188,10 +188,10 @@ namespace {
 // One read stream. Its state is guarded by the Link's mutex, which the reader's `on_ready` also
 // takes: the reactor is only reached through the Link, and OnDone unlinks it before it goes.
 // Reads are issued (ChunkedReader::Fill) with that mutex released: one may complete inline.
-class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse> {
+class PhysicalReadReactor final : public WriteReactor<kvmi::v1::ReadPhysicalStreamResponse> {
  public:
-  ReadReactor(std::shared_ptr<ChunkedReader> reader, bool skip_zero_pages, bool continue_on_error,
-              StreamLimits::Admission admission)
+  PhysicalReadReactor(std::shared_ptr<ChunkedReader> reader, bool skip_zero_pages,
+                      bool continue_on_error, StreamLimits::Admission admission)
       : admission_(std::move(admission)),
         link_(std::make_shared<Link>()),
         skip_zero_pages_(skip_zero_pages),
@@ -235,7 +235,7 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysical
   StreamLimits::Admission admission_;  // released in OnDone
   struct Link {
     Mutex mu;
-    ReadReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+    PhysicalReadReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
     std::shared_ptr<ChunkedReader> reader;  // set once, before any callback
   };
 
@@ -243,7 +243,7 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysical
     bool fill = false;
     {
       MutexLock lock(&link->mu);
-      ReadReactor* self = link->reactor;
+      PhysicalReadReactor* self = link->reactor;
       if (self == nullptr) return;
       self->link_->mu.AssertHeld();  // the same mutex (self->link_ == link), for the analysis
       fill = self->PumpLocked();
@@ -316,7 +316,7 @@ class ReadReactor final : public grpc::ServerWriteReactor<kvmi::v1::ReadPhysical
 
 }  // namespace
 
-grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::Read(
+WriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::Read(
     const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request) {
   Target target;
   Status s = guests_.Find(request.vm(), &target);
@@ -356,19 +356,19 @@ grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* MemoryStreams::R
     call.AuditLimitRefusal(admitted);
     return FinishedStream<kvmi::v1::ReadPhysicalStreamResponse>(admitted);
   }
-  return new ReadReactor(*std::move(reader), request.skip_zero_pages(), request.continue_on_error(),
-                         std::move(admission));
+  return new PhysicalReadReactor(*std::move(reader), request.skip_zero_pages(),
+                                 request.continue_on_error(), std::move(admission));
 }
 
 // ---- WritePhysicalStream -----------------------------------------------------------------------
 
 namespace {
 
-class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest> {
+class PhysicalWriteReactor final : public ReadReactor<kvmi::v1::WritePhysicalStreamRequest> {
  public:
-  WriteReactor(grpc::CallbackServerContext* context, Daemon* daemon, const GuestFinder* guests,
-               Admission* admission, StreamLimits* limits,
-               kvmi::v1::WritePhysicalStreamResponse* response)
+  PhysicalWriteReactor(grpc::ServerContextBase* context, Daemon* daemon, const GuestFinder* guests,
+                       Admission* admission, StreamLimits* limits,
+                       kvmi::v1::WritePhysicalStreamResponse* response)
       : daemon_(daemon),
         limits_(limits),
         context_(context),
@@ -442,13 +442,13 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
   StreamLimits* const limits_;
   struct Link {
     Mutex mu;
-    WriteReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+    PhysicalWriteReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
   };
 
   // The loop thread: one message's write finished.
   static void Written(const std::shared_ptr<Link>& link, uint64_t at, CommandResult r) {
     MutexLock lock(&link->mu);
-    WriteReactor* self = link->reactor;
+    PhysicalWriteReactor* self = link->reactor;
     if (self == nullptr) return;
     self->link_->mu.AssertHeld();  // the same mutex (self->link_ == link), for the analysis
     --self->in_flight_;
@@ -527,7 +527,7 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
     Finish(status);
   }
 
-  grpc::CallbackServerContext* const context_;
+  grpc::ServerContextBase* const context_;
   const GuestFinder* const guests_;
   Admission* const admission_;
   kvmi::v1::WritePhysicalStreamResponse* const response_;
@@ -551,9 +551,9 @@ class WriteReactor final : public grpc::ServerReadReactor<kvmi::v1::WritePhysica
 
 }  // namespace
 
-grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* MemoryStreams::Write(
-    grpc::CallbackServerContext* context, kvmi::v1::WritePhysicalStreamResponse* response) {
-  return new WriteReactor(context, daemon_, &guests_, admission_, limits_, response);
+ReadReactor<kvmi::v1::WritePhysicalStreamRequest>* MemoryStreams::Write(
+    grpc::ServerContextBase* context, kvmi::v1::WritePhysicalStreamResponse* response) {
+  return new PhysicalWriteReactor(context, daemon_, &guests_, admission_, limits_, response);
 }
 
 }  // namespace kvmid::api

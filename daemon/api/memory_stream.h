@@ -1,5 +1,5 @@
 // Bulk guest memory over the API: ReadPhysicalStream (server streaming) and WritePhysicalStream
-// (client streaming), on gRPC's callback API (no thread per stream).
+// (client streaming), on gRPC's async API (async_reactor.h; no thread per stream).
 //
 // The read side is built on ChunkedReader, a reusable "chunked pipelined reader": a list of
 // guest-physical ranges in, chunks out in order, with a bounded number of chunk reads in flight
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "daemon/api/admission.h"
+#include "daemon/api/async_reactor.h"
 #include "daemon/api/guest_call.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/base/mutex.h"
@@ -137,12 +138,12 @@ class MemoryStreams {
 
   // The reactor of an admitted ReadPhysicalStream call (it deletes itself when gRPC is done).
   // A malformed request ends it at once with the status naming the field.
-  grpc::ServerWriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* Read(
+  WriteReactor<kvmi::v1::ReadPhysicalStreamResponse>* Read(
       const CallContext& call, const kvmi::v1::ReadPhysicalStreamRequest& request);
   // The reactor of a WritePhysicalStream call: admitted (as WritePhysicalStream on the first
   // message's guest) when the first message arrives, audited when it ends.
-  grpc::ServerReadReactor<kvmi::v1::WritePhysicalStreamRequest>* Write(
-      grpc::CallbackServerContext* context, kvmi::v1::WritePhysicalStreamResponse* response);
+  ReadReactor<kvmi::v1::WritePhysicalStreamRequest>* Write(
+      grpc::ServerContextBase* context, kvmi::v1::WritePhysicalStreamResponse* response);
 
  private:
   Daemon* const daemon_;

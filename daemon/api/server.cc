@@ -1,8 +1,8 @@
 #include "daemon/api/server.h"
 
 #include <grpc/grpc.h>
+#include <grpcpp/ext/health_check_service_server_builder_option.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -111,7 +111,8 @@ size_t OpenStreams::open() const {
 
 ApiServer::ApiServer(Daemon* daemon, size_t history, security::AuditLog* audit)
     : history_(std::make_unique<EventHistory>(&daemon->pipeline(), history)),
-      service_(std::make_unique<IntrospectionService>(daemon, history_.get(), audit)) {}
+      service_(std::make_unique<IntrospectionService>(daemon, history_.get(), audit)),
+      health_(std::make_unique<api::HealthService>()) {}
 
 ApiServer::~ApiServer() { Shutdown(); }
 
@@ -139,26 +140,35 @@ absl::Status ApiServer::Start(const security::ApiListenOptions& options) {
   }
   absl::Status valid = security::ValidateListenOptions(options);
   if (!valid.ok()) return valid;
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // Not gRPC's default health service, a callback-API service (async_reactor.h says why): ours.
+  builder.SetOption(std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
   absl::Status listening = AddListeners(&builder, options);
   if (!listening.ok()) return listening;
   builder.RegisterService(service_.get());
+  builder.RegisterService(health_.get());
+  async_ = std::make_unique<api::AsyncServer>(&builder, api::kAsyncThreads);
+  service_->ServeAsync(async_.get());
+  health_->ServeAsync(async_.get());
   auto interceptors = ApiMetricsInterceptors();  // kvmid_api_calls_total
   interceptors.push_back(open_streams_.NewInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   const std::string where =
       (options.unix_socket.empty() ? "" : "unix:" + options.unix_socket + " ") + options.tcp;
-  if (!server_) return absl::UnavailableError("cannot serve the API on " + where);
+  if (!server_) {
+    async_.reset();
+    return absl::UnavailableError("cannot serve the API on " + where);
+  }
+  async_->Start();
   if (!options.tcp.empty() && tcp_port_ == 0) {
     return absl::UnavailableError("cannot listen on " + options.tcp);
   }
   if (unix_listener_) unix_listener_->Start(server_.get());
   // grpc.health.v1 answers for the service by name too ("" alone is the server as a whole).
-  server_->GetHealthCheckService()->SetServingStatus(kvmi::v1::Introspection::service_full_name(),
-                                                     true);
+  health_->SetServing("", true);
+  health_->SetServing(kvmi::v1::Introspection::service_full_name(), true);
   spdlog::info("API (kvmi.v1.Introspection, reflection, health) on {}{}", where,
                options.tcp.empty()              ? ""
                : options.tcp_insecure_plaintext ? " (PLAINTEXT, loopback)"
@@ -171,12 +181,15 @@ void ApiServer::Shutdown() {
   // has).
   if (unix_listener_) unix_listener_->Stop();
   if (!server_) return;
-  server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every name from now on
+  health_->Shutdown();  // NOT_SERVING for every name from now on
   // Streams would never end by themselves: they end now, told why. Unary calls get the grace.
   const size_t ended = open_streams_.EndAll();
   if (ended > 0) spdlog::info("API: {} open streams ended ({})", ended, kShuttingDownMessage);
   server_->Shutdown(std::chrono::system_clock::now() + api::kShutdownGrace);
+  // The calls have ended; their reactors finish on the async threads, which stop then.
+  async_->Stop();
   server_.reset();
+  async_.reset();
 }
 
 }  // namespace kvmid

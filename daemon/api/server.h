@@ -14,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "daemon/api/async_reactor.h"
 #include "daemon/api/event_history.h"
+#include "daemon/api/health_service.h"
 #include "daemon/api/introspection_service.h"
 #include "daemon/base/mutex.h"
 #include "daemon/kvmid.h"
@@ -84,6 +86,9 @@ class ApiServer {
   OpenStreams open_streams_;  // before the server, which its interceptors refer to
   std::unique_ptr<EventHistory> history_;
   std::unique_ptr<IntrospectionService> service_;
+  std::unique_ptr<api::HealthService> health_;
+  // The async methods' completion queue and threads: stopped after the server shut down.
+  std::unique_ptr<api::AsyncServer> async_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<security::UnixApiListener> unix_listener_;
   int tcp_port_ = 0;

@@ -55,8 +55,7 @@ struct Space {
 // paging-context answer also take: the reactor is only reached through the Link, and OnDone
 // unlinks it before it goes. Reads are issued (ChunkedReader::Fill) with that mutex released:
 // one may complete inline.
-class VirtualReadReactor final
-    : public grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse> {
+class VirtualReadReactor final : public WriteReactor<kvmi::v1::ReadVirtualStreamResponse> {
  public:
   VirtualReadReactor(AddressTranslation* translation, const kvmi::v1::ReadVirtualStreamRequest& r,
                      Space space, ChunkedReader::Options options, StreamLimits::Admission admission)
@@ -232,7 +231,7 @@ class VirtualReadReactor final
 
 }  // namespace
 
-grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* VirtualStreams::Read(
+WriteReactor<kvmi::v1::ReadVirtualStreamResponse>* VirtualStreams::Read(
     const CallContext& call, const kvmi::v1::ReadVirtualStreamRequest& request) {
   Space space;
   Status s = translation_->FindSpace(request, &space.target, &space.bucket);

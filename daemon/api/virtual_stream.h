@@ -1,8 +1,9 @@
 // ReadVirtualStream: guest-virtual memory of any length as a stream of ReadVirtualStreamResponse
-// messages, on gRPC's callback API (no thread per stream), built on the physical stream's ChunkedReader: chunks in
-// order, a bounded number in flight, a chunk's slot freed only when it is sent. Each chunk read
-// translates its pages (AddressTranslation::ReadRange: the cache, the walks pipelined through one
-// TablePageReader) and reads the present ones; the chunk names every page it could not read.
+// messages, on gRPC's async API (async_reactor.h; no thread per stream), built on the physical
+// stream's ChunkedReader: chunks in order, a bounded number in flight, a chunk's slot freed only
+// when it is sent. Each chunk read translates its pages (AddressTranslation::ReadRange: the cache,
+// the walks pipelined through one TablePageReader) and reads the present ones; the chunk names
+// every page it could not read.
 //
 // The paging context is taken once, asynchronously (a vCPU's GET_REGISTERS is sent when the
 // stream starts; the first reads are issued when it answers), so no gRPC thread ever waits for
@@ -13,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "daemon/api/address_translation.h"
+#include "daemon/api/async_reactor.h"
 #include "daemon/api/call_context.h"
 #include "daemon/api/stream_limits.h"
 #include "daemon/kvmid.h"
@@ -29,7 +31,7 @@ class VirtualStreams {
   // The reactor of an admitted ReadVirtualStream call (it deletes itself when gRPC is done). A
   // malformed request ends it at once with the status naming the field; a stream over its
   // caller's limits ends with RESOURCE_EXHAUSTED naming the limit.
-  grpc::ServerWriteReactor<kvmi::v1::ReadVirtualStreamResponse>* Read(
+  WriteReactor<kvmi::v1::ReadVirtualStreamResponse>* Read(
       const CallContext& call, const kvmi::v1::ReadVirtualStreamRequest& request);
 
  private:
