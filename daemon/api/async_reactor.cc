@@ -173,7 +173,7 @@ size_t AsyncServer::live_calls() const {
   return live_calls_;
 }
 
-void AsyncServer::Stop(std::chrono::milliseconds wait) {
+void AsyncServer::Stop() {
   bool started = false;
   {
     MutexLock lock(&mu_);
@@ -183,15 +183,16 @@ void AsyncServer::Stop(std::chrono::milliseconds wait) {
     started = started_;
   }
   if (started) {
+    // No limit: an operation on a queue shut down aborts the process (gRPC asserts), and a live
+    // call may still start one. Every reactor finishes on its cancellation; one that does not is a
+    // bug, named here every kStopReport until it does.
     MutexLock lock(&calls_mu_);
-    const auto deadline = std::chrono::steady_clock::now() + wait;
+    auto report = std::chrono::steady_clock::now() + kStopReport;
     while (live_calls_ > 0) {
-      if (!calls_cv_.WaitUntil(&calls_mu_, deadline)) break;
-    }
-    if (live_calls_ > 0) {
-      // A reactor that never finished: its call's next operation would be on a queue shut down.
-      spdlog::error("API: {} async calls still open after {} ms; shutting their queue down",
-                    live_calls_, wait.count());
+      if (!calls_cv_.WaitUntil(&calls_mu_, report)) {
+        spdlog::error("API: {} async calls still open; waiting for them to end", live_calls_);
+        report = std::chrono::steady_clock::now() + kStopReport;
+      }
     }
   }
   cq_->Shutdown();

@@ -490,9 +490,11 @@ class AsyncServer {
 
   // After the server started: arms every method and starts the threads.
   void Start();
-  // After grpc::Server::Shutdown returned (which ended every call): waits up to `wait` for the
-  // calls' reactors to finish, then shuts the queue down and joins its threads. Idempotent.
-  void Stop(std::chrono::milliseconds wait = std::chrono::milliseconds(10000));
+  // After grpc::Server::Shutdown returned (which cancelled every call): waits for the calls'
+  // reactors to finish (as long as it takes, logging every kStopReport), then shuts the queue down
+  // and joins its threads. Idempotent.
+  void Stop();
+  static constexpr std::chrono::seconds kStopReport{5};
   // Calls armed or in progress.
   size_t live_calls() const;
 

@@ -58,6 +58,9 @@ class IntrospectionService final
 
   // Registers the async methods (the Start* below) on `async`, before the server starts.
   void ServeAsync(api::AsyncServer* async);
+  // A server shutting down: the calls the tarpit holds are answered now, and later refusals at
+  // once (no call may still be waiting for its answer when the async queue stops).
+  void Drain() { tarpit_.Drain(); }
 
   // The async methods: each returns its call's reactor, as a callback service's method would.
   api::WriteReactor<kvmi::v1::StreamEventsResponse>* StartStreamEvents(

@@ -182,6 +182,7 @@ void ApiServer::Shutdown() {
   if (unix_listener_) unix_listener_->Stop();
   if (!server_) return;
   health_->Shutdown();  // NOT_SERVING for every name from now on
+  service_->Drain();    // refusals held by the tarpit are answered now
   // Streams would never end by themselves: they end now, told why. Unary calls get the grace.
   const size_t ended = open_streams_.EndAll();
   if (ended > 0) spdlog::info("API: {} open streams ended ({})", ended, kShuttingDownMessage);

@@ -7,7 +7,9 @@
 
 namespace kvmid::api {
 
-Tarpit::~Tarpit() {
+Tarpit::~Tarpit() { Drain(); }
+
+void Tarpit::Drain() {
   std::thread thread;
   {
     MutexLock lock(&mu_);

@@ -41,7 +41,10 @@ class Tarpit {
   static constexpr size_t kMaxKeys = 4096;
 
   Tarpit() = default;
-  ~Tarpit();  // finishes every held call at once, then joins the thread
+  ~Tarpit();  // Drain()
+  // Finishes every held call at once and every later refusal too, joining the thread (a server
+  // shutting down answers its held calls before it stops serving). Idempotent.
+  void Drain();
   Tarpit(const Tarpit&) = delete;
   Tarpit& operator=(const Tarpit&) = delete;
 

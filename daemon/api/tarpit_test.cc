@@ -69,6 +69,25 @@ TEST(TarpitTest, AnswersWhatIsNoLimitRefusalAtOnce) {
   EXPECT_TRUE(Tarpit::IsLimitRefusal(Refused()));
 }
 
+TEST(TarpitTest, DrainAnswersEveryHeldCallNowAndHoldsNoMore) {
+  Tarpit tarpit;
+  Answers answers;
+  const auto max = std::chrono::seconds(10);  // held far longer than the test waits
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_GT(tarpit.Finish("uid:65534", Refused(), 10, answers.Next(), max),
+              Clock::duration::zero());
+  }
+  EXPECT_EQ(tarpit.held(), 3u);
+  EXPECT_EQ(answers.count(), 0u);
+  tarpit.Drain();  // returns once every held call was answered
+  EXPECT_EQ(answers.count(), 3u);
+  EXPECT_EQ(tarpit.held(), 0u);
+  EXPECT_EQ(tarpit.Finish("uid:65534", Refused(), 10, answers.Next(), max),
+            Clock::duration::zero());
+  EXPECT_EQ(answers.count(), 4u);
+  tarpit.Drain();  // idempotent
+}
+
 TEST(TarpitTest, RepeatedRefusalsOfOneIdentityWaitLongerUpToTheMaximum) {
   Tarpit tarpit;
   Answers answers;
