@@ -88,7 +88,12 @@ void AsyncCall::Completed(Op op, bool ok) {
 
 void AsyncCall::End() {
   OnAllDone();
-  delete this;
+  if (!end_deferred_) delete this;
+}
+
+std::function<void()> AsyncCall::DeferEnd() {
+  end_deferred_ = true;
+  return [this] { delete this; };
 }
 
 bool AsyncCall::Deliver(Op op, bool ok) {

@@ -79,6 +79,7 @@ class BidiOps {
   virtual void Read(Request* message) = 0;
   virtual void Write(const Response* message) = 0;
   virtual void Finish(const grpc::Status& status) = 0;
+  virtual std::function<void()> DeferEnd() = 0;
 
  protected:
   ~BidiOps() = default;
@@ -170,6 +171,12 @@ class BidiReactor {
   virtual void OnCancel() {}
   virtual void OnDone() = 0;
 
+ protected:
+  // Only inside OnDone: the call (its context included) is not deleted when OnDone returns but
+  // when the returned function runs (once, from any thread), so that work still reading the
+  // context may end elsewhere. AsyncServer::Stop waits for it.
+  std::function<void()> KeepCallAfterDone() { return ops_->DeferEnd(); }
+
  private:
   Ops* const ops_;
 };
@@ -214,6 +221,8 @@ class AsyncCall {
   void Began();
   // The handler returned: completions held so far are delivered.
   void Bound();
+  // Inside OnAllDone: the call is deleted by the returned function instead of after it.
+  std::function<void()> DeferEnd();
 
   // The reactor's side, on completion-queue threads.
   virtual void Started() = 0;  // the handler's turn; ends with Bound()
@@ -248,6 +257,7 @@ class AsyncCall {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_);
   bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool end_deferred_ = false;  // only on the thread that runs End()
   std::vector<std::pair<Op, bool>> held_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -380,6 +390,7 @@ class BidiStreamingCall final : public AsyncCall, public BidiOps<Request, Respon
     Began();
     stream_.Finish(status, finish_tag());
   }
+  std::function<void()> DeferEnd() override { return AsyncCall::DeferEnd(); }
 
  private:
   BidiStreamingCall(AsyncServer* server, Method* method)

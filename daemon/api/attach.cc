@@ -182,17 +182,30 @@ class AttachReactor final : public AttachStream {
       runner = std::move(command_runner_);
     }
     if (runner.joinable()) {
-      // Bounded: the command in progress ends with its guest reply or kvmid's command timeout.
-      runner.join();
-      // It may have armed, restricted or paused for the stream after the release above.
-      daemon_->ReleaseOwner(owner_);
+      // The command in progress ends with its guest's reply or kvmid's command timeout: joined on
+      // a thread of its own, not on the completion-queue thread that runs OnDone (every stream's
+      // reactions share those). The call, whose context the command reads, stays until then.
+      std::function<void()> end_call = KeepCallAfterDone();
+      std::thread([this, runner = std::move(runner), end_call]() mutable {
+        runner.join();
+        // It may have armed, restricted or paused for the stream after the release above.
+        daemon_->ReleaseOwner(owner_);
+        Released();
+        end_call();
+      }).detach();
+      return;
     }
+    Released();
+  }
+
+ private:
+  // The stream's last release; deletes the reactor.
+  void Released() {
     if (!owner_.empty()) spdlog::info("{} detached", owner_);
     admission_.Release();
     delete this;
   }
 
- private:
   Status Claim(const kvmi::v1::Claim& claim) {
     HandlerClaim handler_claim;
     Arming arming;

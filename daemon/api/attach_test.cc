@@ -308,5 +308,49 @@ TEST_F(ApiTest, AttachHandlerAtItsHeldCapGetsNoMoreEventsAndTheGuestRunsOn) {
   ctx.TryCancel();
 }
 
+// An Attach stream that ends while its inline command still waits for the guest joins that
+// command on a thread of its own: as many such streams as the API has completion-queue threads
+// hold up no other stream (before, each held one of those threads until the command's timeout).
+TEST_F(ApiTest, AttachStreamsEndingWithACommandInProgressHoldUpNoOtherStream) {
+  ScriptedHost* host = Connect(19, "slowcmd");
+  ScriptedHost::Responder rich = RichResponder();
+  host->set_responder([rich](const ReceivedMessage& m) -> std::optional<std::vector<uint8_t>> {
+    if (m.hdr.id == KVMI_GET_CPUID) return std::nullopt;  // never answered: the command waits
+    return rich(m);
+  });
+  for (int i = 0; i < api::kAsyncThreads; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto stream = stub_->Attach(&ctx);
+    kvmi::v1::AttachRequest claim;
+    claim.mutable_claim()->set_handler_id("slow-" + std::to_string(i));
+    ASSERT_TRUE(stream->Write(claim));
+    kvmi::v1::AttachResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    ASSERT_TRUE(response.has_claimed());
+    kvmi::v1::AttachRequest cpuid;
+    cpuid.mutable_command()->set_id(1);
+    cpuid.mutable_command()->mutable_get_cpuid()->set_vm("slowcmd");
+    ASSERT_TRUE(stream->Write(cpuid));
+    ASSERT_TRUE(host->WaitForId(KVMI_GET_CPUID).has_value());
+    // A second claim ends the stream (INVALID_ARGUMENT) with the command still at the guest.
+    ASSERT_TRUE(stream->Write(claim));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  // Another stream is served now, well within the commands' timeout (10 s).
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("next");
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response)) << "the API's threads are held by the ended streams";
+  EXPECT_TRUE(response.has_claimed());
+  ctx.TryCancel();
+  stream->Finish();
+  host->Close();  // the waiting commands fail now: the ended streams' last release runs
+}
+
 }  // namespace
 }  // namespace kvmid

@@ -64,8 +64,8 @@ inline constexpr size_t kMaxEtagBytes = 64;
 // Server shutdown: how long the streams get to end (they end on their cancellation).
 inline constexpr std::chrono::seconds kShutdownGrace{1};
 // Threads of the async API's completion queue (async_reactor.h), shared by every stream: two, so
-// that a reaction that waits (an Attach stream's end joining its command in progress, bounded by
-// the guest's command timeout) never holds up the verdicts of every other stream.
+// that a reaction that waits never holds up the verdicts of every other stream (reactions must not
+// block; an Attach stream that ends with a command in progress joins it on a thread of its own).
 inline constexpr int kAsyncThreads = 2;
 
 }  // namespace kvmid::api
