@@ -87,12 +87,17 @@ void AsyncCall::Completed(Op op, bool ok) {
 }
 
 void AsyncCall::End() {
+  // A reactor that defers (DeferEnd, inside OnAllDone) may have the call deleted on another
+  // thread before OnAllDone returns: the flag lives on this frame, and `this` is not touched
+  // after OnAllDone unless nothing deferred.
+  bool deferred = false;
+  end_deferred_ = &deferred;
   OnAllDone();
-  if (!end_deferred_) delete this;
+  if (!deferred) delete this;
 }
 
 std::function<void()> AsyncCall::DeferEnd() {
-  end_deferred_ = true;
+  *end_deferred_ = true;
   return [this] { delete this; };
 }
 

@@ -257,7 +257,7 @@ class AsyncCall {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_);
   bool done_ ABSL_GUARDED_BY(mu_) = false;
-  bool end_deferred_ = false;  // only on the thread that runs End()
+  bool* end_deferred_ = nullptr;  // End()'s flag, set by DeferEnd while End() runs OnAllDone
   std::vector<std::pair<Op, bool>> held_ ABSL_GUARDED_BY(mu_);
 };
 
