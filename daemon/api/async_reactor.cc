@@ -146,7 +146,7 @@ void AsyncServer::Start() {
     MutexLock lock(&mu_);
     if (started_) return;
     started_ = true;
-    for (const auto& method : methods_) method->Arm(this, cq_.get());
+    for (const auto& method : methods_) method->Arm(this);
   }
   for (int i = 0; i < threads_; ++i) {
     runners_.emplace_back([this, i] {
@@ -165,7 +165,7 @@ void AsyncServer::Run() {
 
 void AsyncServer::Rearm(internal::AsyncMethod* method) {
   MutexLock lock(&mu_);
-  if (!stopping_) method->Arm(this, cq_.get());
+  if (!stopping_) method->Arm(this);
 }
 
 void AsyncServer::CallCreated() {

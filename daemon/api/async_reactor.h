@@ -101,6 +101,15 @@ Ops* TakeBinding() {
   return ops;
 }
 
+// Runs `make` (a handler creating its reactor) with `ops` bound for the reactor's constructor.
+template <typename Ops, typename Make>
+auto MakeBound(Ops* ops, Make make) {
+  Binding<Ops>::current = ops;
+  auto* reactor = make();
+  Binding<Ops>::current = nullptr;
+  return reactor;
+}
+
 }  // namespace internal
 
 // A server-streaming call's reactor (as grpc::ServerWriteReactor).
@@ -199,7 +208,7 @@ namespace internal {
 class AsyncMethod {
  public:
   virtual ~AsyncMethod() = default;
-  virtual void Arm(AsyncServer* server, grpc::ServerCompletionQueue* cq) = 0;
+  virtual void Arm(AsyncServer* server) = 0;
 };
 
 // What every call shares: its context, the count of operations in flight, the hold of
@@ -265,9 +274,7 @@ class AsyncCall {
 template <typename Call, typename RequestFn, typename Handler>
 struct MethodOf final : AsyncMethod {
   MethodOf(RequestFn r, Handler h) : request(std::move(r)), handler(std::move(h)) {}
-  void Arm(AsyncServer* server, grpc::ServerCompletionQueue* /*cq*/) override {
-    Call::ArmNew(server, this);
-  }
+  void Arm(AsyncServer* server) override { Call::ArmNew(server, this); }
   const RequestFn request;
   const Handler handler;
 };
@@ -302,9 +309,8 @@ class ServerStreamingCall final : public AsyncCall, public WriteOps<Response> {
     });
   }
   void Started() override {
-    Binding<WriteOps<Response>>::current = this;
-    reactor_ = method_->handler(&context_, &request_);
-    Binding<WriteOps<Response>>::current = nullptr;
+    reactor_ = MakeBound<WriteOps<Response>>(
+        this, [this] { return method_->handler(&context_, &request_); });
     Bound();
   }
   void OnWrite(bool ok) override { reactor_->OnWriteDone(ok); }
@@ -351,9 +357,8 @@ class ClientStreamingCall final : public AsyncCall, public ReadOps<Request> {
     });
   }
   void Started() override {
-    Binding<ReadOps<Request>>::current = this;
-    reactor_ = method_->handler(&context_, &response_);
-    Binding<ReadOps<Request>>::current = nullptr;
+    reactor_ = MakeBound<ReadOps<Request>>(
+        this, [this] { return method_->handler(&context_, &response_); });
     Bound();
   }
   void OnRead(bool ok) override { reactor_->OnReadDone(ok); }
@@ -401,9 +406,8 @@ class BidiStreamingCall final : public AsyncCall, public BidiOps<Request, Respon
     });
   }
   void Started() override {
-    Binding<BidiOps<Request, Response>>::current = this;
-    reactor_ = method_->handler(&context_);
-    Binding<BidiOps<Request, Response>>::current = nullptr;
+    reactor_ =
+        MakeBound<BidiOps<Request, Response>>(this, [this] { return method_->handler(&context_); });
     Bound();
   }
   void OnRead(bool ok) override { reactor_->OnReadDone(ok); }
