@@ -4,6 +4,7 @@
 #include <absl/flags/usage_config.h>
 #include <absl/strings/match.h>
 #include <absl/synchronization/mutex.h>
+#include <stdlib.h>
 
 #include "common/version.h"
 
@@ -17,9 +18,12 @@ void UseReleaseAbslMutexes() {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
+void UseGrpcPollEngine() { ::setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0); }
+
 void SetUpProgram(const std::string& program, const std::string& usage,
                   std::vector<std::string> flag_dirs) {
   UseReleaseAbslMutexes();
+  UseGrpcPollEngine();
   absl::SetProgramUsageMessage(usage);
   absl::FlagsUsageConfig config;
   auto ours = [flag_dirs](absl::string_view file) {

@@ -20,8 +20,19 @@ std::string VersionText(const std::string& program);
 // kvmid's daemon.
 void UseReleaseAbslMutexes();
 
+// gRPC's "poll" polling engine instead of its default "epoll1", unless the environment already
+// names one in GRPC_POLL_STRATEGY (an operator's choice wins). Call before gRPC is first used
+// (gRPC reads the variable when it initializes). Measured with remote_verdict_bench
+// (docs/PERFORMANCE.md, issue 14, "Design 4"): under epoll1 every thread of the process that
+// waits on gRPC shares one epoll set, and a remote verdict's event reached the handler in about a
+// whole echo round trip; under "poll" (with one completion-queue thread, api::kAsyncThreads) each
+// half of a remote verdict costs what half an echo costs. Process-wide; for binaries and benches
+// that host kvmid's daemon.
+void UseGrpcPollEngine();
+
 // Call once, before absl::ParseCommandLine. `flag_dirs`: source directories (as Bazel names
-// them, e.g. "daemon/") whose flags --help and --helpfull list. Calls UseReleaseAbslMutexes.
+// them, e.g. "daemon/") whose flags --help and --helpfull list. Calls UseReleaseAbslMutexes and
+// UseGrpcPollEngine.
 void SetUpProgram(const std::string& program, const std::string& usage,
                   std::vector<std::string> flag_dirs);
 

@@ -52,6 +52,11 @@ class ApiTest : public ::testing::Test {
   }
   void TearDown() override {
     hosts_.clear();
+    // The client goes first, as a client process would: a connection nobody polls any more (this
+    // process's, under gRPC's "poll" engine as in kvmid) would hold the server's shutdown for its
+    // grace, waiting for the client's answer to its GOAWAY.
+    stub_.reset();
+    channel_.reset();
     api_.reset();
     daemon_.reset();
     ::rmdir(dir_.c_str());

@@ -150,6 +150,14 @@ class AttachReactor final : public AttachStream {
       if (!s.ok()) return Stop(s);
     } else if (request_.has_verdict()) {
       AnswerVerdict(request_.verdict());
+    } else if (request_.has_verdicts()) {
+      const auto& verdicts = request_.verdicts().verdicts();
+      if (verdicts.size() > kMaxVerdictBatch) {
+        return Stop(InvalidArgument(
+            "verdicts.verdicts",
+            "at most " + std::to_string(kMaxVerdictBatch) + " verdicts per message"));
+      }
+      for (const kvmi::v1::Verdict& verdict : verdicts) AnswerVerdict(verdict);
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {
@@ -216,6 +224,10 @@ class AttachReactor final : public AttachStream {
       if (call_ != nullptr) call_->AuditLimitRefusal(s);
       return s;
     }
+    if (claim.max_batch() > kMaxEventBatch) {
+      return InvalidArgument("claim.max_batch",
+                             "at most " + std::to_string(kMaxEventBatch) + " events per message");
+    }
     absl::StatusOr<EventFields> fields = CompileEventMask(claim.field_mask(), "claim.field_mask");
     if (!fields.ok()) return ToStatus(fields.status());
     if (guard_) {  // the claimed guests within the caller's scope, a CRASH fallback by an admin,
@@ -235,6 +247,7 @@ class AttachReactor final : public AttachStream {
     kvmi::v1::AttachResponse claimed;
     claimed.mutable_claimed()->set_owner(owner_);
     outbox_->Send(std::move(claimed));
+    outbox_->SetMaxBatch(claim.max_batch());
     auto handler = std::make_shared<StreamHandler>(claim.handler_id(), outbox_, event_fields);
     reader_handler_ = handler.get();
     {

@@ -5,22 +5,50 @@
 #include <utility>
 
 #include "daemon/api/convert.h"
+#include "daemon/io/event_loop.h"
 
 namespace kvmid::api {
 
 using grpc::Status;
 
 void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
+  EventLoop* loop = nullptr;
   {
     MutexLock lock(&mu_);
     if (closed_) return;
-    backlog_bytes_ += message.ByteSizeLong();
-    queue_.push_back(std::move(message));
-    if (writing_ || held_) return;
+    const size_t bytes = message.ByteSizeLong();
+    const bool event = message.has_event();
+    backlog_bytes_ += bytes;
+    queue_.push_back(Queued{std::move(message), bytes});
+    if (writing_ || held_ || flush_scheduled_) return;
+    if (max_batch_ > 1 && event && (loop = EventLoop::Current()) != nullptr) {
+      flush_scheduled_ = true;  // written with the rest of this wake-up's events, below
+    } else {
+      writing_ = true;
+      TakeNextLocked();
+    }
+  }
+  if (loop != nullptr) {
+    loop->RunAtEndOfIteration([self = shared_from_this()] { self->Flush(); });
+    return;
+  }
+  start_write_(&current_);
+}
+
+void AttachOutbox::Flush() {
+  {
+    MutexLock lock(&mu_);
+    flush_scheduled_ = false;
+    if (writing_ || held_ || closed_ || queue_.empty()) return;
     writing_ = true;
     TakeNextLocked();
   }
   start_write_(&current_);
+}
+
+void AttachOutbox::SetMaxBatch(uint32_t max_batch) {
+  MutexLock lock(&mu_);
+  max_batch_ = std::max<uint32_t>(1, max_batch);
 }
 
 void AttachOutbox::Release() {
@@ -89,10 +117,27 @@ void AttachOutbox::CloseLocked() {
 }
 
 void AttachOutbox::TakeNextLocked() {
-  current_ = std::move(queue_.front());
-  queue_.pop_front();
-  size_t size = current_.ByteSizeLong();
-  backlog_bytes_ -= std::min(backlog_bytes_, size);
+  auto take = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Queued& front = queue_.front();
+    backlog_bytes_ -= std::min(backlog_bytes_, front.bytes);
+    kvmi::v1::AttachResponse message = std::move(front.message);
+    queue_.pop_front();
+    return message;
+  };
+  const bool batch = max_batch_ > 1 && queue_.size() > 1 && queue_[0].message.has_event() &&
+                     queue_[1].message.has_event();
+  if (!batch) {
+    current_ = take();
+    return;
+  }
+  current_.Clear();
+  auto* events = current_.mutable_events()->mutable_events();
+  events->Reserve(static_cast<int>(std::min<size_t>(max_batch_, queue_.size())));
+  while (!queue_.empty() && queue_.front().message.has_event() &&
+         static_cast<uint32_t>(events->size()) < max_batch_) {
+    kvmi::v1::AttachResponse message = take();
+    events->Add(std::move(*message.mutable_event()));
+  }
 }
 
 bool AttachOutbox::CongestedLocked() const {
@@ -111,10 +156,15 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
   {
     MutexLock lock(&mu_);
     if (closed_) return;  // the promise dies here: fallback at once
-    // Promises of events whose deadline passed long ago are dead weight.
-    auto stale = Clock::now() - kStalePromiseAge;
-    for (auto it = pending_.begin(); it != pending_.end();) {
-      it = it->second.ctx.deadline < stale ? pending_.erase(it) : std::next(it);
+    // Promises of events whose deadline passed long ago are dead weight: looked for at most
+    // every kStalePromiseAge, not with every event (the table holds every unanswered event).
+    const Clock::time_point now = Clock::now();
+    if (now >= next_purge_) {
+      next_purge_ = now + kStalePromiseAge;
+      const Clock::time_point stale = now - kStalePromiseAge;
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        it = it->second.ctx.deadline < stale ? pending_.erase(it) : std::next(it);
+      }
     }
     pending_.emplace(ctx.event_id, Pending{ctx, std::move(promise)});
   }

@@ -25,7 +25,7 @@ namespace kvmid::api {
 // are queued from any thread (the guest's loop thread for events, gRPC's for verdict errors, the
 // command runner for results); whoever finds no write in flight starts the next one, so an event
 // goes on the wire from the loop thread with no hand-off.
-class AttachOutbox {
+class AttachOutbox : public std::enable_shared_from_this<AttachOutbox> {
  public:
   // Starts the write of one message (it stays valid until OnWriteDone); ends the stream.
   using StartWrite = std::function<void(const kvmi::v1::AttachResponse*)>;
@@ -39,6 +39,13 @@ class AttachOutbox {
       : start_write_(std::move(start_write)), finish_(std::move(finish)) {}
 
   void Send(kvmi::v1::AttachResponse message);
+  // Events per message from now on (Claim.max_batch): when the next message to write is an event
+  // and more events wait behind it, up to `max_batch` of them go as one AttachResponse.events.
+  // And an event sent from a guest's loop thread with no write in flight is written at the end
+  // of that loop's iteration (EventLoop::RunAtEndOfIteration), with the events of every other
+  // guest that the same wake-up brought. 0 or 1: one event per message, each written at once.
+  // Only on an outbox held by a shared_ptr.
+  void SetMaxBatch(uint32_t max_batch);
   // Until this is called nothing is written, only queued: the stream's first message (Claimed)
   // must not reach the client before the handler it announces is registered.
   void Release();
@@ -54,6 +61,8 @@ class AttachOutbox {
 
  private:
   void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The end of a loop iteration that queued events: writes them if no write is in flight.
+  void Flush();
   void TakeNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool CongestedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // No write in flight: true once (Finish is called exactly once).
@@ -63,7 +72,13 @@ class AttachOutbox {
   const Finish finish_;
   mutable Mutex mu_;
   CondVar room_cv_;
-  std::deque<kvmi::v1::AttachResponse> queue_ ABSL_GUARDED_BY(mu_);
+  struct Queued {
+    kvmi::v1::AttachResponse message;
+    size_t bytes;  // its serialized size, counted in backlog_bytes_
+  };
+  std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
+  uint32_t max_batch_ ABSL_GUARDED_BY(mu_) = 1;
+  bool flush_scheduled_ ABSL_GUARDED_BY(mu_) = false;  // a loop will call Flush
   size_t backlog_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   // The message being written. Filled under mu_ by whoever takes the write token (writing_) and
   // read by gRPC until OnWriteDone: only the token holder touches it.
@@ -105,6 +120,9 @@ class StreamHandler : public VerdictHandler {
   const EventFields fields_;
   Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // When the table is next searched for stale promises (not with every event: it holds every
+  // event the handler has not answered).
+  Clock::time_point next_purge_ ABSL_GUARDED_BY(mu_){};
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/io/event_loop.h"
+
 namespace kvmid::api {
 namespace {
 
@@ -100,6 +102,92 @@ TEST(AttachOutboxTest, NothingIsWrittenBeforeReleaseThenOneWriteAtATimeInOrder) 
   stream.outbox().Send(Message(4));  // idle: the sender writes at once
   EXPECT_THAT(stream.started(), ElementsAre(1u, 2u, 3u, 4u));
   EXPECT_THAT(stream.finishes(), IsEmpty());
+}
+
+kvmi::v1::AttachResponse EventMessage(uint64_t id) {
+  kvmi::v1::AttachResponse m;
+  m.mutable_event()->set_id(id);
+  return m;
+}
+
+// The event ids of a written message: one event, or a batch.
+std::vector<uint64_t> EventIds(const kvmi::v1::AttachResponse& m) {
+  std::vector<uint64_t> ids;
+  if (m.has_event()) ids.push_back(m.event().id());
+  for (const kvmi::v1::Event& e : m.events().events()) ids.push_back(e.id());
+  return ids;
+}
+
+// Claim.max_batch: events that wait behind a write in flight go out together, in order, at most
+// max_batch per message and never across another kind of message; an event alone is still an
+// `event`. The backlog counts each event until it is taken.
+TEST(AttachOutboxTest, WaitingEventsGoOutInBatchesOfAtMostMaxBatch) {
+  FakeStream stream;
+  stream.outbox().SetMaxBatch(3);
+  stream.outbox().Release();
+  stream.outbox().Send(EventMessage(1));  // idle: written alone at once
+  EXPECT_TRUE(stream.last().has_event());
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u));
+  for (uint64_t id = 2; id <= 5; ++id) stream.outbox().Send(EventMessage(id));
+  stream.outbox().Send(Message(9));
+  stream.outbox().Send(EventMessage(6));
+  stream.outbox().Send(EventMessage(7));
+  stream.Complete();
+  ASSERT_TRUE(stream.last().has_events());
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(2u, 3u, 4u));  // max_batch
+  stream.Complete();
+  EXPECT_TRUE(stream.last().has_event());  // 5 alone: a command result follows it
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(5u));
+  stream.Complete();
+  EXPECT_EQ(stream.last().command_result().id(), 9u);
+  stream.Complete();
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(6u, 7u));
+  stream.Complete();
+  EXPECT_EQ(stream.in_flight(), 0);
+  EXPECT_FALSE(stream.outbox().Congested());
+}
+
+// With max_batch, events sent on a guest's loop thread are written at the end of that loop's
+// iteration: the events one wake-up brought go as one message, not one write and then a batch.
+TEST(AttachOutboxTest, EventsSentOnALoopThreadGoOutTogetherAtTheEndOfItsIteration) {
+  FakeStream stream;
+  stream.outbox().SetMaxBatch(8);
+  stream.outbox().Release();
+  EventLoop loop;
+  loop.Start("test-loop");
+  std::promise<int> in_flight_during;
+  std::promise<void> iteration_over;
+  loop.Post([&] {
+    for (uint64_t id = 1; id <= 3; ++id) stream.outbox().Send(EventMessage(id));
+    in_flight_during.set_value(stream.in_flight());
+    loop.Post([&] { iteration_over.set_value(); });  // the next iteration
+  });
+  EXPECT_EQ(in_flight_during.get_future().get(), 0) << "written before the iteration ended";
+  iteration_over.get_future().wait();
+  loop.Stop();
+  ASSERT_EQ(stream.in_flight(), 1);
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u, 2u, 3u));
+  stream.Complete();
+  // Off a loop thread (gRPC's, a command runner's) an event is written at once, as without
+  // batches.
+  stream.outbox().Send(EventMessage(4));
+  EXPECT_EQ(stream.in_flight(), 1);
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(4u));
+  stream.Complete();
+}
+
+TEST(AttachOutboxTest, WithoutMaxBatchEveryEventIsAMessageOfItsOwn) {
+  FakeStream stream;
+  stream.outbox().Release();
+  stream.outbox().Send(EventMessage(1));
+  stream.outbox().Send(EventMessage(2));
+  stream.outbox().Send(EventMessage(3));
+  stream.Complete();
+  EXPECT_TRUE(stream.last().has_event());
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(2u));
+  stream.Complete();
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(3u));
+  stream.Complete();
 }
 
 TEST(AttachOutboxTest, ADrainingFinishWaitsForTheQueueAndHappensOnce) {

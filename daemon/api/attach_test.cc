@@ -1,6 +1,10 @@
 // The Attach stream through a real server: claims, remote verdicts, inline commands owned by the
 // stream, half-close and cancellation.
+#include <set>
+#include <vector>
+
 #include "daemon/api/api_test_fixture.h"
+#include "daemon/api/limits.h"
 
 namespace kvmid {
 namespace {
@@ -100,6 +104,103 @@ TEST_F(ApiTest, AttachRejectsABadClaim) {
   grpc::Status s = stream->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("claim.events[0]"));
+}
+
+// Claim.max_batch: events reach the handler alone or in batches of at most max_batch, each
+// exactly once, and one VerdictBatch answers them all (each vCPU gets its own verdict).
+TEST_F(ApiTest, AttachBatchesWaitingEventsAndTakesVerdictsInBatches) {
+  ScriptedHost* host = Connect(23, "batched");
+  constexpr uint16_t kVcpus = 16;
+  host->set_vcpus(kVcpus);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("batcher");
+  claim.mutable_claim()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
+  claim.mutable_claim()->set_deadline_ms(5000);
+  claim.mutable_claim()->set_max_batch(4);
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  for (uint16_t vcpu = 0; vcpu < kVcpus; ++vcpu) {
+    host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 100 + vcpu));
+  }
+  std::set<uint64_t> ids;
+  std::set<uint32_t> vcpus;
+  while (ids.size() < kVcpus) {
+    ASSERT_TRUE(stream->Read(&response));
+    std::vector<kvmi::v1::Event> events;
+    if (response.has_event()) events.push_back(response.event());
+    for (const kvmi::v1::Event& e : response.events().events()) events.push_back(e);
+    ASSERT_FALSE(events.empty()) << response.DebugString();
+    EXPECT_LE(events.size(), 4u);
+    if (response.has_events()) EXPECT_GE(events.size(), 2u) << "a batch of one is an `event`";
+    for (const kvmi::v1::Event& e : events) {
+      EXPECT_TRUE(ids.insert(e.id()).second) << "event " << e.id() << " sent twice";
+      vcpus.insert(e.vcpu());
+    }
+  }
+  EXPECT_EQ(vcpus.size(), size_t{kVcpus});
+  kvmi::v1::AttachRequest answers;
+  for (uint64_t id : ids) {
+    kvmi::v1::Verdict* verdict = answers.mutable_verdicts()->add_verdicts();
+    verdict->set_event_id(id);
+    verdict->set_action(kvmi::v1::ACTION_CONTINUE);
+  }
+  ASSERT_TRUE(stream->Write(answers));
+  for (uint16_t vcpu = 0; vcpu < kVcpus; ++vcpu) {
+    const uint32_t seq = 100 + vcpu;
+    auto reply = host->WaitFor([seq](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+    });
+    ASSERT_TRUE(reply) << "vCPU " << vcpu;
+    kvmi::EventReply decoded;
+    ASSERT_TRUE(
+        kvmi::DecodeEventReply(kvmi::ByteView(reply->payload), KVMI_EVENT_BREAKPOINT, &decoded)
+            .ok());
+    EXPECT_EQ(decoded.action, KVMI_EVENT_ACTION_CONTINUE);
+  }
+  EXPECT_EQ(daemon_->pipeline().stats().fallbacks.load(), 0u);
+  ctx.TryCancel();
+}
+
+TEST_F(ApiTest, AttachRefusesBatchesAboveTheirLimitsNamingTheField) {
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto stream = stub_->Attach(&ctx);
+    kvmi::v1::AttachRequest claim;
+    claim.mutable_claim()->set_handler_id("greedy");
+    claim.mutable_claim()->set_max_batch(api::kMaxEventBatch + 1);
+    ASSERT_TRUE(stream->Write(claim));
+    kvmi::v1::AttachResponse response;
+    EXPECT_FALSE(stream->Read(&response));
+    grpc::Status s = stream->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("claim.max_batch"));
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("flood");
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  kvmi::v1::AttachRequest answers;
+  for (int i = 0; i <= api::kMaxVerdictBatch; ++i) {
+    kvmi::v1::Verdict* verdict = answers.mutable_verdicts()->add_verdicts();
+    verdict->set_event_id(1000 + i);
+    verdict->set_action(kvmi::v1::ACTION_CONTINUE);
+  }
+  ASSERT_TRUE(stream->Write(answers));
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("verdicts.verdicts"));
 }
 
 TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {

@@ -50,6 +50,11 @@ inline constexpr size_t kMaxBacklogMessages = 1024;
 inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
 // Promises of events whose deadline passed this long ago are dropped from a stream's table.
 inline constexpr std::chrono::seconds kStalePromiseAge{1};
+// Batches (issue 14): events per AttachResponse.events (Claim.max_batch at most this; about
+// 0.5 KiB each with registers, so a full batch is far below a client's default 4 MiB), and
+// verdicts per AttachRequest.verdicts.
+inline constexpr uint32_t kMaxEventBatch = 256;
+inline constexpr int kMaxVerdictBatch = 1024;
 
 // ListVMs paging: guests per page when the request says 0 (and the most it may ask for), and
 // the bytes a page stops at (at least one guest per page): well below a client's default 4 MiB
@@ -63,10 +68,13 @@ inline constexpr size_t kMaxEtagBytes = 64;
 
 // Server shutdown: how long the streams get to end (they end on their cancellation).
 inline constexpr std::chrono::seconds kShutdownGrace{1};
-// Threads of the async API's completion queue (async_reactor.h), shared by every stream: two, so
-// that a reaction that waits never holds up the verdicts of every other stream (reactions must not
-// block; an Attach stream that ends with a command in progress joins it on a thread of its own).
-inline constexpr int kAsyncThreads = 2;
+// Threads of the async API's completion queue (async_reactor.h), shared by every stream: one.
+// Measured (docs/PERFORMANCE.md, issue 14, "Design 4"): with two, both wait on the same
+// connections and a verdict's read woke the one that did not take it, costing the back half of a
+// remote verdict about a whole echo round trip; with one it costs half an echo. So no reaction may
+// block: an Attach stream's inline commands run on a thread of their own, and a stream that ends
+// with a command in progress joins it on another.
+inline constexpr int kAsyncThreads = 1;
 
 }  // namespace kvmid::api
 

@@ -9,6 +9,11 @@
 #include <cstring>
 
 namespace kvmid {
+namespace {
+thread_local EventLoop* current_loop = nullptr;
+}  // namespace
+
+EventLoop* EventLoop::Current() { return current_loop; }
 
 EventLoop::EventLoop()
     : epoll_fd_(::epoll_create1(EPOLL_CLOEXEC)),
@@ -28,6 +33,7 @@ EventLoop::~EventLoop() { Stop(); }
 void EventLoop::Start(const char* name) {
   thread_ = std::thread([this, name] {
     loop_thread_id_ = std::this_thread::get_id();
+    current_loop = this;
     pthread_setname_np(pthread_self(), name);
     Loop();
   });
@@ -100,6 +106,17 @@ void EventLoop::RunInLoop(Task task) {
   }
 }
 
+void EventLoop::RunAtEndOfIteration(Task task) { end_of_iteration_.push_back(std::move(task)); }
+
+void EventLoop::RunEndOfIteration() {
+  // A task may add more (they run in this same pass).
+  while (!end_of_iteration_.empty()) {
+    std::vector<Task> tasks;
+    tasks.swap(end_of_iteration_);
+    for (Task& task : tasks) task();
+  }
+}
+
 void EventLoop::Wake() {
   uint64_t one = 1;
   ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
@@ -157,8 +174,10 @@ void EventLoop::Loop() {
     }
     RunPosted();
     RunDueTimers();
+    RunEndOfIteration();
   }
   RunPosted();  // tasks posted during shutdown still run (they release resources)
+  RunEndOfIteration();
 }
 
 }  // namespace kvmid

@@ -55,6 +55,14 @@ class EventLoop {
   void PostQuietly(Task task);
   // Runs now if called on the loop thread, else posts.
   void RunInLoop(Task task);
+  // Loop thread only. Runs `task` at the end of this iteration of the loop, once everything this
+  // wake-up brought has run (the ready file descriptors' callbacks, posted tasks, due timers):
+  // work that pays to do once for all of it, such as one stream write for the events of several
+  // guests.
+  void RunAtEndOfIteration(Task task);
+
+  // The loop whose thread calls this; null on any other thread.
+  static EventLoop* Current();
 
   bool InLoopThread() const { return std::this_thread::get_id() == loop_thread_id_.load(); }
 
@@ -64,6 +72,7 @@ class EventLoop {
   void RunPosted();
   int NextTimeoutMs();
   void RunDueTimers();
+  void RunEndOfIteration();
 
   kvmi::UniqueFd epoll_fd_;
   kvmi::UniqueFd wake_fd_;  // eventfd: Post() and Stop() wake epoll_wait
@@ -74,6 +83,7 @@ class EventLoop {
   // shared_ptr: a callback may Unwatch (destroy) itself while it runs.
   std::unordered_map<int, std::shared_ptr<FdCallback>> watched_;  // loop thread only
 
+  std::vector<Task> end_of_iteration_;  // loop thread only: RunAtEndOfIteration
   std::map<std::pair<Clock::time_point, TimerId>, Task> timers_;  // loop thread only
   std::unordered_map<TimerId, Clock::time_point> timer_index_;
   TimerId next_timer_id_ = 1;

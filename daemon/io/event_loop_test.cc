@@ -1,8 +1,12 @@
 #include "daemon/io/event_loop.h"
 
 #include <gtest/gtest.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <future>
+#include <string>
 #include <vector>
 
 namespace kvmid {
@@ -33,6 +37,56 @@ TEST(EventLoopTest, AQuietTaskRunsAtTheNextWakeUpInPostingOrder) {
   ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
   loop.Stop();
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
+}
+
+// RunAtEndOfIteration: after every callback of the file descriptors one wake-up found ready (and
+// the posted tasks), once; Current() is the loop on its own thread only.
+TEST(EventLoopTest, EndOfIterationTasksRunAfterEveryReadyCallbackOfTheWakeUp) {
+  EventLoop loop;
+  loop.Start("test-loop");
+  EXPECT_EQ(EventLoop::Current(), nullptr);
+  Mutex mutex;
+  std::vector<std::string> order;
+  auto record = [&](const std::string& what) {
+    MutexLock lock(&mutex);
+    order.push_back(what);
+  };
+  kvmi::UniqueFd a(::eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK));  // readable from the start
+  kvmi::UniqueFd b(::eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK));
+  std::promise<void> done;
+  std::atomic<int> ends{0};
+  loop.Post([&] {
+    EXPECT_EQ(EventLoop::Current(), &loop);
+    auto on_ready = [&](int fd, const std::string& name) {
+      return [&, fd, name](uint32_t) {
+        uint64_t count;
+        while (::read(fd, &count, sizeof(count)) > 0) {
+        }
+        record(name);
+        // Both callbacks ask; each asked task runs once, after both.
+        loop.RunAtEndOfIteration([&, name] {
+          record("end after " + name);
+          if (++ends == 2) done.set_value();
+        });
+      };
+    };
+    loop.Watch(a.get(), EPOLLIN, on_ready(a.get(), "a"));
+    loop.Watch(b.get(), EPOLLIN, on_ready(b.get(), "b"));
+  });
+  ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  std::promise<void> unwatched;
+  loop.Post([&] {
+    loop.Unwatch(a.get());
+    loop.Unwatch(b.get());
+    unwatched.set_value();
+  });
+  unwatched.get_future().wait();
+  loop.Stop();
+  MutexLock lock(&mutex);
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[2].rfind("end after ", 0), 0u) << order[2];
+  EXPECT_EQ(order[3].rfind("end after ", 0), 0u) << order[3];
+  EXPECT_NE(order[0], order[1]);
 }
 
 TEST(EventLoopTest, RunInLoopRunsInlineOnTheLoopThreadAndPostsFromOthers) {

@@ -45,7 +45,8 @@ DecodeStatus DecodeQemuHello(ByteView bytes, QemuHello* hello) {
   // kvmi-v12's max_gpa) one has its extra bytes ignored.
   kvmi_qemu2introspector wire{};
   std::memcpy(&wire, bytes.data(), struct_size < sizeof(wire) ? struct_size : sizeof(wire));
-  if (wire.padding != 0) return S::Fail(CodecError::kNonZeroPadding, "kvmi_qemu2introspector.padding");
+  if (wire.padding != 0)
+    return S::Fail(CodecError::kNonZeroPadding, "kvmi_qemu2introspector.padding");
   size_t name_len = strnlen(wire.name, sizeof(wire.name));
   for (size_t i = 0; i < name_len; ++i) {
     unsigned char c = static_cast<unsigned char>(wire.name[i]);
@@ -87,11 +88,15 @@ std::array<uint8_t, kCookieHashSize> CookieHash(ByteView secret) {
 }
 
 std::string UuidToString(const Uuid& uuid) {
-  char text[37];
-  std::snprintf(text, sizeof(text),
-                "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", uuid[0],
-                uuid[1], uuid[2], uuid[3], uuid[4], uuid[5], uuid[6], uuid[7], uuid[8], uuid[9],
-                uuid[10], uuid[11], uuid[12], uuid[13], uuid[14], uuid[15]);
+  // By hand, not snprintf: this runs for every event a stream or a handler receives.
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string text(36, '-');
+  size_t at = 0;
+  for (size_t i = 0; i < uuid.size(); ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) ++at;  // the dashes of 8-4-4-4-12
+    text[at++] = kHex[uuid[i] >> 4];
+    text[at++] = kHex[uuid[i] & 0xf];
+  }
   return text;
 }
 

@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -86,6 +87,14 @@ struct Sample {
   double p99_us = 0;
   double per_second = 0;
   uint64_t bad = 0;  // verdicts not from the handler, or context/read that failed
+  // The parts of `bad`: events whose two instruction bytes the handler did not get (context),
+  // ReadVirtual calls that failed or did not bring them (read), and verdicts from a fallback
+  // (kvmid's stats).
+  uint64_t undecided = 0, read_failed = 0, fallbacks = 0;
+  // Not errors: blocks or reads reported incomplete (16 bytes at a RIP near the end of the
+  // guest's mapped text reach into an unmapped page, which kvmid reports as such), and why.
+  uint64_t incomplete = 0;
+  std::string first_why;
 };
 
 class Bench {
@@ -153,7 +162,9 @@ class Bench {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     // The handler: one thread, sync client.
-    std::atomic<uint64_t> bad{0};
+    std::atomic<uint64_t> incomplete{0}, undecided{0}, read_failed{0};
+    std::mutex why_mu;
+    std::string first_why;
     std::thread handler([&] {
       kvmi::v1::AttachResponse message;
       while (stream->Read(&message)) {
@@ -162,7 +173,12 @@ class Bench {
         bool wrmsr = true;
         if (kind == Kind::kContext) {
           const kvmi::v1::ContextBlock& rip = event.context().rip();
-          if (!rip.complete()) bad++;
+          if (!rip.complete()) {
+            incomplete++;
+            std::lock_guard<std::mutex> lock(why_mu);
+            if (first_why.empty()) first_why = rip.why();
+          }
+          if (rip.data().size() < 2) undecided++;
           wrmsr = rip.data().size() >= 2 && rip.data()[0] == 0x0f && rip.data()[1] == 0x30;
         } else if (kind == Kind::kRead) {
           grpc::ClientContext read_ctx;
@@ -173,7 +189,8 @@ class Bench {
           read.set_size(absl::GetFlag(FLAGS_bytes));
           kvmi::v1::ReadVirtualResponse bytes;
           grpc::Status s = stub_->ReadVirtual(&read_ctx, read, &bytes);
-          if (!s.ok() || !bytes.complete()) bad++;
+          if (!s.ok() || bytes.data().size() < 2) read_failed++;
+          if (s.ok() && !bytes.complete()) incomplete++;
           wrmsr = bytes.data().size() >= 2 && bytes.data()[0] == 0x0f && bytes.data()[1] == 0x30;
         }
         kvmi::v1::AttachRequest verdict;
@@ -196,11 +213,19 @@ class Bench {
       sim::OpResult r = fleet_->vm(0).Execute(0, op).get();
       us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       if (!r.executed) {
-        bad++;
+        out.bad++;
         break;
       }
     }
-    out.bad = bad.load() + daemon_->pipeline().stats().fallbacks.load() - fallbacks_before;
+    out.incomplete = incomplete.load();
+    out.undecided = undecided.load();
+    out.read_failed = read_failed.load();
+    out.fallbacks = daemon_->pipeline().stats().fallbacks.load() - fallbacks_before;
+    out.bad += out.undecided + out.read_failed + out.fallbacks;
+    {
+      std::lock_guard<std::mutex> lock(why_mu);
+      out.first_why = first_why;
+    }
     stream->WritesDone();
     ctx.TryCancel();
     handler.join();
@@ -234,6 +259,7 @@ class Bench {
 
 int main(int argc, char** argv) {
   kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
+  kvmid::UseGrpcPollEngine();
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::warn);
   char dir_template[] = "/tmp/kvmid-ctxbench-XXXXXX";
@@ -259,23 +285,38 @@ int main(int argc, char** argv) {
   std::printf("CPU: %s; load average: %s\n", CpuModel().c_str(), LoadAverage().c_str());
   std::printf("remote verdict of a WRMSR, 1 vCPU closed loop, %u bytes at RIP, %d x %.1f s\n\n",
               absl::GetFlag(FLAGS_bytes), rounds, seconds);
-  std::printf("| handler | verdicts/s | p50 us | p99 us | p50 / nothing | p99 / nothing | bad |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  std::printf(
+      "| handler | verdicts/s | p50 us | p99 us | p50 / nothing | p99 / nothing | bad: undecided "
+      "/ failed reads / fallbacks | incomplete (an unmapped page, reported) |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::string whys;
   double base_p50 = 0, base_p99 = 0;
   for (size_t k = 0; k < kinds.size(); ++k) {
     std::vector<double> p50, p99, rate;
-    uint64_t bad = 0;
+    uint64_t incomplete = 0, undecided = 0, read_failed = 0, fallbacks = 0;
     for (const Sample& s : samples[k]) {
       p50.push_back(s.p50_us);
       p99.push_back(s.p99_us);
       rate.push_back(s.per_second);
-      bad += s.bad;
+      incomplete += s.incomplete;
+      undecided += s.undecided;
+      read_failed += s.read_failed;
+      fallbacks += s.fallbacks;
+      if (!s.first_why.empty() && whys.find(s.first_why) == std::string::npos) {
+        whys += "  " + std::string(KindName(kinds[k])) + ": " + s.first_why + "\n";
+      }
     }
     const double m50 = Median(p50), m99 = Median(p99);
     if (k == 0) base_p50 = m50, base_p99 = m99;
-    std::printf("| %s | %.0f | %.1f | %.1f | %.2fx | %.2fx | %llu |\n", KindName(kinds[k]),
-                Median(rate), m50, m99, base_p50 > 0 ? m50 / base_p50 : 0,
-                base_p99 > 0 ? m99 / base_p99 : 0, static_cast<unsigned long long>(bad));
+    std::printf("| %s | %.0f | %.1f | %.1f | %.2fx | %.2fx | %llu / %llu / %llu | %llu |\n",
+                KindName(kinds[k]), Median(rate), m50, m99, base_p50 > 0 ? m50 / base_p50 : 0,
+                base_p99 > 0 ? m99 / base_p99 : 0, static_cast<unsigned long long>(undecided),
+                static_cast<unsigned long long>(read_failed),
+                static_cast<unsigned long long>(fallbacks),
+                static_cast<unsigned long long>(incomplete));
   }
+  if (!whys.empty())
+    std::printf("\nwhy the first incomplete context block of a row was incomplete:\n%s",
+                whys.c_str());
   return 0;
 }

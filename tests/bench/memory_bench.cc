@@ -218,6 +218,7 @@ print("%%.1f %%s" %% (size / 1048576 / t, "OK" if ok and got == size else "BAD")
 
 int main(int argc, char** argv) {
   kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
+  kvmid::UseGrpcPollEngine();
   absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::warn);
   const uint64_t bytes = uint64_t(absl::GetFlag(FLAGS_mib)) << 20;

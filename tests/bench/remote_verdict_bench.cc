@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <mutex>
@@ -54,6 +55,9 @@ ABSL_FLAG(double, seconds, 3.0, "measurement window per row and round");
 ABSL_FLAG(
     bool, release_absl_mutexes, true,
     "Abseil's mutexes without the debug deadlock graph, as in kvmid (false: Debian's default)");
+ABSL_FLAG(bool, grpc_poll_engine, true,
+          "gRPC's \"poll\" polling engine, as in kvmid (common/program.h; false: gRPC's default, "
+          "epoll1)");
 ABSL_FLAG(bool, beside_callback, true,
           "after the rounds, measure the echo beside a callback-API service once (gRPC's callback "
           "threads then stay for the rest of the process)");
@@ -61,6 +65,9 @@ ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary tak
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
 
+ABSL_FLAG(uint32_t, max_batch, 64,
+          "Claim.max_batch of the batched throughput rows (events per message; verdicts answered "
+          "with one VerdictBatch per batch)");
 ABSL_FLAG(std::string, vcpus, "16,256",
           "waiting vCPU counts of the throughput table (guests of one vCPU each; empty: none)");
 
@@ -81,6 +88,14 @@ struct Row {
   // Remote rows: verdicts in the window that did not come from the handler (a deadline's
   // fallback): a remote row counts only if this is 0.
   uint64_t not_by_handler = 0;
+  // Remote rows: events per message the handler read (above 1 only with Claim.max_batch).
+  double events_per_message = 0;
+};
+
+// What the handler read: messages with events, and events.
+struct HandlerCounts {
+  std::atomic<uint64_t> messages{0};
+  std::atomic<uint64_t> events{0};
 };
 
 // When the handler read each event and when it started writing its verdict (same process and
@@ -181,8 +196,10 @@ Row MeasureEcho(const std::string& name, const std::string& target, double secon
 
 // The remote handler: answers every event CONTINUE as soon as it arrives, one thread on one
 // stream (reads an Event, writes its Verdict, in turn).
+// `max_batch` above 1: the claim asks for batches, and a batch is answered with one VerdictBatch.
 void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> credentials,
-                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times) {
+                std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times,
+                uint32_t max_batch, HandlerCounts* counts) {
   auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext ctx;
   auto stream = stub->Attach(&ctx);
@@ -194,6 +211,7 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
   // The longest deadline kvmid allows (max_attach_deadline_ms): the throughput rows measure a
   // handler that keeps up, and count the fallbacks if it did not.
   claim.mutable_claim()->set_deadline_ms(5000);
+  claim.mutable_claim()->set_max_batch(max_batch);
   stream->Write(claim);
   kvmi::v1::AttachResponse response;
   stream->Read(&response);  // Claimed
@@ -202,9 +220,23 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
     while (!*stop) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     ctx.TryCancel();
   });
-  kvmi::v1::AttachRequest verdict;
+  kvmi::v1::AttachRequest verdict, verdicts;
   while (stream->Read(&response)) {
+    if (response.has_events()) {
+      counts->messages++;
+      counts->events += response.events().events_size();
+      verdicts.Clear();
+      for (const kvmi::v1::Event& event : response.events().events()) {
+        kvmi::v1::Verdict* v = verdicts.mutable_verdicts()->add_verdicts();
+        v->set_event_id(event.id());
+        v->set_action(kvmi::v1::ACTION_CONTINUE);
+      }
+      if (!stream->Write(verdicts)) break;
+      continue;
+    }
     if (!response.has_event()) continue;
+    counts->messages++;
+    counts->events++;
     Clock::time_point read = Clock::now();
     verdict.mutable_verdict()->set_event_id(response.event().id());
     verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
@@ -223,7 +255,7 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
 // timestamps: a lock and a map entry per event, so not in the throughput rows).
 Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::string& kvmi_socket,
                  const std::string& api_target, double seconds, const BenchTls& tls,
-                 uint32_t guests = 1, bool detail = true) {
+                 uint32_t guests = 1, bool detail = true, uint32_t max_batch = 0) {
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
@@ -259,9 +291,10 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   });
   std::atomic<bool> stop{false}, ready{api_target.empty()};
   std::thread handler;
+  HandlerCounts counts;
   if (!api_target.empty()) {
     handler = std::thread(RunHandler, api_target, CredentialsFor(api_target, tls), &stop, &ready,
-                          detail ? &times : nullptr);
+                          detail ? &times : nullptr, max_batch, &counts);
   }
   while (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kvmi::sim::FleetConfig config;
@@ -304,6 +337,8 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   double rate = (after - before) / elapsed;
   Row row{name, rate, 0, 0};
   row.not_by_handler = not_by_handler;
+  row.events_per_message =
+      counts.messages > 0 ? static_cast<double>(counts.events) / counts.messages : 0;
   row.p50_us = static_cast<double>(stats.round_trip.PercentileMicros(0.5));
   row.p99_us = static_cast<double>(stats.round_trip.PercentileMicros(0.99));
   daemon->pipeline().RemoveObserver(observer);
@@ -320,6 +355,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   // As kvmid's main (common/program.h): gRPC's locks without the debug deadlock graph.
   if (absl::GetFlag(FLAGS_release_absl_mutexes)) kvmid::UseReleaseAbslMutexes();
+  if (absl::GetFlag(FLAGS_grpc_poll_engine)) kvmid::UseGrpcPollEngine();
   spdlog::set_level(spdlog::level::err);
   double seconds = absl::GetFlag(FLAGS_seconds);
   char dir_template[] = "/tmp/kvmid-rbench-XXXXXX";
@@ -353,8 +389,10 @@ int main(int argc, char** argv) {
     }
     vcpu_counts.push_back(n);
   }
-  std::printf("CPU: %s, %u online; load average at start: %s\n", CpuModel().c_str(),
-              std::thread::hardware_concurrency(), LoadAverage().c_str());
+  const char* engine = ::getenv("GRPC_POLL_STRATEGY");
+  std::printf("CPU: %s, %u online; load average at start: %s; gRPC polling engine: %s\n",
+              CpuModel().c_str(), std::thread::hardware_concurrency(), LoadAverage().c_str(),
+              engine != nullptr ? engine : "gRPC's default (epoll1)");
 
   // gRPC's default health service (a callback service) is a process-wide switch: the echo
   // servers are built with it off (a bare echo). kvmid serves its own health service and no
@@ -413,6 +451,7 @@ int main(int argc, char** argv) {
   std::vector<double> verdict_ratio[2], guest_ratio[2];
   std::vector<Row> last_echo;  // the last round's bare echo, unix and tcp
   std::vector<std::vector<double>> throughput_ratio(vcpu_counts.size());
+  std::vector<std::vector<double>> batched_ratio(vcpu_counts.size());
   for (int round = 1; round <= rounds; ++round) {
     const std::string load_before = LoadAverage();
     std::vector<Row> rows;  // bare echo unix, tcp; remote unix, tcp
@@ -441,7 +480,7 @@ int main(int argc, char** argv) {
     }
     // Many waiting vCPUs: the policy path, then one handler over the UNIX socket.
     struct Throughput {
-      Row policy, remote;
+      Row policy, remote, batched;
     };
     std::vector<Throughput> throughput;
     for (uint32_t vcpus : vcpu_counts) {
@@ -461,6 +500,9 @@ int main(int argc, char** argv) {
         pair.remote =
             MeasureGuest(daemon.get(), "remote, one Attach stream (unix)", dir + "/kvmi.sock",
                          "unix:" + dir + "/api.sock", seconds, tls, vcpus, /*detail=*/false);
+        pair.batched = MeasureGuest(daemon.get(), "remote, batched (unix)", dir + "/kvmi.sock",
+                                    "unix:" + dir + "/api.sock", seconds, tls, vcpus,
+                                    /*detail=*/false, absl::GetFlag(FLAGS_max_batch));
         api->Shutdown();
         daemon->Shutdown(std::chrono::milliseconds(0));
       }
@@ -500,20 +542,28 @@ int main(int argc, char** argv) {
     }
     if (!throughput.empty()) {
       std::printf(
-          "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s | remote vs policy | policy "
-          "guest p50/p99 (us) | remote guest p50/p99 (us) | remote verdicts not by the handler "
-          "|\n");
-      std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
+          "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s | remote vs policy | "
+          "batched verdicts/s (max_batch %u) | batched vs policy | events per message, batched | "
+          "policy guest p50/p99 (us) | remote guest p50/p99 (us) | batched guest p50/p99 (us) | "
+          "remote verdicts not by the handler |\n",
+          absl::GetFlag(FLAGS_max_batch));
+      std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     }
     for (size_t i = 0; i < throughput.size(); ++i) {
       const Throughput& t = throughput[i];
       double ratio = t.policy.per_second > 0 ? t.remote.per_second / t.policy.per_second : 0.0;
       if (t.remote.not_by_handler != 0) ratio = 0;  // fallbacks are not remote verdicts
+      double batched = t.policy.per_second > 0 ? t.batched.per_second / t.policy.per_second : 0.0;
+      if (t.batched.not_by_handler != 0) batched = 0;
       throughput_ratio[i].push_back(ratio);
-      std::printf("| %u | %.0f | %.0f | %.2fx | %.0f/%.0f | %.0f/%.0f | %llu |\n", vcpu_counts[i],
-                  t.policy.per_second, t.remote.per_second, ratio, t.policy.p50_us, t.policy.p99_us,
-                  t.remote.p50_us, t.remote.p99_us,
-                  static_cast<unsigned long long>(t.remote.not_by_handler));
+      batched_ratio[i].push_back(batched);
+      std::printf(
+          "| %u | %.0f | %.0f | %.2fx | %.0f | %.2fx | %.1f | %.0f/%.0f | %.0f/%.0f | %.0f/%.0f | "
+          "%llu |\n",
+          vcpu_counts[i], t.policy.per_second, t.remote.per_second, ratio, t.batched.per_second,
+          batched, t.batched.events_per_message, t.policy.p50_us, t.policy.p99_us, t.remote.p50_us,
+          t.remote.p99_us, t.batched.p50_us, t.batched.p99_us,
+          static_cast<unsigned long long>(t.remote.not_by_handler + t.batched.not_by_handler));
     }
     std::fflush(stdout);
   }
@@ -533,6 +583,9 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < vcpu_counts.size(); ++i) {
     std::printf("| %u waiting vCPUs: remote throughput vs policy (target >= 0.50x) | %.2fx | |\n",
                 vcpu_counts[i], Percentile(throughput_ratio[i], 0.5));
+    std::printf(
+        "| %u waiting vCPUs: remote throughput, batched, vs policy (target >= 0.50x) | %.2fx | |\n",
+        vcpu_counts[i], Percentile(batched_ratio[i], 0.5));
   }
   if (absl::GetFlag(FLAGS_beside_callback) && !last_echo.empty()) {
     // Last: it starts gRPC's callback threads, which stay for the rest of the process.

@@ -277,6 +277,7 @@ int Main() {
 
 int main(int argc, char** argv) {
   kvmid::UseReleaseAbslMutexes();  // as kvmid's main (common/program.h)
+  kvmid::UseGrpcPollEngine();
   absl::ParseCommandLine(argc, argv);
   return kvmid::Main();
 }

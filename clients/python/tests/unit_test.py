@@ -186,6 +186,52 @@ class ErrorTest(unittest.TestCase):
         self.assertEqual(yielding[1].id, 7)
 
 
+class HandlerBatchTest(unittest.TestCase):
+    """Attach batches: events that come as one AttachResponse.events are yielded one by one, and
+    verdicts that queued meanwhile go out as one AttachRequest.verdicts, in order."""
+
+    class Call:
+        def __init__(self, messages):
+            self.messages = iter(messages)
+
+        def __next__(self):
+            return next(self.messages)
+
+        def cancel(self):
+            pass
+
+    class Stub:
+        def __init__(self, messages):
+            self.messages = messages
+            self.requests = None
+
+        def Attach(self, requests):
+            self.requests = requests
+            return HandlerBatchTest.Call(self.messages)
+
+    def test_batched_events_one_by_one_and_queued_verdicts_in_one_message(self):
+        claimed = kc.pb.AttachResponse()
+        claimed.claimed.owner = "client:t#1"
+        batch = kc.pb.AttachResponse()
+        for event_id in (1, 2, 3):
+            batch.events.events.add(id=event_id)
+        single = kc.pb.AttachResponse()
+        single.event.id = 4
+        stub = self.Stub([claimed, batch, single])
+        handler = kc.Handler(stub, kc.pb.Claim(handler_id="t", max_batch=8))
+        self.assertEqual(next(stub.requests).claim.max_batch, 8)
+        self.assertEqual([handler.next_event(timeout=5).id for _ in range(4)], [1, 2, 3, 4])
+        for event_id in (1, 2, 3):
+            handler.answer(event_id, "continue")
+        sent = next(stub.requests)
+        self.assertEqual(sent.WhichOneof("message"), "verdicts")
+        self.assertEqual([v.event_id for v in sent.verdicts.verdicts], [1, 2, 3])
+        handler.answer(4, "retry")
+        sent = next(stub.requests)
+        self.assertEqual(sent.WhichOneof("message"), "verdict")  # alone: a plain verdict
+        self.assertEqual(sent.verdict.event_id, 4)
+
+
 class StreamRequestTest(unittest.TestCase):
     """What Client.events sends, with a stub that records the request."""
 
