@@ -162,6 +162,9 @@ class AttachReactor final : public AttachStream {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {
       return Stop(InvalidArgument("claim", "a stream claims once, in its first message"));
+    } else {  // nothing this kvmid knows (a newer client's field): said, not silently dropped
+      return Stop(InvalidArgument(
+          "message", "an AttachRequest sets one of claim, verdict, verdicts or command"));
     }
     ReadMore();
   }

@@ -20,9 +20,17 @@ void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
     const bool event = message.has_event();
     backlog_bytes_ += bytes;
     queue_.push_back(Queued{std::move(message), bytes});
-    if (writing_ || held_ || flush_scheduled_) return;
-    if (max_batch_ > 1 && event && (loop = EventLoop::Current()) != nullptr) {
-      flush_scheduled_ = true;  // written with the rest of this wake-up's events, below
+    if (writing_ || held_) return;
+    EventLoop* const current = EventLoop::Current();
+    if (flush_scheduled_ && current == flush_loop_ && event) return;  // goes with that flush
+    // Corked: an event from a guest's loop thread waits for the end of the loop's iteration (a
+    // few microseconds: the other ready guests' events), then they go as one message. Anything
+    // else, or from another thread, is written now (a pending flush then finds a write in
+    // flight and leaves the rest to OnWriteDone).
+    if (!flush_scheduled_ && max_batch_ > 1 && event && current != nullptr &&
+        !weak_from_this().expired()) {
+      flush_scheduled_ = true;
+      flush_loop_ = loop = current;
     } else {
       writing_ = true;
       TakeNextLocked();
@@ -39,6 +47,7 @@ void AttachOutbox::Flush() {
   {
     MutexLock lock(&mu_);
     flush_scheduled_ = false;
+    flush_loop_ = nullptr;
     if (writing_ || held_ || closed_ || queue_.empty()) return;
     writing_ = true;
     TakeNextLocked();
@@ -157,7 +166,8 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
     MutexLock lock(&mu_);
     if (closed_) return;  // the promise dies here: fallback at once
     // Promises of events whose deadline passed long ago are dead weight: looked for at most
-    // every kStalePromiseAge, not with every event (the table holds every unanswered event).
+    // every kStalePromiseAge, not with every event (the table holds every unanswered event), so
+    // one stays up to twice that past its deadline.
     const Clock::time_point now = Clock::now();
     if (now >= next_purge_) {
       next_purge_ = now + kStalePromiseAge;

@@ -19,6 +19,10 @@
 #include "daemon/kvmid.h"
 #include "proto/kvmi/v1/introspection.pb.h"
 
+namespace kvmid {
+class EventLoop;
+}  // namespace kvmid
+
 namespace kvmid::api {
 
 // What one Attach stream sends to its client: a queue drained by one write at a time. Messages
@@ -43,8 +47,9 @@ class AttachOutbox : public std::enable_shared_from_this<AttachOutbox> {
   // and more events wait behind it, up to `max_batch` of them go as one AttachResponse.events.
   // And an event sent from a guest's loop thread with no write in flight is written at the end
   // of that loop's iteration (EventLoop::RunAtEndOfIteration), with the events of every other
-  // guest that the same wake-up brought. 0 or 1: one event per message, each written at once.
-  // Only on an outbox held by a shared_ptr.
+  // guest that the same wake-up brought: it waits those few microseconds. Other messages, and
+  // events from other threads, are written at once. 0 or 1: one event per message, each written
+  // at once. Corking needs the outbox to be held by a shared_ptr (else it writes at once).
   void SetMaxBatch(uint32_t max_batch);
   // Until this is called nothing is written, only queued: the stream's first message (Claimed)
   // must not reach the client before the handler it announces is registered.
@@ -78,7 +83,8 @@ class AttachOutbox : public std::enable_shared_from_this<AttachOutbox> {
   };
   std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
   uint32_t max_batch_ ABSL_GUARDED_BY(mu_) = 1;
-  bool flush_scheduled_ ABSL_GUARDED_BY(mu_) = false;  // a loop will call Flush
+  bool flush_scheduled_ ABSL_GUARDED_BY(mu_) = false;     // a loop will call Flush
+  EventLoop* flush_loop_ ABSL_GUARDED_BY(mu_) = nullptr;  // ... that loop
   size_t backlog_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   // The message being written. Filled under mu_ by whoever takes the write token (writing_) and
   // read by gRPC until OnWriteDone: only the token holder touches it.

@@ -176,6 +176,71 @@ TEST(AttachOutboxTest, EventsSentOnALoopThreadGoOutTogetherAtTheEndOfItsIteratio
   stream.Complete();
 }
 
+// While a loop's flush is pending: another thread's message is written at once (not held for the
+// loop's iteration), the loop's events follow it in order; and a stream aborted meanwhile writes
+// nothing more and finishes once.
+TEST(AttachOutboxTest, APendingFlushHoldsUpNoOtherThreadAndAnAbortStopsIt) {
+  FakeStream stream;
+  stream.outbox().SetMaxBatch(8);
+  stream.outbox().Release();
+  EventLoop loop;
+  loop.Start("test-loop");
+  std::promise<int> in_flight_after_other;
+  std::promise<void> iteration_over;
+  loop.Post([&] {
+    stream.outbox().Send(EventMessage(1));  // corked until this iteration ends
+    std::thread other([&] { stream.outbox().Send(Message(9)); });  // e.g. a command result
+    other.join();
+    in_flight_after_other.set_value(stream.in_flight());
+    stream.outbox().Send(EventMessage(2));
+    loop.Post([&] { iteration_over.set_value(); });
+  });
+  EXPECT_EQ(in_flight_after_other.get_future().get(), 1) << "held for the loop's iteration";
+  iteration_over.get_future().wait();
+  EXPECT_EQ(stream.in_flight(), 1);  // the flush found the write in flight and left it
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u));  // taken first: queued first
+  stream.Complete();
+  EXPECT_EQ(stream.last().command_result().id(), 9u);
+  stream.Complete();
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(2u));
+  stream.Complete();
+
+  // Aborted with a flush pending: the flush writes nothing, Finish comes once, at once.
+  std::promise<void> aborted;
+  loop.Post([&] {
+    stream.outbox().Send(EventMessage(3));
+    stream.outbox().RequestFinish(grpc::Status::CANCELLED, /*drain=*/false);
+    loop.Post([&] { aborted.set_value(); });
+  });
+  aborted.get_future().wait();
+  loop.Stop();
+  EXPECT_EQ(stream.in_flight(), 0);
+  ASSERT_EQ(stream.finishes().size(), 1u);
+  EXPECT_EQ(stream.finishes()[0].error_code(), grpc::StatusCode::CANCELLED);
+}
+
+TEST(AttachOutboxTest, ADrainingFinishWithAFlushPendingWritesTheEventsThenFinishes) {
+  FakeStream stream;
+  stream.outbox().SetMaxBatch(8);
+  stream.outbox().Release();
+  EventLoop loop;
+  loop.Start("test-loop");
+  std::promise<void> iteration_over;
+  loop.Post([&] {
+    stream.outbox().Send(EventMessage(1));
+    stream.outbox().Send(EventMessage(2));
+    stream.outbox().RequestFinish(grpc::Status::OK, /*drain=*/true);
+    loop.Post([&] { iteration_over.set_value(); });
+  });
+  iteration_over.get_future().wait();
+  loop.Stop();
+  EXPECT_THAT(stream.finishes(), IsEmpty());  // the batch is still to be written
+  EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u, 2u));
+  stream.Complete();
+  ASSERT_EQ(stream.finishes().size(), 1u);
+  EXPECT_TRUE(stream.finishes()[0].ok());
+}
+
 TEST(AttachOutboxTest, WithoutMaxBatchEveryEventIsAMessageOfItsOwn) {
   FakeStream stream;
   stream.outbox().Release();

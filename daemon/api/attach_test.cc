@@ -124,11 +124,15 @@ TEST_F(ApiTest, AttachBatchesWaitingEventsAndTakesVerdictsInBatches) {
   kvmi::v1::AttachResponse response;
   ASSERT_TRUE(stream->Read(&response));
   ASSERT_TRUE(response.has_claimed());
+  // All sixteen in one write: kvmid's loop reads them in one wake-up, and they go out batched.
+  std::vector<uint8_t> wire;
   for (uint16_t vcpu = 0; vcpu < kVcpus; ++vcpu) {
-    host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 100 + vcpu));
+    kvmi::EncodeEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, 100 + vcpu), &wire);
   }
+  host->SendRaw(wire);
   std::set<uint64_t> ids;
   std::set<uint32_t> vcpus;
+  int batches = 0;
   while (ids.size() < kVcpus) {
     ASSERT_TRUE(stream->Read(&response));
     std::vector<kvmi::v1::Event> events;
@@ -136,13 +140,17 @@ TEST_F(ApiTest, AttachBatchesWaitingEventsAndTakesVerdictsInBatches) {
     for (const kvmi::v1::Event& e : response.events().events()) events.push_back(e);
     ASSERT_FALSE(events.empty()) << response.DebugString();
     EXPECT_LE(events.size(), 4u);
-    if (response.has_events()) EXPECT_GE(events.size(), 2u) << "a batch of one is an `event`";
+    if (response.has_events()) {
+      ++batches;
+      EXPECT_GE(events.size(), 2u) << "a batch of one is an `event`";
+    }
     for (const kvmi::v1::Event& e : events) {
       EXPECT_TRUE(ids.insert(e.id()).second) << "event " << e.id() << " sent twice";
       vcpus.insert(e.vcpu());
     }
   }
   EXPECT_EQ(vcpus.size(), size_t{kVcpus});
+  EXPECT_GE(batches, 1) << "sixteen events read at once, none batched";
   kvmi::v1::AttachRequest answers;
   for (uint64_t id : ids) {
     kvmi::v1::Verdict* verdict = answers.mutable_verdicts()->add_verdicts();
@@ -164,6 +172,25 @@ TEST_F(ApiTest, AttachBatchesWaitingEventsAndTakesVerdictsInBatches) {
   }
   EXPECT_EQ(daemon_->pipeline().stats().fallbacks.load(), 0u);
   ctx.TryCancel();
+}
+
+// A request with none of the fields this kvmid knows (a newer client's) ends the stream with a
+// clear error instead of being dropped unseen.
+TEST_F(ApiTest, AttachEndsAStreamSendingARequestItDoesNotKnow) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::AttachRequest claim;
+  claim.mutable_claim()->set_handler_id("newer");
+  ASSERT_TRUE(stream->Write(claim));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed());
+  ASSERT_TRUE(stream->Write(kvmi::v1::AttachRequest()));  // no field set
+  EXPECT_FALSE(stream->Read(&response));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("message"));
 }
 
 TEST_F(ApiTest, AttachRefusesBatchesAboveTheirLimitsNamingTheField) {

@@ -52,9 +52,11 @@ inline constexpr size_t kMaxBacklogBytes = size_t{64} << 20;
 inline constexpr std::chrono::seconds kStalePromiseAge{1};
 // Batches (issue 14): events per AttachResponse.events (Claim.max_batch at most this; about
 // 0.5 KiB each with registers, so a full batch is far below a client's default 4 MiB), and
-// verdicts per AttachRequest.verdicts.
+// verdicts per AttachRequest.verdicts: one batch is one reaction on the API's only
+// completion-queue thread (each verdict a KVMI reply and the observers, a few microseconds), and
+// its VerdictErrors may take the stream's backlog past kMaxBacklogMessages by at most that many.
 inline constexpr uint32_t kMaxEventBatch = 256;
-inline constexpr int kMaxVerdictBatch = 1024;
+inline constexpr int kMaxVerdictBatch = 256;
 
 // ListVMs paging: guests per page when the request says 0 (and the most it may ask for), and
 // the bytes a page stops at (at least one guest per page): well below a client's default 4 MiB

@@ -89,6 +89,40 @@ TEST(EventLoopTest, EndOfIterationTasksRunAfterEveryReadyCallbackOfTheWakeUp) {
   EXPECT_NE(order[0], order[1]);
 }
 
+// Asked by a posted task or a timer, an end-of-iteration task runs in the same iteration, after
+// them (not at the next wake-up, which may be far away).
+TEST(EventLoopTest, EndOfIterationTasksAskedByPostedTasksAndTimersRunInTheSameIteration) {
+  EventLoop loop;
+  loop.Start("test-loop");
+  Mutex mutex;
+  std::vector<std::string> order;
+  auto record = [&](const std::string& what) {
+    MutexLock lock(&mutex);
+    order.push_back(what);
+  };
+  std::promise<void> done;
+  loop.Post([&] {
+    record("posted");
+    loop.RunAtEndOfIteration([&] { record("end after posted"); });
+    loop.RunAt(Clock::now(), [&] {
+      record("timer");
+      loop.RunAtEndOfIteration([&] {
+        record("end after timer");
+        done.set_value();
+      });
+    });
+  });
+  // Nothing else wakes the loop: an end-of-iteration task left for the next wake-up would never
+  // run (the timer is due at once; the loop's next epoll_wait has no timeout after it).
+  ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  loop.Stop();
+  MutexLock lock(&mutex);
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], "posted");
+  EXPECT_EQ(order[3], "end after timer");
+  EXPECT_TRUE(order[1] == "end after posted" || order[2] == "end after posted");
+}
+
 TEST(EventLoopTest, RunInLoopRunsInlineOnTheLoopThreadAndPostsFromOthers) {
   EventLoop loop;
   loop.Start("test-loop");

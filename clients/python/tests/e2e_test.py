@@ -764,9 +764,12 @@ class E2ETest(unittest.TestCase):
             self.client.attach("bad id!", events=["pf"])
 
     def test_attach_in_batches_every_verdict_counts(self):
-        # Claim.max_batch: events may come several per message (the client yields them one by
-        # one) and queued verdicts go out as one VerdictBatch; each verdict is applied: a stream
-        # watching the guest sees every answered event decided by the handler.
+        # A handler that asks for batches (Claim.max_batch) against the real kvmid: its claim is
+        # taken, every event reaches it once whether it came alone or in a batch, and each of its
+        # verdicts, alone or merged with others that queued meanwhile, is applied: a stream
+        # watching the guest sees every answered event decided by the handler. (Whether batches
+        # form depends on timing; daemon/api's attach and attach_outbox tests and the unit tests
+        # pin the batching itself.)
         vm = self.name(1)
         watch = self.client.events(allow=kc.event_filter(vms=[vm], events=["pf"]))
         timer = threading.Timer(30, watch.cancel)

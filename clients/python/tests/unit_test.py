@@ -230,6 +230,29 @@ class HandlerBatchTest(unittest.TestCase):
         sent = next(stub.requests)
         self.assertEqual(sent.WhichOneof("message"), "verdict")  # alone: a plain verdict
         self.assertEqual(sent.verdict.event_id, 4)
+        # A command queued among verdicts keeps its place; the end of the stream ends it.
+        handler.answer(5, "continue")
+        handler.answer(6, "continue")
+        handler._outgoing.put(kc.pb.AttachRequest(command=kc.pb.Command(id=77)))
+        handler.answer(7, "continue")
+        handler._outgoing.put(handler._DONE)
+        sent = [next(stub.requests) for _ in range(3)]
+        self.assertEqual([v.event_id for v in sent[0].verdicts.verdicts], [5, 6])
+        self.assertEqual(sent[1].command.id, 77)
+        self.assertEqual(sent[2].verdict.event_id, 7)
+        with self.assertRaises(StopIteration):
+            next(stub.requests)
+
+    def test_without_max_batch_every_verdict_is_a_message_of_its_own(self):
+        claimed = kc.pb.AttachResponse()
+        claimed.claimed.owner = "client:t#2"
+        stub = self.Stub([claimed])
+        handler = kc.Handler(stub, kc.pb.Claim(handler_id="t"))
+        next(stub.requests)  # the claim
+        handler.answer(1, "continue")
+        handler.answer(2, "continue")
+        first, second = next(stub.requests), next(stub.requests)
+        self.assertEqual((first.verdict.event_id, second.verdict.event_id), (1, 2))
 
 
 class StreamRequestTest(unittest.TestCase):
