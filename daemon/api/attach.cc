@@ -64,6 +64,10 @@ Status ParseClaim(const kvmi::v1::Claim& claim, const security::Limits& limits,
     if (!context.ok()) return context;
   }
   handler_claim->max_held = static_cast<uint32_t>(limits.max_held_events_per_handler);
+  if (claim.max_batch() > kMaxEventBatch) {  // the stream's outbox uses it (SetMaxBatch)
+    return InvalidArgument("claim.max_batch",
+                           "at most " + std::to_string(kMaxEventBatch) + " events per message");
+  }
   switch (claim.fallback()) {
     case kvmi::v1::ACTION_UNSPECIFIED:
       break;
@@ -226,10 +230,6 @@ class AttachReactor final : public AttachStream {
       // other (rate limited; other parse errors are the client's and are not).
       if (call_ != nullptr) call_->AuditLimitRefusal(s);
       return s;
-    }
-    if (claim.max_batch() > kMaxEventBatch) {
-      return InvalidArgument("claim.max_batch",
-                             "at most " + std::to_string(kMaxEventBatch) + " events per message");
     }
     absl::StatusOr<EventFields> fields = CompileEventMask(claim.field_mask(), "claim.field_mask");
     if (!fields.ok()) return ToStatus(fields.status());

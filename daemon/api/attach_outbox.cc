@@ -12,7 +12,8 @@ namespace kvmid::api {
 using grpc::Status;
 
 void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
-  EventLoop* loop = nullptr;
+  EventLoop* cork = nullptr;
+  bool start = false;
   {
     MutexLock lock(&mu_);
     if (closed_) return;
@@ -22,37 +23,40 @@ void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
     queue_.push_back(Queued{std::move(message), bytes});
     if (writing_ || held_) return;
     EventLoop* const current = EventLoop::Current();
-    if (flush_scheduled_ && current == flush_loop_ && event) return;  // goes with that flush
+    if (event && current != nullptr && current == flush_loop_) return;  // goes with that flush
     // Corked: an event from a guest's loop thread waits for the end of the loop's iteration (a
     // few microseconds: the other ready guests' events), then they go as one message. Anything
     // else, or from another thread, is written now (a pending flush then finds a write in
     // flight and leaves the rest to OnWriteDone).
-    if (!flush_scheduled_ && max_batch_ > 1 && event && current != nullptr &&
+    if (flush_loop_ == nullptr && max_batch_ > 1 && event && current != nullptr &&
         !weak_from_this().expired()) {
-      flush_scheduled_ = true;
-      flush_loop_ = loop = current;
+      flush_loop_ = cork = current;
     } else {
-      writing_ = true;
-      TakeNextLocked();
+      start = StartWriteLocked();
     }
   }
-  if (loop != nullptr) {
-    loop->RunAtEndOfIteration([self = shared_from_this()] { self->Flush(); });
-    return;
+  if (cork != nullptr) {
+    cork->RunAtEndOfIteration([self = shared_from_this()] { self->Flush(); });
+  } else if (start) {
+    start_write_(&current_);
   }
-  start_write_(&current_);
 }
 
 void AttachOutbox::Flush() {
+  bool start;
   {
     MutexLock lock(&mu_);
-    flush_scheduled_ = false;
     flush_loop_ = nullptr;
-    if (writing_ || held_ || closed_ || queue_.empty()) return;
-    writing_ = true;
-    TakeNextLocked();
+    start = StartWriteLocked();
   }
-  start_write_(&current_);
+  if (start) start_write_(&current_);
+}
+
+bool AttachOutbox::StartWriteLocked() {
+  if (writing_ || held_ || closed_ || queue_.empty()) return false;
+  writing_ = true;
+  TakeNextLocked();
+  return true;
 }
 
 void AttachOutbox::SetMaxBatch(uint32_t max_batch) {
@@ -61,14 +65,13 @@ void AttachOutbox::SetMaxBatch(uint32_t max_batch) {
 }
 
 void AttachOutbox::Release() {
+  bool start;
   {
     MutexLock lock(&mu_);
     held_ = false;
-    if (writing_ || closed_ || queue_.empty()) return;
-    writing_ = true;
-    TakeNextLocked();
+    start = StartWriteLocked();
   }
-  start_write_(&current_);
+  if (start) start_write_(&current_);
 }
 
 void AttachOutbox::OnWriteDone(bool ok) {

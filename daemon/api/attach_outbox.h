@@ -68,6 +68,9 @@ class AttachOutbox : public std::enable_shared_from_this<AttachOutbox> {
   void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The end of a loop iteration that queued events: writes them if no write is in flight.
   void Flush();
+  // Takes the write token and the next message into current_ if the stream may write now (the
+  // caller then calls start_write_ outside the lock); false if not.
+  bool StartWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TakeNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool CongestedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // No write in flight: true once (Finish is called exactly once).
@@ -83,8 +86,8 @@ class AttachOutbox : public std::enable_shared_from_this<AttachOutbox> {
   };
   std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
   uint32_t max_batch_ ABSL_GUARDED_BY(mu_) = 1;
-  bool flush_scheduled_ ABSL_GUARDED_BY(mu_) = false;     // a loop will call Flush
-  EventLoop* flush_loop_ ABSL_GUARDED_BY(mu_) = nullptr;  // ... that loop
+  // The loop that will call Flush at the end of its iteration (null: no flush pending).
+  EventLoop* flush_loop_ ABSL_GUARDED_BY(mu_) = nullptr;
   size_t backlog_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   // The message being written. Filled under mu_ by whoever takes the write token (writing_) and
   // read by gRPC until OnWriteDone: only the token holder touches it.

@@ -41,6 +41,21 @@ def run_ctl(*args, stdin=None):
                           timeout=30)
 
 
+class FakeCall:
+    """A gRPC streaming call that yields `messages`, then ends."""
+
+    def __init__(self, messages):
+        self.messages = iter(messages)
+
+    def __next__(self):
+        return next(self.messages)
+
+    def cancel(self):
+        pass
+
+    def cancelled(self):
+        return False
+
 class ParsingTest(unittest.TestCase):
     def test_ranges_are_inclusive_and_accept_sizes(self):
         self.assertEqual(kc.parse_range("0x1000-0x1fff"), (0x1000, 0x1fff))
@@ -141,19 +156,6 @@ class ErrorTest(unittest.TestCase):
         self.assertEqual(str(e), "NOT_FOUND: no guest 'x'")
 
     def test_drop_modes(self):
-        class FakeCall:
-            def __init__(self, messages):
-                self.messages = iter(messages)
-
-            def __next__(self):
-                return next(self.messages)
-
-            def cancel(self):
-                pass
-
-            def cancelled(self):
-                return False
-
         def messages():
             event = kc.pb.StreamEventsResponse()
             event.event.id = 7
@@ -190,16 +192,6 @@ class HandlerBatchTest(unittest.TestCase):
     """Attach batches: events that come as one AttachResponse.events are yielded one by one, and
     verdicts that queued meanwhile go out as one AttachRequest.verdicts, in order."""
 
-    class Call:
-        def __init__(self, messages):
-            self.messages = iter(messages)
-
-        def __next__(self):
-            return next(self.messages)
-
-        def cancel(self):
-            pass
-
     class Stub:
         def __init__(self, messages):
             self.messages = messages
@@ -207,7 +199,7 @@ class HandlerBatchTest(unittest.TestCase):
 
         def Attach(self, requests):
             self.requests = requests
-            return HandlerBatchTest.Call(self.messages)
+            return FakeCall(self.messages)
 
     def test_batched_events_one_by_one_and_queued_verdicts_in_one_message(self):
         claimed = kc.pb.AttachResponse()
