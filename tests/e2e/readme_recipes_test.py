@@ -240,8 +240,12 @@ def script(steps, work):
                 command = "env PYTHONPATH=$root/clients/python /usr/bin/python3 %s" % path
             else:
                 command = "bash -c %s" % shell_word(step.text)
-            signal = "INT" if step.mode == "stream" else "TERM"
-            out.append("start=$SECONDS; timeout -s %s -k 10 %g %s >%s 2>%s </dev/null; "
+            # A stream gets one SIGINT, as from a terminal's Ctrl-C. Without --foreground, timeout
+            # signals its child and then its whole process group, so the child got two: the
+            # second one interrupted grpcio's channel.close() in the Python client, which then
+            # hung in the channel's __del__ (status 137, about 1 run in 4).
+            signal = "--foreground -s INT" if step.mode == "stream" else "-s TERM"
+            out.append("start=$SECONDS; timeout %s -k 10 %g %s >%s 2>%s </dev/null; "
                        "record %s $? $((SECONDS - start))"
                        % (signal, step.limit, command, o, e, step.id))
         last = step is steps[-1] or steps[steps.index(step) + 1].recipe is not r
