@@ -7,6 +7,7 @@
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
 #   tsa   bazel build --config=tsa //daemon/...          (clang thread-safety analysis; 1 case)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
+#   format  clang-format --dry-run --Werror on every tracked .cc/.h (1 case)
 #   api   scripts/api-check.sh: buf lint, buf breaking against proto/baseline/kvmi-v1.binpb, and
 #         two self-tests proving each fails on a planted violation (4 cases; runs first, offline)
 # Exit status is non-zero if any case failed or any step could not run. Works as root (no sudo
@@ -64,6 +65,31 @@ if [ -s "$work/api.xml" ]; then
 else
   counts+=(--failed-step "scripts/api-check.sh exited $api_rc without results")
 fi
+
+# Every C++ file as clang-format (.clang-format: Google style, 100 columns) leaves it: one case,
+# failed by any file it would change (named, with the first differences).
+echo "== format: clang-format --dry-run --Werror"
+format_log="$work/format.log"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  git ls-files -z '*.cc' '*.h'
+else
+  find . -path ./bazel-\* -prune -o \( -name '*.cc' -o -name '*.h' \) -print0
+fi | xargs -0 clang-format --dry-run --Werror >"$format_log" 2>&1
+format_rc=$?
+{
+  echo '<?xml version="1.0" encoding="UTF-8"?>'
+  echo '<testsuites><testsuite name="format" tests="1">'
+  if [ "$format_rc" -eq 0 ]; then
+    echo '<testcase classname="format" name="clang_format"/>'
+  else
+    echo '<testcase classname="format" name="clang_format"><failure message="clang-format would change these files (clang-format -i FILE)"/></testcase>'
+    grep -oE "^[^: ]+\.(cc|h)" "$format_log" | sort -u >&2
+    head -n 20 "$format_log" >&2
+  fi
+  echo '</testsuite></testsuites>'
+} >"$work/format.xml"
+echo "== format: exit $format_rc"
+counts+=(--label format --junit "$work/format.xml")
 
 run_bazel_test unit //...
 run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...

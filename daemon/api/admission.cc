@@ -221,18 +221,18 @@ Status Admission::AdmitClaim(const CallContext& stream, const kvmi::v1::Claim& c
     }
   }
   const kvmi::v1::ContextRequest& context = claim.context();
-  if (checked.ok() && (context.rip_bytes() != 0 || context.rsp_bytes() != 0 ||
-                       context.pf_bytes() != 0)) {
+  if (checked.ok() &&
+      (context.rip_bytes() != 0 || context.rsp_bytes() != 0 || context.pf_bytes() != 0)) {
     // Event context is guest memory read for the handler: the role of ReadVirtual (operator),
     // on every claimed guest (no guest named: on every guest).
     const security::Role needed = security::InfoOf(Rpc::kReadVirtual).role;
     if (every_guest) {
       const security::Role has = authz->RoleOn(stream.caller, nullptr);
       if (has < needed) {
-        checked = absl::PermissionDeniedError(absl::StrCat(
-            "claim.context: guest memory with the events of every guest needs ",
-            security::RoleName(needed), " on every guest; the caller has ",
-            security::RoleName(has)));
+        checked = absl::PermissionDeniedError(
+            absl::StrCat("claim.context: guest memory with the events of every guest needs ",
+                         security::RoleName(needed), " on every guest; the caller has ",
+                         security::RoleName(has)));
       }
     } else {
       for (const GuestRef& guest : claimed) {

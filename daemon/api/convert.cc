@@ -227,7 +227,8 @@ kvmi::v1::Event ToProto(const ObservedEvent& o, bool include_registers, const Ev
   if (include_registers && want.Has(E::kRegistersFieldNumber)) {
     *out.mutable_registers() = RegistersToProto(e.common.arch.regs, e.common.arch.sregs);
   }
-  if (o.context && want.Has(E::kContextFieldNumber)) ContextToProto(*o.context, out.mutable_context());
+  if (o.context && want.Has(E::kContextFieldNumber))
+    ContextToProto(*o.context, out.mutable_context());
   return out;
 }
 

@@ -123,7 +123,9 @@ class VisibleGuests {
   VisibleGuests(CallContext call, VerdictPipeline* pipeline,
                 const security::AuthorizerHolder* holder = nullptr);
   // The caller is a viewer of `guest` (lists and streams show it).
-  bool Visible(const std::shared_ptr<Guest>& guest) { return RoleOf(guest) >= security::Role::kViewer; }
+  bool Visible(const std::shared_ptr<Guest>& guest) {
+    return RoleOf(guest) >= security::Role::kViewer;
+  }
   // The caller has at least `role` on `guest` (e.g. operator: may see guest memory read with its
   // events, the event context).
   bool Allows(const std::shared_ptr<Guest>& guest, security::Role role) {

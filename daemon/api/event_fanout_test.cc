@@ -256,8 +256,7 @@ TEST_F(SmallRingTest, ResumeStartsAfterTheCursorAndCountsWhatIsGone) {
   // A stream resumed there is told first, and the loss is counted like any other drop.
   const uint64_t dropped_before = Metrics::Read().stream_events_dropped;
   auto late = std::make_unique<FakeSink>();
-  late->Open(fanout_.get(),
-             fanout_->Subscribe(late.get(), Allow({}), nullptr, 0, old, lost));
+  late->Open(fanout_.get(), fanout_->Subscribe(late.get(), Allow({}), nullptr, 0, old, lost));
   ASSERT_TRUE(late->in_flight());
   EXPECT_EQ(late->written().back().event_id, 0u);
   EXPECT_EQ(late->written().back().dropped, 2u);

@@ -1,7 +1,7 @@
 // What one WatchVMs call still has to send (StreamEvents reads the shared event ring instead,
 // event_fanout.h): a bounded queue, filled from any thread (registry watchers) and drained by one
-// write at a time. No thread waits on it, so an open stream costs no thread of its own: gRPC's callback
-// thread starts the next write from OnWriteDone; a stream that was idle is started by the
+// write at a time. No thread waits on it, so an open stream costs no thread of its own: gRPC's
+// callback thread starts the next write from OnWriteDone; a stream that was idle is started by the
 // StreamPump (one thread for every stream), so that a guest's loop thread only queues (a lock
 // and a push) and never converts a message or enters gRPC, however many streams are open. Without
 // a pump (tests), the thread that queued into an idle stream starts its write itself.

@@ -70,8 +70,7 @@ DecodeStatus DecodeEvent(const kvmi_msg_hdr& hdr, ByteView payload, Event* event
   if (!mode_ok) return S::Fail(CodecError::kBadValue, "kvmi_event.arch.mode");
   size_t specific = info->specific_size;
   if (in.remaining() != specific) {
-    return S::Fail(in.remaining() < specific ? CodecError::kTruncated
-                                             : CodecError::kTrailingBytes,
+    return S::Fail(in.remaining() < specific ? CodecError::kTruncated : CodecError::kTrailingBytes,
                    "event-specific data");
   }
   std::memset(&event->specific, 0, sizeof(event->specific));
@@ -103,8 +102,8 @@ EventReply MakeEventReply(const Event& event, uint8_t action) {
 
 void EncodeEventReply(const EventReply& reply, std::vector<uint8_t>* out) {
   ByteWriter w(out);
-  size_t specific = reply.specific_size <= sizeof(reply.specific) ? reply.specific_size
-                                                                  : sizeof(reply.specific);
+  size_t specific =
+      reply.specific_size <= sizeof(reply.specific) ? reply.specific_size : sizeof(reply.specific);
   kvmi_msg_hdr hdr{KVMI_EVENT_REPLY, static_cast<uint16_t>(kEventReplyCommonSize + specific),
                    reply.seq};
   w.Write(hdr);

@@ -44,8 +44,8 @@ class MessageFramer {
 
   size_t max_payload_;
   std::vector<uint8_t> buffer_;
-  size_t begin_ = 0;  // first byte not yet returned
-  size_t end_ = 0;    // one past the last received byte
+  size_t begin_ = 0;             // first byte not yet returned
+  size_t end_ = 0;               // one past the last received byte
   size_t consumed_pending_ = 0;  // bytes of the frame returned by the last Next()
 };
 

@@ -14,7 +14,7 @@
 
 namespace kvmi {
 
-inline constexpr size_t kQemuHelloSize = sizeof(kvmi_qemu2introspector);       // 96
+inline constexpr size_t kQemuHelloSize = sizeof(kvmi_qemu2introspector);          // 96
 inline constexpr size_t kIntrospectorHelloSize = sizeof(kvmi_introspector2qemu);  // 24
 // What a tool accepts as struct_size (libkvmi's bounds): at least up to the uuid, at most 64 KiB;
 // bytes past the 96 this code knows are read and discarded.
@@ -53,8 +53,8 @@ DecodeStatus DecodeIntrospectorHello(ByteView bytes, IntrospectorHello* hello);
 // SHA-1 of the shared secret, as kvmi-v7 QEMU checks it.
 std::array<uint8_t, kCookieHashSize> CookieHash(ByteView secret);
 
-std::string UuidToString(const Uuid& uuid);             // 8-4-4-4-12 lower-case hex
-bool ParseUuid(const std::string& text, Uuid* uuid);    // same format; false if malformed
+std::string UuidToString(const Uuid& uuid);           // 8-4-4-4-12 lower-case hex
+bool ParseUuid(const std::string& text, Uuid* uuid);  // same format; false if malformed
 
 }  // namespace kvmi
 

@@ -60,9 +60,9 @@ S CheckVariablePart(const ByteReader& in, size_t count, size_t item_size, SizeRu
   return S::Ok();
 }
 
-#define KVMI_RETURN_IF_ERROR(expr) \
-  do {                             \
-    S status_ = (expr);            \
+#define KVMI_RETURN_IF_ERROR(expr)     \
+  do {                                 \
+    S status_ = (expr);                \
     if (!status_.ok()) return status_; \
   } while (0)
 
@@ -75,11 +75,11 @@ DecodeStatus DecodeVcpuHdr(ByteView payload, uint16_t* vcpu) {
 
 // ---- requests with no payload ----------------------------------------------------------------
 
-#define KVMI_EMPTY_REQUEST_CODEC(T)                                      \
-  void EncodePayload(const T&, ByteWriter&) {}                           \
-  DecodeStatus DecodePayload(ByteView payload, T*, SizeRule rule) {      \
-    ByteReader in(payload);                                              \
-    return ExpectEnd(in, rule, #T);                                      \
+#define KVMI_EMPTY_REQUEST_CODEC(T)                                 \
+  void EncodePayload(const T&, ByteWriter&) {}                      \
+  DecodeStatus DecodePayload(ByteView payload, T*, SizeRule rule) { \
+    ByteReader in(payload);                                         \
+    return ExpectEnd(in, rule, #T);                                 \
   }
 KVMI_EMPTY_REQUEST_CODEC(GetVersionRequest)
 KVMI_EMPTY_REQUEST_CODEC(GetGuestInfoRequest)
@@ -124,12 +124,12 @@ DecodeStatus DecodePayload(ByteView payload, CheckEventRequest* r, SizeRule rule
 
 // ---- vCPU commands whose request is only the vcpu hdr -----------------------------------------
 
-#define KVMI_VCPU_ONLY_REQUEST_CODEC(T)                                   \
+#define KVMI_VCPU_ONLY_REQUEST_CODEC(T)                                          \
   void EncodePayload(const T& r, ByteWriter& out) { WriteVcpuHdr(out, r.vcpu); } \
-  DecodeStatus DecodePayload(ByteView payload, T* r, SizeRule rule) {     \
-    ByteReader in(payload);                                               \
-    KVMI_RETURN_IF_ERROR(ReadVcpuHdr(in, rule, &r->vcpu));                \
-    return ExpectEnd(in, rule, #T);                                       \
+  DecodeStatus DecodePayload(ByteView payload, T* r, SizeRule rule) {            \
+    ByteReader in(payload);                                                      \
+    KVMI_RETURN_IF_ERROR(ReadVcpuHdr(in, rule, &r->vcpu));                       \
+    return ExpectEnd(in, rule, #T);                                              \
   }
 KVMI_VCPU_ONLY_REQUEST_CODEC(GetVcpuInfoRequest)
 KVMI_VCPU_ONLY_REQUEST_CODEC(GetXsaveRequest)
@@ -199,7 +199,8 @@ DecodeStatus DecodePayload(ByteView payload, ControlEventsRequest* r, SizeRule r
   return S::Ok();
 }
 
-// ---- CONTROL_CR / CONTROL_MSR ---------------------------------------------------------------------
+// ---- CONTROL_CR / CONTROL_MSR
+// ---------------------------------------------------------------------
 
 void EncodePayload(const ControlCrRequest& r, ByteWriter& out) {
   WriteVcpuHdr(out, r.vcpu);
@@ -243,7 +244,8 @@ DecodeStatus DecodePayload(ByteView payload, ControlMsrRequest* r, SizeRule rule
   return S::Ok();
 }
 
-// ---- GET_REGISTERS / SET_REGISTERS -----------------------------------------------------------------
+// ---- GET_REGISTERS / SET_REGISTERS
+// -----------------------------------------------------------------
 
 void EncodePayload(const GetRegistersRequest& r, ByteWriter& out) {
   WriteVcpuHdr(out, r.vcpu);
@@ -278,7 +280,8 @@ DecodeStatus DecodePayload(ByteView payload, SetRegistersRequest* r, SizeRule ru
   return ExpectEnd(in, rule, "kvm_regs");
 }
 
-// ---- GET_CPUID / GET_MTRR_TYPE / INJECT_EXCEPTION ---------------------------------------------------
+// ---- GET_CPUID / GET_MTRR_TYPE / INJECT_EXCEPTION
+// ---------------------------------------------------
 
 void EncodePayload(const GetCpuidRequest& r, ByteWriter& out) {
   WriteVcpuHdr(out, r.vcpu);
@@ -334,7 +337,8 @@ DecodeStatus DecodePayload(ByteView payload, InjectExceptionRequest* r, SizeRule
   return S::Ok();
 }
 
-// ---- READ_PHYSICAL / WRITE_PHYSICAL -------------------------------------------------------------------
+// ---- READ_PHYSICAL / WRITE_PHYSICAL
+// -------------------------------------------------------------------
 
 void EncodePayload(const ReadPhysicalRequest& r, ByteWriter& out) {
   kvmi_read_physical wire{r.gpa, r.size};
@@ -376,7 +380,8 @@ DecodeStatus DecodePayload(ByteView payload, WritePhysicalRequest* r, SizeRule r
   return S::Ok();
 }
 
-// ---- GET/SET_PAGE_ACCESS, GET/SET_PAGE_WRITE_BITMAP ------------------------------------------------------
+// ---- GET/SET_PAGE_ACCESS, GET/SET_PAGE_WRITE_BITMAP
+// ------------------------------------------------------
 
 namespace {
 
@@ -482,8 +487,8 @@ DecodeStatus DecodePayload(ByteView payload, SetPageWriteBitmapRequest* r, SizeR
   if (wire.padding != 0) {
     return S::Fail(CodecError::kNonZeroPadding, "kvmi_set_page_write_bitmap.padding");
   }
-  KVMI_RETURN_IF_ERROR(CheckVariablePart(in, wire.count, sizeof(kvmi_page_write_bitmap_entry),
-                                         rule, "kvmi_set_page_write_bitmap.count"));
+  KVMI_RETURN_IF_ERROR(CheckVariablePart(in, wire.count, sizeof(kvmi_page_write_bitmap_entry), rule,
+                                         "kvmi_set_page_write_bitmap.count"));
   r->entries.resize(wire.count);
   bool all_padding_ok = true;
   for (PageWriteBitmap& e : r->entries) {
@@ -499,7 +504,8 @@ DecodeStatus DecodePayload(ByteView payload, SetPageWriteBitmapRequest* r, SizeR
   return S::Ok();
 }
 
-// ---- CONTROL_SPP / CONTROL_CMD_RESPONSE ------------------------------------------------------------------
+// ---- CONTROL_SPP / CONTROL_CMD_RESPONSE
+// ------------------------------------------------------------------
 
 void EncodePayload(const ControlSppRequest& r, ByteWriter& out) {
   kvmi_control_spp wire{};
@@ -537,7 +543,8 @@ DecodeStatus DecodePayload(ByteView payload, ControlCmdResponseRequest* r, SizeR
   return S::Ok();
 }
 
-// ---- replies ----------------------------------------------------------------------------------------------
+// ---- replies
+// ----------------------------------------------------------------------------------------------
 
 DecodeStatus DecodeReply(const kvmi_msg_hdr& hdr, ByteView payload, Reply* reply) {
   if (payload.size() != hdr.size) return S::Fail(CodecError::kCountMismatch, "hdr.size");
@@ -556,8 +563,7 @@ DecodeStatus DecodeReply(const kvmi_msg_hdr& hdr, ByteView payload, Reply* reply
   return S::Ok();
 }
 
-void EncodeReply(uint16_t id, uint32_t seq, int32_t err, ByteView data,
-                 std::vector<uint8_t>* out) {
+void EncodeReply(uint16_t id, uint32_t seq, int32_t err, ByteView data, std::vector<uint8_t>* out) {
   ByteWriter w(out);
   size_t data_size = err == 0 ? data.size() : 0;
   kvmi_msg_hdr hdr{id, static_cast<uint16_t>(kErrorCodeSize + data_size), seq};
@@ -673,9 +679,7 @@ DecodeStatus DecodeReplyData(ByteView data, CpuidReply* r) {
   return S::Ok();
 }
 
-void EncodeReplyData(const XsaveReply& r, ByteWriter& out) {
-  out.WriteBytes(ByteView(r.region));
-}
+void EncodeReplyData(const XsaveReply& r, ByteWriter& out) { out.WriteBytes(ByteView(r.region)); }
 // The length comes from hdr.size (§5.15): any whole number of u32 up to a page is accepted.
 DecodeStatus DecodeReplyData(ByteView data, XsaveReply* r) {
   if (data.empty() || data.size() % sizeof(uint32_t) != 0) {
@@ -691,9 +695,9 @@ DecodeStatus DecodeReplyData(ByteView data, XsaveReply* r) {
 void EncodeReplyData(const ReadPhysicalReply& r, ByteWriter& out) { out.WriteBytes(r.data); }
 DecodeStatus DecodeReplyData(ByteView data, size_t expected_size, ReadPhysicalReply* r) {
   if (data.size() != expected_size) {
-    return S::Fail(data.size() < expected_size ? CodecError::kTruncated
-                                               : CodecError::kTrailingBytes,
-                   "read_physical data");
+    return S::Fail(
+        data.size() < expected_size ? CodecError::kTruncated : CodecError::kTrailingBytes,
+        "read_physical data");
   }
   r->data = data;
   return S::Ok();
@@ -704,9 +708,9 @@ void EncodeReplyData(const PageAccessReply& r, ByteWriter& out) {
 }
 DecodeStatus DecodeReplyData(ByteView data, size_t expected_count, PageAccessReply* r) {
   if (data.size() != expected_count) {
-    return S::Fail(data.size() < expected_count ? CodecError::kTruncated
-                                                : CodecError::kTrailingBytes,
-                   "kvmi_get_page_access_reply.access");
+    return S::Fail(
+        data.size() < expected_count ? CodecError::kTruncated : CodecError::kTrailingBytes,
+        "kvmi_get_page_access_reply.access");
   }
   for (size_t i = 0; i < data.size(); ++i) {
     if ((data[i] & ~KVMI_PAGE_ACCESS_RWX) != 0) {
@@ -757,7 +761,8 @@ DecodeStatus DecodeEmptyReplyData(ByteView data) {
   return S::Ok();
 }
 
-// ---- batching ------------------------------------------------------------------------------------------------
+// ---- batching
+// ------------------------------------------------------------------------------------------------
 
 BatchBuilder::BatchBuilder(std::vector<uint8_t>* out, uint32_t open_seq) : out_(out) {
   ControlCmdResponseRequest silence;

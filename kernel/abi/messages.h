@@ -125,7 +125,7 @@ struct GetPageAccessRequest {
 };
 struct PageAccess {
   uint64_t gpa = 0;
-  uint8_t access = 0;  // KVMI_PAGE_ACCESS_* bits
+  uint8_t access = 0;      // KVMI_PAGE_ACCESS_* bits
   bool padding_ok = true;  // decode only: this entry's padding was zero (kernel: -KVM_EINVAL)
 };
 struct SetPageAccessRequest {
@@ -165,35 +165,35 @@ struct ControlCmdResponseRequest {
   bool now = false;
 };
 
-#define KVMI_FOR_EACH_REQUEST(X)                                                          \
-  X(GetVersionRequest)                                                                    \
-  X(CheckCommandRequest)                                                                  \
-  X(CheckEventRequest)                                                                    \
-  X(GetGuestInfoRequest)                                                                  \
-  X(GetVcpuInfoRequest)                                                                   \
-  X(PauseVcpuRequest)                                                                     \
-  X(ControlVmEventsRequest)                                                               \
-  X(ControlEventsRequest)                                                                 \
-  X(ControlCrRequest)                                                                     \
-  X(ControlMsrRequest)                                                                    \
-  X(GetRegistersRequest)                                                                  \
-  X(SetRegistersRequest)                                                                  \
-  X(GetCpuidRequest)                                                                      \
-  X(GetXsaveRequest)                                                                      \
-  X(ReadPhysicalRequest)                                                                  \
-  X(WritePhysicalRequest)                                                                 \
-  X(InjectExceptionRequest)                                                               \
-  X(GetPageAccessRequest)                                                                 \
-  X(SetPageAccessRequest)                                                                 \
-  X(GetMapTokenRequest)                                                                   \
-  X(GetMtrrTypeRequest)                                                                   \
-  X(ControlSppRequest)                                                                    \
-  X(GetPageWriteBitmapRequest)                                                            \
-  X(SetPageWriteBitmapRequest)                                                            \
+#define KVMI_FOR_EACH_REQUEST(X) \
+  X(GetVersionRequest)           \
+  X(CheckCommandRequest)         \
+  X(CheckEventRequest)           \
+  X(GetGuestInfoRequest)         \
+  X(GetVcpuInfoRequest)          \
+  X(PauseVcpuRequest)            \
+  X(ControlVmEventsRequest)      \
+  X(ControlEventsRequest)        \
+  X(ControlCrRequest)            \
+  X(ControlMsrRequest)           \
+  X(GetRegistersRequest)         \
+  X(SetRegistersRequest)         \
+  X(GetCpuidRequest)             \
+  X(GetXsaveRequest)             \
+  X(ReadPhysicalRequest)         \
+  X(WritePhysicalRequest)        \
+  X(InjectExceptionRequest)      \
+  X(GetPageAccessRequest)        \
+  X(SetPageAccessRequest)        \
+  X(GetMapTokenRequest)          \
+  X(GetMtrrTypeRequest)          \
+  X(ControlSppRequest)           \
+  X(GetPageWriteBitmapRequest)   \
+  X(SetPageWriteBitmapRequest)   \
   X(ControlCmdResponseRequest)
 
-#define KVMI_DECLARE_REQUEST_CODEC(T)                                                      \
-  void EncodePayload(const T& request, ByteWriter& out);                                  \
+#define KVMI_DECLARE_REQUEST_CODEC(T)                    \
+  void EncodePayload(const T& request, ByteWriter& out); \
   DecodeStatus DecodePayload(ByteView payload, T* request, SizeRule rule = SizeRule::kExact);
 KVMI_FOR_EACH_REQUEST(KVMI_DECLARE_REQUEST_CODEC)
 #undef KVMI_DECLARE_REQUEST_CODEC
@@ -227,8 +227,7 @@ struct Reply {
 // Checks the error-code prefix (present, zero padding, no data after an error).
 DecodeStatus DecodeReply(const kvmi_msg_hdr& hdr, ByteView payload, Reply* reply);
 // hdr{id, 8 + data.size(), seq} + error code + data (data only when err == 0).
-void EncodeReply(uint16_t id, uint32_t seq, int32_t err, ByteView data,
-                 std::vector<uint8_t>* out);
+void EncodeReply(uint16_t id, uint32_t seq, int32_t err, ByteView data, std::vector<uint8_t>* out);
 
 struct GetVersionReply {
   uint32_t version = 0;
@@ -296,7 +295,8 @@ DecodeStatus DecodeReplyData(ByteView data, size_t expected_count, PageWriteBitm
 // `data`; this checks it.
 DecodeStatus DecodeEmptyReplyData(ByteView data);
 
-// ---- CONTROL_CMD_RESPONSE batching (§5.2) --------------------------------------------------------
+// ---- CONTROL_CMD_RESPONSE batching (§5.2)
+// --------------------------------------------------------
 
 // Builds CMD_RESPONSE(enable=0, now=1), the caller's messages, CMD_RESPONSE(enable=1, now=1) in
 // one buffer, for one write: only the closing CMD_RESPONSE is answered (with `close_seq`).

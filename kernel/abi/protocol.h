@@ -11,24 +11,24 @@
 namespace kvmi {
 
 // Wire sizes, named once.
-inline constexpr size_t kHdrSize = sizeof(kvmi_msg_hdr);                // 8
-inline constexpr size_t kErrorCodeSize = sizeof(kvmi_error_code);       // 8
-inline constexpr size_t kVcpuHdrSize = sizeof(kvmi_vcpu_hdr);           // 8
-inline constexpr size_t kEventCommonSize = sizeof(kvmi_event);          // 544
+inline constexpr size_t kHdrSize = sizeof(kvmi_msg_hdr);                                  // 8
+inline constexpr size_t kErrorCodeSize = sizeof(kvmi_error_code);                         // 8
+inline constexpr size_t kVcpuHdrSize = sizeof(kvmi_vcpu_hdr);                             // 8
+inline constexpr size_t kEventCommonSize = sizeof(kvmi_event);                            // 544
 inline constexpr size_t kEventReplyCommonSize = kVcpuHdrSize + sizeof(kvmi_event_reply);  // 16
 // Largest payload the kernel accepts from the tool; it CLOSEs above this.
-inline constexpr size_t kMaxCommandPayload = KVMI_MSG_SIZE;              // 4088
+inline constexpr size_t kMaxCommandPayload = KVMI_MSG_SIZE;  // 4088
 // Largest payload the kernel sends: error code + 4096 (GET_XSAVE, READ_PHYSICAL of a page).
-inline constexpr size_t kMaxReplyPayload = KVMI_MAX_REPLY_PAYLOAD;       // 4104
+inline constexpr size_t kMaxReplyPayload = KVMI_MAX_REPLY_PAYLOAD;  // 4104
 // Derived per-message limits (§1 "Maximum sizes").
 inline constexpr size_t kMaxWritePhysicalData =
-    kMaxCommandPayload - sizeof(kvmi_write_physical);                    // 4072
+    kMaxCommandPayload - sizeof(kvmi_write_physical);  // 4072
 inline constexpr size_t kMaxSetPageAccessEntries =
     (kMaxCommandPayload - sizeof(kvmi_set_page_access)) / sizeof(kvmi_page_access_entry);  // 255
 inline constexpr size_t kMaxGetPageAccessGpas =
-    (kMaxCommandPayload - sizeof(kvmi_get_page_access)) / sizeof(uint64_t);               // 510
+    (kMaxCommandPayload - sizeof(kvmi_get_page_access)) / sizeof(uint64_t);  // 510
 inline constexpr size_t kMaxGetRegistersMsrs =
-    (KVMI_PAGE_SIZE - sizeof(kvmi_get_registers_reply)) / sizeof(kvm_msr_entry);          // 226
+    (KVMI_PAGE_SIZE - sizeof(kvmi_get_registers_reply)) / sizeof(kvm_msr_entry);  // 226
 inline constexpr size_t kMaxGetRegistersRequestMsrs =
     (kMaxCommandPayload - kVcpuHdrSize - sizeof(kvmi_get_registers)) / sizeof(uint32_t);  // 1018
 inline constexpr size_t kMaxReadPhysical = KVMI_PAGE_SIZE;
@@ -53,14 +53,14 @@ enum class CommandScope : uint8_t {
 
 struct CommandInfo {
   uint16_t id;
-  const char* name;           // "KVMI_GET_REGISTERS"
+  const char* name;  // "KVMI_GET_REGISTERS"
   CommandScope scope;
   bool has_vcpu_hdr;
-  bool always_allowed;        // GET_VERSION, CHECK_COMMAND, CHECK_EVENT
-  uint16_t request_fixed;     // payload bytes before any variable part (vcpu hdr included)
-  uint16_t request_item;      // bytes per variable element (0 = fixed-size request)
-  uint16_t reply_fixed;       // reply data after kvmi_error_code when err == 0
-  uint16_t reply_item;        // bytes per variable reply element (0 = fixed)
+  bool always_allowed;     // GET_VERSION, CHECK_COMMAND, CHECK_EVENT
+  uint16_t request_fixed;  // payload bytes before any variable part (vcpu hdr included)
+  uint16_t request_item;   // bytes per variable element (0 = fixed-size request)
+  uint16_t reply_fixed;    // reply data after kvmi_error_code when err == 0
+  uint16_t reply_item;     // bytes per variable reply element (0 = fixed)
 };
 
 // The v6 command table, ids 2..27. Null for any other id (0/1 are the event ids).
@@ -69,13 +69,13 @@ bool IsKnownCommand(uint16_t id);  // 2..27: counted in the allow masks
 
 struct EventInfo {
   uint8_t id;
-  const char* name;           // "KVMI_EVENT_PF"
-  bool vm_event;              // UNHOOK, CREATE_VCPU: enabled by CONTROL_VM_EVENTS
-  bool vcpu_event;            // accepted by CONTROL_EVENTS
-  bool has_reply;             // UNHOOK has none
-  uint16_t specific_size;     // S in §6
-  uint16_t reply_size;        // R in §6
-  uint8_t allowed_actions;    // bit per KVMI_EVENT_ACTION_* the event handles (doc)
+  const char* name;         // "KVMI_EVENT_PF"
+  bool vm_event;            // UNHOOK, CREATE_VCPU: enabled by CONTROL_VM_EVENTS
+  bool vcpu_event;          // accepted by CONTROL_EVENTS
+  bool has_reply;           // UNHOOK has none
+  uint16_t specific_size;   // S in §6
+  uint16_t reply_size;      // R in §6
+  uint8_t allowed_actions;  // bit per KVMI_EVENT_ACTION_* the event handles (doc)
 };
 
 const EventInfo* FindEvent(uint8_t id);  // null for ids >= KVMI_NUM_EVENTS

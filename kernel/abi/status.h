@@ -11,17 +11,17 @@ namespace kvmi {
 
 enum class CodecError : uint8_t {
   kOk = 0,
-  kTruncated,               // fewer bytes than the layout needs
-  kTrailingBytes,           // more bytes than the layout allows
-  kPayloadTooLarge,         // hdr.size above the receiver's limit (KVMI_MSG_SIZE for the kernel)
-  kUnknownMessageId,        // not a v6 message id
-  kUnknownEventId,          // not a v6 event id
-  kNonZeroPadding,          // a padding field of the message's own struct is not zero
-  kNonZeroVcpuHdrPadding,   // kvmi_vcpu_hdr padding (the kernel CLOSEs on this one)
-  kCountMismatch,           // a count/size field disagrees with hdr.size
-  kCountTooLarge,           // a count exceeds what fits one message
-  kBadValue,                // a field outside its ABI range
-  kUnexpectedMessage,       // well formed, but not what this receiver expects here
+  kTruncated,              // fewer bytes than the layout needs
+  kTrailingBytes,          // more bytes than the layout allows
+  kPayloadTooLarge,        // hdr.size above the receiver's limit (KVMI_MSG_SIZE for the kernel)
+  kUnknownMessageId,       // not a v6 message id
+  kUnknownEventId,         // not a v6 event id
+  kNonZeroPadding,         // a padding field of the message's own struct is not zero
+  kNonZeroVcpuHdrPadding,  // kvmi_vcpu_hdr padding (the kernel CLOSEs on this one)
+  kCountMismatch,          // a count/size field disagrees with hdr.size
+  kCountTooLarge,          // a count exceeds what fits one message
+  kBadValue,               // a field outside its ABI range
+  kUnexpectedMessage,      // well formed, but not what this receiver expects here
 };
 
 const char* CodecErrorName(CodecError error);

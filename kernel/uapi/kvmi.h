@@ -508,7 +508,7 @@ struct kvmi_mem_map {
   __u64 gva;
 };
 
-/* ---- §9 QEMU <-> tool handshake (KVM-VMI/qemu kvmi-v6) ----------------------------------------- */
+/* ---- §9 QEMU <-> tool handshake (KVM-VMI/qemu kvmi-v6) -------------------------------------- */
 
 struct kvmi_qemu2introspector {
   __u32 struct_size; /* 96 */
@@ -519,7 +519,7 @@ struct kvmi_qemu2introspector {
 };
 
 struct kvmi_introspector2qemu {
-  __u32 struct_size; /* 24 */
+  __u32 struct_size;    /* 24 */
   __u8 cookie_hash[20]; /* SHA-1 of the shared secret (checked by kvmi-v7 QEMU) */
 };
 

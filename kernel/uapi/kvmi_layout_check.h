@@ -15,10 +15,9 @@
 
 /* KVMI_GET_MAX_GFN (libkvmi id 29) is not part of the v6 posting and has no struct here. */
 #define KVMI_ASSERT_SIZE(type, n) KVMI_ASSERT(sizeof(struct type) == (n), "sizeof " #type)
-#define KVMI_ASSERT_FIELD(type, field, off, n)                                   \
+#define KVMI_ASSERT_FIELD(type, field, off, n)                                      \
   KVMI_ASSERT(offsetof(struct type, field) == (off), "offsetof " #type "." #field); \
   KVMI_ASSERT(sizeof(((struct type*)0)->field) == (n), "sizeof " #type "." #field)
-
 
 KVMI_ASSERT_SIZE(kvm_regs, 144);
 KVMI_ASSERT_FIELD(kvm_regs, rax, 0, 8);
@@ -144,7 +143,8 @@ KVMI_ASSERT_SIZE(kvmi_set_page_access, 8);
 KVMI_ASSERT_FIELD(kvmi_set_page_access, view, 0, 2);
 KVMI_ASSERT_FIELD(kvmi_set_page_access, count, 2, 2);
 KVMI_ASSERT_FIELD(kvmi_set_page_access, padding, 4, 4);
-KVMI_ASSERT(offsetof(struct kvmi_set_page_access, entries) == 8, "offsetof kvmi_set_page_access.entries");
+KVMI_ASSERT(offsetof(struct kvmi_set_page_access, entries) == 8,
+            "offsetof kvmi_set_page_access.entries");
 
 KVMI_ASSERT_SIZE(kvmi_control_spp, 8);
 KVMI_ASSERT_FIELD(kvmi_control_spp, enable, 0, 1);
@@ -153,7 +153,8 @@ KVMI_ASSERT_FIELD(kvmi_control_spp, padding2, 2, 2);
 KVMI_ASSERT_FIELD(kvmi_control_spp, padding3, 4, 4);
 
 KVMI_ASSERT_SIZE(kvmi_get_page_write_bitmap, 8);
-KVMI_ASSERT(offsetof(struct kvmi_get_page_write_bitmap, gpa) == 8, "offsetof kvmi_get_page_write_bitmap.gpa");
+KVMI_ASSERT(offsetof(struct kvmi_get_page_write_bitmap, gpa) == 8,
+            "offsetof kvmi_get_page_write_bitmap.gpa");
 
 KVMI_ASSERT_SIZE(kvmi_get_page_write_bitmap_reply, 0);
 
@@ -163,7 +164,8 @@ KVMI_ASSERT_FIELD(kvmi_page_write_bitmap_entry, bitmap, 8, 4);
 KVMI_ASSERT_FIELD(kvmi_page_write_bitmap_entry, padding, 12, 4);
 
 KVMI_ASSERT_SIZE(kvmi_set_page_write_bitmap, 8);
-KVMI_ASSERT(offsetof(struct kvmi_set_page_write_bitmap, entries) == 8, "offsetof kvmi_set_page_write_bitmap.entries");
+KVMI_ASSERT(offsetof(struct kvmi_set_page_write_bitmap, entries) == 8,
+            "offsetof kvmi_set_page_write_bitmap.entries");
 
 KVMI_ASSERT_SIZE(kvmi_get_vcpu_info_reply, 8);
 
@@ -275,7 +277,8 @@ KVMI_ASSERT_SIZE(kvmi_get_registers, 8);
 KVMI_ASSERT_FIELD(kvmi_get_registers, nmsrs, 0, 2);
 KVMI_ASSERT_FIELD(kvmi_get_registers, padding1, 2, 2);
 KVMI_ASSERT_FIELD(kvmi_get_registers, padding2, 4, 4);
-KVMI_ASSERT(offsetof(struct kvmi_get_registers, msrs_idx) == 8, "offsetof kvmi_get_registers.msrs_idx");
+KVMI_ASSERT(offsetof(struct kvmi_get_registers, msrs_idx) == 8,
+            "offsetof kvmi_get_registers.msrs_idx");
 
 KVMI_ASSERT_SIZE(kvmi_get_registers_reply, 472);
 KVMI_ASSERT_FIELD(kvmi_get_registers_reply, mode, 0, 4);
@@ -283,7 +286,8 @@ KVMI_ASSERT_FIELD(kvmi_get_registers_reply, padding, 4, 4);
 KVMI_ASSERT_FIELD(kvmi_get_registers_reply, regs, 8, 144);
 KVMI_ASSERT_FIELD(kvmi_get_registers_reply, sregs, 152, 312);
 KVMI_ASSERT_FIELD(kvmi_get_registers_reply, msrs, 464, 8);
-KVMI_ASSERT(offsetof(struct kvmi_get_registers_reply, msrs.entries) == 472, "offsetof kvmi_get_registers_reply.msrs.entries");
+KVMI_ASSERT(offsetof(struct kvmi_get_registers_reply, msrs.entries) == 472,
+            "offsetof kvmi_get_registers_reply.msrs.entries");
 
 KVMI_ASSERT_SIZE(kvmi_get_cpuid, 8);
 KVMI_ASSERT_FIELD(kvmi_get_cpuid, function, 0, 4);
@@ -328,7 +332,6 @@ KVMI_ASSERT_FIELD(kvmi_event_descriptor, descriptor, 0, 1);
 KVMI_ASSERT_FIELD(kvmi_event_descriptor, write, 1, 1);
 KVMI_ASSERT_FIELD(kvmi_event_descriptor, padding, 2, 6);
 
-
 KVMI_ASSERT_SIZE(kvm_introspection, 24);
 KVMI_ASSERT_FIELD(kvm_introspection, fd, 0, 4);
 KVMI_ASSERT_FIELD(kvm_introspection, padding, 4, 4);
@@ -345,4 +348,4 @@ KVMI_ASSERT_FIELD(kvmi_qemu2introspector, name, 32, 64);
 KVMI_ASSERT_SIZE(kvmi_introspector2qemu, 24);
 KVMI_ASSERT_FIELD(kvmi_introspector2qemu, cookie_hash, 4, 20);
 
-#endif  /* KVMID_KERNEL_UAPI_KVMI_LAYOUT_CHECK_H_ */
+#endif /* KVMID_KERNEL_UAPI_KVMI_LAYOUT_CHECK_H_ */
