@@ -23,6 +23,7 @@ import collections
 import datetime
 import json
 import re
+import signal
 import threading
 import time
 
@@ -772,7 +773,24 @@ class Client:
         self._lock = threading.Lock()
 
     def close(self):
-        self._channel.close()
+        """Closes the channel, cancelling its calls. A Ctrl-C that comes while it closes takes
+        effect once it has closed (KeyboardInterrupt then): grpcio's close interrupted halfway
+        leaves the channel waiting forever when the program exits, so a second Ctrl-C (or a
+        SIGINT sent to the process and to its group) would hang the program."""
+        interrupts = []
+        previous = None
+        # Only where Python may set handlers (the main thread) and the present one can be put
+        # back (None: installed outside Python).
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not None):
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(frame))
+        try:
+            self._channel.close()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if interrupts and callable(previous):
+            previous(signal.SIGINT, interrupts[-1])  # Python's default raises KeyboardInterrupt
 
     def __enter__(self):
         return self

@@ -8,10 +8,12 @@ import importlib.util
 import io
 import json
 import shutil
+import signal
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import grpc
@@ -369,6 +371,35 @@ class PagingTest(unittest.TestCase):
         result = run_ctl("vms", "--page-size", "-1")
         self.assertEqual(result.returncode, 3)  # a usage error
         self.assertIn("page size", result.stderr)
+
+
+class CloseTest(unittest.TestCase):
+    """Client.close(): a Ctrl-C while grpcio closes the channel waits for the close."""
+
+    class InterruptedChannel:
+        def __init__(self):
+            self.closed = False
+
+        def close(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the close
+            time.sleep(0.2)  # the handler runs here if nothing holds it
+            self.closed = True
+
+    def test_an_interrupt_during_close_comes_after_it(self):
+        client = kc.Client("127.0.0.1:1")
+        client._channel.close()
+        client._channel = channel = self.InterruptedChannel()
+        before = signal.getsignal(signal.SIGINT)
+        with self.assertRaises(KeyboardInterrupt):
+            client.close()
+        self.assertTrue(channel.closed)  # the close finished before the KeyboardInterrupt
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
+
+    def test_a_close_without_interrupt_keeps_the_handler(self):
+        client = kc.Client("127.0.0.1:1")
+        before = signal.getsignal(signal.SIGINT)
+        client.close()
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
 
 
 class TlsOptionsTest(unittest.TestCase):
