@@ -19,7 +19,7 @@ class HealthService::Watcher final : public WriteReactor<HealthCheckResponse> {
   // The name's status is `status` (called with the service's lock held; never blocks).
   void Send(ServingStatus status) {
     MutexLock lock(&mu_);
-    if (ended_) return;
+    if (ended_ || end_.has_value()) return;
     if (writing_) {
       pending_ = status;
       return;
@@ -27,15 +27,26 @@ class HealthService::Watcher final : public WriteReactor<HealthCheckResponse> {
     WriteLocked(status);
   }
 
+  // Finishes with `status` once what was sent is written (called with the service's lock held).
+  void End(const grpc::Status& status) {
+    MutexLock lock(&mu_);
+    if (ended_ || end_.has_value()) return;
+    end_ = status;
+    if (!writing_) FinishLocked();
+  }
+
   void OnWriteDone(bool ok) override {
     MutexLock lock(&mu_);
     writing_ = false;
-    if (!ok || ended_) return;
-    if (pending_.has_value()) {
+    if (ended_) return;
+    if (ok && pending_.has_value()) {
       const ServingStatus next = *pending_;
       pending_.reset();
       WriteLocked(next);
+      return;
     }
+    // Not ok: the call broke (OnCancel finishes it, unless it was being ended anyway).
+    if (end_.has_value()) FinishLocked();
   }
 
   void OnCancel() override {
@@ -52,6 +63,10 @@ class HealthService::Watcher final : public WriteReactor<HealthCheckResponse> {
   }
 
  private:
+  void FinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ended_ = true;
+    Finish(*end_);
+  }
   void WriteLocked(ServingStatus status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     writing_ = true;
     message_.set_status(status);
@@ -64,6 +79,7 @@ class HealthService::Watcher final : public WriteReactor<HealthCheckResponse> {
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool ended_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<ServingStatus> pending_ ABSL_GUARDED_BY(mu_);
+  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);  // End() was called
   HealthCheckResponse message_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -83,6 +99,7 @@ void HealthService::ServeAsync(AsyncServer* async) {
         MutexLock lock(&mu_);
         watchers_.insert(watcher);
         watcher->Send(StatusOf(watcher->name()));
+        if (end_watches_.has_value()) watcher->End(*end_watches_);
         return watcher;
       });
 }
@@ -107,6 +124,12 @@ void HealthService::Shutdown() {
   MutexLock lock(&mu_);
   shut_down_ = true;
   for (Watcher* watcher : watchers_) watcher->Send(StatusOf(watcher->name()));
+}
+
+void HealthService::EndWatches(const grpc::Status& status) {
+  MutexLock lock(&mu_);
+  end_watches_ = status;
+  for (Watcher* watcher : watchers_) watcher->End(status);
 }
 
 void HealthService::Remove(Watcher* watcher) {

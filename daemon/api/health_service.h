@@ -12,6 +12,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -36,6 +37,10 @@ class HealthService final
   void SetServing(const std::string& service, bool serving);
   // NOT_SERVING for every name, now and after (a server going away).
   void Shutdown();
+  // Ends every Watch with `status`, each once the statuses it was sent are written (so that a
+  // watcher of a server going away reads NOT_SERVING before its call ends); later Watch calls
+  // are ended as they start.
+  void EndWatches(const grpc::Status& status);
 
   grpc::Status Check(grpc::ServerContext* context,
                      const grpc::health::v1::HealthCheckRequest* request,
@@ -49,6 +54,7 @@ class HealthService final
   mutable Mutex mu_;
   std::map<std::string, bool> serving_ ABSL_GUARDED_BY(mu_);
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> end_watches_ ABSL_GUARDED_BY(mu_);
   std::set<Watcher*> watchers_ ABSL_GUARDED_BY(mu_);
 };
 

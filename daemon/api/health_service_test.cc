@@ -9,6 +9,8 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace kvmid::api {
 namespace {
@@ -112,6 +114,47 @@ TEST_F(HealthServiceTest, WatchOfAnUnknownNameWaitsForIt) {
   EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
   ctx.TryCancel();
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// EndWatches: every watcher reads what it was sent (here the shutdown's NOT_SERVING, written
+// behind the SERVING changes still in flight), then its call ends with the status given; a Watch
+// that starts afterwards gets its status and ends the same way.
+TEST_F(HealthServiceTest, EndWatchesEndsEachWatchAfterItsLastStatus) {
+  health_.SetServing("svc", true);
+  constexpr int kWatchers = 6;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<HealthCheckResponse>>> readers;
+  HealthCheckRequest request;
+  request.set_service("svc");
+  for (int i = 0; i < kWatchers; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(stub_->Watch(contexts.back().get(), request));
+    HealthCheckResponse first;
+    ASSERT_TRUE(readers.back()->Read(&first));
+  }
+  // Changes racing the end, from another thread.
+  std::thread flapping([&] {
+    for (int i = 0; i < 50; ++i) health_.SetServing("svc", i % 2 == 0);
+  });
+  health_.Shutdown();
+  const grpc::Status end(grpc::StatusCode::UNAVAILABLE, "going away");
+  health_.EndWatches(end);
+  flapping.join();
+  for (auto& reader : readers) {
+    HealthCheckResponse response, last;
+    while (reader->Read(&response)) last = response;
+    EXPECT_EQ(last.status(), HealthCheckResponse::NOT_SERVING);
+    const grpc::Status ended = reader->Finish();
+    EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(ended.error_message(), "going away");
+  }
+  grpc::ClientContext late_ctx;
+  auto late = stub_->Watch(&late_ctx, request);
+  HealthCheckResponse response;
+  ASSERT_TRUE(late->Read(&response));
+  EXPECT_EQ(response.status(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(late->Read(&response));
+  EXPECT_EQ(late->Finish().error_message(), "going away");
 }
 
 }  // namespace

@@ -7,12 +7,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstring>
+
 #include "daemon/api/limits.h"
 #include "daemon/metrics/api_interceptor.h"
 
 namespace kvmid {
 
 namespace {
+
+constexpr char kHealthWatchMethod[] = "/grpc.health.v1.Health/Watch";
 
 // One per streaming call: registers it with OpenStreams when its first hook runs (its grpc_call
 // is set by then) and removes it when gRPC deletes the interceptor (the call is done).
@@ -45,6 +49,9 @@ class OpenStreamsFactory final : public grpc::experimental::ServerInterceptorFac
       grpc::experimental::ServerRpcInfo* info) override {
     using Type = grpc::experimental::ServerRpcInfo::Type;
     if (info->type() == Type::UNARY) return nullptr;  // unary calls get the grace
+    // A health Watch ends itself at shutdown, after writing NOT_SERVING
+    // (HealthService::EndWatches): cancelled here, its last status could be lost.
+    if (std::strcmp(info->method(), kHealthWatchMethod) == 0) return nullptr;
     return new OpenStreamInterceptor(streams_, info);
   }
 
@@ -182,7 +189,9 @@ void ApiServer::Shutdown() {
   if (unix_listener_) unix_listener_->Stop();
   if (!server_) return;
   health_->Shutdown();  // NOT_SERVING for every name from now on
-  service_->Drain();    // refusals held by the tarpit are answered now
+  // Health watchers read that NOT_SERVING, then their calls end as the other streams' do.
+  health_->EndWatches(grpc::Status(grpc::StatusCode::UNAVAILABLE, kShuttingDownMessage));
+  service_->Drain();  // refusals held by the tarpit are answered now
   // Streams would never end by themselves: they end now, told why. Unary calls get the grace.
   const size_t ended = open_streams_.EndAll();
   if (ended > 0) spdlog::info("API: {} open streams ended ({})", ended, kShuttingDownMessage);

@@ -9,6 +9,7 @@
 #include "daemon/api/api_test_fixture.h"
 #include "daemon/api/limits.h"
 #include "daemon/testing/wait.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "src/proto/grpc/reflection/v1alpha/reflection.grpc.pb.h"
 
 namespace kvmid {
@@ -129,6 +130,48 @@ TEST_F(ApiTest, ShutdownEndsOpenStreamsAtOnceWithUnavailable) {
     EXPECT_EQ(status.error_message(), kShuttingDownMessage);
   }
   EXPECT_EQ(api_->open_streams().open(), 0u);
+}
+
+// A health watcher of a kvmid going away reads NOT_SERVING, then its call ends as the other
+// streams' do (UNAVAILABLE, kShuttingDownMessage).
+TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
+  using grpc::health::v1::HealthCheckRequest;
+  using grpc::health::v1::HealthCheckResponse;
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  constexpr int kWatchers = 8;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<HealthCheckResponse>>> watches;
+  for (int i = 0; i < kWatchers; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    HealthCheckRequest request;
+    if (i % 2 == 1) request.set_service(kvmi::v1::Introspection::service_full_name());
+    watches.push_back(health->Watch(contexts.back().get(), request));
+    HealthCheckResponse first;
+    ASSERT_TRUE(watches.back()->Read(&first));
+    EXPECT_EQ(first.status(), HealthCheckResponse::SERVING);
+  }
+  // Each watcher reads until its call ends; what it read last and how it ended.
+  std::vector<HealthCheckResponse::ServingStatus> last(kWatchers, HealthCheckResponse::SERVING);
+  std::vector<grpc::Status> ended(kWatchers);
+  std::vector<std::thread> readers;
+  for (int i = 0; i < kWatchers; ++i) {
+    readers.emplace_back([&, i] {
+      HealthCheckResponse response;
+      while (watches[i]->Read(&response)) last[i] = response.status();
+      ended[i] = watches[i]->Finish();
+    });
+  }
+  // (How long the shutdown takes is not checked here: once the watchers have ended, nothing
+  // polls this process's client connection, and under the "poll" engine the server's GOAWAY
+  // then waits its grace for the answer; see ShutdownEndsOpenStreamsAtOnceWithUnavailable.
+  // Ended by kvmid's shutdown, not by that grace, the calls carry its message.)
+  api_->Shutdown();
+  for (std::thread& reader : readers) reader.join();
+  for (int i = 0; i < kWatchers; ++i) {
+    EXPECT_EQ(last[i], HealthCheckResponse::NOT_SERVING) << "watcher " << i;
+    EXPECT_EQ(ended[i].error_code(), grpc::StatusCode::UNAVAILABLE) << ended[i].error_message();
+    EXPECT_EQ(ended[i].error_message(), kShuttingDownMessage);
+  }
 }
 
 }  // namespace
