@@ -132,8 +132,40 @@ if start_kvmid bare --deadline_ms=2000 --fallback=continue; then
       grep -q '^event id=[0-9]* .* msr=0xc0000082 .* => ACTION_KEEP_OLD (old value kept) by handler:go-test$' "$work/obs.txt"
   }
   check attach_keep_old_lstar attach_keep_old
+
 else
   fail attach_keep_old_lstar "kvmid (no policies) did not start" "$work/bare/kvmid.log"
+fi
+
+# A handler asking for batches (Claim.max_batch): kvmid "batch" (no policies) with 2 guests of 8
+# vCPUs writing MSRs as fast as they are answered, so that several wait at once and kvmid sends
+# them together; the client answers each batch with one VerdictBatch. Every event it printed
+# must have its verdict applied (no error, the count reached), and batches must have come.
+if start_kvmid batch --deadline_ms=2000 --fallback=continue; then
+  start_sim batch 2 --vcpus=8 --scenario=syscalls --rate=0
+  attach_batched() {
+    "$client" --addr="unix:$batch_api" --wait_vms=2 --list_only --timeout=20s || return 1
+    local rc=0
+    "$client" --addr="unix:$batch_api" --attach --handler_id=go-batch --events=MSR \
+      --arm_msrs=0xc0000082,0x176 --max_batch=16 --rip_bytes=false --count=400 --timeout=40s \
+      >"$work/batch.txt" 2>&1 || rc=$?
+    local verdicts done_n batches batched
+    verdicts=$(grep -c '^verdict ACTION_' "$work/batch.txt")
+    done_n=$(sed -n 's/^done: \([0-9]*\) verdicts$/\1/p' "$work/batch.txt")
+    batches=$(grep -c '^batch: ' "$work/batch.txt")
+    batched=$(awk '/^batch: [0-9]+ events$/ {n += $2} END {print n + 0}' "$work/batch.txt")
+    grep -v '^verdict ACTION_' "$work/batch.txt" | head -n 20
+    echo "rc=$rc verdicts=$verdicts done=$done_n batches=$batches events in batches=$batched"
+    [ "$rc" -eq 0 ] || return 1
+    grep -q '^claimed: owner=client:go-batch' "$work/batch.txt" &&
+      [ -n "$done_n" ] && [ "$done_n" -ge 400 ] && [ "$verdicts" -eq "$done_n" ] &&
+      [ "$batches" -ge 1 ] && [ "$batched" -ge $((2 * batches)) ] &&
+      grep -q '^verdict ACTION_KEEP_OLD for event id=[0-9]* .* msr=0xc0000082 .*(LSTAR write refused)$' "$work/batch.txt" &&
+      ! grep -q '^verdict error' "$work/batch.txt"
+  }
+  check attach_batched_verdicts attach_batched
+else
+  fail attach_batched_verdicts "kvmid (batch) did not start" "$work/batch/kvmid.log"
 fi
 
 finish

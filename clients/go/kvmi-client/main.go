@@ -61,6 +61,7 @@ var (
 	handlerID = flag.String("handler_id", "go-example", "with --attach: the handler id (Event.decided_by = handler:ID)")
 	deadline  = flag.Uint("deadline_ms", 0, "with --attach: how long kvmid waits for each verdict (0: its default)")
 	armMsrs   = flag.String("arm_msrs", "", "with --attach: MSRs to arm (CONTROL_MSR) for the claimed guests")
+	maxBatch  = flag.Uint("max_batch", 0, "with --attach: kvmid may send up to this many waiting events in one message (Claim.max_batch, at most 256); without --rip_bytes their verdicts go back as one VerdictBatch")
 	ripBytes  = flag.Bool("rip_bytes", true, "with --attach: read and print the 16 bytes at each event's RIP (an inline ReadVirtual) before its verdict")
 	dumpVM    = flag.String("dump_vm", "", "write this guest's memory to --dump_out and exit")
 	dumpOut   = flag.String("dump_out", "", "with --dump_vm: the file to write")
@@ -360,6 +361,7 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 		DeadlineMs: uint32(*deadline),
 		Fallback:   kvmiv1.Action_ACTION_CONTINUE,
 		ArmMsrs:    armList,
+		MaxBatch:   uint32(*maxBatch),
 	}
 	if len(armList) > 0 {
 		claim.ArmEvents = []kvmiv1.EventType{kvmiv1.EventType_EVENT_TYPE_MSR}
@@ -390,15 +392,22 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 		case *kvmiv1.AttachResponse_Error:
 			fmt.Printf("verdict error: event %d: %s\n", m.Error.GetEventId(), m.Error.GetMessage())
 			continue
-		case *kvmiv1.AttachResponse_Event:
-			ev := m.Event
+		case *kvmiv1.AttachResponse_Event, *kvmiv1.AttachResponse_Events:
+			evs := []*kvmiv1.Event{resp.GetEvent()}
+			if batch := resp.GetEvents(); batch != nil {
+				evs = batch.GetEvents()
+				fmt.Printf("batch: %d events\n", len(evs))
+			}
 			if !*ripBytes {
-				if err := answer(stream, ev, ""); err != nil {
+				if err := answerAll(stream, evs); err != nil {
 					return err
 				}
-			} else {
-				// The bytes at RIP first: an inline ReadVirtual in the event's address space; the
-				// verdict follows its result (the vCPU waits meanwhile, within the deadline).
+				answered += len(evs)
+				break
+			}
+			// The bytes at RIP first: an inline ReadVirtual in each event's address space; its
+			// verdict follows the result (the vCPU waits meanwhile, within the deadline).
+			for _, ev := range evs {
 				nextCommand++
 				pending[nextCommand] = ev
 				cmd := &kvmiv1.Command{Id: nextCommand, Request: &kvmiv1.Command_ReadVirtual{
@@ -408,8 +417,8 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 				if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Command{Command: cmd}}); err != nil {
 					return fmt.Errorf("Attach: sending ReadVirtual: %v", streamError(stream, err))
 				}
-				continue
 			}
+			continue
 		case *kvmiv1.AttachResponse_CommandResult:
 			result := m.CommandResult
 			ev, ok := pending[result.GetId()]
@@ -420,10 +429,10 @@ func runAttach(ctx context.Context, client kvmiv1.IntrospectionClient, types []k
 			if err := answer(stream, ev, formatRipBytes(result)); err != nil {
 				return err
 			}
+			answered++
 		default:
 			continue
 		}
-		answered++
 		if *count > 0 && answered >= *count {
 			fmt.Printf("done: %d verdicts\n", answered)
 			return detach(stream, cancel)
@@ -436,11 +445,37 @@ const ripByteCount = 16
 
 // answer sends the verdict for ev and prints it (with the bytes at RIP when read).
 func answer(stream kvmiv1.Introspection_AttachClient, ev *kvmiv1.Event, code string) error {
-	action, why := decide(ev)
-	verdict := &kvmiv1.Verdict{EventId: ev.GetId(), Action: action}
+	verdict, line := judge(ev, code)
 	if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Verdict{Verdict: verdict}}); err != nil {
 		return fmt.Errorf("Attach: sending a verdict: %v", streamError(stream, err))
 	}
+	fmt.Println(line)
+	return nil
+}
+
+// answerAll answers evs: one Verdict message for one event, else one VerdictBatch (kvmid
+// applies each verdict as if it came alone).
+func answerAll(stream kvmiv1.Introspection_AttachClient, evs []*kvmiv1.Event) error {
+	if len(evs) == 1 {
+		return answer(stream, evs[0], "")
+	}
+	batch := &kvmiv1.VerdictBatch{}
+	lines := make([]string, 0, len(evs))
+	for _, ev := range evs {
+		verdict, line := judge(ev, "")
+		batch.Verdicts = append(batch.Verdicts, verdict)
+		lines = append(lines, line)
+	}
+	if err := stream.Send(&kvmiv1.AttachRequest{Message: &kvmiv1.AttachRequest_Verdicts{Verdicts: batch}}); err != nil {
+		return fmt.Errorf("Attach: sending %d verdicts: %v", len(evs), streamError(stream, err))
+	}
+	fmt.Println(strings.Join(lines, "\n"))
+	return nil
+}
+
+// judge: ev's verdict, and the line that says it (with the bytes at RIP when read).
+func judge(ev *kvmiv1.Event, code string) (*kvmiv1.Verdict, string) {
+	action, why := decide(ev)
 	line := fmt.Sprintf("verdict %s for %s", action, formatEvent(ev))
 	if code != "" {
 		line += " " + code
@@ -448,8 +483,7 @@ func answer(stream kvmiv1.Introspection_AttachClient, ev *kvmiv1.Event, code str
 	if why != "" {
 		line += " (" + why + ")"
 	}
-	fmt.Println(line)
-	return nil
+	return &kvmiv1.Verdict{EventId: ev.GetId(), Action: action}, line
 }
 
 // formatRipBytes: "code=0f30..." with "??" for bytes on a page that was not read, and why.
