@@ -455,7 +455,7 @@ TEST_F(DaemonTest, HandlerVerdictIsSentWithItsRegistersInOneBatch) {
   StartDaemon();
   auto handler = std::make_shared<TestHandler>();
   auto registration = daemon_->pipeline().RegisterHandler(
-      handler, HandlerClaim{{KVMI_EVENT_BREAKPOINT}, {}, {}, std::chrono::seconds(5), {}});
+      handler, HandlerClaim{{KVMI_EVENT_BREAKPOINT}, {}, {}, std::chrono::seconds(5), {}, 0, {}});
   ScriptedHost* host = Connect(6, "debugged");
   ASSERT_NE(WaitHooked("debugged"), nullptr);
   host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 11));

@@ -495,7 +495,9 @@ std::vector<std::string> ListedVms(kvmi::v1::Introspection::Stub* stub, uint32_t
     grpc::Status s = stub->ListVMs(&ctx, request, &page);
     EXPECT_TRUE(s.ok()) << s.error_message();
     if (!s.ok()) break;
-    if (page_size != 0) EXPECT_LE(page.vms_size(), static_cast<int>(page_size));
+    if (page_size != 0) {
+      EXPECT_LE(page.vms_size(), static_cast<int>(page_size));
+    }
     for (const auto& vm : page.vms()) names.push_back(vm.name());
     request.set_page_token(page.next_page_token());
     if (between) between(page_number);

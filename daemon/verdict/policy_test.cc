@@ -301,7 +301,9 @@ TEST(PolicyWriteTest, PositionsGrowAlongEvaluationOrderAndReplacementsKeepTheirs
   std::vector<std::string> names;
   for (size_t i = 0; i < rules->size(); ++i) {
     names.push_back((*rules)[i]->name);
-    if (i > 0) EXPECT_LT((*rules)[i - 1]->position, (*rules)[i]->position);
+    if (i > 0) {
+      EXPECT_LT((*rules)[i - 1]->position, (*rules)[i]->position);
+    }
   }
   EXPECT_THAT(names, ::testing::ElementsAre("a", "c", "d"));
 }

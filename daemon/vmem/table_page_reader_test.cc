@@ -87,7 +87,9 @@ TEST(TablePageReaderTest, WalksThroughItMatchTheOracleInEveryMode) {
       ASSERT_TRUE(got[i].ok()) << got[i].status();
       sim::ExpectedTranslation want = builder.Expect(cr3, gvas[i]);
       ASSERT_EQ(got[i]->present, want.present) << std::hex << gvas[i];
-      if (want.present) EXPECT_EQ(got[i]->gpa, want.gpa) << std::hex << gvas[i];
+      if (want.present) {
+        EXPECT_EQ(got[i]->gpa, want.gpa) << std::hex << gvas[i];
+      }
     }
     EXPECT_FALSE(got[0x40]->present);
     // Each table page once: far fewer reads than entries (a direct reader reads one per level
