@@ -45,7 +45,8 @@ class HealthService::Watcher final : public WriteReactor<HealthCheckResponse> {
       WriteLocked(next);
       return;
     }
-    // Not ok: the call broke (OnCancel finishes it, unless it was being ended anyway).
+    // Nothing more to write, or the write failed (the call broke: OnCancel finishes it unless it
+    // was being ended anyway).
     if (end_.has_value()) FinishLocked();
   }
 

@@ -1,5 +1,6 @@
 #include "daemon/api/server.h"
 
+#include <absl/strings/str_cat.h>
 #include <grpc/grpc.h>
 #include <grpcpp/ext/health_check_service_server_builder_option.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -7,7 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cstring>
+#include <string>
 
 #include "daemon/api/limits.h"
 #include "daemon/metrics/api_interceptor.h"
@@ -16,7 +17,12 @@ namespace kvmid {
 
 namespace {
 
-constexpr char kHealthWatchMethod[] = "/grpc.health.v1.Health/Watch";
+// "/grpc.health.v1.Health/Watch", as ServerRpcInfo::method() names it.
+const std::string& HealthWatchMethod() {
+  static const std::string* const method =
+      new std::string(absl::StrCat("/", grpc::health::v1::Health::service_full_name(), "/Watch"));
+  return *method;
+}
 
 // One per streaming call: registers it with OpenStreams when its first hook runs (its grpc_call
 // is set by then) and removes it when gRPC deletes the interceptor (the call is done).
@@ -51,7 +57,7 @@ class OpenStreamsFactory final : public grpc::experimental::ServerInterceptorFac
     if (info->type() == Type::UNARY) return nullptr;  // unary calls get the grace
     // A health Watch ends itself at shutdown, after writing NOT_SERVING
     // (HealthService::EndWatches): cancelled here, its last status could be lost.
-    if (std::strcmp(info->method(), kHealthWatchMethod) == 0) return nullptr;
+    if (info->method() == HealthWatchMethod()) return nullptr;
     return new OpenStreamInterceptor(streams_, info);
   }
 

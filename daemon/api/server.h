@@ -29,12 +29,13 @@ namespace kvmid {
 // What a stream ended by a shutdown is told.
 inline constexpr char kShuttingDownMessage[] = "kvmid is shutting down";
 
-// The streaming calls open on a server (StreamEvents, WatchVMs, Attach, health Watch,
+// The streaming calls open on a server (StreamEvents, WatchVMs, Attach, the memory streams,
 // reflection), registered by a gRPC interceptor (Interceptors()) from their start to their end,
 // so that a shutdown can end them at once: EndAll cancels each with UNAVAILABLE
 // kShuttingDownMessage (the client sees that status; the reactor gets OnCancel and finishes), and
 // streams that start afterwards are ended as they start. Unary calls are not registered: they
-// get the shutdown's grace. Thread-safe.
+// get the shutdown's grace. Nor is health's Watch: it ends itself with the same status once it
+// has written NOT_SERVING (HealthService::EndWatches). Thread-safe.
 class OpenStreams {
  public:
   OpenStreams() = default;
@@ -72,8 +73,10 @@ class ApiServer {
   // itself (exact mode and group, peer credentials), TCP with mutual TLS or, named, plaintext on
   // loopback. The error names the address or the option it could not use.
   absl::Status Start(const security::ApiListenOptions& options);
-  // Stops accepting, ends the open streams at once (UNAVAILABLE kShuttingDownMessage) and gives
-  // the unary calls in flight api::kShutdownGrace to finish. Idempotent.
+  // Stops accepting, ends the open streams at once (UNAVAILABLE kShuttingDownMessage; health
+  // watchers once they have written NOT_SERVING) and gives the unary calls in flight
+  // api::kShutdownGrace to finish (and a health watcher whose client stopped reading: cancelled
+  // then). Idempotent.
   void Shutdown();
   const OpenStreams& open_streams() const { return open_streams_; }
   int tcp_port() const { return tcp_port_; }

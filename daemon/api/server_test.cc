@@ -150,6 +150,17 @@ TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
     ASSERT_TRUE(watches.back()->Read(&first));
     EXPECT_EQ(first.status(), HealthCheckResponse::SERVING);
   }
+  // Beside them, one stream that a shutdown cancels: it is the only one OpenStreams holds (the
+  // watchers end themselves).
+  grpc::ClientContext vms_ctx;
+  auto vms = stub_->WatchVMs(&vms_ctx, kvmi::v1::WatchVMsRequest());
+  ASSERT_TRUE(testing::WaitUntil([&] { return api_->open_streams().open() == 1u; }));
+  std::thread vms_reader([&] {
+    kvmi::v1::WatchVMsResponse change;
+    while (vms->Read(&change)) {
+    }
+    EXPECT_EQ(vms->Finish().error_message(), kShuttingDownMessage);
+  });
   // Each watcher reads until its call ends; what it read last and how it ended.
   std::vector<HealthCheckResponse::ServingStatus> last(kWatchers, HealthCheckResponse::SERVING);
   std::vector<grpc::Status> ended(kWatchers);
@@ -167,6 +178,7 @@ TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
   // Ended by kvmid's shutdown, not by that grace, the calls carry its message.)
   api_->Shutdown();
   for (std::thread& reader : readers) reader.join();
+  vms_reader.join();
   for (int i = 0; i < kWatchers; ++i) {
     EXPECT_EQ(last[i], HealthCheckResponse::NOT_SERVING) << "watcher " << i;
     EXPECT_EQ(ended[i].error_code(), grpc::StatusCode::UNAVAILABLE) << ended[i].error_message();
