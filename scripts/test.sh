@@ -25,6 +25,19 @@ counts=()
 flags=(--color=no)
 [ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
 
+# The JUnit file of a step that is one check (format, tsa): case CASE of suite SUITE, passed
+# when RC is 0, else failed with MESSAGE (plain text: no quotes or markup).
+one_case_junit() {  # SUITE CASE RC MESSAGE
+  echo '<?xml version="1.0" encoding="UTF-8"?>'
+  echo "<testsuites><testsuite name=\"$1\" tests=\"1\">"
+  if [ "$3" -eq 0 ]; then
+    echo "<testcase classname=\"$1\" name=\"$2\"/>"
+  else
+    echo "<testcase classname=\"$1\" name=\"$2\"><failure message=\"$4\"/></testcase>"
+  fi
+  echo '</testsuite></testsuites>'
+}
+
 summary() {
   python3 scripts/count_results.py "${counts[@]}"
 }
@@ -76,18 +89,12 @@ else
   find . -path ./bazel-\* -prune -o \( -name '*.cc' -o -name '*.h' \) -print0
 fi | xargs -0 clang-format --dry-run --Werror >"$format_log" 2>&1
 format_rc=$?
-{
-  echo '<?xml version="1.0" encoding="UTF-8"?>'
-  echo '<testsuites><testsuite name="format" tests="1">'
-  if [ "$format_rc" -eq 0 ]; then
-    echo '<testcase classname="format" name="clang_format"/>'
-  else
-    echo '<testcase classname="format" name="clang_format"><failure message="clang-format would change these files (clang-format -i FILE)"/></testcase>'
-    grep -oE "^[^: ]+\.(cc|h)" "$format_log" | sort -u >&2
-    head -n 20 "$format_log" >&2
-  fi
-  echo '</testsuite></testsuites>'
-} >"$work/format.xml"
+if [ "$format_rc" -ne 0 ]; then
+  grep -oE "^[^: ]+\.(cc|h)" "$format_log" | sort -u
+  head -n 20 "$format_log"
+fi
+one_case_junit format clang_format "$format_rc" \
+  "clang-format would change these files (clang-format -i FILE)" >"$work/format.xml"
 echo "== format: exit $format_rc"
 counts+=(--label format --junit "$work/format.xml")
 
@@ -104,17 +111,9 @@ bazel build "${flags[@]}" --keep_going --config=tsa //daemon/... >"$tsa_log" 2>&
 tsa_rc=$?
 tail -n 5 "$tsa_log"
 echo "== tsa: exit $tsa_rc after $((SECONDS - tsa_start)) s"
-{
-  echo '<?xml version="1.0" encoding="UTF-8"?>'
-  echo '<testsuites><testsuite name="tsa" tests="1">'
-  if [ "$tsa_rc" -eq 0 ]; then
-    echo '<testcase classname="tsa" name="daemon_thread_safety_analysis"/>'
-  else
-    echo '<testcase classname="tsa" name="daemon_thread_safety_analysis"><failure message="clang -Wthread-safety reported errors (see the log above)"/></testcase>'
-    grep -E "error:|warning:" "$tsa_log" | head -n 40
-  fi
-  echo '</testsuite></testsuites>'
-} >"$work/tsa.xml"
+[ "$tsa_rc" -eq 0 ] || grep -E "error:|warning:" "$tsa_log" | head -n 40
+one_case_junit tsa daemon_thread_safety_analysis "$tsa_rc" \
+  "clang -Wthread-safety reported errors (see the log above)" >"$work/tsa.xml"
 counts+=(--label tsa --junit "$work/tsa.xml")
 
 echo "== fuzz"

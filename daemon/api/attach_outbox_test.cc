@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <string>
 #include <thread>
@@ -147,6 +148,17 @@ TEST(AttachOutboxTest, WaitingEventsGoOutInBatchesOfAtMostMaxBatch) {
   EXPECT_FALSE(stream.outbox().Congested());
 }
 
+// Runs `body` on `loop` as one task and returns once the loop has begun its next iteration, so
+// that the end-of-iteration work `body` asked for (a corked flush) has run.
+void RunOneIteration(EventLoop& loop, const std::function<void()>& body) {
+  std::promise<void> next_iteration;
+  loop.Post([&] {
+    body();
+    loop.Post([&] { next_iteration.set_value(); });
+  });
+  next_iteration.get_future().wait();
+}
+
 // With max_batch, events sent on a guest's loop thread are written at the end of that loop's
 // iteration: the events one wake-up brought go as one message, not one write and then a batch.
 TEST(AttachOutboxTest, EventsSentOnALoopThreadGoOutTogetherAtTheEndOfItsIteration) {
@@ -155,16 +167,13 @@ TEST(AttachOutboxTest, EventsSentOnALoopThreadGoOutTogetherAtTheEndOfItsIteratio
   stream.outbox().Release();
   EventLoop loop;
   loop.Start("test-loop");
-  std::promise<int> in_flight_during;
-  std::promise<void> iteration_over;
-  loop.Post([&] {
+  int in_flight_during = -1;
+  RunOneIteration(loop, [&] {
     for (uint64_t id = 1; id <= 3; ++id) stream.outbox().Send(EventMessage(id));
-    in_flight_during.set_value(stream.in_flight());
-    loop.Post([&] { iteration_over.set_value(); });  // the next iteration
+    in_flight_during = stream.in_flight();
   });
-  EXPECT_EQ(in_flight_during.get_future().get(), 0) << "written before the iteration ended";
-  iteration_over.get_future().wait();
   loop.Stop();
+  EXPECT_EQ(in_flight_during, 0) << "written before the iteration ended";
   ASSERT_EQ(stream.in_flight(), 1);
   EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u, 2u, 3u));
   stream.Complete();
@@ -185,18 +194,15 @@ TEST(AttachOutboxTest, APendingFlushHoldsUpNoOtherThreadAndAnAbortStopsIt) {
   stream.outbox().Release();
   EventLoop loop;
   loop.Start("test-loop");
-  std::promise<int> in_flight_after_other;
-  std::promise<void> iteration_over;
-  loop.Post([&] {
+  int in_flight_after_other = -1;
+  RunOneIteration(loop, [&] {
     stream.outbox().Send(EventMessage(1));  // corked until this iteration ends
     std::thread other([&] { stream.outbox().Send(Message(9)); });  // e.g. a command result
     other.join();
-    in_flight_after_other.set_value(stream.in_flight());
+    in_flight_after_other = stream.in_flight();
     stream.outbox().Send(EventMessage(2));
-    loop.Post([&] { iteration_over.set_value(); });
   });
-  EXPECT_EQ(in_flight_after_other.get_future().get(), 1) << "held for the loop's iteration";
-  iteration_over.get_future().wait();
+  EXPECT_EQ(in_flight_after_other, 1) << "held for the loop's iteration";
   EXPECT_EQ(stream.in_flight(), 1);  // the flush found the write in flight and left it
   EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u));  // taken first: queued first
   stream.Complete();
@@ -206,13 +212,10 @@ TEST(AttachOutboxTest, APendingFlushHoldsUpNoOtherThreadAndAnAbortStopsIt) {
   stream.Complete();
 
   // Aborted with a flush pending: the flush writes nothing, Finish comes once, at once.
-  std::promise<void> aborted;
-  loop.Post([&] {
+  RunOneIteration(loop, [&] {
     stream.outbox().Send(EventMessage(3));
     stream.outbox().RequestFinish(grpc::Status::CANCELLED, /*drain=*/false);
-    loop.Post([&] { aborted.set_value(); });
   });
-  aborted.get_future().wait();
   loop.Stop();
   EXPECT_EQ(stream.in_flight(), 0);
   ASSERT_EQ(stream.finishes().size(), 1u);
@@ -225,14 +228,11 @@ TEST(AttachOutboxTest, ADrainingFinishWithAFlushPendingWritesTheEventsThenFinish
   stream.outbox().Release();
   EventLoop loop;
   loop.Start("test-loop");
-  std::promise<void> iteration_over;
-  loop.Post([&] {
+  RunOneIteration(loop, [&] {
     stream.outbox().Send(EventMessage(1));
     stream.outbox().Send(EventMessage(2));
     stream.outbox().RequestFinish(grpc::Status::OK, /*drain=*/true);
-    loop.Post([&] { iteration_over.set_value(); });
   });
-  iteration_over.get_future().wait();
   loop.Stop();
   EXPECT_THAT(stream.finishes(), IsEmpty());  // the batch is still to be written
   EXPECT_THAT(EventIds(stream.last()), ElementsAre(1u, 2u));

@@ -10,6 +10,17 @@ namespace kvmid {
 namespace {
 
 using ::testing::HasSubstr;
+using AttachStream = grpc::ClientReaderWriter<kvmi::v1::AttachRequest, kvmi::v1::AttachResponse>;
+
+// Sends `claim` as the stream's first message; kvmid must answer Claimed.
+void ClaimOn(AttachStream* stream, const kvmi::v1::Claim& claim) {
+  kvmi::v1::AttachRequest request;
+  *request.mutable_claim() = claim;
+  ASSERT_TRUE(stream->Write(request));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_claimed()) << response.DebugString();
+}
 
 TEST_F(ApiTest, AttachedHandlerAnswersEventsAndItsArmingGoesWithTheStream) {
   ScriptedHost* host = Connect(9, "attached");
@@ -180,13 +191,11 @@ TEST_F(ApiTest, AttachEndsAStreamSendingARequestItDoesNotKnow) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
-  kvmi::v1::AttachRequest claim;
-  claim.mutable_claim()->set_handler_id("newer");
-  ASSERT_TRUE(stream->Write(claim));
-  kvmi::v1::AttachResponse response;
-  ASSERT_TRUE(stream->Read(&response));
-  ASSERT_TRUE(response.has_claimed());
+  kvmi::v1::Claim claim;
+  claim.set_handler_id("newer");
+  ASSERT_NO_FATAL_FAILURE(ClaimOn(stream.get(), claim));
   ASSERT_TRUE(stream->Write(kvmi::v1::AttachRequest()));  // no field set
+  kvmi::v1::AttachResponse response;
   EXPECT_FALSE(stream->Read(&response));
   grpc::Status s = stream->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -211,12 +220,9 @@ TEST_F(ApiTest, AttachRefusesBatchesAboveTheirLimitsNamingTheField) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub_->Attach(&ctx);
-  kvmi::v1::AttachRequest claim;
-  claim.mutable_claim()->set_handler_id("flood");
-  ASSERT_TRUE(stream->Write(claim));
-  kvmi::v1::AttachResponse response;
-  ASSERT_TRUE(stream->Read(&response));
-  ASSERT_TRUE(response.has_claimed());
+  kvmi::v1::Claim claim;
+  claim.set_handler_id("flood");
+  ASSERT_NO_FATAL_FAILURE(ClaimOn(stream.get(), claim));
   kvmi::v1::AttachRequest answers;
   for (int i = 0; i <= api::kMaxVerdictBatch; ++i) {
     kvmi::v1::Verdict* verdict = answers.mutable_verdicts()->add_verdicts();
@@ -224,6 +230,7 @@ TEST_F(ApiTest, AttachRefusesBatchesAboveTheirLimitsNamingTheField) {
     verdict->set_action(kvmi::v1::ACTION_CONTINUE);
   }
   ASSERT_TRUE(stream->Write(answers));
+  kvmi::v1::AttachResponse response;
   EXPECT_FALSE(stream->Read(&response));
   grpc::Status s = stream->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
