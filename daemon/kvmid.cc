@@ -183,6 +183,7 @@ absl::Status Daemon::Start() {
     loops_.push_back(std::make_unique<EventLoop>());
     loops_.back()->Start(("kvmid-io-" + std::to_string(i)).c_str());
   }
+  SetIoNice();
   accept_loop_ = std::make_unique<EventLoop>();
   accept_loop_->Start("kvmid-accept");
   MutexLock lock(&lifecycle_mutex_);
@@ -197,6 +198,19 @@ absl::Status Daemon::Start() {
   spdlog::info("kvmid listening on {}{}", config_.unix_socket,
                config_.vsock_port ? " and vsock port " + std::to_string(*config_.vsock_port) : "");
   return absl::OkStatus();
+}
+
+void Daemon::SetIoNice() {
+  for (const auto& loop : loops_) {
+    absl::Status set = loop->SetNice(config_.io_nice);
+    if (!set.ok()) {
+      absl::StatusOr<int> now = loop->Nice();
+      spdlog::warn("io_nice: the I/O threads stay at nice {}: {}",
+                   now.ok() ? std::to_string(*now) : "(unknown)", std::string(set.message()));
+      return;
+    }
+  }
+  spdlog::info("io_nice: {} I/O threads at nice {}", loops_.size(), config_.io_nice);
 }
 
 void Daemon::OnGuestConnected(AcceptedGuest accepted) {
@@ -320,10 +334,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   const DaemonConfig& next = config.daemon;
   if (started &&
       (next.unix_socket != config_.unix_socket || next.vsock_port != config_.vsock_port ||
-       next.io_threads != config_.io_threads || next.cookie_file != config_.cookie_file ||
-       next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
+       next.io_threads != config_.io_threads || next.io_nice != config_.io_nice ||
+       next.cookie_file != config_.cookie_file || next.allowed_uids != config_.allowed_uids ||
+       next.allowed_cids != config_.allowed_cids)) {
     spdlog::warn(
-        "reload: listener settings (sockets, io_threads, cookie, allowed peers) changed; "
+        "reload: listener settings (sockets, io_threads, io_nice, cookie, allowed peers) changed; "
         "they take effect at the next restart");
   }
   return absl::OkStatus();

@@ -33,6 +33,13 @@ namespace kvmid {
 
 // The daemon's limits; checks and their error messages use these.
 inline constexpr int kMaxIoThreads = 64;
+// The nice value of the I/O threads (the guests' event path), by default: above every process
+// started at nice 0, so that a local user's processes waking up do not preempt a thread that a
+// guest's vCPU waits on (docs/PERFORMANCE.md, issue 10, measured the cost). The gRPC threads,
+// which serve every client including a hostile one, keep the process's own value.
+inline constexpr int kDefaultIoNice = -10;
+inline constexpr int kMinNice = -20;
+inline constexpr int kMaxNice = 19;
 inline constexpr uint32_t kMaxSocketMode = 0777;
 // "0660" for a permission mode (error messages, logs).
 std::string OctalMode(uint32_t mode);
@@ -53,6 +60,9 @@ struct DaemonConfig {
   std::vector<uid_t> allowed_uids;
   std::vector<uint32_t> allowed_cids;
   int io_threads = 2;
+  // The I/O threads' nice value (kMinNice..kMaxNice). Raising it needs CAP_SYS_NICE; without
+  // it kvmid says so in a warning and the threads keep the process's value.
+  int io_nice = kDefaultIoNice;
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds command_timeout{10000};
   VerdictPipeline::Options verdicts;
@@ -199,6 +209,8 @@ class Daemon {
   std::chrono::milliseconds stream_heartbeat() const { return config_.stream_heartbeat; }
 
  private:
+  // Gives the I/O threads config_.io_nice (a warning when it cannot).
+  void SetIoNice();
   void OnGuestConnected(AcceptedGuest guest);
   void RearmAllGuests();
 

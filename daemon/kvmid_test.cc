@@ -3,10 +3,12 @@
 // (daemon/testing); tests/e2e runs the same daemon against the host-side model.
 #include "daemon/kvmid.h"
 
+#include <dirent.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -120,6 +122,49 @@ class DaemonTest : public ::testing::Test {
   std::vector<std::unique_ptr<ScriptedHost>> hosts_;
   kvmi::IntrospectorHello last_answer_;
 };
+
+// This process's threads by name (/proc/self/task/*/comm) with their nice values.
+std::multimap<std::string, int> ThreadNiceValues() {
+  std::multimap<std::string, int> out;
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return out;
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    std::string name;
+    std::getline(std::ifstream(std::string("/proc/self/task/") + entry->d_name + "/comm"), name);
+    errno = 0;
+    const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(std::atoi(entry->d_name)));
+    if (errno == 0) out.emplace(name, nice);
+  }
+  ::closedir(dir);
+  return out;
+}
+
+// io_nice applies to the I/O threads (the guests' event path) only: the accept loop, which serves
+// whoever connects, keeps the process's value.
+TEST_F(DaemonTest, TheIoThreadsAndOnlyThemGetIoNice) {
+  errno = 0;
+  const int mine = ::getpriority(PRIO_PROCESS, 0);
+  ASSERT_EQ(errno, 0);
+  // Lowering is allowed without privileges; root could also raise it (the default, -10).
+  config_.io_nice = mine < 19 ? mine + 1 : 18;
+  config_.io_threads = 3;
+  StartDaemon();
+  const std::multimap<std::string, int> threads = ThreadNiceValues();
+  int io_threads = 0;
+  for (const auto& [name, nice] : threads) {
+    if (name.rfind("kvmid-io-", 0) == 0) {
+      ++io_threads;
+      EXPECT_EQ(nice, config_.io_nice) << name;
+    } else if (name == "kvmid-accept") {
+      EXPECT_EQ(nice, mine);
+    }
+  }
+  EXPECT_EQ(io_threads, 3);
+  EXPECT_EQ(threads.count("kvmid-accept"), 1u);
+  errno = 0;
+  EXPECT_EQ(::getpriority(PRIO_PROCESS, 0), mine);
+}
 
 TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
   StartDaemon();

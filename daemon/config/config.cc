@@ -109,6 +109,12 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
     }
     d.io_threads = static_cast<int>(file.io_threads());
   }
+  if (file.has_io_nice()) {
+    if (file.io_nice() < kMinNice || file.io_nice() > kMaxNice) {
+      return invalid("io_nice: " + std::to_string(kMinNice) + " to " + std::to_string(kMaxNice));
+    }
+    d.io_nice = file.io_nice();
+  }
   if (file.handshake_timeout_ms() != 0) {
     d.handshake_timeout = std::chrono::milliseconds(file.handshake_timeout_ms());
   }

@@ -56,6 +56,7 @@ TEST(ConfigTest, FullExampleParses) {
   EXPECT_EQ(c.daemon.vsock_port, 5555u);
   EXPECT_THAT(c.daemon.allowed_uids, ::testing::ElementsAre(64055u));
   EXPECT_EQ(c.daemon.io_threads, 4);
+  EXPECT_EQ(c.daemon.io_nice, kDefaultIoNice);  // unset
   EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_CR].deadline.count(), 250);
   EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_PF].deadline.count(), 50);
   EXPECT_EQ(c.daemon.verdicts.deadlines[KVMI_EVENT_PF].fallback_action, KVMI_EVENT_ACTION_CRASH);
@@ -163,6 +164,12 @@ TEST(ConfigTest, FallbacksMayOnlyContinueOrCrash) {
 TEST(ConfigTest, LimitsComeFromTheirConstants) {
   EXPECT_THAT(ErrorOf("io_threads: 65"), HasSubstr("at most " + std::to_string(kMaxIoThreads)));
   EXPECT_EQ(ErrorOf("io_threads: 64"), "ok");
+  EXPECT_THAT(ErrorOf("io_nice: -21"), HasSubstr("io_nice: -20 to 19"));
+  EXPECT_THAT(ErrorOf("io_nice: 20"), HasSubstr("io_nice: -20 to 19"));
+  EXPECT_EQ(ErrorOf("io_nice: 19"), "ok");
+  absl::StatusOr<LoadedConfig> zero = ParseConfig("io_nice: 0", "k.conf");
+  ASSERT_TRUE(zero.ok()) << zero.status();
+  EXPECT_EQ(zero->daemon.io_nice, 0);  // set to 0 is not unset
   EXPECT_THAT(ErrorOf("listen { socket_mode: 01777 }"), HasSubstr("at most 0777"));
   EXPECT_THAT(
       ErrorOf(

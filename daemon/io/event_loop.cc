@@ -3,10 +3,12 @@
 #include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 namespace kvmid {
 namespace {
@@ -32,6 +34,7 @@ EventLoop::~EventLoop() { Stop(); }
 
 void EventLoop::Start(const char* name) {
   thread_ = std::thread([this, name] {
+    loop_tid_ = ::gettid();
     loop_thread_id_ = std::this_thread::get_id();
     current_loop = this;
     pthread_setname_np(pthread_self(), name);
@@ -39,6 +42,32 @@ void EventLoop::Start(const char* name) {
   });
   // Watch()/RunAt() callers may check InLoopThread() right away.
   while (loop_thread_id_.load() == std::thread::id()) std::this_thread::yield();
+}
+
+absl::Status EventLoop::SetNice(int nice) {
+  const pid_t tid = loop_tid_.load();
+  if (tid == 0) return absl::FailedPreconditionError("the event loop has not started");
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(tid), nice) != 0) {
+    const int error = errno;
+    std::string message = "setpriority(nice " + std::to_string(nice) + "): " + std::strerror(error);
+    if (error == EACCES || error == EPERM) {
+      message += " (raising a thread's priority needs CAP_SYS_NICE or a high enough RLIMIT_NICE)";
+      return absl::PermissionDeniedError(message);
+    }
+    return absl::InternalError(message);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> EventLoop::Nice() const {
+  const pid_t tid = loop_tid_.load();
+  if (tid == 0) return absl::FailedPreconditionError("the event loop has not started");
+  errno = 0;  // -1 is a valid nice value: errno tells an error apart
+  const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+  if (nice == -1 && errno != 0) {
+    return absl::InternalError(std::string("getpriority: ") + std::strerror(errno));
+  }
+  return nice;
 }
 
 void EventLoop::Stop() {

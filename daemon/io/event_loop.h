@@ -4,7 +4,10 @@
 #ifndef KVMID_DAEMON_IO_EVENT_LOOP_H_
 #define KVMID_DAEMON_IO_EVENT_LOOP_H_
 
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
 #include <sys/epoll.h>
+#include <sys/types.h>
 
 #include <atomic>
 #include <chrono>
@@ -38,6 +41,13 @@ class EventLoop {
   // Starts the loop on its own thread (named `name`); Stop() ends it and joins.
   void Start(const char* name);
   void Stop();
+
+  // Any thread, once started. Sets the loop thread's nice value (Linux schedules threads, not
+  // processes: the process's other threads keep theirs). Raising the priority (a value below the
+  // thread's) needs CAP_SYS_NICE or RLIMIT_NICE; the error says so.
+  absl::Status SetNice(int nice);
+  // The loop thread's nice value (getpriority), or an error.
+  absl::StatusOr<int> Nice() const;
 
   // Loop thread only. The callback runs on the loop thread; Unwatch before closing the fd.
   void Watch(int fd, uint32_t events, FdCallback callback);
@@ -78,6 +88,7 @@ class EventLoop {
   kvmi::UniqueFd wake_fd_;  // eventfd: Post() and Stop() wake epoll_wait
   std::thread thread_;
   std::atomic<std::thread::id> loop_thread_id_{};
+  std::atomic<pid_t> loop_tid_{0};  // the loop thread's kernel thread id (gettid)
   std::atomic<bool> stopping_{false};
 
   // shared_ptr: a callback may Unwatch (destroy) itself while it runs.

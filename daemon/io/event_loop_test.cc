@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -11,6 +12,34 @@
 
 namespace kvmid {
 namespace {
+
+// SetNice changes the loop thread's nice value only: the calling thread keeps its own.
+TEST(EventLoopTest, SetNiceChangesOnlyTheLoopThread) {
+  EventLoop loop;
+  EXPECT_EQ(loop.SetNice(1).code(), absl::StatusCode::kFailedPrecondition);  // not started
+  loop.Start("test-loop");
+  errno = 0;
+  const int mine = ::getpriority(PRIO_PROCESS, 0);
+  ASSERT_EQ(errno, 0);
+  absl::StatusOr<int> before = loop.Nice();
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(*before, mine);  // a new thread inherits its creator's
+  // Lowering the priority is always allowed; 19 is the lowest.
+  const int lower = mine < 19 ? mine + 1 : 19;
+  ASSERT_TRUE(loop.SetNice(lower).ok());
+  EXPECT_EQ(*loop.Nice(), lower);
+  errno = 0;
+  EXPECT_EQ(::getpriority(PRIO_PROCESS, 0), mine);
+  // Raising it back works with CAP_SYS_NICE (root) and is refused, saying why, without.
+  absl::Status raised = loop.SetNice(mine);
+  if (raised.ok()) {
+    EXPECT_EQ(*loop.Nice(), mine);
+  } else {
+    EXPECT_EQ(raised.code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_NE(raised.message().find("CAP_SYS_NICE"), absl::string_view::npos) << raised;
+  }
+  loop.Stop();
+}
 
 // A quiet task waits for the loop's next wake-up, and keeps its place among posted tasks.
 TEST(EventLoopTest, AQuietTaskRunsAtTheNextWakeUpInPostingOrder) {

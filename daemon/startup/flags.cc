@@ -28,6 +28,9 @@ KVMID_FLAG(std::string, cookie_file, "",
 KVMID_FLAG(std::string, allowed_uids, "",
            "comma-separated uids allowed to connect on the UNIX socket (SO_PEERCRED); empty = any");
 KVMID_FLAG(int, io_threads, 2, "I/O threads serving guest sockets (1..64)");
+KVMID_FLAG(int, io_nice, -10,
+           "nice value of the I/O threads, which carry every guest's events (-20..19; raising it "
+           "needs CAP_SYS_NICE); the gRPC threads keep the process's");
 KVMID_FLAG(int, handshake_timeout_ms, 5000,
            "a QEMU that has not finished its handshake is dropped");
 KVMID_FLAG(int, command_timeout_ms, 10000, "a command with no reply by then fails with a timeout");
@@ -293,6 +296,14 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
       return FlagError("io_threads", "must be 1.." + std::to_string(kMaxIoThreads));
     }
     d.io_threads = threads;
+  }
+  if (given("io_nice")) {
+    int nice = absl::GetFlag(FLAGS_io_nice);
+    if (nice < kMinNice || nice > kMaxNice) {
+      return FlagError("io_nice",
+                       "must be " + std::to_string(kMinNice) + ".." + std::to_string(kMaxNice));
+    }
+    d.io_nice = nice;
   }
   if (given("handshake_timeout_ms")) {
     auto ms = PositiveMs("handshake_timeout_ms", absl::GetFlag(FLAGS_handshake_timeout_ms));

@@ -108,6 +108,8 @@ TEST(FlagsOverlayTest, BadValuesNameTheirFlagAndLimit) {
   };
   for (const Case& c : std::vector<Case>{
            {"--io_threads=65", "--io_threads must be 1..64"},
+           {"--io_nice=-21", "--io_nice must be -20..19"},
+           {"--io_nice=20", "--io_nice must be -20..19"},
            {"--kvmi_socket_mode=0999", "--kvmi_socket_mode"},
            {"--kvmi_socket_mode=01777", "at most 0777"},
            {"--kvmi_vsock_port=70000", "0..65535"},
