@@ -54,7 +54,9 @@ Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Statu
     state.delay = std::min<Clock::duration>(state.delay, max_delay);
     state.last_refusal = now;
     delay = state.delay;
-    if (stopping_ || state.held >= kMaxHeldPerKey || held_bytes_ + bytes > kMaxHeldBytes) {
+    // Held only with a delay to wait (a zero maximum holds nothing) and within the bounds.
+    if (delay == Clock::duration::zero() || stopping_ || state.held >= kMaxHeldPerKey ||
+        held_bytes_ + bytes > kMaxHeldBytes) {
       delay = Clock::duration::zero();
     } else {
       ++state.held;
@@ -67,7 +69,8 @@ Tarpit::Clock::duration Tarpit::Finish(const std::string& key, const grpc::Statu
     }
   }
   if (delay == Clock::duration::zero()) {
-    finish();  // over a bound: answered at once
+    // Not held, so `finish` was not moved (clang-tidy cannot tell the branches apart).
+    finish();  // NOLINT(bugprone-use-after-move): over a bound, answered at once
     return delay;
   }
   if (wake) cv_.SignalAll();

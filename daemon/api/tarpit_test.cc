@@ -119,6 +119,19 @@ TEST(TarpitTest, TheConfiguredMaximumCapsEveryDelay) {
   ASSERT_TRUE(answers.WaitFor(6));
 }
 
+// No delay at all (a maximum of zero, below what the configuration allows): every refusal is
+// answered once, at once.
+TEST(TarpitTest, AZeroMaximumAnswersEveryRefusalAtOnce) {
+  Tarpit tarpit;
+  Answers answers;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(tarpit.Finish("uid:65534", Refused(), 10, answers.Next(), Clock::duration::zero()),
+              Clock::duration::zero())
+        << i;
+  }
+  EXPECT_EQ(answers.count(), 3u);
+}
+
 TEST(TarpitTest, BoundsWhatOneIdentityAndAllTogetherHold) {
   Tarpit tarpit;
   Answers answers;
@@ -153,6 +166,7 @@ TEST(TarpitTest, ManyThreadsRefusedAtOnceAreAllAnswered) {
   {
     Tarpit tarpit;
     std::vector<std::thread> threads;
+    threads.reserve(4);
     for (int t = 0; t < 4; ++t) {
       threads.emplace_back([&, t] {
         for (int i = 0; i < 50; ++i) {
