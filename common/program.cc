@@ -21,7 +21,7 @@ void UseReleaseAbslMutexes() {
 void UseGrpcPollEngine() { ::setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0); }
 
 void SetUpProgram(const std::string& program, const std::string& usage,
-                  std::vector<std::string> flag_dirs) {
+                  const std::vector<std::string>& flag_dirs) {
   UseReleaseAbslMutexes();
   UseGrpcPollEngine();
   absl::SetProgramUsageMessage(usage);

@@ -34,7 +34,7 @@ void UseGrpcPollEngine();
 // them, e.g. "daemon/") whose flags --help and --helpfull list. Calls UseReleaseAbslMutexes and
 // UseGrpcPollEngine.
 void SetUpProgram(const std::string& program, const std::string& usage,
-                  std::vector<std::string> flag_dirs);
+                  const std::vector<std::string>& flag_dirs);
 
 }  // namespace kvmid
 

@@ -116,7 +116,8 @@ bool Daemon::Selects(const std::vector<std::string>& vms, const Guest& guest) {
   return false;
 }
 
-void Daemon::SetClientArming(const OwnerId& owner, std::vector<std::string> vms, Arming arming) {
+void Daemon::SetClientArming(const OwnerId& owner, const std::vector<std::string>& vms,
+                             const Arming& arming) {
   {
     MutexLock lock(&clients_mutex_);
     client_arming_[owner] = ClientArming{vms, arming};
@@ -226,9 +227,7 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
     session->Close("another live connection holds this guest");
     return;
   }
-  loop->RunInLoop([session, early = std::move(accepted.early_bytes)]() mutable {
-    session->Start(std::move(early));
-  });
+  loop->RunInLoop([session, early = std::move(accepted.early_bytes)] { session->Start(early); });
 }
 
 absl::Status PolicyCountAfterReload(const std::vector<std::shared_ptr<const Rule>>& current,

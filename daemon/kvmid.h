@@ -198,7 +198,8 @@ class Daemon {
 
   // Arms `arming` as a lease of `owner` on every guest that `vms` selects (UUIDs or names; empty =
   // every guest), now and on guests that connect later.
-  void SetClientArming(const OwnerId& owner, std::vector<std::string> vms, Arming arming);
+  void SetClientArming(const OwnerId& owner, const std::vector<std::string>& vms,
+                       const Arming& arming);
   // Everything `owner` holds, on every guest: leases, paused vCPUs, future arming.
   void ReleaseOwner(const OwnerId& owner);
   // True if `vms` (UUIDs or names; empty = all) selects `guest`.

@@ -753,7 +753,7 @@ TEST_F(DaemonTest, APausedVcpuStaysPausedUntilResumedOrItsOwnerGoesAway) {
   EXPECT_EQ(reply->action, KVMI_EVENT_ACTION_CONTINUE);
 
   // Paused again, then the owner disappears: the vCPU is let go at once.
-  guest->Pause("client:1", 0, [](CommandResult) {});
+  guest->Pause("client:1", 0, [](const CommandResult&) {});
   ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
   host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 0, 51));
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().paused_vcpus.count(0) == 1; }));
@@ -768,7 +768,7 @@ TEST_F(DaemonTest, AForgottenPauseEndsAtThePauseDeadline) {
   ScriptedHost* host = Connect(14, "forgotten", 1);
   auto guest = WaitHooked("forgotten");
   ASSERT_NE(guest, nullptr);
-  guest->Pause("client:9", 0, [](CommandResult) {});
+  guest->Pause("client:9", 0, [](const CommandResult&) {});
   ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
   host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 0, 60));
   auto reply = WaitEventReply(host, 60, KVMI_EVENT_PAUSE_VCPU);
@@ -840,7 +840,7 @@ TEST_F(DaemonTest, AGuestThatDisconnectsMidCommandFailsItCleanly) {
   auto guest = WaitHooked("leaving");
   ASSERT_NE(guest, nullptr);
   std::promise<CommandResult> read;
-  guest->session()->ReadPhysical(0x1000, 64, [&](CommandResult r) { read.set_value(r); });
+  guest->session()->ReadPhysical(0x1000, 64, [&](const CommandResult& r) { read.set_value(r); });
   ASSERT_TRUE(host->WaitForId(KVMI_READ_PHYSICAL));
   host->Close();  // QEMU died with the command in flight
   auto future = read.get_future();
@@ -880,6 +880,7 @@ TEST_F(DaemonTest, ApiPoliciesAreBoundedInSizeAndCountEvenWhenAppliedConcurrentl
   // 8 threads race 80 new names into room for 5: exactly 5 go in.
   std::atomic<int> applied{0}, refused{0}, other{0};
   std::vector<std::thread> threads;
+  threads.reserve(8);
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 10; ++i) {

@@ -5,6 +5,8 @@
 #   asan  bazel test --config=asan //...                  (the same cases under ASan + UBSan;
 #         tests tagged no-asan, e.g. tests/deploy's containers, are left out)
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
+#   tidy  scripts/tidy.sh: clang-tidy (.clang-tidy) over every source of //daemon, //kernel,
+#         //common, tests included (1 case, failed by any finding)
 #   tsa   bazel build --config=tsa //daemon/...          (clang thread-safety analysis; 1 case)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
 #   format  clang-format --dry-run --Werror on every tracked .cc/.h (1 case)
@@ -25,7 +27,7 @@ counts=()
 flags=(--color=no)
 [ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
 
-# The JUnit file of a step that is one check (format, tsa): case CASE of suite SUITE, passed
+# The JUnit file of a step that is one check (format, tsa, tidy): case CASE of suite SUITE, passed
 # when RC is 0, else failed with MESSAGE (plain text: no quotes or markup).
 one_case_junit() {  # SUITE CASE RC MESSAGE
   echo '<?xml version="1.0" encoding="UTF-8"?>'
@@ -101,6 +103,21 @@ counts+=(--label format --junit "$work/format.xml")
 run_bazel_test unit //...
 run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...
 run_bazel_test tsan --config=tsan --test_tag_filters=tsan //...
+
+# clang-tidy over the project's C++ (scripts/tidy.sh; .clang-tidy: bugprone, performance and a
+# few modernize checks, every finding an error): one case, failed by any finding. Before tsa,
+# which builds with clang (CC=clang): the default build the unit step made is still current.
+echo "== tidy: scripts/tidy.sh"
+tidy_start=$SECONDS
+tidy_log="$work/tidy.log"
+bash scripts/tidy.sh >"$tidy_log" 2>&1
+tidy_rc=$?
+echo "== tidy: exit $tidy_rc after $((SECONDS - tidy_start)) s"
+[ "$tidy_rc" -eq 0 ] || grep -E "(warning|error):" "$tidy_log" | sort -u | head -n 40
+one_case_junit tidy clang_tidy "$tidy_rc" \
+  "clang-tidy reported findings (see the log above; scripts/tidy.sh FILE to check one)" \
+  >"$work/tidy.xml"
+counts+=(--label tidy --junit "$work/tidy.xml")
 
 # Clang's thread-safety analysis over the daemon (ABSL_GUARDED_BY & co., daemon/base/mutex.h):
 # one case, failed by any warning (-Werror=thread-safety).

@@ -75,7 +75,7 @@ class AddressTranslation {
   // what is the request's fault or ends the read (a non-canonical address: INVALID_ARGUMENT);
   // a page that cannot be read is reported in its outcome.
   void ReadRange(const Target& target, uint32_t bucket, const vmem::PagingContext& paging,
-                 bool use_cache, uint64_t gva, uint64_t size, ReadCallback done)
+                 bool use_cache, uint64_t gva, uint64_t size, const ReadCallback& done)
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // kvmid wrote [gpa, gpa + size) of `guest` (WritePhysical).

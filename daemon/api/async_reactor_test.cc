@@ -379,6 +379,7 @@ TEST_F(AsyncReactorTest, ManyConcurrentStreams) {
   constexpr int kStreams = 32;
   std::vector<std::thread> clients;
   std::atomic<int> good{0};
+  clients.reserve(kStreams);
   for (int i = 0; i < kStreams; ++i) {
     clients.emplace_back([&, i] {
       grpc::ClientContext ctx;

@@ -211,7 +211,7 @@ void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
   // must not wait for that to hand this stream its next event.
   if (promise.valid()) {
     v.decided_by = "handler:" + id_;
-    if (!promise.Answer(std::move(v))) error = "event already answered (deadline)";
+    if (!promise.Answer(v)) error = "event already answered (deadline)";
   }
   if (!error.empty()) {
     kvmi::v1::AttachResponse message;

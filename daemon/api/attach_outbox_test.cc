@@ -353,6 +353,7 @@ TEST(AttachOutboxTest, WritesFromManyThreadsAllGoOutOnceEach) {
     done = true;
   });
   std::vector<std::thread> senders;
+  senders.reserve(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     senders.emplace_back([&, t] {
       for (int i = 0; i < kEach; ++i) stream.outbox().Send(Message(t * kEach + i));

@@ -151,7 +151,7 @@ grpc::StatusCode AttachClaim(Stub* stub, const kvmi::v1::Claim& claim,
   return stream->Finish().error_code();
 }
 
-kvmi::v1::Claim ClaimOf(std::vector<std::string> vms,
+kvmi::v1::Claim ClaimOf(const std::vector<std::string>& vms,
                         kvmi::v1::Action fallback = kvmi::v1::ACTION_UNSPECIFIED) {
   kvmi::v1::Claim claim;
   claim.set_handler_id("matrix");

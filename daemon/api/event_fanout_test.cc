@@ -149,6 +149,7 @@ class FanoutTest : public ::testing::Test {
 TEST_F(FanoutTest, StreamsThatCannotMatchAnEventsTypeCostNothing) {
   constexpr int kStreams = 1000;
   std::vector<std::unique_ptr<FakeSink>> idle;
+  idle.reserve(kStreams);
   for (int i = 0; i < kStreams; ++i) idle.push_back(Open(Allow({KVMI_EVENT_BREAKPOINT})));
   EXPECT_EQ(fanout_->waiting(), static_cast<size_t>(kStreams));
 
@@ -327,6 +328,7 @@ TEST_F(FanoutTest, StreamsEndingWhileTheDeliveryThreadHoldsThemFinishOnce) {
   constexpr int kRounds = 20, kStreams = 50;
   for (int round = 0; round < kRounds; ++round) {
     std::vector<std::unique_ptr<FakeSink>> sinks;
+    sinks.reserve(kStreams);
     for (int i = 0; i < kStreams; ++i) sinks.push_back(Open(Allow({KVMI_EVENT_CR})));
     std::atomic<bool> stop{false};
     std::thread emitter([&] {
@@ -553,6 +555,7 @@ TEST_F(FanoutTest, ManyQuietStreamsShareOneHeartbeatWalk) {
   constexpr int kStreams = 500;
   std::vector<std::unique_ptr<FakeSink>> streams;
   const auto start = std::chrono::steady_clock::now();
+  streams.reserve(kStreams);
   for (int i = 0; i < kStreams; ++i) {
     streams.push_back(Open(Allow({KVMI_EVENT_BREAKPOINT}), 0, nullptr, std::chrono::seconds(1)));
   }

@@ -317,6 +317,7 @@ TEST_F(EventHistoryRaceTest, ReadersRacingAnAppenderSeeIncreasingIdsAndCountEver
   std::vector<std::thread> readers;
   std::vector<uint64_t> seen(3, 0), lost(3, 0);
   std::vector<bool> ordered(3, true);
+  readers.reserve(3);
   for (int r = 0; r < 3; ++r) {
     readers.emplace_back([&, r] {
       uint64_t cursor = 1;

@@ -168,7 +168,7 @@ class WatchReactor final : public WriteReactor<kvmi::v1::WatchVMsResponse> {
       : daemon_(daemon), limits_(limits), admission_(std::move(admission)) {}
 
   // Subscribes, then queues the current guests in front of the changes that came meanwhile.
-  void Start(std::shared_ptr<WatchTap> tap, StreamPump* pump) {
+  void Start(const std::shared_ptr<WatchTap>& tap, StreamPump* pump) {
     // A reader that does not keep up loses changes (bounded), as before: no drop notice in
     // WatchVMs' protocol; the next change of a guest carries its whole state.
     tap->outbox = std::make_shared<WatchOutbox>(

@@ -493,6 +493,7 @@ TEST_F(StreamLimitsTest, OpenStreamsCostNoThread) {
   ScriptedHost* host = Connect(22, "threads");
   ASSERT_NE(host, nullptr);
   std::vector<EventStream> streams;
+  streams.reserve(10);
   for (int i = 0; i < 10; ++i) streams.push_back(Open(stub_.get()));  // warm gRPC's pools up
   ASSERT_TRUE(WaitUntil([&] { return open_streams() == 10; }));
   const size_t before = ThreadCount();
@@ -528,6 +529,7 @@ TEST_F(StreamLimitsTest, NonReadersStayWithinTheBudgetAndOthersStillReceive) {
   kvmi::v1::StreamEventsRequest request;
   request.set_include_registers(true);
   std::vector<EventStream> stuck;
+  stuck.reserve(50);
   for (int i = 0; i < 50; ++i) stuck.push_back(Open(slow.get(), request));
   auto fast = kvmi::v1::Introspection::NewStub(
       grpc::CreateChannel("unix:" + dir_ + "/streams.sock", grpc::InsecureChannelCredentials()));
@@ -588,6 +590,7 @@ TEST_F(StreamLimitsTest, StreamsCancelledWhileEventsFlowReleaseEverything) {
   request.set_max_queue(16);
   for (int round = 0; round < 10; ++round) {
     std::vector<EventStream> streams;
+    streams.reserve(20);
     for (int i = 0; i < 20; ++i) streams.push_back(Open(slow.get(), request));
     OpenStream<kvmi::v1::WatchVMsResponse> watch;
     watch.reader = slow->WatchVMs(watch.ctx.get(), {});

@@ -9,7 +9,6 @@
 namespace kvmid::api {
 
 using grpc::Status;
-using grpc::StatusCode;
 
 Status GuestCommands::GetRegisters(Context* context, const kvmi::v1::GetRegistersRequest& request,
                                    kvmi::v1::GetRegistersResponse* response) {

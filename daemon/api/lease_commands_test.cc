@@ -193,7 +193,7 @@ TEST_F(ApiTest, ControlEventsArmsOneVcpuOrEveryVcpuAsTheApisLease) {
   EXPECT_THAT(TakeControls(host, KVMI_CONTROL_CR, 1), UnorderedElementsAre(Control{1, 3, false}));
 
   // Errors name the field; nothing reaches the guest.
-  auto refused = [&](kvmi::v1::ControlEventsRequest request) {
+  auto refused = [&](const kvmi::v1::ControlEventsRequest& request) {
     grpc::ClientContext ctx;
     kvmi::v1::ControlEventsResponse ignored;
     return stub_->ControlEvents(&ctx, request, &ignored);

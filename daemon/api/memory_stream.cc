@@ -418,7 +418,7 @@ class PhysicalWriteReactor final : public ReadReactor<kvmi::v1::WritePhysicalStr
       ++in_flight_;
       target_.session->WritePhysical(
           at, std::vector<uint8_t>(data.begin(), data.end()),
-          [link = link_, at](CommandResult r) { Written(link, at, std::move(r)); });
+          [link = link_, at](const CommandResult& r) { Written(link, at, r); });
     }
     ReadMoreLocked();
   }
@@ -446,7 +446,7 @@ class PhysicalWriteReactor final : public ReadReactor<kvmi::v1::WritePhysicalStr
   };
 
   // The loop thread: one message's write finished.
-  static void Written(const std::shared_ptr<Link>& link, uint64_t at, CommandResult r) {
+  static void Written(const std::shared_ptr<Link>& link, uint64_t at, const CommandResult& r) {
     MutexLock lock(&link->mu);
     PhysicalWriteReactor* self = link->reactor;
     if (self == nullptr) return;

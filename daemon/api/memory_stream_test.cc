@@ -122,7 +122,7 @@ TEST(ChunkedReaderTest, ShortReplyIsAnErrorAndCancelStopsReads) {
 }
 
 TEST(ChunkedReaderTest, RefusesEmptyOrWrappingRanges) {
-  auto none = [](uint64_t, uint64_t, CommandCallback) {};
+  auto none = [](uint64_t, uint64_t, const CommandCallback&) {};
   EXPECT_FALSE(ChunkedReader::Create({{0x1000, 0}}, {}, none).ok());
   auto wraps = ChunkedReader::Create({{~uint64_t{0} - 10, 100}}, {}, none);
   ASSERT_FALSE(wraps.ok());
@@ -142,6 +142,7 @@ TEST(ChunkedReaderTest, ZeroPagesBecomeRunsAndPartialPagesStayData) {
   std::deque<kvmi::v1::ReadPhysicalStreamResponse> out;
   api::AppendChunkMessages(chunk, /*skip_zero_pages=*/true, &out);
   std::vector<std::tuple<uint64_t, uint64_t, bool, size_t>> got;
+  got.reserve(out.size());
   for (const auto& m : out) got.emplace_back(m.gpa(), m.size(), m.zero(), m.data().size());
   EXPECT_EQ(got, (std::vector<std::tuple<uint64_t, uint64_t, bool, size_t>>{
                      {0x800, 0x800, false, 0x800},  // partial page: data even if zero

@@ -43,7 +43,7 @@ TEST_F(ApiTest, ReflectionAndHealthAreOn) {
   grpc::ByteBuffer reply;
   std::promise<grpc::Status> answered;
   generic.UnaryCall(&health_ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                    &empty_request, &reply, [&](grpc::Status s) { answered.set_value(s); });
+                    &empty_request, &reply, [&](const grpc::Status& s) { answered.set_value(s); });
   std::future<grpc::Status> answer = answered.get_future();
   ASSERT_EQ(answer.wait_for(std::chrono::seconds(5)), std::future_status::ready);
   grpc::Status status = answer.get();
@@ -165,6 +165,7 @@ TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
   std::vector<HealthCheckResponse::ServingStatus> last(kWatchers, HealthCheckResponse::SERVING);
   std::vector<grpc::Status> ended(kWatchers);
   std::vector<std::thread> readers;
+  readers.reserve(kWatchers);
   for (int i = 0; i < kWatchers; ++i) {
     readers.emplace_back([&, i] {
       HealthCheckResponse response;

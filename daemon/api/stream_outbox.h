@@ -121,7 +121,7 @@ class StreamOutbox final : public PumpTarget,
         pump_(pump) {}
   StreamOutbox(const StreamOutbox&) = delete;
   StreamOutbox& operator=(const StreamOutbox&) = delete;
-  ~StreamOutbox() {
+  ~StreamOutbox() override {
     MutexLock lock(&mu_);
     CloseLocked();  // returns the bytes; Finish is not called from here
   }

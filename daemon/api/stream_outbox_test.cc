@@ -184,7 +184,7 @@ TEST(StreamOutboxTest, APumpStartsIdleStreamsSoThatOfferingThreadsOnlyQueue) {
           MutexLock lock(&mu);
           writers.push_back(std::this_thread::get_id());
         }
-        record(std::move(next));
+        record(next);
       },
       wire.Finisher(), &pump);
   outbox->Release({}, 0, nullptr);
@@ -214,6 +214,7 @@ TEST(StreamOutboxTest, CancellationRacesWithOfferingThreads) {
     outbox->Release({}, 0, nullptr);
     std::atomic<bool> stop{false};
     std::vector<std::thread> loops;
+    loops.reserve(3);
     for (int t = 0; t < 3; ++t) {
       loops.emplace_back([&, t] {
         for (int i = 0; !stop.load(); ++i) {

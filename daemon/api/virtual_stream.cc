@@ -71,7 +71,7 @@ class VirtualReadReactor final : public WriteReactor<kvmi::v1::ReadVirtualStream
          size = r.size()](absl::StatusOr<vmem::PagingContext> paging) mutable {
           if (!paging.ok()) return Fail(link, ToStatus(paging.status()));
           space.paging = *paging;
-          Start(link, translation, std::move(space), options, gva, size);
+          Start(link, translation, space, options, gva, size);
         });
   }
 
@@ -123,10 +123,12 @@ class VirtualReadReactor final : public WriteReactor<kvmi::v1::ReadVirtualStream
   }
 
   // The paging context is known: the reader starts.
-  static void Start(const std::shared_ptr<Link>& link, AddressTranslation* translation, Space space,
-                    ChunkedReader::Options options, uint64_t gva, uint64_t size) {
+  static void Start(const std::shared_ptr<Link>& link, AddressTranslation* translation,
+                    const Space& space, ChunkedReader::Options options, uint64_t gva,
+                    uint64_t size) {
     std::shared_ptr<PageLog> log = link->log;
-    auto read = [translation, space, log](uint64_t at, uint64_t bytes, CommandCallback done) {
+    auto read = [translation, space, log](uint64_t at, uint64_t bytes,
+                                          const CommandCallback& done) {
       translation->ReadRange(
           space.target, space.bucket, space.paging, space.use_cache, at, bytes,
           [log, at, done](absl::StatusOr<AddressTranslation::VirtualRead> r) {

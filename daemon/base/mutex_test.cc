@@ -39,6 +39,7 @@ class Counter {
 TEST(Mutex, CountsFromManyThreadsAndWakesWaiters) {
   Counter counter;
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&counter] {
       for (int i = 0; i < 1000; ++i) counter.Add();

@@ -36,7 +36,7 @@ size_t DeltaCompletions(const ArmingDelta& delta, bool vm_wide, uint32_t first_v
 void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& delta, bool vm_wide,
                uint32_t first_vcpu, uint32_t end_vcpu, const DeltaCallback& done) {
   auto callback = [&done](std::string what) {
-    return [done, what = std::move(what)](CommandResult r) { done(what, r); };
+    return [done, what = std::move(what)](const CommandResult& r) { done(what, r); };
   };
   if (vm_wide) {
     for (auto [event, enable] : delta.vm_events) {
@@ -83,10 +83,10 @@ void SendDelta(const std::shared_ptr<GuestSession>& session, const ArmingDelta& 
       entry.access = access;
       entries.push_back(entry);
     }
-    session->SetPageAccess(std::move(entries),
-                           [done](std::vector<CommandResult> per_message, std::vector<int32_t>) {
-                             for (const CommandResult& r : per_message) done("SET_PAGE_ACCESS", r);
-                           });
+    session->SetPageAccess(std::move(entries), [done](const std::vector<CommandResult>& per_message,
+                                                      const std::vector<int32_t>&) {
+      for (const CommandResult& r : per_message) done("SET_PAGE_ACCESS", r);
+    });
   }
 }
 
@@ -395,7 +395,7 @@ void Guest::OnPagesAnswered(const std::shared_ptr<GuestSession>& session,
   }
   auto self = shared_from_this();
   PageAccessChange::SendUndo(session, std::move(undo),
-                             [self, change, done](std::vector<std::string> failures) {
+                             [self, change, done](const std::vector<std::string>& failures) {
                                for (const std::string& failure : failures) {
                                  self->RecordArmError("SET_PAGE_ACCESS rollback: " + failure);
                                }
@@ -423,7 +423,7 @@ void Guest::ArmNewVcpu(uint16_t vcpu) {
             });
 }
 
-void Guest::Unhook(const std::string& why, std::function<void()> done) {
+void Guest::Unhook(const std::string& why, const std::function<void()>& done) {
   std::shared_ptr<GuestSession> session;
   Arming applied;
   uint32_t vcpus = 0;
@@ -458,7 +458,8 @@ void Guest::Unhook(const std::string& why, std::function<void()> done) {
   session->loop()->RunInLoop(finish);  // drops the initial count
 }
 
-void Guest::Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused) {
+void Guest::Pause(const OwnerId& owner, uint16_t vcpu,
+                  const std::function<void(CommandResult)>& paused) {
   std::shared_ptr<GuestSession> session = this->session();
   if (!session || state() != GuestState::kHooked) {
     paused(CommandResult::Closed("the guest is not hooked"));

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "daemon/base/mutex.h"
@@ -113,7 +114,9 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   GuestIdentity identity() const ABSL_LOCKS_EXCLUDED(mutex_);
   // Null until built (and after the identity changed).
   std::shared_ptr<const GuestView> cached_view() const { return std::atomic_load(&view_); }
-  void set_cached_view(std::shared_ptr<const GuestView> view) { std::atomic_store(&view_, view); }
+  void set_cached_view(std::shared_ptr<const GuestView> view) {
+    std::atomic_store(&view_, std::move(view));
+  }
   std::string log_name() const ABSL_LOCKS_EXCLUDED(mutex_);
   uint32_t vcpu_count() const ABSL_LOCKS_EXCLUDED(mutex_);
   bool EventAllowed(uint8_t event) const ABSL_LOCKS_EXCLUDED(mutex_);
@@ -133,7 +136,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   // Pauses a vCPU for `owner` (KVMI_PAUSE_VCPU). `paused` runs once the vCPU has stopped (its
   // PAUSE_VCPU event is held), or with the failure. The vCPU stays paused until Resume, until the
   // owner is released, or until the pause deadline of the verdict pipeline.
-  void Pause(const OwnerId& owner, uint16_t vcpu, std::function<void(CommandResult)> paused)
+  void Pause(const OwnerId& owner, uint16_t vcpu, const std::function<void(CommandResult)>& paused)
       ABSL_LOCKS_EXCLUDED(mutex_);
   // False if `owner` has no pause on that vCPU.
   bool Resume(const OwnerId& owner, uint16_t vcpu) ABSL_LOCKS_EXCLUDED(mutex_);
@@ -153,7 +156,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
                 bool all_or_nothing, PagesCallback done) ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Releases every hook and closes the session promptly (UNHOOK, shutdown).
-  void Unhook(const std::string& why, std::function<void()> done = nullptr)
+  void Unhook(const std::string& why, const std::function<void()>& done = nullptr)
       ABSL_LOCKS_EXCLUDED(mutex_);
 
   void CountFallback() { fallbacks_++; }

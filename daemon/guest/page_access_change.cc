@@ -63,11 +63,12 @@ void PageAccessChange::Plan(Leases* leases, Arming* applied) {
 void PageAccessChange::Send(const std::shared_ptr<GuestSession>& session,
                             std::function<void()> answered) {
   // The session keeps the callback (and so this object's owner's references) until it answers.
-  session->SetPageAccess(entries_, [this, answered = std::move(answered)](
-                                       std::vector<CommandResult>, std::vector<int32_t> per_entry) {
-    RecordAnswer(per_entry);
-    answered();
-  });
+  session->SetPageAccess(
+      entries_, [this, answered = std::move(answered)](const std::vector<CommandResult>&,
+                                                       const std::vector<int32_t>& per_entry) {
+        RecordAnswer(per_entry);
+        answered();
+      });
 }
 
 void PageAccessChange::RecordAnswer(const std::vector<int32_t>& per_entry) {
@@ -119,15 +120,15 @@ std::vector<kvmi::PageAccess> PageAccessChange::RollBack(Leases* leases, Arming*
 void PageAccessChange::SendUndo(const std::shared_ptr<GuestSession>& session,
                                 std::vector<kvmi::PageAccess> undo,
                                 std::function<void(std::vector<std::string>)> done) {
-  session->SetPageAccess(
-      std::move(undo),
-      [done = std::move(done)](std::vector<CommandResult> per_message, std::vector<int32_t>) {
-        std::vector<std::string> failures;
-        for (const CommandResult& result : per_message) {
-          if (!result.ok()) failures.push_back(result.ToString());
-        }
-        done(std::move(failures));
-      });
+  session->SetPageAccess(std::move(undo),
+                         [done = std::move(done)](const std::vector<CommandResult>& per_message,
+                                                  const std::vector<int32_t>&) {
+                           std::vector<std::string> failures;
+                           for (const CommandResult& result : per_message) {
+                             if (!result.ok()) failures.push_back(result.ToString());
+                           }
+                           done(std::move(failures));
+                         });
 }
 
 }  // namespace kvmid

@@ -34,7 +34,7 @@ void Probe::Start(const std::shared_ptr<GuestSession>& session, Done done) {
 }
 
 void Probe::Round(const std::shared_ptr<GuestSession>& session, int attempt,
-                  std::shared_ptr<const Done> done) {
+                  const std::shared_ptr<const Done>& done) {
   struct RoundState {
     size_t remaining = 0;
     Answers answers;
@@ -71,14 +71,14 @@ void Probe::Round(const std::shared_ptr<GuestSession>& session, int attempt,
   };
 
   state->remaining = 2 + (KVMI_NEXT_AVAILABLE_COMMAND - KVMI_FIRST_COMMAND) + KVMI_NUM_EVENTS;
-  session->Send(kvmi::GetVersionRequest{}, [state, finish, answered](CommandResult r) {
+  session->Send(kvmi::GetVersionRequest{}, [state, finish, answered](const CommandResult& r) {
     kvmi::GetVersionReply reply;
     if (answered(r) && r.ok() && kvmi::DecodeReplyData(kvmi::ByteView(r.data), &reply).ok()) {
       state->answers.version = reply.version;
     }
     finish();
   });
-  session->Send(kvmi::GetGuestInfoRequest{}, [state, finish, answered](CommandResult r) {
+  session->Send(kvmi::GetGuestInfoRequest{}, [state, finish, answered](const CommandResult& r) {
     if (answered(r)) {
       kvmi::GuestInfoReply reply;
       if (r.ok() && kvmi::DecodeReplyData(kvmi::ByteView(r.data), &reply).ok()) {
@@ -92,7 +92,7 @@ void Probe::Round(const std::shared_ptr<GuestSession>& session, int attempt,
   for (uint16_t id = KVMI_FIRST_COMMAND; id < KVMI_NEXT_AVAILABLE_COMMAND; ++id) {
     kvmi::CheckCommandRequest request;
     request.id = id;
-    session->Send(request, [state, finish, answered, id](CommandResult r) {
+    session->Send(request, [state, finish, answered, id](const CommandResult& r) {
       if (answered(r) && r.ok()) state->answers.capabilities.allowed_commands |= 1u << id;
       finish();
     });
@@ -100,7 +100,7 @@ void Probe::Round(const std::shared_ptr<GuestSession>& session, int attempt,
   for (uint8_t id = 0; id < KVMI_NUM_EVENTS; ++id) {
     kvmi::CheckEventRequest request;
     request.id = id;
-    session->Send(request, [state, finish, answered, id](CommandResult r) {
+    session->Send(request, [state, finish, answered, id](const CommandResult& r) {
       if (answered(r) && r.ok()) {
         state->answers.capabilities.allowed_events |= static_cast<uint16_t>(1u << id);
       }

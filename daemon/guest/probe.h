@@ -52,7 +52,7 @@ class Probe {
 
  private:
   static void Round(const std::shared_ptr<GuestSession>& session, int attempt,
-                    std::shared_ptr<const Done> done);
+                    const std::shared_ptr<const Done>& done);
 };
 
 }  // namespace kvmid

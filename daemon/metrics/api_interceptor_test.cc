@@ -11,6 +11,7 @@
 
 #include <condition_variable>
 #include <mutex>
+#include <utility>
 
 #include "daemon/metrics/hooks.h"
 
@@ -48,7 +49,7 @@ grpc::Status Call(grpc::GenericStub* stub, const std::string& method, const std:
   bool done = false;
   stub->UnaryCall(&context, method, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
     std::lock_guard<std::mutex> lock(mu);
-    status = s;
+    status = std::move(s);
     done = true;
     cv.notify_all();
   });

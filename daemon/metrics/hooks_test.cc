@@ -66,6 +66,7 @@ TEST(HooksTest, ApiCallsByMethodAndCode) {
 // distinct labels cannot grow the table past its bound.
 TEST(HooksTest, LabelledCountersAreExactAndBounded) {
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([] {
       for (int i = 0; i < 1000; ++i) {

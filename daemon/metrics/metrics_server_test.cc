@@ -75,11 +75,11 @@ int FreePort() {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const bool bound = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+                     ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
   ::close(fd);
-  return ntohs(addr.sin_port);
+  return bound ? ntohs(addr.sin_port) : 0;
 }
 
 class MetricsServerTest : public ::testing::Test {
@@ -145,6 +145,7 @@ TEST_F(MetricsServerTest, RefusesBadOptionsAndABusyPort) {
 
 TEST_F(MetricsServerTest, HealthAndReadiness) {
   const int port = FreePort();
+  ASSERT_NE(port, 0) << "no free loopback port";
   StartMetricsOn("127.0.0.1:" + std::to_string(port));
   EXPECT_EQ(metrics_->port(), port);
   EXPECT_EQ(metrics_->url(), "http://127.0.0.1:" + std::to_string(port));

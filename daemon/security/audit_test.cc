@@ -375,6 +375,7 @@ TEST_F(AuditLogTest, ConcurrentWritersNeverInterleave) {
   ASSERT_TRUE(log.ok());
   constexpr int kThreads = 4, kEach = 250;
   std::vector<std::thread> threads;
+  threads.reserve(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < kEach; ++i) {

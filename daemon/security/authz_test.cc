@@ -536,6 +536,7 @@ TEST(AuthorizerHolderTest, ConcurrentReadersAndReloads) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> readers;
   std::atomic<int> allowed{0};
+  readers.reserve(2);
   for (int i = 0; i < 2; ++i) {
     readers.emplace_back([&] {
       while (!stop.load()) {

@@ -20,7 +20,6 @@
 namespace kvmid::security {
 namespace {
 
-using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
 using ::testing::StartsWith;
 

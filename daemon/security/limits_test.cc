@@ -237,6 +237,7 @@ TEST(KeyedSlotsTest, ConcurrentAcquireNeverExceeds) {
   KeyedSlots slots(Limit::kHandshakeSlotsPerPeer, 3);
   std::atomic<int> held{0}, max_held{0};
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 2000; ++i) {
@@ -319,6 +320,7 @@ TEST(ByteBudgetTest, ConcurrentChargesNeverExceed) {
   ByteBudget budget(10000);
   std::vector<std::thread> threads;
   std::atomic<bool> over{false};
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 5000; ++i) {

@@ -213,7 +213,8 @@ TEST_F(UnixListenerTest, DescriptorOutlivesItsCalls) {
   kvmi::v1::ListVMsRequest request;  // both requests outlive their calls (waited for below)
   kvmi::v1::ListVMsResponse response;
   std::atomic<bool> returned{false};
-  stub->async()->ListVMs(&context, &request, &response, [&](grpc::Status) { returned = true; });
+  stub->async()->ListVMs(&context, &request, &response,
+                         [&](const grpc::Status&) { returned = true; });
   ASSERT_TRUE(WaitUntil([&] { return service.peers().size() == 1; }));
   std::string peer = service.peers()[0];
   ASSERT_THAT(peer, StartsWith("fd:"));
@@ -231,7 +232,7 @@ TEST_F(UnixListenerTest, DescriptorOutlivesItsCalls) {
   kvmi::v1::ListVMsResponse other_response;
   std::atomic<bool> other_returned{false};
   other->async()->ListVMs(&other_context, &request, &other_response,
-                          [&](grpc::Status) { other_returned = true; });
+                          [&](const grpc::Status&) { other_returned = true; });
   ASSERT_TRUE(WaitUntil([&] { return service.peers().size() == 2; }));
   EXPECT_NE(service.peers()[1], peer);
   struct stat during;

@@ -108,7 +108,7 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   ~GuestSession();
 
   // Loop thread: begins reading. Bytes already read during the handshake are fed first.
-  void Start(std::vector<uint8_t> early_bytes = {});
+  void Start(const std::vector<uint8_t>& early_bytes = {});
 
   // Any thread. Sends one command; `done` runs on the loop thread with the reply.
   template <typename Request>

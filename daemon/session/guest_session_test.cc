@@ -222,6 +222,7 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
       events.push_back(*got);
     }
     std::vector<std::thread> repliers;
+    repliers.reserve(events.size());
     for (const kvmi::Event& event : events) {
       repliers.emplace_back([&, event] {
         kvmi::EventReply reply = kvmi::MakeEventReply(event, KVMI_EVENT_ACTION_CONTINUE);
@@ -342,7 +343,7 @@ TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {
   StartSession();
   auto promise = std::make_shared<std::promise<CommandResult>>();
   constexpr uint64_t kGpa = 0x1ff0, kSize = 10000;
-  session_->ReadPhysical(kGpa, kSize, [promise](CommandResult r) { promise->set_value(r); });
+  session_->ReadPhysical(kGpa, kSize, [promise](const CommandResult& r) { promise->set_value(r); });
   auto future = promise->get_future();
   CommandResult r = Get(future);
   ASSERT_TRUE(r.ok()) << r.ToString();
@@ -365,7 +366,7 @@ TEST_F(GuestSessionTest, WritePhysicalRespectsTheMessageSizeLimit) {
   StartSession();
   std::vector<uint8_t> data(9000, 0xab);
   auto promise = std::make_shared<std::promise<CommandResult>>();
-  session_->WritePhysical(0, data, [promise](CommandResult r) { promise->set_value(r); });
+  session_->WritePhysical(0, data, [promise](const CommandResult& r) { promise->set_value(r); });
   auto future = promise->get_future();
   ASSERT_TRUE(Get(future).ok());
   uint64_t total = 0;
@@ -390,11 +391,11 @@ TEST_F(GuestSessionTest, SetPageAccessIsSplitIntoMessagesOf255Entries) {
     entries[i].access = KVMI_PAGE_ACCESS_R;
   }
   std::promise<std::vector<int32_t>> per_entry;
-  session_->SetPageAccess(entries,
-                          [&](std::vector<CommandResult> messages, std::vector<int32_t> errs) {
-                            EXPECT_EQ(messages.size(), 3u);
-                            per_entry.set_value(errs);
-                          });
+  session_->SetPageAccess(
+      entries, [&](const std::vector<CommandResult>& messages, const std::vector<int32_t>& errs) {
+        EXPECT_EQ(messages.size(), 3u);
+        per_entry.set_value(errs);
+      });
   auto errs = per_entry.get_future().get();
   EXPECT_EQ(errs.size(), 600u);
   std::vector<size_t> counts;

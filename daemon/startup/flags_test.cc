@@ -24,6 +24,7 @@ using ::testing::HasSubstr;
 void Parse(std::vector<std::string> args) {
   args.insert(args.begin(), "kvmid");
   std::vector<char*> argv;
+  argv.reserve(args.size());
   for (std::string& a : args) argv.push_back(a.data());
   ForgetGivenFlags();
   absl::ParseCommandLine(static_cast<int>(argv.size()), argv.data());

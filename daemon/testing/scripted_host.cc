@@ -118,7 +118,7 @@ void ScriptedHost::ReadLoop() {
 }
 
 std::optional<ReceivedMessage> ScriptedHost::WaitFor(
-    std::function<bool(const ReceivedMessage&)> pred, std::chrono::milliseconds timeout) {
+    const std::function<bool(const ReceivedMessage&)>& pred, std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   MutexLock lock(&mutex_);
   while (true) {

@@ -49,7 +49,7 @@ class ScriptedHost {
 
   // Waits for the next received message matching `pred` (in arrival order, consumed).
   std::optional<ReceivedMessage> WaitFor(
-      std::function<bool(const ReceivedMessage&)> pred,
+      const std::function<bool(const ReceivedMessage&)>& pred,
       std::chrono::milliseconds timeout = std::chrono::milliseconds(5000));
   std::optional<ReceivedMessage> WaitForId(
       uint16_t id, std::chrono::milliseconds timeout = std::chrono::milliseconds(5000));

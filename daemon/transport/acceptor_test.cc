@@ -150,7 +150,7 @@ class AcceptorTest : public ::testing::Test {
     acceptor_.reset();
   }
 
-  void StartAcceptor(AcceptorOptions options) {
+  void StartAcceptor(const AcceptorOptions& options) {
     path_ = SocketPath();
     kvmi::UniqueFd listen_fd = Listen(path_);
     ASSERT_TRUE(listen_fd);

@@ -64,13 +64,13 @@ VerdictPromise::~VerdictPromise() {
   });
 }
 
-bool VerdictPromise::Answer(Verdict verdict) {
+bool VerdictPromise::Answer(const Verdict& verdict) {
   if (!state_ || state_->answered.exchange(true)) return false;
   auto state = std::move(state_);
   // Delivered from the answering thread: a remote verdict is written to the guest by the gRPC
   // thread that received it (GuestSession::ReplyToEvent), with no hand-off to the loop.
   state->pipeline->stats_.by_handler++;
-  state->pipeline->Deliver(state, std::move(verdict), nullptr);
+  state->pipeline->Deliver(state, verdict, nullptr);
   return true;
 }
 
@@ -113,7 +113,7 @@ void VerdictPipeline::SetDeadlines(const std::array<EventDeadline, KVMI_NUM_EVEN
 VerdictPipeline::~VerdictPipeline() = default;
 
 VerdictPipeline::Registration VerdictPipeline::RegisterHandler(
-    std::shared_ptr<VerdictHandler> handler, HandlerClaim claim) {
+    std::shared_ptr<VerdictHandler> handler, const HandlerClaim& claim) {
   MutexLock lock(&mutex_);
   uint64_t id = next_handler_id_++;
   const bool wants_context = !claim.context.empty();
@@ -377,7 +377,7 @@ void VerdictPipeline::Decide(const std::shared_ptr<Guest>& guest,
     Verdict by_default;
     by_default.action = defaults.fallback_action;
     by_default.decided_by = "default";
-    Deliver(state, std::move(by_default), nullptr);
+    Deliver(state, by_default, nullptr);
     return;
   }
   if (entry->claim.fallback_action) state->fallback_action = *entry->claim.fallback_action;
@@ -425,8 +425,8 @@ void VerdictPipeline::NoteHeldCap(const GuestSession& session, const HandlerEntr
       security::KnobOf(limit.limit), held_cap_unlogged_.exchange(0, std::memory_order_relaxed));
 }
 
-void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
-                              const char* fallback_reason) {
+void VerdictPipeline::Deliver(const std::shared_ptr<VerdictPromise::State>& state,
+                              const Verdict& verdict, const char* fallback_reason) {
   if (state->held) state->held->fetch_sub(1, std::memory_order_relaxed);
   EventLoop* loop = state->session->loop();
   auto cancel_deadline = [state, loop] {  // the timer is loop business

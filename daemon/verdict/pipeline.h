@@ -56,7 +56,7 @@ class VerdictPromise {
   ~VerdictPromise();
 
   // Any thread. False if the event was already answered (deadline passed, session gone).
-  bool Answer(Verdict verdict);
+  bool Answer(const Verdict& verdict);
   bool valid() const { return state_ != nullptr; }
 
   struct State;  // shared with the pipeline's deadline timer
@@ -133,7 +133,7 @@ class VerdictPipeline : public GuestEventRouter {
     VerdictPipeline* pipeline_ = nullptr;
     uint64_t id_ = 0;
   };
-  Registration RegisterHandler(std::shared_ptr<VerdictHandler> handler, HandlerClaim claim);
+  Registration RegisterHandler(std::shared_ptr<VerdictHandler> handler, const HandlerClaim& claim);
 
   // Observers: called after the reply went out, on the guest's loop thread, or for a verdict
   // answered elsewhere (a remote handler) on the answering thread while the guest's session
@@ -248,7 +248,7 @@ class VerdictPipeline : public GuestEventRouter {
   std::shared_ptr<HandlerEntry> FindHandler(const GuestView& guest, uint8_t event) const;
   // Sends the reply if the event is still pending; notifies observers. Any thread (the caller
   // won the promise's `answered` flag).
-  void Deliver(const std::shared_ptr<VerdictPromise::State>& state, Verdict verdict,
+  void Deliver(const std::shared_ptr<VerdictPromise::State>& state, const Verdict& verdict,
                const char* fallback_reason);
   void Notify(const ObservedEvent& observed);
   // An event refused by its handler's held cap: counted, logged at most once a second.

@@ -15,7 +15,6 @@ namespace kvmid {
 namespace {
 
 using ::testing::ElementsAre;
-using ::testing::IsEmpty;
 using testing::MakeTestEvent;
 using testing::ReceivedMessage;
 using testing::ScriptedHost;
@@ -50,7 +49,7 @@ class TestHandler : public VerdictHandler {
         Verdict v;
         v.action = action_;
         v.decided_by = "handler:test";
-        promise.Answer(std::move(v));
+        promise.Answer(v);
         break;
       }
       case Mode::kKeep: {

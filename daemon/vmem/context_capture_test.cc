@@ -15,7 +15,6 @@
 namespace kvmid::vmem {
 namespace {
 
-using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 namespace sim = ::kvmi::sim;
 

@@ -272,7 +272,7 @@ void Walk(std::shared_ptr<EntryReader> reader, const PagingContext& context, uin
   Step(state);
 }
 
-void WalkMany(std::shared_ptr<EntryReader> reader, const PagingContext& context,
+void WalkMany(const std::shared_ptr<EntryReader>& reader, const PagingContext& context,
               std::vector<uint64_t> gvas,
               std::function<void(std::vector<absl::StatusOr<Translation>>)> done) {
   struct Gather {

@@ -96,7 +96,7 @@ void Walk(std::shared_ptr<EntryReader> reader, const PagingContext& context, uin
           WalkCallback done);
 
 // Many walks at once (their reads pipelined); `done` gets one result per address, in order.
-void WalkMany(std::shared_ptr<EntryReader> reader, const PagingContext& context,
+void WalkMany(const std::shared_ptr<EntryReader>& reader, const PagingContext& context,
               std::vector<uint64_t> gvas,
               std::function<void(std::vector<absl::StatusOr<Translation>>)> done);
 

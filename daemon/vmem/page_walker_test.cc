@@ -169,6 +169,7 @@ TEST_P(WalkerTest, AllWalksInFlightAtOnceGiveTheSameAnswers) {
   std::mt19937_64 rng(9);
   uint64_t cr3 = g.roots[1];
   std::vector<uint64_t> gvas;
+  gvas.reserve(2000);
   for (int i = 0; i < 2000; ++i) gvas.push_back(RandomAddress(g, cr3, rng, i));
   g.memory->set_deferred(true);
   std::vector<absl::StatusOr<Translation>> results;

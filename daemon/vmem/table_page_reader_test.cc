@@ -28,7 +28,7 @@ class FakeRam {
   }
   TablePageReader::PhysicalRead reader() {
     return [this](uint64_t gpa, uint64_t size,
-                  std::function<void(absl::StatusOr<std::vector<uint8_t>>)> done) {
+                  const std::function<void(absl::StatusOr<std::vector<uint8_t>>)>& done) {
       ++reads_;
       queue_.push_back([this, gpa, size, done] { done(Read(gpa, size)); });
     };
@@ -124,7 +124,7 @@ TEST(TablePageReaderTest, AFailedPageFailsEveryEntryWaitingOnIt) {
   auto reader = std::make_shared<TablePageReader>(ram.reader());
   int failed = 0;
   for (uint64_t gpa : {0x5000ull, 0x5008ull}) {
-    reader->ReadEntry(gpa, 8, [&](absl::StatusOr<uint64_t> v) {
+    reader->ReadEntry(gpa, 8, [&](const absl::StatusOr<uint64_t>& v) {
       EXPECT_THAT(v.status().message(), HasSubstr("KVM_EINVAL"));
       ++failed;
     });
@@ -133,7 +133,7 @@ TEST(TablePageReaderTest, AFailedPageFailsEveryEntryWaitingOnIt) {
   EXPECT_EQ(failed, 2);
   EXPECT_EQ(ram.reads(), 1u);
   // An entry that would cross its page is refused without a read.
-  reader->ReadEntry(0x1ffc, 8, [&](absl::StatusOr<uint64_t> v) {
+  reader->ReadEntry(0x1ffc, 8, [&](const absl::StatusOr<uint64_t>& v) {
     EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
   });
   EXPECT_EQ(ram.reads(), 1u);

@@ -9,7 +9,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-Translation Present(uint64_t gpa, uint64_t size, std::vector<uint64_t> tables) {
+Translation Present(uint64_t gpa, uint64_t size, const std::vector<uint64_t>& tables) {
   Translation t;
   t.present = true;
   t.gpa = gpa;

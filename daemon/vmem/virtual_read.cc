@@ -25,8 +25,8 @@ std::vector<PagePlan> SplitIntoPages(uint64_t gva, uint64_t size) {
   return plan;
 }
 
-void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan, PagingMode mode,
-               VirtualReadCallback done) {
+void ReadPages(const std::shared_ptr<GuestSession>& session, std::vector<PagePlan> plan,
+               PagingMode mode, VirtualReadCallback done) {
   struct Gather {
     Mutex mu;
     std::vector<uint8_t> data ABSL_GUARDED_BY(mu);

@@ -45,8 +45,8 @@ using VirtualReadCallback =
 // once, on any thread: `data` holds the whole range (pieces not read are zeros) and `pages` one
 // outcome per piece, in order.
 // `mode` names the levels in the outcomes ("not present at PDE").
-void ReadPages(std::shared_ptr<GuestSession> session, std::vector<PagePlan> plan, PagingMode mode,
-               VirtualReadCallback done);
+void ReadPages(const std::shared_ptr<GuestSession>& session, std::vector<PagePlan> plan,
+               PagingMode mode, VirtualReadCallback done);
 
 }  // namespace kvmid::vmem
 

@@ -75,6 +75,8 @@ DecodeStatus DecodeVcpuHdr(ByteView payload, uint16_t* vcpu) {
 
 // ---- requests with no payload ----------------------------------------------------------------
 
+// T is a type: it cannot be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define KVMI_EMPTY_REQUEST_CODEC(T)                                 \
   void EncodePayload(const T&, ByteWriter&) {}                      \
   DecodeStatus DecodePayload(ByteView payload, T*, SizeRule rule) { \
@@ -85,6 +87,7 @@ KVMI_EMPTY_REQUEST_CODEC(GetVersionRequest)
 KVMI_EMPTY_REQUEST_CODEC(GetGuestInfoRequest)
 KVMI_EMPTY_REQUEST_CODEC(GetMapTokenRequest)
 #undef KVMI_EMPTY_REQUEST_CODEC
+// NOLINTEND(bugprone-macro-parentheses)
 
 // ---- CHECK_COMMAND / CHECK_EVENT -------------------------------------------------------------
 
@@ -124,6 +127,8 @@ DecodeStatus DecodePayload(ByteView payload, CheckEventRequest* r, SizeRule rule
 
 // ---- vCPU commands whose request is only the vcpu hdr -----------------------------------------
 
+// T is a type: it cannot be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define KVMI_VCPU_ONLY_REQUEST_CODEC(T)                                          \
   void EncodePayload(const T& r, ByteWriter& out) { WriteVcpuHdr(out, r.vcpu); } \
   DecodeStatus DecodePayload(ByteView payload, T* r, SizeRule rule) {            \
@@ -134,6 +139,7 @@ DecodeStatus DecodePayload(ByteView payload, CheckEventRequest* r, SizeRule rule
 KVMI_VCPU_ONLY_REQUEST_CODEC(GetVcpuInfoRequest)
 KVMI_VCPU_ONLY_REQUEST_CODEC(GetXsaveRequest)
 #undef KVMI_VCPU_ONLY_REQUEST_CODEC
+// NOLINTEND(bugprone-macro-parentheses)
 
 // ---- PAUSE_VCPU ---------------------------------------------------------------------------------
 

@@ -192,9 +192,12 @@ struct ControlCmdResponseRequest {
   X(SetPageWriteBitmapRequest)   \
   X(ControlCmdResponseRequest)
 
+// T is a type: it cannot be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define KVMI_DECLARE_REQUEST_CODEC(T)                    \
   void EncodePayload(const T& request, ByteWriter& out); \
   DecodeStatus DecodePayload(ByteView payload, T* request, SizeRule rule = SizeRule::kExact);
+// NOLINTEND(bugprone-macro-parentheses)
 KVMI_FOR_EACH_REQUEST(KVMI_DECLARE_REQUEST_CODEC)
 #undef KVMI_DECLARE_REQUEST_CODEC
 

@@ -377,7 +377,7 @@ TEST(RequestSize, TrailingBytesAreAnErrorWhenExactAndIgnoredByTheKernel) {
 // Every padding byte of every fixed request struct, one at a time.
 template <typename Request, typename Wire>
 void ExpectEachPaddingByteRejected(const Bytes& prefix, const Wire& wire,
-                                   std::vector<size_t> padding_offsets) {
+                                   const std::vector<size_t>& padding_offsets) {
   for (size_t offset : padding_offsets) {
     Bytes payload = Cat(prefix, wire);
     payload[prefix.size() + offset] = 0x01;

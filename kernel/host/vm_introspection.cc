@@ -816,7 +816,7 @@ std::optional<EventReply> VmIntrospection::SendEventAndWait(uint16_t vcpu, Event
   }
   EventReply reply = s->reply;
   s->reply_ready = false;
-  std::optional<kvm_regs> regs = std::move(s->regs_after_reply);
+  std::optional<kvm_regs> regs = s->regs_after_reply;
   s->regs_after_reply.reset();
   lock.unlock();
 
@@ -1168,7 +1168,7 @@ std::optional<ToolException> VmIntrospection::TakeToolException(
     std::lock_guard<std::mutex> lock(mu_);
     if (!SessionLive()) return std::nullopt;
     VcpuState* s = Vcpu(vcpu);
-    request = std::move(s->tool_exception);
+    request = s->tool_exception;
     s->tool_exception.reset();
   }
   if (!request || !busy) return request;

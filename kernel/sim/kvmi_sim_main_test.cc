@@ -92,7 +92,9 @@ TEST(KvmiSimMainTest, AllEventsScenarioRaisesAllTwelveEventsAndUnhooksAtTheEnd) 
   for (uint16_t e : {KVMI_EVENT_CREATE_VCPU, KVMI_EVENT_UNHOOK}) {
     ASSERT_EQ(ToolConnection::ErrorOf(tool->Call(ControlVmEventsRequest{e, true})), 0);
   }
-  for (uint16_t v = 0; v < guest.vcpu_count; ++v) EnableVcpuEvents(tool.get(), v);
+  for (uint32_t v = 0; v < guest.vcpu_count; ++v) {
+    EnableVcpuEvents(tool.get(), static_cast<uint16_t>(v));
+  }
   SetPageAccessRequest restrict;
   for (uint32_t p = 0; p < kDataPages; ++p) {
     restrict.entries.push_back(PageAccess{kDataGpa + p * uint64_t{4096}, KVMI_PAGE_ACCESS_R});

@@ -256,7 +256,10 @@ void AutoTool::Serve(std::unique_ptr<ToolConnection> conn) {
       !DecodeReplyData(ToolConnection::DataOf(*info), &guest).ok()) {
     return fail("GET_GUEST_INFO failed");
   }
-  for (uint16_t v = 0; v < guest.vcpu_count; ++v) {
+  // vCPU ids are 16 bits on the wire: a count beyond them would never end a 16-bit loop.
+  if (guest.vcpu_count > 0x10000u) return fail("GET_GUEST_INFO: more vCPUs than 16-bit ids");
+  for (uint32_t index = 0; index < guest.vcpu_count; ++index) {
+    const auto v = static_cast<uint16_t>(index);
     for (uint8_t e : options_.events) {
       ControlEventsRequest req;
       req.vcpu = v;

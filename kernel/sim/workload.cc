@@ -146,9 +146,12 @@ bool ParseScenarioText(const std::string& text, Scenario* inout, std::string* er
     } else if (key == "weight") {
       OpKind kind;
       if (!ParseOpKind(a, &kind)) {
-        std::string names;
-        for (size_t i = 0; i < kOpKinds; ++i) names += std::string(i ? ", " : "") + kOpNames[i];
-        return fail("unknown operation '" + a + "' (one of: " + names + ")");
+        std::string message = "unknown operation '" + a + "' (one of: ";
+        for (size_t i = 0; i < kOpKinds; ++i) {
+          if (i != 0) message += ", ";
+          message += kOpNames[i];
+        }
+        return fail(message + ")");
       }
       if (!parse_u64(b, &v) || v > 1000000) return fail("usage: weight KIND N (0..1000000)");
       s.weights[static_cast<size_t>(kind)] = static_cast<uint32_t>(v);
