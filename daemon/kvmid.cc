@@ -202,16 +202,24 @@ absl::Status Daemon::Start() {
 }
 
 void Daemon::SetIoNice() {
+  size_t set = 0;
+  absl::Status first_error;
   for (const auto& loop : loops_) {
-    absl::Status set = loop->SetNice(config_.io_nice);
-    if (!set.ok()) {
-      absl::StatusOr<int> now = loop->Nice();
-      spdlog::warn("io_nice: the I/O threads stay at nice {}: {}",
-                   now.ok() ? std::to_string(*now) : "(unknown)", std::string(set.message()));
-      return;
+    absl::Status status = loop->SetNice(config_.io_nice);
+    if (status.ok()) {
+      ++set;
+    } else if (first_error.ok()) {
+      first_error = status;
     }
   }
-  spdlog::info("io_nice: {} I/O threads at nice {}", loops_.size(), config_.io_nice);
+  if (first_error.ok()) {
+    spdlog::info("io_nice: {} I/O threads at nice {}", loops_.size(), config_.io_nice);
+    return;
+  }
+  absl::StatusOr<int> mine = loops_.back()->Nice();
+  spdlog::warn("io_nice: {} of {} I/O threads at nice {}, the others at {}: {}", set, loops_.size(),
+               config_.io_nice, mine.ok() ? std::to_string(*mine) : "(unknown)",
+               std::string(first_error.message()));
 }
 
 void Daemon::OnGuestConnected(AcceptedGuest accepted) {

@@ -16,10 +16,11 @@ trap 'rm -rf "$db"' EXIT
 python3 scripts/compile_commands.py "$db/compile_commands.json" "${targets[@]}"
 root="$(bazel info execution_root 2>/dev/null)"
 if [ "$#" -gt 0 ]; then
-  printf '%s\n' "$@"
+  # Paths from the project root (an absolute one loses the project's prefix).
+  for file in "$@"; do printf '%s\n' "${file#"$PWD"/}"; done
 else
   python3 -c 'import json, sys
 for entry in json.load(open(sys.argv[1])):
     print(entry["file"])' "$db/compile_commands.json"
 fi | sed "s|^|$root/|" |
-  xargs -P "$(nproc)" -n 4 clang-tidy --quiet --config-file=.clang-tidy -p "$db"
+  xargs -r -P "$(nproc)" -n 4 clang-tidy --quiet --config-file=.clang-tidy -p "$db"

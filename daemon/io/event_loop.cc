@@ -75,6 +75,7 @@ void EventLoop::Stop() {
   stopping_ = true;
   Wake();
   thread_.join();
+  loop_tid_ = 0;  // the id may be reused by another thread: SetNice must not reach it
 }
 
 void EventLoop::Watch(int fd, uint32_t events, FdCallback callback) {

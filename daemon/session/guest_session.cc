@@ -118,10 +118,10 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
       }
     }
     if (!waiting) {
+      CommandResult not_waiting = CommandResult::NotWaiting(
+          "vCPU " + std::to_string(*only_while_waiting) + " has no event pending");
       // `done` was moved only when the vCPU was waiting (clang-tidy cannot tell).
-      done(CommandResult::NotWaiting(  // NOLINT(bugprone-use-after-move)"vCPU " +
-                                       // std::to_string(*only_while_waiting) +
-          " has no event pending"));
+      done(std::move(not_waiting));  // NOLINT(bugprone-use-after-move)
       return;
     }
     if (!failure.empty()) self->CloseInLoop(failure);

@@ -339,6 +339,20 @@ TEST_F(GuestSessionTest, RepliesNobodyWaitsForAreSkippedCountedAndLoggedOnce) {
   EXPECT_EQ(lines, 1);
 }
 
+// A command for a vCPU that waits for no event reply never leaves, and says which vCPU.
+TEST_F(GuestSessionTest, ACommandWhileNoEventWaitsNamesTheVcpu) {
+  StartSession();
+  auto promise = std::make_shared<std::promise<CommandResult>>();
+  kvmi::SetRegistersRequest set;
+  set.vcpu = 3;
+  session_->SendWhileVcpuWaits(3, set,
+                               [promise](const CommandResult& r) { promise->set_value(r); });
+  auto future = promise->get_future();
+  CommandResult r = Get(future);
+  EXPECT_EQ(r.status, CommandResult::Status::kNotWaiting);
+  EXPECT_EQ(r.message, "vCPU 3 has no event pending");
+}
+
 TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {
   StartSession();
   auto promise = std::make_shared<std::promise<CommandResult>>();
