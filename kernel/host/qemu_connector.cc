@@ -9,6 +9,9 @@
 namespace kvmi::host {
 namespace {
 
+// How long FinishDetach waits for the connector thread to count the ended session.
+constexpr std::chrono::seconds kSessionEndWait{5};
+
 const int64_t kProcessStartTime = static_cast<int64_t>(std::time(nullptr));
 
 }  // namespace
@@ -117,7 +120,7 @@ void QemuConnector::Loop() {
   while (!stopping() && !detached_.load() && !guest_dead_()) {
     std::string error;
     UniqueFd fd = ConnectAndHandshake(&error);
-    if (fd && !stopping()) {
+    if (fd && !stopping() && !detached_.load()) {
       consecutive_failures = 0;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -162,7 +165,13 @@ int QemuConnector::BeginDetach() {
 void QemuConnector::FinishDetach(Clock::time_point deadline) {
   engine_->WaitUnhooked(deadline);
   engine_->EndSession("detached by the VM (KVM_INTROSPECTION_UNHOOK)");
-  WakeWaiters();
+  // The ioctl returns with the session over: wait for the connector thread to count its end, so a
+  // caller of Detach sees sessions_ended() include it. EndSession closes the socket, so this is
+  // short; it is bounded all the same.
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.notify_all();  // as WakeWaiters: the guest's state changed
+  cv_.wait_until(lock, Clock::now() + kSessionEndWait,
+                 [&] { return done_ || sessions_ended_ >= sessions_started_; });
 }
 
 bool QemuConnector::WaitHooked(Clock::time_point deadline) {

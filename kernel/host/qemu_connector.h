@@ -56,7 +56,8 @@ class QemuConnector {
   // Ends the session and joins the thread. Idempotent.
   void Stop();
   // KVM_INTROSPECTION_UNHOOK: sends UNHOOK (if enabled), waits up to `grace` for the tool to
-  // close, then ends the session; no reconnect afterwards.
+  // close, then ends the session and returns once the connector thread has counted its end
+  // (sessions_ended() includes it); no reconnect afterwards.
   int Detach(std::chrono::milliseconds grace);
   // Detach in two halves, so that many VMs can send UNHOOK at once and share one grace period
   // (QEMU shutting down a fleet): BeginDetach sends UNHOOK (returns as Detach), FinishDetach waits
