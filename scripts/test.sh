@@ -27,17 +27,38 @@ counts=()
 flags=(--color=no)
 [ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
 
-# The JUnit file of a step that is one check (format, tsa, tidy): case CASE of suite SUITE, passed
-# when RC is 0, else failed with MESSAGE (plain text: no quotes or markup).
-one_case_junit() {  # SUITE CASE RC MESSAGE
-  echo '<?xml version="1.0" encoding="UTF-8"?>'
-  echo "<testsuites><testsuite name=\"$1\" tests=\"1\">"
-  if [ "$3" -eq 0 ]; then
-    echo "<testcase classname=\"$1\" name=\"$2\"/>"
+# A step that is one check (format, tidy, tsa): runs COMMAND... with its output in
+# $work/LABEL.log, prints the log's lines that match PATTERN when it fails, and counts one case
+# CASE of suite LABEL, failed with MESSAGE (plain text: no quotes or markup) when COMMAND is not 0.
+one_check_step() {  # LABEL CASE PATTERN MESSAGE COMMAND...
+  local label="$1" case_name="$2" pattern="$3" message="$4"
+  shift 4
+  echo "== $label: $*"
+  local start=$SECONDS log="$work/$label.log"
+  "$@" >"$log" 2>&1
+  local rc=$?
+  echo "== $label: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 0 ] || grep -E "$pattern" "$log" | sort -u | head -n 40
+  {
+    echo '<?xml version="1.0" encoding="UTF-8"?>'
+    echo "<testsuites><testsuite name=\"$label\" tests=\"1\">"
+    if [ "$rc" -eq 0 ]; then
+      echo "<testcase classname=\"$label\" name=\"$case_name\"/>"
+    else
+      echo "<testcase classname=\"$label\" name=\"$case_name\"><failure message=\"$message\"/></testcase>"
+    fi
+    echo '</testsuite></testsuites>'
+  } >"$work/$label.xml"
+  counts+=(--label "$label" --junit "$work/$label.xml")
+}
+
+# Every tracked .cc/.h through clang-format --dry-run --Werror.
+format_check() {
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    git ls-files -z '*.cc' '*.h'
   else
-    echo "<testcase classname=\"$1\" name=\"$2\"><failure message=\"$4\"/></testcase>"
-  fi
-  echo '</testsuite></testsuites>'
+    find . -path ./bazel-\* -prune -o \( -name '*.cc' -o -name '*.h' \) -print0
+  fi | xargs -0 clang-format --dry-run --Werror
 }
 
 summary() {
@@ -82,23 +103,9 @@ else
 fi
 
 # Every C++ file as clang-format (.clang-format: Google style, 100 columns) leaves it: one case,
-# failed by any file it would change (named, with the first differences).
-echo "== format: clang-format --dry-run --Werror"
-format_log="$work/format.log"
-if git rev-parse --git-dir >/dev/null 2>&1; then
-  git ls-files -z '*.cc' '*.h'
-else
-  find . -path ./bazel-\* -prune -o \( -name '*.cc' -o -name '*.h' \) -print0
-fi | xargs -0 clang-format --dry-run --Werror >"$format_log" 2>&1
-format_rc=$?
-if [ "$format_rc" -ne 0 ]; then
-  grep -oE "^[^: ]+\.(cc|h)" "$format_log" | sort -u
-  head -n 20 "$format_log"
-fi
-one_case_junit format clang_format "$format_rc" \
-  "clang-format would change these files (clang-format -i FILE)" >"$work/format.xml"
-echo "== format: exit $format_rc"
-counts+=(--label format --junit "$work/format.xml")
+# failed by any file it would change (its lines are named).
+one_check_step format clang_format "error:" \
+  "clang-format would change these files (clang-format -i FILE)" format_check
 
 run_bazel_test unit //...
 run_bazel_test asan --config=asan --test_tag_filters=-no-asan //...
@@ -107,31 +114,15 @@ run_bazel_test tsan --config=tsan --test_tag_filters=tsan //...
 # clang-tidy over the project's C++ (scripts/tidy.sh; .clang-tidy: bugprone, performance and a
 # few modernize checks, every finding an error): one case, failed by any finding. Before tsa,
 # which builds with clang (CC=clang): the default build the unit step made is still current.
-echo "== tidy: scripts/tidy.sh"
-tidy_start=$SECONDS
-tidy_log="$work/tidy.log"
-bash scripts/tidy.sh >"$tidy_log" 2>&1
-tidy_rc=$?
-echo "== tidy: exit $tidy_rc after $((SECONDS - tidy_start)) s"
-[ "$tidy_rc" -eq 0 ] || grep -E "(warning|error):" "$tidy_log" | sort -u | head -n 40
-one_case_junit tidy clang_tidy "$tidy_rc" \
+one_check_step tidy clang_tidy "(warning|error):" \
   "clang-tidy reported findings (see the log above; scripts/tidy.sh FILE to check one)" \
-  >"$work/tidy.xml"
-counts+=(--label tidy --junit "$work/tidy.xml")
+  bash scripts/tidy.sh
 
 # Clang's thread-safety analysis over the daemon (ABSL_GUARDED_BY & co., daemon/base/mutex.h):
 # one case, failed by any warning (-Werror=thread-safety).
-echo "== tsa: bazel build --config=tsa //daemon/..."
-tsa_start=$SECONDS
-tsa_log="$work/tsa.log"
-bazel build "${flags[@]}" --keep_going --config=tsa //daemon/... >"$tsa_log" 2>&1
-tsa_rc=$?
-tail -n 5 "$tsa_log"
-echo "== tsa: exit $tsa_rc after $((SECONDS - tsa_start)) s"
-[ "$tsa_rc" -eq 0 ] || grep -E "error:|warning:" "$tsa_log" | head -n 40
-one_case_junit tsa daemon_thread_safety_analysis "$tsa_rc" \
-  "clang -Wthread-safety reported errors (see the log above)" >"$work/tsa.xml"
-counts+=(--label tsa --junit "$work/tsa.xml")
+one_check_step tsa daemon_thread_safety_analysis "(error|warning):" \
+  "clang -Wthread-safety reported errors (see the log above)" \
+  bazel build "${flags[@]}" --keep_going --config=tsa //daemon/...
 
 echo "== fuzz"
 fuzz_start=$SECONDS

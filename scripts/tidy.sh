@@ -10,9 +10,13 @@ cd "$(dirname "$0")/.."
 targets=(//daemon/... //kernel/... //common/...)
 flags=(--color=no)
 [ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
-bazel build "${flags[@]}" "${targets[@]}" >/dev/null 2>&1 || bazel build "${flags[@]}" "${targets[@]}"
 db="$(mktemp -d /tmp/kvmid-tidy.XXXXXX)"
 trap 'rm -rf "$db"' EXIT
+# Quiet when the build works; its output when it does not.
+if ! bazel build "${flags[@]}" "${targets[@]}" >"$db/build.log" 2>&1; then
+  cat "$db/build.log"
+  exit 1
+fi
 python3 scripts/compile_commands.py "$db/compile_commands.json" "${targets[@]}"
 root="$(bazel info execution_root 2>/dev/null)"
 if [ "$#" -gt 0 ]; then
