@@ -3,7 +3,6 @@
 // (daemon/testing); tests/e2e runs the same daemon against the host-side model.
 #include "daemon/kvmid.h"
 
-#include <dirent.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
@@ -18,6 +17,7 @@
 #include <thread>
 
 #include "daemon/testing/scripted_host.h"
+#include "daemon/testing/threads.h"
 #include "daemon/testing/wait.h"
 #include "kernel/abi/protocol.h"
 #include "kernel/transport/socket.h"
@@ -126,17 +126,11 @@ class DaemonTest : public ::testing::Test {
 // This process's threads by name (/proc/self/task/*/comm) with their nice values.
 std::multimap<std::string, int> ThreadNiceValues() {
   std::multimap<std::string, int> out;
-  DIR* dir = ::opendir("/proc/self/task");
-  if (dir == nullptr) return out;
-  while (dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] == '.') continue;
-    std::string name;
-    std::getline(std::ifstream(std::string("/proc/self/task/") + entry->d_name + "/comm"), name);
+  for (const kvmid::testing::ThreadEntry& thread : kvmid::testing::ListThreads()) {
     errno = 0;
-    const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(std::atoi(entry->d_name)));
-    if (errno == 0) out.emplace(name, nice);
+    const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(thread.tid));
+    if (errno == 0) out.emplace(thread.name, nice);
   }
-  ::closedir(dir);
   return out;
 }
 

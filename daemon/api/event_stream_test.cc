@@ -5,12 +5,11 @@
 // stream_outbox_test).
 #include "daemon/api/event_stream.h"
 
-#include <dirent.h>
-
 #include <atomic>
 
 #include "daemon/api/api_test_fixture.h"
 #include "daemon/api/stream_limits.h"
+#include "daemon/testing/threads.h"
 
 namespace kvmid {
 namespace {
@@ -293,14 +292,7 @@ TEST_F(ApiTest, AReconnectingReaderResumesAfterItsCursorAndIsToldWhatIsGone) {
 
 // ---- limits ------------------------------------------------------------------------------------
 
-size_t ThreadCount() {
-  size_t n = 0;
-  DIR* dir = opendir("/proc/self/task");
-  if (dir == nullptr) return 0;
-  while (dirent* entry = readdir(dir)) n += entry->d_name[0] != '.';
-  closedir(dir);
-  return n;
-}
+size_t ThreadCount() { return kvmid::testing::ListThreads().size(); }
 
 // A client stream and its context, cancelled and drained at the end.
 template <typename Message>

@@ -16,7 +16,6 @@
 #include <absl/flags/parse.h>
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_split.h>
-#include <dirent.h>
 #include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
@@ -40,6 +39,7 @@
 #include "daemon/kvmid.h"
 #include "daemon/metrics/event_metrics.h"
 #include "daemon/metrics/metrics_server.h"
+#include "daemon/testing/threads.h"
 #include "kernel/abi/events.h"
 #include "kernel/abi/framing.h"
 #include "kernel/abi/handshake.h"
@@ -232,15 +232,9 @@ struct Row {
 // The threads named `name` in this process.
 std::set<int> ThreadsNamed(const std::string& name) {
   std::set<int> found;
-  DIR* tasks = ::opendir("/proc/self/task");
-  if (tasks == nullptr) return found;
-  while (dirent* entry = ::readdir(tasks)) {
-    if (entry->d_name[0] == '.') continue;
-    std::ifstream comm(std::string("/proc/self/task/") + entry->d_name + "/comm");
-    std::string line;
-    if (std::getline(comm, line) && line == name) found.insert(std::atoi(entry->d_name));
+  for (const kvmid::testing::ThreadEntry& thread : kvmid::testing::ListThreads()) {
+    if (thread.name == name) found.insert(thread.tid);
   }
-  ::closedir(tasks);
   return found;
 }
 
