@@ -5,6 +5,7 @@
 #include <grp.h>
 #include <malloc.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -202,6 +203,18 @@ absl::Status Daemon::Start() {
 }
 
 void Daemon::SetIoNice() {
+  // The value every other thread inherits (they are started from this one): the I/O threads never
+  // rank below the threads that serve clients, so a process that already runs stronger than
+  // io_nice (a unit's Nice=-15) leaves them at its value.
+  errno = 0;
+  const int process_nice = ::getpriority(PRIO_PROCESS, 0);
+  if (errno == 0 && process_nice < config_.io_nice) {
+    spdlog::info(
+        "io_nice: the process runs at nice {}, stronger than io_nice {}: the {} I/O "
+        "threads keep {}",
+        process_nice, config_.io_nice, loops_.size(), process_nice);
+    return;
+  }
   size_t set = 0;
   absl::Status first_error;
   for (const auto& loop : loops_) {

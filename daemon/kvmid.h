@@ -61,7 +61,8 @@ struct DaemonConfig {
   std::vector<uint32_t> allowed_cids;
   int io_threads = 2;
   // The I/O threads' nice value (kMinNice..kMaxNice). Raising it needs CAP_SYS_NICE; without
-  // it kvmid says so in a warning and the threads keep the process's value.
+  // it kvmid says so in a warning and the threads keep the process's value. A process already
+  // at a lower (stronger) value than this keeps its value for them too.
   int io_nice = kDefaultIoNice;
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds command_timeout{10000};
@@ -210,7 +211,8 @@ class Daemon {
   std::chrono::milliseconds stream_heartbeat() const { return config_.stream_heartbeat; }
 
  private:
-  // Gives the I/O threads config_.io_nice (a warning when it cannot).
+  // Gives the I/O threads config_.io_nice (a warning when it cannot), unless the process runs at
+  // a stronger value already: they keep that one.
   void SetIoNice();
   void OnGuestConnected(AcceptedGuest guest);
   void RearmAllGuests();

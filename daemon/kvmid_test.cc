@@ -134,31 +134,59 @@ std::multimap<std::string, int> ThreadNiceValues() {
   return out;
 }
 
+// Whether this process may give a thread a stronger nice value than its own (CAP_SYS_NICE or
+// RLIMIT_NICE): tried on a thread of its own.
+bool CanRaisePriority(int nice) {
+  bool raised = false;
+  std::thread([&] { raised = ::setpriority(PRIO_PROCESS, ::gettid(), nice) == 0; }).join();
+  return raised;
+}
+
+// Checks every kvmid-io-N thread has `io`, and the accept loop and this thread `process`.
+void ExpectNiceValues(int io, int process, int io_threads) {
+  const std::multimap<std::string, int> threads = ThreadNiceValues();
+  int seen = 0;
+  for (const auto& [name, nice] : threads) {
+    if (name.rfind("kvmid-io-", 0) == 0) {
+      ++seen;
+      EXPECT_EQ(nice, io) << name;
+    } else if (name == "kvmid-accept") {
+      EXPECT_EQ(nice, process) << name;
+    }
+  }
+  EXPECT_EQ(seen, io_threads);
+  EXPECT_EQ(threads.count("kvmid-accept"), 1u);
+  errno = 0;
+  EXPECT_EQ(::getpriority(PRIO_PROCESS, 0), process);
+}
+
 // io_nice applies to the I/O threads (the guests' event path) only: the accept loop, which serves
 // whoever connects, keeps the process's value.
 TEST_F(DaemonTest, TheIoThreadsAndOnlyThemGetIoNice) {
   errno = 0;
   const int mine = ::getpriority(PRIO_PROCESS, 0);
   ASSERT_EQ(errno, 0);
-  if (mine == 19) GTEST_SKIP() << "this process runs at nice 19: no lower value to give";
-  // Lowering is allowed without privileges; root could also raise it (the default, -10).
-  config_.io_nice = mine + 1;
+  if (mine == kMinNice || !CanRaisePriority(mine - 1)) {
+    GTEST_SKIP() << "this process (nice " << mine
+                 << ") may not give a thread a stronger value (CAP_SYS_NICE, RLIMIT_NICE)";
+  }
+  config_.io_nice = mine - 1;
   config_.io_threads = 3;
   StartDaemon();
-  const std::multimap<std::string, int> threads = ThreadNiceValues();
-  int io_threads = 0;
-  for (const auto& [name, nice] : threads) {
-    if (name.rfind("kvmid-io-", 0) == 0) {
-      ++io_threads;
-      EXPECT_EQ(nice, config_.io_nice) << name;
-    } else if (name == "kvmid-accept") {
-      EXPECT_EQ(nice, mine);
-    }
-  }
-  EXPECT_EQ(io_threads, 3);
-  EXPECT_EQ(threads.count("kvmid-accept"), 1u);
+  ExpectNiceValues(mine - 1, mine, 3);
+}
+
+// An io_nice weaker than the process's own value would rank the guests' loops below the threads
+// that serve clients: they keep the process's value instead.
+TEST_F(DaemonTest, AnIoNiceWeakerThanTheProcessLeavesTheIoThreadsAtTheProcesssValue) {
   errno = 0;
-  EXPECT_EQ(::getpriority(PRIO_PROCESS, 0), mine);
+  const int mine = ::getpriority(PRIO_PROCESS, 0);
+  ASSERT_EQ(errno, 0);
+  if (mine == kMaxNice) GTEST_SKIP() << "this process runs at nice 19: no weaker value to ask";
+  config_.io_nice = mine + 1;
+  config_.io_threads = 2;
+  StartDaemon();
+  ExpectNiceValues(mine, mine, 2);
 }
 
 TEST_F(DaemonTest, HandshakeAnswersTheCookieHashAndTheGuestIsProbedAndHooked) {
