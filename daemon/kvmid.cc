@@ -209,10 +209,14 @@ void Daemon::SetIoNice() {
   errno = 0;
   const int process_nice = ::getpriority(PRIO_PROCESS, 0);
   if (errno == 0 && process_nice < config_.io_nice) {
-    spdlog::info(
-        "io_nice: the process runs at nice {}, stronger than io_nice {}: the {} I/O "
-        "threads keep {}",
-        process_nice, config_.io_nice, loops_.size(), process_nice);
+    // Expected with the default and a unit that sets Nice= lower; a value asked for on purpose
+    // that is not applied deserves a warning.
+    const auto level =
+        config_.io_nice == kDefaultIoNice ? spdlog::level::info : spdlog::level::warn;
+    spdlog::log(level,
+                "io_nice: the process runs at nice {}, stronger than io_nice {}: the {} I/O "
+                "threads keep {}, never below the threads that serve clients",
+                process_nice, config_.io_nice, loops_.size(), process_nice);
     return;
   }
   size_t set = 0;

@@ -172,7 +172,7 @@ TEST_F(DaemonTest, TheIoThreadsAndOnlyThemGetIoNice) {
   }
   config_.io_nice = mine - 1;
   config_.io_threads = 3;
-  StartDaemon();
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
   ExpectNiceValues(mine - 1, mine, 3);
 }
 
@@ -185,7 +185,7 @@ TEST_F(DaemonTest, AnIoNiceWeakerThanTheProcessLeavesTheIoThreadsAtTheProcesssVa
   if (mine == kMaxNice) GTEST_SKIP() << "this process runs at nice 19: no weaker value to ask";
   config_.io_nice = mine + 1;
   config_.io_threads = 2;
-  StartDaemon();
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
   ExpectNiceValues(mine, mine, 2);
 }
 

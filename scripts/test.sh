@@ -38,7 +38,14 @@ one_check_step() {  # LABEL CASE PATTERN MESSAGE COMMAND...
   "$@" >"$log" 2>&1
   local rc=$?
   echo "== $label: exit $rc after $((SECONDS - start)) s"
-  [ "$rc" -eq 0 ] || grep -E "$pattern" "$log" | sort -u | head -n 40
+  if [ "$rc" -ne 0 ]; then
+    # The matching lines; a failure that matches nothing (a crash, a missing tool) shows its end.
+    if grep -qE "$pattern" "$log"; then
+      grep -E "$pattern" "$log" | sort -u | head -n 40
+    else
+      tail -n 20 "$log"
+    fi
+  fi
   {
     echo '<?xml version="1.0" encoding="UTF-8"?>'
     echo "<testsuites><testsuite name=\"$label\" tests=\"1\">"
@@ -52,13 +59,19 @@ one_check_step() {  # LABEL CASE PATTERN MESSAGE COMMAND...
   counts+=(--label "$label" --junit "$work/$label.xml")
 }
 
-# Every tracked .cc/.h through clang-format --dry-run --Werror.
+# Every tracked .cc/.h through clang-format --dry-run --Werror; prints "FILE: needs clang-format"
+# for each file it would change, then clang-format's own first lines.
 format_check() {
+  local out="$work/format.out"
   if git rev-parse --git-dir >/dev/null 2>&1; then
     git ls-files -z '*.cc' '*.h'
   else
     find . -path ./bazel-\* -prune -o \( -name '*.cc' -o -name '*.h' \) -print0
-  fi | xargs -0 clang-format --dry-run --Werror
+  fi | xargs -0 clang-format --dry-run --Werror >"$out" 2>&1
+  local rc=$?
+  grep -oE "^[^: ]+\.(cc|h)" "$out" | sort -u | sed 's/$/: needs clang-format/'
+  head -n 20 "$out"
+  return "$rc"
 }
 
 summary() {
@@ -104,7 +117,7 @@ fi
 
 # Every C++ file as clang-format (.clang-format: Google style, 100 columns) leaves it: one case,
 # failed by any file it would change (its lines are named).
-one_check_step format clang_format "error:" \
+one_check_step format clang_format "needs clang-format" \
   "clang-format would change these files (clang-format -i FILE)" format_check
 
 run_bazel_test unit //...

@@ -11,6 +11,7 @@ namespace {
 
 // How long FinishDetach waits for the connector thread to count the ended session.
 constexpr std::chrono::seconds kSessionEndWait{5};
+constexpr char kDetachedReason[] = "detached by the VM (KVM_INTROSPECTION_UNHOOK)";
 
 const int64_t kProcessStartTime = static_cast<int64_t>(std::time(nullptr));
 
@@ -120,24 +121,35 @@ void QemuConnector::Loop() {
   while (!stopping() && !detached_.load() && !guest_dead_()) {
     std::string error;
     UniqueFd fd = ConnectAndHandshake(&error);
-    if (fd && !stopping() && !detached_.load()) {
-      consecutive_failures = 0;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
+    bool start = false;
+    if (fd && !stopping()) {
+      // Checked and counted in one critical section with BeginDetach's flag: a detach either
+      // comes first (no session) or finds this session counted, and then either FinishDetach's
+      // EndSession finds it hooked or the hook below finds the flag.
+      std::lock_guard<std::mutex> lock(mu_);
+      start = !detached_.load();
+      if (start) {
         ++sessions_started_;
         cv_.notify_all();
       }
+    }
+    if (start) {
+      consecutive_failures = 0;
       std::string reason = engine_->RunSession(std::move(fd), [this] {
         // QEMU right after KVM_INTROSPECTION_HOOK: the COMMAND and EVENT ioctls.
         for (int32_t id : config_.allowed_commands) engine_->SetCommandAllowed(id, true);
         for (int32_t id : config_.allowed_events) engine_->SetEventAllowed(id, true);
-        if (stopping()) engine_->EndSession("connector stopping");
+        if (stopping()) {
+          engine_->EndSession("connector stopping");
+        } else if (detached_.load()) {
+          engine_->EndSession(kDetachedReason);
+        }
       });
       std::lock_guard<std::mutex> lock(mu_);
       ++sessions_ended_;
       last_end_reason_ = reason;
       cv_.notify_all();
-    } else if (!stopping()) {
+    } else if (!fd && !stopping()) {
       handshake_failures_.fetch_add(1, std::memory_order_relaxed);
       // A tool that is not up yet is normal for a reconnecting client: log the first failure.
       if (consecutive_failures++ == 0) spdlog::warn("[{}] {}", identity_.name, error);
@@ -158,20 +170,26 @@ int QemuConnector::Detach(std::chrono::milliseconds grace) {
 }
 
 int QemuConnector::BeginDetach() {
-  detached_.store(true);
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // see Loop: no session starts after this
+    detached_.store(true);
+  }
   return engine_->RequestUnhook();
 }
 
 void QemuConnector::FinishDetach(Clock::time_point deadline) {
   engine_->WaitUnhooked(deadline);
-  engine_->EndSession("detached by the VM (KVM_INTROSPECTION_UNHOOK)");
+  engine_->EndSession(kDetachedReason);
   // The ioctl returns with the session over: wait for the connector thread to count its end, so a
   // caller of Detach sees sessions_ended() include it. EndSession closes the socket, so this is
   // short; it is bounded all the same.
   std::unique_lock<std::mutex> lock(mu_);
   cv_.notify_all();  // as WakeWaiters: the guest's state changed
-  cv_.wait_until(lock, Clock::now() + kSessionEndWait,
-                 [&] { return done_ || sessions_ended_ >= sessions_started_; });
+  if (!cv_.wait_until(lock, Clock::now() + kSessionEndWait,
+                      [&] { return done_ || sessions_ended_ >= sessions_started_; })) {
+    spdlog::warn("[{}] detach: the session had not ended {} s after KVM_INTROSPECTION_UNHOOK",
+                 identity_.name, kSessionEndWait.count());
+  }
 }
 
 bool QemuConnector::WaitHooked(Clock::time_point deadline) {
