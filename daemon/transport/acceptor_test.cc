@@ -12,8 +12,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <future>
+#include <random>
 #include <thread>
 
 #include "daemon/base/mutex.h"
@@ -26,10 +29,17 @@ namespace {
 using testing::WaitUntil;
 
 // Under /tmp: Bazel's TEST_TMPDIR can be longer than sun_path.
+// A new path in this process's own directory: a pid alone may repeat in a sandbox (runs side by
+// side share /tmp), and a socket path must stay short (sun_path), so not under TEST_TMPDIR.
 std::string SocketPath() {
+  static char dir_template[] = "/tmp/kvmid-acceptor-test.XXXXXX";  // outlives every atexit call
+  static const std::string dir = [] {
+    if (::mkdtemp(dir_template) == nullptr) return std::string("/tmp");
+    std::atexit([] { std::filesystem::remove_all(dir_template); });
+    return std::string(dir_template);
+  }();
   static int next = 0;
-  return "/tmp/kvmid-acceptor-test." + std::to_string(::getpid()) + "." + std::to_string(next++) +
-         ".sock";
+  return dir + "/" + std::to_string(next++) + ".sock";
 }
 
 // Plain POSIX, so the test does not lean on the transport helpers it sits next to.
@@ -317,17 +327,22 @@ TEST_F(AcceptorTest, AFloodFromOnePeerIsCappedAndAnotherPeersGuestStillHooks) {
 
   std::vector<kvmi::UniqueFd> flood;
   std::atomic<bool> flooding{true};
+  // Abstract names are shared by every process of the network namespace, and a sandbox's pid
+  // may repeat (tests run side by side): a random tag keeps this run's names its own.
+  const std::string tag = std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}());
   std::thread flooder([&] {
     for (int i = 0; i < kFlood; ++i) {
-      kvmi::UniqueFd fd =
-          DialFrom(path_, "flood-" + std::to_string(::getpid()) + "-" + std::to_string(i));
+      kvmi::UniqueFd fd = DialFrom(path_, "flood-" + tag + "-" + std::to_string(i));
       if (fd) flood.push_back(std::move(fd));
       std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the attacker's pace
     }
     flooding = false;
   });
   // Once the flood holds its slots, a guest from another peer hooks, promptly.
-  ASSERT_TRUE(WaitUntil([&] { return Stats().accepted > 2 * kPerPeer; }));
+  if (!WaitUntil([&] { return Stats().accepted > 2 * kPerPeer; })) {
+    flooder.join();
+    FAIL() << "the flood's connections were not accepted (" << flood.size() << " dialled)";
+  }
   auto started = std::chrono::steady_clock::now();
   kvmi::IntrospectorHello answer;
   kvmi::UniqueFd guest = testing::ConnectAsQemu(path_, Hello("victim"), &answer);
