@@ -60,7 +60,7 @@ one_check_step() {  # LABEL CASE PATTERN MESSAGE COMMAND...
 }
 
 # Every tracked .cc/.h through clang-format --dry-run --Werror; prints "FILE: needs clang-format"
-# for each file it would change, then clang-format's own first lines.
+# for each file it would change (clang-format's own output: $work/format.out).
 format_check() {
   local out="$work/format.out"
   if git rev-parse --git-dir >/dev/null 2>&1; then
@@ -70,7 +70,6 @@ format_check() {
   fi | xargs -0 clang-format --dry-run --Werror >"$out" 2>&1
   local rc=$?
   grep -oE "^[^: ]+\.(cc|h)" "$out" | sort -u | sed 's/$/: needs clang-format/'
-  head -n 20 "$out"
   return "$rc"
 }
 
@@ -116,7 +115,7 @@ else
 fi
 
 # Every C++ file as clang-format (.clang-format: Google style, 100 columns) leaves it: one case,
-# failed by any file it would change (its lines are named).
+# failed by any file it would change (each is named).
 one_check_step format clang_format "needs clang-format" \
   "clang-format would change these files (clang-format -i FILE)" format_check
 

@@ -16,7 +16,6 @@
 #include <cstring>
 #include <filesystem>
 #include <future>
-#include <random>
 #include <thread>
 
 #include "daemon/base/mutex.h"
@@ -28,7 +27,6 @@ namespace {
 
 using testing::WaitUntil;
 
-// Under /tmp: Bazel's TEST_TMPDIR can be longer than sun_path.
 // A new path in this process's own directory: a pid alone may repeat in a sandbox (runs side by
 // side share /tmp), and a socket path must stay short (sun_path), so not under TEST_TMPDIR.
 std::string SocketPath() {
@@ -327,12 +325,11 @@ TEST_F(AcceptorTest, AFloodFromOnePeerIsCappedAndAnotherPeersGuestStillHooks) {
 
   std::vector<kvmi::UniqueFd> flood;
   std::atomic<bool> flooding{true};
-  // Abstract names are shared by every process of the network namespace, and a sandbox's pid
-  // may repeat (tests run side by side): a random tag keeps this run's names its own.
-  const std::string tag = std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}());
+  // Abstract names are shared by every process of the network namespace: named after this run's
+  // socket path (its own directory, see SocketPath), they are this run's own.
   std::thread flooder([&] {
     for (int i = 0; i < kFlood; ++i) {
-      kvmi::UniqueFd fd = DialFrom(path_, "flood-" + tag + "-" + std::to_string(i));
+      kvmi::UniqueFd fd = DialFrom(path_, "flood-" + path_ + "-" + std::to_string(i));
       if (fd) flood.push_back(std::move(fd));
       std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the attacker's pace
     }
