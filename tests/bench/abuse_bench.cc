@@ -26,9 +26,11 @@
 //   control  (with kvmi_flood, unless --nowakeup_control) between quiet and abuse: a child
 //          process wakes as often as the flood's and connects nowhere: what those wake-ups alone
 //          cost the guests on this machine, kvmid doing nothing for them;
-//   quiet again  once the abusers are gone, the quiet window once more: the abuse is compared
-//          with the quiet windows on both sides of it (the machine's own drift shows as a
-//          difference between the two).
+//   quiet again  once the abusers are gone, the quiet window once more; then abuse and quiet
+//          again `--rounds` times in all (default 3). Each abuse window is compared with the mean
+//          of the quiet windows on both sides of it, so that the machine's own drift (10-20%
+//          between minutes on this kind) cancels instead of passing for a cost of the abuse, and
+//          the result is the median over the rounds. Every quiet window hooks new guests too.
 // kvmid's RSS (VmRSS, VmHWM) and thread count (/proc/<pid>/status) are sampled every 100 ms.
 // Nothing is asserted: refusals (RESOURCE_EXHAUSTED, ...) are results, counted and printed.
 // Every abusive client is bounded in time; kvmid and the flood child die with the bench.
@@ -38,6 +40,7 @@
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
 #include <absl/strings/str_format.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <grpcpp/grpcpp.h>
@@ -57,6 +60,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -68,6 +72,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "kernel/sim/fleet.h"
@@ -76,6 +81,9 @@
 ABSL_FLAG(std::string, kvmid, "daemon/kvmid", "the kvmid binary (default: from the runfiles)");
 ABSL_FLAG(int, guests, 16, "simulated guests producing events (one vCPU each, CR3 writes)");
 ABSL_FLAG(double, seconds, 10.0, "measurement window of each phase");
+ABSL_FLAG(int, rounds, 3,
+          "abuse windows, each followed by a quiet one (the result: the median over the rounds of "
+          "each abuse window against the mean of the quiet windows on both sides of it)");
 ABSL_FLAG(int, streams, 2000, "open idle StreamEvents streams during the abuse phase");
 ABSL_FLAG(int, channels, 20, "channels the idle streams are spread over");
 ABSL_FLAG(bool, open_streams_first, true,
@@ -111,6 +119,9 @@ ABSL_FLAG(bool, wakeup_control, true,
           "cost on this machine)");
 ABSL_FLAG(uint64_t, resume_after, 1,
           "resume_flood: the event id its streams resume after (0: no resume, the churn alone)");
+ABSL_FLAG(bool, thread_cpu, false,
+          "per round, kvmid's and the bench's CPU by thread kind in the quiet window before and "
+          "in the abuse window (the kinds whose share moved most first)");
 ABSL_FLAG(bool, keep, false, "keep the temporary directory (kvmid's config and log)");
 ABSL_FLAG(int, cr4_per_mille, 0,
           "guest operations that are CR4 writes instead of CR3, per 1000: no policy decides them, "
@@ -183,6 +194,41 @@ double CpuSeconds(pid_t pid) {
     if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
   }
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+// CPU seconds of the threads of `pid` alive now, by thread name with digits folded into '#'
+// ("kvmid-io-1" and "kvmid-io-0" are one "kvmid-io-#"): what each kind of thread costs.
+std::map<std::string, double> ThreadCpu(pid_t pid) {
+  std::map<std::string, double> by_name;
+  const std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* dir = ::opendir(task_dir.c_str());
+  if (dir == nullptr) return by_name;
+  const double ticks = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream in(task_dir + "/" + entry->d_name + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    size_t open = stat.find('('), paren = stat.rfind(')');
+    if (open == std::string::npos || paren == std::string::npos || paren < open) continue;
+    std::string name;
+    for (char c : stat.substr(open + 1, paren - open - 1)) {
+      if (c >= '0' && c <= '9') {
+        if (name.empty() || name.back() != '#') name += '#';
+      } else {
+        name += c;
+      }
+    }
+    std::istringstream fields(stat.substr(paren + 2));
+    std::string field;
+    uint64_t utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> field; ++i) {  // field 3 is the state
+      if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
+      if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
+    }
+    by_name[name] += static_cast<double>(utime + stime) / ticks;
+  }
+  ::closedir(dir);
+  return by_name;
 }
 
 // This process's CPU time so far (every thread: the guests and the clients), seconds.
@@ -318,70 +364,72 @@ int64_t NowNs() {
   return t.tv_sec * 1000000000ll + t.tv_nsec;
 }
 
-// The flood child, forked before any thread exists. It waits for a "go" (the duration, as a
-// double, on `go_fd`), then connects to `socket` every interval and never writes, holding each
-// connection for `hold_ns` (or until kvmid closes it), and writes a FloodResult to `result_fd`.
+// The flood child, forked before any thread exists. For every "go" (the duration, as a double, on
+// `go_fd`) it connects to `socket` every interval and never writes, holding each connection for
+// `hold_ns` (or until kvmid closes it), then lets every connection still held go and writes that
+// run's FloodResult to `result_fd`. It ends when `go_fd` is closed.
 [[noreturn]] void FloodChild(int go_fd, int result_fd, const std::string& socket, int uid,
                              int64_t interval_ns, int64_t hold_ns, bool connect) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   static int held_fd[kFloodMaxHeld];
   static int64_t held_at[kFloodMaxHeld];
-  FloodResult r;
   rlimit nofile{kFloodMaxHeld + 64, kFloodMaxHeld + 64};
   ::setrlimit(RLIMIT_NOFILE, &nofile);
-  if (::setgroups(0, nullptr) == 0 && ::setgid(uid) == 0 && ::setuid(uid) == 0) r.uid = uid;
-  if (r.uid < 0) r.uid = static_cast<int>(::getuid());
-  double seconds = 0;
-  if (::read(go_fd, &seconds, sizeof(seconds)) != sizeof(seconds)) ::_exit(0);
+  int ran_as = -1;
+  if (::setgroups(0, nullptr) == 0 && ::setgid(uid) == 0 && ::setuid(uid) == 0) ran_as = uid;
+  if (ran_as < 0) ran_as = static_cast<int>(::getuid());
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
-  const int64_t start = NowNs();
-  const int64_t end = start + static_cast<int64_t>(seconds * 1e9);
-  size_t head = 0, tail = 0;  // ring of held connections, oldest at tail
-  char probe[64];
-  for (int64_t next = start; next < end; next += interval_ns) {
-    int64_t now = NowNs();
-    while (tail != head && (now - held_at[tail % kFloodMaxHeld] > hold_ns)) {
-      ::close(held_fd[tail++ % kFloodMaxHeld]);
-    }
-    // Every 100 connections, those kvmid closed (EOF) are let go and the ring compacted.
-    if ((r.connected + r.refused) % 100 == 0) {
-      size_t kept = tail;
-      for (size_t i = tail; i != head; ++i) {
-        int held = held_fd[i % kFloodMaxHeld];
-        if (::recv(held, probe, sizeof(probe), MSG_DONTWAIT) == 0) {
-          ++r.closed_by_kvmid;
-          ::close(held);
-          continue;
-        }
-        held_fd[kept % kFloodMaxHeld] = held;
-        held_at[kept++ % kFloodMaxHeld] = held_at[i % kFloodMaxHeld];
+  double seconds = 0;
+  while (::read(go_fd, &seconds, sizeof(seconds)) == sizeof(seconds)) {
+    FloodResult r;
+    r.uid = ran_as;
+    const int64_t start = NowNs();
+    const int64_t end = start + static_cast<int64_t>(seconds * 1e9);
+    size_t head = 0, tail = 0;  // ring of held connections, oldest at tail
+    char probe[64];
+    for (int64_t next = start; next < end; next += interval_ns) {
+      int64_t now = NowNs();
+      while (tail != head && (now - held_at[tail % kFloodMaxHeld] > hold_ns)) {
+        ::close(held_fd[tail++ % kFloodMaxHeld]);
       }
-      head = kept;
-    }
-    if (!connect) {  // the control: the same wake-ups, nothing sent to kvmid
+      // Every 100 connections, those kvmid closed (EOF) are let go and the ring compacted.
+      if ((r.connected + r.refused) % 100 == 0) {
+        size_t kept = tail;
+        for (size_t i = tail; i != head; ++i) {
+          int held = held_fd[i % kFloodMaxHeld];
+          if (::recv(held, probe, sizeof(probe), MSG_DONTWAIT) == 0) {
+            ++r.closed_by_kvmid;
+            ::close(held);
+            continue;
+          }
+          held_fd[kept % kFloodMaxHeld] = held;
+          held_at[kept++ % kFloodMaxHeld] = held_at[i % kFloodMaxHeld];
+        }
+        head = kept;
+      }
+      if (connect) {  // else the control: the same wake-ups, nothing sent to kvmid
+        int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+          ++r.connected;
+          if (head - tail == kFloodMaxHeld) ::close(held_fd[tail++ % kFloodMaxHeld]);
+          held_fd[head % kFloodMaxHeld] = fd;
+          held_at[head++ % kFloodMaxHeld] = now;
+        } else {
+          ++r.refused;
+          r.last_errno = errno;
+          if (fd >= 0) ::close(fd);
+        }
+      }
       timespec until{static_cast<time_t>(next / 1000000000), static_cast<long>(next % 1000000000)};
       ::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, nullptr);
-      continue;
     }
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-      ++r.connected;
-      if (head - tail == kFloodMaxHeld) ::close(held_fd[tail++ % kFloodMaxHeld]);
-      held_fd[head % kFloodMaxHeld] = fd;
-      held_at[head++ % kFloodMaxHeld] = now;
-    } else {
-      ++r.refused;
-      r.last_errno = errno;
-      if (fd >= 0) ::close(fd);
+    while (tail != head) ::close(held_fd[tail++ % kFloodMaxHeld]);  // the next phase starts clean
+    if (result_fd >= 0) {
+      ssize_t written = ::write(result_fd, &r, sizeof(r));
+      (void)written;
     }
-    timespec until{static_cast<time_t>(next / 1000000000), static_cast<long>(next % 1000000000)};
-    ::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, nullptr);
-  }
-  if (result_fd >= 0) {
-    ssize_t written = ::write(result_fd, &r, sizeof(r));
-    (void)written;
   }
   ::_exit(0);
 }
@@ -786,6 +834,9 @@ class Window {
  public:
   struct Rates {
     double seconds = 0, events = 0, kvmid_cpu = 0, self_cpu = 0, machine = 0, child_cpu = 0;
+    // CPU per second by thread kind ("kvmid kvmid-io-#", "bench grpcpp_sync_ser"): threads alive
+    // at both ends of the window only.
+    std::map<std::string, double> threads;
   };
   Window(kvmi::sim::Fleet& fleet, pid_t kvmid, pid_t child = 0)
       : fleet_(fleet),
@@ -796,6 +847,8 @@ class Window {
         self_cpu_(SelfCpuSeconds()),
         machine_(MachineBusySeconds()),
         child_cpu_(child > 0 ? CpuSeconds(child) : 0),
+        kvmid_threads_(ThreadCpu(kvmid)),
+        self_threads_(ThreadCpu(::getpid())),
         start_(Clock::now()) {}
   Rates End() const {
     Rates r;
@@ -805,6 +858,13 @@ class Window {
     r.self_cpu = (SelfCpuSeconds() - self_cpu_) / r.seconds;
     r.machine = (MachineBusySeconds() - machine_) / r.seconds;
     if (child_ > 0) r.child_cpu = (CpuSeconds(child_) - child_cpu_) / r.seconds;
+    for (const auto& [prefix, pid, before] : {std::tuple("kvmid ", kvmid_, &kvmid_threads_),
+                                              std::tuple("bench ", ::getpid(), &self_threads_)}) {
+      for (const auto& [name, cpu] : ThreadCpu(pid)) {
+        auto it = before->find(name);
+        r.threads[prefix + name] = (cpu - (it == before->end() ? 0.0 : it->second)) / r.seconds;
+      }
+    }
     return r;
   }
   Clock::time_point start() const { return start_; }
@@ -814,6 +874,7 @@ class Window {
   const pid_t kvmid_, child_;
   const uint64_t replies_;
   const double kvmid_cpu_, self_cpu_, machine_, child_cpu_;
+  const std::map<std::string, double> kvmid_threads_, self_threads_;
   const Clock::time_point start_;
 };
 
@@ -875,7 +936,10 @@ int main(int argc, char** argv) {
            << "\" }\n"
            << "io_threads: " << absl::GetFlag(FLAGS_io_threads) << "\n"
            << "verdicts { default_deadline_ms: 1000 default_fallback: ACTION_CONTINUE }\n"
-           << "limits { streams_per_identity: " << streams + silent_streams + 64 << " }\n"
+           // The bench opens every stream again each round: kvmid's default opening rate (20 a
+           // second after a burst of twice streams_per_identity) would refuse the third round's.
+           << "limits { streams_per_identity: " << streams + silent_streams + 64
+           << " stream_opens_per_second: " << 2 * (streams + silent_streams) + 20 << " }\n"
            << "policies { name: \"allow-cr3\" match { events: [EVENT_TYPE_CR] cr: 3 } "
               "action: ACTION_CONTINUE mode: MODE_ENFORCE }\n";
   }
@@ -923,7 +987,8 @@ int main(int argc, char** argv) {
     if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", dir.c_str());
   };
   // Whatever happens below, the bench ends: a watchdog kills the children and exits.
-  std::thread([&, limit = 4 * seconds + 180] {
+  std::thread([&, limit = (2 * std::max(1, absl::GetFlag(FLAGS_rounds)) + 3) * seconds +
+                          60 * std::max(1, absl::GetFlag(FLAGS_rounds)) + 120] {
     std::this_thread::sleep_for(std::chrono::duration<double>(limit));
     std::fprintf(stderr, "abuse_bench: watchdog after %.0f s, killing kvmid and the flood\n",
                  limit);
@@ -968,17 +1033,31 @@ int main(int argc, char** argv) {
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // warm-up
 
-  // ---- quiet ----
-  std::atomic<bool> quiet_stop{false};
-  HookProbe quiet_probe(kvmi_socket, control.get(), 0);
-  std::thread quiet_probe_thread([&] { quiet_probe.Run(&quiet_stop); });
-  sampler.SetPhase(kQuiet);
+  // ---- the windows: quiet, [control,] then `rounds` times abuse and quiet again ----
+  // Every abuse window is compared with the quiet windows on both sides of it (this kind's
+  // throughput drifts by 10-20% between minutes: a single quiet window is a poor baseline), and
+  // the result is the median over the rounds.
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
   const std::string load_at_start = LoadAverage();
-  const Window quiet_window(fleet, kvmid);
-  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  const Window::Rates quiet = quiet_window.End();
-  quiet_stop = true;
-  quiet_probe_thread.join();
+  int probe_phase = 0;                             // names the probes' guests apart
+  std::vector<std::unique_ptr<HookProbe>> probes;  // their guests stay connected until the end
+  // A quiet window (with a probe hooking new guests, as in the abuse windows).
+  auto quiet_window = [&]() {
+    std::atomic<bool> stop{false};
+    probes.push_back(std::make_unique<HookProbe>(kvmi_socket, control.get(), probe_phase++));
+    HookProbe* probe = probes.back().get();
+    std::thread probe_thread([&] { probe->Run(&stop); });
+    const Window window(fleet, kvmid);
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    const Window::Rates rates = window.End();
+    stop = true;
+    probe_thread.join();
+    return rates;
+  };
+  sampler.SetPhase(kQuiet);
+  std::vector<Window::Rates> quiet;  // rounds + 1 windows
+  quiet.push_back(quiet_window());
+  HookProbe* quiet_probe = probes.back().get();
   const Sampler::Max quiet_max = sampler.max(kQuiet);
 
   // ---- control: only the flood's wake-ups (same interval, same uid), nothing sent to kvmid ----
@@ -994,9 +1073,6 @@ int main(int argc, char** argv) {
     ticker = 0;
   }
 
-  // ---- abuse ----
-  sampler.SetPhase(kAbuse);
-  std::atomic<bool> abuse_stop{false};
   kvmi::v1::StreamEventsRequest idle_request;
   idle_request.add_allow()->add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);  // not in the workload
   if (const int beat_ms = absl::GetFlag(FLAGS_idle_heartbeat_ms); beat_ms >= 0) {
@@ -1007,189 +1083,248 @@ int main(int argc, char** argv) {
   silent_request.set_include_registers(true);  // every event, as big as they come
   const bool open_first = absl::GetFlag(FLAGS_open_streams_first);
   const double settle = open_first ? std::max(0.0, absl::GetFlag(FLAGS_settle_seconds)) : 0.0;
-  // Cancelled before that.
-  const auto stream_deadline =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(settle + seconds + 30));
-  std::unique_ptr<StreamFleet> idle, silent;
-  const auto open_streams = [&] {  // `streams` is 0 for an abuser left out
-    idle = std::make_unique<StreamFleet>(api_target, streams, absl::GetFlag(FLAGS_channels), true,
-                                         idle_request, stream_deadline);
-    silent = std::make_unique<StreamFleet>(api_target, silent_streams,
-                                           absl::GetFlag(FLAGS_silent_channels), false,
-                                           silent_request, stream_deadline);
-  };
-  double streams_started_s = 0;
-  if (open_first) {
-    const auto open_start = Clock::now();
-    open_streams();
-    streams_started_s = Seconds(Clock::now() - open_start);
-    std::this_thread::sleep_for(std::chrono::duration<double>(settle));
-  }
-  const Clock::time_point abuse_end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                         std::chrono::duration<double>(seconds));
-  const Window abuse_window(fleet, kvmid, flood);
-  const std::atomic<bool> not_running{true};  // the stop flag of an abuser left out
-  double flood_seconds = seconds;
-  if (runs("kvmi_flood")) {
-    ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
-    (void)go;
-  }
+  // The abusers keep their tallies over every round.
   PolicyFlood policy_flood;
-  auto policy_stub = Introspection::NewStub(NewChannel(api_target, -2, false));
-  std::thread policy_thread([&] {
-    policy_flood.Run(policy_stub.get(), runs("policy_flood") ? &abuse_stop : &not_running,
-                     abuse_end);
-  });
   ResumeFlood resume_flood;
-  auto resume_stub = Introspection::NewStub(NewChannel(api_target, -4, false));
-  std::thread resume_thread([&] {
-    resume_flood.Run(resume_stub.get(), runs("resume_flood") ? &abuse_stop : &not_running,
-                     abuse_end);
-  });
   SilentAttach silent_attach;
+  auto policy_stub = Introspection::NewStub(NewChannel(api_target, -2, false));
+  auto resume_stub = Introspection::NewStub(NewChannel(api_target, -4, false));
   auto attach_stub = Introspection::NewStub(NewChannel(api_target, -3, false));
-  std::thread attach_thread([&] {
-    silent_attach.Run(attach_stub.get(), runs("silent_attach") ? &abuse_stop : &not_running,
-                      abuse_end);
-  });
-  HookProbe abuse_probe(kvmi_socket, control.get(), 1);
-  std::thread abuse_probe_thread([&] { abuse_probe.Run(&abuse_stop); });
-  if (!open_first) {
-    open_streams();
-    streams_started_s = Seconds(Clock::now() - abuse_window.start());
-  }
-  while (Clock::now() < abuse_end && !sampler.over_guard()) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  const bool guard_cut = sampler.over_guard();
-  const Window::Rates abuse = abuse_window.End();
-  const size_t idle_open = idle->open(), silent_open = silent->open();
-  const Sampler::Max abuse_max = sampler.max(kAbuse);
-
-  // ---- teardown of the abuse, then "after" ----
-  abuse_stop = true;
-  silent_attach.Cancel();
-  const auto close_deadline = Clock::now() + kTeardownTimeout;
-  bool idle_closed = idle->Close(close_deadline);
-  bool silent_closed = silent->Close(close_deadline);
-  policy_thread.join();
-  resume_thread.join();
-  attach_thread.join();
-  abuse_probe_thread.join();
-  FloodResult flood_result;
-  {
-    pollfd p{result_pipe[0], POLLIN, 0};
-    if (runs("kvmi_flood") && ::poll(&p, 1, 5000) == 1) {
-      ssize_t got = ::read(result_pipe[0], &flood_result, sizeof(flood_result));
-      if (got != sizeof(flood_result)) flood_result = FloodResult{};
+  const std::atomic<bool> not_running{true};  // the stop flag of an abuser left out
+  struct Round {
+    Window::Rates abuse;
+    HookProbe* probe = nullptr;
+    std::unique_ptr<StreamFleet> idle, silent;
+    size_t idle_open = 0, silent_open = 0;
+    bool idle_closed = true, silent_closed = true;
+    double streams_started_s = 0;
+    FloodResult flood;
+  };
+  std::vector<Round> done;
+  bool guard_cut = false;
+  for (int r = 0; r < rounds && !guard_cut; ++r) {
+    // ---- abuse ----
+    Round round;
+    sampler.SetPhase(kAbuse);
+    std::atomic<bool> abuse_stop{false};
+    // Cancelled before that.
+    const auto stream_deadline =
+        Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                           std::chrono::duration<double>(settle + seconds + 30));
+    const auto open_streams = [&] {  // `streams` is 0 for an abuser left out
+      round.idle = std::make_unique<StreamFleet>(api_target, streams, absl::GetFlag(FLAGS_channels),
+                                                 true, idle_request, stream_deadline);
+      round.silent = std::make_unique<StreamFleet>(api_target, silent_streams,
+                                                   absl::GetFlag(FLAGS_silent_channels), false,
+                                                   silent_request, stream_deadline);
+    };
+    if (open_first) {
+      const auto open_start = Clock::now();
+      open_streams();
+      round.streams_started_s = Seconds(Clock::now() - open_start);
+      std::this_thread::sleep_for(std::chrono::duration<double>(settle));
     }
+    const Clock::time_point abuse_end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                           std::chrono::duration<double>(seconds));
+    const Window abuse_window(fleet, kvmid, flood);
+    double flood_seconds = seconds;
+    if (runs("kvmi_flood")) {
+      ssize_t go = ::write(go_pipe[1], &flood_seconds, sizeof(flood_seconds));
+      (void)go;
+    }
+    std::thread policy_thread([&] {
+      policy_flood.Run(policy_stub.get(), runs("policy_flood") ? &abuse_stop : &not_running,
+                       abuse_end);
+    });
+    std::thread resume_thread([&] {
+      resume_flood.Run(resume_stub.get(), runs("resume_flood") ? &abuse_stop : &not_running,
+                       abuse_end);
+    });
+    std::thread attach_thread([&] {
+      silent_attach.Run(attach_stub.get(), runs("silent_attach") ? &abuse_stop : &not_running,
+                        abuse_end);
+    });
+    probes.push_back(std::make_unique<HookProbe>(kvmi_socket, control.get(), probe_phase++));
+    round.probe = probes.back().get();
+    std::thread abuse_probe_thread([&] { round.probe->Run(&abuse_stop); });
+    if (!open_first) {
+      open_streams();
+      round.streams_started_s = Seconds(Clock::now() - abuse_window.start());
+    }
+    while (Clock::now() < abuse_end && !sampler.over_guard()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    guard_cut = sampler.over_guard();
+    round.abuse = abuse_window.End();
+    round.idle_open = round.idle->open();
+    round.silent_open = round.silent->open();
+
+    // ---- teardown of the abuse, then quiet again ----
+    abuse_stop = true;
+    silent_attach.Cancel();
+    const auto close_deadline = Clock::now() + kTeardownTimeout;
+    round.idle_closed = round.idle->Close(close_deadline);
+    round.silent_closed = round.silent->Close(close_deadline);
+    policy_thread.join();
+    resume_thread.join();
+    attach_thread.join();
+    abuse_probe_thread.join();
+    {
+      pollfd p{result_pipe[0], POLLIN, 0};
+      if (runs("kvmi_flood") && ::poll(&p, 1, 5000) == 1) {
+        ssize_t got = ::read(result_pipe[0], &round.flood, sizeof(round.flood));
+        if (got != sizeof(round.flood)) round.flood = FloodResult{};
+      }
+    }
+    sampler.SetPhase(kAfter);
+    policy_flood.Clean(control.get(), Clock::now() + kTeardownTimeout);
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    done.push_back(std::move(round));
+    // The quiet window on the far side of this abuse (and the near side of the next one).
+    quiet.push_back(quiet_window());
   }
   KillAndReap(flood, SIGKILL);
   flood = 0;
-  sampler.SetPhase(kAfter);
-  policy_flood.Clean(control.get(), Clock::now() + kTeardownTimeout);
-  std::this_thread::sleep_for(std::chrono::seconds(2));
   const ProcStatus after = sampler.last();
+  const Sampler::Max abuse_max = sampler.max(kAbuse);
   const Sampler::Max after_max = sampler.max(kAfter);
-  // ---- quiet again: the same window with the abusers gone, so that a drift of the machine
-  // (this kind's throughput moves by 10-20% between minutes) shows, instead of passing for a
-  // cost of the abuse ----
-  const Window again_window(fleet, kvmid);
-  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  const Window::Rates again = again_window.End();
   const bool kvmid_alive = ::waitpid(kvmid, nullptr, WNOHANG) == 0;
   sampler.Stop();
   struct stat log_stat {};
   ::stat((dir + "/kvmid.log").c_str(), &log_stat);
 
-  // ---- the table ----
-  const double ratio = quiet.events > 0 ? abuse.events / quiet.events : 0;
-  const double again_ratio = again.events > 0 ? abuse.events / again.events : 0;
-  const double both_ratio =
-      quiet.events + again.events > 0 ? abuse.events / ((quiet.events + again.events) / 2) : 0;
+  // ---- the tables ----
   std::printf(
       "\nkvmid under abuse: %d guests (1 vCPU, CR3 writes decided by an in-daemon policy; "
-      "CR4 writes for the silent Attach: %d per mille), %.1f s per phase\n",
-      guests, absl::GetFlag(FLAGS_cr4_per_mille), seconds);
+      "CR4 writes for the silent Attach: %d per mille), %.1f s per window, %zu rounds\n",
+      guests, absl::GetFlag(FLAGS_cr4_per_mille), seconds, done.size());
   std::string abuser_list;
   for (const std::string& a : abusers) abuser_list += (abuser_list.empty() ? "" : ",") + a;
   std::printf("abusers: %s\n", abuser_list.empty() ? "none" : abuser_list.c_str());
   std::printf("machine: %s, %u CPUs online, load average %s at the start\n\n", CpuModel().c_str(),
               std::thread::hardware_concurrency(), load_at_start.c_str());
   std::printf(
-      "| measure | quiet | abuse | quiet again (abusers gone) | target |\n"
-      "|---|---:|---:|---:|---|\n");
+      "| round | quiet before (events/s) | abuse (events/s) | quiet after (events/s) | abuse / "
+      "quiet before | **abuse / mean of both quiet windows** | kvmid CPU quiet / abuse | bench "
+      "CPU quiet / abuse | flood child CPU | machine busy quiet / abuse (of %u) | new guest "
+      "connect -> hooked during the abuse, p50 / max |\n"
+      "|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|\n",
+      std::thread::hardware_concurrency());
+  std::vector<double> both_ratios;
+  for (size_t i = 0; i < done.size(); ++i) {
+    const Window::Rates& before = quiet[i];
+    const Window::Rates& a = done[i].abuse;
+    const Window::Rates& again = quiet[i + 1];
+    const double both =
+        before.events + again.events > 0 ? a.events / ((before.events + again.events) / 2) : 0;
+    both_ratios.push_back(both);
+    std::printf(
+        "| %zu | %.0f | %.0f | %.0f | %.2fx | **%.2fx** | %.2f / %.2f | %.2f / %.2f | %.2f | "
+        "%.2f / %.2f | %s |\n",
+        i + 1, before.events, a.events, again.events,
+        before.events > 0 ? a.events / before.events : 0, both, before.kvmid_cpu, a.kvmid_cpu,
+        before.self_cpu, a.self_cpu, a.child_cpu, before.machine, a.machine,
+        HookCell(*done[i].probe).c_str());
+  }
+  if (absl::GetFlag(FLAGS_thread_cpu)) {
+    for (size_t i = 0; i < done.size(); ++i) {
+      std::map<std::string, std::pair<double, double>> kinds;  // quiet before, abuse
+      for (const auto& [name, cpu] : quiet[i].threads) kinds[name].first = cpu;
+      for (const auto& [name, cpu] : done[i].abuse.threads) kinds[name].second = cpu;
+      std::vector<std::pair<std::string, std::pair<double, double>>> rows(kinds.begin(),
+                                                                          kinds.end());
+      std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) {
+        return std::abs(a.second.second - a.second.first) >
+               std::abs(b.second.second - b.second.first);
+      });
+      std::printf(
+          "\nround %zu, CPU per second by thread kind | quiet before | abuse |\n|---|---:|---:|\n",
+          i + 1);
+      for (size_t k = 0; k < rows.size() && k < 16; ++k) {
+        std::printf("| %s | %.3f | %.3f |\n", rows[k].first.c_str(), rows[k].second.first,
+                    rows[k].second.second);
+      }
+    }
+  }
+  std::vector<double> sorted = both_ratios;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted.empty() ? 0 : sorted[sorted.size() / 2];
+  std::printf("\n| measure | value | target |\n|---|---:|---|\n");
   std::printf(
-      "| guest events/s (replies the guests got) | %.0f | %.0f | %.0f | abuse >= 0.9x quiet |\n",
-      quiet.events, abuse.events, again.events);
-  std::printf("| ratio abuse / quiet before, / quiet again | | %.2fx | %.2fx | >= 0.9x |\n", ratio,
-              again_ratio);
-  std::printf("| ratio abuse / mean of both quiet windows | | %.2fx | | >= 0.9x |\n", both_ratio);
+      "| guest events/s under abuse / mean of the quiet windows on both sides, median of %zu "
+      "rounds | **%.2fx** | >= 0.9x |\n",
+      done.size(), median);
   if (wakeup_control) {
     std::printf(
-        "| control: guest events/s while a process only wakes every %.1f ms (no kvmid work) | "
-        "%.0f (%.2fx of quiet; kvmid CPU %.2f, its CPU %.2f) | | | |\n",
+        "| control: guest events/s while a process only wakes every %.1f ms (no kvmid work), "
+        "against the first quiet window | %.0f (%.2fx; kvmid CPU %.2f, its CPU %.2f) | |\n",
         absl::GetFlag(FLAGS_flood_interval_ms), wakeups.events,
-        quiet.events > 0 ? wakeups.events / quiet.events : 0, wakeups.kvmid_cpu, wakeups.child_cpu);
-    std::printf("| ratio abuse / control (what is left for kvmid's part) | | %.2fx | | |\n",
-                wakeups.events > 0 ? abuse.events / wakeups.events : 0);
+        quiet[0].events > 0 ? wakeups.events / quiet[0].events : 0, wakeups.kvmid_cpu,
+        wakeups.child_cpu);
   }
-  std::printf("| kvmid RSS peak (VmRSS, sampled) | %s | %s | | < 512 MiB |\n",
+  std::printf("| kvmid RSS peak (VmRSS, sampled): quiet / abuse | %s / %s | < 512 MiB |\n",
               Mib(quiet_max.rss_kib).c_str(), Mib(abuse_max.rss_kib).c_str());
-  std::printf("| kvmid threads (min-max) | %llu-%llu | %llu-%llu | %llu-%llu | flat |\n",
-              static_cast<unsigned long long>(quiet_max.min_threads),
-              static_cast<unsigned long long>(quiet_max.threads),
-              static_cast<unsigned long long>(abuse_max.min_threads),
-              static_cast<unsigned long long>(abuse_max.threads),
-              static_cast<unsigned long long>(after_max.min_threads),
-              static_cast<unsigned long long>(after_max.threads));
-  std::printf("| kvmid CPU (CPU-seconds per second) | %.2f | %.2f | %.2f | |\n", quiet.kvmid_cpu,
-              abuse.kvmid_cpu, again.kvmid_cpu);
   std::printf(
-      "| bench process CPU (guests + clients; not the flood child) | %.2f | %.2f | %.2f | |\n",
-      quiet.self_cpu, abuse.self_cpu, again.self_cpu);
-  std::printf("| KVMI flood child CPU | - | %.2f | - | |\n", abuse.child_cpu);
-  std::printf(
-      "| machine busy (every process and the kernel, of %u CPUs) | %.2f | %.2f | %.2f | |\n",
-      std::thread::hardware_concurrency(), quiet.machine, abuse.machine, again.machine);
-  std::printf("| new guest connect -> hooked (GetVM), p50 / max | %s | %s | | < 2 s |\n",
-              HookCell(quiet_probe).c_str(), HookCell(abuse_probe).c_str());
+      "| kvmid threads (min-max): first quiet / abuse / after | %llu-%llu / %llu-%llu / "
+      "%llu-%llu | flat |\n",
+      static_cast<unsigned long long>(quiet_max.min_threads),
+      static_cast<unsigned long long>(quiet_max.threads),
+      static_cast<unsigned long long>(abuse_max.min_threads),
+      static_cast<unsigned long long>(abuse_max.threads),
+      static_cast<unsigned long long>(after_max.min_threads),
+      static_cast<unsigned long long>(after_max.threads));
+  std::printf("| new guest connect -> hooked (GetVM), first quiet window | %s | < 2 s |\n",
+              HookCell(*quiet_probe).c_str());
   if (guard_cut) {
     std::printf("\nTHE ABUSE WINDOW WAS CUT after %.1f s: kvmid's RSS passed --max_rss_mib=%d\n",
-                abuse.seconds, absl::GetFlag(FLAGS_max_rss_mib));
+                done.back().abuse.seconds, absl::GetFlag(FLAGS_max_rss_mib));
   }
   std::printf(
-      "\nafter the abuse (clients gone, flood policies deleted, +2 s): RSS %s, VmHWM %s, "
-      "threads %llu (max %llu); kvmid %s; kvmid log %lld bytes\n",
+      "\nat the end (clients gone, flood policies deleted, a last quiet window): RSS %s, VmHWM %s, "
+      "threads %llu (max %llu after the first abuse); kvmid %s; kvmid log %lld bytes\n",
       Mib(after.rss_kib).c_str(), Mib(after.hwm_kib).c_str(),
       static_cast<unsigned long long>(after.threads),
       static_cast<unsigned long long>(after_max.threads), kvmid_alive ? "alive" : "DEAD",
       static_cast<long long>(log_stat.st_size));
-  std::printf("\nabusers (abuse phase, %.1f s; streams opened in %.2f s %s):\n", abuse.seconds,
-              streams_started_s,
+  std::printf("\nabusers, per round (%.1f s each; streams opened %s):\n", seconds,
               open_first
                   ? absl::StrFormat("before the window, then %.1f s to settle", settle).c_str()
                   : "inside the window");
-  std::printf(
-      "  idle streams: %zu started, %zu open at the end of the window, %llu messages read; "
-      "ended: %s%s\n",
-      idle->size(), idle_open, static_cast<unsigned long long>(idle->messages()),
-      idle->tally().Describe().c_str(), idle_closed ? "" : " (some never finished)");
-  std::printf(
-      "  non-reading streams: %zu started, %zu open at the end of the window; ended: %s%s\n",
-      silent->size(), silent_open, silent->tally().Describe().c_str(),
-      silent_closed ? "" : " (some never finished)");
-  std::printf(
-      "  streams refused: %llu (RESOURCE_EXHAUSTED: the limit)\n",
-      static_cast<unsigned long long>(idle->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED) +
-                                      silent->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED)));
+  for (size_t i = 0; i < done.size(); ++i) {
+    const Round& round = done[i];
+    std::printf(
+        "  round %zu: idle streams: %zu started in %.2f s, %zu open at the end of the window, "
+        "%llu messages read; ended: %s%s\n",
+        i + 1, round.idle->size(), round.streams_started_s, round.idle_open,
+        static_cast<unsigned long long>(round.idle->messages()),
+        round.idle->tally().Describe().c_str(), round.idle_closed ? "" : " (some never finished)");
+    std::printf(
+        "           non-reading streams: %zu started, %zu open at the end of the window; ended: "
+        "%s%s\n",
+        round.silent->size(), round.silent_open, round.silent->tally().Describe().c_str(),
+        round.silent_closed ? "" : " (some never finished)");
+    std::printf("           streams refused: %llu (RESOURCE_EXHAUSTED: the limit)\n",
+                static_cast<unsigned long long>(
+                    round.idle->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED) +
+                    round.silent->tally().Count(grpc::StatusCode::RESOURCE_EXHAUSTED)));
+    std::printf(
+        "           KVMI flood (uid %d, every %.1f ms, held %.0f s): %llu connected, %llu refused "
+        "(last errno: %s), %llu closed by kvmid before the client let go\n",
+        round.flood.uid, absl::GetFlag(FLAGS_flood_interval_ms),
+        absl::GetFlag(FLAGS_flood_hold_seconds),
+        static_cast<unsigned long long>(round.flood.connected),
+        static_cast<unsigned long long>(round.flood.refused),
+        round.flood.last_errno != 0 ? std::strerror(round.flood.last_errno) : "-",
+        static_cast<unsigned long long>(round.flood.closed_by_kvmid));
+  }
+  std::printf("  every round together:\n");
   std::printf(
       "  policy flood (%d names, %d-byte descriptions): %llu calls: %s; %.1f MiB accepted\n",
       absl::GetFlag(FLAGS_policy_names), absl::GetFlag(FLAGS_policy_description_bytes),
       static_cast<unsigned long long>(policy_flood.applied.Total()),
       policy_flood.applied.Describe().c_str(), policy_flood.bytes.load() / 1048576.0);
-  std::printf("  flood policies deleted after: %s\n", policy_flood.deleted.Describe().c_str());
+  std::printf("  flood policies deleted after each round: %s\n",
+              policy_flood.deleted.Describe().c_str());
   if (runs("resume_flood")) {
     std::printf(
         "  resume flood (resume_after %llu): %llu streams, %llu first messages; ended: %s\n",
@@ -1205,22 +1340,14 @@ int main(int argc, char** argv) {
       silent_attach.deadline_ms.load(),
       static_cast<unsigned long long>(silent_attach.events_held.load()),
       silent_attach.streams.Describe().c_str());
-  std::printf(
-      "  KVMI flood (uid %d, every %.1f ms, held %.0f s): %llu connected, %llu refused "
-      "(last errno: %s), %llu closed by kvmid before the client let go\n",
-      flood_result.uid, absl::GetFlag(FLAGS_flood_interval_ms),
-      absl::GetFlag(FLAGS_flood_hold_seconds),
-      static_cast<unsigned long long>(flood_result.connected),
-      static_cast<unsigned long long>(flood_result.refused),
-      flood_result.last_errno != 0 ? std::strerror(flood_result.last_errno) : "-",
-      static_cast<unsigned long long>(flood_result.closed_by_kvmid));
   std::fflush(stdout);
 
-  quiet_probe.StopGuests();
-  abuse_probe.StopGuests();
+  for (auto& probe : probes) probe->StopGuests();
   fleet.Stop();
   cleanup();
-  idle.release();  // reactors gRPC may still reference; the process ends here
-  silent.release();
+  for (Round& round : done) {  // reactors gRPC may still reference; the process ends here
+    round.idle.release();
+    round.silent.release();
+  }
   return 0;
 }
