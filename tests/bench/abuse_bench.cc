@@ -196,13 +196,14 @@ double CpuSeconds(pid_t pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
-// CPU seconds of the threads of `pid` alive now, by thread name with digits folded into '#'
-// ("kvmid-io-1" and "kvmid-io-0" are one "kvmid-io-#"): what each kind of thread costs.
-std::map<std::string, double> ThreadCpu(pid_t pid) {
-  std::map<std::string, double> by_name;
+// The threads of `pid` alive now: tid -> (name with digits folded into '#', so that "kvmid-io-1"
+// and "kvmid-io-0" are one kind "kvmid-io-#"; CPU seconds so far).
+using ThreadTimes = std::map<std::string, std::pair<std::string, double>>;
+ThreadTimes ThreadCpu(pid_t pid) {
+  ThreadTimes threads;
   const std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
   DIR* dir = ::opendir(task_dir.c_str());
-  if (dir == nullptr) return by_name;
+  if (dir == nullptr) return threads;
   const double ticks = static_cast<double>(::sysconf(_SC_CLK_TCK));
   while (dirent* entry = ::readdir(dir)) {
     if (entry->d_name[0] == '.') continue;
@@ -225,10 +226,10 @@ std::map<std::string, double> ThreadCpu(pid_t pid) {
       if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
       if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
     }
-    by_name[name] += static_cast<double>(utime + stime) / ticks;
+    threads[entry->d_name] = {name, static_cast<double>(utime + stime) / ticks};
   }
   ::closedir(dir);
-  return by_name;
+  return threads;
 }
 
 // This process's CPU time so far (every thread: the guests and the clients), seconds.
@@ -834,8 +835,9 @@ class Window {
  public:
   struct Rates {
     double seconds = 0, events = 0, kvmid_cpu = 0, self_cpu = 0, machine = 0, child_cpu = 0;
-    // CPU per second by thread kind ("kvmid kvmid-io-#", "bench grpcpp_sync_ser"): threads alive
-    // at both ends of the window only.
+    // CPU per second by thread kind ("kvmid kvmid-io-#", "bench grpcpp_sync_ser"): each thread
+    // alive at the window's end, from the window's start or its own (a thread that ended inside
+    // the window is not counted).
     std::map<std::string, double> threads;
   };
   Window(kvmi::sim::Fleet& fleet, pid_t kvmid, pid_t child = 0)
@@ -860,9 +862,11 @@ class Window {
     if (child_ > 0) r.child_cpu = (CpuSeconds(child_) - child_cpu_) / r.seconds;
     for (const auto& [prefix, pid, before] : {std::tuple("kvmid ", kvmid_, &kvmid_threads_),
                                               std::tuple("bench ", ::getpid(), &self_threads_)}) {
-      for (const auto& [name, cpu] : ThreadCpu(pid)) {
-        auto it = before->find(name);
-        r.threads[prefix + name] = (cpu - (it == before->end() ? 0.0 : it->second)) / r.seconds;
+      for (const auto& [tid, now] : ThreadCpu(pid)) {
+        auto it = before->find(tid);
+        const bool same = it != before->end() && it->second.first == now.first;
+        r.threads[prefix + now.first] +=
+            (now.second - (same ? it->second.second : 0.0)) / r.seconds;
       }
     }
     return r;
@@ -874,7 +878,7 @@ class Window {
   const pid_t kvmid_, child_;
   const uint64_t replies_;
   const double kvmid_cpu_, self_cpu_, machine_, child_cpu_;
-  const std::map<std::string, double> kvmid_threads_, self_threads_;
+  const ThreadTimes kvmid_threads_, self_threads_;
   const Clock::time_point start_;
 };
 
@@ -930,16 +934,21 @@ int main(int argc, char** argv) {
   const std::string kvmi_socket = dir + "/kvmi.sock";
   const std::string api_socket = dir + "/api.sock";
   const std::string api_target = "unix:" + api_socket;
+  // The bench opens every stream again each round: kvmid's default opening rate (20 a second
+  // after a burst of twice streams_per_identity) would refuse the third round's. Not with the
+  // resume flood, whose churn that rate is there to bound.
+  const std::string opens_limit =
+      runs("resume_flood")
+          ? ""
+          : " stream_opens_per_second: " + std::to_string(2 * (streams + silent_streams) + 20);
   {
     std::ofstream config(dir + "/kvmid.textproto");
     config << "listen { unix_socket: \"" << kvmi_socket << "\" api_socket: \"" << api_socket
            << "\" }\n"
            << "io_threads: " << absl::GetFlag(FLAGS_io_threads) << "\n"
            << "verdicts { default_deadline_ms: 1000 default_fallback: ACTION_CONTINUE }\n"
-           // The bench opens every stream again each round: kvmid's default opening rate (20 a
-           // second after a burst of twice streams_per_identity) would refuse the third round's.
-           << "limits { streams_per_identity: " << streams + silent_streams + 64
-           << " stream_opens_per_second: " << 2 * (streams + silent_streams) + 20 << " }\n"
+           << "limits { streams_per_identity: " << streams + silent_streams + 64 << opens_limit
+           << " }\n"
            << "policies { name: \"allow-cr3\" match { events: [EVENT_TYPE_CR] cr: 3 } "
               "action: ACTION_CONTINUE mode: MODE_ENFORCE }\n";
   }
@@ -988,7 +997,9 @@ int main(int argc, char** argv) {
   };
   // Whatever happens below, the bench ends: a watchdog kills the children and exits.
   std::thread([&, limit = (2 * std::max(1, absl::GetFlag(FLAGS_rounds)) + 3) * seconds +
-                          60 * std::max(1, absl::GetFlag(FLAGS_rounds)) + 120] {
+                          std::max(1, absl::GetFlag(FLAGS_rounds)) *
+                              (60 + std::max(0.0, absl::GetFlag(FLAGS_settle_seconds))) +
+                          120] {
     std::this_thread::sleep_for(std::chrono::duration<double>(limit));
     std::fprintf(stderr, "abuse_bench: watchdog after %.0f s, killing kvmid and the flood\n",
                  limit);
@@ -1102,7 +1113,8 @@ int main(int argc, char** argv) {
   };
   std::vector<Round> done;
   bool guard_cut = false;
-  for (int r = 0; r < rounds && !guard_cut; ++r) {
+  bool flood_lost = false;  // the flood child did not report a round: stopped, no more rounds
+  for (int r = 0; r < rounds && !guard_cut && !flood_lost; ++r) {
     // ---- abuse ----
     Round round;
     sampler.SetPhase(kAbuse);
@@ -1169,11 +1181,18 @@ int main(int argc, char** argv) {
     resume_thread.join();
     attach_thread.join();
     abuse_probe_thread.join();
-    {
+    if (runs("kvmi_flood")) {
+      // A cut window ends before the child's run does, and a result that does not come would
+      // come later, as the next round's: either way the child is stopped and the rounds end.
       pollfd p{result_pipe[0], POLLIN, 0};
-      if (runs("kvmi_flood") && ::poll(&p, 1, 5000) == 1) {
-        ssize_t got = ::read(result_pipe[0], &round.flood, sizeof(round.flood));
-        if (got != sizeof(round.flood)) round.flood = FloodResult{};
+      bool reported = !guard_cut && ::poll(&p, 1, 5000) == 1 &&
+                      ::read(result_pipe[0], &round.flood, sizeof(round.flood)) ==
+                          static_cast<ssize_t>(sizeof(round.flood));
+      if (!reported) {
+        round.flood = FloodResult{};
+        KillAndReap(flood, SIGKILL);
+        flood = 0;
+        flood_lost = !guard_cut;
       }
     }
     sampler.SetPhase(kAfter);
@@ -1240,7 +1259,8 @@ int main(int argc, char** argv) {
       std::printf(
           "\nround %zu, CPU per second by thread kind | quiet before | abuse |\n|---|---:|---:|\n",
           i + 1);
-      for (size_t k = 0; k < rows.size() && k < 16; ++k) {
+      for (size_t k = 0; k < rows.size(); ++k) {
+        if (rows[k].second.first < 0.0005 && rows[k].second.second < 0.0005) continue;
         std::printf("| %s | %.3f | %.3f |\n", rows[k].first.c_str(), rows[k].second.first,
                     rows[k].second.second);
       }
@@ -1248,7 +1268,9 @@ int main(int argc, char** argv) {
   }
   std::vector<double> sorted = both_ratios;
   std::sort(sorted.begin(), sorted.end());
-  const double median = sorted.empty() ? 0 : sorted[sorted.size() / 2];
+  const size_t n = sorted.size();
+  const double median =
+      n == 0 ? 0 : (n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2);
   std::printf("\n| measure | value | target |\n|---|---:|---|\n");
   std::printf(
       "| guest events/s under abuse / mean of the quiet windows on both sides, median of %zu "
@@ -1275,6 +1297,10 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(after_max.threads));
   std::printf("| new guest connect -> hooked (GetVM), first quiet window | %s | < 2 s |\n",
               HookCell(*quiet_probe).c_str());
+  if (flood_lost) {
+    std::printf("\nTHE KVMI FLOOD CHILD DID NOT REPORT round %zu: stopped, no further rounds\n",
+                done.size());
+  }
   if (guard_cut) {
     std::printf("\nTHE ABUSE WINDOW WAS CUT after %.1f s: kvmid's RSS passed --max_rss_mib=%d\n",
                 done.back().abuse.seconds, absl::GetFlag(FLAGS_max_rss_mib));
