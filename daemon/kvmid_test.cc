@@ -668,12 +668,21 @@ TEST_F(DaemonTest, ReleasingALeaseRestoresTheGuest) {
 TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
   config_.command_timeout = std::chrono::seconds(2);  // long enough to look at it in flight
   StartDaemon();
-  // Shared with the host's reader thread, which may outlive this body until TearDown.
-  auto answer_msr = std::make_shared<std::atomic<bool>>(false);
+  // How the host treats CONTROL_MSR. Shared with the host's reader thread, which may outlive this
+  // body until TearDown.
+  enum MsrAnswer : int { kNever, kHeld, kAnswer };
+  auto msr = std::make_shared<std::atomic<int>>(kNever);
+  auto held = std::make_shared<std::atomic<bool>>(false);  // the host holds an answer now
   auto answers = std::make_shared<ScriptedHost>();  // only its default replies (never connected)
-  ScriptedHost* host = Connect(10, "slow-host", 2, [answer_msr, answers](const ReceivedMessage& m) {
-    if (m.hdr.id == KVMI_CONTROL_MSR && !*answer_msr) {
-      return std::optional<std::vector<uint8_t>>();  // left unanswered
+  ScriptedHost* host = Connect(10, "slow-host", 2, [msr, held, answers](const ReceivedMessage& m) {
+    if (m.hdr.id == KVMI_CONTROL_MSR) {
+      if (*msr == kNever) return std::optional<std::vector<uint8_t>>();  // left unanswered
+      // Held (its reader stalls) until the test has looked at the count: an answer sent at
+      // once can be taken before the test's next step (kvmid's loop outranks the test).
+      if (*msr == kHeld) *held = true;
+      for (int i = 0; i < 5000 && *msr == kHeld; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
     }
     return std::optional<std::vector<uint8_t>>(answers->DefaultReply(m));
   });
@@ -698,9 +707,13 @@ TEST_F(DaemonTest, ALeaseChangeIsInFlightUntilTheHostAnsweredIt) {
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
   EXPECT_THAT(guest->Snapshot().arm_errors, ::testing::Not(::testing::IsEmpty()));
 
-  *answer_msr = true;
+  // The release: in flight while the host holds its answers, settled once it gives them.
+  *msr = kHeld;
   guest->ReleaseLease("client:1");
-  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);
+  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // decided
+  ASSERT_TRUE(WaitUntil([&] { return held->load(); }));
+  EXPECT_GT(guest->Snapshot().arming_in_flight, 0u);  // sent, not answered
+  *msr = kAnswer;
   for (int vcpu = 0; vcpu < 2; ++vcpu) ASSERT_TRUE(host->WaitFor(control_msr(false)));
   ASSERT_TRUE(WaitUntil([&] { return guest->Snapshot().arming_in_flight == 0; }));
 }
