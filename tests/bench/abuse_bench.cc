@@ -69,6 +69,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -180,12 +181,13 @@ ProcStatus ReadStatus(pid_t pid) {
   return s;
 }
 
-// kvmid's CPU time so far (utime + stime of /proc/<pid>/stat), seconds.
-double CpuSeconds(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+// One /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat: the name between its parentheses and
+// utime + stime in seconds; nullopt if it cannot be read (the process or thread is gone).
+std::optional<std::pair<std::string, double>> ReadStat(const std::string& path) {
+  std::ifstream in(path);
   std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  size_t paren = stat.rfind(')');
-  if (paren == std::string::npos) return 0;
+  size_t open = stat.find('('), paren = stat.rfind(')');
+  if (open == std::string::npos || paren == std::string::npos || paren < open) return std::nullopt;
   std::istringstream fields(stat.substr(paren + 2));
   std::string field;
   uint64_t utime = 0, stime = 0;
@@ -193,7 +195,15 @@ double CpuSeconds(pid_t pid) {
     if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
     if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
   }
-  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  return std::make_pair(
+      stat.substr(open + 1, paren - open - 1),
+      static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK)));
+}
+
+// kvmid's CPU time so far (utime + stime of /proc/<pid>/stat), seconds.
+double CpuSeconds(pid_t pid) {
+  auto stat = ReadStat("/proc/" + std::to_string(pid) + "/stat");
+  return stat ? stat->second : 0;
 }
 
 // The threads of `pid` alive now: tid -> (name with digits folded into '#', so that "kvmid-io-1"
@@ -204,29 +214,19 @@ ThreadTimes ThreadCpu(pid_t pid) {
   const std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
   DIR* dir = ::opendir(task_dir.c_str());
   if (dir == nullptr) return threads;
-  const double ticks = static_cast<double>(::sysconf(_SC_CLK_TCK));
   while (dirent* entry = ::readdir(dir)) {
     if (entry->d_name[0] == '.') continue;
-    std::ifstream in(task_dir + "/" + entry->d_name + "/stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    size_t open = stat.find('('), paren = stat.rfind(')');
-    if (open == std::string::npos || paren == std::string::npos || paren < open) continue;
-    std::string name;
-    for (char c : stat.substr(open + 1, paren - open - 1)) {
+    auto stat = ReadStat(task_dir + "/" + entry->d_name + "/stat");
+    if (!stat) continue;
+    std::string kind;
+    for (char c : stat->first) {
       if (c >= '0' && c <= '9') {
-        if (name.empty() || name.back() != '#') name += '#';
+        if (kind.empty() || kind.back() != '#') kind += '#';
       } else {
-        name += c;
+        kind += c;
       }
     }
-    std::istringstream fields(stat.substr(paren + 2));
-    std::string field;
-    uint64_t utime = 0, stime = 0;
-    for (int i = 3; i <= 15 && fields >> field; ++i) {  // field 3 is the state
-      if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
-      if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
-    }
-    threads[entry->d_name] = {name, static_cast<double>(utime + stime) / ticks};
+    threads[entry->d_name] = {kind, stat->second};
   }
   ::closedir(dir);
   return threads;
@@ -835,9 +835,9 @@ class Window {
  public:
   struct Rates {
     double seconds = 0, events = 0, kvmid_cpu = 0, self_cpu = 0, machine = 0, child_cpu = 0;
-    // CPU per second by thread kind ("kvmid kvmid-io-#", "bench grpcpp_sync_ser"): each thread
-    // alive at the window's end, from the window's start or its own (a thread that ended inside
-    // the window is not counted).
+    // With --thread_cpu, CPU per second by thread kind ("kvmid kvmid-io-#", "bench
+    // grpcpp_sync_ser"): each thread alive at the window's end, from the window's start or its own
+    // (a thread that ended inside the window is not counted).
     std::map<std::string, double> threads;
   };
   Window(kvmi::sim::Fleet& fleet, pid_t kvmid, pid_t child = 0)
@@ -849,8 +849,9 @@ class Window {
         self_cpu_(SelfCpuSeconds()),
         machine_(MachineBusySeconds()),
         child_cpu_(child > 0 ? CpuSeconds(child) : 0),
-        kvmid_threads_(ThreadCpu(kvmid)),
-        self_threads_(ThreadCpu(::getpid())),
+        by_thread_(absl::GetFlag(FLAGS_thread_cpu)),
+        kvmid_threads_(by_thread_ ? ThreadCpu(kvmid) : ThreadTimes{}),
+        self_threads_(by_thread_ ? ThreadCpu(::getpid()) : ThreadTimes{}),
         start_(Clock::now()) {}
   Rates End() const {
     Rates r;
@@ -862,6 +863,7 @@ class Window {
     if (child_ > 0) r.child_cpu = (CpuSeconds(child_) - child_cpu_) / r.seconds;
     for (const auto& [prefix, pid, before] : {std::tuple("kvmid ", kvmid_, &kvmid_threads_),
                                               std::tuple("bench ", ::getpid(), &self_threads_)}) {
+      if (!by_thread_) break;
       for (const auto& [tid, now] : ThreadCpu(pid)) {
         auto it = before->find(tid);
         const bool same = it != before->end() && it->second.first == now.first;
@@ -878,6 +880,7 @@ class Window {
   const pid_t kvmid_, child_;
   const uint64_t replies_;
   const double kvmid_cpu_, self_cpu_, machine_, child_cpu_;
+  const bool by_thread_;  // --thread_cpu: the /proc walks below only then
   const ThreadTimes kvmid_threads_, self_threads_;
   const Clock::time_point start_;
 };
@@ -1052,11 +1055,14 @@ int main(int argc, char** argv) {
   const std::string load_at_start = LoadAverage();
   int probe_phase = 0;                             // names the probes' guests apart
   std::vector<std::unique_ptr<HookProbe>> probes;  // their guests stay connected until the end
+  auto new_probe = [&] {
+    probes.push_back(std::make_unique<HookProbe>(kvmi_socket, control.get(), probe_phase++));
+    return probes.back().get();
+  };
   // A quiet window (with a probe hooking new guests, as in the abuse windows).
   auto quiet_window = [&]() {
     std::atomic<bool> stop{false};
-    probes.push_back(std::make_unique<HookProbe>(kvmi_socket, control.get(), probe_phase++));
-    HookProbe* probe = probes.back().get();
+    HookProbe* probe = new_probe();
     std::thread probe_thread([&] { probe->Run(&stop); });
     const Window window(fleet, kvmid);
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
@@ -1156,8 +1162,7 @@ int main(int argc, char** argv) {
       silent_attach.Run(attach_stub.get(), runs("silent_attach") ? &abuse_stop : &not_running,
                         abuse_end);
     });
-    probes.push_back(std::make_unique<HookProbe>(kvmi_socket, control.get(), probe_phase++));
-    round.probe = probes.back().get();
+    round.probe = new_probe();
     std::thread abuse_probe_thread([&] { round.probe->Run(&abuse_stop); });
     if (!open_first) {
       open_streams();
