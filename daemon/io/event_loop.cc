@@ -33,11 +33,13 @@ EventLoop::EventLoop()
 EventLoop::~EventLoop() { Stop(); }
 
 void EventLoop::Start(const char* name) {
-  thread_ = std::thread([this, name] {
+  // The name is copied: callers pass a temporary's c_str(). It is set before the thread announces
+  // itself, so that Start() returns with the thread named (tests and operators look it up by name).
+  thread_ = std::thread([this, name = std::string(name)] {
+    pthread_setname_np(pthread_self(), name.c_str());
     loop_tid_ = ::gettid();
-    loop_thread_id_ = std::this_thread::get_id();
     current_loop = this;
-    pthread_setname_np(pthread_self(), name);
+    loop_thread_id_ = std::this_thread::get_id();
     Loop();
   });
   // Watch()/RunAt() callers may check InLoopThread() right away.
