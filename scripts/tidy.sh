@@ -3,10 +3,26 @@
 # //daemon, //kernel and //common, tests included, or over the FILEs given (paths from the
 # project root). Builds the targets first (clang-tidy needs their generated .pb.h headers), then
 # writes the compile database from `bazel aquery` (scripts/compile_commands.py) to a temporary
-# directory. Exit status 0 when clang-tidy found nothing.
-#   usage: scripts/tidy.sh [FILE...]
+# directory. Exit status 0 when clang-tidy found nothing. Clang's thread-safety analysis
+# (-Wthread-safety: ABSL_GUARDED_BY & co. on kvmid::Mutex) runs inside the same pass.
+# --self-check runs the same clang-tidy over tests/tidy/planted_thread_safety.cc (no build) and
+# exits 0 only if it reports the planted unlocked write: the analysis is live.
+#   usage: scripts/tidy.sh [FILE...] | scripts/tidy.sh --self-check
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tidy=(clang-tidy --quiet --config-file=.clang-tidy --extra-arg=-Wthread-safety)
+if [ "${1:-}" = "--self-check" ]; then
+  planted=tests/tidy/planted_thread_safety.cc
+  out="$("${tidy[@]}" "$planted" -- -std=c++17 -I. 2>&1 || true)"
+  printf '%s\n' "$out"
+  expected="$planted:17:22: error: writing variable 'count_' requires holding mutex 'mu_'"
+  if grep -qF "$expected" <<<"$out" && grep -qF "[clang-diagnostic-thread-safety-analysis" <<<"$out"; then
+    echo "tidy self-check: the thread-safety analysis reported the planted unlocked write"
+    exit 0
+  fi
+  echo "tidy self-check: error: no thread-safety finding for the planted unlocked write ($planted:17)"
+  exit 1
+fi
 targets=(//daemon/... //kernel/... //common/...)
 flags=(--color=no)
 [ -t 1 ] || flags+=(--curses=no --show_progress_rate_limit=30)
@@ -27,4 +43,4 @@ else
 for entry in json.load(open(sys.argv[1])):
     print(entry["file"])' "$db/compile_commands.json"
 fi | sed "s|^|$root/|" |
-  xargs -r -P "$(nproc)" -n 4 clang-tidy --quiet --config-file=.clang-tidy -p "$db"
+  xargs -r -P "$(nproc)" -n 4 "${tidy[@]}" -p "$db"
