@@ -6,8 +6,8 @@
 #         tests tagged no-asan, e.g. tests/deploy's containers, are left out)
 #   tsan  bazel test --config=tsan, tests tagged "tsan"   (threading tests opt in with the tag)
 #   tidy  scripts/tidy.sh: clang-tidy (.clang-tidy) over every source of //daemon, //kernel,
-#         //common, tests included, with clang's thread-safety analysis (-Wthread-safety) in the
-#         same pass (1 case, failed by any finding)
+#         //common, tests included, with clang's thread-safety analysis (-Wthread-safety, from
+#         .clang-tidy's ExtraArgs) in the same pass (1 case, failed by any finding)
 #   tsa   scripts/tidy.sh --self-check: that analysis reports a planted unlocked write (1 case)
 #   fuzz  scripts/fuzz.sh: each libFuzzer target for KVMID_FUZZ_SECONDS (30) s; 1 case per target
 #   format  clang-format --dry-run --Werror on every tracked .cc/.h (1 case)

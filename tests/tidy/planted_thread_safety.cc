@@ -1,8 +1,8 @@
 // A planted locking mistake, never built: scripts/test.sh's `tsa` step runs clang-tidy (the
-// project's .clang-tidy and -Wthread-safety, as scripts/tidy.sh does) over this file alone and
-// passes only if the analysis reports the unlocked write below. That proves the thread-safety
-// analysis inside the tidy step is live: the tidy step itself fails on any finding in the
-// project's real sources, so a dead analysis would pass there unnoticed.
+// project's .clang-tidy, whose ExtraArgs turn on -Wthread-safety, as scripts/tidy.sh does) over
+// this file alone and passes only if the analysis reports the unlocked write below. That proves the
+// thread-safety analysis inside the tidy step is live: the tidy step itself fails on any finding in
+// the project's real sources, so a dead analysis would pass there unnoticed.
 #include "daemon/base/mutex.h"
 
 namespace kvmid {
