@@ -408,8 +408,16 @@ TEST(StreamHandlerTest, AnEventIsSentWithoutItsVerdictAndAClosedHandlerSendsNoth
   handler->Answer(keep_old);
   ASSERT_TRUE(stream.last().has_error());
   EXPECT_THAT(stream.last().error().message(), HasSubstr("KEEP_OLD"));
-
+  // ... and the event still waits for a verdict it can take, which takes it.
+  EXPECT_EQ(handler->GuestOf(7), ctx.guest);
   stream.Complete();
+  kvmi::v1::Verdict proceed;
+  proceed.set_event_id(7);
+  proceed.set_action(kvmi::v1::ACTION_CONTINUE);
+  handler->Answer(proceed);
+  EXPECT_EQ(handler->GuestOf(7), nullptr);
+  EXPECT_EQ(stream.in_flight(), 0);  // no error for a verdict taken
+
   handler->Close();
   ctx.event_id = 8;
   handler->OnBlockingEvent(ctx, VerdictPromise());

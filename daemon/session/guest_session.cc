@@ -103,6 +103,7 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
       MutexLock lock(&self->write_mu_);
       if (only_while_waiting) {
         uint16_t vcpu = *only_while_waiting;
+        MutexLock pending_lock(&self->pending_mu_);
         waiting = vcpu < self->pending_events_.size() && self->pending_events_[vcpu].waiting;
       }
       if (waiting) {
@@ -141,8 +142,8 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
   }
   // The hot path, from any thread: a policy's verdict on the loop, a remote verdict on the thread
   // that received it (no loop wake-up). `done` (observers) runs before the lock is let go: the
-  // vCPU's next event, which the loop must register under this lock, cannot be observed before
-  // this one.
+  // vCPU's next event is observed when its reply is written, under this lock, so never before
+  // this one. (The loop registers that event under pending_mu_ alone: it does not wait here.)
   std::string failure;
   {
     MutexLock lock(&write_mu_);
@@ -199,6 +200,7 @@ void GuestSession::ReplyWithBatchInLoop(const kvmi::EventReply& reply,
 }
 
 bool GuestSession::TakePendingEventLocked(const kvmi::EventReply& reply) {
+  MutexLock lock(&pending_mu_);
   if (closed_ || reply.vcpu >= pending_events_.size()) return false;
   PendingEvent& pending = pending_events_[reply.vcpu];
   if (!pending.waiting || pending.seq != reply.seq) return false;
@@ -220,6 +222,7 @@ void GuestSession::CloseInLoop(const std::string& reason) {
     MutexLock lock(&write_mu_);  // no writer holds the descriptor now
     ::shutdown(fd_.get(), SHUT_RDWR);
     fd_.Reset();
+    MutexLock pending_lock(&pending_mu_);
     pending_events_.clear();
   }
   auto pending = std::move(pending_);
@@ -334,7 +337,8 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
     // kernel we understand; answering either would be guesswork.
     PendingEvent unanswered;
     {
-      MutexLock lock(&write_mu_);
+      // Not write_mu_: a reply being written from another thread holds that across its send.
+      MutexLock lock(&pending_mu_);
       if (event.vcpu() >= pending_events_.size()) pending_events_.resize(event.vcpu() + 1u);
       PendingEvent& pending = pending_events_[event.vcpu()];
       if (pending.waiting) {

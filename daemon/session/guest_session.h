@@ -194,8 +194,10 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
                             const std::function<void(bool)>& done);
   // Any thread: true (and the vCPU no longer waits) if `reply` answers the event its vCPU waits
   // for.
+  // Called with write_mu_ held (the reply it allows is written under that lock); takes
+  // pending_mu_.
   bool TakePendingEventLocked(const kvmi::EventReply& reply)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) ABSL_LOCKS_EXCLUDED(pending_mu_);
   // Writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a failed write returns
   // its reason (the caller closes the session, outside the lock).
   std::string FlushWritesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
@@ -232,8 +234,13 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   size_t out_sent_ ABSL_GUARDED_BY(write_mu_) = 0;
   bool want_write_ ABSL_GUARDED_BY(write_mu_) = false;    // EPOLLOUT requested (the loop sets it)
   bool flush_posted_ ABSL_GUARDED_BY(write_mu_) = false;  // an off-loop writer asked the loop
-  // Indexed by vCPU (grown on demand): the event path allocates nothing to track it.
-  std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(write_mu_);
+  // Which vCPUs wait for a reply, indexed by vCPU (grown on demand: the event path allocates
+  // nothing to track it). A lock of its own, taken inside write_mu_ by writers and alone by the
+  // loop when an event arrives: a remote verdict's writer holds write_mu_ across its send() (whose
+  // wake-up of the guest is most of its cost on a VM) and the observers, and the loop, reading
+  // that vCPU's or another's next event meanwhile, must not wait for it.
+  Mutex pending_mu_ ABSL_ACQUIRED_AFTER(write_mu_);
+  std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(pending_mu_);
   std::atomic<bool> closed_{false};
   Counters counters_;
 };

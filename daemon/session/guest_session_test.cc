@@ -246,6 +246,46 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
   EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, std::chrono::milliseconds(100)));
 }
 
+// A remote verdict's writer holds the write lock across its send() and the observers; the loop
+// must go on taking events meanwhile (the same vCPU's next one, which the host may send as soon as
+// the reply is on the wire, and every other vCPU's), not wait for that writer.
+TEST_F(GuestSessionTest, EventsReachTheListenerWhileAnotherThreadsReplyRunsItsObservers) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 1));
+  auto first = listener_.WaitEvent();
+  ASSERT_TRUE(first);
+  std::promise<void> observing, release;
+  std::shared_future<void> released = release.get_future().share();
+  std::thread replier([&] {
+    session_->ReplyToEvent(kvmi::MakeEventReply(*first, KVMI_EVENT_ACTION_CONTINUE), {},
+                           [&](bool sent) {
+                             EXPECT_TRUE(sent);
+                             observing.set_value();
+                             released.wait();  // a slow observer, inside the write lock
+                           });
+  });
+  observing.get_future().wait();
+  ASSERT_TRUE(host_.WaitForId(KVMI_EVENT_REPLY));  // on the wire before the observers ran
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 2));  // the vCPU's next event
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 1, 3));
+  auto next = listener_.WaitEvent();
+  auto other = listener_.WaitEvent();
+  release.set_value();
+  replier.join();
+  ASSERT_TRUE(next);
+  ASSERT_TRUE(other);
+  EXPECT_EQ(next->seq, 2u);
+  EXPECT_EQ(other->seq, 3u);
+  // The next event waits for its own reply as usual: written once the slow observer is done.
+  std::promise<bool> sent;
+  session_->ReplyToEvent(kvmi::MakeEventReply(*next, KVMI_EVENT_ACTION_CONTINUE), {},
+                         [&](bool s) { sent.set_value(s); });
+  EXPECT_TRUE(sent.get_future().get());
+  auto m = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->hdr.seq, 2u);
+}
+
 TEST_F(GuestSessionTest, ASecondOutstandingEventOnOneVcpuIsAProtocolError) {
   StartSession();
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 1, 1));

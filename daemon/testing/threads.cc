@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
+#include <string>
 
 namespace kvmid::testing {
 
@@ -24,6 +25,14 @@ std::vector<ThreadEntry> ListThreads() {
   std::sort(threads.begin(), threads.end(),
             [](const ThreadEntry& a, const ThreadEntry& b) { return a.tid < b.tid; });
   return threads;
+}
+
+SchedStat ReadSchedStat(pid_t tid) {
+  SchedStat stat;
+  std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/schedstat");
+  uint64_t wait_ns = 0;  // the second field: time spent runnable, waiting for a CPU
+  if (!(in >> stat.cpu_ns >> wait_ns >> stat.timeslices)) return SchedStat();
+  return stat;
 }
 
 }  // namespace kvmid::testing

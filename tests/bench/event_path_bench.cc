@@ -27,7 +27,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -245,14 +244,8 @@ int FindThread(const std::string& name) {
   return threads.empty() ? 0 : *threads.rbegin();
 }
 
-// Nanoseconds thread `tid` has run on a CPU (first field of schedstat), or 0.
-uint64_t ThreadCpuNs(int tid) {
-  if (tid == 0) return 0;
-  std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/schedstat");
-  uint64_t ns = 0;
-  in >> ns;
-  return ns;
-}
+// Nanoseconds thread `tid` has run on a CPU, or 0.
+uint64_t ThreadCpuNs(int tid) { return tid == 0 ? 0 : kvmid::testing::ReadSchedStat(tid).cpu_ns; }
 
 uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
   kvmi::host::EngineStats stats;

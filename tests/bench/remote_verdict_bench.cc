@@ -17,6 +17,9 @@
 // whose handler (one thread, sync client) answers CONTINUE as fast as it reads, next to the same
 // fleet answered by the in-daemon policy. kvmid has one I/O thread in every row, and
 // limits.max_held_events_per_handler raised so that one handler may hold every waiting event.
+// Each throughput row also says what kvmid's threads cost per verdict, as the scheduler counted
+// them (/proc/self/task/TID/schedstat): CPU time, and how often they were put on a CPU. On a
+// noisy machine these move less than the verdicts per second do.
 // Prints tables (docs/PERFORMANCE.md) with the CPU model and the load average of the machine.
 //
 //   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3 --rounds=3
@@ -33,6 +36,7 @@
 #include <atomic>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -46,6 +50,7 @@
 #include "daemon/security/authz.h"
 #include "daemon/security/credentials.h"
 #include "daemon/security/testing/test_certs.h"
+#include "daemon/testing/threads.h"
 #include "kernel/sim/fleet.h"
 #include "tests/bench/bench_policies.h"
 #include "tests/bench/echo.grpc.pb.h"
@@ -92,6 +97,39 @@ struct Row {
   uint64_t not_by_handler = 0;
   // Remote rows: events per message the handler read (above 1 only with Claim.max_batch).
   double events_per_message = 0;
+  // What the scheduler counted for kvmid's threads (named kvmid-*) in the window, per verdict:
+  // CPU time, and how often one of them was put on a CPU (wake-ups, returns after preemption).
+  double kvmid_cpu_us = 0;
+  double kvmid_slices = 0;
+};
+
+// The scheduler's counts of a set of this process's threads (by name prefix) from one moment to
+// the next; a thread that ends in between drops out.
+class ThreadGroupUsage {
+ public:
+  explicit ThreadGroupUsage(std::string prefix) : prefix_(std::move(prefix)) {}
+  void Start() {
+    start_.clear();
+    for (const kvmid::testing::ThreadEntry& thread : kvmid::testing::ListThreads()) {
+      if (thread.name.rfind(prefix_, 0) == 0) {
+        start_[thread.tid] = kvmid::testing::ReadSchedStat(thread.tid);
+      }
+    }
+  }
+  kvmid::testing::SchedStat Since() const {
+    kvmid::testing::SchedStat sum;
+    for (const auto& [tid, start] : start_) {
+      kvmid::testing::SchedStat now = kvmid::testing::ReadSchedStat(tid);
+      if (now.timeslices < start.timeslices) continue;  // gone
+      sum.cpu_ns += now.cpu_ns - start.cpu_ns;
+      sum.timeslices += now.timeslices - start.timeslices;
+    }
+    return sum;
+  }
+
+ private:
+  const std::string prefix_;
+  std::map<pid_t, kvmid::testing::SchedStat> start_;
 };
 
 // What the handler read: messages with events, and events.
@@ -320,12 +358,15 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
          Clock::now() < ready_deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  ThreadGroupUsage kvmid_threads("kvmid-");
+  kvmid_threads.Start();
   uint64_t before = events();
   auto t0 = Clock::now();
   measuring = true;
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   measuring = false;
   uint64_t after = events();
+  const kvmid::testing::SchedStat kvmid_usage = kvmid_threads.Since();
   double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
   kvmi::host::EngineStats stats;
   fleet.AggregateStats(&stats);
@@ -339,6 +380,10 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   double rate = (after - before) / elapsed;
   Row row{name, rate, 0, 0};
   row.not_by_handler = not_by_handler;
+  if (after > before) {
+    row.kvmid_cpu_us = kvmid_usage.cpu_ns / 1e3 / static_cast<double>(after - before);
+    row.kvmid_slices = kvmid_usage.timeslices / static_cast<double>(after - before);
+  }
   row.events_per_message =
       counts.messages > 0 ? static_cast<double>(counts.events) / counts.messages : 0;
   row.p50_us = static_cast<double>(stats.round_trip.PercentileMicros(0.5));
@@ -548,9 +593,10 @@ int main(int argc, char** argv) {
           "\n| waiting vCPUs | policy verdicts/s | remote verdicts/s | remote vs policy | "
           "batched verdicts/s (max_batch %u) | batched vs policy | events per message, batched | "
           "policy guest p50/p99 (us) | remote guest p50/p99 (us) | batched guest p50/p99 (us) | "
-          "remote verdicts not by the handler |\n",
+          "kvmid CPU per verdict, policy / remote / batched (us) | kvmid threads put on a CPU per "
+          "verdict, policy / remote / batched | remote verdicts not by the handler |\n",
           absl::GetFlag(FLAGS_max_batch));
-      std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     }
     for (size_t i = 0; i < throughput.size(); ++i) {
       const Throughput& t = throughput[i];
@@ -562,10 +608,12 @@ int main(int argc, char** argv) {
       batched_ratio[i].push_back(batched);
       std::printf(
           "| %u | %.0f | %.0f | %.2fx | %.0f | %.2fx | %.1f | %.0f/%.0f | %.0f/%.0f | %.0f/%.0f | "
-          "%llu |\n",
+          "%.1f / %.1f / %.1f | %.2f / %.2f / %.2f | %llu |\n",
           vcpu_counts[i], t.policy.per_second, t.remote.per_second, ratio, t.batched.per_second,
           batched, t.batched.events_per_message, t.policy.p50_us, t.policy.p99_us, t.remote.p50_us,
-          t.remote.p99_us, t.batched.p50_us, t.batched.p99_us,
+          t.remote.p99_us, t.batched.p50_us, t.batched.p99_us, t.policy.kvmid_cpu_us,
+          t.remote.kvmid_cpu_us, t.batched.kvmid_cpu_us, t.policy.kvmid_slices,
+          t.remote.kvmid_slices, t.batched.kvmid_slices,
           static_cast<unsigned long long>(t.remote.not_by_handler + t.batched.not_by_handler));
     }
     std::fflush(stdout);
