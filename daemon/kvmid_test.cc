@@ -547,8 +547,9 @@ TEST_F(DaemonTest, HandlerVerdictIsSentWithItsRegistersInOneBatch) {
 }
 
 // A remote verdict is written by the thread that answers it, and observed there before the
-// vCPU's next event can be: a slow observer holds the guest's next event back rather than let
-// observers see the two out of order. The deadline timer left behind does nothing when it fires.
+// vCPU's next event can be: a slow observer holds the reply to the guest's next event (and so its
+// observation) back rather than let observers see the two out of order. The deadline timer left
+// behind does nothing when it fires.
 TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFallenBackOn) {
   StartDaemon();
   auto handler = std::make_shared<TestHandler>();

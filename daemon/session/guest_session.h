@@ -149,9 +149,10 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside
   // CONTROL_CMD_RESPONSE brackets (§5.2). Returns via `done(true)` if this reply was the one
   // sent, `done(false)` if the event was already answered or the session is gone. Without
-  // `batched` the reply is written from the calling thread and `done` runs there, before the
-  // vCPU's next event can be taken in (so observers see one vCPU's events in order; `done` must
-  // not call back into this session); with it, both happen on the loop thread.
+  // `batched` the reply is written from the calling thread and `done` runs there, under the write
+  // lock: the vCPU's next event may be taken in meanwhile, but its reply, and so its observers,
+  // wait for this one (observers see one vCPU's events in order; `done` must not call back into
+  // this session); with it, both happen on the loop thread.
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 
@@ -237,8 +238,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // Which vCPUs wait for a reply, indexed by vCPU (grown on demand: the event path allocates
   // nothing to track it). A lock of its own, taken inside write_mu_ by writers and alone by the
   // loop when an event arrives: a remote verdict's writer holds write_mu_ across its send() (whose
-  // wake-up of the guest is most of its cost on a VM) and the observers, and the loop, reading
-  // that vCPU's or another's next event meanwhile, must not wait for it.
+  // wake-up of the guest is most of its cost on a VM) and the observers, and the loop takes in
+  // that vCPU's or another's next event meanwhile without waiting for it. (The loop's own writes,
+  // a policy's reply or a command, still take write_mu_ and wait.)
   Mutex pending_mu_ ABSL_ACQUIRED_AFTER(write_mu_);
   std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(pending_mu_);
   std::atomic<bool> closed_{false};
