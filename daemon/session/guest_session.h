@@ -193,10 +193,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   void ReplyWithBatchInLoop(const kvmi::EventReply& reply,
                             std::vector<std::vector<uint8_t>> batched,
                             const std::function<void(bool)>& done);
-  // Any thread: true (and the vCPU no longer waits) if `reply` answers the event its vCPU waits
+  // Any thread, with write_mu_ held (the reply it allows is written under that lock); takes
+  // pending_mu_. True (and the vCPU no longer waits) if `reply` answers the event its vCPU waits
   // for.
-  // Called with write_mu_ held (the reply it allows is written under that lock); takes
-  // pending_mu_.
   bool TakePendingEventLocked(const kvmi::EventReply& reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) ABSL_LOCKS_EXCLUDED(pending_mu_);
   // Writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a failed write returns

@@ -244,8 +244,8 @@ int FindThread(const std::string& name) {
   return threads.empty() ? 0 : *threads.rbegin();
 }
 
-// Nanoseconds thread `tid` has run on a CPU, or 0.
-uint64_t ThreadCpuNs(int tid) { return tid == 0 ? 0 : kvmid::testing::ReadSchedStat(tid).cpu_ns; }
+// Nanoseconds thread `tid` has run on a CPU, or 0 (no such thread, e.g. 0).
+uint64_t ThreadCpuNs(int tid) { return kvmid::testing::ReadSchedStat(tid).cpu_ns; }
 
 uint64_t CrEvents(kvmi::sim::Fleet& fleet) {
   kvmi::host::EngineStats stats;
