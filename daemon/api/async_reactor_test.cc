@@ -4,6 +4,7 @@
 // calls open, and a reactor created outside its handler.
 #include "daemon/api/async_reactor.h"
 
+#include <grpcpp/support/server_interceptor.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "proto/kvmi/v1/introspection.grpc.pb.h"
 
@@ -28,6 +30,42 @@ struct Counters {
   std::atomic<int> cancelled{0};
   std::atomic<int> done{0};
   std::atomic<int> reads{0};
+};
+
+// Every call's context holds one of these: it counts the contexts destroyed, each after a pause
+// (the context's destructor runs it, on whatever thread deletes the call).
+struct ContextEnds {
+  std::atomic<int> begun{0};
+  std::atomic<int> ended{0};
+  std::atomic<int> pause_ms{0};
+};
+
+class ContextEndCounter final : public grpc::experimental::Interceptor {
+ public:
+  explicit ContextEndCounter(ContextEnds* ends) : ends_(ends) { ++ends_->begun; }
+  ~ContextEndCounter() override {
+    std::this_thread::sleep_for(milliseconds(ends_->pause_ms.load()));
+    ++ends_->ended;
+  }
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    methods->Proceed();
+  }
+
+ private:
+  ContextEnds* const ends_;
+};
+
+class ContextEndCounterFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit ContextEndCounterFactory(ContextEnds* ends) : ends_(ends) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* /*info*/) override {
+    return new ContextEndCounter(ends_);
+  }
+
+ private:
+  ContextEnds* const ends_;
 };
 
 bool WaitUntil(const std::function<bool()>& predicate, milliseconds timeout = milliseconds(5000)) {
@@ -122,12 +160,14 @@ class Echo final : public BidiReactor<v1::AttachRequest, v1::AttachResponse> {
     }
   }
   void OnCancel() override { ++counters_->cancelled; }
+  // As Attach's reactor: the call (its context included) ends on a thread of its own.
   void OnDone() override {
     ++counters_->done;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (thread_.joinable()) thread_.join();
     }
+    std::thread(KeepCallAfterDone()).detach();
     delete this;
   }
 
@@ -227,6 +267,9 @@ class AsyncReactorTest : public ::testing::Test {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("unix:" + socket_, grpc::InsecureServerCredentials());
     builder.RegisterService(&service_);
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
+    factories.push_back(std::make_unique<ContextEndCounterFactory>(&context_ends_));
+    builder.experimental().SetInterceptorCreators(std::move(factories));
     async_ = std::make_unique<AsyncServer>(&builder, 2);
     service_.Serve(async_.get(), &counters_);
     server_ = builder.BuildAndStart();
@@ -252,6 +295,7 @@ class AsyncReactorTest : public ::testing::Test {
   std::string dir_;
   std::string socket_;
   Counters counters_;
+  ContextEnds context_ends_;
   Service service_;
   std::unique_ptr<AsyncServer> async_;
   std::unique_ptr<grpc::Server> server_;
@@ -373,6 +417,26 @@ TEST_F(AsyncReactorTest, ShutdownEndsOpenCallsAndStops) {
   EXPECT_EQ(async_->live_calls(), 0u);
   EXPECT_FALSE(events->Finish().ok());
   EXPECT_FALSE(attach->Finish().ok());
+}
+
+// A call deleted off the queue's threads (KeepCallAfterDone) counts as live until its context,
+// and the interceptors the context runs in its destructor, are gone: nothing of a call outlives
+// Stop, which is what lets the server's owner free what those interceptors use.
+TEST_F(AsyncReactorTest, StopWaitsForTheContextOfACallEndedOnAnotherThread) {
+  context_ends_.pause_ms = 200;
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  v1::AttachRequest request;
+  request.mutable_command()->set_id(1);
+  ASSERT_TRUE(stream->Write(request));
+  v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  StopServer();  // ends the open Attach; Echo deletes its call on a thread of its own
+  EXPECT_EQ(counters_.done, 1);
+  EXPECT_GE(context_ends_.begun, 1);
+  EXPECT_EQ(context_ends_.ended.load(), context_ends_.begun.load());
+  EXPECT_EQ(async_->live_calls(), 0u);
+  stream->Finish();
 }
 
 TEST_F(AsyncReactorTest, ManyConcurrentStreams) {
