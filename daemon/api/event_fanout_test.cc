@@ -361,15 +361,7 @@ TEST_F(FanoutTest, StreamsEndingWhileTheDeliveryThreadHoldsThemFinishOnce) {
   EXPECT_EQ(fanout_->subscriptions(), 0u);
 }
 
-#if defined(__SANITIZE_THREAD__)
-// Debian's protobuf is not TSan-instrumented (see daemon/security/authz_test.cc).
-#define SKIP_UNDER_TSAN() GTEST_SKIP() << "protobuf under TSan"
-#else
-#define SKIP_UNDER_TSAN() (void)0
-#endif
-
 TEST_F(FanoutTest, AReloadOfTheAuthorizationReDecidesAnOpenStreamsVisibility) {
-  SKIP_UNDER_TSAN();
   config::Authz viewer;
   auto* binding = viewer.add_bindings();
   binding->set_uid(1000);
@@ -403,7 +395,6 @@ TEST_F(FanoutTest, AReloadOfTheAuthorizationReDecidesAnOpenStreamsVisibility) {
 TEST_F(FanoutTest, ARoleOnTheGuestDecidesWhatAStreamMaySee) {
   // A viewer sees the guest's events but not guest memory read with them (event context needs
   // operator, as ReadVirtual); an operator sees both; a stranger neither.
-  SKIP_UNDER_TSAN();
   config::Authz authz;
   auto* viewer = authz.add_bindings();
   viewer->set_uid(1000);
@@ -486,7 +477,6 @@ TEST(StreamFilterTest, TheTypesWaitedForAreTheUnionOfTheAllowFiltersDenyCannotWi
 }
 
 TEST(StreamFilterTest, TooManyFiltersOrEntriesAreInvalidAndNamed) {
-  SKIP_UNDER_TSAN();
   kvmi::v1::StreamEventsRequest request;
   for (size_t i = 0; i < kMaxStreamFilters; ++i) request.add_allow()->add_crs(0);
   for (size_t i = 0; i < kMaxStreamFilters; ++i) request.add_deny()->add_crs(3);

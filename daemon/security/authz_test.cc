@@ -13,16 +13,6 @@ namespace kvmid {
 namespace security {
 namespace {
 
-// Debian's libprotobuf is built without TSan, and protobuf's MapFieldBase has extra members when
-// compiled with -fsanitize=thread (google/protobuf/map_field.h): under --config=tsan, code that
-// touches a message's map fields crashes. Under TSan only the threading tests run (they touch no
-// map field); every test runs in the default and ASan builds.
-#if defined(__SANITIZE_THREAD__)
-#define KVMID_SKIP_UNDER_TSAN() GTEST_SKIP() << "protobuf map fields under TSan (see above)"
-#else
-#define KVMID_SKIP_UNDER_TSAN() (void)0
-#endif
-
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
@@ -51,7 +41,6 @@ absl::Status BuildError(const std::string& authz_text) {
 }
 
 TEST(RoleTest, NamesRoundTripAndOrder) {
-  KVMID_SKIP_UNDER_TSAN();
   for (Role r : {Role::kViewer, Role::kResponder, Role::kOperator, Role::kAdmin}) {
     ASSERT_TRUE(RoleFromName(RoleName(r)).has_value());
     EXPECT_EQ(*RoleFromName(RoleName(r)), r);
@@ -66,7 +55,6 @@ TEST(RoleTest, NamesRoundTripAndOrder) {
 
 // The table covers exactly the service's methods, by name and by full method path.
 TEST(RpcTableTest, MatchesServiceDescriptor) {
-  KVMID_SKIP_UNDER_TSAN();
   const google::protobuf::ServiceDescriptor* service =
       kvmi::v1::ListVMsRequest::descriptor()->file()->FindServiceByName("Introspection");
   ASSERT_NE(service, nullptr);
@@ -89,7 +77,6 @@ TEST(RpcTableTest, MatchesServiceDescriptor) {
 
 // The roles exactly as issue 10 defines them.
 TEST(RpcTableTest, RolesAsSpecified) {
-  KVMID_SKIP_UNDER_TSAN();
   const std::map<std::string, Role> expected = {
       {"ListVMs", Role::kViewer},
       {"GetVM", Role::kViewer},
@@ -144,7 +131,6 @@ TEST(RpcTableTest, RolesAsSpecified) {
 
 // Every inline command maps to the unary RPC taking the same request message.
 TEST(RpcTableTest, EveryAttachCommandMapsToItsUnaryRpc) {
-  KVMID_SKIP_UNDER_TSAN();
   const auto* service =
       kvmi::v1::ListVMsRequest::descriptor()->file()->FindServiceByName("Introspection");
   const auto* command = kvmi::v1::Command::descriptor();
@@ -165,7 +151,6 @@ TEST(RpcTableTest, EveryAttachCommandMapsToItsUnaryRpc) {
 }
 
 TEST(CrashTest, CanCrash) {
-  KVMID_SKIP_UNDER_TSAN();
   kvmi::v1::Verdict v;
   EXPECT_FALSE(CanCrash(v));
   v.set_action(kvmi::v1::ACTION_RETRY);
@@ -187,7 +172,6 @@ TEST(CrashTest, CanCrash) {
 }
 
 TEST(AuthorizerTest, DefaultRootIsAdminEverythingElseDenied) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Authorizer::Default();
   const Caller root = Caller::Unix(0, 0, 1);
   const Caller user = Caller::Unix(1000, 1000, 2);
@@ -209,7 +193,6 @@ TEST(AuthorizerTest, DefaultRootIsAdminEverythingElseDenied) {
 }
 
 TEST(AuthorizerTest, FromKvmidConfigWithoutSectionIsDefault) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Authorizer::FromKvmidConfig(ParseKvmidConfig("io_threads: 2"));
   ASSERT_TRUE(a.ok());
   EXPECT_TRUE((*a)->Check(Caller::Unix(0, 0), Rpc::kWritePhysical, &kWeb1).ok());
@@ -226,7 +209,6 @@ TEST(AuthorizerTest, FromKvmidConfigWithoutSectionIsDefault) {
 }
 
 TEST(AuthorizerTest, UnauthenticatedMessage) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Authorizer::Default();
   absl::Status s = a->Check(Caller::Tls("", "ipv4:1.2.3.4:5"), Rpc::kGetVM, &kWeb1);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnauthenticated);
@@ -239,7 +221,6 @@ TEST(AuthorizerTest, UnauthenticatedMessage) {
 }
 
 TEST(AuthorizerTest, RolesAreCumulative) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { principal: "v" role: "viewer" }
     bindings { principal: "r" role: "responder" }
@@ -268,7 +249,6 @@ TEST(AuthorizerTest, RolesAreCumulative) {
 }
 
 TEST(AuthorizerTest, DeniedMessageNamesRpcGuestAndMissingRole) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(bindings { uid: 1000 role: "operator" })");
   absl::Status s = a->Check(Caller::Unix(1000, 1000), Rpc::kWritePhysical, &kWeb1);
   EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied);
@@ -278,7 +258,6 @@ TEST(AuthorizerTest, DeniedMessageNamesRpcGuestAndMissingRole) {
 }
 
 TEST(AuthorizerTest, GuestRpcWithoutGuestFailsClosed) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Authorizer::Default();
   EXPECT_EQ(a->Check(Caller::Unix(0, 0), Rpc::kGetRegisters, nullptr).code(),
             absl::StatusCode::kInternal);
@@ -288,7 +267,6 @@ TEST(AuthorizerTest, GuestRpcWithoutGuestFailsClosed) {
 }
 
 TEST(AuthorizerTest, IdentityKinds) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { principal: "spiffe://corp/ns/sec/sa/exact" role: "admin" }
     bindings { principal_prefix: "spiffe://corp/ns/sec/" role: "viewer" }
@@ -318,7 +296,6 @@ TEST(AuthorizerTest, IdentityKinds) {
 }
 
 TEST(AuthorizerTest, GuestScopes) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { uid: 1 role: "operator" guests { names: "web-1" } }
     bindings { uid: 2 role: "operator" guests { uuids: "22222222-2222-2222-2222-222222222222" } }
@@ -367,7 +344,6 @@ TEST(AuthorizerTest, GuestScopes) {
 }
 
 TEST(AuthorizerTest, DaemonRpcsNeedEveryGuest) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { uid: 1 role: "admin" guests { names: "web-*" } }
     bindings { uid: 2 role: "admin" }
@@ -388,7 +364,6 @@ TEST(AuthorizerTest, DaemonRpcsNeedEveryGuest) {
 }
 
 TEST(AuthorizerTest, ScopeFiltersLists) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { principal_prefix: "spiffe://corp/ns/web/" role: "viewer" guests { names: "web-*" } }
     bindings { principal: "spiffe://corp/ns/web/sa/ir" role: "operator" guests { names: "web-1" } }
@@ -434,7 +409,6 @@ TEST(AuthorizerTest, ScopeFiltersLists) {
 }
 
 TEST(AuthorizerTest, ClaimWithinScope) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Build(R"(
     bindings { uid: 1 role: "responder" guests { names: "web-*" } }
     bindings { uid: 1 role: "viewer" }
@@ -458,7 +432,6 @@ TEST(AuthorizerTest, ClaimWithinScope) {
 }
 
 TEST(AuthorizerConfigTest, ErrorsNameTheField) {
-  KVMID_SKIP_UNDER_TSAN();
   struct Case {
     const char* text;
     const char* error;
@@ -498,7 +471,6 @@ TEST(AuthorizerConfigTest, ErrorsNameTheField) {
 }
 
 TEST(AuthorizerConfigTest, ProtoCommentExampleParses) {
-  KVMID_SKIP_UNDER_TSAN();
   auto a = Authorizer::FromKvmidConfig(ParseKvmidConfig(R"(
     authz {
       bindings { principal_prefix: "spiffe://corp/ns/sec/" role: "viewer" }
@@ -516,7 +488,6 @@ TEST(AuthorizerConfigTest, ProtoCommentExampleParses) {
 }
 
 TEST(AuthorizerHolderTest, SwapsAtomically) {
-  KVMID_SKIP_UNDER_TSAN();
   AuthorizerHolder holder;
   const Caller user = Caller::Unix(1000, 1000);
   EXPECT_FALSE(holder.Get()->Check(user, Rpc::kListVMs, nullptr).ok());
