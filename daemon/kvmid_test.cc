@@ -954,7 +954,9 @@ TEST_F(DaemonTest, ApiPoliciesAreBoundedInSizeAndCountEvenWhenAppliedConcurrentl
   EXPECT_EQ(daemon_->policies().size(), 5u);
 }
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+// (The tsan config hides __SANITIZE_THREAD__ from the headers and defines KVMID_TSAN instead.)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || \
+    (defined(KVMID_TSAN) && KVMID_TSAN)
 #define KVMID_SANITIZED_MALLOC 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \

@@ -164,10 +164,12 @@ void AsyncServer::Run() {
   void* tag = nullptr;
   bool ok = false;
   for (;;) {
-    // Next runs gRPC's completion of the operation (daemon/base/tsan.h says why TSan skips it).
-    TsanIgnoreBegin();
-    const bool got = cq_->Next(&tag, &ok);
-    TsanIgnoreEnd();
+    bool got = false;
+    {
+      // Next runs gRPC's completion of the operation (daemon/base/tsan.h: why TSan skips it).
+      TsanIgnored library;
+      got = cq_->Next(&tag, &ok);
+    }
     if (!got) return;
     TsanTakeOver(tag);
     static_cast<AsyncTag*>(tag)->Run(ok);

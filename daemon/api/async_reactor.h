@@ -263,13 +263,12 @@ class AsyncCall {
 
   // Calls `start`, which gives gRPC an operation with `tag`. Under TSan (daemon/base/tsan.h) the
   // tag is handed off first, and the library's accesses inside `start` (FillOps; serializing the
-  // message, which TsanReadMessage checks beforehand) are not checked. Nothing more elsewhere.
+  // message, which TsanReadMessage reads beforehand) are not checked. Nothing more elsewhere.
   template <typename Start>
   static void StartOp(void* tag, Start start) {
     TsanHandOff(tag);
-    TsanIgnoreBegin();
+    TsanIgnored library;
     start();
-    TsanIgnoreEnd();
   }
 
   grpc::ServerContext context_;

@@ -8,9 +8,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
 
 #include "daemon/api/limits.h"
+#include "daemon/base/tsan.h"
 #include "daemon/metrics/api_interceptor.h"
 
 namespace kvmid {
@@ -31,13 +33,17 @@ class OpenStreamInterceptor final : public grpc::experimental::Interceptor {
   OpenStreamInterceptor(OpenStreams* streams, grpc::experimental::ServerRpcInfo* info)
       : streams_(streams), info_(info) {}
   ~OpenStreamInterceptor() override {
+    const TsanChecked ours;  // gRPC may run this inside a TsanIgnored scope (daemon/base/tsan.h)
     if (added_) streams_->Remove(this);
   }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (!added_ && info_->server_context() != nullptr &&
-        info_->server_context()->c_call() != nullptr) {
-      added_ = true;
-      streams_->Add(this, info_->server_context()->c_call());
+    {
+      const TsanChecked ours;  // not around Proceed: gRPC's own code runs on in it
+      if (!added_ && info_->server_context() != nullptr &&
+          info_->server_context()->c_call() != nullptr) {
+        added_ = true;
+        streams_->Add(this, info_->server_context()->c_call());
+      }
     }
     methods->Proceed();
   }
@@ -45,7 +51,10 @@ class OpenStreamInterceptor final : public grpc::experimental::Interceptor {
  private:
   OpenStreams* const streams_;
   grpc::experimental::ServerRpcInfo* const info_;
-  bool added_ = false;  // hooks of one call never run concurrently
+  // Hooks of one call never run concurrently, but they run on the threads that start the call's
+  // operations, and the destructor on the one that deletes it; gRPC orders them, TSan cannot see
+  // it (daemon/base/tsan.h), and an atomic costs nothing here.
+  std::atomic<bool> added_{false};
 };
 
 class OpenStreamsFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
@@ -53,6 +62,7 @@ class OpenStreamsFactory final : public grpc::experimental::ServerInterceptorFac
   explicit OpenStreamsFactory(OpenStreams* streams) : streams_(streams) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
+    const TsanChecked ours;
     using Type = grpc::experimental::ServerRpcInfo::Type;
     if (info->type() == Type::UNARY) return nullptr;  // unary calls get the grace
     // A health Watch ends itself at shutdown, after writing NOT_SERVING

@@ -2,8 +2,10 @@
 
 #include <grpcpp/support/status.h>
 
+#include <atomic>
 #include <string>
 
+#include "daemon/base/tsan.h"
 #include "daemon/metrics/hooks.h"
 
 namespace kvmid {
@@ -17,27 +19,36 @@ class ApiMetricsInterceptor : public grpc::experimental::Interceptor {
   explicit ApiMetricsInterceptor(const char* method) : method_(method != nullptr ? method : "") {}
 
   ~ApiMetricsInterceptor() override {
+    const TsanChecked ours;  // gRPC may run this inside a TsanIgnored scope (daemon/base/tsan.h)
     // A call that ended without a status being sent (the client went away first).
     if (!counted_) Metrics::ApiCall(method_, grpc::StatusCode::CANCELLED);
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) && !counted_) {
-      counted_ = true;
-      Metrics::ApiCall(method_, methods->GetSendStatus().error_code());
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
+      const grpc::StatusCode code = methods->GetSendStatus().error_code();
+      const TsanChecked ours;  // not around gRPC's calls: its own code runs on in them
+      if (!counted_) {
+        counted_ = true;
+        Metrics::ApiCall(method_, code);
+      }
     }
     methods->Proceed();
   }
 
  private:
   const std::string method_;
-  bool counted_ = false;
+  // Set by a hook (on the thread that starts the call's last operation), read by the destructor
+  // (on the thread that deletes the call): gRPC orders them, TSan cannot see it
+  // (daemon/base/tsan.h), and an atomic costs nothing here.
+  std::atomic<bool> counted_{false};
 };
 
 class ApiMetricsInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
+    const TsanChecked ours;
     return new ApiMetricsInterceptor(info->method());
   }
 };

@@ -3,14 +3,18 @@
 //
 // - ignore_noninstrumented_modules: calls into the runtime from those libraries (their malloc,
 //   free, eventfd, ...) are not checked. gRPC orders them with atomics and Abseil mutexes TSan does
-//   not see, so it would report its own allocations handed between its threads. Every access made
-//   by our instrumented code is still checked, on every thread, gRPC's included.
+//   not see, so it would report its own allocations handed between its threads. Our instrumented
+//   code's accesses are still checked, on every thread, gRPC's included, except inside the
+//   TsanIgnored scopes of daemon/base/tsan.h (which says what they leave out).
 // - Abseil's deadlock detection is off, as in kvmid (common/program.h, UseReleaseAbslMutexes):
 //   its graph of gRPC's mutexes is itself unsynchronized to TSan's eyes.
 //
 // The hand-off between an operation's start and its completion on the completion queue is marked
 // by the async server itself (daemon/base/tsan.h).
 #include "common/program.h"
+#include "daemon/base/tsan.h"
+
+#if KVMID_TSAN
 
 // The TSan runtime's hook for default options: its name is the runtime's.
 extern "C" const char* __tsan_default_options() {  // NOLINT(bugprone-reserved-identifier)
@@ -25,3 +29,5 @@ const bool kReleaseMutexes = [] {
 }();
 
 }  // namespace
+
+#endif  // KVMID_TSAN
