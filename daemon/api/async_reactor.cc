@@ -55,8 +55,8 @@ void AsyncCall::RequestCall(
   }
   // The "done" notification must be asked for before the call is requested; gRPC delivers it
   // only for a call that started.
-  if (!closed) StartOp(&closed_tag_, [&] { context_.AsyncNotifyWhenDone(&closed_tag_); });
-  StartOp(start_tag(), [&] { request(server_->cq_.get(), start_tag()); });
+  if (!closed) StartOp(&closed_tag_, [&](void* tag) { context_.AsyncNotifyWhenDone(tag); });
+  StartOp(start_tag(), [&](void* tag) { request(server_->cq_.get(), tag); });
 }
 
 void AsyncCall::Began() {

@@ -261,14 +261,40 @@ class AsyncCall {
   void* write_tag() { return &write_tag_; }
   void* finish_tag() { return &finish_tag_; }
 
-  // Calls `start`, which gives gRPC an operation with `tag`. Under TSan (daemon/base/tsan.h) the
-  // tag is handed off first, and the library's accesses inside `start` (FillOps; serializing the
-  // message, which TsanReadMessage reads beforehand) are not checked. Nothing more elsewhere.
+  // Calls `start(tag)`, which gives gRPC an operation with `tag`. Under TSan (daemon/base/tsan.h)
+  // the tag is handed off first, and the library's accesses inside `start` (FillOps; serializing
+  // the message, which the callers below read beforehand) are not checked. Nothing more elsewhere.
   template <typename Start>
   static void StartOp(void* tag, Start start) {
     TsanHandOff(tag);
     TsanIgnored library;
-    start();
+    start(tag);
+  }
+  // The operations of the call kinds below, on their gRPC stream or responder.
+  template <typename Stream, typename Message>
+  void GrpcRead(Stream* stream, Message* message) {
+    StartOp(read_tag(), [&](void* tag) { stream->Read(message, tag); });
+  }
+  template <typename Stream, typename Message>
+  void GrpcWrite(Stream* stream, const Message& message) {
+    TsanReadMessage(message);
+    StartOp(write_tag(), [&](void* tag) { stream->Write(message, tag); });
+  }
+  template <typename Stream>
+  void GrpcFinish(Stream* stream, const grpc::Status& status) {
+    StartOp(finish_tag(), [&](void* tag) { stream->Finish(status, tag); });
+  }
+  // For a call that answers one message: it goes with an OK status, none with an error.
+  template <typename Responder, typename Message>
+  void GrpcFinish(Responder* responder, const Message& response, const grpc::Status& status) {
+    if (status.ok()) TsanReadMessage(response);
+    StartOp(finish_tag(), [&](void* tag) {
+      if (status.ok()) {
+        responder->Finish(response, status, tag);
+      } else {
+        responder->FinishWithError(status, tag);
+      }
+    });
   }
 
   grpc::ServerContext context_;
@@ -319,12 +345,11 @@ class ServerStreamingCall final : public AsyncCall, public WriteOps<Response> {
 
   void Write(const Response* message) override {
     Began();
-    TsanReadMessage(*message);
-    StartOp(write_tag(), [&] { writer_.Write(*message, write_tag()); });
+    GrpcWrite(&writer_, *message);
   }
   void Finish(const grpc::Status& status) override {
     Began();
-    StartOp(finish_tag(), [&] { writer_.Finish(status, finish_tag()); });
+    GrpcFinish(&writer_, status);
   }
 
  private:
@@ -364,18 +389,11 @@ class ClientStreamingCall final : public AsyncCall, public ReadOps<Request> {
 
   void Read(Request* message) override {
     Began();
-    StartOp(read_tag(), [&] { reader_.Read(message, read_tag()); });
+    GrpcRead(&reader_, message);
   }
   void Finish(const grpc::Status& status) override {
     Began();
-    if (status.ok()) TsanReadMessage(response_);
-    StartOp(finish_tag(), [&] {
-      if (status.ok()) {
-        reader_.Finish(response_, status, finish_tag());
-      } else {
-        reader_.FinishWithError(status, finish_tag());
-      }
-    });
+    GrpcFinish(&reader_, response_, status);
   }
 
  private:
@@ -415,16 +433,15 @@ class BidiStreamingCall final : public AsyncCall, public BidiOps<Request, Respon
 
   void Read(Request* message) override {
     Began();
-    StartOp(read_tag(), [&] { stream_.Read(message, read_tag()); });
+    GrpcRead(&stream_, message);
   }
   void Write(const Response* message) override {
     Began();
-    TsanReadMessage(*message);
-    StartOp(write_tag(), [&] { stream_.Write(*message, write_tag()); });
+    GrpcWrite(&stream_, *message);
   }
   void Finish(const grpc::Status& status) override {
     Began();
-    StartOp(finish_tag(), [&] { stream_.Finish(status, finish_tag()); });
+    GrpcFinish(&stream_, status);
   }
   std::function<void()> DeferEnd() override { return AsyncCall::DeferEnd(); }
 
@@ -468,14 +485,7 @@ class UnaryCall final : public AsyncCall, public UnaryResponder {
 
   void Finish(const grpc::Status& status) override {
     Began();
-    if (status.ok()) TsanReadMessage(response_);
-    StartOp(finish_tag(), [&] {
-      if (status.ok()) {
-        responder_.Finish(response_, status, finish_tag());
-      } else {
-        responder_.FinishWithError(status, finish_tag());
-      }
-    });
+    GrpcFinish(&responder_, response_, status);
   }
 
  private:
