@@ -243,6 +243,7 @@ void Daemon::OnGuestConnected(AcceptedGuest accepted) {
   EventLoop* loop = loops_[next_loop_++ % loops_.size()].get();
   GuestSession::Options options;
   options.command_timeout = config_.command_timeout;
+  options.consume_on_reply = config_.consume_on_reply;
   // The guest object outlives its sessions (the registry keeps it), so it can be the session's
   // listener from the first byte on.
   std::shared_ptr<Guest> guest = registry_->FindOrCreate(accepted.identity);

@@ -66,6 +66,9 @@ struct DaemonConfig {
   int io_nice = kDefaultIoNice;
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds command_timeout{10000};
+  // GuestSession::Options::consume_on_reply (a guest's event bytes leave its socket with the
+  // reply); false only to measure without it (remote_verdict_bench --noconsume_on_reply).
+  bool consume_on_reply = true;
   VerdictPipeline::Options verdicts;
   // StreamEvents: a quiet stream's heartbeat interval when the request names none (0: none).
   std::chrono::milliseconds stream_heartbeat{10000};

@@ -5,6 +5,7 @@
 #include <cctype>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -161,6 +162,10 @@ class AttachReactor final : public AttachStream {
             "verdicts.verdicts",
             "at most " + std::to_string(kMaxVerdictBatch) + " verdicts per message"));
       }
+      // Several verdicts: the guests' loops write them (HandOff), each loop woken once, after the
+      // last verdict of the message was taken (each is checked and answered in turn first).
+      std::optional<EventLoop::HandOff> hand_off;
+      if (verdicts.size() > 1) hand_off.emplace();
       for (const kvmi::v1::Verdict& verdict : verdicts) AnswerVerdict(verdict);
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));

@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -13,6 +14,7 @@
 namespace kvmid {
 namespace {
 thread_local EventLoop* current_loop = nullptr;
+thread_local EventLoop::HandOff* current_hand_off = nullptr;
 }  // namespace
 
 EventLoop* EventLoop::Current() { return current_loop; }
@@ -124,6 +126,31 @@ void EventLoop::Post(Task task) {
   }
   Wake();
 }
+
+void EventLoop::PostHandedOff(Task task) {
+  if (current_hand_off == nullptr) {
+    Post(std::move(task));
+    return;
+  }
+  {
+    MutexLock lock(&posted_mutex_);
+    posted_.push_back(std::move(task));
+  }
+  std::vector<EventLoop*>& to_wake = current_hand_off->to_wake_;
+  if (std::find(to_wake.begin(), to_wake.end(), this) == to_wake.end()) to_wake.push_back(this);
+}
+
+EventLoop::HandOff::HandOff() : outer_(current_hand_off) {
+  if (outer_ == nullptr) current_hand_off = this;
+}
+
+EventLoop::HandOff::~HandOff() {
+  if (outer_ != nullptr) return;
+  current_hand_off = nullptr;
+  for (EventLoop* loop : to_wake_) loop->Wake();
+}
+
+bool EventLoop::HandingOff() { return current_hand_off != nullptr; }
 
 void EventLoop::PostQuietly(Task task) {
   MutexLock lock(&posted_mutex_);

@@ -63,6 +63,8 @@ class EventLoop {
   // Any thread. Like Post, but without waking the loop: `task` runs at its next wake-up (I/O, a
   // timer or a Post), still in posting order. For housekeeping nobody waits for.
   void PostQuietly(Task task);
+  // Any thread. Like Post, but inside a HandOff scope the wake-up waits for the scope's end.
+  void PostHandedOff(Task task);
   // Runs now if called on the loop thread, else posts.
   void RunInLoop(Task task);
   // Loop thread only. Runs `task` at the end of this iteration of the loop, once everything this
@@ -73,6 +75,24 @@ class EventLoop {
 
   // The loop whose thread calls this; null on any other thread.
   static EventLoop* Current();
+
+  // Any thread. While one is alive on a thread, work that may run on that thread or be handed to
+  // its loop goes to the loop (HandingOff() is true there: GuestSession::ReplyToEvent), and the
+  // thread's PostHandedOff()s wake each loop once, when the scope ends, not once per task. Other
+  // Posts wake as usual. Scopes nest (the outermost wakes).
+  class HandOff {
+   public:
+    HandOff();
+    ~HandOff();
+    HandOff(const HandOff&) = delete;
+    HandOff& operator=(const HandOff&) = delete;
+
+   private:
+    std::vector<EventLoop*> to_wake_;
+    HandOff* outer_;
+    friend class EventLoop;
+  };
+  static bool HandingOff();
 
   bool InLoopThread() const { return std::this_thread::get_id() == loop_thread_id_.load(); }
 

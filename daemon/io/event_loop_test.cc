@@ -68,6 +68,47 @@ TEST(EventLoopTest, AQuietTaskRunsAtTheNextWakeUpInPostingOrder) {
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
 }
 
+// Under a HandOff, a PostHandedOff waits for the scope's end, which wakes each loop it posted to
+// once; a plain Post still wakes at once.
+TEST(EventLoopTest, PostsUnderAHandOffRunWhenTheScopeEnds) {
+  EventLoop a, b;
+  a.Start("test-loop-a");
+  b.Start("test-loop-b");
+  EXPECT_FALSE(EventLoop::HandingOff());
+  std::atomic<int> ran{0};
+  std::promise<void> a_done, b_done;
+  {
+    EventLoop::HandOff hand_off;
+    EXPECT_TRUE(EventLoop::HandingOff());
+    {
+      EventLoop::HandOff nested;  // an inner scope leaves the waking to the outer one
+    }
+    EXPECT_TRUE(EventLoop::HandingOff());
+    a.PostHandedOff([&] { ran++; });
+    a.PostHandedOff([&] {
+      ran++;
+      a_done.set_value();
+    });
+    b.PostHandedOff([&] {
+      ran++;
+      b_done.set_value();
+    });
+    // Idle loops sleep in epoll_wait: nothing was woken yet.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(ran.load(), 0);
+    std::promise<void> plain;
+    b.Post([&] { plain.set_value(); });  // wakes b, which runs what b was handed so far too
+    plain.get_future().wait();
+    EXPECT_EQ(ran.load(), 1);
+  }
+  EXPECT_FALSE(EventLoop::HandingOff());
+  a_done.get_future().wait();
+  b_done.get_future().wait();
+  EXPECT_EQ(ran.load(), 3);
+  a.Stop();
+  b.Stop();
+}
+
 // RunAtEndOfIteration: after every callback of the file descriptors one wake-up found ready (and
 // the posted tasks), once; Current() is the loop on its own thread only.
 TEST(EventLoopTest, EndOfIterationTasksRunAfterEveryReadyCallbackOfTheWakeUp) {

@@ -15,6 +15,11 @@ namespace kvmid {
 namespace {
 
 constexpr auto kSweepPeriod = std::chrono::milliseconds(100);
+// At most this many read bytes stay in the socket (consume_on_reply): the peer's send buffer
+// also counts the kernel's overhead per message (about 1 KiB for a small one), and it must never
+// fill while a reply is due. Held bytes are events only (one per waiting vCPU), so this is a bound
+// for hosts with many vCPUs waiting at once.
+constexpr size_t kMaxUnconsumed = 16 * 1024;
 
 // Patches the seq of the message that starts at `offset` in `buffer`.
 void PatchSeq(std::vector<uint8_t>* buffer, size_t offset, uint32_t seq) {
@@ -67,7 +72,8 @@ void GuestSession::Start(const std::vector<uint8_t>& early_bytes) {
   if (closed_) return;  // closed before it started (e.g. the first write failed)
   started_ = true;
   auto self = shared_from_this();
-  loop_->Watch(fd_.get(), EPOLLIN | EPOLLRDHUP,
+  if (options_.consume_on_reply && kvmi::EnablePeekOffset(fd_.get())) peeking_ = true;
+  loop_->Watch(fd_.get(), WatchedEvents(false),
                [self](uint32_t events) { self->OnReadable(events); });
   sweep_timer_ = loop_->RunAt(Clock::now() + kSweepPeriod, [self] { self->SweepTimeouts(); });
   if (!early_bytes.empty()) {
@@ -132,6 +138,19 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
                                 std::vector<std::vector<uint8_t>> batched,
                                 std::function<void(bool)> done) {
+  if (EventLoop::HandingOff() && !loop_->InLoopThread()) {
+    // Several verdicts read at once: the loop (at io_nice) writes them, woken once for all.
+    auto self = shared_from_this();
+    loop_->PostHandedOff(
+        [self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+          if (batched.empty()) {
+            self->WriteReply(reply, done);
+          } else {
+            self->ReplyWithBatchInLoop(reply, std::move(batched), done);
+          }
+        });
+    return;
+  }
   if (!batched.empty()) {
     // Batched commands take seqs and pending-command entries, which belong to the loop.
     auto self = shared_from_this();
@@ -140,6 +159,11 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
     });
     return;
   }
+  WriteReply(reply, done);
+}
+
+void GuestSession::WriteReply(const kvmi::EventReply& reply,
+                              const std::function<void(bool)>& done) {
   // The hot path, from any thread: a policy's verdict on the loop, a remote verdict on the thread
   // that received it (no loop wake-up). `done` (observers) runs before the lock is let go: the
   // vCPU's next event is observed when its reply is written, under this lock, so never before
@@ -205,6 +229,7 @@ bool GuestSession::TakePendingEventLocked(const kvmi::EventReply& reply) {
   PendingEvent& pending = pending_events_[reply.vcpu];
   if (!pending.waiting || pending.seq != reply.seq) return false;
   pending.waiting = false;
+  waiting_vcpus_--;
   return true;
 }
 
@@ -245,6 +270,12 @@ void GuestSession::FlushWrites() {
 }
 
 std::string GuestSession::FlushWritesLocked() {
+  if (out_sent_ < out_.size()) {
+    // The peer's thread blocked in recv() is woken by this consume, and the write below follows
+    // at once: most often it finds the reply there, instead of being woken a second time.
+    std::string failure = ConsumePeeked();
+    if (!failure.empty()) return failure;
+  }
   while (out_sent_ < out_.size()) {
     size_t sent = 0;
     kvmi::IoResult result =
@@ -256,7 +287,7 @@ std::string GuestSession::FlushWritesLocked() {
       if (loop_->InLoopThread()) {
         if (!want_write_) {
           want_write_ = true;
-          loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+          loop_->Modify(fd_.get(), WatchedEvents(true));
         }
       } else if (!flush_posted_) {
         flush_posted_ = true;
@@ -270,19 +301,42 @@ std::string GuestSession::FlushWritesLocked() {
   out_sent_ = 0;
   if (want_write_ && loop_->InLoopThread()) {
     want_write_ = false;
-    loop_->Modify(fd_.get(), EPOLLIN | EPOLLRDHUP);
+    loop_->Modify(fd_.get(), WatchedEvents(false));
   }
   return "";
+}
+
+uint32_t GuestSession::WatchedEvents(bool write) const {
+  // Peeked bytes stay readable: level-triggered, the loop would wake until they are consumed.
+  return EPOLLIN | EPOLLRDHUP | (write ? EPOLLOUT : 0) | (peeking_ ? EPOLLET : 0);
+}
+
+std::string GuestSession::ConsumePeeked() {
+  // consuming_ covers the time between the exchange and the recv: until the recv, the bytes are
+  // still at the head of the socket, and a plain read by the loop would take them a second time.
+  consuming_++;
+  size_t n = unconsumed_.exchange(0);
+  kvmi::IoResult result = n == 0 ? kvmi::IoResult::Ok() : kvmi::Consume(fd_.get(), n);
+  consuming_--;
+  return result.ok() ? "" : "read failed: " + result.ToString();
 }
 
 void GuestSession::OnReadable(uint32_t epoll_events) {
   if (closed_) return;
   if ((epoll_events & EPOLLOUT) != 0) FlushWrites();
-  // Drain the socket (level-triggered epoll, but fewer wake-ups this way), then frame.
+  // Drain the socket (level-triggered, or edge-triggered when peeking: every byte there is read
+  // before the loop waits again), then frame.
+  held_events_only_ = true;
   while (!closed_) {
     uint8_t* tail = framer_.WritableTail(kSessionReadChunk);
     size_t got = 0;
-    kvmi::IoResult result = kvmi::TryRead(fd_.get(), tail, framer_.writable_size(), &got);
+    // Peek only where a reply is likely to come later (the last read left a vCPU waiting): an
+    // event a policy answers at once is taken off with one recv(), as without consume_on_reply.
+    // A plain read must not start while peeked bytes are still at the head: unconsumed_ is zero
+    // and no consume is under way (loaded in that order; only the loop adds to unconsumed_).
+    const bool peek = peeking_ && (peek_next_ || unconsumed_.load() != 0 || consuming_.load() != 0);
+    kvmi::IoResult result = peek ? kvmi::TryPeek(fd_.get(), tail, framer_.writable_size(), &got)
+                                 : kvmi::TryRead(fd_.get(), tail, framer_.writable_size(), &got);
     if (result.kind == kvmi::IoResult::kClosed) {
       ProcessFrames();  // what arrived before the close still counts
       CloseInLoop("peer closed the connection");
@@ -294,9 +348,24 @@ void GuestSession::OnReadable(uint32_t epoll_events) {
     }
     if (got == 0) break;  // drained
     framer_.Commit(got);
-    if (got < kSessionReadChunk) break;
+    if (peek) unconsumed_ += got;  // before the frames go out: a reply consumes them
+    // A short read drained the socket, unless it hung up: then read on to the end (edge-triggered,
+    // the hang-up is reported once, with this wake-up; a later one brings a new edge).
+    if (got < kSessionReadChunk && (epoll_events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) == 0) {
+      break;
+    }
   }
   ProcessFrames();
+  // Bytes stay in the socket only while a vCPU waits for a reply that will consume them, only
+  // if they are events that wait (command replies, say of a pipelined WritePhysical, are taken
+  // at once: nothing else would take them while the commands go on), and at most kMaxUnconsumed.
+  const bool waiting = waiting_vcpus_.load() != 0;
+  peek_next_ = waiting;
+  if (peeking_ && !closed_ &&
+      (!waiting || !held_events_only_ || unconsumed_.load() > kMaxUnconsumed)) {
+    std::string failure = ConsumePeeked();
+    if (!failure.empty()) CloseInLoop(failure);
+  }
 }
 
 void GuestSession::ProcessFrames() {
@@ -318,6 +387,7 @@ void GuestSession::OnMessage(const kvmi::Frame& frame) {
   if (frame.hdr.id == KVMI_EVENT) {
     OnEventMessage(frame);
   } else {
+    held_events_only_ = false;
     OnReply(frame);
   }
 }
@@ -332,6 +402,7 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
   }
   counters_.events++;
   const kvmi::EventInfo* info = kvmi::FindEvent(event.id());
+  if (!info->has_reply) held_events_only_ = false;
   if (info->has_reply) {
     // §7.3: at most one outstanding event per vCPU. A second one means the peer is not a v6
     // kernel we understand; answering either would be guesswork.
@@ -345,6 +416,7 @@ void GuestSession::OnEventMessage(const kvmi::Frame& frame) {
         unanswered = pending;
       } else {
         pending = PendingEvent{true, event.seq, event.id()};
+        waiting_vcpus_++;
       }
     }
     if (unanswered.waiting) {
@@ -427,6 +499,14 @@ void GuestSession::SweepTimeouts() {
     }
   }
   for (CommandCallback& done : expired) done(CommandResult::Timeout());
+  if (peeking_ && waiting_vcpus_.load() == 0 && unconsumed_.load() != 0) {
+    // A safety net: bytes are left in the socket only while a reply is due (OnReadable).
+    std::string failure = ConsumePeeked();
+    if (!failure.empty()) {
+      CloseInLoop(failure);
+      return;
+    }
+  }
   auto self = shared_from_this();
   sweep_timer_ = loop_->RunAt(now + kSweepPeriod, [self] { self->SweepTimeouts(); });
 }

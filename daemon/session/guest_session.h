@@ -6,7 +6,9 @@
 // methods may be called from any thread; callbacks run on the loop thread, except ReplyToEvent's
 // `done`. One exception to "the loop writes": a plain event reply from another thread (a remote
 // verdict arriving on a gRPC thread) is written by that thread, under write_mu_, because a
-// hand-off to the loop would add a thread wake-up to every remote verdict.
+// hand-off to the loop would add a thread wake-up to every remote verdict. Several verdicts read
+// at once (an EventLoop::HandOff scope) are handed to the loop after all: one wake-up for all of
+// them, and the loop's thread (io_nice) is not preempted by the guests' threads it wakes.
 #ifndef KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 #define KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 
@@ -101,6 +103,10 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   struct Options {
     std::chrono::milliseconds command_timeout{10000};
+    // On a UNIX socket: the bytes of an event that waits stay in the socket until its reply (or
+    // anything else) is written, so the host's receive thread is woken once per event, not twice
+    // (see OnReadable). False: every read takes the bytes at once.
+    bool consume_on_reply = true;
   };
 
   GuestSession(EventLoop* loop, kvmi::UniqueFd fd, GuestIdentity identity, Listener* listener,
@@ -152,7 +158,8 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // `batched` the reply is written from the calling thread and `done` runs there, under the write
   // lock: the vCPU's next event may be taken in meanwhile, but its reply, and so its observers,
   // wait for this one (observers see one vCPU's events in order; `done` must not call back into
-  // this session); with it, both happen on the loop thread.
+  // this session); with it, or inside an EventLoop::HandOff scope, both happen on the loop thread
+  // (still under the write lock).
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 
@@ -190,6 +197,7 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
 
   void OnReadable(uint32_t epoll_events);
   void ProcessFrames();
+  void WriteReply(const kvmi::EventReply& reply, const std::function<void(bool)>& done);
   void ReplyWithBatchInLoop(const kvmi::EventReply& reply,
                             std::vector<std::vector<uint8_t>> batched,
                             const std::function<void(bool)>& done);
@@ -201,6 +209,10 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // Writes what out_ holds. A full socket is left to the loop (EPOLLOUT); a failed write returns
   // its reason (the caller closes the session, outside the lock).
   std::string FlushWritesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // Takes every byte peeked so far off the socket (the loop, or a writer under write_mu_, which
+  // also keeps the descriptor open); a failure's reason, else empty.
+  std::string ConsumePeeked();
+  uint32_t WatchedEvents(bool write) const;
   void OnMessage(const kvmi::Frame& frame);
   void OnReply(const kvmi::Frame& frame);
   void OnEventMessage(const kvmi::Frame& frame);
@@ -226,6 +238,14 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   EventLoop::TimerId sweep_timer_ = 0;
   bool started_ = false;
   bool unexpected_reply_logged_ = false;  // the first one is logged, the rest only counted
+  // consume_on_reply in effect (set before the loop watches the socket, then only read): reads
+  // peek (SO_PEEK_OFF), the socket is watched edge-triggered, and unconsumed_ counts the bytes
+  // read but still in the socket.
+  std::atomic<bool> peeking_{false};
+  std::atomic<size_t> unconsumed_{0};
+  std::atomic<int> consuming_{0};  // ConsumePeeked calls under way (any thread)
+  bool peek_next_ = true;          // loop thread: the last read left a vCPU waiting for a reply
+  bool held_events_only_ = true;   // loop thread: this read brought only events that now wait
 
   // The write side: any thread (see the threading note above). The socket itself is closed
   // under this lock too, so a writer never sees a recycled descriptor.
@@ -242,6 +262,9 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // a policy's reply or a command, still take write_mu_ and wait.)
   Mutex pending_mu_ ABSL_ACQUIRED_AFTER(write_mu_);
   std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(pending_mu_);
+  // How many of them wait (written under pending_mu_; the loop reads it after a read to decide
+  // whether to keep the bytes in the socket).
+  std::atomic<uint32_t> waiting_vcpus_{0};
   std::atomic<bool> closed_{false};
   Counters counters_;
 };

@@ -69,11 +69,13 @@ class GuestSessionTest : public ::testing::Test {
     loop_.Stop();
   }
 
-  void StartSession(std::chrono::milliseconds command_timeout = std::chrono::seconds(5)) {
+  void StartSession(std::chrono::milliseconds command_timeout = std::chrono::seconds(5),
+                    bool consume_on_reply = true) {
     GuestIdentity identity;
     identity.name = "unit";
     GuestSession::Options options;
     options.command_timeout = command_timeout;
+    options.consume_on_reply = consume_on_reply;
     session_ =
         std::make_shared<GuestSession>(&loop_, host_.Connect(), identity, &listener_, options);
     auto session = session_;
@@ -95,6 +97,16 @@ class GuestSessionTest : public ::testing::Test {
       return r;
     }
     return f.get();
+  }
+
+  // Waits (up to 5 s) until the session has taken all but `left` of the bytes the host sent.
+  bool WaitUnread(int left) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (host_.UnreadBySession() != left) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
   }
 
   EventLoop loop_;
@@ -186,6 +198,150 @@ TEST_F(GuestSessionTest, EventReachesTheListenerAndTheReplyBytesMatchTheAbi) {
   std::vector<uint8_t> expected = {2, 0, 0, 0, 0,    0,    0, 0, 0, 1, 0, 0,
                                    0, 0, 0, 0, 0x00, 0x30, 0, 0, 0, 0, 0, 0};
   EXPECT_EQ(m->payload, expected);
+}
+
+// consume_on_reply: the host's thread blocked in recv() is woken whenever bytes it sent are
+// freed. The session leaves an event's bytes in the socket until it writes the reply, so that
+// thread is woken once, just before the reply, instead of once for the read and once for the reply.
+TEST_F(GuestSessionTest, AnEventStaysInTheSocketUntilItsReplyIsWritten) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 1, 7));
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  EXPECT_GT(host_.UnreadBySession(), 0);  // still the host's (SIOCOUTQ: bytes and overhead)
+  std::promise<bool> sent;
+  session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE), {},
+                         [&](bool s) { sent.set_value(s); });
+  EXPECT_TRUE(sent.get_future().get());
+  auto m = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->unread_by_session, 0);  // taken before the reply went out
+  // The next event is held the same way: nothing was read twice or skipped.
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 1, 8));
+  got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->seq, 8u);
+  EXPECT_EQ(got->id(), KVMI_EVENT_XSETBV);
+  EXPECT_GT(host_.UnreadBySession(), 0);
+}
+
+// Edge-triggered while peeking: bytes and the hang-up in one wake-up still end the session.
+TEST_F(GuestSessionTest, AHalfMessageAndAHangUpInOneWakeUpCloseTheSession) {
+  std::vector<uint8_t> wire;
+  kvmi::EncodeEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 1), &wire);
+  wire.resize(wire.size() / 2);
+  GuestIdentity identity;
+  identity.name = "unit";
+  session_ = std::make_shared<GuestSession>(&loop_, host_.Connect(), identity, &listener_,
+                                            GuestSession::Options{});
+  host_.SendRaw(wire);
+  host_.Close();  // before the session reads anything
+  auto session = session_;
+  loop_.RunInLoop([session] { session->Start(); });
+  EXPECT_THAT(listener_.WaitClosed(), ::testing::HasSubstr("peer closed"));
+}
+
+// Command replies are taken at once even while a vCPU waits: held, they would fill the host's
+// send buffer (the kernel's overhead per small message is far larger than the message), and a
+// pipelined command would wait for its replies while the host waits for buffer space.
+TEST_F(GuestSessionTest, APipelinedCommandCompletesWhileAVcpuWaits) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 2));  // vCPU 0 waits throughout
+  ASSERT_TRUE(listener_.WaitEvent());
+  std::promise<CommandResult> wrote;
+  session_->WritePhysical(0, std::vector<uint8_t>(2 << 20, 0x90),
+                          [&](CommandResult r) { wrote.set_value(std::move(r)); });
+  auto f = wrote.get_future();
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  CommandResult r = f.get();
+  EXPECT_TRUE(r.ok()) << r.ToString();
+}
+
+TEST_F(GuestSessionTest, WithoutConsumeOnReplyAnEventIsTakenWhenRead) {
+  StartSession(std::chrono::seconds(5), /*consume_on_reply=*/false);
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 3));
+  ASSERT_TRUE(listener_.WaitEvent());
+  EXPECT_EQ(host_.UnreadBySession(), 0);
+}
+
+TEST_F(GuestSessionTest, BytesNoReplyWillConsumeAreTakenAtOnce) {
+  // A command's reply, with no vCPU waiting: nothing would take it later.
+  StartSession();
+  auto f = Send(kvmi::GetVersionRequest{});
+  ASSERT_TRUE(Get(f).ok());
+  EXPECT_TRUE(WaitUnread(0)) << host_.UnreadBySession();
+  // An event answered at once (as a policy does, on the loop) leaves nothing either.
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_XSETBV, 0, 4));
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  std::promise<bool> sent;
+  loop_.RunInLoop([&, reply = kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE)] {
+    session_->ReplyToEvent(reply, {}, [&](bool s) { sent.set_value(s); });
+  });
+  EXPECT_TRUE(sent.get_future().get());
+  EXPECT_TRUE(WaitUnread(0)) << host_.UnreadBySession();
+}
+
+TEST_F(GuestSessionTest, RepliesNobodyWaitsForAreTakenAtOnceWhileAVcpuWaits) {
+  host_.set_responder([](const ReceivedMessage&) { return std::nullopt; });  // answer by hand
+  StartSession();
+  auto f = Send(kvmi::GetVersionRequest{});
+  auto m = host_.WaitForId(KVMI_GET_VERSION);
+  ASSERT_TRUE(m);
+  std::vector<uint8_t> reply;
+  kvmi::EncodeReply(KVMI_GET_VERSION, m->hdr.seq, -KVM_EINVAL, {}, &reply);
+  host_.SendRaw(reply);
+  ASSERT_EQ(Get(f).status, CommandResult::Status::kKvmiError);
+  // vCPU 0's event follows a read that left no vCPU waiting: taken at once. vCPU 1's is held.
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 5));
+  ASSERT_TRUE(listener_.WaitEvent());
+  EXPECT_EQ(host_.UnreadBySession(), 0);
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 1, 6));
+  ASSERT_TRUE(listener_.WaitEvent());
+  ASSERT_GT(host_.UnreadBySession(), 0);
+  // Small late replies (the same seq again, skipped), far below the bytes a session may hold:
+  // taken at once, with everything before them (held, 200 would take most of the host's send
+  // buffer, which also counts the kernel's overhead per message).
+  std::vector<uint8_t> late;
+  kvmi::EncodeReply(KVMI_GET_VERSION, m->hdr.seq, 0, {}, &late);
+  for (int i = 0; i < 200; ++i) host_.SendRaw(late);
+  EXPECT_TRUE(WaitUnread(0)) << host_.UnreadBySession();
+  EXPECT_EQ(session_->counters().unexpected_replies, 200u);
+}
+
+// Several remote verdicts read at once: the guests' loops write them (their threads run at
+// io_nice), each loop woken once when the reader is done.
+TEST_F(GuestSessionTest, RepliesUnderAHandOffAreWrittenByTheLoop) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 11));
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 1, 12));
+  auto a = listener_.WaitEvent();
+  auto b = listener_.WaitEvent();
+  ASSERT_TRUE(a && b);
+  std::promise<EventLoop*> wrote_a, wrote_b;
+  {
+    EventLoop::HandOff hand_off;
+    session_->ReplyToEvent(kvmi::MakeEventReply(*a, KVMI_EVENT_ACTION_CONTINUE), {},
+                           [&](bool s) { wrote_a.set_value(s ? EventLoop::Current() : nullptr); });
+    session_->ReplyToEvent(kvmi::MakeEventReply(*b, KVMI_EVENT_ACTION_CONTINUE), {},
+                           [&](bool s) { wrote_b.set_value(s ? EventLoop::Current() : nullptr); });
+  }
+  EXPECT_EQ(wrote_a.get_future().get(), &loop_);
+  EXPECT_EQ(wrote_b.get_future().get(), &loop_);
+  auto ra = host_.WaitForId(KVMI_EVENT_REPLY);
+  auto rb = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(ra && rb);
+  EXPECT_EQ(ra->hdr.seq, 11u);
+  EXPECT_EQ(rb->hdr.seq, 12u);
+  EXPECT_TRUE(WaitUnread(0));
+  // Without a hand-off, the calling thread writes (the latency path: no loop wake-up).
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 13));
+  auto c = listener_.WaitEvent();
+  ASSERT_TRUE(c);
+  std::promise<EventLoop*> wrote_c;
+  session_->ReplyToEvent(kvmi::MakeEventReply(*c, KVMI_EVENT_ACTION_CONTINUE), {},
+                         [&](bool s) { wrote_c.set_value(s ? EventLoop::Current() : &loop_); });
+  EXPECT_EQ(wrote_c.get_future().get(), nullptr);
 }
 
 TEST_F(GuestSessionTest, OnlyTheFirstReplyToAnEventIsSent) {

@@ -1,5 +1,7 @@
 #include "daemon/testing/scripted_host.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -90,10 +92,11 @@ void ScriptedHost::ReadLoop() {
     size_t got = 0;
     if (!kvmi::ReadSome(fd_.get(), tail, framer.writable_size(), &got).ok()) break;
     framer.Commit(got);
+    const int unread = UnreadBySession();
     kvmi::Frame frame;
     kvmi::DecodeStatus status;
     while (framer.Next(&frame, &status) == kvmi::MessageFramer::Result::kMessage) {
-      ReceivedMessage m{frame.hdr, frame.payload.ToVector()};
+      ReceivedMessage m{frame.hdr, frame.payload.ToVector(), unread};
       std::optional<std::vector<uint8_t>> reply;
       if (m.hdr.id != KVMI_EVENT_REPLY) {
         Responder responder;
@@ -145,6 +148,12 @@ bool ScriptedHost::WaitClosed(std::chrono::milliseconds timeout) {
     if (!cv_.WaitUntil(&mutex_, deadline)) return closed_;
   }
   return true;
+}
+
+int ScriptedHost::UnreadBySession() {
+  int n = -1;
+  if (::ioctl(fd_.get(), SIOCOUTQ, &n) != 0) return -1;
+  return n;
 }
 
 size_t ScriptedHost::received_count() {

@@ -25,6 +25,8 @@ namespace kvmid::testing {
 struct ReceivedMessage {
   kvmi_msg_hdr hdr{};
   std::vector<uint8_t> payload;
+  // UnreadBySession() when the host read this message.
+  int unread_by_session = -1;
 };
 
 class ScriptedHost {
@@ -56,6 +58,9 @@ class ScriptedHost {
   // True once the daemon closed its end.
   bool WaitClosed(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000));
   size_t received_count();
+  // What this host sent that the session has not taken off the socket yet (SIOCOUTQ: the bytes
+  // and the kernel's overhead for them; 0 when everything was taken).
+  int UnreadBySession();
 
   // The default answer for a command (what a permissive v6 kernel says).
   std::vector<uint8_t> DefaultReply(const ReceivedMessage& message) const;

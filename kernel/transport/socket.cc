@@ -9,8 +9,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
+#include <vector>
 
 namespace kvmi {
 namespace {
@@ -273,10 +275,12 @@ IoResult WriteAll(int fd, const void* buf, size_t n, Clock::time_point deadline)
 
 IoResult WaitReadable(int fd, Clock::time_point deadline) { return WaitFor(fd, POLLIN, deadline); }
 
-IoResult TryRead(int fd, void* buf, size_t n, size_t* got) {
+namespace {
+
+IoResult TryReceive(int fd, void* buf, size_t n, size_t* got, int flags) {
   *got = 0;
   for (;;) {
-    ssize_t rc = ::recv(fd, buf, n, MSG_DONTWAIT);
+    ssize_t rc = ::recv(fd, buf, n, MSG_DONTWAIT | flags);
     if (rc > 0) {
       *got = static_cast<size_t>(rc);
       return IoResult::Ok();
@@ -287,6 +291,41 @@ IoResult TryRead(int fd, void* buf, size_t n, size_t* got) {
     if (errno == ECONNRESET || errno == EPIPE) return {IoResult::kClosed, errno};
     return {IoResult::kError, errno};
   }
+}
+
+}  // namespace
+
+IoResult TryRead(int fd, void* buf, size_t n, size_t* got) {
+  return TryReceive(fd, buf, n, got, 0);
+}
+
+bool EnablePeekOffset(int fd) {
+  int domain = 0;
+  socklen_t len = sizeof(domain);
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
+  if (domain != AF_UNIX) {
+    errno = EOPNOTSUPP;
+    return false;
+  }
+  int offset = 0;
+  return ::setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &offset, sizeof(offset)) == 0;
+}
+
+IoResult TryPeek(int fd, void* buf, size_t n, size_t* got) {
+  return TryReceive(fd, buf, n, got, MSG_PEEK);
+}
+
+IoResult Consume(int fd, size_t n) {
+  thread_local std::vector<uint8_t> discard(64 * 1024);  // one recv() for what a reader holds
+  while (n > 0) {
+    size_t got = 0;
+    IoResult r = TryReceive(fd, discard.data(), std::min(n, discard.size()), &got, 0);
+    if (!r.ok()) return r;
+    // Peeked bytes are in the socket until taken: none there means the caller's count is wrong.
+    if (got == 0) return {IoResult::kError, EPROTO};
+    n -= got;
+  }
+  return IoResult::Ok();
 }
 
 IoResult TryWrite(int fd, const void* buf, size_t n, size_t* sent) {

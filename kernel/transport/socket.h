@@ -77,6 +77,17 @@ IoResult WaitReadable(int fd, Clock::time_point deadline);
 IoResult TryRead(int fd, void* buf, size_t n, size_t* got);
 IoResult TryWrite(int fd, const void* buf, size_t n, size_t* sent);
 
+// Reading without taking the bytes off a UNIX stream socket, for a reader that lets the peer's
+// send buffer go only when it answers (the peer's thread blocked in recv() is woken whenever its
+// sent bytes are freed, so freeing them just before a reply makes that one wake-up, not two).
+// EnablePeekOffset turns on SO_PEEK_OFF for a UNIX socket (false, with errno, for any other).
+// TryPeek then reads like TryRead with MSG_PEEK, each peek continuing where the last ended;
+// Consume(n) takes n bytes already peeked off the head of the socket (the kernel moves the peek
+// offset back by n: a peek and a consume from two threads stay in step).
+bool EnablePeekOffset(int fd);
+IoResult TryPeek(int fd, void* buf, size_t n, size_t* got);
+IoResult Consume(int fd, size_t n);
+
 }  // namespace kvmi
 
 #endif  // KVMID_KERNEL_TRANSPORT_SOCKET_H_

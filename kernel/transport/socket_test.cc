@@ -1,6 +1,8 @@
 #include "kernel/transport/socket.h"
 
+#include <linux/sockios.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <string>
@@ -138,6 +140,46 @@ TEST(SocketTest, TryReadAndTryWriteNeverWait) {
   EXPECT_EQ(r.kind, IoResult::kClosed);
   EXPECT_EQ(drained + sizeof(buf), sent);
   EXPECT_EQ(TryWrite(a.get(), "x", 1, &sent).kind, IoResult::kClosed);
+}
+
+TEST(SocketTest, PeekedBytesStayUntilConsumedAndPeeksContinue) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  ASSERT_TRUE(EnablePeekOffset(a.get()));
+  auto queued = [&] {  // b's send-buffer use: what a has not taken yet (with the kernel's overhead)
+    int n = -1;
+    EXPECT_EQ(::ioctl(b.get(), SIOCOUTQ, &n), 0);
+    return n;
+  };
+  size_t sent = 0;
+  ASSERT_TRUE(TryWrite(b.get(), "abc", 3, &sent).ok());
+  char buf[16];
+  size_t got = 0;
+  ASSERT_TRUE(TryPeek(a.get(), buf, sizeof(buf), &got).ok());
+  EXPECT_EQ(std::string(buf, got), "abc");
+  const int held = queued();
+  EXPECT_GT(held, 0);  // still the peer's
+  // A second peek continues after the first: nothing new yet, no wait.
+  ASSERT_TRUE(TryPeek(a.get(), buf, sizeof(buf), &got).ok());
+  EXPECT_EQ(got, 0u);
+  ASSERT_TRUE(TryWrite(b.get(), "de", 2, &sent).ok());
+  ASSERT_TRUE(TryPeek(a.get(), buf, sizeof(buf), &got).ok());
+  EXPECT_EQ(std::string(buf, got), "de");
+  // Consuming part of what was peeked frees it for the peer; the next peek still starts after
+  // everything peeked.
+  ASSERT_TRUE(Consume(a.get(), 3).ok());
+  EXPECT_GT(queued(), 0);  // "de" is still there
+  EXPECT_LE(queued(), held);
+  ASSERT_TRUE(TryWrite(b.get(), "f", 1, &sent).ok());
+  ASSERT_TRUE(TryPeek(a.get(), buf, sizeof(buf), &got).ok());
+  EXPECT_EQ(std::string(buf, got), "f");
+  ASSERT_TRUE(Consume(a.get(), 3).ok());
+  EXPECT_EQ(queued(), 0);
+  // Consuming more than is there is the caller's bookkeeping error, said as such, not a wait.
+  IoResult r = Consume(a.get(), 1);
+  EXPECT_EQ(r.kind, IoResult::kError);
+  EXPECT_EQ(r.error, EPROTO);
 }
 
 }  // namespace

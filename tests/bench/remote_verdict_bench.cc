@@ -68,6 +68,9 @@ ABSL_FLAG(bool, beside_callback, true,
           "threads then stay for the rest of the process)");
 ABSL_FLAG(int, io_nice, kvmid::kDefaultIoNice,
           "kvmid's io_nice (its I/O thread's nice value; the handler and echo threads keep 0)");
+ABSL_FLAG(bool, consume_on_reply, true,
+          "kvmid leaves a guest's event bytes in its socket until the reply (one wake-up of the "
+          "host's receive thread per event instead of two); false: it takes them when it reads");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
@@ -469,6 +472,7 @@ int main(int argc, char** argv) {
     config.unix_socket = kvmi_socket;
     config.io_threads = 1;
     config.io_nice = absl::GetFlag(FLAGS_io_nice);
+    config.consume_on_reply = absl::GetFlag(FLAGS_consume_on_reply);
     auto daemon = std::make_unique<kvmid::Daemon>(config);
     daemon->authorizer().Set(*authorizer);
     // One handler holds every waiting vCPU's event: the operator's knob above the default 128.
