@@ -120,21 +120,15 @@ void EventLoop::Cancel(TimerId id) {
 }
 
 void EventLoop::Post(Task task) {
-  {
-    MutexLock lock(&posted_mutex_);
-    posted_.push_back(std::move(task));
-  }
+  PostQuietly(std::move(task));
   Wake();
 }
 
 void EventLoop::PostHandedOff(Task task) {
+  PostQuietly(std::move(task));
   if (current_hand_off == nullptr) {
-    Post(std::move(task));
+    Wake();
     return;
-  }
-  {
-    MutexLock lock(&posted_mutex_);
-    posted_.push_back(std::move(task));
   }
   std::vector<EventLoop*>& to_wake = current_hand_off->to_wake_;
   if (std::find(to_wake.begin(), to_wake.end(), this) == to_wake.end()) to_wake.push_back(this);

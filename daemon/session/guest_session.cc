@@ -138,28 +138,27 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
 void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
                                 std::vector<std::vector<uint8_t>> batched,
                                 std::function<void(bool)> done) {
-  if (EventLoop::HandingOff() && !loop_->InLoopThread()) {
-    // Several verdicts read at once: the loop (at io_nice) writes them, woken once for all.
-    auto self = shared_from_this();
-    loop_->PostHandedOff(
-        [self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
-          if (batched.empty()) {
-            self->WriteReply(reply, done);
-          } else {
-            self->ReplyWithBatchInLoop(reply, std::move(batched), done);
-          }
-        });
+  // Several verdicts read at once (a HandOff): the loop, at io_nice, writes them, woken once for
+  // all. Batched commands take seqs and pending-command entries, which belong to the loop.
+  const bool hand_off = EventLoop::HandingOff() && !loop_->InLoopThread();
+  if (!hand_off && batched.empty()) {
+    WriteReply(reply, done);
     return;
   }
-  if (!batched.empty()) {
-    // Batched commands take seqs and pending-command entries, which belong to the loop.
-    auto self = shared_from_this();
-    loop_->RunInLoop([self, reply, batched = std::move(batched), done = std::move(done)]() mutable {
+  auto self = shared_from_this();
+  EventLoop::Task task = [self, reply, batched = std::move(batched),
+                          done = std::move(done)]() mutable {
+    if (batched.empty()) {
+      self->WriteReply(reply, done);
+    } else {
       self->ReplyWithBatchInLoop(reply, std::move(batched), done);
-    });
-    return;
+    }
+  };
+  if (hand_off) {
+    loop_->PostHandedOff(std::move(task));
+  } else {
+    loop_->RunInLoop(std::move(task));
   }
-  WriteReply(reply, done);
 }
 
 void GuestSession::WriteReply(const kvmi::EventReply& reply,
@@ -312,6 +311,7 @@ uint32_t GuestSession::WatchedEvents(bool write) const {
 }
 
 std::string GuestSession::ConsumePeeked() {
+  if (unconsumed_.load(std::memory_order_relaxed) == 0) return "";  // every plain-read write
   // consuming_ covers the time between the exchange and the recv: until the recv, the bytes are
   // still at the head of the socket, and a plain read by the loop would take them a second time.
   consuming_++;
@@ -359,6 +359,8 @@ void GuestSession::OnReadable(uint32_t epoll_events) {
   // Bytes stay in the socket only while a vCPU waits for a reply that will consume them, only
   // if they are events that wait (command replies, say of a pipelined WritePhysical, are taken
   // at once: nothing else would take them while the commands go on), and at most kMaxUnconsumed.
+  // (Held bytes never outlive the wait: the vCPU's reply is written after it stops waiting, and
+  // that write takes them, or this check sees no vCPU waiting and takes them here.)
   const bool waiting = waiting_vcpus_.load() != 0;
   peek_next_ = waiting;
   if (peeking_ && !closed_ &&
@@ -499,14 +501,6 @@ void GuestSession::SweepTimeouts() {
     }
   }
   for (CommandCallback& done : expired) done(CommandResult::Timeout());
-  if (peeking_ && waiting_vcpus_.load() == 0 && unconsumed_.load() != 0) {
-    // A safety net: bytes are left in the socket only while a reply is due (OnReadable).
-    std::string failure = ConsumePeeked();
-    if (!failure.empty()) {
-      CloseInLoop(failure);
-      return;
-    }
-  }
   auto self = shared_from_this();
   sweep_timer_ = loop_->RunAt(now + kSweepPeriod, [self] { self->SweepTimeouts(); });
 }

@@ -82,6 +82,22 @@ bool ParseU32(const std::string& text, uint32_t* out) {
   return true;
 }
 
+IoResult TryReceive(int fd, void* buf, size_t n, size_t* got, int flags) {
+  *got = 0;
+  for (;;) {
+    ssize_t rc = ::recv(fd, buf, n, MSG_DONTWAIT | flags);
+    if (rc > 0) {
+      *got = static_cast<size_t>(rc);
+      return IoResult::Ok();
+    }
+    if (rc == 0) return {IoResult::kClosed, 0};
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return IoResult::Ok();
+    if (errno == ECONNRESET || errno == EPIPE) return {IoResult::kClosed, errno};
+    return {IoResult::kError, errno};
+  }
+}
+
 }  // namespace
 
 std::string IoResult::ToString() const {
@@ -274,26 +290,6 @@ IoResult WriteAll(int fd, const void* buf, size_t n, Clock::time_point deadline)
 }
 
 IoResult WaitReadable(int fd, Clock::time_point deadline) { return WaitFor(fd, POLLIN, deadline); }
-
-namespace {
-
-IoResult TryReceive(int fd, void* buf, size_t n, size_t* got, int flags) {
-  *got = 0;
-  for (;;) {
-    ssize_t rc = ::recv(fd, buf, n, MSG_DONTWAIT | flags);
-    if (rc > 0) {
-      *got = static_cast<size_t>(rc);
-      return IoResult::Ok();
-    }
-    if (rc == 0) return {IoResult::kClosed, 0};
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return IoResult::Ok();
-    if (errno == ECONNRESET || errno == EPIPE) return {IoResult::kClosed, errno};
-    return {IoResult::kError, errno};
-  }
-}
-
-}  // namespace
 
 IoResult TryRead(int fd, void* buf, size_t n, size_t* got) {
   return TryReceive(fd, buf, n, got, 0);
