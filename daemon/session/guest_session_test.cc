@@ -99,6 +99,14 @@ class GuestSessionTest : public ::testing::Test {
     return f.get();
   }
 
+  // Returns once the loop has finished what it was doing (say, the read that delivered an event
+  // the listener already saw: the listener hears of it before the read's end).
+  void WaitForLoop() {
+    std::promise<void> ran;
+    loop_.Post([&ran] { ran.set_value(); });
+    ran.get_future().wait();
+  }
+
   // Waits (up to 5 s) until the session has taken all but `left` of the bytes the host sent.
   bool WaitUnread(int left) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
@@ -209,6 +217,10 @@ TEST_F(GuestSessionTest, AnEventStaysInTheSocketUntilItsReplyIsWritten) {
   auto got = listener_.WaitEvent();
   ASSERT_TRUE(got);
   EXPECT_GT(host_.UnreadBySession(), 0);  // still the host's (SIOCOUTQ: bytes and overhead)
+  // The read ends with a check of which vCPUs wait: a reply that beats it (the listener hears of
+  // the event first) ends the wait, and the next event is read plainly. Correct, but not what
+  // this test is about.
+  WaitForLoop();
   std::promise<bool> sent;
   session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE), {},
                          [&](bool s) { sent.set_value(s); });
