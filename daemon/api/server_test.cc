@@ -17,6 +17,25 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// A stream ended by kvmid's shutdown: UNAVAILABLE with kvmid's message. Or, rarely, with the
+// client transport's own error: the server closes its end right after the calls' last frames,
+// and a client whose write (an acknowledgement) meets the closed socket first fails the streams
+// whose trailers it had not yet parsed ("Broken pipe": 1 run in about 60 under ASan, all eight
+// health watchers at once, 30 ms into a 1 s grace). The code is the same; the message is gRPC's.
+::testing::AssertionResult EndedByShutdown(const grpc::Status& status) {
+  if (status.error_code() != grpc::StatusCode::UNAVAILABLE) {
+    return ::testing::AssertionFailure()
+           << "code " << status.error_code() << ": " << status.error_message();
+  }
+  for (const char* transport : {"Broken pipe", "Connection reset by peer", "Socket closed"}) {
+    if (status.error_message() == transport) return ::testing::AssertionSuccess();
+  }
+  if (status.error_message() != kShuttingDownMessage) {
+    return ::testing::AssertionFailure() << "message \"" << status.error_message() << "\"";
+  }
+  return ::testing::AssertionSuccess();
+}
+
 TEST_F(ApiTest, ReflectionAndHealthAreOn) {
   auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(channel_);
   grpc::ClientContext ctx;
@@ -134,10 +153,7 @@ TEST_F(ApiTest, ShutdownEndsOpenStreamsAtOnceWithUnavailable) {
   poller.join();
   EXPECT_LT(took, api::kShutdownGrace) << "the shutdown waited for the streams";
   for (std::thread& reader : readers) reader.join();
-  for (const grpc::Status& status : ended) {
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
-    EXPECT_EQ(status.error_message(), kShuttingDownMessage);
-  }
+  for (const grpc::Status& status : ended) EXPECT_TRUE(EndedByShutdown(status));
   EXPECT_EQ(api_->open_streams().open(), 0u);
 }
 
@@ -168,7 +184,7 @@ TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
     kvmi::v1::WatchVMsResponse change;
     while (vms->Read(&change)) {
     }
-    EXPECT_EQ(vms->Finish().error_message(), kShuttingDownMessage);
+    EXPECT_TRUE(EndedByShutdown(vms->Finish()));
   });
   // Each watcher reads until its call ends; what it read last and how it ended.
   std::vector<HealthCheckResponse::ServingStatus> last(kWatchers, HealthCheckResponse::SERVING);
@@ -191,8 +207,7 @@ TEST_F(ApiTest, ShutdownTellsHealthWatchersNotServingBeforeEndingThem) {
   vms_reader.join();
   for (int i = 0; i < kWatchers; ++i) {
     EXPECT_EQ(last[i], HealthCheckResponse::NOT_SERVING) << "watcher " << i;
-    EXPECT_EQ(ended[i].error_code(), grpc::StatusCode::UNAVAILABLE) << ended[i].error_message();
-    EXPECT_EQ(ended[i].error_message(), kShuttingDownMessage);
+    EXPECT_TRUE(EndedByShutdown(ended[i])) << "watcher " << i;
   }
 }
 
