@@ -171,6 +171,10 @@ void EventLoop::RunEndOfIteration() {
 }
 
 void EventLoop::Wake() {
+  // A task posted before the loop clears the flag is seen by the RunPosted that follows the
+  // clear; one posted after it finds the flag clear and writes, after the loop's read of the
+  // eventfd (which precedes the clear), so the count stays for the next epoll_wait.
+  if (wake_pending_.exchange(true)) return;
   uint64_t one = 1;
   ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
   (void)n;  // EAGAIN means a wake-up is already pending: good enough
@@ -215,9 +219,12 @@ void EventLoop::Loop() {
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
       if (fd == wake_fd_.get()) {
-        uint64_t count;
-        while (::read(wake_fd_.get(), &count, sizeof(count)) > 0) {
-        }
+        // The read, then the clear, then RunPosted (see Wake). Cleared first, the read could take
+        // the count of a write whose flag stays set, and the next posts would write nothing.
+        uint64_t count;  // one read takes the whole count (not EFD_SEMAPHORE)
+        ssize_t got = ::read(wake_fd_.get(), &count, sizeof(count));
+        (void)got;  // EAGAIN: nothing to take (a spurious wake-up)
+        wake_pending_.store(false);
         continue;
       }
       auto it = watched_.find(fd);

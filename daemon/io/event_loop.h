@@ -106,6 +106,9 @@ class EventLoop {
 
   kvmi::UniqueFd epoll_fd_;
   kvmi::UniqueFd wake_fd_;  // eventfd: Post() and Stop() wake epoll_wait
+  // A write to wake_fd_ is pending (set by Wake, cleared by the loop before it reads wake_fd_ and
+  // runs the posted tasks): the posts in between need no syscall of their own.
+  std::atomic<bool> wake_pending_{false};
   std::thread thread_;
   std::atomic<std::thread::id> loop_thread_id_{};
   std::atomic<pid_t> loop_tid_{0};  // the loop thread's kernel thread id (gettid)

@@ -7,7 +7,9 @@
 
 #include <atomic>
 #include <future>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace kvmid {
@@ -206,6 +208,31 @@ TEST(EventLoopTest, RunInLoopRunsInlineOnTheLoopThreadAndPostsFromOthers) {
   std::promise<bool> on_loop;
   loop.RunInLoop([&] { on_loop.set_value(loop.InLoopThread()); });
   EXPECT_TRUE(on_loop.get_future().get());
+  loop.Stop();
+}
+
+// Wake() writes the eventfd only when no wake-up is pending. Each thread here waits for its task
+// before posting the next, so one lost wake-up leaves a thread waiting (and the test failing).
+TEST(EventLoopTest, EveryPostIsRunWhilePostsRaceTheLoopsWakeUps) {
+  EventLoop loop;
+  loop.Start("test-loop");
+  constexpr int kThreads = 4, kPosts = 3000;
+  std::atomic<int> lost{0};
+  std::vector<std::thread> posters;
+  for (int t = 0; t < kThreads; ++t) {
+    posters.emplace_back([&] {
+      for (int i = 0; i < kPosts && lost == 0; ++i) {
+        auto ran = std::make_shared<std::promise<void>>();
+        loop.Post([ran] { ran->set_value(); });
+        if (ran->get_future().wait_for(std::chrono::seconds(5)) != std::future_status::ready) {
+          lost++;
+          return;
+        }
+      }
+    });
+  }
+  for (std::thread& poster : posters) poster.join();
+  EXPECT_EQ(lost.load(), 0);
   loop.Stop();
 }
 
