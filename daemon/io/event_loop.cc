@@ -171,13 +171,19 @@ void EventLoop::RunEndOfIteration() {
 }
 
 void EventLoop::Wake() {
-  // A task posted before the loop clears the flag is seen by the RunPosted that follows the
-  // clear; one posted after it finds the flag clear and writes, after the loop's read of the
-  // eventfd (which precedes the clear), so the count stays for the next epoll_wait.
+  // Set: the loop is awake, or another Wake wrote. A task posted before the loop clears the flag
+  // (about to block) is seen by its check after the clear; one posted after it finds the flag
+  // clear and writes (and a Stop's stopping_ is checked the same way).
   if (wake_pending_.exchange(true)) return;
+  wake_writes_.fetch_add(1, std::memory_order_relaxed);
   uint64_t one = 1;
   ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
   (void)n;  // EAGAIN means a wake-up is already pending: good enough
+}
+
+bool EventLoop::HasPosted() {
+  MutexLock lock(&posted_mutex_);
+  return !posted_.empty();
 }
 
 void EventLoop::RunPosted() {
@@ -211,7 +217,13 @@ void EventLoop::Loop() {
   constexpr int kMaxEvents = 64;
   epoll_event events[kMaxEvents];
   while (!stopping_) {
-    int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, NextTimeoutMs());
+    // About to block: from here a Post writes the eventfd. What was posted (or a Stop) while the
+    // flag was still set wrote nothing, so it is looked for after the clear (seq_cst: a Post
+    // whose exchange saw the flag set had pushed its task before this clear).
+    wake_pending_.store(false);
+    const bool ready = stopping_.load() || HasPosted();
+    int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, ready ? 0 : NextTimeoutMs());
+    wake_pending_.store(true);  // awake: Posts from now on are run before the loop blocks again
     if (n < 0 && errno != EINTR) {
       spdlog::critical("event loop: epoll_wait: {}", std::strerror(errno));
       std::abort();
@@ -219,12 +231,9 @@ void EventLoop::Loop() {
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
       if (fd == wake_fd_.get()) {
-        // The read, then the clear, then RunPosted (see Wake). Cleared first, the read could take
-        // the count of a write whose flag stays set, and the next posts would write nothing.
         uint64_t count;  // one read takes the whole count (not EFD_SEMAPHORE)
         ssize_t got = ::read(wake_fd_.get(), &count, sizeof(count));
         (void)got;  // EAGAIN: nothing to take (a spurious wake-up)
-        wake_pending_.store(false);
         continue;
       }
       auto it = watched_.find(fd);

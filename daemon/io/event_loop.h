@@ -94,21 +94,29 @@ class EventLoop {
   };
   static bool HandingOff();
 
+  // Any thread. True while the loop thread is awake (or already woken): a task posted now runs
+  // before it next sleeps, and the Post costs no wake-up. A hint: it may change at once.
+  bool Awake() const { return wake_pending_.load(std::memory_order_relaxed); }
+  // Any thread. How many times a Post (or Stop) had to write the eventfd to wake the loop.
+  uint64_t wake_writes() const { return wake_writes_.load(std::memory_order_relaxed); }
+
   bool InLoopThread() const { return std::this_thread::get_id() == loop_thread_id_.load(); }
 
  private:
   void Loop();
   void Wake();
   void RunPosted();
+  bool HasPosted();
   int NextTimeoutMs();
   void RunDueTimers();
   void RunEndOfIteration();
 
   kvmi::UniqueFd epoll_fd_;
   kvmi::UniqueFd wake_fd_;  // eventfd: Post() and Stop() wake epoll_wait
-  // A write to wake_fd_ is pending (set by Wake, cleared by the loop before it reads wake_fd_ and
-  // runs the posted tasks): the posts in between need no syscall of their own.
+  // The loop is awake (set when epoll_wait returns, cleared before it blocks again), or a write to
+  // wake_fd_ is pending: a Post then needs no syscall (see Loop and Wake).
   std::atomic<bool> wake_pending_{false};
+  std::atomic<uint64_t> wake_writes_{0};  // eventfd writes, for tests
   std::thread thread_;
   std::atomic<std::thread::id> loop_thread_id_{};
   std::atomic<pid_t> loop_tid_{0};  // the loop thread's kernel thread id (gettid)

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <future>
 #include <memory>
 #include <string>
@@ -211,14 +212,54 @@ TEST(EventLoopTest, RunInLoopRunsInlineOnTheLoopThreadAndPostsFromOthers) {
   loop.Stop();
 }
 
-// Wake() writes the eventfd only when no wake-up is pending. Each thread here waits for its task
-// before posting the next, so one lost wake-up leaves a thread waiting (and the test failing).
+// Waits (up to 5 s) until the loop blocks in epoll_wait, as far as Awake() tells.
+bool WaitAsleep(const EventLoop& loop) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (loop.Awake()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+// A Post to a sleeping loop writes the eventfd; one to a loop that is awake (here: running a
+// task) writes nothing, and its task still runs before the loop sleeps.
+TEST(EventLoopTest, OnlyAPostToASleepingLoopWakesIt) {
+  EventLoop loop;
+  loop.Start("test-loop");
+  ASSERT_TRUE(WaitAsleep(loop));
+  EXPECT_FALSE(loop.Awake());
+  const uint64_t before = loop.wake_writes();
+  std::promise<void> running, release, second_ran;
+  loop.Post([&] {
+    running.set_value();
+    release.get_future().wait();
+  });
+  running.get_future().wait();
+  EXPECT_EQ(loop.wake_writes(), before + 1);  // it slept
+  EXPECT_TRUE(loop.Awake());
+  loop.Post([&] { second_ran.set_value(); });
+  EXPECT_EQ(loop.wake_writes(), before + 1);  // awake: no write
+  release.set_value();
+  EXPECT_EQ(second_ran.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  ASSERT_TRUE(WaitAsleep(loop));
+  std::promise<void> third_ran;
+  loop.Post([&] { third_ran.set_value(); });
+  EXPECT_EQ(third_ran.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_EQ(loop.wake_writes(), before + 2);
+  loop.Stop();
+}
+
+// Wake() writes the eventfd only when the loop sleeps and no wake-up is pending. Each thread here
+// waits for its task before posting the next, so one lost wake-up leaves a thread waiting (and
+// the test failing).
 TEST(EventLoopTest, EveryPostIsRunWhilePostsRaceTheLoopsWakeUps) {
   EventLoop loop;
   loop.Start("test-loop");
   constexpr int kThreads = 4, kPosts = 3000;
   std::atomic<int> lost{0};
   std::vector<std::thread> posters;
+  posters.reserve(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     posters.emplace_back([&] {
       for (int i = 0; i < kPosts && lost == 0; ++i) {

@@ -139,8 +139,11 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
                                 std::vector<std::vector<uint8_t>> batched,
                                 std::function<void(bool)> done) {
   // Several verdicts read at once (a HandOff): the loop, at io_nice, writes them, woken once for
-  // all. Batched commands take seqs and pending-command entries, which belong to the loop.
-  const bool hand_off = EventLoop::HandingOff() && !loop_->InLoopThread();
+  // all. A single one goes to the loop too while it is awake anyway (a Post then costs no
+  // wake-up, and the loop's writes are not preempted by the threads they wake); to a sleeping
+  // loop it is written here (the latency path: no wake-up). Batched commands take seqs and
+  // pending-command entries, which belong to the loop.
+  const bool hand_off = !loop_->InLoopThread() && (EventLoop::HandingOff() || loop_->Awake());
   if (!hand_off && batched.empty()) {
     WriteReply(reply, done);
     return;

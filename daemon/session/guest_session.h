@@ -5,10 +5,11 @@
 // Threading: the session runs on its EventLoop: reading, commands, timeouts, closing. Public
 // methods may be called from any thread; callbacks run on the loop thread, except ReplyToEvent's
 // `done`. One exception to "the loop writes": a plain event reply from another thread (a remote
-// verdict arriving on a gRPC thread) is written by that thread, under write_mu_, because a
-// hand-off to the loop would add a thread wake-up to every remote verdict. Several verdicts read
-// at once (an EventLoop::HandOff scope) are handed to the loop after all: one wake-up for all of
-// them, and the loop's thread (io_nice) is not preempted by the guests' threads it wakes.
+// verdict arriving on a gRPC thread) is written by that thread, under write_mu_, when the loop
+// sleeps: a hand-off would add a thread wake-up to the verdict. While the loop is awake anyway
+// (EventLoop::Awake), and for several verdicts read at once (an EventLoop::HandOff scope: one
+// wake-up for all), the loop writes: its thread (io_nice) is not preempted by the guests' threads
+// its writes wake.
 #ifndef KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 #define KVMID_DAEMON_SESSION_GUEST_SESSION_H_
 
@@ -155,11 +156,11 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // `batched` (encoded, e.g. SET_REGISTERS) go out first in the same write, inside
   // CONTROL_CMD_RESPONSE brackets (§5.2). Returns via `done(true)` if this reply was the one
   // sent, `done(false)` if the event was already answered or the session is gone. Without
-  // `batched` the reply is written from the calling thread and `done` runs there, under the write
-  // lock: the vCPU's next event may be taken in meanwhile, but its reply, and so its observers,
-  // wait for this one (observers see one vCPU's events in order; `done` must not call back into
-  // this session); with it, or inside an EventLoop::HandOff scope, both happen on the loop thread
-  // (still under the write lock).
+  // `batched`, while the loop sleeps, the reply is written from the calling thread and `done`
+  // runs there, under the write lock: the vCPU's next event may be taken in meanwhile, but its
+  // reply, and so its observers, wait for this one (observers see one vCPU's events in order;
+  // `done` must not call back into this session); with it, inside an EventLoop::HandOff scope, or
+  // while the loop is awake, both happen on the loop thread (still under the write lock).
   void ReplyToEvent(const kvmi::EventReply& reply, std::vector<std::vector<uint8_t>> batched,
                     std::function<void(bool sent)> done = nullptr);
 

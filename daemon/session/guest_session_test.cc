@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "daemon/testing/scripted_host.h"
+#include "daemon/testing/wait.h"
 #include "kernel/abi/protocol.h"
 
 namespace kvmid {
@@ -346,14 +347,41 @@ TEST_F(GuestSessionTest, RepliesUnderAHandOffAreWrittenByTheLoop) {
   EXPECT_EQ(ra->hdr.seq, 11u);
   EXPECT_EQ(rb->hdr.seq, 12u);
   EXPECT_TRUE(WaitUnread(0));
-  // Without a hand-off, the calling thread writes (the latency path: no loop wake-up).
+  // Without a hand-off, to a sleeping loop, the calling thread writes (the latency path: no loop
+  // wake-up).
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 13));
   auto c = listener_.WaitEvent();
   ASSERT_TRUE(c);
+  ASSERT_TRUE(testing::WaitUntil([&] { return !loop_.Awake(); }));  // blocked in epoll_wait
   std::promise<EventLoop*> wrote_c;
   session_->ReplyToEvent(kvmi::MakeEventReply(*c, KVMI_EVENT_ACTION_CONTINUE), {},
                          [&](bool s) { wrote_c.set_value(s ? EventLoop::Current() : &loop_); });
   EXPECT_EQ(wrote_c.get_future().get(), nullptr);
+}
+
+// A single remote verdict while the loop is awake anyway: the loop writes it (the Post costs no
+// wake-up, and the loop's write is not preempted by the thread it wakes).
+TEST_F(GuestSessionTest, ASingleReplyGoesToTheLoopWhileItIsAwake) {
+  StartSession();
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 21));
+  auto got = listener_.WaitEvent();
+  ASSERT_TRUE(got);
+  std::promise<void> running, release;
+  loop_.Post([&] {
+    running.set_value();
+    release.get_future().wait();
+  });
+  running.get_future().wait();  // the loop is awake until this task returns
+  const uint64_t wake_writes = loop_.wake_writes();
+  std::promise<EventLoop*> wrote;
+  session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE), {},
+                         [&](bool s) { wrote.set_value(s ? EventLoop::Current() : &loop_); });
+  release.set_value();
+  EXPECT_EQ(wrote.get_future().get(), &loop_);
+  EXPECT_EQ(loop_.wake_writes(), wake_writes);
+  auto m = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->hdr.seq, 21u);
 }
 
 TEST_F(GuestSessionTest, OnlyTheFirstReplyToAnEventIsSent) {
@@ -403,6 +431,9 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
     kvmi::GetVersionRequest version;
     for (int i = 0; i < kCommandsPerRound; ++i) commands.push_back(Send(version));
     for (std::thread& t : repliers) t.join();
+    // A reply may be handed to the loop (awake, reading this round's events): it is on the wire
+    // once `done` ran. Only then may the host send the vCPU's next event, as a real one does.
+    ASSERT_TRUE(testing::WaitUntil([&] { return sent.load() >= (round + 1) * kVcpus; }));
   }
   EXPECT_EQ(sent.load(), kRounds * kVcpus);
   for (auto& f : commands) EXPECT_TRUE(Get(f).ok());
@@ -426,6 +457,9 @@ TEST_F(GuestSessionTest, EventsReachTheListenerWhileAnotherThreadsReplyRunsItsOb
   ASSERT_TRUE(first);
   std::promise<void> observing, release;
   std::shared_future<void> released = release.get_future().share();
+  // To a sleeping loop, so that this thread writes (to an awake one, the loop would, and its
+  // observers would hold the loop: observers must not block, this one only stands for a slow one).
+  ASSERT_TRUE(testing::WaitUntil([&] { return !loop_.Awake(); }));
   std::thread replier([&] {
     session_->ReplyToEvent(kvmi::MakeEventReply(*first, KVMI_EVENT_ACTION_CONTINUE), {},
                            [&](bool sent) {
