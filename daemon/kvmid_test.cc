@@ -546,10 +546,11 @@ TEST_F(DaemonTest, HandlerVerdictIsSentWithItsRegistersInOneBatch) {
   EXPECT_EQ(daemon_->pipeline().stats().by_handler.load(), 1u);
 }
 
-// A remote verdict is written by the thread that answers it, and observed there before the
-// vCPU's next event can be: a slow observer holds the reply to the guest's next event (and so its
-// observation) back rather than let observers see the two out of order. The deadline timer left
-// behind does nothing when it fires.
+// A remote verdict is written by the thread that answers it (while the guest's loop sleeps; by the
+// loop while it is awake), and observed there before the vCPU's next event can be: a slow
+// observer holds the reply to the guest's next event (and so its observation) back rather than
+// let observers see the two out of order. The deadline timer left behind does nothing when it
+// fires.
 TEST_F(DaemonTest, AVerdictAnsweredOffTheLoopIsWrittenObservedInOrderAndNotFallenBackOn) {
   StartDaemon();
   auto handler = std::make_shared<TestHandler>();

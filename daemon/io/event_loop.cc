@@ -76,7 +76,11 @@ absl::StatusOr<int> EventLoop::Nice() const {
 
 void EventLoop::Stop() {
   if (!thread_.joinable()) return;
-  stopping_ = true;
+  {
+    // Under the mutex, as a posted task is: the loop's check before it blocks then sees it.
+    MutexLock lock(&posted_mutex_);
+    stopping_ = true;
+  }
   Wake();
   thread_.join();
   loop_tid_ = 0;  // the id may be reused by another thread: SetNice must not reach it
@@ -173,7 +177,7 @@ void EventLoop::RunEndOfIteration() {
 void EventLoop::Wake() {
   // Set: the loop is awake, or another Wake wrote. A task posted before the loop clears the flag
   // (about to block) is seen by its check after the clear; one posted after it finds the flag
-  // clear and writes (and a Stop's stopping_ is checked the same way).
+  // clear and writes (a Stop's stopping_, set under the same mutex, is checked the same way).
   if (wake_pending_.exchange(true)) return;
   wake_writes_.fetch_add(1, std::memory_order_relaxed);
   uint64_t one = 1;
@@ -183,7 +187,7 @@ void EventLoop::Wake() {
 
 bool EventLoop::HasPosted() {
   MutexLock lock(&posted_mutex_);
-  return !posted_.empty();
+  return stopping_ || !posted_.empty();
 }
 
 void EventLoop::RunPosted() {
@@ -218,10 +222,11 @@ void EventLoop::Loop() {
   epoll_event events[kMaxEvents];
   while (!stopping_) {
     // About to block: from here a Post writes the eventfd. What was posted (or a Stop) while the
-    // flag was still set wrote nothing, so it is looked for after the clear (seq_cst: a Post
-    // whose exchange saw the flag set had pushed its task before this clear).
+    // flag was still set wrote nothing, so it is looked for after the clear, under the mutex it
+    // was pushed (or stopping_ set) under: if that came after this look, its Wake's exchange
+    // came after the clear, saw it (or a later Wake's write), and the eventfd has a count.
     wake_pending_.store(false);
-    const bool ready = stopping_.load() || HasPosted();
+    const bool ready = HasPosted();
     int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, ready ? 0 : NextTimeoutMs());
     wake_pending_.store(true);  // awake: Posts from now on are run before the loop blocks again
     if (n < 0 && errno != EINTR) {
@@ -247,6 +252,7 @@ void EventLoop::Loop() {
   }
   RunPosted();  // tasks posted during shutdown still run (they release resources)
   RunEndOfIteration();
+  wake_pending_.store(false);  // not awake any more: Awake() is false from now on
 }
 
 }  // namespace kvmid

@@ -60,8 +60,9 @@ class EventLoop {
 
   // Any thread. Runs `task` on the loop thread, in posting order.
   void Post(Task task);
-  // Any thread. Like Post, but without waking the loop: `task` runs at its next wake-up (I/O, a
-  // timer or a Post), still in posting order. For housekeeping nobody waits for.
+  // Any thread. Like Post, but without waking a sleeping loop: `task` runs at its next wake-up
+  // (I/O, a timer or a Post), or before it sleeps if it is awake, still in posting order. For
+  // housekeeping nobody waits for (a task that re-posts itself this way keeps the loop awake).
   void PostQuietly(Task task);
   // Any thread. Like Post, but inside a HandOff scope the wake-up waits for the scope's end.
   void PostHandedOff(Task task);

@@ -143,7 +143,9 @@ void GuestSession::ReplyToEvent(const kvmi::EventReply& reply,
   // wake-up, and the loop's writes are not preempted by the threads they wake); to a sleeping
   // loop it is written here (the latency path: no wake-up). Batched commands take seqs and
   // pending-command entries, which belong to the loop.
-  const bool hand_off = !loop_->InLoopThread() && (EventLoop::HandingOff() || loop_->Awake());
+  const bool hand_off =
+      !loop_->InLoopThread() &&
+      (EventLoop::HandingOff() || (options_.reply_on_awake_loop && loop_->Awake()));
   if (!hand_off && batched.empty()) {
     WriteReply(reply, done);
     return;

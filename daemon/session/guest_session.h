@@ -108,6 +108,10 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
     // anything else) is written, so the host's receive thread is woken once per event, not twice
     // (see OnReadable). False: every read takes the bytes at once.
     bool consume_on_reply = true;
+    // A single event reply from another thread goes to the loop while it is awake anyway
+    // (EventLoop::Awake: no wake-up to pay, and the loop writes at io_nice). False: that thread
+    // always writes it (tests that need that path whatever the loop is doing).
+    bool reply_on_awake_loop = true;
   };
 
   GuestSession(EventLoop* loop, kvmi::UniqueFd fd, GuestIdentity identity, Listener* listener,

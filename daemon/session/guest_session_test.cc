@@ -71,12 +71,13 @@ class GuestSessionTest : public ::testing::Test {
   }
 
   void StartSession(std::chrono::milliseconds command_timeout = std::chrono::seconds(5),
-                    bool consume_on_reply = true) {
+                    bool consume_on_reply = true, bool reply_on_awake_loop = true) {
     GuestIdentity identity;
     identity.name = "unit";
     GuestSession::Options options;
     options.command_timeout = command_timeout;
     options.consume_on_reply = consume_on_reply;
+    options.reply_on_awake_loop = reply_on_awake_loop;
     session_ =
         std::make_shared<GuestSession>(&loop_, host_.Connect(), identity, &listener_, options);
     auto session = session_;
@@ -325,7 +326,9 @@ TEST_F(GuestSessionTest, RepliesNobodyWaitsForAreTakenAtOnceWhileAVcpuWaits) {
 // Several remote verdicts read at once: the guests' loops write them (their threads run at
 // io_nice), each loop woken once when the reader is done.
 TEST_F(GuestSessionTest, RepliesUnderAHandOffAreWrittenByTheLoop) {
-  StartSession();
+  // (Without reply_on_awake_loop: the last reply below must take the caller's path even if the
+  // session's sweep timer has just woken the loop.)
+  StartSession(std::chrono::seconds(5), /*consume_on_reply=*/true, /*reply_on_awake_loop=*/false);
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 11));
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 1, 12));
   auto a = listener_.WaitEvent();
@@ -347,15 +350,14 @@ TEST_F(GuestSessionTest, RepliesUnderAHandOffAreWrittenByTheLoop) {
   EXPECT_EQ(ra->hdr.seq, 11u);
   EXPECT_EQ(rb->hdr.seq, 12u);
   EXPECT_TRUE(WaitUnread(0));
-  // Without a hand-off, to a sleeping loop, the calling thread writes (the latency path: no loop
-  // wake-up).
+  // Without a hand-off, the calling thread writes (the latency path: no loop wake-up).
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 13));
   auto c = listener_.WaitEvent();
   ASSERT_TRUE(c);
-  ASSERT_TRUE(testing::WaitUntil([&] { return !loop_.Awake(); }));  // blocked in epoll_wait
+  EventLoop not_sent;
   std::promise<EventLoop*> wrote_c;
   session_->ReplyToEvent(kvmi::MakeEventReply(*c, KVMI_EVENT_ACTION_CONTINUE), {},
-                         [&](bool s) { wrote_c.set_value(s ? EventLoop::Current() : &loop_); });
+                         [&](bool s) { wrote_c.set_value(s ? EventLoop::Current() : &not_sent); });
   EXPECT_EQ(wrote_c.get_future().get(), nullptr);
 }
 
@@ -373,9 +375,10 @@ TEST_F(GuestSessionTest, ASingleReplyGoesToTheLoopWhileItIsAwake) {
   });
   running.get_future().wait();  // the loop is awake until this task returns
   const uint64_t wake_writes = loop_.wake_writes();
+  EventLoop not_sent;
   std::promise<EventLoop*> wrote;
   session_->ReplyToEvent(kvmi::MakeEventReply(*got, KVMI_EVENT_ACTION_CONTINUE), {},
-                         [&](bool s) { wrote.set_value(s ? EventLoop::Current() : &loop_); });
+                         [&](bool s) { wrote.set_value(s ? EventLoop::Current() : &not_sent); });
   release.set_value();
   EXPECT_EQ(wrote.get_future().get(), &loop_);
   EXPECT_EQ(loop_.wake_writes(), wake_writes);
@@ -402,7 +405,8 @@ TEST_F(GuestSessionTest, OnlyTheFirstReplyToAnEventIsSent) {
 // Remote verdicts are written by the threads that received them, while the loop writes
 // commands: every message must reach the host whole, each reply exactly once.
 TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWhole) {
-  StartSession();
+  // The repliers write themselves, concurrently (reply_on_awake_loop off: never the loop).
+  StartSession(std::chrono::seconds(5), /*consume_on_reply=*/true, /*reply_on_awake_loop=*/false);
   constexpr uint16_t kVcpus = 8;
   constexpr int kRounds = 20;
   constexpr int kCommandsPerRound = 10;
@@ -431,8 +435,8 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
     kvmi::GetVersionRequest version;
     for (int i = 0; i < kCommandsPerRound; ++i) commands.push_back(Send(version));
     for (std::thread& t : repliers) t.join();
-    // A reply may be handed to the loop (awake, reading this round's events): it is on the wire
-    // once `done` ran. Only then may the host send the vCPU's next event, as a real one does.
+    // A reply is on the wire once its `done` ran (handed to the loop, later than ReplyToEvent's
+    // return). Only then may the host send the vCPU's next event, as a real one does.
     ASSERT_TRUE(testing::WaitUntil([&] { return sent.load() >= (round + 1) * kVcpus; }));
   }
   EXPECT_EQ(sent.load(), kRounds * kVcpus);
@@ -451,15 +455,15 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
 // must go on taking events meanwhile (the same vCPU's next one, which the host may send as soon as
 // the reply is on the wire, and every other vCPU's), not wait for that writer.
 TEST_F(GuestSessionTest, EventsReachTheListenerWhileAnotherThreadsReplyRunsItsObservers) {
-  StartSession();
+  // The other thread writes whatever the loop is doing (reply_on_awake_loop off): handed to the
+  // loop, the reply's observers would hold the loop (observers must not block; this one only
+  // stands for a slow one).
+  StartSession(std::chrono::seconds(5), /*consume_on_reply=*/true, /*reply_on_awake_loop=*/false);
   host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_CR, 0, 1));
   auto first = listener_.WaitEvent();
   ASSERT_TRUE(first);
   std::promise<void> observing, release;
   std::shared_future<void> released = release.get_future().share();
-  // To a sleeping loop, so that this thread writes (to an awake one, the loop would, and its
-  // observers would hold the loop: observers must not block, this one only stands for a slow one).
-  ASSERT_TRUE(testing::WaitUntil([&] { return !loop_.Awake(); }));
   std::thread replier([&] {
     session_->ReplyToEvent(kvmi::MakeEventReply(*first, KVMI_EVENT_ACTION_CONTINUE), {},
                            [&](bool sent) {

@@ -68,8 +68,9 @@ bool VerdictPromise::Answer(const Verdict& verdict) {
   if (!state_ || state_->answered.exchange(true)) return false;
   auto state = std::move(state_);
   // Delivered from the answering thread: a remote verdict is written to the guest by the gRPC
-  // thread that received it (GuestSession::ReplyToEvent), with no hand-off to the loop, unless
-  // several came in one message (attach.cc opens an EventLoop::HandOff for them).
+  // thread that received it (GuestSession::ReplyToEvent) while the guest's loop sleeps, with no
+  // hand-off to the loop; by the loop if it is awake anyway, or if several came in one message
+  // (attach.cc opens an EventLoop::HandOff for them).
   state->pipeline->stats_.by_handler++;
   state->pipeline->Deliver(state, verdict, nullptr);
   return true;
