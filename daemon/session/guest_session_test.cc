@@ -435,8 +435,8 @@ TEST_F(GuestSessionTest, RepliesFromOtherThreadsInterleaveWithCommandsAndStayWho
     kvmi::GetVersionRequest version;
     for (int i = 0; i < kCommandsPerRound; ++i) commands.push_back(Send(version));
     for (std::thread& t : repliers) t.join();
-    // A reply is on the wire once its `done` ran (handed to the loop, later than ReplyToEvent's
-    // return). Only then may the host send the vCPU's next event, as a real one does.
+    // A reply is on the wire once its `done` ran. Only then may the host send the vCPU's next
+    // event, as a real one does.
     ASSERT_TRUE(testing::WaitUntil([&] { return sent.load() >= (round + 1) * kVcpus; }));
   }
   EXPECT_EQ(sent.load(), kRounds * kVcpus);
