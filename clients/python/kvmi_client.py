@@ -1099,12 +1099,16 @@ class Client:
         _set_address_space(request, "write_virtual", vcpu, cr3, mode, nxe, pse)
         return _check_virtual_write(self._unary("WriteVirtual", request))
 
-    def pause(self, vm, vcpu=None):
-        """Pauses one vCPU (or every vCPU); returns the indexes paused."""
+    def pause(self, vm, vcpu=None, with_event_ids=False):
+        """Pauses one vCPU (or every vCPU); returns the indexes paused, or with_event_ids a dict
+        of index -> the id of the pause event it is held with (set_registers(event_id=...))."""
         request = pb.PauseVCPURequest(vm=vm)
         if vcpu is not None:
             request.vcpu = vcpu
-        return list(self._unary("PauseVCPU", request).paused)
+        response = self._unary("PauseVCPU", request)
+        if with_event_ids:
+            return dict(zip(response.paused, response.event_ids))
+        return list(response.paused)
 
     def resume(self, vm, vcpu=None):
         """Resumes one vCPU (or every vCPU this API paused); returns the indexes resumed."""
@@ -1146,12 +1150,14 @@ class Client:
         response = self._unary("SetPageAccess", request)
         return {r.gpa: r.error for r in response.results}, response.rolled_back
 
-    def set_registers(self, vm, vcpu, registers):
+    def set_registers(self, vm, vcpu, registers, event_id=0):
         """Sets general registers (kvmi.v1.Registers or a dict) of a vCPU that waits for a
-        verdict; FailedPrecondition when it waits for none."""
+        verdict; FailedPrecondition when it waits for none. event_id (an Event.id you hold):
+        only while the vCPU waits with that event, never on its next exit."""
         if isinstance(registers, dict):
             registers = pb.Registers(**registers)
-        self._unary("SetRegisters", pb.SetRegistersRequest(vm=vm, vcpu=vcpu, registers=registers))
+        self._unary("SetRegisters", pb.SetRegistersRequest(vm=vm, vcpu=vcpu, registers=registers,
+                                                           event_id=event_id))
 
     def control_events(self, vm, events=(), crs=(), msrs=(), enable=True, vcpu=None):
         """Arms (or disarms) events, CR and MSR write exits for the API's lease, on one vCPU or

@@ -46,13 +46,17 @@ Status GuestCommands::SetRegisters(Context* context, const kvmi::v1::SetRegister
   command.vcpu = static_cast<uint16_t>(request.vcpu());
   command.regs = RegistersFromProto(request.registers());
   // The v6 kernel keeps SET_REGISTERS only while the vCPU waits for an event reply and silently
-  // drops it otherwise (§5.13): the session sends it only then, and says so otherwise.
+  // drops it otherwise (§5.13): the session sends it only then (and, with event_id, only while
+  // that is the event it waits for), and says so otherwise.
   Waiter<CommandResult> waiter;
-  target.session->SendWhileVcpuWaits(command.vcpu, command, waiter.callback());
+  target.session->SendWhileVcpuWaits(command.vcpu, command, waiter.callback(), request.event_id());
   CommandResult result;
   if (!(s = Await(context, &waiter, &result)).ok()) return s;
   if (result.status == CommandResult::Status::kNotWaiting) {
-    result.message += "; registers can only be set while it waits for a verdict (pause it first)";
+    result.message += request.event_id() != 0
+                          ? "; nothing was set (event_id names the event the registers are for)"
+                          : "; registers can only be set while it waits for a verdict (pause it "
+                            "first)";
   }
   return ToStatus(result, "SetRegisters");
 }

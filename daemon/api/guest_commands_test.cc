@@ -141,6 +141,7 @@ TEST_F(ApiTest, CpuidXsaveMtrrAndExceptionInjection) {
 }
 
 TEST_F(ApiTest, SetRegistersNeedsAPendingEventAndGoesOutBeforeTheVerdict) {
+  // (and, bound to an event by event_id, only while the vCPU waits with that one)
   ScriptedHost* host = Connect(13, "regs");
   kvmi::v1::SetRegistersRequest set;
   set.set_vm("regs");
@@ -187,12 +188,44 @@ TEST_F(ApiTest, SetRegistersNeedsAPendingEventAndGoesOutBeforeTheVerdict) {
   EXPECT_EQ(regs.vcpu, 0u);
   EXPECT_EQ(regs.regs.rip, 0x401001u);
   EXPECT_EQ(regs.regs.rax, 42u);
+  // Bound to the event the handler holds: set; bound to another: refused, nothing sent.
+  const uint64_t held = response.event().id();
+  {
+    grpc::ClientContext ctx;
+    set.set_event_id(held);
+    ASSERT_TRUE(stub_->SetRegisters(&ctx, set, &ignored).ok());
+    ASSERT_TRUE(host->WaitForId(KVMI_SET_REGISTERS));
+  }
+  {
+    grpc::ClientContext ctx;
+    set.set_event_id(held + 1);
+    grpc::Status other = stub_->SetRegisters(&ctx, set, &ignored);
+    EXPECT_EQ(other.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(other.error_message(),
+                HasSubstr("does not wait for event " + std::to_string(held + 1) +
+                          " (it waits for event " + std::to_string(held) + ")"));
+  }
   kvmi::v1::AttachRequest verdict;
-  verdict.mutable_verdict()->set_event_id(response.event().id());
+  verdict.mutable_verdict()->set_event_id(held);
   verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_RETRY);
   ASSERT_TRUE(stream->Write(verdict));
   EXPECT_TRUE(host->WaitFor(
       [](const ReceivedMessage& m) { return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == 21; }));
+
+  // The vCPU's next exit: a SetRegisters meant for the answered event (say, one that arrived
+  // after a deadline let it go) is refused instead of changing the registers of this one.
+  host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 22));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_event());
+  ASSERT_NE(response.event().id(), held);
+  {
+    grpc::ClientContext ctx;
+    set.set_event_id(held);
+    grpc::Status late = stub_->SetRegisters(&ctx, set, &ignored);
+    EXPECT_EQ(late.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(late.error_message(), HasSubstr("nothing was set"));
+  }
+  EXPECT_FALSE(host->WaitForId(KVMI_SET_REGISTERS, std::chrono::milliseconds(100)));
   attach_ctx.TryCancel();
 }
 

@@ -36,6 +36,7 @@ Status GuestCommands::PauseVCPU(const OwnerId& owner, Context* context,
     if (!(s = Await(context, &waiters[i], &result)).ok()) return s;
     if (!result.ok()) return ToStatus(result, "PauseVCPU " + std::to_string(vcpus[i]));
     response->add_paused(vcpus[i]);
+    response->add_event_ids(target.guest->PausedEventId(vcpus[i]));
   }
   return Status::OK;
 }

@@ -16,11 +16,32 @@ TEST_F(ApiTest, PauseHoldsTheVcpuUntilResume) {
     request.set_vcpu(1);
     kvmi::v1::PauseVCPUResponse response;
     grpc::Status s = stub_->PauseVCPU(&ctx, request, &response);
-    return s.ok() && response.paused_size() == 1;
+    // The pause event's id comes with it (0: not paused).
+    return s.ok() && response.paused_size() == 1 && response.event_ids_size() == 1
+               ? response.event_ids(0)
+               : 0;
   });
   ASSERT_TRUE(host->WaitForId(KVMI_PAUSE_VCPU));
   host->SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 77));
-  EXPECT_TRUE(paused.get());
+  const uint64_t pause_event = paused.get();
+  ASSERT_NE(pause_event, 0u);
+  {
+    // Registers bound to this pause reach it; bound to another event, nothing is sent.
+    kvmi::v1::SetRegistersRequest set;
+    set.set_vm("pausable");
+    set.set_vcpu(1);
+    set.mutable_registers()->set_rax(7);
+    set.set_event_id(pause_event + 1);
+    kvmi::v1::SetRegistersResponse ignored;
+    grpc::ClientContext wrong_ctx;
+    EXPECT_EQ(stub_->SetRegisters(&wrong_ctx, set, &ignored).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_FALSE(host->WaitForId(KVMI_SET_REGISTERS, std::chrono::milliseconds(100)));
+    set.set_event_id(pause_event);
+    grpc::ClientContext ctx;
+    EXPECT_TRUE(stub_->SetRegisters(&ctx, set, &ignored).ok());
+    EXPECT_TRUE(host->WaitForId(KVMI_SET_REGISTERS));
+  }
   grpc::ClientContext get_ctx;
   kvmi::v1::GetVMRequest get;
   get.set_vm("pausable");

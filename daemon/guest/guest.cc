@@ -494,13 +494,19 @@ void Guest::OnPauseFailed(const OwnerId& owner, uint16_t vcpu, CommandResult res
   if (paused) paused(std::move(result));
 }
 
+uint64_t Guest::PausedEventId(uint16_t vcpu) const {
+  MutexLock lock(&mutex_);
+  auto it = held_.find(vcpu);
+  return it == held_.end() ? 0 : it->second.event_id;
+}
+
 bool Guest::HasPauseRequest(uint16_t vcpu) const {
   MutexLock lock(&mutex_);
   auto it = pause_requests_.find(vcpu);
   return it != pause_requests_.end() && !it->second.empty();
 }
 
-bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) {
+bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold, uint64_t event_id) {
   std::function<void(CommandResult)> paused;
   {
     MutexLock lock(&mutex_);
@@ -515,7 +521,7 @@ bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) {
       // pause of the same vCPU: it has nothing to hold; report it paused as well.
       paused = std::move(request.paused);
     } else {
-      held_[vcpu] = Hold{request.owner, std::move(hold)};
+      held_[vcpu] = Hold{request.owner, std::move(hold), event_id};
       paused = std::move(request.paused);
     }
   }

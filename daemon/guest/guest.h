@@ -142,9 +142,13 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   bool Resume(const OwnerId& owner, uint16_t vcpu) ABSL_LOCKS_EXCLUDED(mutex_);
   // Everything `owner` holds: its leases and its paused vCPUs (a client went away).
   void ReleaseOwner(const OwnerId& owner) ABSL_LOCKS_EXCLUDED(mutex_);
-  // Pipeline: the PAUSE_VCPU event of `vcpu` arrived. Takes the hold if someone asked for this
-  // pause (true), else the caller answers CONTINUE at once (false).
-  bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold) ABSL_LOCKS_EXCLUDED(mutex_);
+  // Pipeline: the PAUSE_VCPU event of `vcpu` (daemon-wide id `event_id`) arrived. Takes the hold
+  // if someone asked for this pause (true), else the caller answers CONTINUE at once (false).
+  bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold, uint64_t event_id = 0)
+      ABSL_LOCKS_EXCLUDED(mutex_);
+  // The id of the PAUSE_VCPU event `vcpu` is held paused with (a command bound to it, such as
+  // SetRegisters with event_id, reaches only that pause); 0 when it is not held.
+  uint64_t PausedEventId(uint16_t vcpu) const ABSL_LOCKS_EXCLUDED(mutex_);
   bool HasPauseRequest(uint16_t vcpu) const ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Sets the rights `owner` wants on pages (gfn -> KVMI_PAGE_ACCESS_* bits; rwx = none) and
@@ -173,6 +177,7 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   struct Hold {
     OwnerId owner;
     std::unique_ptr<HeldEvent> event;
+    uint64_t event_id = 0;
   };
 
   // Probing is done (loop thread of `session`): hooks the guest, or closes the session.

@@ -83,7 +83,7 @@ void GuestSession::Start(const std::vector<uint8_t>& early_bytes) {
 }
 
 void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback done,
-                               std::optional<uint16_t> only_while_waiting) {
+                               std::optional<uint16_t> only_while_waiting, uint64_t for_event) {
   if (message.size() < kvmi::kHdrSize ||
       message.size() - kvmi::kHdrSize > kvmi::kMaxCommandPayload) {
     // Never put on the wire what the v6 kernel would CLOSE the session for.
@@ -95,13 +95,14 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
     return;
   }
   auto self = shared_from_this();
-  loop_->RunInLoop([self, message = std::move(message), done = std::move(done),
-                    only_while_waiting]() mutable {
+  loop_->RunInLoop([self, message = std::move(message), done = std::move(done), only_while_waiting,
+                    for_event]() mutable {
     if (self->closed_) {
       done(CommandResult::Closed());
       return;
     }
     bool waiting = true;
+    uint64_t waits_for = 0;  // the event id the vCPU waits with, when it is not `for_event`
     std::string failure;
     {
       // Checked and written under one lock: a reply written meanwhile from another thread
@@ -111,6 +112,10 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
         uint16_t vcpu = *only_while_waiting;
         MutexLock pending_lock(&self->pending_mu_);
         waiting = vcpu < self->pending_events_.size() && self->pending_events_[vcpu].waiting;
+        if (waiting && for_event != 0 && self->pending_events_[vcpu].event_id != for_event) {
+          waiting = false;
+          waits_for = self->pending_events_[vcpu].event_id;
+        }
       }
       if (waiting) {
         uint32_t seq = self->NextSeq();
@@ -125,8 +130,13 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
       }
     }
     if (!waiting) {
+      const std::string vcpu = "vCPU " + std::to_string(*only_while_waiting);
       CommandResult not_waiting = CommandResult::NotWaiting(
-          "vCPU " + std::to_string(*only_while_waiting) + " has no event pending");
+          for_event == 0   ? vcpu + " has no event pending"
+          : waits_for == 0 ? vcpu + " does not wait for event " + std::to_string(for_event) +
+                                 " (no event pending)"
+                           : vcpu + " does not wait for event " + std::to_string(for_event) +
+                                 " (it waits for event " + std::to_string(waits_for) + ")");
       // `done` was moved only when the vCPU was waiting (clang-tidy cannot tell).
       done(std::move(not_waiting));  // NOLINT(bugprone-use-after-move)
       return;
@@ -225,6 +235,13 @@ void GuestSession::ReplyWithBatchInLoop(const kvmi::EventReply& reply,
   }
   if (!failure.empty()) CloseInLoop(failure);
   if (done) done(sent);  // false: answered already (e.g. by the fallback), or gone
+}
+
+void GuestSession::NoteEventId(uint16_t vcpu, uint32_t seq, uint64_t event_id) {
+  MutexLock lock(&pending_mu_);
+  if (vcpu >= pending_events_.size()) return;
+  PendingEvent& pending = pending_events_[vcpu];
+  if (pending.waiting && pending.seq == seq) pending.event_id = event_id;
 }
 
 bool GuestSession::TakePendingEventLocked(const kvmi::EventReply& reply) {

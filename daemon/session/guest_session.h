@@ -131,15 +131,23 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   // Same, for an already encoded message (any seq; it is replaced). With `only_while_waiting`,
   // the command goes out only if that vCPU waits for an event reply when the loop sends it (else
   // `done` gets kNotWaiting): the v6 kernel silently drops SET_REGISTERS outside an event
-  // (§5.13), and a check made from another thread first would race with the event's reply.
+  // (§5.13), and a check made from another thread first would race with the event's reply. With
+  // `for_event` too (non-zero), only if the event it waits for is that one (NoteEventId): a
+  // command meant for one exit never lands on the vCPU's next one.
   void SendEncoded(std::vector<uint8_t> message, CommandCallback done,
-                   std::optional<uint16_t> only_while_waiting = std::nullopt);
+                   std::optional<uint16_t> only_while_waiting = std::nullopt,
+                   uint64_t for_event = 0);
   template <typename Request>
-  void SendWhileVcpuWaits(uint16_t vcpu, const Request& request, CommandCallback done) {
+  void SendWhileVcpuWaits(uint16_t vcpu, const Request& request, CommandCallback done,
+                          uint64_t for_event = 0) {
     std::vector<uint8_t> message;
     kvmi::EncodeCommand(request, 0, &message);
-    SendEncoded(std::move(message), std::move(done), vcpu);
+    SendEncoded(std::move(message), std::move(done), vcpu, for_event);
   }
+  // Loop thread, from the listener's OnEvent: the daemon-wide id (VerdictPipeline's event_id) of
+  // the event `vcpu` now waits with (`seq`), before anyone outside can know it; nothing if that
+  // vCPU no longer waits for it.
+  void NoteEventId(uint16_t vcpu, uint32_t seq, uint64_t event_id) ABSL_LOCKS_EXCLUDED(pending_mu_);
 
   // Convenience for the v6 limits (§1): split into per-page / per-message pieces, pipelined.
   using ReadCallback = std::function<void(CommandResult result)>;  // result.data = the bytes
@@ -198,6 +206,7 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
     bool waiting = false;
     uint32_t seq = 0;
     uint8_t event = 0;
+    uint64_t event_id = 0;  // NoteEventId's; 0 until then
   };
 
   void OnReadable(uint32_t epoll_events);

@@ -608,6 +608,61 @@ TEST_F(GuestSessionTest, ACommandWhileNoEventWaitsNamesTheVcpu) {
   EXPECT_EQ(r.message, "vCPU 3 has no event pending");
 }
 
+// A command bound to one event (SetRegisters with event_id) goes out only while the vCPU waits
+// with that event: late, it is refused, and never lands on the vCPU's next exit.
+TEST_F(GuestSessionTest, ACommandForOneEventNeverLandsOnTheVcpusNextOne) {
+  StartSession();
+  auto note = [this](uint32_t seq, uint64_t event_id) {  // what the pipeline does in OnEvent
+    std::promise<void> noted;
+    loop_.RunInLoop([&] {
+      session_->NoteEventId(0, seq, event_id);
+      noted.set_value();
+    });
+    noted.get_future().wait();
+  };
+  kvmi::SetRegistersRequest set;
+  set.vcpu = 0;
+  set.regs.rax = 0x6b766d6964;
+  auto send_for = [&](uint64_t event_id) {
+    auto promise = std::make_shared<std::promise<CommandResult>>();
+    session_->SendWhileVcpuWaits(
+        0, set, [promise](const CommandResult& r) { promise->set_value(r); }, event_id);
+    auto future = promise->get_future();
+    return Get(future);
+  };
+
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 21));
+  auto first = listener_.WaitEvent();
+  ASSERT_TRUE(first);
+  note(21, 700);
+  CommandResult wrong = send_for(699);
+  EXPECT_EQ(wrong.status, CommandResult::Status::kNotWaiting);
+  EXPECT_EQ(wrong.message, "vCPU 0 does not wait for event 699 (it waits for event 700)");
+  EXPECT_FALSE(host_.WaitForId(KVMI_SET_REGISTERS, std::chrono::milliseconds(100)));
+  EXPECT_TRUE(send_for(700).ok());
+  EXPECT_TRUE(host_.WaitForId(KVMI_SET_REGISTERS));
+
+  // The event is answered (as a deadline's fallback would); the vCPU's next exit has another id.
+  std::promise<bool> sent;
+  session_->ReplyToEvent(kvmi::MakeEventReply(*first, KVMI_EVENT_ACTION_CONTINUE), {},
+                         [&](bool s) { sent.set_value(s); });
+  ASSERT_TRUE(sent.get_future().get());
+  CommandResult answered = send_for(700);
+  EXPECT_EQ(answered.status, CommandResult::Status::kNotWaiting);
+  EXPECT_EQ(answered.message, "vCPU 0 does not wait for event 700 (no event pending)");
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 22));
+  ASSERT_TRUE(listener_.WaitEvent());
+  note(21, 700);  // an id for an event no longer waited with changes nothing
+  note(22, 701);
+  CommandResult late = send_for(700);
+  EXPECT_EQ(late.status, CommandResult::Status::kNotWaiting);
+  EXPECT_EQ(late.message, "vCPU 0 does not wait for event 700 (it waits for event 701)");
+  EXPECT_FALSE(host_.WaitForId(KVMI_SET_REGISTERS, std::chrono::milliseconds(100)));
+  // Unbound (0): whatever event the vCPU waits with, as before.
+  EXPECT_TRUE(send_for(0).ok());
+  EXPECT_TRUE(host_.WaitForId(KVMI_SET_REGISTERS));
+}
+
 TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {
   StartSession();
   auto promise = std::make_shared<std::promise<CommandResult>>();

@@ -241,6 +241,9 @@ void VerdictPipeline::RouteEvent(const std::shared_ptr<Guest>& guest,
     Reply(guest, session, event, kDaemonContinue, {}, event_id, received, arrived);
     return;
   }
+  // Before any handler (or client) learns the id: a command bound to this event (SetRegisters
+  // with event_id) goes out only while the vCPU still waits with it.
+  session->NoteEventId(event.vcpu(), event.seq, event_id);
 
   // Event context: one relaxed load each (the claims' and streams' demand, the policies'); zero
   // when nobody asked, and then nothing else is done for it.
@@ -366,7 +369,7 @@ void VerdictPipeline::Decide(const std::shared_ptr<Guest>& guest,
                                "pause deadline");
     });
     // If the request vanished meanwhile, the hold dies unanswered and the vCPU continues.
-    guest->HoldPause(event.vcpu(), std::make_unique<PausedVcpu>(VerdictPromise(state)));
+    guest->HoldPause(event.vcpu(), std::make_unique<PausedVcpu>(VerdictPromise(state)), event_id);
     return;
   }
 

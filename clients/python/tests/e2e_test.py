@@ -655,11 +655,30 @@ class E2ETest(unittest.TestCase):
         with self.assertRaises(kc.FailedPrecondition) as cm:
             self.client.set_registers(vm, 0, {"rax": 1})
         self.assertIn("no event pending", cm.exception.message)
-        self.assertEqual(self.client.pause(vm, 0), [0])  # a paused vCPU waits for its verdict
+        # A paused vCPU waits for its verdict, held with its pause event.
+        first = self.client.pause(vm, 0, with_event_ids=True)
+        self.assertEqual(list(first), [0])
+        self.assertGreater(first[0], 0)
         try:
             regs = self.client.get_registers(vm, 0).registers
+            # Bound to an event this vCPU does not wait with: refused, nothing set.
+            with self.assertRaises(kc.FailedPrecondition) as cm:
+                self.client.set_registers(vm, 0, {"rax": 1}, event_id=first[0] + 1)
+            self.assertIn("does not wait for event %d (it waits for event %d)"
+                          % (first[0] + 1, first[0]), cm.exception.message)
+            self.assertEqual(self.client.get_registers(vm, 0).registers.rax, regs.rax)
             self.client.set_registers(vm, 0, {"rip": regs.rip, "rax": 0x6b766d6964,
-                                              "rsp": regs.rsp, "rflags": regs.rflags})
+                                              "rsp": regs.rsp, "rflags": regs.rflags},
+                                      event_id=first[0])
+        finally:
+            self.assertEqual(self.client.resume(vm, 0), [0])
+        # Paused again: a call meant for the first pause never reaches the second.
+        second = self.client.pause(vm, 0, with_event_ids=True)
+        try:
+            self.assertNotEqual(second[0], first[0])
+            with self.assertRaises(kc.FailedPrecondition) as cm:
+                self.client.set_registers(vm, 0, {"rax": 1}, event_id=first[0])
+            self.assertIn("(it waits for event %d)" % second[0], cm.exception.message)
         finally:
             self.assertEqual(self.client.resume(vm, 0), [0])
         with self.assertRaises(kc.InvalidArgument):
