@@ -918,6 +918,57 @@ class E2ETest(unittest.TestCase):
         out = self.assertCtlOk(self.ctl("events", "--max-queue", "1", "--count", "1"))
         self.assertIn("ID", out)
 
+    def test_kvmictl_attach_answers_events_as_a_handler(self):
+        # kvmictl attach claims PF events of one guest and answers each; kvmid's own record of
+        # the same events (StreamEvents, after the verdict) says the handler decided them.
+        vm = self.name(2)
+        watch = self.client.events(allow=kc.event_filter(vms=[vm], events=["pf"]))
+        timer = threading.Timer(30, watch.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            out = self.assertCtlOk(self.ctl("attach", "ctl-handler", "--vm", vm, "--type", "pf",
+                                            "--verdict", "continue", "--deadline-ms", "3000",
+                                            "--count", "5", "--json"))
+            lines = [json.loads(l) for l in out.splitlines()]
+            events = [l["event"] for l in lines if "event" in l]
+            verdicts = [l["verdict"] for l in lines if "verdict" in l]
+            self.assertEqual(len(events), 5, out)
+            self.assertEqual([v["eventId"] for v in verdicts], [e["id"] for e in events])
+            for e in events:
+                self.assertEqual((e["vmName"], e["type"]), (vm, "EVENT_TYPE_PF"))
+            self.assertEqual({v["action"] for v in verdicts}, {"ACTION_CONTINUE"})
+            answered = {int(e["id"]) for e in events}
+            seen = set()
+            for item in watch:
+                if isinstance(item, kc.Dropped) or item.id not in answered:
+                    continue
+                self.assertEqual(item.decided_by, "handler:ctl-handler")
+                self.assertEqual(kc.action_name(item.action), "CONTINUE")
+                seen.add(item.id)
+                if seen == answered:
+                    break
+            self.assertEqual(seen, answered)
+        finally:
+            timer.cancel()
+            watch.cancel()
+        # The table, as 'events' prints decided events.
+        out = self.assertCtlOk(self.ctl("attach", "ctl-handler", "--vm", vm, "--type", "pf",
+                                        "--count", "2"))
+        lines = out.splitlines()
+        self.assertTrue(lines[0].startswith("TIME"), out)
+        rows = [l for l in lines[1:] if l.strip()]
+        self.assertEqual(len(rows), 2, out)
+        for row in rows:
+            self.assertIn(" PF ", row)
+            self.assertIn(" CONTINUE ", row)
+            self.assertIn(" handler:ctl-handler ", row)
+        # Nothing to answer: --duration ends it.
+        start = time.monotonic()
+        self.assertCtlOk(self.ctl("attach", "idle", "--vm", vm, "--type", "breakpoint",
+                                  "--duration", "1", "--hint-after", "0"))
+        self.assertLess(time.monotonic() - start, 10)
+
     def test_kvmictl_event_table_columns_and_verdicts(self):
         # LSTAR writes are kept at their old value: the longest verdict text. Every column of
         # every row starts where its header does (sizes from the data, never spilling).
@@ -1029,7 +1080,9 @@ class E2ETest(unittest.TestCase):
         out = self.assertCtlOk(self.ctl("read", vm, "0x200000", "40"))
         self.assertEqual(len(out.splitlines()), 3)
         self.assertTrue(out.startswith("0000000000200000  "), out)
-        self.assertIn("paused vCPU 0, 1", self.assertCtlOk(self.ctl("pause", vm)))
+        out = self.assertCtlOk(self.ctl("pause", vm))
+        self.assertIn("paused vCPU 0, 1", out)
+        self.assertRegex(out, r"pause events: vCPU 0: [1-9]\d*, vCPU 1: [1-9]\d*")
         self.assertIn("resumed vCPU 0, 1", self.assertCtlOk(self.ctl("resume", vm)))
         self.assertCtlFails(self.ctl("resume", vm, "--vcpu", "0"), 1, "FAILED_PRECONDITION")
 
