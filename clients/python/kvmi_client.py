@@ -1106,8 +1106,9 @@ class Client:
         if vcpu is not None:
             request.vcpu = vcpu
         response = self._unary("PauseVCPU", request)
-        if with_event_ids:
-            return dict(zip(response.paused, response.event_ids))
+        if with_event_ids:  # 0 where kvmid sent no id (a kvmid older than event_ids)
+            ids = list(response.event_ids) + [0] * (len(response.paused) - len(response.event_ids))
+            return dict(zip(response.paused, ids))
         return list(response.paused)
 
     def resume(self, vm, vcpu=None):

@@ -508,6 +508,7 @@ bool Guest::HasPauseRequest(uint16_t vcpu) const {
 
 bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold, uint64_t event_id) {
   std::function<void(CommandResult)> paused;
+  std::unique_ptr<HeldEvent> stale;
   {
     MutexLock lock(&mutex_);
     auto it = pause_requests_.find(vcpu);
@@ -516,15 +517,15 @@ bool Guest::HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold, uint64_t e
     it->second.pop_front();
     // Its owner went away before the vCPU stopped: nobody holds it, it continues at once.
     if (request.owner.empty()) return false;
-    if (held_.count(vcpu) != 0) {
-      // One vCPU has at most one outstanding event, so a held pause means this one is a later
-      // pause of the same vCPU: it has nothing to hold; report it paused as well.
-      paused = std::move(request.paused);
-    } else {
-      held_[vcpu] = Hold{request.owner, std::move(hold), event_id};
-      paused = std::move(request.paused);
-    }
+    // One vCPU has at most one outstanding event (the session closes on a second), so a hold
+    // still here is of a pause answered since without the guest being told: the pause deadline's
+    // fallback. This pause replaces it (before, it was reported paused and let go at once).
+    auto it_held = held_.find(vcpu);
+    if (it_held != held_.end()) stale = std::move(it_held->second.event);
+    held_[vcpu] = Hold{request.owner, std::move(hold), event_id};
+    paused = std::move(request.paused);
   }
+  stale.reset();  // outside the lock; its event was answered, so this answers nothing
   if (paused) paused(CommandResult::Ok());
   return true;
 }

@@ -147,7 +147,9 @@ class Guest : public GuestSession::Listener, public std::enable_shared_from_this
   bool HoldPause(uint16_t vcpu, std::unique_ptr<HeldEvent> hold, uint64_t event_id = 0)
       ABSL_LOCKS_EXCLUDED(mutex_);
   // The id of the PAUSE_VCPU event `vcpu` is held paused with (a command bound to it, such as
-  // SetRegisters with event_id, reaches only that pause); 0 when it is not held.
+  // SetRegisters with event_id, reaches only that pause); 0 when none is held. After the pause
+  // deadline let the vCPU go it is that pause's id until the next pause (a call bound to it is
+  // refused: the vCPU no longer waits with it).
   uint64_t PausedEventId(uint16_t vcpu) const ABSL_LOCKS_EXCLUDED(mutex_);
   bool HasPauseRequest(uint16_t vcpu) const ABSL_LOCKS_EXCLUDED(mutex_);
 

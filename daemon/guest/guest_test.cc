@@ -52,7 +52,8 @@ class FakeRouter : public GuestEventRouter, public GuestStateListener {
       events_.push_back(event);
     }
     if (event.id() == KVMI_EVENT_PAUSE_VCPU &&
-        guest->HoldPause(event.vcpu(), std::make_unique<ReplyOnRelease>(session, event))) {
+        guest->HoldPause(event.vcpu(), std::make_unique<ReplyOnRelease>(session, event),
+                         1000 + event.seq)) {
       return;
     }
     if (kvmi::FindEvent(event.id())->has_reply) {
@@ -312,6 +313,40 @@ TEST_F(GuestTest, APausedVcpuIsHeldUntilResumed) {
   EXPECT_EQ(reply->hdr.seq, 9u);
   EXPECT_TRUE(guest_->Snapshot().paused_vcpus.empty());
   EXPECT_FALSE(guest_->Resume("client", 1));
+}
+
+// The pause deadline answers a held pause without telling the guest. The vCPU's next pause (its
+// event can only come after that answer) is held for its own owner, with its own id.
+TEST_F(GuestTest, APauseAfterOneTheDeadlineEndedIsHeldAgain) {
+  Hook(&host_);
+  std::promise<CommandResult> first;
+  guest_->Pause("client", 1, [&](CommandResult r) { first.set_value(std::move(r)); });
+  ASSERT_TRUE(host_.WaitForId(KVMI_PAUSE_VCPU));
+  kvmi::Event pause = MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 9);
+  host_.SendEvent(pause);
+  ASSERT_EQ(first.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_EQ(guest_->PausedEventId(1), 1009u);
+  // The deadline's fallback, as the pipeline sends it: straight to the session.
+  guest_->session()->ReplyToEvent(kvmi::MakeEventReply(pause, KVMI_EVENT_ACTION_CONTINUE), {});
+  auto reply = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->hdr.seq, 9u);
+
+  std::promise<CommandResult> second;
+  guest_->Pause("other", 1, [&](CommandResult r) { second.set_value(std::move(r)); });
+  ASSERT_TRUE(host_.WaitForId(KVMI_PAUSE_VCPU));
+  host_.SendEvent(MakeTestEvent(KVMI_EVENT_PAUSE_VCPU, 1, 10));
+  auto future = second.get_future();
+  ASSERT_EQ(future.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_TRUE(future.get().ok());
+  EXPECT_EQ(guest_->Snapshot().paused_vcpus, (std::map<uint16_t, OwnerId>{{1, "other"}}));
+  EXPECT_EQ(guest_->PausedEventId(1), 1010u);
+  EXPECT_FALSE(host_.WaitForId(KVMI_EVENT_REPLY, kNoMessage));  // held, not let go at once
+  EXPECT_TRUE(guest_->Resume("other", 1));
+  reply = host_.WaitForId(KVMI_EVENT_REPLY);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->hdr.seq, 10u);
+  EXPECT_EQ(guest_->PausedEventId(1), 0u);
 }
 
 TEST_F(GuestTest, AnOwnerGoingAwayLetsItsVcpusGo) {

@@ -270,10 +270,11 @@ class GuestSession : public std::enable_shared_from_this<GuestSession> {
   bool flush_posted_ ABSL_GUARDED_BY(write_mu_) = false;  // an off-loop writer asked the loop
   // Which vCPUs wait for a reply, indexed by vCPU (grown on demand: the event path allocates
   // nothing to track it). A lock of its own, taken inside write_mu_ by writers and alone by the
-  // loop when an event arrives: a remote verdict's writer holds write_mu_ across its send() (whose
-  // wake-up of the guest is most of its cost on a VM) and the observers, and the loop takes in
-  // that vCPU's or another's next event meanwhile without waiting for it. (The loop's own writes,
-  // a policy's reply or a command, still take write_mu_ and wait.)
+  // loop when an event arrives (and when the pipeline notes its id): a remote verdict's writer
+  // holds write_mu_ across its send() (whose wake-up of the guest is most of its cost on a VM) and
+  // the observers, and the loop takes in that vCPU's or another's next event meanwhile without
+  // waiting for it. (The loop's own writes, a policy's reply or a command, still take write_mu_ and
+  // wait.)
   Mutex pending_mu_ ABSL_ACQUIRED_AFTER(write_mu_);
   std::vector<PendingEvent> pending_events_ ABSL_GUARDED_BY(pending_mu_);
   // How many of them wait (written under pending_mu_; the loop reads it after a read to decide

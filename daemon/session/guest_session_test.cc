@@ -661,6 +661,18 @@ TEST_F(GuestSessionTest, ACommandForOneEventNeverLandsOnTheVcpusNextOne) {
   // Unbound (0): whatever event the vCPU waits with, as before.
   EXPECT_TRUE(send_for(0).ok());
   EXPECT_TRUE(host_.WaitForId(KVMI_SET_REGISTERS));
+  // An event whose id was never noted (one kvmid answers itself, say CREATE_VCPU) matches no id.
+  std::promise<bool> second_sent;
+  session_->ReplyToEvent(kvmi::MakeEventReply(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 22),
+                                              KVMI_EVENT_ACTION_CONTINUE),
+                         {}, [&](bool s) { second_sent.set_value(s); });
+  ASSERT_TRUE(second_sent.get_future().get());
+  host_.SendEvent(testing::MakeTestEvent(KVMI_EVENT_BREAKPOINT, 0, 23));
+  ASSERT_TRUE(listener_.WaitEvent());
+  CommandResult unnoted = send_for(701);
+  EXPECT_EQ(unnoted.status, CommandResult::Status::kNotWaiting);
+  EXPECT_EQ(unnoted.message,
+            "vCPU 0 does not wait for event 701 (it waits for an event kvmid answers itself)");
 }
 
 TEST_F(GuestSessionTest, ReadPhysicalIsSplitAtPageBoundariesAndReassembled) {
