@@ -102,8 +102,9 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
       return;
     }
     bool waiting = true;
-    bool waits_other = false;  // it waits, with another event than `for_event`
-    uint64_t waits_for = 0;    // that event's id (0: one kvmid answers itself, no id noted)
+    // Set when it waits, but with another event than `for_event`: that event's id (0: one kvmid
+    // answers itself, no id noted).
+    std::optional<uint64_t> waits_for;
     std::string failure;
     {
       // Checked and written under one lock: a reply written meanwhile from another thread
@@ -115,7 +116,6 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
         waiting = vcpu < self->pending_events_.size() && self->pending_events_[vcpu].waiting;
         if (waiting && for_event != 0 && self->pending_events_[vcpu].event_id != for_event) {
           waiting = false;
-          waits_other = true;
           waits_for = self->pending_events_[vcpu].event_id;
         }
       }
@@ -133,13 +133,14 @@ void GuestSession::SendEncoded(std::vector<uint8_t> message, CommandCallback don
     }
     if (!waiting) {
       const std::string vcpu = "vCPU " + std::to_string(*only_while_waiting);
-      const std::string why = !waits_other     ? "no event pending"
-                              : waits_for == 0 ? "it waits for an event kvmid answers itself"
-                                               : "it waits for event " + std::to_string(waits_for);
       CommandResult not_waiting = CommandResult::NotWaiting(
           for_event == 0
               ? vcpu + " has no event pending"
-              : vcpu + " does not wait for event " + std::to_string(for_event) + " (" + why + ")");
+              : vcpu + " does not wait for event " + std::to_string(for_event) + " (" +
+                    (!waits_for        ? "no event pending"
+                     : *waits_for == 0 ? "it waits for an event kvmid answers itself"
+                                       : "it waits for event " + std::to_string(*waits_for)) +
+                    ")");
       // `done` was moved only when the vCPU was waiting (clang-tidy cannot tell).
       done(std::move(not_waiting));  // NOLINT(bugprone-use-after-move)
       return;

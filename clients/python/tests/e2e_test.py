@@ -6,6 +6,7 @@ tests/e2e_test.py (from clients/python after gen_protos.sh); the defaults are th
 paths, then bazel-out/k8-opt/bin.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -149,6 +150,33 @@ class E2ETest(unittest.TestCase):
 
     def name(self, i):
         return self.vms[i].name
+
+    @contextlib.contextmanager
+    def watching(self, vm, event, seconds=30):
+        """StreamEvents for one guest's events of one type (kvmid's record, after the verdict),
+        cancelled after `seconds` at most."""
+        watch = self.client.events(allow=kc.event_filter(vms=[vm], events=[event]))
+        timer = threading.Timer(seconds, watch.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield watch
+        finally:
+            timer.cancel()
+            watch.cancel()
+
+    def assertDecided(self, watch, ids, decided_by, action="CONTINUE"):
+        """kvmid's record of every event in `ids`, read from `watch`, names who decided it and
+        the action applied."""
+        seen = set()
+        for item in watch:
+            if isinstance(item, kc.Dropped) or item.id not in ids:
+                continue
+            self.assertEqual((item.decided_by, kc.action_name(item.action)), (decided_by, action))
+            seen.add(item.id)
+            if seen == ids:
+                break
+        self.assertEqual(seen, ids)
 
     # ---- guests -------------------------------------------------------------------------------
 
@@ -790,33 +818,18 @@ class E2ETest(unittest.TestCase):
         # form depends on timing; daemon/api's attach and attach_outbox tests and the unit tests
         # pin the batching itself.)
         vm = self.name(1)
-        watch = self.client.events(allow=kc.event_filter(vms=[vm], events=["pf"]))
-        timer = threading.Timer(30, watch.cancel)
-        timer.daemon = True
-        timer.start()
-        try:
-            with self.client.attach("py-batch", vms=[vm], events=["pf"], deadline_ms=3000,
-                                    fallback="continue", max_batch=32) as handler:
-                answered = set()
-                while len(answered) < 20:
-                    event = handler.next_event(timeout=5)
-                    self.assertIsNotNone(event, "no PF event reached the handler")
-                    self.assertNotIn(event.id, answered, "an event came twice")
-                    answered.add(event.id)
-                    handler.answer(event, "continue")
-                seen = set()
-                for item in watch:
-                    if isinstance(item, kc.Dropped) or item.id not in answered:
-                        continue
-                    self.assertEqual(item.decided_by, "handler:py-batch")
-                    seen.add(item.id)
-                    if seen == answered:
-                        break
-                self.assertEqual(seen, answered)
-                self.assertEqual(list(handler.errors), [])
-        finally:
-            timer.cancel()
-            watch.cancel()
+        with self.watching(vm, "pf") as watch, self.client.attach(
+                "py-batch", vms=[vm], events=["pf"], deadline_ms=3000, fallback="continue",
+                max_batch=32) as handler:
+            answered = set()
+            while len(answered) < 20:
+                event = handler.next_event(timeout=5)
+                self.assertIsNotNone(event, "no PF event reached the handler")
+                self.assertNotIn(event.id, answered, "an event came twice")
+                answered.add(event.id)
+                handler.answer(event, "continue")
+            self.assertDecided(watch, answered, "handler:py-batch")
+            self.assertEqual(list(handler.errors), [])
 
     def test_a_killed_handler_releases_its_lease_and_the_guest_falls_back(self):
         vm = self.name(0)
@@ -922,11 +935,7 @@ class E2ETest(unittest.TestCase):
         # kvmictl attach claims PF events of one guest and answers each; kvmid's own record of
         # the same events (StreamEvents, after the verdict) says the handler decided them.
         vm = self.name(2)
-        watch = self.client.events(allow=kc.event_filter(vms=[vm], events=["pf"]))
-        timer = threading.Timer(30, watch.cancel)
-        timer.daemon = True
-        timer.start()
-        try:
+        with self.watching(vm, "pf") as watch:
             out = self.assertCtlOk(self.ctl("attach", "ctl-handler", "--vm", vm, "--type", "pf",
                                             "--verdict", "continue", "--deadline-ms", "3000",
                                             "--count", "5", "--json"))
@@ -938,20 +947,7 @@ class E2ETest(unittest.TestCase):
             for e in events:
                 self.assertEqual((e["vmName"], e["type"]), (vm, "EVENT_TYPE_PF"))
             self.assertEqual({v["action"] for v in verdicts}, {"ACTION_CONTINUE"})
-            answered = {int(e["id"]) for e in events}
-            seen = set()
-            for item in watch:
-                if isinstance(item, kc.Dropped) or item.id not in answered:
-                    continue
-                self.assertEqual(item.decided_by, "handler:ctl-handler")
-                self.assertEqual(kc.action_name(item.action), "CONTINUE")
-                seen.add(item.id)
-                if seen == answered:
-                    break
-            self.assertEqual(seen, answered)
-        finally:
-            timer.cancel()
-            watch.cancel()
+            self.assertDecided(watch, {int(e["id"]) for e in events}, "handler:ctl-handler")
         # The table, as 'events' prints decided events.
         out = self.assertCtlOk(self.ctl("attach", "ctl-handler", "--vm", vm, "--type", "pf",
                                         "--count", "2"))
