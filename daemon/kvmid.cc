@@ -183,6 +183,7 @@ absl::Status Daemon::Start() {
 
   for (int i = 0; i < config_.io_threads; ++i) {
     loops_.push_back(std::make_unique<EventLoop>());
+    loops_.back()->SetIdleYields(config_.io_idle_yields);
     loops_.back()->Start(("kvmid-io-" + std::to_string(i)).c_str());
   }
   SetIoNice();
@@ -360,10 +361,11 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
   if (started &&
       (next.unix_socket != config_.unix_socket || next.vsock_port != config_.vsock_port ||
        next.io_threads != config_.io_threads || next.io_nice != config_.io_nice ||
-       next.cookie_file != config_.cookie_file || next.allowed_uids != config_.allowed_uids ||
-       next.allowed_cids != config_.allowed_cids)) {
+       next.io_idle_yields != config_.io_idle_yields || next.cookie_file != config_.cookie_file ||
+       next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
     spdlog::warn(
-        "reload: listener settings (sockets, io_threads, io_nice, cookie, allowed peers) changed; "
+        "reload: listener settings (sockets, io_threads, io_nice, io_idle_yields, cookie, allowed "
+        "peers) changed; "
         "they take effect at the next restart");
   }
   return absl::OkStatus();

@@ -38,6 +38,8 @@ inline constexpr int kMaxIoThreads = 64;
 // guest's vCPU waits on (docs/PERFORMANCE.md, issue 10, measured the cost). The gRPC threads,
 // which serve every client including a hostile one, keep the process's own value.
 inline constexpr int kDefaultIoNice = -10;
+inline constexpr int kDefaultIdleYields = 3;
+inline constexpr int kMaxIdleYields = 64;
 inline constexpr int kMinNice = -20;
 inline constexpr int kMaxNice = 19;
 inline constexpr uint32_t kMaxSocketMode = 0777;
@@ -64,6 +66,10 @@ struct DaemonConfig {
   // it kvmid says so in a warning and the threads keep the process's value. A process already
   // at a lower (stronger) value than this keeps its value for them too.
   int io_nice = kDefaultIoNice;
+  // EventLoop::SetIdleYields of every I/O thread (0..kMaxIdleYields): how often a thread that
+  // exchanged events or verdicts with a remote handler gives up its CPU to the guests' threads
+  // it woke, and takes their next events, before it sleeps (EventLoop::YieldBeforeSleep).
+  int io_idle_yields = kDefaultIdleYields;
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds command_timeout{10000};
   // GuestSession::Options::consume_on_reply (a guest's event bytes leave its socket with the

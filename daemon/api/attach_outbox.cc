@@ -12,6 +12,11 @@ namespace kvmid::api {
 using grpc::Status;
 
 void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
+  // A guest's event, from its loop: its verdict comes back from another thread. Before the loop
+  // sleeps, it lets the guests it woke run, and takes their events in one wake-up.
+  if (EventLoop* const loop = EventLoop::Current(); loop != nullptr && message.has_event()) {
+    loop->YieldBeforeSleep();
+  }
   EventLoop* cork = nullptr;
   bool start = false;
   {

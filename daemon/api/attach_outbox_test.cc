@@ -185,6 +185,41 @@ TEST(AttachOutboxTest, EventsSentOnALoopThreadGoOutTogetherAtTheEndOfItsIteratio
   stream.Complete();
 }
 
+// A guest's event sent on its loop thread goes to a remote handler, whose verdict comes back from
+// another thread: the loop is asked to yield before it sleeps (and take the events of the guests
+// it woke in the same wake-up). A command's result, or an event from another thread, asks
+// nothing.
+TEST(AttachOutboxTest, AnEventSentOnALoopThreadAsksTheLoopToYieldBeforeItSleeps) {
+  FakeStream stream;
+  stream.outbox().SetMaxBatch(8);
+  stream.outbox().Release();
+  EventLoop loop;
+  loop.SetIdleYields(2);
+  loop.Start("test-loop");
+  auto yields_after = [&loop](const std::function<void()>& body) {
+    RunOneIteration(loop, body);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    uint64_t taken = loop.idle_yields_taken();
+    // Settled: no yield for 20 ms.
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      const uint64_t now = loop.idle_yields_taken();
+      if (now == taken || std::chrono::steady_clock::now() > deadline) return now;
+      taken = now;
+    }
+  };
+  EXPECT_EQ(yields_after([&] { stream.outbox().Send(Message(7)); }), 0u);
+  stream.Complete();
+  EXPECT_GE(yields_after([&] { stream.outbox().Send(EventMessage(1)); }), 1u);
+  stream.Complete();
+  const uint64_t before = loop.idle_yields_taken();
+  stream.outbox().Send(EventMessage(2));  // from this thread
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(loop.idle_yields_taken(), before);
+  stream.Complete();
+  loop.Stop();
+}
+
 // While a loop's flush is pending: another thread's message is written at once (not held for the
 // loop's iteration), the loop's events follow it in order; and a stream aborted meanwhile writes
 // nothing more and finishes once.

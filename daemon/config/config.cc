@@ -115,6 +115,12 @@ absl::StatusOr<LoadedConfig> ParseConfig(const std::string& text, const std::str
     }
     d.io_nice = file.io_nice();
   }
+  if (file.has_io_idle_yields()) {
+    if (file.io_idle_yields() > static_cast<uint32_t>(kMaxIdleYields)) {
+      return invalid("io_idle_yields: at most " + std::to_string(kMaxIdleYields));
+    }
+    d.io_idle_yields = static_cast<int>(file.io_idle_yields());
+  }
   if (file.handshake_timeout_ms() != 0) {
     d.handshake_timeout = std::chrono::milliseconds(file.handshake_timeout_ms());
   }

@@ -170,6 +170,14 @@ TEST(ConfigTest, LimitsComeFromTheirConstants) {
   absl::StatusOr<LoadedConfig> zero = ParseConfig("io_nice: 0", "k.conf");
   ASSERT_TRUE(zero.ok()) << zero.status();
   EXPECT_EQ(zero->daemon.io_nice, 0);  // set to 0 is not unset
+  EXPECT_THAT(ErrorOf("io_idle_yields: 65"),
+              HasSubstr("io_idle_yields: at most " + std::to_string(kMaxIdleYields)));
+  absl::StatusOr<LoadedConfig> no_yields = ParseConfig("io_idle_yields: 0", "k.conf");
+  ASSERT_TRUE(no_yields.ok()) << no_yields.status();
+  EXPECT_EQ(no_yields->daemon.io_idle_yields, 0);  // set to 0 is not unset
+  absl::StatusOr<LoadedConfig> unset = ParseConfig("", "k.conf");
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  EXPECT_EQ(unset->daemon.io_idle_yields, kDefaultIdleYields);
   EXPECT_THAT(ErrorOf("listen { socket_mode: 01777 }"), HasSubstr("at most 0777"));
   EXPECT_THAT(
       ErrorOf(

@@ -1,6 +1,7 @@
 #include "daemon/io/event_loop.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
@@ -129,7 +130,11 @@ void EventLoop::Post(Task task) {
 }
 
 void EventLoop::PostHandedOff(Task task) {
-  PostQuietly(std::move(task));
+  {
+    MutexLock lock(&posted_mutex_);
+    posted_.push_back(std::move(task));
+    handed_off_posted_ = true;
+  }
   if (current_hand_off == nullptr) {
     Wake();
     return;
@@ -195,6 +200,10 @@ void EventLoop::RunPosted() {
   {
     MutexLock lock(&posted_mutex_);
     tasks.swap(posted_);
+    if (handed_off_posted_) {
+      handed_off_posted_ = false;
+      yield_requested_ = true;
+    }
   }
   for (Task& task : tasks) task();
 }
@@ -217,18 +226,39 @@ void EventLoop::RunDueTimers() {
   }
 }
 
+bool EventLoop::YieldForWork(epoll_event* events, int max_events, int* n) {
+  // Only where the loop would sleep: no timer due, not stopping (and nothing posted: looked for
+  // after each yield, and by the caller before it blocks).
+  const int yields = idle_yields_.load(std::memory_order_relaxed);
+  if (yields <= 0 || stopping_ || NextTimeoutMs() == 0) return false;
+  for (int i = 0; i < yields; ++i) {
+    ::sched_yield();
+    idle_yields_taken_.fetch_add(1, std::memory_order_relaxed);
+    if (stopping_ || HasPosted()) return true;
+    *n = ::epoll_wait(epoll_fd_.get(), events, max_events, 0);
+    if (*n != 0) return true;  // ready file descriptors (or an error, handled by the caller)
+  }
+  return false;
+}
+
 void EventLoop::Loop() {
   constexpr int kMaxEvents = 64;
   epoll_event events[kMaxEvents];
   while (!stopping_) {
-    // About to block: from here a Post writes the eventfd. What was posted (or a Stop) while the
-    // flag was still set wrote nothing, so it is looked for after the clear, under the mutex it
-    // was pushed (or stopping_ set) under: if that came after this look, its Wake's exchange
-    // came after the clear, saw it (or a later Wake's write), and the eventfd has a count.
-    wake_pending_.store(false);
-    const bool ready = HasPosted();
-    int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, ready ? 0 : NextTimeoutMs());
-    wake_pending_.store(true);  // awake: Posts from now on are run before the loop blocks again
+    int n = 0;
+    const bool yield = yield_requested_;
+    yield_requested_ = false;
+    if (!yield || !YieldForWork(events, kMaxEvents, &n)) {
+      // About to block: from here a Post writes the eventfd. What was posted (or a Stop) while
+      // the flag was still set wrote nothing, so it is looked for after the clear, under the
+      // mutex it was pushed (or stopping_ set) under: if that came after this look, its Wake's
+      // exchange came after the clear, saw it (or a later Wake's write), and the eventfd has a
+      // count.
+      wake_pending_.store(false);
+      const bool ready = HasPosted();
+      n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, ready ? 0 : NextTimeoutMs());
+      wake_pending_.store(true);  // awake: Posts from now on are run before the loop blocks again
+    }
     if (n < 0 && errno != EINTR) {
       spdlog::critical("event loop: epoll_wait: {}", std::strerror(errno));
       std::abort();

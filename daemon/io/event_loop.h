@@ -49,6 +49,22 @@ class EventLoop {
   // The loop thread's nice value (getpriority), or an error.
   absl::StatusOr<int> Nice() const;
 
+  // Any thread. With nothing to do, the loop gives up its CPU to other runnable threads
+  // (sched_yield) up to `yields` times, and looks for I/O and posted tasks after each, before it
+  // sleeps in epoll_wait. On a busy host the threads it lets run are mostly the guests' vCPUs and
+  // the kernel's KVMI receive threads its replies just woke: their next events are then taken
+  // in one wake-up, and those threads do not pay to wake a sleeping loop (DaemonConfig::
+  // io_idle_yields, docs/PERFORMANCE.md). On an idle host each yield returns at once: a few
+  // microseconds before the loop sleeps. 0 (the default): it sleeps at once.
+  void SetIdleYields(int yields) { idle_yields_.store(yields, std::memory_order_relaxed); }
+  // Loop thread only. Asks for those yields before the loop next sleeps. Work that another
+  // thread will answer (an event sent to a remote handler) asks; so does a task handed off by a
+  // thread that answers the guests (PostHandedOff: a remote handler's verdicts), whose guests'
+  // next events then come in one wake-up. Other wake-ups sleep at once, as without yields.
+  void YieldBeforeSleep() { yield_requested_ = true; }
+  // Any thread: yields taken so far (for tests and benches).
+  uint64_t idle_yields_taken() const { return idle_yields_taken_.load(std::memory_order_relaxed); }
+
   // Loop thread only. The callback runs on the loop thread; Unwatch before closing the fd.
   void Watch(int fd, uint32_t events, FdCallback callback);
   void Modify(int fd, uint32_t events);
@@ -105,6 +121,9 @@ class EventLoop {
 
  private:
   void Loop();
+  // Before the loop sleeps: the yields of SetIdleYields. True when it found work: `*n` ready
+  // file descriptors (or epoll_wait's error), or 0 and posted tasks (or a Stop).
+  bool YieldForWork(epoll_event* events, int max_events, int* n);
   void Wake();
   void RunPosted();
   bool HasPosted();
@@ -118,6 +137,8 @@ class EventLoop {
   // wake_fd_ is pending: a Post then needs no syscall (see Loop and Wake).
   std::atomic<bool> wake_pending_{false};
   std::atomic<uint64_t> wake_writes_{0};  // eventfd writes, for tests
+  std::atomic<int> idle_yields_{0};
+  std::atomic<uint64_t> idle_yields_taken_{0};
   std::thread thread_;
   std::atomic<std::thread::id> loop_thread_id_{};
   std::atomic<pid_t> loop_tid_{0};  // the loop thread's kernel thread id (gettid)
@@ -127,12 +148,14 @@ class EventLoop {
   std::unordered_map<int, std::shared_ptr<FdCallback>> watched_;  // loop thread only
 
   std::vector<Task> end_of_iteration_;  // loop thread only: RunAtEndOfIteration
+  bool yield_requested_ = false;        // loop thread only: YieldBeforeSleep
   std::map<std::pair<Clock::time_point, TimerId>, Task> timers_;  // loop thread only
   std::unordered_map<TimerId, Clock::time_point> timer_index_;
   TimerId next_timer_id_ = 1;
 
   Mutex posted_mutex_;
   std::vector<Task> posted_ ABSL_GUARDED_BY(posted_mutex_);
+  bool handed_off_posted_ ABSL_GUARDED_BY(posted_mutex_) = false;  // a PostHandedOff among them
 };
 
 }  // namespace kvmid

@@ -16,6 +16,9 @@
 namespace kvmid {
 namespace {
 
+// Enough yields that a test thread gets to act while the loop still yields.
+constexpr int kMaxYields = 1000000;
+
 // Waits (up to 5 s) until the loop blocks in epoll_wait, as far as Awake() tells: its first
 // iteration has run (a task posted after Start ran), then the flag is clear, then 10 ms more for
 // the few instructions between the clear and epoll_wait.
@@ -284,6 +287,59 @@ TEST(EventLoopTest, EveryPostIsRunWhilePostsRaceTheLoopsWakeUps) {
   }
   for (std::thread& poster : posters) poster.join();
   EXPECT_EQ(lost.load(), 0);
+  loop.Stop();
+}
+
+// A loop asked to yield before it sleeps (YieldBeforeSleep, or a task handed off by another
+// thread) gives up its CPU SetIdleYields times, looking for work after each, then sleeps; any
+// other wake-up sleeps at once. Nothing arrives here, so every yield is taken.
+TEST(EventLoopTest, OnlyAnIterationThatAskedYieldsBeforeTheLoopSleeps) {
+  EventLoop loop;
+  loop.SetIdleYields(3);
+  loop.Start("test-loop");
+  ASSERT_TRUE(WaitAsleep(loop));
+  EXPECT_EQ(loop.idle_yields_taken(), 0u);  // WaitAsleep's Post did not ask
+
+  // (Nothing is posted while the loop yields here: a Post would be work found, ending them.)
+  auto taken_settles_at = [&loop](uint64_t expected) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (loop.idle_yields_taken() < expected && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    return loop.idle_yields_taken();
+  };
+  loop.Post([&] { loop.YieldBeforeSleep(); });
+  EXPECT_EQ(taken_settles_at(3), 3u);
+
+  {
+    EventLoop::HandOff hand_off;  // a remote handler's verdicts, written by the loop
+    loop.PostHandedOff([] {});
+  }
+  EXPECT_EQ(taken_settles_at(6), 6u);
+  ASSERT_TRUE(WaitAsleep(loop));
+  EXPECT_EQ(loop.idle_yields_taken(), 6u);  // WaitAsleep's Post did not ask
+
+  // Work that arrives during the yields is taken without sleeping: a quiet Post (which never
+  // wakes a sleeping loop) made while the loop yields runs; the loop keeps yielding until then.
+  loop.SetIdleYields(kMaxYields);
+  std::promise<void> quiet_ran;
+  loop.Post([&] { loop.YieldBeforeSleep(); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (loop.idle_yields_taken() == 6u && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  loop.PostQuietly([&] { quiet_ran.set_value(); });
+  const bool ran =
+      quiet_ran.get_future().wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  EXPECT_TRUE(ran) << "a quiet Post during the yields waited for the loop's next wake-up";
+  ASSERT_TRUE(WaitAsleep(loop));
+  const uint64_t after = loop.idle_yields_taken();
+
+  loop.SetIdleYields(0);  // asked, but none allowed
+  loop.Post([&] { loop.YieldBeforeSleep(); });
+  ASSERT_TRUE(WaitAsleep(loop));
+  EXPECT_EQ(loop.idle_yields_taken(), after);
   loop.Stop();
 }
 

@@ -31,6 +31,10 @@ KVMID_FLAG(int, io_threads, 2, "I/O threads serving guest sockets (1..64)");
 KVMID_FLAG(int, io_nice, -10,
            "nice value of the I/O threads, which carry every guest's events (-20..19; raising it "
            "needs CAP_SYS_NICE); the gRPC threads keep the process's");
+KVMID_FLAG(int, io_idle_yields, 3,
+           "how often an I/O thread that exchanged events or verdicts with a remote handler gives "
+           "up its CPU to the guests it woke, and takes their next events, before it sleeps "
+           "(0..64; 0: it sleeps at once)");
 KVMID_FLAG(int, handshake_timeout_ms, 5000,
            "a QEMU that has not finished its handshake is dropped");
 KVMID_FLAG(int, command_timeout_ms, 10000, "a command with no reply by then fails with a timeout");
@@ -304,6 +308,13 @@ absl::StatusOr<Settings> OverlayFlags(LoadedConfig file, bool have_file) {
                        "must be " + std::to_string(kMinNice) + ".." + std::to_string(kMaxNice));
     }
     d.io_nice = nice;
+  }
+  if (given("io_idle_yields")) {
+    int yields = absl::GetFlag(FLAGS_io_idle_yields);
+    if (yields < 0 || yields > kMaxIdleYields) {
+      return FlagError("io_idle_yields", "must be 0.." + std::to_string(kMaxIdleYields));
+    }
+    d.io_idle_yields = yields;
   }
   if (given("handshake_timeout_ms")) {
     auto ms = PositiveMs("handshake_timeout_ms", absl::GetFlag(FLAGS_handshake_timeout_ms));

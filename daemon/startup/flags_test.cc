@@ -111,6 +111,8 @@ TEST(FlagsOverlayTest, BadValuesNameTheirFlagAndLimit) {
            {"--io_threads=65", "--io_threads must be 1..64"},
            {"--io_nice=-21", "--io_nice must be -20..19"},
            {"--io_nice=20", "--io_nice must be -20..19"},
+           {"--io_idle_yields=-1", "--io_idle_yields must be 0..64"},
+           {"--io_idle_yields=65", "--io_idle_yields must be 0..64"},
            {"--kvmi_socket_mode=0999", "--kvmi_socket_mode"},
            {"--kvmi_socket_mode=01777", "at most 0777"},
            {"--kvmi_vsock_port=70000", "0..65535"},

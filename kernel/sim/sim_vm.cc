@@ -1,5 +1,6 @@
 #include "kernel/sim/sim_vm.h"
 
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
@@ -175,6 +176,7 @@ std::future<OpResult> SimVm::Execute(uint16_t vcpu, const Op& op) {
 }
 
 void SimVm::VcpuLoop(uint16_t vcpu) {
+  pthread_setname_np(pthread_self(), "sim-vcpu");  // for profiles and benches
   VcpuRunner& r = runner(vcpu);
   // First KVM_RUN: the vCPU leaves KVM_MP_STATE_UNINITIALIZED; a hot-added one reports itself.
   guest_->MarkInitialized(vcpu);

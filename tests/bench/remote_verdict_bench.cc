@@ -28,6 +28,7 @@
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_split.h>
 #include <grpcpp/grpcpp.h>
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -71,6 +72,8 @@ ABSL_FLAG(int, io_nice, kvmid::kDefaultIoNice,
 ABSL_FLAG(bool, consume_on_reply, true,
           "kvmid leaves a guest's event bytes in its socket until the reply (one wake-up of the "
           "host's receive thread per event instead of two); false: it takes them when it reads");
+ABSL_FLAG(int, io_idle_yields, kvmid::DaemonConfig().io_idle_yields,
+          "kvmid's io_idle_yields (yields of its I/O thread before it sleeps)");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
@@ -104,6 +107,12 @@ struct Row {
   // CPU time, and how often one of them was put on a CPU (wake-ups, returns after preemption).
   double kvmid_cpu_us = 0;
   double kvmid_slices = 0;
+  // The rest of the process in the same window, per verdict (CPU time): the handler's thread,
+  // the simulated host side (vCPU threads and KVMI receive threads), everything else (gRPC's own
+  // threads, the bench). With kvmid's, the whole cost of a verdict on this machine.
+  double handler_cpu_us = 0;
+  double host_cpu_us = 0;
+  double other_cpu_us = 0;
 };
 
 // The scheduler's counts of a set of this process's threads (by name prefix) from one moment to
@@ -134,6 +143,9 @@ class ThreadGroupUsage {
   const std::string prefix_;
   std::map<pid_t, kvmid::testing::SchedStat> start_;
 };
+
+// The remote handler's thread, by name (its CPU time is counted apart).
+constexpr char kHandlerThread[] = "bench-handler";
 
 // What the handler read: messages with events, and events.
 struct HandlerCounts {
@@ -243,6 +255,7 @@ Row MeasureEcho(const std::string& name, const std::string& target, double secon
 void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> credentials,
                 std::atomic<bool>* stop, std::atomic<bool>* ready, HandlerTimes* times,
                 uint32_t max_batch, HandlerCounts* counts) {
+  pthread_setname_np(pthread_self(), kHandlerThread);
   auto stub = kvmi::v1::Introspection::NewStub(grpc::CreateChannel(target, credentials));
   grpc::ClientContext ctx;
   auto stream = stub->Attach(&ctx);
@@ -361,8 +374,12 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
          Clock::now() < ready_deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  ThreadGroupUsage kvmid_threads("kvmid-");
-  kvmid_threads.Start();
+  ThreadGroupUsage kvmid_threads("kvmid-"), handler_threads(kHandlerThread),
+      vcpu_threads("sim-vcpu"), receive_threads("kvmi-recv"), all_threads("");
+  for (ThreadGroupUsage* group :
+       {&kvmid_threads, &handler_threads, &vcpu_threads, &receive_threads, &all_threads}) {
+    group->Start();
+  }
   uint64_t before = events();
   auto t0 = Clock::now();
   measuring = true;
@@ -370,6 +387,9 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   measuring = false;
   uint64_t after = events();
   const kvmid::testing::SchedStat kvmid_usage = kvmid_threads.Since();
+  const uint64_t handler_ns = handler_threads.Since().cpu_ns;
+  const uint64_t host_ns = vcpu_threads.Since().cpu_ns + receive_threads.Since().cpu_ns;
+  const uint64_t all_ns = all_threads.Since().cpu_ns;
   double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
   kvmi::host::EngineStats stats;
   fleet.AggregateStats(&stats);
@@ -386,6 +406,11 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   if (after > before) {
     row.kvmid_cpu_us = kvmid_usage.cpu_ns / 1e3 / static_cast<double>(after - before);
     row.kvmid_slices = kvmid_usage.timeslices / static_cast<double>(after - before);
+    const double verdicts = static_cast<double>(after - before);
+    row.handler_cpu_us = handler_ns / 1e3 / verdicts;
+    row.host_cpu_us = host_ns / 1e3 / verdicts;
+    const uint64_t named = kvmid_usage.cpu_ns + handler_ns + host_ns;
+    row.other_cpu_us = all_ns > named ? (all_ns - named) / 1e3 / verdicts : 0;
   }
   row.events_per_message =
       counts.messages > 0 ? static_cast<double>(counts.events) / counts.messages : 0;
@@ -472,6 +497,7 @@ int main(int argc, char** argv) {
     config.unix_socket = kvmi_socket;
     config.io_threads = 1;
     config.io_nice = absl::GetFlag(FLAGS_io_nice);
+    config.io_idle_yields = absl::GetFlag(FLAGS_io_idle_yields);
     config.consume_on_reply = absl::GetFlag(FLAGS_consume_on_reply);
     auto daemon = std::make_unique<kvmid::Daemon>(config);
     daemon->authorizer().Set(*authorizer);
@@ -619,6 +645,23 @@ int main(int argc, char** argv) {
           t.remote.kvmid_cpu_us, t.batched.kvmid_cpu_us, t.policy.kvmid_slices,
           t.remote.kvmid_slices, t.batched.kvmid_slices,
           static_cast<unsigned long long>(t.remote.not_by_handler + t.batched.not_by_handler));
+    }
+    if (!throughput.empty()) {
+      // Where each verdict's CPU went, every thread of the process counted: with the machine's
+      // CPUs busy, verdicts/s is about the CPUs over the sum of these.
+      std::printf(
+          "\n| waiting vCPUs | row | CPU per verdict (us): kvmid | handler | host side (simulated "
+          "vCPUs and KVMI receive threads) | rest of the process | all |\n");
+      std::printf("|---:|---|---:|---:|---:|---:|---:|\n");
+      for (size_t i = 0; i < throughput.size(); ++i) {
+        for (const Row* r :
+             {&throughput[i].policy, &throughput[i].remote, &throughput[i].batched}) {
+          std::printf("| %u | %s | %.1f | %.1f | %.1f | %.1f | %.1f |\n", vcpu_counts[i],
+                      r->what.c_str(), r->kvmid_cpu_us, r->handler_cpu_us, r->host_cpu_us,
+                      r->other_cpu_us,
+                      r->kvmid_cpu_us + r->handler_cpu_us + r->host_cpu_us + r->other_cpu_us);
+        }
+      }
     }
     std::fflush(stdout);
   }
