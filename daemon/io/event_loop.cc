@@ -227,18 +227,17 @@ void EventLoop::RunDueTimers() {
 }
 
 bool EventLoop::YieldForWork(epoll_event* events, int max_events, int* n) {
-  // Only where the loop would sleep: no timer due, not stopping (and nothing posted: looked for
-  // after each yield, and by the caller before it blocks).
   const int yields = idle_yields_.load(std::memory_order_relaxed);
-  if (yields <= 0 || stopping_ || NextTimeoutMs() == 0) return false;
-  for (int i = 0; i < yields; ++i) {
+  if (yields <= 0) return false;
+  for (int i = 0;; ++i) {
+    // Before each yield and after the last: work that needs no wait (`*n` stays 0).
+    if (stopping_ || HasPosted() || NextTimeoutMs() == 0) return true;
+    if (i == yields) return false;
     ::sched_yield();
     idle_yields_taken_.fetch_add(1, std::memory_order_relaxed);
-    if (stopping_ || HasPosted()) return true;
     *n = ::epoll_wait(epoll_fd_.get(), events, max_events, 0);
     if (*n != 0) return true;  // ready file descriptors (or an error, handled by the caller)
   }
-  return false;
 }
 
 void EventLoop::Loop() {

@@ -49,18 +49,20 @@ class EventLoop {
   // The loop thread's nice value (getpriority), or an error.
   absl::StatusOr<int> Nice() const;
 
-  // Any thread. With nothing to do, the loop gives up its CPU to other runnable threads
-  // (sched_yield) up to `yields` times, and looks for I/O and posted tasks after each, before it
-  // sleeps in epoll_wait. On a busy host the threads it lets run are mostly the guests' vCPUs and
-  // the kernel's KVMI receive threads its replies just woke: their next events are then taken
-  // in one wake-up, and those threads do not pay to wake a sleeping loop (DaemonConfig::
-  // io_idle_yields, docs/PERFORMANCE.md). On an idle host each yield returns at once: a few
-  // microseconds before the loop sleeps. 0 (the default): it sleeps at once.
+  // Any thread. When asked (YieldBeforeSleep), a loop with nothing to do gives up its CPU to other
+  // runnable threads (sched_yield) up to `yields` times, and looks for I/O, posted tasks and due
+  // timers before each and after the last, before it waits in epoll_wait. The threads it lets run
+  // are mostly the guests' vCPUs and the KVMI receive threads its replies just woke: their next
+  // events are then taken in one wake-up, and those threads do not pay to wake a sleeping loop
+  // (DaemonConfig::io_idle_yields, docs/PERFORMANCE.md). On an idle host each yield returns at
+  // once: a few microseconds before the loop sleeps. While it yields, the loop counts as awake
+  // (Awake(): a Post costs no wake-up). EventLoop's default, 0: it never yields.
   void SetIdleYields(int yields) { idle_yields_.store(yields, std::memory_order_relaxed); }
-  // Loop thread only. Asks for those yields before the loop next sleeps. Work that another
-  // thread will answer (an event sent to a remote handler) asks; so does a task handed off by a
-  // thread that answers the guests (PostHandedOff: a remote handler's verdicts), whose guests'
-  // next events then come in one wake-up. Other wake-ups sleep at once, as without yields.
+  // Loop thread only. Asks for those yields before the loop's next wait; the request is used up
+  // there (also when work is found at once). Work that another thread will answer (an event sent
+  // to a remote handler) asks; so does a task handed off by a thread that answers the guests
+  // (PostHandedOff: a remote handler's verdicts), whose guests' next events then come in one
+  // wake-up. Other iterations wait at once, as without yields.
   void YieldBeforeSleep() { yield_requested_ = true; }
   // Any thread: yields taken so far (for tests and benches).
   uint64_t idle_yields_taken() const { return idle_yields_taken_.load(std::memory_order_relaxed); }
@@ -121,8 +123,8 @@ class EventLoop {
 
  private:
   void Loop();
-  // Before the loop sleeps: the yields of SetIdleYields. True when it found work: `*n` ready
-  // file descriptors (or epoll_wait's error), or 0 and posted tasks (or a Stop).
+  // Before the loop waits: the yields of SetIdleYields. True when it found work: `*n` ready
+  // file descriptors (or epoll_wait's error), or 0 and posted tasks, a due timer or a Stop.
   bool YieldForWork(epoll_event* events, int max_events, int* n);
   void Wake();
   void RunPosted();

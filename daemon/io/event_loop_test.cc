@@ -7,11 +7,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "kernel/transport/unique_fd.h"
 
 namespace kvmid {
 namespace {
@@ -294,6 +297,9 @@ TEST(EventLoopTest, EveryPostIsRunWhilePostsRaceTheLoopsWakeUps) {
 // thread) gives up its CPU SetIdleYields times, looking for work after each, then sleeps; any
 // other wake-up sleeps at once. Nothing arrives here, so every yield is taken.
 TEST(EventLoopTest, OnlyAnIterationThatAskedYieldsBeforeTheLoopSleeps) {
+  std::promise<uint64_t> quiet_ran, readable;  // outlive the loop (its tasks and callbacks)
+  kvmi::UniqueFd fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
   EventLoop loop;
   loop.SetIdleYields(3);
   loop.Start("test-loop");
@@ -320,19 +326,45 @@ TEST(EventLoopTest, OnlyAnIterationThatAskedYieldsBeforeTheLoopSleeps) {
   ASSERT_TRUE(WaitAsleep(loop));
   EXPECT_EQ(loop.idle_yields_taken(), 6u);  // WaitAsleep's Post did not ask
 
-  // Work that arrives during the yields is taken without sleeping: a quiet Post (which never
-  // wakes a sleeping loop) made while the loop yields runs; the loop keeps yielding until then.
+  // Work that arrives during the yields ends them: each piece of work below records the yields
+  // taken when it ran, fewer than the budget (had the loop not looked after each yield, it would
+  // have taken them all, then found the work before sleeping).
   loop.SetIdleYields(kMaxYields);
-  std::promise<void> quiet_ran;
-  loop.Post([&] { loop.YieldBeforeSleep(); });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (loop.idle_yields_taken() == 6u && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::yield();
-  }
-  loop.PostQuietly([&] { quiet_ran.set_value(); });
-  const bool ran =
-      quiet_ran.get_future().wait_for(std::chrono::seconds(5)) == std::future_status::ready;
-  EXPECT_TRUE(ran) << "a quiet Post during the yields waited for the loop's next wake-up";
+  auto while_yielding = [&loop](const std::function<void()>& arrive) {
+    const uint64_t before = loop.idle_yields_taken();
+    loop.Post([&loop] { loop.YieldBeforeSleep(); });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (loop.idle_yields_taken() == before && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::yield();
+    }
+    arrive();
+    return before;
+  };
+  // A quiet Post, which never wakes a sleeping loop.
+  uint64_t before = while_yielding(
+      [&] { loop.PostQuietly([&] { quiet_ran.set_value(loop.idle_yields_taken()); }); });
+  std::future<uint64_t> quiet = quiet_ran.get_future();
+  ASSERT_EQ(quiet.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_LT(quiet.get(), before + kMaxYields);
+  ASSERT_TRUE(WaitAsleep(loop));
+  // A watched file descriptor that becomes readable.
+  loop.Post([&] {
+    loop.Watch(fd.get(), EPOLLIN, [&](uint32_t) {
+      uint64_t count;
+      if (::read(fd.get(), &count, sizeof(count)) == sizeof(count)) {
+        readable.set_value(loop.idle_yields_taken());
+      }
+    });
+  });
+  ASSERT_TRUE(WaitAsleep(loop));
+  before = while_yielding([&] {
+    const uint64_t one = 1;
+    ASSERT_EQ(::write(fd.get(), &one, sizeof(one)), static_cast<ssize_t>(sizeof(one)));
+  });
+  std::future<uint64_t> ready = readable.get_future();
+  ASSERT_EQ(ready.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_LT(ready.get(), before + kMaxYields);
+  loop.Post([&] { loop.Unwatch(fd.get()); });
   ASSERT_TRUE(WaitAsleep(loop));
   const uint64_t after = loop.idle_yields_taken();
 
