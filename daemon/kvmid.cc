@@ -365,8 +365,7 @@ absl::Status Daemon::Reload(const LoadedConfig& config) {
        next.allowed_uids != config_.allowed_uids || next.allowed_cids != config_.allowed_cids)) {
     spdlog::warn(
         "reload: listener settings (sockets, io_threads, io_nice, io_idle_yields, cookie, allowed "
-        "peers) changed; "
-        "they take effect at the next restart");
+        "peers) changed; they take effect at the next restart");
   }
   return absl::OkStatus();
 }

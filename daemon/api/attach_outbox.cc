@@ -12,22 +12,20 @@ namespace kvmid::api {
 using grpc::Status;
 
 void AttachOutbox::Send(kvmi::v1::AttachResponse message) {
+  const bool event = message.has_event();
+  EventLoop* const current = EventLoop::Current();
   // A guest's event, from its loop: its verdict comes back from another thread. Before the loop
   // sleeps, it lets the guests it woke run, and takes their events in one wake-up.
-  if (EventLoop* const loop = EventLoop::Current(); loop != nullptr && message.has_event()) {
-    loop->YieldBeforeSleep();
-  }
+  if (event && current != nullptr) current->YieldBeforeSleep();
   EventLoop* cork = nullptr;
   bool start = false;
   {
     MutexLock lock(&mu_);
     if (closed_) return;
     const size_t bytes = message.ByteSizeLong();
-    const bool event = message.has_event();
     backlog_bytes_ += bytes;
     queue_.push_back(Queued{std::move(message), bytes});
     if (writing_ || held_) return;
-    EventLoop* const current = EventLoop::Current();
     if (event && current != nullptr && current == flush_loop_) return;  // goes with that flush
     // Corked: an event from a guest's loop thread waits for the end of the loop's iteration (a
     // few microseconds: the other ready guests' events), then they go as one message. Anything

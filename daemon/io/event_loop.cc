@@ -130,11 +130,7 @@ void EventLoop::Post(Task task) {
 }
 
 void EventLoop::PostHandedOff(Task task) {
-  {
-    MutexLock lock(&posted_mutex_);
-    posted_.push_back(std::move(task));
-    handed_off_posted_ = true;
-  }
+  Push(std::move(task), /*handed_off=*/true);
   if (current_hand_off == nullptr) {
     Wake();
     return;
@@ -155,9 +151,12 @@ EventLoop::HandOff::~HandOff() {
 
 bool EventLoop::HandingOff() { return current_hand_off != nullptr; }
 
-void EventLoop::PostQuietly(Task task) {
+void EventLoop::PostQuietly(Task task) { Push(std::move(task), /*handed_off=*/false); }
+
+void EventLoop::Push(Task task, bool handed_off) {
   MutexLock lock(&posted_mutex_);
   posted_.push_back(std::move(task));
+  if (handed_off) handed_off_posted_ = true;
 }
 
 void EventLoop::RunInLoop(Task task) {

@@ -126,6 +126,8 @@ class EventLoop {
   // Before the loop waits: the yields of SetIdleYields. True when it found work: `*n` ready
   // file descriptors (or epoll_wait's error), or 0 and posted tasks, a due timer or a Stop.
   bool YieldForWork(epoll_event* events, int max_events, int* n);
+  // Queues `task` (no wake-up); `handed_off`: it came through PostHandedOff.
+  void Push(Task task, bool handed_off);
   void Wake();
   void RunPosted();
   bool HasPosted();

@@ -404,9 +404,9 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   Row row{name, rate, 0, 0};
   row.not_by_handler = not_by_handler;
   if (after > before) {
-    row.kvmid_cpu_us = kvmid_usage.cpu_ns / 1e3 / static_cast<double>(after - before);
-    row.kvmid_slices = kvmid_usage.timeslices / static_cast<double>(after - before);
     const double verdicts = static_cast<double>(after - before);
+    row.kvmid_cpu_us = kvmid_usage.cpu_ns / 1e3 / verdicts;
+    row.kvmid_slices = kvmid_usage.timeslices / verdicts;
     row.handler_cpu_us = handler_ns / 1e3 / verdicts;
     row.host_cpu_us = host_ns / 1e3 / verdicts;
     const uint64_t named = kvmid_usage.cpu_ns + handler_ns + host_ns;
