@@ -11,7 +11,10 @@
 // kvmid (kvmid's TCP API serves nothing else to a caller it must authorize), with the same
 // server credentials (daemon/security/credentials.h) and certificates made by openssl at start;
 // the handler's certificate is bound to the admin role. Over UNIX the bench (root) is admin.
-// One vCPU, closed loop, so throughput is 1 / round trip.
+// One vCPU, closed loop, so throughput is 1 / round trip. In each round the echo and the remote
+// verdict are measured in alternating slices (--latency_slices, default 6 of seconds/6: echo then
+// verdict, verdict then echo, ...) and each row's samples pooled, so that both see the same
+// moments of the machine.
 // Then throughput with many waiting vCPUs (--vcpus, default 16 and 256): that many simulated
 // guests with one vCPU each write CR3 in a closed loop, every event claimed by ONE Attach stream
 // whose handler (one thread, sync client) answers CONTINUE as fast as it reads, next to the same
@@ -75,6 +78,12 @@ ABSL_FLAG(bool, consume_on_reply, true,
 ABSL_FLAG(int, io_idle_yields, kvmid::DaemonConfig().io_idle_yields,
           "kvmid's io_idle_yields (yields of its I/O thread before it sleeps)");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
+ABSL_FLAG(
+    int, latency_slices, 6,
+    "each round measures the bare echo and the remote verdict in this many alternating "
+    "slices of seconds/latency_slices (echo first, then the verdict first, in turn) and pools "
+    "their samples, so that both are measured in the same moments of a machine whose speed "
+    "drifts; 1: one window each, the echo first");
 // --vcpus at most; kvmid's limits.max_held_events_per_handler is raised to it (default 128).
 constexpr uint32_t kMaxVcpus = 1000;
 
@@ -160,6 +169,17 @@ struct HandlerTimes {
   std::unordered_map<uint64_t, std::pair<Clock::time_point, Clock::time_point>> by_event;
 };
 
+// The samples of one latency row, pooled over a round's slices.
+struct LatencySamples {
+  std::vector<double> round_trips;  // echo: each round trip (us)
+  // Guest rows: kvmid's verdict time and its halves (us), and the simulator's histogram.
+  std::vector<double> verdicts, outs, backs;
+  kvmi::host::LatencyHistogram guest;
+  uint64_t count = 0;  // round trips (echo) or verdicts (guest)
+  double seconds = 0;  // the windows' total
+  uint64_t not_by_handler = 0;
+};
+
 double Percentile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -242,11 +262,18 @@ std::shared_ptr<grpc::ChannelCredentials> CredentialsFor(const std::string& targ
   return target.rfind("unix:", 0) == 0 ? grpc::InsecureChannelCredentials() : tls.client;
 }
 
-Row MeasureEcho(const std::string& name, const std::string& target, double seconds,
-                const BenchTls& tls) {
+void SampleEcho(const std::string& target, double seconds, const BenchTls& tls,
+                LatencySamples* pool) {
   std::vector<double> rtts =
       kvmid::bench::EchoRoundTrips(target, seconds, CredentialsFor(target, tls));
-  return Row{name, rtts.size() / seconds, Percentile(rtts, 0.5), Percentile(rtts, 0.99)};
+  pool->count += rtts.size();
+  pool->seconds += seconds;
+  pool->round_trips.insert(pool->round_trips.end(), rtts.begin(), rtts.end());
+}
+
+Row EchoRow(const std::string& name, const LatencySamples& pool) {
+  return Row{name, pool.seconds > 0 ? pool.count / pool.seconds : 0,
+             Percentile(pool.round_trips, 0.5), Percentile(pool.round_trips, 0.99)};
 }
 
 // The remote handler: answers every event CONTINUE as soon as it arrives, one thread on one
@@ -309,9 +336,11 @@ void RunHandler(const std::string& target, std::shared_ptr<grpc::ChannelCredenti
 // empty `api_target`: answered by kvmid's policy, else by a remote handler on that API endpoint.
 // `detail`: kvmid's verdict time and its two halves too (an observer and the handler's
 // timestamps: a lock and a map entry per event, so not in the throughput rows).
+// `pool`: the window's samples are added to it too (a latency row measured in slices).
 Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::string& kvmi_socket,
                  const std::string& api_target, double seconds, const BenchTls& tls,
-                 uint32_t guests = 1, bool detail = true, uint32_t max_batch = 0) {
+                 uint32_t guests = 1, bool detail = true, uint32_t max_batch = 0,
+                 LatencySamples* pool = nullptr) {
   // kvmid's own view of each verdict: event received -> reply written. For a remote verdict this
   // is the gRPC round trip to the handler plus kvmid's dispatch, without the guest's side.
   std::mutex latencies_mutex;
@@ -421,6 +450,27 @@ Row MeasureGuest(kvmid::Daemon* daemon, const std::string& name, const std::stri
   row.verdict_p50_us = Percentile(latencies, 0.5);
   row.out_p50_us = Percentile(outs, 0.5);
   row.back_p50_us = Percentile(backs, 0.5);
+  if (pool != nullptr) {
+    pool->count += after - before;
+    pool->seconds += elapsed;
+    pool->not_by_handler += row.not_by_handler;
+    pool->guest.MergeFrom(stats.round_trip);
+    pool->verdicts.insert(pool->verdicts.end(), latencies.begin(), latencies.end());
+    pool->outs.insert(pool->outs.end(), outs.begin(), outs.end());
+    pool->backs.insert(pool->backs.end(), backs.begin(), backs.end());
+  }
+  return row;
+}
+
+// A guest row from its pooled samples.
+Row GuestRow(const std::string& name, const LatencySamples& pool) {
+  Row row{name, pool.seconds > 0 ? pool.count / pool.seconds : 0,
+          static_cast<double>(pool.guest.PercentileMicros(0.5)),
+          static_cast<double>(pool.guest.PercentileMicros(0.99))};
+  row.not_by_handler = pool.not_by_handler;
+  row.verdict_p50_us = Percentile(pool.verdicts, 0.5);
+  row.out_p50_us = Percentile(pool.outs, 0.5);
+  row.back_p50_us = Percentile(pool.backs, 0.5);
   return row;
 }
 
@@ -436,6 +486,7 @@ int main(int argc, char** argv) {
   char dir_template[] = "/tmp/kvmid-rbench-XXXXXX";
   std::string dir = mkdtemp(dir_template);
   const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+  const int slices = std::max(1, absl::GetFlag(FLAGS_latency_slices));
   BenchTls tls;
   if (absl::Status made = tls.Make(); !made.ok()) {
     std::fprintf(stderr, "certificates: %s\n", made.ToString().c_str());
@@ -473,7 +524,8 @@ int main(int argc, char** argv) {
   // servers are built with it off (a bare echo). kvmid serves its own health service and no
   // callback-API method (daemon/api/async_reactor.h); the echo beside a callback service is
   // measured once, after the rounds.
-  auto measure_echo = [&](bool beside_callback, std::vector<Row>* rows) {
+  // The echo over both transports for `secs`, its samples added to pools[0] (unix), [1] (tcp).
+  auto sample_echo = [&](bool beside_callback, double secs, LatencySamples pools[2]) {
     grpc::EnableDefaultHealthCheckService(false);
     EchoService echo;
     CallbackSide side;
@@ -484,11 +536,8 @@ int main(int argc, char** argv) {
     builder.RegisterService(&echo);
     if (beside_callback) builder.RegisterService(&side);
     auto server = builder.BuildAndStart();
-    const std::string what =
-        beside_callback ? "gRPC bidi echo beside a callback service" : "bare gRPC bidi echo";
-    rows->push_back(MeasureEcho(what + ", unix", "unix:" + dir + "/echo.sock", seconds, tls));
-    rows->push_back(
-        MeasureEcho(what + ", tcp (mTLS)", "127.0.0.1:" + std::to_string(port), seconds, tls));
+    SampleEcho("unix:" + dir + "/echo.sock", secs, tls, &pools[0]);
+    SampleEcho("127.0.0.1:" + std::to_string(port), secs, tls, &pools[1]);
     server->Shutdown();
     ::unlink((dir + "/echo.sock").c_str());
   };
@@ -522,9 +571,10 @@ int main(int argc, char** argv) {
     return api;
   };
 
-  // Each round measures every row once, so a remote row is compared with the echo measured
-  // seconds before it (this host's speed drifts). Only the server being measured is up: gRPC's
-  // pollers are process-wide, and an idle server's threads would poll for the measured one.
+  // Each round measures every row, so a remote row is compared with an echo measured in the same
+  // seconds (this host's speed drifts; the latency rows in alternating slices, below). Only the
+  // server being measured is up: gRPC's pollers are process-wide, and an idle server's threads
+  // would poll for the measured one.
   // Per round; [0] unix, [1] tcp.
   std::vector<double> verdict_ratio[2], guest_ratio[2];
   std::vector<Row> last_echo;  // the last round's bare echo, unix and tcp
@@ -532,9 +582,6 @@ int main(int argc, char** argv) {
   std::vector<std::vector<double>> batched_ratio(vcpu_counts.size());
   for (int round = 1; round <= rounds; ++round) {
     const std::string load_before = LoadAverage();
-    std::vector<Row> rows;  // bare echo unix, tcp; remote unix, tcp
-    measure_echo(false, &rows);
-    last_echo.assign(rows.begin(), rows.begin() + 2);
     Row local;
     {
       auto daemon = start_kvmid(dir + "/kvmi-local.sock", /*policy=*/true);
@@ -543,19 +590,36 @@ int main(int argc, char** argv) {
                            dir + "/kvmi-local.sock", "", seconds, tls);
       daemon->Shutdown(std::chrono::milliseconds(0));
     }
-    {
+    // The bare echo and the remote verdict in alternating slices (echo first, then the verdict
+    // first, ...), samples pooled: a drift of this machine's speed within the round falls on both
+    // alike instead of on whichever was measured in the slower seconds.
+    LatencySamples echo_pool[2], remote_pool[2];  // [0] unix, [1] tcp
+    const double slice_seconds = seconds / slices;
+    auto remote_slice = [&]() -> bool {
       auto daemon = start_kvmid(dir + "/kvmi.sock", /*policy=*/false);
-      if (!daemon) return 1;
+      if (!daemon) return false;
       auto api = start_api(daemon.get());
-      if (!api) return 1;
-      rows.push_back(MeasureGuest(daemon.get(), "remote verdict (Attach), unix", dir + "/kvmi.sock",
-                                  "unix:" + dir + "/api.sock", seconds, tls));
-      rows.push_back(MeasureGuest(daemon.get(), "remote verdict (Attach), tcp (mTLS)",
-                                  dir + "/kvmi.sock",
-                                  "127.0.0.1:" + std::to_string(api->tcp_port()), seconds, tls));
+      if (!api) return false;
+      MeasureGuest(daemon.get(), "", dir + "/kvmi.sock", "unix:" + dir + "/api.sock", slice_seconds,
+                   tls, 1, /*detail=*/true, 0, &remote_pool[0]);
+      MeasureGuest(daemon.get(), "", dir + "/kvmi.sock",
+                   "127.0.0.1:" + std::to_string(api->tcp_port()), slice_seconds, tls, 1,
+                   /*detail=*/true, 0, &remote_pool[1]);
       api->Shutdown();
       daemon->Shutdown(std::chrono::milliseconds(0));
+      return true;
+    };
+    for (int slice = 0; slice < slices; ++slice) {
+      if (slice % 2 == 0) sample_echo(false, slice_seconds, echo_pool);
+      if (!remote_slice()) return 1;
+      if (slice % 2 == 1) sample_echo(false, slice_seconds, echo_pool);
     }
+    std::vector<Row> rows = {// bare echo unix, tcp; remote unix, tcp
+                             EchoRow("bare gRPC bidi echo, unix", echo_pool[0]),
+                             EchoRow("bare gRPC bidi echo, tcp (mTLS)", echo_pool[1]),
+                             GuestRow("remote verdict (Attach), unix", remote_pool[0]),
+                             GuestRow("remote verdict (Attach), tcp (mTLS)", remote_pool[1])};
+    last_echo.assign(rows.begin(), rows.begin() + 2);
     // Many waiting vCPUs: the policy path, then one handler over the UNIX socket.
     struct Throughput {
       Row policy, remote, batched;
@@ -687,8 +751,11 @@ int main(int argc, char** argv) {
   }
   if (absl::GetFlag(FLAGS_beside_callback) && !last_echo.empty()) {
     // Last: it starts gRPC's callback threads, which stay for the rest of the process.
-    std::vector<Row> beside;
-    measure_echo(true, &beside);
+    LatencySamples beside_pool[2];
+    sample_echo(true, seconds, beside_pool);
+    const std::vector<Row> beside = {
+        EchoRow("gRPC bidi echo beside a callback service, unix", beside_pool[0]),
+        EchoRow("gRPC bidi echo beside a callback service, tcp (mTLS)", beside_pool[1])};
     std::printf(
         "\nWhat a callback-API service in the process costs (measured once, after the rounds; "
         "vs the last round's bare echo):\n\n| path | p50 (us) | p99 (us) | vs bare echo |\n"
