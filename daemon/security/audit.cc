@@ -325,9 +325,11 @@ AuditArgs SummarizeRequest(const kvmi::v1::SetPageAccessRequest& r) {
 }
 
 AuditArgs SummarizeRequest(const kvmi::v1::SetRegistersRequest& r) {
-  // Which vCPU, never the values.
+  // Which vCPU and which of its events, never the values. event_id 0 (unset): the registers went
+  // to whatever event the vCPU waited with, and the record says so by leaving it out.
   AuditArgs a;
   a.Text("vm", r.vm()).Uint("vcpu", r.vcpu());
+  if (r.event_id() != 0) a.Uint("event_id", r.event_id());
   return a;
 }
 

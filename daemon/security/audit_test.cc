@@ -163,6 +163,10 @@ TEST(SummaryTest, NeverCarriesDataOrRegisterValues) {
   json = ArgsJson(SummarizeRequest(sr));
   EXPECT_EQ(json, R"({"vm":"web-1","vcpu":3})");
   expect_clean(json);
+  sr.set_event_id(700);  // the event the registers are for
+  json = ArgsJson(SummarizeRequest(sr));
+  EXPECT_EQ(json, R"({"vm":"web-1","vcpu":3,"event_id":700})");
+  expect_clean(json);
 
   kvmi::v1::Verdict v;
   v.set_event_id(9);
