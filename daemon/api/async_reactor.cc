@@ -38,6 +38,8 @@ AsyncCall::AsyncCall(AsyncServer* server, AsyncMethod* method, bool closed)
                            bool ok) { static_cast<AsyncCall*>(self)->Completed(Op::kFinish, ok); }),
       closed_tag_(this, [](void* self,
                            bool ok) { static_cast<AsyncCall*>(self)->Completed(Op::kClosed, ok); }),
+      alarm_tag_(this, [](void* self,
+                          bool ok) { static_cast<AsyncCall*>(self)->Completed(Op::kAlarm, ok); }),
       closed_(closed) {}
 
 AsyncCall::~AsyncCall() = default;
@@ -57,6 +59,13 @@ void AsyncCall::RequestCall(
   // only for a call that started.
   if (!closed) StartOp(&closed_tag_, [&](void* tag) { context_.AsyncNotifyWhenDone(tag); });
   StartOp(start_tag(), [&](void* tag) { request(server_->cq_.get(), tag); });
+}
+
+void AsyncCall::SetAlarm(std::chrono::steady_clock::duration after) {
+  // grpc::Alarm takes system_clock deadlines; the duration is what matters.
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::duration_cast<std::chrono::system_clock::duration>(after);
+  StartOp(&alarm_tag_, [&](void* tag) { alarm_.Set(server_->cq_.get(), deadline, tag); });
 }
 
 void AsyncCall::Began() {
@@ -116,6 +125,9 @@ bool AsyncCall::Deliver(Op op, bool ok) {
       break;
     case Op::kClosed:
       if (context_.IsCancelled()) OnCancelled();
+      break;
+    case Op::kAlarm:
+      OnAlarmFired();  // never cancelled: AsyncServer::Stop waits for the calls first
       break;
   }
   bool done = false;

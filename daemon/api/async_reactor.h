@@ -21,6 +21,7 @@
 #ifndef KVMID_DAEMON_API_ASYNC_REACTOR_H_
 #define KVMID_DAEMON_API_ASYNC_REACTOR_H_
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
@@ -79,6 +80,8 @@ class BidiOps {
  public:
   virtual void Read(Request* message) = 0;
   virtual void Write(const Response* message) = 0;
+  virtual void WriteThenRead(const Response* message, Request* request) = 0;
+  virtual void Alarm(std::chrono::steady_clock::duration after) = 0;
   virtual void Finish(const grpc::Status& status) = 0;
   virtual std::function<void()> DeferEnd() = 0;
 
@@ -174,10 +177,22 @@ class BidiReactor {
 
   void StartRead(Request* message) { ops_->Read(message); }
   void StartWrite(const Response* message) { ops_->Write(message); }
+  // StartWrite, then StartRead, both counted as in flight before the write starts (the call
+  // cannot end between them). The read's flow-control update goes out with the write's bytes
+  // instead of alone (gRPC 1.51 announces a stream's window at once when a read starts on a
+  // stream whose window was used: docs/PERFORMANCE.md, design 8).
+  void StartWriteThenRead(const Response* message, Request* request) {
+    ops_->WriteThenRead(message, request);
+  }
+  // OnAlarm runs `after` from now (gRPC rounds up to its millisecond). One alarm at a time: start
+  // the next from OnAlarm or after it. It counts as an operation: OnDone waits for it.
+  void StartAlarm(std::chrono::steady_clock::duration after) { ops_->Alarm(after); }
   void Finish(const grpc::Status& status) { ops_->Finish(status); }
 
   virtual void OnReadDone(bool /*ok*/) {}
   virtual void OnWriteDone(bool /*ok*/) {}
+  // May run while OnReadDone/OnWriteDone run, like those two with each other.
+  virtual void OnAlarm() {}
   virtual void OnCancel() {}
   virtual void OnDone() = 0;
 
@@ -235,7 +250,7 @@ class AsyncCall {
   AsyncCall& operator=(const AsyncCall&) = delete;
 
  protected:
-  enum class Op : uint8_t { kRead, kWrite, kFinish, kClosed };
+  enum class Op : uint8_t { kRead, kWrite, kFinish, kClosed, kAlarm };
   // `closed`: no "done" notification is asked for (unary calls).
   AsyncCall(AsyncServer* server, AsyncMethod* method, bool closed);
   virtual ~AsyncCall();
@@ -254,12 +269,16 @@ class AsyncCall {
   virtual void OnRead(bool /*ok*/) {}
   virtual void OnWrite(bool /*ok*/) {}
   virtual void OnCancelled() {}
+  virtual void OnAlarmFired() {}
   virtual void OnAllDone() {}
 
   void* start_tag() { return &start_tag_; }
   void* read_tag() { return &read_tag_; }
   void* write_tag() { return &write_tag_; }
   void* finish_tag() { return &finish_tag_; }
+  // An alarm on the server's completion queue, `after` from now, counted like an operation
+  // (Began first). The previous one must have been delivered (its tag back from the queue).
+  void SetAlarm(std::chrono::steady_clock::duration after);
 
   // Calls `start(tag)`, which gives gRPC an operation with `tag`. Under TSan (daemon/base/tsan.h)
   // the tag is handed off first, and the library's accesses inside `start` (FillOps; serializing
@@ -312,6 +331,8 @@ class AsyncCall {
   AsyncTag write_tag_;
   AsyncTag finish_tag_;
   AsyncTag closed_tag_;
+  AsyncTag alarm_tag_;
+  grpc::Alarm alarm_;  // set again once delivered (gRPC allows it)
   Mutex mu_;
   bool bound_ ABSL_GUARDED_BY(mu_) = false;
   int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
@@ -439,6 +460,16 @@ class BidiStreamingCall final : public AsyncCall, public BidiOps<Request, Respon
     Began();
     GrpcWrite(&stream_, *message);
   }
+  void WriteThenRead(const Response* message, Request* request) override {
+    Began();
+    Began();
+    GrpcWrite(&stream_, *message);
+    GrpcRead(&stream_, request);
+  }
+  void Alarm(std::chrono::steady_clock::duration after) override {
+    Began();
+    SetAlarm(after);
+  }
   void Finish(const grpc::Status& status) override {
     Began();
     GrpcFinish(&stream_, status);
@@ -461,6 +492,7 @@ class BidiStreamingCall final : public AsyncCall, public BidiOps<Request, Respon
   void OnRead(bool ok) override { reactor_->OnReadDone(ok); }
   void OnWrite(bool ok) override { reactor_->OnWriteDone(ok); }
   void OnCancelled() override { reactor_->OnCancel(); }
+  void OnAlarmFired() override { reactor_->OnAlarm(); }
   void OnAllDone() override { reactor_->OnDone(); }
 
   Method* const method_;

@@ -30,6 +30,9 @@ struct Counters {
   std::atomic<int> cancelled{0};
   std::atomic<int> done{0};
   std::atomic<int> reads{0};
+  std::atomic<int> alarms{0};
+  std::atomic<int> alarms_at_done{-1};  // alarms when OnDone ran
+  std::atomic<int> alarm_ms{0};         // how long after StartAlarm OnAlarm ran
   // Echo's call ends on a thread of its own (KeepCallAfterDone), as Attach's does.
   std::atomic<bool> echo_ends_elsewhere{false};
 };
@@ -128,41 +131,64 @@ class Writer final : public WriteReactor<v1::StreamEventsResponse> {
 };
 
 // Attach as an echo: every Command comes back as a CommandResult with its id, written by a
-// thread of its own while the next read is in flight; half-close ends the call OK.
+// thread of its own while the next read is in flight; half-close ends the call OK once no write
+// is in flight. Command ids from kWriteThenRead: the result is written with StartWriteThenRead
+// (no read in flight until then). From kAfterAlarm: no result; an alarm of kAlarm, with the next
+// read in flight meanwhile (a half-close then finishes the call before the alarm fires).
+constexpr uint64_t kWriteThenRead = 1000;
+constexpr uint64_t kAfterAlarm = 2000;
+constexpr auto kAlarm = std::chrono::milliseconds(20);
+
 class Echo final : public BidiReactor<v1::AttachRequest, v1::AttachResponse> {
  public:
   explicit Echo(Counters* counters) : counters_(counters) { StartRead(&request_); }
   void OnReadDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
     if (!ok) {
-      std::lock_guard<std::mutex> lock(mu_);
       half_closed_ = true;
-      if (!writing_) Finish(grpc::Status::OK);
+      if (writes_ == 0) Finish(grpc::Status::OK);
       return;
     }
     ++counters_->reads;
     const uint64_t id = request_.command().id();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      writing_ = true;
-      if (thread_.joinable()) thread_.join();
-      thread_ = std::thread([this, id] {
-        response_.mutable_command_result()->set_id(id);
-        StartWrite(&response_);
-      });
+    if (id >= kAfterAlarm) {
+      alarm_set_ = std::chrono::steady_clock::now();
+      StartAlarm(kAlarm);
+      StartRead(&request_);
+      return;
     }
+    ++writes_;
+    if (id >= kWriteThenRead) {
+      response_.mutable_command_result()->set_id(id);
+      StartWriteThenRead(&response_, &request_);
+      return;
+    }
+    if (thread_.joinable()) thread_.join();
+    thread_ = std::thread([this, id] {
+      response_.mutable_command_result()->set_id(id);
+      StartWrite(&response_);
+    });
   }
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
-    writing_ = false;
+    --writes_;
     if (!ok) return;
     if (half_closed_) {
-      Finish(grpc::Status::OK);
-    } else {
+      if (writes_ == 0) Finish(grpc::Status::OK);
+    } else if (response_.command_result().id() < kWriteThenRead) {
       StartRead(&request_);  // the next command once this one was answered
     }
   }
+  void OnAlarm() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_->alarm_ms = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                               std::chrono::steady_clock::now() - alarm_set_)
+                                               .count());
+    ++counters_->alarms;
+  }
   void OnCancel() override { ++counters_->cancelled; }
   void OnDone() override {
+    counters_->alarms_at_done = counters_->alarms.load();
     ++counters_->done;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -177,8 +203,9 @@ class Echo final : public BidiReactor<v1::AttachRequest, v1::AttachResponse> {
   v1::AttachRequest request_;
   v1::AttachResponse response_;
   std::mutex mu_;
-  bool writing_ = false;
+  int writes_ = 0;  // in flight
   bool half_closed_ = false;
+  std::chrono::steady_clock::time_point alarm_set_;
   std::thread thread_;
 };
 
@@ -367,6 +394,33 @@ TEST_F(AsyncReactorTest, BidiEchoWithWritesFromAnotherThread) {
   EXPECT_TRUE(WaitUntil([&] { return counters_.done == 1; }));
   EXPECT_EQ(counters_.reads, 100);
   EXPECT_EQ(counters_.cancelled, 0);
+}
+
+// StartWriteThenRead: the read it starts takes the next message. An alarm runs OnAlarm once, not
+// before its time, and the call does not end before it: the client half-closes and the stream
+// finishes while the alarm is pending, OnDone comes after OnAlarm.
+TEST_F(AsyncReactorTest, WriteThenReadAndAnAlarm) {
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  for (uint64_t id = kWriteThenRead + 1; id <= kWriteThenRead + 20; ++id) {
+    v1::AttachRequest request;
+    request.mutable_command()->set_id(id);
+    ASSERT_TRUE(stream->Write(request));
+    v1::AttachResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    EXPECT_EQ(response.command_result().id(), id);
+  }
+  v1::AttachRequest request;
+  request.mutable_command()->set_id(kAfterAlarm + 1);
+  ASSERT_TRUE(stream->Write(request));
+  ASSERT_TRUE(stream->WritesDone());
+  v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_TRUE(WaitUntil([&] { return counters_.done == 1; }));
+  EXPECT_EQ(counters_.alarms_at_done, 1);
+  EXPECT_GE(counters_.alarm_ms, kAlarm.count());
+  EXPECT_EQ(counters_.reads, 21);
 }
 
 TEST_F(AsyncReactorTest, ClientStreamingFinishesWithTheResponse) {

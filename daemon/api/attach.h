@@ -9,6 +9,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -57,6 +58,10 @@ AttachStream* StartAttach(Daemon* daemon, grpc::ServerContextBase* context,
                           const grpc::Status& admitted,
                           std::shared_ptr<AttachGuard> guard = nullptr,
                           StreamLimits* limits = nullptr, const CallContext* call = nullptr);
+
+// Tests only: how long a read deferred after a handler's last verdict waits for the stream's next
+// write (1 ms in kvmid).
+void SetAttachReadDeferralForTesting(std::chrono::microseconds deferral);
 
 }  // namespace kvmid::api
 

@@ -230,6 +230,11 @@ std::shared_ptr<Guest> StreamHandler::GuestOf(uint64_t event_id) {
   return it == pending_.end() ? nullptr : it->second.ctx.guest;
 }
 
+bool StreamHandler::HoldsOnly(uint64_t event_id) {
+  MutexLock lock(&mu_);
+  return pending_.size() == 1 && pending_.begin()->first == event_id;
+}
+
 void StreamHandler::Close() {
   std::map<uint64_t, Pending> dying;
   {

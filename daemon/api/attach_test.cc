@@ -1,5 +1,7 @@
 // The Attach stream through a real server: claims, remote verdicts, inline commands owned by the
 // stream, half-close and cancellation.
+#include "daemon/api/attach.h"
+
 #include <set>
 #include <vector>
 
@@ -305,6 +307,63 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
            kvmi::DecodePayload(kvmi::ByteView(m.payload), &r).ok() && r.entries.size() == 1 &&
            r.entries[0].gpa == 0x7000 && r.entries[0].access == KVMI_PAGE_ACCESS_RWX;
   }));
+}
+
+// After the handler's last held event is answered kvmid starts its next read with its next write
+// (design 8 in docs/PERFORMANCE.md), or when the deferral's alarm fires (here 1.5 s instead of
+// 1 ms, to tell the two apart): a verdict for an event written meanwhile is read with that
+// write, at once; a command sent while kvmid writes nothing is read when the alarm fires, and so
+// is a half-close.
+TEST_F(ApiTest, TheReadAfterAHandlersLastVerdictStartsWithTheNextWriteOrItsAlarm) {
+  constexpr auto kDeferral = std::chrono::milliseconds(1500);
+  api::SetAttachReadDeferralForTesting(kDeferral);
+  ScriptedHost* host = Connect(19, "lastverdict");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::Claim claim;
+  claim.set_handler_id("last");
+  claim.add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
+  claim.set_deadline_ms(5000);
+  ClaimOn(stream.get(), claim);
+  // The time from the verdict's write to its reply reaching the guest.
+  auto answer_one = [&](uint16_t vcpu, uint32_t seq) -> Clock::duration {
+    host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, seq));
+    kvmi::v1::AttachResponse response;
+    EXPECT_TRUE(stream->Read(&response));
+    EXPECT_TRUE(response.has_event());
+    kvmi::v1::AttachRequest verdict;
+    verdict.mutable_verdict()->set_event_id(response.event().id());
+    verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
+    auto sent = Clock::now();
+    EXPECT_TRUE(stream->Write(verdict));
+    EXPECT_TRUE(host->WaitFor([seq](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+    }));
+    return Clock::now() - sent;
+  };
+  answer_one(0, 5);  // the read after it waits
+  // The next event's write starts it: this verdict is read at once, not after the alarm.
+  EXPECT_LT(answer_one(1, 6), kDeferral / 2);
+  kvmi::v1::AttachRequest regs;
+  regs.mutable_command()->set_id(7);
+  regs.mutable_command()->mutable_get_registers()->set_vm("lastverdict");
+  auto sent = Clock::now();
+  ASSERT_TRUE(stream->Write(regs));
+  kvmi::v1::AttachResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_command_result()) << response.DebugString();
+  EXPECT_EQ(response.command_result().id(), 7u);
+  EXPECT_EQ(response.command_result().code(), 0);
+  EXPECT_GE(Clock::now() - sent, kDeferral / 2);  // read when the alarm fired
+
+  answer_one(2, 8);
+  ASSERT_TRUE(stream->WritesDone());
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
+  api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1));
 }
 
 TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
