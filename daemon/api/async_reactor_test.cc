@@ -378,10 +378,11 @@ TEST_F(AsyncReactorTest, ClientCancelsAStreamThatNeverWrites) {
   EXPECT_TRUE(WaitUntil([&] { return async_->live_calls() == kArmed; }));
 }
 
-TEST_F(AsyncReactorTest, BidiEchoWithWritesFromAnotherThread) {
-  grpc::ClientContext ctx;
-  auto stream = stub_->Attach(&ctx);
-  for (uint64_t id = 1; id <= 100; ++id) {
+// Sends commands `first`..`last` on an Attach stream served by Echo, each after the last one's
+// result came back with its id.
+void EchoCommands(grpc::ClientReaderWriter<v1::AttachRequest, v1::AttachResponse>* stream,
+                  uint64_t first, uint64_t last) {
+  for (uint64_t id = first; id <= last; ++id) {
     v1::AttachRequest request;
     request.mutable_command()->set_id(id);
     ASSERT_TRUE(stream->Write(request));
@@ -389,6 +390,12 @@ TEST_F(AsyncReactorTest, BidiEchoWithWritesFromAnotherThread) {
     ASSERT_TRUE(stream->Read(&response));
     EXPECT_EQ(response.command_result().id(), id);
   }
+}
+
+TEST_F(AsyncReactorTest, BidiEchoWithWritesFromAnotherThread) {
+  grpc::ClientContext ctx;
+  auto stream = stub_->Attach(&ctx);
+  EchoCommands(stream.get(), 1, 100);
   ASSERT_TRUE(stream->WritesDone());
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_TRUE(WaitUntil([&] { return counters_.done == 1; }));
@@ -402,14 +409,7 @@ TEST_F(AsyncReactorTest, BidiEchoWithWritesFromAnotherThread) {
 TEST_F(AsyncReactorTest, WriteThenReadAndAnAlarm) {
   grpc::ClientContext ctx;
   auto stream = stub_->Attach(&ctx);
-  for (uint64_t id = kWriteThenRead + 1; id <= kWriteThenRead + 20; ++id) {
-    v1::AttachRequest request;
-    request.mutable_command()->set_id(id);
-    ASSERT_TRUE(stream->Write(request));
-    v1::AttachResponse response;
-    ASSERT_TRUE(stream->Read(&response));
-    EXPECT_EQ(response.command_result().id(), id);
-  }
+  EchoCommands(stream.get(), kWriteThenRead + 1, kWriteThenRead + 20);
   v1::AttachRequest request;
   request.mutable_command()->set_id(kAfterAlarm + 1);
   ASSERT_TRUE(stream->Write(request));
