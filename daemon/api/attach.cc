@@ -159,18 +159,16 @@ class AttachReactor final : public AttachStream {
       Status s = Claim(request_.claim());
       if (!s.ok()) return Stop(s);
     } else if (request_.has_verdict()) {
-      if (reader_handler_->HoldsOnly(request_.verdict().event_id())) {
-        // The handler's last held event: its next message is no verdict kvmid waits for, so the
-        // next read starts with the stream's next write (or OnAlarm), and gRPC's window update
-        // for this verdict goes out with that write instead of alone (design 8 in
-        // docs/PERFORMANCE.md: one TCP send and one handler wake-up less per verdict).
-        const kvmi::v1::Verdict verdict = request_.verdict();
-        const uint64_t writes = writes_.load();
-        AnswerVerdict(verdict);
+      // The handler's last held event answered: its next message is no verdict kvmid waits for,
+      // so the next read starts with the stream's next write (or OnAlarm), and gRPC's window
+      // update for this verdict goes out with that write instead of alone (design 8 in
+      // docs/PERFORMANCE.md: one TCP send and one handler wake-up less per verdict). No read
+      // can start before DeferRead, so request_ is still this verdict's while it is answered.
+      const uint64_t writes = writes_.load();
+      if (AnswerVerdict(request_.verdict())) {
         DeferRead(writes);
         return;
       }
-      AnswerVerdict(request_.verdict());
     } else if (request_.has_verdicts()) {
       const auto& verdicts = request_.verdicts().verdicts();
       if (verdicts.size() > kMaxVerdictBatch) {
@@ -296,7 +294,8 @@ class AttachReactor final : public AttachStream {
 
   // A verdict that CRASHes its guest needs admin there: refused, the event keeps waiting for
   // another verdict or its deadline (then its fallback). Other verdicts go straight through.
-  void AnswerVerdict(const kvmi::v1::Verdict& verdict) {
+  // Returns whether the handler holds no event now.
+  bool AnswerVerdict(const kvmi::v1::Verdict& verdict) {
     if (guard_ && verdict.action() == kvmi::v1::ACTION_CRASH) {
       // Not pending: Answer says so.
       if (std::shared_ptr<Guest> guest = reader_handler_->GuestOf(verdict.event_id())) {
@@ -306,11 +305,11 @@ class AttachReactor final : public AttachStream {
           refused.mutable_error()->set_event_id(verdict.event_id());
           refused.mutable_error()->set_message(admitted.error_message());
           outbox_->Send(std::move(refused));
-          return;
+          return false;
         }
       }
     }
-    reader_handler_->Answer(verdict);
+    return reader_handler_->Answer(verdict);
   }
 
   // Every message the stream writes goes through here (the outbox's StartWrite). A read the last

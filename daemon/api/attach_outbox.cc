@@ -193,10 +193,11 @@ void StreamHandler::OnBlockingEvent(const EventContext& ctx, VerdictPromise prom
   outbox_->Send(std::move(message));
 }
 
-void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
+bool StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
   std::string error;
   VerdictPromise promise;
   Verdict v;
+  bool holds_none = false;
   {
     MutexLock lock(&mu_);
     auto it = pending_.find(verdict.event_id());
@@ -209,6 +210,7 @@ void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
       promise = std::move(it->second.promise);
       pending_.erase(it);
     }
+    holds_none = pending_.empty();
   }
   // Outside the lock: answering writes the reply and runs the observers, and the guest's loop
   // must not wait for that to hand this stream its next event.
@@ -222,17 +224,13 @@ void StreamHandler::Answer(const kvmi::v1::Verdict& verdict) {
     message.mutable_error()->set_message(error);
     outbox_->Send(std::move(message));
   }
+  return holds_none;
 }
 
 std::shared_ptr<Guest> StreamHandler::GuestOf(uint64_t event_id) {
   MutexLock lock(&mu_);
   auto it = pending_.find(event_id);
   return it == pending_.end() ? nullptr : it->second.ctx.guest;
-}
-
-bool StreamHandler::HoldsOnly(uint64_t event_id) {
-  MutexLock lock(&mu_);
-  return pending_.size() == 1 && pending_.begin()->first == event_id;
 }
 
 void StreamHandler::Close() {

@@ -111,12 +111,11 @@ class StreamHandler : public VerdictHandler {
   std::string id() const override { return id_; }
 
   void OnBlockingEvent(const EventContext& ctx, VerdictPromise promise) override;
-  // A verdict from the client; errors go back on the stream.
-  void Answer(const kvmi::v1::Verdict& verdict);
+  // A verdict from the client; errors go back on the stream. Returns whether the handler holds no
+  // event now (it has no verdict left to give).
+  bool Answer(const kvmi::v1::Verdict& verdict);
   // The guest of pending event `event_id` (authorization of a verdict); null if not pending.
   std::shared_ptr<Guest> GuestOf(uint64_t event_id);
-  // Whether `event_id` is the only event the handler holds (it has no other verdict to give).
-  bool HoldsOnly(uint64_t event_id);
   // The stream is over: every unanswered event falls back now (the promises die outside the
   // lock, their fallback runs on the guests' loops), and later events are refused at once.
   void Close();

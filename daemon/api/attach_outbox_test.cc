@@ -435,7 +435,7 @@ TEST(StreamHandlerTest, AnEventIsSentWithoutItsVerdictAndAClosedHandlerSendsNoth
   kvmi::v1::Verdict keep_old;
   keep_old.set_event_id(7);
   keep_old.set_action(kvmi::v1::ACTION_KEEP_OLD);
-  handler->Answer(keep_old);
+  EXPECT_FALSE(handler->Answer(keep_old));  // event 7 still held
   ASSERT_TRUE(stream.last().has_error());
   EXPECT_THAT(stream.last().error().message(), HasSubstr("KEEP_OLD"));
   // ... and the event still waits for a verdict it can take, which takes it.
@@ -444,7 +444,7 @@ TEST(StreamHandlerTest, AnEventIsSentWithoutItsVerdictAndAClosedHandlerSendsNoth
   kvmi::v1::Verdict proceed;
   proceed.set_event_id(7);
   proceed.set_action(kvmi::v1::ACTION_CONTINUE);
-  handler->Answer(proceed);
+  EXPECT_TRUE(handler->Answer(proceed));  // the last one held
   EXPECT_EQ(handler->GuestOf(7), nullptr);
   EXPECT_EQ(stream.in_flight(), 0);  // no error for a verdict taken
 
