@@ -177,10 +177,20 @@ class AttachReactor final : public AttachStream {
             "at most " + std::to_string(kMaxVerdictBatch) + " verdicts per message"));
       }
       // Several verdicts: the guests' loops write them (HandOff), each loop woken once, after the
-      // last verdict of the message was taken (each is checked and answered in turn first).
-      std::optional<EventLoop::HandOff> hand_off;
-      if (verdicts.size() > 1) hand_off.emplace();
-      for (const kvmi::v1::Verdict& verdict : verdicts) AnswerVerdict(verdict);
+      // last verdict of the message was taken (each is checked and answered in turn first). If
+      // the last one leaves the handler holding no event, the next read is deferred as after a
+      // single verdict (the loops are woken first: their replies bring the next events).
+      const uint64_t writes = writes_.load();
+      bool holds_none = false;
+      {
+        std::optional<EventLoop::HandOff> hand_off;
+        if (verdicts.size() > 1) hand_off.emplace();
+        for (const kvmi::v1::Verdict& verdict : verdicts) holds_none = AnswerVerdict(verdict);
+      }
+      if (holds_none) {
+        DeferRead(writes);
+        return;
+      }
     } else if (request_.has_command()) {
       QueueCommand(std::move(*request_.mutable_command()));
     } else if (request_.has_claim()) {

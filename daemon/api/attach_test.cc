@@ -366,6 +366,95 @@ TEST_F(ApiTest, TheReadAfterAHandlersLastVerdictStartsWithTheNextWriteOrItsAlarm
   api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1));
 }
 
+TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextReadToo) {
+  constexpr auto kDeferral = std::chrono::milliseconds(1500);
+  api::SetAttachReadDeferralForTesting(kDeferral);
+  ScriptedHost* host = Connect(20, "lastbatch");
+  host->set_responder(RichResponder());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub_->Attach(&ctx);
+  kvmi::v1::Claim claim;
+  claim.set_handler_id("lastbatch");
+  claim.add_events(kvmi::v1::EVENT_TYPE_BREAKPOINT);
+  claim.set_deadline_ms(5000);
+  claim.set_max_batch(8);
+  ClaimOn(stream.get(), claim);
+  // Events of vCPUs 0..n-1 (seq first_seq + vCPU), read however kvmid batched them.
+  auto read_events = [&](uint32_t first_seq, uint16_t n) {
+    for (uint16_t vcpu = 0; vcpu < n; ++vcpu) {
+      host->SendEvent(MakeTestEvent(KVMI_EVENT_BREAKPOINT, vcpu, first_seq + vcpu));
+    }
+    std::vector<uint64_t> ids;
+    kvmi::v1::AttachResponse response;
+    while (ids.size() < n && stream->Read(&response)) {
+      if (response.has_event()) ids.push_back(response.event().id());
+      for (const kvmi::v1::Event& event : response.events().events()) ids.push_back(event.id());
+    }
+    EXPECT_EQ(ids.size(), n);
+    return ids;
+  };
+  auto verdicts = [](std::vector<uint64_t> ids) {
+    kvmi::v1::AttachRequest request;
+    for (uint64_t id : ids) {
+      kvmi::v1::Verdict* verdict = request.mutable_verdicts()->add_verdicts();
+      verdict->set_event_id(id);
+      verdict->set_action(kvmi::v1::ACTION_CONTINUE);
+    }
+    return request;
+  };
+  // The time a command takes to be answered: long only if its read waited for the alarm.
+  auto command = [&](uint64_t id) -> Clock::duration {
+    kvmi::v1::AttachRequest regs;
+    regs.mutable_command()->set_id(id);
+    regs.mutable_command()->mutable_get_registers()->set_vm("lastbatch");
+    auto sent = Clock::now();
+    EXPECT_TRUE(stream->Write(regs));
+    kvmi::v1::AttachResponse response;
+    EXPECT_TRUE(stream->Read(&response));
+    EXPECT_EQ(response.command_result().id(), id) << response.DebugString();
+    EXPECT_EQ(response.command_result().code(), 0);
+    return Clock::now() - sent;
+  };
+  auto replied = [&](uint32_t seq) {
+    return host->WaitFor([seq](const ReceivedMessage& m) {
+      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+    });
+  };
+
+  std::vector<uint64_t> ids = read_events(10, 2);
+  ASSERT_EQ(ids.size(), 2u);
+  // A batch that leaves an event held: the next read starts at once.
+  ASSERT_TRUE(stream->Write(verdicts({ids[0]})));
+  EXPECT_LT(command(1), kDeferral / 2);
+  // The batch that answers the last held event: the next read waits for a write or the alarm.
+  ASSERT_TRUE(stream->Write(verdicts({ids[1]})));
+  EXPECT_TRUE(replied(10));
+  EXPECT_TRUE(replied(11));
+  EXPECT_GE(command(2), kDeferral / 2);
+
+  // Both events answered in one batch (the guests' loops write the replies): the next event's
+  // write starts the read, so its verdict is read at once.
+  ids = read_events(20, 2);
+  ASSERT_EQ(ids.size(), 2u);
+  ASSERT_TRUE(stream->Write(verdicts(ids)));
+  EXPECT_TRUE(replied(20));
+  EXPECT_TRUE(replied(21));
+  ids = read_events(30, 1);
+  ASSERT_EQ(ids.size(), 1u);
+  auto sent = Clock::now();
+  ASSERT_TRUE(stream->Write(verdicts(ids)));
+  EXPECT_TRUE(replied(30));
+  EXPECT_LT(Clock::now() - sent, kDeferral / 2);
+
+  ASSERT_TRUE(stream->WritesDone());
+  kvmi::v1::AttachResponse response;
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
+  api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1));
+}
+
 TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
   ScriptedHost* host = Connect(17, "halfclosed");
   host->set_responder(RichResponder());

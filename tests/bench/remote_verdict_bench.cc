@@ -26,6 +26,7 @@
 // Prints tables (docs/PERFORMANCE.md) with the CPU model and the load average of the machine.
 //
 //   bazel run -c opt //tests/bench:remote_verdict_bench -- --seconds=3 --rounds=3
+// (--nolatency --vcpus=16: the 16-vCPU throughput rows alone, e.g. under a profiler.)
 #include <absl/flags/flag.h>
 #include <absl/flags/parse.h>
 #include <absl/strings/numbers.h>
@@ -77,6 +78,9 @@ ABSL_FLAG(bool, consume_on_reply, true,
           "host's receive thread per event instead of two); false: it takes them when it reads");
 ABSL_FLAG(int, io_idle_yields, kvmid::DaemonConfig().io_idle_yields,
           "kvmid's io_idle_yields (yields of its I/O thread before it sleeps)");
+ABSL_FLAG(bool, latency, true,
+          "measure the latency rows (1 vCPU: the local policy, the bare echo and the remote "
+          "verdict); false: only the throughput table (--vcpus)");
 ABSL_FLAG(int, rounds, 3, "rounds; each measures every row once (the summary takes the median)");
 ABSL_FLAG(
     int, latency_slices, 6,
@@ -583,43 +587,45 @@ int main(int argc, char** argv) {
   for (int round = 1; round <= rounds; ++round) {
     const std::string load_before = LoadAverage();
     Row local;
-    {
-      auto daemon = start_kvmid(dir + "/kvmi-local.sock", /*policy=*/true);
-      if (!daemon) return 1;
-      local = MeasureGuest(daemon.get(), "local policy verdict (no remote hop)",
-                           dir + "/kvmi-local.sock", "", seconds, tls);
-      daemon->Shutdown(std::chrono::milliseconds(0));
+    std::vector<Row> rows;  // bare echo unix, tcp; remote unix, tcp
+    if (absl::GetFlag(FLAGS_latency)) {
+      {
+        auto daemon = start_kvmid(dir + "/kvmi-local.sock", /*policy=*/true);
+        if (!daemon) return 1;
+        local = MeasureGuest(daemon.get(), "local policy verdict (no remote hop)",
+                             dir + "/kvmi-local.sock", "", seconds, tls);
+        daemon->Shutdown(std::chrono::milliseconds(0));
+      }
+      // The bare echo and the remote verdict in alternating slices (echo first, then the verdict
+      // first, ...), samples pooled: a drift of this machine's speed within the round falls on both
+      // alike instead of on whichever was measured in the slower seconds.
+      LatencySamples echo_pool[2], remote_pool[2];  // [0] unix, [1] tcp
+      const double slice_seconds = seconds / slices;
+      auto remote_slice = [&]() -> bool {
+        auto daemon = start_kvmid(dir + "/kvmi.sock", /*policy=*/false);
+        if (!daemon) return false;
+        auto api = start_api(daemon.get());
+        if (!api) return false;
+        MeasureGuest(daemon.get(), "", dir + "/kvmi.sock", "unix:" + dir + "/api.sock",
+                     slice_seconds, tls, 1, /*detail=*/true, 0, &remote_pool[0]);
+        MeasureGuest(daemon.get(), "", dir + "/kvmi.sock",
+                     "127.0.0.1:" + std::to_string(api->tcp_port()), slice_seconds, tls, 1,
+                     /*detail=*/true, 0, &remote_pool[1]);
+        api->Shutdown();
+        daemon->Shutdown(std::chrono::milliseconds(0));
+        return true;
+      };
+      for (int slice = 0; slice < slices; ++slice) {
+        if (slice % 2 == 0) sample_echo(false, slice_seconds, echo_pool);
+        if (!remote_slice()) return 1;
+        if (slice % 2 == 1) sample_echo(false, slice_seconds, echo_pool);
+      }
+      rows = {EchoRow("bare gRPC bidi echo, unix", echo_pool[0]),
+              EchoRow("bare gRPC bidi echo, tcp (mTLS)", echo_pool[1]),
+              GuestRow("remote verdict (Attach), unix", remote_pool[0]),
+              GuestRow("remote verdict (Attach), tcp (mTLS)", remote_pool[1])};
+      last_echo.assign(rows.begin(), rows.begin() + 2);
     }
-    // The bare echo and the remote verdict in alternating slices (echo first, then the verdict
-    // first, ...), samples pooled: a drift of this machine's speed within the round falls on both
-    // alike instead of on whichever was measured in the slower seconds.
-    LatencySamples echo_pool[2], remote_pool[2];  // [0] unix, [1] tcp
-    const double slice_seconds = seconds / slices;
-    auto remote_slice = [&]() -> bool {
-      auto daemon = start_kvmid(dir + "/kvmi.sock", /*policy=*/false);
-      if (!daemon) return false;
-      auto api = start_api(daemon.get());
-      if (!api) return false;
-      MeasureGuest(daemon.get(), "", dir + "/kvmi.sock", "unix:" + dir + "/api.sock", slice_seconds,
-                   tls, 1, /*detail=*/true, 0, &remote_pool[0]);
-      MeasureGuest(daemon.get(), "", dir + "/kvmi.sock",
-                   "127.0.0.1:" + std::to_string(api->tcp_port()), slice_seconds, tls, 1,
-                   /*detail=*/true, 0, &remote_pool[1]);
-      api->Shutdown();
-      daemon->Shutdown(std::chrono::milliseconds(0));
-      return true;
-    };
-    for (int slice = 0; slice < slices; ++slice) {
-      if (slice % 2 == 0) sample_echo(false, slice_seconds, echo_pool);
-      if (!remote_slice()) return 1;
-      if (slice % 2 == 1) sample_echo(false, slice_seconds, echo_pool);
-    }
-    std::vector<Row> rows = {// bare echo unix, tcp; remote unix, tcp
-                             EchoRow("bare gRPC bidi echo, unix", echo_pool[0]),
-                             EchoRow("bare gRPC bidi echo, tcp (mTLS)", echo_pool[1]),
-                             GuestRow("remote verdict (Attach), unix", remote_pool[0]),
-                             GuestRow("remote verdict (Attach), tcp (mTLS)", remote_pool[1])};
-    last_echo.assign(rows.begin(), rows.begin() + 2);
     // Many waiting vCPUs: the policy path, then one handler over the UNIX socket.
     struct Throughput {
       Row policy, remote, batched;
@@ -658,29 +664,31 @@ int main(int argc, char** argv) {
     // the floor for.
     std::printf("\nround %d of %d (load average before: %s; after: %s)\n", round, rounds,
                 load_before.c_str(), LoadAverage().c_str());
-    std::printf(
-        "| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
-        "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 "
-        "(us) |\n");
-    std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(),
-                local.per_second, local.p50_us, local.p99_us, local.verdict_p50_us);
-    auto print_echo = [&](const Row& r, const Row& bare) {
-      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | | |\n", r.what.c_str(),
-                  r.per_second, r.p50_us, r.p99_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0,
-                  r.p50_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0);
-    };
-    for (int t = 0; t < 2; ++t) print_echo(rows[t], rows[t]);
-    for (int t = 0; t < 2; ++t) {
-      const Row& r = rows[2 + t];
-      const Row& echo_row = rows[t];  // unix rows pair with unix echo, tcp with tcp
-      double guest_vs_echo = echo_row.p50_us > 0 ? r.p50_us / echo_row.p50_us : 0.0;
-      double verdict_vs_echo = echo_row.p50_us > 0 ? r.verdict_p50_us / echo_row.p50_us : 0.0;
-      std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | %.1f | %.1f |\n",
-                  r.what.c_str(), r.per_second, r.p50_us, r.p99_us, guest_vs_echo, r.verdict_p50_us,
-                  verdict_vs_echo, r.out_p50_us, r.back_p50_us);
-      verdict_ratio[t].push_back(verdict_vs_echo);
-      guest_ratio[t].push_back(guest_vs_echo);
+    if (!rows.empty()) {
+      std::printf(
+          "| path | round trips/s | guest p50 (us) | guest p99 (us) | p50 vs echo | verdict in "
+          "kvmid p50 (us) | verdict vs echo | kvmid -> handler p50 (us) | handler -> reply p50 "
+          "(us) |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::printf("| %s | %.0f | %.0f | %.0f | | %.1f | | | |\n", local.what.c_str(),
+                  local.per_second, local.p50_us, local.p99_us, local.verdict_p50_us);
+      auto print_echo = [&](const Row& r, const Row& bare) {
+        std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | | |\n", r.what.c_str(),
+                    r.per_second, r.p50_us, r.p99_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0,
+                    r.p50_us, bare.p50_us > 0 ? r.p50_us / bare.p50_us : 0);
+      };
+      for (int t = 0; t < 2; ++t) print_echo(rows[t], rows[t]);
+      for (int t = 0; t < 2; ++t) {
+        const Row& r = rows[2 + t];
+        const Row& echo_row = rows[t];  // unix rows pair with unix echo, tcp with tcp
+        double guest_vs_echo = echo_row.p50_us > 0 ? r.p50_us / echo_row.p50_us : 0.0;
+        double verdict_vs_echo = echo_row.p50_us > 0 ? r.verdict_p50_us / echo_row.p50_us : 0.0;
+        std::printf("| %s | %.0f | %.0f | %.0f | %.2fx | %.1f | %.2fx | %.1f | %.1f |\n",
+                    r.what.c_str(), r.per_second, r.p50_us, r.p99_us, guest_vs_echo,
+                    r.verdict_p50_us, verdict_vs_echo, r.out_p50_us, r.back_p50_us);
+        verdict_ratio[t].push_back(verdict_vs_echo);
+        guest_ratio[t].push_back(guest_vs_echo);
+      }
     }
     if (!throughput.empty()) {
       std::printf(
@@ -738,7 +746,7 @@ int main(int argc, char** argv) {
       rounds);
   std::printf("|---|---:|---:|\n");
   const char* transports[2] = {"unix", "tcp (mTLS)"};
-  for (int t = 0; t < 2; ++t) {
+  for (int t = 0; t < 2 && !verdict_ratio[t].empty(); ++t) {
     std::printf("| remote verdict, %s | %.2fx | %.2fx |\n", transports[t],
                 Percentile(verdict_ratio[t], 0.5), Percentile(guest_ratio[t], 0.5));
   }
