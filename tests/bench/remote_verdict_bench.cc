@@ -742,20 +742,27 @@ int main(int argc, char** argv) {
       "bounds ~19%% wide)\n");
   std::printf(
       "\n| median over %d rounds | verdict in kvmid vs bare echo (target <= 1.20x) | guest p50 "
-      "vs bare echo |\n",
+      "vs bare echo | target met (exact ratio) |\n",
       rounds);
-  std::printf("|---|---:|---:|\n");
+  std::printf("|---|---:|---:|---|\n");
+  // The verdict: on the unrounded medians (a printed 0.50x may be 0.497).
+  auto met = [](bool ok) { return ok ? "yes" : "**no**"; };
   const char* transports[2] = {"unix", "tcp (mTLS)"};
   for (int t = 0; t < 2 && !verdict_ratio[t].empty(); ++t) {
-    std::printf("| remote verdict, %s | %.2fx | %.2fx |\n", transports[t],
-                Percentile(verdict_ratio[t], 0.5), Percentile(guest_ratio[t], 0.5));
+    const double ratio = Percentile(verdict_ratio[t], 0.5);
+    std::printf("| remote verdict, %s | %.2fx | %.2fx | %s (%.3f) |\n", transports[t], ratio,
+                Percentile(guest_ratio[t], 0.5), met(ratio <= 1.2), ratio);
   }
   for (size_t i = 0; i < vcpu_counts.size(); ++i) {
-    std::printf("| %u waiting vCPUs: remote throughput vs policy (target >= 0.50x) | %.2fx | |\n",
-                vcpu_counts[i], Percentile(throughput_ratio[i], 0.5));
     std::printf(
-        "| %u waiting vCPUs: remote throughput, batched, vs policy (target >= 0.50x) | %.2fx | |\n",
-        vcpu_counts[i], Percentile(batched_ratio[i], 0.5));
+        "| %u waiting vCPUs: remote throughput, one event per message, vs policy | %.2fx | | "
+        "|\n",
+        vcpu_counts[i], Percentile(throughput_ratio[i], 0.5));
+    const double batched = Percentile(batched_ratio[i], 0.5);
+    std::printf(
+        "| %u waiting vCPUs: remote throughput, batched, vs policy (target >= 0.50x) | %.2fx | | "
+        "%s (%.3f) |\n",
+        vcpu_counts[i], batched, met(batched >= 0.5), batched);
   }
   if (absl::GetFlag(FLAGS_beside_callback) && !last_echo.empty()) {
     // Last: it starts gRPC's callback threads, which stay for the rest of the process.
