@@ -309,6 +309,18 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
   }));
 }
 
+// The deferral of the read after a handler's last verdict, set for one test and back to its
+// default (1 ms) when the test ends, also when an ASSERT ended it early.
+class ScopedReadDeferral {
+ public:
+  explicit ScopedReadDeferral(std::chrono::microseconds deferral) {
+    api::SetAttachReadDeferralForTesting(deferral);
+  }
+  ~ScopedReadDeferral() { api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1)); }
+  ScopedReadDeferral(const ScopedReadDeferral&) = delete;
+  ScopedReadDeferral& operator=(const ScopedReadDeferral&) = delete;
+};
+
 // After the handler's last held event is answered kvmid starts its next read with its next write
 // (design 8 in docs/PERFORMANCE.md), or when the deferral's alarm fires (here 1.5 s instead of
 // 1 ms, to tell the two apart): a verdict for an event written meanwhile is read with that
@@ -316,7 +328,7 @@ TEST_F(ApiTest, AttachCarriesInlineCommandsOwnedByTheStream) {
 // is a half-close.
 TEST_F(ApiTest, TheReadAfterAHandlersLastVerdictStartsWithTheNextWriteOrItsAlarm) {
   constexpr auto kDeferral = std::chrono::milliseconds(1500);
-  api::SetAttachReadDeferralForTesting(kDeferral);
+  ScopedReadDeferral deferral(kDeferral);
   ScriptedHost* host = Connect(19, "lastverdict");
   host->set_responder(RichResponder());
   grpc::ClientContext ctx;
@@ -363,12 +375,11 @@ TEST_F(ApiTest, TheReadAfterAHandlersLastVerdictStartsWithTheNextWriteOrItsAlarm
   EXPECT_FALSE(stream->Read(&response));
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
-  api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1));
 }
 
 TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextReadToo) {
   constexpr auto kDeferral = std::chrono::milliseconds(1500);
-  api::SetAttachReadDeferralForTesting(kDeferral);
+  ScopedReadDeferral deferral(kDeferral);
   ScriptedHost* host = Connect(20, "lastbatch");
   host->set_responder(RichResponder());
   grpc::ClientContext ctx;
@@ -394,7 +405,7 @@ TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextRead
     EXPECT_EQ(ids.size(), n);
     return ids;
   };
-  auto verdicts = [](std::vector<uint64_t> ids) {
+  auto verdicts = [](const std::vector<uint64_t>& ids) {
     kvmi::v1::AttachRequest request;
     for (uint64_t id : ids) {
       kvmi::v1::Verdict* verdict = request.mutable_verdicts()->add_verdicts();
@@ -433,18 +444,24 @@ TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextRead
   EXPECT_TRUE(replied(11));
   EXPECT_GE(command(2), kDeferral / 2);
 
-  // Both events answered in one batch (the guests' loops write the replies): the next event's
-  // write starts the read, so its verdict is read at once.
+  // Both events answered in one batch (the guests' loops write the replies, HandOff): the same.
   ids = read_events(20, 2);
   ASSERT_EQ(ids.size(), 2u);
   ASSERT_TRUE(stream->Write(verdicts(ids)));
   EXPECT_TRUE(replied(20));
   EXPECT_TRUE(replied(21));
-  ids = read_events(30, 1);
+  EXPECT_GE(command(3), kDeferral / 2);
+  // And the next event's write starts that read, so the next event's verdict is read at once.
+  ids = read_events(30, 2);
+  ASSERT_EQ(ids.size(), 2u);
+  ASSERT_TRUE(stream->Write(verdicts(ids)));
+  EXPECT_TRUE(replied(30));
+  EXPECT_TRUE(replied(31));
+  ids = read_events(40, 1);
   ASSERT_EQ(ids.size(), 1u);
   auto sent = Clock::now();
   ASSERT_TRUE(stream->Write(verdicts(ids)));
-  EXPECT_TRUE(replied(30));
+  EXPECT_TRUE(replied(40));
   EXPECT_LT(Clock::now() - sent, kDeferral / 2);
 
   ASSERT_TRUE(stream->WritesDone());
@@ -452,7 +469,6 @@ TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextRead
   EXPECT_FALSE(stream->Read(&response));
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
-  api::SetAttachReadDeferralForTesting(std::chrono::milliseconds(1));
 }
 
 TEST_F(ApiTest, AHalfClosedAttachStreamGetsItsCommandResultsThenOk) {
