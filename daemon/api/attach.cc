@@ -158,31 +158,26 @@ class AttachReactor final : public AttachStream {
       }
       Status s = Claim(request_.claim());
       if (!s.ok()) return Stop(s);
-    } else if (request_.has_verdict()) {
-      // The handler's last held event answered: its next message is no verdict kvmid waits for,
-      // so the next read starts with the stream's next write (or OnAlarm), and gRPC's window
-      // update for this verdict goes out with that write instead of alone (design 8 in
-      // docs/PERFORMANCE.md: one TCP send and one handler wake-up less per verdict). No read
-      // can start before DeferRead, so request_ is still this verdict's while it is answered.
-      const uint64_t writes = writes_.load();
-      if (AnswerVerdict(request_.verdict())) {
-        DeferRead(writes);
-        return;
-      }
-    } else if (request_.has_verdicts()) {
+    } else if (request_.has_verdict() || request_.has_verdicts()) {
       const auto& verdicts = request_.verdicts().verdicts();
       if (verdicts.size() > kMaxVerdictBatch) {
         return Stop(InvalidArgument(
             "verdicts.verdicts",
             "at most " + std::to_string(kMaxVerdictBatch) + " verdicts per message"));
       }
-      // Several verdicts: the guests' loops write them (HandOff), each loop woken once, after the
-      // last verdict of the message was taken (each is checked and answered in turn first). If
-      // the last one leaves the handler holding no event, the next read is deferred as after a
-      // single verdict (the loops are woken first: their replies bring the next events).
+      // The handler's last held event answered: its next message is no verdict kvmid waits for,
+      // so the next read starts with the stream's next write (or OnAlarm), and gRPC's window
+      // update for this message goes out with that write instead of alone (designs 8 and 10 in
+      // docs/PERFORMANCE.md: one send and one handler wake-up less). No read can start before
+      // DeferRead, so request_ is still this message while it is answered.
       const uint64_t writes = writes_.load();
       bool holds_none = false;
-      {
+      if (request_.has_verdict()) {
+        holds_none = AnswerVerdict(request_.verdict());
+      } else {
+        // Several verdicts: the guests' loops write them (HandOff), each loop woken once when the
+        // last verdict of the message was taken (each is checked and answered in turn first), and
+        // before the deferral: their replies bring the next events.
         std::optional<EventLoop::HandOff> hand_off;
         if (verdicts.size() > 1) hand_off.emplace();
         for (const kvmi::v1::Verdict& verdict : verdicts) holds_none = AnswerVerdict(verdict);

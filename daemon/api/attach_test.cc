@@ -3,6 +3,7 @@
 #include "daemon/api/attach.h"
 
 #include <set>
+#include <string>
 #include <vector>
 
 #include "daemon/api/api_test_fixture.h"
@@ -321,6 +322,31 @@ class ScopedReadDeferral {
   ScopedReadDeferral& operator=(const ScopedReadDeferral&) = delete;
 };
 
+// Whether kvmid's reply to the event of `seq` reaches the guest (WaitFor's time bound).
+bool ReplyReaches(ScriptedHost* host, uint32_t seq) {
+  return host
+      ->WaitFor([seq](const ReceivedMessage& m) {
+        return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
+      })
+      .has_value();
+}
+
+// The time a GetRegisters command on `vm` takes to be answered on an Attach stream: long only if
+// its read waited for the deferral's alarm.
+Clock::duration TimedCommand(AttachStream* stream, uint64_t id, const std::string& vm) {
+  kvmi::v1::AttachRequest regs;
+  regs.mutable_command()->set_id(id);
+  regs.mutable_command()->mutable_get_registers()->set_vm(vm);
+  const auto sent = Clock::now();
+  EXPECT_TRUE(stream->Write(regs));
+  kvmi::v1::AttachResponse response;
+  EXPECT_TRUE(stream->Read(&response));
+  EXPECT_TRUE(response.has_command_result()) << response.DebugString();
+  EXPECT_EQ(response.command_result().id(), id);
+  EXPECT_EQ(response.command_result().code(), 0);
+  return Clock::now() - sent;
+}
+
 // After the handler's last held event is answered kvmid starts its next read with its next write
 // (design 8 in docs/PERFORMANCE.md), or when the deferral's alarm fires (here 1.5 s instead of
 // 1 ms, to tell the two apart): a verdict for an event written meanwhile is read with that
@@ -350,28 +376,17 @@ TEST_F(ApiTest, TheReadAfterAHandlersLastVerdictStartsWithTheNextWriteOrItsAlarm
     verdict.mutable_verdict()->set_action(kvmi::v1::ACTION_CONTINUE);
     auto sent = Clock::now();
     EXPECT_TRUE(stream->Write(verdict));
-    EXPECT_TRUE(host->WaitFor([seq](const ReceivedMessage& m) {
-      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
-    }));
+    EXPECT_TRUE(ReplyReaches(host, seq));
     return Clock::now() - sent;
   };
   answer_one(0, 5);  // the read after it waits
   // The next event's write starts it: this verdict is read at once, not after the alarm.
   EXPECT_LT(answer_one(1, 6), kDeferral / 2);
-  kvmi::v1::AttachRequest regs;
-  regs.mutable_command()->set_id(7);
-  regs.mutable_command()->mutable_get_registers()->set_vm("lastverdict");
-  auto sent = Clock::now();
-  ASSERT_TRUE(stream->Write(regs));
-  kvmi::v1::AttachResponse response;
-  ASSERT_TRUE(stream->Read(&response));
-  ASSERT_TRUE(response.has_command_result()) << response.DebugString();
-  EXPECT_EQ(response.command_result().id(), 7u);
-  EXPECT_EQ(response.command_result().code(), 0);
-  EXPECT_GE(Clock::now() - sent, kDeferral / 2);  // read when the alarm fired
+  EXPECT_GE(TimedCommand(stream.get(), 7, "lastverdict"), kDeferral / 2);  // read by the alarm
 
   answer_one(2, 8);
   ASSERT_TRUE(stream->WritesDone());
+  kvmi::v1::AttachResponse response;
   EXPECT_FALSE(stream->Read(&response));
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(daemon_->pipeline().stats().fallback_deadline.load(), 0u);
@@ -414,54 +429,35 @@ TEST_F(ApiTest, AVerdictBatchThatLeavesTheHandlerHoldingNothingDefersTheNextRead
     }
     return request;
   };
-  // The time a command takes to be answered: long only if its read waited for the alarm.
-  auto command = [&](uint64_t id) -> Clock::duration {
-    kvmi::v1::AttachRequest regs;
-    regs.mutable_command()->set_id(id);
-    regs.mutable_command()->mutable_get_registers()->set_vm("lastbatch");
-    auto sent = Clock::now();
-    EXPECT_TRUE(stream->Write(regs));
-    kvmi::v1::AttachResponse response;
-    EXPECT_TRUE(stream->Read(&response));
-    EXPECT_EQ(response.command_result().id(), id) << response.DebugString();
-    EXPECT_EQ(response.command_result().code(), 0);
-    return Clock::now() - sent;
-  };
-  auto replied = [&](uint32_t seq) {
-    return host->WaitFor([seq](const ReceivedMessage& m) {
-      return m.hdr.id == KVMI_EVENT_REPLY && m.hdr.seq == seq;
-    });
-  };
-
   std::vector<uint64_t> ids = read_events(10, 2);
   ASSERT_EQ(ids.size(), 2u);
   // A batch that leaves an event held: the next read starts at once.
   ASSERT_TRUE(stream->Write(verdicts({ids[0]})));
-  EXPECT_LT(command(1), kDeferral / 2);
+  EXPECT_LT(TimedCommand(stream.get(), 1, "lastbatch"), kDeferral / 2);
   // The batch that answers the last held event: the next read waits for a write or the alarm.
   ASSERT_TRUE(stream->Write(verdicts({ids[1]})));
-  EXPECT_TRUE(replied(10));
-  EXPECT_TRUE(replied(11));
-  EXPECT_GE(command(2), kDeferral / 2);
+  EXPECT_TRUE(ReplyReaches(host, 10));
+  EXPECT_TRUE(ReplyReaches(host, 11));
+  EXPECT_GE(TimedCommand(stream.get(), 2, "lastbatch"), kDeferral / 2);
 
   // Both events answered in one batch (the guests' loops write the replies, HandOff): the same.
   ids = read_events(20, 2);
   ASSERT_EQ(ids.size(), 2u);
   ASSERT_TRUE(stream->Write(verdicts(ids)));
-  EXPECT_TRUE(replied(20));
-  EXPECT_TRUE(replied(21));
-  EXPECT_GE(command(3), kDeferral / 2);
+  EXPECT_TRUE(ReplyReaches(host, 20));
+  EXPECT_TRUE(ReplyReaches(host, 21));
+  EXPECT_GE(TimedCommand(stream.get(), 3, "lastbatch"), kDeferral / 2);
   // And the next event's write starts that read, so the next event's verdict is read at once.
   ids = read_events(30, 2);
   ASSERT_EQ(ids.size(), 2u);
   ASSERT_TRUE(stream->Write(verdicts(ids)));
-  EXPECT_TRUE(replied(30));
-  EXPECT_TRUE(replied(31));
+  EXPECT_TRUE(ReplyReaches(host, 30));
+  EXPECT_TRUE(ReplyReaches(host, 31));
   ids = read_events(40, 1);
   ASSERT_EQ(ids.size(), 1u);
   auto sent = Clock::now();
   ASSERT_TRUE(stream->Write(verdicts(ids)));
-  EXPECT_TRUE(replied(40));
+  EXPECT_TRUE(ReplyReaches(host, 40));
   EXPECT_LT(Clock::now() - sent, kDeferral / 2);
 
   ASSERT_TRUE(stream->WritesDone());
